@@ -1,0 +1,53 @@
+# zviz: the two commands a new machine needs are `make demo` and `make test`.
+# Both run as root and install what they need first (Debian packages, a venv).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+ZVIZ    := $(VENV)/bin/zviz
+BUILD   := _build
+DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio \
+            qemu-system-x86 linux-image-amd64
+
+.PHONY: install deps venv demo test test-fast lint bench proto clean
+
+install: deps venv
+
+# Debian packages: skipped when all are present, so repeated runs cost nothing.
+deps:
+	@missing=$$(for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# Builds the embedded busybox bundle locally and runs it under zviz, showing
+# what the container sees.
+demo: install
+	$(PY) -m tools.mkbundle $(BUILD)/demo-bundle --demo
+	$(ZVIZ) --root $(BUILD)/state run --bundle $(BUILD)/demo-bundle zviz-demo-$$$$
+
+test: install
+	$(PY) -m pytest -q tests integration
+
+test-fast: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check runtime shim api tests integration tools bench
+	$(VENV)/bin/ruff format --check runtime shim api tests integration tools bench
+
+bench: install
+	$(PY) -m bench
+
+proto: venv
+	$(PY) -m api.protogen
+
+clean:
+	rm -rf $(BUILD) $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""zviz runtime core: builds OCI containers. Knows nothing of containerd."""

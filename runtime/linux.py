@@ -1,0 +1,239 @@
+"""Thin ctypes wrappers over the Linux syscalls zviz needs and Python 3.11 lacks.
+
+Every wrapper raises OSError with errno and the call's name, so a failure deep in
+a container's setup reads "mount(/proc): [Errno 1] Operation not permitted"
+rather than a bare -1. Nothing here decides policy.
+"""
+
+import ctypes
+import errno as _errno
+import os
+import platform
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+# Namespace flags (linux/sched.h).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NEWTIME = 0x00000080
+
+# OCI namespace type -> clone flag; also the order namespaces are created in:
+# user first, so the others are owned by it.
+NAMESPACE_FLAGS = {
+    "user": CLONE_NEWUSER,
+    "pid": CLONE_NEWPID,
+    "mount": CLONE_NEWNS,
+    "ipc": CLONE_NEWIPC,
+    "uts": CLONE_NEWUTS,
+    "network": CLONE_NEWNET,
+    "cgroup": CLONE_NEWCGROUP,
+    "time": CLONE_NEWTIME,
+}
+
+# Name of each namespace under /proc/<pid>/ns.
+NAMESPACE_PROC_NAMES = {
+    "user": "user",
+    "pid": "pid",
+    "mount": "mnt",
+    "ipc": "ipc",
+    "uts": "uts",
+    "network": "net",
+    "cgroup": "cgroup",
+    "time": "time",
+}
+
+# mount(2) flags.
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_REMOUNT = 32
+MS_MANDLOCK = 64
+MS_DIRSYNC = 128
+MS_NOSYMFOLLOW = 256
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_SILENT = 32768
+MS_UNBINDABLE = 1 << 17
+MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
+MS_SHARED = 1 << 20
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
+MS_LAZYTIME = 1 << 25
+
+MNT_DETACH = 2
+MNT_FORCE = 1
+
+# prctl(2) options.
+PR_SET_PDEATHSIG = 1
+PR_SET_KEEPCAPS = 8
+PR_SET_NAME = 15
+PR_CAPBSET_READ = 23
+PR_CAPBSET_DROP = 24
+PR_SET_SECUREBITS = 28
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+PR_SET_CHILD_SUBREAPER = 36
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+_MACHINE = platform.machine()
+
+# Syscall numbers for calls glibc 2.36 has no wrapper for (or that Python can't reach).
+_SYSCALLS = {
+    "x86_64": {
+        "pivot_root": 155,
+        "setns": 308,
+        "unshare": 272,
+        "capget": 125,
+        "capset": 126,
+        "seccomp": 317,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "pidfd_send_signal": 424,
+        "open_tree": 428,
+        "move_mount": 429,
+        "mount_setattr": 442,
+        "landlock_create_ruleset": 444,
+        "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
+        "clone3": 435,
+        "close_range": 436,
+    },
+    "aarch64": {
+        "pivot_root": 41,
+        "setns": 268,
+        "unshare": 97,
+        "capget": 90,
+        "capset": 91,
+        "seccomp": 277,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "pidfd_send_signal": 424,
+        "open_tree": 428,
+        "move_mount": 429,
+        "mount_setattr": 442,
+        "landlock_create_ruleset": 444,
+        "landlock_add_rule": 445,
+        "landlock_restrict_self": 446,
+        "clone3": 435,
+        "close_range": 436,
+    },
+}[_MACHINE]
+
+
+def syscall_number(name: str) -> int:
+    return _SYSCALLS[name]
+
+
+def _fail(call: str, detail: str | None = None) -> OSError:
+    err = ctypes.get_errno()
+    where = f"{call}({detail})" if detail else call
+    return OSError(err, f"{where}: {os.strerror(err)}")
+
+
+def _check(result: int, call: str, detail: str | None = None) -> int:
+    if result == -1:
+        raise _fail(call, detail)
+    return result
+
+
+def raw_syscall(name: str, *args, detail: str | None = None) -> int:
+    """Call a syscall by name; arguments must already be ctypes-compatible."""
+    return _check(_libc.syscall(_SYSCALLS[name], *args), name, detail)
+
+
+def _b(path) -> bytes | None:
+    if path is None:
+        return None
+    return os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", str(fd))
+
+
+def mount(
+    source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None
+) -> None:
+    rc = _libc.mount(_b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data))
+    _check(rc, "mount", target)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), "umount2", target)
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    raw_syscall("pivot_root", _b(new_root), _b(put_old), detail=new_root)
+
+
+def sethostname(name: str) -> None:
+    data = name.encode()
+    _check(_libc.sethostname(data, ctypes.c_size_t(len(data))), "sethostname", name)
+
+
+def setdomainname(name: str) -> None:
+    data = name.encode()
+    _check(_libc.setdomainname(data, ctypes.c_size_t(len(data))), "setdomainname", name)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    rc = _libc.prctl(
+        ctypes.c_int(option),
+        ctypes.c_ulong(arg2),
+        ctypes.c_ulong(arg3),
+        ctypes.c_ulong(arg4),
+        ctypes.c_ulong(arg5),
+    )
+    return _check(rc, "prctl", str(option))
+
+
+def set_pdeathsig(sig: int) -> None:
+    prctl(PR_SET_PDEATHSIG, sig)
+
+
+def set_child_subreaper() -> None:
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_no_new_privs() -> None:
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+
+
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    return raw_syscall("pidfd_open", ctypes.c_int(pid), ctypes.c_uint(flags), detail=str(pid))
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    return raw_syscall(
+        "pidfd_getfd", ctypes.c_int(pidfd), ctypes.c_int(targetfd), ctypes.c_uint(0), detail=str(targetfd)
+    )
+
+
+def pidfd_send_signal(pidfd: int, sig: int) -> None:
+    raw_syscall("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0))
+
+
+def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
+    raw_syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
+
+
+def kernel_supports(errno_value: int) -> bool:
+    """True unless an errno says the kernel lacks the syscall."""
+    return errno_value != _errno.ENOSYS
