@@ -40,7 +40,20 @@ def build_rootfs(rootfs: str) -> None:
     """A minimal rootfs: busybox and its applets, /etc files, and empty mount points."""
     if not os.path.exists(BUSYBOX):
         sys.exit(f"mkbundle: {BUSYBOX} is missing: apt-get install busybox-static")
-    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "tmp", "proc", "sys", "dev", "root", "var", "run"):
+    for d in (
+        "bin",
+        "sbin",
+        "usr/bin",
+        "usr/sbin",
+        "etc",
+        "tmp",
+        "proc",
+        "sys",
+        "dev",
+        "root",
+        "var",
+        "run",
+    ):
         os.makedirs(os.path.join(rootfs, d), exist_ok=True)
     os.chmod(os.path.join(rootfs, "tmp"), 0o1777)
     shutil.copy2(BUSYBOX, os.path.join(rootfs, "bin/busybox"))

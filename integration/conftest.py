@@ -1,0 +1,83 @@
+"""Shared fixtures for tests against the real kernel, containerd, runc and gVisor.
+
+All of them need root; the suite refuses to run without it rather than pass vacuously.
+"""
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from tools.containerd import PrivateContainerd, runsc_wrapper
+from tools.mkbundle import build_bundle
+from tools.mkimage import DEFAULT_REF, build_image
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("integration tests run real containers and need root")
+
+
+@pytest.fixture(scope="session")
+def zviz_bin() -> str:
+    path = os.path.join(VENV_BIN, "zviz")
+    assert os.access(path, os.X_OK), f"{path} missing: run `make install`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def shim_bin() -> str:
+    path = os.path.join(VENV_BIN, "containerd-shim-zviz-v2")
+    assert os.access(path, os.X_OK), f"{path} missing: run `make install`"
+    return path
+
+
+@pytest.fixture(scope="session")
+def runc_bin() -> str:
+    path = shutil.which("runc")
+    assert path, "runc missing: `make deps` installs it"
+    return path
+
+
+@pytest.fixture(scope="session")
+def runsc_bin() -> str:
+    path = shutil.which("runsc")
+    assert path, "runsc missing: `make deps` installs it"
+    return path
+
+
+@pytest.fixture(scope="session")
+def containerd():
+    instance = PrivateContainerd().start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(containerd, tmp_path_factory) -> str:
+    archive = str(tmp_path_factory.mktemp("image") / "busybox.tar")
+    build_image(archive, DEFAULT_REF)
+    containerd.import_image(archive)
+    return DEFAULT_REF
+
+
+@pytest.fixture(scope="session")
+def runsc_runc_binary(tmp_path_factory, runsc_bin) -> str:
+    """A runc-compatible wrapper for gVisor, for `ctr run --runc-binary`."""
+    return runsc_wrapper(str(tmp_path_factory.mktemp("runsc")))
+
+
+@pytest.fixture
+def make_bundle(tmp_path):
+    """make_bundle(args=[...], **config_overrides) -> path of a fresh busybox bundle."""
+    counter = iter(range(1000))
+
+    def make(args=("true",), **overrides) -> str:
+        return build_bundle(str(tmp_path / f"bundle{next(counter)}"), args=list(args), **overrides)
+
+    return make

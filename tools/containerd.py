@@ -1,0 +1,146 @@
+"""A private containerd for tests and benchmarks: own config, root, state and socket.
+
+It never touches the host's /run/containerd or /var/lib/containerd, so it can run
+beside any other containerd, and several can run at once (one per temp dir).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+
+NAMESPACE = "zviz-test"
+VENV_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "bin")
+
+CONFIG = """version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  level = "{level}"
+
+[plugins."io.containerd.runtime.v1.linux"]
+  shim_debug = true
+"""
+
+
+class PrivateContainerd:
+    def __init__(self, base_dir: str | None = None, debug: bool = True):
+        # Short base path: shim socket paths must stay under 108 bytes.
+        self.base = base_dir or tempfile.mkdtemp(prefix="zc-", dir="/run")
+        self.root = os.path.join(self.base, "root")
+        self.state = os.path.join(self.base, "state")
+        self.address = os.path.join(self.base, "c.sock")
+        self.ttrpc_address = self.address + ".ttrpc"
+        self.config_path = os.path.join(self.base, "config.toml")
+        self.log_path = os.path.join(self.base, "containerd.log")
+        self.namespace = NAMESPACE
+        self.debug = debug
+        self.proc: subprocess.Popen | None = None
+        self.env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+
+    def start(self, timeout: float = 30) -> "PrivateContainerd":
+        os.makedirs(self.base, exist_ok=True)
+        with open(self.config_path, "w") as f:
+            f.write(
+                CONFIG.format(
+                    root=self.root,
+                    state=self.state,
+                    address=self.address,
+                    level="debug" if self.debug else "info",
+                )
+            )
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            ["containerd", "--config", self.config_path],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"containerd exited with {self.proc.returncode}; see {self.log_path}"
+                )
+            if os.path.exists(self.address) and self.ctr("version", check=False).returncode == 0:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"containerd did not answer within {timeout}s; see {self.log_path}")
+
+    def ctr(self, *args, check: bool = True, timeout: float = 60, input=None, namespace=None):
+        cmd = ["ctr", "--address", self.address, "-n", namespace or self.namespace, *args]
+        return subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            input=input,
+            env=self.env,
+        )
+
+    def restart(self) -> None:
+        """Stop containerd alone (shims keep running) and start it again on the same state."""
+        self._stop_daemon()
+        self.start()
+
+    def _stop_daemon(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def cleanup_tasks(self) -> None:
+        """Kill and delete every task and container this containerd knows of, in every namespace."""
+        namespaces = self.ctr("namespaces", "ls", "-q", check=False).stdout.split()
+        for ns in namespaces:
+            for task in self.ctr("tasks", "ls", "-q", check=False, namespace=ns).stdout.split():
+                self.ctr("tasks", "kill", "-a", "-s", "SIGKILL", task, check=False, namespace=ns)
+                self.ctr("tasks", "delete", "-f", task, check=False, namespace=ns, timeout=30)
+            for container in self.ctr(
+                "containers", "ls", "-q", check=False, namespace=ns
+            ).stdout.split():
+                self.ctr("containers", "delete", container, check=False, namespace=ns)
+
+    def stop(self, remove: bool = True) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.cleanup_tasks()
+        self._stop_daemon()
+        if remove:
+            self._unmount_under(self.base)
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    @staticmethod
+    def _unmount_under(path: str) -> None:
+        """Unmount whatever is still mounted below PATH (snapshots, shim rootfs), deepest first."""
+        with open("/proc/self/mountinfo") as f:
+            targets = [line.split()[4] for line in f]
+        for target in sorted((t for t in targets if t.startswith(path + "/")), reverse=True):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
+
+    def import_image(self, archive: str) -> None:
+        self.ctr("images", "import", "--all-platforms", archive, timeout=120)
+
+
+def runsc_wrapper(directory: str) -> str:
+    """A runc-compatible wrapper around runsc, for containerd's runc shim (`--runc-binary`)."""
+    path = os.path.join(directory, "runsc-wrapper")
+    with open(path, "w") as f:
+        f.write('#!/bin/sh\nexec runsc --network=none --ignore-cgroups "$@"\n')
+    os.chmod(path, 0o755)
+    return path

@@ -1,0 +1,112 @@
+"""Build a busybox OCI image archive locally, for `ctr image import`.
+
+No registry is reachable, so the image containerd runs in tests and benchmarks is
+made here from the same rootfs as tools.mkbundle.
+
+    python -m tools.mkimage OUT.tar [--ref NAME]
+"""
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+
+from tools.mkbundle import build_rootfs
+
+DEFAULT_REF = "docker.io/library/zviz-busybox:latest"
+
+
+def _blob(out: tarfile.TarFile, data: bytes) -> tuple[str, int]:
+    digest = hashlib.sha256(data).hexdigest()
+    info = tarfile.TarInfo(f"blobs/sha256/{digest}")
+    info.size = len(data)
+    info.mtime = 0
+    out.addfile(info, io.BytesIO(data))
+    return f"sha256:{digest}", len(data)
+
+
+def _layer(rootfs: str) -> tuple[bytes, str]:
+    """A gzip'd layer tar of ROOTFS (reproducible: fixed mtimes and owners) and its diff id."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as layer:
+
+        def normalize(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            return info
+
+        for name in sorted(os.listdir(rootfs)):
+            layer.add(os.path.join(rootfs, name), arcname=name, filter=normalize)
+    diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
+    return gzip.compress(raw.getvalue(), mtime=0), diff_id
+
+
+def build_image(out_path: str, ref: str = DEFAULT_REF) -> str:
+    with tempfile.TemporaryDirectory(prefix="zviz-img-") as tmp:
+        rootfs = os.path.join(tmp, "rootfs")
+        build_rootfs(rootfs)
+        layer, diff_id = _layer(rootfs)
+    with tarfile.open(out_path, "w") as out:
+        layer_digest, layer_size = _blob(out, layer)
+        config = {
+            "architecture": "amd64" if os.uname().machine == "x86_64" else "arm64",
+            "os": "linux",
+            "config": {
+                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["sh"],
+                "WorkingDir": "/",
+            },
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+        config_digest, config_size = _blob(out, json.dumps(config).encode())
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": config_digest,
+                "size": config_size,
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                    "digest": layer_digest,
+                    "size": layer_size,
+                }
+            ],
+        }
+        manifest_digest, manifest_size = _blob(out, json.dumps(manifest).encode())
+        index = {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": manifest_digest,
+                    "size": manifest_size,
+                    "annotations": {"org.opencontainers.image.ref.name": ref},
+                }
+            ],
+        }
+        for name, doc in (("oci-layout", {"imageLayoutVersion": "1.0.0"}), ("index.json", index)):
+            data = json.dumps(doc).encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+    return ref
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--ref", default=DEFAULT_REF)
+    opts = parser.parse_args(argv)
+    print(build_image(opts.out, opts.ref))
+
+
+if __name__ == "__main__":
+    main()
