@@ -81,3 +81,43 @@ def make_bundle(tmp_path):
         return build_bundle(str(tmp_path / f"bundle{next(counter)}"), args=list(args), **overrides)
 
     return make
+
+
+def _leftovers() -> list[str]:
+    """Every zviz mount, cgroup, process and state directory still on the machine."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        found += [f"mount {line.split()[4]}" for line in f if "zviz" in line.split()[4]]
+    for hierarchy in os.listdir("/sys/fs/cgroup"):
+        top = os.path.join("/sys/fs/cgroup", hierarchy)
+        for dirpath, dirnames, _ in os.walk(top):
+            found += [f"cgroup {os.path.join(dirpath, d)}" for d in dirnames if "zviz" in d]
+            if dirpath.count("/") > 6:
+                dirnames.clear()
+    me = os.getpid()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if int(pid) != me and ("containerd-shim-zviz" in cmdline or "/bin/zviz " in cmdline):
+            found.append(f"process {pid} {cmdline.strip()}")
+    return found
+
+
+_before: set[str] = set()
+
+
+def pytest_sessionstart(session):
+    _before.update(_leftovers())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After the suite no zviz mount, cgroup or process may remain: a leak fails the run."""
+    if os.geteuid() != 0:
+        return
+    new = [item for item in _leftovers() if item not in _before]
+    if new:
+        print("\nzviz left these behind after the suite:\n  " + "\n  ".join(new))
+        session.exitstatus = 1
