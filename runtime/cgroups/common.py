@@ -1,0 +1,258 @@
+"""What cgroup v1 and v2 share: file access, the kill/wait/rmdir sequence, and the base class.
+
+A cgroup file write is a single write(2) of the whole value: the kernel parses one
+write per call, so buffered I/O that could split a value is never used here.
+"""
+
+import errno
+import logging
+import os
+import signal
+import time
+
+from runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+
+log = logging.getLogger("zviz.cgroups")
+
+# Kernel answers to a cgroup file write that mean "this value is not acceptable here".
+_VALUE_ERRNOS = {errno.EINVAL, errno.ERANGE, errno.EBUSY, errno.EPERM, errno.EOVERFLOW}
+
+# How long destroy() waits for killed processes to leave and for rmdir to stop
+# answering EBUSY (exiting tasks are unlinked from their cgroup a little after SIGKILL).
+DESTROY_TIMEOUT_S = 10.0
+FREEZE_TIMEOUT_S = 5.0
+
+
+def write_file(path: str, value: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+def read_file(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode()
+
+
+def read_int(path: str, default: int = 0, max_value: int = 0) -> int:
+    """An integer cgroup file; "max" reads as max_value, a missing file as default."""
+    try:
+        text = read_file(path).strip()
+    except FileNotFoundError:
+        return default
+    if text == "max":
+        return max_value
+    try:
+        return int(text)
+    except ValueError:
+        return default
+
+
+def read_keyed(path: str) -> dict[str, int]:
+    """A flat keyed file ("key value" per line: memory.stat, cpu.stat, memory.events...)."""
+    result: dict[str, int] = {}
+    try:
+        text = read_file(path)
+    except FileNotFoundError:
+        return result
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        try:
+            result[key] = int(value)
+        except ValueError:
+            continue
+    return result
+
+
+def read_pids(procs_file: str) -> list[int]:
+    try:
+        return [int(line) for line in read_file(procs_file).split()]
+    except FileNotFoundError:
+        return []
+
+
+class Write:
+    """One planned cgroup file write, carrying the config.json field it comes from."""
+
+    __slots__ = ("controller", "file", "value", "field")
+
+    def __init__(self, controller: str, file: str, value: str, field: str):
+        self.controller = controller
+        self.file = file
+        self.value = value
+        self.field = field
+
+    def __eq__(self, other):
+        return isinstance(other, Write) and self.as_tuple() == other.as_tuple()
+
+    def __hash__(self):
+        return hash(self.as_tuple())
+
+    def as_tuple(self) -> tuple[str, str, str, str]:
+        return (self.controller, self.file, self.value, self.field)
+
+    def __repr__(self):
+        return f"Write({self.controller}/{self.file} = {self.value!r} from {self.field})"
+
+
+def value_error(write: Write, err: OSError) -> InvalidArgument:
+    return InvalidArgument(
+        f"config.json: linux.resources.{write.field}: the kernel rejected "
+        f"{write.value!r} for {write.file}: {os.strerror(err.errno or 0)}"
+    )
+
+
+def perform(write: Write, directory: str) -> None:
+    """Writes one planned value; a value the kernel refuses becomes an InvalidArgument."""
+    try:
+        write_file(os.path.join(directory, write.file), write.value)
+    except FileNotFoundError as err:
+        raise InvalidArgument(
+            f"config.json: linux.resources.{write.field}: this kernel has no {write.file} "
+            f"(controller or feature not available)"
+        ) from err
+    except OSError as err:
+        if err.errno in _VALUE_ERRNOS:
+            raise value_error(write, err) from err
+        raise
+
+
+def int_field(resources: dict, section: str, key: str) -> int | None:
+    """An integer OCI field, or None when absent. spec.py already checked the type."""
+    value = (resources.get(section) or {}).get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"config.json: linux.resources.{section}.{key}: must be an integer")
+    return value
+
+
+def rmdir_tree(top: str, deadline: float) -> None:
+    """Removes a cgroup directory and any sub-groups, leaf first; a missing tree is fine."""
+    if not os.path.isdir(top):
+        return
+    for dirpath, _dirnames, _files in os.walk(top, topdown=False):
+        while True:
+            try:
+                os.rmdir(dirpath)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as err:
+                # EBUSY: a killed task is still being unlinked from the group.
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise FailedPrecondition(
+                        f"cgroup {dirpath} could not be removed: {os.strerror(err.errno or 0)}"
+                    ) from err
+                time.sleep(0.01)
+
+
+class Cgroup:
+    """A container's cgroup. Subclasses: CgroupV1 (one dir per hierarchy), CgroupV2 (one dir)."""
+
+    version: int = 0
+    paths: dict[str, str]
+
+    # --- provided by the subclasses ---------------------------------------------------------
+    def create(self) -> None:
+        raise NotImplementedError
+
+    def apply(self, resources: dict) -> None:
+        raise NotImplementedError
+
+    def add_pid(self, pid: int) -> None:
+        raise NotImplementedError
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def freeze(self) -> None:
+        raise NotImplementedError
+
+    def thaw(self) -> None:
+        raise NotImplementedError
+
+    def frozen(self) -> bool:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        raise NotImplementedError
+
+    def oom_kill_count(self) -> int:
+        raise NotImplementedError
+
+    def oom_watcher(self):
+        raise NotImplementedError
+
+    def _dirs(self) -> list[str]:
+        """Every distinct leaf directory (v1: one per mounted hierarchy)."""
+        raise NotImplementedError
+
+    def _procs_dir(self) -> str:
+        """The leaf directory whose cgroup.procs lists the container's processes."""
+        raise NotImplementedError
+
+    def _freezable(self) -> bool:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return any(os.path.isdir(d) for d in self._dirs())
+
+    def procs_recursive(self) -> list[int]:
+        found: set[int] = set()
+        top = self._procs_dir()
+        for dirpath, _dirnames, files in os.walk(top):
+            if "cgroup.procs" in files:
+                found.update(read_pids(os.path.join(dirpath, "cgroup.procs")))
+        return sorted(found)
+
+    def kill_all(self, sig: int) -> None:
+        """Signals every process in the cgroup and its sub-groups.
+
+        The group is frozen while its members are listed and signalled, so a process
+        forking in a loop cannot escape with a child born after the listing.
+        """
+        freezable = self._freezable() and os.path.isdir(self._procs_dir())
+        was_frozen = freezable and self.frozen()
+        froze = False
+        if freezable and not was_frozen:
+            try:
+                self.freeze()
+                froze = True
+            except Unavailable:
+                log.warning("cgroup %s: could not freeze before signalling", self._procs_dir())
+        try:
+            for pid in self.procs_recursive():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        finally:
+            # A frozen task only acts on SIGKILL once thawed; a paused container that
+            # receives another signal stays paused, as with runc.
+            if froze or (was_frozen and sig == signal.SIGKILL):
+                self.thaw()
+
+    def destroy(self) -> None:
+        """Kills what is left, waits for it to leave, removes every directory. Idempotent."""
+        deadline = time.monotonic() + DESTROY_TIMEOUT_S
+        if self.exists():
+            while self.procs_recursive():
+                self.kill_all(signal.SIGKILL)
+                if time.monotonic() > deadline:
+                    raise FailedPrecondition(
+                        f"cgroup {self._procs_dir()}: processes survive SIGKILL: "
+                        f"{self.procs_recursive()}"
+                    )
+                time.sleep(0.005)
+        for directory in self._dirs():
+            rmdir_tree(directory, deadline)

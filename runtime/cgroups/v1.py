@@ -1,0 +1,603 @@
+"""cgroup v1: one directory per mounted hierarchy (cpu, memory, pids, freezer, devices...)."""
+
+import errno
+import os
+import time
+
+from runtime.cgroups.common import (
+    FREEZE_TIMEOUT_S,
+    Cgroup,
+    Write,
+    int_field,
+    log,
+    perform,
+    read_file,
+    read_int,
+    read_keyed,
+    read_pids,
+    write_file,
+)
+from runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+KNOWN_CONTROLLERS = frozenset(
+    {
+        "blkio",
+        "cpu",
+        "cpuacct",
+        "cpuset",
+        "devices",
+        "freezer",
+        "hugetlb",
+        "memory",
+        "misc",
+        "net_cls",
+        "net_prio",
+        "perf_event",
+        "pids",
+        "rdma",
+    }
+)
+
+# Device nodes every container gets whatever its config says (runc's AllowedDevices,
+# minus its wildcard mknod rules): /dev/null, zero, full, random, urandom, tty, ptmx, pts/*.
+DEFAULT_ALLOWED_DEVICES = (
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+)
+
+# A controller the config needs but the host lacks is an error for these; for the
+# others (per-host optional features) the setting is skipped with a logged note.
+_OPTIONAL_CONTROLLERS = {"hugetlb", "net_cls", "net_prio", "rdma"}
+
+# Files whose name changed with the I/O scheduler: CFQ's names first, then BFQ's.
+_ALTERNATIVE_FILES = {
+    "blkio.weight": "blkio.bfq.weight",
+    "blkio.weight_device": "blkio.bfq.weight_device",
+}
+
+
+def _limit(resources: dict, section: str, key: str) -> int | None:
+    """A byte limit: absent/0 = leave alone, -1 = unlimited, else positive."""
+    value = int_field(resources, section, key)
+    if value is None or value == 0:
+        return None
+    if value < -1:
+        raise InvalidArgument(
+            f"config.json: linux.resources.{section}.{key}: {value} is neither -1 (unlimited) "
+            "nor a positive number of bytes"
+        )
+    return value
+
+
+def device_rule(rule: dict, index: int) -> tuple[bool, str]:
+    """(allow?, "type major:minor access") for one OCI device cgroup rule."""
+    field = f"config.json: linux.resources.devices[{index}]"
+    if not isinstance(rule, dict):
+        raise InvalidArgument(f"{field}: must be an object")
+    allow = rule.get("allow")
+    if not isinstance(allow, bool):
+        raise InvalidArgument(f"{field}.allow: must be true or false")
+    dev_type = rule.get("type") or "a"
+    if dev_type not in ("a", "b", "c"):
+        raise InvalidArgument(f"{field}.type: {dev_type!r} is not one of a, b, c")
+    numbers = []
+    for key in ("major", "minor"):
+        number = rule.get(key)
+        if number is None or number == -1:
+            numbers.append("*")
+        elif isinstance(number, int) and not isinstance(number, bool) and number >= 0:
+            numbers.append(str(number))
+        else:
+            raise InvalidArgument(f"{field}.{key}: {number!r} is not a device number")
+    access = rule.get("access") or "rwm"
+    if not isinstance(access, str) or not set(access) <= set("rwm"):
+        raise InvalidArgument(f"{field}.access: {access!r} must be made of r, w, m")
+    if dev_type == "a":
+        return allow, "a"
+    return allow, f"{dev_type} {numbers[0]}:{numbers[1]} {access}"
+
+
+def plan(
+    resources: dict,
+    *,
+    available: frozenset[str] = KNOWN_CONTROLLERS,
+    memsw_available: bool = True,
+    current_memory_limit: int | None = None,
+) -> list[Write]:
+    """The cgroup v1 file writes, in order, that apply OCI linux.resources.
+
+    Pure: what the host offers comes in as arguments. `current_memory_limit` decides
+    whether the memory or the memory+swap limit is written first, since the kernel
+    refuses any moment where memsw < memory.
+    """
+    resources = resources or {}
+    writes: list[Write] = []
+
+    def need(controller: str, field: str) -> bool:
+        if controller in available:
+            return True
+        if controller in _OPTIONAL_CONTROLLERS:
+            log.warning(
+                "linux.resources.%s ignored: the %s cgroup is not mounted", field, controller
+            )
+            return False
+        raise InvalidArgument(
+            f"config.json: linux.resources.{field}: the {controller} cgroup controller is not "
+            "mounted on this host"
+        )
+
+    # memory
+    limit = _limit(resources, "memory", "limit")
+    swap = _limit(resources, "memory", "swap")
+    reservation = _limit(resources, "memory", "reservation")
+    swappiness = int_field(resources, "memory", "swappiness")
+    memory = resources.get("memory") or {}
+    disable_oom_killer = memory.get("disableOOMKiller")
+    for key in ("kernel", "kernelTCP"):
+        if memory.get(key):
+            log.warning("linux.resources.memory.%s ignored: kernel memory limits are obsolete", key)
+    if limit == -1 and swap is None and memsw_available:
+        swap = -1  # "unlimited memory" means unlimited memory+swap too, as runc reads it
+    if swap is not None and not memsw_available:
+        if swap != -1:
+            raise InvalidArgument(
+                "config.json: linux.resources.memory.swap: this kernel has no swap accounting "
+                "(memory.memsw.limit_in_bytes is missing)"
+            )
+        swap = None
+    if limit is not None and limit > 0 and swap is not None and swap != -1 and swap < limit:
+        raise InvalidArgument(
+            f"config.json: linux.resources.memory.swap: {swap} is below memory.limit {limit} "
+            "(swap is the memory+swap limit, so it must be at least the memory limit)"
+        )
+    if swappiness is not None and swappiness != -1 and not 0 <= swappiness <= 100:
+        raise InvalidArgument(
+            f"config.json: linux.resources.memory.swappiness: {swappiness} is not within 0..100"
+        )
+    if (
+        limit is not None
+        or swap is not None
+        or reservation is not None
+        or (swappiness not in (None, -1))
+        or disable_oom_killer
+    ) and need("memory", "memory"):
+        limit_write = limit is not None and Write(
+            "memory", "memory.limit_in_bytes", str(limit), "memory.limit"
+        )
+        swap_write = swap is not None and Write(
+            "memory", "memory.memsw.limit_in_bytes", str(swap), "memory.swap"
+        )
+        swap_first = (
+            limit_write
+            and swap_write
+            and (swap == -1 or (current_memory_limit is not None and current_memory_limit < swap))
+        )
+        ordered = [swap_write, limit_write] if swap_first else [limit_write, swap_write]
+        writes.extend(w for w in ordered if w)
+        if reservation is not None:
+            writes.append(
+                Write(
+                    "memory",
+                    "memory.soft_limit_in_bytes",
+                    str(reservation),
+                    "memory.reservation",
+                )
+            )
+        if swappiness not in (None, -1):
+            writes.append(
+                Write("memory", "memory.swappiness", str(swappiness), "memory.swappiness")
+            )
+        if disable_oom_killer:
+            writes.append(Write("memory", "memory.oom_control", "1", "memory.disableOOMKiller"))
+
+    # pids
+    pids_limit = int_field(resources, "pids", "limit")
+    if pids_limit and need("pids", "pids.limit"):
+        writes.append(
+            Write("pids", "pids.max", str(pids_limit) if pids_limit > 0 else "max", "pids.limit")
+        )
+
+    # cpu: period before quota, so a quota valid for the new period is accepted
+    cpu = resources.get("cpu") or {}
+    for key, file in (
+        ("shares", "cpu.shares"),
+        ("period", "cpu.cfs_period_us"),
+        ("quota", "cpu.cfs_quota_us"),
+        ("burst", "cpu.cfs_burst_us"),
+        ("realtimePeriod", "cpu.rt_period_us"),
+        ("realtimeRuntime", "cpu.rt_runtime_us"),
+        ("idle", "cpu.idle"),
+    ):
+        value = int_field(resources, "cpu", key)
+        if value is None or (value == 0 and key not in ("idle", "burst")):
+            continue
+        if need("cpu", f"cpu.{key}"):
+            writes.append(Write("cpu", file, str(value), f"cpu.{key}"))
+    for key in ("cpus", "mems"):
+        value = cpu.get(key)
+        if value and need("cpuset", f"cpu.{key}"):
+            writes.append(Write("cpuset", f"cpuset.{key}", str(value), f"cpu.{key}"))
+
+    # devices: default deny, the config's rules in order, then the basic nodes
+    devices = resources.get("devices")
+    if devices is not None:
+        if not isinstance(devices, list):
+            raise InvalidArgument("config.json: linux.resources.devices: must be a list")
+        rules = [device_rule(rule, i) for i, rule in enumerate(devices)]
+        if need("devices", "devices"):
+            writes.append(Write("devices", "devices.deny", "a", "devices"))
+            for i, (allow, rule) in enumerate(rules):
+                file = "devices.allow" if allow else "devices.deny"
+                writes.append(Write("devices", file, rule, f"devices[{i}]"))
+            for rule in DEFAULT_ALLOWED_DEVICES:
+                writes.append(Write("devices", "devices.allow", rule, "devices"))
+
+    # blkio
+    block_io = resources.get("blockIO") or {}
+    if block_io and need("blkio", "blockIO"):
+        for key, file in (("weight", "blkio.weight"), ("leafWeight", "blkio.leaf_weight")):
+            if block_io.get(key):
+                writes.append(Write("blkio", file, str(block_io[key]), f"blockIO.{key}"))
+        for i, dev in enumerate(block_io.get("weightDevice") or []):
+            for key, file in (
+                ("weight", "blkio.weight_device"),
+                ("leafWeight", "blkio.leaf_weight_device"),
+            ):
+                if dev.get(key):
+                    writes.append(
+                        Write(
+                            "blkio",
+                            file,
+                            f"{dev['major']}:{dev['minor']} {dev[key]}",
+                            f"blockIO.weightDevice[{i}].{key}",
+                        )
+                    )
+        for key, file in (
+            ("throttleReadBpsDevice", "blkio.throttle.read_bps_device"),
+            ("throttleWriteBpsDevice", "blkio.throttle.write_bps_device"),
+            ("throttleReadIOPSDevice", "blkio.throttle.read_iops_device"),
+            ("throttleWriteIOPSDevice", "blkio.throttle.write_iops_device"),
+        ):
+            for i, dev in enumerate(block_io.get(key) or []):
+                writes.append(
+                    Write(
+                        "blkio",
+                        file,
+                        f"{dev['major']}:{dev['minor']} {dev['rate']}",
+                        f"blockIO.{key}[{i}]",
+                    )
+                )
+
+    for i, entry in enumerate(resources.get("hugepageLimits") or []):
+        if need("hugetlb", "hugepageLimits"):
+            writes.append(
+                Write(
+                    "hugetlb",
+                    f"hugetlb.{entry['pageSize']}.limit_in_bytes",
+                    str(entry["limit"]),
+                    f"hugepageLimits[{i}]",
+                )
+            )
+
+    network = resources.get("network") or {}
+    if network.get("classID") is not None and need("net_cls", "network.classID"):
+        writes.append(
+            Write("net_cls", "net_cls.classid", str(network["classID"]), "network.classID")
+        )
+    for i, prio in enumerate(network.get("priorities") or []):
+        if need("net_prio", "network.priorities"):
+            writes.append(
+                Write(
+                    "net_prio",
+                    "net_prio.ifpriomap",
+                    f"{prio['name']} {prio['priority']}",
+                    f"network.priorities[{i}]",
+                )
+            )
+
+    if resources.get("rdma"):
+        log.warning("linux.resources.rdma ignored: rdma limits are not supported by zviz")
+    if resources.get("unified"):
+        raise InvalidArgument(
+            "config.json: linux.resources.unified: needs cgroup v2, but this host runs cgroup v1"
+        )
+    return writes
+
+
+class OomWatcherV1:
+    """Readable when the memory cgroup hits its limit: an eventfd registered on memory.oom_control.
+
+    The kernel also signals the eventfd when the cgroup is removed; read() then reports 0.
+    """
+
+    def __init__(self, memory_dir: str):
+        self._dir = memory_dir
+        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            control_fd = os.open(
+                os.path.join(memory_dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC
+            )
+            try:
+                write_file(
+                    os.path.join(memory_dir, "cgroup.event_control"), f"{self._efd} {control_fd}"
+                )
+            finally:
+                # The kernel holds its own reference to the file from here on.
+                os.close(control_fd)
+        except BaseException:
+            os.close(self._efd)
+            raise
+        self._seen = _oom_kills(memory_dir)
+
+    def fileno(self) -> int:
+        return self._efd
+
+    def read(self) -> int:
+        """New OOM events since the last read (at least 1 if the kernel signalled an OOM)."""
+        try:
+            os.eventfd_read(self._efd)
+            signalled = True
+        except BlockingIOError:
+            signalled = False
+        if not os.path.isdir(self._dir):
+            return 0
+        control = read_keyed(os.path.join(self._dir, "memory.oom_control"))
+        kills = control.get("oom_kill", 0)
+        new = kills - self._seen
+        self._seen = kills
+        if new <= 0 and signalled and control.get("under_oom"):
+            return 1
+        return max(new, 0)
+
+    def close(self) -> None:
+        if self._efd >= 0:
+            os.close(self._efd)
+            self._efd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _oom_kills(memory_dir: str) -> int:
+    return read_keyed(os.path.join(memory_dir, "memory.oom_control")).get("oom_kill", 0)
+
+
+class CgroupV1(Cgroup):
+    version = 1
+
+    def __init__(self, paths: dict[str, str], bases: dict[str, str] | None = None):
+        # controller -> leaf dir; co-mounted controllers (cpu,cpuacct) share one dir.
+        self.paths = paths
+        # controller -> dir below which create() may make directories.
+        self._bases = bases or {}
+        self._created: list[str] = []
+
+    def __repr__(self):
+        return f"CgroupV1({self._procs_dir()})"
+
+    def _dirs(self) -> list[str]:
+        return list(dict.fromkeys(self.paths.values()))
+
+    def _procs_dir(self) -> str:
+        for controller in ("pids", "memory", "freezer", "cpu"):
+            if controller in self.paths:
+                return self.paths[controller]
+        return next(iter(self.paths.values()))
+
+    def _freezable(self) -> bool:
+        return "freezer" in self.paths
+
+    def _dir(self, controller: str) -> str:
+        try:
+            return self.paths[controller]
+        except KeyError:
+            raise FailedPrecondition(
+                f"the {controller} cgroup controller is not mounted on this host"
+            ) from None
+
+    def create(self) -> None:
+        controllers_by_dir: dict[str, list[str]] = {}
+        for controller, directory in self.paths.items():
+            controllers_by_dir.setdefault(directory, []).append(controller)
+        try:
+            for directory, controllers in controllers_by_dir.items():
+                base = self._bases.get(controllers[0], os.path.dirname(directory))
+                self._make(directory, base, cpuset="cpuset" in controllers)
+        except BaseException:
+            self._undo_create()
+            raise
+
+    def _make(self, directory: str, base: str, cpuset: bool) -> None:
+        relative = os.path.relpath(directory, base)
+        level = base
+        for part in relative.split("/"):
+            parent, level = level, os.path.join(level, part)
+            try:
+                os.mkdir(level, 0o755)
+                self._created.append(level)
+            except FileExistsError:
+                if level == directory:
+                    raise AlreadyExists(f"cgroup {directory} already exists") from None
+            if cpuset:
+                # A new cpuset group starts with no CPUs and no memory nodes, and a
+                # process cannot join it until both are set.
+                for file in ("cpuset.cpus", "cpuset.mems"):
+                    if not read_file(os.path.join(level, file)).strip():
+                        inherited = read_file(os.path.join(parent, file)).strip()
+                        write_file(os.path.join(level, file), inherited or "\n")
+
+    def _undo_create(self) -> None:
+        for level in reversed(self._created):
+            try:
+                os.rmdir(level)
+            except OSError as err:
+                # A parent shared with a concurrent container stays.
+                if err.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                    raise
+        self._created.clear()
+
+    def apply(self, resources: dict) -> None:
+        try:
+            memory_dir = self.paths.get("memory")
+            writes = plan(
+                resources,
+                available=frozenset(self.paths),
+                memsw_available=bool(memory_dir)
+                and os.path.exists(os.path.join(memory_dir, "memory.memsw.limit_in_bytes")),
+                current_memory_limit=read_int(os.path.join(memory_dir, "memory.limit_in_bytes"))
+                if memory_dir
+                else None,
+            )
+            for write in writes:
+                directory = self.paths[write.controller]
+                alternative = _ALTERNATIVE_FILES.get(write.file)
+                if alternative and not os.path.exists(os.path.join(directory, write.file)):
+                    write = Write(write.controller, alternative, write.value, write.field)
+                perform(write, directory)
+        except BaseException:
+            # A group this object just created must not outlive a config it cannot honour.
+            if self._created and not self.procs_recursive():
+                self.destroy()
+                self._created.clear()
+            raise
+
+    def add_pid(self, pid: int) -> None:
+        for directory in self._dirs():
+            try:
+                write_file(os.path.join(directory, "cgroup.procs"), str(pid))
+            except ProcessLookupError:
+                raise NotFound(f"process {pid} does not exist") from None
+
+    def pids(self) -> list[int]:
+        return read_pids(os.path.join(self._procs_dir(), "cgroup.procs"))
+
+    def freeze(self) -> None:
+        state_file = os.path.join(self._dir("freezer"), "freezer.state")
+        deadline = time.monotonic() + FREEZE_TIMEOUT_S
+        attempt = 0
+        while True:
+            if attempt % 20 == 0:
+                # Re-asking nudges tasks that were mid-fork when the freeze began.
+                write_file(state_file, "FROZEN")
+            state = read_file(state_file).strip()
+            if state == "FROZEN":
+                return
+            if time.monotonic() > deadline:
+                write_file(state_file, "THAWED")
+                raise Unavailable(
+                    f"cgroup {os.path.dirname(state_file)} did not freeze within "
+                    f"{FREEZE_TIMEOUT_S:.0f}s (state {state})"
+                )
+            attempt += 1
+            time.sleep(0.001 if attempt < 20 else 0.01)
+
+    def thaw(self) -> None:
+        write_file(os.path.join(self._dir("freezer"), "freezer.state"), "THAWED")
+
+    def frozen(self) -> bool:
+        try:
+            return (
+                read_file(os.path.join(self._dir("freezer"), "freezer.state")).strip() == "FROZEN"
+            )
+        except FileNotFoundError:
+            return False
+
+    def oom_kill_count(self) -> int:
+        return _oom_kills(self._dir("memory"))
+
+    def oom_watcher(self) -> OomWatcherV1:
+        return OomWatcherV1(self._dir("memory"))
+
+    def stats(self) -> dict:
+        stats: dict = {"version": 1}
+        memory_dir = self.paths.get("memory")
+        if memory_dir:
+
+            def counters(prefix: str) -> dict:
+                return {
+                    "usage": read_int(os.path.join(memory_dir, f"{prefix}usage_in_bytes")),
+                    "limit": read_int(os.path.join(memory_dir, f"{prefix}limit_in_bytes")),
+                    "max_usage": read_int(os.path.join(memory_dir, f"{prefix}max_usage_in_bytes")),
+                    "failcnt": read_int(os.path.join(memory_dir, f"{prefix}failcnt")),
+                }
+
+            stat = read_keyed(os.path.join(memory_dir, "memory.stat"))
+            memory = counters("memory.")
+            memory.update(
+                cache=stat.get("total_cache", stat.get("cache", 0)),
+                rss=stat.get("total_rss", stat.get("rss", 0)),
+                swap_usage=stat.get("total_swap", stat.get("swap", 0)),
+                swap=counters("memory.memsw."),
+                kernel=counters("memory.kmem."),
+                kernel_tcp=counters("memory.kmem.tcp."),
+                stat=stat,
+            )
+            stats["memory"] = memory
+            control = read_keyed(os.path.join(memory_dir, "memory.oom_control"))
+            stats["memory_oom_control"] = {
+                "oom_kill_disable": control.get("oom_kill_disable", 0),
+                "under_oom": control.get("under_oom", 0),
+                "oom_kill": control.get("oom_kill", 0),
+            }
+            stats["oom_kill"] = control.get("oom_kill", 0)
+        if "pids" in self.paths:
+            stats["pids"] = {
+                "current": read_int(os.path.join(self.paths["pids"], "pids.current")),
+                # 0 = no limit, as containerd's Metrics report it
+                "limit": read_int(os.path.join(self.paths["pids"], "pids.max"), max_value=0),
+            }
+        cpu: dict = {}
+        if "cpuacct" in self.paths:
+            acct = self.paths["cpuacct"]
+            cpu["usage_ns"] = read_int(os.path.join(acct, "cpuacct.usage"))
+            cpu["user_ns"] = read_int(os.path.join(acct, "cpuacct.usage_user"))
+            cpu["system_ns"] = read_int(os.path.join(acct, "cpuacct.usage_sys"))
+            try:
+                per_cpu = read_file(os.path.join(acct, "cpuacct.usage_percpu")).split()
+                cpu["per_cpu_ns"] = [int(v) for v in per_cpu]
+            except FileNotFoundError:
+                cpu["per_cpu_ns"] = []
+        if "cpu" in self.paths:
+            cpu_stat = read_keyed(os.path.join(self.paths["cpu"], "cpu.stat"))
+            cpu["periods"] = cpu_stat.get("nr_periods", 0)
+            cpu["throttled_periods"] = cpu_stat.get("nr_throttled", 0)
+            cpu["throttled_ns"] = cpu_stat.get("throttled_time", 0)
+        if cpu:
+            stats["cpu"] = cpu
+        if "blkio" in self.paths:
+            stats["blkio"] = {
+                "io_service_bytes_recursive": _blkio_entries(
+                    os.path.join(self.paths["blkio"], "blkio.throttle.io_service_bytes_recursive")
+                ),
+                "io_serviced_recursive": _blkio_entries(
+                    os.path.join(self.paths["blkio"], "blkio.throttle.io_serviced_recursive")
+                ),
+            }
+        return stats
+
+
+def _blkio_entries(path: str) -> list[dict]:
+    """blkio "major:minor Op value" lines as containerd's BlkIOEntry fields."""
+    entries = []
+    try:
+        text = read_file(path)
+    except FileNotFoundError:
+        return entries
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) != 3 or ":" not in fields[0]:
+            continue
+        major, _, minor = fields[0].partition(":")
+        entries.append(
+            {"major": int(major), "minor": int(minor), "op": fields[1], "value": int(fields[2])}
+        )
+    return entries
