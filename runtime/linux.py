@@ -237,3 +237,19 @@ def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
 def kernel_supports(errno_value: int) -> bool:
     """True unless an errno says the kernel lacks the syscall."""
     return errno_value != _errno.ENOSYS
+
+
+# inotify(7), for cgroup v2 event files (memory.events, cgroup.events) that signal
+# changes as IN_MODIFY.
+IN_MODIFY = 0x00000002
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+
+
+def inotify_init1(flags: int = IN_CLOEXEC) -> int:
+    return _check(_libc.inotify_init1(ctypes.c_int(flags)), "inotify_init1")
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    rc = _libc.inotify_add_watch(ctypes.c_int(fd), _b(path), ctypes.c_uint32(mask))
+    return _check(rc, "inotify_add_watch", path)
