@@ -653,11 +653,11 @@ def _check_absolute(value: str, parent: str, key) -> str:
 def _container_path(value, parent: str, key) -> str:
     """A path inside the container: absolute, without '..', normalised."""
     _check_absolute(_string(value, parent, key), parent, key)
-    if ".." in value.split("/"):
+    parts = value.split("/")
+    if ".." in parts:
         raise _Bad(parent, key, f"must not contain '..', got {value!r}")
-    return (
-        os.path.normpath(value) if "//" in value or "/." in value or value.endswith("/") else value
-    )
+    # Not os.path.normpath: it keeps a leading "//", which would make "//" differ from "/".
+    return "/" + "/".join(part for part in parts if part and part != ".")
 
 
 def _host_path(value, parent: str, key) -> str:
