@@ -492,7 +492,7 @@ def parse_spec(config: dict, bundle_dir: str) -> Spec:
     try:
         return _parse_spec(config, bundle_dir)
     except _Bad as bad:
-        raise field_error(bad.path, bad.problem) from None
+        raise field_error(_printable(bad.path), _printable(bad.problem)) from None
 
 
 def parse_process(process: dict, source: str = "process.json") -> Process:
@@ -504,7 +504,9 @@ def parse_process(process: dict, source: str = "process.json") -> Process:
     try:
         return _parse_process(process, "")
     except _Bad as bad:
-        raise InvalidArgument(f"{source}: {bad.path or 'process'}: {bad.problem}") from None
+        raise InvalidArgument(
+            f"{source}: {_printable(bad.path or 'process')}: {_printable(bad.problem)}"
+        ) from None
 
 
 def check_process_in_spec(process: Process, spec: Spec, source: str = "process.json") -> None:
@@ -512,12 +514,25 @@ def check_process_in_spec(process: Process, spec: Spec, source: str = "process.j
     try:
         _check_process_ids_mapped(process, spec.linux, "")
     except _Bad as bad:
-        raise InvalidArgument(f"{source}: {bad.path}: {bad.problem}") from None
+        raise InvalidArgument(
+            f"{source}: {_printable(bad.path)}: {_printable(bad.problem)}"
+        ) from None
 
 
 # --- Field readers ---
 # Each reader takes the containing object, the key and the containing object's
 # path; the field's path is only built when there is an error to report.
+
+
+def _printable(text: str) -> str:
+    """Messages quote what config.json said; keep them one printable line whatever it said."""
+    if text.isascii() and text.isprintable():
+        return text
+    return (
+        "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        .encode("utf-8", "backslashreplace")
+        .decode()
+    )
 
 
 class _Bad(Exception):
@@ -530,6 +545,18 @@ class _Bad(Exception):
     @property
     def path(self) -> str:
         return _join(self.parent, self.key)
+
+
+def _entry(parent: str, key: str) -> str:
+    """A member of a JSON object: `hooks.prestart`, or `hooks["pre start"]` when not a plain name."""
+    if key.isidentifier():
+        return f"{parent}.{key}"
+    return _map_entry(parent, key)
+
+
+def _map_entry(parent: str, key: str) -> str:
+    """An entry of a free-form map: `linux.sysctl["net.ipv4.ip_forward"]`."""
+    return f"{parent}[{json.dumps(key, ensure_ascii=False)}]"
 
 
 def _join(parent: str, key) -> str:
@@ -586,7 +613,17 @@ def _string(value, parent: str, key) -> str:
         raise _Bad(parent, key, f"must be a string, got {_what(value)}")
     if "\0" in value:
         raise _Bad(parent, key, "must not contain a NUL byte")
+    if not value.isascii():
+        _check_encodable(value, parent, key)
     return value
+
+
+def _check_encodable(value: str, parent: str, key) -> None:
+    # JSON can spell a lone surrogate ("\ud800"); no file name or argv can hold one.
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise _Bad(parent, key, "must be valid Unicode (it holds a lone surrogate)") from None
 
 
 def _opt_str(d: dict, key: str, parent: str, default: str | None = "") -> str | None:
@@ -640,7 +677,11 @@ def _string_map(d: dict, key: str, parent: str) -> dict[str, str]:
         if not k:
             raise _Bad(path, None, "keys must be non-empty strings")
         if type(v) is not str:
-            raise _Bad(f'{path}["{k}"]', None, f"must be a string, got {_what(v)}")
+            raise _Bad(_map_entry(path, k), None, f"must be a string, got {_what(v)}")
+        if "\0" in k or "\0" in v:
+            raise _Bad(_map_entry(path, k), None, "must not contain a NUL byte")
+        if not (k.isascii() and v.isascii()):
+            _check_encodable(k + v, _map_entry(path, k), None)
     return dict(value)
 
 
@@ -962,7 +1003,9 @@ def _parse_hooks(config: dict) -> dict | None:
         return None
     for name, entries in hooks.items():
         if name not in HOOK_NAMES:
-            raise _Bad("hooks", name, f"unknown hook (known: {', '.join(HOOK_NAMES)})")
+            raise _Bad(
+                _entry("hooks", name), None, f"unknown hook (known: {', '.join(HOOK_NAMES)})"
+            )
         if entries is None:
             continue
         if type(entries) is not list:
@@ -1069,7 +1112,11 @@ def _parse_linux(lx: dict, path: str) -> Linux:
         o_path = _join(path, "timeOffsets")
         for clock, offset in offsets.items():
             if clock not in TIME_OFFSET_CLOCKS:
-                raise _Bad(o_path, clock, f"unknown clock (known: {', '.join(TIME_OFFSET_CLOCKS)})")
+                raise _Bad(
+                    _entry(o_path, clock),
+                    None,
+                    f"unknown clock (known: {', '.join(TIME_OFFSET_CLOCKS)})",
+                )
             _obj(offset, o_path, clock)
             c_path = _join(o_path, clock)
             _opt_int(offset, "secs", c_path, *_INT64)
@@ -1178,7 +1225,7 @@ def _check_sysctls(linux: Linux, path: str) -> None:
         return
     s_path = _join(path, "sysctl")
     for key in linux.sysctl:
-        field_path = f'{s_path}["{key}"]'
+        field_path = _map_entry(s_path, key)
         # Keys become paths under /proc/sys: nothing may climb out of it.
         parts = key.split("/") if "/" in key else key.split(".")
         if any(part in ("", ".", "..") for part in parts):
@@ -1267,7 +1314,9 @@ def _parse_resources(r: dict, path: str) -> Resources:
         # Keys are file names in the cgroup directory: nothing may leave it.
         if "/" in key or key.startswith(".") or "." not in key:
             raise _Bad(
-                f'{path}.unified["{key}"]', None, "must be a cgroup file name like memory.max"
+                _map_entry(_join(path, "unified"), key),
+                None,
+                "must be a cgroup file name like memory.max",
             )
 
     block_io = _opt_obj(r, "blockIO", path)
@@ -1284,7 +1333,7 @@ def _parse_resources(r: dict, path: str) -> Resources:
             if size is None or size == "":
                 raise _Bad(item, "pageSize", 'is required (e.g. "2MB")')
             _string(size, item, "pageSize")
-            if not (size[:-2].isdigit() and size[-2:] in ("KB", "MB", "GB")):
+            if not (size[:-2].isdigit() and size.isascii() and size[-2:] in ("KB", "MB", "GB")):
                 raise _Bad(item, "pageSize", f'must look like "2MB" or "1GB", got {size!r}')
             _opt_int(h, "limit", item, 0, _UINT64)
         res.hugepage_limits = hugepages
@@ -1345,13 +1394,16 @@ def _cpu_list(cpu: dict, key: str, path: str) -> str | None:
         return value
     for part in value.split(","):
         lo, dash, hi = part.partition("-")
-        if (
-            not (lo.isdigit() and lo.isascii())
-            or (dash and not (hi.isdigit() and hi.isascii()))
-            or (dash and int(lo) > int(hi))
+        if not (
+            _is_small_number(lo) and (not dash or (_is_small_number(hi) and int(lo) <= int(hi)))
         ):
             raise _Bad(path, key, f'must be a list like "0-3,5", got {value!r}')
     return value
+
+
+def _is_small_number(text: str) -> bool:
+    # Bounded so int() never meets a number too long to convert; no kernel has 10^6 CPUs.
+    return 0 < len(text) <= 6 and text.isdigit() and text.isascii()
 
 
 def _parse_device_rule(rule, path: str) -> DeviceRule:

@@ -1120,3 +1120,43 @@ def test_exec_process_must_use_mapped_ids(bundle):
     unmapped = parse_process({"args": ["id"], "cwd": "/", "user": {"uid": 70000, "gid": 0}})
     with pytest.raises(InvalidArgument, match=r"^process.json: user.uid: 70000 is not mapped"):
         check_process_in_spec(unmapped, spec)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set("hostname")("\ud800"), "hostname: must be valid Unicode"),
+        (_set("annotations")({"k": "\udcff"}), r'annotations\["k"\]: must be valid Unicode'),
+        (_set("hooks")({"pre\nstart": []}), r'hooks\["pre\\nstart"\]: unknown hook'),
+        (
+            _set("linux.sysctl")({"net.\ud800": "1"}),
+            r'linux.sysctl\["net.\\ud800"\]: must be valid Unicode',
+        ),
+    ],
+)
+def test_messages_stay_one_printable_line(bundle, mutate, message):
+    config = default_config()
+    mutate(config)
+    with pytest.raises(InvalidArgument, match=r"^config.json: " + message) as info:
+        parse(config, bundle)
+    assert str(info.value).isprintable()
+    str(info.value).encode("utf-8")
+
+
+def test_unified_key_with_dotted_name_reads_as_map_entry(bundle):
+    config = default_config()
+    config["linux"]["resources"]["unified"] = {"memory": "1"}
+    with pytest.raises(
+        InvalidArgument,
+        match=r'^config.json: linux.resources.unified\["memory"\]: must be a cgroup',
+    ):
+        parse(config, bundle)
+
+
+def test_huge_cpu_number_is_refused_not_crashed(bundle):
+    config = default_config()
+    config["linux"]["resources"]["cpu"] = {"cpus": "0-" + "9" * 5000}
+    with pytest.raises(
+        InvalidArgument, match=r"^config.json: linux.resources.cpu.cpus: must be a list like"
+    ):
+        parse(config, bundle)
