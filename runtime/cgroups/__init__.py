@@ -20,6 +20,7 @@ from runtime.errors import FailedPrecondition, InvalidArgument
 __all__ = [
     "Cgroup",
     "Mount",
+    "cgroup_at",
     "container_path",
     "detect_version",
     "for_container",
@@ -165,13 +166,21 @@ def _below(mount: Mount, own_path: str) -> str:
 def for_container(container_id: str, cgroups_path: str | None = None) -> Cgroup:
     """The (not yet created) cgroup of a container on this host's cgroup version."""
     path, relative = container_path(cgroups_path, container_id)
-    mounts = _host_mounts()
+    own = _read_text("/proc/self/cgroup") if relative else ""
+    return cgroup_at(path, relative, _host_mounts(), parse_proc_cgroup(own))
+
+
+def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str]) -> Cgroup:
+    """The cgroup at a container_path() result, given the mounts and the caller's cgroups.
+
+    Touches no file: what the host looks like comes in as arguments.
+    """
     version = detect_version(mounts)
-    own = parse_proc_cgroup(_read_text("/proc/self/cgroup")) if relative else {}
     if version == 2:
         from runtime.cgroups.v2 import CgroupV2
 
-        mount = next(m for m in mounts if m.version == 2 and m.mount_point == "/sys/fs/cgroup")
+        unified = [m for m in mounts if m.version == 2]
+        mount = next((m for m in unified if m.mount_point == "/sys/fs/cgroup"), unified[0])
         base = _below(mount, own.get(V2_KEY, "/")) if relative else "/"
         directory = posixpath.normpath(mount.mount_point + posixpath.join(base, path[1:]))
         return CgroupV2(directory, base_dir=posixpath.normpath(mount.mount_point + base))
@@ -182,7 +191,7 @@ def for_container(container_id: str, cgroups_path: str | None = None) -> Cgroup:
     for mount in mounts:
         if mount.version != 1:
             continue
-        for controller in mount.controllers & KNOWN_CONTROLLERS:
+        for controller in sorted(mount.controllers & KNOWN_CONTROLLERS):
             if controller in paths:
                 continue  # the same hierarchy mounted twice: the first mount serves
             base = _below(mount, own.get(controller, "/")) if relative else "/"

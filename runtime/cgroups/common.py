@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger("zviz.cgroups")
 
@@ -155,6 +155,50 @@ def rmdir_tree(top: str, deadline: float) -> None:
                 time.sleep(0.01)
 
 
+# The parent of every container group made with the default path (/zviz/<id>).
+SHARED_PARENT_NAME = "zviz"
+
+
+def remove_shared_parent(directory: str) -> None:
+    """Removes the shared /zviz parent once its last container is gone.
+
+    A concurrent create() that loses the race sees ENOENT and makes it again.
+    """
+    parent = os.path.dirname(directory)
+    if os.path.basename(parent) != SHARED_PARENT_NAME:
+        return
+    try:
+        os.rmdir(parent)
+    except OSError as err:
+        if err.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+            raise
+
+
+def make_dirs(directory: str, base: str, created: list[str], on_new_level=None) -> None:
+    """mkdir every level from below `base` down to `directory`; the leaf must be new.
+
+    Levels made are appended to `created`. A level vanishing under us (another
+    container's destroy() removing the shared parent) restarts the walk.
+    """
+    for _attempt in range(20):
+        level = base
+        try:
+            for part in os.path.relpath(directory, base).split("/"):
+                parent, level = level, os.path.join(level, part)
+                try:
+                    os.mkdir(level, 0o755)
+                    created.append(level)
+                except FileExistsError:
+                    if level == directory:
+                        raise AlreadyExists(f"cgroup {directory} already exists") from None
+                if on_new_level:
+                    on_new_level(parent, level)
+            return
+        except FileNotFoundError:
+            continue
+    raise FailedPrecondition(f"cgroup {directory}: its parent keeps disappearing")
+
+
 class Cgroup:
     """A container's cgroup. Subclasses: CgroupV1 (one dir per hierarchy), CgroupV2 (one dir)."""
 
@@ -256,3 +300,4 @@ class Cgroup:
                 time.sleep(0.005)
         for directory in self._dirs():
             rmdir_tree(directory, deadline)
+            remove_shared_parent(directory)

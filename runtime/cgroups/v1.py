@@ -10,6 +10,7 @@ from runtime.cgroups.common import (
     Write,
     int_field,
     log,
+    make_dirs,
     perform,
     read_file,
     read_int,
@@ -17,7 +18,7 @@ from runtime.cgroups.common import (
     read_pids,
     write_file,
 )
-from runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 KNOWN_CONTROLLERS = frozenset(
     {
@@ -417,23 +418,15 @@ class CgroupV1(Cgroup):
             raise
 
     def _make(self, directory: str, base: str, cpuset: bool) -> None:
-        relative = os.path.relpath(directory, base)
-        level = base
-        for part in relative.split("/"):
-            parent, level = level, os.path.join(level, part)
-            try:
-                os.mkdir(level, 0o755)
-                self._created.append(level)
-            except FileExistsError:
-                if level == directory:
-                    raise AlreadyExists(f"cgroup {directory} already exists") from None
-            if cpuset:
-                # A new cpuset group starts with no CPUs and no memory nodes, and a
-                # process cannot join it until both are set.
-                for file in ("cpuset.cpus", "cpuset.mems"):
-                    if not read_file(os.path.join(level, file)).strip():
-                        inherited = read_file(os.path.join(parent, file)).strip()
-                        write_file(os.path.join(level, file), inherited or "\n")
+        def fill_cpuset(parent: str, level: str) -> None:
+            # A new cpuset group starts with no CPUs and no memory nodes, and a
+            # process cannot join it until both are set.
+            for file in ("cpuset.cpus", "cpuset.mems"):
+                if not read_file(os.path.join(level, file)).strip():
+                    inherited = read_file(os.path.join(parent, file)).strip()
+                    write_file(os.path.join(level, file), inherited or "\n")
+
+        make_dirs(directory, base, self._created, fill_cpuset if cpuset else None)
 
     def _undo_create(self) -> None:
         for level in reversed(self._created):

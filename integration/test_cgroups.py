@@ -1,0 +1,402 @@
+"""runtime.cgroups against this machine's kernel (cgroup v1 here; v2 runs in the QEMU guest).
+
+Each test makes its own group (zviz-cg-<random>), puts real processes in it and checks
+what the kernel did to them; every group is destroyed and looked for afterwards.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from runtime import cgroups
+from runtime.errors import AlreadyExists, InvalidArgument
+
+MiB = 1024 * 1024
+
+
+def cgroup_dirs_named(name: str) -> list[str]:
+    found = []
+    for hierarchy in os.listdir("/sys/fs/cgroup"):
+        for dirpath, dirnames, _files in os.walk(os.path.join("/sys/fs/cgroup", hierarchy)):
+            found += [os.path.join(dirpath, d) for d in dirnames if name in d]
+    return found
+
+
+@pytest.fixture
+def name():
+    unique = f"zviz-cg-{uuid.uuid4().hex[:10]}"
+    yield unique
+    assert cgroup_dirs_named(unique) == [], "a test cgroup outlived its test"
+
+
+@pytest.fixture
+def cg(name):
+    group = cgroups.for_container(name)
+    group.create()
+    yield group
+    group.destroy()
+
+
+class Child:
+    """A python child that waits for "go" on stdin, so it can be put into a cgroup first."""
+
+    def __init__(self, code: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "import sys\nsys.stdin.readline()\n" + code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.pid = self.proc.pid
+
+    def go(self) -> "Child":
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self
+
+    def line(self) -> str:
+        return self.proc.stdout.readline().strip()
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        # not communicate(): grandchildren still in the group may hold the pipes open
+        for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            pipe.close()
+
+
+@pytest.fixture
+def children():
+    started: list[Child] = []
+
+    def start(code: str) -> Child:
+        child = Child(code)
+        started.append(child)
+        return child
+
+    yield start
+    for child in started:
+        child.stop()
+
+
+def test_version_is_v1_on_this_hybrid_host(cg):
+    assert cg.version == 1
+    # the cgroup2 mount holding only hugetlb is not used
+    assert not any(p.startswith("/sys/fs/cgroup/unified") for p in cg.paths.values())
+
+
+def test_create_makes_a_group_in_every_hierarchy_with_cpuset_ready(cg, name):
+    for controller, path in cg.paths.items():
+        assert os.path.isdir(path), controller
+        assert path.endswith(f"/zviz/{name}")
+    cpuset = cg.paths["cpuset"]
+    for file in ("cpuset.cpus", "cpuset.mems"):
+        with open(os.path.join(cpuset, file)) as f:
+            assert f.read().strip(), f"{file} left empty: no process could join"
+
+
+def test_create_twice_is_already_exists_and_leaves_the_first_alone(cg, name):
+    with pytest.raises(AlreadyExists):
+        cgroups.for_container(name).create()
+    assert all(os.path.isdir(p) for p in cg.paths.values())
+
+
+def test_apply_writes_the_limits(cg):
+    cg.apply(
+        {
+            "memory": {"limit": 64 * MiB, "swap": 96 * MiB, "reservation": 32 * MiB},
+            "pids": {"limit": 20},
+            "cpu": {"shares": 256, "quota": 20000, "period": 100000, "cpus": "0", "mems": "0"},
+        }
+    )
+
+    def value(controller, file):
+        with open(os.path.join(cg.paths[controller], file)) as f:
+            return f.read().strip()
+
+    assert value("memory", "memory.limit_in_bytes") == str(64 * MiB)
+    assert value("memory", "memory.memsw.limit_in_bytes") == str(96 * MiB)
+    assert value("memory", "memory.soft_limit_in_bytes") == str(32 * MiB)
+    assert value("pids", "pids.max") == "20"
+    assert value("cpu", "cpu.shares") == "256"
+    assert value("cpu", "cpu.cfs_quota_us") == "20000"
+    assert value("cpuset", "cpuset.cpus") == "0"
+
+
+def test_raising_and_lowering_memory_with_swap_both_succeed(cg):
+    cg.apply({"memory": {"limit": 32 * MiB, "swap": 32 * MiB}})
+    cg.apply({"memory": {"limit": 256 * MiB, "swap": 512 * MiB}})  # memsw must go first
+    cg.apply({"memory": {"limit": 16 * MiB, "swap": 16 * MiB}})  # memory must go first
+    assert cg.stats()["memory"]["limit"] == 16 * MiB
+    assert cg.stats()["memory"]["swap"]["limit"] == 16 * MiB
+
+
+def test_add_pid_and_pids(cg, children):
+    child = children("import time; print('in', flush=True); time.sleep(60)")
+    cg.add_pid(child.pid)
+    child.go()
+    assert child.line() == "in"
+    assert cg.pids() == [child.pid]
+    assert cg.procs_recursive() == [child.pid]
+    with open(f"/proc/{child.pid}/cgroup") as f:
+        memberships = cgroups.parse_proc_cgroup(f.read())
+    assert memberships["memory"].endswith(os.path.basename(cg.paths["memory"]))
+    assert memberships["pids"] == memberships["freezer"] == memberships["memory"]
+
+
+def test_memory_hog_is_oom_killed_counted_and_watched(cg, children):
+    cg.apply({"memory": {"limit": 32 * MiB, "swap": 32 * MiB}})
+    assert cg.oom_kill_count() == 0
+    with cg.oom_watcher() as watcher:
+        hog = children("data = b'x' * (256 * 1024 * 1024)\nprint('survived', flush=True)")
+        cg.add_pid(hog.pid)
+        rc, out, _err = hog.go().finish()
+        assert rc == -signal.SIGKILL
+        assert "survived" not in out
+        readable, _, _ = select.select([watcher], [], [], 10)
+        assert readable, "the OOM watcher did not become readable"
+        assert watcher.read() >= 1
+    assert cg.oom_kill_count() == 1
+    stats = cg.stats()
+    assert stats["oom_kill"] == 1
+    assert stats["memory"]["max_usage"] >= 30 * MiB  # it reached the limit before dying
+
+
+def test_fork_fails_at_the_pids_limit(cg, children):
+    cg.apply({"pids": {"limit": 5}})
+    forker = children(
+        "import os, time\n"
+        "made, error = 0, None\n"
+        "for _ in range(20):\n"
+        "    try:\n"
+        "        pid = os.fork()\n"
+        "    except OSError as err:\n"
+        "        error = err.errno\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    made += 1\n"
+        "print(made, error, flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    cg.add_pid(forker.pid)
+    made, error = forker.go().line().split()
+    assert int(made) == 4  # the forker itself is the fifth task
+    assert error == str(11)  # EAGAIN
+    stats = cg.stats()
+    assert stats["pids"] == {"current": 5, "limit": 5}
+    assert len(cg.pids()) == 5
+
+
+def test_devices_rules_are_enforced(cg, children):
+    cg.apply({"devices": [{"allow": False, "access": "rwm"}]})
+    probe = children(
+        "import os\n"
+        "for path in ('/dev/null', '/dev/kmsg'):\n"
+        "    try:\n"
+        "        os.close(os.open(path, os.O_RDONLY))\n"
+        "        print(path, 'open', flush=True)\n"
+        "    except OSError as err:\n"
+        "        print(path, err.errno, flush=True)\n"
+    )
+    cg.add_pid(probe.pid)
+    rc, out, _ = probe.go().finish()
+    assert rc == 0
+    assert out.split("\n")[:2] == ["/dev/null open", "/dev/kmsg 1"]  # EPERM, even for root
+
+
+def test_cpuset_pins_the_process(cg, children):
+    cg.apply({"cpu": {"cpus": "0"}})
+    child = children("import os; print(sorted(os.sched_getaffinity(0)), flush=True)")
+    cg.add_pid(child.pid)
+    assert child.go().line() == "[0]"
+
+
+def test_freeze_stops_progress_and_thaw_resumes_it(cg, children):
+    ticker = children(
+        "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.01)\n"
+    )
+    cg.add_pid(ticker.pid)
+    ticker.go()
+    assert ticker.line() == "tick"
+    cg.freeze()
+    assert cg.frozen()
+    # drain what was printed before the freeze took hold, then expect silence
+    while select.select([ticker.proc.stdout], [], [], 0.2)[0]:
+        os.read(ticker.proc.stdout.fileno(), 65536)
+    assert not select.select([ticker.proc.stdout], [], [], 0.3)[0], "a frozen process printed"
+    cg.thaw()
+    assert not cg.frozen()
+    assert select.select([ticker.proc.stdout], [], [], 10)[0], "the thawed process stayed silent"
+
+
+def test_kill_all_reaches_every_process_even_a_forking_one(cg, children):
+    bomb = children(
+        "import os, time\n"
+        "for _ in range(8):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "print('up', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    cg.add_pid(bomb.pid)
+    bomb.go()
+    assert bomb.line() == "up"
+    deadline = time.monotonic() + 10
+    while len(cg.procs_recursive()) < 9 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(cg.procs_recursive()) == 9
+    cg.kill_all(signal.SIGKILL)
+    assert bomb.proc.wait(timeout=10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while cg.procs_recursive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cg.procs_recursive() == []
+    assert not cg.frozen(), "kill_all must leave the group thawed"
+
+
+def test_kill_all_keeps_a_paused_group_paused_for_other_signals(cg, children):
+    child = children("import time; time.sleep(60)")
+    cg.add_pid(child.pid)
+    child.go()
+    cg.freeze()
+    cg.kill_all(signal.SIGTERM)
+    assert cg.frozen()
+    cg.thaw()
+    assert child.proc.wait(timeout=10) == -signal.SIGTERM
+
+
+def test_stats_numbers_are_sane(cg, children):
+    cg.apply({"memory": {"limit": 128 * MiB}, "pids": {"limit": 10}})
+    worker = children(
+        "data = b'x' * (20 * 1024 * 1024)\n"
+        "n = 0\n"
+        "for i in range(3_000_000):\n"
+        "    n += i\n"
+        "print('ready', flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    cg.add_pid(worker.pid)
+    assert worker.go().line() == "ready"
+    stats = cg.stats()
+    json.dumps(stats)  # the shim passes it on: plain data only
+    memory = stats["memory"]
+    assert 20 * MiB <= memory["usage"] <= 128 * MiB
+    assert memory["limit"] == 128 * MiB
+    assert memory["usage"] <= memory["max_usage"] <= 128 * MiB
+    assert memory["rss"] >= 20 * MiB
+    assert stats["pids"] == {"current": 1, "limit": 10}
+    cpu = stats["cpu"]
+    assert cpu["usage_ns"] > 0
+    assert cpu["user_ns"] + cpu["system_ns"] > 0
+    assert sum(cpu["per_cpu_ns"]) == pytest.approx(cpu["usage_ns"], rel=0.05)
+    assert stats["oom_kill"] == 0
+
+
+def test_destroy_kills_leftovers_and_removes_every_directory(name, children):
+    group = cgroups.for_container(name)
+    group.create()
+    group.apply({"pids": {"limit": 10}})
+    child = children("import time; time.sleep(60)")
+    group.add_pid(child.pid)
+    child.go()
+    group.freeze()  # a paused container must still be destroyable
+    group.destroy()
+    assert child.proc.wait(timeout=10) == -signal.SIGKILL
+    assert cgroup_dirs_named(name) == []
+    group.destroy()  # idempotent
+
+
+def test_destroy_removes_sub_groups_made_inside(name):
+    group = cgroups.for_container(name)
+    group.create()
+    os.mkdir(os.path.join(group.paths["memory"], "inner"))
+    group.destroy()
+    assert cgroup_dirs_named(name) == []
+
+
+def test_load_reopens_the_group_in_another_process(cg, children):
+    child = children("import time; time.sleep(60)")
+    cg.add_pid(child.pid)
+    child.go()
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\n"
+            "from runtime import cgroups\n"
+            "cg = cgroups.load(json.loads(sys.argv[1]))\n"
+            "cg.freeze(); print(cg.pids(), cg.frozen()); cg.thaw()\n",
+            json.dumps(cg.paths),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ).stdout
+    assert out.strip() == f"[{child.pid}] True"
+    assert not cg.frozen()
+
+
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        ({"cpu": {"cpus": "99"}}, "cpu.cpus"),
+        ({"cpu": {"cpus": "zero"}}, "cpu.cpus"),
+        ({"cpu": {"quota": 10}}, "cpu.quota"),
+        ({"cpu": {"period": 5}}, "cpu.period"),
+        ({"memory": {"swappiness": 200}}, "memory.swappiness"),
+        ({"memory": {"limit": 64 * MiB, "swap": MiB}}, "memory.swap"),
+        ({"pids": {"limit": 10}, "unified": {"pids.max": "3"}}, "unified"),
+    ],
+)
+def test_impossible_values_are_invalid_argument_and_leave_nothing(name, resources, field):
+    group = cgroups.for_container(name)
+    group.create()
+    with pytest.raises(InvalidArgument) as info:
+        group.apply(resources)
+    assert f"linux.resources.{field}" in str(info.value)
+    assert cgroup_dirs_named(name) == []
+
+
+def test_bad_cgroups_path_creates_nothing():
+    with pytest.raises(InvalidArgument, match="systemd"):
+        cgroups.for_container("x", "system.slice:zviz:x")
+    with pytest.raises(InvalidArgument, match="hierarchy root"):
+        cgroups.for_container("x", "/")
+
+
+def test_custom_absolute_path(name):
+    group = cgroups.for_container(name, f"/{name}/ctr")
+    group.create()
+    assert group.paths["memory"] == f"/sys/fs/cgroup/memory/{name}/ctr"
+    group.destroy()
+    # only the leaf is the container's; its parent is removed by whoever made it
+    for path in cgroup_dirs_named(name):
+        os.rmdir(path)
+
+
+def test_oom_watcher_reports_nothing_once_the_group_is_gone(name):
+    group = cgroups.for_container(name)
+    group.create()
+    watcher = group.oom_watcher()
+    group.destroy()
+    # the kernel signals the eventfd when the memory group goes away
+    assert select.select([watcher], [], [], 5)[0]
+    assert watcher.read() == 0
+    watcher.close()

@@ -1,0 +1,488 @@
+"""cgroup v2: one directory in the unified hierarchy, controllers delegated from its parents."""
+
+import errno
+import os
+import signal
+import time
+
+from runtime.cgroups.common import (
+    FREEZE_TIMEOUT_S,
+    Cgroup,
+    Write,
+    int_field,
+    log,
+    make_dirs,
+    perform,
+    read_file,
+    read_int,
+    read_keyed,
+    read_pids,
+    write_file,
+)
+from runtime.cgroups.v1 import device_rule
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+
+# What a read of "max" reports in stats, as containerd's v2 Metrics do.
+UNLIMITED = 2**64 - 1
+
+# Files zviz itself drives; a config's linux.resources.unified may not write them.
+_MANAGED_FILES = {
+    "cgroup.procs",
+    "cgroup.threads",
+    "cgroup.subtree_control",
+    "cgroup.freeze",
+    "cgroup.kill",
+    "cgroup.type",
+}
+
+
+def shares_to_weight(shares: int) -> int:
+    """cpu.shares (2..262144) to cpu.weight (1..10000), the linear map runc uses."""
+    if shares == 0:
+        return 0
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def blkio_weight_to_io_weight(weight: int) -> int:
+    """blkio.weight (10..1000) to io.weight (1..10000), as runc maps it."""
+    if weight == 0:
+        return 0
+    return 1 + (weight - 10) * 9999 // 990
+
+
+def swap_to_v2(swap: int | None, limit: int | None) -> int | None:
+    """OCI memory.swap (memory+swap, the v1 meaning) to memory.swap.max (swap alone)."""
+    if limit == -1 and swap is None:
+        return -1  # unlimited memory: unlimited swap too
+    if swap is None or swap == -1:
+        return swap
+    if limit is None or limit == -1:
+        raise InvalidArgument(
+            "config.json: linux.resources.memory.swap: a swap limit needs a memory limit"
+        )
+    if swap < limit:
+        raise InvalidArgument(
+            f"config.json: linux.resources.memory.swap: {swap} is below memory.limit {limit} "
+            "(swap is the memory+swap limit, so it must be at least the memory limit)"
+        )
+    return swap - limit
+
+
+def _bytes(value: int) -> str:
+    return "max" if value == -1 else str(value)
+
+
+def _limit(resources: dict, section: str, key: str) -> int | None:
+    value = int_field(resources, section, key)
+    if value is None or value == 0:
+        return None
+    if value < -1:
+        raise InvalidArgument(
+            f"config.json: linux.resources.{section}.{key}: {value} is neither -1 (unlimited) "
+            "nor a positive number"
+        )
+    return value
+
+
+def plan(
+    resources: dict,
+    *,
+    available: frozenset[str] = frozenset({"cpu", "cpuset", "io", "memory", "pids", "hugetlb"}),
+    swap_available: bool = True,
+    bfq: bool = False,
+) -> list[Write]:
+    """The cgroup v2 file writes, in order, that apply OCI linux.resources.
+
+    Pure: `available` is the group's cgroup.controllers, `swap_available` whether
+    memory.swap.max exists, `bfq` whether io.bfq.weight exists.
+    """
+    resources = resources or {}
+    writes: list[Write] = []
+
+    def need(controller: str, field: str) -> bool:
+        if controller in available:
+            return True
+        raise InvalidArgument(
+            f"config.json: linux.resources.{field}: the {controller} controller is not "
+            "available to this cgroup (see cgroup.controllers of its parent)"
+        )
+
+    def add(controller: str, file: str, value: str, field: str) -> None:
+        if need(controller, field):
+            writes.append(Write("unified", file, value, field))
+
+    memory = resources.get("memory") or {}
+    limit = _limit(resources, "memory", "limit")
+    swap = swap_to_v2(_limit(resources, "memory", "swap"), limit)
+    reservation = _limit(resources, "memory", "reservation")
+    swappiness = int_field(resources, "memory", "swappiness")
+    if swappiness is not None and swappiness != -1:
+        if not 0 <= swappiness <= 100:
+            raise InvalidArgument(
+                f"config.json: linux.resources.memory.swappiness: {swappiness} is not within 0..100"
+            )
+        log.warning("linux.resources.memory.swappiness ignored: cgroup v2 has no per-group knob")
+    if memory.get("disableOOMKiller"):
+        log.warning("linux.resources.memory.disableOOMKiller ignored: not available on cgroup v2")
+    for key in ("kernel", "kernelTCP"):
+        if memory.get(key):
+            log.warning("linux.resources.memory.%s ignored: kernel memory limits are obsolete", key)
+    if limit is not None:
+        add("memory", "memory.max", _bytes(limit), "memory.limit")
+    if swap is not None:
+        if swap_available:
+            add("memory", "memory.swap.max", _bytes(swap), "memory.swap")
+        elif swap != -1:
+            raise InvalidArgument(
+                "config.json: linux.resources.memory.swap: this kernel has no swap accounting "
+                "(memory.swap.max is missing)"
+            )
+    if reservation is not None:
+        add("memory", "memory.low", _bytes(reservation), "memory.reservation")
+
+    pids_limit = int_field(resources, "pids", "limit")
+    if pids_limit:
+        add("pids", "pids.max", str(pids_limit) if pids_limit > 0 else "max", "pids.limit")
+
+    cpu = resources.get("cpu") or {}
+    shares = int_field(resources, "cpu", "shares")
+    if shares:
+        # v1's kernel clamps shares into 2..262144; do the same so a config means one thing.
+        shares = min(max(shares, 2), 262144)
+        add("cpu", "cpu.weight", str(shares_to_weight(shares)), "cpu.shares")
+    quota = int_field(resources, "cpu", "quota")
+    period = int_field(resources, "cpu", "period")
+    if quota or period:
+        value = str(quota) if quota and quota > 0 else "max"
+        if period:
+            value += f" {period}"
+        add("cpu", "cpu.max", value, "cpu.quota" if quota else "cpu.period")
+    burst = int_field(resources, "cpu", "burst")
+    if burst is not None:
+        add("cpu", "cpu.max.burst", str(burst), "cpu.burst")
+    idle = int_field(resources, "cpu", "idle")
+    if idle is not None:
+        add("cpu", "cpu.idle", str(idle), "cpu.idle")
+    for key in ("realtimeRuntime", "realtimePeriod"):
+        if int_field(resources, "cpu", key):
+            raise InvalidArgument(
+                f"config.json: linux.resources.cpu.{key}: real-time CPU limits are not "
+                "available on cgroup v2"
+            )
+    for key in ("cpus", "mems"):
+        if cpu.get(key):
+            add("cpuset", f"cpuset.{key}", str(cpu[key]), f"cpu.{key}")
+
+    devices = resources.get("devices")
+    if devices:
+        if not isinstance(devices, list):
+            raise InvalidArgument("config.json: linux.resources.devices: must be a list")
+        for i, rule in enumerate(devices):
+            device_rule(rule, i)
+        # A v2 device policy is an eBPF program; zviz does not load one. The container
+        # still sees only the /dev nodes its rootfs setup creates.
+        log.info("linux.resources.devices not enforced by the cgroup on v2 (needs eBPF)")
+
+    block_io = resources.get("blockIO") or {}
+    weight_file = "io.bfq.weight" if bfq else "io.weight"
+
+    def io_weight(value: int) -> str:
+        return str(value if bfq else blkio_weight_to_io_weight(value))
+
+    if block_io.get("weight"):
+        add("io", weight_file, io_weight(block_io["weight"]), "blockIO.weight")
+    for i, dev in enumerate(block_io.get("weightDevice") or []):
+        if dev.get("weight"):
+            add(
+                "io",
+                weight_file,
+                f"{dev['major']}:{dev['minor']} {io_weight(dev['weight'])}",
+                f"blockIO.weightDevice[{i}]",
+            )
+    for key, io_key in (
+        ("throttleReadBpsDevice", "rbps"),
+        ("throttleWriteBpsDevice", "wbps"),
+        ("throttleReadIOPSDevice", "riops"),
+        ("throttleWriteIOPSDevice", "wiops"),
+    ):
+        for i, dev in enumerate(block_io.get(key) or []):
+            rate = dev["rate"] or "max"
+            add(
+                "io",
+                "io.max",
+                f"{dev['major']}:{dev['minor']} {io_key}={rate}",
+                f"blockIO.{key}[{i}]",
+            )
+
+    for i, entry in enumerate(resources.get("hugepageLimits") or []):
+        if "hugetlb" in available:
+            writes.append(
+                Write(
+                    "unified",
+                    f"hugetlb.{entry['pageSize']}.max",
+                    str(entry["limit"]),
+                    f"hugepageLimits[{i}]",
+                )
+            )
+        else:
+            log.warning("linux.resources.hugepageLimits ignored: hugetlb controller not available")
+    if resources.get("network"):
+        log.warning("linux.resources.network ignored: net_cls/net_prio do not exist on cgroup v2")
+    if resources.get("rdma"):
+        log.warning("linux.resources.rdma ignored: rdma limits are not supported by zviz")
+
+    unified = resources.get("unified") or {}
+    if not isinstance(unified, dict):
+        raise InvalidArgument("config.json: linux.resources.unified: must be an object")
+    for key, value in unified.items():
+        field = f"unified.{key}"
+        if not isinstance(value, str):
+            raise InvalidArgument(f"config.json: linux.resources.{field}: must be a string")
+        if "/" in key or key.startswith(".") or "." not in key:
+            raise InvalidArgument(
+                f"config.json: linux.resources.{field}: {key!r} is not a cgroup file name"
+            )
+        if key in _MANAGED_FILES:
+            raise InvalidArgument(
+                f"config.json: linux.resources.{field}: zviz manages {key} itself"
+            )
+        controller = key.split(".", 1)[0]
+        if controller == "cgroup":
+            writes.append(Write("unified", key, value, field))
+        else:
+            add(controller, key, value, field)
+    return writes
+
+
+class OomWatcherV2:
+    """Readable when memory.events changes; read() returns the new oom_kill events."""
+
+    def __init__(self, directory: str):
+        from runtime import linux
+
+        self._events = os.path.join(directory, "memory.events")
+        self._fd = linux.inotify_init1(linux.IN_CLOEXEC | linux.IN_NONBLOCK)
+        try:
+            linux.inotify_add_watch(self._fd, self._events, linux.IN_MODIFY)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._seen = read_keyed(self._events).get("oom_kill", 0)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> int:
+        try:
+            while os.read(self._fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        if not os.path.exists(self._events):
+            return 0
+        kills = read_keyed(self._events).get("oom_kill", 0)
+        new, self._seen = kills - self._seen, kills
+        return max(new, 0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CgroupV2(Cgroup):
+    version = 2
+
+    def __init__(self, directory: str, base_dir: str | None = None):
+        self.directory = directory
+        self.paths = {"unified": directory}
+        self._base = base_dir or os.path.dirname(directory)
+        self._created: list[str] = []
+
+    def __repr__(self):
+        return f"CgroupV2({self.directory})"
+
+    def _dirs(self) -> list[str]:
+        return [self.directory]
+
+    def _procs_dir(self) -> str:
+        return self.directory
+
+    def _freezable(self) -> bool:
+        return os.path.exists(os.path.join(self.directory, "cgroup.freeze"))
+
+    def _file(self, name: str) -> str:
+        return os.path.join(self.directory, name)
+
+    def create(self) -> None:
+        def delegate(_parent: str, level: str) -> None:
+            if level != self.directory:
+                self._delegate_controllers(level)
+
+        try:
+            make_dirs(self.directory, self._base, self._created, delegate)
+        except BaseException:
+            for level in reversed(self._created):
+                try:
+                    os.rmdir(level)
+                except OSError as err:
+                    if err.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
+                        raise
+            self._created.clear()
+            raise
+
+    def _delegate_controllers(self, level: str) -> None:
+        """Passes every controller `level` has on to its children (the groups below our path)."""
+        offered = set(read_file(os.path.join(level, "cgroup.controllers")).split())
+        enabled = set(read_file(os.path.join(level, "cgroup.subtree_control")).split())
+        missing = sorted(offered - enabled)
+        if not missing:
+            return
+        try:
+            write_file(
+                os.path.join(level, "cgroup.subtree_control"), " ".join(f"+{c}" for c in missing)
+            )
+        except OSError as err:
+            # e.g. EBUSY: a group holding processes cannot delegate (no internal
+            # processes rule); resources needing the controller then fail by name.
+            log.warning("cgroup %s: could not enable %s: %s", level, missing, err)
+
+    def controllers(self) -> frozenset[str]:
+        try:
+            return frozenset(read_file(self._file("cgroup.controllers")).split())
+        except FileNotFoundError:
+            return frozenset()
+
+    def apply(self, resources: dict) -> None:
+        try:
+            writes = plan(
+                resources,
+                available=self.controllers(),
+                swap_available=os.path.exists(self._file("memory.swap.max")),
+                bfq=os.path.exists(self._file("io.bfq.weight")),
+            )
+            for write in writes:
+                perform(write, self.directory)
+        except BaseException:
+            if self._created and not self.procs_recursive():
+                self.destroy()
+                self._created.clear()
+            raise
+
+    def add_pid(self, pid: int) -> None:
+        try:
+            write_file(self._file("cgroup.procs"), str(pid))
+        except ProcessLookupError:
+            raise NotFound(f"process {pid} does not exist") from None
+
+    def pids(self) -> list[int]:
+        return read_pids(self._file("cgroup.procs"))
+
+    def freeze(self) -> None:
+        self._set_frozen(True)
+
+    def thaw(self) -> None:
+        self._set_frozen(False)
+
+    def _set_frozen(self, frozen: bool) -> None:
+        try:
+            write_file(self._file("cgroup.freeze"), "1" if frozen else "0")
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"cgroup {self.directory}: no cgroup.freeze (kernel older than 5.2 or group gone)"
+            ) from None
+        deadline = time.monotonic() + FREEZE_TIMEOUT_S
+        delay = 0.0005
+        while self.frozen() != frozen:
+            if time.monotonic() > deadline:
+                if frozen:
+                    write_file(self._file("cgroup.freeze"), "0")
+                raise Unavailable(
+                    f"cgroup {self.directory} did not {'freeze' if frozen else 'thaw'} "
+                    f"within {FREEZE_TIMEOUT_S:.0f}s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def frozen(self) -> bool:
+        return read_keyed(self._file("cgroup.events")).get("frozen", 0) == 1
+
+    def kill_all(self, sig: int) -> None:
+        kill_file = self._file("cgroup.kill")
+        if sig == signal.SIGKILL and os.path.exists(kill_file):
+            # One write kills the whole subtree atomically, forks in flight included.
+            write_file(kill_file, "1")
+            return
+        super().kill_all(sig)
+
+    def oom_kill_count(self) -> int:
+        return read_keyed(self._file("memory.events")).get("oom_kill", 0)
+
+    def oom_watcher(self) -> OomWatcherV2:
+        return OomWatcherV2(self.directory)
+
+    def stats(self) -> dict:
+        stats: dict = {"version": 2}
+        stat = read_keyed(self._file("memory.stat"))
+        events = read_keyed(self._file("memory.events"))
+        if os.path.exists(self._file("memory.current")):
+            stats["memory"] = {
+                "usage": read_int(self._file("memory.current")),
+                "limit": read_int(self._file("memory.max"), max_value=UNLIMITED),
+                "max_usage": read_int(self._file("memory.peak")),
+                # v2 has no failcnt; hitting memory.max is the nearest count
+                "failcnt": events.get("max", 0),
+                "cache": stat.get("file", 0),
+                "rss": stat.get("anon", 0),
+                "swap_usage": read_int(self._file("memory.swap.current")),
+                "swap": {
+                    "usage": read_int(self._file("memory.swap.current")),
+                    "limit": read_int(self._file("memory.swap.max"), max_value=UNLIMITED),
+                },
+                "stat": stat,
+            }
+            stats["memory_events"] = {
+                key: events.get(key, 0) for key in ("low", "high", "max", "oom", "oom_kill")
+            }
+            stats["oom_kill"] = events.get("oom_kill", 0)
+        if os.path.exists(self._file("pids.current")):
+            stats["pids"] = {
+                "current": read_int(self._file("pids.current")),
+                "limit": read_int(self._file("pids.max"), max_value=0),
+            }
+        cpu_stat = read_keyed(self._file("cpu.stat"))
+        stats["cpu"] = {
+            "usage_ns": cpu_stat.get("usage_usec", 0) * 1000,
+            "user_ns": cpu_stat.get("user_usec", 0) * 1000,
+            "system_ns": cpu_stat.get("system_usec", 0) * 1000,
+            "periods": cpu_stat.get("nr_periods", 0),
+            "throttled_periods": cpu_stat.get("nr_throttled", 0),
+            "throttled_ns": cpu_stat.get("throttled_usec", 0) * 1000,
+        }
+        stats["io"] = _io_stat(self._file("io.stat"))
+        return stats
+
+
+def _io_stat(path: str) -> list[dict]:
+    """io.stat lines ("8:0 rbytes=1 wbytes=2 rios=3 wios=4 ...") as containerd's IOEntry."""
+    entries = []
+    try:
+        text = read_file(path)
+    except FileNotFoundError:
+        return entries
+    for line in text.splitlines():
+        device, *pairs = line.split()
+        major, _, minor = device.partition(":")
+        entry = {"major": int(major), "minor": int(minor)}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key in ("rbytes", "wbytes", "rios", "wios") and value.isdigit():
+                entry[key] = int(value)
+        entries.append(entry)
+    return entries

@@ -1,0 +1,381 @@
+"""Path resolution and OCI resources -> cgroup file writes, without touching the kernel."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runtime import cgroups
+from runtime.cgroups import v1, v2
+from runtime.cgroups.common import Write
+from runtime.errors import FailedPrecondition, InvalidArgument
+
+# This machine's hybrid layout: v1 controllers, plus a cgroup2 mount holding only hugetlb.
+HYBRID_MOUNTINFO = """\
+31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+34 31 0:31 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset,clone_children
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+36 31 0:33 / /sys/fs/cgroup/devices rw,relatime - cgroup cgroup rw,devices
+37 31 0:34 / /sys/fs/cgroup/freezer rw,relatime - cgroup cgroup rw,freezer
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+50 23 0:40 / /proc rw - proc proc rw
+"""
+
+PURE_V2_MOUNTINFO = """\
+25 1 0:22 / / rw - 9p host0 ro
+30 25 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+OWN_CGROUPS = """\
+9:name=systemd:/
+4:memory:/process_api/abc
+1:cpu,cpuacct:/
+0::/
+"""
+
+
+def test_parse_mountinfo_finds_v1_hierarchies_and_their_controllers():
+    mounts = cgroups.parse_mountinfo(HYBRID_MOUNTINFO)
+    by_point = {m.mount_point: m for m in mounts}
+    assert by_point["/sys/fs/cgroup/cpu,cpuacct"].controllers == {"cpu", "cpuacct"}
+    assert by_point["/sys/fs/cgroup/cpuset"].controllers == {"cpuset"}  # clone_children dropped
+    assert by_point["/sys/fs/cgroup/unified"].version == 2
+    assert "/sys/fs/cgroup" not in by_point  # the tmpfs is not a cgroup mount
+    assert "/proc" not in by_point
+
+
+def test_parse_mountinfo_unescapes_mount_points():
+    text = "40 31 0:37 / /mnt/my\\040cg rw - cgroup cgroup rw,pids\n"
+    assert cgroups.parse_mountinfo(text)[0].mount_point == "/mnt/my cg"
+
+
+def test_hybrid_host_is_v1_and_pure_v2_is_v2():
+    assert cgroups.detect_version(cgroups.parse_mountinfo(HYBRID_MOUNTINFO)) == 1
+    assert cgroups.detect_version(cgroups.parse_mountinfo(PURE_V2_MOUNTINFO)) == 2
+
+
+def test_no_cgroup_mount_is_a_failed_precondition():
+    with pytest.raises(FailedPrecondition, match="no cgroup filesystem"):
+        cgroups.detect_version(cgroups.parse_mountinfo("50 23 0:40 / /proc rw - proc proc rw\n"))
+
+
+def test_parse_proc_cgroup_splits_co_mounted_controllers():
+    own = cgroups.parse_proc_cgroup(OWN_CGROUPS)
+    assert own["cpu"] == own["cpuacct"] == "/"
+    assert own["memory"] == "/process_api/abc"
+    assert own["unified"] == "/"
+
+
+@pytest.mark.parametrize(
+    ("given_path", "expected"),
+    [
+        (None, ("/zviz/c1", False)),
+        ("", ("/zviz/c1", False)),
+        ("/k8s.io/abc", ("/k8s.io/abc", False)),
+        ("/a//b/./c/", ("/a/b/c", False)),
+        ("mine/c1", ("/mine/c1", True)),
+    ],
+)
+def test_container_path(given_path, expected):
+    assert cgroups.container_path(given_path, "c1") == expected
+
+
+@pytest.mark.parametrize(
+    ("given_path", "message"),
+    [
+        ("system.slice:zviz:c1", "systemd cgroup driver is not supported"),
+        ("/a/../../etc", "must not contain '..'"),
+        ("..", "must not contain '..'"),
+        ("/", "names the hierarchy root"),
+        (".", "names the hierarchy root"),
+        ("/a\nb", "NUL or newline"),
+    ],
+)
+def test_container_path_refuses(given_path, message):
+    with pytest.raises(InvalidArgument, match=message) as info:
+        cgroups.container_path(given_path, "c1")
+    assert "linux.cgroupsPath" in str(info.value)
+
+
+def test_v1_absolute_path_is_below_every_hierarchy_root():
+    cg = cgroups.cgroup_at("/zviz/c1", False, cgroups.parse_mountinfo(HYBRID_MOUNTINFO), {})
+    assert cg.version == 1
+    assert cg.paths["memory"] == "/sys/fs/cgroup/memory/zviz/c1"
+    assert cg.paths["cpu"] == cg.paths["cpuacct"] == "/sys/fs/cgroup/cpu,cpuacct/zviz/c1"
+    # name=systemd and the hugetlb-only cgroup2 mount are not container controllers
+    assert set(cg.paths) == {"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "pids"}
+
+
+def test_v1_relative_path_is_below_the_callers_cgroup_in_each_hierarchy():
+    own = cgroups.parse_proc_cgroup(OWN_CGROUPS)
+    cg = cgroups.cgroup_at("/sub/c1", True, cgroups.parse_mountinfo(HYBRID_MOUNTINFO), own)
+    assert cg.paths["memory"] == "/sys/fs/cgroup/memory/process_api/abc/sub/c1"
+    assert cg.paths["pids"] == "/sys/fs/cgroup/pids/sub/c1"
+
+
+def test_relative_path_inside_a_cgroup_namespace_mount():
+    # A mount whose root is the caller's own group (as inside a container).
+    text = "35 31 0:32 /process_api/abc /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    own = {"memory": "/process_api/abc"}
+    cg = cgroups.cgroup_at("/c1", True, cgroups.parse_mountinfo(text), own)
+    assert cg.paths["memory"] == "/sys/fs/cgroup/memory/c1"
+
+
+def test_v2_paths():
+    mounts = cgroups.parse_mountinfo(PURE_V2_MOUNTINFO)
+    cg = cgroups.cgroup_at("/zviz/c1", False, mounts, {})
+    assert cg.version == 2
+    assert cg.paths == {"unified": "/sys/fs/cgroup/zviz/c1"}
+    cg = cgroups.cgroup_at("/c1", True, mounts, {"unified": "/user.slice/me"})
+    assert cg.paths == {"unified": "/sys/fs/cgroup/user.slice/me/c1"}
+
+
+def test_load_picks_the_version_from_the_persisted_paths():
+    assert cgroups.load({"unified": "/sys/fs/cgroup/zviz/c1"}).version == 2
+    loaded = cgroups.load({"memory": "/sys/fs/cgroup/memory/zviz/c1"})
+    assert loaded.version == 1 and loaded.paths == {"memory": "/sys/fs/cgroup/memory/zviz/c1"}
+    with pytest.raises(InvalidArgument, match="absolute"):
+        cgroups.load({"memory": "relative/dir"})
+
+
+# --- v1 translation -------------------------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def files(writes: list[Write]) -> list[tuple[str, str]]:
+    return [(w.file, w.value) for w in writes]
+
+
+def test_v1_memory_limit_and_swap_lowering_writes_the_limit_first():
+    writes = v1.plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, current_memory_limit=2**62)
+    assert files(writes) == [
+        ("memory.limit_in_bytes", str(64 * MiB)),
+        ("memory.memsw.limit_in_bytes", str(128 * MiB)),
+    ]
+
+
+def test_v1_memory_limit_and_swap_raising_writes_memsw_first():
+    writes = v1.plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, current_memory_limit=MiB)
+    assert [w.file for w in writes] == ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]
+
+
+def test_v1_unlimited_memory_means_unlimited_swap_when_memsw_exists():
+    assert files(v1.plan({"memory": {"limit": -1}})) == [
+        ("memory.memsw.limit_in_bytes", "-1"),
+        ("memory.limit_in_bytes", "-1"),
+    ]
+    assert files(v1.plan({"memory": {"limit": -1}}, memsw_available=False)) == [
+        ("memory.limit_in_bytes", "-1")
+    ]
+
+
+def test_v1_swap_below_limit_is_refused_before_the_kernel_sees_it():
+    with pytest.raises(InvalidArgument, match=r"memory\.swap: .* below memory.limit"):
+        v1.plan({"memory": {"limit": 64 * MiB, "swap": 32 * MiB}})
+
+
+def test_v1_swap_without_swap_accounting_is_refused():
+    with pytest.raises(InvalidArgument, match="no swap accounting"):
+        v1.plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, memsw_available=False)
+
+
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        ({"memory": {"limit": -5}}, "memory.limit"),
+        ({"memory": {"reservation": -2}}, "memory.reservation"),
+        ({"memory": {"swappiness": 101}}, "memory.swappiness"),
+        ({"memory": {"limit": True}}, "memory.limit"),
+        ({"devices": [{"allow": True, "type": "x"}]}, "devices[0].type"),
+        ({"devices": [{"allow": True, "type": "c", "major": -3}]}, "devices[0].major"),
+        ({"devices": [{"allow": True, "access": "rwx"}]}, "devices[0].access"),
+        ({"devices": [{"type": "c"}]}, "devices[0].allow"),
+        ({"unified": {"memory.high": "1"}}, "unified"),
+    ],
+)
+def test_v1_impossible_values_name_the_field(resources, field):
+    with pytest.raises(InvalidArgument) as info:
+        v1.plan(resources)
+    assert f"linux.resources.{field}" in str(info.value)
+
+
+def test_v1_other_memory_settings():
+    writes = v1.plan(
+        {"memory": {"reservation": 16 * MiB, "swappiness": 0, "disableOOMKiller": True}}
+    )
+    assert files(writes) == [
+        ("memory.soft_limit_in_bytes", str(16 * MiB)),
+        ("memory.swappiness", "0"),
+        ("memory.oom_control", "1"),
+    ]
+
+
+def test_v1_pids_cpu_cpuset():
+    writes = v1.plan(
+        {
+            "pids": {"limit": 32},
+            "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"},
+        }
+    )
+    assert files(writes) == [
+        ("pids.max", "32"),
+        ("cpu.shares", "512"),
+        ("cpu.cfs_period_us", "100000"),
+        ("cpu.cfs_quota_us", "50000"),
+        ("cpuset.cpus", "0"),
+        ("cpuset.mems", "0"),
+    ]
+    assert files(v1.plan({"pids": {"limit": -1}})) == [("pids.max", "max")]
+    assert v1.plan({"pids": {"limit": 0}}) == []
+
+
+def test_v1_devices_start_from_deny_all_and_end_with_the_basic_nodes():
+    writes = v1.plan(
+        {
+            "devices": [
+                {"allow": False, "access": "rwm"},
+                {"allow": True, "type": "c", "major": 10, "minor": 200, "access": "rw"},
+                {"allow": False, "type": "b", "major": 8},
+            ]
+        }
+    )
+    assert files(writes)[:4] == [
+        ("devices.deny", "a"),
+        ("devices.deny", "a"),
+        ("devices.allow", "c 10:200 rw"),
+        ("devices.deny", "b 8:* rwm"),
+    ]
+    assert files(writes)[4:] == [("devices.allow", rule) for rule in v1.DEFAULT_ALLOWED_DEVICES]
+    assert writes[2].field == "devices[1]"
+
+
+def test_v1_controller_missing_from_host():
+    with pytest.raises(InvalidArgument, match="pids cgroup controller is not mounted"):
+        v1.plan({"pids": {"limit": 5}}, available=frozenset({"memory"}))
+    # per-host optional features are skipped, not fatal
+    assert (
+        v1.plan({"hugepageLimits": [{"pageSize": "2MB", "limit": 0}]}, available=frozenset()) == []
+    )
+
+
+def test_v1_blkio_and_hugetlb():
+    writes = v1.plan(
+        {
+            "blockIO": {
+                "weight": 500,
+                "throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1000}],
+            },
+            "hugepageLimits": [{"pageSize": "2MB", "limit": 4 * MiB}],
+        }
+    )
+    assert files(writes) == [
+        ("blkio.weight", "500"),
+        ("blkio.throttle.read_bps_device", "8:0 1000"),
+        ("hugetlb.2MB.limit_in_bytes", str(4 * MiB)),
+    ]
+
+
+def test_empty_resources_write_nothing():
+    assert v1.plan({}) == [] and v1.plan(None) == []
+    assert v2.plan({}) == [] and v2.plan(None) == []
+
+
+# --- v2 translation -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shares", "weight"), [(2, 1), (1024, 39), (262144, 10000), (0, 0), (512, 20)]
+)
+def test_shares_to_weight_matches_runc(shares, weight):
+    assert v2.shares_to_weight(shares) == weight
+
+
+@given(st.integers(min_value=2, max_value=262143))
+def test_shares_to_weight_is_monotonic_and_in_range(shares):
+    low, high = v2.shares_to_weight(shares), v2.shares_to_weight(shares + 1)
+    assert 1 <= low <= high <= 10000
+
+
+def test_v2_memory():
+    writes = v2.plan({"memory": {"limit": 64 * MiB, "swap": 96 * MiB, "reservation": MiB}})
+    assert files(writes) == [
+        ("memory.max", str(64 * MiB)),
+        ("memory.swap.max", str(32 * MiB)),  # memory+swap minus memory
+        ("memory.low", str(MiB)),
+    ]
+    assert files(v2.plan({"memory": {"limit": -1}})) == [
+        ("memory.max", "max"),
+        ("memory.swap.max", "max"),
+    ]
+    assert files(v2.plan({"memory": {"limit": 64 * MiB, "swap": -1}})) == [
+        ("memory.max", str(64 * MiB)),
+        ("memory.swap.max", "max"),
+    ]
+
+
+def test_v2_swap_needs_a_memory_limit():
+    with pytest.raises(InvalidArgument, match="swap limit needs a memory limit"):
+        v2.plan({"memory": {"swap": 96 * MiB}})
+    with pytest.raises(InvalidArgument, match="below memory.limit"):
+        v2.plan({"memory": {"limit": 64 * MiB, "swap": 32 * MiB}})
+
+
+@pytest.mark.parametrize(
+    ("cpu", "value"),
+    [
+        ({"quota": 50000, "period": 100000}, "50000 100000"),
+        ({"quota": 50000}, "50000"),
+        ({"quota": -1, "period": 100000}, "max 100000"),
+        ({"period": 20000}, "max 20000"),
+    ],
+)
+def test_v2_cpu_max(cpu, value):
+    assert files(v2.plan({"cpu": cpu})) == [("cpu.max", value)]
+
+
+def test_v2_cpu_weight_pids_cpuset():
+    writes = v2.plan({"cpu": {"shares": 1024, "cpus": "0-1"}, "pids": {"limit": 10}})
+    assert files(writes) == [("pids.max", "10"), ("cpu.weight", "39"), ("cpuset.cpus", "0-1")]
+
+
+def test_v2_real_time_is_refused():
+    with pytest.raises(InvalidArgument, match=r"cpu\.realtimeRuntime"):
+        v2.plan({"cpu": {"realtimeRuntime": 1000}})
+
+
+def test_v2_controller_not_delegated_names_the_field():
+    with pytest.raises(InvalidArgument, match=r"cpu\.cpus: the cpuset controller"):
+        v2.plan({"cpu": {"cpus": "0"}}, available=frozenset({"memory", "pids", "cpu"}))
+
+
+def test_v2_devices_are_validated_but_not_written():
+    assert v2.plan({"devices": [{"allow": False, "access": "rwm"}]}) == []
+    with pytest.raises(InvalidArgument, match=r"devices\[0\]\.type"):
+        v2.plan({"devices": [{"allow": True, "type": "z"}]})
+
+
+def test_v2_unified():
+    writes = v2.plan({"unified": {"memory.high": "50000000", "pids.max": "7"}})
+    assert files(writes) == [("memory.high", "50000000"), ("pids.max", "7")]
+    assert writes[0].field == "unified.memory.high"
+    for key in ("cgroup.procs", "../x.max", "memory", "cgroup.subtree_control"):
+        with pytest.raises(InvalidArgument, match="linux.resources.unified"):
+            v2.plan({"unified": {key: "1"}})
+    with pytest.raises(InvalidArgument, match="io controller"):
+        v2.plan({"unified": {"io.max": "8:0 rbps=1"}}, available=frozenset({"memory"}))
+
+
+def test_v2_io():
+    writes = v2.plan(
+        {
+            "blockIO": {
+                "weight": 1000,
+                "throttleWriteIOPSDevice": [{"major": 8, "minor": 16, "rate": 100}],
+            }
+        }
+    )
+    assert files(writes) == [("io.weight", "10000"), ("io.max", "8:16 wiops=100")]
+    assert files(v2.plan({"blockIO": {"weight": 300}}, bfq=True)) == [("io.bfq.weight", "300")]
