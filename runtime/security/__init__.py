@@ -1,0 +1,329 @@
+"""The security layers of a zviz container, and the hooks the runtime core calls.
+
+    profile = resolve_profile(name_or_None, spec.annotations)   # create, first
+    harden_spec(spec, profile)                                    # create, after load_spec
+    channel = notify_channel(profile, verbose)                    # create, before forking
+    plan = prepare(spec, profile, verbose)                        # PID 1, after pivot_root
+    apply(plan, channel.container_fd if channel else None)        # PID 1, right before execve
+    broker_pid = start_broker(channel, init_pid, profile, ...)    # supervisor, after the fork
+
+Order in apply(): capabilities -> no_new_privs -> Landlock -> seccomp (last, so the
+setup syscalls are not filtered). After apply() returns, PID 1 must call execve and
+nothing else: the filter is live.
+
+The seccomp listener (for the broker) never travels over sendmsg: the profile
+filter may send sendmsg to the broker itself, which would deadlock before the broker
+has the fd. PID 1 writes the listener's fd *number* on the channel (write(2) is
+always allowed), the broker takes the fd with pidfd_getfd(2) and answers "ok"
+(read(2)), and PID 1 closes its copy before execve, so the workload never holds
+the listener.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from runtime.errors import InvalidArgument, SecurityLayerError
+from runtime.security.profiles import ANNOTATION, DEFAULT_PROFILE, Profile, load_profile
+
+__all__ = [
+    "Plan",
+    "Profile",
+    "apply",
+    "harden_spec",
+    "notify_channel",
+    "prepare",
+    "resolve_profile",
+    "start_broker",
+]
+
+
+def _warn(message: str) -> None:
+    try:
+        os.write(2, f"zviz: security: {message}\n".encode())
+    except OSError:
+        pass
+
+
+def resolve_profile(name: str | None, annotations: dict | None = None) -> Profile:
+    """--profile, else the annotation io.zviz.profile, else ci-runner; unknown -> InvalidArgument."""
+    if name is None and annotations:
+        name = annotations.get(ANNOTATION)
+        if name is not None and not isinstance(name, str):
+            raise InvalidArgument(f"config.json: annotations.{ANNOTATION}: must be a string")
+    if name is None:
+        name = DEFAULT_PROFILE
+    if name == "":
+        raise InvalidArgument("profile: empty profile name")
+    return load_profile(name)
+
+
+def harden_spec(spec, profile: Profile) -> list[str]:
+    """Make `spec` obey `profile` (a ceiling); returns what was changed, one line each.
+
+    Runs in the parent before anything is created. Also compiles (or fetches from the
+    cache) the seccomp programs so PID 1 only loads bytes.
+    """
+    from runtime.security import capabilities as caps
+    from runtime.security import seccomp
+    from runtime.spec import IdMapping, Memory, Namespace, Pids, Resources
+
+    changes: list[str] = []
+    linux_cfg = spec.linux
+
+    # User namespace: container root maps to an unprivileged host range.
+    if profile.user_namespace:
+        userns = linux_cfg.namespace("user")
+        if userns is None:
+            linux_cfg.namespaces.insert(0, Namespace("user"))
+            changes.append("user namespace added")
+        if (userns is None or userns.path is None) and not linux_cfg.uid_mappings:
+            linux_cfg.uid_mappings = [IdMapping(0, profile.host_uid, profile.id_count)]
+            linux_cfg.gid_mappings = [IdMapping(0, profile.host_gid, profile.id_count)]
+            changes.append(
+                f"container ids 0-{profile.id_count - 1} mapped to host uid {profile.host_uid}, "
+                f"gid {profile.host_gid}"
+            )
+        elif not linux_cfg.gid_mappings and linux_cfg.uid_mappings:
+            linux_cfg.gid_mappings = [IdMapping(0, profile.host_gid, profile.id_count)]
+    if not profile.allow_host_root_mapping:
+        for kind, maps in (("uid", linux_cfg.uid_mappings), ("gid", linux_cfg.gid_mappings)):
+            for i, m in enumerate(maps):
+                if m.host_id <= 0 < m.host_id + m.size or m.host_id == 0:
+                    raise InvalidArgument(
+                        f"config.json: linux.{kind}Mappings[{i}]: maps host {kind} 0 into the "
+                        f"container; profile {profile.name} allows only unprivileged host ids"
+                    )
+
+    # Network: "none" is a fresh namespace with only loopback, whatever config.json says.
+    netns = linux_cfg.namespace("network")
+    if profile.network == "none":
+        if netns is None:
+            linux_cfg.namespaces.append(Namespace("network"))
+            changes.append("network namespace added (profile has no network)")
+        elif netns.path is not None:
+            changes.append(f"network namespace {netns.path} replaced by a fresh one (no network)")
+            _warn(f"profile {profile.name} has no network: not joining {netns.path}")
+            netns.path = None
+    elif netns is None:
+        linux_cfg.namespaces.append(Namespace("network"))
+        changes.append("network namespace added (host network is never shared)")
+
+    # Capabilities: the profile is a ceiling.
+    if spec.process is not None:
+        granted, cut = caps.ceiling(spec.process.capabilities, profile.capabilities)
+        spec.process.capabilities = granted
+        if cut:
+            changes.append(f"capabilities beyond profile {profile.name} dropped: {', '.join(cut)}")
+        spec.process.no_new_privileges = True
+
+    # Resources: defaults and ceilings.
+    if profile.pids_max is not None or profile.memory_max is not None:
+        if linux_cfg.resources is None:
+            linux_cfg.resources = Resources()
+        res = linux_cfg.resources
+    if profile.pids_max is not None:
+        if res.pids is None:
+            res.pids = Pids()
+        if res.pids.limit is None or res.pids.limit <= 0 or res.pids.limit > profile.pids_max:
+            changes.append(f"pids limit {res.pids.limit} -> {profile.pids_max}")
+            res.pids.limit = profile.pids_max
+    if profile.memory_max is not None:
+        if res.memory is None:
+            res.memory = Memory()
+        limit = res.memory.limit
+        if limit is None or limit <= 0 or limit > profile.memory_max:
+            changes.append(f"memory limit {limit} -> {profile.memory_max}")
+            res.memory.limit = profile.memory_max
+            if res.memory.reservation and res.memory.reservation > profile.memory_max:
+                res.memory.reservation = profile.memory_max
+
+    # Compile now (parent, cache on the host): PID 1 cannot see the cache after pivot_root.
+    profile.programs["profile"] = seccomp.profile_program(profile, verbose=False)
+    profile.programs["profile-verbose"] = seccomp.profile_program(profile, verbose=True)
+    if linux_cfg.seccomp:
+        profile.programs["oci"] = seccomp.oci_program(linux_cfg.seccomp)
+    profile.programs["changes"] = changes
+    return changes
+
+
+@dataclass
+class Plan:
+    """What PID 1 enforces in apply(); built by prepare() while setup syscalls still work."""
+
+    profile_name: str
+    capabilities: object  # runtime.spec.Capabilities
+    cap_last_cap: int
+    landlock: object | None  # landlock.Ruleset, or None when running without Landlock
+    programs: list = field(default_factory=list)  # seccomp.Program, loaded in this order
+    verbose: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
+    """In PID 1 after pivot_root: build every layer, fail closed if one is missing."""
+    from runtime.security import capabilities as caps
+    from runtime.security import landlock, network, seccomp
+    from runtime.spec import Capabilities
+
+    notes: list[str] = []
+    if spec.linux.creates_namespace("network"):
+        try:
+            network.loopback_up()
+        except OSError as e:
+            raise SecurityLayerError(f"network: cannot bring loopback up: {e}") from None
+
+    try:
+        last = caps.last_cap()
+    except (OSError, ValueError) as e:
+        raise SecurityLayerError(f"capabilities: cannot read cap_last_cap: {e}") from None
+    granted = spec.process.capabilities if spec.process else None
+    if granted is None:
+        granted = Capabilities()
+
+    ruleset = None
+    abi = landlock.abi_version()
+    if abi < 1:
+        if profile.landlock_required:
+            raise SecurityLayerError(
+                f"landlock: the kernel has no Landlock and profile {profile.name} requires it"
+            )
+        _warn(f"landlock: not available; profile {profile.name} allows running without it")
+        notes.append("landlock: unavailable, running without it")
+    else:
+        ruleset = _landlock_ruleset(spec, profile, abi)
+
+    programs = []
+    if spec.linux.seccomp:
+        programs.append(profile.programs.get("oci") or seccomp.oci_program(spec.linux.seccomp))
+    key = "profile-verbose" if verbose else "profile"
+    programs.append(profile.programs.get(key) or seccomp.profile_program(profile, verbose))
+    return Plan(profile.name, granted, last, ruleset, programs, verbose, notes)
+
+
+def _writable_mounts(spec) -> list[str]:
+    paths = []
+    for m in spec.mounts:
+        dest = m.destination
+        if dest == "/dev" or dest.startswith(("/proc", "/sys")):
+            continue
+        if "ro" in m.options or "rro" in m.options:
+            continue
+        if m.is_bind or m.type == "tmpfs":
+            paths.append(dest)
+    return paths
+
+
+def _landlock_ruleset(spec, profile: Profile, abi: int):
+    from runtime.security import landlock
+
+    restrict_bind = profile.tcp_bind is not None and profile.network != "none"
+    restrict_connect = profile.tcp_connect is not None and profile.network != "none"
+    try:
+        rs = landlock.Ruleset(abi, restrict_bind, restrict_connect, profile.landlock_scope)
+        rs.allow_path("/", landlock.READ)
+        writable = list(profile.writable)
+        if profile.writable_volumes:
+            writable += _writable_mounts(spec)
+        for path in dict.fromkeys(writable):
+            rs.allow_path(path, landlock.READ | landlock.WRITE)
+        for path in profile.device_ioctl:
+            rs.allow_path(path, landlock.READ | landlock.FS_IOCTL_DEV)
+        for port in profile.tcp_bind or ():
+            rs.allow_port(port, landlock.NET_BIND_TCP)
+        for port in profile.tcp_connect or ():
+            rs.allow_port(port, landlock.NET_CONNECT_TCP)
+    except OSError as e:
+        raise SecurityLayerError(f"landlock: building the ruleset: {e}") from None
+    return rs
+
+
+def apply(plan: Plan, notify_channel: int | None) -> None:
+    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp."""
+    from runtime import linux
+    from runtime.security import capabilities as caps
+    from runtime.security import seccomp
+
+    caps.drop(plan.capabilities, plan.cap_last_cap)
+    try:
+        linux.set_no_new_privs()
+    except OSError as e:
+        raise SecurityLayerError(f"no_new_privs: {e}") from None
+    if plan.landlock is not None:
+        try:
+            plan.landlock.restrict()
+        except OSError as e:
+            raise SecurityLayerError(f"landlock: restrict_self: {e}") from None
+    listener = None
+    for program in plan.programs:
+        fd = seccomp.load(program)
+        if fd is not None:
+            listener = fd
+    # From here on only write, read, close and execve (all allowed by every profile).
+    if listener is not None:
+        if notify_channel is None:
+            os.close(listener)
+            raise SecurityLayerError(
+                "seccomp: the profile needs a broker but no notify channel was given"
+            )
+        os.write(notify_channel, b'{"listener_fd": %d}' % listener)
+        answer = os.read(notify_channel, 16)
+        os.close(listener)
+        if answer != b"ok":
+            raise SecurityLayerError("seccomp: the broker did not take the notify fd")
+    if notify_channel is not None:
+        os.close(notify_channel)
+
+
+@dataclass
+class NotifyChannel:
+    """A SOCK_SEQPACKET pair: PID 1 keeps container_fd, the broker supervisor_fd."""
+
+    supervisor_fd: int
+    container_fd: int
+
+    def close_container_end(self) -> None:
+        if self.container_fd >= 0:
+            os.close(self.container_fd)
+            self.container_fd = -1
+
+    def close_supervisor_end(self) -> None:
+        if self.supervisor_fd >= 0:
+            os.close(self.supervisor_fd)
+            self.supervisor_fd = -1
+
+
+def notify_channel(profile: Profile, verbose: bool = False) -> NotifyChannel | None:
+    """The channel PID 1 hands its seccomp listener over, or None if no broker is needed.
+
+    Call before forking; the child keeps container_fd (pass it to apply) and closes
+    supervisor_fd; the parent closes container_fd and passes the channel to start_broker.
+    """
+    if not profile.needs_broker(verbose):
+        return None
+    import _socket
+
+    a, b = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    container_fd = b.detach()
+    supervisor_fd = a.detach()
+    # PID 1's end must survive the core's fd hygiene until apply(); it is closed there.
+    return NotifyChannel(supervisor_fd, container_fd)
+
+
+def start_broker(
+    channel: NotifyChannel,
+    init_pid: int,
+    profile: Profile,
+    *,
+    verbose: bool = False,
+    container_id: str = "",
+    log_path: str | None = None,
+) -> int:
+    """Fork the container's broker process (detached; it ends when the container does).
+
+    Returns its pid. Works the same for `zviz run`, detached `zviz create` and the shim.
+    """
+    from runtime.security import broker
+
+    return broker.spawn(
+        channel, init_pid, profile, verbose=verbose, container_id=container_id, log_path=log_path
+    )

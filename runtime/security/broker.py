@@ -1,0 +1,555 @@
+"""The broker: the supervisor side of seccomp user notification.
+
+It answers two kinds of notification from a container's filter:
+- mediated calls (connect, bind, sendto with an address, sendmsg, sendmmsg): the
+  broker copies the arguments out of the caller's memory, decides on its own copy
+  against the profile's egress/bind rules, and performs the call itself on the
+  caller's socket (fetched with pidfd_getfd) with the copied arguments. It never
+  answers SECCOMP_USER_NOTIF_FLAG_CONTINUE, so a caller rewriting its memory after
+  the decision changes nothing.
+- denied calls under --verbose: logged as one JSON line each and answered EPERM.
+
+Fail closed: any error while handling a call answers EPERM. If the broker dies, the
+kernel answers every pending and future notified call with ENOSYS; if it stalls, the
+calls wait (killable) and are never allowed.
+
+One broker process per container that needs one (`spawn`), double-forked so it is
+nobody's child to reap; it exits when the last task using the filter has gone.
+The same `Broker` class can run inside a long-lived supervisor on a thread
+(`Broker(listener_fd, ...).serve()`) if one prefers.
+"""
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import select
+import struct
+import threading
+import time
+
+from runtime import linux
+from runtime.security import syscalls
+
+# linux/seccomp.h ioctls on the listener fd.
+NOTIF_RECV = 0xC0502100
+NOTIF_SEND = 0xC0182101
+NOTIF_ID_VALID = 0x40082102
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
+_RESP = struct.Struct("=QqiI")  # id, val, error, flags
+
+AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
+SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS = 1, 1, 2
+# The most bytes the broker copies for one send: a datagram's ceiling, with room.
+MAX_SEND = 4 << 20
+MAX_IOV = 1024
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+OPENAT2 = 437
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.sendmsg.restype = ctypes.c_ssize_t
+_libc.sendto.restype = ctypes.c_ssize_t
+
+
+class Denied(Exception):
+    def __init__(self, reason: str, err: int = errno.EPERM):
+        super().__init__(reason)
+        self.reason = reason
+        self.errno = err
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_void_p),
+        ("namelen", ctypes.c_uint32),
+        ("iov", ctypes.c_void_p),
+        ("iovlen", ctypes.c_size_t),
+        ("control", ctypes.c_void_p),
+        ("controllen", ctypes.c_size_t),
+        ("flags", ctypes.c_int),
+    ]
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+class Notification:
+    __slots__ = ("id", "pid", "nr", "arch", "args")
+
+    def __init__(self, raw: bytes):
+        fields = _NOTIF.unpack(raw)
+        self.id, self.pid, _, self.nr, self.arch, _ = fields[:6]
+        self.args = fields[6:]
+
+
+class Broker:
+    """Serves one listener fd until every task using the filter is gone."""
+
+    def __init__(
+        self,
+        listener_fd: int,
+        profile,
+        *,
+        verbose: bool = False,
+        container_id: str = "",
+        log_fd: int = 2,
+    ):
+        self.fd = listener_fd
+        self.profile = profile
+        self.verbose = verbose
+        self.container_id = container_id
+        self.log_fd = log_fd
+        self.mediated = {syscalls.number(n): n for n in profile.mediate}
+        self._log_lock = threading.Lock()
+
+    # --- the loop ---
+
+    def serve(self) -> None:
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while True:
+            events = poller.poll()
+            if any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in events):
+                if not any(ev & select.POLLIN for _, ev in events):
+                    return  # no task uses the filter any more
+            buf = bytearray(_NOTIF.size)
+            try:
+                fcntl.ioctl(self.fd, NOTIF_RECV, buf)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):
+                    continue  # the caller died (or a signal) before we took it
+                raise
+            note = Notification(bytes(buf))
+            name = self.mediated.get(note.nr)
+            if name is not None:
+                threading.Thread(target=self._mediate, args=(note, name), daemon=True).start()
+            else:
+                self._deny(note, "denied by profile")
+
+    def respond(self, note: Notification, val: int = 0, err: int = 0) -> None:
+        try:
+            fcntl.ioctl(self.fd, NOTIF_SEND, _RESP.pack(note.id, val, -err if err else 0, 0))
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the caller is gone
+                raise
+
+    def _deny(self, note: Notification, reason: str, err: int = errno.EPERM) -> None:
+        self.log(note, reason, err)
+        self.respond(note, err=err)
+
+    def log(self, note: Notification, reason: str, err: int) -> None:
+        if not self.verbose:
+            return
+        record = {
+            "time": round(time.time(), 6),
+            "container": self.container_id,
+            "profile": self.profile.name,
+            "pid": note.pid,
+            "command": _comm(note.pid),
+            "syscall": syscalls.name(note.nr),
+            "nr": note.nr,
+            "args": [f"{a:#x}" for a in note.args],
+            "verdict": errno.errorcode.get(err, str(err)),
+            "reason": reason,
+        }
+        line = (json.dumps(record) + "\n").encode()
+        with self._log_lock:
+            try:
+                os.write(self.log_fd, line)
+            except OSError:
+                pass
+
+    def _valid(self, note: Notification) -> bool:
+        try:
+            fcntl.ioctl(self.fd, NOTIF_ID_VALID, struct.pack("=Q", note.id))
+            return True
+        except OSError:
+            return False
+
+    # --- mediated calls ---
+
+    def _mediate(self, note: Notification, name: str) -> None:
+        try:
+            call = _Call(self, note)
+            try:
+                result = getattr(call, name)()
+            finally:
+                call.close()
+        except Denied as d:
+            self._deny(note, d.reason, d.errno)
+            return
+        except OSError as e:
+            # The call itself failed (e.g. ECONNREFUSED): that is its answer.
+            self.respond(note, err=e.errno or errno.EPERM)
+            return
+        except Exception as e:  # noqa: BLE001 - fail closed on anything unexpected
+            self._deny(note, f"broker error: {type(e).__name__}: {e}")
+            return
+        self.respond(note, val=result)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+class _Call:
+    """One mediated call: reads the caller's memory, decides, performs on its socket."""
+
+    def __init__(self, broker: Broker, note: Notification):
+        self.broker, self.note, self.profile = broker, note, broker.profile
+        self.mem = os.open(f"/proc/{note.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        self.pidfd = linux.pidfd_open(note.pid)
+        self.fds: list[int] = []
+        # The pid may have been reused between the notification and the opens above.
+        if not broker._valid(note):
+            self.close()
+            raise Denied("caller vanished")
+
+    def close(self) -> None:
+        for fd in [self.mem, self.pidfd, *self.fds]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds = []
+        self.mem = self.pidfd = -1
+
+    def read(self, addr: int, size: int) -> bytes:
+        if size == 0:
+            return b""
+        if addr == 0:
+            raise Denied("NULL pointer", errno.EFAULT)
+        try:
+            data = os.pread(self.mem, size, addr)
+        except OSError:
+            raise Denied("bad pointer", errno.EFAULT) from None
+        if len(data) != size:
+            raise Denied("bad pointer", errno.EFAULT)
+        return data
+
+    def write(self, addr: int, data: bytes) -> None:
+        os.pwrite(self.mem, data, addr)
+
+    def their_fd(self, fd: int) -> int:
+        try:
+            ours = linux.pidfd_getfd(self.pidfd, fd)
+        except OSError as e:
+            raise Denied(f"fd {fd}: {e.strerror}", errno.EBADF) from None
+        self.fds.append(ours)
+        return ours
+
+    def sock(self) -> int:
+        return self.their_fd(int(self.note.args[0]) & 0xFFFFFFFF)
+
+    def finish_check(self) -> None:
+        if not self.broker._valid(self.note):
+            raise Denied("caller vanished")
+
+    # Address decisions work on the broker's copy of the sockaddr.
+    def decide(self, addr: bytes, rules: str) -> bytes:
+        if len(addr) < 2:
+            raise Denied("short address", errno.EINVAL)
+        family = struct.unpack_from("=H", addr)[0]
+        if family in (AF_INET, AF_INET6):
+            if family == AF_INET and len(addr) >= 8:
+                port = struct.unpack_from("!H", addr, 2)[0]
+                ip = str(ipaddress.IPv4Address(addr[4:8]))
+            elif family == AF_INET6 and len(addr) >= 24:
+                port = struct.unpack_from("!H", addr, 2)[0]
+                ip = str(ipaddress.IPv6Address(addr[8:24]))
+            else:
+                raise Denied("short address", errno.EINVAL)
+            if rules == "bind":
+                if port != 0 and not self.profile.bind_allows(ip, port):
+                    raise Denied(f"bind {ip} port {port} not allowed by profile")
+            elif not self.profile.egress_allows(ip, port):
+                raise Denied(f"egress to {ip} port {port} not allowed by profile")
+            return addr
+        if family == AF_UNIX:
+            return self._unix_address(addr, rules == "bind")
+        if family == AF_UNSPEC and rules == "connect":
+            return addr  # dissolves a UDP association
+        if family == AF_NETLINK and rules == "bind":
+            return addr  # netlink sockets exist only where the profile grants them
+        raise Denied(f"address family {family} not allowed")
+
+    def _unix_address(self, addr: bytes, creating: bool) -> bytes:
+        path = addr[2:]
+        if not path or path[0] == 0:
+            # Abstract (or autobind): looked up in the socket's own network namespace.
+            return addr
+        path = path.split(b"\0", 1)[0]
+        # A path is resolved inside the container's root, never the broker's.
+        if path.startswith(b"/"):
+            dirfd = os.open(
+                f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+            )
+            resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+            path = path.lstrip(b"/") or b"."
+        else:
+            dirfd = os.open(f"/proc/{self.note.pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+        self.fds.append(dirfd)
+        if creating:
+            parent, _, base = path.rpartition(b"/")
+            if not base or base in (b".", b".."):
+                raise Denied("bad unix socket path", errno.EINVAL)
+            target = self._openat2(dirfd, parent or b".", os.O_PATH | os.O_DIRECTORY, resolve)
+            new_path = b"/proc/self/fd/%d/%s" % (target, base)
+        else:
+            target = self._openat2(dirfd, path, os.O_PATH, resolve)
+            new_path = b"/proc/self/fd/%d" % target
+        if len(new_path) >= 108:
+            raise Denied("unix socket path too long", errno.ENAMETOOLONG)
+        return struct.pack("=H", AF_UNIX) + new_path + b"\0"
+
+    def _openat2(self, dirfd: int, path: bytes, flags: int, resolve: int) -> int:
+        how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+        fd = _libc.syscall(OPENAT2, dirfd, path, ctypes.byref(how), ctypes.sizeof(how))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise Denied(f"unix socket path: {os.strerror(err)}", err)
+        self.fds.append(fd)
+        return fd
+
+    def _as_caller(self):
+        """File system ids of the caller, for calls that create or open socket files."""
+        uid = gid = 0
+        try:
+            with open(f"/proc/{self.note.pid}/status") as f:
+                for line in f:
+                    if line.startswith("Uid:"):
+                        uid = int(line.split()[3])  # fsuid
+                    elif line.startswith("Gid:"):
+                        gid = int(line.split()[3])
+        except OSError:
+            raise Denied("caller vanished") from None
+        return uid, gid
+
+    def _perform(self, fn):
+        """Run fn() with this thread's fsuid/fsgid set to the caller's (per thread in Linux)."""
+        uid, gid = self._as_caller()
+        setfsuid = _libc.setfsuid
+        setfsgid = _libc.setfsgid
+        old_gid = setfsgid(gid)
+        old_uid = setfsuid(uid)
+        try:
+            return fn()
+        finally:
+            setfsuid(old_uid)
+            setfsgid(old_gid)
+
+    def _raw(self, result: int) -> int:
+        if result < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return result
+
+    def connect(self) -> int:
+        _, addr_ptr, addrlen = self.note.args[:3]
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
+        sock = self.sock()
+        self.finish_check()
+        buf = ctypes.create_string_buffer(addr, len(addr))
+        return self._perform(lambda: self._raw(_libc.connect(sock, buf, len(addr))))
+
+    def bind(self) -> int:
+        _, addr_ptr, addrlen = self.note.args[:3]
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "bind")
+        sock = self.sock()
+        self.finish_check()
+        buf = ctypes.create_string_buffer(addr, len(addr))
+        return self._perform(lambda: self._raw(_libc.bind(sock, buf, len(addr))))
+
+    def sendto(self) -> int:
+        _, data_ptr, length, flags, addr_ptr, addrlen = self.note.args
+        if length > MAX_SEND:
+            raise Denied("send too large for the broker", errno.EMSGSIZE)
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
+        data = self.read(data_ptr, length)
+        sock = self.sock()
+        self.finish_check()
+        abuf = ctypes.create_string_buffer(addr, len(addr))
+        flags &= 0xFFFFFFFF
+        return self._perform(
+            lambda: self._raw(_libc.sendto(sock, data, len(data), flags, abuf, len(addr)))
+        )
+
+    def _copy_msghdr(self, ptr: int):
+        raw = _Msghdr.from_buffer_copy(self.read(ptr, ctypes.sizeof(_Msghdr)))
+        keep = []
+        name = b""
+        if raw.name and raw.namelen:
+            name = self.decide(self.read(raw.name, min(raw.namelen, 128)), "connect")
+        if raw.iovlen > MAX_IOV:
+            raise Denied("too many iovecs", errno.EMSGSIZE)
+        iovs = (_Iovec * max(1, raw.iovlen))()
+        if raw.iovlen:
+            theirs = self.read(raw.iov, ctypes.sizeof(_Iovec) * raw.iovlen)
+            total = 0
+            for i in range(raw.iovlen):
+                base, size = struct.unpack_from("=QQ", theirs, 16 * i)
+                total += size
+                if total > MAX_SEND:
+                    raise Denied("send too large for the broker", errno.EMSGSIZE)
+                chunk = ctypes.create_string_buffer(self.read(base, size), max(1, size))
+                keep.append(chunk)
+                iovs[i].base = ctypes.cast(chunk, ctypes.c_void_p)
+                iovs[i].len = size
+        control = b""
+        if raw.control and raw.controllen:
+            control = self._copy_control(self.read(raw.control, min(raw.controllen, 65536)))
+        msg = _Msghdr()
+        if name:
+            nbuf = ctypes.create_string_buffer(name, len(name))
+            keep.append(nbuf)
+            msg.name, msg.namelen = ctypes.cast(nbuf, ctypes.c_void_p), len(name)
+        msg.iov, msg.iovlen = ctypes.cast(iovs, ctypes.c_void_p), raw.iovlen
+        keep.append(iovs)
+        if control:
+            cbuf = ctypes.create_string_buffer(control, len(control))
+            keep.append(cbuf)
+            msg.control, msg.controllen = ctypes.cast(cbuf, ctypes.c_void_p), len(control)
+        return msg, keep
+
+    def _copy_control(self, control: bytes) -> bytes:
+        """Ancillary data with the caller's fds replaced by the broker's copies of them."""
+        out = bytearray()
+        offset = 0
+        while offset + 16 <= len(control):
+            length, level, kind = struct.unpack_from("=Qii", control, offset)
+            if length < 16 or offset + length > len(control):
+                raise Denied("malformed control message", errno.EINVAL)
+            payload = control[offset + 16 : offset + length]
+            if level == SOL_SOCKET and kind == SCM_RIGHTS:
+                fds = struct.unpack(f"={len(payload) // 4}i", payload[: len(payload) // 4 * 4])
+                payload = struct.pack(f"={len(fds)}i", *(self.their_fd(fd) for fd in fds))
+            elif level == SOL_SOCKET and kind == SCM_CREDENTIALS:
+                # Would be checked against the broker's (host root) credentials.
+                raise Denied("SCM_CREDENTIALS through the broker")
+            out += struct.pack("=Qii", 16 + len(payload), level, kind) + payload
+            out += b"\0" * ((-len(out)) % 8)
+            offset += (length + 7) & ~7
+        return bytes(out)
+
+    def sendmsg(self) -> int:
+        _, msg_ptr, flags = self.note.args[:3]
+        msg, keep = self._copy_msghdr(msg_ptr)
+        sock = self.sock()
+        self.finish_check()
+        return self._perform(
+            lambda: self._raw(_libc.sendmsg(sock, ctypes.byref(msg), flags & 0xFFFFFFFF))
+        )
+
+    def sendmmsg(self) -> int:
+        _, vec_ptr, vlen, flags = self.note.args[:4]
+        vlen = min(vlen & 0xFFFFFFFF, MAX_IOV)
+        sock = self.sock()
+        sent = 0
+        entry = ctypes.sizeof(_Msghdr) + 8  # struct mmsghdr: msghdr + unsigned msg_len (padded)
+        for i in range(vlen):
+            ptr = vec_ptr + i * entry
+            try:
+                msg, keep = self._copy_msghdr(ptr)
+                self.finish_check()
+                n = self._perform(
+                    lambda m=msg: self._raw(
+                        _libc.sendmsg(sock, ctypes.byref(m), flags & 0xFFFFFFFF)
+                    )
+                )
+            except (Denied, OSError):
+                if sent == 0:
+                    raise
+                break
+            self.write(ptr + ctypes.sizeof(_Msghdr), struct.pack("=I", n))
+            sent += 1
+        return sent
+
+
+# --- The broker process ---
+
+
+def spawn(channel, init_pid: int, profile, *, verbose=False, container_id="", log_path=None) -> int:
+    """Fork a detached broker for one container; returns its pid."""
+    r, w = os.pipe()
+    log_fd = -1
+    if log_path is not None:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    middle = os.fork()
+    if middle == 0:
+        status = 1
+        try:
+            os.close(r)
+            os.setsid()
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                _run(channel.supervisor_fd, init_pid, profile, verbose, container_id, log_fd)
+                os._exit(0)
+            os.write(w, str(pid).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(w)
+    if log_fd >= 0:
+        os.close(log_fd)
+    os.waitpid(middle, 0)
+    data = os.read(r, 32)
+    os.close(r)
+    channel.close_supervisor_end()
+    if not data:
+        from runtime.errors import SecurityLayerError
+
+        raise SecurityLayerError("broker: could not start the broker process")
+    return int(data)
+
+
+def _run(
+    channel_fd: int, init_pid: int, profile, verbose: bool, container_id: str, log_fd: int
+) -> None:
+    try:
+        # Keep only the channel and the log: the broker must not hold the container's
+        # stdio, the sync socket or anything else of the process that forked it.
+        os.dup2(channel_fd, 3)
+        log = 2
+        if log_fd >= 0:
+            os.dup2(log_fd, 4)
+            log = 4
+        linux.close_range(5 if log == 4 else 4)
+        null = os.open("/dev/null", os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        if null > 2:
+            os.close(null)
+        linux.prctl(
+            linux.PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"zviz-broker"))
+        )
+        message = os.read(3, 256)
+        if not message:
+            return  # the container went away before starting
+        listener_number = json.loads(message)["listener_fd"]
+        pidfd = linux.pidfd_open(init_pid)
+        listener = linux.pidfd_getfd(pidfd, listener_number)
+        os.close(pidfd)
+        os.write(3, b"ok")
+        os.close(3)
+        Broker(listener, profile, verbose=verbose, container_id=container_id, log_fd=log).serve()
+    except Exception as e:  # noqa: BLE001
+        try:
+            os.write(2, f"zviz-broker: {type(e).__name__}: {e}\n".encode())
+        except OSError:
+            pass

@@ -1,0 +1,97 @@
+"""Capabilities: the ceiling a profile grants, and dropping everything else in PID 1.
+
+The number of capabilities comes from the running kernel
+(/proc/sys/kernel/cap_last_cap), never from a constant, so a capability newer
+than this code is dropped too.
+"""
+
+import ctypes
+
+from runtime import linux
+from runtime.errors import SecurityLayerError
+from runtime.spec import CAPABILITY_NUMBERS, CAPABILITY_SETS, Capabilities
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def last_cap(proc: str = "/proc") -> int:
+    with open(f"{proc}/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def ceiling(
+    requested: Capabilities | None, allowed: frozenset[str]
+) -> tuple[Capabilities, list[str]]:
+    """config.json's sets cut down to the profile's ceiling, and the names that were cut."""
+    if requested is None:
+        return Capabilities(), []
+    cut: set[str] = set()
+    result = Capabilities()
+    for name in CAPABILITY_SETS:
+        asked = getattr(requested, name)
+        setattr(result, name, [c for c in asked if c in allowed])
+        cut.update(c for c in asked if c not in allowed)
+    return result, sorted(cut)
+
+
+def mask(names) -> int:
+    value = 0
+    for name in names:
+        value |= 1 << CAPABILITY_NUMBERS[name]
+    return value
+
+
+def _capget() -> tuple[int, int, int]:
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    linux.raw_syscall("capget", ctypes.byref(header), ctypes.byref(data))
+    return tuple(
+        data[0].__getattribute__(f) | data[1].__getattribute__(f) << 32
+        for f in ("effective", "permitted", "inheritable")
+    )
+
+
+def _capset(effective: int, permitted: int, inheritable: int) -> None:
+    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    for i in range(2):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    linux.raw_syscall("capset", ctypes.byref(header), ctypes.byref(data))
+
+
+def drop(caps: Capabilities, cap_last_cap: int) -> None:
+    """Leave exactly `caps` in the five sets of the calling thread; raise if that fails."""
+    keep_bounding = mask(caps.bounding)
+    try:
+        # Raise effective to everything still permitted, so dropping the bounding set
+        # (which needs CAP_SETPCAP) works even if the user was switched with keepcaps.
+        _, permitted, inheritable = _capget()
+        _capset(permitted, permitted, inheritable)
+        for cap in range(cap_last_cap + 1):
+            if not keep_bounding & (1 << cap) and linux.prctl(linux.PR_CAPBSET_READ, cap) == 1:
+                linux.prctl(linux.PR_CAPBSET_DROP, cap)
+        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+        _capset(mask(caps.effective), mask(caps.permitted), mask(caps.inheritable))
+        for name in caps.ambient:
+            linux.prctl(linux.PR_CAP_AMBIENT, 2, CAPABILITY_NUMBERS[name])  # PR_CAP_AMBIENT_RAISE
+    except OSError as e:
+        raise SecurityLayerError(f"capabilities: cannot drop capabilities: {e}") from None
+    effective, permitted, _ = _capget()
+    if effective != mask(caps.effective) or permitted != mask(caps.permitted):
+        raise SecurityLayerError(
+            f"capabilities: still holding effective={effective:#x} permitted={permitted:#x}"
+        )

@@ -1,0 +1,429 @@
+"""Profiles: the security policy of a container, as data (`profiles/*.toml`).
+
+A profile file is read and validated once into a `Profile`; every error names the
+file and the key ("profiles/x.toml: seccomp.allow[3]: unknown syscall 'opne'").
+A profile may `extends` another (a built-in name or a path); in the child, a key
+replaces the parent's value, and for lists `KEY_add` / `KEY_remove` edit the
+parent's list instead of replacing it.
+
+This module is on the create path: it imports only tomllib, hashlib and os.
+"""
+
+import hashlib
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+from runtime.errors import InvalidArgument
+
+PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "profiles")
+DEFAULT_PROFILE = "ci-runner"
+ANNOTATION = "io.zviz.profile"
+
+# Capabilities as named in config.json; index = number (linux/capability.h).
+from runtime.spec import CAPABILITIES  # noqa: E402
+
+NETWORK_MODES = ("none", "namespace")
+DEFAULT_ACTIONS = ("EPERM", "ENOSYS", "kill")
+SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+# Netlink protocols a profile may grant (linux/netlink.h).
+NETLINK_PROTOCOLS = {"NETLINK_ROUTE": 0, "NETLINK_AUDIT": 9, "NETLINK_KOBJECT_UEVENT": 15}
+MEDIATED_SYSCALLS = ("connect", "bind", "sendto", "sendmsg", "sendmmsg")
+
+_SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+@dataclass(frozen=True, slots=True)
+class PortRule:
+    """A network destination (or bind address): a CIDR and a set of ports (empty: any)."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    ports: frozenset[int]
+
+    def matches(self, address: str, port: int) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if ip.version != self.network.version:
+            # An IPv4-mapped IPv6 address is decided as the IPv4 address it carries.
+            mapped = getattr(ip, "ipv4_mapped", None)
+            if mapped is None or self.network.version != 4:
+                return False
+            ip = mapped
+        return ip in self.network and (not self.ports or port in self.ports)
+
+
+@dataclass(slots=True)
+class Profile:
+    name: str
+    source: str  # the file it was read from
+    digest: str  # sha256 of the effective profile (the seccomp cache key uses it)
+    description: str = ""
+    unsafe: bool = False
+    # User namespace: container root is mapped onto host ids [host_id, host_id + id_count).
+    user_namespace: bool = True
+    host_uid: int = 100000
+    host_gid: int = 100000
+    id_count: int = 65536
+    allow_host_root_mapping: bool = False
+    # Capability ceiling: config.json may ask for less, never more.
+    capabilities: frozenset[str] = frozenset()
+    # Resource defaults and ceilings (None: the profile sets none).
+    pids_max: int | None = None
+    memory_max: int | None = None
+    # Landlock.
+    landlock_required: bool = True
+    writable: tuple[str, ...] = ()
+    writable_volumes: bool = True
+    device_ioctl: tuple[str, ...] = ("/dev",)
+    landlock_scope: bool = True
+    # Network.
+    network: str = "none"
+    tcp_bind: tuple[int, ...] | None = None  # Landlock ABI >= 4; None: not restricted
+    tcp_connect: tuple[int, ...] | None = None
+    egress: tuple[PortRule, ...] = ()
+    bind: tuple[PortRule, ...] = ()
+    mediate: tuple[str, ...] = ()
+    # seccomp.
+    default_action: str = "EPERM"
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    socket_families: tuple[str, ...] = ("AF_UNIX",)
+    netlink_protocols: tuple[str, ...] = ()
+    hot: tuple[str, ...] = ()
+    raw: dict = field(default_factory=dict)
+    # Compiled BPF programs, filled by harden_spec in the parent so PID 1 (after
+    # pivot_root, without the host's cache directory) only has to load bytes.
+    programs: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def needs_broker_always(self) -> bool:
+        return bool(self.mediate)
+
+    def needs_broker(self, verbose: bool) -> bool:
+        return bool(self.mediate) or verbose
+
+    def egress_allows(self, address: str, port: int) -> bool:
+        return any(rule.matches(address, port) for rule in self.egress)
+
+    def bind_allows(self, address: str, port: int) -> bool:
+        return any(rule.matches(address, port) for rule in self.bind)
+
+
+def list_profiles() -> list[str]:
+    """Names of the built-in profiles."""
+    return sorted(
+        name[: -len(".toml")]
+        for name in os.listdir(PROFILES_DIR)
+        if name.endswith(".toml") and not name.startswith("_")
+    )
+
+
+def _is_path(name: str) -> bool:
+    return "/" in name or name.endswith(".toml")
+
+
+def profile_path(name: str) -> str:
+    if _is_path(name):
+        path = os.path.abspath(name)
+        if not os.path.isfile(path):
+            raise InvalidArgument(f"profile: no such file {name!r}")
+        return path
+    if not name or not all(c.isalnum() or c in "-_" for c in name):
+        raise InvalidArgument(f"profile: invalid profile name {name!r}")
+    path = os.path.join(PROFILES_DIR, name + ".toml")
+    if not os.path.isfile(path):
+        raise InvalidArgument(
+            f"profile: unknown profile {name!r} (built-in: {', '.join(list_profiles())}; "
+            "or give a path to a .toml file)"
+        )
+    return path
+
+
+def load_profile(name: str) -> Profile:
+    """A built-in profile by name, or a profile file by path; InvalidArgument if unknown or bad."""
+    path = profile_path(name)
+    merged = _load_merged(path, ())
+    return _build(merged, path)
+
+
+def _read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgument(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:
+        raise InvalidArgument(f"{path}: cannot read: {e.strerror}") from None
+
+
+def _load_merged(path: str, seen: tuple[str, ...]) -> dict:
+    if path in seen:
+        raise InvalidArgument(f"{path}: extends itself through {' -> '.join(seen)}")
+    data = _read_toml(path)
+    parent_name = data.get("profile", {}).get("extends")
+    if parent_name is None:
+        return data
+    if not isinstance(parent_name, str):
+        raise InvalidArgument(f"{path}: profile.extends: must be a profile name or path")
+    if _is_path(parent_name) and not os.path.isabs(parent_name):
+        parent_name = os.path.join(os.path.dirname(path), parent_name)
+    parent = _load_merged(profile_path(parent_name), seen + (path,))
+    merged = _merge(parent, data, path)
+    # The child's name never comes from the parent.
+    own_name = data.get("profile", {}).get("name") or os.path.basename(path).removesuffix(".toml")
+    merged.setdefault("profile", {})["name"] = own_name
+    merged["profile"].pop("extends", None)
+    return merged
+
+
+def _merge(base: dict, child: dict, path: str, where: str = "") -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        here = f"{where}{key}"
+        if isinstance(value, dict):
+            out[key] = _merge(
+                base.get(key, {}) if isinstance(base.get(key), dict) else {},
+                value,
+                path,
+                here + ".",
+            )
+            continue
+        for suffix in ("_add", "_remove"):
+            if key.endswith(suffix):
+                target = key[: -len(suffix)]
+                if not isinstance(value, list):
+                    raise InvalidArgument(f"{path}: {here}: must be a list")
+                current = list(out.get(target, child.get(target, [])))
+                if suffix == "_add":
+                    current += [v for v in value if v not in current]
+                else:
+                    current = [v for v in current if v not in value]
+                out[target] = current
+                break
+        else:
+            out[key] = value
+    return out
+
+
+class _Reader:
+    """Typed access to one TOML table, naming the file and key in every error."""
+
+    def __init__(self, path: str, table: dict, prefix: str):
+        self.path, self.table, self.prefix = path, table, prefix
+        self.used: set[str] = set()
+
+    def error(self, key: str, problem: str) -> InvalidArgument:
+        return InvalidArgument(f"{self.path}: {self.prefix}{key}: {problem}")
+
+    def get(self, key: str, kind, default):
+        self.used.add(key)
+        value = self.table.get(key, default)
+        if value is None:
+            return None
+        if kind is int and (type(value) is not int or value < 0):
+            raise self.error(key, f"must be a non-negative integer, got {value!r}")
+        if kind is bool and type(value) is not bool:
+            raise self.error(key, f"must be true or false, got {value!r}")
+        if kind is str and not isinstance(value, str):
+            raise self.error(key, f"must be a string, got {value!r}")
+        if kind is list:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.error(key, "must be a list of strings")
+        return value
+
+    def ports(self, key: str) -> tuple[int, ...] | None:
+        self.used.add(key)
+        value = self.table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(type(p) is int and 0 < p < 65536 for p in value):
+            raise self.error(key, "must be a list of port numbers 1..65535")
+        return tuple(sorted(set(value)))
+
+    def size(self, key: str) -> int | None:
+        self.used.add(key)
+        value = self.table.get(key)
+        if value is None:
+            return None
+        if type(value) is int and value > 0:
+            return value
+        if isinstance(value, str) and value[:-1].isdigit() and value[-1:].upper() in _SIZE_SUFFIXES:
+            return int(value[:-1]) * _SIZE_SUFFIXES[value[-1].upper()]
+        raise self.error(key, f'must be bytes or a size like "512M" or "8G", got {value!r}')
+
+    def port_rules(self, key: str) -> tuple[PortRule, ...]:
+        self.used.add(key)
+        value = self.table.get(key, [])
+        if not isinstance(value, list):
+            raise self.error(key, 'must be a list of tables {cidr = "10.0.0.0/8", ports = [443]}')
+        rules = []
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or "cidr" not in item:
+                raise self.error(f"{key}[{i}]", 'must be a table with a "cidr" key')
+            unknown = set(item) - {"cidr", "ports"}
+            if unknown:
+                raise self.error(f"{key}[{i}]", f"unknown keys {sorted(unknown)}")
+            try:
+                network = ipaddress.ip_network(item["cidr"], strict=False)
+            except (ValueError, TypeError):
+                raise self.error(f"{key}[{i}].cidr", f"not a CIDR: {item['cidr']!r}") from None
+            ports = item.get("ports", [])
+            if not isinstance(ports, list) or not all(
+                type(p) is int and 0 < p < 65536 for p in ports
+            ):
+                raise self.error(f"{key}[{i}].ports", "must be a list of port numbers 1..65535")
+            rules.append(PortRule(network, frozenset(ports)))
+        return tuple(rules)
+
+    def finish(self) -> None:
+        unknown = sorted(
+            k
+            for k in set(self.table) - self.used
+            if not (k.endswith("_add") or k.endswith("_remove"))
+        )
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+_TABLES = (
+    "profile",
+    "user_namespace",
+    "capabilities",
+    "resources",
+    "landlock",
+    "network",
+    "seccomp",
+)
+
+
+def _build(data: dict, path: str) -> Profile:
+    unknown = sorted(set(data) - set(_TABLES))
+    if unknown:
+        raise InvalidArgument(f"{path}: unknown table [{unknown[0]}] (known: {', '.join(_TABLES)})")
+    for table in _TABLES:
+        if not isinstance(data.get(table, {}), dict):
+            raise InvalidArgument(f"{path}: {table}: must be a table")
+    digest = hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
+
+    meta = _Reader(path, data.get("profile", {}), "profile.")
+    name = meta.get("name", str, None) or os.path.basename(path)[: -len(".toml")]
+    p = Profile(name=name, source=path, digest=digest, raw=data)
+    p.description = meta.get("description", str, "")
+    p.unsafe = meta.get("unsafe", bool, False)
+    meta.get("extends", str, None)
+    meta.finish()
+
+    userns = _Reader(path, data.get("user_namespace", {}), "user_namespace.")
+    p.user_namespace = userns.get("required", bool, True)
+    p.host_uid = userns.get("host_uid", int, 100000)
+    p.host_gid = userns.get("host_gid", int, p.host_uid)
+    p.id_count = userns.get("id_count", int, 65536)
+    p.allow_host_root_mapping = userns.get("allow_host_root_mapping", bool, False)
+    userns.finish()
+    if p.user_namespace and (p.host_uid == 0 or p.host_gid == 0) and not p.allow_host_root_mapping:
+        raise InvalidArgument(
+            f"{path}: user_namespace.host_uid: container root must map to an unprivileged host id, not 0"
+        )
+    if p.id_count < 1 or p.host_uid + p.id_count > 1 << 32:
+        raise InvalidArgument(f"{path}: user_namespace.id_count: must be 1..2^32-host_uid")
+
+    caps = _Reader(path, data.get("capabilities", {}), "capabilities.")
+    allowed = caps.get("allow", list, [])
+    for i, cap in enumerate(allowed):
+        if cap not in CAPABILITIES:
+            raise caps.error(f"allow[{i}]", f"unknown capability {cap!r}")
+    p.capabilities = frozenset(allowed)
+    caps.finish()
+
+    res = _Reader(path, data.get("resources", {}), "resources.")
+    p.pids_max = res.get("pids_max", int, None)
+    p.memory_max = res.size("memory_max")
+    res.finish()
+
+    ll = _Reader(path, data.get("landlock", {}), "landlock.")
+    p.landlock_required = ll.get("required", bool, True)
+    p.writable = tuple(ll.get("writable", list, []))
+    p.writable_volumes = ll.get("writable_volumes", bool, True)
+    p.device_ioctl = tuple(ll.get("device_ioctl", list, ["/dev"]))
+    p.landlock_scope = ll.get("scope", bool, True)
+    for key, paths in (("writable", p.writable), ("device_ioctl", p.device_ioctl)):
+        for i, item in enumerate(paths):
+            if not item.startswith("/"):
+                raise ll.error(f"{key}[{i}]", f"must be an absolute path, got {item!r}")
+    ll.finish()
+
+    net = _Reader(path, data.get("network", {}), "network.")
+    p.network = net.get("mode", str, "none")
+    if p.network not in NETWORK_MODES:
+        raise net.error("mode", f"must be one of {', '.join(NETWORK_MODES)}, got {p.network!r}")
+    p.tcp_bind = net.ports("tcp_bind")
+    p.tcp_connect = net.ports("tcp_connect")
+    p.egress = net.port_rules("egress")
+    p.bind = net.port_rules("bind")
+    p.mediate = tuple(net.get("mediate", list, []))
+    for i, call in enumerate(p.mediate):
+        if call not in MEDIATED_SYSCALLS:
+            raise net.error(
+                f"mediate[{i}]",
+                f"{call!r} cannot be mediated (known: {', '.join(MEDIATED_SYSCALLS)})",
+            )
+    net.finish()
+    if p.network == "none" and (p.mediate or p.egress):
+        raise InvalidArgument(
+            f'{path}: network: mode is "none" but egress/mediate are set; use mode = "namespace"'
+        )
+
+    sc = _Reader(path, data.get("seccomp", {}), "seccomp.")
+    p.default_action = sc.get("default_action", str, "EPERM")
+    if p.default_action not in DEFAULT_ACTIONS:
+        raise sc.error(
+            "default_action",
+            f"must be one of {', '.join(DEFAULT_ACTIONS)}, got {p.default_action!r}",
+        )
+    p.allow = tuple(dict.fromkeys(sc.get("allow", list, [])))
+    p.deny = tuple(dict.fromkeys(sc.get("deny", list, [])))
+    p.hot = tuple(sc.get("hot", list, []))
+    p.socket_families = tuple(sc.get("socket_families", list, ["AF_UNIX"]))
+    for i, fam in enumerate(p.socket_families):
+        if fam not in SOCKET_FAMILIES:
+            raise sc.error(
+                f"socket_families[{i}]",
+                f"unknown family {fam!r} (known: {', '.join(SOCKET_FAMILIES)})",
+            )
+    p.netlink_protocols = tuple(sc.get("netlink_protocols", list, []))
+    for i, proto in enumerate(p.netlink_protocols):
+        if proto not in NETLINK_PROTOCOLS:
+            raise sc.error(
+                f"netlink_protocols[{i}]",
+                f"unknown protocol {proto!r} (known: {', '.join(NETLINK_PROTOCOLS)})",
+            )
+    sc.finish()
+    both = sorted(set(p.allow) & set(p.deny))
+    if both:
+        raise sc.error("deny", f"syscalls both allowed and denied: {', '.join(both)}")
+    if "AF_NETLINK" in p.socket_families and not p.netlink_protocols:
+        raise sc.error("netlink_protocols", "AF_NETLINK needs the protocols it grants")
+    if p.network == "none" and set(p.socket_families) & {"AF_INET", "AF_INET6"}:
+        pass  # loopback-only sockets inside a fresh netns are harmless
+    _check_syscall_names(p, path)
+    return p
+
+
+def _check_syscall_names(p: Profile, path: str) -> None:
+    from runtime.security import syscalls
+
+    for key, names in (("allow", p.allow), ("deny", p.deny), ("hot", p.hot)):
+        for i, name in enumerate(names):
+            if not syscalls.known(name):
+                raise InvalidArgument(f"{path}: seccomp.{key}[{i}]: unknown syscall {name!r}")
+
+
+def _flatten(data, prefix=""):
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield (prefix, repr(data))
