@@ -1,0 +1,132 @@
+"""containerd-shim-zviz-v2: the binary containerd runs for the runtime io.containerd.zviz.v2.
+
+    containerd-shim-zviz-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] start
+    containerd-shim-zviz-v2 -namespace NS -address ADDR -id ID -bundle DIR delete
+    containerd-shim-zviz-v2 -namespace NS -address ADDR -id ID -socket ADDR [-debug]   (serve)
+
+`start` runs once per container, so this module imports nothing beyond os and sys:
+each action imports what it needs only after the flags are parsed.
+"""
+
+import os
+import sys
+
+RUNTIME_NAME = "io.containerd.zviz.v2"
+VERSION = "0.1.0"
+
+
+class Flags:
+    """The flags containerd passes, parsed the way Go's `flag` package does."""
+
+    _strings = ("namespace", "id", "socket", "bundle", "address", "publish-binary")
+    _bools = ("debug", "v")
+
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.id = ""
+        self.socket = ""
+        self.bundle = ""
+        self.address = ""
+        self.publish_binary = "containerd"
+        self.debug = False
+        self.v = False
+        self.action = ""
+        self.ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
+
+    def to_args(self) -> list[str]:
+        """The flags back as arguments, for re-executing the binary as the serving daemon."""
+        args = []
+        for name in self._strings:
+            value = getattr(self, name.replace("-", "_"))
+            if value:
+                args += [f"-{name}", value]
+        if self.debug:
+            args.append("-debug")
+        return args
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_flags(argv: list[str]) -> Flags:
+    """Go `flag` semantics: -x or --x, value as next word or after '=', stop at the first non-flag."""
+    flags = Flags()
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--":
+            i += 1
+            break
+        if not word.startswith("-") or word == "-":
+            break
+        name = word.lstrip("-")
+        value = None
+        if "=" in name:
+            name, value = name.split("=", 1)
+        if name in Flags._bools:
+            if value is None:
+                setattr(flags, name, True)
+            elif value.lower() in ("1", "t", "true"):
+                setattr(flags, name, True)
+            elif value.lower() in ("0", "f", "false"):
+                setattr(flags, name, False)
+            else:
+                raise UsageError(f"invalid boolean value {value!r} for flag -{name}")
+        elif name in Flags._strings:
+            if value is None:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+            setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        i += 1
+    rest = argv[i:]
+    flags.action = rest[0] if rest else ""
+    return flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags = parse_flags(argv)
+    except UsageError as e:
+        sys.stderr.write(f"{RUNTIME_NAME}: {e}\n")
+        return 2
+    if flags.v:
+        sys.stdout.write(f"{os.path.basename(sys.argv[0])}:\n  Version:  {VERSION}\n")
+        return 0
+    if not flags.namespace:
+        sys.stderr.write(f"{RUNTIME_NAME}: shim namespace cannot be empty\n")
+        return 1
+    try:
+        if flags.action == "start":
+            from shim.manager import start
+
+            sys.stdout.write(start(flags))
+            sys.stdout.flush()
+            return 0
+        if flags.action == "delete":
+            from shim.manager import delete
+
+            sys.stdout.buffer.write(delete(flags))
+            sys.stdout.flush()
+            return 0
+        if flags.action == "":
+            from shim.daemon import serve
+
+            return serve(flags)
+        raise UsageError(f"unknown action {flags.action!r} (expected start, delete or none)")
+    except Exception as e:  # noqa: BLE001 - containerd shows this text as the failure
+        sys.stderr.write(f"{RUNTIME_NAME}: {flags.action or 'serve'}: {e}\n")
+        if flags.debug:
+            import traceback
+
+            traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The processes of one task as the shim sees them: the init (the container's PID 1) and
+its exec'd processes, each with its stdio, its state and its exit."""
+
+import asyncio
+import contextlib
+import os
+import time
+
+from api.gen.containerd.types.task import task_pb2
+from runtime import linux
+from runtime.errors import FailedPrecondition, NotFound
+from shim.reaper import exit_code
+
+CREATED = task_pb2.CREATED
+RUNNING = task_pb2.RUNNING
+STOPPED = task_pb2.STOPPED
+PAUSED = task_pb2.PAUSED
+
+
+class Process:
+    """One process: its pid once spawned, its exit once reaped."""
+
+    def __init__(self, task, exec_id: str, stdio, spec: dict | None = None) -> None:
+        self.task = task
+        self.exec_id = exec_id
+        self.stdio = stdio
+        self.spec = spec
+        self.pid = 0
+        self.started = False
+        self.exit_status = 0
+        self.wait_status = 0
+        self.exited_at: float | None = None
+        self.exited = asyncio.Event()
+        self._pidfd = -1
+
+    @property
+    def label(self) -> str:
+        return f"{self.task.id}/{self.exec_id}" if self.exec_id else self.task.id
+
+    def status(self) -> int:
+        if self.exited.is_set():
+            return STOPPED
+        if not self.started and self.exec_id:
+            return CREATED
+        if not self.exec_id:
+            if self.task.paused:
+                return PAUSED
+            if not self.started:
+                return CREATED
+        return RUNNING
+
+    def spawned(self, pid: int, reaper) -> None:
+        """Track `pid` (alive, or a zombie we have not reaped yet) until it exits."""
+        self.pid = pid
+        with contextlib.suppress(OSError):
+            # A pidfd pins the process: a signal can never reach a recycled pid.
+            self._pidfd = linux.pidfd_open(pid)
+        reaper.register(pid, self._on_exit)
+
+    def _on_exit(self, wait_status: int) -> None:
+        self.wait_status = wait_status
+        self.exit_status = exit_code(wait_status)
+        self.exited_at = time.time()
+        self._close_pidfd()
+        self.exited.set()
+        self.task.process_exited(self)
+
+    def signal(self, sig: int) -> None:
+        if self.exited.is_set() or self.pid == 0:
+            raise NotFound(f"process {self.label} not found: it has already exited")
+        try:
+            if self._pidfd >= 0:
+                linux.pidfd_send_signal(self._pidfd, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            raise NotFound(f"process {self.label} not found: it has already exited") from None
+
+    def check_deletable(self) -> None:
+        if self.started and not self.exited.is_set():
+            raise FailedPrecondition(
+                f"process {self.label} is still running: kill it before delete"
+            )
+
+    def close(self) -> None:
+        self._close_pidfd()
+        if self.stdio is not None:
+            self.stdio.close()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1

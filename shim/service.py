@@ -1,0 +1,484 @@
+"""The `containerd.task.v2.Task` service: containerd's calls, answered with the runtime core.
+
+Every call runs in the daemon's one loop thread. Runtime-core calls are synchronous and
+short (a fork, a few syscalls); nothing here starts a thread, so forking is safe and
+the reaper never races the core's own waits. Errors are `runtime.errors` kinds; the
+ttrpc server turns them into status codes at the edge.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+
+from google.protobuf import empty_pb2
+
+from api import typeurl
+from api.gen.containerd.events import task_pb2 as events
+from api.gen.containerd.task.v2 import shim_pb2, shim_ttrpc
+from api.gen.containerd.types.task import task_pb2 as task_types
+from runtime import errors
+from runtime.container import Container
+from shim import config as shim_config
+from shim import mounts
+from shim.events import timestamp
+from shim.process import STOPPED, Process
+from shim.stats import metrics_any
+from shim.stdio import Stdio
+
+log = logging.getLogger("shim.service")
+
+SHIM_VERSION = "zviz-shim 0.1.0"
+
+
+class Task:
+    """One container: its init process, its exec'd processes, what was mounted for it."""
+
+    def __init__(self, service: "TaskService", request: shim_pb2.CreateTaskRequest) -> None:
+        self.service = service
+        self.id = request.id
+        self.bundle = request.bundle
+        self.request = request
+        self.container: Container | None = None
+        self.init: Process | None = None
+        self.execs: dict[str, Process] = {}
+        self.paused = False
+        self.rootfs_mounted = False
+        self.oom_watcher = None
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        proc = self.execs.get(exec_id)
+        if proc is None:
+            raise errors.NotFound(f"exec {exec_id!r} of task {self.id} not found")
+        return proc
+
+    def process_exited(self, proc: Process) -> None:
+        if proc is self.init:
+            self.container.record_exit(proc.wait_status)
+            with contextlib.suppress(Exception):
+                # Orphans outside a pid namespace die with their init, as under runc.
+                self.container.kill(signal.SIGKILL, all=True)
+        self.service.publish(
+            "/tasks/exit",
+            events.TaskExit(
+                container_id=self.id,
+                id=proc.exec_id or self.id,
+                pid=proc.pid,
+                exit_status=proc.exit_status,
+                exited_at=timestamp(proc.exited_at),
+            ),
+        )
+
+    def watch_oom(self, loop) -> None:
+        try:
+            self.oom_watcher = self.container.oom_watcher()
+        except Exception as e:  # noqa: BLE001 - a task without OOM events still runs
+            log.warning("no OOM events for %s: %s", self.id, e, extra={"container": self.id})
+            return
+        if self.oom_watcher is None:
+            return
+        loop.add_reader(self.oom_watcher.fileno(), self._oom_readable, loop)
+
+    def _oom_readable(self, loop) -> None:
+        try:
+            count = self.oom_watcher.read()
+        except OSError:
+            count = 0
+            self.stop_oom_watch(loop)
+        if count:
+            self.service.publish("/tasks/oom", events.TaskOOM(container_id=self.id))
+
+    def stop_oom_watch(self, loop) -> None:
+        if self.oom_watcher is not None:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(self.oom_watcher.fileno())
+            with contextlib.suppress(Exception):
+                self.oom_watcher.close()
+            self.oom_watcher = None
+
+    def release(self, loop) -> None:
+        """Free what the shim holds for this task (not the container itself)."""
+        self.stop_oom_watch(loop)
+        for proc in [self.init, *self.execs.values()]:
+            if proc is not None:
+                proc.close()
+        if self.rootfs_mounted:
+            mounts.unmount_all(mounts.rootfs_path(self.bundle))
+            self.rootfs_mounted = False
+
+
+class TaskService(shim_ttrpc.TaskService):
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.namespace = daemon.namespace
+        self.root = daemon.runtime_root
+        self.reaper = daemon.reaper
+        self.tasks: dict[str, Task] = {}
+
+    # ---- helpers -------------------------------------------------------------------
+
+    def publish(self, topic: str, event) -> None:
+        self.daemon.publisher.publish(topic, event)
+
+    def _task(self, task_id: str) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None or task.init is None:
+            raise errors.NotFound(f"task {task_id} not found")
+        return task
+
+    def _profile(self, bundle: str, options) -> str | None:
+        """The io.zviz.profile annotation, else the runtime options' config, else the daemon's."""
+        try:
+            with open(os.path.join(bundle, "config.json")) as f:
+                annotations = json.load(f).get("annotations") or {}
+        except (OSError, ValueError):
+            annotations = {}
+        profile = annotations.get(shim_config.PROFILE_ANNOTATION)
+        if profile:
+            return profile
+        if options is not None and options.type_url:
+            path = shim_config.decode_runtime_options(options.SerializeToString())
+            if path:
+                try:
+                    configured = shim_config.load_config(path).profile
+                except shim_config.ConfigError as e:
+                    raise errors.InvalidArgument(str(e)) from e
+                if configured:
+                    return configured
+        return self.daemon.config.profile
+
+    # ---- task lifecycle ------------------------------------------------------------
+
+    async def Create(self, request, context):
+        if request.id in self.tasks:
+            raise errors.AlreadyExists(f"task {request.id} already exists")
+        if request.checkpoint:
+            raise errors.NotImplementedByZviz("checkpoint/restore is not supported by zviz")
+        task = Task(self, request)
+        self.tasks[request.id] = task  # claims the id while we await below
+        loop = self.daemon.loop
+        try:
+            profile = self._profile(
+                request.bundle, request.options if request.HasField("options") else None
+            )
+            self.daemon.log_sink.add_bundle(request.id, request.bundle)
+            if request.rootfs:
+                mounts.mount_all(request.rootfs, mounts.rootfs_path(request.bundle))
+                task.rootfs_mounted = True
+            stdio = await Stdio.open(
+                request.stdin,
+                request.stdout,
+                request.stderr,
+                terminal=request.terminal,
+                container_id=request.id,
+                namespace=self.namespace,
+                console_dir=self.daemon.console_dir,
+                reaper=self.reaper,
+            )
+            task.init = Process(task, "", stdio)
+            task.container = Container.create(
+                self.root,
+                request.id,
+                request.bundle,
+                profile=profile,
+                stdio=tuple(stdio.child) if not request.terminal else (0, 1, 2),
+                console_socket=stdio.console_socket,
+                detach=True,
+            )
+            if request.terminal:
+                stdio.receive_console()
+            stdio.spawned()
+            pid = _init_pid(task.container)
+            task.init.spawned(pid, self.reaper)
+            task.watch_oom(loop)
+        except BaseException:
+            self.tasks.pop(request.id, None)
+            if task.container is not None:
+                with contextlib.suppress(Exception):
+                    task.container.delete(force=True)
+            task.release(loop)
+            self.daemon.log_sink.remove(request.id)
+            raise
+        self.daemon.task_added(request.id)
+        self.publish(
+            "/tasks/create",
+            events.TaskCreate(
+                container_id=request.id,
+                bundle=request.bundle,
+                rootfs=request.rootfs,
+                io=events.TaskIO(
+                    stdin=request.stdin,
+                    stdout=request.stdout,
+                    stderr=request.stderr,
+                    terminal=request.terminal,
+                ),
+                checkpoint=request.checkpoint,
+                pid=pid,
+            ),
+        )
+        log.info("created task %s (pid %d)", request.id, pid, extra={"container": request.id})
+        return shim_pb2.CreateTaskResponse(pid=pid)
+
+    async def Start(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        if proc.started:
+            raise errors.FailedPrecondition(f"process {proc.label} is already started")
+        if proc.exited.is_set():
+            raise errors.FailedPrecondition(f"process {proc.label} has already exited")
+        if proc is task.init:
+            task.container.start()
+            proc.started = True
+            # Published before this handler yields, so the exit (handled by the loop
+            # later) can never be published ahead of it.
+            self.publish("/tasks/start", events.TaskStart(container_id=task.id, pid=proc.pid))
+            return shim_pb2.StartResponse(pid=proc.pid)
+        if task.init.exited.is_set():
+            raise errors.FailedPrecondition(
+                f"task {task.id} has exited: cannot start exec {proc.exec_id}"
+            )
+        stdio = proc.stdio
+        pid = task.container.exec(
+            proc.spec,
+            stdio=tuple(stdio.child) if not stdio.terminal else (0, 1, 2),
+            console_socket=stdio.console_socket,
+        )
+        if stdio.terminal:
+            stdio.receive_console()
+        stdio.spawned()
+        proc.started = True
+        proc.spawned(pid, self.reaper)
+        self.publish(
+            "/tasks/exec-started",
+            events.TaskExecStarted(container_id=task.id, exec_id=proc.exec_id, pid=pid),
+        )
+        return shim_pb2.StartResponse(pid=pid)
+
+    async def Delete(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        proc.check_deletable()
+        if proc is not task.init:
+            proc.close()
+            del task.execs[proc.exec_id]
+            return _delete_response(proc)
+        for exec_proc in task.execs.values():
+            if exec_proc.started and not exec_proc.exited.is_set():
+                with contextlib.suppress(errors.ZvizError):
+                    exec_proc.signal(signal.SIGKILL)
+        try:
+            task.container.delete(force=True)
+        finally:
+            task.release(self.daemon.loop)
+            self.daemon.log_sink.remove(task.id)
+            del self.tasks[task.id]
+            self.daemon.task_removed(task.id)
+        if not proc.exited.is_set():
+            # Deleted before it ran (or never reaped): report it as killed.
+            proc.exit_status = 128 + signal.SIGKILL
+            proc.exited_at = time.time()
+        self.publish(
+            "/tasks/delete",
+            events.TaskDelete(
+                container_id=task.id,
+                pid=proc.pid,
+                exit_status=proc.exit_status,
+                exited_at=timestamp(proc.exited_at),
+                id=task.id,
+            ),
+        )
+        log.info("deleted task %s", task.id, extra={"container": task.id})
+        return _delete_response(proc)
+
+    async def Exec(self, request, context):
+        task = self._task(request.id)
+        if not request.exec_id:
+            raise errors.InvalidArgument("exec: exec_id is required")
+        if request.exec_id in task.execs:
+            raise errors.AlreadyExists(f"exec {request.exec_id} of task {task.id} already exists")
+        if task.init.exited.is_set():
+            raise errors.FailedPrecondition(f"task {task.id} has exited: cannot exec")
+        try:
+            spec = typeurl.unpack_json(request.spec)
+        except Exception as e:
+            raise errors.InvalidArgument(f"exec {request.exec_id}: spec: {e}") from e
+        if not isinstance(spec, dict) or not spec.get("args"):
+            raise errors.InvalidArgument(f"exec {request.exec_id}: spec: process.args is empty")
+        placeholder = Process(task, request.exec_id, None, spec)
+        task.execs[request.exec_id] = placeholder  # claims the exec id while we await
+        try:
+            placeholder.stdio = await Stdio.open(
+                request.stdin,
+                request.stdout,
+                request.stderr,
+                terminal=request.terminal,
+                container_id=task.id,
+                namespace=self.namespace,
+                console_dir=self.daemon.console_dir,
+                reaper=self.reaper,
+            )
+        except BaseException:
+            task.execs.pop(request.exec_id, None)
+            raise
+        self.publish(
+            "/tasks/exec-added",
+            events.TaskExecAdded(container_id=task.id, exec_id=request.exec_id),
+        )
+        return empty_pb2.Empty()
+
+    # ---- queries -------------------------------------------------------------------
+
+    async def State(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        stdio = proc.stdio
+        response = shim_pb2.StateResponse(
+            id=task.id,
+            bundle=task.bundle,
+            pid=proc.pid,
+            status=proc.status(),
+            stdin=stdio.stdin if stdio else "",
+            stdout=stdio.stdout if stdio else "",
+            stderr=stdio.stderr if stdio else "",
+            terminal=stdio.terminal if stdio else False,
+            exit_status=proc.exit_status,
+            exec_id=proc.exec_id,
+        )
+        if proc.exited_at is not None:
+            response.exited_at.CopyFrom(timestamp(proc.exited_at))
+        return response
+
+    async def Wait(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        await proc.exited.wait()
+        return shim_pb2.WaitResponse(
+            exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at)
+        )
+
+    async def Pids(self, request, context):
+        task = self._task(request.id)
+        by_pid = {p.pid: p.exec_id for p in task.execs.values() if p.pid}
+        processes = []
+        for pid in task.container.pids():
+            info = task_types.ProcessInfo(pid=pid)
+            if pid in by_pid:
+                # containerd shows the exec id of an exec'd process from this detail.
+                info.info.CopyFrom(_process_details(by_pid[pid]))
+            processes.append(info)
+        return shim_pb2.PidsResponse(processes=processes)
+
+    async def Stats(self, request, context):
+        task = self._task(request.id)
+        return shim_pb2.StatsResponse(stats=metrics_any(task.container.stats()))
+
+    async def Connect(self, request, context):
+        task = self.tasks.get(request.id)
+        task_pid = task.init.pid if task is not None and task.init is not None else 0
+        return shim_pb2.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=task_pid, version=SHIM_VERSION
+        )
+
+    # ---- control -------------------------------------------------------------------
+
+    async def Kill(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        if proc is task.init:
+            if proc.exited.is_set() and not request.all:
+                raise errors.NotFound(f"process {proc.label} not found: it has already exited")
+            task.container.kill(request.signal, all=request.all)
+        else:
+            proc.signal(request.signal)
+        return empty_pb2.Empty()
+
+    async def Pause(self, request, context):
+        task = self._task(request.id)
+        task.container.pause()
+        task.paused = True
+        self.publish("/tasks/paused", events.TaskPaused(container_id=task.id))
+        return empty_pb2.Empty()
+
+    async def Resume(self, request, context):
+        task = self._task(request.id)
+        task.container.resume()
+        task.paused = False
+        self.publish("/tasks/resumed", events.TaskResumed(container_id=task.id))
+        return empty_pb2.Empty()
+
+    async def Checkpoint(self, request, context):
+        raise errors.NotImplementedByZviz(
+            "checkpoint is not supported by zviz: it would need CRIU inside the sandbox"
+        )
+
+    async def ResizePty(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        if proc.stdio is None:
+            raise errors.FailedPrecondition(f"process {proc.label} has no stdio yet")
+        proc.stdio.resize(request.width, request.height)
+        return empty_pb2.Empty()
+
+    async def CloseIO(self, request, context):
+        task = self._task(request.id)
+        proc = task.process(request.exec_id)
+        if request.stdin and proc.stdio is not None:
+            proc.stdio.close_stdin()
+        return empty_pb2.Empty()
+
+    async def Update(self, request, context):
+        task = self._task(request.id)
+        if task.init.status() == STOPPED:
+            raise errors.FailedPrecondition(f"task {task.id} has exited: cannot update")
+        try:
+            resources = typeurl.unpack_json(request.resources)
+        except Exception as e:
+            raise errors.InvalidArgument(f"update: resources: {e}") from e
+        task.container.update(resources)
+        return empty_pb2.Empty()
+
+    async def Shutdown(self, request, context):
+        self.daemon.shutdown_requested(now=request.now)
+        return empty_pb2.Empty()
+
+
+def _init_pid(container) -> int:
+    pid = getattr(container, "pid", None)
+    if pid:
+        return int(pid)
+    return int(container.state()["pid"])
+
+
+def _delete_response(proc: Process) -> shim_pb2.DeleteResponse:
+    return shim_pb2.DeleteResponse(
+        pid=proc.pid,
+        exit_status=proc.exit_status,
+        exited_at=timestamp(proc.exited_at),
+    )
+
+
+def _process_details(exec_id: str):
+    """containerd.runc.v1.ProcessDetails{exec_id=1}, encoded by hand (one string field)."""
+    from google.protobuf import any_pb2
+
+    raw = exec_id.encode()
+    return any_pb2.Any(
+        type_url="containerd.runc.v1.ProcessDetails",
+        value=b"\x0a" + _varint(len(raw)) + raw,
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

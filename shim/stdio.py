@@ -1,0 +1,386 @@
+"""A process's stdio, wherever containerd asks for it to go.
+
+containerd names each stream by a string: a fifo path (or `fifo://path`), `file://path`,
+`binary://path?arg=value` (a logger process), or "" for none.
+
+Without a terminal the shim copies nothing: the process gets fds on the fifos or files
+themselves, so output costs the shim no CPU and no memory. The shim keeps one fd of
+its own on each fifo so the process neither gets EPIPE when the reader (ctr) goes
+away nor sees stdin end before containerd says so:
+  - stdout/stderr: the shim holds a read end; the process holds the only write end, so
+    the reader sees EOF exactly when the process (and its children) are done.
+  - stdin: the shim holds a write end; CloseIO drops it, and the process sees EOF once
+    containerd's writer is closed too.
+With a terminal the process's pty master comes back over a console socket and the shim
+copies stdin fifo → master → stdout fifo, in the loop, never blocking it.
+"""
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import termios
+import urllib.parse
+
+from runtime.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger("shim.stdio")
+
+LOGGER_READY_TIMEOUT = 10.0
+PUMP_CHUNK = 65536
+
+
+def parse_uri(value: str) -> tuple[str, str, list[str]]:
+    """(scheme, path, args) of a stdio string; scheme is "", "fifo", "file" or "binary"."""
+    if not value:
+        return "", "", []
+    if "://" not in value:
+        return "fifo", value, []
+    parsed = urllib.parse.urlsplit(value)
+    scheme = parsed.scheme
+    if scheme not in ("fifo", "file", "binary"):
+        raise InvalidArgument(
+            f"stdio {value!r}: unsupported scheme {scheme!r} (fifo, file or binary)"
+        )
+    path = urllib.parse.unquote(parsed.path)
+    if not path:
+        raise InvalidArgument(f"stdio {value!r}: no path")
+    args: list[str] = []
+    for key, val in urllib.parse.parse_qsl(parsed.query, keep_blank_values=True):
+        args.append(key)
+        if val:
+            args.append(val)
+    return scheme, path, args
+
+
+class Pump:
+    """Copy bytes from fd `src` to fd `dst` in the loop; both nonblocking; never blocks.
+
+    Ends at EOF (or EIO: a pty master whose slave side is closed) on `src`, then calls
+    `on_done`. A `dst` whose reader is gone (EPIPE) drops the bytes rather than stop
+    the source, as the process must not stall on an absent reader.
+    """
+
+    def __init__(self, loop, src: int, dst: int, on_done=None) -> None:
+        self.loop = loop
+        self.src = src
+        self.dst = dst
+        self.on_done = on_done
+        self.buffer = b""
+        self.done = False
+        os.set_blocking(src, False)
+        os.set_blocking(dst, False)
+        loop.add_reader(src, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.src, PUMP_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.stop()
+            return
+        self.buffer = data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.buffer:
+            try:
+                written = os.write(self.dst, self.buffer)
+            except BlockingIOError:
+                self.loop.remove_reader(self.src)
+                self.loop.add_writer(self.dst, self._writable)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EPIPE, errno.EIO):
+                    log.warning("stdio copy: write: %s", e)
+                self.buffer = b""
+                return
+            self.buffer = self.buffer[written:]
+
+    def _writable(self) -> None:
+        self.loop.remove_writer(self.dst)
+        self._flush()
+        if not self.buffer and not self.done:
+            self.loop.add_reader(self.src, self._readable)
+
+    def stop(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.loop.remove_reader(self.src)
+        self.loop.remove_writer(self.dst)
+        if self.on_done is not None:
+            self.on_done()
+
+
+class Stdio:
+    """The fds one process gets, and what the shim holds to serve them until Delete."""
+
+    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.terminal = terminal
+        self.child = [-1, -1, -1]  # fds handed to the process, closed once it has them
+        self._kept: list[int] = []  # fds the shim holds for the process's lifetime
+        self._stdin_writer = -1
+        self._console_listener: socket.socket | None = None
+        self.console_socket: str | None = None
+        self.master = -1
+        self._pumps: list[Pump] = []
+        self.logger_pid = 0
+
+    # ---- opening -------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        stdin: str,
+        stdout: str,
+        stderr: str,
+        *,
+        terminal: bool,
+        container_id: str,
+        namespace: str,
+        console_dir: str,
+        reaper=None,
+    ) -> "Stdio":
+        stdio = cls(stdin, stdout, stderr, terminal)
+        try:
+            await stdio._open(container_id, namespace, console_dir, reaper)
+        except BaseException:
+            stdio.close()
+            raise
+        return stdio
+
+    async def _open(self, container_id, namespace, console_dir, reaper) -> None:
+        if self.terminal:
+            self._listen_console(console_dir, container_id)
+            return
+        devnull = None
+
+        def null() -> int:
+            nonlocal devnull
+            if devnull is None:
+                devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            return devnull
+
+        scheme, path, _ = parse_uri(self.stdin)
+        if scheme == "":
+            self.child[0] = null()
+        elif scheme == "fifo":
+            self.child[0] = self._open_stdin_fifo(path)
+        else:
+            raise InvalidArgument(f"stdin {self.stdin!r}: only a fifo can be stdin")
+
+        out_scheme, out_path, out_args = parse_uri(self.stdout)
+        err_scheme, err_path, err_args = parse_uri(self.stderr)
+        if out_scheme == "binary" or err_scheme == "binary":
+            uri = self.stdout if out_scheme == "binary" else self.stderr
+            await self._start_logger(uri, container_id, namespace, reaper)
+            if out_scheme != "binary":
+                self.child[1] = self._open_output(out_scheme, out_path, null)
+            if err_scheme != "binary":
+                self.child[2] = self._open_output(err_scheme, err_path, null)
+            return
+        self.child[1] = self._open_output(out_scheme, out_path, null)
+        if (err_scheme, err_path) == (out_scheme, out_path) and err_scheme == "file":
+            self.child[2] = self.child[1]
+        else:
+            self.child[2] = self._open_output(err_scheme, err_path, null)
+
+    def _open_stdin_fifo(self, path: str) -> int:
+        # Our own write end first: then opening the read end cannot block, and the
+        # process does not see EOF before CloseIO.
+        self._stdin_writer = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _open_output(self, scheme: str, path: str, null) -> int:
+        if scheme == "":
+            return null()
+        if scheme == "fifo":
+            keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._kept.append(keep)
+            # A reader (ours) exists now, so this open cannot block.
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        if scheme == "file":
+            os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        raise InvalidArgument(f"stdio: unsupported scheme {scheme!r}")
+
+    async def _start_logger(self, uri: str, container_id: str, namespace: str, reaper) -> None:
+        """A logger process reads the process's stdout on fd 3 and stderr on fd 4, and closes
+        fd 5 once it is ready (the contract of containerd's runc shim)."""
+        _, path, args = parse_uri(uri)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        self.child[1], self.child[2] = out_w, err_w
+        env = dict(os.environ, CONTAINER_ID=container_id, CONTAINER_NAMESPACE=namespace)
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.logger_pid = os.posix_spawn(
+                path,
+                [path, *args],
+                env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, devnull, 1),
+                    (os.POSIX_SPAWN_DUP2, devnull, 2),
+                    (os.POSIX_SPAWN_DUP2, out_r, 3),
+                    (os.POSIX_SPAWN_DUP2, err_r, 4),
+                    (os.POSIX_SPAWN_DUP2, ready_w, 5),
+                ],
+                setsid=True,
+            )
+        except OSError as e:
+            raise InvalidArgument(
+                f"stdout {uri!r}: cannot start logger {path}: {e.strerror}"
+            ) from e
+        finally:
+            for fd in (devnull, out_r, err_r, ready_w):
+                os.close(fd)
+        if reaper is not None:
+            reaper.register(self.logger_pid, lambda status: None)
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+
+        def readable() -> None:
+            with contextlib.suppress(BlockingIOError):
+                if not os.read(ready_r, 64) and not ready.done():
+                    ready.set_result(None)
+
+        os.set_blocking(ready_r, False)
+        loop.add_reader(ready_r, readable)
+        try:
+            async with asyncio.timeout(LOGGER_READY_TIMEOUT):
+                await ready
+        except TimeoutError:
+            raise Unavailable(
+                f"stdout {uri!r}: logger {path} did not get ready in {LOGGER_READY_TIMEOUT:g}s"
+            ) from None
+        finally:
+            loop.remove_reader(ready_r)
+            os.close(ready_r)
+
+    # ---- terminal ------------------------------------------------------------------
+
+    def _listen_console(self, console_dir: str, container_id: str) -> None:
+        os.makedirs(console_dir, mode=0o700, exist_ok=True)
+        path = os.path.join(console_dir, f"{os.getpid()}-{id(self):x}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            listener.bind(path)
+        finally:
+            os.umask(old)
+        listener.listen(1)
+        self._console_listener = listener
+        self.console_socket = path
+
+    def receive_console(self) -> None:
+        """Take the pty master the process sent to the console socket, and start copying."""
+        listener = self._console_listener
+        if listener is None:
+            return
+        listener.settimeout(5.0)
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            raise Unavailable("terminal: the container never sent its pty master") from None
+        with conn:
+            conn.settimeout(5.0)
+            fds = array.array("i")
+            _, ancdata, _, _ = conn.recvmsg(4096, socket.CMSG_SPACE(fds.itemsize))
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+        if not fds:
+            raise Unavailable("terminal: the console socket carried no pty master")
+        self.master = fds[0]
+        for extra in fds[1:]:
+            os.close(extra)
+        os.set_inheritable(self.master, False)
+        self._close_console_listener()
+        self._start_terminal_copies()
+
+    def _start_terminal_copies(self) -> None:
+        loop = asyncio.get_running_loop()
+        scheme, path, _ = parse_uri(self.stdout)
+        if scheme == "fifo":
+            keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            self._kept.append(keep)
+            out = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        elif scheme == "file":
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        else:
+            out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        master_out = os.dup(self.master)
+        os.set_inheritable(master_out, False)
+
+        def output_done() -> None:
+            os.close(out)  # the reader's EOF: the terminal's output is complete
+            os.close(master_out)
+
+        self._pumps.append(Pump(loop, master_out, out, output_done))
+        in_scheme, in_path, _ = parse_uri(self.stdin)
+        if in_scheme == "fifo":
+            reader = self._open_stdin_fifo(in_path)
+
+            def input_done() -> None:
+                os.close(reader)
+
+            self._pumps.append(Pump(loop, reader, self.master, input_done))
+
+    def resize(self, width: int, height: int) -> None:
+        if self.master < 0:
+            raise InvalidArgument("resize: the process has no terminal")
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def _close_console_listener(self) -> None:
+        if self._console_listener is not None:
+            self._console_listener.close()
+            self._console_listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.console_socket)
+
+    # ---- lifetime ------------------------------------------------------------------
+
+    def spawned(self) -> None:
+        """The process holds its own copies now: drop the shim's child-side fds."""
+        for fd in set(self.child):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.child = [-1, -1, -1]
+        self._close_console_listener()
+
+    def close_stdin(self) -> None:
+        if self._stdin_writer >= 0:
+            os.close(self._stdin_writer)
+            self._stdin_writer = -1
+
+    def close(self) -> None:
+        self.spawned()
+        self.close_stdin()
+        for pump in self._pumps:
+            pump.stop()
+        self._pumps.clear()
+        for fd in self._kept:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._kept.clear()
+        if self.master >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.master)
+            self.master = -1
