@@ -833,11 +833,7 @@ def _parse_process(p, path: str) -> Process:
                 _integer(g, gids_path, i, 0, _UINT32) for i, g in enumerate(gids)
             ]
 
-    env = _string_list(p, "env", path)
-    for i, entry in enumerate(env):
-        name, sep, _ = entry.partition("=")
-        if not sep or not name:
-            raise _Bad(_join(path, "env"), i, f"must be NAME=VALUE, got {entry!r}")
+    env = _check_env(_string_list(p, "env", path), _join(path, "env"))
 
     capabilities = None
     caps = _opt_obj(p, "capabilities", path)
@@ -854,6 +850,11 @@ def _parse_process(p, path: str) -> Process:
                         f"unknown capability {name!r} (names look like CAP_CHOWN)",
                     )
             setattr(capabilities, set_name, names)
+        permitted = set(capabilities.permitted)
+        for i, name in enumerate(capabilities.effective):
+            if name not in permitted:
+                # capset(2) refuses an effective capability that is not permitted.
+                raise _Bad(_join(caps_path, "effective"), i, f"{name} must also be in permitted")
 
     rlimits = []
     seen_rlimits = set()
@@ -891,6 +892,14 @@ def _parse_process(p, path: str) -> Process:
         io_priority=_parse_io_priority(p, path),
         scheduler=_parse_scheduler(p, path),
     )
+
+
+def _check_env(env: list[str], path: str) -> list[str]:
+    for i, entry in enumerate(env):
+        name, sep, _ = entry.partition("=")
+        if not sep or not name:
+            raise _Bad(path, i, f"must be NAME=VALUE, got {entry!r}")
+    return env
 
 
 def _parse_io_priority(p: dict, parent: str) -> dict | None:
@@ -952,6 +961,40 @@ def _is_mapped(container_id: int, mappings: list[IdMapping]) -> bool:
 # --- mounts ---
 
 
+# Files under /proc a mount may cover: the ones lxcfs emulates (runc's list).
+# Anything else could cover a masked path or a /proc/sys knob with something writable.
+PROC_MOUNT_EXCEPTIONS = frozenset(
+    (
+        "/proc/cpuinfo",
+        "/proc/diskstats",
+        "/proc/meminfo",
+        "/proc/stat",
+        "/proc/swaps",
+        "/proc/uptime",
+        "/proc/loadavg",
+        "/proc/slabinfo",
+        "/proc/net/dev",
+        "/proc/sys/kernel/ns_last_pid",
+        "/proc/sys/crypto/fips_enabled",
+    )
+)
+
+
+def _check_proc_mount(mount: Mount, path: str) -> None:
+    if mount.destination == "/proc":
+        if mount.type != "proc" or mount.is_bind:
+            # A bind of some other procfs would show the container another pid namespace.
+            raise _Bad(
+                path, "type", "a mount on /proc must be a new proc mount (type proc, no bind)"
+            )
+    elif mount.destination not in PROC_MOUNT_EXCEPTIONS:
+        raise _Bad(
+            path,
+            "destination",
+            f"{mount.destination} is inside /proc: only {', '.join(sorted(PROC_MOUNT_EXCEPTIONS))} may be covered",
+        )
+
+
 def _parse_mount(m, parent: str, index: int, bundle: str) -> Mount:
     path = f"{parent}[{index}]"
     _obj(m, path)
@@ -976,6 +1019,8 @@ def _parse_mount(m, parent: str, index: int, bundle: str) -> Mount:
             mount.source = os.path.normpath(os.path.join(bundle, source))
     elif not mtype:
         raise _Bad(path, "type", "is required unless options contain bind or rbind")
+    if dest == "/proc" or dest.startswith("/proc/"):
+        _check_proc_mount(mount, path)
 
     uid_maps = _opt_list(m, "uidMappings", path)
     gid_maps = _opt_list(m, "gidMappings", path)
@@ -1018,7 +1063,7 @@ def _parse_hooks(config: dict) -> dict | None:
                 raise _Bad(h_path, "path", "is required (an absolute path on the host)")
             _host_path(hpath, h_path, "path")
             _string_list(hook, "args", h_path)
-            _string_list(hook, "env", h_path)
+            _check_env(_string_list(hook, "env", h_path), _join(h_path, "env"))
             _opt_int(hook, "timeout", h_path, 1, _INT64[1])
     return hooks
 
@@ -1050,6 +1095,7 @@ def _parse_linux(lx: dict, path: str) -> Linux:
             ns_file = None
         if ns_file is not None:
             _host_path(ns_file, ns_path, "path")
+            _check_exists(ns_file, ns_path, "path")
         linux.namespaces.append(Namespace(type=ns_type, path=ns_file))
 
     _parse_user_mappings(lx, path, linux)
@@ -1129,6 +1175,15 @@ def _parse_linux(lx: dict, path: str) -> Linux:
             )
         linux.time_offsets = offsets
     return linux
+
+
+def _check_exists(host_path: str, parent: str, key) -> None:
+    try:
+        os.stat(host_path)
+    except FileNotFoundError:
+        raise _Bad(parent, key, f"{host_path} does not exist") from None
+    except (OSError, ValueError):
+        pass  # unreadable here is not proof of absence: the step that uses it reports its own error
 
 
 def _parse_id_mappings(items: list, path: str) -> list[IdMapping]:

@@ -645,6 +645,32 @@ BAD_CONFIGS = {
         ),
         r"mounts\[7\].uidMappings\[0\].size: must be a positive integer",
     ),
+    "proc bind over /proc": (
+        _set("mounts[0]")({"destination": "/proc", "source": "/proc", "options": ["rbind"]}),
+        r"mounts\[0\].type: a mount on /proc must be a new proc mount",
+    ),
+    "tmpfs over /proc": (
+        _set("mounts[0]")({"destination": "/proc", "type": "tmpfs", "source": "tmpfs"}),
+        r"mounts\[0\].type: a mount on /proc must be a new proc mount",
+    ),
+    "bind over /proc/sys": (
+        _append(
+            "mounts", {"destination": "/proc/sys", "source": "/tmp", "options": ["rbind", "rw"]}
+        ),
+        r"mounts\[7\].destination: /proc/sys is inside /proc: only /proc/cpuinfo",
+    ),
+    "tmpfs over a masked /proc file": (
+        _append("mounts", {"destination": "/proc/kcore", "type": "tmpfs", "source": "tmpfs"}),
+        r"mounts\[7\].destination: /proc/kcore is inside /proc",
+    ),
+    "effective not permitted": (
+        _set("process.capabilities.effective")(["CAP_KILL", "CAP_SYS_ADMIN"]),
+        r"process.capabilities.effective\[1\]: CAP_SYS_ADMIN must also be in permitted",
+    ),
+    "hook env": (
+        _set("hooks")({"poststart": [{"path": "/bin/true", "env": ["NOEQUALS"]}]}),
+        r"hooks.poststart\[0\].env\[0\]: must be NAME=VALUE",
+    ),
     # namespaces
     "namespaces not list": (
         _set("linux.namespaces")({"type": "pid"}),
@@ -661,6 +687,12 @@ BAD_CONFIGS = {
     "namespace type missing": (
         _append("linux.namespaces", {}),
         r"linux.namespaces\[6\].type: is required",
+    ),
+    "namespace path absent": (
+        _set("linux.namespaces[1]")(
+            {"type": "network", "path": "/run/zviz-spec-test/no-such-netns"}
+        ),
+        r"linux.namespaces\[1\].path: /run/zviz-spec-test/no-such-netns does not exist",
     ),
     "namespace path relative": (
         _set("linux.namespaces[1]")({"type": "network", "path": "proc/1/ns/net"}),
@@ -680,7 +712,7 @@ BAD_CONFIGS = {
         "linux.gidMappings: is required with a new user namespace",
     ),
     "userns path plus mappings": (
-        _all(_userns, _set("linux.namespaces[6].path")("/proc/1/ns/user")),
+        _all(_userns, _set("linux.namespaces[6].path")("/proc/self/ns/user")),
         "linux.uidMappings: cannot be given when joining an existing user namespace",
     ),
     "mapping size 0": (
@@ -1160,3 +1192,20 @@ def test_huge_cpu_number_is_refused_not_crashed(bundle):
         InvalidArgument, match=r"^config.json: linux.resources.cpu.cpus: must be a list like"
     ):
         parse(config, bundle)
+
+
+def test_lxcfs_files_under_proc_may_be_covered(bundle, tmp_path_factory):
+    source = tmp_path_factory.mktemp("zviz-spec-lxcfs") / "meminfo"
+    source.write_text("MemTotal: 1 kB\n")
+    config = default_config()
+    config["mounts"].append(
+        {"destination": "/proc/meminfo", "source": str(source), "options": ["bind", "ro"]}
+    )
+    assert parse(config, bundle).mounts[-1].destination == "/proc/meminfo"
+
+
+def test_joining_a_namespace_by_path(bundle):
+    config = default_config()
+    config["linux"]["namespaces"][1] = {"type": "network", "path": "/proc/self/ns/net"}
+    assert parse(config, bundle).linux.namespace("network").path == "/proc/self/ns/net"
+    assert not parse(config, bundle).linux.creates_namespace("network")
