@@ -133,12 +133,16 @@ def bundle(tmp_path_factory):
 
 
 def parses_or_refuses(config, bundle_dir):
+    before = copy.deepcopy(config)
     try:
         spec = parse_spec(config, bundle_dir)
     except InvalidArgument as e:
         assert_readable(str(e))
         return None
+    finally:
+        assert config == before, "parsing changed the caller's config"
     assert_invariants(spec)
+    assert spec.raw is config
     return spec
 
 
@@ -257,3 +261,68 @@ def test_random_bytes_as_config_json(bundle, data):
         parse_spec(value, bundle)
     except InvalidArgument:
         pass
+
+
+MAPPINGS = st.lists(
+    st.tuples(
+        st.integers(min_value=-2, max_value=40),
+        st.integers(min_value=-2, max_value=40),
+        st.integers(min_value=-1, max_value=12),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+def _mappings_oracle(triples):
+    """Brute force: every id at most once on each side, all ids in range, no empty ranges."""
+    seen_container, seen_host = set(), set()
+    for container_id, host_id, size in triples:
+        if container_id < 0 or host_id < 0 or size < 1:
+            return False
+        for offset in range(size):
+            if container_id + offset in seen_container or host_id + offset in seen_host:
+                return False
+            seen_container.add(container_id + offset)
+            seen_host.add(host_id + offset)
+    return True
+
+
+@FUZZ
+@given(MAPPINGS)
+def test_id_mappings_agree_with_a_brute_force_check(bundle, triples):
+    config = default_config()
+    config["linux"]["namespaces"].append({"type": "user"})
+    mappings = [{"containerID": c, "hostID": h, "size": n} for c, h, n in triples]
+    config["linux"]["uidMappings"] = mappings
+    config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 1000, "size": 1}]
+    config["process"]["user"] = {"uid": 0, "gid": 0}
+    expected = _mappings_oracle(triples)
+    if expected and not any(c <= 0 < c + n for c, _, n in triples):
+        expected = None  # valid maps, but uid 0 unmapped: refused for that instead
+    spec = parses_or_refuses(config, bundle)
+    if expected:
+        assert spec is not None
+        assert [(m.container_id, m.host_id, m.size) for m in spec.linux.uid_mappings] == triples
+    else:
+        assert spec is None
+
+
+CPU_LISTS = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=20), st.none() | st.integers(min_value=0, max_value=20)
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@FUZZ
+@given(CPU_LISTS, st.sampled_from(["", ",", "-", " ", "x"]))
+def test_cpu_lists_agree_with_their_definition(bundle, ranges, junk):
+    text = ",".join(str(lo) if hi is None else f"{lo}-{hi}" for lo, hi in ranges)
+    valid = all(hi is None or lo <= hi for lo, hi in ranges)
+    config = default_config()
+    config["linux"]["resources"]["cpu"] = {"cpus": text + junk}
+    spec = parses_or_refuses(config, bundle)
+    assert (spec is not None) == (valid and junk == "")
