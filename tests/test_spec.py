@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -1209,3 +1211,29 @@ def test_joining_a_namespace_by_path(bundle):
     config["linux"]["namespaces"][1] = {"type": "network", "path": "/proc/self/ns/net"}
     assert parse(config, bundle).linux.namespace("network").path == "/proc/self/ns/net"
     assert not parse(config, bundle).linux.creates_namespace("network")
+
+
+def _tool_output(*argv, cwd=None):
+    if shutil.which(argv[0]) is None:
+        pytest.skip(f"{argv[0]} is not installed: no real-world config to read")
+    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=cwd).stdout
+
+
+def test_runc_spec_output_parses(bundle):
+    _tool_output("runc", "spec", "--bundle", bundle)
+    spec = load_spec(bundle)
+    assert spec.oci_version == "1.0.2-dev"
+    assert spec.process.args == ["sh"] and spec.process.terminal is True
+    assert spec.root.path == os.path.join(os.path.realpath(bundle), "rootfs")
+
+
+def test_containerd_default_spec_parses_once_the_image_gives_args(bundle):
+    config = json.loads(_tool_output("ctr", "oci", "spec"))
+    with pytest.raises(
+        InvalidArgument, match=r"^config.json: process.args: must be a non-empty list"
+    ):
+        parse(config, bundle)
+    config["process"]["args"] = ["/bin/sh", "-c", "true"]
+    spec = parse(config, bundle)
+    assert spec.linux.cgroups_path == "/default"
+    assert "CAP_NET_RAW" in spec.process.capabilities.bounding
