@@ -77,8 +77,9 @@ def limits_and_membership():
     cg = cgroups.for_container("zviz-vm-limits")
     cg.create()
     directory = cg.paths["unified"]
-    cg.apply(
+    notes = cg.apply(
         {
+            "devices": [{"allow": False, "access": "rwm"}],
             "memory": {"limit": 64 * MiB, "swap": 96 * MiB, "reservation": 16 * MiB},
             "pids": {"limit": 20},
             "cpu": {"shares": 1024, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"},
@@ -104,6 +105,7 @@ def limits_and_membership():
     facts = {
         "version": cg.version,
         "paths": cg.paths,
+        "notes": notes,
         "files": files,
         "parent_subtree_control": read("/sys/fs/cgroup/zviz/cgroup.subtree_control"),
         "pids": cg.pids(),

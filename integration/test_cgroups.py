@@ -108,10 +108,17 @@ def test_create_makes_a_group_in_every_hierarchy_with_cpuset_ready(cg, name):
             assert f.read().strip(), f"{file} left empty: no process could join"
 
 
-def test_create_twice_is_already_exists_and_leaves_the_first_alone(cg, name):
+def test_create_twice_is_already_exists_and_leaves_the_first_alone(cg, name, children):
+    owner = children("import time; time.sleep(60)")
+    cg.add_pid(owner.pid)
+    owner.go()
+    second = cgroups.for_container(name)
     with pytest.raises(AlreadyExists):
-        cgroups.for_container(name).create()
+        second.create()
+    second.destroy()  # a caller cleaning up after the failed create must not hit the first
     assert all(os.path.isdir(p) for p in cg.paths.values())
+    assert cg.pids() == [owner.pid]
+    assert owner.proc.poll() is None
 
 
 def test_apply_writes_the_limits(cg):
@@ -400,3 +407,16 @@ def test_oom_watcher_reports_nothing_once_the_group_is_gone(name):
     assert select.select([watcher], [], [], 5)[0]
     assert watcher.read() == 0
     watcher.close()
+
+
+def test_apply_reports_what_this_host_cannot_honour(name):
+    logged = []
+    group = cgroups.for_container(name, log=lambda level, message: logged.append((level, message)))
+    group.create()
+    try:
+        # no hugetlb hierarchy on this v1 host (hugetlb sits in the hybrid cgroup2 mount)
+        notes = group.apply({"hugepageLimits": [{"pageSize": "2MB", "limit": 0}]})
+    finally:
+        group.destroy()
+    assert notes == ["linux.resources.hugepageLimits ignored: the hugetlb cgroup is not mounted"]
+    assert logged == [("warning", notes[0])]

@@ -379,3 +379,21 @@ def test_v2_io():
     )
     assert files(writes) == [("io.weight", "10000"), ("io.max", "8:16 wiops=100")]
     assert files(v2.plan({"blockIO": {"weight": 300}}, bfq=True)) == [("io.bfq.weight", "300")]
+
+
+def test_settings_a_host_cannot_honour_come_back_as_notes():
+    notes: list[str] = []
+    writes = v1.plan(
+        {"hugepageLimits": [{"pageSize": "2MB", "limit": 0}], "memory": {"kernel": 1 << 20}},
+        available=frozenset({"memory"}),
+        notes=notes,
+    )
+    assert writes == []
+    assert any("hugepageLimits ignored" in n for n in notes)
+    assert any("memory.kernel ignored" in n for n in notes)
+    notes.clear()
+    v2.plan(
+        {"devices": [{"allow": False, "access": "rwm"}], "network": {"classID": 1}}, notes=notes
+    )
+    assert any("devices not enforced" in n for n in notes)
+    assert any("network ignored" in n for n in notes)

@@ -163,11 +163,16 @@ def _below(mount: Mount, own_path: str) -> str:
     return own_path or "/"
 
 
-def for_container(container_id: str, cgroups_path: str | None = None) -> Cgroup:
-    """The (not yet created) cgroup of a container on this host's cgroup version."""
+def for_container(container_id: str, cgroups_path: str | None = None, log=None) -> Cgroup:
+    """The (not yet created) cgroup of a container on this host's cgroup version.
+
+    `log(level, message)` (a runtime.log.Log) receives notes on settings skipped.
+    """
     path, relative = container_path(cgroups_path, container_id)
     own = _read_text("/proc/self/cgroup") if relative else ""
-    return cgroup_at(path, relative, _host_mounts(), parse_proc_cgroup(own))
+    cgroup = cgroup_at(path, relative, _host_mounts(), parse_proc_cgroup(own))
+    cgroup.log = log
+    return cgroup
 
 
 def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str]) -> Cgroup:
@@ -202,14 +207,17 @@ def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str
     return CgroupV1(paths, bases)
 
 
-def load(paths: dict[str, str]) -> Cgroup:
+def load(paths: dict[str, str], log=None) -> Cgroup:
     """Re-opens a container's cgroup from the `paths` a previous process persisted."""
     if not paths or not all(isinstance(p, str) and os.path.isabs(p) for p in paths.values()):
         raise InvalidArgument(f"cgroup paths must be absolute directories, got {paths!r}")
     if set(paths) == {V2_KEY}:
         from runtime.cgroups.v2 import CgroupV2
 
-        return CgroupV2(paths[V2_KEY])
-    from runtime.cgroups.v1 import CgroupV1
+        cgroup: Cgroup = CgroupV2(paths[V2_KEY])
+    else:
+        from runtime.cgroups.v1 import CgroupV1
 
-    return CgroupV1(dict(paths))
+        cgroup = CgroupV1(dict(paths))
+    cgroup.log = log
+    return cgroup

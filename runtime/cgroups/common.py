@@ -5,14 +5,11 @@ write per call, so buffered I/O that could split a value is never used here.
 """
 
 import errno
-import logging
 import os
 import signal
 import time
 
 from runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
-
-log = logging.getLogger("zviz.cgroups")
 
 # Kernel answers to a cgroup file write that mean "this value is not acceptable here".
 _VALUE_ERRNOS = {errno.EINVAL, errno.ERANGE, errno.EBUSY, errno.EPERM, errno.EOVERFLOW}
@@ -204,12 +201,19 @@ class Cgroup:
 
     version: int = 0
     paths: dict[str, str]
+    # log(level, message), as runtime.log.Log takes it; notes also come back from apply()
+    log = None
+
+    def note(self, message: str) -> None:
+        if self.log is not None:
+            self.log("warning", message)
 
     # --- provided by the subclasses ---------------------------------------------------------
     def create(self) -> None:
         raise NotImplementedError
 
-    def apply(self, resources: dict) -> None:
+    def _planned_writes(self, resources: dict, notes: list[str]) -> list[tuple[Write, str]]:
+        """(write, directory) for every file apply() must write, in order."""
         raise NotImplementedError
 
     def add_pid(self, pid: int) -> None:
@@ -248,6 +252,27 @@ class Cgroup:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------
+    _created: list[str]
+
+    def apply(self, resources: dict) -> list[str]:
+        """Writes OCI linux.resources; returns (and logs) notes on settings this host ignores.
+
+        A value the kernel refuses is an InvalidArgument naming the field; a group this
+        object just created is then removed, so a config it cannot honour leaves nothing.
+        """
+        notes: list[str] = []
+        try:
+            for write, directory in self._planned_writes(resources, notes):
+                perform(write, directory)
+        except BaseException:
+            if self._created and not self.procs_recursive():
+                self.destroy()
+                self._created.clear()
+            raise
+        for message in notes:
+            self.note(message)
+        return notes
+
     def exists(self) -> bool:
         return any(os.path.isdir(d) for d in self._dirs())
 
@@ -273,7 +298,7 @@ class Cgroup:
                 self.freeze()
                 froze = True
             except Unavailable:
-                log.warning("cgroup %s: could not freeze before signalling", self._procs_dir())
+                self.note(f"cgroup {self._procs_dir()}: could not freeze before signalling")
         try:
             for pid in self.procs_recursive():
                 try:
@@ -286,8 +311,14 @@ class Cgroup:
             if froze or (was_frozen and sig == signal.SIGKILL):
                 self.thaw()
 
+    # Set when create() failed: the directories it found belong to someone else (or
+    # were already undone), so destroy() must not touch them.
+    _create_failed = False
+
     def destroy(self) -> None:
         """Kills what is left, waits for it to leave, removes every directory. Idempotent."""
+        if self._create_failed:
+            return
         deadline = time.monotonic() + DESTROY_TIMEOUT_S
         if self.exists():
             while self.procs_recursive():

@@ -9,9 +9,7 @@ from runtime.cgroups.common import (
     Cgroup,
     Write,
     int_field,
-    log,
     make_dirs,
-    perform,
     read_file,
     read_int,
     read_keyed,
@@ -110,6 +108,7 @@ def plan(
     available: frozenset[str] = KNOWN_CONTROLLERS,
     memsw_available: bool = True,
     current_memory_limit: int | None = None,
+    notes: list[str] | None = None,
 ) -> list[Write]:
     """The cgroup v1 file writes, in order, that apply OCI linux.resources.
 
@@ -119,14 +118,13 @@ def plan(
     """
     resources = resources or {}
     writes: list[Write] = []
+    notes = [] if notes is None else notes
 
     def need(controller: str, field: str) -> bool:
         if controller in available:
             return True
         if controller in _OPTIONAL_CONTROLLERS:
-            log.warning(
-                "linux.resources.%s ignored: the %s cgroup is not mounted", field, controller
-            )
+            notes.append(f"linux.resources.{field} ignored: the {controller} cgroup is not mounted")
             return False
         raise InvalidArgument(
             f"config.json: linux.resources.{field}: the {controller} cgroup controller is not "
@@ -142,7 +140,7 @@ def plan(
     disable_oom_killer = memory.get("disableOOMKiller")
     for key in ("kernel", "kernelTCP"):
         if memory.get(key):
-            log.warning("linux.resources.memory.%s ignored: kernel memory limits are obsolete", key)
+            notes.append(f"linux.resources.memory.{key} ignored: kernel memory limits are obsolete")
     if limit == -1 and swap is None and memsw_available:
         swap = -1  # "unlimited memory" means unlimited memory+swap too, as runc reads it
     if swap is not None and not memsw_available:
@@ -303,7 +301,7 @@ def plan(
             )
 
     if resources.get("rdma"):
-        log.warning("linux.resources.rdma ignored: rdma limits are not supported by zviz")
+        notes.append("linux.resources.rdma ignored: rdma limits are not supported by zviz")
     if resources.get("unified"):
         raise InvalidArgument(
             "config.json: linux.resources.unified: needs cgroup v2, but this host runs cgroup v1"
@@ -414,6 +412,7 @@ class CgroupV1(Cgroup):
                 base = self._bases.get(controllers[0], os.path.dirname(directory))
                 self._make(directory, base, cpuset="cpuset" in controllers)
         except BaseException:
+            self._create_failed = True
             self._undo_create()
             raise
 
@@ -438,30 +437,26 @@ class CgroupV1(Cgroup):
                     raise
         self._created.clear()
 
-    def apply(self, resources: dict) -> None:
-        try:
-            memory_dir = self.paths.get("memory")
-            writes = plan(
-                resources,
-                available=frozenset(self.paths),
-                memsw_available=bool(memory_dir)
-                and os.path.exists(os.path.join(memory_dir, "memory.memsw.limit_in_bytes")),
-                current_memory_limit=read_int(os.path.join(memory_dir, "memory.limit_in_bytes"))
-                if memory_dir
-                else None,
-            )
-            for write in writes:
-                directory = self.paths[write.controller]
-                alternative = _ALTERNATIVE_FILES.get(write.file)
-                if alternative and not os.path.exists(os.path.join(directory, write.file)):
-                    write = Write(write.controller, alternative, write.value, write.field)
-                perform(write, directory)
-        except BaseException:
-            # A group this object just created must not outlive a config it cannot honour.
-            if self._created and not self.procs_recursive():
-                self.destroy()
-                self._created.clear()
-            raise
+    def _planned_writes(self, resources: dict, notes: list[str]) -> list[tuple[Write, str]]:
+        memory_dir = self.paths.get("memory")
+        writes = plan(
+            resources,
+            available=frozenset(self.paths),
+            memsw_available=bool(memory_dir)
+            and os.path.exists(os.path.join(memory_dir, "memory.memsw.limit_in_bytes")),
+            current_memory_limit=read_int(os.path.join(memory_dir, "memory.limit_in_bytes"))
+            if memory_dir
+            else None,
+            notes=notes,
+        )
+        placed = []
+        for write in writes:
+            directory = self.paths[write.controller]
+            alternative = _ALTERNATIVE_FILES.get(write.file)
+            if alternative and not os.path.exists(os.path.join(directory, write.file)):
+                write = Write(write.controller, alternative, write.value, write.field)
+            placed.append((write, directory))
+        return placed
 
     def add_pid(self, pid: int) -> None:
         for directory in self._dirs():

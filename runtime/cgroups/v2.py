@@ -10,9 +10,7 @@ from runtime.cgroups.common import (
     Cgroup,
     Write,
     int_field,
-    log,
     make_dirs,
-    perform,
     read_file,
     read_int,
     read_keyed,
@@ -90,6 +88,7 @@ def plan(
     available: frozenset[str] = frozenset({"cpu", "cpuset", "io", "memory", "pids", "hugetlb"}),
     swap_available: bool = True,
     bfq: bool = False,
+    notes: list[str] | None = None,
 ) -> list[Write]:
     """The cgroup v2 file writes, in order, that apply OCI linux.resources.
 
@@ -98,6 +97,7 @@ def plan(
     """
     resources = resources or {}
     writes: list[Write] = []
+    notes = [] if notes is None else notes
 
     def need(controller: str, field: str) -> bool:
         if controller in available:
@@ -121,12 +121,12 @@ def plan(
             raise InvalidArgument(
                 f"config.json: linux.resources.memory.swappiness: {swappiness} is not within 0..100"
             )
-        log.warning("linux.resources.memory.swappiness ignored: cgroup v2 has no per-group knob")
+        notes.append("linux.resources.memory.swappiness ignored: cgroup v2 has no per-group knob")
     if memory.get("disableOOMKiller"):
-        log.warning("linux.resources.memory.disableOOMKiller ignored: not available on cgroup v2")
+        notes.append("linux.resources.memory.disableOOMKiller ignored: not available on cgroup v2")
     for key in ("kernel", "kernelTCP"):
         if memory.get(key):
-            log.warning("linux.resources.memory.%s ignored: kernel memory limits are obsolete", key)
+            notes.append(f"linux.resources.memory.{key} ignored: kernel memory limits are obsolete")
     if limit is not None:
         add("memory", "memory.max", _bytes(limit), "memory.limit")
     if swap is not None:
@@ -181,7 +181,7 @@ def plan(
             device_rule(rule, i)
         # A v2 device policy is an eBPF program; zviz does not load one. The container
         # still sees only the /dev nodes its rootfs setup creates.
-        log.info("linux.resources.devices not enforced by the cgroup on v2 (needs eBPF)")
+        notes.append("linux.resources.devices not enforced by the cgroup on v2 (needs eBPF)")
 
     block_io = resources.get("blockIO") or {}
     weight_file = "io.bfq.weight" if bfq else "io.weight"
@@ -225,11 +225,11 @@ def plan(
                 )
             )
         else:
-            log.warning("linux.resources.hugepageLimits ignored: hugetlb controller not available")
+            notes.append("linux.resources.hugepageLimits ignored: hugetlb controller not available")
     if resources.get("network"):
-        log.warning("linux.resources.network ignored: net_cls/net_prio do not exist on cgroup v2")
+        notes.append("linux.resources.network ignored: net_cls/net_prio do not exist on cgroup v2")
     if resources.get("rdma"):
-        log.warning("linux.resources.rdma ignored: rdma limits are not supported by zviz")
+        notes.append("linux.resources.rdma ignored: rdma limits are not supported by zviz")
 
     unified = resources.get("unified") or {}
     if not isinstance(unified, dict):
@@ -328,6 +328,7 @@ class CgroupV2(Cgroup):
         try:
             make_dirs(self.directory, self._base, self._created, delegate)
         except BaseException:
+            self._create_failed = True
             for level in reversed(self._created):
                 try:
                     os.rmdir(level)
@@ -351,7 +352,7 @@ class CgroupV2(Cgroup):
         except OSError as err:
             # e.g. EBUSY: a group holding processes cannot delegate (no internal
             # processes rule); resources needing the controller then fail by name.
-            log.warning("cgroup %s: could not enable %s: %s", level, missing, err)
+            self.note(f"cgroup {level}: could not enable {missing}: {err}")
 
     def controllers(self) -> frozenset[str]:
         try:
@@ -359,21 +360,15 @@ class CgroupV2(Cgroup):
         except FileNotFoundError:
             return frozenset()
 
-    def apply(self, resources: dict) -> None:
-        try:
-            writes = plan(
-                resources,
-                available=self.controllers(),
-                swap_available=os.path.exists(self._file("memory.swap.max")),
-                bfq=os.path.exists(self._file("io.bfq.weight")),
-            )
-            for write in writes:
-                perform(write, self.directory)
-        except BaseException:
-            if self._created and not self.procs_recursive():
-                self.destroy()
-                self._created.clear()
-            raise
+    def _planned_writes(self, resources: dict, notes: list[str]) -> list[tuple[Write, str]]:
+        writes = plan(
+            resources,
+            available=self.controllers(),
+            swap_available=os.path.exists(self._file("memory.swap.max")),
+            bfq=os.path.exists(self._file("io.bfq.weight")),
+            notes=notes,
+        )
+        return [(write, self.directory) for write in writes]
 
     def add_pid(self, pid: int) -> None:
         try:
