@@ -84,6 +84,7 @@ class Profile:
     tcp_bind: tuple[int, ...] | None = None  # Landlock ABI >= 4; None: not restricted
     tcp_connect: tuple[int, ...] | None = None
     egress: tuple[PortRule, ...] = ()
+    egress_deny: tuple = ()  # CIDRs refused before `egress` is consulted
     bind: tuple[PortRule, ...] = ()
     mediate: tuple[str, ...] = ()
     # seccomp.
@@ -106,6 +107,8 @@ class Profile:
         return bool(self.mediate) or verbose
 
     def egress_allows(self, address: str, port: int) -> bool:
+        if any(rule.matches(address, port) for rule in self.egress_deny):
+            return False
         return any(rule.matches(address, port) for rule in self.egress)
 
     def bind_allows(self, address: str, port: int) -> bool:
@@ -362,6 +365,9 @@ def _build(data: dict, path: str) -> Profile:
     p.tcp_bind = net.ports("tcp_bind")
     p.tcp_connect = net.ports("tcp_connect")
     p.egress = net.port_rules("egress")
+    p.egress_deny = tuple(
+        PortRule(rule.network, frozenset()) for rule in _cidr_rules(net, "egress_deny")
+    )
     p.bind = net.port_rules("bind")
     p.mediate = tuple(net.get("mediate", list, []))
     for i, call in enumerate(p.mediate):
@@ -410,6 +416,17 @@ def _build(data: dict, path: str) -> Profile:
         pass  # loopback-only sockets inside a fresh netns are harmless
     _check_syscall_names(p, path)
     return p
+
+
+def _cidr_rules(reader: "_Reader", key: str) -> tuple[PortRule, ...]:
+    values = reader.get(key, list, [])
+    rules = []
+    for i, value in enumerate(values):
+        try:
+            rules.append(PortRule(ipaddress.ip_network(value, strict=False), frozenset()))
+        except ValueError:
+            raise reader.error(f"{key}[{i}]", f"not a CIDR: {value!r}") from None
+    return tuple(rules)
 
 
 def _check_syscall_names(p: Profile, path: str) -> None:

@@ -1,0 +1,178 @@
+"""The broker: mediated connect/bind/sendto/sendmsg decided on the broker's copy, failing closed.
+
+Run in a forked child with the real filter and a real broker process (see
+test_security_layers.confined); the zviz-run versions are in integration/security/.
+"""
+
+import array
+import errno
+import os
+import signal
+import socket
+
+from tests.test_security_layers import confined, errno_of
+
+
+def loopback_profile(tmp_path, allowed_port: int, bind_port: int = 0) -> str:
+    path = tmp_path / "web-loopback.toml"
+    path.write_text(
+        f"""
+[profile]
+name = "web-loopback"
+extends = "web-server"
+[network]
+egress_deny = []
+egress = [{{ cidr = "127.0.0.1/32", ports = [{allowed_port}] }}]
+bind = [{{ cidr = "127.0.0.1/32", ports = [{bind_port or allowed_port}] }}]
+tcp_connect = [{allowed_port}]
+tcp_bind = [{bind_port or allowed_port}]
+"""
+    )
+    return str(path)
+
+
+def listener():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(8)
+    return s, s.getsockname()[1]
+
+
+def test_connect_to_allowed_port_works_other_port_is_denied(tmp_path):
+    allowed, allowed_port = listener()
+    other, other_port = listener()
+    profile = loopback_profile(tmp_path, allowed_port)
+
+    def probe():
+        out = {}
+        for name, port in (("allowed", allowed_port), ("other", other_port)):
+            s = socket.socket()
+            out[name] = errno_of(lambda p=port: s.connect(("127.0.0.1", p)))
+            s.close()
+        return out
+
+    with allowed, other:
+        result = confined(tmp_path, profile, probe)
+    assert result == {"allowed": 0, "other": errno.EPERM}
+
+
+def test_web_server_profile_refuses_loopback_and_metadata_egress(tmp_path):
+    server, port = listener()
+
+    def probe():
+        s = socket.socket()
+        s.settimeout(2)
+        r1 = errno_of(lambda: s.connect(("127.0.0.1", port)))
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        r2 = errno_of(lambda: u.sendto(b"x", ("169.254.169.254", 80)))
+        return [r1, r2]
+
+    with server:
+        assert confined(tmp_path, "web-server", probe) == [errno.EPERM, errno.EPERM]
+
+
+def test_bind_decided_by_profile(tmp_path):
+    probe_port = listener()
+    probe_port[0].close()
+    free_port = probe_port[1]
+    profile = loopback_profile(tmp_path, 1, bind_port=free_port)
+
+    def probe():
+        out = {}
+        for name, port in (
+            ("allowed", free_port),
+            ("other", free_port + 1 if free_port < 65535 else free_port - 1),
+        ):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            out[name] = errno_of(lambda p=port: s.bind(("127.0.0.1", p)))
+            s.close()
+        ephemeral = socket.socket()
+        out["ephemeral"] = errno_of(lambda: ephemeral.bind(("127.0.0.1", 0)))
+        return out
+
+    assert confined(tmp_path, profile, probe) == {
+        "allowed": 0,
+        "other": errno.EPERM,
+        "ephemeral": 0,
+    }
+
+
+def test_udp_sendto_and_sendmsg_decided_on_the_copied_address(tmp_path):
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    port = receiver.getsockname()[1]
+    receiver.settimeout(5)
+    profile = loopback_profile(tmp_path, port)
+
+    def probe():
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        return [
+            errno_of(lambda: u.sendto(b"via-sendto", ("127.0.0.1", port))),
+            errno_of(lambda: u.sendmsg([b"via-", b"sendmsg"], [], 0, ("127.0.0.1", port))),
+            errno_of(lambda: u.sendto(b"no", ("127.0.0.1", port + 1 if port < 65535 else 1))),
+        ]
+
+    with receiver:
+        assert confined(tmp_path, profile, probe) == [0, 0, errno.EPERM]
+        got = {receiver.recv(100), receiver.recv(100)}
+    assert got == {b"via-sendto", b"via-sendmsg"}
+
+
+def test_sendmsg_passes_file_descriptors_through_the_broker(tmp_path):
+    def probe():
+        a, b = socket.socketpair()
+        r, w = os.pipe()
+        os.write(w, b"through-the-broker")
+        a.sendmsg([b"fd"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+        msg, anc, _, _ = b.recvmsg(10, socket.CMSG_SPACE(4))
+        fd = array.array("i", anc[0][2])[0]
+        return [msg.decode(), os.read(fd, 100).decode()]
+
+    assert confined(tmp_path, "web-server", probe) == ["fd", "through-the-broker"]
+
+
+def test_unix_connect_by_path_works_through_the_broker(tmp_path):
+    path = str(tmp_path / "sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+
+    def probe():
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        c.sendall(b"hello")
+        return "ok"
+
+    with server:
+        assert confined(tmp_path, "web-server", probe) == "ok"
+        conn, _ = server.accept()
+        assert conn.recv(10) == b"hello"
+        conn.close()
+
+
+def test_killed_broker_makes_mediated_calls_fail_never_succeed(tmp_path):
+    allowed, allowed_port = listener()
+    profile = loopback_profile(tmp_path, allowed_port)
+
+    def kill(broker_pid):
+        os.kill(broker_pid, signal.SIGKILL)
+        # The broker is nobody's child: wait for it to vanish instead of reaping.
+        while os.path.exists(f"/proc/{broker_pid}") and "Z" not in _state(broker_pid):
+            os.sched_yield()
+
+    def probe():
+        s = socket.socket()
+        return errno_of(lambda: s.connect(("127.0.0.1", allowed_port)))
+
+    with allowed:
+        result = confined(tmp_path, profile, probe, after_apply=kill)
+    assert result == errno.ENOSYS  # the kernel's answer with no listener left: never allowed
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

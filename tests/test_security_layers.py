@@ -1,0 +1,373 @@
+"""Each security layer, applied for real in a forked child (no container needed).
+
+The child applies the layers exactly as PID 1 does (security.prepare + apply) and
+then tries syscalls; results come back over a pipe as JSON. The real-container
+versions of these checks are in integration/security/.
+"""
+
+import ctypes
+import errno
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from runtime import linux, security
+from runtime.security import capabilities, landlock, profiles, seccomp
+from runtime.spec import parse_spec
+from tools.mkbundle import default_config
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+
+def make_spec(tmp_path, **linux_overrides):
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True, exist_ok=True)
+    config = default_config(["true"], terminal=False)
+    config["linux"].update(linux_overrides)
+    return parse_spec(config, str(bundle))
+
+
+def write_profile(tmp_path, text: str, name="custom") -> str:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def confined(
+    tmp_path, profile_name, fn, *, verbose=False, writable=(), log_path=None, after_apply=None
+):
+    """Run fn() in a forked child under profile's layers and return its result.
+
+    after_apply(broker_pid), if given, runs in the parent once the layers are on and
+    before fn() starts.
+    """
+    profile = security.resolve_profile(profile_name, {})
+    if writable:
+        profile.writable = tuple(writable)
+    spec = make_spec(tmp_path)
+    # The child is not in a fresh netns: leave network setup out of prepare.
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    security.harden_spec(spec, profile)
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    channel = security.notify_channel(profile, verbose)
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.close(go_w)
+            if channel:
+                channel.close_supervisor_end()
+            os.read(go_r, 1)  # wait for the broker to exist
+            plan = security.prepare(spec, profile, verbose)
+            security.apply(plan, channel.container_fd if channel else None)
+            os.write(w, b"A")
+            os.read(go_r, 1)
+            result = fn()
+            os.write(w, json.dumps({"ok": result}).encode())
+        except BaseException as e:  # noqa: BLE001
+            os.write(w, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.close(go_r)
+    broker_pid = None
+    if channel:
+        channel.close_container_end()
+        broker_pid = security.start_broker(
+            channel, pid, profile, verbose=verbose, container_id="test", log_path=log_path
+        )
+    os.write(go_w, b"x")
+    applied = os.read(r, 1)
+    if applied == b"A" and after_apply is not None:
+        after_apply(broker_pid)
+    os.write(go_w, b"x")
+    os.close(go_w)
+    data = b"" if applied == b"A" else applied
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    if broker_pid:
+        _wait_gone(broker_pid)
+    reply = json.loads(data)
+    assert "error" not in reply, reply["error"]
+    return reply["ok"]
+
+
+def _wait_gone(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return  # exited; reaping is init's job (the broker is nobody's child)
+        except OSError:
+            return
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    raise AssertionError(f"broker {pid} outlived its container")
+
+
+def errno_of(fn):
+    """0 if fn() succeeds, else the errno it fails with."""
+    try:
+        fn()
+        return 0
+    except OSError as e:
+        return e.errno
+
+
+def raw(name, *args):
+    rc = libc.syscall(linux.syscall_number(name) if name in linux._SYSCALLS else name, *args)
+    return 0 if rc >= 0 else ctypes.get_errno()
+
+
+NR = {
+    "mount": 165,
+    "unshare": 272,
+    "ptrace": 101,
+    "bpf": 321,
+    "keyctl": 250,
+    "getpid": 39,
+    "io_uring_setup": 425,
+    "clone3": 435,
+    "kexec_load": 246,
+    "init_module": 175,
+    "perf_event_open": 298,
+    "userfaultfd": 323,
+    "open_by_handle_at": 304,
+}
+
+
+def sys_errno(nr, *args):
+    rc = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return 0 if rc >= 0 else ctypes.get_errno()
+
+
+@pytest.mark.parametrize("profile", ["ci-runner", "hostile-tenant"])
+def test_denied_syscalls_return_eperm_and_allowed_ones_work(tmp_path, profile):
+    def probe():
+        return {
+            "getpid": sys_errno(NR["getpid"]),
+            "read_write": errno_of(lambda: os.write(os.open("/dev/null", os.O_WRONLY), b"x")),
+            "mount": sys_errno(NR["mount"], 0, 0, 0, 0, 0),
+            "unshare": sys_errno(NR["unshare"], linux.CLONE_NEWUSER),
+            "ptrace": sys_errno(NR["ptrace"], 0, 0, 0, 0),
+            "bpf": sys_errno(NR["bpf"], 0, 0, 0),
+            "keyctl": sys_errno(NR["keyctl"], 0, 0, 0),
+            "io_uring_setup": sys_errno(NR["io_uring_setup"], 1, 0),
+            "kexec_load": sys_errno(NR["kexec_load"], 0, 0, 0, 0),
+            "init_module": sys_errno(NR["init_module"], 0, 0, 0),
+            "userfaultfd": sys_errno(NR["userfaultfd"], 0),
+            "clone3": sys_errno(NR["clone3"], 0, 0),
+        }
+
+    result = confined(tmp_path, profile, probe)
+    assert result["getpid"] == 0
+    assert result["read_write"] == 0
+    for name in (
+        "mount",
+        "unshare",
+        "ptrace",
+        "bpf",
+        "keyctl",
+        "io_uring_setup",
+        "kexec_load",
+        "init_module",
+        "userfaultfd",
+    ):
+        assert result[name] == errno.EPERM, (name, result[name])
+    assert result["clone3"] == errno.ENOSYS  # so libc falls back to clone
+
+
+def test_clone_with_namespace_flags_is_refused_plain_fork_works(tmp_path):
+    def probe():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        _, status = os.waitpid(pid, 0)
+        # clone(CLONE_NEWUSER|SIGCHLD) through the raw syscall.
+        rc = libc.syscall(ctypes.c_long(56), ctypes.c_long(linux.CLONE_NEWUSER | 17), 0, 0, 0, 0)
+        if rc == 0:
+            os._exit(0)
+        return {
+            "fork_status": os.waitstatus_to_exitcode(status),
+            "clone_newuser": 0 if rc > 0 else ctypes.get_errno(),
+        }
+
+    result = confined(tmp_path, "ci-runner", probe)
+    assert result == {"fork_status": 7, "clone_newuser": errno.EPERM}
+
+
+def test_socket_families(tmp_path):
+    def probe():
+        out = {}
+        for name, args in {
+            "unix": (socket.AF_UNIX, socket.SOCK_STREAM),
+            "inet": (socket.AF_INET, socket.SOCK_STREAM),
+            "packet": (socket.AF_PACKET, socket.SOCK_RAW),
+            "raw": (socket.AF_INET, socket.SOCK_RAW),
+            "netlink": (socket.AF_NETLINK, socket.SOCK_RAW),
+        }.items():
+            out[name] = errno_of(lambda a=args: socket.socket(*a).close())
+        return out
+
+    ci = confined(tmp_path, "ci-runner", probe)
+    assert ci == {
+        "unix": 0,
+        "inet": 0,
+        "packet": errno.EPERM,
+        "raw": errno.EPERM,
+        "netlink": errno.EPERM,
+    }
+    hostile = confined(tmp_path, "hostile-tenant", probe)
+    assert hostile["unix"] == 0
+    assert hostile["inet"] == errno.EPERM and hostile["packet"] == errno.EPERM
+
+
+def test_tiocsti_is_refused_even_with_high_bits_set(tmp_path):
+    def probe():
+        fd = os.open("/dev/null", os.O_RDONLY)
+        char = ctypes.c_char(b"x")
+        plain = libc.ioctl(fd, ctypes.c_ulong(0x5412), ctypes.byref(char))
+        e1 = ctypes.get_errno() if plain < 0 else 0
+        high = libc.ioctl(fd, ctypes.c_ulong(0x1_0000_5412), ctypes.byref(char))
+        e2 = ctypes.get_errno() if high < 0 else 0
+        other = libc.ioctl(
+            fd, ctypes.c_ulong(0x5401), ctypes.byref(ctypes.create_string_buffer(64))
+        )
+        e3 = ctypes.get_errno() if other < 0 else 0
+        return [e1, e2, e3]
+
+    tiocsti, tiocsti_high, tcgets = confined(tmp_path, "ci-runner", probe)
+    assert tiocsti == errno.EPERM and tiocsti_high == errno.EPERM
+    assert tcgets == errno.ENOTTY  # an allowed ioctl reaches the driver
+
+
+def test_capabilities_all_dropped(tmp_path):
+    def probe():
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+        return {
+            k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
+        } | {"NoNewPrivs": int(status["NoNewPrivs"]), "Seccomp": int(status["Seccomp"])}
+
+    result = confined(tmp_path, "ci-runner", probe)
+    assert result == {
+        "CapInh": 0,
+        "CapPrm": 0,
+        "CapEff": 0,
+        "CapBnd": 0,
+        "CapAmb": 0,
+        "NoNewPrivs": 1,
+        "Seccomp": 2,
+    }
+
+
+def test_capabilities_ceiling_keeps_only_what_profile_and_config_both_grant(tmp_path):
+    def probe():
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":\t", 1) for line in f if ":\t" in line)
+        return int(status["CapEff"], 16), int(status["CapBnd"], 16)
+
+    # default config asks for AUDIT_WRITE, KILL, NET_BIND_SERVICE; web-server allows only the last.
+    eff, bnd = confined(tmp_path, "web-server", probe)
+    assert eff == bnd == 1 << 10
+
+
+def test_cap_last_cap_comes_from_the_kernel():
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        assert capabilities.last_cap() == int(f.read())
+
+
+def test_landlock_denies_writes_outside_the_writable_set(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    other = tmp_path / "other"
+    other.mkdir()
+
+    def probe():
+        def write(path):
+            with open(path, "w") as f:
+                f.write("x")
+
+        return {
+            "allowed": errno_of(lambda: write(allowed / "f")),
+            "other": errno_of(lambda: write(other / "f")),
+            "read_other": errno_of(lambda: os.listdir(other)),
+            "mknod": errno_of(
+                lambda: os.mknod(allowed / "dev", 0o600 | 0o020000, os.makedev(1, 3))
+            ),
+            "mkfifo_allowed": errno_of(lambda: os.mkfifo(allowed / "fifo")),
+        }
+
+    result = confined(tmp_path, "ci-runner", probe, writable=[str(allowed), "/dev/null"])
+    assert result["allowed"] == 0
+    assert result["other"] == errno.EACCES
+    assert result["read_other"] == 0
+    assert result["mknod"] in (errno.EPERM, errno.EACCES)
+    assert result["mkfifo_allowed"] == 0
+    assert not (other / "f").exists()
+
+
+def test_landlock_abi_detected():
+    assert landlock.abi_version() >= 1
+
+
+def test_profile_without_landlock_refuses_when_required(tmp_path, monkeypatch):
+    profile = security.resolve_profile("ci-runner", {})
+    spec = make_spec(tmp_path)
+    spec.linux.namespaces = []
+    monkeypatch.setattr(landlock, "abi_version", lambda: 0)  # a kernel without Landlock
+    with pytest.raises(security.SecurityLayerError, match="landlock"):
+        security.prepare(spec, profile)
+    dev = security.resolve_profile("development", {})
+    plan = security.prepare(spec, dev)
+    assert plan.landlock is None and plan.notes
+
+
+def test_verbose_logs_denied_mount_as_json(tmp_path):
+    log = tmp_path / "denied.log"
+
+    def probe():
+        return sys_errno(NR["mount"], 0, 0, 0, 0, 0)
+
+    assert confined(tmp_path, "ci-runner", probe, verbose=True, log_path=str(log)) == errno.EPERM
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    mounts = [r for r in records if r["syscall"] == "mount"]
+    assert mounts, records
+    assert mounts[0]["nr"] == NR["mount"] and mounts[0]["verdict"] == "EPERM"
+    assert mounts[0]["profile"] == "ci-runner" and mounts[0]["pid"] > 0
+    assert len(mounts[0]["args"]) == 6 and mounts[0]["command"]
+
+
+def test_seccomp_cache_is_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(seccomp, "CACHE_DIR", str(tmp_path / "cache"))
+    profile = profiles.load_profile("ci-runner")
+    first = seccomp.profile_program(profile)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    monkeypatch.setattr(seccomp, "_compile_profile", lambda *a: pytest.fail("recompiled"))
+    assert seccomp.profile_program(profile).bpf == first.bpf
+
+
+def test_foreign_architecture_is_killed(tmp_path):
+    def probe():
+        libc.mmap.restype = ctypes.c_void_p
+        mem = libc.mmap(None, 4096, 7, 0x22, -1, 0)  # rwx, private, anonymous
+        pid = os.fork()
+        if pid == 0:
+            # int 0x80 (the i386 ABI; getpid = 20): not the native arch, so killed.
+            code = bytes.fromhex("b814000000cd80c3")  # mov eax,20; int 0x80; ret
+            ctypes.memmove(mem, code, len(code))
+            ctypes.CFUNCTYPE(ctypes.c_int)(mem)()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status)
+
+    assert confined(tmp_path, "ci-runner", probe) == 31  # SIGSYS
