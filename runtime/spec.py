@@ -114,9 +114,11 @@ PROPAGATIONS = (
 # Mount options that are flags (mount(2) flags, mount_setattr(2) recursive
 # attributes, propagation, idmap); anything else is passed to the filesystem as data.
 MOUNT_FLAG_OPTIONS = (
+    "acl",
     "async",
     "atime",
     "bind",
+    "defaults",
     "defaults",
     "dev",
     "diratime",
@@ -130,6 +132,7 @@ MOUNT_FLAG_OPTIONS = (
     "noatime",
     "nodev",
     "nodiratime",
+    "noacl",
     "noexec",
     "noiversion",
     "nolazytime",
@@ -167,7 +170,9 @@ MOUNT_FLAG_OPTIONS = (
     "suid",
     "symfollow",
     "sync",
+    "tmpcopyup",
 ) + PROPAGATIONS
+_MOUNT_FLAG_OPTION_SET = frozenset(MOUNT_FLAG_OPTIONS)
 
 SECCOMP_ACTIONS = (
     "SCMP_ACT_ALLOW",
@@ -1014,6 +1019,15 @@ def _parse_mount(m, parent: str, index: int, bundle: str) -> Mount:
     if mount.is_bind:
         if not source:
             raise _Bad(path, "source", "is required for a bind mount")
+        for i, opt in enumerate(options):
+            if opt not in _MOUNT_FLAG_OPTION_SET:
+                # The kernel ignores filesystem data on a bind mount: an unknown option
+                # (a typo like "readonly") would be dropped without a word.
+                raise _Bad(
+                    _join(path, "options"),
+                    i,
+                    f"unknown mount option {opt!r} (a bind mount takes only mount flags)",
+                )
         if not source.startswith("/"):
             # The OCI spec: a relative bind source is relative to the bundle.
             mount.source = os.path.normpath(os.path.join(bundle, source))

@@ -605,6 +605,18 @@ BAD_CONFIGS = {
         _delete("mounts[0].type"),
         r"mounts\[0\].type: is required unless options contain bind",
     ),
+    "bind with a typo option": (
+        _append(
+            "mounts", {"destination": "/x", "source": "/tmp", "options": ["rbind", "readonly"]}
+        ),
+        r"mounts\[7\].options\[1\]: unknown mount option 'readonly' \(a bind mount takes only mount flags\)",
+    ),
+    "bind with a propagation typo": (
+        _append(
+            "mounts", {"destination": "/x", "type": "bind", "source": "/tmp", "options": ["rshare"]}
+        ),
+        r"mounts\[7\].options\[0\]: unknown mount option 'rshare'",
+    ),
     "bind without source": (
         _append("mounts", {"destination": "/x", "options": ["bind"]}),
         r"mounts\[7\].source: is required for a bind mount",
