@@ -539,3 +539,52 @@ def test_socket_address_forms():
     assert socket_address("/run/x.sock") == "/run/x.sock"
     assert socket_address("unix://\0abc") == b"\0abc"
     assert socket_address("@abc") == b"\0abc"
+
+
+def test_serving_an_inherited_listener_leaves_it_to_its_owner():
+    """The shim's `start` binds the socket and its daemon serves it (Server.start(sock=))."""
+
+    async def main():
+        directory = tempfile.mkdtemp(prefix="zviz-ttrpc-")
+        path = os.path.join(directory, "s.sock")
+        listener = listen(path)
+        server = Server()
+        server.register(Task())
+        await server.start(sock=listener)
+        async with await Client.connect("unix://" + path) as client:
+            assert (
+                await shim_ttrpc.TaskClient(client).State(shim_pb2.StateRequest(id="i"))
+            ).id == "i"
+        waiter = asyncio.create_task(server.wait_closed())
+        await server.shutdown()
+        await waiter
+        assert os.path.exists(path)  # not the server's to remove
+        shutil.rmtree(directory)
+
+    run(main())
+
+
+def test_server_deadline_message_names_the_method():
+    async def main():
+        async with serving() as (_, _, address):
+            request = ttrpc_pb2.Request(
+                service="containerd.task.v2.Task", method="Wait", timeout_nano=1_000_000
+            )
+            _, _, response = await raw_call(address, request_frame(1, request))
+            assert response.status.code == Code.DEADLINE_EXCEEDED
+            assert response.status.message == "containerd.task.v2.Task/Wait: deadline exceeded"
+
+    run(main())
+
+
+def test_stream_ids_stay_odd_and_wrap_past_2_to_the_32():
+    async def main():
+        async with serving() as (_, _, address):
+            async with await Client.connect(address) as client:
+                client._next_stream_id = 2**32 - 3
+                task = shim_ttrpc.TaskClient(client)
+                for name in ("a", "b", "c"):
+                    assert (await task.State(shim_pb2.StateRequest(id=name))).id == name
+                assert client._next_stream_id == 3  # ... 2**32-3, 2**32-1, then 1
+
+    run(main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import shutil
 import tempfile
@@ -385,3 +386,51 @@ def test_client_survives_a_server_speaking_nonsense():
         shutil.rmtree(directory)
 
     run(main())
+
+
+def test_memory_stays_flat_under_repeated_abuse():
+    """Thousands of failing, garbage and abandoned calls leave no memory behind."""
+
+    async def main():
+        async with hostile_setting() as (_, service, address, good):
+            task = shim_ttrpc.TaskClient(good)
+
+            async def round_of_abuse():
+                reader, writer = await raw(address)
+                garbage = b"\xff\xff\xff"
+                for stream_id in range(1, 200, 2):
+                    writer.write(HEADER.pack(len(garbage), stream_id, TYPE_REQUEST, 0) + garbage)
+                for _ in range(1, 200, 2):
+                    await read_response(reader)
+                writer.write(HEADER.pack(2, 1, 9, 0) + b"\x00\x00")  # then a protocol violation
+                assert await closed_by_server(reader)
+                writer.close()
+                for _ in range(50):
+                    await task.State(shim_pb2.StateRequest(id="s"))
+                    try:
+                        await task.Wait(shim_pb2.WaitRequest(id="w"), timeout=0.001)
+                    except Exception as exc:
+                        assert getattr(exc, "code", None) == Code.DEADLINE_EXCEEDED
+
+            for _ in range(3):  # warm caches and free lists
+                await round_of_abuse()
+            gc.collect()
+            # pytest keeps every log record it captures: silence ours while measuring.
+            logging.getLogger("api.ttrpc").disabled = True
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(10):
+                await round_of_abuse()
+            while service.running:
+                await asyncio.sleep(0.001)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+            tracemalloc.stop()
+            logging.getLogger("api.ttrpc").disabled = False
+            # 10 rounds are ~4000 frames and calls: 32 KiB is under 10 bytes each.
+            assert grown < 32 * 1024, f"{grown} bytes stayed allocated"
+
+    try:
+        run(main())
+    finally:
+        logging.getLogger("api.ttrpc").disabled = False

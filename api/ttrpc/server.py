@@ -266,6 +266,7 @@ class _Connection(asyncio.Protocol):
         self._last_progress = 0.0
         self._stall_timer: asyncio.TimerHandle | None = None
         self._lost = False
+        self._aborted = False
 
     # ---- asyncio.Protocol -----------------------------------------------------------
 
@@ -338,7 +339,7 @@ class _Connection(asyncio.Protocol):
         """Dispatch buffered frames until none is complete or a limit says stop."""
         decoder = self.decoder
         limit = self.server.max_concurrent_requests
-        while not self._shutting_down:
+        while not (self._shutting_down or self._aborted):
             if self._writing_paused or len(self.tasks) >= limit:
                 self._pause_reading()
                 break
@@ -436,6 +437,14 @@ class _Connection(asyncio.Protocol):
             if asyncio.current_task().cancelling():
                 raise  # the connection or the server is going away: nobody to answer
             self._send_error(stream_id, TtrpcError(Code.CANCELLED, "handler was cancelled"))
+        except TimeoutError as exc:
+            if context.deadline is not None and self.loop.time() >= context.deadline:
+                error = TtrpcError(
+                    Code.DEADLINE_EXCEEDED, f"{method.service}/{method.name}: deadline exceeded"
+                )
+            else:
+                error = error_from_exception(exc)
+            self._send_error(stream_id, error)
         except Exception as exc:
             error = error_from_exception(exc)
             if error.code == Code.UNKNOWN:
@@ -511,6 +520,7 @@ class _Connection(asyncio.Protocol):
             self.transport.close()  # flushes queued responses first
 
     def abort(self, reason: str) -> None:
+        self._aborted = True
         if self.transport is not None and not self.transport.is_closing():
             log.warning(
                 "ttrpc: closing connection from pid %s: %s", self.peer and self.peer[0], reason
