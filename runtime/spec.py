@@ -258,6 +258,9 @@ IPC_SYSCTLS = frozenset(
     )
 )
 
+# cgroup v2 controllers whose files linux.resources.unified may write.
+UNIFIED_CONTROLLERS = ("cpu", "cpuset", "hugetlb", "io", "memory", "misc", "pids", "rdma")
+
 # The kernel accepts at most this many lines in /proc/<pid>/{u,g}id_map (since 4.15).
 MAX_ID_MAPPINGS = 340
 # HOST_NAME_MAX, and the same bound for the NIS domain name.
@@ -1380,12 +1383,19 @@ def _parse_resources(r: dict, path: str) -> Resources:
 
     res.unified = _string_map(r, "unified", path)
     for key in res.unified:
-        # Keys are file names in the cgroup directory: nothing may leave it.
-        if "/" in key or key.startswith(".") or "." not in key:
+        # Keys are file names in the cgroup directory: nothing may leave it, and only
+        # controller files: cgroup.procs or cgroup.subtree_control would let a config
+        # move processes or reshape the tree rather than set a limit.
+        if (
+            "/" in key
+            or key.partition(".")[0] not in UNIFIED_CONTROLLERS
+            or not key.partition(".")[2]
+        ):
             raise _Bad(
                 _map_entry(_join(path, "unified"), key),
                 None,
-                "must be a cgroup file name like memory.max",
+                "must be a controller file such as memory.max "
+                f"(controllers: {', '.join(UNIFIED_CONTROLLERS)})",
             )
 
     block_io = _opt_obj(r, "blockIO", path)

@@ -965,7 +965,15 @@ BAD_CONFIGS = {
     ),
     "unified escape": (
         _resources("unified", {"../memory.max": "1"}),
-        r'linux.resources.unified\["../memory.max"\]: must be a cgroup file name',
+        r'linux.resources.unified\["../memory.max"\]: must be a controller file',
+    ),
+    "unified cgroup.procs": (
+        _resources("unified", {"cgroup.procs": "1"}),
+        r'linux.resources.unified\["cgroup.procs"\]: must be a controller file such as memory.max',
+    ),
+    "unified controller only": (
+        _resources("unified", {"memory.": "1"}),
+        r'linux.resources.unified\["memory."\]: must be a controller file',
     ),
     "unified value int": (
         _resources("unified", {"memory.max": 1}),
@@ -1194,7 +1202,7 @@ def test_unified_key_with_dotted_name_reads_as_map_entry(bundle):
     config["linux"]["resources"]["unified"] = {"memory": "1"}
     with pytest.raises(
         InvalidArgument,
-        match=r'^config.json: linux.resources.unified\["memory"\]: must be a cgroup',
+        match=r'^config.json: linux.resources.unified\["memory"\]: must be a controller file',
     ):
         parse(config, bundle)
 
