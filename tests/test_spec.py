@@ -996,6 +996,10 @@ BAD_CONFIGS = {
         _set("linux.cgroupsPath")("/zviz/../../x"),
         "linux.cgroupsPath: must not contain '..'",
     ),
+    "cgroupsPath root": (
+        _set("linux.cgroupsPath")("//"),
+        "linux.cgroupsPath: must name a cgroup below the root",
+    ),
     "cgroupsPath int": (_set("linux.cgroupsPath")(1), "linux.cgroupsPath: must be a string"),
     "rootfsPropagation unknown": (
         _set("linux.rootfsPropagation")("rshared2"),
