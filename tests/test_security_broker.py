@@ -47,7 +47,7 @@ def test_connect_to_allowed_port_works_other_port_is_denied(tmp_path):
         out = {}
         for name, port in (("allowed", allowed_port), ("other", other_port)):
             s = socket.socket()
-            out[name] = errno_of(lambda p=port: s.connect(("127.0.0.1", p)))
+            out[name] = errno_of(lambda p=port, s=s: s.connect(("127.0.0.1", p)))
             s.close()
         return out
 
@@ -85,7 +85,7 @@ def test_bind_decided_by_profile(tmp_path):
         ):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            out[name] = errno_of(lambda p=port: s.bind(("127.0.0.1", p)))
+            out[name] = errno_of(lambda p=port, s=s: s.bind(("127.0.0.1", p)))
             s.close()
         ephemeral = socket.socket()
         out["ephemeral"] = errno_of(lambda: ephemeral.bind(("127.0.0.1", 0)))

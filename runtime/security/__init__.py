@@ -237,12 +237,29 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
     return rs
 
 
-def apply(plan: Plan, notify_channel: int | None) -> None:
-    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp."""
+def apply(plan: Plan, notify_channel=None) -> None:
+    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp.
+
+    notify_channel: the NotifyChannel from notify_channel() (or its container_fd) when
+    the profile needs a broker; anything else (None, the core's sync channel) is ignored.
+    """
     from runtime import linux
     from runtime.security import capabilities as caps
     from runtime.security import seccomp
 
+    if isinstance(notify_channel, NotifyChannel):
+        channel_fd = notify_channel.container_fd
+    elif isinstance(notify_channel, int):
+        channel_fd = notify_channel
+    else:
+        channel_fd = None
+    if any(p.listener for p in plan.programs) and channel_fd is None:
+        # Refuse before anything is loaded: with no broker the mediated calls would
+        # only ever fail, and --verbose would log nothing.
+        raise SecurityLayerError(
+            f"seccomp: profile {plan.profile_name} needs a broker (network mediation or "
+            "--verbose) but the runtime gave no notify channel"
+        )
     caps.drop(plan.capabilities, plan.cap_last_cap)
     try:
         linux.set_no_new_privs()
@@ -258,20 +275,15 @@ def apply(plan: Plan, notify_channel: int | None) -> None:
         fd = seccomp.load(program)
         if fd is not None:
             listener = fd
-    # From here on only write, read, close and execve (all allowed by every profile).
+    # The filter is live: from here on only write, read and close, then the caller's execve.
     if listener is not None:
-        if notify_channel is None:
-            os.close(listener)
-            raise SecurityLayerError(
-                "seccomp: the profile needs a broker but no notify channel was given"
-            )
-        os.write(notify_channel, b'{"listener_fd": %d}' % listener)
-        answer = os.read(notify_channel, 16)
+        os.write(channel_fd, b'{"listener_fd": %d}' % listener)
+        answer = os.read(channel_fd, 16)
+        # The workload must never hold the listener: it could answer its own calls.
         os.close(listener)
         if answer != b"ok":
             raise SecurityLayerError("seccomp: the broker did not take the notify fd")
-    if notify_channel is not None:
-        os.close(notify_channel)
+        os.close(channel_fd)
 
 
 @dataclass

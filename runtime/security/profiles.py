@@ -173,7 +173,11 @@ def _load_merged(path: str, seen: tuple[str, ...]) -> dict:
         raise InvalidArgument(f"{path}: profile.extends: must be a profile name or path")
     if _is_path(parent_name) and not os.path.isabs(parent_name):
         parent_name = os.path.join(os.path.dirname(path), parent_name)
-    parent = _load_merged(profile_path(parent_name), seen + (path,))
+    try:
+        parent_path = profile_path(parent_name)
+    except InvalidArgument as e:
+        raise InvalidArgument(f"{path}: profile.extends: {e}") from None
+    parent = _load_merged(parent_path, seen + (path,))
     merged = _merge(parent, data, path)
     # The child's name never comes from the parent.
     own_name = data.get("profile", {}).get("name") or os.path.basename(path).removesuffix(".toml")
@@ -433,9 +437,10 @@ def _check_syscall_names(p: Profile, path: str) -> None:
     from runtime.security import syscalls
 
     for key, names in (("allow", p.allow), ("deny", p.deny), ("hot", p.hot)):
-        for i, name in enumerate(names):
+        for name in names:
             if not syscalls.known(name):
-                raise InvalidArgument(f"{path}: seccomp.{key}[{i}]: unknown syscall {name!r}")
+                # The index would point into the merged list (parents included): name only.
+                raise InvalidArgument(f"{path}: seccomp.{key}: unknown syscall {name!r}")
 
 
 def _flatten(data, prefix=""):

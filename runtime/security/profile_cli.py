@@ -1,0 +1,185 @@
+"""`zviz profile list | show NAME | check FILE`: the profiles as a user sees them."""
+
+import json
+import sys
+
+from runtime.errors import ZvizError
+
+
+def add_subparser(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="list, show and check security profiles")
+    sub = p.add_subparsers(dest="profile_command", required=True)
+    sub.add_parser("list", help="the built-in profiles")
+    show = sub.add_parser("show", help="the effective policy of a profile (name or .toml path)")
+    show.add_argument("name")
+    show.add_argument("--format", choices=("text", "json"), default="text")
+    check = sub.add_parser("check", help="validate a profile file; exit 1 with the error if bad")
+    check.add_argument("file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        if args.profile_command == "list":
+            return _list()
+        if args.profile_command == "show":
+            return _show(args.name, args.format)
+        return _check(args.file)
+    except ZvizError as e:
+        print(f"zviz profile: {e}", file=sys.stderr)
+        return 1
+
+
+def _list() -> int:
+    from runtime.security.profiles import DEFAULT_PROFILE, list_profiles, load_profile
+
+    for name in list_profiles():
+        p = load_profile(name)
+        marks = []
+        if name == DEFAULT_PROFILE:
+            marks.append("default")
+        if p.unsafe:
+            marks.append("UNSAFE for production")
+        suffix = f" [{', '.join(marks)}]" if marks else ""
+        print(f"{name:16} {p.description}{suffix}")
+    return 0
+
+
+def effective(profile) -> dict:
+    """The policy as it is enforced: what each layer allows, denies and mediates."""
+    from runtime.security import syscalls
+
+    allow = sorted(n for n in profile.allow if n not in profile.mediate and syscalls.exists_here(n))
+    return {
+        "name": profile.name,
+        "source": profile.source,
+        "description": profile.description,
+        "unsafe": profile.unsafe,
+        "user_namespace": {
+            "required": profile.user_namespace,
+            "host_uid": profile.host_uid,
+            "host_gid": profile.host_gid,
+            "id_count": profile.id_count,
+        },
+        "capabilities": sorted(profile.capabilities),
+        "resources": {"pids_max": profile.pids_max, "memory_max": profile.memory_max},
+        "landlock": {
+            "required": profile.landlock_required,
+            "read_execute": ["/"],
+            "writable": list(profile.writable),
+            "writable_volumes": profile.writable_volumes,
+            "device_ioctl": list(profile.device_ioctl),
+            "tcp_bind": profile.tcp_bind,
+            "tcp_connect": profile.tcp_connect,
+            "scope_unix_and_signals": profile.landlock_scope,
+        },
+        "network": {
+            "mode": profile.network,
+            "egress": [_rule(r) for r in profile.egress],
+            "egress_deny": [str(r.network) for r in profile.egress_deny],
+            "bind": [_rule(r) for r in profile.bind],
+        },
+        "seccomp": {
+            "default_action": profile.default_action,
+            "allow": allow,
+            "allow_with_argument_filters": {
+                "clone": "no namespace flags",
+                "clone3": "ENOSYS (libc falls back to clone)",
+                "socket": list(profile.socket_families)
+                + [f"AF_NETLINK/{p}" for p in profile.netlink_protocols],
+                "ioctl": "all but TIOCSTI",
+                "personality": "denied" if "personality" in profile.deny else "safe personas only",
+            },
+            "deny_eperm": sorted(n for n in profile.deny if syscalls.exists_here(n)),
+            "broker": sorted(profile.mediate),
+            "foreign_architectures": "killed",
+        },
+    }
+
+
+def _rule(rule) -> dict:
+    return {"cidr": str(rule.network), "ports": sorted(rule.ports) or "any"}
+
+
+def _show(name: str, fmt: str) -> int:
+    from runtime.security.profiles import load_profile
+
+    data = effective(load_profile(name))
+    if fmt == "json":
+        print(json.dumps(data, indent=2))
+        return 0
+    sc = data["seccomp"]
+    print(f"profile {data['name']} ({data['source']})")
+    if data["unsafe"]:
+        print("  UNSAFE: not for code you did not write")
+    print(f"  {data['description']}")
+    u = data["user_namespace"]
+    print(
+        f"user namespace: {'required' if u['required'] else 'optional'}, container 0 -> host "
+        f"{u['host_uid']}:{u['host_gid']} x{u['id_count']}"
+    )
+    print(f"capabilities (ceiling): {', '.join(data['capabilities']) or 'none'}")
+    print(
+        f"resources: pids {data['resources']['pids_max']}, memory {data['resources']['memory_max']}"
+    )
+    ll = data["landlock"]
+    print(
+        f"landlock: {'required' if ll['required'] else 'optional'}; writable: {', '.join(ll['writable'])}"
+    )
+    if ll["tcp_bind"] is not None or ll["tcp_connect"] is not None:
+        print(f"  tcp bind ports {ll['tcp_bind']}, tcp connect ports {ll['tcp_connect']}")
+    net = data["network"]
+    print(f"network: {net['mode']}")
+    for rule in net["egress"]:
+        print(f"  egress allow {rule['cidr']} ports {rule['ports']}")
+    if net["egress_deny"]:
+        print(f"  egress deny {', '.join(net['egress_deny'])}")
+    for rule in net["bind"]:
+        print(f"  bind allow {rule['cidr']} ports {rule['ports']}")
+    print(f"seccomp default: {sc['default_action']}")
+    print(f"seccomp allow ({len(sc['allow'])}): {' '.join(sc['allow'])}")
+    for name, what in sc["allow_with_argument_filters"].items():
+        print(f"seccomp allow {name}: {what}")
+    print(f"seccomp deny EPERM ({len(sc['deny_eperm'])}): {' '.join(sc['deny_eperm'])}")
+    print(f"seccomp broker: {' '.join(sc['broker']) or 'none'}")
+    return 0
+
+
+def _check(path: str) -> int:
+    from runtime.security import seccomp
+    from runtime.security.profiles import load_profile
+
+    if "/" not in path and not path.endswith(".toml"):
+        path = "./" + path
+    profile = load_profile(path)
+    try:
+        seccomp.profile_program(profile)
+    except OSError as e:
+        print(f"zviz profile: {path}: seccomp filter does not compile: {e}", file=sys.stderr)
+        return 1
+    warnings = []
+    if profile.unsafe:
+        warnings.append("marked unsafe for production")
+    if not profile.landlock_required:
+        warnings.append("runs without Landlock where the kernel lacks it")
+    if not profile.user_namespace:
+        warnings.append("no user namespace: container root is host root")
+    print(
+        f"{path}: ok (profile {profile.name}, {len(profile.allow)} allowed, {len(profile.deny)} denied)"
+    )
+    for w in warnings:
+        print(f"  warning: {w}")
+    return 0
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="zviz")
+    add_subparser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Profiles as data: loading, extending, validating, selecting, and what they do to a spec."""
+
+import pytest
+
+from runtime import security
+from runtime.errors import InvalidArgument
+from runtime.security import profile_cli, profiles
+from tests.test_security_layers import make_spec
+
+BUILT_IN = ["batch-job", "ci-runner", "development", "hostile-tenant", "web-server"]
+
+
+def test_built_in_profiles_load():
+    assert profiles.list_profiles() == BUILT_IN
+    for name in BUILT_IN:
+        p = profiles.load_profile(name)
+        assert p.name == name and p.allow and p.deny
+    assert profiles.load_profile("development").unsafe
+    assert not profiles.load_profile("ci-runner").unsafe
+
+
+def test_issue_requirements_hold_in_the_built_ins():
+    must_deny = {
+        "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "ptrace",
+        "process_vm_readv", "process_vm_writev", "kexec_load", "kexec_file_load", "init_module",
+        "finit_module", "delete_module", "bpf", "perf_event_open", "userfaultfd", "keyctl",
+        "add_key", "request_key", "open_by_handle_at", "name_to_handle_at", "reboot", "swapon",
+        "swapoff", "acct", "quotactl", "lookup_dcookie", "io_uring_setup", "io_uring_enter",
+        "io_uring_register", "clock_settime", "settimeofday", "adjtimex", "syslog", "iopl",
+        "ioperm", "mount_setattr", "fsopen", "fsmount", "move_mount", "open_tree", "pidfd_getfd",
+    }  # fmt: skip
+    for name in ("ci-runner", "hostile-tenant", "batch-job", "web-server"):
+        p = profiles.load_profile(name)
+        assert must_deny <= set(p.deny), (name, must_deny - set(p.deny))
+        assert not p.capabilities - {"CAP_NET_BIND_SERVICE"}
+    assert profiles.load_profile("batch-job").memory_max == 8 << 30
+    assert profiles.load_profile("batch-job").network == "none"
+    hostile = profiles.load_profile("hostile-tenant")
+    assert len(hostile.allow) < len(profiles.load_profile("ci-runner").allow)
+    assert hostile.network == "none" and hostile.pids_max <= 128
+    dev = profiles.load_profile("development")
+    assert "ptrace" in dev.allow and "ptrace" not in dev.deny
+    web = profiles.load_profile("web-server")
+    assert web.network == "namespace" and {"connect", "bind", "sendto", "sendmsg"} <= set(
+        web.mediate
+    )
+
+
+def test_extends_add_and_remove(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        '[profile]\nextends = "ci-runner"\n'
+        '[seccomp]\nallow_remove = ["mknod", "mknodat"]\ndeny_add = ["mknod"]\n'
+        "[resources]\npids_max = 10\n"
+    )
+    p = profiles.load_profile(str(path))
+    base = profiles.load_profile("ci-runner")
+    assert p.name == "mine" and p.pids_max == 10 and p.memory_max == base.memory_max
+    assert "mknod" not in p.allow and "mknod" in p.deny and "mknodat" not in p.allow
+    assert p.digest != base.digest
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[seccomp]\nallow = ['opne']\n", "seccomp.allow: unknown syscall 'opne'"),
+        ("[capabilities]\nallow = ['CAP_SYS_GOD']\n", "capabilities.allow[0]: unknown capability"),
+        ("[network]\nmode = 'host'\n", "network.mode: must be one of none, namespace"),
+        ("[network]\nmod = 'none'\n", "network.mod: unknown key"),
+        ("[nonsense]\n", "unknown table [nonsense]"),
+        ("[resources]\nmemory_max = 'lots'\n", "resources.memory_max: must be bytes or a size"),
+        ("[seccomp]\nallow = ['read']\ndeny = ['read']\n", "both allowed and denied: read"),
+        ("[user_namespace]\nhost_uid = 0\n", "unprivileged host id"),
+        ("[landlock]\nwritable = ['tmp']\n", "landlock.writable[0]: must be an absolute path"),
+        (
+            "[network]\nmode = 'namespace'\negress = [{cidr = 'nope'}]\n",
+            "egress[0].cidr: not a CIDR",
+        ),
+        ("[profile]\nextends = 'no-such-profile'\n", "unknown profile 'no-such-profile'"),
+        ("this is = = not toml", "not valid TOML"),
+    ],
+)
+def test_bad_profiles_are_refused_with_the_key_named(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument) as info:
+        profiles.load_profile(str(path))
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    (tmp_path / "a.toml").write_text("[profile]\nextends = 'b.toml'\n")
+    (tmp_path / "b.toml").write_text("[profile]\nextends = 'a.toml'\n")
+    with pytest.raises(InvalidArgument, match="extends itself"):
+        profiles.load_profile(str(tmp_path / "a.toml"))
+
+
+def test_selection_order_flag_then_annotation_then_default():
+    ann = {"io.zviz.profile": "batch-job"}
+    assert security.resolve_profile("hostile-tenant", ann).name == "hostile-tenant"
+    assert security.resolve_profile(None, ann).name == "batch-job"
+    assert security.resolve_profile(None, {}).name == "ci-runner"
+    with pytest.raises(InvalidArgument, match="unknown profile 'nope'"):
+        security.resolve_profile("nope", {})
+    with pytest.raises(InvalidArgument, match="unknown profile 'nope'"):
+        security.resolve_profile(None, {"io.zviz.profile": "nope"})
+
+
+def test_harden_spec_adds_user_and_network_namespaces_and_ceilings(tmp_path):
+    spec = make_spec(tmp_path)
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    spec.linux.resources.pids = None
+    profile = security.resolve_profile("ci-runner", {})
+    changes = security.harden_spec(spec, profile)
+    assert spec.linux.namespaces[0].type == "user"
+    assert spec.linux.creates_namespace("network")
+    m = spec.linux.uid_mappings[0]
+    assert (m.container_id, m.host_id, m.size) == (0, 100000, 65536)
+    assert (
+        spec.process.capabilities.bounding == []
+    )  # default config asks for 3: ci-runner allows none
+    assert spec.linux.resources.pids.limit == 4096
+    assert spec.linux.resources.memory.limit == 4 << 30
+    assert spec.process.no_new_privileges
+    assert any("capabilities beyond profile" in c for c in changes)
+
+
+def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):
+    spec = make_spec(tmp_path, resources={"pids": {"limit": 100000}, "memory": {"limit": 1 << 20}})
+    security.harden_spec(spec, security.resolve_profile("hostile-tenant", {}))
+    assert spec.linux.resources.pids.limit == 64
+    assert spec.linux.resources.memory.limit == 1 << 20
+
+
+def test_harden_spec_refuses_a_mapping_of_host_root(tmp_path):
+    spec = make_spec(
+        tmp_path,
+        uidMappings=[{"containerID": 0, "hostID": 0, "size": 1}],
+        gidMappings=[{"containerID": 0, "hostID": 0, "size": 1}],
+        namespaces=[{"type": t} for t in ("user", "mount", "pid", "uts")],
+    )
+    with pytest.raises(InvalidArgument, match="maps host uid 0"):
+        security.harden_spec(spec, security.resolve_profile("ci-runner", {}))
+
+
+def test_no_network_profile_replaces_a_joined_network_namespace(tmp_path):
+    spec = make_spec(tmp_path)
+    net = spec.linux.namespace("network")
+    net.path = "/proc/1/ns/net"
+    security.harden_spec(spec, security.resolve_profile("batch-job", {}))
+    assert spec.linux.namespace("network").path is None
+
+
+def test_cli_list_show_check(tmp_path, capsys):
+    assert profile_cli.main(["profile", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in BUILT_IN) and "UNSAFE" in out
+    assert profile_cli.main(["profile", "show", "web-server"]) == 0
+    out = capsys.readouterr().out
+    assert "seccomp broker: bind connect sendmmsg sendmsg sendto" in out
+    assert "seccomp deny EPERM" in out and " mount " in out
+    good = tmp_path / "good.toml"
+    good.write_text("[profile]\nextends = 'ci-runner'\n")
+    assert profile_cli.main(["profile", "check", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[seccomp]\ndefault_action = 'allow'\n")
+    assert profile_cli.main(["profile", "check", str(bad)]) == 1
+    assert "seccomp.default_action: must be one of" in capsys.readouterr().err
