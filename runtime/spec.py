@@ -878,8 +878,12 @@ def _parse_process(p, path: str) -> Process:
         if rtype in seen_rlimits:
             raise _Bad(r_path, "type", f"{rtype} is given twice")
         seen_rlimits.add(rtype)
-        soft = _opt_int(r, "soft", r_path, 0, _UINT64, 0)
-        hard = _opt_int(r, "hard", r_path, 0, _UINT64, 0)
+        for key in ("soft", "hard"):
+            # A missing limit read as 0 would quietly forbid the resource outright.
+            if r.get(key) is None:
+                raise _Bad(r_path, key, "is required (18446744073709551615 is unlimited)")
+        soft = _integer(r["soft"], r_path, "soft", 0, _UINT64)
+        hard = _integer(r["hard"], r_path, "hard", 0, _UINT64)
         if soft > hard:
             raise _Bad(r_path, "soft", f"must not exceed hard ({soft} > {hard})")
         rlimits.append(Rlimit(type=rtype, soft=soft, hard=hard))

@@ -527,6 +527,10 @@ BAD_CONFIGS = {
         _append("process.rlimits", {"type": "RLIMIT_NOFILE", "soft": 1, "hard": 1}),
         r"process.rlimits\[1\].type: RLIMIT_NOFILE is given twice",
     ),
+    "rlimit hard missing": (
+        _set("process.rlimits")([{"type": "RLIMIT_NOFILE", "soft": 1024}]),
+        r"process.rlimits\[0\].hard: is required",
+    ),
     "rlimit negative": (
         _set("process.rlimits")([{"type": "RLIMIT_CORE", "soft": -1, "hard": 0}]),
         r"process.rlimits\[0\].soft: must be an integer from 0",
