@@ -112,6 +112,7 @@ def test_forwarded_task_exit_arrives_through_containerd(containerd):
                 ctr_lines = asyncio.create_task(read_event_line(ctr.stdout, container_id))
                 for attempt in range(1000, 1300):
                     envelope = exit_envelope(containerd.namespace, container_id, attempt)
+                    sent[attempt] = envelope
                     await publisher.Forward(events_pb2.ForwardRequest(envelope=envelope))
                     done, _ = await asyncio.wait({ctr_lines}, timeout=0.1)
                     if done:
@@ -123,7 +124,8 @@ def test_forwarded_task_exit_arrives_through_containerd(containerd):
                 decoded = json.loads(brace + body)
                 assert decoded["container_id"] == container_id
                 assert decoded["pid"] == 4242
-                assert decoded["exit_status"] >= 1000
+                # Any of the events sent (ctr may have subscribed before the first).
+                assert decoded.get("exit_status", 0) in sent  # Go omits a zero
         finally:
             subscriber.cancel()
             ctr.kill()

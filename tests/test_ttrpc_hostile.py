@@ -63,6 +63,8 @@ async def hostile_setting() -> AsyncIterator[tuple[Server, Task, str, Client]]:
     server.register(service)
     await server.start(address)
     good = await Client.connect(address)
+    # Its first call makes it an established (and from then on idle) connection.
+    assert (await shim_ttrpc.TaskClient(good).State(shim_pb2.StateRequest(id="hi"))).id == "hi"
     try:
         yield server, service, address, good
         # The well-behaved connection is still served after the attack.
@@ -174,23 +176,27 @@ def test_truncated_header_then_hangup():
 def test_stalled_frame_loses_its_connection(caplog):
     async def main():
         async with hostile_setting() as (_, _, address, _):
+            # Connects and says nothing at all.
+            reader0, writer0 = await raw(address)
             # Half a header, then nothing.
             reader, writer = await raw(address)
             writer.write(b"\x00\x00")
             # Half a body, then nothing.
             reader2, writer2 = await raw(address)
             writer2.write(state_request(1)[:15])
+            assert await closed_by_server(reader0)
             assert await closed_by_server(reader)
             assert await closed_by_server(reader2)
-            writer.close()
-            writer2.close()
+            for w in (writer0, writer, writer2):
+                w.close()
 
     run(main())
-    assert caplog.text.count("peer stalled") == 2
+    assert caplog.text.count("peer stalled") == 3
 
 
 def test_idle_connection_is_kept():
-    """containerd keeps its connection to a shim open between calls: idle is not stalled."""
+    """containerd keeps its connection to a shim open between calls: once a peer has
+    spoken, idle is not stalled."""
 
     async def main():
         async with hostile_setting() as (_, _, address, good):

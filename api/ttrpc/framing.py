@@ -90,7 +90,10 @@ class FrameDecoder:
         end = HEADER_SIZE + length
         if len(buffer) < end:
             return None
-        payload = bytes(buffer[HEADER_SIZE:end])
+        # One copy out of the buffer (slicing the bytearray would copy twice); the view is
+        # released before the buffer is resized.
+        with memoryview(buffer) as view:
+            payload = view[HEADER_SIZE:end].tobytes()
         del buffer[:end]
         return Frame(stream_id, frame_type, flags, payload)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import socket
@@ -95,8 +96,9 @@ class Server:
 
     `require_same_user` (default True) serves only peers whose SO_PEERCRED uid is this
     process's effective uid: the shim trusts its callers, so strangers are refused at
-    connect time. Idle connections stay open as long as the peer likes (containerd keeps
-    its shim connections between calls); `max_connections` bounds how many.
+    connect time. A peer must send its first frame within `stall_timeout` of connecting;
+    after that, idle connections stay open as long as the peer likes (containerd keeps its
+    shim connections between calls); `max_connections` bounds how many.
     """
 
     def __init__(
@@ -139,7 +141,7 @@ class Server:
         table: dict[str, _Method] = {}
         for method_name, (request_type, response_type) in methods.items():
             handler = getattr(service, method_name, None)
-            if handler is None or not asyncio.iscoroutinefunction(handler):
+            if handler is None or not inspect.iscoroutinefunction(handler):
                 raise TypeError(
                     f"ttrpc: {type(service).__name__}.{method_name} must be an async method"
                 )
@@ -267,6 +269,7 @@ class _Connection(asyncio.Protocol):
         self._stall_timer: asyncio.TimerHandle | None = None
         self._lost = False
         self._aborted = False
+        self._seen_frame = False
 
     # ---- asyncio.Protocol -----------------------------------------------------------
 
@@ -299,6 +302,9 @@ class _Connection(asyncio.Protocol):
             transport.abort()
             return
         server._connections.add(self)
+        # A peer that connects must speak: containerd calls right after dialing.
+        self._last_progress = self.loop.time()
+        self._arm_stall_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -347,6 +353,7 @@ class _Connection(asyncio.Protocol):
             if event is None:
                 self._resume_reading()
                 break
+            self._seen_frame = True
             if type(event) is Oversized:
                 self._send_error(
                     event.stream_id,
@@ -495,11 +502,13 @@ class _Connection(asyncio.Protocol):
         self._stall_timer = None
         if self._lost:
             return
-        # A partial frame that stopped arriving, or a peer that stopped reading our
-        # responses. Waiting on our own handlers (reading paused at the request limit)
-        # is not the peer's fault.
-        waiting_on_peer = self._writing_paused or (
-            self.decoder.mid_frame and not self._reading_paused
+        # A peer that connected and never sent a whole frame, a partial frame that
+        # stopped arriving, or a peer that stopped reading our responses. Waiting on our
+        # own handlers (reading paused at the request limit) is not the peer's fault.
+        waiting_on_peer = (
+            self._writing_paused
+            or not self._seen_frame
+            or (self.decoder.mid_frame and not self._reading_paused)
         )
         if not waiting_on_peer:
             return
