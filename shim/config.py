@@ -121,7 +121,10 @@ def decode_runtime_options(data: bytes) -> str | None:
     if not type_url.endswith("runtimeoptions.v1.Options"):
         return None
     inner = _length_delimited_fields(fields.get(2, b""))
-    path = inner.get(2, b"").decode()
+    try:
+        path = inner.get(2, b"").decode()
+    except UnicodeDecodeError:
+        raise ConfigError("runtime options: config_path is not UTF-8") from None
     return path or None
 
 
@@ -135,6 +138,8 @@ def _length_delimited_fields(data: bytes) -> dict[int, bytes]:
             _, i = _varint(data, i)
         elif wire_type == 2:
             length, i = _varint(data, i)
+            if i + length > len(data):
+                raise ConfigError("runtime options: truncated protobuf")
             fields[number] = data[i : i + length]
             i += length
         elif wire_type == 1:

@@ -1,0 +1,212 @@
+"""containerd with zviz's shim beside runc and gVisor: cold start and memory per container.
+
+    python -m bench shim
+
+- cold start: `ctr run --rm IMAGE ID /bin/true`, RUNS runs per runtime, interleaved
+  (zviz, runc, gVisor, zviz, ...) so drift on the machine hits all alike; median and p90.
+  One warm-up run per runtime is not counted (image unpack, page cache); zviz's
+  warm-up is also where its shim daemon starts, and is printed on its own line.
+- memory: PSS of every shim and runtime process while MEMORY_CONTAINERS containers run
+  `sleep`, divided by their number (PSS splits shared pages fairly between processes).
+- `start`: wall time of `containerd-shim-zviz-v2 start` when its daemon is running.
+
+gVisor runs through containerd's runc shim with `--runc-binary` pointing at a wrapper
+that execs `runsc --network=none --ignore-cgroups`.
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from tools.containerd import PrivateContainerd, runsc_wrapper
+from tools.mkimage import DEFAULT_REF, build_image
+
+RUNS = 20
+MEMORY_CONTAINERS = 10
+ZVIZ = "io.containerd.zviz.v2"
+RUNC = "io.containerd.runc.v2"
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def _runtimes(wrapper: str | None) -> dict[str, list[str]]:
+    runtimes = {"zviz": ["--runtime", ZVIZ], "runc": ["--runtime", RUNC]}
+    if wrapper:
+        runtimes["gvisor"] = ["--runtime", RUNC, "--runc-binary", wrapper]
+    return runtimes
+
+
+def _run_once(containerd: PrivateContainerd, flags: list[str], container_id: str) -> float:
+    started = time.perf_counter()
+    result = containerd.ctr(
+        "run", "--rm", *flags, DEFAULT_REF, container_id, "/bin/true", check=False, timeout=120
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"ctr run {flags} failed: {result.stderr.strip()}")
+    return elapsed
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _processes(match) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if match(cmdline):
+            pids.append(int(entry))
+    return pids
+
+
+def _runtime_processes(name: str, containerd: PrivateContainerd) -> list[int]:
+    address = containerd.address
+    if name == "zviz":
+        # The shim daemon, and what it forked that is not a workload (seccomp brokers).
+        return _processes(lambda c: "containerd-shim-zviz-v2" in c and address in c)
+    shims = _processes(lambda c: "containerd-shim-runc-v2" in c and address in c)
+    if name == "gvisor":
+        return shims + _processes(lambda c: "runsc" in c and containerd.namespace in c)
+    return shims
+
+
+def _memory_per_container(containerd: PrivateContainerd, name: str, flags: list[str]) -> float:
+    ids = [f"zviz-bench-mem-{name}-{i}" for i in range(MEMORY_CONTAINERS)]
+    try:
+        for container_id in ids:
+            result = containerd.ctr(
+                "run", "-d", *flags, DEFAULT_REF, container_id, "sleep", "600", check=False
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"{name}: ctr run -d failed: {result.stderr.strip()}")
+        time.sleep(1.0)  # let lazily-touched pages settle before measuring
+        pids = _runtime_processes(name, containerd)
+        total = sum(_pss_kib(pid) for pid in pids)
+        return total / MEMORY_CONTAINERS / 1024.0
+    finally:
+        for container_id in ids:
+            containerd.ctr("tasks", "kill", "-a", "-s", "SIGKILL", container_id, check=False)
+        for container_id in ids:
+            for _ in range(100):
+                state = containerd.ctr("tasks", "ls", check=False).stdout
+                if f"{container_id} " not in state or "STOPPED" in _line_of(state, container_id):
+                    break
+                time.sleep(0.05)
+            containerd.ctr("tasks", "delete", "-f", container_id, check=False)
+            containerd.ctr("containers", "delete", container_id, check=False)
+
+
+def _line_of(text: str, container_id: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(container_id + " "):
+            return line
+    return ""
+
+
+def _shim_start_seconds(containerd: PrivateContainerd, runs: int) -> list[float]:
+    """Wall time of `containerd-shim-zviz-v2 start` for a container whose group daemon runs."""
+    shim = os.path.join(os.path.dirname(sys.executable), "containerd-shim-zviz-v2")
+    holder = "zviz-bench-start-holder"
+    containerd.ctr("run", "-d", "--runtime", ZVIZ, DEFAULT_REF, holder, "sleep", "600", check=True)
+    bundle = tempfile.mkdtemp(prefix="zviz-bench-start-")
+    times = []
+    try:
+        with open(os.path.join(bundle, "config.json"), "w") as f:
+            json.dump({"annotations": {}}, f)
+        env = dict(containerd.env, TTRPC_ADDRESS=containerd.ttrpc_address)
+        args = [shim, "-namespace", containerd.namespace, "-address", containerd.address]
+        args += ["-publish-binary", "containerd", "-id", "zviz-bench-start", "start"]
+        for _ in range(runs):
+            started = time.perf_counter()
+            subprocess.run(
+                args, cwd=bundle, env=env, check=True, capture_output=True, stdin=subprocess.DEVNULL
+            )
+            times.append(time.perf_counter() - started)
+        subprocess.run(
+            [*args[:-1], "-bundle", bundle, "delete"], cwd=bundle, env=env, capture_output=True
+        )
+    finally:
+        shutil.rmtree(bundle, ignore_errors=True)
+        containerd.ctr("tasks", "kill", "-a", "-s", "SIGKILL", holder, check=False)
+        time.sleep(0.2)
+        containerd.ctr("tasks", "delete", "-f", holder, check=False)
+        containerd.ctr("containers", "delete", holder, check=False)
+    return times
+
+
+def main() -> None:
+    containerd = PrivateContainerd(debug=False).start()
+    workdir = tempfile.mkdtemp(prefix="zviz-bench-shim-")
+    try:
+        archive = os.path.join(workdir, "busybox.tar")
+        build_image(archive, DEFAULT_REF)
+        containerd.import_image(archive)
+        wrapper = runsc_wrapper(workdir) if shutil.which("runsc") else None
+        runtimes = _runtimes(wrapper)
+        if wrapper is None:
+            print("gVisor: runsc not found, skipped")
+
+        warmup = {}
+        for name, flags in runtimes.items():
+            warmup[name] = _run_once(containerd, flags, f"zviz-bench-warm-{name}")
+        times: dict[str, list[float]] = {name: [] for name in runtimes}
+        for i in range(RUNS):
+            for name, flags in runtimes.items():
+                times[name].append(_run_once(containerd, flags, f"zviz-bench-cold-{name}-{i}"))
+
+        memory = {
+            name: _memory_per_container(containerd, name, flags) for name, flags in runtimes.items()
+        }
+        start_times = _shim_start_seconds(containerd, RUNS)
+
+        base_median = statistics.median(times["runc"])
+        base_memory = memory["runc"]
+        print(f"cold start: ctr run --rm {DEFAULT_REF} ID /bin/true, {RUNS} runs each, interleaved")
+        print(
+            f"{'runtime':<8} {'median ms':>10} {'p90 ms':>8} {'vs runc':>8}   {'PSS MiB/ctr':>11} {'vs runc':>8}"
+        )
+        for name in runtimes:
+            median = statistics.median(times[name])
+            p90 = _percentile(times[name], 0.9)
+            print(
+                f"{name:<8} {median * 1000:>10.1f} {p90 * 1000:>8.1f} {median / base_median:>7.2f}x"
+                f"   {memory[name]:>11.2f} {memory[name] / base_memory:>7.2f}x"
+            )
+        print(f"zviz first run (starts the shim daemon): {warmup['zviz'] * 1000:.1f} ms")
+        print(
+            f"containerd-shim-zviz-v2 start (daemon running): median {statistics.median(start_times) * 1000:.1f} ms,"
+            f" p90 {_percentile(start_times, 0.9) * 1000:.1f} ms"
+        )
+        print(
+            f"memory: PSS of shim and runtime processes with {MEMORY_CONTAINERS} containers running, / {MEMORY_CONTAINERS}"
+        )
+    finally:
+        containerd.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""containerd driving zviz's shim exactly as users do, with `ctr`.
+
+Every scenario runs twice in the same session: with io.containerd.zviz.v2 and with
+io.containerd.runc.v2, so a scenario that only passes for zviz is a broken test,
+not a feature.
+"""
+
+import asyncio
+import fcntl
+import itertools
+import json
+import os
+import select
+import signal
+import struct
+import subprocess
+import termios
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from api.gen.containerd.task.v2 import shim_pb2
+from api.ttrpc import Client
+
+pytestmark = pytest.mark.containerd
+
+ZVIZ = "io.containerd.zviz.v2"
+RUNC = "io.containerd.runc.v2"
+_ids = itertools.count()
+
+
+@pytest.fixture(params=[ZVIZ, RUNC], ids=["zviz", "runc"])
+def runtime(request):
+    return request.param
+
+
+@pytest.fixture
+def new_id(runtime):
+    short = "zviz" if runtime == ZVIZ else "runc"
+
+    def make() -> str:
+        return f"zviz-shim-{short}-{os.getpid()}-{next(_ids)}"
+
+    return make
+
+
+@pytest.fixture
+def ctr(containerd, busybox_image, runtime):
+    """ctr(args...) with --runtime filled in for `run`; every container made is removed after."""
+    made: list[str] = []
+
+    def run_ctr(*args, check=False, timeout=60, input=None):
+        args = list(args)
+        if args and args[0] == "run":
+            args = ["run", "--runtime", runtime, *args[1:]]
+            made.append(_container_id_of(args))
+        return containerd.ctr(*args, check=check, timeout=timeout, input=input)
+
+    run_ctr.made = made
+    yield run_ctr
+    for container_id in made:
+        _remove(containerd, container_id)
+
+
+def _remove(containerd, container_id: str) -> None:
+    """Whatever a test left of a container: its task (killed) and the container record."""
+    containerd.ctr("tasks", "kill", "-a", "-s", "SIGKILL", container_id, check=False)
+    _wait_task_state(containerd, container_id, {"STOPPED", None}, timeout=20)
+    containerd.ctr("tasks", "delete", "-f", container_id, check=False, timeout=30)
+    containerd.ctr("containers", "delete", container_id, check=False)
+
+
+def _container_id_of(args: list[str]) -> str:
+    # `run [flags] IMAGE ID [cmd...]`: the id follows the image ref.
+    words = [a for a in args[1:] if not a.startswith("-")]
+    for i, word in enumerate(words):
+        if ":" in word and "/" in word:
+            return words[i + 1]
+    raise AssertionError(f"no container id in {args}")
+
+
+def _task_state(containerd, container_id: str) -> tuple[str | None, int]:
+    out = containerd.ctr("tasks", "ls", check=False).stdout
+    for line in out.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == container_id:
+            return fields[2], int(fields[1])
+    return None, 0
+
+
+def _wait_task_state(containerd, container_id: str, wanted: set, timeout: float = 30) -> str | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        state, _ = _task_state(containerd, container_id)
+        if state in wanted or time.monotonic() > deadline:
+            return state
+        time.sleep(0.05)
+
+
+def _shim_pid(containerd, container_id: str) -> int:
+    """The pid of the shim serving `container_id`, asked over its own socket (Connect)."""
+    bundle = os.path.join(
+        containerd.state, "io.containerd.runtime.v2.task", containerd.namespace, container_id
+    )
+    with open(os.path.join(bundle, "address")) as f:
+        address = f.read().strip()
+
+    async def connect():
+        client = await Client.connect(address, timeout=10)
+        try:
+            return await client.call(
+                "containerd.task.v2.Task",
+                "Connect",
+                shim_pb2.ConnectRequest(id=container_id),
+                shim_pb2.ConnectResponse,
+                timeout=10,
+            )
+        finally:
+            await client.close()
+
+    return asyncio.run(connect()).shim_pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# ---- run --rm -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_code_passes_through(ctr, busybox_image, new_id, code):
+    result = ctr("run", "--rm", busybox_image, new_id(), "sh", "-c", f"exit {code}")
+    assert result.returncode == code, result.stderr
+
+
+def test_killed_task_exits_137(containerd, ctr, busybox_image, new_id, runtime):
+    container_id = new_id()
+    ctr.made.append(container_id)
+    run = subprocess.Popen(
+        [
+            "ctr",
+            "--address",
+            containerd.address,
+            "-n",
+            containerd.namespace,
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            busybox_image,
+            container_id,
+            "sleep",
+            "1000",
+        ],
+        env=containerd.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+        containerd.ctr("tasks", "kill", "-s", "SIGKILL", container_id)
+        _, err = run.communicate(timeout=60)
+        assert run.returncode == 137, err
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def test_stdout_and_stderr_arrive(ctr, busybox_image, new_id):
+    result = ctr("run", "--rm", busybox_image, new_id(), "sh", "-c", "echo to-out; echo to-err >&2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "to-out\n"
+    assert "to-err\n" in result.stderr
+
+
+def test_stdin_reaches_the_task_and_ends(containerd, ctr, busybox_image, new_id, runtime):
+    container_id = new_id()
+    ctr.made.append(container_id)
+    run = subprocess.Popen(
+        [
+            "ctr",
+            "--address",
+            containerd.address,
+            "-n",
+            containerd.namespace,
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            busybox_image,
+            container_id,
+            "sh",
+            "-c",
+            "cat; echo done",
+        ],
+        env=containerd.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # ctr only turns stdin's EOF into CloseIO once the task exists: write after that.
+        assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+        out, err = run.communicate(b"piped-in\n", timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err
+    assert out == b"piped-in\ndone\n"
+
+
+def test_environment_and_bind_mount(ctr, busybox_image, new_id, tmp_path):
+    (tmp_path / "greeting").write_text("from-the-host\n")
+    result = ctr(
+        "run",
+        "--rm",
+        "--env",
+        "ZVIZ_SHIM_TEST=hello",
+        "--mount",
+        f"type=bind,src={tmp_path},dst=/data,options=rbind:rw",
+        busybox_image,
+        new_id(),
+        "sh",
+        "-c",
+        "echo $ZVIZ_SHIM_TEST; cat /data/greeting; echo from-the-container > /data/reply",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hello", "from-the-host"]
+    assert (tmp_path / "reply").read_text() == "from-the-container\n"
+
+
+def test_terminal(containerd, ctr, busybox_image, new_id, runtime):
+    container_id = new_id()
+    ctr.made.append(container_id)
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 77, 0, 0))
+    proc = subprocess.Popen(
+        [
+            "ctr",
+            "--address",
+            containerd.address,
+            "-n",
+            containerd.namespace,
+            "run",
+            "--rm",
+            "-t",
+            "--runtime",
+            runtime,
+            busybox_image,
+            container_id,
+            "sh",
+            "-c",
+            "tty; test -t 0 && test -t 1 && echo both-ttys; stty size",
+        ],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=containerd.env,
+        start_new_session=True,
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                output += chunk
+            elif proc.poll() is not None:
+                break
+        proc.wait(timeout=30)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "/dev/pts/" in text
+    assert "both-ttys" in text
+    assert "33 77" in text
+
+
+# ---- detached: exec, ps, pause/resume, metrics, kill, delete -------------------------------------
+
+
+def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
+    container_id = new_id()
+    result = ctr("run", "-d", busybox_image, container_id, "sleep", "1000")
+    assert result.returncode == 0, result.stderr
+    assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+    _, init_pid = _task_state(containerd, container_id)
+    assert init_pid > 0 and _alive(init_pid)
+
+    executed = ctr(
+        "task",
+        "exec",
+        "--exec-id",
+        "probe",
+        container_id,
+        "sh",
+        "-c",
+        "echo exec-out; cat /proc/1/cmdline",
+    )
+    assert executed.returncode == 0, executed.stderr
+    assert executed.stdout.startswith("exec-out\nsleep")
+    failed = ctr("task", "exec", "--exec-id", "fails", container_id, "sh", "-c", "exit 5")
+    assert failed.returncode == 5
+
+    ps = ctr("task", "ps", container_id)
+    assert ps.returncode == 0, ps.stderr
+    assert str(init_pid) in ps.stdout.split()
+
+    assert ctr("task", "pause", container_id).returncode == 0
+    assert _task_state(containerd, container_id)[0] == "PAUSED"
+    assert ctr("task", "resume", container_id).returncode == 0
+    assert _task_state(containerd, container_id)[0] == "RUNNING"
+
+    metrics = ctr("task", "metrics", "--format", "json", container_id)
+    assert metrics.returncode == 0, metrics.stderr
+    data = json.loads(metrics.stdout)
+    assert data["memory"]["usage"]["usage"] > 0
+    assert data["pids"]["current"] >= 1
+    assert data["cpu"]["usage"]["total"] > 0
+
+    assert ctr("task", "kill", "-s", "SIGKILL", container_id).returncode == 0
+    assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
+    deleted = ctr("task", "delete", container_id)
+    assert deleted.returncode == 0, deleted.stderr
+    assert _task_state(containerd, container_id)[0] is None
+    assert not _alive(init_pid)
+
+
+def test_memory_hog_produces_an_oom_event(containerd, ctr, busybox_image, new_id):
+    container_id = new_id()
+    events = subprocess.Popen(
+        ["ctr", "--address", containerd.address, "events"],
+        env=containerd.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        result = ctr(
+            "run",
+            "-d",
+            "--memory-limit",
+            str(32 * 1024 * 1024),
+            busybox_image,
+            container_id,
+            "sh",
+            "-c",
+            "tail /dev/zero",
+        )
+        assert result.returncode == 0, result.stderr
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([events.stdout], [], [], 1)
+            if not ready:
+                continue
+            line = events.stdout.readline()
+            seen.append(line)
+            if "/tasks/oom" in line and container_id in line:
+                break
+        assert any("/tasks/oom" in line and container_id in line for line in seen), "".join(
+            seen[-20:]
+        )
+        assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
+    finally:
+        events.kill()
+        events.wait()
+
+
+# ---- many at once -------------------------------------------------------------------------------------
+
+
+def test_twenty_concurrent_containers_run_and_clean_up(containerd, ctr, busybox_image, new_id):
+    ids = [new_id() for _ in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(
+            pool.map(
+                lambda i: ctr(
+                    "run", "--rm", busybox_image, i, "sh", "-c", f"echo {i}", timeout=120
+                ),
+                ids,
+            )
+        )
+    for container_id, result in zip(ids, results, strict=True):
+        assert result.returncode == 0, (container_id, result.stderr)
+        assert result.stdout == f"{container_id}\n"
+    tasks = containerd.ctr("tasks", "ls", "-q").stdout.split()
+    containers = containerd.ctr("containers", "ls", "-q").stdout.split()
+    assert not set(ids) & (set(tasks) | set(containers))
+
+
+# ---- failures of the shim and of containerd --------------------------------------------------------------
+
+
+def test_killed_shim_is_cleaned_up_through_delete(containerd, ctr, busybox_image, new_id):
+    container_id = new_id()
+    assert ctr("run", "-d", busybox_image, container_id, "sleep", "1000").returncode == 0
+    assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+    _, init_pid = _task_state(containerd, container_id)
+    shim_pid = _shim_pid(containerd, container_id)
+    os.kill(shim_pid, signal.SIGKILL)
+    # containerd sees the connection drop and runs `<shim> delete`, which kills the task.
+    assert _wait_task_state(containerd, container_id, {None}) is None
+    deadline = time.monotonic() + 30
+    while _alive(init_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(init_pid)
+    assert ctr("containers", "delete", container_id).returncode == 0
+
+
+def test_running_task_survives_a_containerd_restart(containerd, ctr, busybox_image, new_id):
+    container_id = new_id()
+    assert ctr("run", "-d", busybox_image, container_id, "sleep", "1000").returncode == 0
+    assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+    _, init_pid = _task_state(containerd, container_id)
+    containerd.restart()
+    assert _task_state(containerd, container_id) == ("RUNNING", init_pid)
+    executed = ctr("task", "exec", "--exec-id", "after-restart", container_id, "echo", "still-here")
+    assert executed.returncode == 0, executed.stderr
+    assert executed.stdout == "still-here\n"
+    assert ctr("task", "kill", "-s", "SIGKILL", container_id).returncode == 0
+    assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
+    assert ctr("task", "delete", container_id).returncode == 0
+    assert not _alive(init_pid)

@@ -1,0 +1,313 @@
+"""Unit tests of the shim's parts that need neither root nor containerd: flags, config and
+grouping, runtime options decoding, stdio URIs, metrics conversion, mount options,
+the reaper (with real child processes) and the log format."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from api import typeurl
+from api.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
+from runtime import linux
+from runtime.errors import InvalidArgument
+from shim import config as shim_config
+from shim.log import LogrusFormatter
+from shim.main import UsageError, parse_flags
+from shim.mounts import parse_options
+from shim.reaper import Reaper, exit_code
+from shim.stats import metrics_any, metrics_v1, metrics_v2
+from shim.stdio import parse_uri
+
+# ---- flags -------------------------------------------------------------------------
+
+
+def test_flags_parse_like_go_flag_package():
+    flags = parse_flags(
+        [
+            "-namespace",
+            "k8s.io",
+            "--address=/run/c.sock",
+            "-publish-binary",
+            "/bin/c",
+            "-id",
+            "x",
+            "-debug",
+            "start",
+        ]
+    )
+    assert (flags.namespace, flags.address, flags.publish_binary, flags.id) == (
+        "k8s.io",
+        "/run/c.sock",
+        "/bin/c",
+        "x",
+    )
+    assert flags.debug is True
+    assert flags.action == "start"
+
+
+def test_flags_without_action_mean_serve_and_round_trip():
+    flags = parse_flags(["-namespace", "ns", "-id", "a", "-socket", "unix:///s", "-debug=false"])
+    assert flags.action == ""
+    assert flags.debug is False
+    again = parse_flags(flags.to_args())
+    assert (again.namespace, again.id, again.socket) == ("ns", "a", "unix:///s")
+
+
+def test_flags_reject_unknown_and_missing_values():
+    with pytest.raises(UsageError, match="-bogus"):
+        parse_flags(["-bogus", "start"])
+    with pytest.raises(UsageError, match="-id"):
+        parse_flags(["-id"])
+    with pytest.raises(UsageError, match="boolean"):
+        parse_flags(["-debug=maybe"])
+
+
+# ---- config and grouping ------------------------------------------------------------
+
+
+def test_grouping_modes():
+    pod = {shim_config.SANDBOX_ID_ANNOTATION: "sb1"}
+    namespace = shim_config.ShimConfig(grouping="namespace")
+    per_pod = shim_config.ShimConfig(grouping="pod")
+    per_container = shim_config.ShimConfig(grouping="container")
+    assert shim_config.group_id("a", {}, namespace) == shim_config.group_id("b", pod, namespace)
+    assert shim_config.group_id("a", pod, per_pod) == shim_config.group_id("b", pod, per_pod)
+    assert shim_config.group_id("a", {}, per_pod) != shim_config.group_id("b", {}, per_pod)
+    assert shim_config.group_id("a", pod, per_container) != shim_config.group_id(
+        "b", pod, per_container
+    )
+    explicit = {shim_config.GROUP_ANNOTATION: "g"}
+    assert shim_config.group_id("a", explicit, per_container) == shim_config.group_id(
+        "b", explicit, per_container
+    )
+
+
+def test_group_socket_paths_are_short_and_distinct():
+    one = shim_config.group_dir("/run/containerd/containerd.sock", "default", "namespace")
+    two = shim_config.group_dir("/run/containerd/containerd.sock", "k8s.io", "namespace")
+    three = shim_config.group_dir("/run/other.sock", "default", "namespace")
+    assert len({one, two, three}) == 3
+    assert len(shim_config.socket_path(one)) <= shim_config.SOCKET_PATH_LIMIT
+
+
+def test_config_file(tmp_path):
+    path = tmp_path / "shim.toml"
+    path.write_text('profile = "strict"\ngrouping = "pod"\nidle_exit_seconds = 0\n')
+    config = shim_config.load_config(str(path))
+    assert (config.profile, config.grouping, config.idle_exit_seconds) == ("strict", "pod", 0.0)
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('grouping = "everything"\n', "grouping"),
+        ("idle_exit_seconds = -1\n", "idle_exit_seconds"),
+        ('profile = ""\n', "profile"),
+        ('colour = "blue"\n', "unknown keys"),
+        ("grouping = \n", "shim config"),
+    ],
+)
+def test_config_file_errors_name_the_problem(tmp_path, text, problem):
+    path = tmp_path / "shim.toml"
+    path.write_text(text)
+    with pytest.raises(shim_config.ConfigError, match=problem):
+        shim_config.load_config(str(path))
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(shim_config.ConfigError, match="No such file"):
+        shim_config.load_config(str(tmp_path / "absent.toml"))
+
+
+def test_runtime_options_decoded_by_hand_match_protobuf():
+    packed = typeurl.pack(runtimeoptions.Options(type_url="x", config_path="/etc/zviz/shim.toml"))
+    assert shim_config.decode_runtime_options(packed.SerializeToString()) == "/etc/zviz/shim.toml"
+    assert shim_config.decode_runtime_options(b"") is None
+    other = typeurl.pack(runtimeoptions.Options(config_path="/x"))
+    other.type_url = "containerd.runc.v1.Options"
+    assert shim_config.decode_runtime_options(other.SerializeToString()) is None
+    with pytest.raises(shim_config.ConfigError, match="truncated"):
+        shim_config.decode_runtime_options(packed.SerializeToString()[:-3] + b"\x80")
+
+
+# ---- stdio ---------------------------------------------------------------------------
+
+
+def test_stdio_uris():
+    assert parse_uri("") == ("", "", [])
+    assert parse_uri("/run/fifo/x-stdout") == ("fifo", "/run/fifo/x-stdout", [])
+    assert parse_uri("fifo:///run/f") == ("fifo", "/run/f", [])
+    assert parse_uri("file:///var/log/c.log") == ("file", "/var/log/c.log", [])
+    assert parse_uri("binary:///usr/bin/logger?tag=web&debug=") == (
+        "binary",
+        "/usr/bin/logger",
+        ["tag", "web", "debug"],
+    )
+    with pytest.raises(InvalidArgument, match="unsupported scheme"):
+        parse_uri("http://example.com/x")
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+V1_STATS = {
+    "version": 1,
+    "pids": {"current": 3, "limit": 100},
+    "cpu": {
+        "usage_ns": 5000,
+        "user_ns": 3000,
+        "system_ns": 2000,
+        "per_cpu_ns": [2500, 2500],
+        "periods": 7,
+    },
+    "memory": {
+        "usage": 4096,
+        "limit": 1 << 30,
+        "max_usage": 8192,
+        "failcnt": 1,
+        "cache": 10,
+        "rss": 20,
+        "swap": {"usage": 1, "limit": 2, "max_usage": 3, "failcnt": 0},
+        "kernel": {"usage": 5},
+        "kernel_tcp": {},
+        "stat": {
+            "pgfault": 11,
+            "pgmajfault": 12,
+            "pgpgin": 13,
+            "total_rss": 20,
+            "hierarchical_memory_limit": 99,
+        },
+    },
+    "memory_oom_control": {"oom_kill_disable": 0, "under_oom": 0, "oom_kill": 2},
+    "blkio": {"io_service_bytes_recursive": [{"major": 8, "minor": 0, "op": "Read", "value": 512}]},
+}
+
+
+def test_metrics_v1_carry_memory_pids_and_cpu():
+    m = metrics_v1(V1_STATS)
+    assert (m.pids.current, m.pids.limit) == (3, 100)
+    assert (m.cpu.usage.total, m.cpu.usage.user, m.cpu.usage.kernel) == (5000, 3000, 2000)
+    assert list(m.cpu.usage.per_cpu) == [2500, 2500]
+    assert (m.memory.usage.usage, m.memory.usage.limit, m.memory.usage.max) == (4096, 1 << 30, 8192)
+    assert (m.memory.pg_fault, m.memory.pg_maj_fault, m.memory.pg_pg_in) == (11, 12, 13)
+    assert m.memory.hierarchical_memory_limit == 99
+    assert m.memory.swap.usage == 1 and m.memory.kernel.usage == 5
+    assert m.memory_oom_control.oom_kill == 2
+    assert m.blkio.io_service_bytes_recursive[0].value == 512
+    packed = metrics_any(V1_STATS)
+    assert packed.type_url == "io.containerd.cgroups.v1.Metrics"
+
+
+def test_metrics_v2():
+    stats = {
+        "version": 2,
+        "pids": {"current": 1, "limit": 0},
+        "cpu": {"usage_ns": 7_000_000, "user_ns": 4_000_000, "system_ns": 3_000_000},
+        "memory": {
+            "usage": 100,
+            "limit": 200,
+            "stat": {"anon": 50, "file": 25},
+            "swap": {"usage": 0, "limit": 0},
+        },
+        "memory_events": {"oom": 1, "oom_kill": 1},
+        "io": [{"major": 8, "minor": 0, "rbytes": 10, "wbytes": 20}],
+    }
+    m = metrics_v2(stats)
+    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (7000, 4000, 3000)
+    assert (m.memory.usage, m.memory.usage_limit, m.memory.anon, m.memory.file) == (
+        100,
+        200,
+        50,
+        25,
+    )
+    assert m.memory_events.oom_kill == 1
+    assert m.io.usage[0].wbytes == 20
+    assert metrics_any(stats).type_url == "io.containerd.cgroups.v2.Metrics"
+
+
+def test_metrics_clamp_nonsense_values():
+    m = metrics_v1({"version": 1, "pids": {"current": -5, "limit": "x"}})
+    assert (m.pids.current, m.pids.limit) == (0, 0)
+
+
+# ---- mounts ---------------------------------------------------------------------------
+
+
+def test_mount_options_split_flags_and_data():
+    flags, propagation, data = parse_options(
+        ["ro", "nosuid", "index=off", "lowerdir=/a:/b", "upperdir=/u", "workdir=/w", "rprivate"]
+    )
+    assert flags == linux.MS_RDONLY | linux.MS_NOSUID
+    assert propagation == linux.MS_PRIVATE | linux.MS_REC
+    assert data == "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w"
+    flags, _, data = parse_options(["rbind", "ro", "rw"])
+    assert flags == linux.MS_BIND | linux.MS_REC and data == ""
+
+
+# ---- reaper ---------------------------------------------------------------------------
+
+
+def _child(code: int | None = None, sig: int | None = None, delay: float = 0.0) -> int:
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(delay)
+        if sig is not None:
+            os.kill(os.getpid(), sig)
+        os._exit(code or 0)
+    return pid
+
+
+def test_exit_code_of_wait_statuses():
+    pid = _child(code=3)
+    assert exit_code(os.waitpid(pid, 0)[1]) == 3
+    pid = _child(sig=signal.SIGKILL)
+    assert exit_code(os.waitpid(pid, 0)[1]) == 137
+
+
+def test_reaper_routes_exits_and_keeps_early_ones():
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        reaper = Reaper()
+        reaper.install(loop)
+        got: dict[int, int] = {}
+        done = asyncio.Event()
+
+        def record(pid):
+            def on_exit(status):
+                got[pid] = exit_code(status)
+                if len(got) == 3:
+                    done.set()
+
+            return on_exit
+
+        early = _child(code=7)
+        await asyncio.sleep(0.2)  # exits and is reaped before anyone registered it
+        late = _child(code=0, delay=0.2)
+        killed = _child(sig=signal.SIGTERM, delay=0.1)
+        for pid in (early, late, killed):
+            reaper.register(pid, record(pid))
+        async with asyncio.timeout(10):
+            await done.wait()
+        loop.remove_signal_handler(signal.SIGCHLD)
+        return got, early, late, killed
+
+    got, early, late, killed = asyncio.run(scenario())
+    assert got == {early: 7, late: 0, killed: 128 + signal.SIGTERM}
+
+
+# ---- log format ----------------------------------------------------------------------------
+
+
+def test_log_lines_are_logrus_text():
+    import logging
+
+    record = logging.LogRecord(
+        "x", logging.WARNING, __file__, 1, 'bad "thing"\nhappened', None, None
+    )
+    record.container = "c1"
+    line = LogrusFormatter("k8s.io").format(record)
+    assert line.startswith('time="')
+    assert 'level=warning msg="bad \\"thing\\"\\nhappened" id=c1 namespace=k8s.io' in line
+    assert line.endswith("runtime=io.containerd.zviz.v2\n")
