@@ -440,3 +440,18 @@ def test_memory_stays_flat_under_repeated_abuse():
         run(main())
     finally:
         logging.getLogger("api.ttrpc").disabled = False
+
+
+def test_huge_unknown_names_are_not_echoed_back_whole():
+    async def main():
+        async with hostile_setting() as (_, _, address, _):
+            reader, writer = await raw(address)
+            request = ttrpc_pb2.Request(service="s" * (MAX_MESSAGE_SIZE - 100), method="m")
+            body = request.SerializeToString()
+            writer.write(HEADER.pack(len(body), 1, TYPE_REQUEST, 0) + body)
+            stream_id, _, response = await read_response(reader)
+            assert (stream_id, response.status.code) == (1, Code.UNIMPLEMENTED)
+            assert len(response.status.message) < 300
+            writer.close()
+
+    run(main())

@@ -244,11 +244,16 @@ class Server:
     def _lookup(self, service: str, method: str) -> _Method | TtrpcError:
         table = self._services.get(service)
         if table is None:
-            return TtrpcError(Code.UNIMPLEMENTED, f"service {service}")
+            return TtrpcError(Code.UNIMPLEMENTED, f"service {_clip(service)}")
         entry = table.get(method)
         if entry is None:
-            return TtrpcError(Code.UNIMPLEMENTED, f"method {method}")
+            return TtrpcError(Code.UNIMPLEMENTED, f"method {_clip(method)}")
         return entry
+
+
+def _clip(name: str, limit: int = 200) -> str:
+    """A peer-chosen name, short enough to echo back and log (a request may be 4 MiB)."""
+    return name if len(name) <= limit else name[:limit] + "..."
 
 
 class _Connection(asyncio.Protocol):
