@@ -119,7 +119,7 @@ def test_harden_spec_adds_user_and_network_namespaces_and_ceilings(tmp_path):
     assert (
         spec.process.capabilities.bounding == []
     )  # default config asks for 3: ci-runner allows none
-    assert spec.linux.resources.pids.limit == 4096
+    assert spec.linux.resources.pids.limit == 1024
     assert spec.linux.resources.memory.limit == 4 << 30
     assert spec.process.no_new_privileges
     assert any("capabilities beyond profile" in c for c in changes)

@@ -1,0 +1,122 @@
+"""Fixtures for the escape probes: the static probe binary and a runner for zviz and runc."""
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import uuid
+
+import pytest
+
+from tools.mkbundle import build_bundle
+
+PROBE_SOURCE = os.path.join(os.path.dirname(__file__), "probes", "probe.c")
+CACHE = os.path.join(tempfile.gettempdir(), "zviz-security-probes")
+
+
+def build_probe() -> str:
+    """gcc -static the probe once per source version; cached under the temp dir."""
+    with open(PROBE_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    path = os.path.join(CACHE, f"probe-{digest}")
+    if not os.path.exists(path):
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            pytest.skip("gcc missing: the escape probes are C programs (apt-get install gcc libc6-dev)")
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        subprocess.run([gcc, "-static", "-O2", "-o", tmp, PROBE_SOURCE], check=True)
+        os.rename(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def probe_bin() -> str:
+    return build_probe()
+
+
+@pytest.fixture(scope="session")
+def host_listener():
+    """A TCP listener on the host's loopback that greets whoever reaches it."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b"zviz-host-listener\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    server.close()
+
+
+class ProbeRunner:
+    """Runs `probe NAME ARG` in a fresh busybox bundle under zviz (a profile) or runc."""
+
+    def __init__(self, base: str, probe: str, zviz: str, runc: str):
+        self.base, self.probe, self.zviz, self.runc = base, probe, zviz, runc
+
+    def bundle(self, args, **config) -> str:
+        path = os.path.join(self.base, f"b-{uuid.uuid4().hex[:8]}")
+        build_bundle(path, args=args, **config)
+        shutil.copy2(self.probe, os.path.join(path, "rootfs", "probe"))
+        return path
+
+    def run(self, runtime: str, profile: str | None, args, *, verbose=False, timeout=120, config=None):
+        bundle = self.bundle(args, **(config or {}))
+        cid = f"zviz-sec-{uuid.uuid4().hex[:10]}"
+        root = os.path.join(self.base, f"root-{runtime}")
+        if runtime == "zviz":
+            cmd = [self.zviz, "--root", root, "run", "--bundle", bundle]
+            if profile:
+                cmd += ["--profile", profile]
+            if verbose:
+                cmd.append("--verbose")
+        else:
+            cmd = [self.runc, "--root", root, "run", "--bundle", bundle]
+        cmd.append(cid)
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        finally:
+            delete = [self.zviz if runtime == "zviz" else self.runc, "--root", root, "delete", "-f", cid]
+            subprocess.run(delete, capture_output=True)
+            shutil.rmtree(bundle, ignore_errors=True)
+        return result
+
+    def verdict(self, runtime: str, profile: str | None, name: str, arg: str | None = None):
+        """("BLOCKED" | "ESCAPED" | "ERROR", detail)."""
+        args = ["/probe", name] + ([arg] if arg else [])
+        result = self.run(runtime, profile, args)
+        lines = [line for line in result.stdout.splitlines() if line.split(" ", 1)[0] in ("BLOCKED", "ESCAPED", "ERROR")]
+        if lines:
+            word, _, detail = lines[-1].partition(" ")
+            return word, detail
+        if result.returncode > 128 or result.returncode < 0:
+            sig = result.returncode - 128 if result.returncode > 128 else -result.returncode
+            return "BLOCKED", f"{name}: killed by signal {sig}"
+        return "ERROR", f"{name}: exit {result.returncode}: {result.stderr.strip()[-300:]}"
+
+
+@pytest.fixture(scope="session")
+def probes(probe_bin, tmp_path_factory, zviz_bin, runc_bin) -> ProbeRunner:
+    return ProbeRunner(str(tmp_path_factory.mktemp("zviz-sec")), probe_bin, zviz_bin, runc_bin)
+
+
+def write_json(path: str, data) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)

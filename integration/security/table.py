@@ -1,0 +1,70 @@
+"""Print the escape table for docs/security.md: each probe under zviz (two profiles) and runc.
+
+    python -m integration.security.table [--json FILE]
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+
+from integration.security.conftest import ProbeRunner, build_probe
+from integration.security.escapes import PROBES, probe_arg
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    opts = parser.parse_args(argv)
+    import os
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"zviz-host-listener\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    listener = f"127.0.0.1:{server.getsockname()[1]}"
+    base = tempfile.mkdtemp(prefix="zviz-sec-table-")
+    venv = os.path.dirname(sys.executable)
+    runner = ProbeRunner(base, build_probe(), os.path.join(venv, "zviz"), shutil.which("runc"))
+    columns = [("zviz", "ci-runner"), ("zviz", "hostile-tenant"), ("runc", None)]
+    rows = {}
+    try:
+        for name in PROBES:
+            rows[name] = {}
+            for runtime, profile in columns:
+                word, detail = runner.verdict(runtime, profile, name, probe_arg(name, profile, listener))
+                rows[name][f"{runtime}:{profile or 'default'}"] = [word, detail]
+                print(f"{name:18} {runtime}:{profile or '-':15} {word} {detail}", file=sys.stderr)
+    finally:
+        server.close()
+        shutil.rmtree(base, ignore_errors=True)
+    print("| probe | technique | zviz ci-runner | zviz hostile-tenant | runc (no seccomp profile) |")
+    print("|---|---|---|---|---|")
+    for name, what in PROBES.items():
+        cells = []
+        for key in ("zviz:ci-runner", "zviz:hostile-tenant", "runc:default"):
+            word, detail = rows[name][key]
+            how = detail.split(": ", 1)[-1]
+            cells.append(f"{word} ({how})" if word != "ESCAPED" else f"**ESCAPED** ({how})")
+        print(f"| {name} | {what} | " + " | ".join(cells) + " |")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
