@@ -180,6 +180,8 @@ class Client:
         protocol = self._protocol
         if protocol.error is not None:
             raise protocol.error
+        if protocol.transport.is_closing():
+            raise TtrpcError(Code.UNAVAILABLE, "connection closed")
         prefix = self._prefixes.get((service, method))
         if prefix is None:
             prefix = self._prefixes[(service, method)] = request_prefix(service, method)
