@@ -48,7 +48,6 @@ class Daemon:
         self.service = None
         self._done: asyncio.Future | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._containerd_gone = False
 
     # ---- lifetime ------------------------------------------------------------------
 
@@ -85,8 +84,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         with contextlib.suppress(Exception):
             await self.server.shutdown(timeout=2.0)
-        if not self._containerd_gone:
-            await self.publisher.drain(PUBLISH_DRAIN_SECONDS)
+        await self.publisher.drain(PUBLISH_DRAIN_SECONDS)
         await self.publisher.close()
         for task in list(self.service.tasks.values()):
             # SIGTERM with containers left: leave them to containerd's `delete`, but
@@ -116,7 +114,6 @@ class Daemon:
             self._arm_idle_timer()
 
     def _containerd_disconnected(self) -> None:
-        self._containerd_gone = True
         if not self.service.tasks:
             log.info("containerd went away and no container is left: exiting")
             self._try_exit(force=True)

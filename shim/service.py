@@ -47,6 +47,7 @@ class Task:
         self.paused = False
         self.rootfs_mounted = False
         self.oom_watcher = None
+        self.own_pid_namespace = True
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -59,9 +60,11 @@ class Task:
     def process_exited(self, proc: Process) -> None:
         if proc is self.init:
             self.container.record_exit(proc.wait_status)
-            with contextlib.suppress(Exception):
-                # Orphans outside a pid namespace die with their init, as under runc.
-                self.container.kill(signal.SIGKILL, all=True)
+            if not self.own_pid_namespace:
+                # Without its own pid namespace nothing kills the init's orphans for us:
+                # they die with it, as under runc.
+                with contextlib.suppress(Exception):
+                    self.container.kill(signal.SIGKILL, all=True)
         self.service.publish(
             "/tasks/exit",
             events.TaskExit(
@@ -75,7 +78,8 @@ class Task:
 
     def watch_oom(self, loop) -> None:
         try:
-            self.oom_watcher = self.container.oom_watcher()
+            cgroup = self.container.cgroup()
+            self.oom_watcher = cgroup.oom_watcher() if cgroup is not None else None
         except Exception as e:  # noqa: BLE001 - a task without OOM events still runs
             log.warning("no OOM events for %s: %s", self.id, e, extra={"container": self.id})
             return
@@ -130,13 +134,8 @@ class TaskService(shim_ttrpc.TaskService):
             raise errors.NotFound(f"task {task_id} not found")
         return task
 
-    def _profile(self, bundle: str, options) -> str | None:
+    def _profile(self, annotations: dict, options) -> str | None:
         """The io.zviz.profile annotation, else the runtime options' config, else the daemon's."""
-        try:
-            with open(os.path.join(bundle, "config.json")) as f:
-                annotations = json.load(f).get("annotations") or {}
-        except (OSError, ValueError):
-            annotations = {}
         profile = annotations.get(shim_config.PROFILE_ANNOTATION)
         if profile:
             return profile
@@ -162,8 +161,14 @@ class TaskService(shim_ttrpc.TaskService):
         self.tasks[request.id] = task  # claims the id while we await below
         loop = self.daemon.loop
         try:
+            spec = _read_spec(request.bundle)
+            task.own_pid_namespace = any(
+                ns.get("type") == "pid" and not ns.get("path")
+                for ns in (spec.get("linux") or {}).get("namespaces") or ()
+            )
             profile = self._profile(
-                request.bundle, request.options if request.HasField("options") else None
+                spec.get("annotations") or {},
+                request.options if request.HasField("options") else None,
             )
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
             if request.rootfs:
@@ -278,9 +283,12 @@ class TaskService(shim_ttrpc.TaskService):
             del self.tasks[task.id]
             self.daemon.task_removed(task.id)
         if not proc.exited.is_set():
-            # Deleted before it ran (or never reaped): report it as killed.
+            # Deleted before it ever ran: the core killed and reaped it itself. Stop
+            # watching the pid (a later process may get it) and wake any Wait.
+            self.reaper.unregister(proc.pid)
             proc.exit_status = 128 + signal.SIGKILL
             proc.exited_at = time.time()
+            proc.exited.set()
         self.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -444,6 +452,17 @@ class TaskService(shim_ttrpc.TaskService):
     async def Shutdown(self, request, context):
         self.daemon.shutdown_requested(now=request.now)
         return empty_pb2.Empty()
+
+
+def _read_spec(bundle: str) -> dict:
+    """config.json as plain data, for what the shim itself decides (profile, pid namespace);
+    the runtime core validates it properly."""
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
 
 
 def _init_pid(container) -> int:
