@@ -56,4 +56,7 @@ def cleanup_dead_container(flags, bundle: str) -> bytes:
     group_dir = saved.get("group_dir")
     if group_dir:
         manager.release(group_dir, flags.id)
+        # The dead daemon could not remove its own directory; the last delete does.
+        manager.remove_if_dead(group_dir)
+    manager.remove_empty_parents(root, stop=shim_config.STATE_ROOT)
     return _response(pid, 128 + signal.SIGKILL)

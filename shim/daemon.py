@@ -19,7 +19,7 @@ import socket
 from api.ttrpc import Server
 from shim import config as shim_config
 from shim import log as shim_log
-from shim.manager import DAEMON_FD, GroupLock, pending_reservations, release
+from shim.manager import DAEMON_FD, GroupLock, pending_reservations, release, remove_empty_parents
 from shim.reaper import Reaper
 
 log = logging.getLogger("shim.daemon")
@@ -140,17 +140,8 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
             shutil.rmtree(self.group_dir, ignore_errors=True)
-        _remove_empty_parents(self.runtime_root, stop=shim_config.STATE_ROOT)
+        remove_empty_parents(self.runtime_root, stop=shim_config.STATE_ROOT)
         self._exit(0)
-
-
-def _remove_empty_parents(path: str, stop: str) -> None:
-    while path.startswith(stop + "/"):
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        path = os.path.dirname(path)
 
 
 def serve(flags) -> int:

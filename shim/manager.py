@@ -91,6 +91,37 @@ def pending_reservations(gdir: str, known_ids, now: float | None = None) -> list
     return pending
 
 
+def remove_if_dead(gdir: str) -> None:
+    """Remove a group directory whose daemon is gone and that no container waits for."""
+    if not os.path.isdir(gdir):
+        return
+    with GroupLock(gdir):
+        if can_connect(socket_path_of(gdir)):
+            return
+        try:
+            if os.listdir(os.path.join(gdir, "tasks")):
+                return
+        except FileNotFoundError:
+            pass
+        import shutil
+
+        shutil.rmtree(gdir, ignore_errors=True)
+
+
+def socket_path_of(gdir: str) -> str:
+    return shim_config.socket_path(gdir)
+
+
+def remove_empty_parents(path: str, stop: str) -> None:
+    """rmdir `path` and its parents while they are empty, never at or above `stop`."""
+    while path.startswith(stop.rstrip("/") + "/"):
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        path = os.path.dirname(path)
+
+
 def can_connect(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     probe.settimeout(1.0)

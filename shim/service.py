@@ -190,7 +190,7 @@ class TaskService(shim_ttrpc.TaskService):
                 request.id,
                 request.bundle,
                 profile=profile,
-                stdio=tuple(stdio.child) if not request.terminal else (0, 1, 2),
+                stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
                 detach=True,
             )
@@ -249,7 +249,7 @@ class TaskService(shim_ttrpc.TaskService):
         stdio = proc.stdio
         pid = task.container.exec(
             proc.spec,
-            stdio=tuple(stdio.child) if not stdio.terminal else (0, 1, 2),
+            stdio=tuple(stdio.child),
             console_socket=stdio.console_socket,
         )
         if stdio.terminal:

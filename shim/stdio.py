@@ -164,6 +164,9 @@ class Stdio:
     async def _open(self, container_id, namespace, console_dir, reaper) -> None:
         if self.terminal:
             self._listen_console(console_dir, container_id)
+            # The pty slave becomes the process's stdio; until then it holds nothing of ours.
+            devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self.child = [devnull, devnull, devnull]
             return
         devnull = None
 
