@@ -111,68 +111,71 @@ PROPAGATIONS = (
     "runbindable",
 )
 
-# Mount options that are flags (mount(2) flags, mount_setattr(2) recursive
-# attributes, propagation, idmap); anything else is passed to the filesystem as data.
+# Mount options zviz applies as mount(2) flags or propagation (runtime/rootfs.py);
+# anything else in a mount's options is passed to the filesystem as data.
 MOUNT_FLAG_OPTIONS = (
-    "acl",
     "async",
     "atime",
     "bind",
-    "defaults",
-    "defaults",
     "dev",
     "diratime",
     "dirsync",
     "exec",
-    "idmap",
-    "iversion",
     "lazytime",
-    "loud",
     "mand",
     "noatime",
     "nodev",
     "nodiratime",
-    "noacl",
     "noexec",
-    "noiversion",
     "nolazytime",
     "nomand",
     "norelatime",
     "nostrictatime",
     "nosuid",
     "nosymfollow",
-    "ratime",
     "rbind",
-    "rdev",
-    "rdiratime",
     "relatime",
     "remount",
-    "rexec",
-    "ridmap",
-    "rnoatime",
-    "rnodev",
-    "rnodiratime",
-    "rnoexec",
-    "rnorelatime",
-    "rnostrictatime",
-    "rnosuid",
-    "rnosymfollow",
     "ro",
-    "rro",
-    "rrelatime",
-    "rrw",
-    "rstrictatime",
-    "rsuid",
-    "rsymfollow",
     "rw",
-    "silent",
     "strictatime",
     "suid",
     "symfollow",
     "sync",
-    "tmpcopyup",
 ) + PROPAGATIONS
 _MOUNT_FLAG_OPTION_SET = frozenset(MOUNT_FLAG_OPTIONS)
+
+# Options the OCI spec names that zviz does not apply. Passed on as filesystem data
+# they would be dropped by a bind mount ("rro" would leave the mount writable), so
+# they are refused. Recursive mount_setattr(2) attributes, id-mapping and crun's
+# tmpcopyup are never filesystem data, on any mount.
+UNSUPPORTED_MOUNT_OPTIONS = frozenset(
+    (
+        "ratime",
+        "rdev",
+        "rdiratime",
+        "rexec",
+        "rnoatime",
+        "rnodev",
+        "rnodiratime",
+        "rnoexec",
+        "rnorelatime",
+        "rnostrictatime",
+        "rnosuid",
+        "rnosymfollow",
+        "rro",
+        "rrelatime",
+        "rrw",
+        "rstrictatime",
+        "rsuid",
+        "rsymfollow",
+        "idmap",
+        "ridmap",
+        "tmpcopyup",
+    )
+)
+# Accepted on a bind mount and meaning nothing there: the flags already start at the defaults.
+_BIND_NOOP_OPTIONS = frozenset(("defaults",))
 
 SECCOMP_ACTIONS = (
     "SCMP_ACT_ALLOW",
@@ -1007,6 +1010,12 @@ def _check_proc_mount(mount: Mount, path: str) -> None:
         )
 
 
+def _unknown_mount_option(option: str) -> str:
+    if option in UNSUPPORTED_MOUNT_OPTIONS:
+        return f"mount option {option!r} is not supported by zviz"
+    return f"unknown mount option {option!r} (a bind mount takes only mount flags)"
+
+
 def _parse_mount(m, parent: str, index: int, bundle: str) -> Mount:
     path = f"{parent}[{index}]"
     _obj(m, path)
@@ -1022,19 +1031,17 @@ def _parse_mount(m, parent: str, index: int, bundle: str) -> Mount:
     for i, opt in enumerate(options):
         if not opt:
             raise _Bad(_join(path, "options"), i, "must be a non-empty string")
+        if opt in UNSUPPORTED_MOUNT_OPTIONS:
+            raise _Bad(_join(path, "options"), i, _unknown_mount_option(opt))
     mount = Mount(destination=dest, type=mtype, source=source, options=options)
     if mount.is_bind:
         if not source:
             raise _Bad(path, "source", "is required for a bind mount")
         for i, opt in enumerate(options):
-            if opt not in _MOUNT_FLAG_OPTION_SET:
+            if opt not in _MOUNT_FLAG_OPTION_SET and opt not in _BIND_NOOP_OPTIONS:
                 # The kernel ignores filesystem data on a bind mount: an unknown option
                 # (a typo like "readonly") would be dropped without a word.
-                raise _Bad(
-                    _join(path, "options"),
-                    i,
-                    f"unknown mount option {opt!r} (a bind mount takes only mount flags)",
-                )
+                raise _Bad(_join(path, "options"), i, _unknown_mount_option(opt))
         if not source.startswith("/"):
             # The OCI spec: a relative bind source is relative to the bundle.
             mount.source = os.path.normpath(os.path.join(bundle, source))

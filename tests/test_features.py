@@ -132,3 +132,10 @@ def test_profile_annotation_is_flagged_unsafe(document):
     assert document["annotations"]["io.zviz.profile.default"] == "ci-runner"
     assert "ci-runner" in document["annotations"]["io.zviz.profiles"].split(",")
     assert all(isinstance(v, str) for v in document["annotations"].values())
+
+
+def test_every_mount_flag_the_spec_accepts_is_applied_by_rootfs():
+    """spec.py lets a bind mount carry only these: one rootfs passed on as data would be dropped."""
+    for option in spec.MOUNT_FLAG_OPTIONS:
+        flags, propagation, data = rootfs.parse_options([option])
+        assert data == "", f"{option} is accepted on bind mounts but rootfs does not apply it"

@@ -615,6 +615,17 @@ BAD_CONFIGS = {
         ),
         r"mounts\[7\].options\[1\]: unknown mount option 'readonly' \(a bind mount takes only mount flags\)",
     ),
+    "bind with a recursive read-only": (
+        _append("mounts", {"destination": "/x", "source": "/tmp", "options": ["rbind", "rro"]}),
+        r"mounts\[7\].options\[1\]: mount option 'rro' is not supported by zviz",
+    ),
+    "tmpfs with idmap": (
+        _append(
+            "mounts",
+            {"destination": "/x", "type": "tmpfs", "source": "tmpfs", "options": ["idmap"]},
+        ),
+        r"mounts\[7\].options\[0\]: mount option 'idmap' is not supported by zviz",
+    ),
     "bind with a propagation typo": (
         _append(
             "mounts", {"destination": "/x", "type": "bind", "source": "/tmp", "options": ["rshare"]}
@@ -1265,3 +1276,24 @@ def test_containerd_default_spec_parses_once_the_image_gives_args(bundle):
     spec = parse(config, bundle)
     assert spec.linux.cgroups_path == "/default"
     assert "CAP_NET_RAW" in spec.process.capabilities.bounding
+
+
+def test_bind_mount_takes_defaults_as_a_no_op(bundle):
+    config = default_config()
+    config["mounts"].append(
+        {"destination": "/x", "source": "/tmp", "options": ["rbind", "defaults", "ro"]}
+    )
+    assert parse(config, bundle).mounts[-1].options == ["rbind", "defaults", "ro"]
+
+
+def test_filesystem_data_passes_on_other_mounts(bundle):
+    config = default_config()
+    config["mounts"].append(
+        {
+            "destination": "/x",
+            "type": "tmpfs",
+            "source": "tmpfs",
+            "options": ["size=1m", "uid=5", "acl"],
+        }
+    )
+    assert parse(config, bundle).mounts[-1].options == ["size=1m", "uid=5", "acl"]
