@@ -69,6 +69,9 @@ class Daemon:
             self.loop.add_signal_handler(sig, self._terminate, sig)
         log.info("serving %s for namespace %s", self.flags.socket, self.namespace)
         self._arm_idle_timer()  # a start whose Create never comes must not leave us forever
+        # Connected now, not at the first event: a containerd that goes away before any
+        # container got created must still take this daemon with it.
+        self.loop.create_task(self.publisher.connect())
         code = await self._done
         await self._shutdown()
         return code
@@ -96,6 +99,12 @@ class Daemon:
 
     def task_added(self, container_id: str) -> None:
         self._cancel_idle_timer()
+
+    def task_failed(self, container_id: str) -> None:
+        """A Create that failed: containerd will not come back for this start's promise."""
+        release(self.group_dir, container_id)
+        if not self.service.tasks:
+            self._arm_idle_timer()
 
     def task_removed(self, container_id: str) -> None:
         release(self.group_dir, container_id)

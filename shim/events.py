@@ -82,6 +82,17 @@ class Publisher:
             await self._client.close()
             self._client = None
 
+    async def connect(self) -> None:
+        """Connect ahead of the first event; if containerd is not there, say it went away."""
+        if not self.address:
+            return
+        try:
+            await self._connect()
+        except (TtrpcError, OSError) as e:
+            log.warning("containerd events socket %s: %s", self.address, e)
+            if self._on_disconnect is not None:
+                self._on_disconnect()
+
     async def _connect(self) -> Client:
         if self._client is None or self._client.closed:
             self._client = await Client.connect(

@@ -207,6 +207,7 @@ class TaskService(shim_ttrpc.TaskService):
                     task.container.delete(force=True)
             task.release(loop)
             self.daemon.log_sink.remove(request.id)
+            self.daemon.task_failed(request.id)
             raise
         self.daemon.task_added(request.id)
         self.publish(
