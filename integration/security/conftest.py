@@ -26,7 +26,9 @@ def build_probe() -> str:
     if not os.path.exists(path):
         gcc = shutil.which("gcc")
         if gcc is None:
-            pytest.skip("gcc missing: the escape probes are C programs (apt-get install gcc libc6-dev)")
+            pytest.skip(
+                "gcc missing: the escape probes are C programs (apt-get install gcc libc6-dev)"
+            )
         os.makedirs(CACHE, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         subprocess.run([gcc, "-static", "-O2", "-o", tmp, PROBE_SOURCE], check=True)
@@ -77,7 +79,9 @@ class ProbeRunner:
         shutil.copy2(self.probe, os.path.join(path, "rootfs", "probe"))
         return path
 
-    def run(self, runtime: str, profile: str | None, args, *, verbose=False, timeout=120, config=None):
+    def run(
+        self, runtime: str, profile: str | None, args, *, verbose=False, timeout=120, config=None
+    ):
         bundle = self.bundle(args, **(config or {}))
         cid = f"zviz-sec-{uuid.uuid4().hex[:10]}"
         root = os.path.join(self.base, f"root-{runtime}")
@@ -91,9 +95,18 @@ class ProbeRunner:
             cmd = [self.runc, "--root", root, "run", "--bundle", bundle]
         cmd.append(cid)
         try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            result = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
         finally:
-            delete = [self.zviz if runtime == "zviz" else self.runc, "--root", root, "delete", "-f", cid]
+            delete = [
+                self.zviz if runtime == "zviz" else self.runc,
+                "--root",
+                root,
+                "delete",
+                "-f",
+                cid,
+            ]
             subprocess.run(delete, capture_output=True)
             shutil.rmtree(bundle, ignore_errors=True)
         return result
@@ -102,7 +115,11 @@ class ProbeRunner:
         """("BLOCKED" | "ESCAPED" | "ERROR", detail)."""
         args = ["/probe", name] + ([arg] if arg else [])
         result = self.run(runtime, profile, args)
-        lines = [line for line in result.stdout.splitlines() if line.split(" ", 1)[0] in ("BLOCKED", "ESCAPED", "ERROR")]
+        lines = [
+            line
+            for line in result.stdout.splitlines()
+            if line.split(" ", 1)[0] in ("BLOCKED", "ESCAPED", "ERROR")
+        ]
         if lines:
             word, _, detail = lines[-1].partition(" ")
             return word, detail

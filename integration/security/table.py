@@ -1,6 +1,6 @@
 """Print the escape table for docs/security.md: each probe under zviz (two profiles) and runc.
 
-    python -m integration.security.table [--json FILE]
+python -m integration.security.table [--json FILE]
 """
 
 import argparse
@@ -45,13 +45,17 @@ def main(argv=None) -> int:
         for name in PROBES:
             rows[name] = {}
             for runtime, profile in columns:
-                word, detail = runner.verdict(runtime, profile, name, probe_arg(name, profile, listener))
+                word, detail = runner.verdict(
+                    runtime, profile, name, probe_arg(name, profile, listener)
+                )
                 rows[name][f"{runtime}:{profile or 'default'}"] = [word, detail]
                 print(f"{name:18} {runtime}:{profile or '-':15} {word} {detail}", file=sys.stderr)
     finally:
         server.close()
         shutil.rmtree(base, ignore_errors=True)
-    print("| probe | technique | zviz ci-runner | zviz hostile-tenant | runc (no seccomp profile) |")
+    print(
+        "| probe | technique | zviz ci-runner | zviz hostile-tenant | runc (no seccomp profile) |"
+    )
     print("|---|---|---|---|---|")
     for name, what in PROBES.items():
         cells = []
