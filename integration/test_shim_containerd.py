@@ -30,6 +30,28 @@ RUNC = "io.containerd.runc.v2"
 _ids = itertools.count()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_leftovers(containerd):
+    """After the module: no zviz runtime state, and the namespace's cgroup parents are gone.
+
+    ctr puts every container in the cgroup /<namespace>/<id>; runtimes remove the leaf
+    only, so the empty /zviz-test parents they leave are removed here.
+    """
+    yield
+    for hierarchy in os.listdir("/sys/fs/cgroup"):
+        parent = os.path.join("/sys/fs/cgroup", hierarchy, containerd.namespace)
+        if os.path.isdir(parent):
+            try:
+                os.rmdir(parent)
+            except OSError:
+                pass  # not empty: something still runs there, and the session check will say so
+    state_root = os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
+    leftovers = []
+    for dirpath, _, files in os.walk(os.path.join(state_root, "r")):
+        leftovers += [os.path.join(dirpath, f) for f in files]
+    assert not leftovers, f"zviz runtime state left behind: {leftovers}"
+
+
 @pytest.fixture(params=[ZVIZ, RUNC], ids=["zviz", "runc"])
 def runtime(request):
     return request.param
