@@ -1,0 +1,168 @@
+"""Each security layer in a real container started by `zviz run`."""
+
+import json
+import os
+import threading
+import time
+
+from runtime.security import seccomp
+
+
+def loopback_web_profile(tmp_path, allowed_port: int) -> str:
+    path = tmp_path / "web-loopback.toml"
+    path.write_text(
+        f"""
+[profile]
+name = "web-loopback"
+extends = "web-server"
+[network]
+egress_deny = []
+egress = [{{ cidr = "127.0.0.1/32", ports = [{allowed_port}] }}]
+bind = [{{ cidr = "0.0.0.0/0", ports = [{allowed_port}, {allowed_port + 1}] }}]
+tcp_bind = [{allowed_port}, {allowed_port + 1}]
+tcp_connect = [{allowed_port}, {allowed_port + 1}]
+"""
+    )
+    return str(path)
+
+
+def sh(probes, profile, script, *, verbose=False, config=None):
+    return probes.run("zviz", profile, ["/bin/sh", "-c", script], verbose=verbose, config=config)
+
+
+def test_allowed_syscalls_work_denied_ones_return_eperm(probes):
+    ok = sh(
+        probes, "ci-runner", "echo hello > /tmp/f && cat /tmp/f && ls / > /dev/null && echo done"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["hello", "done"]
+    denied = probes.run("zviz", "ci-runner", ["/probe", "mount"])
+    assert "BLOCKED mount" in denied.stdout and "errno 1 " in denied.stdout
+
+
+def test_status_shows_every_layer(probes):
+    result = sh(
+        probes,
+        "ci-runner",
+        "grep -E '^(Cap|NoNewPrivs|Seccomp)' /proc/self/status; cat /proc/self/uid_map",
+    )
+    assert result.returncode == 0, result.stderr
+    status = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[key], 16) == 0, (key, status[key])
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
+    uid_map = [line.split() for line in result.stdout.splitlines() if ":" not in line]
+    assert uid_map == [["0", "100000", "65536"]]
+
+
+def test_only_loopback_without_network(probes):
+    result = sh(
+        probes, "ci-runner", "cat /proc/net/dev | tail -n +3 | cut -d: -f1; ip -o link | wc -l"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0] == "lo"
+    assert [w for w in result.stdout.split() if not w.isdigit()] == ["lo"]
+
+
+def test_af_packet_fails_and_af_inet_works_under_web_server(probes, tmp_path):
+    packet = probes.run("zviz", "web-server", ["/probe", "packet_socket"])
+    assert "BLOCKED packet_socket" in packet.stdout, packet.stdout + packet.stderr
+    port = 18080
+    profile = loopback_web_profile(tmp_path, port)
+    inet = sh(
+        probes,
+        profile,
+        f"nc -l -p {port} > /tmp/got & sleep 0.3; echo hi | nc 127.0.0.1 {port}; sleep 0.2; cat /tmp/got",
+    )
+    assert inet.returncode == 0, inet.stderr
+    assert inet.stdout.strip() == "hi"
+
+
+def test_landlock_denies_write_outside_the_writable_set(probes):
+    config = {"root": {"path": "rootfs", "readonly": False}}
+    result = sh(
+        probes,
+        "ci-runner",
+        "echo x > /tmp/ok && echo tmp-ok; echo x > /etc/nope || echo etc-denied; ls /etc/nope 2>&1 || true",
+        config=config,
+    )
+    assert "tmp-ok" in result.stdout and "etc-denied" in result.stdout, (
+        result.stdout + result.stderr
+    )
+    assert "Permission denied" in result.stderr or "Permission denied" in result.stdout
+
+
+def test_broker_allows_connect_to_allowed_port_denies_another(probes, tmp_path):
+    port = 18090
+    profile = loopback_web_profile(tmp_path, port)
+    script = (
+        f"nc -l -p {port} >/dev/null & nc -l -p {port + 1} >/dev/null & sleep 0.3; "
+        f"echo a | nc 127.0.0.1 {port} && echo allowed-ok; "
+        f"echo b | nc 127.0.0.1 {port + 1} || echo other-denied"
+    )
+    result = sh(probes, profile, script)
+    assert "allowed-ok" in result.stdout and "other-denied" in result.stdout, (
+        result.stdout + result.stderr
+    )
+
+
+def _brokers() -> set[int]:
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "zviz-broker":
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
+    port = 18100
+    profile = loopback_web_profile(tmp_path, port)
+    before = _brokers()
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not killed:
+            for pid in _brokers() - before:
+                os.kill(pid, 9)
+                killed.append(pid)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    script = (
+        f"nc -l -p {port} >/dev/null & sleep 1.5; "
+        f"echo a | nc 127.0.0.1 {port} && echo CONNECTED || echo connect-failed"
+    )
+    result = sh(probes, profile, script)
+    thread.join()
+    assert killed, "no broker was started for a mediating profile"
+    assert "connect-failed" in result.stdout and "CONNECTED" not in result.stdout, (
+        result.stdout + result.stderr
+    )
+
+
+def test_verbose_logs_a_denied_mount(probes):
+    result = probes.run("zviz", "ci-runner", ["/probe", "mount"], verbose=True)
+    assert "BLOCKED mount" in result.stdout
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    mounts = [r for r in records if r.get("syscall") == "mount"]
+    assert mounts, result.stderr
+    assert mounts[0]["nr"] == 165 and mounts[0]["verdict"] == "EPERM"
+    assert mounts[0]["profile"] == "ci-runner" and mounts[0]["command"] == "probe"
+
+
+def test_unknown_profile_is_an_error_and_leaves_nothing(probes):
+    result = probes.run("zviz", "no-such-profile", ["true"])
+    assert result.returncode != 0
+    assert "unknown profile 'no-such-profile'" in result.stderr
+
+
+def test_bpf_cache_is_used(probes):
+    assert os.path.isdir(seccomp.CACHE_DIR) and any(
+        name.endswith(".bpf") for name in os.listdir(seccomp.CACHE_DIR)
+    )
