@@ -465,3 +465,50 @@ def test_running_task_survives_a_containerd_restart(containerd, ctr, busybox_ima
     assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
     assert ctr("task", "delete", container_id).returncode == 0
     assert not _alive(init_pid)
+
+
+# ---- output to a file and to a logger process -------------------------------------------------------
+
+
+def test_log_uri_file(ctr, busybox_image, new_id, tmp_path):
+    log = tmp_path / "task.log"
+    result = ctr(
+        "run",
+        "--rm",
+        "--log-uri",
+        f"file://{log}",
+        busybox_image,
+        new_id(),
+        "sh",
+        "-c",
+        "echo to-file; echo err-to-file >&2",
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(log.read_text().splitlines()) == ["err-to-file", "to-file"]
+
+
+def test_log_uri_binary_logger(ctr, busybox_image, new_id, tmp_path):
+    logger = tmp_path / "logger"
+    # containerd's logger contract: stdout on fd 3, stderr on fd 4, close fd 5 when ready.
+    logger.write_text('#!/bin/sh\nexec 5>&-\ncat <&3 >"$2.out" &\ncat <&4 >"$2.err" &\nwait\n')
+    logger.chmod(0o755)
+    prefix = tmp_path / "captured"
+    result = ctr(
+        "run",
+        "--rm",
+        "--log-uri",
+        f"binary://{logger}?prefix={prefix}",
+        busybox_image,
+        new_id(),
+        "sh",
+        "-c",
+        "echo to-logger; echo err-to-logger >&2",
+    )
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        prefix.with_suffix(".err").exists() and prefix.with_suffix(".err").read_text()
+    ):
+        time.sleep(0.05)
+    assert prefix.with_suffix(".out").read_text() == "to-logger\n"
+    assert prefix.with_suffix(".err").read_text() == "err-to-logger\n"
