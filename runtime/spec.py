@@ -726,6 +726,9 @@ def _parse_spec(config, bundle_dir: str) -> Spec:
 
     linux_obj = _opt_obj(config, "linux", "")
     linux = _parse_linux(linux_obj, "linux") if linux_obj is not None else Linux()
+    if linux.namespace("mount") is None:
+        # Without one, the container's mounts and pivot_root would act on the host's tree.
+        raise _Bad("linux", "namespaces", "a mount namespace is required")
 
     process_obj = _opt_obj(config, "process", "")
     process = None
@@ -903,10 +906,22 @@ def _parse_process(p, path: str) -> Process:
         no_new_privileges=_opt_bool(p, "noNewPrivileges", path),
         oom_score_adj=_opt_int(p, "oomScoreAdj", path, -1000, 1000),
         apparmor_profile=_opt_str(p, "apparmorProfile", path),
-        selinux_label=_opt_str(p, "selinuxLabel", path),
+        selinux_label=_no_selinux_label(p, path),
         io_priority=_parse_io_priority(p, path),
         scheduler=_parse_scheduler(p, path),
     )
+
+
+# runc refuses an SELinux label on a host without SELinux; zviz has no SELinux support
+# at all, and a label it cannot apply must not read as confinement that is there.
+_NO_SELINUX = "SELinux labels are not supported by zviz (the label would not be applied)"
+
+
+def _no_selinux_label(p: dict, path: str) -> str:
+    label = _opt_str(p, "selinuxLabel", path)
+    if label:
+        raise _Bad(path, "selinuxLabel", _NO_SELINUX)
+    return label
 
 
 def _check_env(env: list[str], path: str) -> list[str]:
@@ -1170,6 +1185,8 @@ def _parse_linux(lx: dict, path: str) -> Linux:
         linux.seccomp = _check_seccomp(seccomp, _join(path, "seccomp"))
 
     linux.mount_label = _opt_str(lx, "mountLabel", path)
+    if linux.mount_label:
+        raise _Bad(path, "mountLabel", _NO_SELINUX)
 
     personality = _opt_obj(lx, "personality", path)
     if personality is not None:

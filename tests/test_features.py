@@ -82,7 +82,9 @@ def test_every_listed_mount_option_is_a_flag_rootfs_applies(document):
 def test_every_listed_namespace_parses(document, bundle):
     for ns_type in document["linux"]["namespaces"]:
         config = default_config()
-        config["linux"]["namespaces"] = [{"type": ns_type}]
+        config["linux"]["namespaces"] = [{"type": ns_type}] + (
+            [] if ns_type == "mount" else [{"type": "mount"}]
+        )
         del config["hostname"]
         if ns_type == "user":
             config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 100000, "size": 1}]

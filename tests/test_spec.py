@@ -701,6 +701,22 @@ BAD_CONFIGS = {
         r"hooks.poststart\[0\].env\[0\]: must be NAME=VALUE",
     ),
     # namespaces
+    "no mount namespace": (
+        _set("linux.namespaces")([{"type": "pid"}, {"type": "uts"}]),
+        "linux.namespaces: a mount namespace is required",
+    ),
+    "no linux section": (
+        _all(_delete("linux"), _delete("hostname")),
+        "linux.namespaces: a mount namespace is required",
+    ),
+    "selinux process label": (
+        _set("process.selinuxLabel")("system_u:system_r:container_t:s0"),
+        "process.selinuxLabel: SELinux labels are not supported by zviz",
+    ),
+    "selinux mount label": (
+        _set("linux.mountLabel")("system_u:object_r:container_file_t:s0"),
+        "linux.mountLabel: SELinux labels are not supported by zviz",
+    ),
     "namespaces not list": (
         _set("linux.namespaces")({"type": "pid"}),
         "linux.namespaces: must be a list",
@@ -848,14 +864,14 @@ BAD_CONFIGS = {
     ),
     "sysctl ipc without ipc ns": (
         _all(
-            _set("linux.namespaces")([{"type": "uts"}]),
+            _set("linux.namespaces")([{"type": "uts"}, {"type": "mount"}]),
             _set("linux.sysctl")({"kernel.shmmax": "1"}),
         ),
         r'linux.sysctl\["kernel.shmmax"\]: needs an ipc namespace',
     ),
     "sysctl net without net ns": (
         _all(
-            _set("linux.namespaces")([{"type": "uts"}]),
+            _set("linux.namespaces")([{"type": "uts"}, {"type": "mount"}]),
             _set("linux.sysctl")({"net.ipv4.ip_forward": "1"}),
         ),
         r'linux.sysctl\["net.ipv4.ip_forward"\]: needs a network namespace',
@@ -869,7 +885,7 @@ BAD_CONFIGS = {
     ),
     "sysctl domainname without uts": (
         _all(
-            _set("linux.namespaces")([{"type": "ipc"}]),
+            _set("linux.namespaces")([{"type": "ipc"}, {"type": "mount"}]),
             _delete("hostname"),
             _set("linux.sysctl")({"kernel.domainname": "x"}),
         ),
