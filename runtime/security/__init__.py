@@ -23,6 +23,10 @@ import os
 from dataclasses import dataclass, field
 
 from runtime.errors import InvalidArgument, SecurityLayerError
+
+# Imported here, not lazily: PID 1 runs prepare()/apply() after pivot_root (and exec'd
+# processes after joining the mount namespace), where the runtime's source tree is gone.
+from runtime.security import capabilities, landlock, network, seccomp  # noqa: F401
 from runtime.security.profiles import ANNOTATION, DEFAULT_PROFILE, Profile, load_profile
 
 __all__ = [
@@ -64,7 +68,6 @@ def harden_spec(spec, profile: Profile) -> list[str]:
     cache) the seccomp programs so PID 1 only loads bytes.
     """
     from runtime.security import capabilities as caps
-    from runtime.security import seccomp
     from runtime.spec import IdMapping, Memory, Namespace, Pids, Resources
 
     changes: list[str] = []
@@ -162,7 +165,6 @@ class Plan:
 def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
     """In PID 1 after pivot_root: build every layer, fail closed if one is missing."""
     from runtime.security import capabilities as caps
-    from runtime.security import landlock, network, seccomp
     from runtime.spec import Capabilities
 
     notes: list[str] = []
@@ -214,7 +216,6 @@ def _writable_mounts(spec) -> list[str]:
 
 
 def _landlock_ruleset(spec, profile: Profile, abi: int):
-    from runtime.security import landlock
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
     restrict_connect = profile.tcp_connect is not None and profile.network != "none"
@@ -245,7 +246,6 @@ def apply(plan: Plan, notify_channel=None) -> None:
     """
     from runtime import linux
     from runtime.security import capabilities as caps
-    from runtime.security import seccomp
 
     if isinstance(notify_channel, NotifyChannel):
         channel_fd = notify_channel.container_fd

@@ -10,7 +10,6 @@ This module is on the create path: it imports only tomllib, hashlib and os.
 """
 
 import hashlib
-import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -38,10 +37,12 @@ _SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 class PortRule:
     """A network destination (or bind address): a CIDR and a set of ports (empty: any)."""
 
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+    network: object  # ipaddress.IPv4Network | IPv6Network (imported only when a profile has rules)
     ports: frozenset[int]
 
     def matches(self, address: str, port: int) -> bool:
+        import ipaddress
+
         try:
             ip = ipaddress.ip_address(address)
         except ValueError:
@@ -262,6 +263,8 @@ class _Reader:
         raise self.error(key, f'must be bytes or a size like "512M" or "8G", got {value!r}')
 
     def port_rules(self, key: str) -> tuple[PortRule, ...]:
+        import ipaddress
+
         self.used.add(key)
         value = self.table.get(key, [])
         if not isinstance(value, list):
@@ -423,6 +426,8 @@ def _build(data: dict, path: str) -> Profile:
 
 
 def _cidr_rules(reader: "_Reader", key: str) -> tuple[PortRule, ...]:
+    import ipaddress
+
     values = reader.get(key, list, [])
     rules = []
     for i, value in enumerate(values):

@@ -15,7 +15,6 @@ import errno
 import hashlib
 import json
 import os
-import platform
 from dataclasses import dataclass
 
 from runtime import linux
@@ -71,7 +70,7 @@ class Program:
 
 
 def _arch_tag() -> str:
-    return platform.machine()
+    return os.uname().machine
 
 
 def _cache_key(kind: str, content: str) -> str:
