@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from runtime.defaults import default_config
 from runtime.errors import InvalidArgument
-from runtime.spec import Spec, decode_json, parse_spec
+from runtime.spec import Spec, check_process_in_spec, decode_json, parse_process, parse_spec
 
 JSON_SCALARS = (
     st.none()
@@ -326,3 +326,39 @@ def test_cpu_lists_agree_with_their_definition(bundle, ranges, junk):
     config["linux"]["resources"]["cpu"] = {"cpus": text + junk}
     spec = parses_or_refuses(config, bundle)
     assert (spec is not None) == (valid and junk == "")
+
+
+PROCESS_PATHS = list(_paths(FULL_CONFIG["process"]))[1:]
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(PROCESS_PATHS),
+            st.sampled_from(["delete", "replace", "insert", "duplicate", "stringify", "negate"]),
+            JSON_VALUES,
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_exec_process_mutations(bundle, mutations):
+    """`zviz exec --process`: the same promise for a process document on its own."""
+    process = copy.deepcopy(FULL_CONFIG["process"])
+    for path, operation, junk in mutations:
+        try:
+            _mutate(process, path, operation, junk)
+        except (KeyError, IndexError, TypeError):
+            pass
+    try:
+        parsed = parse_process(process)
+    except InvalidArgument as e:
+        assert str(e).startswith("process.json: ") and str(e).isprintable()
+        return
+    assert parsed.args and parsed.cwd.startswith("/")
+    spec = parse_spec(copy.deepcopy(FULL_CONFIG), bundle)
+    try:
+        check_process_in_spec(parsed, spec)
+    except InvalidArgument as e:
+        assert "is not mapped" in str(e)
