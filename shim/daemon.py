@@ -10,6 +10,7 @@ Exiting takes the group lock, so no `start` hands out its address meanwhile.
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -57,6 +58,10 @@ class Daemon:
 
         self.loop = asyncio.get_running_loop()
         self._done = self.loop.create_future()
+        # Everything imported so far lives as long as the daemon: keep the collector off
+        # those pages, so the processes we fork (container setup, brokers) share them
+        # instead of copying them on the collector's first pass.
+        gc.freeze()
         self.reaper.install(self.loop)
         self.publisher = Publisher(self.flags.ttrpc_address, self.namespace)
         self.publisher.on_disconnect(self._containerd_disconnected)
