@@ -53,6 +53,10 @@ class Daemon:
     # ---- lifetime ------------------------------------------------------------------
 
     async def run(self) -> int:
+        # The runtime core imports these at a container's first Create: pay now, once.
+        import runtime.cgroups  # noqa: F401
+        import runtime.security  # noqa: F401
+        import runtime.spec  # noqa: F401
         from shim.events import Publisher
         from shim.service import TaskService
 
