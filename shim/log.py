@@ -96,9 +96,15 @@ class FifoSink(logging.Handler):
                 if e.errno not in (errno.EPIPE, errno.EBADF):
                     return
                 self._fds.pop(0)
-                if owner:  # fd 2 is kept (tracebacks of a dying daemon still go there)
-                    with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):
+                    if owner:
                         os.close(fd)
+                    else:
+                        # fd 2 stays a valid fd (Python and forked children write there),
+                        # just no longer into a fifo nobody reads.
+                        devnull = os.open(os.devnull, os.O_WRONLY)
+                        os.dup2(devnull, 2)
+                        os.close(devnull)
 
 
 def setup(namespace: str, debug: bool) -> FifoSink:
