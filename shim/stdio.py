@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import signal
 import socket
 import struct
 import termios
@@ -243,6 +244,8 @@ class Stdio:
                     (os.POSIX_SPAWN_DUP2, ready_w, 5),
                 ],
                 setsid=True,
+                # Python ignores SIGPIPE; a logger must not inherit that.
+                setsigdef=(signal.SIGPIPE,),
             )
         except OSError as e:
             raise InvalidArgument(
