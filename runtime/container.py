@@ -1,0 +1,592 @@
+"""The library API both the `zviz` CLI and the shim use: one container's whole life.
+
+    c = Container.create(root, id, bundle, ...)   # creating -> created
+    c.start()                                     # created -> running
+    c.state(); c.kill(sig); c.pause(); c.resume(); c.exec(process)
+    c.record_exit(wait_status)                    # by whoever reaps PID 1
+    c.delete(force=...)                           # -> gone: no cgroup, no state dir
+
+Nothing outlives a failed create: the cgroup and the state directory are removed
+and every process started is killed. Mounts live in the container's own mount
+namespace and vanish with its last process.
+"""
+
+import os
+import select
+import shutil
+import signal
+import time
+
+from runtime import errors, linux, process, state
+from runtime.log import NULL as NULL_LOG
+
+# How long delete waits for killed processes to leave before failing.
+_KILL_WAIT_S = 10.0
+
+
+class Container:
+    def __init__(self, root: str, container_id: str, data: dict, log=NULL_LOG):
+        self.root = root
+        self.id = container_id
+        self.dir = state.container_dir(root, container_id)
+        self.data = data
+        self.log = log
+        self._spawned: process.Spawned | None = None
+        self._cgroup = None
+
+    # --- creation -------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        root: str,
+        container_id: str,
+        bundle: str,
+        *,
+        profile: str | None = None,
+        verbose: bool = False,
+        console_socket: str | None = None,
+        pid_file: str | None = None,
+        stdio=(0, 1, 2),
+        notify_socket: str | None = None,
+        detach: bool = True,
+        preserve_fds: int = 0,
+        no_pivot: bool = False,
+        log=NULL_LOG,
+    ) -> "Container":
+        """Build the container up to PID 1 waiting to exec.
+
+        detach=True: PID 1 waits on the exec fifo; any process may `start` it later,
+        and PID 1 is reaped by the caller's subreaper (the shim), not by zviz.
+        detach=False: the caller is PID 1's reaper (this makes it a subreaper) and
+        must call start() on this same object: no fifo, one message instead.
+        """
+        del notify_socket  # accepted for runc compatibility; zviz has no sd_notify support
+        directory = state.container_dir(root, container_id)
+        bundle = os.path.abspath(bundle)
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            raise errors.AlreadyExists(f"container {container_id!r} already exists") from None
+        container = cls(root, container_id, {}, log)
+        cg = None
+        channel = None
+        fds: list[int] = []
+        try:
+            from runtime.spec import load_spec
+
+            spec = load_spec(bundle)
+            if spec.process is None:
+                raise errors.field_error("process", "is required to create a container")
+            resolved_profile = _harden(spec, profile)
+            _validate(spec, detach, console_socket)
+            data = {
+                "ociVersion": spec.oci_version,
+                "id": container_id,
+                "pid": 0,
+                "pidStartTime": None,
+                "bundle": bundle,
+                "rootfs": spec.root.path,
+                "created": state.now_rfc3339(),
+                "annotations": dict(spec.annotations or {}),
+                "owner": "",
+                "profile": getattr(resolved_profile, "name", profile),
+                "verbose": verbose,
+                "cgroupPaths": {},
+                "status": "creating",
+            }
+            container.data = data
+            state.write(directory, data)
+
+            from runtime import cgroups
+
+            cg = cgroups.for_container(container_id, spec.linux.cgroups_path)
+            cg.create()
+            data["cgroupPaths"] = dict(cg.paths)
+            state.write(directory, data)
+            resources = (spec.raw.get("linux") or {}).get("resources") or {}
+            cg.apply(resources)
+
+            fifo_fd = None
+            if detach:
+                fifo = os.path.join(directory, state.EXEC_FIFO)
+                os.mkfifo(fifo, 0o622)
+                # mkfifo honours the umask: make the fifo writable for a non-root PID 1.
+                os.chmod(fifo, 0o622)
+                fifo_fd = os.open(fifo, os.O_PATH | os.O_CLOEXEC)
+                fds.append(fifo_fd)
+            console_fd = None
+            if console_socket and spec.process.terminal:
+                from runtime import console
+
+                console_fd = console.connect(console_socket)
+                fds.append(console_fd)
+            if not detach:
+                linux.set_child_subreaper()
+            channel = _notify_channel(resolved_profile, verbose)
+            request = process.Request(
+                spec,
+                bundle=bundle,
+                notify_channel=channel,
+                profile=resolved_profile,
+                verbose=verbose,
+                cgroup=cg,
+                wait_for_fifo_fd=fifo_fd,
+                console_fd=console_fd,
+                stdio=stdio,
+                preserve_fds=preserve_fds,
+                no_pivot=no_pivot,
+            )
+            spawned = process.spawn_init(request, log)
+            data["pid"] = spawned.pid
+            data["pidStartTime"] = spawned.start_time
+            data["status"] = "created"
+            try:
+                if channel is not None:
+                    _start_broker(
+                        channel, spawned.pid, resolved_profile, verbose, container_id, log
+                    )
+                state.write(directory, data)
+                if pid_file:
+                    write_pid_file(pid_file, spawned.pid)
+                if detach:
+                    spawned.sync.send("ack")
+            except BaseException:
+                spawned.sync.close()
+                process._kill(spawned.pid)
+                raise
+            if detach:
+                spawned.sync.close()
+            else:
+                container._spawned = spawned
+            container._cgroup = cg
+            return container
+        except BaseException:
+            _close_quietly(fds)
+            fds.clear()
+            _close_channel(channel)
+            container._undo_create(cg)
+            raise
+        finally:
+            _close_quietly(fds)
+            _close_channel(channel)
+
+    def _undo_create(self, cg) -> None:
+        try:
+            if cg is not None:
+                cg.destroy()
+        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+            self.log.warning(f"cleanup after failed create: {exc}")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    @classmethod
+    def load(cls, root: str, container_id: str, log=NULL_LOG) -> "Container":
+        return cls(root, container_id, state.read(root, container_id), log)
+
+    @staticmethod
+    def list_all(root: str, log=NULL_LOG) -> list["Container"]:
+        found = []
+        for container_id in state.list_ids(root):
+            try:
+                found.append(Container.load(root, container_id, log))
+            except errors.NotFound:
+                continue  # deleted while we listed
+        return found
+
+    # --- status ---------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int:
+        return self.data.get("pid") or 0
+
+    def cgroup(self):
+        if self._cgroup is None and self.data.get("cgroupPaths"):
+            from runtime import cgroups
+
+            self._cgroup = cgroups.load(self.data["cgroupPaths"])
+        return self._cgroup
+
+    def status(self) -> str:
+        data = self.data
+        if data.get("exitStatus") is not None:
+            return "stopped"
+        if not self.pid:
+            return (
+                "creating"
+                if data.get("status") == "creating" and _creator_may_live(data)
+                else "stopped"
+            )
+        stat = state.proc_stat(self.pid)
+        if stat is None or stat.start_time != data.get("pidStartTime"):
+            return "stopped"
+        if stat.state in ("Z", "X"):
+            if stat.exit_code is not None and data.get("exitStatus") is None:
+                data["exitStatus"] = state.exit_code_from_wait_status(stat.exit_code)
+            return "stopped"
+        if os.path.exists(os.path.join(self.dir, state.EXEC_FIFO)):
+            return "created"
+        cg = self.cgroup()
+        try:
+            if cg is not None and cg.frozen():
+                return "paused"
+        except (OSError, errors.ZvizError):
+            pass
+        return "running"
+
+    def state(self) -> dict:
+        """OCI state JSON (runc's shape), plus exitStatus/oomKilled when known."""
+        status = self.status()
+        data = self.data
+        result = {
+            "ociVersion": data.get("ociVersion", "1.2.0"),
+            "id": self.id,
+            "pid": self.pid if status != "stopped" else 0,
+            "status": status,
+            "bundle": data.get("bundle", ""),
+            "rootfs": data.get("rootfs", ""),
+            "created": data.get("created", ""),
+            "owner": data.get("owner", ""),
+        }
+        if data.get("annotations"):
+            result["annotations"] = data["annotations"]
+        if status == "stopped" and data.get("exitStatus") is not None:
+            result["exitStatus"] = data["exitStatus"]
+        if data.get("oomKilled"):
+            result["oomKilled"] = True
+        return result
+
+    def record_exit(self, wait_status: int) -> int:
+        """Record PID 1's wait status (the reaper calls this); returns the exit code."""
+        code = state.exit_code_from_wait_status(wait_status)
+        self.data["exitStatus"] = code
+        cg = self.cgroup()
+        try:
+            if cg is not None and cg.oom_kill_count() > 0:
+                self.data["oomKilled"] = True
+        except (OSError, errors.ZvizError):
+            pass
+        self._save()
+        return code
+
+    @property
+    def oom_killed(self) -> bool:
+        return bool(self.data.get("oomKilled"))
+
+    def _save(self) -> None:
+        if os.path.isdir(self.dir):
+            state.write(self.dir, self.data)
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """created -> running: PID 1 applies the security layers and execs the workload."""
+        if self._spawned is not None:
+            spawned, self._spawned = self._spawned, None
+            spawned.sync.send("start")
+            process.wait_exec_result(spawned)
+            return
+        status = self.status()
+        if status != "created":
+            raise errors.FailedPrecondition(
+                f"container {self.id!r} is {status}, not created: cannot start"
+            )
+        fifo = os.path.join(self.dir, state.EXEC_FIFO)
+        try:
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise errors.FailedPrecondition(f"container {self.id!r} was already started") from None
+        pidfd = -1
+        try:
+            pidfd = self._pidfd()
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLHUP)
+            poller.register(pidfd, select.POLLIN)
+            while True:
+                events = dict(poller.poll())
+                if fd in events:
+                    if os.read(fd, 1) == b"0":
+                        break
+                    raise errors.FailedPrecondition(
+                        f"container {self.id!r}: init exited before it could start"
+                    )
+                if pidfd in events:
+                    raise errors.FailedPrecondition(
+                        f"container {self.id!r}: init exited before it could start"
+                    )
+        finally:
+            os.close(fd)
+            if pidfd >= 0:
+                os.close(pidfd)
+        os.unlink(fifo)
+
+    def _pidfd(self) -> int:
+        """A pidfd of PID 1, verified to be our process (not a recycled pid)."""
+        try:
+            pidfd = linux.pidfd_open(self.pid)
+        except OSError:
+            raise errors.FailedPrecondition(
+                f"container {self.id!r}: container not running"
+            ) from None
+        stat = state.proc_stat(self.pid)
+        if stat is None or stat.start_time != self.data.get("pidStartTime"):
+            os.close(pidfd)
+            raise errors.FailedPrecondition(f"container {self.id!r}: container not running")
+        return pidfd
+
+    def kill(self, sig: int, all: bool = False) -> None:  # noqa: A002 - runc's flag name
+        status = self.status()
+        if all:
+            cg = self.cgroup()
+            if cg is not None:
+                cg.kill_all(sig)
+            if status == "stopped":
+                return
+        if status == "stopped":
+            raise errors.FailedPrecondition(f"container {self.id!r}: container not running")
+        pidfd = self._pidfd()
+        try:
+            linux.pidfd_send_signal(pidfd, sig)
+        except ProcessLookupError:
+            raise errors.FailedPrecondition(
+                f"container {self.id!r}: container not running"
+            ) from None
+        finally:
+            os.close(pidfd)
+        if status == "paused" and sig == signal.SIGKILL and not all:
+            cg = self.cgroup()
+            if cg is not None:
+                cg.thaw()
+
+    def delete(self, force: bool = False) -> None:
+        """Kill what is left (created always, running/paused only with force), remove everything."""
+        status = self.status()
+        if status in ("running", "paused") and not force:
+            raise errors.FailedPrecondition(
+                f"cannot delete container {self.id} that is not stopped: {status} (use --force)"
+            )
+        if status in ("created", "running", "paused"):
+            try:
+                pidfd = self._pidfd()
+            except errors.FailedPrecondition:
+                pidfd = -1
+            try:
+                if pidfd >= 0:
+                    try:
+                        linux.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                cg = self.cgroup()
+                if cg is not None:
+                    cg.kill_all(signal.SIGKILL)
+                if pidfd >= 0:
+                    _wait_readable(pidfd, _KILL_WAIT_S)
+            finally:
+                if pidfd >= 0:
+                    os.close(pidfd)
+            process.reap_if_child(self.pid)
+        cg = self.cgroup()
+        if cg is not None:
+            cg.destroy()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def pause(self) -> None:
+        status = self.status()
+        if status != "running":
+            raise errors.FailedPrecondition(
+                f"container {self.id!r} is {status}, not running: cannot pause"
+            )
+        self._require_cgroup().freeze()
+
+    def resume(self) -> None:
+        status = self.status()
+        if status != "paused":
+            raise errors.FailedPrecondition(
+                f"container {self.id!r} is {status}, not paused: cannot resume"
+            )
+        self._require_cgroup().thaw()
+
+    def _require_cgroup(self):
+        cg = self.cgroup()
+        if cg is None:
+            raise errors.FailedPrecondition(f"container {self.id!r} has no cgroup")
+        return cg
+
+    def pids(self) -> list[int]:
+        cg = self.cgroup()
+        if cg is None:
+            return []
+        try:
+            return cg.pids()
+        except (FileNotFoundError, errors.NotFound):
+            return []
+
+    def stats(self) -> dict:
+        return self._require_cgroup().stats()
+
+    def update(self, resources: dict) -> None:
+        """Apply new linux.resources (`zviz update --resources`)."""
+        self._require_cgroup().apply(resources)
+
+    # --- exec -----------------------------------------------------------------------
+
+    def exec(
+        self,
+        process_config: dict,
+        *,
+        stdio=(0, 1, 2),
+        console_socket: str | None = None,
+        pid_file: str | None = None,
+        detach: bool = True,
+        preserve_fds: int = 0,
+    ) -> int:
+        """Run another process in the container; returns its host pid once it exec'd.
+
+        detach=False makes the caller a subreaper: it reaps the process itself.
+        """
+        status = self.status()
+        if status not in ("created", "running"):
+            raise errors.FailedPrecondition(f"container {self.id!r} is {status}: cannot exec")
+        from runtime.spec import check_process_in_spec, load_spec, parse_process
+
+        spec = load_spec(self.data["bundle"])
+        resolved_profile = _harden(spec, self.data.get("profile"))
+        exec_process = parse_process(process_config)
+        check_process_in_spec(exec_process, spec)
+        spec.process = exec_process
+        fds = []
+        channel = None
+        try:
+            console_fd = None
+            if console_socket and exec_process.terminal:
+                from runtime import console
+
+                console_fd = console.connect(console_socket)
+                fds.append(console_fd)
+            if not detach:
+                linux.set_child_subreaper()
+            channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
+            request = process.Request(
+                spec,
+                bundle=self.data["bundle"],
+                notify_channel=channel,
+                profile=resolved_profile,
+                verbose=bool(self.data.get("verbose")),
+                cgroup=self.cgroup(),
+                console_fd=console_fd,
+                stdio=stdio,
+                preserve_fds=preserve_fds,
+            )
+            spawned = process.spawn_exec(request, self.pid, exec_process, self.log)
+        except BaseException:
+            _close_channel(channel)
+            raise
+        finally:
+            _close_quietly(fds)
+        try:
+            if channel is not None:
+                _start_broker(
+                    channel,
+                    spawned.pid,
+                    resolved_profile,
+                    bool(self.data.get("verbose")),
+                    self.id,
+                    self.log,
+                )
+            if pid_file:
+                write_pid_file(pid_file, spawned.pid)
+        except BaseException:
+            spawned.sync.close()
+            process._kill(spawned.pid)
+            raise
+        finally:
+            _close_channel(channel)
+        spawned.sync.send("start")
+        process.wait_exec_result(spawned)
+        return spawned.pid
+
+
+def _harden(spec, profile_name):
+    """Resolve the profile and let the security layer tighten the spec."""
+    security = process.security_layer()
+    if security is None:
+        return profile_name
+    profile = security.resolve_profile(profile_name, spec.annotations)
+    security.harden_spec(spec, profile)
+    return profile
+
+
+def _notify_channel(profile, verbose: bool):
+    """The seccomp broker's channel when the profile mediates syscalls (else None)."""
+    security = process.security_layer()
+    return security.notify_channel(profile, verbose) if security is not None else None
+
+
+def _start_broker(channel, pid: int, profile, verbose: bool, container_id: str, log) -> None:
+    """Hand the supervisor end to a broker process; the container end stays with PID 1."""
+    security = process.security_layer()
+    channel.close_container_end()
+    security.start_broker(
+        channel,
+        pid,
+        profile,
+        verbose=verbose,
+        container_id=container_id,
+        log_path=getattr(log, "path", None),
+    )
+
+
+def _validate(spec, detach: bool, console_socket: str | None) -> None:
+    linux_spec = spec.linux
+    types = {ns.type for ns in linux_spec.namespaces or ()}
+    if spec.hostname and "uts" not in types:
+        raise errors.field_error("hostname", "needs a uts namespace in linux.namespaces")
+    if "mount" not in types:
+        raise errors.field_error("linux.namespaces", "a mount namespace is required")
+    if spec.process.terminal and detach and not console_socket:
+        raise errors.InvalidArgument(
+            "config.json: process.terminal is true: a detached container needs --console-socket"
+        )
+
+
+def write_pid_file(path: str, pid: int) -> None:
+    """Atomically, as runc: go-runc reads it as soon as the command returns."""
+    tmp = os.path.join(
+        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.zviz-tmp"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, str(pid).encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _wait_readable(fd: int, timeout_s: float) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(int(timeout_s * 1000)))
+
+
+def _close_channel(channel) -> None:
+    if channel is not None:
+        channel.close_container_end()
+        channel.close_supervisor_end()
+
+
+def _close_quietly(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _creator_may_live(data: dict) -> bool:
+    """A `creating` record is only trusted briefly: a crashed creator leaves one behind."""
+    try:
+        created = time.mktime(time.strptime(data.get("created", "")[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return False
+    return time.time() - (created - time.timezone) < 60

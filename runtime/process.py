@@ -1,0 +1,684 @@
+"""Spawning: the processes that become a container (init) or enter one (exec).
+
+    zviz (parent) ──fork──▶ child ──fork──▶ PID 1 ──execve──▶ workload
+                   sync socket shared by child and PID 1 (runtime/sync.py)
+
+child:  PDEATHSIG, joins the cgroup itself (so every descendant is in it), joins the
+        namespaces given by path, unshares the user namespace (the parent writes
+        uid_map/gid_map and answers "mapped"), unshares the rest, forks PID 1, reports
+        its pid and exits. PID 1 is then reparented to the nearest subreaper: `zviz
+        run` itself, or containerd's shim under `zviz create` (no monitor in between).
+PID 1:  builds the filesystem, terminal, sysctls, hostname, rlimits, prepares the
+        security layers, switches user, reports "ready" and waits: for "start" on the
+        sync socket (`zviz run`, no fifo round trip), or for `zviz start` to open the
+        exec fifo (`zviz create`). Then the security layers, then execve.
+
+Each child always leaves through os._exit; a failure becomes one structured error
+on the sync socket, which the parent raises as a ZvizError.
+"""
+
+import errno
+import os
+import signal
+
+from runtime import errors, linux, state
+from runtime.sync import Sync
+
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Join order for namespaces given by path: user first so the others are reachable
+# with its capabilities, mount last so /proc paths resolve until then.
+_JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
+
+RLIMITS = {
+    "RLIMIT_CPU": 0,
+    "RLIMIT_FSIZE": 1,
+    "RLIMIT_DATA": 2,
+    "RLIMIT_STACK": 3,
+    "RLIMIT_CORE": 4,
+    "RLIMIT_RSS": 5,
+    "RLIMIT_NPROC": 6,
+    "RLIMIT_NOFILE": 7,
+    "RLIMIT_MEMLOCK": 8,
+    "RLIMIT_AS": 9,
+    "RLIMIT_LOCKS": 10,
+    "RLIMIT_SIGPENDING": 11,
+    "RLIMIT_MSGQUEUE": 12,
+    "RLIMIT_NICE": 13,
+    "RLIMIT_RTPRIO": 14,
+    "RLIMIT_RTTIME": 15,
+}
+
+CLOSE_RANGE_CLOEXEC = 4
+
+
+class Request:
+    """Everything the children need; built by the parent before fork."""
+
+    def __init__(
+        self,
+        spec,
+        *,
+        bundle: str,
+        profile=None,
+        verbose: bool = False,
+        cgroup=None,
+        wait_for_fifo_fd: int | None = None,
+        console_fd: int | None = None,
+        stdio=(0, 1, 2),
+        preserve_fds: int = 0,
+        no_pivot: bool = False,
+        notify_channel=None,
+    ):
+        self.spec = spec
+        self.bundle = bundle
+        self.profile = profile
+        self.verbose = verbose
+        self.cgroup = cgroup
+        self.wait_for_fifo_fd = wait_for_fifo_fd
+        self.console_fd = console_fd
+        self.stdio = tuple(stdio)
+        self.preserve_fds = preserve_fds
+        self.no_pivot = no_pivot
+        # runtime.security.NotifyChannel when the profile needs a seccomp broker.
+        self.notify_channel = notify_channel
+
+
+class Spawned:
+    """PID 1 (or an exec'd process) after it reported ready; the sync end still open."""
+
+    def __init__(self, pid: int, sync: Sync):
+        self.pid = pid
+        self.sync = sync
+        stat = state.proc_stat(pid)
+        self.start_time = stat.start_time if stat else None
+
+
+def security_layer():
+    """runtime.security, or None while that package is still being written (no-op fallback)."""
+    try:
+        from runtime import security
+    except ImportError:
+        return None
+    return security if hasattr(security, "apply") else None
+
+
+def new_namespace_flags(spec) -> tuple[int, list[tuple[str, str]], bool]:
+    """(flags to unshare except user, [(type, path) to join], new user namespace?)."""
+    flags, joins, new_user = 0, [], False
+    for ns in spec.linux.namespaces or ():
+        if ns.type not in linux.NAMESPACE_FLAGS:
+            raise errors.field_error("linux.namespaces", f"unknown namespace type {ns.type!r}")
+        if ns.path:
+            joins.append((ns.type, ns.path))
+        elif ns.type == "user":
+            new_user = True
+        else:
+            flags |= linux.NAMESPACE_FLAGS[ns.type]
+    joins.sort(key=lambda item: _JOIN_ORDER.index(item[0]) if item[0] in _JOIN_ORDER else 99)
+    return flags, joins, new_user
+
+
+def spawn_init(request: Request, log) -> Spawned:
+    """Fork the container's processes; returns once PID 1 reported ready.
+
+    On any error every process started here is killed and reaped, and the error is
+    raised as a ZvizError. The caller then sends "start" (run) or "ack" (create).
+    """
+    spec = request.spec
+    flags, joins, new_user = new_namespace_flags(spec)
+    join_fds = [(ns_type, _open_ns(ns_type, path)) for ns_type, path in joins]
+    parent_end, child_end = Sync.pair()
+    try:
+        child = os.fork()
+    except BaseException:
+        parent_end.close()
+        child_end.close()
+        _close_all(fd for _, fd in join_fds)
+        raise
+    if child == 0:
+        parent_end.close()
+        _run_child(
+            child_end, lambda: _namespace_child(request, child_end, flags, join_fds, new_user)
+        )
+    child_end.close()
+    _close_all(fd for _, fd in join_fds)
+    pid1 = None
+    ready = False
+    try:
+        while True:
+            message = parent_end.recv()
+            if message is None:
+                raise errors.FailedPrecondition(
+                    "container init exited during setup without a report"
+                )
+            kind = message["type"]
+            if kind == "userns":
+                write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
+                parent_end.send("mapped")
+            elif kind == "pid":
+                pid1 = message["pid"]
+                _reap(child)
+                child = None
+            elif kind == "log":
+                log(message.get("level", "info"), message.get("msg", ""))
+            elif kind == "ready":
+                ready = True
+            if ready and pid1 is not None:
+                return Spawned(pid1, parent_end)
+            elif kind == "error":
+                from runtime.sync import error_from_message
+
+                raise error_from_message(message)
+    except BaseException:
+        parent_end.close()
+        if child is not None:
+            _kill_and_reap(child)
+        if pid1 is not None:
+            _kill(pid1)
+        raise
+
+
+def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
+    """Fork a process that joins the namespaces and cgroup of `init_pid`.
+
+    `process` is the OCI process (same shape as spec.process). Returns once the
+    process reported ready; the caller then sends "start".
+    """
+    ns_fds = []
+    for ns_type in _JOIN_ORDER:
+        proc_name = linux.NAMESPACE_PROC_NAMES[ns_type]
+        theirs = f"/proc/{init_pid}/ns/{proc_name}"
+        try:
+            if os.stat(theirs).st_ino == os.stat(f"/proc/self/ns/{proc_name}").st_ino:
+                continue
+        except FileNotFoundError:
+            continue
+        ns_fds.append((ns_type, _open_ns(ns_type, theirs)))
+    parent_end, child_end = Sync.pair()
+    try:
+        child = os.fork()
+    except BaseException:
+        parent_end.close()
+        child_end.close()
+        _close_all(fd for _, fd in ns_fds)
+        raise
+    if child == 0:
+        parent_end.close()
+        _run_child(child_end, lambda: _exec_child(request, child_end, ns_fds, process))
+    child_end.close()
+    _close_all(fd for _, fd in ns_fds)
+    pid = None
+    ready = False
+    try:
+        while True:
+            message = parent_end.recv()
+            if message is None:
+                raise errors.FailedPrecondition(
+                    "exec: process exited during setup without a report"
+                )
+            kind = message["type"]
+            if kind == "pid":
+                pid = message["pid"]
+                _reap(child)
+                child = None
+            elif kind == "log":
+                log(message.get("level", "info"), message.get("msg", ""))
+            elif kind == "ready":
+                ready = True
+            if ready and pid is not None:
+                return Spawned(pid, parent_end)
+            elif kind == "error":
+                from runtime.sync import error_from_message
+
+                raise error_from_message(message)
+    except BaseException:
+        parent_end.close()
+        if child is not None:
+            _kill_and_reap(child)
+        if pid is not None:
+            _kill(pid)
+        raise
+
+
+def wait_exec_result(spawned: Spawned) -> None:
+    """After "start": EOF means execve succeeded; an error message means it did not."""
+    try:
+        message = spawned.sync.recv()
+        while message is not None and message["type"] == "log":
+            message = spawned.sync.recv()
+    finally:
+        spawned.sync.close()
+    if message is not None and message["type"] == "error":
+        from runtime.sync import error_from_message
+
+        raise error_from_message(message)
+
+
+def write_id_maps(pid: int, uid_mappings, gid_mappings) -> None:
+    """uid_map and gid_map of `pid`'s new user namespace, from config.json."""
+    for name, mappings in (("uid_map", uid_mappings), ("gid_map", gid_mappings)):
+        if not mappings:
+            raise errors.field_error(
+                f"linux.{name[:3]}Mappings", "required with a new user namespace"
+            )
+        text = "".join(f"{m.container_id} {m.host_id} {m.size}\n" for m in mappings)
+        fd = os.open(f"/proc/{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        except OSError as exc:
+            raise errors.InvalidArgument(
+                f"config.json: linux.{name[:3]}Mappings: the kernel refused {text.strip()!r}: {exc.strerror}"
+            ) from None
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# Children. Everything below runs after fork and leaves only through os._exit.
+
+
+def _run_child(sync: Sync, body) -> None:
+    code = 1
+    try:
+        body()
+        code = 0
+    except _StageError as exc:
+        if not sync.send_error(exc.stage, exc.cause):
+            _tell_stderr(exc.stage, exc.cause)
+    except BaseException as exc:  # noqa: BLE001 - a child must never unwind into the parent's code
+        if not sync.send_error("setup", exc):
+            _tell_stderr("setup", exc)
+    finally:
+        os._exit(code)
+
+
+class _StageError(Exception):
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(stage)
+        self.stage = stage
+        self.cause = cause
+
+
+class _Stages:
+    """Names the stage a failure happened in: `with stages("mount"): ...`."""
+
+    def __call__(self, name: str):
+        self.name = name
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is not None and not isinstance(exc, _StageError) and kind is not SystemExit:
+            raise _StageError(self.name, exc) from exc
+        return False
+
+
+def _tell_stderr(stage: str, cause: BaseException) -> None:
+    """After `zviz create` returned nobody reads the sync socket: say it on stderr."""
+    try:
+        os.write(2, f"zviz: {stage}: {cause}\n".encode())
+    except OSError:
+        pass
+
+
+def _preload(request: Request, stages: "_Stages") -> None:
+    """Import now what the child needs later: after pivot_root or setns(mnt) the
+    runtime's source tree and the standard library are out of reach."""
+    with stages("setup"):
+        import resource  # noqa: F401
+
+        from runtime import console, rootfs  # noqa: F401
+
+        if request.spec.process is not None and request.spec.process.terminal:
+            import socket  # noqa: F401
+        if request.notify_channel is not None:
+            request.notify_channel.close_supervisor_end()
+
+
+def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_user: bool) -> None:
+    stages = _Stages()
+    spec = request.spec
+    _preload(request, stages)
+    with stages("prctl"):
+        linux.set_pdeathsig(signal.SIGKILL)
+    if request.cgroup is not None:
+        with stages("cgroup"):
+            request.cgroup.add_pid(os.getpid())
+    with stages("namespaces"):
+        for ns_type, fd in join_fds:
+            linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
+            os.close(fd)
+    if new_user:
+        with stages("user namespace"):
+            linux.unshare(linux.CLONE_NEWUSER)
+            sync.send("userns")
+            sync.expect("mapped")
+            _become_root_in_userns(spec)
+    with stages("namespaces"):
+        if flags:
+            linux.unshare(flags)
+    with stages("fork"):
+        pid1 = os.fork()
+    if pid1 == 0:
+        in_userns = new_user or any(t == "user" for t, _ in join_fds)
+        _run_child(sync, lambda: _init(request, sync, stages, in_userns=in_userns))
+    sync.send("pid", pid=pid1)
+
+
+def _become_root_in_userns(spec) -> None:
+    uid_mapped = any(m.container_id == 0 for m in spec.linux.uid_mappings or ())
+    gid_mapped = any(m.container_id == 0 for m in spec.linux.gid_mappings or ())
+    if gid_mapped:
+        os.setresgid(0, 0, 0)
+        os.setgroups([])
+    if uid_mapped:
+        os.setresuid(0, 0, 0)
+
+
+def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> None:
+    """PID 1: filesystem, process attributes, ready, wait for start, security, execve."""
+    from runtime.rootfs import RootfsBuilder
+
+    spec = request.spec
+    process = spec.process
+    new_ns = {ns.type for ns in spec.linux.namespaces or () if not ns.path}
+
+    def log(level: str, message: str) -> None:
+        try:
+            sync.send("log", level=level, msg=message)
+        except OSError:
+            pass
+
+    if "mount" in new_ns or any(ns.type == "mount" for ns in spec.linux.namespaces or ()):
+        builder = RootfsBuilder(
+            spec,
+            bundle=request.bundle,
+            cgroup_paths=request.cgroup.paths if request.cgroup is not None else {},
+            no_pivot=request.no_pivot,
+            in_userns=in_userns,
+            new_netns="network" in new_ns,
+            log=log,
+        )
+        with stages("rootfs"):
+            builder.build()
+    else:
+        builder = None
+        with stages("rootfs"):
+            raise errors.field_error("linux.namespaces", "a mount namespace is required")
+    with stages("terminal"):
+        _setup_stdio(request, process)
+    with stages("sysctl"):
+        for key, value in (spec.linux.sysctl or {}).items():
+            _write_sysctl(key, value)
+    with stages("rootfs"):
+        builder.finish()
+    with stages("hostname"):
+        if spec.hostname:
+            linux.sethostname(spec.hostname)
+        if getattr(spec, "domainname", None):
+            linux.setdomainname(spec.domainname)
+    _common_process_setup(request, sync, stages, process, wait_for_fifo=request.wait_for_fifo_fd)
+
+
+def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
+    stages = _Stages()
+    _preload(request, stages)
+    with stages("prctl"):
+        linux.set_pdeathsig(signal.SIGKILL)
+    if request.cgroup is not None:
+        with stages("cgroup"):
+            request.cgroup.add_pid(os.getpid())
+    with stages("namespaces"):
+        for ns_type, fd in ns_fds:
+            linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
+            os.close(fd)
+    with stages("fork"):
+        pid = os.fork()
+    if pid == 0:
+        _run_child(sync, lambda: _exec_process(request, sync, stages, process))
+    sync.send("pid", pid=pid)
+
+
+def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> None:
+    with stages("terminal"):
+        _setup_stdio(request, process)
+    _common_process_setup(request, sync, stages, process, wait_for_fifo=None)
+
+
+def _common_process_setup(
+    request: Request, sync: Sync, stages: _Stages, process, wait_for_fifo
+) -> None:
+    """rlimits, oom score, security prep, user, cwd, fds; ready; wait; security; execve."""
+    with stages("rlimits"):
+        _set_rlimits(process.rlimits or ())
+    with stages("oom_score_adj"):
+        if process.oom_score_adj is not None:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(process.oom_score_adj))
+    plan = None
+    with stages("security"):
+        security = security_layer()
+        if security is not None:
+            plan = security.prepare(request.spec, request.profile, request.verbose)
+    with stages("user"):
+        _switch_user(process.user)
+    with stages("cwd"):
+        os.chdir(process.cwd or "/")
+    with stages("exec"):
+        env = list(process.env or ())
+        path = _find_executable(process.args, env)
+    with stages("fds"):
+        linux.close_range(3 + request.preserve_fds, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC)
+    with stages("signals"):
+        _prepare_signals_for_waiting()
+    sync.send("ready")
+    sync.expect("ack" if wait_for_fifo is not None else "start")
+    if wait_for_fifo is not None:
+        with stages("exec fifo"):
+            # Blocks until `zviz start` opens the fifo for reading. /proc/self/fd
+            # reaches the fifo even though the state dir is outside our root.
+            fd = os.open(f"/proc/self/fd/{wait_for_fifo}", os.O_WRONLY | os.O_CLOEXEC)
+            os.write(fd, b"0")
+            os.close(fd)
+    with stages("security"):
+        if security is not None:
+            security.apply(plan, request.notify_channel)
+        elif process.no_new_privileges:
+            linux.set_no_new_privs()
+    with stages("exec"):
+        _restore_default_signals()
+        os.execve(path, process.args, dict(entry.split("=", 1) for entry in env if "=" in entry))
+
+
+_TERMINATING = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+
+def _prepare_signals_for_waiting() -> None:
+    """A created container must die of `zviz kill ID TERM` while it waits for start.
+
+    PID 1 of a pid namespace only receives signals it handles (SIGKILL aside), so
+    handle the terminating ones by exiting as the default action would have.
+    """
+    for sig in _TERMINATING:
+        signal.signal(sig, _exit_on_signal)
+
+
+def _exit_on_signal(sig, _frame) -> None:
+    os._exit(128 + sig)
+
+
+def _restore_default_signals() -> None:
+    """The workload starts with default dispositions and an empty mask.
+
+    Python ignores SIGPIPE and SIGXFSZ; SIG_IGN survives execve, so undo it.
+    """
+    for sig in (*_TERMINATING, signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def _setup_stdio(request: Request, process) -> None:
+    from runtime import console
+
+    if process.terminal and request.console_fd is not None:
+        slave = console.make_pty_and_send(request.console_fd)
+        console.become_session_leader_on(slave)
+        return
+    if request.stdio != (0, 1, 2):
+        # dup to high numbers first so overlapping sources aren't clobbered
+        high = [os.dup(fd) for fd in request.stdio]
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+            os.close(fd)
+
+
+def _write_sysctl(key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise errors.field_error(f"linux.sysctl.{key}", "no such sysctl in the container") from None
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+def _set_rlimits(rlimits) -> None:
+    import resource
+
+    for limit in rlimits:
+        kind = limit.type if hasattr(limit, "type") else limit["type"]
+        soft = limit.soft if hasattr(limit, "soft") else limit["soft"]
+        hard = limit.hard if hasattr(limit, "hard") else limit["hard"]
+        if kind not in RLIMITS:
+            raise errors.field_error("process.rlimits", f"unknown rlimit {kind!r}")
+        resource.setrlimit(RLIMITS[kind], (_rlim(soft), _rlim(hard)))
+
+
+def _rlim(value: int) -> int:
+    import resource
+
+    return resource.RLIM_INFINITY if value >= 2**63 - 1 or value < 0 else value
+
+
+def _switch_user(user) -> None:
+    uid, gid = user.uid, user.gid
+    extra = list(getattr(user, "additional_gids", None) or ())
+    if getattr(user, "umask", None) is not None:
+        os.umask(user.umask)
+    # Keep the permitted capabilities across setuid; the security layer then drops
+    # what the profile and config.json don't grant.
+    linux.prctl(linux.PR_SET_KEEPCAPS, 1)
+    try:
+        os.setgroups(extra)
+    except PermissionError:
+        if extra:
+            raise
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    linux.prctl(linux.PR_SET_KEEPCAPS, 0)
+    if uid != 0:
+        _raise_effective_to_permitted()
+
+
+def _raise_effective_to_permitted() -> None:
+    """setuid away from 0 clears the effective set; the security layer needs it to drop caps."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [
+            ("effective", ctypes.c_uint32),
+            ("permitted", ctypes.c_uint32),
+            ("inheritable", ctypes.c_uint32),
+        ]
+
+    header = Header(0x20080522, 0)
+    data = (Data * 2)()
+    linux.raw_syscall("capget", ctypes.byref(header), data)
+    for d in data:
+        d.effective = d.permitted
+    linux.raw_syscall("capset", ctypes.byref(header), data)
+
+
+def _find_executable(args, env: list[str]) -> str:
+    if not args:
+        raise errors.field_error("process.args", "must not be empty")
+    name = args[0]
+    if "/" in name:
+        if not os.access(name, os.X_OK) or os.path.isdir(name):
+            raise errors.NotFound(f"{name}: no such executable in the container")
+        return name
+    path_value = next((e[5:] for e in env if e.startswith("PATH=")), _DEFAULT_PATH)
+    for directory in path_value.split(":"):
+        candidate = os.path.join(directory or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    raise errors.NotFound(f"{name!r}: executable file not found in $PATH")
+
+
+# ---------------------------------------------------------------------------
+# Parent-side helpers.
+
+
+def _open_ns(ns_type: str, path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.InvalidArgument(
+            f"config.json: linux.namespaces: {ns_type} path {path}: {exc.strerror}"
+        ) from None
+
+
+def _close_all(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _reap(pid: int) -> int:
+    while True:
+        try:
+            return os.waitpid(pid, 0)[1]
+        except ChildProcessError:
+            return 0
+        except InterruptedError:
+            continue
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_and_reap(pid: int) -> None:
+    _kill(pid)
+    _reap(pid)
+
+
+def reap_if_child(pid: int) -> None:
+    """Reap `pid` if it is ours (run/exec as subreaper); ignore it otherwise."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ECHILD:
+            raise

@@ -1,0 +1,502 @@
+"""PID 1's filesystem: rootfs, OCI mounts, auto-mounts, /dev, masked and read-only paths.
+
+Runs inside the container's fresh mount namespace (PID 1, before execve). Every mount
+lives in that namespace, so nothing here can leak onto the host: the namespace and
+its mounts vanish with the container's last process.
+
+Order (as runc): make "/" rslave (so nothing propagates back to the host), bind the
+rootfs onto itself, mount the OCI mounts merged with the auto-mounts, populate /dev,
+pivot_root (or MS_MOVE + chroot when the kernel refuses pivot_root or --no-pivot is
+given), then `finish()`: masked paths, read-only paths, read-only root, propagation.
+
+Mount destinations are resolved inside the rootfs (`secure_join`): a symlink in an
+untrusted image never sends a mount onto the host.
+"""
+
+import errno
+import os
+import stat
+
+from runtime import errors, linux
+
+# Option name -> (flags to set, flags to clear).
+_FLAG_OPTIONS = {
+    "ro": (linux.MS_RDONLY, 0),
+    "rw": (0, linux.MS_RDONLY),
+    "nosuid": (linux.MS_NOSUID, 0),
+    "suid": (0, linux.MS_NOSUID),
+    "nodev": (linux.MS_NODEV, 0),
+    "dev": (0, linux.MS_NODEV),
+    "noexec": (linux.MS_NOEXEC, 0),
+    "exec": (0, linux.MS_NOEXEC),
+    "sync": (linux.MS_SYNCHRONOUS, 0),
+    "async": (0, linux.MS_SYNCHRONOUS),
+    "dirsync": (linux.MS_DIRSYNC, 0),
+    "remount": (linux.MS_REMOUNT, 0),
+    "mand": (linux.MS_MANDLOCK, 0),
+    "nomand": (0, linux.MS_MANDLOCK),
+    "atime": (0, linux.MS_NOATIME),
+    "noatime": (linux.MS_NOATIME, 0),
+    "diratime": (0, linux.MS_NODIRATIME),
+    "nodiratime": (linux.MS_NODIRATIME, 0),
+    "relatime": (linux.MS_RELATIME, 0),
+    "norelatime": (0, linux.MS_RELATIME),
+    "strictatime": (linux.MS_STRICTATIME, 0),
+    "nostrictatime": (0, linux.MS_STRICTATIME),
+    "lazytime": (linux.MS_LAZYTIME, 0),
+    "nolazytime": (0, linux.MS_LAZYTIME),
+    "nosymfollow": (linux.MS_NOSYMFOLLOW, 0),
+    "symfollow": (0, linux.MS_NOSYMFOLLOW),
+    "bind": (linux.MS_BIND, 0),
+    "rbind": (linux.MS_BIND | linux.MS_REC, 0),
+}
+
+PROPAGATION = {
+    "private": linux.MS_PRIVATE,
+    "rprivate": linux.MS_PRIVATE | linux.MS_REC,
+    "shared": linux.MS_SHARED,
+    "rshared": linux.MS_SHARED | linux.MS_REC,
+    "slave": linux.MS_SLAVE,
+    "rslave": linux.MS_SLAVE | linux.MS_REC,
+    "unbindable": linux.MS_UNBINDABLE,
+    "runbindable": linux.MS_UNBINDABLE | linux.MS_REC,
+}
+
+# Flags the kernel locks on a mount made in a less privileged user namespace: a
+# read-only remount must repeat them or it fails with EPERM.
+_LOCKABLE = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY
+_STATVFS_TO_MS = (
+    (os.ST_RDONLY, linux.MS_RDONLY),
+    (os.ST_NOSUID, linux.MS_NOSUID),
+    (os.ST_NODEV, linux.MS_NODEV),
+    (os.ST_NOEXEC, linux.MS_NOEXEC),
+    (getattr(os, "ST_NOATIME", 1024), linux.MS_NOATIME),
+    (getattr(os, "ST_NODIRATIME", 2048), linux.MS_NODIRATIME),
+    (getattr(os, "ST_RELATIME", 4096), linux.MS_RELATIME),
+)
+
+# The devices every container gets, bind-mounted from the host: binding (not mknod)
+# works inside a user namespace, where mknod is refused.
+DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+DEV_SYMLINKS = (
+    ("/proc/self/fd", "fd"),
+    ("/proc/self/fd/0", "stdin"),
+    ("/proc/self/fd/1", "stdout"),
+    ("/proc/self/fd/2", "stderr"),
+    ("pts/ptmx", "ptmx"),
+)
+
+
+class Mount:
+    """One mount to perform, from config.json or an auto-mount."""
+
+    __slots__ = ("destination", "type", "source", "options")
+
+    def __init__(self, destination: str, type: str | None, source: str | None, options=()):
+        self.destination = destination
+        self.type = type
+        self.source = source
+        self.options = list(options or ())
+
+
+# The auto-mounts: what a container gets at these paths unless config.json mounts
+# something there itself.
+AUTO_MOUNTS = (
+    Mount("/proc", "proc", "proc", ["nosuid", "nodev", "noexec"]),
+    Mount("/dev", "tmpfs", "tmpfs", ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+    Mount(
+        "/dev/pts",
+        "devpts",
+        "devpts",
+        ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+    ),
+    Mount("/dev/shm", "tmpfs", "shm", ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+    Mount("/sys", "sysfs", "sysfs", ["nosuid", "noexec", "nodev", "ro"]),
+)
+
+
+def parse_options(options) -> tuple[int, int, str]:
+    """config.json mount options -> (mount flags, propagation flags, data string)."""
+    flags, propagation, data = 0, 0, []
+    for option in options or ():
+        if option in _FLAG_OPTIONS:
+            set_flags, clear_flags = _FLAG_OPTIONS[option]
+            flags = (flags | set_flags) & ~clear_flags
+        elif option in PROPAGATION:
+            propagation |= PROPAGATION[option]
+        elif option in ("idmap", "ridmap"):
+            raise errors.NotImplementedByZviz(f"mount option {option!r} is not supported")
+        else:
+            data.append(option)
+    return flags, propagation, ",".join(data)
+
+
+def merge_mounts(user_mounts) -> list[Mount]:
+    """config.json's mounts with the auto-mounts they don't override, parents first.
+
+    A user mount at an auto-mount's destination replaces it. Each remaining
+    auto-mount goes after the last user mount that is its ancestor and after the
+    auto-mount before it, so /dev/pts still lands on top of a user-provided /dev.
+    """
+    merged = [Mount(m.destination, m.type, m.source, m.options) for m in user_mounts]
+    taken = {_clean(m.destination) for m in merged}
+    previous_auto = None
+    for auto in AUTO_MOUNTS:
+        if auto.destination in taken:
+            continue
+        position = 0
+        for index, m in enumerate(merged):
+            if m is previous_auto or _is_ancestor(_clean(m.destination), auto.destination):
+                position = index + 1
+        merged.insert(position, auto)
+        previous_auto = auto
+    return merged
+
+
+def _clean(path: str) -> str:
+    return "/" + os.path.normpath(path).lstrip("/")
+
+
+def _is_ancestor(parent: str, child: str) -> bool:
+    return parent == "/" or child.startswith(parent.rstrip("/") + "/")
+
+
+def secure_join(root: str, unsafe: str) -> str:
+    """`unsafe` resolved inside `root`: symlinks and `..` can never leave it.
+
+    Resolves each existing component by hand (absolute links restart at `root`);
+    components that don't exist yet are appended as they are.
+    """
+    parts = [p for p in unsafe.split("/") if p]
+    resolved: list[str] = []
+    links = 0
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = os.path.join(root, *resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except FileNotFoundError:
+            resolved.append(part)
+            resolved.extend(p for p in parts if p not in (".",))
+            return os.path.join(root, *_normalize(resolved))
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > 255:
+                raise errors.InvalidArgument(f"{unsafe}: too many symlinks inside the rootfs")
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return os.path.join(root, *resolved)
+
+
+def _normalize(parts: list[str]) -> list[str]:
+    out: list[str] = []
+    for p in parts:
+        if p == "..":
+            if out:
+                out.pop()
+        elif p != ".":
+            out.append(p)
+    return out
+
+
+def _mount_flags_of(path: str) -> int:
+    """The MS_* flags `path`'s mount has now (to keep locked flags on remount)."""
+    st = os.statvfs(path)
+    flags = 0
+    for st_flag, ms_flag in _STATVFS_TO_MS:
+        if st.f_flag & st_flag:
+            flags |= ms_flag
+    return flags
+
+
+def remount_bind(path: str, flags: int) -> None:
+    """Change a bind mount's flags, keeping the ones the kernel locked."""
+    current = _mount_flags_of(path) & _LOCKABLE
+    linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | current | flags)
+
+
+def _make_mountpoint(path: str, source: str | None, is_bind: bool) -> None:
+    """Create `path` as a directory, or as a file when binding a non-directory."""
+    if is_bind and source and not os.path.isdir(source):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.lexists(path):
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+        return
+    os.makedirs(path, exist_ok=True)
+
+
+class RootfsBuilder:
+    """Builds the filesystem of one container (call build() then finish() after pivot)."""
+
+    def __init__(
+        self,
+        spec,
+        *,
+        bundle: str,
+        cgroup_paths: dict,
+        no_pivot: bool,
+        in_userns: bool,
+        new_netns: bool,
+        log,
+    ):
+        self.spec = spec
+        self.rootfs = spec.root.path
+        self.bundle = bundle
+        self.cgroup_paths = cgroup_paths or {}
+        self.no_pivot = no_pivot
+        self.in_userns = in_userns
+        self.new_netns = new_netns
+        self.log = log
+        self.dev_is_bind = False
+
+    def build(self) -> None:
+        rootfs = self.rootfs
+        if not os.path.isdir(rootfs):
+            raise errors.InvalidArgument(f"config.json: root.path: {rootfs} is not a directory")
+        propagation = PROPAGATION.get(self.spec.linux.rootfs_propagation or "", 0)
+        # Private (not slave) when asked, otherwise slave: host mount events still
+        # reach the container but nothing the container mounts reaches the host.
+        base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
+        linux.mount(None, "/", None, base | linux.MS_REC)
+        linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+        for m in merge_mounts(self.spec.mounts):
+            self.mount_one(m)
+        if not self.dev_is_bind:
+            self.populate_dev()
+        self.pivot()
+
+    def mount_one(self, m: Mount) -> None:
+        dest = secure_join(self.rootfs, m.destination)
+        flags, propagation, data = parse_options(m.options)
+        is_bind = m.type == "bind" or bool(flags & linux.MS_BIND)
+        if is_bind:
+            source = m.source or ""
+            if not os.path.isabs(source):
+                source = os.path.join(self.bundle, source)
+            if not os.path.exists(source):
+                raise errors.InvalidArgument(
+                    f"config.json: mounts: {m.destination}: bind source {source} does not exist"
+                )
+            if _clean(m.destination) == "/dev":
+                self.dev_is_bind = True
+            _make_mountpoint(dest, source, True)
+            linux.mount(source, dest, None, linux.MS_BIND | (flags & linux.MS_REC))
+            extra = flags & ~(linux.MS_BIND | linux.MS_REC | linux.MS_REMOUNT)
+            if extra:
+                remount_bind(dest, extra)
+        elif m.type == "cgroup" or m.type == "cgroup2":
+            self.mount_cgroup(dest, flags)
+        else:
+            if m.type in ("proc", "sysfs"):
+                # Never a setuid binary, device node or executable from these.
+                flags |= linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+            _make_mountpoint(dest, None, False)
+            try:
+                linux.mount(m.source or m.type, dest, m.type, flags, data or None)
+            except OSError as exc:
+                if m.type == "sysfs" and exc.errno == errno.EPERM:
+                    # sysfs needs a network namespace owned by our user namespace;
+                    # without one, show the host's /sys read-only instead.
+                    self.log(
+                        "warning", f"sysfs mount refused ({exc.strerror}): binding /sys read-only"
+                    )
+                    linux.mount("/sys", dest, None, linux.MS_BIND | linux.MS_REC)
+                    remount_bind(
+                        dest, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+                    )
+                elif m.type == "mqueue" and exc.errno in (errno.EPERM, errno.ENODEV):
+                    self.log("warning", f"mqueue mount refused ({exc.strerror}): skipped")
+                else:
+                    raise
+        if propagation:
+            linux.mount(None, dest, None, propagation)
+
+    def mount_cgroup(self, dest: str, flags: int) -> None:
+        """The container's own cgroups, read-only: a tmpfs with one bind per hierarchy.
+
+        Binding the container's own directories (not the hierarchy roots) keeps the
+        rest of the host's cgroup tree invisible, on cgroup v1 and v2 alike.
+        """
+        hierarchies = _cgroup_mountpoints()
+        own = sorted(self.cgroup_paths.values()) if self.cgroup_paths else []
+        unified_only = len(hierarchies) == 1 and hierarchies[0][1] == "cgroup2"
+        os.makedirs(dest, exist_ok=True)
+        if unified_only:
+            for path in own:
+                linux.mount(path, dest, None, linux.MS_BIND)
+                remount_bind(dest, flags | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+                return
+            return
+        linux.mount(
+            "tmpfs", dest, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=755"
+        )
+        for mountpoint, _fstype in hierarchies:
+            mine = [p for p in own if p == mountpoint or p.startswith(mountpoint + "/")]
+            if not mine:
+                continue
+            target = os.path.join(dest, os.path.relpath(mountpoint, "/sys/fs/cgroup"))
+            os.makedirs(target, exist_ok=True)
+            linux.mount(mine[0], target, None, linux.MS_BIND)
+            remount_bind(target, flags | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        try:
+            for name in os.listdir("/sys/fs/cgroup"):
+                host = os.path.join("/sys/fs/cgroup", name)
+                if os.path.islink(host) and not os.path.lexists(os.path.join(dest, name)):
+                    os.symlink(os.readlink(host), os.path.join(dest, name))
+        except OSError:
+            pass
+        if flags & linux.MS_RDONLY:
+            linux.mount(
+                None,
+                dest,
+                None,
+                linux.MS_REMOUNT
+                | linux.MS_RDONLY
+                | linux.MS_NOSUID
+                | linux.MS_NODEV
+                | linux.MS_NOEXEC,
+            )
+
+    def populate_dev(self) -> None:
+        dev = secure_join(self.rootfs, "/dev")
+        for name in DEFAULT_DEVICES:
+            self._bind_device(f"/dev/{name}", os.path.join(dev, name))
+        for device in getattr(self.spec.linux, "devices", None) or ():
+            self._create_device(device)
+        for target, name in DEV_SYMLINKS:
+            link = os.path.join(dev, name)
+            if os.path.lexists(link):
+                if name == "ptmx":
+                    os.unlink(link)
+                else:
+                    continue
+            os.symlink(target, link)
+
+    def _bind_device(self, host_path: str, dest: str) -> None:
+        if not os.path.exists(dest):
+            os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+        linux.mount(host_path, dest, None, linux.MS_BIND)
+
+    def _create_device(self, device) -> None:
+        path = device.path if hasattr(device, "path") else device["path"]
+        kind = device.type if hasattr(device, "type") else device["type"]
+        major = device.major if hasattr(device, "major") else device.get("major", 0)
+        minor = device.minor if hasattr(device, "minor") else device.get("minor", 0)
+        mode = (
+            device.file_mode if hasattr(device, "file_mode") else device.get("fileMode")
+        ) or 0o666
+        dest = secure_join(self.rootfs, path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        host_ok = False
+        try:
+            st = os.stat(path)
+            host_ok = os.major(st.st_rdev) == major and os.minor(st.st_rdev) == minor
+        except OSError:
+            pass
+        if os.path.lexists(dest):
+            os.unlink(dest)
+        if host_ok or self.in_userns:
+            if not host_ok:
+                raise errors.InvalidArgument(
+                    f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
+                )
+            self._bind_device(path, dest)
+            return
+        type_bits = {
+            "c": stat.S_IFCHR,
+            "u": stat.S_IFCHR,
+            "b": stat.S_IFBLK,
+            "p": stat.S_IFIFO,
+        }.get(kind)
+        if type_bits is None:
+            raise errors.InvalidArgument(
+                f"config.json: linux.devices: {path}: unknown type {kind!r}"
+            )
+        os.mknod(dest, type_bits | (mode & 0o7777), os.makedev(major, minor))
+
+    def pivot(self) -> None:
+        os.chdir(self.rootfs)
+        if not self.no_pivot:
+            try:
+                linux.pivot_root(".", ".")
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # pivot_root refuses a root on ramfs/initramfs (EINVAL).
+                self.log(
+                    "warning",
+                    f"pivot_root refused ({exc.strerror}): falling back to MS_MOVE + chroot",
+                )
+            else:
+                # The old root is stacked under the new one at "."; detach it, after
+                # making it a slave so the unmount cannot propagate to the host.
+                linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
+                linux.umount2(".", linux.MNT_DETACH)
+                os.chdir("/")
+                return
+        # Fallback: move the rootfs over "/" and chroot into it. Weaker than
+        # pivot_root (the old root stays reachable to a process with CAP_SYS_CHROOT),
+        # which is why capabilities drop that cap by default.
+        linux.mount(self.rootfs, "/", None, linux.MS_MOVE)
+        os.chroot(".")
+        os.chdir("/")
+
+    def finish(self) -> None:
+        """After pivot: masked and read-only paths, read-only root, root propagation."""
+        linux_spec = self.spec.linux
+        for path in linux_spec.masked_paths or ():
+            mask_path(path)
+        for path in linux_spec.readonly_paths or ():
+            readonly_path(path)
+        if self.spec.root.readonly:
+            remount_bind("/", linux.MS_RDONLY)
+        propagation = PROPAGATION.get(linux_spec.rootfs_propagation or "")
+        if propagation:
+            linux.mount(None, "/", None, propagation)
+
+
+def mask_path(path: str) -> None:
+    """Make `path` unreadable: /dev/null over a file, an empty read-only tmpfs over a dir."""
+    try:
+        linux.mount("/dev/null", path, None, linux.MS_BIND)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return
+        if exc.errno != errno.ENOTDIR:
+            raise
+        linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
+
+
+def readonly_path(path: str) -> None:
+    try:
+        linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return
+        raise
+    remount_bind(path, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+
+def _cgroup_mountpoints() -> list[tuple[str, str]]:
+    """(mountpoint, fstype) of the host's cgroup hierarchies under /sys/fs/cgroup."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype = right.split(" ", 1)[0]
+            if fstype in ("cgroup", "cgroup2"):
+                mountpoint = left.split(" ")[4]
+                if mountpoint.startswith("/sys/fs/cgroup"):
+                    found.append((mountpoint, fstype))
+    return found
