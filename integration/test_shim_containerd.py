@@ -37,6 +37,10 @@ def no_leftovers(containerd):
     ctr puts every container in the cgroup /<namespace>/<id>; runtimes remove the leaf
     only, so the empty /zviz-test parents they leave are removed here.
     """
+    # containerd's own state directories are 0711; the fixture's temp base is 0700, which
+    # a container whose root is mapped to an unprivileged uid (zviz's profiles) cannot
+    # traverse to reach its rootfs.
+    os.chmod(containerd.base, 0o711)
     yield
     for hierarchy in os.listdir("/sys/fs/cgroup"):
         parent = os.path.join("/sys/fs/cgroup", hierarchy, containerd.namespace)

@@ -171,6 +171,7 @@ class TaskService(shim_ttrpc.TaskService):
                 request.options if request.HasField("options") else None,
             )
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
+            _open_bundle_to_mapped_root(request.bundle)
             if request.rootfs:
                 mounts.mount_all(request.rootfs, mounts.rootfs_path(request.bundle))
                 task.rootfs_mounted = True
@@ -453,6 +454,18 @@ class TaskService(shim_ttrpc.TaskService):
     async def Shutdown(self, request, context):
         self.daemon.shutdown_requested(now=request.now)
         return empty_pb2.Empty()
+
+
+def _open_bundle_to_mapped_root(bundle: str) -> None:
+    """Let a user-namespaced PID 1 reach its rootfs through the bundle.
+
+    containerd makes bundles 0700 (it only opens them up when it maps users itself);
+    zviz's profiles map the container's root to an unprivileged host uid, which must
+    be able to traverse the bundle to reach `rootfs`. Traverse only: the directory
+    stays unlistable, and config.json (environment, secrets) becomes owner-only.
+    """
+    os.chmod(os.path.join(bundle, "config.json"), 0o600)
+    os.chmod(bundle, 0o711)
 
 
 def _read_spec(bundle: str) -> dict:
