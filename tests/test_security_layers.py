@@ -371,3 +371,37 @@ def test_foreign_architecture_is_killed(tmp_path):
         return os.WIFSIGNALED(status) and os.WTERMSIG(status)
 
     assert confined(tmp_path, "ci-runner", probe) == 31  # SIGSYS
+
+
+def test_loopback_comes_up_in_a_fresh_network_namespace():
+    from runtime.security import network
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            linux.unshare(linux.CLONE_NEWNET)
+            def up():
+                import fcntl
+                import struct
+
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    req = struct.pack("16sh22x", b"lo", 0)
+                    return bool(struct.unpack("16sh22x", fcntl.ioctl(s, network.SIOCGIFFLAGS, req))[1] & 1)
+
+            before = up()
+            network.loopback_up()
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            c = socket.create_connection(s.getsockname(), timeout=2)
+            c.close()
+            os.write(w, json.dumps([before, up(), network.interfaces()]).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 1000)
+    os.waitpid(pid, 0)
+    before, after, interfaces = json.loads(data)
+    assert interfaces == ["lo"]
+    assert (before, after) == (False, True)

@@ -76,6 +76,18 @@ class ProbeRunner:
     def bundle(self, args, **config) -> str:
         path = os.path.join(self.base, f"b-{uuid.uuid4().hex[:8]}")
         build_bundle(path, args=args, **config)
+        # A writable /tmp volume, as a real job has: the read-only rootfs stays read-only.
+        with open(os.path.join(path, "config.json")) as f:
+            spec = json.load(f)
+        spec["mounts"].append(
+            {
+                "destination": "/tmp",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "nodev", "mode=1777"],
+            }
+        )
+        write_json(os.path.join(path, "config.json"), spec)
         shutil.copy2(self.probe, os.path.join(path, "rootfs", "probe"))
         return path
 
@@ -130,8 +142,17 @@ class ProbeRunner:
 
 
 @pytest.fixture(scope="session")
-def probes(probe_bin, tmp_path_factory, zviz_bin, runc_bin) -> ProbeRunner:
-    return ProbeRunner(str(tmp_path_factory.mktemp("zviz-sec")), probe_bin, zviz_bin, runc_bin)
+def probes(probe_bin, zviz_bin, runc_bin):
+    # ZVIZ_BIN runs the probes against another zviz build (e.g. a work-in-progress tree).
+    zviz = os.environ.get("ZVIZ_BIN", zviz_bin)
+    # Container root is an unprivileged host uid: the bundle must be reachable by it
+    # (pytest's tmp dirs are 0700 root).
+    base = tempfile.mkdtemp(prefix="zviz-sec-")
+    os.chmod(base, 0o755)
+    try:
+        yield ProbeRunner(base, probe_bin, zviz, runc_bin)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def write_json(path: str, data) -> None:

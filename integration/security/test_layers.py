@@ -18,7 +18,10 @@ extends = "web-server"
 [network]
 egress_deny = []
 egress = [{{ cidr = "127.0.0.1/32", ports = [{allowed_port}] }}]
-bind = [{{ cidr = "0.0.0.0/0", ports = [{allowed_port}, {allowed_port + 1}] }}]
+bind = [
+    {{ cidr = "0.0.0.0/0", ports = [{allowed_port}, {allowed_port + 1}] }},
+    {{ cidr = "::/0", ports = [{allowed_port}, {allowed_port + 1}] }},
+]
 tcp_bind = [{allowed_port}, {allowed_port + 1}]
 tcp_connect = [{allowed_port}, {allowed_port + 1}]
 """

@@ -524,10 +524,13 @@ def _run(
     try:
         # Keep only the channel and the log: the broker must not hold the container's
         # stdio, the sync socket or anything else of the process that forked it.
-        os.dup2(channel_fd, 3)
+        # (Both go high first, so moving one to 3 or 4 cannot clobber the other.)
+        channel_high = fcntl.fcntl(channel_fd, fcntl.F_DUPFD_CLOEXEC, 100)
+        log_high = fcntl.fcntl(log_fd, fcntl.F_DUPFD_CLOEXEC, 100) if log_fd >= 0 else -1
+        os.dup2(channel_high, 3)
         log = 2
-        if log_fd >= 0:
-            os.dup2(log_fd, 4)
+        if log_high >= 0:
+            os.dup2(log_high, 4)
             log = 4
         linux.close_range(5 if log == 4 else 4)
         null = os.open("/dev/null", os.O_RDWR)
@@ -535,9 +538,8 @@ def _run(
         os.dup2(null, 1)
         if null > 2:
             os.close(null)
-        linux.prctl(
-            linux.PR_SET_NAME, ctypes.addressof(ctypes.create_string_buffer(b"zviz-broker"))
-        )
+        title = ctypes.create_string_buffer(b"zviz-broker")  # must outlive the prctl call
+        linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
         message = os.read(3, 256)
         if not message:
             return  # the container went away before starting
