@@ -516,3 +516,48 @@ def test_log_uri_binary_logger(ctr, busybox_image, new_id, tmp_path):
         time.sleep(0.05)
     assert prefix.with_suffix(".out").read_text() == "to-logger\n"
     assert prefix.with_suffix(".err").read_text() == "err-to-logger\n"
+
+
+# ---- profile selection (zviz only: runc has no profiles) --------------------------------------------
+
+
+def test_profile_comes_from_annotation_then_runtime_config(containerd, busybox_image, tmp_path):
+    made = []
+
+    def run(container_id, *flags):
+        made.append(container_id)
+        return containerd.ctr(
+            "run",
+            "--rm",
+            "--runtime",
+            ZVIZ,
+            *flags,
+            busybox_image,
+            container_id,
+            "true",
+            check=False,
+        )
+
+    config = tmp_path / "shim.toml"
+    config.write_text('profile = "no-such-profile-from-config"\n')
+    try:
+        by_annotation = run(
+            "zviz-shim-profile-1", "--annotation", "io.zviz.profile=no-such-profile-annotated"
+        )
+        assert by_annotation.returncode != 0
+        assert "no-such-profile-annotated" in by_annotation.stderr
+        by_config = run("zviz-shim-profile-2", "--runtime-config-path", str(config))
+        assert by_config.returncode != 0
+        assert "no-such-profile-from-config" in by_config.stderr
+        # The annotation wins over the runtime's configuration.
+        both = run(
+            "zviz-shim-profile-3",
+            "--runtime-config-path",
+            str(config),
+            "--annotation",
+            "io.zviz.profile=ci-runner",
+        )
+        assert both.returncode == 0, both.stderr
+    finally:
+        for container_id in made:
+            _remove(containerd, container_id)
