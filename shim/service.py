@@ -148,7 +148,7 @@ class TaskService(shim_ttrpc.TaskService):
                     raise errors.InvalidArgument(str(e)) from e
                 if configured:
                     return configured
-        return self.daemon.config.profile
+        return self.daemon.default_profile
 
     # ---- task lifecycle ------------------------------------------------------------
 
