@@ -130,6 +130,9 @@ def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):
     security.harden_spec(spec, security.resolve_profile("hostile-tenant", {}))
     assert spec.linux.resources.pids.limit == 64
     assert spec.linux.resources.memory.limit == 1 << 20
+    # the cgroup layer reads the raw config: it must say the same
+    assert spec.raw["linux"]["resources"]["pids"]["limit"] == 64
+    assert spec.raw["linux"]["resources"]["memory"]["limit"] == 1 << 20
 
 
 def test_harden_spec_refuses_a_mapping_of_host_root(tmp_path):

@@ -38,7 +38,9 @@ def main(argv=None) -> int:
     listener = f"127.0.0.1:{server.getsockname()[1]}"
     base = tempfile.mkdtemp(prefix="zviz-sec-table-")
     venv = os.path.dirname(sys.executable)
-    runner = ProbeRunner(base, build_probe(), os.path.join(venv, "zviz"), shutil.which("runc"))
+    zviz = os.environ.get("ZVIZ_BIN", os.path.join(venv, "zviz"))
+    os.chmod(base, 0o755)  # the mapped container root must reach the bundles
+    runner = ProbeRunner(base, build_probe(), zviz, shutil.which("runc"))
     columns = [("zviz", "ci-runner"), ("zviz", "hostile-tenant"), ("runc", None)]
     rows = {}
     try:

@@ -140,6 +140,18 @@ def harden_spec(spec, profile: Profile) -> list[str]:
             if res.memory.reservation and res.memory.reservation > profile.memory_max:
                 res.memory.reservation = profile.memory_max
 
+    # The cgroup layer applies linux.resources from the raw config: keep it in step.
+    if linux_cfg.resources is not None and isinstance(getattr(spec, "raw", None), dict):
+        raw_res = spec.raw.setdefault("linux", {}).setdefault("resources", {})
+        if linux_cfg.resources.pids is not None and linux_cfg.resources.pids.limit is not None:
+            raw_res.setdefault("pids", {})["limit"] = linux_cfg.resources.pids.limit
+        memory = linux_cfg.resources.memory
+        if memory is not None and memory.limit is not None:
+            raw_memory = raw_res.setdefault("memory", {})
+            raw_memory["limit"] = memory.limit
+            if memory.reservation is not None:
+                raw_memory["reservation"] = memory.reservation
+
     # Compile now (parent, cache on the host): PID 1 cannot see the cache after pivot_root.
     profile.programs["profile"] = seccomp.profile_program(profile, verbose=False)
     profile.programs["profile-verbose"] = seccomp.profile_program(profile, verbose=True)
