@@ -72,7 +72,7 @@ class Child:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        self.proc.wait(timeout=30)  # raises rather than hangs if left in a frozen group
         # not communicate(): grandchildren still in the group may hold the pipes open
         for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             pipe.close()

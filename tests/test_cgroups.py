@@ -397,3 +397,30 @@ def test_settings_a_host_cannot_honour_come_back_as_notes():
     )
     assert any("devices not enforced" in n for n in notes)
     assert any("network ignored" in n for n in notes)
+
+
+@pytest.mark.parametrize("plan", [v1.plan, v2.plan])
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        (
+            {"hugepageLimits": [{"pageSize": "../../memory/x", "limit": 1}]},
+            "hugepageLimits[0].pageSize",
+        ),
+        ({"hugepageLimits": [{"pageSize": "2MB", "limit": -1}]}, "hugepageLimits[0].limit"),
+        (
+            {"blockIO": {"throttleReadBpsDevice": [{"minor": 0, "rate": 1}]}},
+            "throttleReadBpsDevice[0].major",
+        ),
+        (
+            {"blockIO": {"weightDevice": [{"major": 8, "minor": "0", "weight": 5}]}},
+            "weightDevice[0].minor",
+        ),
+        ({"blockIO": {"weight": -10}}, "blockIO.weight"),
+    ],
+)
+def test_values_that_become_file_names_or_lines_are_checked(plan, resources, field):
+    """A pageSize is part of a file name: "../" in it must never reach os.path.join."""
+    with pytest.raises(InvalidArgument) as info:
+        plan(resources)
+    assert "linux.resources." in str(info.value) and field in str(info.value)

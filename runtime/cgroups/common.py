@@ -132,6 +132,48 @@ def int_field(resources: dict, section: str, key: str) -> int | None:
     return value
 
 
+def procs_below(top: str) -> set[int]:
+    """The processes in a cgroup directory and all its sub-groups."""
+    found: set[int] = set()
+    for dirpath, _dirnames, files in os.walk(top):
+        if "cgroup.procs" in files:
+            found.update(read_pids(os.path.join(dirpath, "cgroup.procs")))
+    return found
+
+
+def _field(field: str) -> str:
+    return f"config.json: linux.resources.{field}"
+
+
+def non_negative(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{_field(field)}: {value!r} is not a non-negative integer")
+    return value
+
+
+def device_numbers(device, field: str) -> str:
+    """ "major:minor" of a blockIO device entry."""
+    if not isinstance(device, dict):
+        raise InvalidArgument(f"{_field(field)}: must be an object")
+    return (
+        f"{non_negative(device.get('major'), field + '.major')}:"
+        f"{non_negative(device.get('minor'), field + '.minor')}"
+    )
+
+
+def page_size(entry, field: str) -> str:
+    """A hugepageLimits pageSize ("2MB", "1GB"): it becomes part of a file name."""
+    size = entry.get("pageSize") if isinstance(entry, dict) else None
+    if not (
+        isinstance(size, str)
+        and len(size) > 2
+        and size[:-2].isdigit()
+        and size[-2:] in ("KB", "MB", "GB", "TB")
+    ):
+        raise InvalidArgument(f"{_field(field)}.pageSize: {size!r} is not a size such as 2MB")
+    return size
+
+
 def rmdir_tree(top: str, deadline: float) -> None:
     """Removes a cgroup directory and any sub-groups, leaf first; a missing tree is fine."""
     if not os.path.isdir(top):
@@ -277,12 +319,7 @@ class Cgroup:
         return any(os.path.isdir(d) for d in self._dirs())
 
     def procs_recursive(self) -> list[int]:
-        found: set[int] = set()
-        top = self._procs_dir()
-        for dirpath, _dirnames, files in os.walk(top):
-            if "cgroup.procs" in files:
-                found.update(read_pids(os.path.join(dirpath, "cgroup.procs")))
-        return sorted(found)
+        return sorted(procs_below(self._procs_dir()))
 
     def kill_all(self, sig: int) -> None:
         """Signals every process in the cgroup and its sub-groups.

@@ -8,8 +8,12 @@ from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
     Cgroup,
     Write,
+    device_numbers,
     int_field,
     make_dirs,
+    non_negative,
+    page_size,
+    procs_below,
     read_file,
     read_int,
     read_keyed,
@@ -242,21 +246,18 @@ def plan(
     if block_io and need("blkio", "blockIO"):
         for key, file in (("weight", "blkio.weight"), ("leafWeight", "blkio.leaf_weight")):
             if block_io.get(key):
-                writes.append(Write("blkio", file, str(block_io[key]), f"blockIO.{key}"))
+                value = non_negative(block_io[key], f"blockIO.{key}")
+                writes.append(Write("blkio", file, str(value), f"blockIO.{key}"))
         for i, dev in enumerate(block_io.get("weightDevice") or []):
+            field = f"blockIO.weightDevice[{i}]"
+            numbers = device_numbers(dev, field)
             for key, file in (
                 ("weight", "blkio.weight_device"),
                 ("leafWeight", "blkio.leaf_weight_device"),
             ):
                 if dev.get(key):
-                    writes.append(
-                        Write(
-                            "blkio",
-                            file,
-                            f"{dev['major']}:{dev['minor']} {dev[key]}",
-                            f"blockIO.weightDevice[{i}].{key}",
-                        )
-                    )
+                    value = non_negative(dev[key], f"{field}.{key}")
+                    writes.append(Write("blkio", file, f"{numbers} {value}", f"{field}.{key}"))
         for key, file in (
             ("throttleReadBpsDevice", "blkio.throttle.read_bps_device"),
             ("throttleWriteBpsDevice", "blkio.throttle.write_bps_device"),
@@ -264,41 +265,32 @@ def plan(
             ("throttleWriteIOPSDevice", "blkio.throttle.write_iops_device"),
         ):
             for i, dev in enumerate(block_io.get(key) or []):
-                writes.append(
-                    Write(
-                        "blkio",
-                        file,
-                        f"{dev['major']}:{dev['minor']} {dev['rate']}",
-                        f"blockIO.{key}[{i}]",
-                    )
-                )
+                field = f"blockIO.{key}[{i}]"
+                numbers = device_numbers(dev, field)
+                rate = non_negative(dev.get("rate"), f"{field}.rate")
+                writes.append(Write("blkio", file, f"{numbers} {rate}", field))
 
     for i, entry in enumerate(resources.get("hugepageLimits") or []):
+        field = f"hugepageLimits[{i}]"
+        size = page_size(entry, field)
+        limit = non_negative(entry.get("limit"), f"{field}.limit")
         if need("hugetlb", "hugepageLimits"):
-            writes.append(
-                Write(
-                    "hugetlb",
-                    f"hugetlb.{entry['pageSize']}.limit_in_bytes",
-                    str(entry["limit"]),
-                    f"hugepageLimits[{i}]",
-                )
-            )
+            writes.append(Write("hugetlb", f"hugetlb.{size}.limit_in_bytes", str(limit), field))
 
     network = resources.get("network") or {}
     if network.get("classID") is not None and need("net_cls", "network.classID"):
-        writes.append(
-            Write("net_cls", "net_cls.classid", str(network["classID"]), "network.classID")
-        )
+        class_id = non_negative(network["classID"], "network.classID")
+        writes.append(Write("net_cls", "net_cls.classid", str(class_id), "network.classID"))
     for i, prio in enumerate(network.get("priorities") or []):
-        if need("net_prio", "network.priorities"):
-            writes.append(
-                Write(
-                    "net_prio",
-                    "net_prio.ifpriomap",
-                    f"{prio['name']} {prio['priority']}",
-                    f"network.priorities[{i}]",
-                )
+        field = f"network.priorities[{i}]"
+        name = prio.get("name") if isinstance(prio, dict) else None
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise InvalidArgument(
+                f"config.json: linux.resources.{field}.name: {name!r} is not an interface name"
             )
+        priority = non_negative(prio.get("priority"), f"{field}.priority")
+        if need("net_prio", "network.priorities"):
+            writes.append(Write("net_prio", "net_prio.ifpriomap", f"{name} {priority}", field))
 
     if resources.get("rdma"):
         notes.append("linux.resources.rdma ignored: rdma limits are not supported by zviz")
@@ -391,6 +383,14 @@ class CgroupV1(Cgroup):
             if controller in self.paths:
                 return self.paths[controller]
         return next(iter(self.paths.values()))
+
+    def procs_recursive(self) -> list[int]:
+        # Every hierarchy: a process that joined only some of them (a failed add_pid)
+        # still keeps those groups from being removed.
+        found: set[int] = set()
+        for directory in self._dirs():
+            found.update(procs_below(directory))
+        return sorted(found)
 
     def _freezable(self) -> bool:
         return "freezer" in self.paths

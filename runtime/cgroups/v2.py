@@ -9,8 +9,11 @@ from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
     Cgroup,
     Write,
+    device_numbers,
     int_field,
     make_dirs,
+    non_negative,
+    page_size,
     read_file,
     read_int,
     read_keyed,
@@ -190,15 +193,14 @@ def plan(
         return str(value if bfq else blkio_weight_to_io_weight(value))
 
     if block_io.get("weight"):
-        add("io", weight_file, io_weight(block_io["weight"]), "blockIO.weight")
+        weight = non_negative(block_io["weight"], "blockIO.weight")
+        add("io", weight_file, io_weight(weight), "blockIO.weight")
     for i, dev in enumerate(block_io.get("weightDevice") or []):
+        field = f"blockIO.weightDevice[{i}]"
+        numbers = device_numbers(dev, field)
         if dev.get("weight"):
-            add(
-                "io",
-                weight_file,
-                f"{dev['major']}:{dev['minor']} {io_weight(dev['weight'])}",
-                f"blockIO.weightDevice[{i}]",
-            )
+            weight = non_negative(dev["weight"], f"{field}.weight")
+            add("io", weight_file, f"{numbers} {io_weight(weight)}", field)
     for key, io_key in (
         ("throttleReadBpsDevice", "rbps"),
         ("throttleWriteBpsDevice", "wbps"),
@@ -206,24 +208,17 @@ def plan(
         ("throttleWriteIOPSDevice", "wiops"),
     ):
         for i, dev in enumerate(block_io.get(key) or []):
-            rate = dev["rate"] or "max"
-            add(
-                "io",
-                "io.max",
-                f"{dev['major']}:{dev['minor']} {io_key}={rate}",
-                f"blockIO.{key}[{i}]",
-            )
+            field = f"blockIO.{key}[{i}]"
+            numbers = device_numbers(dev, field)
+            rate = non_negative(dev.get("rate"), f"{field}.rate") or "max"
+            add("io", "io.max", f"{numbers} {io_key}={rate}", field)
 
     for i, entry in enumerate(resources.get("hugepageLimits") or []):
+        field = f"hugepageLimits[{i}]"
+        size = page_size(entry, field)
+        limit = non_negative(entry.get("limit"), f"{field}.limit")
         if "hugetlb" in available:
-            writes.append(
-                Write(
-                    "unified",
-                    f"hugetlb.{entry['pageSize']}.max",
-                    str(entry["limit"]),
-                    f"hugepageLimits[{i}]",
-                )
-            )
+            writes.append(Write("unified", f"hugetlb.{size}.max", str(limit), field))
         else:
             notes.append("linux.resources.hugepageLimits ignored: hugetlb controller not available")
     if resources.get("network"):
