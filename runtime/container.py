@@ -253,6 +253,8 @@ class Container:
             result["annotations"] = data["annotations"]
         if status == "stopped" and data.get("exitStatus") is not None:
             result["exitStatus"] = data["exitStatus"]
+        if status == "stopped" and not data.get("oomKilled"):
+            data["oomKilled"] = self._oom_kills() > 0
         if data.get("oomKilled"):
             result["oomKilled"] = True
         return result
@@ -261,14 +263,17 @@ class Container:
         """Record PID 1's wait status (the reaper calls this); returns the exit code."""
         code = state.exit_code_from_wait_status(wait_status)
         self.data["exitStatus"] = code
-        cg = self.cgroup()
-        try:
-            if cg is not None and cg.oom_kill_count() > 0:
-                self.data["oomKilled"] = True
-        except (OSError, errors.ZvizError):
-            pass
+        self.data["oomKilled"] = self._oom_kills() > 0
         self._save()
         return code
+
+    def _oom_kills(self) -> int:
+        """OOM kills in the container's cgroup (0 when unknown)."""
+        cg = self.cgroup()
+        try:
+            return cg.oom_kill_count() if cg is not None else 0
+        except (OSError, errors.ZvizError):
+            return 0
 
     @property
     def oom_killed(self) -> bool:

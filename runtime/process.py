@@ -344,6 +344,12 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
     _preload(request, stages)
     with stages("prctl"):
         linux.set_pdeathsig(signal.SIGKILL)
+    with stages("rootfs"):
+        # While still host root: the container's root may not be able to walk there.
+        try:
+            os.chdir(spec.root.path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise errors.field_error("root.path", f"{spec.root.path} is not a directory") from None
     if request.cgroup is not None:
         with stages("cgroup"):
             request.cgroup.add_pid(os.getpid())

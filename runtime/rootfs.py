@@ -251,7 +251,8 @@ class RootfsBuilder:
         log,
     ):
         self.spec = spec
-        self.rootfs = spec.root.path
+        # Every path below is relative to the cwd, which is the rootfs (see build()).
+        self.rootfs = "."
         self.bundle = bundle
         self.cgroup_paths = cgroup_paths or {}
         self.no_pivot = no_pivot
@@ -261,15 +262,29 @@ class RootfsBuilder:
         self.dev_is_bind = False
 
     def build(self) -> None:
-        rootfs = self.rootfs
-        if not os.path.isdir(rootfs):
-            raise errors.InvalidArgument(f"config.json: root.path: {rootfs} is not a directory")
+        """Everything up to and including pivot_root; the cwd must be the rootfs.
+
+        The namespace child chdir'd into the rootfs while it was still host root, so
+        PID 1 never walks the rootfs's path from "/": in a user namespace the
+        container's root often may not (a bundle under a 0700 directory).
+        """
         propagation = PROPAGATION.get(self.spec.linux.rootfs_propagation or "", 0)
         # Private (not slave) when asked, otherwise slave: host mount events still
         # reach the container but nothing the container mounts reaches the host.
         base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
         linux.mount(None, "/", None, base | linux.MS_REC)
-        linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)
+        # pivot_root needs the rootfs to be a mount of this namespace (a copied,
+        # locked one is refused): bind it onto itself, then step out and back in
+        # so the cwd is the new mount, not the directory under it.
+        linux.mount(".", ".", None, linux.MS_BIND | linux.MS_REC)
+        os.chdir("..")
+        try:
+            os.chdir(os.path.basename(self.spec.root.path.rstrip("/")))
+        except PermissionError:
+            raise errors.FailedPrecondition(
+                f"root.path: the container's root user cannot search {os.path.dirname(self.spec.root.path)}: "
+                "make the bundle directory searchable (chmod o+x) or map its owner"
+            ) from None
         for m in merge_mounts(self.spec.mounts):
             self.mount_one(m)
         if not self.dev_is_bind:
@@ -426,7 +441,6 @@ class RootfsBuilder:
         os.mknod(dest, type_bits | (mode & 0o7777), os.makedev(major, minor))
 
     def pivot(self) -> None:
-        os.chdir(self.rootfs)
         if not self.no_pivot:
             try:
                 linux.pivot_root(".", ".")
@@ -448,7 +462,7 @@ class RootfsBuilder:
         # Fallback: move the rootfs over "/" and chroot into it. Weaker than
         # pivot_root (the old root stays reachable to a process with CAP_SYS_CHROOT),
         # which is why capabilities drop that cap by default.
-        linux.mount(self.rootfs, "/", None, linux.MS_MOVE)
+        linux.mount(".", "/", None, linux.MS_MOVE)
         os.chroot(".")
         os.chdir("/")
 

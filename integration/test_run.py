@@ -1,0 +1,177 @@
+"""`zviz run`: a real container on this kernel, PID 1 of fresh namespaces, exit codes passed through."""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from integration.zviz_cli import Zviz, leftovers, unique_id
+
+
+@pytest.fixture
+def zviz(zviz_bin, tmp_path):
+    return Zviz(zviz_bin, str(tmp_path / "root"))
+
+
+def test_workload_is_pid1_with_the_configured_hostname(zviz, make_bundle):
+    bundle = make_bundle(["sh", "-c", "echo pid=$$; hostname"], hostname="zviz-rt-host")
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pid=1", "zviz-rt-host"]
+    assert socket.gethostname() != "zviz-rt-host"
+
+
+def test_host_processes_are_invisible(zviz, make_bundle):
+    bundle = make_bundle(["sh", "-c", "ls /proc | grep -c '^[0-9]'"])
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    # Only the shell and the ls/grep it spawned: never the host's hundreds.
+    assert int(result.stdout.strip()) <= 3
+
+
+def test_host_mounts_are_invisible(zviz, make_bundle):
+    bundle = make_bundle(["cat", "/proc/self/mountinfo"])
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    mountpoints = {line.split()[4] for line in result.stdout.splitlines()}
+    assert "/" in mountpoints and "/proc" in mountpoints
+    assert not any(m.startswith(("/work", "/run/zviz", "/tmp/")) for m in mountpoints), mountpoints
+
+
+def test_network_is_private(zviz, make_bundle):
+    bundle = make_bundle(["cat", "/proc/net/dev"])
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    interfaces = {line.split(":")[0].strip() for line in result.stdout.splitlines()[2:]}
+    assert interfaces == {"lo"}
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_code_is_passed_through(zviz, make_bundle, code):
+    result = zviz.run(make_bundle(["sh", "-c", f"exit {code}"]))
+    assert result.returncode == code, result.stderr
+
+
+def test_killed_workload_exits_137(zviz, make_bundle):
+    container_id = unique_id()
+    run = zviz.popen("run", "--bundle", make_bundle(["sleep", "60"]), container_id)
+    _wait_for_status(zviz, container_id, "running")
+    assert zviz("kill", container_id, "KILL").returncode == 0
+    assert run.wait(timeout=30) == 137
+    assert leftovers(container_id, zviz.root) == []
+
+
+def test_signals_to_run_reach_pid1(zviz, make_bundle):
+    container_id = unique_id()
+    script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.1; done"
+    run = zviz.popen("run", "--bundle", make_bundle(["sh", "-c", script]), container_id)
+    assert run.stdout.readline().strip() == "ready"
+    run.send_signal(signal.SIGTERM)
+    out, _ = run.communicate(timeout=30)
+    assert run.returncode == 7
+    assert "got-term" in out
+
+
+def test_env_cwd_user_and_umask(zviz, make_bundle):
+    bundle = make_bundle(["sh", "-c", "echo $GREETING; pwd; id -u; id -g; id -G; umask"])
+    from integration.zviz_cli import edit_config
+
+    def change(config):
+        config["process"]["env"].append("GREETING=hello")
+        config["process"]["cwd"] = "/tmp"
+        config["process"]["user"] = {
+            "uid": 1000,
+            "gid": 1001,
+            "additionalGids": [1002],
+            "umask": 0o27,
+        }
+
+    edit_config(bundle, change)
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[:4] == ["hello", "/tmp", "1000", "1001"]
+    assert set(lines[4].split()) == {"1001", "1002"}
+    assert lines[5] == "0027"
+
+
+def test_rlimits_are_applied(zviz, make_bundle):
+    from integration.zviz_cli import edit_config
+
+    bundle = make_bundle(["sh", "-c", "ulimit -n"])
+    edit_config(
+        bundle,
+        lambda c: c["process"].update(
+            rlimits=[{"type": "RLIMIT_NOFILE", "soft": 321, "hard": 321}]
+        ),
+    )
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "321"
+
+
+def test_missing_executable_is_a_clear_error_and_leaves_nothing(zviz, make_bundle):
+    container_id = unique_id()
+    result = zviz.run(make_bundle(["/no/such/binary"]), container_id)
+    assert result.returncode == 1
+    assert "/no/such/binary" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert leftovers(container_id, zviz.root) == []
+
+
+def test_invalid_config_is_a_clear_error_and_leaves_nothing(zviz, make_bundle):
+    from integration.zviz_cli import edit_config
+
+    container_id = unique_id()
+    bundle = make_bundle()
+    edit_config(bundle, lambda c: c["process"].update(cwd="relative/dir"))
+    result = zviz.run(bundle, container_id)
+    assert result.returncode == 1
+    assert "process.cwd" in result.stderr
+    assert leftovers(container_id, zviz.root) == []
+
+
+def test_run_accepts_bundle_as_second_argument(zviz, make_bundle):
+    bundle = make_bundle(["true"])
+    result = zviz("run", unique_id(), bundle)
+    assert result.returncode == 0, result.stderr
+
+
+def test_duplicate_id_is_refused(zviz, make_bundle):
+    container_id = unique_id()
+    assert zviz.create(make_bundle(["true"]), container_id).returncode == 0
+    try:
+        second = zviz.create(make_bundle(["true"]), container_id)
+        assert second.returncode == 1
+        assert "already exists" in second.stderr
+    finally:
+        assert zviz("delete", "--force", container_id).returncode == 0
+    assert leftovers(container_id, zviz.root) == []
+
+
+def _wait_for_status(zviz, container_id: str, wanted: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = zviz("state", container_id)
+        if result.returncode == 0:
+            import json
+
+            state = json.loads(result.stdout)
+            if state["status"] == wanted:
+                return state
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{container_id} never became {wanted}: {result.stdout} {result.stderr}"
+            )
+        time.sleep(0.05)
+
+
+def test_no_file_descriptor_of_zviz_reaches_the_workload(zviz, make_bundle):
+    bundle = make_bundle(["sh", "-c", "ls /proc/self/fd"])
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    # 0, 1, 2, and the fd ls opened to read the directory.
+    assert sorted(int(fd) for fd in result.stdout.split()) == [0, 1, 2, 3]
+    assert os.path.isdir(zviz.root)

@@ -1,0 +1,102 @@
+"""Helpers for the tests that drive the `zviz` CLI against the real kernel."""
+
+import json
+import os
+import subprocess
+import tempfile
+import uuid
+
+
+def unique_id(prefix: str = "zviz-rt") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def edit_config(bundle: str, change) -> dict:
+    """Apply `change(config)` to the bundle's config.json; returns the new config."""
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    change(config)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+class Zviz:
+    """Runs `zviz --root <root> ...`; every test gets its own root."""
+
+    def __init__(self, binary: str, root: str):
+        self.binary = binary
+        self.root = root
+
+    def __call__(
+        self, *args, check: bool = False, timeout: float = 60, input=None, log=None, **kwargs
+    ):
+        base = [self.binary, "--root", self.root]
+        if log:
+            base += ["--log", log, "--log-format", "json"]
+        return subprocess.run(
+            [*base, *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=timeout,
+            input=input,
+            **kwargs,
+        )
+
+    def create(
+        self, bundle: str, container_id: str, *extra, stdout=None
+    ) -> subprocess.CompletedProcess:
+        """`zviz create`: PID 1 keeps the command's stdio, so it must not be a pipe we wait on."""
+        with tempfile.TemporaryFile("w+") as err:
+            result = subprocess.run(
+                [
+                    self.binary,
+                    "--root",
+                    self.root,
+                    "create",
+                    "--bundle",
+                    bundle,
+                    *extra,
+                    container_id,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else subprocess.DEVNULL,
+                stderr=err,
+                timeout=60,
+            )
+            err.seek(0)
+            result.stderr = err.read()
+        return result
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(
+            [self.binary, "--root", self.root, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
+
+    def state(self, container_id: str) -> dict:
+        result = self("state", container_id)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def run(
+        self, bundle: str, container_id: str | None = None, **kwargs
+    ) -> subprocess.CompletedProcess:
+        return self("run", "--bundle", bundle, container_id or unique_id(), **kwargs)
+
+
+def leftovers(container_id: str, root: str) -> list[str]:
+    """Anything of this container still on the host: state dir, cgroups, processes."""
+    found = []
+    if os.path.exists(os.path.join(root, container_id)):
+        found.append(f"state dir {os.path.join(root, container_id)}")
+    for hierarchy in os.listdir("/sys/fs/cgroup"):
+        path = os.path.join("/sys/fs/cgroup", hierarchy, "zviz", container_id)
+        if os.path.isdir(path):
+            found.append(f"cgroup {path}")
+    return found
