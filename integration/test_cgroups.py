@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from integration.zviz_cli import Zviz, leftovers, unique_id
 from runtime import cgroups
 from runtime.errors import AlreadyExists, InvalidArgument
 
@@ -420,3 +421,94 @@ def test_apply_reports_what_this_host_cannot_honour(name):
         group.destroy()
     assert notes == ["linux.resources.hugepageLimits ignored: the hugetlb cgroup is not mounted"]
     assert logged == [("warning", notes[0])]
+
+
+# --- whole containers through the zviz CLI -----------------------------------------------
+
+
+@pytest.fixture
+def zviz(zviz_bin, tmp_path):
+    return Zviz(zviz_bin, str(tmp_path / "root"))
+
+
+def with_resources(config: dict, **resources) -> dict:
+    linux = config["linux"]
+    linux["resources"] = {**linux.get("resources", {}), **resources}
+    return linux
+
+
+def bundle_with(make_bundle, args, **resources) -> str:
+    from runtime.defaults import default_config
+
+    config = default_config(args=args, terminal=False)
+    return make_bundle(args, linux=with_resources(config, **resources))
+
+
+def test_container_memory_hog_is_oom_killed(zviz, make_bundle):
+    container_id = unique_id("zviz-cg")
+    # busybox dd allocates (and touches) its whole block buffer
+    bundle = bundle_with(
+        make_bundle,
+        ["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"],
+        memory={"limit": 32 * MiB},
+    )
+    result = zviz.run(bundle, container_id)
+    assert result.returncode == 137, result.stderr
+    assert "OOM" in result.stderr
+    assert leftovers(container_id, zviz.root) == []
+
+
+def test_container_fork_fails_at_the_pids_limit(zviz, make_bundle):
+    container_id = unique_id("zviz-cg")
+    bundle = bundle_with(
+        make_bundle,
+        ["sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 2 & done; wait"],
+        pids={"limit": 5},
+    )
+    result = zviz.run(bundle, container_id)
+    assert "can't fork" in result.stdout + result.stderr
+    assert result.returncode != 0
+    assert leftovers(container_id, zviz.root) == []
+
+
+def test_container_pause_update_stats_and_delete(zviz, make_bundle, tmp_path):
+    container_id = unique_id("zviz-cg")
+    bundle = bundle_with(make_bundle, ["sleep", "60"], memory={"limit": 64 * MiB})
+    errors = tmp_path / "create.err"
+    with open(errors, "w") as err:
+        # the workload inherits create's stdio: no pipes, or run() would wait for sleep
+        created = subprocess.run(
+            [zviz.binary, "--root", zviz.root, "create", "--bundle", bundle, container_id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            timeout=60,
+        )
+    assert created.returncode == 0, errors.read_text()
+    try:
+        assert zviz("start", container_id).returncode == 0
+        freezer = f"/sys/fs/cgroup/freezer/zviz/{container_id}/freezer.state"
+        assert zviz("pause", container_id).returncode == 0
+        with open(freezer) as f:
+            assert f.read().strip() == "FROZEN"
+        assert zviz.state(container_id)["status"] == "paused"
+        assert zviz("resume", container_id).returncode == 0
+        with open(freezer) as f:
+            assert f.read().strip() == "THAWED"
+
+        update = zviz("update", "-r", "-", container_id, input=json.dumps({"pids": {"limit": 7}}))
+        assert update.returncode == 0, update.stderr
+        with open(f"/sys/fs/cgroup/pids/zviz/{container_id}/pids.max") as f:
+            assert f.read().strip() == "7"
+        bad = zviz("update", "-r", "-", container_id, input=json.dumps({"cpu": {"cpus": "99"}}))
+        assert bad.returncode != 0 and "cpu.cpus" in bad.stderr
+        assert zviz.state(container_id)["status"] == "running"  # a refused update kills nothing
+
+        stats = zviz("events", "--stats", container_id, timeout=30)
+        assert stats.returncode == 0, stats.stderr
+        data = json.loads(stats.stdout.splitlines()[0])["data"]
+        assert data["memory"]["limit"] == 64 * MiB
+        assert data["pids"] == {"current": 1, "limit": 7}
+    finally:
+        assert zviz("delete", "--force", container_id).returncode == 0
+    assert leftovers(container_id, zviz.root) == []
