@@ -423,6 +423,30 @@ def test_apply_reports_what_this_host_cannot_honour(name):
     assert logged == [("warning", notes[0])]
 
 
+def test_concurrent_create_and_destroy_share_the_zviz_parent_safely(name):
+    """destroy() removes the shared /zviz parent when empty; a racing create() must cope."""
+    import threading
+
+    failures = []
+
+    def cycle(worker: int) -> None:
+        try:
+            for round_ in range(15):
+                group = cgroups.for_container(f"{name}-{worker}-{round_}")
+                group.create()
+                group.apply({"pids": {"limit": 5}, "cpu": {"cpus": "0"}})
+                group.destroy()
+        except Exception as err:  # collected: an assert in a thread would be lost
+            failures.append(repr(err))
+
+    threads = [threading.Thread(target=cycle, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert failures == []
+
+
 # --- whole containers through the zviz CLI -----------------------------------------------
 
 
