@@ -39,6 +39,23 @@ def _bundle(tmp: str, binary: str, name: str) -> str:
     return path
 
 
+def _add_equivalent_filter(bundle: str) -> None:
+    from runtime.security.profiles import load_profile
+
+    profile = load_profile("ci-runner")
+    names = sorted(set(profile.allow) | {"clone", "socket", "ioctl", "personality"})
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["linux"]["seccomp"] = {
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": names, "action": "SCMP_ACT_ALLOW"}],
+    }
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
 def _run(cmd: list[str]) -> dict | None:
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
@@ -52,8 +69,9 @@ def _run(cmd: list[str]) -> dict | None:
 
 def syscall_table() -> dict:
     tmp = tempfile.mkdtemp(prefix="zviz-bench-sys-")
+    os.chmod(tmp, 0o755)  # container root is an unprivileged host uid: it must reach the bundle
     venv = os.path.dirname(sys.executable)
-    zviz = os.path.join(venv, "zviz")
+    zviz = os.environ.get("ZVIZ_BIN", os.path.join(venv, "zviz"))
     runtimes = {}
     try:
         binary = _build(tmp)
@@ -68,6 +86,14 @@ def syscall_table() -> dict:
         if shutil.which("runc"):
             runtimes["runc"] = lambda: [
                 "runc", "--root", f"{tmp}/runc", "run", "--bundle", bundle,
+                f"zviz-bench-{uuid.uuid4().hex[:8]}",
+            ]  # fmt: skip
+            # runc with a seccomp filter of the same size (ci-runner's allow list as OCI
+            # JSON): what any seccomp-filtered container pays at syscall entry.
+            filtered = _bundle(tmp, binary, "bundle-seccomp")
+            _add_equivalent_filter(filtered)
+            runtimes["runc + seccomp"] = lambda: [
+                "runc", "--root", f"{tmp}/runc", "run", "--bundle", filtered,
                 f"zviz-bench-{uuid.uuid4().hex[:8]}",
             ]  # fmt: skip
         if shutil.which("runsc"):

@@ -252,7 +252,17 @@ static int p_sysrq(void) {
     return write_file("/proc/sysrq-trigger", "h", "write /proc/sysrq-trigger");
 }
 static int p_sys_write(void) {
-    return write_file("/sys/kernel/uevent_helper", "/tmp/zviz-probe-pwn", "write /sys/kernel/uevent_helper");
+    /* uevent_helper runs a program as host root on the next uevent; where this kernel
+     * lacks it, rewrite /sys/kernel/mm/ksm/run with its own current value (harmless). */
+    if (access("/sys/kernel/uevent_helper", F_OK) == 0)
+        return write_file("/sys/kernel/uevent_helper", "", "write /sys/kernel/uevent_helper");
+    char current[16] = "0";
+    int fd = open("/sys/kernel/mm/ksm/run", O_RDONLY);
+    if (fd < 0) return blocked(errno, "open /sys/kernel/mm/ksm/run");
+    ssize_t n = read(fd, current, sizeof current - 1);
+    close(fd);
+    if (n > 0) current[n] = 0;
+    return write_file("/sys/kernel/mm/ksm/run", current, "write /sys/kernel/mm/ksm/run");
 }
 static int p_release_agent(void) {
     /* CVE-2022-0492: mount a cgroup v1 hierarchy and set release_agent. */
