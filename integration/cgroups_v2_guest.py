@@ -268,6 +268,43 @@ def invalid_values():
 
 
 @check
+def containers_through_zviz():
+    """Whole containers (`zviz run`) on v2: the module as the runtime drives it."""
+    import subprocess
+
+    from runtime.defaults import default_config
+    from tools.mkbundle import build_bundle
+
+    zviz = os.path.join(os.path.dirname(sys.executable), "zviz")
+
+    def run(name: str, args: list[str], **resources) -> dict:
+        config = default_config(args=args, terminal=False)
+        config["linux"]["resources"].update(resources)
+        bundle = build_bundle(f"/tmp/{name}", args=args, linux=config["linux"])
+        done = subprocess.run(
+            [zviz, "--root", "/run/zviz", "run", "--bundle", bundle, name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return {"rc": done.returncode, "out": done.stdout, "err": done.stderr}
+
+    return {
+        "cgroup_inside": run("zviz-vm-run-cg", ["cat", "/proc/self/cgroup"]),
+        "hog": run(
+            "zviz-vm-run-hog",
+            ["dd", "if=/dev/zero", "of=/dev/null", "bs=128M", "count=1"],
+            memory={"limit": 32 * MiB},
+        ),
+        "fork": run(
+            "zviz-vm-run-fork",
+            ["sh", "-c", "for i in 1 2 3 4 5 6 7 8; do sleep 2 & done; wait"],
+            pids={"limit": 4},
+        ),
+    }
+
+
+@check
 def nothing_left():
     return sorted(name for name in os.listdir("/sys/fs/cgroup") if "zviz" in name)
 

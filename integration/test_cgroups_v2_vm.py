@@ -131,3 +131,16 @@ def test_v2_impossible_values_are_invalid_argument_and_leave_nothing(guest, labe
     facts = result(guest, "invalid_values")[label]
     assert facts["error"] and f"linux.resources.{field}" in facts["error"]
     assert facts["left_behind"] is False
+
+
+def test_v2_whole_containers_through_zviz_run(guest):
+    facts = result(guest, "containers_through_zviz")
+    inside = facts["cgroup_inside"]
+    assert inside["rc"] == 0, inside["err"]
+    assert inside["out"].strip() == "0::/"  # its own cgroup namespace
+    hog = facts["hog"]
+    assert hog["rc"] == 137, hog["err"]
+    assert "OOM" in hog["err"]
+    fork = facts["fork"]
+    assert "can't fork" in fork["out"] + fork["err"]
+    assert guest["nothing_left"] == []
