@@ -123,7 +123,7 @@ def perform(write: Write, directory: str) -> None:
 
 
 def int_field(resources: dict, section: str, key: str) -> int | None:
-    """An integer OCI field, or None when absent. spec.py already checked the type."""
+    """An integer OCI field, or None when absent (checked again: a bool is not an int here)."""
     value = (resources.get(section) or {}).get(key)
     if value is None:
         return None
@@ -357,15 +357,18 @@ class Cgroup:
         if self._create_failed:
             return
         deadline = time.monotonic() + DESTROY_TIMEOUT_S
-        if self.exists():
-            while self.procs_recursive():
+        next_kill = 0.0
+        while self.exists() and (survivors := self.procs_recursive()):
+            now = time.monotonic()
+            if now > deadline:
+                raise FailedPrecondition(
+                    f"cgroup {self._procs_dir()}: processes survive SIGKILL: {survivors}"
+                )
+            if now >= next_kill:
+                # again now and then: a process may have joined since (an exec racing us)
                 self.kill_all(signal.SIGKILL)
-                if time.monotonic() > deadline:
-                    raise FailedPrecondition(
-                        f"cgroup {self._procs_dir()}: processes survive SIGKILL: "
-                        f"{self.procs_recursive()}"
-                    )
-                time.sleep(0.005)
+                next_kill = now + 0.1
+            time.sleep(0.002)
         for directory in self._dirs():
             rmdir_tree(directory, deadline)
             remove_shared_parent(directory)
