@@ -44,7 +44,8 @@ class Daemon:
         )
         self.socket_path = path
         self.group_dir = os.path.dirname(path)
-        self.console_dir = os.path.join(self.group_dir, "console")
+        # Console sockets need short paths (108 bytes), shorter than the group's.
+        self.console_dir = os.path.join(shim_config.STATE_ROOT, "c")
         self.reaper = Reaper()
         self.log_sink: shim_log.FifoSink | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -163,6 +164,7 @@ class Daemon:
                 os.unlink(self.socket_path)
             shutil.rmtree(self.group_dir, ignore_errors=True)
         remove_empty_parents(self.runtime_root, stop=shim_config.STATE_ROOT)
+        remove_empty_parents(self.console_dir, stop=shim_config.STATE_ROOT)
         self._exit(0)
 
 

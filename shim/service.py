@@ -31,6 +31,8 @@ from shim.stdio import Stdio
 log = logging.getLogger("shim.service")
 
 SHIM_VERSION = "zviz-shim 0.1.0"
+OOM_RECHECKS = 20
+OOM_RECHECK_SECONDS = 0.05
 
 
 class Task:
@@ -47,6 +49,8 @@ class Task:
         self.paused = False
         self.rootfs_mounted = False
         self.oom_watcher = None
+        self.cgroup = None
+        self.ooms_reported = 0
         self.own_pid_namespace = True
 
     def process(self, exec_id: str) -> Process:
@@ -59,6 +63,8 @@ class Task:
 
     def process_exited(self, proc: Process) -> None:
         if proc is self.init:
+            # An OOM kill of the init is reported before its exit, as containerd expects.
+            self._report_ooms(self.service.daemon.loop)
             self.container.record_exit(proc.wait_status)
             if not self.own_pid_namespace:
                 # Without its own pid namespace nothing kills the init's orphans for us:
@@ -78,8 +84,9 @@ class Task:
 
     def watch_oom(self, loop) -> None:
         try:
-            cgroup = self.container.cgroup()
-            self.oom_watcher = cgroup.oom_watcher() if cgroup is not None else None
+            self.cgroup = self.container.cgroup()
+            self.oom_watcher = self.cgroup.oom_watcher() if self.cgroup is not None else None
+            self.ooms_reported = self.cgroup.oom_kill_count() if self.cgroup is not None else 0
         except Exception as e:  # noqa: BLE001 - a task without OOM events still runs
             log.warning("no OOM events for %s: %s", self.id, e, extra={"container": self.id})
             return
@@ -89,12 +96,30 @@ class Task:
 
     def _oom_readable(self, loop) -> None:
         try:
-            count = self.oom_watcher.read()
+            self.oom_watcher.read()  # drains the notification; counting is done below
         except OSError:
-            count = 0
             self.stop_oom_watch(loop)
-        if count:
+            return
+        self._report_ooms(loop, OOM_RECHECKS)
+
+    def _report_ooms(self, loop, rechecks: int = 0) -> bool:
+        """Publish /tasks/oom for OOM kills not reported yet. The kernel notifies as the OOM
+        starts and counts the kill a moment later, so a notification with nothing counted
+        yet is looked at again shortly."""
+        if self.cgroup is None:
+            return False
+        try:
+            kills = self.cgroup.oom_kill_count()
+        except (OSError, errors.ZvizError):
+            return False
+        if kills > self.ooms_reported:
+            self.ooms_reported = kills
+            log.info("OOM kill in task %s", self.id, extra={"container": self.id})
             self.service.publish("/tasks/oom", events.TaskOOM(container_id=self.id))
+            return True
+        if rechecks > 0:
+            loop.call_later(OOM_RECHECK_SECONDS, self._report_ooms, loop, rechecks - 1)
+        return False
 
     def stop_oom_watch(self, loop) -> None:
         if self.oom_watcher is not None:
