@@ -234,6 +234,35 @@ def test_cpuset_pins_the_process(cg, children):
     assert child.go().line() == "[0]"
 
 
+def a_block_device() -> tuple[int, int]:
+    for name in sorted(os.listdir("/sys/block")):
+        if not name.startswith(("loop", "ram")):
+            with open(f"/sys/block/{name}/dev") as f:
+                major, minor = f.read().strip().split(":")
+            return int(major), int(minor)
+    pytest.skip("no block device on this machine to throttle")
+
+
+def test_block_io_weight_and_throttle(cg):
+    major, minor = a_block_device()
+    cg.apply(
+        {
+            "blockIO": {
+                "weight": 500,  # blkio.bfq.weight here: CFQ's blkio.weight is gone
+                "throttleReadBpsDevice": [{"major": major, "minor": minor, "rate": MiB}],
+            }
+        }
+    )
+    blkio = cg.paths["blkio"]
+    with open(os.path.join(blkio, "blkio.throttle.read_bps_device")) as f:
+        assert f.read().split() == [f"{major}:{minor}", str(MiB)]
+    with open(os.path.join(blkio, "blkio.bfq.weight")) as f:
+        assert "500" in f.read()
+    with pytest.raises(InvalidArgument, match=r"throttleReadBpsDevice\[0\].*No such device"):
+        cg.apply({"blockIO": {"throttleReadBpsDevice": [{"major": 250, "minor": 99, "rate": 1}]}})
+    assert cg.exists(), "a refused update must not remove a configured group"
+
+
 def test_freeze_stops_progress_and_thaw_resumes_it(cg, children):
     ticker = children(
         "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.01)\n"

@@ -12,7 +12,16 @@ import time
 from runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Unavailable
 
 # Kernel answers to a cgroup file write that mean "this value is not acceptable here".
-_VALUE_ERRNOS = {errno.EINVAL, errno.ERANGE, errno.EBUSY, errno.EPERM, errno.EOVERFLOW}
+_VALUE_ERRNOS = {
+    errno.EINVAL,
+    errno.ERANGE,
+    errno.EBUSY,
+    errno.EPERM,
+    errno.EOVERFLOW,
+    errno.ENODEV,  # a blockIO rule for a device this host lacks
+    errno.ENOSPC,
+    errno.EOPNOTSUPP,
+}
 
 # How long destroy() waits for killed processes to leave and for rmdir to stop
 # answering EBUSY (exiting tasks are unlinked from their cgroup a little after SIGKILL).
@@ -299,8 +308,9 @@ class Cgroup:
     def apply(self, resources: dict) -> list[str]:
         """Writes OCI linux.resources; returns (and logs) notes on settings this host ignores.
 
-        A value the kernel refuses is an InvalidArgument naming the field; a group this
-        object just created is then removed, so a config it cannot honour leaves nothing.
+        A value the kernel refuses is an InvalidArgument naming the field. If this is the
+        first apply() on a group this object just created, the group is then removed: a
+        config the host cannot honour leaves nothing.
         """
         notes: list[str] = []
         try:
@@ -311,6 +321,8 @@ class Cgroup:
                 self.destroy()
                 self._created.clear()
             raise
+        # Configured: a later apply() (an update) that fails leaves the group as it is.
+        self._created.clear()
         for message in notes:
             self.note(message)
         return notes
