@@ -10,10 +10,13 @@ import fcntl
 import itertools
 import json
 import os
+import pathlib
 import select
+import shutil
 import signal
 import struct
 import subprocess
+import tempfile
 import termios
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +44,15 @@ def no_leftovers(containerd):
     # a container whose root is mapped to an unprivileged uid (zviz's profiles) cannot
     # traverse to reach its rootfs.
     os.chmod(containerd.base, 0o711)
+    state_root = os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
+
+    def runtime_state() -> set[str]:
+        found = set()
+        for dirpath, _, files in os.walk(os.path.join(state_root, "r")):
+            found.update(os.path.join(dirpath, f) for f in files)
+        return found
+
+    before = runtime_state()
     yield
     for hierarchy in os.listdir("/sys/fs/cgroup"):
         parent = os.path.join("/sys/fs/cgroup", hierarchy, containerd.namespace)
@@ -49,11 +61,8 @@ def no_leftovers(containerd):
                 os.rmdir(parent)
             except OSError:
                 pass  # not empty: something still runs there, and the session check will say so
-    state_root = os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
-    leftovers = []
-    for dirpath, _, files in os.walk(os.path.join(state_root, "r")):
-        leftovers += [os.path.join(dirpath, f) for f in files]
-    assert not leftovers, f"zviz runtime state left behind: {leftovers}"
+    leftovers = runtime_state() - before
+    assert not leftovers, f"zviz runtime state left behind: {sorted(leftovers)}"
 
 
 @pytest.fixture(params=[ZVIZ, RUNC], ids=["zviz", "runc"])
@@ -245,7 +254,11 @@ def test_stdin_reaches_the_task_and_ends(containerd, ctr, busybox_image, new_id,
     assert out == b"piped-in\ndone\n"
 
 
-def test_environment_and_bind_mount(ctr, busybox_image, new_id, tmp_path):
+def test_environment_and_bind_mount(ctr, busybox_image, new_id):
+    # zviz maps the container's root to an unprivileged host uid: like any other
+    # unprivileged user it needs a source it may traverse, read and write.
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="zviz-shim-bind-", dir="/tmp"))
+    tmp_path.chmod(0o777)
     (tmp_path / "greeting").write_text("from-the-host\n")
     result = ctr(
         "run",
@@ -253,16 +266,17 @@ def test_environment_and_bind_mount(ctr, busybox_image, new_id, tmp_path):
         "--env",
         "ZVIZ_SHIM_TEST=hello",
         "--mount",
-        f"type=bind,src={tmp_path},dst=/data,options=rbind:rw",
+        f"type=bind,src={tmp_path},dst=/root,options=rbind:rw",
         busybox_image,
         new_id(),
         "sh",
         "-c",
-        "echo $ZVIZ_SHIM_TEST; cat /data/greeting; echo from-the-container > /data/reply",
+        "echo $ZVIZ_SHIM_TEST; cat /root/greeting; echo from-the-container > /root/reply",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["hello", "from-the-host"]
     assert (tmp_path / "reply").read_text() == "from-the-container\n"
+    shutil.rmtree(tmp_path)
 
 
 def test_terminal(containerd, ctr, busybox_image, new_id, runtime):
@@ -286,7 +300,9 @@ def test_terminal(containerd, ctr, busybox_image, new_id, runtime):
             container_id,
             "sh",
             "-c",
-            "tty; test -t 0 && test -t 1 && echo both-ttys; stty size",
+            # ctr sends the window size (ResizePty) only after Start: wait for it to land.
+            "tty; test -t 0 && test -t 1 && echo both-ttys;"
+            " for i in $(seq 100); do s=$(stty size 2>/dev/null) && break; sleep 0.05; done; echo size=$s",
         ],
         stdin=slave,
         stdout=slave,
@@ -320,7 +336,7 @@ def test_terminal(containerd, ctr, busybox_image, new_id, runtime):
     assert proc.returncode == 0, text
     assert "/dev/pts/" in text
     assert "both-ttys" in text
-    assert "33 77" in text
+    assert "size=33 77" in text
 
 
 # ---- detached: exec, ps, pause/resume, metrics, kill, delete -------------------------------------
