@@ -424,3 +424,42 @@ def test_values_that_become_file_names_or_lines_are_checked(plan, resources, fie
     with pytest.raises(InvalidArgument) as info:
         plan(resources)
     assert "linux.resources." in str(info.value) and field in str(info.value)
+
+
+def _bytes_or_unlimited(value: int) -> float:
+    return float("inf") if value == -1 else value
+
+
+@given(
+    current=st.tuples(st.integers(1, 2**40), st.integers(0, 2**40)),
+    new=st.tuples(st.integers(1, 2**40), st.integers(0, 2**40)),
+    unlimited_swap=st.booleans(),
+)
+def test_v1_memory_write_order_never_breaks_the_kernel_rule(current, new, unlimited_swap):
+    """The kernel refuses any moment where memsw < memory: simulate it over the plan."""
+    limit, memsw = current[0], current[0] + current[1]  # any valid starting state
+    new_limit = new[0]
+    new_swap = -1 if unlimited_swap else new[0] + new[1]
+    writes = v1.plan({"memory": {"limit": new_limit, "swap": new_swap}}, current_memory_limit=limit)
+    for write in writes:
+        value = _bytes_or_unlimited(int(write.value))
+        if write.file == "memory.limit_in_bytes":
+            assert value <= memsw, f"limit {value} above memsw {memsw}: {writes}"
+            limit = value
+        else:
+            assert value >= limit, f"memsw {value} below limit {limit}: {writes}"
+            memsw = value
+    assert (limit, memsw) == (new_limit, _bytes_or_unlimited(new_swap))
+
+
+@given(st.text(alphabet="ab./:-_\x00", max_size=30))
+def test_container_path_stays_strictly_below_its_base(given_path):
+    """Whatever linux.cgroupsPath says, the group is a proper sub-group of its base."""
+    try:
+        path, _relative = cgroups.container_path(given_path, "c1")
+    except InvalidArgument:
+        return
+    parts = path.split("/")
+    assert path.startswith("/") and parts[0] == ""
+    assert all(part not in ("", ".", "..") for part in parts[1:]), path
+    assert len(parts) >= 2
