@@ -411,6 +411,14 @@ def test_impossible_values_are_invalid_argument_and_leave_nothing(name, resource
     assert cgroup_dirs_named(name) == []
 
 
+def test_a_path_through_a_cgroup_file_is_invalid_argument(name):
+    group = cgroups.for_container(name, f"/{name}/cgroup.procs/inner")
+    with pytest.raises(InvalidArgument, match="linux.cgroupsPath.*Not a directory"):
+        group.create()
+    group.destroy()
+    assert cgroup_dirs_named(name) == []  # create() undid the /<name> level it made
+
+
 def test_bad_cgroups_path_creates_nothing():
     with pytest.raises(InvalidArgument, match="systemd"):
         cgroups.for_container("x", "system.slice:zviz:x")

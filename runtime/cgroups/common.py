@@ -239,6 +239,13 @@ def make_dirs(directory: str, base: str, created: list[str], on_new_level=None) 
                 except FileExistsError:
                     if level == directory:
                         raise AlreadyExists(f"cgroup {directory} already exists") from None
+                except OSError as err:
+                    if err.errno in (errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL):
+                        raise InvalidArgument(
+                            f"config.json: linux.cgroupsPath: cannot make cgroup {level}: "
+                            f"{os.strerror(err.errno)}"
+                        ) from err
+                    raise
                 if on_new_level:
                     on_new_level(parent, level)
             return
