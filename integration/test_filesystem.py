@@ -1,0 +1,214 @@
+"""PID 1's filesystem: rootfs, auto-mounts, /dev, masked and read-only paths, OCI mount types."""
+
+import os
+import pathlib
+import shutil
+import tempfile
+
+import pytest
+
+from integration.zviz_cli import Zviz, edit_config
+
+
+@pytest.fixture
+def zviz(zviz_bin, tmp_path):
+    return Zviz(zviz_bin, str(tmp_path / "root"))
+
+
+def mounts_in(zviz, bundle) -> dict[str, tuple[str, set[str]]]:
+    """mountpoint -> (fstype, options) as the container sees /proc/self/mounts."""
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    found = {}
+    for line in result.stdout.splitlines():
+        _source, target, fstype, options = line.split()[:4]
+        found[target] = (fstype, set(options.split(",")))
+    return found
+
+
+def test_auto_mounts_with_safe_options(zviz, make_bundle):
+    bundle = make_bundle(["cat", "/proc/self/mounts"])
+    edit_config(bundle, lambda c: c.update(mounts=[]))  # every mount below is an auto-mount
+    mounts = mounts_in(zviz, bundle)
+    assert mounts["/proc"][0] == "proc"
+    assert {"nosuid", "nodev", "noexec"} <= mounts["/proc"][1]
+    assert mounts["/sys"][0] == "sysfs" and "ro" in mounts["/sys"][1]
+    assert mounts["/dev"][0] == "tmpfs" and "nosuid" in mounts["/dev"][1]
+    assert mounts["/dev/pts"][0] == "devpts"
+    assert mounts["/dev/shm"][0] == "tmpfs"
+    assert "ro" in mounts["/"][1]  # root.readonly in the default config
+
+
+def test_proc_and_sys_are_read_only_where_it_matters(zviz, make_bundle):
+    script = (
+        "echo x > /proc/sys/kernel/hostname && echo proc-sys-writable;"
+        "echo x > /proc/sysrq-trigger && echo sysrq-writable;"
+        "touch /sys/kernel/x 2>/dev/null && echo sys-writable;"
+        "touch /newfile 2>/dev/null && echo root-writable;"
+        "echo checked"
+    )
+    result = zviz.run(make_bundle(["sh", "-c", script]))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "checked"
+
+
+def test_dev_holds_exactly_the_standard_devices(zviz, make_bundle):
+    script = "ls -A /dev; echo ---; for l in stdin stdout stderr fd ptmx; do readlink /dev/$l; done; echo data > /dev/null && head -c 4 /dev/zero | wc -c"
+    result = zviz.run(make_bundle(["sh", "-c", script]))
+    assert result.returncode == 0, result.stderr
+    listing, links = result.stdout.split("---\n")
+    names = set(listing.split())
+    assert {
+        "null",
+        "zero",
+        "full",
+        "random",
+        "urandom",
+        "tty",
+        "pts",
+        "shm",
+        "ptmx",
+        "stdin",
+        "stdout",
+        "stderr",
+        "fd",
+    } <= names
+    assert not names & {"sda", "vda", "mem", "kmsg", "kvm"}
+    assert links.split()[:5] == [
+        "/proc/self/fd/0",
+        "/proc/self/fd/1",
+        "/proc/self/fd/2",
+        "/proc/self/fd",
+        "pts/ptmx",
+    ]
+    assert links.split()[5] == "4"
+
+
+def test_masked_paths_are_unreadable(zviz, make_bundle):
+    script = "cat /proc/timer_list | wc -c; ls -A /sys/firmware | wc -l; cat /proc/keys | wc -c"
+    result = zviz.run(make_bundle(["sh", "-c", script]))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "0", "0"]
+
+
+def test_user_mount_overrides_the_auto_mount(zviz, make_bundle):
+    bundle = make_bundle(["cat", "/proc/self/mounts"])
+
+    def change(config):
+        config["mounts"] = [m for m in config["mounts"] if m["destination"] != "/dev/shm"]
+        config["mounts"].append(
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "nodev", "size=1m"],
+            }
+        )
+
+    edit_config(bundle, change)
+    mounts = mounts_in(zviz, bundle)
+    assert "size=1024k" in mounts["/dev/shm"][1]
+    assert sum(1 for target in mounts if target == "/dev/shm") == 1
+
+
+@pytest.fixture
+def shared_dir():
+    """A host directory the container's root (a mapped, unprivileged uid) can reach."""
+    path = tempfile.mkdtemp(prefix="zviz-rt-shared-")
+    os.chmod(path, 0o777)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
+
+
+def test_bind_mounts_ro_and_rw(zviz, make_bundle, shared_dir):
+    shared = shared_dir
+    (shared / "hello.txt").write_text("hello from the host\n")
+    bundle = make_bundle(
+        [
+            "sh",
+            "-c",
+            "cat /var/hello.txt; touch /var/x 2>/dev/null && echo writable; echo rw > /run/out",
+        ]
+    )
+
+    def change(config):
+        config["mounts"] += [
+            {
+                "destination": "/var",
+                "type": "bind",
+                "source": str(shared),
+                "options": ["rbind", "ro"],
+            },
+            {
+                "destination": "/run",
+                "type": "bind",
+                "source": str(shared),
+                "options": ["bind", "rw"],
+            },
+        ]
+
+    edit_config(bundle, change)
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello from the host\n"
+    assert (shared / "out").read_text() == "rw\n"
+    assert not (shared / "x").exists()
+
+
+def test_symlink_in_the_image_cannot_redirect_a_mount_to_the_host(zviz, make_bundle, tmp_path):
+    bundle = make_bundle(["sh", "-c", "ls /escape"])
+    os.symlink(str(tmp_path), os.path.join(bundle, "rootfs", "escape"))
+    edit_config(
+        bundle,
+        lambda c: c["mounts"].append(
+            {"destination": "/escape/m", "type": "tmpfs", "source": "tmpfs"}
+        ),
+    )
+    zviz.run(bundle)
+    # The mount landed inside the rootfs (at <rootfs>/<tmp_path>/m), never on the host's tmp_path.
+    assert not os.path.exists(tmp_path / "m")
+
+
+def test_hostname_and_domainname(zviz, make_bundle):
+    bundle = make_bundle(
+        ["sh", "-c", "hostname; cat /proc/sys/kernel/domainname"],
+        hostname="box",
+        domainname="example.org",
+    )
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["box", "example.org"]
+
+
+def test_sysctl_is_applied(zviz, make_bundle):
+    bundle = make_bundle(["cat", "/proc/sys/net/ipv4/ip_forward"])
+    edit_config(bundle, lambda c: c["linux"].update(sysctl={"net.ipv4.ip_forward": "1"}))
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
+
+
+def test_cgroup_mount_shows_only_the_containers_own_groups(zviz, make_bundle):
+    bundle = make_bundle(
+        [
+            "sh",
+            "-c",
+            "cat /proc/self/cgroup; ls /sys/fs/cgroup/pids | grep -c zviz; cat /sys/fs/cgroup/pids/pids.max",
+        ]
+    )
+    edit_config(bundle, lambda c: c["linux"]["resources"].update(pids={"limit": 77}))
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(
+        line.endswith(":/") for line in lines if line.count(":") == 2 and not line.startswith("0::")
+    )
+    assert lines[-2] == "0"  # no sibling containers' groups are visible
+    assert lines[-1] == "77"
+
+
+def test_no_pivot_falls_back_to_move_and_chroot(zviz, make_bundle):
+    bundle = make_bundle(["sh", "-c", "ls /; cat /proc/self/mountinfo | wc -l"])
+    result = zviz("run", "--no-pivot", "--bundle", bundle, "zviz-rt-nopivot")
+    assert result.returncode == 0, result.stderr
+    assert "bin" in result.stdout.split()
