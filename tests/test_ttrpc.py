@@ -588,3 +588,40 @@ def test_stream_ids_stay_odd_and_wrap_past_2_to_the_32():
                 assert client._next_stream_id == 3  # ... 2**32-3, 2**32-1, then 1
 
     run(main())
+
+
+def test_a_departed_callers_handlers_are_cancelled():
+    async def main():
+        async with serving() as (server, service, address):
+            client = await Client.connect(address)
+            waits = [
+                asyncio.create_task(
+                    shim_ttrpc.TaskClient(client).Wait(shim_pb2.WaitRequest(id=str(i)))
+                )
+                for i in range(5)
+            ]
+            while service.started < 5:
+                await asyncio.sleep(0.001)
+            await client.close()
+            for wait in waits:
+                with pytest.raises(TtrpcError):
+                    await wait
+            while service.cancelled < 5:
+                await asyncio.sleep(0.001)
+            while server.connection_count:
+                await asyncio.sleep(0.001)
+
+    run(main())
+
+
+def test_shutdown_twice_and_close_after_shutdown_are_harmless():
+    async def main():
+        async with serving() as (server, _, address):
+            async with await Client.connect(address) as client:
+                assert (await shim_ttrpc.TaskClient(client).State(shim_pb2.StateRequest(id="a"))).id
+            await asyncio.gather(server.shutdown(), server.shutdown())
+            await server.close()
+            with pytest.raises(RuntimeError, match="shut down"):
+                await server.start(address)
+
+    run(main())

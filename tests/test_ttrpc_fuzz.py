@@ -140,6 +140,16 @@ wire_frames = st.lists(
 ).map(b"".join)
 
 
+_SENTINEL_ID = 2**32 - 1
+_SENTINEL = (lambda body: HEADER.pack(len(body), _SENTINEL_ID, 1, 0) + body)(
+    ttrpc_pb2.Request(
+        service="containerd.task.v2.Task",
+        method="State",
+        payload=shim_pb2.StateRequest(id="sentinel").SerializeToString(),
+    ).SerializeToString()
+)
+
+
 class _Harness:
     """One server and event loop for all examples (a server per example would be slow)."""
 
@@ -160,18 +170,21 @@ class _Harness:
             writer.write(data)
             await writer.drain()
             if read:
-                # Whatever comes back must be well-formed response frames; the half-close
-                # lets the server answer what it can and then hang up.
-                writer.write_eof()
+                # Whatever comes back must be well-formed response frames. A good call at
+                # the end is answered unless the attack broke the framing, in which case
+                # the server closes the connection (at the latest after stall_timeout).
+                writer.write(_SENTINEL)
                 decoder = FrameDecoder(MAX)
+                answered = False
                 try:
                     async with asyncio.timeout(5):
-                        while chunk := await reader.read(65536):
+                        while not answered and (chunk := await reader.read(65536)):
                             decoder.feed(chunk)
                             while (frame := decoder.next()) is not None:
                                 assert frame.type == 2
                                 response = ttrpc_pb2.Response.FromString(frame.payload)
                                 assert response.status.code in set(Code)
+                                answered |= frame.stream_id == _SENTINEL_ID
                 except ConnectionResetError:
                     pass
         finally:

@@ -328,10 +328,10 @@ class _Connection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
-        # The peer sent everything it will; answer what is in flight, then close.
-        self._shutting_down = True
-        self._close_when_idle()
-        return True
+        # A unix peer that shuts down its side has almost always closed the socket: close
+        # ours too (as Go's ttrpc does), which cancels its handlers instead of letting
+        # calls nobody waits for pile up.
+        return False
 
     def pause_writing(self) -> None:
         self._writing_paused = True
