@@ -253,3 +253,54 @@ def inotify_init1(flags: int = IN_CLOEXEC) -> int:
 def inotify_add_watch(fd: int, path: str, mask: int) -> int:
     rc = _libc.inotify_add_watch(ctypes.c_int(fd), _b(path), ctypes.c_uint32(mask))
     return _check(rc, "inotify_add_watch", path)
+
+
+# New mount API (open_tree, move_mount, mount_setattr): detached mount trees,
+# moved into place by fd, and id-mapped mounts.
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = 0o2000000
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+AT_FDCWD = -100
+MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
+MOUNT_ATTR_IDMAP = 0x00100000
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    return raw_syscall("open_tree", ctypes.c_int(dirfd), _b(path), ctypes.c_uint(flags), detail=path)
+
+
+def move_mount(from_dirfd: int, from_path: str, to_dirfd: int, to_path: str, flags: int) -> None:
+    raw_syscall(
+        "move_mount",
+        ctypes.c_int(from_dirfd),
+        _b(from_path),
+        ctypes.c_int(to_dirfd),
+        _b(to_path),
+        ctypes.c_uint(flags),
+        detail=to_path,
+    )
+
+
+def mount_setattr_idmap(fd: int, userns_fd: int, recursive: bool = True) -> None:
+    """Make the detached mount `fd` id-mapped through the user namespace `userns_fd`."""
+    attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    raw_syscall(
+        "mount_setattr",
+        ctypes.c_int(fd),
+        b"",
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+        detail="MOUNT_ATTR_IDMAP",
+    )
