@@ -110,6 +110,7 @@ _SYSCALLS = {
         "landlock_restrict_self": 446,
         "clone3": 435,
         "close_range": 436,
+        "bpf": 321,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -129,6 +130,7 @@ _SYSCALLS = {
         "landlock_restrict_self": 446,
         "clone3": 435,
         "close_range": 436,
+        "bpf": 280,
     },
 }[_MACHINE]
 
@@ -304,3 +306,9 @@ def mount_setattr_idmap(fd: int, userns_fd: int, recursive: bool = True) -> None
         ctypes.c_size_t(ctypes.sizeof(attr)),
         detail="MOUNT_ATTR_IDMAP",
     )
+
+
+def bpf(cmd: int, attr: bytearray, detail: str | None = None) -> int:
+    """bpf(2) with a `union bpf_attr` the caller packed; the kernel may write back into it."""
+    buffer = (ctypes.c_char * len(attr)).from_buffer(attr)
+    return raw_syscall("bpf", ctypes.c_int(cmd), buffer, ctypes.c_uint(len(attr)), detail=detail)
