@@ -260,6 +260,8 @@ class RootfsBuilder:
         self.new_netns = new_netns
         self.log = log
         self.dev_is_bind = False
+        # A detached, id-mapped clone of the rootfs made by the parent (or None).
+        self.rootfs_mount_fd = None
 
     def build(self) -> None:
         """Everything up to and including pivot_root; the cwd must be the rootfs.
@@ -273,23 +275,32 @@ class RootfsBuilder:
         # reach the container but nothing the container mounts reaches the host.
         base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
         linux.mount(None, "/", None, base | linux.MS_REC)
-        # pivot_root needs the rootfs to be a mount of this namespace (a copied,
-        # locked one is refused): bind it onto itself, then step out and back in
-        # so the cwd is the new mount, not the directory under it.
-        linux.mount(".", ".", None, linux.MS_BIND | linux.MS_REC)
-        os.chdir("..")
-        try:
-            os.chdir(os.path.basename(self.spec.root.path.rstrip("/")))
-        except PermissionError:
-            raise errors.FailedPrecondition(
-                f"root.path: the container's root user cannot search {os.path.dirname(self.spec.root.path)}: "
-                "make the bundle directory searchable (chmod o+x) or map its owner"
-            ) from None
+        self.enter_own_rootfs_mount()
         for m in merge_mounts(self.spec.mounts):
             self.mount_one(m)
         if not self.dev_is_bind:
             self.populate_dev()
         self.pivot()
+
+    def enter_own_rootfs_mount(self) -> None:
+        """Make the cwd the root of a rootfs mount that belongs to this namespace.
+
+        pivot_root refuses the copied (locked) mount a new user namespace inherits,
+        so the rootfs gets a fresh mount: a detached clone of the cwd (open_tree),
+        or the id-mapped clone the parent made, attached over the cwd and entered
+        by fd, never by a path walk the container's root may not be allowed.
+        """
+        fd = self.rootfs_mount_fd
+        try:
+            if fd is None:
+                flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE
+                fd = linux.open_tree(linux.AT_FDCWD, ".", flags)
+            linux.move_mount(fd, "", linux.AT_FDCWD, ".", linux.MOVE_MOUNT_F_EMPTY_PATH)
+            os.fchdir(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            self.rootfs_mount_fd = None
 
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
