@@ -31,7 +31,8 @@ for f in /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max \
   [ -r "$f" ] && echo "limit:      $f = $(cat $f)"
 done
 grep -E '^(CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp|Seccomp_filters)' /proc/self/status | sed 's/^/  /'
-echo "network:"; ip -o addr 2>/dev/null | sed 's/^/  /' || cat /proc/net/dev
+echo "uid_map:    $(cat /proc/self/uid_map | tr -s ' ')   (container uid, host uid, count)"
+echo "interfaces: $(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')"
 echo "== end =="
 """
 
