@@ -121,9 +121,18 @@ class PrivateContainerd:
         if self.proc and self.proc.poll() is None:
             self.cleanup_tasks()
         self._stop_daemon()
+        self._remove_namespace_cgroups()
         if remove:
             self._unmount_under(self.base)
             shutil.rmtree(self.base, ignore_errors=True)
+
+    def _remove_namespace_cgroups(self) -> None:
+        """ctr puts tasks in /<namespace>/<id>; runtimes remove <id>, the empty parent is ours."""
+        for hierarchy in os.listdir("/sys/fs/cgroup"):
+            try:
+                os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, self.namespace))
+            except OSError:
+                pass  # absent, not a hierarchy, or still in use (then the leak check reports it)
 
     @staticmethod
     def _unmount_under(path: str) -> None:
