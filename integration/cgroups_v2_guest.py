@@ -99,10 +99,26 @@ def limits_and_membership():
             "cpuset.cpus",
         )
     }
-    child = Child(sleep_forever)
+
+    def open_devices(out: int) -> None:
+        opened = []
+        for path in ("/dev/null", "/dev/kmsg"):
+            try:
+                os.close(os.open(path, os.O_RDONLY))
+                opened.append(f"{path} open")
+            except OSError as err:
+                opened.append(f"{path} {err.errno}")
+        os.write(out, "; ".join(opened).encode())
+        time.sleep(600)
+
+    child = Child(open_devices)
     cg.add_pid(child.pid)
     child.go()
+    from runtime.cgroups import devices
+
     facts = {
+        "devices_seen": child.read(),
+        "device_programs": devices.attached_program_count(directory),
         "version": cg.version,
         "paths": cg.paths,
         "notes": notes,

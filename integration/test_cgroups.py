@@ -227,6 +227,55 @@ def test_devices_rules_are_enforced(cg, children):
     assert out.split("\n")[:2] == ["/dev/null open", "/dev/kmsg 1"]  # EPERM, even for root
 
 
+def cgroup2_mount() -> str | None:
+    for mount in cgroups.parse_mountinfo(open("/proc/self/mountinfo").read()):
+        if mount.version == 2:
+            return mount.mount_point
+    return None
+
+
+def test_v2_device_program_on_this_kernel(name, children):
+    """The eBPF device filter v2 uses, attached to a group in this host's cgroup2 mount
+    (it holds only hugetlb, but device programs work on any cgroup2 group)."""
+    from runtime.cgroups import devices
+
+    mount = cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount on this host")
+    group = os.path.join(mount, name)
+    os.mkdir(group)
+    try:
+        devices.enforce(group, devices.container_rules([{"allow": False, "access": "rwm"}]))
+        # an update replaces the program: /dev/kmsg readable, still not writable
+        kmsg_read = {"allow": True, "type": "c", "major": 1, "minor": 11, "access": "r"}
+        devices.enforce(
+            group, devices.container_rules([{"allow": False, "access": "rwm"}, kmsg_read])
+        )
+        assert devices.attached_program_count(group) == 1
+        probe = children(
+            "import os\n"
+            "for path, flags in (('/dev/null', os.O_RDWR), ('/dev/kmsg', os.O_RDONLY),\n"
+            "                    ('/dev/kmsg', os.O_WRONLY), ('/dev/zero', os.O_RDONLY)):\n"
+            "    try:\n"
+            "        os.close(os.open(path, flags))\n"
+            "        print(path, 'open', flush=True)\n"
+            "    except OSError as err:\n"
+            "        print(path, err.errno, flush=True)\n"
+        )
+        with open(os.path.join(group, "cgroup.procs"), "w") as f:
+            f.write(str(probe.pid))
+        rc, out, _ = probe.go().finish()
+        assert rc == 0
+        assert out.split("\n")[:4] == [
+            "/dev/null open",
+            "/dev/kmsg open",
+            "/dev/kmsg 1",  # EPERM
+            "/dev/zero open",
+        ]
+    finally:
+        os.rmdir(group)
+
+
 def test_cpuset_pins_the_process(cg, children):
     cg.apply({"cpu": {"cpus": "0"}})
     child = children("import os; print(sorted(os.sched_getaffinity(0)), flush=True)")

@@ -50,8 +50,10 @@ def test_v2_is_detected_and_limits_are_written(guest):
         "cpu.max": "50000 100000",
         "cpuset.cpus": "0",
     }
-    # no eBPF device program: the rules are checked, not enforced, and that is said
-    assert any("devices not enforced" in note for note in facts["notes"])
+    # the device rules are an eBPF program: deny all but the basic nodes
+    assert facts["device_programs"] == 1
+    assert facts["devices_seen"] == "/dev/null open; /dev/kmsg 1"
+    assert facts["notes"] == []
     # controllers are delegated inside zviz's own parent group
     assert set(facts["parent_subtree_control"].split()) >= {"cpu", "cpuset", "memory", "pids"}
 

@@ -5,8 +5,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from runtime import cgroups
-from runtime.cgroups import v1, v2
+from runtime.cgroups import devices, v1, v2
 from runtime.cgroups.common import Write
+from runtime.cgroups.devices import DEFAULT_ALLOWED
 from runtime.errors import FailedPrecondition, InvalidArgument
 
 # This machine's hybrid layout: v1 controllers, plus a cgroup2 mount holding only hugetlb.
@@ -248,7 +249,8 @@ def test_v1_devices_start_from_deny_all_and_end_with_the_basic_nodes():
         ("devices.allow", "c 10:200 rw"),
         ("devices.deny", "b 8:* rwm"),
     ]
-    assert files(writes)[4:] == [("devices.allow", rule) for rule in v1.DEFAULT_ALLOWED_DEVICES]
+    assert files(writes)[4:] == [("devices.allow", rule.v1_line()) for rule in DEFAULT_ALLOWED]
+    assert ("devices.allow", "c 136:* rwm") in files(writes)
     assert writes[2].field == "devices[1]"
 
 
@@ -351,7 +353,7 @@ def test_v2_controller_not_delegated_names_the_field():
         v2.plan({"cpu": {"cpus": "0"}}, available=frozenset({"memory", "pids", "cpu"}))
 
 
-def test_v2_devices_are_validated_but_not_written():
+def test_v2_devices_are_validated_not_written_as_files():
     assert v2.plan({"devices": [{"allow": False, "access": "rwm"}]}) == []
     with pytest.raises(InvalidArgument, match=r"devices\[0\]\.type"):
         v2.plan({"devices": [{"allow": True, "type": "z"}]})
@@ -392,10 +394,7 @@ def test_settings_a_host_cannot_honour_come_back_as_notes():
     assert any("hugepageLimits ignored" in n for n in notes)
     assert any("memory.kernel ignored" in n for n in notes)
     notes.clear()
-    v2.plan(
-        {"devices": [{"allow": False, "access": "rwm"}], "network": {"classID": 1}}, notes=notes
-    )
-    assert any("devices not enforced" in n for n in notes)
+    v2.plan({"network": {"classID": 1}}, notes=notes)
     assert any("network ignored" in n for n in notes)
 
 
@@ -463,3 +462,101 @@ def test_container_path_stays_strictly_below_its_base(given_path):
     assert path.startswith("/") and parts[0] == ""
     assert all(part not in ("", ".", "..") for part in parts[1:]), path
     assert len(parts) >= 2
+
+
+# --- the v2 device program ------------------------------------------------------------------
+
+
+def run_device_program(code: bytes, dev_type: int, major: int, minor: int, access: int) -> int:
+    """Interprets the eBPF subset devices.program() emits, against one request."""
+    import struct
+
+    regs = [0] * 11
+    ctx = {0: (access << 16) | dev_type, 4: major, 8: minor}
+    pc, steps = 0, 0
+    while True:
+        steps += 1
+        assert steps < 10_000, "runaway program"
+        op, regbyte, off, imm = struct.unpack_from("<BBhi", code, pc * 8)
+        dst, src = regbyte & 0xF, regbyte >> 4
+        pc += 1
+        if op == 0x61:
+            assert src == 1
+            regs[dst] = ctx[off]
+        elif op == 0x54:
+            regs[dst] = regs[dst] & (imm & 0xFFFFFFFF)
+        elif op == 0x74:
+            regs[dst] = (regs[dst] & 0xFFFFFFFF) >> imm
+        elif op == 0xBC:
+            regs[dst] = regs[src] & 0xFFFFFFFF
+        elif op == 0xB7:
+            regs[dst] = imm
+        elif op == 0x55:
+            if regs[dst] != imm:
+                pc += off
+        elif op == 0x15:
+            if regs[dst] == imm:
+                pc += off
+        elif op == 0x95:
+            return regs[0]
+        else:
+            raise AssertionError(f"unexpected opcode {op:#x}")
+
+
+def reference_decision(rules, dev_type: str, major: int, minor: int, access: str) -> bool:
+    """Last matching rule wins; allow needs every bit asked for, deny any one of them."""
+    default, exceptions = devices.policy(rules)
+    for rule in reversed(exceptions):
+        if rule.type != dev_type:
+            continue
+        if rule.major is not None and rule.major != major:
+            continue
+        if rule.minor is not None and rule.minor != minor:
+            continue
+        if rule.allow and set(access) <= set(rule.access):
+            return True
+        if not rule.allow and set(access) & set(rule.access):
+            return False
+    return default
+
+
+BPF_TYPE = {"b": 1, "c": 2}
+
+
+def bpf_access(access: str) -> int:
+    return sum({"m": 1, "r": 2, "w": 4}[c] for c in set(access))
+
+
+def test_default_device_program_allows_the_basic_nodes_only():
+    code = devices.program(devices.container_rules([{"allow": False, "access": "rwm"}]))
+    allowed = lambda t, ma, mi, acc: run_device_program(code, BPF_TYPE[t], ma, mi, bpf_access(acc))  # noqa: E731
+    assert allowed("c", 1, 3, "rw") == 1  # /dev/null
+    assert allowed("c", 136, 7, "rw") == 1  # a pts
+    assert allowed("c", 1, 11, "r") == 0  # /dev/kmsg
+    assert allowed("b", 8, 0, "r") == 0  # a disk
+    assert allowed("c", 1, 3, "m") == 1
+
+
+rule_strategy = st.fixed_dictionaries(
+    {
+        "allow": st.booleans(),
+        "type": st.sampled_from(["a", "b", "c"]),
+        "major": st.sampled_from([None, 1, 8]),
+        "minor": st.sampled_from([None, 0, 3]),
+        "access": st.sampled_from(["r", "w", "m", "rw", "rm", "wm", "rwm"]),
+    }
+)
+
+
+@given(
+    st.lists(rule_strategy, max_size=6),
+    st.sampled_from(["b", "c"]),
+    st.sampled_from([1, 5, 8]),
+    st.sampled_from([0, 3, 9]),
+    st.sampled_from(["r", "w", "m", "rw", "rwm"]),
+)
+def test_device_program_decides_as_the_rules_say(config_rules, dev_type, major, minor, access):
+    rules = devices.container_rules(config_rules)
+    code = devices.program(rules)
+    verdict = run_device_program(code, BPF_TYPE[dev_type], major, minor, bpf_access(access))
+    assert verdict == int(reference_decision(rules, dev_type, major, minor, access))

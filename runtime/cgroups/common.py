@@ -274,6 +274,9 @@ class Cgroup:
         """(write, directory) for every file apply() must write, in order."""
         raise NotImplementedError
 
+    def _after_writes(self, resources: dict) -> None:
+        """What apply() does beyond file writes (v2: the device program)."""
+
     def add_pid(self, pid: int) -> None:
         raise NotImplementedError
 
@@ -323,6 +326,7 @@ class Cgroup:
         try:
             for write, directory in self._planned_writes(resources, notes):
                 perform(write, directory)
+            self._after_writes(resources)
         except BaseException:
             if self._created and not self.procs_recursive():
                 self.destroy()

@@ -20,6 +20,7 @@ from runtime.cgroups.common import (
     read_pids,
     write_file,
 )
+from runtime.cgroups.devices import container_rules
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 KNOWN_CONTROLLERS = frozenset(
@@ -39,19 +40,6 @@ KNOWN_CONTROLLERS = frozenset(
         "pids",
         "rdma",
     }
-)
-
-# Device nodes every container gets whatever its config says (runc's AllowedDevices,
-# minus its wildcard mknod rules): /dev/null, zero, full, random, urandom, tty, ptmx, pts/*.
-DEFAULT_ALLOWED_DEVICES = (
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
 )
 
 # A controller the config needs but the host lacks is an error for these; for the
@@ -76,34 +64,6 @@ def _limit(resources: dict, section: str, key: str) -> int | None:
             "nor a positive number of bytes"
         )
     return value
-
-
-def device_rule(rule: dict, index: int) -> tuple[bool, str]:
-    """(allow?, "type major:minor access") for one OCI device cgroup rule."""
-    field = f"config.json: linux.resources.devices[{index}]"
-    if not isinstance(rule, dict):
-        raise InvalidArgument(f"{field}: must be an object")
-    allow = rule.get("allow")
-    if not isinstance(allow, bool):
-        raise InvalidArgument(f"{field}.allow: must be true or false")
-    dev_type = rule.get("type") or "a"
-    if dev_type not in ("a", "b", "c"):
-        raise InvalidArgument(f"{field}.type: {dev_type!r} is not one of a, b, c")
-    numbers = []
-    for key in ("major", "minor"):
-        number = rule.get(key)
-        if number is None or number == -1:
-            numbers.append("*")
-        elif isinstance(number, int) and not isinstance(number, bool) and number >= 0:
-            numbers.append(str(number))
-        else:
-            raise InvalidArgument(f"{field}.{key}: {number!r} is not a device number")
-    access = rule.get("access") or "rwm"
-    if not isinstance(access, str) or not set(access) <= set("rwm"):
-        raise InvalidArgument(f"{field}.access: {access!r} must be made of r, w, m")
-    if dev_type == "a":
-        return allow, "a"
-    return allow, f"{dev_type} {numbers[0]}:{numbers[1]} {access}"
 
 
 def plan(
@@ -230,16 +190,13 @@ def plan(
     # devices: default deny, the config's rules in order, then the basic nodes
     devices = resources.get("devices")
     if devices is not None:
-        if not isinstance(devices, list):
-            raise InvalidArgument("config.json: linux.resources.devices: must be a list")
-        rules = [device_rule(rule, i) for i, rule in enumerate(devices)]
+        rules = container_rules(devices)
         if need("devices", "devices"):
-            writes.append(Write("devices", "devices.deny", "a", "devices"))
-            for i, (allow, rule) in enumerate(rules):
-                file = "devices.allow" if allow else "devices.deny"
-                writes.append(Write("devices", file, rule, f"devices[{i}]"))
-            for rule in DEFAULT_ALLOWED_DEVICES:
-                writes.append(Write("devices", "devices.allow", rule, "devices"))
+            fields = ["devices", *(f"devices[{i}]" for i in range(len(devices)))]
+            for i, rule in enumerate(rules):
+                file = "devices.allow" if rule.allow else "devices.deny"
+                field = fields[i] if i < len(fields) else "devices"
+                writes.append(Write("devices", file, rule.v1_line(), field))
 
     # blkio
     block_io = resources.get("blockIO") or {}

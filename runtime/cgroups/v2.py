@@ -5,6 +5,7 @@ import os
 import signal
 import time
 
+from runtime.cgroups import devices as device_rules
 from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
     Cgroup,
@@ -20,7 +21,6 @@ from runtime.cgroups.common import (
     read_pids,
     write_file,
 )
-from runtime.cgroups.v1 import device_rule
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 # What a read of "max" reports in stats, as containerd's v2 Metrics do.
@@ -176,15 +176,10 @@ def plan(
         if cpu.get(key):
             add("cpuset", f"cpuset.{key}", str(cpu[key]), f"cpu.{key}")
 
-    devices = resources.get("devices")
-    if devices:
-        if not isinstance(devices, list):
-            raise InvalidArgument("config.json: linux.resources.devices: must be a list")
-        for i, rule in enumerate(devices):
-            device_rule(rule, i)
-        # A v2 device policy is an eBPF program; zviz does not load one. The container
-        # still sees only the /dev nodes its rootfs setup creates.
-        notes.append("linux.resources.devices not enforced by the cgroup on v2 (needs eBPF)")
+    # devices: not a file write on v2 but an eBPF program, attached by CgroupV2.apply;
+    # checked here so a bad rule fails before anything is written
+    if resources.get("devices") is not None:
+        device_rules.container_rules(resources["devices"])
 
     block_io = resources.get("blockIO") or {}
     weight_file = "io.bfq.weight" if bfq else "io.weight"
@@ -364,6 +359,10 @@ class CgroupV2(Cgroup):
             notes=notes,
         )
         return [(write, self.directory) for write in writes]
+
+    def _after_writes(self, resources: dict) -> None:
+        if resources and resources.get("devices") is not None:
+            device_rules.enforce(self.directory, device_rules.container_rules(resources["devices"]))
 
     def add_pid(self, pid: int) -> None:
         try:
