@@ -160,16 +160,26 @@ def spawn_init(request: Request, log) -> Spawned:
                 pid1 = message["pid"]
                 _reap(child)
                 child = None
+                # Joining the cgroup costs an RCU grace period (ms) on cgroup v1:
+                # PID 1 builds its rootfs meanwhile and waits for "joined" before
+                # anything can fork or run.
+                if request.cgroup is not None:
+                    request.cgroup.add_pid(pid1)
+                try:
+                    parent_end.send("joined")
+                except BrokenPipeError:
+                    pass  # PID 1 already failed: its error is queued for the next recv
+
             elif kind == "log":
                 log(message.get("level", "info"), message.get("msg", ""))
             elif kind == "ready":
                 ready = True
-            if ready and pid1 is not None:
-                return Spawned(pid1, parent_end)
             elif kind == "error":
                 from runtime.sync import error_from_message
 
                 raise error_from_message(message)
+            if ready and pid1 is not None:
+                return Spawned(pid1, parent_end)
     except BaseException:
         parent_end.close()
         if child is not None:
@@ -350,9 +360,6 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
             os.chdir(spec.root.path)
         except (FileNotFoundError, NotADirectoryError):
             raise errors.field_error("root.path", f"{spec.root.path} is not a directory") from None
-    if request.cgroup is not None:
-        with stages("cgroup"):
-            request.cgroup.add_pid(os.getpid())
     with stages("namespaces"):
         for ns_type, fd in join_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
@@ -364,8 +371,9 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
             sync.expect("mapped")
             _become_root_in_userns(spec)
     with stages("namespaces"):
-        if flags:
-            linux.unshare(flags)
+        # The cgroup namespace waits for PID 1 to be in its cgroup (see _init).
+        if flags & ~linux.CLONE_NEWCGROUP:
+            linux.unshare(flags & ~linux.CLONE_NEWCGROUP)
     with stages("fork"):
         pid1 = os.fork()
     if pid1 == 0:
@@ -426,6 +434,11 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
             linux.sethostname(spec.hostname)
         if getattr(spec, "domainname", None):
             linux.setdomainname(spec.domainname)
+    with stages("cgroup"):
+        sync.expect("joined")
+        if "cgroup" in new_ns:
+            # Now, so the namespace's root is the container's own cgroup.
+            linux.unshare(linux.CLONE_NEWCGROUP)
     _common_process_setup(request, sync, stages, process, wait_for_fifo=request.wait_for_fifo_fd)
 
 
