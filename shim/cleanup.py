@@ -1,20 +1,21 @@
-"""`delete`: containerd's cleanup of a container whose shim daemon is gone (killed, crashed).
+"""`delete`: containerd's cleanup after a shim connection closes.
 
-Kills what is left of the container and removes its cgroup and runtime state, unmounts
-the rootfs, drops start's reservation, and answers a DeleteResponse on stdout.
+containerd runs `<shim> delete` every time a shim connection closes, also after a normal
+Delete and Shutdown, and `ctr run --rm` waits for it. So the common case (the daemon
+already deleted everything) is a fast path: standard library only, no protobuf, no
+runtime core. Only when the runtime state shows a container the daemon left behind
+(it was killed, or crashed) is the runtime core loaded to kill and remove it.
+
+The answer is a protobuf DeleteResponse on stdout.
 """
 
 import json
-import logging
 import os
 import signal
 import time
 
-from runtime import errors
 from shim import config as shim_config
-from shim import manager, mounts
-
-log = logging.getLogger("shim.cleanup")
+from shim import manager, wire
 
 
 def _bundle_state(bundle: str) -> dict:
@@ -25,38 +26,48 @@ def _bundle_state(bundle: str) -> dict:
         return {}
 
 
-def _response(pid: int, exit_status: int) -> bytes:
-    from api.gen.containerd.task.v2 import shim_pb2
-    from shim.events import timestamp
-
-    return shim_pb2.DeleteResponse(
-        pid=pid, exit_status=exit_status, exited_at=timestamp(time.time())
-    ).SerializeToString()
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
 
 
 def cleanup_dead_container(flags, bundle: str) -> bytes:
     saved = _bundle_state(bundle)
     root = saved.get("root") or shim_config.runtime_root(flags.address, flags.namespace)
     pid = 0
-    from runtime.container import Container
+    if os.path.exists(os.path.join(root, flags.id)):
+        from runtime import errors
+        from runtime.container import Container
 
-    try:
-        container = Container.load(root, flags.id)
-    except errors.NotFound:
-        container = None
-    if container is not None:
-        pid = container.pid
         try:
+            container = Container.load(root, flags.id)
+        except errors.NotFound:
+            container = None
+        if container is not None:
+            pid = container.pid
             container.delete(force=True)
-        except errors.ZvizError as e:
-            log.warning("delete %s: %s", flags.id, e)
-            raise
-    rootfs = mounts.rootfs_path(bundle)
-    mounts.unmount_all(rootfs)
+    rootfs = os.path.join(bundle, "rootfs")
+    if _mounted(rootfs):
+        from shim import mounts
+
+        mounts.unmount_all(rootfs)
     group_dir = saved.get("group_dir")
     if group_dir:
         manager.release(group_dir, flags.id)
-        # The dead daemon could not remove its own directory; the last delete does.
+        # A dead daemon could not remove its own directory; its last container's delete does.
         manager.remove_if_dead(group_dir)
     manager.remove_empty_parents(root, stop=shim_config.STATE_ROOT)
-    return _response(pid, 128 + signal.SIGKILL)
+    return encode_delete_response(pid, 128 + signal.SIGKILL, time.time())
+
+
+def encode_delete_response(pid: int, exit_status: int, exited_at: float) -> bytes:
+    """containerd.task.v2.DeleteResponse{pid=1, exit_status=2, exited_at=3 Timestamp{seconds=1,
+    nanos=2}}."""
+    seconds = int(exited_at)
+    nanos = int((exited_at - seconds) * 1e9)
+    timestamp = wire.field_varint(1, seconds) + wire.field_varint(2, nanos)
+    return (
+        wire.field_varint(1, pid)
+        + wire.field_varint(2, exit_status)
+        + wire.field_bytes(3, timestamp)
+    )

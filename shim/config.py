@@ -113,52 +113,18 @@ def runtime_root(containerd_address: str, namespace: str) -> str:
 def decode_runtime_options(data: bytes) -> str | None:
     """config_path from a serialized Any holding runtimeoptions.v1.Options, or None.
 
-    Decoded by hand: `start` must not pay for importing protobuf. Any is
-    {type_url=1, value=2}; Options is {type_url=1, config_path=2}.
+    Any is {type_url=1, value=2}; Options is {type_url=1, config_path=2}.
     """
-    fields = _length_delimited_fields(data)
-    type_url = fields.get(1, b"").decode(errors="replace")
-    if not type_url.endswith("runtimeoptions.v1.Options"):
-        return None
-    inner = _length_delimited_fields(fields.get(2, b""))
+    from shim import wire
+
     try:
-        path = inner.get(2, b"").decode()
+        fields = wire.length_delimited_fields(data)
+        type_url = fields.get(1, b"").decode(errors="replace")
+        if not type_url.endswith("runtimeoptions.v1.Options"):
+            return None
+        path = wire.length_delimited_fields(fields.get(2, b"")).get(2, b"").decode()
+    except wire.WireError as e:
+        raise ConfigError(f"runtime options: {e}") from None
     except UnicodeDecodeError:
         raise ConfigError("runtime options: config_path is not UTF-8") from None
     return path or None
-
-
-def _length_delimited_fields(data: bytes) -> dict[int, bytes]:
-    fields: dict[int, bytes] = {}
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, i = _varint(data, i)
-        elif wire_type == 2:
-            length, i = _varint(data, i)
-            if i + length > len(data):
-                raise ConfigError("runtime options: truncated protobuf")
-            fields[number] = data[i : i + length]
-            i += length
-        elif wire_type == 1:
-            i += 8
-        elif wire_type == 5:
-            i += 4
-        else:
-            raise ConfigError(f"runtime options: unsupported protobuf wire type {wire_type}")
-    return fields
-
-
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if i >= len(data):
-            raise ConfigError("runtime options: truncated protobuf")
-        byte = data[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-        shift += 7

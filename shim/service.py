@@ -147,6 +147,9 @@ class TaskService(shim_ttrpc.TaskService):
         self.root = daemon.runtime_root
         self.reaper = daemon.reaper
         self.tasks: dict[str, Task] = {}
+        if log.isEnabledFor(logging.DEBUG):
+            for name in self.METHODS:
+                setattr(self, name, _timed(name, getattr(self, name)))
 
     # ---- helpers -------------------------------------------------------------------
 
@@ -481,6 +484,24 @@ class TaskService(shim_ttrpc.TaskService):
         return empty_pb2.Empty()
 
 
+def _timed(name: str, handler):
+    """With -debug: log how long each call took (where a container's start time goes)."""
+
+    async def timed(request, context):
+        started = time.monotonic()
+        try:
+            return await handler(request, context)
+        finally:
+            log.debug(
+                "%s %s: %.1f ms",
+                name,
+                getattr(request, "id", ""),
+                (time.monotonic() - started) * 1000,
+            )
+
+    return timed
+
+
 def _open_bundle_to_mapped_root(bundle: str) -> None:
     """Let a user-namespaced PID 1 reach its rootfs through the bundle.
 
@@ -520,23 +541,11 @@ def _delete_response(proc: Process) -> shim_pb2.DeleteResponse:
 
 
 def _process_details(exec_id: str):
-    """containerd.runc.v1.ProcessDetails{exec_id=1}, encoded by hand (one string field)."""
+    """containerd.runc.v1.ProcessDetails{exec_id=1}: the type `ctr task ps` shows exec ids from."""
     from google.protobuf import any_pb2
 
-    raw = exec_id.encode()
+    from shim import wire
+
     return any_pb2.Any(
-        type_url="containerd.runc.v1.ProcessDetails",
-        value=b"\x0a" + _varint(len(raw)) + raw,
+        type_url="containerd.runc.v1.ProcessDetails", value=wire.field_bytes(1, exec_id.encode())
     )
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)

@@ -293,7 +293,12 @@ def test_reaper_routes_exits_and_keeps_early_ones():
         loop.remove_signal_handler(signal.SIGCHLD)
         return got, early, late, killed
 
-    got, early, late, killed = asyncio.run(scenario())
+    try:
+        got, early, late, killed = asyncio.run(scenario())
+    finally:
+        # install() made this test process a subreaper: undo it, or every orphan of later
+        # tests (shim daemons) would become a zombie child of pytest.
+        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 0)
     assert got == {early: 7, late: 0, killed: 128 + signal.SIGTERM}
 
 
@@ -311,3 +316,28 @@ def test_log_lines_are_logrus_text():
     assert line.startswith('time="')
     assert 'level=warning msg="bad \\"thing\\"\\nhappened" id=c1 namespace=k8s.io' in line
     assert line.endswith("runtime=io.containerd.zviz.v2\n")
+
+
+# ---- hand-encoded protobuf on the fast paths ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pid, status, when", [(0, 0, 0.0), (1, 137, 1700000000.25), (2**31, 255, 1.5)]
+)
+def test_hand_encoded_delete_response_matches_protobuf(pid, status, when):
+    from api.gen.containerd.task.v2 import shim_pb2
+    from shim.cleanup import encode_delete_response
+
+    decoded = shim_pb2.DeleteResponse.FromString(encode_delete_response(pid, status, when))
+    assert (decoded.pid, decoded.exit_status) == (pid, status)
+    assert decoded.exited_at.seconds == int(when)
+    assert abs(decoded.exited_at.nanos - (when - int(when)) * 1e9) < 1000
+
+
+def test_hand_encoded_process_details_is_a_string_field():
+    from shim import wire
+
+    raw = wire.field_bytes(1, b"exec-1")
+    assert wire.length_delimited_fields(raw) == {1: b"exec-1"}
+    with pytest.raises(wire.WireError):
+        wire.length_delimited_fields(raw[:-1])
