@@ -51,7 +51,7 @@ def parse_signal(text: str) -> int:
     raise errors.InvalidArgument(f"unknown signal {text!r}")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zviz", description="zviz: an OCI runtime for untrusted code (runc-compatible CLI)"
     )
@@ -150,11 +150,20 @@ def _parser() -> argparse.ArgumentParser:
     for name in ("checkpoint", "restore"):
         p = command(name, "not supported by zviz")
         p.add_argument("rest", nargs=argparse.REMAINDER)
+    if with_profile_commands:
+        # Only when asked for: runtime.security costs ~25 ms of imports, which the
+        # commands a shim runs per container (state, kill, delete) must not pay.
+        from runtime.security.profile_cli import add_subparser as add_profile_commands
+
+        add_profile_commands(sub)  # zviz profile list | show NAME | check FILE
+    else:
+        command("profile", "security profiles: list | show NAME | check FILE")
     return parser
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(with_profile_commands="profile" in argv).parse_args(argv)
     log = Log(args.log, args.log_format, args.debug)
     try:
         if args.version:
@@ -467,6 +476,12 @@ def cmd_events(args, log) -> int:
         time.sleep(interval)
 
 
+def cmd_profile(args, log) -> int:
+    from runtime.security.profile_cli import run
+
+    return run(args)
+
+
 def cmd_unsupported(args, log) -> int:
     raise errors.NotImplementedByZviz(f"{args.command} is not supported by zviz")
 
@@ -487,6 +502,7 @@ _COMMANDS = {
     "features": cmd_features,
     "update": cmd_update,
     "events": cmd_events,
+    "profile": cmd_profile,
     "checkpoint": cmd_unsupported,
     "restore": cmd_unsupported,
 }

@@ -92,10 +92,18 @@ class ProbeRunner:
         return path
 
     def run(
-        self, runtime: str, profile: str | None, args, *, verbose=False, timeout=120, config=None
+        self,
+        runtime: str,
+        profile: str | None,
+        args,
+        *,
+        verbose=False,
+        timeout=120,
+        config=None,
+        cid=None,
     ):
         bundle = self.bundle(args, **(config or {}))
-        cid = f"zviz-sec-{uuid.uuid4().hex[:10]}"
+        cid = cid or f"zviz-sec-{uuid.uuid4().hex[:10]}"
         root = os.path.join(self.base, f"root-{runtime}")
         if runtime == "zviz":
             cmd = [self.zviz, "--root", root, "run", "--bundle", bundle]

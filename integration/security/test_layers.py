@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import threading
 import time
 
@@ -29,8 +30,10 @@ tcp_connect = [{allowed_port}, {allowed_port + 1}]
     return str(path)
 
 
-def sh(probes, profile, script, *, verbose=False, config=None):
-    return probes.run("zviz", profile, ["/bin/sh", "-c", script], verbose=verbose, config=config)
+def sh(probes, profile, script, *, verbose=False, config=None, cid=None):
+    return probes.run(
+        "zviz", profile, ["/bin/sh", "-c", script], verbose=verbose, config=config, cid=cid
+    )
 
 
 def test_allowed_syscalls_work_denied_ones_return_eperm(probes):
@@ -109,12 +112,16 @@ def test_broker_allows_connect_to_allowed_port_denies_another(probes, tmp_path):
     )
 
 
-def _brokers() -> set[int]:
+def _brokers(container_id: str) -> set[int]:
+    """Brokers of this container only (forked from `zviz run ... ID`, the id is in argv)."""
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() == "zviz-broker":
+                if f.read().strip() != "zviz-broker":
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if container_id.encode() in f.read().split(b"\0"):
                     found.add(int(pid))
         except OSError:
             pass
@@ -124,15 +131,18 @@ def _brokers() -> set[int]:
 def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
     port = 18100
     profile = loopback_web_profile(tmp_path, port)
-    before = _brokers()
+    cid = f"zviz-sec-kill-{os.getpid()}"
     killed = []
 
     def killer():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not killed:
-            for pid in _brokers() - before:
-                os.kill(pid, 9)
-                killed.append(pid)
+            for pid in _brokers(cid):
+                # Only once it holds the listener (it closes its channel, fd 3, after the
+                # hand-off): killed earlier, the container refuses to start instead.
+                if not os.path.exists(f"/proc/{pid}/fd/3"):
+                    os.kill(pid, 9)
+                    killed.append(pid)
             time.sleep(0.02)
 
     thread = threading.Thread(target=killer)
@@ -141,7 +151,7 @@ def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
         f"nc -l -p {port} >/dev/null & sleep 1.5; "
         f"echo a | nc 127.0.0.1 {port} && echo CONNECTED || echo connect-failed"
     )
-    result = sh(probes, profile, script)
+    result = sh(probes, profile, script, cid=cid)
     thread.join()
     assert killed, "no broker was started for a mediating profile"
     assert "connect-failed" in result.stdout and "CONNECTED" not in result.stdout, (
@@ -169,3 +179,27 @@ def test_bpf_cache_is_used(probes):
     assert os.path.isdir(seccomp.CACHE_DIR) and any(
         name.endswith(".bpf") for name in os.listdir(seccomp.CACHE_DIR)
     )
+
+
+def test_zviz_profile_commands(zviz_bin, tmp_path):
+    listed = subprocess.run([zviz_bin, "profile", "list"], capture_output=True, text=True)
+    assert listed.returncode == 0
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == [
+        "batch-job", "ci-runner", "development", "hostile-tenant", "web-server",
+    ]  # fmt: skip
+    shown = subprocess.run(
+        [zviz_bin, "profile", "show", "hostile-tenant", "--format", "json"],
+        capture_output=True,
+        text=True,
+    )
+    policy = json.loads(shown.stdout)
+    assert "mount" in policy["seccomp"]["deny_eperm"] and policy["network"]["mode"] == "none"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[landlock]\nwritable = 'tmp'\n")
+    checked = subprocess.run(
+        [zviz_bin, "profile", "check", str(bad)], capture_output=True, text=True
+    )
+    assert checked.returncode == 1
+    assert checked.stderr.strip() == f"zviz: {bad}: landlock.writable: must be a list of strings"
+    unknown = subprocess.run([zviz_bin, "profile", "show", "nope"], capture_output=True, text=True)
+    assert unknown.returncode == 1 and "unknown profile 'nope'" in unknown.stderr

@@ -26,7 +26,7 @@ def run(args) -> int:
             return _show(args.name, args.format)
         return _check(args.file)
     except ZvizError as e:
-        print(f"zviz profile: {e}", file=sys.stderr)
+        print(f"zviz: {e}", file=sys.stderr)
         return 1
 
 
@@ -155,7 +155,7 @@ def _check(path: str) -> int:
     try:
         seccomp.profile_program(profile)
     except OSError as e:
-        print(f"zviz profile: {path}: seccomp filter does not compile: {e}", file=sys.stderr)
+        print(f"zviz: {path}: seccomp filter does not compile: {e}", file=sys.stderr)
         return 1
     warnings = []
     if profile.unsafe:
