@@ -4,7 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 ZVIZ    := $(VENV)/bin/zviz
 BUILD   := _build
-DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio \
+DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
             qemu-system-x86 linux-image-amd64
 
 .PHONY: install deps venv demo test test-fast lint bench proto clean

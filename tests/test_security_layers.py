@@ -15,6 +15,7 @@ import time
 import pytest
 
 from runtime import linux, security
+from runtime.errors import NotImplementedByZviz
 from runtime.security import capabilities, landlock, profiles, seccomp
 from runtime.spec import parse_spec
 from tools.mkbundle import default_config
@@ -381,13 +382,16 @@ def test_loopback_comes_up_in_a_fresh_network_namespace():
     if pid == 0:
         try:
             linux.unshare(linux.CLONE_NEWNET)
+
             def up():
                 import fcntl
                 import struct
 
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                     req = struct.pack("16sh22x", b"lo", 0)
-                    return bool(struct.unpack("16sh22x", fcntl.ioctl(s, network.SIOCGIFFLAGS, req))[1] & 1)
+                    return bool(
+                        struct.unpack("16sh22x", fcntl.ioctl(s, network.SIOCGIFFLAGS, req))[1] & 1
+                    )
 
             before = up()
             network.loopback_up()
@@ -405,3 +409,52 @@ def test_loopback_comes_up_in_a_fresh_network_namespace():
     before, after, interfaces = json.loads(data)
     assert interfaces == ["lo"]
     assert (before, after) == (False, True)
+
+
+def test_config_json_filter_is_stacked_not_merged(tmp_path):
+    """config.json may deny more (its getpid ERRNO wins); it can never allow more."""
+    oci = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [
+            {"names": ["getppid"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EACCES},
+        ],
+    }
+
+    def probe():
+        return {
+            "getppid": sys_errno(110),  # denied by config.json only
+            "mount": sys_errno(
+                NR["mount"], 0, 0, 0, 0, 0
+            ),  # allowed by config.json, denied by the profile
+            "getpid": sys_errno(NR["getpid"]),
+            "filters": open("/proc/self/status").read().split("Seccomp_filters:\t")[1].split()[0],
+        }
+
+    profile = security.resolve_profile("ci-runner", {})
+    spec = make_spec(tmp_path, seccomp=oci)
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    security.harden_spec(spec, profile)
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            security.apply(security.prepare(spec, profile), None)
+            os.write(w, json.dumps(probe()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    result = json.loads(os.read(r, 1000))
+    os.waitpid(pid, 0)
+    assert result == {"getppid": errno.EACCES, "mount": errno.EPERM, "getpid": 0, "filters": "2"}
+
+
+def test_config_json_notify_action_is_refused(tmp_path):
+    oci = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "listenerPath": "/run/x.sock",
+        "syscalls": [{"names": ["getppid"], "action": "SCMP_ACT_NOTIFY"}],
+    }
+    spec = make_spec(tmp_path, seccomp=oci)
+    with pytest.raises(NotImplementedByZviz, match="SCMP_ACT_NOTIFY"):
+        security.harden_spec(spec, security.resolve_profile("ci-runner", {}))
