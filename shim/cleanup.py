@@ -9,21 +9,16 @@ runtime core. Only when the runtime state shows a container the daemon left behi
 The answer is a protobuf DeleteResponse on stdout.
 """
 
-import json
 import os
-import signal
 import time
+from _signal import SIGKILL  # the C module: `signal` imports enum
 
 from shim import config as shim_config
 from shim import manager, wire
 
 
 def _bundle_state(bundle: str) -> dict:
-    try:
-        with open(os.path.join(bundle, shim_config.BUNDLE_STATE_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return shim_config.read_bundle_state(os.path.join(bundle, shim_config.BUNDLE_STATE_FILE))
 
 
 def _mounted(path: str) -> bool:
@@ -57,7 +52,7 @@ def cleanup_dead_container(flags, bundle: str) -> bytes:
         # A dead daemon could not remove its own directory; its last container's delete does.
         manager.remove_if_dead(group_dir)
     manager.remove_empty_parents(root, stop=shim_config.STATE_ROOT)
-    return encode_delete_response(pid, 128 + signal.SIGKILL, time.time())
+    return encode_delete_response(pid, 128 + SIGKILL, time.time())
 
 
 def encode_delete_response(pid: int, exit_status: int, exited_at: float) -> bytes:

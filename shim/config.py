@@ -12,8 +12,12 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
 """
 
-import hashlib
 import os
+
+try:
+    from _sha256 import sha256  # the C module alone: hashlib would load OpenSSL for one hash
+except ImportError:  # pragma: no cover - other Python builds
+    from hashlib import sha256
 
 STATE_ROOT = os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
 DEFAULT_CONFIG_PATH = "/etc/zviz/shim.toml"
@@ -25,7 +29,7 @@ GROUP_ANNOTATION = "io.zviz.shim.group"
 PROFILE_ANNOTATION = "io.zviz.profile"
 
 # The file in the bundle that tells `delete` (run after the daemon died) where things are.
-BUNDLE_STATE_FILE = "zviz-shim.json"
+BUNDLE_STATE_FILE = "zviz-shim.state"
 # Unix socket paths are limited to 108 bytes; containerd's own limit is 106.
 SOCKET_PATH_LIMIT = 106
 
@@ -96,7 +100,7 @@ def group_id(container_id: str, annotations: dict, config: ShimConfig) -> str:
 
 def group_dir(containerd_address: str, namespace: str, group: str) -> str:
     """The daemon's directory (socket, lock, reservations), unique per containerd and namespace."""
-    key = hashlib.sha256(f"{containerd_address}\0{namespace}\0{group}".encode()).hexdigest()
+    key = sha256(f"{containerd_address}\0{namespace}\0{group}".encode()).hexdigest()
     return os.path.join(STATE_ROOT, "g", key)
 
 
@@ -106,7 +110,7 @@ def socket_path(gdir: str) -> str:
 
 def runtime_root(containerd_address: str, namespace: str) -> str:
     """The runtime core's state root for one containerd namespace."""
-    key = hashlib.sha256(containerd_address.encode()).hexdigest()[:16]
+    key = sha256(containerd_address.encode()).hexdigest()[:16]
     return os.path.join(STATE_ROOT, "r", key, namespace)
 
 
@@ -128,3 +132,46 @@ def decode_runtime_options(data: bytes) -> str | None:
     except UnicodeDecodeError:
         raise ConfigError("runtime options: config_path is not UTF-8") from None
     return path or None
+
+
+def write_bundle_state(path: str, values: dict[str, str]) -> None:
+    """key=value records separated by NUL (no value can contain one): read without json."""
+    data = "".join(f"{key}={value}\0" for key, value in values.items() if value)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_bundle_state(path: str) -> dict[str, str]:
+    try:
+        with open(path, "rb") as f:
+            data = f.read().decode()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    values = {}
+    for record in data.split("\0"):
+        key, sep, value = record.partition("=")
+        if sep:
+            values[key] = value
+    return values
+
+
+# Annotations that decide a group; when none of them appears in config.json's text,
+# `start` need not parse it (the json module costs `start` more than all its work).
+GROUPING_ANNOTATIONS = (SANDBOX_ID_ANNOTATION, GROUP_ANNOTATION)
+
+
+def grouping_annotations(config_json: bytes) -> dict:
+    """The annotations of a config.json that may matter for grouping ({} if none appears)."""
+    if not any(key.encode() in config_json for key in GROUPING_ANNOTATIONS):
+        return {}
+    import json
+
+    annotations = json.loads(config_json).get("annotations") or {}
+    if not isinstance(annotations, dict):
+        raise ConfigError("config.json: annotations: must be an object")
+    return annotations

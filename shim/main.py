@@ -88,6 +88,12 @@ def parse_flags(argv: list[str]) -> Flags:
     return flags
 
 
+def _exit_now(code: int) -> None:
+    """Leave without interpreter teardown: containerd waits for `start` and `delete`, and
+    tearing down costs more than their work. Everything they wrote is flushed and closed."""
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -107,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
 
             sys.stdout.write(start(flags))
             sys.stdout.flush()
-            return 0
+            _exit_now(0)
         if flags.action == "delete":
             from shim.manager import delete
 
             sys.stdout.buffer.write(delete(flags))
             sys.stdout.flush()
-            return 0
+            _exit_now(0)
         if flags.action == "":
             from shim.daemon import serve
 

@@ -16,11 +16,13 @@ A group directory `<STATE_ROOT>/g/<sha256(containerd address, namespace, group)>
 
 import errno
 import fcntl
-import json
 import os
-import socket
 import sys
 import time
+
+# The C socket module alone: `socket` imports enum and friends, a cost on every start.
+from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM
+from _socket import socket as _raw_socket
 
 from shim import config as shim_config
 
@@ -123,7 +125,7 @@ def remove_empty_parents(path: str, stop: str) -> None:
 
 
 def can_connect(path: str) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    probe = _raw_socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
     probe.settimeout(1.0)
     try:
         probe.connect(path)
@@ -157,8 +159,8 @@ def read_stdin_options() -> bytes:
         return b""
 
 
-def _listen(path: str) -> socket.socket:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+def _listen(path: str) -> _raw_socket:
+    listener = _raw_socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)
     old_umask = os.umask(0o177)  # the socket is born 0600: only our uid may drive containers
     try:
         listener.bind(path)
@@ -171,7 +173,7 @@ def _listen(path: str) -> socket.socket:
     return listener
 
 
-def _spawn_daemon(flags, listener: socket.socket, config_path: str | None) -> int:
+def _spawn_daemon(flags, listener: _raw_socket, config_path: str | None) -> int:
     """Launch the serving daemon detached: own session, stdio not holding containerd's pipes
     (containerd waits for EOF on start's output), the listening socket as fd 3."""
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -216,8 +218,8 @@ def start(flags) -> str:
         raise ValueError("start: -id is required")
     bundle = os.getcwd()
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            annotations = json.load(f).get("annotations") or {}
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            annotations = shim_config.grouping_annotations(f.read())
     except (OSError, ValueError) as e:
         raise ValueError(f"start: reading {bundle}/config.json: {e}") from e
     config_path = shim_config.decode_runtime_options(read_stdin_options()) or os.environ.get(
@@ -233,15 +235,13 @@ def start(flags) -> str:
         )
     address = "unix://" + path
     # What `delete` needs after a daemon died, and what the daemon needs to find its group.
-    write_atomic(
+    shim_config.write_bundle_state(
         os.path.join(bundle, shim_config.BUNDLE_STATE_FILE),
-        json.dumps(
-            {
-                "group_dir": gdir,
-                "root": shim_config.runtime_root(flags.address, flags.namespace),
-                "config_path": config.path,
-            }
-        ),
+        {
+            "group_dir": gdir,
+            "root": shim_config.runtime_root(flags.address, flags.namespace),
+            "config_path": config.path or "",
+        },
     )
     with GroupLock(gdir):
         try:
