@@ -13,7 +13,6 @@ namespace and vanish with its last process.
 
 import os
 import select
-import shutil
 import signal
 import time
 
@@ -91,7 +90,8 @@ class Container:
                 "created": state.now_rfc3339(),
                 "annotations": dict(spec.annotations or {}),
                 "owner": "",
-                "profile": getattr(resolved_profile, "name", profile),
+                # A name for built-ins, the file's path otherwise: exec loads it again.
+                "profile": getattr(resolved_profile, "ref", profile),
                 "verbose": verbose,
                 "cgroupPaths": {},
                 "status": "creating",
@@ -179,7 +179,7 @@ class Container:
         except Exception as exc:  # noqa: BLE001 - the original error is the one to report
             self.log.warning(f"cleanup after failed create: {exc}")
         finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+            _remove_state_dir(self.dir)
 
     @classmethod
     def load(cls, root: str, container_id: str, log=NULL_LOG) -> "Container":
@@ -394,7 +394,7 @@ class Container:
         cg = self.cgroup()
         if cg is not None:
             cg.destroy()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _remove_state_dir(self.dir)
 
     def pause(self) -> None:
         status = self.status()
@@ -572,6 +572,23 @@ def _wait_readable(fd: int, timeout_s: float) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(int(timeout_s * 1000)))
+
+
+def _remove_state_dir(directory: str) -> None:
+    """rm -r of a container's flat state dir (no shutil: ~2 ms of import per command)."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    try:
+        os.rmdir(directory)
+    except FileNotFoundError:
+        pass
 
 
 def _close_channel(channel) -> None:

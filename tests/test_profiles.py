@@ -169,3 +169,12 @@ def test_cli_list_show_check(tmp_path, capsys):
     bad.write_text("[seccomp]\ndefault_action = 'allow'\n")
     assert profile_cli.main(["profile", "check", str(bad)]) == 1
     assert "seccomp.default_action: must be one of" in capsys.readouterr().err
+
+
+def test_profile_ref_reloads_the_same_profile(tmp_path):
+    assert profiles.load_profile("web-server").ref == "web-server"
+    path = tmp_path / "mine.toml"
+    path.write_text("[profile]\nextends = 'ci-runner'\n")
+    mine = profiles.load_profile(str(path))
+    assert mine.ref == str(path)
+    assert security.resolve_profile(mine.ref, {}).digest == mine.digest

@@ -203,3 +203,34 @@ def test_zviz_profile_commands(zviz_bin, tmp_path):
     assert checked.stderr.strip() == f"zviz: {bad}: landlock.writable: must be a list of strings"
     unknown = subprocess.run([zviz_bin, "profile", "show", "nope"], capture_output=True, text=True)
     assert unknown.returncode == 1 and "unknown profile 'nope'" in unknown.stderr
+
+
+def test_exec_into_a_mediating_container_gets_its_own_broker(probes, tmp_path):
+    """zviz exec reloads the profile from the state (a file path here) and mediates too."""
+    port = 18110
+    profile = loopback_web_profile(tmp_path, port)
+    bundle = probes.bundle(["sleep", "10"])
+    root = os.path.join(probes.base, "root-exec")
+    cid = f"zviz-sec-exec-{os.getpid()}"
+    zviz = [probes.zviz, "--root", root]
+    started = subprocess.run(
+        [*zviz, "run", "-d", "--profile", profile, "--bundle", bundle, cid],
+        # The detached container keeps its stdio: a pipe here would block until it exits.
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert started.returncode == 0
+    try:
+        script = f"echo a | nc 127.0.0.1 {port + 1} || echo other-denied; echo a | nc 127.0.0.1 {port} || echo allowed-refused"
+        result = subprocess.run(
+            [*zviz, "exec", cid, "/bin/sh", "-c", script],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run([*zviz, "delete", "-f", cid], capture_output=True)
+    assert "other-denied" in result.stdout and "allowed-refused" in result.stdout, result.stderr
+    # The broker answered EPERM for the denied port; the allowed one reached the (closed) port.
+    assert "Operation not permitted" in result.stderr and "Connection refused" in result.stderr

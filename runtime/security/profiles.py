@@ -101,8 +101,13 @@ class Profile:
     programs: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def needs_broker_always(self) -> bool:
-        return bool(self.mediate)
+    def ref(self) -> str:
+        """What resolve_profile needs to load this profile again (e.g. for `zviz exec`)."""
+        if os.path.dirname(self.source) == PROFILES_DIR and self.name == os.path.basename(
+            self.source
+        ).removesuffix(".toml"):
+            return self.name
+        return self.source
 
     def needs_broker(self, verbose: bool) -> bool:
         return bool(self.mediate) or verbose
