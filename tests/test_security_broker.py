@@ -176,3 +176,23 @@ def _state(pid):
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_unix_bind_through_the_broker_only_where_the_container_may_write(tmp_path):
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def probe():
+        out = {}
+        for name, where in (("writable", writable), ("elsewhere", elsewhere)):
+            s = socket.socket(socket.AF_UNIX)
+            out[name] = errno_of(lambda s=s, w=where: s.bind(str(w / "sock")))
+            s.close()
+        return out
+
+    # writable= replaces the profile's list (which has /tmp) for the child and the broker.
+    result = confined(tmp_path, "web-server", probe, writable=[str(writable), "/dev/null"])
+    assert result == {"writable": 0, "elsewhere": errno.EACCES}
+    assert (writable / "sock").exists() and not (elsewhere / "sock").exists()

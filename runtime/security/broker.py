@@ -372,8 +372,39 @@ class _Call:
         addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "bind")
         sock = self.sock()
         self.finish_check()
+        if addr[:2] == struct.pack("=H", AF_UNIX) and addr[2:3] not in (b"", b"\0"):
+            # Binding a path creates a socket file: only where the container itself may
+            # write. This thread (and only it: Landlock is per thread) takes on the
+            # profile's filesystem rules for the container's root before binding.
+            self._landlock_like_the_container()
         buf = ctypes.create_string_buffer(addr, len(addr))
         return self._perform(lambda: self._raw(_libc.bind(sock, buf, len(addr))))
+
+    def _landlock_like_the_container(self) -> None:
+        from runtime.security import landlock
+
+        abi = landlock.abi_version()
+        if abi < 1:
+            if self.profile.landlock_required:
+                raise Denied("no Landlock to confine a unix socket bind")
+            return
+        root = os.open(f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fds.append(root)
+        rules = landlock.Ruleset(abi, False, False, False)
+        try:
+            rules.allow_fd(root, landlock.READ, "/")
+            for path in self.profile.writable:
+                try:
+                    fd = self._openat2(
+                        root, path.lstrip("/").encode() or b".", os.O_PATH, RESOLVE_IN_ROOT
+                    )
+                except Denied:
+                    continue  # not in this container's rootfs
+                rules.allow_fd(fd, landlock.READ | landlock.WRITE, path)
+            linux.set_no_new_privs()  # this thread only; it ends with the call
+            rules.restrict()
+        finally:
+            rules.close()
 
     def sendto(self) -> int:
         _, data_ptr, length, flags, addr_ptr, addrlen = self.note.args

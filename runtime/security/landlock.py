@@ -121,22 +121,26 @@ class Ruleset:
         except (FileNotFoundError, NotADirectoryError):
             return False
         try:
-            if not os.path.isdir(f"/proc/self/fd/{fd}"):
-                access &= FILE_ACCESS
-            access &= self.handled_fs
-            rule = _PathBeneathAttr(access, fd)
-            linux.raw_syscall(
-                "landlock_add_rule",
-                ctypes.c_int(self.fd),
-                ctypes.c_int(RULE_PATH_BENEATH),
-                ctypes.byref(rule),
-                ctypes.c_uint32(0),
-                detail=path,
-            )
+            self.allow_fd(fd, access, path)
         finally:
             os.close(fd)
-        self.rules.append((path, access))
         return True
+
+    def allow_fd(self, fd: int, access: int, name: str = "") -> None:
+        """Grant `access` beneath the file `fd` (an O_PATH fd) refers to."""
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):
+            access &= FILE_ACCESS
+        access &= self.handled_fs
+        rule = _PathBeneathAttr(access, fd)
+        linux.raw_syscall(
+            "landlock_add_rule",
+            ctypes.c_int(self.fd),
+            ctypes.c_int(RULE_PATH_BENEATH),
+            ctypes.byref(rule),
+            ctypes.c_uint32(0),
+            detail=name or str(fd),
+        )
+        self.rules.append((name, access))
 
     def allow_port(self, port: int, access: int) -> None:
         access &= self.handled_net
