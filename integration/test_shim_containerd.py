@@ -577,3 +577,53 @@ def test_profile_comes_from_annotation_then_runtime_config(containerd, busybox_i
     finally:
         for container_id in made:
             _remove(containerd, container_id)
+
+
+def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image):
+    """A profile that mediates syscalls gets a seccomp broker: a process of the shim daemon."""
+    container_id = "zviz-shim-broker"
+    result = containerd.ctr(
+        "run",
+        "-d",
+        "--runtime",
+        ZVIZ,
+        "--annotation",
+        "io.zviz.profile=web-server",
+        busybox_image,
+        container_id,
+        "sleep",
+        "1000",
+        check=False,
+    )
+    try:
+        assert result.returncode == 0, result.stderr
+        shim_pid = _shim_pid(containerd, container_id)
+        _, init_pid = _task_state(containerd, container_id)
+
+        def shim_children() -> set[int]:
+            found = set()
+            for entry in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError):
+                    continue
+                if ppid == shim_pid and int(entry) != init_pid and _alive(int(entry)):
+                    found.add(int(entry))
+            return found
+
+        brokers = shim_children()
+        assert brokers, "no broker process under the shim daemon"
+        assert ctr_ok(containerd, "tasks", "kill", "-s", "SIGKILL", container_id)
+        assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
+        assert ctr_ok(containerd, "tasks", "delete", container_id)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in brokers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in brokers), "the broker outlived its container"
+    finally:
+        _remove(containerd, container_id)
+
+
+def ctr_ok(containerd, *args) -> bool:
+    return containerd.ctr(*args, check=False).returncode == 0
