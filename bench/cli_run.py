@@ -1,0 +1,98 @@
+"""`zviz run` beside `runc run` (and gVisor's `runsc run`) on the same bundle running /bin/true.
+
+Runs are interleaved (zviz, runc, runsc, zviz, ...) so machine noise hits all alike.
+Wall time of the whole command, as a user or containerd's shim sees it.
+"""
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from tools.mkbundle import build_bundle
+
+RUNS = 20
+
+
+def _zviz() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "zviz")
+
+
+def _time(argv: list[str], cwd: str) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(
+        argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{argv[0]} failed ({result.returncode}): {result.stderr.decode(errors='replace').strip()}"
+        )
+    return elapsed
+
+
+def _p90(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    work = tempfile.mkdtemp(prefix="zviz-bench-")
+    try:
+        bundle = build_bundle(os.path.join(work, "bundle"), args=["/bin/true"])
+        runners = {
+            "zviz": lambda i: [
+                _zviz(),
+                "--root",
+                os.path.join(work, "zviz"),
+                "run",
+                "--bundle",
+                bundle,
+                f"zviz-bench-{i}",
+            ],
+            "runc": lambda i: [
+                "runc",
+                "--root",
+                os.path.join(work, "runc"),
+                "run",
+                "--bundle",
+                bundle,
+                f"zviz-bench-runc-{i}",
+            ],
+        }
+        runsc = shutil.which("runsc")
+        if runsc:
+            runners["runsc"] = lambda i: [
+                runsc, "--root", os.path.join(work, "runsc"), "--network=none", "--ignore-cgroups",
+                "--rootless=false", "run", "--bundle", bundle, f"zviz-bench-runsc-{i}",
+            ]  # fmt: skip
+        samples: dict[str, list[float]] = {name: [] for name in runners}
+        skipped: dict[str, str] = {}
+        for name, argv in runners.items():  # warm up (page cache, pyc) and find who works
+            try:
+                _time(argv("warm"), bundle)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                skipped[name] = str(exc)[:200]
+        for i in range(RUNS):
+            for name, argv in runners.items():
+                if name not in skipped:
+                    samples[name].append(_time(argv(i), bundle))
+        print(f"/bin/true, {RUNS} interleaved runs each (wall time of `<runtime> run`)")
+        print(f"{'runtime':<8} {'median ms':>10} {'p90 ms':>8} {'median vs runc':>15}")
+        base = statistics.median(samples["runc"]) if samples.get("runc") else None
+        for name, values in samples.items():
+            if name in skipped:
+                print(f"{name:<8} skipped: {skipped[name]}")
+                continue
+            median = statistics.median(values)
+            ratio = f"{median / base:.2f}x" if base else "-"
+            print(f"{name:<8} {median * 1000:>10.1f} {_p90(values) * 1000:>8.1f} {ratio:>15}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
