@@ -94,7 +94,7 @@ def _runtime_processes(name: str, containerd: PrivateContainerd) -> list[int]:
 
 
 def _memory_per_container(containerd: PrivateContainerd, name: str, flags: list[str]) -> float:
-    ids = [f"zviz-bench-mem-{name}-{i}" for i in range(MEMORY_CONTAINERS)]
+    ids = [f"zviz-bench-mem-{name}-{len(flags)}-{i}" for i in range(MEMORY_CONTAINERS)]
     try:
         for container_id in ids:
             result = containerd.ctr(
@@ -180,6 +180,10 @@ def main() -> None:
         memory = {
             name: _memory_per_container(containerd, name, flags) for name, flags in runtimes.items()
         }
+        # A profile that mediates syscalls adds a seccomp broker (a fork of the daemon) per container.
+        broker_memory = _memory_per_container(
+            containerd, "zviz", [*runtimes["zviz"], "--annotation", "io.zviz.profile=web-server"]
+        )
         start_times = _shim_start_seconds(containerd, RUNS)
 
         base_median = statistics.median(times["runc"])
@@ -195,6 +199,10 @@ def main() -> None:
                 f"{name:<8} {median * 1000:>10.1f} {p90 * 1000:>8.1f} {median / base_median:>7.2f}x"
                 f"   {memory[name]:>11.2f} {memory[name] / base_memory:>7.2f}x"
             )
+        print(
+            "zviz, web-server profile (one seccomp broker per container): "
+            f"{broker_memory:.2f} MiB/ctr, {broker_memory / base_memory:.2f}x runc"
+        )
         print(f"zviz first run (starts the shim daemon): {warmup['zviz'] * 1000:.1f} ms")
         print(
             f"containerd-shim-zviz-v2 start (daemon running): median {statistics.median(start_times) * 1000:.1f} ms,"
