@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from integration.zviz_cli import Zviz, edit_config
+from integration.zviz_cli import Zviz, edit_config, unique_id
 
 
 @pytest.fixture
@@ -212,3 +212,28 @@ def test_no_pivot_falls_back_to_move_and_chroot(zviz, make_bundle):
     result = zviz("run", "--no-pivot", "--bundle", bundle, "zviz-rt-nopivot")
     assert result.returncode == 0, result.stderr
     assert "bin" in result.stdout.split()
+
+
+def test_rootfs_is_id_mapped_into_the_user_namespace(zviz, make_bundle):
+    """The busybox rootfs is owned by host root; the container's root (a mapped uid) owns it inside."""
+    bundle = make_bundle(
+        ["sh", "-c", "cat /proc/self/uid_map; stat -c %u /bin/busybox; mkdir /newdir && echo made"]
+    )
+
+    def change(config):
+        config["root"]["readonly"] = False
+        namespaces = config["linux"]["namespaces"]
+        if not any(ns["type"] == "user" for ns in namespaces):
+            namespaces.append({"type": "user"})
+        config["linux"]["uidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+        config["linux"]["gidMappings"] = [{"containerID": 0, "hostID": 200000, "size": 65536}]
+
+    edit_config(bundle, change)
+    # development: a profile whose Landlock rules let root write anywhere in its rootfs
+    result = zviz("run", "--profile", "development", "--bundle", bundle, unique_id())
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.split("\n")
+    assert lines[0].split() == ["0", "200000", "65536"]
+    assert lines[1:3] == ["0", "made"]
+    # Created through the id-mapped mount: on disk it belongs to host root, not 200000.
+    assert os.stat(os.path.join(bundle, "rootfs", "newdir")).st_uid == 0

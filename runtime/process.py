@@ -82,6 +82,8 @@ class Request:
         self.no_pivot = no_pivot
         # runtime.security.NotifyChannel when the profile needs a seccomp broker.
         self.notify_channel = notify_channel
+        # Set in the namespace child: the id-mapped rootfs clone the parent made.
+        self.rootfs_mount_fd: int | None = None
 
 
 class Spawned:
@@ -155,7 +157,14 @@ def spawn_init(request: Request, log) -> Spawned:
             kind = message["type"]
             if kind == "userns":
                 write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
-                parent_end.send("mapped")
+                rootfs_fd = idmapped_rootfs(child, spec, log)
+                if rootfs_fd is None:
+                    parent_end.send("mapped")
+                else:
+                    try:
+                        parent_end.send_fds([rootfs_fd], type="mapped", idmapped=True)
+                    finally:
+                        os.close(rootfs_fd)
             elif kind == "pid":
                 pid1 = message["pid"]
                 _reap(child)
@@ -265,6 +274,35 @@ def wait_exec_result(spawned: Spawned) -> None:
         raise error_from_message(message)
 
 
+def idmapped_rootfs(pid: int, spec, log) -> int | None:
+    """A detached clone of the rootfs, id-mapped through `pid`'s user namespace.
+
+    Only when the rootfs isn't already owned by the host uid the container's root
+    maps to (otherwise the plain rootfs is right). Made here, as host root: an
+    id-mapped mount needs privilege over the filesystem's own user namespace.
+    Falls back to the plain rootfs, with a warning, where the filesystem can't.
+    """
+    root_host_uid = next((m.host_id for m in spec.linux.uid_mappings if m.container_id == 0), None)
+    if root_host_uid is None or os.stat(spec.root.path).st_uid == root_host_uid:
+        return None
+    flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE
+    tree = linux.open_tree(linux.AT_FDCWD, spec.root.path, flags)
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        linux.mount_setattr_idmap(tree, userns)
+    except OSError as exc:
+        os.close(tree)
+        log(
+            "warning",
+            f"rootfs {spec.root.path}: no id-mapped mount ({exc.strerror}); the container's root "
+            f"sees its files as unmapped (nobody) and cannot write them",
+        )
+        return None
+    finally:
+        os.close(userns)
+    return tree
+
+
 def write_id_maps(pid: int, uid_mappings, gid_mappings) -> None:
     """uid_map and gid_map of `pid`'s new user namespace, from config.json."""
     for name, mappings in (("uid_map", uid_mappings), ("gid_map", gid_mappings)):
@@ -368,7 +406,10 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
         with stages("user namespace"):
             linux.unshare(linux.CLONE_NEWUSER)
             sync.send("userns")
-            sync.expect("mapped")
+            message, fds = sync.recv_fds(1)
+            if message is None or message.get("type") != "mapped":
+                raise errors.FailedPrecondition(f"expected 'mapped', got {message!r}")
+            request.rootfs_mount_fd = fds[0] if fds else None
             _become_root_in_userns(spec)
     with stages("namespaces"):
         # The cgroup namespace waits for PID 1 to be in its cgroup (see _init).
@@ -416,6 +457,7 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
             new_netns="network" in new_ns,
             log=log,
         )
+        builder.rootfs_mount_fd = request.rootfs_mount_fd
         with stages("rootfs"):
             builder.build()
     else:
