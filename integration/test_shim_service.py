@@ -284,6 +284,17 @@ def test_exec_kill_pause_and_stats(short_root, make_bundle, tmp_path):
         metrics = typeurl.unpack(stats.stats)
         assert metrics.pids.current >= 1 and metrics.memory.usage.usage > 0
 
+        resources = typeurl.pack_json(
+            typeurl.OCI_LINUX_RESOURCES_URL, {"memory": {"limit": 96 << 20}}
+        )
+        await harness.call(
+            "Update", shim_pb2.UpdateTaskRequest(id=container_id, resources=resources)
+        )
+        stats = await harness.call(
+            "Stats", shim_pb2.StatsRequest(id=container_id), shim_pb2.StatsResponse
+        )
+        assert typeurl.unpack(stats.stats).memory.usage.limit == 96 << 20
+
         await harness.call("Pause", shim_pb2.PauseRequest(id=container_id))
         state = await harness.call(
             "State", shim_pb2.StateRequest(id=container_id), shim_pb2.StateResponse
