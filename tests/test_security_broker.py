@@ -196,3 +196,22 @@ def test_unix_bind_through_the_broker_only_where_the_container_may_write(tmp_pat
     result = confined(tmp_path, "web-server", probe, writable=[str(writable), "/dev/null"])
     assert result == {"writable": 0, "elsewhere": errno.EACCES}
     assert (writable / "sock").exists() and not (elsewhere / "sock").exists()
+
+
+def test_privileged_port_bind_needs_the_callers_capability(tmp_path):
+    no_caps = tmp_path / "web-no-caps.toml"
+    no_caps.write_text('[profile]\nextends = "web-server"\n[capabilities]\nallow = []\n')
+
+    def probe():
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        result = errno_of(lambda: s.bind(("0.0.0.0", 8443)))  # unprivileged, listed
+        s.close()
+        s = socket.socket()
+        result2 = errno_of(lambda: s.bind(("0.0.0.0", 443)))  # listed, privileged
+        s.close()
+        return [result, result2]
+
+    # The broker binds as host root: it must refuse what the caller itself could not do.
+    assert confined(tmp_path, str(no_caps), probe) == [0, errno.EACCES]
+    assert confined(tmp_path, "web-server", probe) == [0, 0]

@@ -88,6 +88,13 @@ class ProbeRunner:
             }
         )
         write_json(os.path.join(path, "config.json"), spec)
+        # Mount points exist in the image, as in a real one (the mapped container root
+        # cannot create them in a rootfs owned by host root).
+        for mount in spec["mounts"]:
+            if mount.get("type") == "bind":
+                os.makedirs(
+                    os.path.join(path, "rootfs", mount["destination"].lstrip("/")), exist_ok=True
+                )
         shutil.copy2(self.probe, os.path.join(path, "rootfs", "probe"))
         return path
 

@@ -2,11 +2,14 @@
 
 import json
 import os
+import socket
+import struct
 import subprocess
 import threading
 import time
 
 from runtime.security import seccomp
+from tools.mkbundle import default_config
 
 
 def loopback_web_profile(tmp_path, allowed_port: int) -> str:
@@ -234,3 +237,41 @@ def test_exec_into_a_mediating_container_gets_its_own_broker(probes, tmp_path):
     assert "other-denied" in result.stdout and "allowed-refused" in result.stdout, result.stderr
     # The broker answered EPERM for the denied port; the allowed one reached the (closed) port.
     assert "Operation not permitted" in result.stderr and "Connection refused" in result.stderr
+
+
+def test_unix_peer_sees_the_container_user_not_the_broker(probes):
+    """A mediated connect to a host unix socket (a volume) carries the caller's ids."""
+    sockdir = os.path.join(probes.base, f"sock-{os.getpid()}")
+    os.makedirs(sockdir, mode=0o755, exist_ok=True)
+    path = os.path.join(sockdir, "s")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    os.chmod(path, 0o777)
+    server.listen(1)
+    server.settimeout(30)
+    seen = {}
+
+    def accept():
+        conn, _ = server.accept()
+        with conn:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            seen["pid"], seen["uid"], seen["gid"] = struct.unpack("3i", creds)
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    volume = {
+        "destination": "/hostsock",
+        "type": "bind",
+        "source": sockdir,
+        "options": ["rbind", "rw"],
+    }
+    config = {"mounts": default_config(["true"], terminal=False)["mounts"] + [volume]}
+    result = probes.run(
+        "zviz", "web-server", ["/probe", "unix_connect", "/hostsock/s"], config=config
+    )
+    thread.join(timeout=30)
+    server.close()
+    assert "CONNECTED" in result.stdout, result.stdout + result.stderr
+    # Container root is host uid 100000 under web-server (ci-runner's mapping): the
+    # server must see that, never 0 (the broker's own uid).
+    assert seen.get("uid") == 100000 and seen.get("gid") == 100000, (seen, result.stderr)

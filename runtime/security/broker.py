@@ -41,7 +41,11 @@ _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
 _RESP = struct.Struct("=QqiI")  # id, val, error, flags
 
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
-SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS = 1, 1, 2
+SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_DOMAIN = 1, 1, 2, 39
+CAP_NET_BIND_SERVICE = 10
+# Below this port a bind needs CAP_NET_BIND_SERVICE (the kernel default of
+# net.ipv4.ip_unprivileged_port_start; zviz does not change it in containers).
+UNPRIVILEGED_PORT_START = 1024
 # The most bytes the broker copies for one send: a datagram's ceiling, with room.
 MAX_SEND = 4 << 20
 MAX_IOV = 1024
@@ -214,6 +218,7 @@ class _Call:
         self.mem = os.open(f"/proc/{note.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
         self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
+        self.became_caller = False
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
             self.close()
@@ -276,6 +281,12 @@ class _Call:
             if rules == "bind":
                 if port != 0 and not self.profile.bind_allows(ip, port):
                     raise Denied(f"bind {ip} port {port} not allowed by profile")
+                # The broker binds with its own (host root) privileges: the caller's
+                # capability decides, as the kernel would have for the caller.
+                if 0 < port < UNPRIVILEGED_PORT_START and not self._caller_has_capability(
+                    CAP_NET_BIND_SERVICE
+                ):
+                    raise Denied(f"bind port {port} needs CAP_NET_BIND_SERVICE", errno.EACCES)
             elif not self.profile.egress_allows(ip, port):
                 raise Denied(f"egress to {ip} port {port} not allowed by profile")
             return addr
@@ -326,32 +337,51 @@ class _Call:
         self.fds.append(fd)
         return fd
 
-    def _as_caller(self):
-        """File system ids of the caller, for calls that create or open socket files."""
-        uid = gid = 0
+    def _caller_status(self) -> dict[str, list[str]]:
         try:
             with open(f"/proc/{self.note.pid}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        uid = int(line.split()[3])  # fsuid
-                    elif line.startswith("Gid:"):
-                        gid = int(line.split()[3])
+                return {k: v.split() for k, _, v in (line.partition(":") for line in f)}
         except OSError:
             raise Denied("caller vanished") from None
-        return uid, gid
 
-    def _perform(self, fn):
-        """Run fn() with this thread's fsuid/fsgid set to the caller's (per thread in Linux)."""
-        uid, gid = self._as_caller()
-        setfsuid = _libc.setfsuid
-        setfsgid = _libc.setfsgid
-        old_gid = setfsgid(gid)
-        old_uid = setfsuid(uid)
-        try:
-            return fn()
-        finally:
-            setfsuid(old_uid)
-            setfsgid(old_gid)
+    def _caller_has_capability(self, number: int) -> bool:
+        return bool(int(self._caller_status()["CapEff"][0], 16) & (1 << number))
+
+    def _become_caller(self) -> None:
+        """This thread takes the caller's effective uid and gid (host ids), no groups.
+
+        Raw syscalls: they change only the calling thread (glibc's wrappers would change
+        every thread of the broker). The thread exists for this one call.
+        """
+        if self.became_caller:
+            return
+        status = self._caller_status()
+        uid, gid = int(status["Uid"][1]), int(status["Gid"][1])
+        for name, args in (
+            ("setgroups", (0, None)),
+            ("setresgid", (gid,) * 3),
+            ("setresuid", (uid,) * 3),
+        ):
+            if _libc.syscall(syscalls.number(name), *args) != 0:
+                raise Denied(
+                    f"cannot take the caller's credentials: {os.strerror(ctypes.get_errno())}"
+                )
+        self.became_caller = True
+
+    def _perform(self, sock: int, fn):
+        """Run fn(), as the caller where the peer or the file system would see who calls.
+
+        Unix sockets: SO_PEERCRED, socket-file permissions and the owner of a bound
+        socket file are the caller's, never the broker's (host root). Inet sockets carry
+        no credentials; the broker's own answer is the policy decision made before.
+        """
+        domain = ctypes.c_int(0)
+        size = ctypes.c_uint32(4)
+        if _libc.getsockopt(sock, SOL_SOCKET, SO_DOMAIN, ctypes.byref(domain), ctypes.byref(size)):
+            raise OSError(ctypes.get_errno(), "getsockopt(SO_DOMAIN)")
+        if domain.value == AF_UNIX:
+            self._become_caller()
+        return fn()
 
     def _raw(self, result: int) -> int:
         if result < 0:
@@ -365,7 +395,7 @@ class _Call:
         sock = self.sock()
         self.finish_check()
         buf = ctypes.create_string_buffer(addr, len(addr))
-        return self._perform(lambda: self._raw(_libc.connect(sock, buf, len(addr))))
+        return self._perform(sock, lambda: self._raw(_libc.connect(sock, buf, len(addr))))
 
     def bind(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
@@ -378,7 +408,7 @@ class _Call:
             # profile's filesystem rules for the container's root before binding.
             self._landlock_like_the_container()
         buf = ctypes.create_string_buffer(addr, len(addr))
-        return self._perform(lambda: self._raw(_libc.bind(sock, buf, len(addr))))
+        return self._perform(sock, lambda: self._raw(_libc.bind(sock, buf, len(addr))))
 
     def _landlock_like_the_container(self) -> None:
         from runtime.security import landlock
@@ -417,7 +447,7 @@ class _Call:
         abuf = ctypes.create_string_buffer(addr, len(addr))
         flags &= 0xFFFFFFFF
         return self._perform(
-            lambda: self._raw(_libc.sendto(sock, data, len(data), flags, abuf, len(addr)))
+            sock, lambda: self._raw(_libc.sendto(sock, data, len(data), flags, abuf, len(addr)))
         )
 
     def _copy_msghdr(self, ptr: int):
@@ -483,30 +513,39 @@ class _Call:
         sock = self.sock()
         self.finish_check()
         return self._perform(
-            lambda: self._raw(_libc.sendmsg(sock, ctypes.byref(msg), flags & 0xFFFFFFFF))
+            sock, lambda: self._raw(_libc.sendmsg(sock, ctypes.byref(msg), flags & 0xFFFFFFFF))
         )
 
     def sendmmsg(self) -> int:
         _, vec_ptr, vlen, flags = self.note.args[:4]
         vlen = min(vlen & 0xFFFFFFFF, MAX_IOV)
         sock = self.sock()
-        sent = 0
         entry = ctypes.sizeof(_Msghdr) + 8  # struct mmsghdr: msghdr + unsigned msg_len (padded)
+        # Copy (and decide) every message first, with the broker's privileges; then send
+        # them, possibly as the caller (see _perform), which cannot copy any more.
+        copies = []
         for i in range(vlen):
-            ptr = vec_ptr + i * entry
             try:
-                msg, keep = self._copy_msghdr(ptr)
-                self.finish_check()
+                copies.append(self._copy_msghdr(vec_ptr + i * entry))
+            except Denied:
+                if not copies:
+                    raise
+                break
+        self.finish_check()
+        sent = 0
+        for i, (msg, _keep) in enumerate(copies):
+            try:
                 n = self._perform(
+                    sock,
                     lambda m=msg: self._raw(
                         _libc.sendmsg(sock, ctypes.byref(m), flags & 0xFFFFFFFF)
-                    )
+                    ),
                 )
-            except (Denied, OSError):
+            except OSError:
                 if sent == 0:
                     raise
                 break
-            self.write(ptr + ctypes.sizeof(_Msghdr), struct.pack("=I", n))
+            self.write(vec_ptr + i * entry + ctypes.sizeof(_Msghdr), struct.pack("=I", n))
             sent += 1
         return sent
 

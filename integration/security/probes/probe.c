@@ -30,6 +30,7 @@
 #include <sys/sysmacros.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <dirent.h>
@@ -402,6 +403,18 @@ static int p_tiocsti(void) {
     return escaped("pushed a character into the terminal's input");
 }
 
+/* Not an escape: a helper for the broker tests (busybox nc has no unix sockets). */
+static int p_unix_connect(const char *path) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (s < 0 || !path) return blocked(errno, "socket(AF_UNIX)");
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, path, sizeof a.sun_path - 1);
+    TRY(connect(s, (struct sockaddr *)&a, sizeof a), "connect");
+    if (write(s, "hi\n", 3) != 3) return blocked(errno, "write");
+    printf("CONNECTED %s\n", path);
+    return 0;
+}
+
 struct probe { const char *name; int (*fn)(void); int (*fn_arg)(const char *); };
 static const struct probe probes[] = {
     {"mount", p_mount}, {"umount", p_umount}, {"pivot_root", p_pivot_root}, {"chroot", p_chroot},
@@ -417,6 +430,7 @@ static const struct probe probes[] = {
     {"io_uring", p_io_uring}, {"proc_root", p_proc_root}, {"fork_bomb", NULL, p_fork_bomb},
     {"memory_bomb", NULL, p_memory_bomb}, {"caps", p_caps}, {"syslog", p_syslog},
     {"clock_settime", p_clock_settime}, {"tiocsti", p_tiocsti},
+    {"unix_connect", NULL, p_unix_connect},
 };
 
 int main(int argc, char **argv) {
