@@ -3,12 +3,13 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
-from integration.zviz_cli import Zviz, leftovers, unique_id
+from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 
 
 @pytest.fixture
@@ -253,3 +254,50 @@ def _not_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_console_socket_receives_the_pty_master(zviz, make_bundle, tmp_path):
+    """As runc: the pty master arrives over --console-socket; the workload's stdio is the slave."""
+    container_id = unique_id()
+    bundle = make_bundle(["sh", "-c", "tty; echo on-the-pty"])
+    edit_config(bundle, lambda c: c["process"].update(terminal=True))
+    path = str(tmp_path / "console.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        result = zviz.create(bundle, container_id, "--console-socket", path)
+        assert result.returncode == 0, result.stderr
+        conn, _ = listener.accept()
+        with conn:
+            _, fds, _, _ = socket.recv_fds(conn, 1024, 1)
+        assert len(fds) == 1
+        master = fds[0]
+        try:
+            assert zviz("start", container_id).returncode == 0
+            output = b""
+            deadline = time.monotonic() + 10
+            while b"on-the-pty" not in output and time.monotonic() < deadline:
+                try:
+                    output += os.read(master, 4096)
+                except OSError:
+                    break
+            text = output.decode(errors="replace")
+            assert "/dev/pts/" in text
+            assert "on-the-pty" in text
+        finally:
+            os.close(master)
+    finally:
+        listener.close()
+        zviz("delete", "--force", container_id)
+    assert leftovers(container_id, zviz.root) == []
+
+
+def test_detached_terminal_without_console_socket_is_refused(zviz, make_bundle):
+    container_id = unique_id()
+    bundle = make_bundle(["true"])
+    edit_config(bundle, lambda c: c["process"].update(terminal=True))
+    result = zviz.create(bundle, container_id)
+    assert result.returncode == 1
+    assert "console-socket" in result.stderr
+    assert leftovers(container_id, zviz.root) == []
