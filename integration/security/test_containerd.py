@@ -1,0 +1,89 @@
+"""The security layers when containerd drives zviz's shim (`ctr run`), beside runc.
+
+The probe binary comes in through a read-only bind mount over the image's empty /var
+(the mapped container root cannot create a new mount point in an image owned by host
+root until the core id-maps the rootfs); the image is the busybox image the session built. runc runs under containerd without `--seccomp`, as `ctr run`
+does by default; `--seccomp` rows show containerd's default profile for comparison.
+"""
+
+import itertools
+import os
+import shutil
+import tempfile
+
+import pytest
+
+pytestmark = pytest.mark.containerd
+
+ZVIZ = "io.containerd.zviz.v2"
+RUNC = "io.containerd.runc.v2"
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def probe_dir(probe_bin):
+    path = tempfile.mkdtemp(prefix="zviz-sec-ctr-")
+    os.chmod(path, 0o755)  # the mapped container root must reach it
+    shutil.copy2(probe_bin, os.path.join(path, "probe"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def ctr_run(containerd, image, runtime, args, *, probe_dir=None, annotations=(), extra=()):
+    cid = f"zviz-sec-ctr-{os.getpid()}-{next(_ids)}"
+    cmd = ["run", "--rm", "--runtime", runtime, *extra]
+    for key, value in annotations:
+        cmd += ["--annotation", f"{key}={value}"]
+    if probe_dir:
+        cmd += ["--mount", f"type=bind,src={probe_dir},dst=/var,options=rbind:ro"]
+    try:
+        return containerd.ctr(*cmd, image, cid, *args, check=False, timeout=120)
+    finally:
+        containerd.ctr("tasks", "delete", "-f", cid, check=False)
+        containerd.ctr("containers", "delete", cid, check=False)
+
+
+def test_shim_applies_every_layer(containerd, busybox_image):
+    result = ctr_run(
+        containerd,
+        busybox_image,
+        ZVIZ,
+        [
+            "sh",
+            "-c",
+            "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; cat /proc/self/uid_map",
+        ],
+    )
+    assert result.returncode == 0, result.stderr
+    status = dict(line.split(":\t") for line in result.stdout.splitlines() if ":\t" in line)
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert "100000" in result.stdout  # container root is an unprivileged host uid
+
+
+def test_annotation_selects_the_profile(containerd, busybox_image, probe_dir):
+    # hostile-tenant has no AF_INET at all; ci-runner has it (in its own netns).
+    script = ["/var/probe", "egress", "127.0.0.1:9"]
+    default = ctr_run(containerd, busybox_image, ZVIZ, script, probe_dir=probe_dir)
+    hostile = ctr_run(
+        containerd,
+        busybox_image,
+        ZVIZ,
+        script,
+        probe_dir=probe_dir,
+        annotations=[("io.zviz.profile", "hostile-tenant")],
+    )
+    assert "connect to the host listener" in default.stdout, default.stdout + default.stderr
+    assert "socket(AF_INET): errno 1" in hostile.stdout, hostile.stdout + hostile.stderr
+    unknown = ctr_run(
+        containerd, busybox_image, ZVIZ, ["true"], annotations=[("io.zviz.profile", "nope")]
+    )
+    assert unknown.returncode != 0 and "unknown profile 'nope'" in unknown.stderr
+
+
+@pytest.mark.parametrize("name", ["unshare_user", "keyctl", "io_uring", "ptrace", "caps", "mount"])
+def test_probe_blocked_under_the_shim_runc_shown_beside(containerd, busybox_image, probe_dir, name):
+    zviz = ctr_run(containerd, busybox_image, ZVIZ, ["/var/probe", name], probe_dir=probe_dir)
+    runc = ctr_run(containerd, busybox_image, RUNC, ["/var/probe", name], probe_dir=probe_dir)
+    assert zviz.stdout.startswith("BLOCKED"), zviz.stdout + zviz.stderr
+    assert runc.stdout.split(" ", 1)[0] in ("BLOCKED", "ESCAPED"), runc.stdout + runc.stderr
