@@ -6,10 +6,13 @@ A profile may `extends` another (a built-in name or a path); in the child, a key
 replaces the parent's value, and for lists `KEY_add` / `KEY_remove` edit the
 parent's list instead of replacing it.
 
-This module is on the create path: it imports only tomllib, hashlib and os.
+This module is on the create path: it imports only tomllib, os and a SHA-256.
 """
 
-import hashlib
+try:  # CPython's own SHA-256: hashlib would load OpenSSL (~2 ms) on the start path
+    from _sha256 import sha256
+except ImportError:  # pragma: no cover - other Pythons
+    from hashlib import sha256
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -321,7 +324,7 @@ def _build(data: dict, path: str) -> Profile:
     for table in _TABLES:
         if not isinstance(data.get(table, {}), dict):
             raise InvalidArgument(f"{path}: {table}: must be a table")
-    digest = hashlib.sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
+    digest = sha256(repr(sorted(_flatten(data))).encode()).hexdigest()
 
     meta = _Reader(path, data.get("profile", {}), "profile.")
     name = meta.get("name", str, None) or os.path.basename(path)[: -len(".toml")]

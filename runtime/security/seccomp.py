@@ -12,7 +12,11 @@ filter is the only one with a user-notification listener (the broker's).
 
 import ctypes
 import errno
-import hashlib
+
+try:  # CPython's own SHA-256: hashlib would load OpenSSL (~2 ms) on the start path
+    from _sha256 import sha256
+except ImportError:  # pragma: no cover - other Pythons
+    from hashlib import sha256
 import json
 import os
 from dataclasses import dataclass
@@ -74,7 +78,7 @@ def _arch_tag() -> str:
 
 
 def _cache_key(kind: str, content: str) -> str:
-    h = hashlib.sha256()
+    h = sha256()
     for part in (kind, content, _arch_tag(), syscalls.libseccomp_version(), COMPILER_VERSION):
         h.update(part.encode())
         h.update(b"\0")
