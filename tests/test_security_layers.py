@@ -458,3 +458,35 @@ def test_config_json_notify_action_is_refused(tmp_path):
     spec = make_spec(tmp_path, seccomp=oci)
     with pytest.raises(NotImplementedByZviz, match="SCMP_ACT_NOTIFY"):
         security.harden_spec(spec, security.resolve_profile("ci-runner", {}))
+
+
+@pytest.mark.skipif(landlock.abi_version() < 6, reason="Landlock scoping needs ABI 6 (kernel 6.12)")
+def test_landlock_scopes_signals_and_abstract_sockets_to_the_container(tmp_path):
+    outside = socket.socket(socket.AF_UNIX)
+    name = f"\0zviz-sec-scope-{os.getpid()}"
+    outside.bind(name)
+    outside.listen(1)
+    parent = os.getpid()
+
+    def probe():
+        c = socket.socket(socket.AF_UNIX)
+        own = socket.socket(socket.AF_UNIX)
+        own_name = f"\0zviz-sec-scope-own-{os.getpid()}"
+        own.bind(own_name)
+        own.listen(1)
+        d = socket.socket(socket.AF_UNIX)
+        return {
+            "signal_outside": errno_of(lambda: os.kill(parent, 0)),
+            "signal_self": errno_of(lambda: os.kill(os.getpid(), 0)),
+            "abstract_outside": errno_of(lambda: c.connect(name)),
+            "abstract_inside": errno_of(lambda: d.connect(own_name)),
+        }
+
+    with outside:
+        result = confined(tmp_path, "ci-runner", probe)
+    assert result == {
+        "signal_outside": errno.EPERM,
+        "signal_self": 0,
+        "abstract_outside": errno.EPERM,
+        "abstract_inside": 0,
+    }
