@@ -490,3 +490,22 @@ def test_landlock_scopes_signals_and_abstract_sockets_to_the_container(tmp_path)
         "abstract_outside": errno.EPERM,
         "abstract_inside": 0,
     }
+
+
+@pytest.mark.parametrize("abi", [1, 2, 3, 4, 5, 6, 7])
+def test_landlock_ruleset_for_each_abi_uses_only_that_abis_rights(abi):
+    """An older kernel refuses rights it does not know: each ABI asks only for its own."""
+    if abi > landlock.abi_version():
+        pytest.skip(f"this kernel has Landlock ABI {landlock.abi_version()} < {abi}")
+    rs = landlock.Ruleset(abi, restrict_tcp_bind=True, restrict_tcp_connect=True, scope=True)
+    try:
+        assert rs.handled_fs == landlock.handled_fs(abi)
+        assert bool(rs.handled_fs & landlock.FS_REFER) == (abi >= 2)
+        assert bool(rs.handled_fs & landlock.FS_TRUNCATE) == (abi >= 3)
+        assert bool(rs.handled_fs & landlock.FS_IOCTL_DEV) == (abi >= 5)
+        assert bool(rs.handled_net) == (abi >= 4)
+        assert bool(rs.scoped) == (abi >= 6)
+        assert rs.allow_path("/", landlock.READ | landlock.WRITE)
+        rs.allow_port(8080, landlock.NET_BIND_TCP)
+    finally:
+        rs.close()
