@@ -432,6 +432,10 @@ class Container:
 
     def update(self, resources: dict) -> None:
         """Apply new linux.resources (`zviz update --resources`)."""
+        security = process.security_layer()
+        if security is not None and self.data.get("profile"):
+            # The profile's pids/memory ceilings hold after create too.
+            security.check_resources(security.resolve_profile(self.data["profile"]), resources)
         self._require_cgroup().apply(resources)
 
     # --- exec -----------------------------------------------------------------------

@@ -178,3 +178,35 @@ def test_profile_ref_reloads_the_same_profile(tmp_path):
     mine = profiles.load_profile(str(path))
     assert mine.ref == str(path)
     assert security.resolve_profile(mine.ref, {}).digest == mine.digest
+
+
+def test_prepare_clamps_an_exec_process_that_skipped_harden_spec(tmp_path):
+    """zviz exec replaces spec.process after harden_spec: prepare applies the ceiling again."""
+    from runtime.spec import Capabilities
+
+    spec = make_spec(tmp_path)
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    profile = security.resolve_profile("web-server", {})
+    security.harden_spec(spec, profile)
+    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    asked = ["CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE", "CAP_SYS_PTRACE"]
+    spec.process.capabilities = Capabilities(*([list(asked)] * 5))
+    plan = security.prepare(spec, profile)
+    try:
+        for name in ("bounding", "effective", "inheritable", "permitted", "ambient"):
+            assert getattr(plan.capabilities, name) == ["CAP_NET_BIND_SERVICE"]
+    finally:
+        if plan.landlock is not None:
+            plan.landlock.close()
+
+
+def test_update_may_not_raise_limits_above_the_profile():
+    profile = security.resolve_profile("hostile-tenant", {})
+    security.check_resources(profile, {"pids": {"limit": 10}, "memory": {"limit": 1 << 20}})
+    for resources, field in (
+        ({"pids": {"limit": 100000}}, "pids.limit"),
+        ({"pids": {"limit": -1}}, "pids.limit"),
+        ({"memory": {"limit": 1 << 40}}, "memory.limit"),
+    ):
+        with pytest.raises(InvalidArgument, match=f"{field} .* above profile hostile-tenant"):
+            security.check_resources(profile, resources)

@@ -275,3 +275,37 @@ def test_unix_peer_sees_the_container_user_not_the_broker(probes):
     # Container root is host uid 100000 under web-server (ci-runner's mapping): the
     # server must see that, never 0 (the broker's own uid).
     assert seen.get("uid") == 100000 and seen.get("gid") == 100000, (seen, result.stderr)
+
+
+def test_exec_cap_and_update_stay_under_the_profile(probes):
+    bundle = probes.bundle(["sleep", "10"])
+    root = os.path.join(probes.base, "root-ceiling")
+    cid = f"zviz-sec-ceiling-{os.getpid()}"
+    zviz = [probes.zviz, "--root", root]
+    started = subprocess.run(
+        [*zviz, "run", "-d", "--profile", "hostile-tenant", "--bundle", bundle, cid],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert started.returncode == 0
+    try:
+        # The exec'd process asks for CAP_SYS_ADMIN: hostile-tenant grants nothing.
+        execd = subprocess.run(
+            [*zviz, "exec", "--cap", "CAP_SYS_ADMIN", cid, "grep", "CapEff", "/proc/self/status"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        raised = subprocess.run(
+            [*zviz, "update", "--pids-limit", "100000", cid], capture_output=True, text=True
+        )
+        lowered = subprocess.run(
+            [*zviz, "update", "--pids-limit", "32", cid], capture_output=True, text=True
+        )
+    finally:
+        subprocess.run([*zviz, "delete", "-f", cid], capture_output=True)
+    assert execd.returncode == 0, execd.stderr
+    assert int(execd.stdout.split()[1], 16) == 0
+    assert raised.returncode == 1 and "above profile hostile-tenant's ceiling 64" in raised.stderr
+    assert lowered.returncode == 0, lowered.stderr

@@ -33,6 +33,7 @@ __all__ = [
     "Plan",
     "Profile",
     "apply",
+    "check_resources",
     "harden_spec",
     "notify_channel",
     "prepare",
@@ -161,6 +162,23 @@ def harden_spec(spec, profile: Profile) -> list[str]:
     return changes
 
 
+def check_resources(profile: Profile, resources: dict) -> None:
+    """`zviz update`: new linux.resources may not go above the profile's ceilings."""
+    limits = (
+        ("pids", "limit", profile.pids_max),
+        ("memory", "limit", profile.memory_max),
+    )
+    for group, key, ceiling in limits:
+        if ceiling is None:
+            continue
+        value = (resources.get(group) or {}).get(key)
+        if value is not None and (value <= 0 or value > ceiling):
+            raise InvalidArgument(
+                f"resources: {group}.{key} {value} is above profile {profile.name}'s "
+                f"ceiling {ceiling} (-1/0 would be unlimited)"
+            )
+
+
 @dataclass
 class Plan:
     """What PID 1 enforces in apply(); built by prepare() while setup syscalls still work."""
@@ -177,7 +195,6 @@ class Plan:
 def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
     """In PID 1 after pivot_root: build every layer, fail closed if one is missing."""
     from runtime.security import capabilities as caps
-    from runtime.spec import Capabilities
 
     notes: list[str] = []
     if spec.linux.creates_namespace("network"):
@@ -190,9 +207,11 @@ def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
         last = caps.last_cap()
     except (OSError, ValueError) as e:
         raise SecurityLayerError(f"capabilities: cannot read cap_last_cap: {e}") from None
-    granted = spec.process.capabilities if spec.process else None
-    if granted is None:
-        granted = Capabilities()
+    # The ceiling again, here: an exec'd process's capabilities (zviz exec --cap,
+    # process.json) never went through harden_spec.
+    granted, _ = caps.ceiling(
+        spec.process.capabilities if spec.process else None, profile.capabilities
+    )
 
     ruleset = None
     abi = landlock.abi_version()
