@@ -73,11 +73,17 @@ def test_detached_task_exec_ps_kill_delete(containerd, busybox_image, zviz_bin):
         )
         assert "exec-ok" in executed.stdout, executed.stderr
 
+        assert os.path.isdir(f"/sys/fs/cgroup/pids/{containerd.namespace}/{container_id}")
         ps = containerd.ctr("task", "ps", container_id)
         pids = [int(line.split()[0]) for line in ps.stdout.splitlines()[1:] if line.split()]
         assert pids, ps.stdout
         for pid in pids:
             assert os.path.exists(f"/proc/{pid}")
+
+        assert containerd.ctr("task", "pause", container_id).returncode == 0
+        assert "PAUSED" in containerd.ctr("task", "ls").stdout
+        assert containerd.ctr("task", "resume", container_id).returncode == 0
+        assert "RUNNING" in containerd.ctr("task", "ls").stdout
 
         assert containerd.ctr("task", "kill", "-s", "SIGKILL", container_id).returncode == 0
         deadline = time.monotonic() + 30
@@ -87,7 +93,8 @@ def test_detached_task_exec_ps_kill_delete(containerd, busybox_image, zviz_bin):
         deleted = containerd.ctr("task", "delete", container_id, check=False)
         assert deleted.returncode == 0, deleted.stderr
         assert not os.path.exists(os.path.join(runc_root, container_id))
-        assert not os.path.exists(f"/sys/fs/cgroup/pids/zviz/{container_id}")
+        # containerd sets linux.cgroupsPath to /<namespace>/<id>.
+        assert not os.path.exists(f"/sys/fs/cgroup/pids/{containerd.namespace}/{container_id}")
     finally:
         cleanup(containerd, container_id)
 
