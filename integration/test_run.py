@@ -175,3 +175,28 @@ def test_no_file_descriptor_of_zviz_reaches_the_workload(zviz, make_bundle):
     # 0, 1, 2, and the fd ls opened to read the directory.
     assert sorted(int(fd) for fd in result.stdout.split()) == [0, 1, 2, 3]
     assert os.path.isdir(zviz.root)
+
+
+def test_namespace_with_path_is_joined_not_created(zviz, make_bundle):
+    from integration.zviz_cli import edit_config
+
+    first = unique_id()
+    assert zviz.create(make_bundle(["sleep", "60"]), first).returncode == 0
+    try:
+        pid = zviz.state(first)["pid"]
+        theirs = os.readlink(f"/proc/{pid}/ns/ipc")
+        bundle = make_bundle(["sh", "-c", "readlink /proc/self/ns/ipc; readlink /proc/self/ns/uts"])
+
+        def change(config):
+            for ns in config["linux"]["namespaces"]:
+                if ns["type"] == "ipc":
+                    ns["path"] = f"/proc/{pid}/ns/ipc"
+
+        edit_config(bundle, change)
+        result = zviz.run(bundle)
+        assert result.returncode == 0, result.stderr
+        ipc, uts = result.stdout.split()
+        assert ipc == theirs
+        assert uts != os.readlink(f"/proc/{pid}/ns/uts")  # the others are still fresh
+    finally:
+        assert zviz("delete", "--force", first).returncode == 0
