@@ -509,3 +509,20 @@ def test_landlock_ruleset_for_each_abi_uses_only_that_abis_rights(abi):
         rs.allow_port(8080, landlock.NET_BIND_TCP)
     finally:
         rs.close()
+
+
+def test_landlock_keeps_unlisted_devices_unreadable(tmp_path):
+    def probe():
+        def read(path):
+            with open(path, "rb") as f:
+                f.read(1)
+
+        return {
+            "urandom": errno_of(lambda: read("/dev/urandom")),
+            "kmsg": errno_of(lambda: read("/dev/kmsg")),
+            "list_dev": errno_of(lambda: os.listdir("/dev")),
+            "etc": errno_of(lambda: read("/etc/hostname")),
+        }
+
+    result = confined(tmp_path, "ci-runner", probe)
+    assert result == {"urandom": 0, "kmsg": errno.EACCES, "list_dev": 0, "etc": 0}

@@ -252,14 +252,24 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
     restrict_connect = profile.tcp_connect is not None and profile.network != "none"
     try:
         rs = landlock.Ruleset(abi, restrict_bind, restrict_connect, profile.landlock_scope)
-        rs.allow_path("/", landlock.READ)
+        # Read and execute everywhere but /dev; in /dev only the listed devices. Rules
+        # only add rights, so "/" itself gets just READ_DIR and each other top-level
+        # entry gets READ: a device config.json adds (or the host's, under a shared
+        # /dev) stays unreadable unless the profile lists it.
+        rs.allow_path("/", landlock.FS_READ_DIR)
+        for entry in os.listdir("/"):
+            if entry != "dev":
+                rs.allow_path("/" + entry, landlock.READ)
+        rs.allow_path("/dev", landlock.FS_READ_DIR)
+        for path in profile.devices:
+            rs.allow_path(path, landlock.READ)
         writable = list(profile.writable)
         if profile.writable_volumes:
             writable += _writable_mounts(spec)
         for path in dict.fromkeys(writable):
             rs.allow_path(path, landlock.READ | landlock.WRITE)
         for path in profile.device_ioctl:
-            rs.allow_path(path, landlock.READ | landlock.FS_IOCTL_DEV)
+            rs.allow_path(path, landlock.FS_IOCTL_DEV)
         for port in profile.tcp_bind or ():
             rs.allow_port(port, landlock.NET_BIND_TCP)
         for port in profile.tcp_connect or ():

@@ -65,7 +65,8 @@ def effective(profile) -> dict:
         "resources": {"pids_max": profile.pids_max, "memory_max": profile.memory_max},
         "landlock": {
             "required": profile.landlock_required,
-            "read_execute": ["/"],
+            "read_execute": ["/ (all but /dev)"],
+            "devices_readable": list(profile.devices),
             "writable": list(profile.writable),
             "writable_volumes": profile.writable_volumes,
             "device_ioctl": list(profile.device_ioctl),

@@ -33,6 +33,22 @@ SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
 NETLINK_PROTOCOLS = {"NETLINK_ROUTE": 0, "NETLINK_AUDIT": 9, "NETLINK_KOBJECT_UEVENT": 15}
 MEDIATED_SYSCALLS = ("connect", "bind", "sendto", "sendmsg", "sendmmsg")
 
+# What a container may read in /dev (Landlock): the OCI default devices and the
+# directories the runtime mounts there. Anything else in /dev needs the profile.
+DEFAULT_DEVICES = (
+    "/dev/null",
+    "/dev/zero",
+    "/dev/full",
+    "/dev/random",
+    "/dev/urandom",
+    "/dev/tty",
+    "/dev/console",
+    "/dev/ptmx",
+    "/dev/pts",
+    "/dev/shm",
+    "/dev/mqueue",
+)
+
 _SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -82,6 +98,7 @@ class Profile:
     writable: tuple[str, ...] = ()
     writable_volumes: bool = True
     device_ioctl: tuple[str, ...] = ("/dev",)
+    devices: tuple[str, ...] = DEFAULT_DEVICES
     landlock_scope: bool = True
     # Network.
     network: str = "none"
@@ -366,8 +383,13 @@ def _build(data: dict, path: str) -> Profile:
     p.writable = tuple(ll.get("writable", list, []))
     p.writable_volumes = ll.get("writable_volumes", bool, True)
     p.device_ioctl = tuple(ll.get("device_ioctl", list, ["/dev"]))
+    p.devices = tuple(ll.get("devices", list, list(DEFAULT_DEVICES)))
     p.landlock_scope = ll.get("scope", bool, True)
-    for key, paths in (("writable", p.writable), ("device_ioctl", p.device_ioctl)):
+    for key, paths in (
+        ("writable", p.writable),
+        ("device_ioctl", p.device_ioctl),
+        ("devices", p.devices),
+    ):
         for i, item in enumerate(paths):
             if not item.startswith("/"):
                 raise ll.error(f"{key}[{i}]", f"must be an absolute path, got {item!r}")
