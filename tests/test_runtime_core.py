@@ -1,0 +1,117 @@
+"""Fast unit tests of the runtime core's pure parts (no root, no kernel features)."""
+
+import os
+import signal
+
+import pytest
+
+from runtime import errors, linux, rootfs, state
+from runtime.cli import parse_signal
+from runtime.sync import Sync, error_from_message
+
+
+def test_merge_mounts_user_entry_replaces_the_auto_mount():
+    user = [rootfs.Mount("/dev/shm", "tmpfs", "shm", ["size=1m"])]
+    merged = rootfs.merge_mounts(user)
+    destinations = [m.destination for m in merged]
+    assert destinations.count("/dev/shm") == 1
+    assert next(m for m in merged if m.destination == "/dev/shm").options == ["size=1m"]
+    assert {"/proc", "/dev", "/dev/pts", "/sys"} <= set(destinations)
+
+
+def test_merge_mounts_puts_auto_children_after_a_user_parent():
+    user = [rootfs.Mount("/data", "bind", "/x", ["rbind"]), rootfs.Mount("/dev", "tmpfs", "tmpfs")]
+    destinations = [m.destination for m in rootfs.merge_mounts(user)]
+    assert destinations.index("/dev") < destinations.index("/dev/pts")
+    assert destinations.index("/dev") < destinations.index("/dev/shm")
+    assert destinations.index("/proc") < destinations.index("/sys")
+
+
+def test_merge_mounts_treats_double_slash_destinations_as_the_same_path():
+    destinations = [
+        m.destination for m in rootfs.merge_mounts([rootfs.Mount("//proc", "proc", "proc")])
+    ]
+    assert destinations.count("/proc") == 0 and destinations.count("//proc") == 1
+
+
+def test_parse_options_splits_flags_propagation_and_data():
+    flags, propagation, data = rootfs.parse_options(
+        ["ro", "nosuid", "rbind", "rslave", "mode=755", "size=1m"]
+    )
+    assert flags == linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_BIND | linux.MS_REC
+    assert propagation == linux.MS_SLAVE | linux.MS_REC
+    assert data == "mode=755,size=1m"
+    assert rootfs.parse_options(["ro", "rw"])[0] == 0
+
+
+def test_secure_join_never_leaves_the_root(tmp_path):
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.symlink("/etc", root / "abs")
+    os.symlink("../../../../..", root / "up")
+    assert rootfs.secure_join(str(root), "/abs/passwd") == str(root / "etc" / "passwd")
+    assert rootfs.secure_join(str(root), "/up/etc") == str(root / "etc")
+    assert rootfs.secure_join(str(root), "/../../x") == str(root / "x")
+    assert rootfs.secure_join(str(root), "/missing/../etc") == str(root / "etc")
+
+
+def test_secure_join_refuses_symlink_loops(tmp_path):
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(errors.InvalidArgument):
+        rootfs.secure_join(str(tmp_path), "/loop/x")
+
+
+@pytest.mark.parametrize("text,number", [("9", 9), ("KILL", 9), ("sigterm", 15), ("SIGUSR1", 10)])
+def test_parse_signal_accepts_runc_forms(text, number):
+    assert parse_signal(text) == number
+
+
+@pytest.mark.parametrize("text", ["0", "99", "NOPE", ""])
+def test_parse_signal_rejects_unknown(text):
+    with pytest.raises(errors.InvalidArgument):
+        parse_signal(text)
+
+
+def test_exit_codes_from_wait_status():
+    assert state.exit_code_from_wait_status(3 << 8) == 3
+    assert state.exit_code_from_wait_status(signal.SIGKILL) == 137
+
+
+@pytest.mark.parametrize("bad", ["", "a/b", "..", "x y", "a" * 1025])
+def test_container_ids_are_validated(bad):
+    with pytest.raises(errors.InvalidArgument):
+        state.validate_id(bad)
+
+
+def test_proc_stat_of_self_and_of_nothing():
+    me = state.proc_stat(os.getpid())
+    assert me is not None and me.state in ("R", "S") and me.start_time > 0
+    assert state.process_alive(os.getpid(), me.start_time)
+    assert not state.process_alive(os.getpid(), me.start_time + 1)  # a recycled pid
+    assert state.proc_stat(2**22 + 7) is None
+
+
+def test_sync_round_trip_and_structured_errors():
+    parent, child = Sync.pair()
+    try:
+        child.send("ready", pid=5)
+        assert parent.recv() == {"type": "ready", "pid": 5}
+        assert child.send_error("mount", OSError(1, "mount(/proc): Operation not permitted"))
+        error = error_from_message(parent.recv())
+        assert isinstance(error, errors.FailedPrecondition)
+        assert str(error) == "mount: mount(/proc): Operation not permitted"
+        child.send_error("exec", errors.NotFound("'x': executable file not found in $PATH"))
+        assert isinstance(error_from_message(parent.recv()), errors.NotFound)
+        r, w = os.pipe()
+        child.send_fds([r], type="fd")
+        message, fds = parent.recv_fds(1)
+        assert message == {"type": "fd"} and len(fds) == 1
+        os.write(w, b"x")
+        assert os.read(fds[0], 1) == b"x"
+        for fd in (r, w, *fds):
+            os.close(fd)
+        child.close()
+        assert parent.recv() is None  # EOF when every peer closed
+    finally:
+        parent.close()
+        child.close()
