@@ -386,10 +386,33 @@ def _preload(request: Request, stages: "_Stages") -> None:
             request.notify_channel.close_supervisor_end()
 
 
+def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
+    """Close everything the caller had open except what the container needs.
+
+    A long-lived caller (the shim) has sockets and files open; a PID 1 blocked on
+    the exec fifo must not hold them (CLOEXEC would only drop them at execve).
+    """
+    keep = {0, 1, 2, sync.fd, *request.stdio, *extra}
+    keep.update(range(3, 3 + request.preserve_fds))
+    for fd in (request.wait_for_fifo_fd, request.console_fd):
+        if fd is not None:
+            keep.add(fd)
+    if request.notify_channel is not None:
+        keep.add(request.notify_channel.container_fd)
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            linux.close_range(low, fd - 1)
+        low = max(low, fd + 1)
+    linux.close_range(low)
+
+
 def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_user: bool) -> None:
     stages = _Stages()
     spec = request.spec
     _preload(request, stages)
+    with stages("fds"):
+        _close_inherited_fds(request, sync, extra=[fd for _, fd in join_fds])
     with stages("prctl"):
         linux.set_pdeathsig(signal.SIGKILL)
     with stages("rootfs"):
@@ -487,6 +510,8 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
 def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
     stages = _Stages()
     _preload(request, stages)
+    with stages("fds"):
+        _close_inherited_fds(request, sync, extra=[fd for _, fd in ns_fds])
     with stages("prctl"):
         linux.set_pdeathsig(signal.SIGKILL)
     if request.cgroup is not None:
