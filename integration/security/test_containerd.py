@@ -87,3 +87,16 @@ def test_probe_blocked_under_the_shim_runc_shown_beside(containerd, busybox_imag
     runc = ctr_run(containerd, busybox_image, RUNC, ["/var/probe", name], probe_dir=probe_dir)
     assert zviz.stdout.startswith("BLOCKED"), zviz.stdout + zviz.stderr
     assert runc.stdout.split(" ", 1)[0] in ("BLOCKED", "ESCAPED"), runc.stdout + runc.stderr
+
+
+def test_broker_mediates_under_the_shim(containerd, busybox_image):
+    """web-server under containerd: the shim's broker refuses loopback egress (EPERM)."""
+    result = ctr_run(
+        containerd,
+        busybox_image,
+        ZVIZ,
+        ["sh", "-c", "echo x | nc 127.0.0.1 80; echo rc=$?"],
+        annotations=[("io.zviz.profile", "web-server")],
+    )
+    assert "rc=1" in result.stdout, result.stdout + result.stderr
+    assert "Operation not permitted" in result.stdout + result.stderr
