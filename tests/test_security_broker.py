@@ -9,6 +9,7 @@ import errno
 import os
 import signal
 import socket
+import struct
 
 from tests.test_security_layers import confined, errno_of
 
@@ -215,3 +216,50 @@ def test_privileged_port_bind_needs_the_callers_capability(tmp_path):
     # The broker binds as host root: it must refuse what the caller itself could not do.
     assert confined(tmp_path, str(no_caps), probe) == [0, errno.EACCES]
     assert confined(tmp_path, "web-server", probe) == [0, 0]
+
+
+def test_sendmmsg_sends_each_message_and_reports_lengths(tmp_path):
+    import ctypes
+
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    port = receiver.getsockname()[1]
+    receiver.settimeout(5)
+    profile = loopback_profile(tmp_path, port)
+
+    class Iovec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    class Msghdr(ctypes.Structure):
+        _fields_ = [
+            ("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
+            ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p),
+            ("controllen", ctypes.c_size_t), ("flags", ctypes.c_int),
+        ]  # fmt: skip
+
+    class Mmsghdr(ctypes.Structure):
+        _fields_ = [("hdr", Msghdr), ("len", ctypes.c_uint)]
+
+    def probe():
+        libc = ctypes.CDLL(None, use_errno=True)
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        addr = ctypes.create_string_buffer(
+            struct.pack("=H", socket.AF_INET)
+            + struct.pack("!H", port)
+            + socket.inet_aton("127.0.0.1")
+            + b"\0" * 8
+        )
+        payloads = [ctypes.create_string_buffer(b"first"), ctypes.create_string_buffer(b"second!")]
+        iovs = [Iovec(ctypes.cast(p, ctypes.c_void_p), len(p.value)) for p in payloads]
+        vec = (Mmsghdr * 2)()
+        for i in range(2):
+            vec[i].hdr.name = ctypes.cast(addr, ctypes.c_void_p)
+            vec[i].hdr.namelen = 16
+            vec[i].hdr.iov = ctypes.cast(ctypes.pointer(iovs[i]), ctypes.c_void_p)
+            vec[i].hdr.iovlen = 1
+        sent = libc.sendmmsg(u.fileno(), vec, 2, 0)
+        return [sent, vec[0].len, vec[1].len]
+
+    with receiver:
+        assert confined(tmp_path, profile, probe) == [2, 5, 7]
+        assert {receiver.recv(100), receiver.recv(100)} == {b"first", b"second!"}

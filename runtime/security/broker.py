@@ -49,6 +49,7 @@ UNPRIVILEGED_PORT_START = 1024
 # The most bytes the broker copies for one send: a datagram's ceiling, with room.
 MAX_SEND = 4 << 20
 MAX_IOV = 1024
+MAX_IN_FLIGHT = 256
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
@@ -115,6 +116,7 @@ class Broker:
         self.log_fd = log_fd
         self.mediated = {syscalls.number(n): n for n in profile.mediate}
         self._log_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 
     # --- the loop ---
 
@@ -136,6 +138,10 @@ class Broker:
             note = Notification(bytes(buf))
             name = self.mediated.get(note.nr)
             if name is not None:
+                # A bounded number of calls in flight: a container flooding connects
+                # waits for its own earlier calls instead of growing the broker (which
+                # lives outside the container's cgroup) without limit.
+                self._slots.acquire()
                 threading.Thread(target=self._mediate, args=(note, name), daemon=True).start()
             else:
                 self._deny(note, "denied by profile")
@@ -184,7 +190,13 @@ class Broker:
 
     def _mediate(self, note: Notification, name: str) -> None:
         try:
-            call = _Call(self, note)
+            self._mediate_one(note, name)
+        finally:
+            self._slots.release()
+
+    def _mediate_one(self, note: Notification, name: str) -> None:
+        try:
+            call = _Call(self, note, writable=name == "sendmmsg")
             try:
                 result = getattr(call, name)()
             finally:
@@ -213,9 +225,11 @@ def _comm(pid: int) -> str:
 class _Call:
     """One mediated call: reads the caller's memory, decides, performs on its socket."""
 
-    def __init__(self, broker: Broker, note: Notification):
+    def __init__(self, broker: Broker, note: Notification, writable: bool = False):
         self.broker, self.note, self.profile = broker, note, broker.profile
-        self.mem = os.open(f"/proc/{note.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        # Read-only unless the call has results to write back (sendmmsg's msg_len).
+        mode = os.O_RDWR if writable else os.O_RDONLY
+        self.mem = os.open(f"/proc/{note.pid}/mem", mode | os.O_CLOEXEC)
         self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
         self.became_caller = False
