@@ -364,6 +364,10 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     assert executed.stdout.startswith("exec-out\nsleep")
     failed = ctr("task", "exec", "--exec-id", "fails", container_id, "sh", "-c", "exit 5")
     assert failed.returncode == 5
+    # stdin ends when the client closes it, even before ctr gets to call CloseIO.
+    piped = ctr("task", "exec", "--exec-id", "piped", container_id, "sh", input="echo from-stdin\n")
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == "from-stdin\n"
 
     ps = ctr("task", "ps", container_id)
     assert ps.returncode == 0, ps.stderr

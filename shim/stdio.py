@@ -3,16 +3,15 @@
 containerd names each stream by a string: a fifo path (or `fifo://path`), `file://path`,
 `binary://path?arg=value` (a logger process), or "" for none.
 
-Without a terminal the shim copies nothing: the process gets fds on the fifos or files
-themselves, so output costs the shim no CPU and no memory. The shim keeps one fd of
-its own on each fifo so the process neither gets EPIPE when the reader (ctr) goes
-away nor sees stdin end before containerd says so:
-  - stdout/stderr: the shim holds a read end; the process holds the only write end, so
-    the reader sees EOF exactly when the process (and its children) are done.
-  - stdin: the shim holds a write end; CloseIO drops it, and the process sees EOF once
-    containerd's writer is closed too.
-With a terminal the process's pty master comes back over a console socket and the shim
-copies stdin fifo → master → stdout fifo, in the loop, never blocking it.
+Without a terminal the shim copies no output: the process gets fds on the stdout and
+stderr fifos or files themselves, so output costs the shim no CPU and no memory. The
+shim keeps a read end of each output fifo, so the process never gets EPIPE when the
+reader (ctr) goes away, and holds no write end, so the reader sees EOF exactly when the
+process (and its children) are done.
+stdin is a pipe the loop fills from the stdin fifo: the process sees EOF when the
+client closes the fifo or when containerd calls CloseIO, whichever comes first.
+With a terminal the process's pty master comes back over a console socket and the loop
+copies stdin fifo → master → stdout fifo, never blocking.
 """
 
 import array
@@ -132,7 +131,7 @@ class Stdio:
         self.terminal = terminal
         self.child = [-1, -1, -1]  # fds handed to the process, closed once it has them
         self._kept: list[int] = []  # fds the shim holds for the process's lifetime
-        self._stdin_writer = -1
+        self._stdin_pump: Pump | None = None
         self._console_listener: socket.socket | None = None
         self.console_socket: str | None = None
         self.master = -1
@@ -202,10 +201,23 @@ class Stdio:
             self.child[2] = self._open_output(err_scheme, err_path, null)
 
     def _open_stdin_fifo(self, path: str) -> int:
-        # Our own write end first: then opening the read end cannot block, and the
-        # process does not see EOF before CloseIO.
-        self._stdin_writer = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        """The process's stdin: a pipe the loop fills from the fifo, so that either the
+        client closing the fifo or CloseIO ends it (runc's shim behaves the same)."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self._copy_stdin(path, write_end)
+        return read_end
+
+    def _copy_stdin(self, path: str, destination: int) -> None:
+        # O_NONBLOCK: the open must not wait for a writer. The loop hears of the fifo only
+        # when data comes or its writers leave (a fifo no writer has opened yet reports
+        # neither), so the copy cannot end before the client has even connected.
+        fifo = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+
+        def done() -> None:
+            os.close(fifo)
+            os.close(destination)
+
+        self._stdin_pump = Pump(asyncio.get_running_loop(), fifo, destination, done)
 
     def _open_output(self, scheme: str, path: str, null) -> int:
         if scheme == "":
@@ -341,12 +353,7 @@ class Stdio:
         self._pumps.append(Pump(loop, master_out, out, output_done))
         in_scheme, in_path, _ = parse_uri(self.stdin)
         if in_scheme == "fifo":
-            reader = self._open_stdin_fifo(in_path)
-
-            def input_done() -> None:
-                os.close(reader)
-
-            self._pumps.append(Pump(loop, reader, self.master, input_done))
+            self._copy_stdin(in_path, os.dup(self.master))
 
     def resize(self, width: int, height: int) -> None:
         if self.master < 0:
@@ -372,9 +379,9 @@ class Stdio:
         self._close_console_listener()
 
     def close_stdin(self) -> None:
-        if self._stdin_writer >= 0:
-            os.close(self._stdin_writer)
-            self._stdin_writer = -1
+        if self._stdin_pump is not None:
+            self._stdin_pump.stop()
+            self._stdin_pump = None
 
     def close(self) -> None:
         self.spawned()
