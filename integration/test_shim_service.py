@@ -218,7 +218,7 @@ def test_run_to_completion_with_events_in_order(short_root, make_bundle, tmp_pat
 
     shim_pid = _scenario(short_root, body)
     _wait_gone(shim_pid)
-    assert not os.listdir(os.path.join(short_root, "g"))
+    assert not os.path.exists(os.path.join(short_root, "g")), "the daemon left its group directory"
 
 
 def test_exec_kill_pause_and_stats(short_root, make_bundle, tmp_path):

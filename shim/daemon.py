@@ -20,7 +20,7 @@ import socket
 from api.ttrpc import Server
 from shim import config as shim_config
 from shim import log as shim_log
-from shim.manager import DAEMON_FD, GroupLock, pending_reservations, release, remove_empty_parents
+from shim.manager import DAEMON_FD, GroupLock, pending_reservations, release, tidy_state_root
 from shim.reaper import Reaper
 
 log = logging.getLogger("shim.daemon")
@@ -163,8 +163,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
             shutil.rmtree(self.group_dir, ignore_errors=True)
-        remove_empty_parents(self.runtime_root, stop=shim_config.STATE_ROOT)
-        remove_empty_parents(self.console_dir, stop=shim_config.STATE_ROOT)
+        # (The runtime core's root stays: the core creates it without retrying, so another
+        # daemon's Create could lose a race with its removal. It holds no files.)
+        tidy_state_root(self.console_dir, os.path.dirname(self.group_dir))
         self._exit(0)
 
 

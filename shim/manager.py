@@ -40,11 +40,11 @@ class GroupLock:
     def __enter__(self) -> "GroupLock":
         path = os.path.join(self.gdir, "lock")
         while True:
-            os.makedirs(os.path.join(self.gdir, "tasks"), mode=0o700, exist_ok=True)
             try:
+                os.makedirs(os.path.join(self.gdir, "tasks"), mode=0o700, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
-                continue  # an exiting daemon removed the directory between makedirs and open
+                continue  # an exiting daemon removed a directory under us: make it again
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
@@ -114,14 +114,20 @@ def socket_path_of(gdir: str) -> str:
     return shim_config.socket_path(gdir)
 
 
-def remove_empty_parents(path: str, stop: str) -> None:
-    """rmdir `path` and its parents while they are empty, never at or above `stop`."""
-    while path.startswith(stop.rstrip("/") + "/"):
-        try:
-            os.rmdir(path)
-        except OSError:
-            return
-        path = os.path.dirname(path)
+def tidy_state_root(*paths: str) -> None:
+    """Remove each of `paths` and its parents up to and including STATE_ROOT while empty.
+
+    Safe against a concurrent `start`: rmdir only removes empty directories, and
+    GroupLock recreates whatever it needs (retrying if a directory vanishes under it).
+    """
+    top = os.path.dirname(shim_config.STATE_ROOT.rstrip("/"))
+    for path in paths:
+        while path.startswith(shim_config.STATE_ROOT) and path != top:
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+            path = os.path.dirname(path)
 
 
 def can_connect(path: str) -> bool:

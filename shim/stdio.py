@@ -292,14 +292,24 @@ class Stdio:
     # ---- terminal ------------------------------------------------------------------
 
     def _listen_console(self, console_dir: str, container_id: str) -> None:
-        os.makedirs(console_dir, mode=0o700, exist_ok=True)
         path = os.path.join(console_dir, f"{os.getpid()}-{id(self):x}.sock")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            listener.bind(path)
+            for _ in range(3):  # another daemon, exiting, may remove the empty directory
+                os.makedirs(console_dir, mode=0o700, exist_ok=True)
+                try:
+                    listener.bind(path)
+                    break
+                except FileNotFoundError:
+                    continue
+            else:
+                listener.bind(path)
+        except BaseException:
+            listener.close()
+            raise
         finally:
             os.umask(old)
         listener.listen(1)
