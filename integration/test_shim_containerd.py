@@ -157,6 +157,29 @@ def _shim_pid(containerd, container_id: str) -> int:
     return asyncio.run(connect()).shim_pid
 
 
+def _process_view(pid: int) -> dict:
+    """What a process is confined by: namespaces, cgroups, capabilities, no_new_privs, seccomp."""
+    view = {ns: os.readlink(f"/proc/{pid}/ns/{ns}") for ns in sorted(os.listdir(f"/proc/{pid}/ns"))}
+    with open(f"/proc/{pid}/cgroup") as f:
+        view["cgroup"] = f.read()
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in (
+                "CapInh",
+                "CapPrm",
+                "CapEff",
+                "CapBnd",
+                "CapAmb",
+                "NoNewPrivs",
+                "Seccomp",
+                "Uid",
+                "Gid",
+            ):
+                view[key] = line.split(":", 1)[1].split()
+    return view
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -364,6 +387,16 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     assert executed.stdout.startswith("exec-out\nsleep")
     failed = ctr("task", "exec", "--exec-id", "fails", container_id, "sh", "-c", "exit 5")
     assert failed.returncode == 5
+    # An exec'd process joins PID 1's namespaces, cgroup and security layers (seen from
+    # the host: inside, a capability-less process may not look at PID 1's namespaces).
+    assert (
+        ctr("task", "exec", "-d", "--exec-id", "twin", container_id, "sleep", "1000").returncode
+        == 0
+    )
+    listed = ctr("task", "ps", container_id).stdout
+    twin = [int(line.split()[0]) for line in listed.splitlines() if "ExecID:twin" in line]
+    assert len(twin) == 1, listed
+    assert _process_view(twin[0]) == _process_view(init_pid)
     # stdin ends when the client closes it, even before ctr gets to call CloseIO.
     piped = ctr("task", "exec", "--exec-id", "piped", container_id, "sh", input="echo from-stdin\n")
     assert piped.returncode == 0, piped.stderr
