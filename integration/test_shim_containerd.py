@@ -325,7 +325,7 @@ def test_terminal(containerd, ctr, busybox_image, new_id, runtime):
             "-c",
             # ctr sends the window size (ResizePty) only after Start: wait for it to land.
             "tty; test -t 0 && test -t 1 && echo both-ttys;"
-            " for i in $(seq 20); do s=$(stty size 2>/dev/null) && break; sleep 1; done; echo size=$s",
+            ' for i in $(seq 20); do s=$(stty size 2>/dev/null); [ -n "$s" ] && break; sleep 1; done; echo size=$s',
         ],
         stdin=slave,
         stdout=slave,
