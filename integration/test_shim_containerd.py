@@ -664,3 +664,43 @@ def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image)
 
 def ctr_ok(containerd, *args) -> bool:
     return containerd.ctr(*args, check=False).returncode == 0
+
+
+def test_grouping_by_pod_and_by_container(containerd, busybox_image, tmp_path):
+    """Which containers share a daemon follows the configured grouping (zviz only)."""
+    per_pod = tmp_path / "per-pod.toml"
+    per_pod.write_text('grouping = "pod"\nidle_exit_seconds = 0\n')
+    sandbox = "io.kubernetes.cri.sandbox-id"
+    runs = {
+        "zviz-shim-pod-a1": [str(per_pod), f"{sandbox}=pod-a"],
+        "zviz-shim-pod-a2": [str(per_pod), f"{sandbox}=pod-a"],
+        "zviz-shim-pod-b1": [str(per_pod), f"{sandbox}=pod-b"],
+        "zviz-shim-pod-none": [str(per_pod), None],
+    }
+    try:
+        for container_id, (config, annotation) in runs.items():
+            flags = ["--runtime-config-path", config]
+            if annotation:
+                flags += ["--annotation", annotation]
+            result = containerd.ctr(
+                "run",
+                "-d",
+                "--runtime",
+                ZVIZ,
+                *flags,
+                busybox_image,
+                container_id,
+                "sleep",
+                "1000",
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr
+        shims = {container_id: _shim_pid(containerd, container_id) for container_id in runs}
+        assert shims["zviz-shim-pod-a1"] == shims["zviz-shim-pod-a2"]
+        assert (
+            len({shims["zviz-shim-pod-a1"], shims["zviz-shim-pod-b1"], shims["zviz-shim-pod-none"]})
+            == 3
+        )
+    finally:
+        for container_id in runs:
+            _remove(containerd, container_id)
