@@ -25,7 +25,7 @@ def snapshot(root: str) -> dict:
         mounts = sorted(
             m
             for m in (line.split()[4] for line in f)
-            if "zviz" in m or m.startswith(os.path.dirname(root))
+            if "zviz-rt" in m or m.startswith(os.path.dirname(root))
         )
     cgroups = sorted(
         os.path.join(h, name)

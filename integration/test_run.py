@@ -200,3 +200,30 @@ def test_namespace_with_path_is_joined_not_created(zviz, make_bundle):
         assert uts != os.readlink(f"/proc/{pid}/ns/uts")  # the others are still fresh
     finally:
         assert zviz("delete", "--force", first).returncode == 0
+
+
+def test_fork_server_and_direct_runs_behave_alike(zviz, make_bundle):
+    """The `zviz run` fast path (runtime/forkserver.py) against the plain path, same bundle."""
+    import subprocess
+
+    from runtime import forkserver
+
+    bundle = make_bundle(["sh", "-c", "echo out; echo err >&2; exit 5"])
+    zviz.run(bundle)  # starts the server if none runs
+    socket_path = os.path.join(forkserver.SERVER_DIR, forkserver.SOCKET_NAME)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(socket_path):
+        assert time.monotonic() < deadline, "the fork server never started"
+        time.sleep(0.05)
+    fast = zviz.run(bundle)
+    env = dict(os.environ, ZVIZ_NO_FORKSERVER="1")
+    direct = subprocess.run(
+        [zviz.binary, "--root", zviz.root, "run", "--bundle", bundle, unique_id()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert (fast.returncode, fast.stdout, fast.stderr) == (5, "out\n", "err\n")
+    assert (direct.returncode, direct.stdout, direct.stderr) == (5, "out\n", "err\n")
+    assert os.listdir(zviz.root) == []

@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from runtime import errors, linux, rootfs, state
-from runtime.cli import parse_signal
+from runtime.commands import parse_signal
 from runtime.sync import Sync, error_from_message
 
 
@@ -115,3 +115,23 @@ def test_sync_round_trip_and_structured_errors():
     finally:
         parent.close()
         child.close()
+
+
+@pytest.mark.parametrize(
+    "argv,plain",
+    [
+        (["run", "x"], True),
+        (["--root", "/r", "--log", "l", "--log-format", "json", "run", "--bundle", "b", "x"], True),
+        (["run", "-d", "x"], False),
+        (["run", "--console-socket=/s", "x"], False),
+        (["run", "--pid-file", "p", "x"], False),
+        (["create", "x"], False),
+        (["state", "run"], False),
+    ],
+)
+def test_fork_server_serves_only_plain_runs(argv, plain, monkeypatch):
+    from runtime import forkserver
+
+    monkeypatch.delenv("ZVIZ_NO_FORKSERVER", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert forkserver.is_plain_run(argv) is plain

@@ -1,0 +1,320 @@
+"""The `zviz run` fast path: a pre-imported server forks the container's supervisor.
+
+A `zviz run` spends most of its time starting Python and importing the runtime
+(spec, security, cgroups: ~50 ms) before it does any container work. The fork server
+imports all of that once; a `zviz run` client then only starts the interpreter,
+connects, hands over its cwd, argv and stdio (SCM_RIGHTS), and waits:
+
+    zviz run (client) ──unix socket──▶ fork server ──fork──▶ worker = cmd_run()
+         ◀── "pid N" (client forwards its signals to PID 1 itself)
+         ◀── "exit CODE" (the client exits with it)
+
+The worker is exactly `zviz run` (runtime/commands.cmd_run) with the client's cwd, argv
+and stdio: it creates the container, is PID 1's subreaper and reaper, records the
+exit status and deletes the container.
+
+Eligibility (else the client runs everything itself, the slow way): the client is
+root, in the server's mount, pid, user, network and cgroup namespaces and in the same
+cgroup (a relative cgroupsPath resolves the same), and asks for plain `run` (no
+--detach, terminal, console socket, pid file or preserved fds). The socket lives in
+/run/zviz (0700) with mode 0600; the server also checks SO_PEERCRED.
+
+The server exits after IDLE_S (20 s) without clients, removing its socket. Set
+ZVIZ_NO_FORKSERVER=1 to never use (or start) it.
+"""
+
+import _signal
+import _socket
+import os
+import struct
+import sys
+
+# One server per machine, whatever --root a run names (the worker uses the run's own
+# --root): /run/zviz is root's 0700 directory.
+SERVER_DIR = "/run/zviz"
+SOCKET_NAME = ".zviz-run.sock"
+IDLE_S = 20.0
+_INELIGIBLE_FLAGS = frozenset(
+    (
+        "-d",
+        "--detach",
+        "-t",
+        "--tty",
+        "--console-socket",
+        "--pid-file",
+        "--preserve-fds",
+        "--help",
+        "-h",
+    )
+)
+_COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
+# _signal, not signal: the latter imports enum (~3 ms) on the client's path.
+_FORWARDED = (
+    _signal.SIGHUP,
+    _signal.SIGINT,
+    _signal.SIGQUIT,
+    _signal.SIGTERM,
+    _signal.SIGUSR1,
+    _signal.SIGUSR2,
+    _signal.SIGWINCH,
+    _signal.SIGCONT,
+)
+
+
+# --- client (runs before argparse/json are imported) ---------------------------------------
+
+
+def is_plain_run(argv: list[str]) -> bool:
+    """True for a `zviz run` this fast path may serve.
+
+    A hand parse of the global flags: argparse and json would cost the ~10 ms this
+    path exists to save.
+    """
+    if os.environ.get("ZVIZ_NO_FORKSERVER") or os.geteuid() != 0:
+        return False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "run":
+            rest = argv[i + 1 :]
+            return not any(a.split("=", 1)[0] in _INELIGIBLE_FLAGS for a in rest)
+        if arg in ("--root", "--log", "--log-format", "--criu", "--rootless") and i + 1 < len(argv):
+            i += 2
+            continue
+        if not arg.startswith("-"):
+            return False  # another command
+        i += 1
+    return False
+
+
+def try_run(argv: list[str]) -> int | None:
+    """Run `zviz run` through the fork server; None when the caller must do it itself."""
+    if not is_plain_run(argv):
+        return None
+    path = os.path.join(SERVER_DIR, SOCKET_NAME)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        _start_server()
+        return None
+    try:
+        payload = b"\0".join([os.getcwd().encode(), *(a.encode() for a in argv)])
+        sock.sendmsg(
+            [payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
+        )
+        return _follow(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+
+
+def _follow(sock) -> int | None:
+    pid = 0
+
+    def forward(sig, _frame):
+        if pid:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for sig in _FORWARDED:
+        _signal.signal(sig, forward)
+    while True:
+        message = sock.recv(4096)
+        if not message:
+            sys.stderr.write("zviz: the run supervisor went away\n")
+            return 1
+        kind, _, value = message.partition(b" ")
+        if kind == b"pid":
+            pid = int(value)
+        elif kind == b"exit":
+            return int(value)
+        elif kind == b"fallback":
+            return None
+
+
+def _start_server() -> None:
+    """Start a server in the background (this run still goes the slow way)."""
+    try:
+        os.makedirs(SERVER_DIR, mode=0o700, exist_ok=True)
+        child = os.fork()
+    except OSError:
+        return
+    if child == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(devnull, fd)
+                os.closerange(3, 1 << 16)
+                os.execv(sys.executable, [sys.executable, "-m", "runtime.forkserver"])
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
+
+
+# --- server ------------------------------------------------------------------------------
+
+
+def _namespaces_and_cgroup(pid: str) -> tuple:
+    ids = tuple(os.stat(f"/proc/{pid}/ns/{name}").st_ino for name in _COMPARED_NAMESPACES)
+    with open(f"/proc/{pid}/cgroup") as f:
+        return ids, f.read()
+
+
+def serve(directory: str = SERVER_DIR) -> None:
+    # Import everything a run needs once, before any client arrives.
+    import importlib
+
+    from runtime import cli, commands, process
+
+    # Everything a run imports, also lazily (found by diffing sys.modules around a run).
+    for name in (
+        "runtime.cgroups",
+        "runtime.cgroups.v1",
+        "runtime.cgroups.v2",
+        "runtime.container",
+        "runtime.spec",
+        "runtime.rootfs",
+        "runtime.console",
+        "resource",
+        "select",
+        "shutil",
+        "ipaddress",
+        "locale",
+        "fnmatch",
+    ):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    commands.prebuild_parser()
+    import socket  # the server may pay for the full module; the client must not
+
+    process.security_layer()  # imports runtime.security when present
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, SOCKET_NAME)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+        return  # another server already answers
+    except OSError:
+        pass
+    finally:
+        probe.close()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    listener.settimeout(IDLE_S)
+    mine = _namespaces_and_cgroup("self")
+    workers: set[int] = set()
+
+    def reap(_sig=None, _frame=None):
+        while workers:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                workers.clear()
+                return
+            if pid == 0:
+                return
+            workers.discard(pid)
+
+    _signal.signal(_signal.SIGCHLD, reap)
+    try:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                reap()
+                if not workers:
+                    return
+                continue
+            try:
+                _serve_one(conn, mine, workers, cli)
+            finally:
+                conn.close()
+    finally:
+        listener.close()
+        try:
+            if os.stat(path).st_ino and os.path.exists(path):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _serve_one(conn, mine, workers: set[int], cli) -> None:
+    conn.settimeout(5)
+    creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    peer_pid, peer_uid, _ = struct.unpack("3i", creds)
+    data, ancillary, _, _ = conn.recvmsg(65536, _socket.CMSG_SPACE(3 * 4))
+    fds = []
+    for level, kind, payload in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+    try:
+        eligible = peer_uid == 0 and len(fds) == 3 and _namespaces_and_cgroup(str(peer_pid)) == mine
+    except OSError:
+        eligible = False
+    if not eligible:
+        for fd in fds:
+            os.close(fd)
+        conn.send(b"fallback")
+        return
+    worker = os.fork()
+    if worker == 0:
+        code = 1
+        try:
+            code = _work(conn, data, fds, cli)
+        finally:
+            os._exit(code)
+    workers.add(worker)
+    for fd in fds:
+        os.close(fd)
+
+
+def _work(conn, data: bytes, fds: list[int], cli) -> int:
+    """In the worker: become the client's `zviz run`, report the pid and the exit code."""
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    os.setsid()
+    cwd, *argv = (part.decode() for part in data.split(b"\0"))
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the client's stdio, owned by the client
+    sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+    os.chdir(cwd)
+    conn.settimeout(None)
+
+    def on_pid(pid: int) -> None:
+        try:
+            conn.send(b"pid %d" % pid)
+        except OSError:
+            pass
+
+    code = cli.main(argv, on_pid=on_pid)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        conn.send(b"exit %d" % code)
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    serve()
