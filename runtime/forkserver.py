@@ -198,6 +198,7 @@ def serve(directory: str = SERVER_DIR) -> None:
 
     process.security_layer()  # imports runtime.security when present
     os.makedirs(directory, mode=0o700, exist_ok=True)
+    os.chdir("/")  # hold no client's directory; workers chdir to theirs
     path = os.path.join(directory, SOCKET_NAME)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
