@@ -341,3 +341,89 @@ def test_hand_encoded_process_details_is_a_string_field():
     assert wire.length_delimited_fields(raw) == {1: b"exec-1"}
     with pytest.raises(wire.WireError):
         wire.length_delimited_fields(raw[:-1])
+
+
+# ---- stdio with real fifos --------------------------------------------------------------------
+
+
+def _stdio_scenario(tmp_path, body):
+    from shim.stdio import Stdio
+
+    stdin_path = str(tmp_path / "stdin")
+    stdout_path = str(tmp_path / "stdout")
+    os.mkfifo(stdin_path)
+    os.mkfifo(stdout_path)
+
+    async def run():
+        out_reader = os.open(stdout_path, os.O_RDONLY | os.O_NONBLOCK)  # the client's end
+        stdio = await Stdio.open(
+            stdin_path,
+            stdout_path,
+            "",
+            terminal=False,
+            container_id="c",
+            namespace="n",
+            console_dir=str(tmp_path),
+        )
+        try:
+            return await body(stdio, stdin_path, out_reader)
+        finally:
+            stdio.close()
+            os.close(out_reader)
+
+    return asyncio.run(run())
+
+
+async def _read_until_eof(fd: int, timeout: float = 10) -> bytes:
+    os.set_blocking(fd, False)
+    data = b""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            if not chunk:
+                return data
+            data += chunk
+
+
+def test_stdin_ends_when_the_client_closes_even_if_it_connects_late(tmp_path):
+    async def body(stdio, stdin_path, _):
+        process_stdin = stdio.child[0]
+        await asyncio.sleep(0.1)  # no writer yet: the process must not see EOF
+        os.set_blocking(process_stdin, False)
+        with pytest.raises(BlockingIOError):
+            os.read(process_stdin, 10)
+        writer = os.open(stdin_path, os.O_WRONLY)
+        os.write(writer, b"hello\n")
+        os.close(writer)
+        return await _read_until_eof(process_stdin)
+
+    assert _stdio_scenario(tmp_path, body) == b"hello\n"
+
+
+def test_close_io_ends_stdin_while_the_client_still_holds_it(tmp_path):
+    async def body(stdio, stdin_path, _):
+        writer = os.open(stdin_path, os.O_WRONLY)
+        try:
+            os.write(writer, b"partial")
+            await asyncio.sleep(0.05)
+            stdio.close_stdin()
+            return await _read_until_eof(stdio.child[0])
+        finally:
+            os.close(writer)
+
+    assert _stdio_scenario(tmp_path, body) == b"partial"
+
+
+def test_stdout_is_the_fifo_itself_and_ends_with_the_process(tmp_path):
+    async def body(stdio, _, out_reader):
+        process_stdout = os.dup(stdio.child[1])
+        stdio.spawned()  # the shim drops its copy: only the "process" writes now
+        os.write(process_stdout, b"output\n")
+        os.close(process_stdout)  # the process exits
+        return await _read_until_eof(out_reader)
+
+    assert _stdio_scenario(tmp_path, body) == b"output\n"
