@@ -65,7 +65,10 @@ class Task:
         if proc is self.init:
             # An OOM kill of the init is reported before its exit, as containerd expects.
             self._report_ooms(self.service.daemon.loop)
-            self.container.record_exit(proc.wait_status)
+            try:
+                self.container.record_exit(proc.wait_status)
+            except Exception:  # noqa: BLE001 - the exit event below must go out regardless
+                log.exception("recording the exit of %s", self.id, extra={"container": self.id})
             if not self.own_pid_namespace:
                 # Without its own pid namespace nothing kills the init's orphans for us:
                 # they die with it, as under runc.
@@ -231,6 +234,8 @@ class TaskService(shim_ttrpc.TaskService):
             task.watch_oom(loop)
         except BaseException:
             self.tasks.pop(request.id, None)
+            if task.init is not None and task.init.pid:
+                self.reaper.unregister(task.init.pid)  # the core reaps it; the pid may be reused
             if task.container is not None:
                 with contextlib.suppress(Exception):
                     task.container.delete(force=True)
