@@ -270,6 +270,7 @@ def test_unix_peer_sees_the_container_user_not_the_broker(probes):
         with conn:
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             seen["pid"], seen["uid"], seen["gid"] = struct.unpack("3i", creds)
+            conn.recv(10)  # the probe writes before it reports: close only after that
 
     thread = threading.Thread(target=accept)
     thread.start()
