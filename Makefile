@@ -5,7 +5,7 @@ PY      := $(VENV)/bin/python
 ZVIZ    := $(VENV)/bin/zviz
 BUILD   := _build
 DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
-            qemu-system-x86 linux-image-amd64
+            qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev
 
 .PHONY: install deps venv demo test test-fast lint bench proto clean
 
