@@ -34,6 +34,7 @@ import sys
 SERVER_DIR = "/run/zviz"
 SOCKET_NAME = ".zviz-run.sock"
 IDLE_S = 20.0
+_TITLE_ROOM = " " * 2048
 _INELIGIBLE_FLAGS = frozenset(
     (
         "-d",
@@ -100,7 +101,9 @@ def try_run(argv: list[str]) -> int | None:
         _start_server()
         return None
     try:
-        payload = b"\0".join([os.getcwd().encode(), *(a.encode() for a in argv)])
+        payload = b"\0".join(
+            [os.getcwd().encode(), sys.argv[0].encode(), *(a.encode() for a in argv)]
+        )
         sock.sendmsg(
             [payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
         )
@@ -152,7 +155,8 @@ def _start_server() -> None:
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
                 os.closerange(3, 1 << 16)
-                os.execv(sys.executable, [sys.executable, "-m", "runtime.forkserver"])
+                # The blank argument reserves room for each worker's cmdline (see _retitle).
+                os.execv(sys.executable, [sys.executable, "-m", "runtime.forkserver", _TITLE_ROOM])
         finally:
             os._exit(0)
     os.waitpid(child, 0)
@@ -287,11 +291,32 @@ def _serve_one(conn, mine, workers: set[int], cli) -> None:
         os.close(fd)
 
 
+def _retitle(argv: list[str]) -> None:
+    """Make /proc/<worker>/cmdline the client's `zviz ... run ... ID`.
+
+    ps, leak checks and tests find a container's supervisor (and its broker, forked
+    from it) by that command line, as with a plain `zviz run`. The server's argv area
+    (with _TITLE_ROOM reserved) is overwritten in place; longer command lines are cut.
+    """
+    import ctypes
+
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    arg_start, arg_end = int(fields[45]), int(fields[46])  # stat fields 48 and 49
+    room = arg_end - arg_start
+    if room <= 1:
+        return
+    title = b"\0".join(a.encode() for a in argv)[: room - 1]
+    ctypes.memmove(arg_start, title, len(title))
+    ctypes.memset(arg_start + len(title), 0, room - len(title))
+
+
 def _work(conn, data: bytes, fds: list[int], cli) -> int:
     """In the worker: become the client's `zviz run`, report the pid and the exit code."""
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     os.setsid()
-    cwd, *argv = (part.decode() for part in data.split(b"\0"))
+    cwd, argv0, *argv = (part.decode() for part in data.split(b"\0"))
+    _retitle([argv0, *argv])
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
