@@ -25,6 +25,7 @@ import pytest
 
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client
+from shim import config as shim_config
 
 pytestmark = pytest.mark.containerd
 
@@ -44,11 +45,12 @@ def no_leftovers(containerd):
     # a container whose root is mapped to an unprivileged uid (zviz's profiles) cannot
     # traverse to reach its rootfs.
     os.chmod(containerd.base, 0o711)
-    state_root = os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
+    # This containerd's runtime state only: other test sessions may run containers now.
+    state_root = shim_config.runtime_root(containerd.address, containerd.namespace)
 
     def runtime_state() -> set[str]:
         found = set()
-        for dirpath, _, files in os.walk(os.path.join(state_root, "r")):
+        for dirpath, _, files in os.walk(state_root):
             found.update(os.path.join(dirpath, f) for f in files)
         return found
 
