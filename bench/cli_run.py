@@ -53,6 +53,18 @@ def main() -> None:
                 bundle,
                 f"zviz-bench-{i}",
             ],
+            # The same without the fork server (runtime/forkserver.py): every import paid.
+            "zviz-cold": lambda i: [
+                "env",
+                "ZVIZ_NO_FORKSERVER=1",
+                _zviz(),
+                "--root",
+                os.path.join(work, "zviz"),
+                "run",
+                "--bundle",
+                bundle,
+                f"zviz-bench-cold-{i}",
+            ],  # fmt: skip
             "runc": lambda i: [
                 "runc",
                 "--root",
@@ -81,15 +93,15 @@ def main() -> None:
                 if name not in skipped:
                     samples[name].append(_time(argv(i), bundle))
         print(f"/bin/true, {RUNS} interleaved runs each (wall time of `<runtime> run`)")
-        print(f"{'runtime':<8} {'median ms':>10} {'p90 ms':>8} {'median vs runc':>15}")
+        print(f"{'runtime':<10} {'median ms':>10} {'p90 ms':>8} {'median vs runc':>15}")
         base = statistics.median(samples["runc"]) if samples.get("runc") else None
         for name, values in samples.items():
             if name in skipped:
-                print(f"{name:<8} skipped: {skipped[name]}")
+                print(f"{name:<10} skipped: {skipped[name]}")
                 continue
             median = statistics.median(values)
             ratio = f"{median / base:.2f}x" if base else "-"
-            print(f"{name:<8} {median * 1000:>10.1f} {_p90(values) * 1000:>8.1f} {ratio:>15}")
+            print(f"{name:<10} {median * 1000:>10.1f} {_p90(values) * 1000:>8.1f} {ratio:>15}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -210,7 +210,7 @@ def test_fork_server_and_direct_runs_behave_alike(zviz, make_bundle):
 
     bundle = make_bundle(["sh", "-c", "echo out; echo err >&2; exit 5"])
     zviz.run(bundle)  # starts the server if none runs
-    socket_path = os.path.join(forkserver.SERVER_DIR, forkserver.SOCKET_NAME)
+    socket_path = forkserver.socket_path(forkserver._namespaces_and_cgroup("self"))
     deadline = time.monotonic() + 10
     while not os.path.exists(socket_path):
         assert time.monotonic() < deadline, "the fork server never started"

@@ -32,7 +32,7 @@ import sys
 # One server per machine, whatever --root a run names (the worker uses the run's own
 # --root): /run/zviz is root's 0700 directory.
 SERVER_DIR = "/run/zviz"
-SOCKET_NAME = ".zviz-run.sock"
+SOCKET_NAME = ".zviz-run-%08x.sock"
 IDLE_S = 20.0
 _TITLE_ROOM = " " * 2048
 _INELIGIBLE_FLAGS = frozenset(
@@ -92,7 +92,7 @@ def try_run(argv: list[str]) -> int | None:
     """Run `zviz run` through the fork server; None when the caller must do it itself."""
     if not is_plain_run(argv):
         return None
-    path = os.path.join(SERVER_DIR, SOCKET_NAME)
+    path = socket_path(_namespaces_and_cgroup("self"))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
@@ -165,6 +165,14 @@ def _start_server() -> None:
 # --- server ------------------------------------------------------------------------------
 
 
+def socket_path(identity: tuple) -> str:
+    """One server per (namespaces, cgroups) identity: a client only ever reaches a
+    server it is eligible for, and a server in another cgroup never shadows its own."""
+    import zlib
+
+    return os.path.join(SERVER_DIR, SOCKET_NAME % zlib.crc32(repr(identity).encode()))
+
+
 def _namespaces_and_cgroup(pid: str) -> tuple:
     ids = tuple(os.stat(f"/proc/{pid}/ns/{name}").st_ino for name in _COMPARED_NAMESPACES)
     with open(f"/proc/{pid}/cgroup") as f:
@@ -203,7 +211,8 @@ def serve(directory: str = SERVER_DIR) -> None:
     process.security_layer()  # imports runtime.security when present
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chdir("/")  # hold no client's directory; workers chdir to theirs
-    path = os.path.join(directory, SOCKET_NAME)
+    mine = _namespaces_and_cgroup("self")
+    path = os.path.join(directory, os.path.basename(socket_path(mine)))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -224,7 +233,6 @@ def serve(directory: str = SERVER_DIR) -> None:
         os.umask(old_umask)
     listener.listen(64)
     listener.settimeout(IDLE_S)
-    mine = _namespaces_and_cgroup("self")
     workers: set[int] = set()
 
     def reap(_sig=None, _frame=None):
