@@ -257,7 +257,7 @@ def serve(directory: str = SERVER_DIR) -> None:
                     return
                 continue
             try:
-                _serve_one(conn, mine, workers, cli)
+                _serve_one(conn, mine, workers, cli, listener)
             finally:
                 conn.close()
     finally:
@@ -269,7 +269,7 @@ def serve(directory: str = SERVER_DIR) -> None:
             pass
 
 
-def _serve_one(conn, mine, workers: set[int], cli) -> None:
+def _serve_one(conn, mine, workers: set[int], cli, listener) -> None:
     conn.settimeout(5)
     creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     peer_pid, peer_uid, _ = struct.unpack("3i", creds)
@@ -291,6 +291,7 @@ def _serve_one(conn, mine, workers: set[int], cli) -> None:
     if worker == 0:
         code = 1
         try:
+            listener.close()  # a long run must not keep the server's socket alive
             code = _work(conn, data, fds, cli)
         finally:
             os._exit(code)
