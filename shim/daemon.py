@@ -103,11 +103,8 @@ class Daemon:
             await self.server.shutdown(timeout=2.0)
         await self.publisher.drain(PUBLISH_DRAIN_SECONDS)
         await self.publisher.close()
-        for task in list(self.service.tasks.values()):
-            # SIGTERM with containers left: leave them to containerd's `delete`, but
-            # do not keep their fds or mounts in this process.
-            with contextlib.suppress(Exception):
-                task.release(self.loop)
+        # Containers still running (SIGTERM) are left as they are, mounts included:
+        # containerd cleans each of them up through `delete` once our socket is gone.
 
     # ---- containers coming and going -----------------------------------------------
 
