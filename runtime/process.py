@@ -145,6 +145,7 @@ def spawn_init(request: Request, log) -> Spawned:
         )
     child_end.close()
     _close_all(fd for _, fd in join_fds)
+    early_join = _start_early_join(request.cgroup, child)
     pid1 = None
     ready = False
     try:
@@ -173,6 +174,7 @@ def spawn_init(request: Request, log) -> Spawned:
                 # PID 1 builds its rootfs meanwhile and waits for "joined" before
                 # anything can fork or run.
                 if request.cgroup is not None:
+                    _wait_early_join(early_join)
                     request.cgroup.add_pid(pid1)
                 try:
                     parent_end.send("joined")
@@ -195,7 +197,42 @@ def spawn_init(request: Request, log) -> Spawned:
             _kill_and_reap(child)
         if pid1 is not None:
             _kill(pid1)
+        _wait_early_join(early_join)
         raise
+
+
+def _start_early_join(cgroup, pid: int):
+    """Move the namespace child into the cgroup from a thread, right at fork time.
+
+    On cgroup v1 the first cgroup.procs write waits for an RCU grace period (~8 ms);
+    started now, it passes while the child sets up namespaces, and PID 1's own join
+    (which is what counts: PID 1 is forked before this may finish) is then quick.
+    Returns a lock released when done (None: nothing started).
+    """
+    if cgroup is None:
+        return None
+    import _thread
+
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def join() -> None:
+        try:
+            cgroup.add_pid(pid)
+        except Exception:  # noqa: BLE001 - only a warm-up: PID 1's own join reports errors
+            pass
+        finally:
+            done.release()
+
+    _thread.start_new_thread(join, ())
+    return done
+
+
+def _wait_early_join(done) -> None:
+    """Before anything forks or returns: the warm-up thread must be finished."""
+    if done is not None and done.locked():
+        done.acquire()
+        done.release()
 
 
 def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
