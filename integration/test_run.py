@@ -227,3 +227,34 @@ def test_fork_server_and_direct_runs_behave_alike(zviz, make_bundle):
     assert (fast.returncode, fast.stdout, fast.stderr) == (5, "out\n", "err\n")
     assert (direct.returncode, direct.stdout, direct.stderr) == (5, "out\n", "err\n")
     assert os.listdir(zviz.root) == []
+
+
+def test_workload_starts_with_no_ignored_signals(zviz, make_bundle):
+    """Python ignores SIGPIPE/SIGXFSZ and a caller may ignore more (nohup): none of it leaks in."""
+    import signal as signals
+    import subprocess
+
+    def ignore_hangup_and_interrupt():
+        signals.signal(signals.SIGHUP, signals.SIG_IGN)
+        signals.signal(signals.SIGINT, signals.SIG_IGN)
+
+    result = subprocess.run(
+        [
+            zviz.binary,
+            "--root",
+            zviz.root,
+            "run",
+            "--bundle",
+            make_bundle(["cat", "/proc/self/status"]),
+            unique_id(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=ignore_hangup_and_interrupt,
+        env=dict(os.environ, ZVIZ_NO_FORKSERVER="1"),
+    )
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
+    assert int(fields["SigIgn"], 16) == 0
+    assert int(fields["SigBlk"], 16) == 0

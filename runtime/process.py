@@ -413,6 +413,9 @@ def _preload(request: Request, stages: "_Stages") -> None:
     """Import now what the child needs later: after pivot_root or setns(mnt) the
     runtime's source tree and the standard library are out of reach."""
     with stages("setup"):
+        # The caller's wakeup fd (asyncio in the shim) is closed below and its number
+        # reused: a signal must never write into whatever file gets it.
+        signal.set_wakeup_fd(-1)
         import resource  # noqa: F401
 
         from runtime import console, rootfs  # noqa: F401
@@ -645,8 +648,13 @@ def _restore_default_signals() -> None:
 
     Python ignores SIGPIPE and SIGXFSZ; SIG_IGN survives execve, so undo it.
     """
-    for sig in (*_TERMINATING, signal.SIGPIPE, signal.SIGXFSZ):
+    for sig in _TERMINATING:
         signal.signal(sig, signal.SIG_DFL)
+    # Ignored signals stay ignored across execve: Python's SIGPIPE/SIGXFSZ, and
+    # whatever the caller (nohup, a shim) ignored.
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
