@@ -44,7 +44,13 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro host0 $
 mount -t proc proc $H/proc; mount -t sysfs sys $H/sys
 mount -t cgroup2 -o nsdelegate cgroup2 $H/sys/fs/cgroup
 echo "+cpuset +cpu +io +memory +pids" > $H/sys/fs/cgroup/cgroup.subtree_control
-mount -t devtmpfs dev $H/dev; mount -t tmpfs tmp $H/tmp; mount -t tmpfs run $H/run
+mount -t devtmpfs dev $H/dev
+# The guest gets fresh tmpfs /tmp and /run; a repository checked out below them (CI may
+# clone anywhere) is carried over the new mount so the guest can still import it.
+REPO=$(cat /repo_path); mkdir -p /mnt/repo
+case "$REPO" in /tmp/*|/run/*) mount --bind $H$REPO /mnt/repo ;; esac
+mount -t tmpfs tmp $H/tmp; mount -t tmpfs run $H/run
+case "$REPO" in /tmp/*|/run/*) mkdir -p $H$REPO; mount --move /mnt/repo $H$REPO ;; esac
 RW=$(cat /rw_path)
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 rw0 $H$RW || echo "@@ rw 9p mount failed"
 cp /bin/busybox $H/run/busybox; cp /guest_cmd $H/run/guest_cmd
@@ -141,6 +147,7 @@ def _initramfs(kver: str, guest_cmd: str, rw_path: str) -> bytes:
     entries.append(_cpio_entry("init", 0o100755, _INIT.encode()))
     entries.append(_cpio_entry("guest_cmd", 0o100644, guest_cmd.encode() + b"\n"))
     entries.append(_cpio_entry("rw_path", 0o100644, rw_path.encode()))
+    entries.append(_cpio_entry("repo_path", 0o100644, REPO.encode()))
     entries.append(_cpio_entry("TRAILER!!!", 0))
     # gzip -1: the 2 MB busybox shrinks; the kernel inflates it faster than TCG copies it
     return gzip.compress(b"".join(entries), compresslevel=1)

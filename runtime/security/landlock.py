@@ -131,6 +131,10 @@ class Ruleset:
         if not os.path.isdir(f"/proc/self/fd/{fd}"):
             access &= FILE_ACCESS
         access &= self.handled_fs
+        if not access:
+            # Every right asked for is newer than this kernel's ABI, so none is restricted
+            # and there is nothing to grant; the kernel would answer ENOMSG.
+            return
         rule = _PathBeneathAttr(access, fd)
         linux.raw_syscall(
             "landlock_add_rule",
