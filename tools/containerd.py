@@ -37,6 +37,9 @@ class PrivateContainerd:
     def __init__(self, base_dir: str | None = None, debug: bool = True):
         # Short base path: shim socket paths must stay under 108 bytes.
         self.base = base_dir or tempfile.mkdtemp(prefix="zc-", dir="/run")
+        # 0711 as containerd's own directories: a container whose root is mapped to an
+        # unprivileged uid (every zviz profile) must traverse it to reach its rootfs.
+        os.chmod(self.base, 0o711)
         self.root = os.path.join(self.base, "root")
         self.state = os.path.join(self.base, "state")
         self.address = os.path.join(self.base, "c.sock")
