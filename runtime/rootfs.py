@@ -21,6 +21,7 @@ from runtime import errors, linux
 
 # Option name -> (flags to set, flags to clear).
 _FLAG_OPTIONS = {
+    "defaults": (0, 0),  # fstab's word for "no flags": never filesystem data
     "ro": (linux.MS_RDONLY, 0),
     "rw": (0, linux.MS_RDONLY),
     "nosuid": (linux.MS_NOSUID, 0),

@@ -1,7 +1,8 @@
 """The rootfs mounts containerd sends in Create, mounted at `<bundle>/rootfs`.
 
-Options are read as containerd's `mount.Mount` does: known words become mount flags,
-the rest is the filesystem's data string (overlay's lowerdir/upperdir/workdir).
+Options are read as containerd's `mount.Mount` does, by the same table config.json's
+mounts use: known words become mount flags, the rest is the filesystem's data string
+(overlay's lowerdir/upperdir/workdir).
 """
 
 import errno
@@ -9,62 +10,9 @@ import os
 
 from runtime import linux
 from runtime.errors import InvalidArgument
+from runtime.rootfs import parse_options  # one reading of mount options, as in config.json
 
-# option -> (flags to clear, flags to set)
-_FLAGS = {
-    "async": (linux.MS_SYNCHRONOUS, 0),
-    "atime": (linux.MS_NOATIME, 0),
-    "bind": (0, linux.MS_BIND),
-    "defaults": (0, 0),
-    "dev": (linux.MS_NODEV, 0),
-    "diratime": (linux.MS_NODIRATIME, 0),
-    "dirsync": (0, linux.MS_DIRSYNC),
-    "exec": (linux.MS_NOEXEC, 0),
-    "mand": (0, linux.MS_MANDLOCK),
-    "noatime": (0, linux.MS_NOATIME),
-    "nodev": (0, linux.MS_NODEV),
-    "nodiratime": (0, linux.MS_NODIRATIME),
-    "noexec": (0, linux.MS_NOEXEC),
-    "nomand": (linux.MS_MANDLOCK, 0),
-    "norelatime": (linux.MS_RELATIME, 0),
-    "nostrictatime": (linux.MS_STRICTATIME, 0),
-    "nosuid": (0, linux.MS_NOSUID),
-    "rbind": (0, linux.MS_BIND | linux.MS_REC),
-    "relatime": (0, linux.MS_RELATIME),
-    "remount": (0, linux.MS_REMOUNT),
-    "ro": (0, linux.MS_RDONLY),
-    "rw": (linux.MS_RDONLY, 0),
-    "strictatime": (0, linux.MS_STRICTATIME),
-    "suid": (linux.MS_NOSUID, 0),
-    "sync": (0, linux.MS_SYNCHRONOUS),
-}
-_PROPAGATION = {
-    "private": linux.MS_PRIVATE,
-    "rprivate": linux.MS_PRIVATE | linux.MS_REC,
-    "shared": linux.MS_SHARED,
-    "rshared": linux.MS_SHARED | linux.MS_REC,
-    "slave": linux.MS_SLAVE,
-    "rslave": linux.MS_SLAVE | linux.MS_REC,
-    "unbindable": linux.MS_UNBINDABLE,
-    "runbindable": linux.MS_UNBINDABLE | linux.MS_REC,
-}
 _ALLOWED_TYPES = {"overlay", "bind", "rbind", "tmpfs", "ext4", "xfs", "btrfs"}
-
-
-def parse_options(options) -> tuple[int, int, str]:
-    """(flags, propagation flags, data) of a containerd mount's options."""
-    flags = 0
-    propagation = 0
-    data = []
-    for option in options:
-        if option in _FLAGS:
-            clear, set_ = _FLAGS[option]
-            flags = (flags & ~clear) | set_
-        elif option in _PROPAGATION:
-            propagation |= _PROPAGATION[option]
-        else:
-            data.append(option)
-    return flags, propagation, ",".join(data)
 
 
 def mount_all(mounts, target: str) -> None:

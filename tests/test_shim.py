@@ -244,6 +244,8 @@ def test_mount_options_split_flags_and_data():
     assert data == "index=off,lowerdir=/a:/b,upperdir=/u,workdir=/w"
     flags, _, data = parse_options(["rbind", "ro", "rw"])
     assert flags == linux.MS_BIND | linux.MS_REC and data == ""
+    flags, _, data = parse_options(["defaults", "nodev"])
+    assert flags == linux.MS_NODEV and data == ""
 
 
 # ---- reaper ---------------------------------------------------------------------------
