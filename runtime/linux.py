@@ -110,6 +110,7 @@ _SYSCALLS = {
         "landlock_restrict_self": 446,
         "clone3": 435,
         "close_range": 436,
+        "rt_sigaction": 13,
         "bpf": 321,
     },
     "aarch64": {
@@ -130,6 +131,7 @@ _SYSCALLS = {
         "landlock_restrict_self": 446,
         "clone3": 435,
         "close_range": 436,
+        "rt_sigaction": 134,
         "bpf": 280,
     },
 }[_MACHINE]
@@ -318,3 +320,12 @@ def bpf(cmd: int, attr: bytearray, detail: str | None = None) -> int:
     """bpf(2) with a `union bpf_attr` the caller packed; the kernel may write back into it."""
     buffer = (ctypes.c_char * len(attr)).from_buffer(attr)
     return raw_syscall("bpf", ctypes.c_int(cmd), buffer, ctypes.c_uint(len(attr)), detail=detail)
+
+
+def reset_signal_disposition(sig: int) -> None:
+    """SIG_DFL for `sig` by the raw syscall: glibc (and so Python) refuses its own
+    reserved signals 32 and 33, yet an ignored one survives execve like any other."""
+    default = ctypes.create_string_buffer(32)  # handler 0 = SIG_DFL, no flags, empty mask
+    raw_syscall(
+        "rt_sigaction", ctypes.c_int(sig), default, None, ctypes.c_size_t(8), detail=str(sig)
+    )

@@ -643,6 +643,9 @@ def _exit_on_signal(sig, _frame) -> None:
     os._exit(128 + sig)
 
 
+_GLIBC_RESERVED_SIGNALS = (32, 33)
+
+
 def _restore_default_signals() -> None:
     """The workload starts with default dispositions and an empty mask.
 
@@ -655,6 +658,8 @@ def _restore_default_signals() -> None:
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) == signal.SIG_IGN:
             signal.signal(sig, signal.SIG_DFL)
+    for sig in _GLIBC_RESERVED_SIGNALS:  # invisible to valid_signals(), inheritable all the same
+        linux.reset_signal_disposition(sig)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
