@@ -210,7 +210,9 @@ def test_fork_server_and_direct_runs_behave_alike(zviz, make_bundle):
 
     bundle = make_bundle(["sh", "-c", "echo out; echo err >&2; exit 5"])
     zviz.run(bundle)  # starts the server if none runs
-    socket_path = forkserver.socket_path(forkserver._namespaces_and_cgroup("self"))
+    socket_path = forkserver.socket_path(
+        (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+    )
     deadline = time.monotonic() + 10
     while not os.path.exists(socket_path):
         assert time.monotonic() < deadline, "the fork server never started"
@@ -258,3 +260,52 @@ def test_workload_starts_with_no_ignored_signals(zviz, make_bundle):
     fields = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
     assert int(fields["SigIgn"], 16) == 0
     assert int(fields["SigBlk"], 16) == 0
+
+
+def test_fork_server_refuses_a_client_of_another_install(tmp_path):
+    """Even on its socket, a server hands back a client whose install identity differs."""
+    import subprocess
+    import sys
+
+    from runtime import forkserver
+
+    directory = str(tmp_path / "servers")
+    server = subprocess.Popen(
+        [sys.executable, "-c", f"from runtime import forkserver; forkserver.serve({directory!r})"],
+        cwd=os.path.dirname(os.path.dirname(forkserver.__file__)),
+    )
+    try:
+        mine = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+        path = os.path.join(directory, os.path.basename(forkserver.socket_path(mine)))
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path):
+            assert server.poll() is None, "the fork server exited"
+            assert time.monotonic() < deadline, "the fork server never listened"
+            time.sleep(0.05)
+        other_install = mine[0].replace("/runtime", "/other-clone/runtime")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
+            client.connect(path)
+            forkserver.send_request(client, other_install, "/", "zviz", ["run", "x"], (0, 1, 2))
+            assert client.recv(4096) == b"fallback"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        ["--profile=hostile-tenant", "run"],
+        ["--profile", "hostile-tenant", "--verbose", "run"],
+        ["run", "--profile", "hostile-tenant"],
+        ["--profile", "ci-runner", "run", "--profile=hostile-tenant"],
+    ],
+)
+def test_profile_given_before_or_after_the_command(zviz, make_bundle, placement):
+    """The README's `zviz --profile=NAME run ...` and run's own flag: the same container."""
+    bundle = make_bundle(["sh", "-c", "cat /proc/self/uid_map /sys/fs/cgroup/pids/pids.max"])
+    result = zviz(*placement, "--bundle", bundle, unique_id())
+    assert result.returncode == 0, result.stderr
+    uid_map, pids_max = result.stdout.splitlines()
+    assert uid_map.split() == ["0", "200000", "65536"]  # hostile-tenant, not ci-runner's 100000
+    assert pids_max == "64"

@@ -19,11 +19,10 @@ import os
 import signal
 import sys
 
-from runtime import errors
+from runtime import VERSION, errors
 from runtime.log import Log
 from runtime.state import DEFAULT_ROOT
 
-VERSION = "0.1.0"
 OCI_VERSION = "1.2.0"
 
 # Signals `zviz run` / `zviz exec` pass on to the process they wait for.
@@ -68,6 +67,12 @@ def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
     parser.add_argument("--rootless", default="auto", help="accepted; zviz runs as root")
     parser.add_argument("--criu", default=None, help="accepted; checkpoint is not supported")
     parser.add_argument("-v", "--version", action="store_true")
+    # The README's `zviz --profile=NAME run ...`: the same as run's and create's own
+    # flags, which win when both are given (run_cli merges them).
+    parser.add_argument("--profile", dest="global_profile", default=None, help="security profile")
+    parser.add_argument(
+        "--verbose", dest="global_verbose", action="store_true", help="log denied syscalls"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -173,11 +178,20 @@ def prebuild_parser() -> None:
     _PREBUILT = _parser()
 
 
-def run_cli(argv: list[str], on_pid=None) -> int:
-    """Parse `argv` and run the command; on_pid(pid) is told PID 1's pid by `run`."""
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line (exits with usage on bad syntax, as argparse does)."""
     wants_profiles = "profile" in argv
     parser = _PREBUILT if _PREBUILT is not None and not wants_profiles else _parser(wants_profiles)
     args = parser.parse_args(argv)
+    if args.command in ("run", "create"):
+        args.profile = args.profile or args.global_profile
+        args.verbose = args.verbose or args.global_verbose
+    return args
+
+
+def run_cli(argv: list[str], on_pid=None) -> int:
+    """Parse `argv` and run the command; on_pid(pid) is told PID 1's pid by `run`."""
+    args = parse_args(argv)
     args.on_pid = on_pid
     log = Log(args.log, args.log_format, args.debug)
     try:

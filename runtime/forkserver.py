@@ -16,10 +16,14 @@ exit status and deletes the container.
 Eligibility (else the client runs everything itself, the slow way): the client is
 root, in the server's mount, pid, user, network and cgroup namespaces and in the same
 cgroup (a relative cgroupsPath resolves the same), and asks for plain `run` (no
---detach, terminal, console socket, pid file or preserved fds). The socket lives in
-/run/zviz (0700) with mode 0600; the server also checks SO_PEERCRED.
+--detach, terminal, console socket, pid file or preserved fds), from the same install
+(interpreter, runtime package directory and release: install_identity()), so a server
+never runs another checkout's code. The socket lives in /run/zviz (0700) with mode
+0600; the server also checks SO_PEERCRED.
 
-The server exits after IDLE_S (20 s) without clients, removing its socket. Set
+The server exits after IDLE_S (20 s) without clients, removing its socket, and at the
+first client after any of its loaded runtime sources changed on disk (that client
+starts a fresh one). Set
 ZVIZ_NO_FORKSERVER=1 to never use (or start) it.
 """
 
@@ -47,6 +51,10 @@ _INELIGIBLE_FLAGS = frozenset(
         "--help",
         "-h",
     )
+)
+# runtime/commands.py's global options that take a separate value (`--root /r`).
+_GLOBAL_FLAGS_WITH_VALUE = frozenset(
+    ("--root", "--log", "--log-format", "--criu", "--rootless", "--profile")
 )
 _COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
 # _signal, not signal: the latter imports enum (~3 ms) on the client's path.
@@ -79,7 +87,7 @@ def is_plain_run(argv: list[str]) -> bool:
         if arg == "run":
             rest = argv[i + 1 :]
             return not any(a.split("=", 1)[0] in _INELIGIBLE_FLAGS for a in rest)
-        if arg in ("--root", "--log", "--log-format", "--criu", "--rootless") and i + 1 < len(argv):
+        if arg in _GLOBAL_FLAGS_WITH_VALUE and i + 1 < len(argv):
             i += 2
             continue
         if not arg.startswith("-"):
@@ -92,7 +100,8 @@ def try_run(argv: list[str]) -> int | None:
     """Run `zviz run` through the fork server; None when the caller must do it itself."""
     if not is_plain_run(argv):
         return None
-    path = socket_path(_namespaces_and_cgroup("self"))
+    install = install_identity()
+    path = socket_path((install, _namespaces_and_cgroup("self")))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
@@ -101,12 +110,7 @@ def try_run(argv: list[str]) -> int | None:
         _start_server()
         return None
     try:
-        payload = b"\0".join(
-            [os.getcwd().encode(), sys.argv[0].encode(), *(a.encode() for a in argv)]
-        )
-        sock.sendmsg(
-            [payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", 0, 1, 2))]
-        )
+        send_request(sock, install, os.getcwd(), sys.argv[0], argv, (0, 1, 2))
         return _follow(sock)
     except OSError:
         return None
@@ -138,6 +142,9 @@ def _follow(sock) -> int | None:
             return int(value)
         elif kind == b"fallback":
             return None
+        elif kind == b"stale":  # the server's code changed on disk: it has stopped
+            _start_server()
+            return None
 
 
 def _start_server() -> None:
@@ -155,6 +162,9 @@ def _start_server() -> None:
                 for fd in (0, 1, 2):
                     os.dup2(devnull, fd)
                 os.closerange(3, 1 << 16)
+                # `-m` imports from the working directory first: start in the directory
+                # holding this install's package, never a client's (another checkout).
+                os.chdir(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
                 # The blank argument reserves room for each worker's cmdline (see _retitle).
                 os.execv(sys.executable, [sys.executable, "-m", "runtime.forkserver", _TITLE_ROOM])
         finally:
@@ -165,12 +175,51 @@ def _start_server() -> None:
 # --- server ------------------------------------------------------------------------------
 
 
+def install_identity() -> str:
+    """What decides the code a server runs: the interpreter, the runtime package and the release.
+
+    A server started from one checkout must never run another checkout's `zviz run`
+    (a CI clone under /tmp beside /work/main): their socket names differ, and the server
+    also compares this string itself (the name is only a 32-bit hash).
+    """
+    from runtime import VERSION
+
+    package = os.path.dirname(os.path.realpath(__file__))
+    return repr((os.path.realpath(sys.executable), package, VERSION))
+
+
+def send_request(sock, install: str, cwd: str, argv0: str, argv: list[str], fds) -> None:
+    """The one request a client sends: who it is, where it runs, what it runs, its stdio."""
+    payload = b"\0".join(
+        [install.encode(), cwd.encode(), argv0.encode(), *(a.encode() for a in argv)]
+    )
+    sock.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", *fds))])
+
+
 def socket_path(identity: tuple) -> str:
-    """One server per (namespaces, cgroups) identity: a client only ever reaches a
-    server it is eligible for, and a server in another cgroup never shadows its own."""
+    """One server per (install, namespaces, cgroups) identity: a client only ever reaches
+    a server it is eligible for, running its own code, and a server in another cgroup
+    or of another install never shadows its own."""
     import zlib
 
     return os.path.join(SERVER_DIR, SOCKET_NAME % zlib.crc32(repr(identity).encode()))
+
+
+def _source_stamps(paths) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of each source file: a changed one means the server's code is stale."""
+    stamps = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps[path] = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamps[path] = (-1, -1)
+    return stamps
+
+
+def _loaded_sources(package: str) -> list[str]:
+    files = (getattr(module, "__file__", None) for module in list(sys.modules.values()))
+    return sorted(path for path in files if path and os.path.realpath(path).startswith(package))
 
 
 def _namespaces_and_cgroup(pid: str) -> tuple:
@@ -212,7 +261,10 @@ def serve(directory: str = SERVER_DIR) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chdir("/")  # hold no client's directory; workers chdir to theirs
     mine = _namespaces_and_cgroup("self")
-    path = os.path.join(directory, os.path.basename(socket_path(mine)))
+    install = install_identity()
+    path = os.path.join(directory, os.path.basename(socket_path((install, mine))))
+    package = os.path.dirname(os.path.realpath(__file__)) + os.sep
+    stamps = _source_stamps(_loaded_sources(package))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -231,6 +283,7 @@ def serve(directory: str = SERVER_DIR) -> None:
         listener.bind(path)
     finally:
         os.umask(old_umask)
+    bound = os.stat(path).st_ino
     listener.listen(64)
     listener.settimeout(IDLE_S)
     workers: set[int] = set()
@@ -257,29 +310,56 @@ def serve(directory: str = SERVER_DIR) -> None:
                     return
                 continue
             try:
-                _serve_one(conn, mine, workers, cli, listener)
+                # Code edited under a running server (a pull, a checkout): hand this
+                # client back and stop, so that no run executes stale modules.
+                if _source_stamps(stamps) != stamps:
+                    _withdraw(listener, path, bound)
+                    # Read the request first: unread data would reset the connection.
+                    for fd in _receive(conn)[1]:
+                        os.close(fd)
+                    conn.send(b"stale")
+                    return
+                _serve_one(conn, (install, mine), workers, cli, listener)
             finally:
                 conn.close()
     finally:
-        listener.close()
-        try:
-            if os.stat(path).st_ino and os.path.exists(path):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
+        _withdraw(listener, path, bound)
 
 
-def _serve_one(conn, mine, workers: set[int], cli, listener) -> None:
-    conn.settimeout(5)
-    creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
-    peer_pid, peer_uid, _ = struct.unpack("3i", creds)
+def _withdraw(listener, path: str, bound: int) -> None:
+    """Stop listening; remove the socket unless a newer server has bound the name since."""
+    listener.close()
+    try:
+        if os.stat(path).st_ino == bound:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _receive(conn) -> tuple[bytes, list[int]]:
+    """A client's request and the descriptors it passed (ours to close)."""
     data, ancillary, _, _ = conn.recvmsg(65536, _socket.CMSG_SPACE(3 * 4))
     fds = []
     for level, kind, payload in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += list(struct.unpack(f"{len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+    return data, fds
+
+
+def _serve_one(conn, identity: tuple, workers: set[int], cli, listener) -> None:
+    conn.settimeout(5)
+    creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    peer_pid, peer_uid, _ = struct.unpack("3i", creds)
+    data, fds = _receive(conn)
+    install, mine = identity
+    their_install, _, request = data.partition(b"\0")
     try:
-        eligible = peer_uid == 0 and len(fds) == 3 and _namespaces_and_cgroup(str(peer_pid)) == mine
+        eligible = (
+            peer_uid == 0
+            and len(fds) == 3
+            and their_install == install.encode()
+            and _namespaces_and_cgroup(str(peer_pid)) == mine
+        )
     except OSError:
         eligible = False
     if not eligible:
@@ -292,7 +372,7 @@ def _serve_one(conn, mine, workers: set[int], cli, listener) -> None:
         code = 1
         try:
             listener.close()  # a long run must not keep the server's socket alive
-            code = _work(conn, data, fds, cli)
+            code = _work(conn, request, fds, cli)
         finally:
             os._exit(code)
     workers.add(worker)

@@ -127,6 +127,9 @@ def test_sync_round_trip_and_structured_errors():
         (["run", "--pid-file", "p", "x"], False),
         (["create", "x"], False),
         (["state", "run"], False),
+        (["--profile", "hostile-tenant", "--verbose", "run", "x"], True),
+        (["--profile=hostile-tenant", "run", "--profile", "ci-runner", "x"], True),
+        (["--profile", "run", "create", "x"], False),
     ],
 )
 def test_fork_server_serves_only_plain_runs(argv, plain, monkeypatch):
@@ -135,3 +138,37 @@ def test_fork_server_serves_only_plain_runs(argv, plain, monkeypatch):
     monkeypatch.delenv("ZVIZ_NO_FORKSERVER", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert forkserver.is_plain_run(argv) is plain
+
+
+def test_fork_servers_of_different_installs_never_share_a_socket():
+    """A CI clone's `zviz run` must not reach a server running another checkout's code."""
+    from runtime import VERSION, forkserver
+
+    here = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+    clone = (here[0].replace("/runtime", "/clone/runtime"), here[1])
+    older = (here[0].replace(repr(VERSION), "'0.0.1'"), here[1])
+    assert clone[0] != here[0] and older[0] != here[0]
+    paths = {forkserver.socket_path(identity) for identity in (here, clone, older)}
+    assert len(paths) == 3
+    assert os.path.realpath(os.path.dirname(forkserver.__file__)) in here[0]
+
+
+@pytest.mark.parametrize(
+    "argv,profile,verbose",
+    [
+        (["--profile=hostile-tenant", "run", "x"], "hostile-tenant", False),
+        (["--profile", "hostile-tenant", "--verbose", "create", "x"], "hostile-tenant", True),
+        (["run", "--profile", "hostile-tenant", "--verbose", "x"], "hostile-tenant", True),
+        (
+            ["--profile", "ci-runner", "run", "--profile", "hostile-tenant", "x"],
+            "hostile-tenant",
+            False,
+        ),
+        (["run", "x"], None, False),
+    ],
+)
+def test_profile_and_verbose_are_global_or_per_command(argv, profile, verbose):
+    from runtime import commands
+
+    args = commands.parse_args(argv)
+    assert (args.profile, args.verbose) == (profile, verbose)
