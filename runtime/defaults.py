@@ -32,7 +32,10 @@ def default_config(args=("sh",), terminal: bool = True, hostname: str = "zviz") 
             "terminal": terminal,
             "user": {"uid": 0, "gid": 0},
             "args": list(args),
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "TERM=xterm"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ],
             "cwd": "/",
             "capabilities": {
                 key: list(DEFAULT_CAPABILITIES) for key in ("bounding", "effective", "permitted")
