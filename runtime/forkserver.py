@@ -257,7 +257,10 @@ def serve(directory: str = SERVER_DIR) -> None:
     commands.prebuild_parser()
     import socket  # the server may pay for the full module; the client must not
 
-    process.security_layer()  # imports runtime.security when present
+    if process.security_layer() is not None:  # imports runtime.security when present
+        from runtime.security.profiles import warm_cache
+
+        warm_cache()
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chdir("/")  # hold no client's directory; workers chdir to theirs
     mine = _namespaces_and_cgroup("self")

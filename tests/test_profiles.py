@@ -210,3 +210,18 @@ def test_update_may_not_raise_limits_above_the_profile():
     ):
         with pytest.raises(InvalidArgument, match=f"{field} .* above profile hostile-tenant"):
             security.check_resources(profile, resources)
+
+
+def test_cached_profiles_are_fresh_copies_and_follow_file_changes(tmp_path):
+    """The parse cache (warmed by the fork server) never shares per-container state or stale rules."""
+    from runtime.security.profiles import load_profile
+
+    path = tmp_path / "cached.toml"
+    path.write_text('[profile]\nname = "cached"\nextends = "ci-runner"\ndescription = "one"\n')
+    first = load_profile(str(path))
+    first.programs["oci"] = b"one container's filter"
+    second = load_profile(str(path))
+    assert second is not first and second.programs == {}
+    assert (second.description, second.digest) == ("one", first.digest)
+    path.write_text('[profile]\nname = "cached"\nextends = "ci-runner"\ndescription = "two!"\n')
+    assert load_profile(str(path)).description == "two!"
