@@ -13,6 +13,9 @@ install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
 	@# recompiling on every start costs the CLI and the shim milliseconds per container.
 	@$(PY) -m compileall -q runtime shim api tools >/dev/null
+	@# `zviz` becomes the compiled fork-server client (pip's script stays as zviz-python,
+	@# which it runs for everything it does not serve): no interpreter start per `zviz run`.
+	@$(PY) -m runtime.forkserver --build-client $(VENV)/bin
 
 # Debian packages: skipped when all are present, so repeated runs cost nothing.
 deps:

@@ -1,5 +1,6 @@
 """`zviz run`: a real container on this kernel, PID 1 of fresh namespaces, exit codes passed through."""
 
+import ctypes
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import time
 import pytest
 
 from integration.zviz_cli import Zviz, leftovers, unique_id
+from runtime import linux
 
 
 @pytest.fixture
@@ -239,6 +241,9 @@ def test_workload_starts_with_no_ignored_signals(zviz, make_bundle):
     def ignore_hangup_and_interrupt():
         signals.signal(signals.SIGHUP, signals.SIG_IGN)
         signals.signal(signals.SIGINT, signals.SIG_IGN)
+        # glibc's reserved signal 32, which Python's signal module cannot even name.
+        ignore = ctypes.create_string_buffer((1).to_bytes(8, "little"), 32)  # SIG_IGN
+        linux.raw_syscall("rt_sigaction", ctypes.c_int(32), ignore, None, ctypes.c_size_t(8))
 
     result = subprocess.run(
         [
@@ -282,7 +287,7 @@ def test_fork_server_refuses_a_client_of_another_install(tmp_path):
             assert server.poll() is None, "the fork server exited"
             assert time.monotonic() < deadline, "the fork server never listened"
             time.sleep(0.05)
-        other_install = mine[0].replace("/runtime", "/other-clone/runtime")
+        other_install = (mine[0][0], "/tmp/other-clone/runtime", mine[0][2])
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.connect(path)
             forkserver.send_request(client, other_install, "/", "zviz", ["run", "x"], (0, 1, 2))
@@ -309,3 +314,40 @@ def test_profile_given_before_or_after_the_command(zviz, make_bundle, placement)
     uid_map, pids_max = result.stdout.splitlines()
     assert uid_map.split() == ["0", "200000", "65536"]  # hostile-tenant, not ci-runner's 100000
     assert pids_max == "64"
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_installed_zviz_hands_a_plain_run_to_the_fork_server(zviz, make_bundle):
+    """`zviz` (after `make install` the compiled client, runtime/forkserver_client.c)
+    computes the server's socket name and request exactly as runtime/forkserver.py reads
+    them: PID 1's supervisor is a worker forked by the server, also with --profile first."""
+    from runtime import forkserver
+
+    zviz.run(make_bundle(["true"]))  # starts the server if none runs
+    socket_path = forkserver.socket_path(
+        (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+    )
+    deadline = time.monotonic() + 10
+    while not os.path.exists(socket_path):
+        assert time.monotonic() < deadline, "the fork server never started"
+        time.sleep(0.05)
+    container_id = unique_id()
+    run = zviz.popen(
+        "--profile", "ci-runner", "run", "--bundle", make_bundle(["sleep", "60"]), container_id
+    )
+    try:
+        pid1 = _wait_for_status(zviz, container_id, "running")["pid"]
+        supervisor = _parent(pid1)
+        with open(f"/proc/{_parent(supervisor)}/cmdline", "rb") as f:
+            assert b"runtime.forkserver" in f.read()
+        with open(f"/proc/{supervisor}/cmdline", "rb") as f:
+            assert f.read().rstrip(b"\0").split(b"\0")[-1] == container_id.encode()  # retitled
+    finally:
+        zviz("kill", container_id, "KILL")
+        run.wait(timeout=30)
+    assert run.returncode == 137, run.stderr.read()
+    assert leftovers(container_id, zviz.root) == []

@@ -175,34 +175,43 @@ def _start_server() -> None:
 # --- server ------------------------------------------------------------------------------
 
 
-def install_identity() -> str:
+def install_identity() -> tuple[str, str, str]:
     """What decides the code a server runs: the interpreter, the runtime package and the release.
 
     A server started from one checkout must never run another checkout's `zviz run`
     (a CI clone under /tmp beside /work/main): their socket names differ, and the server
-    also compares this string itself (the name is only a 32-bit hash).
+    also compares these itself (the name is only a 32-bit hash). The compiled client
+    (runtime/forkserver_client.c) has them built in.
     """
     from runtime import VERSION
 
     package = os.path.dirname(os.path.realpath(__file__))
-    return repr((os.path.realpath(sys.executable), package, VERSION))
+    return (os.path.realpath(sys.executable), package, VERSION)
 
 
-def send_request(sock, install: str, cwd: str, argv0: str, argv: list[str], fds) -> None:
-    """The one request a client sends: who it is, where it runs, what it runs, its stdio."""
-    payload = b"\0".join(
-        [install.encode(), cwd.encode(), argv0.encode(), *(a.encode() for a in argv)]
-    )
+def send_request(sock, install: tuple, cwd: str, argv0: str, argv: list[str], fds) -> None:
+    """The one request a client sends: who it is, where it runs, what it runs, its stdio.
+
+    NUL-separated: the install's three fields, cwd, argv[0], the arguments (the C
+    client builds the same bytes).
+    """
+    payload = b"\0".join(part.encode() for part in (*install, cwd, argv0, *argv))
     sock.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", *fds))])
 
 
 def socket_path(identity: tuple) -> str:
     """One server per (install, namespaces, cgroups) identity: a client only ever reaches
     a server it is eligible for, running its own code, and a server in another cgroup
-    or of another install never shadows its own."""
+    or of another install never shadows its own.
+
+    The name hashes (CRC-32) the NUL-joined install fields, namespace inode numbers
+    (decimal) and /proc/<pid>/cgroup text: simple enough for the C client to match.
+    """
     import zlib
 
-    return os.path.join(SERVER_DIR, SOCKET_NAME % zlib.crc32(repr(identity).encode()))
+    install, (namespace_ids, cgroup) = identity
+    key = "\0".join((*install, *(str(i) for i in namespace_ids), cgroup)).encode()
+    return os.path.join(SERVER_DIR, SOCKET_NAME % zlib.crc32(key))
 
 
 def _source_stamps(paths) -> dict[str, tuple[int, int]]:
@@ -355,12 +364,13 @@ def _serve_one(conn, identity: tuple, workers: set[int], cli, listener) -> None:
     peer_pid, peer_uid, _ = struct.unpack("3i", creds)
     data, fds = _receive(conn)
     install, mine = identity
-    their_install, _, request = data.partition(b"\0")
+    fields = data.split(b"\0", 3)
+    their_install, request = fields[:3], fields[3] if len(fields) == 4 else b""
     try:
         eligible = (
             peer_uid == 0
             and len(fds) == 3
-            and their_install == install.encode()
+            and their_install == [field.encode() for field in install]
             and _namespaces_and_cgroup(str(peer_pid)) == mine
         )
     except OSError:
@@ -434,5 +444,55 @@ def _work(conn, data: bytes, fds: list[int], cli) -> int:
     return 0
 
 
+def build_client(bin_dir: str) -> str:
+    """Make BIN_DIR/zviz the compiled client (runtime/forkserver_client.c); `make install` runs it.
+
+    pip's `zviz` script moves to zviz-python, which the client execs for everything
+    it does not serve itself. Returns what was done; without a C compiler the script
+    stays where it is (correct, ~9 ms slower per run).
+    """
+    import shutil
+    import subprocess
+
+    bin_dir = os.path.abspath(bin_dir)
+    entry = os.path.join(bin_dir, "zviz")
+    script = os.path.join(bin_dir, "zviz-python")
+    with open(entry, "rb") as f:
+        if f.read(2) == b"#!":  # pip's script (again, after a reinstall): keep it aside
+            shutil.copy2(entry, script)
+    try:
+        with open(script, "rb") as f:
+            interpreter = f.readline()[2:].decode().strip()  # pip's "#!/.../python3"
+    except FileNotFoundError:
+        return f"{script} missing: reinstall the package (pip install -e .)"
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler: zviz stays the Python script"
+
+    def literal(text: str) -> str:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    executable, package, version = install_identity()
+    defines = {
+        "ZVIZ_PYTHON": interpreter,
+        "ZVIZ_SCRIPT": script,
+        "ZVIZ_EXECUTABLE": executable,
+        "ZVIZ_PACKAGE": package,
+        "ZVIZ_VERSION": version,
+    }
+    source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "forkserver_client.c")
+    built = entry + ".new"
+    subprocess.run(
+        [compiler, "-O2", "-Wall", "-Werror", "-o", built, source]
+        + [f"-D{name}={literal(value)}" for name, value in defines.items()],
+        check=True,
+    )
+    os.replace(built, entry)
+    return f"{entry}: compiled client (falls back to {script})"
+
+
 if __name__ == "__main__":
-    serve()
+    if sys.argv[1:2] == ["--build-client"]:
+        print(build_client(sys.argv[2]))
+    else:
+        serve()

@@ -145,12 +145,14 @@ def test_fork_servers_of_different_installs_never_share_a_socket():
     from runtime import VERSION, forkserver
 
     here = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
-    clone = (here[0].replace("/runtime", "/clone/runtime"), here[1])
-    older = (here[0].replace(repr(VERSION), "'0.0.1'"), here[1])
-    assert clone[0] != here[0] and older[0] != here[0]
-    paths = {forkserver.socket_path(identity) for identity in (here, clone, older)}
-    assert len(paths) == 3
-    assert os.path.realpath(os.path.dirname(forkserver.__file__)) in here[0]
+    executable, package, version = here[0]
+    clone = ((executable, "/tmp/clone/runtime", version), here[1])
+    older = ((executable, package, "0.0.1"), here[1])
+    other_python = (("/usr/bin/python3.12", package, version), here[1])
+    paths = {forkserver.socket_path(identity) for identity in (here, clone, older, other_python)}
+    assert len(paths) == 4
+    assert package == os.path.realpath(os.path.dirname(forkserver.__file__))
+    assert version == VERSION
 
 
 @pytest.mark.parametrize(
