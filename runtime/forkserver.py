@@ -2,8 +2,10 @@
 
 A `zviz run` spends most of its time starting Python and importing the runtime
 (spec, security, cgroups: ~50 ms) before it does any container work. The fork server
-imports all of that once; a `zviz run` client then only starts the interpreter,
-connects, hands over its cwd, argv and stdio (SCM_RIGHTS), and waits:
+imports all of that once; a `zviz run` client then only connects, hands over its cwd,
+argv and stdio (SCM_RIGHTS), and waits. The installed client is compiled
+(runtime/forkserver_client.c, built by build_client: no interpreter start at all); the
+Python one (try_run) is its fallback and the entry without a C compiler:
 
     zviz run (client) ──unix socket──▶ fork server ──fork──▶ worker = cmd_run()
          ◀── "pid N" (client forwards its signals to PID 1 itself)
