@@ -88,7 +88,12 @@ def is_plain_run(argv: list[str]) -> bool:
         arg = argv[i]
         if arg == "run":
             rest = argv[i + 1 :]
-            return not any(a.split("=", 1)[0] in _INELIGIBLE_FLAGS for a in rest)
+            # A cluster of short flags (-dt) may hide -d or -t: the slow path parses it.
+            return not any(
+                a.split("=", 1)[0] in _INELIGIBLE_FLAGS
+                or (len(a) > 2 and a.startswith("-") and not a.startswith("--"))
+                for a in rest
+            )
         if arg in _GLOBAL_FLAGS_WITH_VALUE and i + 1 < len(argv):
             i += 2
             continue

@@ -69,9 +69,13 @@ static int is_plain_run(int argc, char **argv) {
         return 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "run") == 0) {
-            for (int j = i + 1; j < argc; j++)
+            for (int j = i + 1; j < argc; j++) {
                 if (listed(argv[j], ineligible, 1))
                     return 0;
+                /* a cluster of short flags (-dt) may hide -d or -t */
+                if (argv[j][0] == '-' && argv[j][1] && argv[j][1] != '-' && argv[j][2])
+                    return 0;
+            }
             return 1;
         }
         if (listed(argv[i], with_value, 0) && i + 1 < argc) {

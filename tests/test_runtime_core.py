@@ -130,6 +130,8 @@ def test_sync_round_trip_and_structured_errors():
         (["--profile", "hostile-tenant", "--verbose", "run", "x"], True),
         (["--profile=hostile-tenant", "run", "--profile", "ci-runner", "x"], True),
         (["--profile", "run", "create", "x"], False),
+        (["run", "-dt", "x"], False),
+        (["run", "-b", "b", "x"], True),
     ],
 )
 def test_fork_server_serves_only_plain_runs(argv, plain, monkeypatch):
