@@ -6,6 +6,7 @@ not a feature.
 """
 
 import asyncio
+import contextlib
 import fcntl
 import itertools
 import json
@@ -691,3 +692,62 @@ def test_grouping_by_pod_and_by_container(containerd, busybox_image, tmp_path):
     finally:
         for container_id in runs:
             _remove(containerd, container_id)
+
+
+# ---- a long-lived daemon holds nothing per container once it is gone --------------------------
+
+
+def _open_fds(pid: int) -> list[str]:
+    """What each fd of `pid` refers to (a pipe, socket or file), sorted: comparable across time."""
+    fd_dir = f"/proc/{pid}/fd"
+    targets = []
+    for fd in os.listdir(fd_dir):
+        with contextlib.suppress(FileNotFoundError):
+            targets.append(os.readlink(os.path.join(fd_dir, fd)))
+    return sorted(targets)
+
+
+def _kinds(targets: list[str]) -> dict[str, int]:
+    """fd targets counted by kind (socket:[inode] → socket), since inodes of new ones differ."""
+    counts: dict[str, int] = {}
+    for target in targets:
+        kind = target.split(":", 1)[0] if target.endswith("]") else target
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("runtime", [ZVIZ], ids=["zviz"], indirect=True)
+def test_daemon_fds_return_to_baseline_after_twenty_containers(
+    containerd, ctr, busybox_image, new_id
+):
+    # A per-container shim (runc's) exits with its container: only a shared daemon can leak.
+    keeper = new_id()
+    assert ctr("run", "-d", busybox_image, keeper, "sleep", "1000").returncode == 0
+    assert _wait_task_state(containerd, keeper, {"RUNNING"}) == "RUNNING"
+    shim_pid = _shim_pid(containerd, keeper)
+    baseline = _open_fds(shim_pid)
+
+    for n in range(20):
+        container_id = new_id()
+        if n % 4:
+            result = ctr("run", "--rm", busybox_image, container_id, "sh", "-c", "echo hi")
+            assert result.returncode == 0, result.stderr
+            assert result.stdout == "hi\n"
+            continue
+        # Every fourth: a detached task with an exec left running and never deleted by
+        # containerd (the task's Delete must release the exec's stdio too).
+        assert ctr("run", "-d", busybox_image, container_id, "sleep", "1000").returncode == 0
+        assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+        exec_result = ctr("task", "exec", "-d", "--exec-id", "left", container_id, "sleep", "1000")
+        assert exec_result.returncode == 0, exec_result.stderr
+        _remove(containerd, container_id)
+    assert _shim_pid(containerd, keeper) == shim_pid  # the same daemon served them all
+
+    # containerd drops its connection to a deleted task's shim on its own schedule: wait
+    # for the fds to settle, then compare.
+    deadline = time.monotonic() + 20
+    after = _open_fds(shim_pid)
+    while _kinds(after) != _kinds(baseline) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = _open_fds(shim_pid)
+    assert _kinds(after) == _kinds(baseline), (baseline, after)
