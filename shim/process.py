@@ -66,8 +66,11 @@ class Process:
         self.task.process_exited(self)
 
     def signal(self, sig: int) -> None:
-        if self.exited.is_set() or self.pid == 0:
+        if self.exited.is_set():
             raise NotFound(f"process {self.label} not found: it has already exited")
+        if self.pid == 0:
+            # Not NOT_FOUND: CRI reads that as "already exited", which this process is not.
+            raise FailedPrecondition(f"process {self.label} is not started: nothing to signal")
         try:
             if self._pidfd >= 0:
                 linux.pidfd_send_signal(self._pidfd, sig)

@@ -6,17 +6,19 @@ import asyncio
 import os
 import signal
 import time
+import types
 
 import pytest
 
 from api import typeurl
 from api.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from runtime import linux
-from runtime.errors import InvalidArgument
+from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from shim import config as shim_config
 from shim.log import LogrusFormatter
 from shim.main import UsageError, parse_flags
 from shim.mounts import parse_options
+from shim.process import Process
 from shim.reaper import Reaper, exit_code
 from shim.stats import metrics_any, metrics_v1, metrics_v2
 from shim.stdio import parse_uri
@@ -302,6 +304,22 @@ def test_reaper_routes_exits_and_keeps_early_ones():
         # tests (shim daemons) would become a zombie child of pytest.
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 0)
     assert got == {early: 7, late: 0, killed: 128 + signal.SIGTERM}
+
+
+def test_signalling_an_exec_answers_as_runcs_shim_does():
+    """Not yet started: FAILED_PRECONDITION (nothing to signal yet); finished: NOT_FOUND
+    (CRI reads NOT_FOUND as "already exited", which a created exec is not)."""
+    task = types.SimpleNamespace(id="zviz-shim-unit")
+    created = Process(task, "e1", None)
+    with pytest.raises(FailedPrecondition, match="not started"):
+        created.signal(signal.SIGKILL)
+
+    finished = Process(task, "e2", None)
+    finished.pid = _child(code=0)
+    os.waitpid(finished.pid, 0)
+    finished.exited.set()
+    with pytest.raises(NotFound, match="already exited"):
+        finished.signal(signal.SIGKILL)
 
 
 # ---- log format ----------------------------------------------------------------------------
