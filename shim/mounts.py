@@ -58,13 +58,5 @@ def unmount_all(target: str) -> None:
             raise
 
 
-def is_mountpoint(path: str) -> bool:
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == path for line in f)
-    except OSError:
-        return False
-
-
 def rootfs_path(bundle: str) -> str:
     return os.path.join(bundle, "rootfs")
