@@ -560,16 +560,33 @@ def _validate(spec, detach: bool, console_socket: str | None) -> None:
 
 
 def write_pid_file(path: str, pid: int) -> None:
-    """Atomically, as runc: go-runc reads it as soon as the command returns."""
+    """Atomically, as runc: go-runc reads it as soon as the command returns.
+
+    The directory may be shared (/tmp): the temporary file gets a name nobody can
+    guess in advance and is created O_EXCL|O_NOFOLLOW, so a planted symlink never
+    makes root truncate another file; rename() replaces a symlink at `path` itself.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(
-        os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.zviz-tmp"
+        directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(6).hex()}.zviz-tmp"
     )
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o644,
+    )
     try:
-        os.write(fd, str(pid).encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        try:
+            os.write(fd, str(pid).encode())
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _wait_readable(fd: int, timeout_s: float) -> bool:
