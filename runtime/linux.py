@@ -112,6 +112,7 @@ _SYSCALLS = {
         "close_range": 436,
         "rt_sigaction": 13,
         "bpf": 321,
+        "openat2": 437,
     },
     "aarch64": {
         "pivot_root": 41,
@@ -133,6 +134,7 @@ _SYSCALLS = {
         "close_range": 436,
         "rt_sigaction": 134,
         "bpf": 280,
+        "openat2": 437,
     },
 }[_MACHINE]
 
@@ -328,4 +330,32 @@ def reset_signal_disposition(sig: int) -> None:
     default = ctypes.create_string_buffer(32)  # handler 0 = SIG_DFL, no flags, empty mask
     raw_syscall(
         "rt_sigaction", ctypes.c_int(sig), default, None, ctypes.c_size_t(8), detail=str(sig)
+    )
+
+
+# openat2(2) resolve flags.
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+
+
+class OpenHow(ctypes.Structure):
+    _fields_ = [
+        ("flags", ctypes.c_uint64),
+        ("mode", ctypes.c_uint64),
+        ("resolve", ctypes.c_uint64),
+    ]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    how = OpenHow(flags, mode, resolve)
+    return raw_syscall(
+        "openat2",
+        ctypes.c_int(dirfd),
+        _b(path),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+        detail=path,
     )

@@ -227,12 +227,42 @@ def remount_bind(path: str, flags: int) -> None:
     linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | current | flags)
 
 
+def at_pinned(path: str, destination: str, action):
+    """action("/proc/self/fd/N") with N an O_PATH fd on `path`, opened with no symlink
+    anywhere on the way (`path` is relative to the cwd, the rootfs, and came from
+    `secure_join`, so it has none).
+
+    `secure_join` resolves a destination, then the mount happens: a shared volume
+    changed by another container in between (a directory swapped for a symlink)
+    would otherwise move the mount onto the host. The kernel then mounts on exactly
+    the directory that was checked, or zviz refuses.
+    """
+    try:
+        fd = linux.openat2(
+            linux.AT_FDCWD,
+            path,
+            os.O_PATH | os.O_CLOEXEC,
+            linux.RESOLVE_BENEATH | linux.RESOLVE_NO_SYMLINKS,
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOENT, errno.ENOTDIR):
+            raise errors.InvalidArgument(
+                f"config.json: mounts: {destination}: the destination changed while it was"
+                " being mounted (a symlink appeared inside the rootfs): refused"
+            ) from None
+        raise
+    try:
+        return action(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
 def _make_mountpoint(path: str, source: str | None, is_bind: bool) -> None:
     """Create `path` as a directory, or as a file when binding a non-directory."""
     if is_bind and source and not os.path.isdir(source):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.path.lexists(path):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
         return
     os.makedirs(path, exist_ok=True)
 
@@ -318,19 +348,31 @@ class RootfsBuilder:
             if _clean(m.destination) == "/dev":
                 self.dev_is_bind = True
             _make_mountpoint(dest, source, True)
-            linux.mount(source, dest, None, linux.MS_BIND | (flags & linux.MS_REC))
+            at_pinned(
+                dest,
+                m.destination,
+                lambda target: linux.mount(
+                    source, target, None, linux.MS_BIND | (flags & linux.MS_REC)
+                ),
+            )
             extra = flags & ~(linux.MS_BIND | linux.MS_REC | linux.MS_REMOUNT)
             if extra:
-                remount_bind(dest, extra)
+                at_pinned(dest, m.destination, lambda target: remount_bind(target, extra))
         elif m.type == "cgroup" or m.type == "cgroup2":
-            self.mount_cgroup(dest, flags)
+            self.mount_cgroup(dest, flags, m.destination)
         else:
             if m.type in ("proc", "sysfs"):
                 # Never a setuid binary, device node or executable from these.
                 flags |= linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
             _make_mountpoint(dest, None, False)
             try:
-                linux.mount(m.source or m.type, dest, m.type, flags, data or None)
+                at_pinned(
+                    dest,
+                    m.destination,
+                    lambda target: linux.mount(
+                        m.source or m.type, target, m.type, flags, data or None
+                    ),
+                )
             except OSError as exc:
                 if m.type == "sysfs" and exc.errno == errno.EPERM:
                     # sysfs needs a network namespace owned by our user namespace;
@@ -338,62 +380,78 @@ class RootfsBuilder:
                     self.log(
                         "warning", f"sysfs mount refused ({exc.strerror}): binding /sys read-only"
                     )
-                    linux.mount("/sys", dest, None, linux.MS_BIND | linux.MS_REC)
-                    remount_bind(
-                        dest, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+                    at_pinned(
+                        dest,
+                        m.destination,
+                        lambda target: linux.mount(
+                            "/sys", target, None, linux.MS_BIND | linux.MS_REC
+                        ),
+                    )
+                    at_pinned(
+                        dest,
+                        m.destination,
+                        lambda target: remount_bind(
+                            target,
+                            linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
+                        ),
                     )
                 elif m.type == "mqueue" and exc.errno in (errno.EPERM, errno.ENODEV):
                     self.log("warning", f"mqueue mount refused ({exc.strerror}): skipped")
                 else:
                     raise
         if propagation:
-            linux.mount(None, dest, None, propagation)
+            at_pinned(
+                dest, m.destination, lambda target: linux.mount(None, target, None, propagation)
+            )
 
-    def mount_cgroup(self, dest: str, flags: int) -> None:
+    def mount_cgroup(self, dest: str, flags: int, destination: str = "/sys/fs/cgroup") -> None:
         """The container's own cgroups, read-only: a tmpfs with one bind per hierarchy.
 
         Binding the container's own directories (not the hierarchy roots) keeps the
-        rest of the host's cgroup tree invisible, on cgroup v1 and v2 alike.
+        rest of the host's cgroup tree invisible, on cgroup v1 and v2 alike. Every
+        mount goes through a pinned fd (`at_pinned`): inside the fresh tmpfs nothing
+        but zviz can create a symlink.
         """
         hierarchies = _cgroup_mountpoints()
         own = sorted(self.cgroup_paths.values()) if self.cgroup_paths else []
         unified_only = len(hierarchies) == 1 and hierarchies[0][1] == "cgroup2"
         os.makedirs(dest, exist_ok=True)
+        locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
         if unified_only:
-            for path in own:
-                linux.mount(path, dest, None, linux.MS_BIND)
-                remount_bind(dest, flags | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-                return
+            if own:
+                at_pinned(
+                    dest,
+                    destination,
+                    lambda target: linux.mount(own[0], target, None, linux.MS_BIND),
+                )
+                at_pinned(dest, destination, lambda target: remount_bind(target, flags | locked))
             return
-        linux.mount(
-            "tmpfs", dest, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "mode=755"
+        at_pinned(
+            dest,
+            destination,
+            lambda target: linux.mount("tmpfs", target, "tmpfs", locked, "mode=755"),
         )
-        for mountpoint, _fstype in hierarchies:
+        at_pinned(dest, destination, lambda tmpfs: self._fill_cgroup_tmpfs(tmpfs, flags, own))
+
+    def _fill_cgroup_tmpfs(self, tmpfs: str, flags: int, own: list[str]) -> None:
+        locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+        for mountpoint, _fstype in _cgroup_mountpoints():
             mine = [p for p in own if p == mountpoint or p.startswith(mountpoint + "/")]
             if not mine:
                 continue
-            target = os.path.join(dest, os.path.relpath(mountpoint, "/sys/fs/cgroup"))
+            target = os.path.join(tmpfs, os.path.relpath(mountpoint, "/sys/fs/cgroup"))
             os.makedirs(target, exist_ok=True)
             linux.mount(mine[0], target, None, linux.MS_BIND)
-            remount_bind(target, flags | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+            remount_bind(target, flags | locked)
         try:
             for name in os.listdir("/sys/fs/cgroup"):
                 host = os.path.join("/sys/fs/cgroup", name)
-                if os.path.islink(host) and not os.path.lexists(os.path.join(dest, name)):
-                    os.symlink(os.readlink(host), os.path.join(dest, name))
+                if os.path.islink(host) and not os.path.lexists(os.path.join(tmpfs, name)):
+                    os.symlink(os.readlink(host), os.path.join(tmpfs, name))
         except OSError:
             pass
         if flags & linux.MS_RDONLY:
-            linux.mount(
-                None,
-                dest,
-                None,
-                linux.MS_REMOUNT
-                | linux.MS_RDONLY
-                | linux.MS_NOSUID
-                | linux.MS_NODEV
-                | linux.MS_NOEXEC,
-            )
+            linux.mount(None, tmpfs, None, linux.MS_REMOUNT | linux.MS_RDONLY | locked)
 
     def populate_dev(self) -> None:
         dev = secure_join(self.rootfs, "/dev")
