@@ -263,3 +263,90 @@ def test_sendmmsg_sends_each_message_and_reports_lengths(tmp_path):
     with receiver:
         assert confined(tmp_path, profile, probe) == [2, 5, 7]
         assert {receiver.recv(100), receiver.recv(100)} == {b"first", b"second!"}
+
+
+def _short_timeout(tmp_path, port: int, seconds: float = 0.5) -> str:
+    path = tmp_path / "web-loopback-short.toml"
+    path.write_text(
+        f'[profile]\nextends = "{loopback_profile(tmp_path, port)}"\n'
+        f"[broker]\ntimeout = {seconds}\n"
+    )
+    return str(path)
+
+
+def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path):
+    allowed, allowed_port = listener()
+    profile = _short_timeout(tmp_path, allowed_port)
+    stopped = []
+
+    def stop(broker_pid):
+        os.kill(broker_pid, signal.SIGSTOP)
+        stopped.append(broker_pid)
+
+    def probe():
+        s = socket.socket()
+        return errno_of(lambda: s.connect(("127.0.0.1", allowed_port)))
+
+    with allowed:
+        result = confined(tmp_path, profile, probe, after_apply=stop)
+        allowed.setblocking(False)
+        arrived = errno_of(allowed.accept)
+    assert stopped
+    # The warden's SIGKILL closed the listener: the kernel's ENOSYS, and no connection.
+    assert result == errno.ENOSYS
+    assert arrived == errno.EAGAIN
+
+
+def test_connect_unfinished_by_the_deadline_fails_and_is_undone(tmp_path):
+    """A loopback listener with a full accept queue drops SYNs: the connect hangs."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))
+    profile = _short_timeout(tmp_path, port)
+
+    def probe():
+        import time
+
+        s = socket.socket()
+        result = errno_of(lambda: s.connect(("127.0.0.1", port)))
+        full.accept()[0].close()  # room again: a SYN retransmitted now would connect
+        time.sleep(1.5)  # past the first SYN retransmission (1 s)
+        full.setblocking(False)
+        return [result, errno_of(s.getpeername), errno_of(full.accept)]
+
+    with full, filler:
+        assert confined(tmp_path, profile, probe) == [
+            errno.ETIMEDOUT,
+            errno.ENOTCONN,
+            errno.EAGAIN,
+        ]
+
+
+def test_unix_connect_to_a_full_backlog_fails_by_the_deadline(tmp_path):
+    path = str(tmp_path / "full.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(0)
+    fillers = []
+
+    def probe():
+        c = socket.socket(socket.AF_UNIX)
+        return errno_of(lambda: c.connect(path))
+
+    with server:
+        # Fill the backlog from the host (a blocking connect waits once it is full).
+        while True:
+            f = socket.socket(socket.AF_UNIX)
+            f.setblocking(False)
+            if errno_of(lambda f=f: f.connect(path)):
+                f.close()
+                break
+            fillers.append(f)
+        try:
+            result = confined(tmp_path, _short_timeout(tmp_path, 1), probe)
+        finally:
+            for f in fillers:
+                f.close()
+    assert result == errno.ETIMEDOUT

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -174,6 +175,52 @@ def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
     assert "connect-failed" in result.stdout and "CONNECTED" not in result.stdout, (
         result.stdout + result.stderr
     )
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def test_stopped_broker_makes_mediated_calls_fail_not_wait(probes, tmp_path):
+    """A stalled (SIGSTOPped) broker: its warden kills it within broker.timeout."""
+    port = 18120
+    profile = loopback_web_profile(tmp_path, port)
+    with open(profile, "a") as f:
+        f.write("[broker]\ntimeout = 0.5\n")
+    cid = f"zviz-sec-stop-{os.getpid()}"
+    stopped = []
+
+    def stopper():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not stopped:
+            for pid in _brokers(cid):
+                if _holds_listener(pid):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped.append(pid)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=stopper)
+    thread.start()
+    script = (
+        f"nc -l -p {port} >/dev/null & sleep 1.5; "
+        f"echo a | nc 127.0.0.1 {port} && echo CONNECTED || echo connect-failed"
+    )
+    try:
+        result = sh(probes, profile, script, cid=cid)
+    finally:
+        thread.join()
+        for pid in stopped:
+            if _state(pid) == "T":  # the warden failed: do not leave it stopped
+                os.kill(pid, signal.SIGKILL)
+    assert stopped, "no broker was started for a mediating profile"
+    assert "connect-failed" in result.stdout and "CONNECTED" not in result.stdout, (
+        result.stdout + result.stderr
+    )
+    assert "Function not implemented" in result.stderr, result.stderr  # ENOSYS: listener gone
 
 
 def test_verbose_logs_a_denied_mount(probes):

@@ -10,8 +10,19 @@ It answers two kinds of notification from a container's filter:
 - denied calls under --verbose: logged as one JSON line each and answered EPERM.
 
 Fail closed: any error while handling a call answers EPERM. If the broker dies, the
-kernel answers every pending and future notified call with ENOSYS; if it stalls, the
-calls wait (killable) and are never allowed.
+kernel answers every pending and future notified call with ENOSYS. A stall ends in an
+error too, within the profile's `broker.timeout` (T):
+- a call the broker has received but not started performing by its deadline (receipt
+  + T) is answered ETIMEDOUT by a watchdog thread; the worker, when it gets there,
+  sees the call answered and does nothing;
+- a call being performed is bounded by the same deadline on the broker's side: a
+  connect runs non-blocking and, if not finished in time, is aborted (connect to
+  AF_UNSPEC) before ETIMEDOUT is answered, so the caller's socket cannot connect
+  later; sends wait for room only until the deadline;
+- a whole-broker stall (stopped, deadlocked) leaves the calls unreceived in the kernel:
+  the warden, a small child process forked before the broker holds the listener,
+  expects a heartbeat from the watchdog thread at least every T and SIGKILLs the
+  broker otherwise, which closes the listener (ENOSYS for every pending call).
 
 One broker process per container that needs one (`spawn`), double-forked so it is
 nobody's child to reap; it exits when the last task using the filter has gone.
@@ -26,6 +37,7 @@ import ipaddress
 import json
 import os
 import select
+import signal
 import struct
 import threading
 import time
@@ -41,7 +53,8 @@ _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
 _RESP = struct.Struct("=QqiI")  # id, val, error, flags
 
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
-SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_DOMAIN = 1, 1, 2, 39
+SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_ERROR, SO_DOMAIN = 1, 1, 2, 4, 39
+MSG_DONTWAIT = 0x40
 CAP_NET_BIND_SERVICE = 10
 # Below this port a bind needs CAP_NET_BIND_SERVICE (the kernel default of
 # net.ipv4.ip_unprivileged_port_start; zviz does not change it in containers).
@@ -50,6 +63,10 @@ UNPRIVILEGED_PORT_START = 1024
 MAX_SEND = 4 << 20
 MAX_IOV = 1024
 MAX_IN_FLIGHT = 256
+DEFAULT_TIMEOUT = 10.0
+# A call's state in the broker: only one of the worker and the watchdog answers it,
+# and nothing is performed on a call that has been answered.
+WAITING, PERFORMING, ANSWERED = range(3)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
@@ -66,6 +83,10 @@ class Denied(Exception):
         super().__init__(reason)
         self.reason = reason
         self.errno = err
+
+
+class _Answered(Exception):
+    """The watchdog answered the call before the worker could perform it."""
 
 
 class _Iovec(ctypes.Structure):
@@ -108,6 +129,7 @@ class Broker:
         verbose: bool = False,
         container_id: str = "",
         log_fd: int = 2,
+        heartbeat_fd: int = -1,
     ):
         self.fd = listener_fd
         self.profile = profile
@@ -117,10 +139,25 @@ class Broker:
         self.mediated = {syscalls.number(n): n for n in profile.mediate}
         self._log_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self.timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
+        self.heartbeat_fd = heartbeat_fd
+        self._calls: dict[int, list] = {}  # id -> [deadline, state, note]
+        self._calls_changed = threading.Condition()
+        self._serving = True
 
     # --- the loop ---
 
     def serve(self) -> None:
+        watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        watchdog.start()
+        try:
+            self._serve()
+        finally:
+            with self._calls_changed:
+                self._serving = False
+                self._calls_changed.notify()
+
+    def _serve(self) -> None:
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         while True:
@@ -138,9 +175,13 @@ class Broker:
             note = Notification(bytes(buf))
             name = self.mediated.get(note.nr)
             if name is not None:
+                with self._calls_changed:
+                    self._calls[note.id] = [time.monotonic() + self.timeout, WAITING, note]
+                    self._calls_changed.notify()
                 # A bounded number of calls in flight: a container flooding connects
                 # waits for its own earlier calls instead of growing the broker (which
-                # lives outside the container's cgroup) without limit.
+                # lives outside the container's cgroup) without limit. Calls waiting
+                # here in the kernel are still covered by the warden's heartbeat.
                 self._slots.acquire()
                 threading.Thread(target=self._mediate, args=(note, name), daemon=True).start()
             else:
@@ -150,16 +191,79 @@ class Broker:
         try:
             fcntl.ioctl(self.fd, NOTIF_SEND, _RESP.pack(note.id, val, -err if err else 0, 0))
         except OSError as e:
-            if e.errno != errno.ENOENT:  # ENOENT: the caller is gone
+            # ENOENT: the caller is gone; EINPROGRESS: already answered (the kernel
+            # keeps the first answer only).
+            if e.errno not in (errno.ENOENT, errno.EINPROGRESS):
                 raise
 
-    def _deny(self, note: Notification, reason: str, err: int = errno.EPERM) -> None:
-        self.log(note, reason, err)
-        self.respond(note, err=err)
+    # --- deadlines ---
 
-    def log(self, note: Notification, reason: str, err: int) -> None:
-        if not self.verbose:
+    def claim(self, note: Notification) -> bool:
+        """The worker is about to perform the call: False if it has been answered already."""
+        with self._calls_changed:
+            call = self._calls.get(note.id)
+            if call is None or call[1] != WAITING:
+                return False
+            call[1] = PERFORMING
+            return True
+
+    def deadline(self, note: Notification) -> float:
+        with self._calls_changed:
+            call = self._calls.get(note.id)
+        return call[0] if call else time.monotonic()
+
+    def answer(self, note: Notification, val: int = 0, err: int = 0, reason: str = "") -> None:
+        """The worker's one answer, unless the watchdog gave one first."""
+        with self._calls_changed:
+            call = self._calls.pop(note.id, None)
+        if call is None:
             return
+        self._answer_and_log(note, reason, val, err)
+
+    def _watch(self) -> None:
+        """Answers calls that passed their deadline unperformed; beats for the warden."""
+        beat = self.timeout / 4
+        while True:
+            expired = []
+            with self._calls_changed:
+                if not self._serving:
+                    return
+                now = time.monotonic()
+                for call_id, call in list(self._calls.items()):
+                    if call[1] == WAITING and call[0] <= now:
+                        expired.append(self._calls.pop(call_id)[2])
+                # A performing call is bounded by its worker (same deadline): answering
+                # it here could report a failure for a connect that then succeeds.
+                waiting = [c[0] for c in self._calls.values() if c[1] == WAITING]
+                wait = min([beat, *(d - now for d in waiting)])
+                if not expired:
+                    self._calls_changed.wait(max(wait, 0.001))
+            for note in expired:
+                self._answer_and_log(note, "broker did not answer in time", 0, errno.ETIMEDOUT)
+            self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        if self.heartbeat_fd < 0:
+            return
+        try:
+            os.write(self.heartbeat_fd, b".")
+        except BlockingIOError:
+            pass  # the warden has not read the earlier beats yet: it knows we live
+
+    def _deny(self, note: Notification, reason: str, err: int = errno.EPERM) -> None:
+        self._answer_and_log(note, reason, 0, err)
+
+    def _answer_and_log(self, note: Notification, reason: str, val: int, err: int) -> None:
+        # The record is taken while the caller still waits (its command name), written
+        # after the answer: a log write may block on a full pipe, the caller must not.
+        line = self._record(note, reason, err) if reason else None
+        self.respond(note, val=val, err=err)
+        if line:
+            self._write_log(line)
+
+    def _record(self, note: Notification, reason: str, err: int) -> bytes | None:
+        if not self.verbose:
+            return None
         record = {
             "time": round(time.time(), 6),
             "container": self.container_id,
@@ -172,7 +276,9 @@ class Broker:
             "verdict": errno.errorcode.get(err, str(err)),
             "reason": reason,
         }
-        line = (json.dumps(record) + "\n").encode()
+        return (json.dumps(record) + "\n").encode()
+
+    def _write_log(self, line: bytes) -> None:
         with self._log_lock:
             try:
                 os.write(self.log_fd, line)
@@ -201,17 +307,19 @@ class Broker:
                 result = getattr(call, name)()
             finally:
                 call.close()
+        except _Answered:
+            return
         except Denied as d:
-            self._deny(note, d.reason, d.errno)
+            self.answer(note, err=d.errno, reason=d.reason)
             return
         except OSError as e:
             # The call itself failed (e.g. ECONNREFUSED): that is its answer.
-            self.respond(note, err=e.errno or errno.EPERM)
+            self.answer(note, err=e.errno or errno.EPERM)
             return
         except Exception as e:  # noqa: BLE001 - fail closed on anything unexpected
-            self._deny(note, f"broker error: {type(e).__name__}: {e}")
+            self.answer(note, err=errno.EPERM, reason=f"broker error: {type(e).__name__}: {e}")
             return
-        self.respond(note, val=result)
+        self.answer(note, val=result)
 
 
 def _comm(pid: int) -> str:
@@ -275,8 +383,91 @@ class _Call:
         return self.their_fd(int(self.note.args[0]) & 0xFFFFFFFF)
 
     def finish_check(self) -> None:
+        """Right before the call's side effect: the caller still waits and nobody answered."""
         if not self.broker._valid(self.note):
             raise Denied("caller vanished")
+        if not self.broker.claim(self.note):
+            raise _Answered()
+
+    def _time_left(self) -> float:
+        return self.broker.deadline(self.note) - time.monotonic()
+
+    def _blocking(self, sock: int) -> int:
+        """The socket's file status flags if the caller's socket blocks, else -1."""
+        flags = fcntl.fcntl(sock, fcntl.F_GETFL)
+        return -1 if flags & os.O_NONBLOCK else flags
+
+    def _writable_in_time(self, sock: int) -> bool:
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        while True:
+            left = self._time_left()
+            if poller.poll(max(0, int(left * 1000 + 0.999))):
+                return True
+            if left <= 0:
+                return False
+
+    def _connect_by_deadline(self, sock: int, addr: bytes) -> int:
+        """A blocking connect the caller asked for, finished or undone by the deadline.
+
+        The socket's file description is shared with the caller: it is switched to
+        non-blocking only while the caller waits in this very connect. A connect still
+        in progress at the deadline is aborted (connect to AF_UNSPEC) before ETIMEDOUT
+        is answered, so the caller's socket cannot become connected afterwards.
+        """
+        buf = ctypes.create_string_buffer(addr, len(addr))
+        flags = self._blocking(sock)
+        if flags < 0:
+            return self._raw(_libc.connect(sock, buf, len(addr)))
+        fcntl.fcntl(sock, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+        try:
+            while True:
+                if _libc.connect(sock, buf, len(addr)) == 0:
+                    return 0
+                err = ctypes.get_errno()
+                if err == errno.EINPROGRESS:
+                    break
+                if err == errno.EAGAIN and self._time_left() > 0:
+                    # A unix listener with a full backlog: a blocking connect would wait.
+                    time.sleep(min(0.01, self._time_left()))
+                    continue
+                if err == errno.EAGAIN:
+                    raise OSError(errno.ETIMEDOUT, "the broker's deadline passed")
+                if err != errno.EINTR:
+                    raise OSError(err, os.strerror(err))
+            if self._writable_in_time(sock):
+                result = ctypes.c_int(0)
+                size = ctypes.c_uint32(4)
+                _libc.getsockopt(
+                    sock, SOL_SOCKET, SO_ERROR, ctypes.byref(result), ctypes.byref(size)
+                )
+                if result.value:
+                    raise OSError(result.value, os.strerror(result.value))
+                return 0
+            unspec = struct.pack("=H", AF_UNSPEC) + b"\0" * 14
+            _libc.connect(sock, unspec, len(unspec))
+            raise OSError(errno.ETIMEDOUT, "the broker's deadline passed")
+        finally:
+            fcntl.fcntl(sock, fcntl.F_SETFL, flags)
+
+    def _send_by_deadline(self, sock: int, flags: int, send) -> int:
+        """send(flags) as the caller asked; a blocking one waits for room until the deadline.
+
+        MSG_DONTWAIT per call leaves the shared file description alone. A stream
+        socket may report a short count, as a blocking send interrupted by a signal.
+        """
+        flags &= 0xFFFFFFFF
+        if flags & MSG_DONTWAIT or self._blocking(sock) < 0:
+            return self._raw(send(flags))
+        while True:
+            sent = send(flags | MSG_DONTWAIT)
+            if sent >= 0:
+                return sent
+            err = ctypes.get_errno()
+            if err not in (errno.EAGAIN, errno.EINTR):
+                raise OSError(err, os.strerror(err))
+            if not self._writable_in_time(sock):
+                raise OSError(errno.ETIMEDOUT, "the broker's deadline passed")
 
     # Address decisions work on the broker's copy of the sockaddr.
     def decide(self, addr: bytes, rules: str) -> bytes:
@@ -408,8 +599,7 @@ class _Call:
         addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
         sock = self.sock()
         self.finish_check()
-        buf = ctypes.create_string_buffer(addr, len(addr))
-        return self._perform(sock, lambda: self._raw(_libc.connect(sock, buf, len(addr))))
+        return self._perform(sock, lambda: self._connect_by_deadline(sock, addr))
 
     def bind(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
@@ -459,9 +649,11 @@ class _Call:
         sock = self.sock()
         self.finish_check()
         abuf = ctypes.create_string_buffer(addr, len(addr))
-        flags &= 0xFFFFFFFF
         return self._perform(
-            sock, lambda: self._raw(_libc.sendto(sock, data, len(data), flags, abuf, len(addr)))
+            sock,
+            lambda: self._send_by_deadline(
+                sock, flags, lambda f: _libc.sendto(sock, data, len(data), f, abuf, len(addr))
+            ),
         )
 
     def _copy_msghdr(self, ptr: int):
@@ -527,7 +719,10 @@ class _Call:
         sock = self.sock()
         self.finish_check()
         return self._perform(
-            sock, lambda: self._raw(_libc.sendmsg(sock, ctypes.byref(msg), flags & 0xFFFFFFFF))
+            sock,
+            lambda: self._send_by_deadline(
+                sock, flags, lambda f: _libc.sendmsg(sock, ctypes.byref(msg), f)
+            ),
         )
 
     def sendmmsg(self) -> int:
@@ -551,8 +746,8 @@ class _Call:
             try:
                 n = self._perform(
                     sock,
-                    lambda m=msg: self._raw(
-                        _libc.sendmsg(sock, ctypes.byref(m), flags & 0xFFFFFFFF)
+                    lambda m=msg: self._send_by_deadline(
+                        sock, flags, lambda f: _libc.sendmsg(sock, ctypes.byref(m), f)
                     ),
                 )
             except OSError:
@@ -624,6 +819,7 @@ def _run(
             os.close(null)
         title = ctypes.create_string_buffer(b"zviz-broker")  # must outlive the prctl call
         linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
+        heartbeat_fd = _fork_warden(profile)
         message = os.read(3, 256)
         if not message:
             return  # the container went away before starting
@@ -633,9 +829,64 @@ def _run(
         os.close(pidfd)
         os.write(3, b"ok")
         os.close(3)
-        Broker(listener, profile, verbose=verbose, container_id=container_id, log_fd=log).serve()
+        broker = Broker(
+            listener,
+            profile,
+            verbose=verbose,
+            container_id=container_id,
+            log_fd=log,
+            heartbeat_fd=heartbeat_fd,
+        )
+        broker.serve()
     except Exception as e:  # noqa: BLE001
         try:
             os.write(2, f"zviz-broker: {type(e).__name__}: {e}\n".encode())
         except OSError:
             pass
+
+
+def _fork_warden(profile) -> int:
+    """Fork the warden; returns the broker's end of the heartbeat pipe.
+
+    The warden is the broker's child, forked before the broker holds the listener (it
+    must never hold it: killing the broker has to close the listener). It exits when
+    the broker does (end of file on the pipe); without a heartbeat for the profile's
+    broker.timeout it SIGKILLs the broker (held by pidfd: no pid reuse), so calls the
+    stalled broker never received fail with ENOSYS instead of waiting.
+    """
+    timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
+    beats, beat = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    broker_pidfd = linux.pidfd_open(os.getpid())
+    # The broker reaps nothing: its only child, the warden, is reaped by the kernel.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    if os.fork() != 0:
+        os.close(beats)
+        os.close(broker_pidfd)
+        return beat
+    status = 0
+    try:
+        os.close(beat)
+        # Nothing of the broker's but the pipe and the pidfd (no channel, no log).
+        for fd in map(int, os.listdir("/proc/self/fd")):
+            if fd > 2 and fd not in (beats, broker_pidfd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        title = ctypes.create_string_buffer(b"zviz-warden")
+        linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
+        poller = select.poll()
+        poller.register(beats, select.POLLIN)
+        while True:
+            if not poller.poll(int(timeout * 1000)):
+                linux.pidfd_send_signal(broker_pidfd, signal.SIGKILL)
+                break
+            try:
+                if not os.read(beats, 4096):
+                    break  # the broker exited
+            except BlockingIOError:
+                pass
+    except BaseException:  # noqa: BLE001 - the warden never runs the broker's code
+        status = 1
+    finally:
+        os._exit(status)

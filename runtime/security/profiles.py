@@ -108,6 +108,8 @@ class Profile:
     egress_deny: tuple = ()  # CIDRs refused before `egress` is consulted
     bind: tuple[PortRule, ...] = ()
     mediate: tuple[str, ...] = ()
+    # Seconds a mediated call may wait for the broker before it fails (broker.py).
+    broker_timeout: float = 10.0
     # seccomp.
     default_action: str = "EPERM"
     allow: tuple[str, ...] = ()
@@ -368,6 +370,7 @@ _TABLES = (
     "resources",
     "landlock",
     "network",
+    "broker",
     "seccomp",
 )
 
@@ -456,6 +459,13 @@ def _build(data: dict, path: str) -> Profile:
         raise InvalidArgument(
             f'{path}: network: mode is "none" but egress/mediate are set; use mode = "namespace"'
         )
+
+    brk = _Reader(path, data.get("broker", {}), "broker.")
+    timeout = brk.get("timeout", object, 10.0)
+    if type(timeout) not in (int, float) or not 0 < timeout <= 3600:
+        raise brk.error("timeout", f"must be a number of seconds in (0, 3600], got {timeout!r}")
+    p.broker_timeout = float(timeout)
+    brk.finish()
 
     sc = _Reader(path, data.get("seccomp", {}), "seccomp.")
     p.default_action = sc.get("default_action", str, "EPERM")
