@@ -350,3 +350,24 @@ def test_unix_connect_to_a_full_backlog_fails_by_the_deadline(tmp_path):
             for f in fillers:
                 f.close()
     assert result == errno.ETIMEDOUT
+
+
+def test_broker_timeout_is_validated_and_defaulted(tmp_path):
+    import pytest
+
+    from runtime.errors import InvalidArgument
+    from runtime.security.profiles import load_profile
+
+    assert load_profile("web-server").broker_timeout == 10.0
+    good = tmp_path / "good.toml"
+    good.write_text('[profile]\nextends = "web-server"\n[broker]\ntimeout = 2\n')
+    assert load_profile(str(good)).broker_timeout == 2.0
+    for bad_value in ("0", "-1", '"10s"', "7200"):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(f'[profile]\nextends = "web-server"\n[broker]\ntimeout = {bad_value}\n')
+        with pytest.raises(InvalidArgument, match=r"bad\.toml: broker\.timeout: must be a number"):
+            load_profile(str(bad))
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('[profile]\nextends = "web-server"\n[broker]\ntimeot = 2\n')
+    with pytest.raises(InvalidArgument, match=r"broker\.timeot: unknown key"):
+        load_profile(str(unknown))
