@@ -263,11 +263,13 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
         rs.allow_path("/dev", landlock.FS_READ_DIR)
         for path in profile.devices:
             rs.allow_path(path, landlock.READ)
-        writable = list(profile.writable)
-        if profile.writable_volumes:
-            writable += _writable_mounts(spec)
-        for path in dict.fromkeys(writable):
+        for path in profile.writable:
             rs.allow_path(path, landlock.READ | landlock.WRITE)
+        if profile.writable_volumes:
+            # A volume is where its mount landed, through the image's symlinks as the
+            # core resolved them; the profile's own paths above follow none.
+            for path in dict.fromkeys(_writable_mounts(spec)):
+                rs.allow_path(path, landlock.READ | landlock.WRITE, follow_symlinks=True)
         for path in profile.device_ioctl:
             rs.allow_path(path, landlock.FS_IOCTL_DEV)
         for port in profile.tcp_bind or ():
