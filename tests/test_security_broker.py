@@ -371,3 +371,44 @@ def test_broker_timeout_is_validated_and_defaulted(tmp_path):
     unknown.write_text('[profile]\nextends = "web-server"\n[broker]\ntimeot = 2\n')
     with pytest.raises(InvalidArgument, match=r"broker\.timeot: unknown key"):
         load_profile(str(unknown))
+
+
+def test_call_the_worker_has_not_performed_by_the_deadline_fails_and_stays_undone(
+    tmp_path, monkeypatch
+):
+    """The watchdog's answer. Only the slowness is injected (a delay before the worker
+    starts, standing in for a stuck or starved thread); the broker, filter and sockets
+    are real. The worker wakes after the answer and must perform nothing (the id is no
+    longer valid in the kernel, and its claim on the call fails)."""
+    import time
+
+    from runtime.security import broker
+
+    allowed, allowed_port = listener()
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", allowed_port))  # the same number, UDP
+    profile = _short_timeout(tmp_path, allowed_port, seconds=0.3)
+    mediate = broker.Broker._mediate
+
+    def slow_mediate(self, note, name):
+        time.sleep(self.timeout + 0.3)
+        mediate(self, note, name)
+
+    # Patched here, inherited by the broker process start_broker forks from this one.
+    monkeypatch.setattr(broker.Broker, "_mediate", slow_mediate)
+
+    def probe():
+        s = socket.socket()
+        connected = errno_of(lambda: s.connect(("127.0.0.1", allowed_port)))
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sent = errno_of(lambda: u.sendto(b"late", ("127.0.0.1", allowed_port)))
+        time.sleep(0.8)  # both workers have woken up (and must have done nothing)
+        return [connected, sent, errno_of(s.getpeername)]
+
+    with allowed, receiver:
+        result = confined(tmp_path, profile, probe)
+        allowed.setblocking(False)
+        receiver.setblocking(False)
+        arrived = [errno_of(allowed.accept), errno_of(lambda: receiver.recv(10))]
+    assert result == [errno.ETIMEDOUT, errno.ETIMEDOUT, errno.ENOTCONN]
+    assert arrived == [errno.EAGAIN, errno.EAGAIN]
