@@ -42,6 +42,7 @@ class Publisher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._client: Client | None = None
+        self._connecting = asyncio.Lock()
         self._sender: asyncio.Task | None = None
         self._on_disconnect = None
         self.sent = 0
@@ -94,14 +95,17 @@ class Publisher:
                 self._on_disconnect()
 
     async def _connect(self) -> Client:
-        if self._client is None or self._client.closed:
-            self._client = await Client.connect(
-                self.address,
-                timeout=CALL_TIMEOUT,
-                metadata={NAMESPACE_METADATA: self.namespace},
-            )
-            asyncio.get_running_loop().create_task(self._watch(self._client))
-        return self._client
+        # The startup connect and the first event's send race for the first connection;
+        # without the lock each would open one and the loser would stay open forever.
+        async with self._connecting:
+            if self._client is None or self._client.closed:
+                self._client = await Client.connect(
+                    self.address,
+                    timeout=CALL_TIMEOUT,
+                    metadata={NAMESPACE_METADATA: self.namespace},
+                )
+                asyncio.get_running_loop().create_task(self._watch(self._client))
+            return self._client
 
     async def _watch(self, client: Client) -> None:
         await client.wait_closed()

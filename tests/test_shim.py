@@ -447,3 +447,56 @@ def test_stdout_is_the_fifo_itself_and_ends_with_the_process(tmp_path):
         return await _read_until_eof(out_reader)
 
     assert _stdio_scenario(tmp_path, body) == b"output\n"
+
+
+# ---- event publisher -------------------------------------------------------------------
+
+
+def _socket_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def test_publisher_makes_one_connection_when_an_event_races_the_first_connect(tmp_path):
+    """The daemon connects at startup and its first Create publishes at once: both must
+    share one connection to containerd (a second one would stay open, unused, forever)."""
+    from google.protobuf import empty_pb2
+
+    from api.gen.containerd.events import task_pb2 as task_events
+    from api.gen.containerd.services.ttrpc.events.v1 import events_ttrpc
+    from api.ttrpc import Server
+    from shim.events import Publisher
+
+    class Recorder(events_ttrpc.EventsService):
+        def __init__(self) -> None:
+            self.topics: list[str] = []
+
+        async def Forward(self, request, context):
+            self.topics.append(request.envelope.topic)
+            return empty_pb2.Empty()
+
+    async def scenario():
+        recorder = Recorder()
+        server = Server()
+        server.register(recorder)
+        address = "unix://" + str(tmp_path / "events.sock")
+        await server.start(address)
+        before = _socket_fds()
+        publisher = Publisher(address, "zviz-shim-unit")
+        connecting = asyncio.get_running_loop().create_task(publisher.connect())
+        publisher.publish("/tasks/create", task_events.TaskCreate(container_id="c"))
+        await connecting
+        assert await publisher.drain(10)
+        opened = _socket_fds() - before  # our client end and the server's accepted end
+        await publisher.close()
+        await server.shutdown(timeout=5)
+        return recorder.topics, opened
+
+    topics, opened = asyncio.run(scenario())
+    assert topics == ["/tasks/create"]
+    assert opened == 2
