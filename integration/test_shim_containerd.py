@@ -697,20 +697,20 @@ def test_grouping_by_pod_and_by_container(containerd, busybox_image, tmp_path):
 # ---- a long-lived daemon holds nothing per container once it is gone --------------------------
 
 
-def _open_fds(pid: int) -> list[str]:
-    """What each fd of `pid` refers to (a pipe, socket or file), sorted: comparable across time."""
+def _open_fds(pid: int) -> dict[int, str]:
+    """What each fd of `pid` refers to (a pipe, socket or file)."""
     fd_dir = f"/proc/{pid}/fd"
-    targets = []
+    targets = {}
     for fd in os.listdir(fd_dir):
         with contextlib.suppress(FileNotFoundError):
-            targets.append(os.readlink(os.path.join(fd_dir, fd)))
-    return sorted(targets)
+            targets[int(fd)] = os.readlink(os.path.join(fd_dir, fd))
+    return targets
 
 
-def _kinds(targets: list[str]) -> dict[str, int]:
+def _kinds(fds: dict[int, str]) -> dict[str, int]:
     """fd targets counted by kind (socket:[inode] → socket), since inodes of new ones differ."""
     counts: dict[str, int] = {}
-    for target in targets:
+    for target in fds.values():
         kind = target.split(":", 1)[0] if target.endswith("]") else target
         counts[kind] = counts.get(kind, 0) + 1
     return counts
