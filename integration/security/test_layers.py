@@ -223,6 +223,47 @@ def test_stopped_broker_makes_mediated_calls_fail_not_wait(probes, tmp_path):
     assert "Function not implemented" in result.stderr, result.stderr  # ENOSYS: listener gone
 
 
+def test_broker_waits_for_start_longer_than_its_timeout(probes, tmp_path):
+    """create, then start after more than broker.timeout: the warden's clock starts
+    when the broker serves, not while it waits for the container to start."""
+    port = 18130
+    profile = loopback_web_profile(tmp_path, port)
+    with open(profile, "a") as f:
+        f.write("[broker]\ntimeout = 0.3\n")
+    script = (
+        f"nc -l -p {port} >/dev/null & sleep 0.3; "
+        f"echo a | nc 127.0.0.1 {port} && echo allowed-ok > /tmp/out; sleep 10"
+    )
+    bundle = probes.bundle(["/bin/sh", "-c", script])
+    root = os.path.join(probes.base, "root-late-start")
+    cid = f"zviz-sec-late-{os.getpid()}"
+    zviz = [probes.zviz, "--root", root]
+    quiet = {
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+    }
+    created = subprocess.run(
+        [*zviz, "create", "--profile", profile, "--bundle", bundle, cid], **quiet
+    )
+    assert created.returncode == 0
+    try:
+        time.sleep(1.0)  # > broker.timeout before the container starts
+        assert subprocess.run([*zviz, "start", cid], **quiet).returncode == 0
+        out = ""
+        for _ in range(100):
+            got = subprocess.run(
+                [*zviz, "exec", cid, "cat", "/tmp/out"], capture_output=True, text=True, timeout=60
+            )
+            out = got.stdout
+            if out:
+                break
+            time.sleep(0.05)
+    finally:
+        subprocess.run([*zviz, "delete", "-f", cid], capture_output=True)
+    assert out.strip() == "allowed-ok"
+
+
 def test_verbose_logs_a_denied_mount(probes):
     result = probes.run("zviz", "ci-runner", ["/probe", "mount"], verbose=True)
     assert "BLOCKED mount" in result.stdout

@@ -21,8 +21,9 @@ error too, within the profile's `broker.timeout` (T):
   later; sends wait for room only until the deadline;
 - a whole-broker stall (stopped, deadlocked) leaves the calls unreceived in the kernel:
   the warden, a small child process forked before the broker holds the listener,
-  expects a heartbeat from the watchdog thread at least every T and SIGKILLs the
-  broker otherwise, which closes the listener (ENOSYS for every pending call).
+  expects a heartbeat from the watchdog thread at least every T once the broker
+  serves, and SIGKILLs the broker otherwise, which closes the listener (ENOSYS for
+  every pending call).
 
 One broker process per container that needs one (`spawn`), double-forked so it is
 nobody's child to reap; it exits when the last task using the filter has gone.
@@ -877,8 +878,12 @@ def _fork_warden(profile) -> int:
         linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
         poller = select.poll()
         poller.register(beats, select.POLLIN)
+        # No deadline before the first beat: between `create` and `start` the broker
+        # waits for the listener, for as long as the container is not started, and
+        # no call can be pending before the broker serves.
+        limit = -1
         while True:
-            if not poller.poll(int(timeout * 1000)):
+            if not poller.poll(limit):
                 linux.pidfd_send_signal(broker_pidfd, signal.SIGKILL)
                 break
             try:
@@ -886,6 +891,7 @@ def _fork_warden(profile) -> int:
                     break  # the broker exited
             except BlockingIOError:
                 pass
+            limit = int(timeout * 1000)
     except BaseException:  # noqa: BLE001 - the warden never runs the broker's code
         status = 1
     finally:
