@@ -167,7 +167,8 @@ def secure_join(root: str, unsafe: str) -> str:
     """`unsafe` resolved inside `root`: symlinks and `..` can never leave it.
 
     Resolves each existing component by hand (absolute links restart at `root`);
-    components that don't exist yet are appended as they are.
+    components that don't exist yet are kept as they are, and the walk goes on
+    after them: "missing/../link" climbs back and must still resolve `link`.
     """
     parts = [p for p in unsafe.split("/") if p]
     resolved: list[str] = []
@@ -183,10 +184,9 @@ def secure_join(root: str, unsafe: str) -> str:
         candidate = os.path.join(root, *resolved, part)
         try:
             st = os.lstat(candidate)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             resolved.append(part)
-            resolved.extend(p for p in parts if p not in (".",))
-            return os.path.join(root, *_normalize(resolved))
+            continue
         if stat.S_ISLNK(st.st_mode):
             links += 1
             if links > 255:
@@ -198,17 +198,6 @@ def secure_join(root: str, unsafe: str) -> str:
             continue
         resolved.append(part)
     return os.path.join(root, *resolved)
-
-
-def _normalize(parts: list[str]) -> list[str]:
-    out: list[str] = []
-    for p in parts:
-        if p == "..":
-            if out:
-                out.pop()
-        elif p != ".":
-            out.append(p)
-    return out
 
 
 def _mount_flags_of(path: str) -> int:
