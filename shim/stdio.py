@@ -189,10 +189,16 @@ class Stdio:
         if out_scheme == "binary" or err_scheme == "binary":
             uri = self.stdout if out_scheme == "binary" else self.stderr
             await self._start_logger(uri, container_id, namespace, reaper)
-            if out_scheme != "binary":
-                self.child[1] = self._open_output(out_scheme, out_path, null)
-            if err_scheme != "binary":
-                self.child[2] = self._open_output(err_scheme, err_path, null)
+            # A stream that does not go to the logger: its pipe end must go, or the
+            # logger never sees that stream end (and the shim keeps the fd for good).
+            for stream, (scheme, path) in (
+                (1, (out_scheme, out_path)),
+                (2, (err_scheme, err_path)),
+            ):
+                if scheme != "binary":
+                    unused, self.child[stream] = self.child[stream], -1
+                    os.close(unused)
+                    self.child[stream] = self._open_output(scheme, path, null)
             return
         self.child[1] = self._open_output(out_scheme, out_path, null)
         if (err_scheme, err_path) == (out_scheme, out_path) and err_scheme == "file":

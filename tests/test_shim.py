@@ -21,7 +21,7 @@ from shim.mounts import parse_options
 from shim.process import Process
 from shim.reaper import Reaper, exit_code
 from shim.stats import metrics_any, metrics_v1, metrics_v2
-from shim.stdio import parse_uri
+from shim.stdio import Stdio, parse_uri
 
 # ---- flags -------------------------------------------------------------------------
 
@@ -500,3 +500,43 @@ def test_publisher_makes_one_connection_when_an_event_races_the_first_connect(tm
     topics, opened = asyncio.run(scenario())
     assert topics == ["/tasks/create"]
     assert opened == 2
+
+
+def _pipe_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def test_a_stream_not_sent_to_the_logger_keeps_no_pipe_to_it(tmp_path):
+    """stdout to a logger, stderr nowhere: the logger's stderr pipe must be closed at once,
+    so the logger sees that stream end and the daemon holds no fd for it."""
+    logger = tmp_path / "logger"
+    logger.write_text("#!/bin/sh\nexit 0\n")  # exiting closes fd 5: ready
+    logger.chmod(0o755)
+
+    async def scenario():
+        before = _pipe_fds()
+        stdio = await Stdio.open(
+            "",
+            f"binary://{logger}",
+            "",
+            terminal=False,
+            container_id="c",
+            namespace="n",
+            console_dir=str(tmp_path),
+        )
+        held = _pipe_fds() - before
+        child_stderr = os.readlink(f"/proc/self/fd/{stdio.child[2]}")
+        stdio.close()
+        os.waitpid(stdio.logger_pid, 0)
+        return held, child_stderr, _pipe_fds() - before
+
+    held, child_stderr, left = asyncio.run(scenario())
+    assert child_stderr == "/dev/null"
+    assert held == 1  # the write end of the logger's stdout pipe, for the process
+    assert left == 0
