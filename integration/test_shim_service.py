@@ -336,3 +336,73 @@ def test_exec_kill_pause_and_stats(short_root, make_bundle, tmp_path):
         return connected.shim_pid
 
     _wait_gone(_scenario(short_root, body))
+
+
+def _fd_targets(pid: int) -> dict[int, str]:
+    fds = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return fds
+
+
+def test_exec_racing_the_task_delete_leaves_no_fds(short_root, make_bundle, tmp_path):
+    """An Exec waits for its logger to get ready; a Delete of the (never started) task that
+    lands meanwhile frees the task. The Exec must then fail NOT_FOUND and close the stdio it
+    opened, not attach it to a task nobody will ever delete again."""
+    bundle = make_bundle(args=["sleep", "1000"])
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    config["process"]["terminal"] = False
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+    container_id = "zviz-shim-svc-exec-race"
+    started, go = tmp_path / "logger-started", tmp_path / "logger-go"
+    logger = tmp_path / "slow-logger"
+    # Ready (fd 5 closed, by exiting) only once the test says so.
+    logger.write_text(f"#!/bin/sh\ntouch {started}\nwhile [ ! -e {go} ]; do sleep 0.02; done\n")
+    logger.chmod(0o755)
+
+    async def body(harness: Harness, recorder: RecordedEvents) -> int:
+        harness.start(bundle, container_id)
+        shim_pid = (
+            await harness.call(
+                "Connect", shim_pb2.ConnectRequest(id=container_id), shim_pb2.ConnectResponse
+            )
+        ).shim_pid
+        fds_before = _fd_targets(shim_pid)
+        await harness.call(
+            "Create",
+            shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
+            shim_pb2.CreateTaskResponse,
+        )
+        process = dict(config["process"], args=["true"], terminal=False)
+        exec_call = asyncio.get_running_loop().create_task(
+            harness.call(
+                "Exec",
+                shim_pb2.ExecProcessRequest(
+                    id=container_id,
+                    exec_id="late",
+                    stdout=f"binary://{logger}",
+                    spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
+                ),
+            )
+        )
+        async with asyncio.timeout(30):
+            while not started.exists():
+                await asyncio.sleep(0.02)
+        await harness.call(
+            "Delete", shim_pb2.DeleteRequest(id=container_id), shim_pb2.DeleteResponse
+        )
+        go.touch()
+        with pytest.raises(TtrpcError) as raised:
+            await exec_call
+        assert raised.value.code == Code.NOT_FOUND
+        assert _fd_targets(shim_pid) == fds_before
+        topics = [topic for topic, _ in recorder.events]
+        assert "/tasks/exec-added" not in topics
+        return shim_pid
+
+    _wait_gone(_scenario(short_root, body))

@@ -282,6 +282,8 @@ class TaskService(shim_ttrpc.TaskService):
                 f"task {task.id} has exited: cannot start exec {proc.exec_id}"
             )
         stdio = proc.stdio
+        if stdio is None:
+            raise errors.FailedPrecondition(f"exec {proc.label} is still being added")
         pid = task.container.exec(
             proc.spec,
             stdio=tuple(stdio.child),
@@ -354,7 +356,7 @@ class TaskService(shim_ttrpc.TaskService):
         placeholder = Process(task, request.exec_id, None, spec)
         task.execs[request.exec_id] = placeholder  # claims the exec id while we await
         try:
-            placeholder.stdio = await Stdio.open(
+            stdio = await Stdio.open(
                 request.stdin,
                 request.stdout,
                 request.stderr,
@@ -365,8 +367,20 @@ class TaskService(shim_ttrpc.TaskService):
                 reaper=self.reaper,
             )
         except BaseException:
-            task.execs.pop(request.exec_id, None)
+            if task.execs.get(request.exec_id) is placeholder:
+                del task.execs[request.exec_id]
             raise
+        if (
+            self.tasks.get(task.id) is not task
+            or task.execs.get(request.exec_id) is not placeholder
+        ):
+            # The task (or this exec) was deleted while its stdio opened: nobody would
+            # ever close what was opened for it.
+            stdio.close()
+            raise errors.NotFound(
+                f"task {task.id} was deleted while exec {request.exec_id} was added"
+            )
+        placeholder.stdio = stdio
         self.publish(
             "/tasks/exec-added",
             events.TaskExecAdded(container_id=task.id, exec_id=request.exec_id),
