@@ -246,14 +246,55 @@ def at_pinned(path: str, destination: str, action):
         os.close(fd)
 
 
-def _make_mountpoint(path: str, source: str | None, is_bind: bool) -> None:
-    """Create `path` as a directory, or as a file when binding a non-directory."""
-    if is_bind and source and not os.path.isdir(source):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if not os.path.lexists(path):
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
-        return
-    os.makedirs(path, exist_ok=True)
+def _make_mountpoint(
+    path: str, source: str | None, is_bind: bool, destination: str | None = None
+) -> None:
+    """Create `path` (relative to the cwd, the rootfs) as a directory, or as a file
+    when binding a non-directory.
+
+    One component at a time, each opened O_NOFOLLOW beneath the last: a directory
+    swapped for a symlink meanwhile (a shared volume) is refused, never followed to
+    create directories or files on the host. An existing file of any kind (a fifo
+    in the image) is left as it is: the mount covers it, nothing opens it.
+    """
+    destination = destination or path
+    make_file = bool(is_bind and source and not os.path.isdir(source))
+    parts = [p for p in os.path.normpath(path).split("/") if p not in ("", ".")]
+    directories = parts[:-1] if make_file else parts
+    fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in directories:
+            try:
+                os.mkdir(name, 0o777, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                inner = os.open(
+                    name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+                )
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise errors.InvalidArgument(
+                        f"config.json: mounts: {destination}: {name} is not a directory inside"
+                        " the rootfs (a file, or a symlink that appeared while mounting): refused"
+                    ) from None
+                raise
+            os.close(fd)
+            fd = inner
+        if make_file and parts:
+            try:
+                os.close(
+                    os.open(
+                        parts[-1],
+                        os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        0o644,
+                        dir_fd=fd,
+                    )
+                )
+            except FileExistsError:
+                pass
+    finally:
+        os.close(fd)
 
 
 class RootfsBuilder:
@@ -336,7 +377,7 @@ class RootfsBuilder:
                 )
             if _clean(m.destination) == "/dev":
                 self.dev_is_bind = True
-            _make_mountpoint(dest, source, True)
+            _make_mountpoint(dest, source, True, m.destination)
             at_pinned(
                 dest,
                 m.destination,
@@ -353,7 +394,7 @@ class RootfsBuilder:
             if m.type in ("proc", "sysfs"):
                 # Never a setuid binary, device node or executable from these.
                 flags |= linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-            _make_mountpoint(dest, None, False)
+            _make_mountpoint(dest, None, False, m.destination)
             try:
                 at_pinned(
                     dest,
@@ -404,7 +445,7 @@ class RootfsBuilder:
         hierarchies = _cgroup_mountpoints()
         own = sorted(self.cgroup_paths.values()) if self.cgroup_paths else []
         unified_only = len(hierarchies) == 1 and hierarchies[0][1] == "cgroup2"
-        os.makedirs(dest, exist_ok=True)
+        _make_mountpoint(dest, None, False, destination)
         locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
         if unified_only:
             if own:

@@ -123,3 +123,60 @@ def test_an_ordinary_destination_still_mounts_inside(tmp_path):
 
     result = _in_private_mount_namespace(body)
     assert result == {"mounted": True, "readonly": True}
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        Mount("/vol/sub/deeper/new", "tmpfs", "tmpfs", []),
+        Mount("/vol/sub/deeper/file", "bind", "src-file", ["bind"]),
+    ],
+    ids=["directory", "file"],
+)
+def test_mount_point_creation_never_follows_a_swapped_symlink(tmp_path, monkeypatch, mount):
+    bundle = tmp_path / "bundle"
+    root = bundle / "rootfs"
+    (root / "vol" / "sub").mkdir(parents=True)
+    (bundle / "src-file").write_text("volume file\n")
+    host_dir = tmp_path / "host-dir"
+    host_dir.mkdir()
+    real_secure_join = rootfs.secure_join
+
+    def racing_secure_join(base, unsafe):
+        resolved = real_secure_join(base, unsafe)
+        if unsafe == mount.destination:
+            os.rmdir("vol/sub")
+            os.symlink(str(host_dir), "vol/sub")
+        return resolved
+
+    monkeypatch.setattr(rootfs, "secure_join", racing_secure_join)
+
+    def body():
+        os.chdir(root)
+        try:
+            _builder(str(bundle)).mount_one(mount)
+            error = None
+        except errors.ZvizError as exc:
+            error = str(exc)
+        return {"error": error, "host_dir": sorted(os.listdir(host_dir))}
+
+    result = _in_private_mount_namespace(body)
+    assert "crash" not in result, result
+    assert result["host_dir"] == [], result
+    assert result["error"] and mount.destination in result["error"], result
+
+
+def test_a_fifo_where_a_file_mount_point_is_expected_does_not_hang(tmp_path):
+    bundle = tmp_path / "bundle"
+    root = bundle / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    os.mkfifo(root / "etc" / "hosts")
+    (bundle / "hosts").write_text("127.0.0.1 localhost\n")
+
+    def body():
+        os.chdir(root)
+        _builder(str(bundle)).mount_one(Mount("/etc/hosts", "bind", "hosts", ["bind", "ro"]))
+        with open(os.path.join(str(root), "etc", "hosts")) as f:
+            return {"content": f.read()}
+
+    assert _in_private_mount_namespace(body) == {"content": "127.0.0.1 localhost\n"}
