@@ -351,14 +351,13 @@ class Stdio:
     def _start_terminal_copies(self) -> None:
         loop = asyncio.get_running_loop()
         scheme, path, _ = parse_uri(self.stdout)
-        if scheme == "fifo":
-            keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._kept.append(keep)
-            out = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        elif scheme == "file":
-            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
-        else:
-            out = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        if scheme == "binary":
+            # Not copied to a logger yet: say so rather than lose the output silently.
+            log.warning("terminal output to %s is not supported: it is discarded", self.stdout)
+            scheme = ""
+        out = self._open_output(
+            scheme, path, lambda: os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        )
         master_out = os.dup(self.master)
         os.set_inheritable(master_out, False)
 
