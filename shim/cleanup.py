@@ -51,7 +51,6 @@ def cleanup_dead_container(flags, bundle: str) -> bytes:
         manager.release(group_dir, flags.id)
         # A dead daemon could not remove its own directory; its last container's delete does.
         manager.remove_if_dead(group_dir)
-    if group_dir:
         manager.tidy_state_root(os.path.dirname(group_dir))
     return encode_delete_response(pid, 128 + SIGKILL, time.time())
 
