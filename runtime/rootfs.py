@@ -484,7 +484,10 @@ class RootfsBuilder:
             linux.mount(None, tmpfs, None, linux.MS_REMOUNT | linux.MS_RDONLY | locked)
 
     def populate_dev(self) -> None:
-        dev = secure_join(self.rootfs, "/dev")
+        # Through a pinned fd on the /dev mount: the path to it is the image's.
+        at_pinned(secure_join(self.rootfs, "/dev"), "/dev", self._populate_dev_at)
+
+    def _populate_dev_at(self, dev: str) -> None:
         for name in DEFAULT_DEVICES:
             self._bind_device(f"/dev/{name}", os.path.join(dev, name))
         for device in getattr(self.spec.linux, "devices", None) or ():
