@@ -1,0 +1,218 @@
+"""Seccomp argument checks and fds, probed from inside real containers.
+
+One static C program (built once per source version) tries the argument-level
+tricks a filter can miss: x32 numbers (nr | 0x40000000) and i386 `int 0x80`,
+clone3 and clone with namespace flags plus high garbage bits, personality
+flags, SOCK_RAW with SOCK_CLOEXEC/SOCK_NONBLOCK or high bits, other socket
+families, TIOCSTI with high bits, TIOCLINUX, TIOCSETD, syscalls newer than the
+profile (listmount, statmount, mseal), and lists every fd it holds beyond
+stdio. Each line is BLOCKED or ESCAPED.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
+
+import pytest
+
+from tools.mkbundle import build_bundle
+
+SOURCE = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <dirent.h>
+#include <sys/ioctl.h>
+#include <sys/personality.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <linux/sched.h>
+
+static void report(const char *name, long rc, int err, int want_fail) {
+    if (rc < 0) printf("%s %s errno %d\n", want_fail ? "BLOCKED" : "ERROR", name, err);
+    else printf("%s %s rc %ld\n", want_fail ? "ESCAPED" : "OK", name, rc);
+}
+
+static int in_child(void (*fn)(void)) {
+    pid_t pid = fork();
+    if (pid == 0) { fn(); _exit(0); }
+    int status; waitpid(pid, &status, 0);
+    return status;
+}
+static void x32_getpid(void) { long r = syscall(39 | 0x40000000); printf("x32 rc %ld errno %d\n", r, errno); fflush(stdout); }
+static void i386_getpid(void) { long r; __asm__ volatile ("int $0x80" : "=a"(r) : "a"(20) : "memory"); printf("i386 rc %ld\n", r); fflush(stdout); }
+
+int main(int argc, char **argv) {
+    const char *what = argc > 1 ? argv[1] : "all";
+    long r;
+    if (!strcmp(what, "all") || !strcmp(what, "arch")) {
+        int st = in_child(x32_getpid);
+        printf("%s x32 status %d\n", WIFSIGNALED(st) ? "BLOCKED" : "ESCAPED", st);
+        st = in_child(i386_getpid);
+        printf("%s i386 status %d\n", WIFSIGNALED(st) ? "BLOCKED" : "ESCAPED", st);
+    }
+    errno = 0; r = syscall(SYS_clone3, NULL, 0); report("clone3", r, errno, 1);
+    errno = 0; r = syscall(SYS_clone, (unsigned long)(CLONE_NEWUSER | SIGCHLD) | (1UL << 40), 0, 0, 0, 0);
+    if (r == 0) _exit(0);
+    report("clone_newuser_highbits", r, errno, 1);
+    errno = 0; r = syscall(SYS_clone, (unsigned long)(CLONE_NEWNS | SIGCHLD), 0, 0, 0, 0);
+    if (r == 0) _exit(0);
+    report("clone_newns", r, errno, 1);
+    errno = 0; r = syscall(SYS_personality, 0x0400000UL); report("personality_read_implies_exec", r, errno, 1);
+    errno = 0; r = syscall(SYS_personality, 0x0040000UL); report("personality_addr_no_randomize", r, errno, 1);
+    errno = 0; r = syscall(SYS_personality, (1UL << 32) | 0x0400000UL); report("personality_highbits", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_INET, SOCK_RAW | SOCK_CLOEXEC, 1); report("sock_raw_cloexec", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_INET, SOCK_RAW | SOCK_NONBLOCK, 1); report("sock_raw_nonblock", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_INET | (1UL << 32), SOCK_RAW, 1); report("sock_raw_highfamily", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_INET, SOCK_RAW | (1UL << 32), 1); report("sock_raw_hightype", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_PACKET, SOCK_DGRAM, 0); report("af_packet_dgram", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_NETLINK, SOCK_RAW, 0); report("netlink_route", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM, 0); report("netlink_route_dgram", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, AF_NETLINK, SOCK_DGRAM, 9); report("netlink_audit_dgram", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, 40 /*AF_VSOCK*/, SOCK_STREAM, 0); report("af_vsock", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, 38 /*AF_ALG*/, SOCK_SEQPACKET, 0); report("af_alg", r, errno, 1);
+    errno = 0; r = syscall(SYS_socket, 5 /*AF_APPLETALK*/, SOCK_DGRAM, 0); report("af_appletalk", r, errno, 1);
+    int pt = open("/dev/ptmx", O_RDWR | O_NOCTTY);
+    if (pt >= 0) {
+        char c = 'x';
+        errno = 0; r = syscall(SYS_ioctl, pt, 0x5412UL | (1UL << 32), &c); report("tiocsti_highbits", r, errno, 1);
+        errno = 0; r = syscall(SYS_ioctl, pt, 0x5412UL, &c); report("tiocsti", r, errno, 1);
+        char sub[2] = {2, 0};
+        errno = 0; r = syscall(SYS_ioctl, pt, 0x541CUL, sub); report("tioclinux", r, errno, 1);
+        int ld = 21; /* N_GSM */
+        errno = 0; r = syscall(SYS_ioctl, pt, 0x5423UL /*TIOCSETD*/, &ld); report("tiocsetd_gsm", r, errno, 1);
+        close(pt);
+    }
+    errno = 0; r = syscall(1000, 0, 0); report("nr_1000", r, errno, 1);
+    errno = 0; r = syscall(SYS_unshare, CLONE_NEWUSER); report("unshare_user", r, errno, 1);
+    errno = 0; r = syscall(SYS_open_tree, -100, "/", 1); report("open_tree", r, errno, 1);
+    errno = 0; r = syscall(SYS_fsopen, "tmpfs", 0); report("fsopen", r, errno, 1);
+    errno = 0; r = syscall(SYS_kcmp, getpid(), 1, 0, 0, 0); report("kcmp", r, errno, 1);
+    errno = 0; r = syscall(SYS_fanotify_init, 0, 0); report("fanotify_init", r, errno, 1);
+    errno = 0; r = syscall(SYS_modify_ldt, 0, 0, 0); report("modify_ldt", r, errno, 1);
+    errno = 0; r = syscall(SYS_memfd_secret, 0); report("memfd_secret", r, errno, 1);
+    errno = 0; r = syscall(457 /*statmount*/, 0,0,0,0); report("statmount", r, errno, 1);
+    errno = 0; r = syscall(458 /*listmount*/, 0,0,0,0); report("listmount", r, errno, 1);
+    errno = 0; r = syscall(462 /*mseal*/, 0,0,0); report("mseal", r, errno, 1);
+    errno = 0; r = syscall(SYS_prctl, 35 /*PR_SET_MM*/, 1, 0, 0, 0); report("prctl_set_mm", r, errno, 1);
+    errno = 0; r = syscall(SYS_setgroups, 0, NULL); report("setgroups", r, errno, 1);
+    /* fds */
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e; int dfd = dirfd(d);
+    while ((e = readdir(d))) {
+        int n = atoi(e->d_name);
+        if (e->d_name[0] == '.' || n <= 2 || n == dfd) continue;
+        char p[64], t[256] = {0}; snprintf(p, sizeof p, "/proc/self/fd/%d", n);
+        readlink(p, t, sizeof t - 1);
+        printf("ESCAPED leaked_fd %d -> %s\n", n, t);
+    }
+    return 0;
+}
+"""
+
+CACHE = os.path.join(tempfile.gettempdir(), "zviz-audit-probes")
+
+
+@pytest.fixture(scope="module")
+def audit_bin() -> str:
+    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    path = os.path.join(CACHE, f"audit-{digest}")
+    if not os.path.exists(path):
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            pytest.skip("gcc missing: the audit probe is a C program (apt-get install gcc)")
+        os.makedirs(CACHE, exist_ok=True)
+        source = f"{path}.{os.getpid()}.c"
+        with open(source, "w") as f:
+            f.write(SOURCE)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        subprocess.run([gcc, "-static", "-O2", "-w", "-o", tmp, source], check=True)
+        os.unlink(source)
+        os.rename(tmp, path)
+    return path
+
+
+@pytest.fixture
+def base():
+    path = tempfile.mkdtemp(prefix="zviz-audit-sc-")
+    os.chmod(path, 0o755)  # the mapped container root must reach the bundle
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+EXPECTED = {
+    "x32",
+    "i386",
+    "clone3",
+    "clone_newuser_highbits",
+    "clone_newns",
+    "personality_read_implies_exec",
+    "personality_addr_no_randomize",
+    "personality_highbits",
+    "sock_raw_cloexec",
+    "sock_raw_nonblock",
+    "sock_raw_highfamily",
+    "sock_raw_hightype",
+    "af_packet_dgram",
+    "netlink_route",
+    "netlink_route_dgram",
+    "netlink_audit_dgram",
+    "af_vsock",
+    "af_alg",
+    "af_appletalk",
+    "tiocsti_highbits",
+    "tiocsti",
+    "tioclinux",
+    "tiocsetd_gsm",
+    "nr_1000",
+    "unshare_user",
+    "open_tree",
+    "fsopen",
+    "kcmp",
+    "fanotify_init",
+    "modify_ldt",
+    "memfd_secret",
+    "statmount",
+    "listmount",
+    "mseal",
+    "prctl_set_mm",
+    "setgroups",
+}
+
+
+@pytest.mark.parametrize("profile", ["ci-runner", "hostile-tenant"])
+def test_argument_tricks_are_blocked_and_no_fd_leaks(zviz_bin, audit_bin, base, profile):
+    bundle = os.path.join(base, "bundle")
+    build_bundle(bundle, args=["/audit"])
+    shutil.copy2(audit_bin, os.path.join(bundle, "rootfs", "audit"))
+    root = os.path.join(base, "root")
+    cid = f"zviz-audit-{uuid.uuid4().hex[:10]}"
+    try:
+        result = subprocess.run(
+            [zviz_bin, "--root", root, "run", "--profile", profile, "--bundle", bundle, cid],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        subprocess.run([zviz_bin, "--root", root, "delete", "-f", cid], capture_output=True)
+    assert result.returncode == 0, result.stderr
+    verdicts = {}
+    for line in result.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("BLOCKED", "ESCAPED", "ERROR", "OK"):
+            verdicts.setdefault(word, []).append(rest)
+    assert "ESCAPED" not in verdicts, verdicts.get("ESCAPED")
+    blocked = {rest.split(" ", 1)[0] for rest in verdicts.get("BLOCKED", [])}
+    assert blocked == EXPECTED, (sorted(EXPECTED - blocked), result.stdout)
