@@ -406,3 +406,64 @@ def test_exec_racing_the_task_delete_leaves_no_fds(short_root, make_bundle, tmp_
         return shim_pid
 
     _wait_gone(_scenario(short_root, body))
+
+
+def test_wait_on_an_exec_whose_start_fails_returns(short_root, make_bundle, tmp_path):
+    """ctr calls Wait before Start; when Start fails (no such binary) the Wait must return,
+    as runc's shim does, or it stays pending in the daemon for good."""
+    bundle = make_bundle(args=["sleep", "1000"])
+    with open(os.path.join(bundle, "config.json")) as f:
+        config = json.load(f)
+    config["process"]["terminal"] = False
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        json.dump(config, f)
+    container_id = "zviz-shim-svc-exec-fails"
+
+    async def body(harness: Harness, recorder: RecordedEvents) -> int:
+        harness.start(bundle, container_id)
+        await harness.call(
+            "Create",
+            shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
+            shim_pb2.CreateTaskResponse,
+        )
+        await harness.call("Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse)
+        process = dict(config["process"], args=["/no/such/binary"], terminal=False)
+        await harness.call(
+            "Exec",
+            shim_pb2.ExecProcessRequest(
+                id=container_id,
+                exec_id="missing",
+                spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
+            ),
+        )
+        waiting = asyncio.get_running_loop().create_task(
+            harness.call(
+                "Wait",
+                shim_pb2.WaitRequest(id=container_id, exec_id="missing"),
+                shim_pb2.WaitResponse,
+            )
+        )
+        with pytest.raises(TtrpcError):
+            await harness.call(
+                "Start",
+                shim_pb2.StartRequest(id=container_id, exec_id="missing"),
+                shim_pb2.StartResponse,
+            )
+        waited = await waiting  # the harness's call timeout bounds a hang
+        assert waited.exit_status != 0
+        await harness.call(
+            "Delete",
+            shim_pb2.DeleteRequest(id=container_id, exec_id="missing"),
+            shim_pb2.DeleteResponse,
+        )
+        await harness.call("Kill", shim_pb2.KillRequest(id=container_id, signal=signal.SIGKILL))
+        await harness.call("Wait", shim_pb2.WaitRequest(id=container_id), shim_pb2.WaitResponse)
+        await harness.call(
+            "Delete", shim_pb2.DeleteRequest(id=container_id), shim_pb2.DeleteResponse
+        )
+        connected = await harness.call(
+            "Connect", shim_pb2.ConnectRequest(id=container_id), shim_pb2.ConnectResponse
+        )
+        return connected.shim_pid
+
+    _wait_gone(_scenario(short_root, body))

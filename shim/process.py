@@ -65,6 +65,14 @@ class Process:
         self.exited.set()
         self.task.process_exited(self)
 
+    def never_ran(self, exit_status: int = 255) -> None:
+        """End a process that will never run (its start failed, or it was deleted before):
+        its Waits return `exit_status`."""
+        self.exit_status = exit_status
+        self.exited_at = time.time()
+        self._close_pidfd()
+        self.exited.set()
+
     def signal(self, sig: int) -> None:
         if self.exited.is_set():
             raise NotFound(f"process {self.label} not found: it has already exited")

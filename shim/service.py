@@ -284,13 +284,19 @@ class TaskService(shim_ttrpc.TaskService):
         stdio = proc.stdio
         if stdio is None:
             raise errors.FailedPrecondition(f"exec {proc.label} is still being added")
-        pid = task.container.exec(
-            proc.spec,
-            stdio=tuple(stdio.child),
-            console_socket=stdio.console_socket,
-        )
-        if stdio.terminal:
-            stdio.receive_console()
+        try:
+            pid = task.container.exec(
+                proc.spec,
+                stdio=tuple(stdio.child),
+                console_socket=stdio.console_socket,
+            )
+            if stdio.terminal:
+                stdio.receive_console()
+        except BaseException:
+            # ctr Waits before it Starts: a start that failed is this process's end, or
+            # that Wait would stay pending for good (runc's shim ends it the same way).
+            proc.never_ran()
+            raise
         stdio.spawned()
         proc.started = True
         proc.spawned(pid, self.reaper)
@@ -323,9 +329,7 @@ class TaskService(shim_ttrpc.TaskService):
             # Deleted before it ever ran: the core killed and reaped it itself. Stop
             # watching the pid (a later process may get it) and wake any Wait.
             self.reaper.unregister(proc.pid)
-            proc.exit_status = 128 + signal.SIGKILL
-            proc.exited_at = time.time()
-            proc.exited.set()
+            proc.never_ran(128 + signal.SIGKILL)
         self.publish(
             "/tasks/delete",
             events.TaskDelete(
