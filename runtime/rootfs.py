@@ -394,6 +394,15 @@ class RootfsBuilder:
             if m.type in ("proc", "sysfs"):
                 # Never a setuid binary, device node or executable from these.
                 flags |= linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+                # maskedPaths and readonlyPaths find these by path after pivot_root:
+                # through an image symlink (which a later volume may hide) they
+                # would land where the masks never look.
+                plain = os.path.join(self.rootfs, *_clean(m.destination).split("/")[1:])
+                if dest.rstrip("/") != plain.rstrip("/"):
+                    raise errors.InvalidArgument(
+                        f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
+                        " an ordinary directory, but the image has a symlink on the way"
+                    )
             _make_mountpoint(dest, None, False, m.destination)
             try:
                 at_pinned(
