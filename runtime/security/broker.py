@@ -65,9 +65,9 @@ MAX_SEND = 4 << 20
 MAX_IOV = 1024
 MAX_IN_FLIGHT = 256
 DEFAULT_TIMEOUT = 10.0
-# A call's state in the broker: only one of the worker and the watchdog answers it,
-# and nothing is performed on a call that has been answered.
-WAITING, PERFORMING, ANSWERED = range(3)
+# A received call is WAITING until its worker claims it right before the side effect
+# (PERFORMING); it leaves the registry when answered, by the worker or the watchdog.
+WAITING, PERFORMING = range(2)
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_BENEATH = 0x08
 RESOLVE_IN_ROOT = 0x10
@@ -145,6 +145,8 @@ class Broker:
         self._calls: dict[int, list] = {}  # id -> [deadline, state, note]
         self._calls_changed = threading.Condition()
         self._serving = True
+        # When the main loop took its current notification (None: waiting in poll).
+        self._busy_since: float | None = None
 
     # --- the loop ---
 
@@ -166,6 +168,7 @@ class Broker:
             if any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in events):
                 if not any(ev & select.POLLIN for _, ev in events):
                     return  # no task uses the filter any more
+            self._busy_since = time.monotonic()
             buf = bytearray(_NOTIF.size)
             try:
                 fcntl.ioctl(self.fd, NOTIF_RECV, buf)
@@ -183,10 +186,14 @@ class Broker:
                 # waits for its own earlier calls instead of growing the broker (which
                 # lives outside the container's cgroup) without limit. Calls waiting
                 # here in the kernel are still covered by the warden's heartbeat.
+                # Waiting for a slot is not a stall: each call in flight ends by its deadline.
+                self._busy_since = None
                 self._slots.acquire()
+                self._busy_since = time.monotonic()
                 threading.Thread(target=self._mediate, args=(note, name), daemon=True).start()
             else:
                 self._deny(note, "denied by profile")
+            self._busy_since = None
 
     def respond(self, note: Notification, val: int = 0, err: int = 0) -> None:
         try:
@@ -244,8 +251,11 @@ class Broker:
             self._heartbeat()
 
     def _heartbeat(self) -> None:
-        if self.heartbeat_fd < 0:
-            return
+        busy_since = self._busy_since
+        if self.heartbeat_fd < 0 or (
+            busy_since is not None and time.monotonic() - busy_since > self.timeout
+        ):
+            return  # the main loop is stuck on one notification: the rest go unreceived
         try:
             os.write(self.heartbeat_fd, b".")
         except BlockingIOError:
@@ -280,9 +290,14 @@ class Broker:
         return (json.dumps(record) + "\n").encode()
 
     def _write_log(self, line: bytes) -> None:
+        # A log nobody reads (a full pipe) must not stall the broker: a record that
+        # cannot be written within the timeout is dropped.
+        writable = select.poll()
+        writable.register(self.log_fd, select.POLLOUT)
         with self._log_lock:
             try:
-                os.write(self.log_fd, line)
+                if writable.poll(int(self.timeout * 1000)):
+                    os.write(self.log_fd, line)
             except OSError:
                 pass
 
@@ -828,6 +843,8 @@ def _run(
         pidfd = linux.pidfd_open(init_pid)
         listener = linux.pidfd_getfd(pidfd, listener_number)
         os.close(pidfd)
+        # The warden's clock starts before the container can make a call.
+        os.write(heartbeat_fd, b".")
         os.write(3, b"ok")
         os.close(3)
         broker = Broker(
