@@ -93,6 +93,7 @@ def effective(profile) -> dict:
             },
             "deny_eperm": sorted(n for n in profile.deny if syscalls.exists_here(n)),
             "broker": sorted(profile.mediate),
+            "broker_timeout_seconds": profile.broker_timeout,
             "foreign_architectures": "killed",
         },
     }
