@@ -560,3 +560,24 @@ def test_device_program_decides_as_the_rules_say(config_rules, dev_type, major, 
     code = devices.program(rules)
     verdict = run_device_program(code, BPF_TYPE[dev_type], major, minor, bpf_access(access))
     assert verdict == int(reference_decision(rules, dev_type, major, minor, access))
+
+
+def test_make_dirs_restarts_when_a_new_level_vanishes_mid_write(tmp_path):
+    """A level removed between its mkdir and the writes into it (the shared /zviz parent
+    taken by its last container's destroy) answers ENODEV on cgroupfs: walk again."""
+    import errno as _errno
+
+    from runtime.cgroups.common import make_dirs
+
+    leaf = str(tmp_path / "zviz" / "c1")
+    vanished = []
+
+    def on_new_level(parent, level):
+        if not vanished:
+            vanished.append(level)
+            raise OSError(_errno.ENODEV, "No such device")
+
+    created: list[str] = []
+    make_dirs(leaf, str(tmp_path), created, on_new_level)
+    assert vanished == [str(tmp_path / "zviz")]
+    assert (tmp_path / "zviz" / "c1").is_dir()

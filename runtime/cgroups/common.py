@@ -251,6 +251,11 @@ def make_dirs(directory: str, base: str, created: list[str], on_new_level=None) 
             return
         except FileNotFoundError:
             continue
+        except OSError as err:
+            # A write into a level removed after it was opened answers ENODEV: the
+            # same race as ENOENT above (the shared parent went with its last container).
+            if err.errno != errno.ENODEV:
+                raise
     raise FailedPrecondition(f"cgroup {directory}: its parent keeps disappearing")
 
 
