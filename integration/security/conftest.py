@@ -108,8 +108,11 @@ class ProbeRunner:
         timeout=120,
         config=None,
         cid=None,
+        image_change=None,
     ):
         bundle = self.bundle(args, **(config or {}))
+        if image_change:  # a malicious image: the callable edits the rootfs
+            image_change(os.path.join(bundle, "rootfs"))
         cid = cid or f"zviz-sec-{uuid.uuid4().hex[:10]}"
         root = os.path.join(self.base, f"root-{runtime}")
         if runtime == "zviz":

@@ -412,3 +412,22 @@ def test_exec_cap_and_update_stay_under_the_profile(probes):
     assert int(execd.stdout.split()[1], 16) == 0
     assert raised.returncode == 1 and "above profile hostile-tenant's ceiling 64" in raised.stderr
     assert lowered.returncode == 0, lowered.stderr
+
+
+def test_broker_bind_rules_do_not_follow_the_images_symlinks(probes, tmp_path):
+    """The broker confines a unix bind it performs with the container's writable paths;
+    an image whose /run links to /dev must not move that rule onto /dev."""
+    profile = loopback_web_profile(tmp_path, 18120)
+
+    def run_links_to_dev(rootfs):
+        run = os.path.join(rootfs, "run")
+        if os.path.isdir(run) and not os.path.islink(run):
+            os.rmdir(run)
+        os.symlink("/dev", run)
+
+    moved = probes.run(
+        "zviz", profile, ["/probe", "unix_bind", "/run/zviz-sock"], image_change=run_links_to_dev
+    )
+    assert "BLOCKED unix_bind: bind" in moved.stdout, moved.stdout + moved.stderr
+    plain = probes.run("zviz", profile, ["/probe", "unix_bind", "/tmp/zviz-sock"])
+    assert "BOUND /tmp/zviz-sock" in plain.stdout, plain.stdout + plain.stderr

@@ -357,6 +357,7 @@ class _Call:
         self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
         self.became_caller = False
+        self._status: dict[str, list[str]] | None = None
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
             self.close()
@@ -559,11 +560,15 @@ class _Call:
         return fd
 
     def _caller_status(self) -> dict[str, list[str]]:
-        try:
-            with open(f"/proc/{self.note.pid}/status") as f:
-                return {k: v.split() for k, _, v in (line.partition(":") for line in f)}
-        except OSError:
-            raise Denied("caller vanished") from None
+        """/proc/<caller>/status, read once: a unix bind reads it before this thread's
+        Landlock ruleset (the container's) hides the host's /proc."""
+        if self._status is None:
+            try:
+                with open(f"/proc/{self.note.pid}/status") as f:
+                    self._status = {k: v.split() for k, _, v in (line.partition(":") for line in f)}
+            except OSError:
+                raise Denied("caller vanished") from None
+        return self._status
 
     def _caller_has_capability(self, number: int) -> bool:
         return bool(int(self._caller_status()["CapEff"][0], 16) & (1 << number))
@@ -626,6 +631,7 @@ class _Call:
             # Binding a path creates a socket file: only where the container itself may
             # write. This thread (and only it: Landlock is per thread) takes on the
             # profile's filesystem rules for the container's root before binding.
+            self._caller_status()
             self._landlock_like_the_container()
         buf = ctypes.create_string_buffer(addr, len(addr))
         return self._perform(sock, lambda: self._raw(_libc.bind(sock, buf, len(addr))))
@@ -646,10 +652,15 @@ class _Call:
             for path in self.profile.writable:
                 try:
                     fd = self._openat2(
-                        root, path.lstrip("/").encode() or b".", os.O_PATH, RESOLVE_IN_ROOT
+                        root,
+                        path.lstrip("/").encode() or b".",
+                        os.O_PATH,
+                        RESOLVE_IN_ROOT | linux.RESOLVE_NO_SYMLINKS,
                     )
                 except Denied:
-                    continue  # not in this container's rootfs
+                    # Not in this rootfs, or reached through the image's symlinks: the
+                    # image does not get to move a rule (as in the container's own ruleset).
+                    continue
                 rules.allow_fd(fd, landlock.READ | landlock.WRITE, path)
             linux.set_no_new_privs()  # this thread only; it ends with the call
             rules.restrict()

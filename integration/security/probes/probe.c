@@ -415,6 +415,17 @@ static int p_unix_connect(const char *path) {
     return 0;
 }
 
+/* Not an escape by itself: a helper for the broker's unix bind (creates a socket file). */
+static int p_unix_bind(const char *path) {
+    int s = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (s < 0 || !path) return blocked(errno, "socket(AF_UNIX)");
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    strncpy(a.sun_path, path, sizeof a.sun_path - 1);
+    TRY(bind(s, (struct sockaddr *)&a, sizeof a), "bind");
+    printf("BOUND %s\n", path);
+    return 0;
+}
+
 struct probe { const char *name; int (*fn)(void); int (*fn_arg)(const char *); };
 static const struct probe probes[] = {
     {"mount", p_mount}, {"umount", p_umount}, {"pivot_root", p_pivot_root}, {"chroot", p_chroot},
@@ -430,7 +441,7 @@ static const struct probe probes[] = {
     {"io_uring", p_io_uring}, {"proc_root", p_proc_root}, {"fork_bomb", NULL, p_fork_bomb},
     {"memory_bomb", NULL, p_memory_bomb}, {"caps", p_caps}, {"syslog", p_syslog},
     {"clock_settime", p_clock_settime}, {"tiocsti", p_tiocsti},
-    {"unix_connect", NULL, p_unix_connect},
+    {"unix_connect", NULL, p_unix_connect}, {"unix_bind", NULL, p_unix_bind},
 };
 
 int main(int argc, char **argv) {
