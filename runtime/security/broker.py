@@ -68,9 +68,6 @@ DEFAULT_TIMEOUT = 10.0
 # A received call is WAITING until its worker claims it right before the side effect
 # (PERFORMING); it leaves the registry when answered, by the worker or the watchdog.
 WAITING, PERFORMING = range(2)
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_BENEATH = 0x08
-RESOLVE_IN_ROOT = 0x10
 OPENAT2 = 437
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -531,11 +528,11 @@ class _Call:
             dirfd = os.open(
                 f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
             )
-            resolve = RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS
+            resolve = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
             path = path.lstrip(b"/") or b"."
         else:
             dirfd = os.open(f"/proc/{self.note.pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+            resolve = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_MAGICLINKS
         self.fds.append(dirfd)
         if creating:
             parent, _, base = path.rpartition(b"/")
@@ -655,7 +652,7 @@ class _Call:
                         root,
                         path.lstrip("/").encode() or b".",
                         os.O_PATH,
-                        RESOLVE_IN_ROOT | linux.RESOLVE_NO_SYMLINKS,
+                        linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_SYMLINKS,
                     )
                 except Denied:
                     # Not in this rootfs, or reached through the image's symlinks: the
