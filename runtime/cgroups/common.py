@@ -400,3 +400,30 @@ class Cgroup:
         for directory in self._dirs():
             rmdir_tree(directory, deadline)
             remove_shared_parent(directory)
+
+
+class OomWatcher:
+    """An fd that turns readable on OOM events (select/asyncio); read() counts new kills.
+
+    Subclasses set `_fd` (v1: an eventfd on memory.oom_control, v2: inotify on
+    memory.events) and implement read().
+    """
+
+    _fd = -1
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -7,6 +7,7 @@ import time
 from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
     Cgroup,
+    OomWatcher,
     Write,
     device_numbers,
     int_field,
@@ -258,7 +259,7 @@ def plan(
     return writes
 
 
-class OomWatcherV1:
+class OomWatcherV1(OomWatcher):
     """Readable when the memory cgroup hits its limit: an eventfd registered on memory.oom_control.
 
     The kernel also signals the eventfd when the cgroup is removed; read() then reports 0.
@@ -266,30 +267,27 @@ class OomWatcherV1:
 
     def __init__(self, memory_dir: str):
         self._dir = memory_dir
-        self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         try:
             control_fd = os.open(
                 os.path.join(memory_dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC
             )
             try:
                 write_file(
-                    os.path.join(memory_dir, "cgroup.event_control"), f"{self._efd} {control_fd}"
+                    os.path.join(memory_dir, "cgroup.event_control"), f"{self._fd} {control_fd}"
                 )
             finally:
                 # The kernel holds its own reference to the file from here on.
                 os.close(control_fd)
         except BaseException:
-            os.close(self._efd)
+            os.close(self._fd)
             raise
         self._seen = _oom_kills(memory_dir)
-
-    def fileno(self) -> int:
-        return self._efd
 
     def read(self) -> int:
         """New OOM events since the last read (at least 1 if the kernel signalled an OOM)."""
         try:
-            os.eventfd_read(self._efd)
+            os.eventfd_read(self._fd)
             signalled = True
         except BlockingIOError:
             signalled = False
@@ -302,17 +300,6 @@ class OomWatcherV1:
         if new <= 0 and signalled and control.get("under_oom"):
             return 1
         return max(new, 0)
-
-    def close(self) -> None:
-        if self._efd >= 0:
-            os.close(self._efd)
-            self._efd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _oom_kills(memory_dir: str) -> int:

@@ -9,6 +9,7 @@ from runtime.cgroups import devices as device_rules
 from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
     Cgroup,
+    OomWatcher,
     Write,
     device_numbers,
     int_field,
@@ -244,7 +245,7 @@ def plan(
     return writes
 
 
-class OomWatcherV2:
+class OomWatcherV2(OomWatcher):
     """Readable when memory.events changes; read() returns the new oom_kill events."""
 
     def __init__(self, directory: str):
@@ -259,9 +260,6 @@ class OomWatcherV2:
             raise
         self._seen = read_keyed(self._events).get("oom_kill", 0)
 
-    def fileno(self) -> int:
-        return self._fd
-
     def read(self) -> int:
         try:
             while os.read(self._fd, 4096):
@@ -273,17 +271,6 @@ class OomWatcherV2:
         kills = read_keyed(self._events).get("oom_kill", 0)
         new, self._seen = kills - self._seen, kills
         return max(new, 0)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class CgroupV2(Cgroup):
