@@ -121,6 +121,25 @@ def new_namespace_flags(spec) -> tuple[int, list[tuple[str, str]], bool]:
     return flags, joins, new_user
 
 
+def _fork_child(ns_fds, child_main) -> tuple[int, Sync]:
+    """Fork a child that runs child_main(its sync end) and never returns; the parent keeps
+    the other end. The namespace fds are the child's to use: the parent closes its copies."""
+    parent_end, child_end = Sync.pair()
+    try:
+        child = os.fork()
+    except BaseException:
+        parent_end.close()
+        child_end.close()
+        _close_all(fd for _, fd in ns_fds)
+        raise
+    if child == 0:
+        parent_end.close()
+        _run_child(child_end, lambda: child_main(child_end))
+    child_end.close()
+    _close_all(fd for _, fd in ns_fds)
+    return child, parent_end
+
+
 def spawn_init(request: Request, log) -> Spawned:
     """Fork the container's processes; returns once PID 1 reported ready.
 
@@ -130,21 +149,10 @@ def spawn_init(request: Request, log) -> Spawned:
     spec = request.spec
     flags, joins, new_user = new_namespace_flags(spec)
     join_fds = [(ns_type, _open_ns(ns_type, path)) for ns_type, path in joins]
-    parent_end, child_end = Sync.pair()
-    try:
-        child = os.fork()
-    except BaseException:
-        parent_end.close()
-        child_end.close()
-        _close_all(fd for _, fd in join_fds)
-        raise
-    if child == 0:
-        parent_end.close()
-        _run_child(
-            child_end, lambda: _namespace_child(request, child_end, flags, join_fds, new_user)
-        )
-    child_end.close()
-    _close_all(fd for _, fd in join_fds)
+    child, parent_end = _fork_child(
+        join_fds,
+        lambda child_end: _namespace_child(request, child_end, flags, join_fds, new_user),
+    )
     early_join = _start_early_join(request.cgroup, child)
     pid1 = None
     ready = False
@@ -251,19 +259,9 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
         except FileNotFoundError:
             continue
         ns_fds.append((ns_type, _open_ns(ns_type, theirs)))
-    parent_end, child_end = Sync.pair()
-    try:
-        child = os.fork()
-    except BaseException:
-        parent_end.close()
-        child_end.close()
-        _close_all(fd for _, fd in ns_fds)
-        raise
-    if child == 0:
-        parent_end.close()
-        _run_child(child_end, lambda: _exec_child(request, child_end, ns_fds, process))
-    child_end.close()
-    _close_all(fd for _, fd in ns_fds)
+    child, parent_end = _fork_child(
+        ns_fds, lambda child_end: _exec_child(request, child_end, ns_fds, process)
+    )
     pid = None
     ready = False
     try:
