@@ -230,10 +230,13 @@ def _bundle(args) -> str:
 def cmd_create(args, log) -> int:
     from runtime.container import Container
 
-    Container.create(
-        args.root,
-        args.id,
-        _bundle(args),
+    Container.create(args.root, args.id, _bundle(args), detach=True, **_create_options(args, log))
+    return 0
+
+
+def _create_options(args, log) -> dict:
+    """Container.create's keyword arguments from the flags `create` and `run` share."""
+    return dict(
         profile=args.profile,
         verbose=args.verbose,
         console_socket=args.console_socket,
@@ -241,25 +244,14 @@ def cmd_create(args, log) -> int:
         preserve_fds=args.preserve_fds,
         no_pivot=args.no_pivot,
         notify_socket=args.notify_socket,
-        detach=True,
         log=log,
     )
-    return 0
 
 
 def cmd_run(args, log) -> int:
     from runtime.container import Container
 
-    common = dict(
-        profile=args.profile,
-        verbose=args.verbose,
-        console_socket=args.console_socket,
-        pid_file=args.pid_file,
-        preserve_fds=args.preserve_fds,
-        no_pivot=args.no_pivot,
-        notify_socket=args.notify_socket,
-        log=log,
-    )
+    common = _create_options(args, log)
     if args.detach:
         container = Container.create(args.root, args.id, _bundle(args), detach=True, **common)
         container.start()
