@@ -136,8 +136,12 @@ def decode_runtime_options(data: bytes) -> str | None:
 
 def write_bundle_state(path: str, values: dict[str, str]) -> None:
     """key=value records separated by NUL (no value can contain one): read without json."""
-    data = "".join(f"{key}={value}\0" for key, value in values.items() if value)
-    tmp = path + ".tmp"
+    write_atomic(path, "".join(f"{key}={value}\0" for key, value in values.items() if value))
+
+
+def write_atomic(path: str, data: str) -> None:
+    """Readers see the old file or the new one, never a half-written one."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         os.write(fd, data.encode())

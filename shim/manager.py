@@ -142,16 +142,6 @@ def can_connect(path: str) -> bool:
         probe.close()
 
 
-def write_atomic(path: str, data: str) -> None:
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data.encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
 def read_stdin_options() -> bytes:
     """Runtime options containerd writes to stdin (a serialized Any), or b""."""
     try:
@@ -257,13 +247,13 @@ def start(flags) -> str:
                 raise
             if can_connect(path):
                 reserve(gdir, flags.id)
-                write_atomic(os.path.join(bundle, "address"), address)
+                shim_config.write_atomic(os.path.join(bundle, "address"), address)
                 return address
             os.unlink(path)  # a dead daemon's socket: we hold the lock, nobody else serves it
             listener = _listen(path)
         try:
             reserve(gdir, flags.id)
-            write_atomic(os.path.join(bundle, "address"), address)
+            shim_config.write_atomic(os.path.join(bundle, "address"), address)
             flags.socket = address
             _spawn_daemon(flags, listener, config.path)
         except BaseException:
