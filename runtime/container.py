@@ -547,12 +547,7 @@ def _start_broker(channel, pid: int, profile, verbose: bool, container_id: str, 
 
 
 def _validate(spec, detach: bool, console_socket: str | None) -> None:
-    linux_spec = spec.linux
-    types = {ns.type for ns in linux_spec.namespaces or ()}
-    if spec.hostname and "uts" not in types:
-        raise errors.field_error("hostname", "needs a uts namespace in linux.namespaces")
-    if "mount" not in types:
-        raise errors.field_error("linux.namespaces", "a mount namespace is required")
+    """What config.json alone cannot decide (runtime/spec.py checked the rest)."""
     if spec.process.terminal and detach and not console_socket:
         raise errors.InvalidArgument(
             "config.json: process.terminal is true: a detached container needs --console-socket"
