@@ -2,6 +2,11 @@
 
 Runs are interleaved (zviz, runc, runsc, zviz, ...) so machine noise hits all alike.
 Wall time of the whole command, as a user or containerd's shim sees it.
+
+A pause separates runs: a cgroup.procs write waits for an RCU grace period (8-12 ms
+here) unless another one happened within the last grace period, so back to back the
+second runtime rides on the first one's wait (runc measured 17 ms right after a zviz
+run, 28-37 ms on its own). Each run must pay its own way, as a lone `run` does.
 """
 
 import os
@@ -15,6 +20,7 @@ import time
 from tools.mkbundle import build_bundle
 
 RUNS = 20
+PAUSE_S = 0.15  # several grace periods
 
 
 def _zviz() -> str:
@@ -91,8 +97,12 @@ def main() -> None:
         for i in range(RUNS):
             for name, argv in runners.items():
                 if name not in skipped:
+                    time.sleep(PAUSE_S)
                     samples[name].append(_time(argv(i), bundle))
-        print(f"/bin/true, {RUNS} interleaved runs each (wall time of `<runtime> run`)")
+        print(
+            f"/bin/true, {RUNS} interleaved runs each, {PAUSE_S * 1000:.0f} ms apart "
+            "(wall time of `<runtime> run`)"
+        )
         print(f"{'runtime':<10} {'median ms':>10} {'p90 ms':>8} {'median vs runc':>15}")
         base = statistics.median(samples["runc"]) if samples.get("runc") else None
         for name, values in samples.items():

@@ -165,6 +165,34 @@ def test_add_pid_and_pids(cg, children):
     assert memberships["pids"] == memberships["freezer"] == memberships["memory"]
 
 
+def test_join_self_moves_a_fresh_fork_into_every_hierarchy_and_its_children_start_inside(cg):
+    # The namespace child does this before it forks PID 1 (cheap on v1: one thread
+    # through `tasks`, no global lock); PID 1 must then be born inside.
+    assert cg.cheap_self_join
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            cg.join_self()
+            grandchild = os.fork()
+            if grandchild == 0:
+                os._exit(0)
+            with open(f"/proc/{grandchild}/cgroup") as f:
+                os.write(write_end, f.read().encode())
+            os.waitpid(grandchild, 0)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        memberships = cgroups.parse_proc_cgroup(f.read())
+    os.waitpid(pid, 0)
+    for controller, directory in cg.paths.items():
+        assert directory.endswith(memberships[controller]), controller
+    with open("/proc/self/cgroup") as f:
+        assert cgroups.parse_proc_cgroup(f.read())["pids"] != memberships["pids"]
+
+
 def test_memory_hog_is_oom_killed_counted_and_watched(cg, children):
     cg.apply({"memory": {"limit": 32 * MiB, "swap": 32 * MiB}})
     assert cg.oom_kill_count() == 0

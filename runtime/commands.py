@@ -263,7 +263,7 @@ def cmd_run(args, log) -> int:
             args.on_pid(container.pid)
         container.start()
         status = _wait_for(container.pid)
-        code = container.record_exit(status)
+        code = container.record_exit(status, persist=args.keep)
         if container.oom_killed:
             sys.stderr.write(f"zviz: container {args.id}: OOM killed (memory limit reached)\n")
         return code

@@ -93,18 +93,18 @@ class Container:
                 # A name for built-ins, the file's path otherwise: exec loads it again.
                 "profile": getattr(resolved_profile, "ref", profile),
                 "verbose": verbose,
-                "cgroupPaths": {},
                 "status": "creating",
             }
-            container.data = data
-            state.write(directory, data)
-
             from runtime import cgroups
 
             cg = cgroups.for_container(container_id, spec.linux.cgroups_path)
-            cg.create()
             data["cgroupPaths"] = dict(cg.paths)
+            container.data = data
+            # Before the groups exist: whoever deletes after a crash here knows them.
             state.write(directory, data)
+            cg.create()
+            if not cg.cheap_self_join:
+                cgroups.warm_up_attach()
             resources = (spec.raw.get("linux") or {}).get("resources") or {}
             cg.apply(resources)
 
@@ -259,12 +259,16 @@ class Container:
             result["oomKilled"] = True
         return result
 
-    def record_exit(self, wait_status: int) -> int:
-        """Record PID 1's wait status (the reaper calls this); returns the exit code."""
+    def record_exit(self, wait_status: int, persist: bool = True) -> int:
+        """Record PID 1's wait status (the reaper calls this); returns the exit code.
+
+        persist=False: only in memory, for a caller that deletes the container next.
+        """
         code = state.exit_code_from_wait_status(wait_status)
         self.data["exitStatus"] = code
         self.data["oomKilled"] = self._oom_kills() > 0
-        self._save()
+        if persist:
+            self._save()
         return code
 
     def _oom_kills(self) -> int:
@@ -432,8 +436,9 @@ class Container:
 
     def update(self, resources: dict) -> None:
         """Apply new linux.resources (`zviz update --resources`)."""
-        security = process.security_layer()
-        if security is not None and self.data.get("profile"):
+        from runtime import security
+
+        if self.data.get("profile"):
             # The profile's pids/memory ceilings hold after create too.
             security.check_resources(security.resolve_profile(self.data["profile"]), resources)
         self._require_cgroup().apply(resources)
@@ -518,9 +523,8 @@ class Container:
 
 def _harden(spec, profile_name):
     """Resolve the profile and let the security layer tighten the spec."""
-    security = process.security_layer()
-    if security is None:
-        return profile_name
+    from runtime import security
+
     profile = security.resolve_profile(profile_name, spec.annotations)
     security.harden_spec(spec, profile)
     return profile
@@ -528,13 +532,15 @@ def _harden(spec, profile_name):
 
 def _notify_channel(profile, verbose: bool):
     """The seccomp broker's channel when the profile mediates syscalls (else None)."""
-    security = process.security_layer()
-    return security.notify_channel(profile, verbose) if security is not None else None
+    from runtime import security
+
+    return security.notify_channel(profile, verbose)
 
 
 def _start_broker(channel, pid: int, profile, verbose: bool, container_id: str, log) -> None:
     """Hand the supervisor end to a broker process; the container end stays with PID 1."""
-    security = process.security_layer()
+    from runtime import security
+
     channel.close_container_end()
     security.start_broker(
         channel,

@@ -248,7 +248,7 @@ def serve(directory: str = SERVER_DIR) -> None:
     # Import everything a run needs once, before any client arrives.
     import importlib
 
-    from runtime import cli, commands, process
+    from runtime import cli, commands
 
     # Everything a run imports, also lazily (found by diffing sys.modules around a run).
     for name in (
@@ -273,10 +273,9 @@ def serve(directory: str = SERVER_DIR) -> None:
     commands.prebuild_parser()
     import socket  # the server may pay for the full module; the client must not
 
-    if process.security_layer() is not None:  # imports runtime.security when present
-        from runtime.security.profiles import warm_cache
+    from runtime.security.profiles import warm_cache
 
-        warm_cache()
+    warm_cache()
     os.makedirs(directory, mode=0o700, exist_ok=True)
     os.chdir("/")  # hold no client's directory; workers chdir to theirs
     mine = _namespaces_and_cgroup("self")

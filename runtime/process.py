@@ -96,15 +96,6 @@ class Spawned:
         self.start_time = stat.start_time if stat else None
 
 
-def security_layer():
-    """runtime.security, or None while that package is still being written (no-op fallback)."""
-    try:
-        from runtime import security
-    except ImportError:
-        return None
-    return security if hasattr(security, "apply") else None
-
-
 def new_namespace_flags(spec) -> tuple[int, list[tuple[str, str]], bool]:
     """(flags to unshare except user, [(type, path) to join], new user namespace?)."""
     flags, joins, new_user = 0, [], False
@@ -153,7 +144,6 @@ def spawn_init(request: Request, log) -> Spawned:
         join_fds,
         lambda child_end: _namespace_child(request, child_end, flags, join_fds, new_user),
     )
-    early_join = _start_early_join(request.cgroup, child)
     pid1 = None
     ready = False
     try:
@@ -178,11 +168,9 @@ def spawn_init(request: Request, log) -> Spawned:
                 pid1 = message["pid"]
                 _reap(child)
                 child = None
-                # Joining the cgroup costs an RCU grace period (ms) on cgroup v1:
                 # PID 1 builds its rootfs meanwhile and waits for "joined" before
-                # anything can fork or run.
-                if request.cgroup is not None:
-                    _wait_early_join(early_join)
+                # anything can fork or run (cgroups.warm_up_attach made this quicker).
+                if request.cgroup is not None and not request.cgroup.cheap_self_join:
                     request.cgroup.add_pid(pid1)
                 try:
                     parent_end.send("joined")
@@ -205,42 +193,7 @@ def spawn_init(request: Request, log) -> Spawned:
             _kill_and_reap(child)
         if pid1 is not None:
             _kill(pid1)
-        _wait_early_join(early_join)
         raise
-
-
-def _start_early_join(cgroup, pid: int):
-    """Move the namespace child into the cgroup from a thread, right at fork time.
-
-    On cgroup v1 the first cgroup.procs write waits for an RCU grace period (~8 ms);
-    started now, it passes while the child sets up namespaces, and PID 1's own join
-    (which is what counts: PID 1 is forked before this may finish) is then quick.
-    Returns a lock released when done (None: nothing started).
-    """
-    if cgroup is None:
-        return None
-    import _thread
-
-    done = _thread.allocate_lock()
-    done.acquire()
-
-    def join() -> None:
-        try:
-            cgroup.add_pid(pid)
-        except Exception:  # noqa: BLE001 - only a warm-up: PID 1's own join reports errors
-            pass
-        finally:
-            done.release()
-
-    _thread.start_new_thread(join, ())
-    return done
-
-
-def _wait_early_join(done) -> None:
-    """Before anything forks or returns: the warm-up thread must be finished."""
-    if done is not None and done.locked():
-        done.acquire()
-        done.release()
 
 
 def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
@@ -453,6 +406,10 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
         _close_inherited_fds(request, sync, extra=[fd for _, fd in join_fds])
     with stages("prctl"):
         linux.set_pdeathsig(signal.SIGKILL)
+    if request.cgroup is not None and request.cgroup.cheap_self_join:
+        with stages("cgroup"):
+            # As host root, before any namespace: PID 1 is then forked inside.
+            request.cgroup.join_self()
     with stages("rootfs"):
         # While still host root: the container's root may not be able to walk there.
         try:
@@ -537,12 +494,14 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
             linux.sethostname(spec.hostname)
         if getattr(spec, "domainname", None):
             linux.setdomainname(spec.domainname)
+    # What does not need the cgroup runs while the parent's join of it may still wait.
+    plan = _prepare_process(request, stages, process)
     with stages("cgroup"):
         sync.expect("joined")
         if "cgroup" in new_ns:
             # Now, so the namespace's root is the container's own cgroup.
             linux.unshare(linux.CLONE_NEWCGROUP)
-    _common_process_setup(request, sync, stages, process, wait_for_fifo=request.wait_for_fifo_fd)
+    _finish_process(request, sync, stages, process, plan, wait_for_fifo=request.wait_for_fifo_fd)
 
 
 def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
@@ -554,7 +513,7 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
         linux.set_pdeathsig(signal.SIGKILL)
     if request.cgroup is not None:
         with stages("cgroup"):
-            request.cgroup.add_pid(os.getpid())
+            request.cgroup.join_self()
     with stages("namespaces"):
         for ns_type, fd in ns_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
@@ -569,24 +528,28 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
 def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> None:
     with stages("terminal"):
         _setup_stdio(request, process)
-    _common_process_setup(request, sync, stages, process, wait_for_fifo=None)
+    plan = _prepare_process(request, stages, process)
+    _finish_process(request, sync, stages, process, plan, wait_for_fifo=None)
 
 
-def _common_process_setup(
-    request: Request, sync: Sync, stages: _Stages, process, wait_for_fifo
-) -> None:
-    """rlimits, oom score, security prep, user, cwd, fds; ready; wait; security; execve."""
+def _prepare_process(request: Request, stages: _Stages, process):
+    """rlimits, oom score and the security layers' preparation (PID 1's and an exec's)."""
     with stages("rlimits"):
         _set_rlimits(process.rlimits or ())
     with stages("oom_score_adj"):
         if process.oom_score_adj is not None:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write(str(process.oom_score_adj))
-    plan = None
+    from runtime import security
+
     with stages("security"):
-        security = security_layer()
-        if security is not None:
-            plan = security.prepare(request.spec, request.profile, request.verbose)
+        return security.prepare(request.spec, request.profile, request.verbose)
+
+
+def _finish_process(request: Request, sync: Sync, stages: _Stages, process, plan, wait_for_fifo):
+    """user, cwd, fds; ready; wait; security; execve."""
+    from runtime import security
+
     with stages("user"):
         _switch_user(process.user)
     with stages("cwd"):
@@ -608,10 +571,7 @@ def _common_process_setup(
             os.write(fd, b"0")
             os.close(fd)
     with stages("security"):
-        if security is not None:
-            security.apply(plan, request.notify_channel)
-        elif process.no_new_privileges:
-            linux.set_no_new_privs()
+        security.apply(plan, request.notify_channel)
     with stages("exec"):
         _restore_default_signals()
         os.execve(path, process.args, dict(entry.split("=", 1) for entry in env if "=" in entry))

@@ -26,6 +26,7 @@ __all__ = [
     "for_container",
     "load",
     "parse_mountinfo",
+    "warm_up_attach",
 ]
 
 DEFAULT_PARENT = "/zviz"
@@ -205,6 +206,52 @@ def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str
             )
             bases[controller] = posixpath.normpath(mount.mount_point + base)
     return CgroupV1(paths, bases)
+
+
+def warm_up_attach() -> None:
+    """Start, in a thread, the wait the next cgroup.procs write would block on.
+
+    Every cgroup.procs write takes the kernel's one global cgroup_threadgroup_rwsem for
+    writing, and the first writer after a quiet spell waits an RCU grace period (8-12 ms
+    on this 2-vCPU VM) while holding cgroup_mutex; writers within the next grace period
+    do not wait again. Where a child cannot join cheaply by itself (v2: see
+    Cgroup.cheap_self_join), create() calls this right after making the groups (earlier
+    would block that mkdir): a no-op move of this process into the cgroup it is already
+    in ("0" names the writer) pays the wait while the namespaces and the rootfs are
+    built, and PID 1's real join is then quick. Best effort: a failure only means the
+    real join pays the wait itself.
+    """
+    from runtime.cgroups.v1 import KNOWN_CONTROLLERS
+
+    try:
+        own = parse_proc_cgroup(_read_text("/proc/self/cgroup"))
+        mounts = _host_mounts()
+        version = detect_version(mounts)
+    except (OSError, FailedPrecondition):
+        return
+    target = None
+    for mount in mounts:
+        if mount.version != version:
+            continue
+        if version == 2:
+            key = V2_KEY
+        else:  # a controller's hierarchy, never a named one such as name=systemd
+            key = next(iter(sorted(mount.controllers & KNOWN_CONTROLLERS)), None)
+        if key in own:
+            target = mount.mount_point + _below(mount, own[key]).rstrip("/") + "/cgroup.procs"
+            break
+    if target is None:
+        return
+    import _thread
+
+    def move_self() -> None:
+        try:
+            with open(target, "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+
+    _thread.start_new_thread(move_self, ())
 
 
 def load(paths: dict[str, str], log=None) -> Cgroup:

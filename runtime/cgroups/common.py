@@ -264,6 +264,11 @@ class Cgroup:
 
     version: int = 0
     paths: dict[str, str]
+    # Whether join_self() moves a process in without the RCU grace period that a
+    # cgroup.procs write may wait for (see cgroups.warm_up_attach). Where it does, the
+    # container's PID 1 is forked inside; elsewhere its parent moves it in while PID 1
+    # builds its rootfs.
+    cheap_self_join = False
     # log(level, message), as runtime.log.Log takes it; notes also come back from apply()
     log = None
 
@@ -284,6 +289,10 @@ class Cgroup:
 
     def add_pid(self, pid: int) -> None:
         raise NotImplementedError
+
+    def join_self(self) -> None:
+        """Move the calling process in; it must be single-threaded (a fresh fork)."""
+        self.add_pid(0)  # "0" is the writer itself
 
     def pids(self) -> list[int]:
         raise NotImplementedError
