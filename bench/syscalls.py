@@ -5,6 +5,11 @@ read, write and open+close; every round runs it once per runtime, interleaved, a
 the table shows the median ns per call and the ratio to runc. Then the cost of the
 security layers in PID 1 (prepare + apply) is measured in forked children.
 
+The "native +" rows are the floor: the same program confining itself with a
+one-instruction allow-all seccomp filter and/or a Landlock ruleset shaped like zviz's,
+no runtime at all. What the kernel charges for a layer by itself is what any runtime
+applying that layer pays; zviz's overhead over runc is compared with it.
+
     python -m bench syscalls          (or: make bench)
 """
 
@@ -77,6 +82,10 @@ def syscall_table() -> dict:
         binary = _build(tmp)
         bundle = _bundle(tmp, binary, "bundle")
         runtimes["native"] = lambda: [binary, str(ITERATIONS)]
+        for layers in (["seccomp"], ["landlock"], ["seccomp", "landlock"]):
+            runtimes["native + " + " + ".join(layers)] = lambda layers=layers: [
+                binary, str(ITERATIONS), *layers
+            ]  # fmt: skip
         if os.access(zviz, os.X_OK):
             for profile in ("ci-runner", "hostile-tenant"):
                 runtimes[f"zviz {profile}"] = lambda p=profile: [
@@ -115,7 +124,7 @@ def syscall_table() -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"ns per call, median of {ROUNDS} interleaved rounds x {ITERATIONS} calls:")
-    print(f"{'runtime':22}" + "".join(f"{c:>15}" for c in CALLS))
+    print(f"{'runtime':26}" + "".join(f"{c:>15}" for c in CALLS))
     base = table.get("runc", {})
     for name, row in table.items():
         cells = []
@@ -125,8 +134,22 @@ def syscall_table() -> dict:
                 continue
             ratio = f" ({row[call] / base[call]:.2f}x)" if base.get(call) else ""
             cells.append(f"{row[call]:>7.0f}{ratio:>8}")
-        print(f"{name:22}" + "".join(cells))
+        print(f"{name:26}" + "".join(cells))
+    _print_floor(table)
     return table
+
+
+def _print_floor(table: dict) -> None:
+    """zviz's ns over runc beside what seccomp + Landlock cost with no runtime at all."""
+    native, both = table.get("native"), table.get("native + seccomp + landlock")
+    zviz, runc = table.get("zviz ci-runner"), table.get("runc")
+    if not (native and both and zviz and runc):
+        return
+    print("\nns added per call: zviz ci-runner over runc | seccomp + Landlock alone over native")
+    for call in CALLS:
+        if all(call in row for row in (native, both, zviz, runc)):
+            added, floor = zviz[call] - runc[call], both[call] - native[call]
+            print(f"  {call:14} {added:>7.0f} | {floor:>7.0f}")
 
 
 def layer_cost(samples: int = 20) -> dict:
