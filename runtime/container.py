@@ -95,6 +95,10 @@ class Container:
                 "verbose": verbose,
                 "status": "creating",
             }
+            # What start and delete (maybe other processes) run; the rest runs in create.
+            later_hooks = {k: v for k, v in (spec.hooks or {}).items() if k in _LATER_HOOKS and v}
+            if later_hooks:
+                data["hooks"] = later_hooks
             from runtime import cgroups
 
             cg = cgroups.for_container(container_id, spec.linux.cgroups_path)
@@ -137,6 +141,7 @@ class Container:
                 stdio=stdio,
                 preserve_fds=preserve_fds,
                 no_pivot=no_pivot,
+                hook_state=_hook_template(data),
             )
             spawned = process.spawn_init(request, log)
             data["pid"] = spawned.pid
@@ -295,6 +300,7 @@ class Container:
             spawned, self._spawned = self._spawned, None
             spawned.sync.send("start")
             process.wait_exec_result(spawned)
+            self._run_later_hooks("poststart", "running")
             return
         status = self.status()
         if status != "created":
@@ -329,6 +335,15 @@ class Container:
             if pidfd >= 0:
                 os.close(pidfd)
         os.unlink(fifo)
+        self._run_later_hooks("poststart", "running")
+
+    def _run_later_hooks(self, kind: str, status: str) -> None:
+        """poststart, poststop: a failing hook is a warning (runtime spec)."""
+        if self.data.get("hooks", {}).get(kind):
+            from runtime import hooks
+
+            container_state = hooks.state(_hook_template(self.data), status, self.pid)
+            hooks.run_warning_only(kind, self.data["hooks"], container_state, self.log)
 
     def _pidfd(self) -> int:
         """A pidfd of PID 1, verified to be our process (not a recycled pid)."""
@@ -399,6 +414,7 @@ class Container:
         if cg is not None:
             cg.destroy()
         _remove_state_dir(self.dir)
+        self._run_later_hooks("poststop", "stopped")
 
     def pause(self) -> None:
         status = self.status()
@@ -519,6 +535,14 @@ class Container:
         spawned.sync.send("start")
         process.wait_exec_result(spawned)
         return spawned.pid
+
+
+_LATER_HOOKS = ("poststart", "poststop")
+
+
+def _hook_template(data: dict) -> dict:
+    """The state fields every OCI hook reads besides status and pid."""
+    return {key: data[key] for key in ("ociVersion", "id", "bundle", "annotations")}
 
 
 def _harden(spec, profile_name):

@@ -12,9 +12,8 @@ from runtime.errors import ZvizError
 OCI_VERSION_MIN = "1.0.0"
 OCI_VERSION_MAX = "1.2.0"
 
-# Hooks config.json may carry that zviz runs. None yet: a config with hooks parses,
-# but listing them here would promise they run.
-SUPPORTED_HOOKS: tuple[str, ...] = ()
+# Every OCI hook runs (runtime/hooks.py).
+SUPPORTED_HOOKS: tuple[str, ...] = spec.HOOK_NAMES
 
 # security/seccomp.py refuses SCMP_ACT_NOTIFY from config.json: the profile's
 # broker owns the one seccomp listener.

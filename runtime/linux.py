@@ -240,6 +240,9 @@ def pidfd_send_signal(pidfd: int, sig: int) -> None:
     raw_syscall("pidfd_send_signal", ctypes.c_int(pidfd), ctypes.c_int(sig), None, ctypes.c_uint(0))
 
 
+CLOSE_RANGE_CLOEXEC = 4
+
+
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     raw_syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
 

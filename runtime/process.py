@@ -21,7 +21,7 @@ import errno
 import os
 import signal
 
-from runtime import errors, linux, state
+from runtime import errors, hooks, linux, state
 from runtime.sync import Sync
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -49,8 +49,6 @@ RLIMITS = {
     "RLIMIT_RTTIME": 15,
 }
 
-CLOSE_RANGE_CLOEXEC = 4
-
 
 class Request:
     """Everything the children need; built by the parent before fork."""
@@ -69,6 +67,7 @@ class Request:
         preserve_fds: int = 0,
         no_pivot: bool = False,
         notify_channel=None,
+        hook_state: dict | None = None,
     ):
         self.spec = spec
         self.bundle = bundle
@@ -82,6 +81,8 @@ class Request:
         self.no_pivot = no_pivot
         # runtime.security.NotifyChannel when the profile needs a seccomp broker.
         self.notify_channel = notify_channel
+        # What OCI hooks read on stdin besides status and pid (see runtime.hooks).
+        self.hook_state = hook_state or {}
         # Set in the namespace child: the id-mapped rootfs clone the parent made.
         self.rootfs_mount_fd: int | None = None
 
@@ -172,10 +173,19 @@ def spawn_init(request: Request, log) -> Spawned:
                 # anything can fork or run (cgroups.warm_up_attach made this quicker).
                 if request.cgroup is not None and not request.cgroup.cheap_self_join:
                     request.cgroup.add_pid(pid1)
+                joined = {}
+                if spec.hooks:  # PID 1 runs createContainer and startContainer with it
+                    joined["state"] = hooks.state(request.hook_state, "creating", pid1)
                 try:
-                    parent_end.send("joined")
+                    parent_end.send("joined", **joined)
                 except BrokenPipeError:
                     pass  # PID 1 already failed: its error is queued for the next recv
+            elif kind == "hooks":
+                for hook_kind in hooks.RUNTIME_HOOKS:
+                    hooks.run(
+                        hook_kind, spec.hooks, hooks.state(request.hook_state, "creating", pid1)
+                    )
+                parent_end.send("hooked")
 
             elif kind == "log":
                 log(message.get("level", "info"), message.get("msg", ""))
@@ -465,6 +475,22 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
         except OSError:
             pass
 
+    joined = None
+    pre_pivot_hooks = any(
+        (spec.hooks or {}).get(kind) for kind in hooks.RUNTIME_HOOKS + hooks.CONTAINER_HOOKS
+    )
+
+    def before_pivot() -> None:
+        # The hooks may fork: only once in the cgroup. The runtime's ones first.
+        nonlocal joined
+        joined = sync.expect("joined")
+        with stages("hooks"):
+            if any(spec.hooks.get(kind) for kind in hooks.RUNTIME_HOOKS):
+                sync.send("hooks")
+                sync.expect("hooked")
+            for kind in hooks.CONTAINER_HOOKS:
+                hooks.run(kind, spec.hooks, joined["state"])
+
     if "mount" in new_ns or any(ns.type == "mount" for ns in spec.linux.namespaces or ()):
         builder = RootfsBuilder(
             spec,
@@ -477,7 +503,7 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
         )
         builder.rootfs_mount_fd = request.rootfs_mount_fd
         with stages("rootfs"):
-            builder.build()
+            builder.build(before_pivot=before_pivot if pre_pivot_hooks else None)
     else:
         builder = None
         with stages("rootfs"):
@@ -497,11 +523,15 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
     # What does not need the cgroup runs while the parent's join of it may still wait.
     plan = _prepare_process(request, stages, process)
     with stages("cgroup"):
-        sync.expect("joined")
+        if joined is None:
+            joined = sync.expect("joined")
         if "cgroup" in new_ns:
             # Now, so the namespace's root is the container's own cgroup.
             linux.unshare(linux.CLONE_NEWCGROUP)
-    _finish_process(request, sync, stages, process, plan, wait_for_fifo=request.wait_for_fifo_fd)
+    _finish_process(
+        request, sync, stages, process, plan, wait_for_fifo=request.wait_for_fifo_fd,
+        hook_state=joined.get("state"),
+    )  # fmt: skip
 
 
 def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
@@ -546,8 +576,10 @@ def _prepare_process(request: Request, stages: _Stages, process):
         return security.prepare(request.spec, request.profile, request.verbose)
 
 
-def _finish_process(request: Request, sync: Sync, stages: _Stages, process, plan, wait_for_fifo):
-    """user, cwd, fds; ready; wait; security; execve."""
+def _finish_process(
+    request: Request, sync: Sync, stages: _Stages, process, plan, wait_for_fifo, hook_state=None
+):
+    """user, cwd, fds; ready; wait; startContainer hooks (PID 1's); security; execve."""
     from runtime import security
 
     with stages("user"):
@@ -558,7 +590,7 @@ def _finish_process(request: Request, sync: Sync, stages: _Stages, process, plan
         env = list(process.env or ())
         path = _find_executable(process.args, env)
     with stages("fds"):
-        linux.close_range(3 + request.preserve_fds, 0xFFFFFFFF, CLOSE_RANGE_CLOEXEC)
+        linux.close_range(3 + request.preserve_fds, 0xFFFFFFFF, linux.CLOSE_RANGE_CLOEXEC)
     with stages("signals"):
         _prepare_signals_for_waiting()
     sync.send("ready")
@@ -570,6 +602,9 @@ def _finish_process(request: Request, sync: Sync, stages: _Stages, process, plan
             fd = os.open(f"/proc/self/fd/{wait_for_fifo}", os.O_WRONLY | os.O_CLOEXEC)
             os.write(fd, b"0")
             os.close(fd)
+    if hook_state is not None:
+        with stages("hooks"):
+            hooks.run("startContainer", request.spec.hooks, {**hook_state, "status": "created"})
     with stages("security"):
         security.apply(plan, request.notify_channel)
     with stages("exec"):

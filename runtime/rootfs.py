@@ -324,8 +324,11 @@ class RootfsBuilder:
         # A detached, id-mapped clone of the rootfs made by the parent (or None).
         self.rootfs_mount_fd = None
 
-    def build(self) -> None:
+    def build(self, before_pivot=None) -> None:
         """Everything up to and including pivot_root; the cwd must be the rootfs.
+
+        before_pivot(): called with every mount in place, just before pivot_root
+        (where the OCI createRuntime and createContainer hooks run).
 
         The namespace child chdir'd into the rootfs while it was still host root, so
         PID 1 never walks the rootfs's path from "/": in a user namespace the
@@ -341,6 +344,8 @@ class RootfsBuilder:
             self.mount_one(m)
         if not self.dev_is_bind:
             self.populate_dev()
+        if before_pivot is not None:
+            before_pivot()
         self.pivot()
 
     def enter_own_rootfs_mount(self) -> None:

@@ -126,7 +126,11 @@ def test_unimplemented_layers_say_so(document):
     assert linux["selinux"] == {"enabled": False}
     assert linux["intelRdt"] == {"enabled": False}
     assert linux["cgroup"]["systemd"] is False and linux["cgroup"]["v1"] is True
-    assert document["hooks"] == []
+
+
+def test_every_oci_hook_is_listed(document):
+    assert document["hooks"] == list(spec.HOOK_NAMES)
+    assert len(document["hooks"]) == 6
 
 
 def test_profile_annotation_is_flagged_unsafe(document):
