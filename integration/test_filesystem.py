@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from integration.zviz_cli import Zviz, edit_config, unique_id
+from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 
 
 @pytest.fixture
@@ -153,6 +153,50 @@ def test_bind_mounts_ro_and_rw(zviz, make_bundle, shared_dir):
     assert result.stdout == "hello from the host\n"
     assert (shared / "out").read_text() == "rw\n"
     assert not (shared / "x").exists()
+
+
+def test_bind_sources_under_a_root_only_directory_reach_the_container(zviz, make_bundle):
+    # As kubelet's pod volumes (/var/lib/kubelet, 0750) and containerd's per-sandbox
+    # /etc/hosts and /dev/shm: the container's root, an unprivileged host uid, cannot
+    # walk there. zviz opens each source as host root (open_tree) and PID 1 attaches it.
+    private = tempfile.mkdtemp(prefix="zviz-rt-private-")  # 0700, root's
+    try:
+        os.makedirs(os.path.join(private, "volume"))
+        with open(os.path.join(private, "volume", "data"), "w") as f:
+            f.write("volume data\n")
+        with open(os.path.join(private, "hosts"), "w") as f:
+            f.write("127.0.0.1 pod\n")
+        os.chmod(os.path.join(private, "volume", "data"), 0o644)
+        os.chmod(os.path.join(private, "hosts"), 0o644)
+        bundle = make_bundle(["sh", "-c", "cat /data/data /etc/hosts; ls -ld /data | cut -c1"])
+        edit_config(
+            bundle,
+            lambda c: c["mounts"].extend([
+                {"destination": "/data", "type": "bind", "source": os.path.join(private, "volume"),
+                 "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": os.path.join(private, "hosts"),
+                 "options": ["bind", "ro"]},
+            ]),
+        )  # fmt: skip
+        result = zviz.run(bundle)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "volume data\n127.0.0.1 pod\nd\n"
+    finally:
+        shutil.rmtree(private)
+
+
+def test_a_missing_bind_source_is_named_and_leaves_nothing(zviz, make_bundle, tmp_path):
+    bundle = make_bundle(["true"])
+    missing = str(tmp_path / "no-such-dir")
+    edit_config(
+        bundle,
+        lambda c: c["mounts"].append({"destination": "/data", "type": "bind", "source": missing, "options": ["rbind"]}),
+    )  # fmt: skip
+    container_id = unique_id()
+    result = zviz.run(bundle, container_id)
+    assert result.returncode == 1
+    assert f"mounts: /data: bind source {missing} does not exist" in result.stderr
+    assert leftovers(container_id, zviz.root) == []
 
 
 def test_symlink_in_the_image_cannot_redirect_a_mount_to_the_host(zviz, make_bundle, tmp_path):

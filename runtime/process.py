@@ -22,6 +22,7 @@ import os
 import signal
 
 from runtime import errors, hooks, linux, state
+from runtime.rootfs import RootfsBuilder, open_bind_sources
 from runtime.sync import Sync
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -85,6 +86,8 @@ class Request:
         self.hook_state = hook_state or {}
         # Set in the namespace child: the id-mapped rootfs clone the parent made.
         self.rootfs_mount_fd: int | None = None
+        # Set by spawn_init: per spec.mounts entry, its bind source's clone (or None).
+        self.bind_source_fds: list[int | None] = []
 
 
 class Spawned:
@@ -113,22 +116,22 @@ def new_namespace_flags(spec) -> tuple[int, list[tuple[str, str]], bool]:
     return flags, joins, new_user
 
 
-def _fork_child(ns_fds, child_main) -> tuple[int, Sync]:
+def _fork_child(fds_for_child: list[int], child_main) -> tuple[int, Sync]:
     """Fork a child that runs child_main(its sync end) and never returns; the parent keeps
-    the other end. The namespace fds are the child's to use: the parent closes its copies."""
+    the other end. `fds_for_child` are the child's to use: the parent closes its copies."""
     parent_end, child_end = Sync.pair()
     try:
         child = os.fork()
     except BaseException:
         parent_end.close()
         child_end.close()
-        _close_all(fd for _, fd in ns_fds)
+        _close_all(fds_for_child)
         raise
     if child == 0:
         parent_end.close()
         _run_child(child_end, lambda: child_main(child_end))
     child_end.close()
-    _close_all(fd for _, fd in ns_fds)
+    _close_all(fds_for_child)
     return child, parent_end
 
 
@@ -140,9 +143,16 @@ def spawn_init(request: Request, log) -> Spawned:
     """
     spec = request.spec
     flags, joins, new_user = new_namespace_flags(spec)
-    join_fds = [(ns_type, _open_ns(ns_type, path)) for ns_type, path in joins]
+    join_fds = []
+    try:
+        for ns_type, path in joins:
+            join_fds.append((ns_type, _open_ns(ns_type, path)))
+        request.bind_source_fds = open_bind_sources(spec.mounts, request.bundle)
+    except BaseException:
+        _close_all(fd for _, fd in join_fds)
+        raise
     child, parent_end = _fork_child(
-        join_fds,
+        [fd for _, fd in join_fds] + [fd for fd in request.bind_source_fds if fd is not None],
         lambda child_end: _namespace_child(request, child_end, flags, join_fds, new_user),
     )
     pid1 = None
@@ -223,7 +233,7 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
             continue
         ns_fds.append((ns_type, _open_ns(ns_type, theirs)))
     child, parent_end = _fork_child(
-        ns_fds, lambda child_end: _exec_child(request, child_end, ns_fds, process)
+        [fd for _, fd in ns_fds], lambda child_end: _exec_child(request, child_end, ns_fds, process)
     )
     pid = None
     ready = False
@@ -413,7 +423,12 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
     spec = request.spec
     _preload(request, stages)
     with stages("fds"):
-        _close_inherited_fds(request, sync, extra=[fd for _, fd in join_fds])
+        _close_inherited_fds(
+            request,
+            sync,
+            extra=[fd for _, fd in join_fds]
+            + [fd for fd in request.bind_source_fds if fd is not None],
+        )
     with stages("prctl"):
         linux.set_pdeathsig(signal.SIGKILL)
     if request.cgroup is not None and request.cgroup.cheap_self_join:
@@ -463,8 +478,6 @@ def _become_root_in_userns(spec) -> None:
 
 def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> None:
     """PID 1: filesystem, process attributes, ready, wait for start, security, execve."""
-    from runtime.rootfs import RootfsBuilder
-
     spec = request.spec
     process = spec.process
     new_ns = {ns.type for ns in spec.linux.namespaces or () if not ns.path}
@@ -502,6 +515,7 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
             log=log,
         )
         builder.rootfs_mount_fd = request.rootfs_mount_fd
+        builder.bind_source_fds = request.bind_source_fds
         with stages("rootfs"):
             builder.build(before_pivot=before_pivot if pre_pivot_hooks else None)
     else:

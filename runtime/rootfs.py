@@ -92,13 +92,55 @@ DEV_SYMLINKS = (
 class Mount:
     """One mount to perform, from config.json or an auto-mount."""
 
-    __slots__ = ("destination", "type", "source", "options")
+    __slots__ = ("destination", "type", "source", "options", "source_fd")
 
-    def __init__(self, destination: str, type: str | None, source: str | None, options=()):
+    def __init__(
+        self, destination: str, type: str | None, source: str | None, options=(), source_fd=None
+    ):
         self.destination = destination
         self.type = type
         self.source = source
         self.options = list(options or ())
+        # A bind's source as a detached clone (open_bind_sources), made by host root.
+        self.source_fd = source_fd
+
+
+def is_bind(m) -> bool:
+    return m.type == "bind" or bool(parse_options(m.options)[0] & linux.MS_BIND)
+
+
+def open_bind_sources(mounts, bundle: str) -> list[int | None]:
+    """A detached clone (open_tree) of each bind mount's source; None for other mounts.
+
+    Called by the zviz parent as host root, before any namespace: in a user namespace
+    the container's root (an unprivileged host uid) often cannot walk to a source
+    (kubelet's volumes, containerd's per-sandbox files under 0700 directories).
+    PID 1 attaches each clone by fd. The caller closes the fds.
+    """
+    fds: list[int | None] = []
+    try:
+        for m in mounts or ():
+            if not is_bind(m):
+                fds.append(None)
+                continue
+            source = m.source or ""
+            if not os.path.isabs(source):
+                source = os.path.join(bundle, source)
+            flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC
+            if parse_options(m.options)[0] & linux.MS_REC:
+                flags |= linux.AT_RECURSIVE
+            try:
+                fds.append(linux.open_tree(linux.AT_FDCWD, source, flags))
+            except FileNotFoundError:
+                raise errors.InvalidArgument(
+                    f"config.json: mounts: {m.destination}: bind source {source} does not exist"
+                ) from None
+    except BaseException:
+        for fd in fds:
+            if fd is not None:
+                os.close(fd)
+        raise
+    return fds
 
 
 # The auto-mounts: what a container gets at these paths unless config.json mounts
@@ -140,7 +182,10 @@ def merge_mounts(user_mounts) -> list[Mount]:
     auto-mount goes after the last user mount that is its ancestor and after the
     auto-mount before it, so /dev/pts still lands on top of a user-provided /dev.
     """
-    merged = [Mount(m.destination, m.type, m.source, m.options) for m in user_mounts]
+    merged = [
+        Mount(m.destination, m.type, m.source, m.options, getattr(m, "source_fd", None))
+        for m in user_mounts
+    ]
     taken = {_clean(m.destination) for m in merged}
     previous_auto = None
     for auto in AUTO_MOUNTS:
@@ -246,21 +291,17 @@ def at_pinned(path: str, destination: str, action):
         os.close(fd)
 
 
-def _make_mountpoint(
-    path: str, source: str | None, is_bind: bool, destination: str | None = None
-) -> None:
+def _make_mountpoint(path: str, destination: str, as_file: bool = False) -> None:
     """Create `path` (relative to the cwd, the rootfs) as a directory, or as a file
-    when binding a non-directory.
+    (as_file: a bind of a non-directory).
 
     One component at a time, each opened O_NOFOLLOW beneath the last: a directory
     swapped for a symlink meanwhile (a shared volume) is refused, never followed to
     create directories or files on the host. An existing file of any kind (a fifo
     in the image) is left as it is: the mount covers it, nothing opens it.
     """
-    destination = destination or path
-    make_file = bool(is_bind and source and not os.path.isdir(source))
     parts = [p for p in os.path.normpath(path).split("/") if p not in ("", ".")]
-    directories = parts[:-1] if make_file else parts
+    directories = parts[:-1] if as_file else parts
     fd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in directories:
@@ -281,7 +322,7 @@ def _make_mountpoint(
                 raise
             os.close(fd)
             fd = inner
-        if make_file and parts:
+        if as_file and parts:
             try:
                 os.close(
                     os.open(
@@ -323,6 +364,8 @@ class RootfsBuilder:
         self.dev_is_bind = False
         # A detached, id-mapped clone of the rootfs made by the parent (or None).
         self.rootfs_mount_fd = None
+        # Per spec.mounts entry: its bind source's clone made by the parent (or None).
+        self.bind_source_fds: list[int | None] = []
 
     def build(self, before_pivot=None) -> None:
         """Everything up to and including pivot_root; the cwd must be the rootfs.
@@ -340,7 +383,12 @@ class RootfsBuilder:
         base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
         linux.mount(None, "/", None, base | linux.MS_REC)
         self.enter_own_rootfs_mount()
-        for m in merge_mounts(self.spec.mounts):
+        fds = self.bind_source_fds or [None] * len(self.spec.mounts or ())
+        user_mounts = [
+            Mount(m.destination, m.type, m.source, m.options, fd)
+            for m, fd in zip(self.spec.mounts or (), fds, strict=True)
+        ]
+        for m in merge_mounts(user_mounts):
             self.mount_one(m)
         if not self.dev_is_bind:
             self.populate_dev()
@@ -371,25 +419,25 @@ class RootfsBuilder:
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
         flags, propagation, data = parse_options(m.options)
-        is_bind = m.type == "bind" or bool(flags & linux.MS_BIND)
-        if is_bind:
-            source = m.source or ""
-            if not os.path.isabs(source):
-                source = os.path.join(self.bundle, source)
-            if not os.path.exists(source):
-                raise errors.InvalidArgument(
-                    f"config.json: mounts: {m.destination}: bind source {source} does not exist"
-                )
+        if m.type == "bind" or flags & linux.MS_BIND:
+            if m.source_fd is None:  # not opened by the parent (a caller of this module)
+                (m.source_fd,) = open_bind_sources([m], self.bundle)
             if _clean(m.destination) == "/dev":
                 self.dev_is_bind = True
-            _make_mountpoint(dest, source, True, m.destination)
-            at_pinned(
-                dest,
-                m.destination,
-                lambda target: linux.mount(
-                    source, target, None, linux.MS_BIND | (flags & linux.MS_REC)
-                ),
-            )
+            source_is_dir = stat.S_ISDIR(os.fstat(m.source_fd).st_mode)
+            _make_mountpoint(dest, m.destination, as_file=not source_is_dir)
+            try:
+                at_pinned(
+                    dest,
+                    m.destination,
+                    lambda target: linux.move_mount(
+                        m.source_fd, "", linux.AT_FDCWD, target,
+                        linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS,
+                    ),
+                )  # fmt: skip
+            finally:
+                os.close(m.source_fd)
+                m.source_fd = None
             extra = flags & ~(linux.MS_BIND | linux.MS_REC | linux.MS_REMOUNT)
             if extra:
                 at_pinned(dest, m.destination, lambda target: remount_bind(target, extra))
@@ -408,7 +456,7 @@ class RootfsBuilder:
                         f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
                         " an ordinary directory, but the image has a symlink on the way"
                     )
-            _make_mountpoint(dest, None, False, m.destination)
+            _make_mountpoint(dest, m.destination)
             try:
                 at_pinned(
                     dest,
@@ -459,7 +507,7 @@ class RootfsBuilder:
         hierarchies = _cgroup_mountpoints()
         own = sorted(self.cgroup_paths.values()) if self.cgroup_paths else []
         unified_only = len(hierarchies) == 1 and hierarchies[0][1] == "cgroup2"
-        _make_mountpoint(dest, None, False, destination)
+        _make_mountpoint(dest, destination)
         locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
         if unified_only:
             if own:

@@ -46,7 +46,7 @@ def _layer(rootfs: str) -> tuple[bytes, str]:
     return gzip.compress(raw.getvalue(), mtime=0), diff_id
 
 
-def build_image(out_path: str, ref: str = DEFAULT_REF) -> str:
+def build_image(out_path: str, ref: str = DEFAULT_REF, cmd=("sh",)) -> str:
     with tempfile.TemporaryDirectory(prefix="zviz-img-") as tmp:
         rootfs = os.path.join(tmp, "rootfs")
         build_rootfs(rootfs)
@@ -58,7 +58,7 @@ def build_image(out_path: str, ref: str = DEFAULT_REF) -> str:
             "os": "linux",
             "config": {
                 "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                "Cmd": ["sh"],
+                "Cmd": list(cmd),
                 "WorkingDir": "/",
             },
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
