@@ -3,6 +3,7 @@
 import os
 import pathlib
 import shutil
+import subprocess
 import tempfile
 
 import pytest
@@ -183,6 +184,34 @@ def test_bind_sources_under_a_root_only_directory_reach_the_container(zviz, make
         assert result.stdout == "volume data\n127.0.0.1 pod\nd\n"
     finally:
         shutil.rmtree(private)
+
+
+def test_an_overlay_rootfs_is_writable_by_the_containers_root(zviz, make_bundle, tmp_path):
+    # containerd's snapshots are overlays, which cannot be id-mapped themselves: zviz
+    # rebuilds the overlay over id-mapped lower layers. The container's root reads the
+    # image's files as its own and its writes land in the upper layer under its host uid.
+    bundle = make_bundle(
+        ["sh", "-c", "echo new > /root/added && mkdir /root/made && stat -c %u /bin/busybox"]
+    )
+    edit_config(bundle, lambda c: c["root"].update(readonly=False))
+    rootfs, lower = os.path.join(bundle, "rootfs"), os.path.join(bundle, "lower")
+    os.rename(rootfs, lower)
+    os.mkdir(rootfs)
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    upper.mkdir()
+    work.mkdir()
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, rootfs], check=True)
+    try:
+        result = zviz.run(bundle)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "0\n"  # the image's root-owned files are the container root's
+        assert (upper / "root" / "added").read_text() == "new\n"
+        assert os.stat(upper / "root" / "added").st_uid == 100000
+        assert os.stat(upper / "root" / "made").st_uid == 100000
+        assert os.stat(os.path.join(lower, "bin", "busybox")).st_uid == 0  # layers untouched
+    finally:
+        subprocess.run(["umount", rootfs], check=True)
 
 
 def test_a_missing_bind_source_is_named_and_leaves_nothing(zviz, make_bundle, tmp_path):

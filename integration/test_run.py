@@ -114,6 +114,17 @@ def test_rlimits_are_applied(zviz, make_bundle):
     assert result.stdout.strip() == "321"
 
 
+def test_oom_score_adj_is_set_by_the_parent(zviz, make_bundle):
+    # Written by the parent: inside its user namespace PID 1's /proc files are host root's.
+    from integration.zviz_cli import edit_config
+
+    bundle = make_bundle(["sh", "-c", "cat /proc/self/oom_score_adj"])
+    edit_config(bundle, lambda c: c["process"].update(oomScoreAdj=500))
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "500"
+
+
 def test_missing_executable_is_a_clear_error_and_leaves_nothing(zviz, make_bundle):
     container_id = unique_id()
     result = zviz.run(make_bundle(["/no/such/binary"]), container_id)

@@ -104,6 +104,9 @@ _SYSCALLS = {
         "pidfd_send_signal": 424,
         "open_tree": 428,
         "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
         "mount_setattr": 442,
         "landlock_create_ruleset": 444,
         "landlock_add_rule": 445,
@@ -126,6 +129,9 @@ _SYSCALLS = {
         "pidfd_send_signal": 424,
         "open_tree": 428,
         "move_mount": 429,
+        "fsopen": 430,
+        "fsconfig": 431,
+        "fsmount": 432,
         "mount_setattr": 442,
         "landlock_create_ruleset": 444,
         "landlock_add_rule": 445,
@@ -304,6 +310,35 @@ def move_mount(from_dirfd: int, from_path: str, to_dirfd: int, to_path: str, fla
         _b(to_path),
         ctypes.c_uint(flags),
         detail=to_path,
+    )
+
+
+FSOPEN_CLOEXEC = 1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 1
+
+
+def fsopen(fs_name: str, flags: int = FSOPEN_CLOEXEC) -> int:
+    return raw_syscall("fsopen", _b(fs_name), ctypes.c_uint(flags), detail=fs_name)
+
+
+def fsconfig(fs_fd: int, cmd: int, key: str | None = None, value: str | None = None) -> None:
+    raw_syscall(
+        "fsconfig",
+        ctypes.c_int(fs_fd),
+        ctypes.c_uint(cmd),
+        _b(key),
+        _b(value),
+        ctypes.c_int(0),
+        detail=f"{key}={value}" if key else "create",
+    )
+
+
+def fsmount(fs_fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
+    return raw_syscall(
+        "fsmount", ctypes.c_int(fs_fd), ctypes.c_uint(flags), ctypes.c_uint(attr_flags)
     )
 
 

@@ -22,14 +22,17 @@ import os
 import signal
 
 from runtime import errors, hooks, linux, state
+from runtime.idmap import idmapped_rootfs
 from runtime.rootfs import RootfsBuilder, open_bind_sources
 from runtime.sync import Sync
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Join order for namespaces given by path: user first so the others are reachable
-# with its capabilities, mount last so /proc paths resolve until then.
-_JOIN_ORDER = ("user", "ipc", "uts", "network", "pid", "cgroup", "time", "mount")
+# Join order for namespaces given by path (their fds are opened beforehand). The user
+# namespace last: until then we are host root, who may enter any namespace, while the
+# container's root may not enter one owned by another user namespace (a Kubernetes
+# pod's IPC, UTS and network namespaces belong to its sandbox's). Mount after the rest.
+_JOIN_ORDER = ("ipc", "uts", "network", "pid", "cgroup", "time", "mount", "user")
 
 RLIMITS = {
     "RLIMIT_CPU": 0,
@@ -179,6 +182,7 @@ def spawn_init(request: Request, log) -> Spawned:
                 pid1 = message["pid"]
                 _reap(child)
                 child = None
+                set_oom_score_adj(pid1, spec.process.oom_score_adj)
                 # PID 1 builds its rootfs meanwhile and waits for "joined" before
                 # anything can fork or run (cgroups.warm_up_attach made this quicker).
                 if request.cgroup is not None and not request.cgroup.cheap_self_join:
@@ -249,6 +253,7 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
                 pid = message["pid"]
                 _reap(child)
                 child = None
+                set_oom_score_adj(pid, process.oom_score_adj)
             elif kind == "log":
                 log(message.get("level", "info"), message.get("msg", ""))
             elif kind == "ready":
@@ -282,33 +287,23 @@ def wait_exec_result(spawned: Spawned) -> None:
         raise error_from_message(message)
 
 
-def idmapped_rootfs(pid: int, spec, log) -> int | None:
-    """A detached clone of the rootfs, id-mapped through `pid`'s user namespace.
+def set_oom_score_adj(pid: int, value: int | None) -> None:
+    """process.oomScoreAdj, written by the parent as host root (as runc does).
 
-    Only when the rootfs isn't already owned by the host uid the container's root
-    maps to (otherwise the plain rootfs is right). Made here, as host root: an
-    id-mapped mount needs privilege over the filesystem's own user namespace.
-    Falls back to the plain rootfs, with a warning, where the filesystem can't.
+    The process itself cannot: in its user namespace its /proc files belong to host
+    root, and a value below the current one needs CAP_SYS_RESOURCE in the initial
+    user namespace.
     """
-    root_host_uid = next((m.host_id for m in spec.linux.uid_mappings if m.container_id == 0), None)
-    if root_host_uid is None or os.stat(spec.root.path).st_uid == root_host_uid:
-        return None
-    flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE
-    tree = linux.open_tree(linux.AT_FDCWD, spec.root.path, flags)
-    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    if value is None:
+        return
     try:
-        linux.mount_setattr_idmap(tree, userns)
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(value))
     except OSError as exc:
-        os.close(tree)
-        log(
-            "warning",
-            f"rootfs {spec.root.path}: no id-mapped mount ({exc.strerror}); the container's root "
-            f"sees its files as unmapped (nobody) and cannot write them",
-        )
-        return None
-    finally:
-        os.close(userns)
-    return tree
+        raise errors.FailedPrecondition(
+            f"config.json: process.oomScoreAdj: cannot set {value}: {exc.strerror}"
+            " (lowering it needs CAP_SYS_RESOURCE)"
+        ) from None
 
 
 def write_id_maps(pid: int, uid_mappings, gid_mappings) -> None:
@@ -577,13 +572,9 @@ def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> N
 
 
 def _prepare_process(request: Request, stages: _Stages, process):
-    """rlimits, oom score and the security layers' preparation (PID 1's and an exec's)."""
+    """rlimits and the security layers' preparation (PID 1's and an exec's)."""
     with stages("rlimits"):
         _set_rlimits(process.rlimits or ())
-    with stages("oom_score_adj"):
-        if process.oom_score_adj is not None:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(process.oom_score_adj))
     from runtime import security
 
     with stages("security"):

@@ -17,7 +17,7 @@ VENV_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 CONFIG = """version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+disabled_plugins = [{disabled}]
 
 [grpc]
   address = "{address}"
@@ -32,9 +32,34 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   shim_debug = true
 """
 
+# Kubernetes' CRI plugin, as a kubelet's containerd runs it, with zviz as RuntimeClass
+# handler `zviz`. Offline: the sandbox ("pause") image must be imported before use, and
+# no CNI is configured (pods use the node's network). The streaming server takes a
+# free port so that several of these can run at once.
+CRI_CONFIG = """
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.zviz]
+      runtime_type = "io.containerd.zviz.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{base}/cni/bin"
+    conf_dir = "{base}/cni/net.d"
+"""
+CRI_NAMESPACE = "k8s.io"
+
 
 class PrivateContainerd:
-    def __init__(self, base_dir: str | None = None, debug: bool = True):
+    def __init__(
+        self, base_dir: str | None = None, debug: bool = True, cri_sandbox_image: str | None = None
+    ):
         # Short base path: shim socket paths must stay under 108 bytes.
         self.base = base_dir or tempfile.mkdtemp(prefix="zc-", dir="/run")
         # 0711 as containerd's own directories: a container whose root is mapped to an
@@ -48,20 +73,24 @@ class PrivateContainerd:
         self.log_path = os.path.join(self.base, "containerd.log")
         self.namespace = NAMESPACE
         self.debug = debug
+        # The CRI plugin is loaded only when given the image of its sandboxes.
+        self.cri_sandbox_image = cri_sandbox_image
         self.proc: subprocess.Popen | None = None
         self.env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
 
     def start(self, timeout: float = 30) -> "PrivateContainerd":
         os.makedirs(self.base, exist_ok=True)
+        config = CONFIG.format(
+            root=self.root,
+            state=self.state,
+            address=self.address,
+            level="debug" if self.debug else "info",
+            disabled="" if self.cri_sandbox_image else '"io.containerd.grpc.v1.cri"',
+        )
+        if self.cri_sandbox_image:
+            config += CRI_CONFIG.format(sandbox_image=self.cri_sandbox_image, base=self.base)
         with open(self.config_path, "w") as f:
-            f.write(
-                CONFIG.format(
-                    root=self.root,
-                    state=self.state,
-                    address=self.address,
-                    level="debug" if self.debug else "info",
-                )
-            )
+            f.write(config)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             ["containerd", "--config", self.config_path],
@@ -132,10 +161,13 @@ class PrivateContainerd:
     def _remove_namespace_cgroups(self) -> None:
         """ctr puts tasks in /<namespace>/<id>; runtimes remove <id>, the empty parent is ours."""
         for hierarchy in os.listdir("/sys/fs/cgroup"):
-            try:
-                os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, self.namespace))
-            except OSError:
-                pass  # absent, not a hierarchy, or still in use (then the leak check reports it)
+            for namespace in (self.namespace, CRI_NAMESPACE if self.cri_sandbox_image else None):
+                if namespace is None:
+                    continue
+                try:
+                    os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, namespace))
+                except OSError:
+                    pass  # absent, not a hierarchy, or in use (then the leak check reports it)
 
     @staticmethod
     def _unmount_under(path: str) -> None:
@@ -145,8 +177,8 @@ class PrivateContainerd:
         for target in sorted((t for t in targets if t.startswith(path + "/")), reverse=True):
             subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
-    def import_image(self, archive: str) -> None:
-        self.ctr("images", "import", "--all-platforms", archive, timeout=120)
+    def import_image(self, archive: str, namespace: str | None = None) -> None:
+        self.ctr("images", "import", "--all-platforms", archive, timeout=120, namespace=namespace)
 
 
 def runsc_wrapper(directory: str) -> str:

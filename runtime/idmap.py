@@ -1,0 +1,131 @@
+"""The container's rootfs as its user namespace's root may use it (made by the parent).
+
+Under the default user namespace the container's root is an unprivileged host uid
+(100000), and a rootfs unpacked by root would look owned by nobody: unwritable, its
+setuid bits useless. The parent, as host root, makes a detached id-mapped mount of it
+instead (host uid 0 shows as the container's root) and PID 1 attaches that.
+
+Most filesystems take an id-mapping directly (open_tree + mount_setattr). An overlay
+mount cannot (EINVAL): containerd's snapshots are overlays. For those the parent builds
+a new overlay over the same layers: each lower layer id-mapped, the upper layer left as
+it is but its root handed to the container's root, so what the container writes is
+stored under its host-mapped ids, as in a remapped snapshot. Written by
+the parent as host root: id-mapped mounts need privilege over the filesystem's own user
+namespace.
+"""
+
+import os
+
+from runtime import linux
+
+_OVERLAY_LAYER_KEYS = ("lowerdir", "upperdir", "workdir")
+
+
+def idmapped_rootfs(pid: int, spec, log) -> int | None:
+    """A detached mount of the rootfs, id-mapped through `pid`'s user namespace.
+
+    None when the plain rootfs is right (already owned by the host uid the container's
+    root maps to, or no root mapping) or when the filesystem cannot be id-mapped; the
+    latter is logged, as the container's root then cannot write its rootfs.
+    """
+    root_uid = _host_id(spec.linux.uid_mappings)
+    root_gid = _host_id(spec.linux.gid_mappings)
+    if root_uid is None:
+        return None
+    overlay = overlay_layers(spec.root.path)
+    owner_probe = overlay["lowerdir"][0] if overlay else spec.root.path
+    if os.stat(owner_probe).st_uid == root_uid:
+        return None
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if overlay is not None:
+            return _idmapped_overlay(overlay, userns, root_uid, root_gid)
+        flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE
+        tree = linux.open_tree(linux.AT_FDCWD, spec.root.path, flags)
+        try:
+            linux.mount_setattr_idmap(tree, userns)
+        except BaseException:
+            os.close(tree)
+            raise
+        return tree
+    except OSError as exc:
+        log(
+            "warning",
+            f"rootfs {spec.root.path}: no id-mapped mount ({exc.strerror}); the container's "
+            "root sees its files as unmapped (nobody) and cannot write them",
+        )
+        return None
+    finally:
+        os.close(userns)
+
+
+def _host_id(mappings) -> int | None:
+    return next((m.host_id for m in mappings or () if m.container_id == 0), None)
+
+
+def overlay_layers(path: str) -> dict | None:
+    """The layers and options of the overlay mounted at `path`, from mountinfo.
+
+    None when `path` is not an overlay's mount point, or when its options cannot be
+    read back safely (relative or escaped layer paths): then it is treated as any
+    other filesystem.
+    """
+    target = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, right_fields = left.split(), right.split()
+            if len(fields) > 4 and fields[4] == target and right_fields[:1] == ["overlay"]:
+                found = right_fields[2] if len(right_fields) > 2 else ""
+            elif len(fields) > 4 and fields[4] == target:
+                found = None  # something mounted over the overlay: the top mount counts
+    if found is None:
+        return None
+    layers: dict = {"lowerdir": [], "options": []}
+    for option in found.split(","):
+        key, _, value = option.partition("=")
+        if key in ("rw", "ro"):
+            continue
+        if key in ("lowerdir", "lowerdir+"):
+            layers["lowerdir"] += value.split(":")
+        elif key in _OVERLAY_LAYER_KEYS:
+            layers[key] = value
+        else:
+            layers["options"].append((key, value if "=" in option else None))
+    paths = layers["lowerdir"] + [layers.get("upperdir", "/"), layers.get("workdir", "/")]
+    if not layers["lowerdir"] or any(not p.startswith("/") or "\\" in p for p in paths):
+        return None
+    return layers
+
+
+def _idmapped_overlay(layers: dict, userns: int, root_uid: int, root_gid: int) -> int:
+    """A new detached overlay over id-mapped lower layers and the original upper layer."""
+    clones = []
+    fs = linux.fsopen("overlay")
+    try:
+        for lower in layers["lowerdir"]:
+            clone = linux.open_tree(
+                linux.AT_FDCWD, lower, linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC
+            )
+            clones.append(clone)
+            linux.mount_setattr_idmap(clone, userns, recursive=False)
+            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "lowerdir+", f"/proc/self/fd/{clone}")
+        if "upperdir" in layers:
+            upper = layers["upperdir"]
+            if os.stat(upper).st_uid != root_uid:
+                # The root of the upper layer is the container's "/": its root owns it.
+                os.chown(upper, root_uid, root_gid if root_gid is not None else -1)
+            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "upperdir", upper)
+            linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, "workdir", layers["workdir"])
+        for key, value in layers["options"]:
+            if value is None:
+                linux.fsconfig(fs, linux.FSCONFIG_SET_FLAG, key)
+            else:
+                linux.fsconfig(fs, linux.FSCONFIG_SET_STRING, key, value)
+        linux.fsconfig(fs, linux.FSCONFIG_CMD_CREATE)
+        return linux.fsmount(fs)
+    finally:
+        for clone in clones:
+            os.close(clone)
+        os.close(fs)
