@@ -419,7 +419,7 @@ class RootfsBuilder:
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
         flags, propagation, data = parse_options(m.options)
-        if m.type == "bind" or flags & linux.MS_BIND:
+        if is_bind(m):
             if m.source_fd is None:  # not opened by the parent (a caller of this module)
                 (m.source_fd,) = open_bind_sources([m], self.bundle)
             if _clean(m.destination) == "/dev":
