@@ -175,11 +175,14 @@ def test_join_self_moves_a_fresh_fork_into_every_hierarchy_and_its_children_star
         try:
             os.close(read_end)
             cg.join_self()
+            hold, release = os.pipe()
             grandchild = os.fork()
             if grandchild == 0:
+                os.read(hold, 1)  # alive while read: an exiting task may leave some groups
                 os._exit(0)
             with open(f"/proc/{grandchild}/cgroup") as f:
                 os.write(write_end, f.read().encode())
+            os.write(release, b"x")
             os.waitpid(grandchild, 0)
         finally:
             os._exit(0)
