@@ -305,7 +305,24 @@ def containers_through_zviz():
         )
         return {"rc": done.returncode, "out": done.stdout, "err": done.stderr}
 
+    def exec_into(name: str) -> dict:
+        """`zviz exec` into a running container: the exec joins its cgroup by itself."""
+        bundle = build_bundle(f"/tmp/{name}", args=["sleep", "60"])
+        base = [zviz, "--root", "/run/zviz"]
+        subprocess.run([*base, "create", "--bundle", bundle, name], check=True, timeout=60,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # fmt: skip
+        try:
+            subprocess.run([*base, "start", name], check=True, timeout=60)
+            done = subprocess.run(
+                [*base, "exec", name, "sh", "-c", "cat /proc/self/cgroup; cat /sys/fs/cgroup/cgroup.procs | wc -l"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            return {"rc": done.returncode, "out": done.stdout, "err": done.stderr}
+        finally:
+            subprocess.run([*base, "delete", "--force", name], timeout=60)
+
     return {
+        "exec": exec_into("zviz-vm-exec"),
         "cgroup_inside": run("zviz-vm-run-cg", ["cat", "/proc/self/cgroup"]),
         "hog": run(
             "zviz-vm-run-hog",

@@ -145,4 +145,9 @@ def test_v2_whole_containers_through_zviz_run(guest):
     assert "OOM" in hog["err"]
     fork = facts["fork"]
     assert "can't fork" in fork["out"] + fork["err"]
+    execd = facts["exec"]
+    assert execd["rc"] == 0, execd["err"]
+    cgroup, procs = execd["out"].split()
+    # In the container's cgroup (its namespace root), beside PID 1: sleep, sh, cat at least.
+    assert cgroup == "0::/" and int(procs) >= 2
     assert guest["nothing_left"] == []

@@ -357,6 +357,19 @@ def test_seccomp_cache_is_reused(tmp_path, monkeypatch):
     assert seccomp.profile_program(profile).bpf == first.bpf
 
 
+def test_seccomp_cache_stays_bounded_and_drops_the_oldest(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(seccomp, "CACHE_DIR", str(cache))
+    monkeypatch.setattr(seccomp, "CACHE_MAX_ENTRIES", 4)
+    for i in range(4):
+        seccomp._store(f"key{i}", b"\0" * 8)
+        os.utime(cache / f"key{i}.bpf", ns=(i * 10**9, i * 10**9))
+    assert sorted(os.listdir(cache)) == ["key0.bpf", "key1.bpf", "key2.bpf", "key3.bpf"]
+    seccomp._store("key5", b"\0" * 8)  # 5 > 4: the newest 2 stay
+    assert sorted(os.listdir(cache)) == ["key3.bpf", "key5.bpf"]
+    assert seccomp._cached("key5") == b"\0" * 8
+
+
 def test_foreign_architecture_is_killed(tmp_path):
     def probe():
         libc.mmap.restype = ctypes.c_void_p

@@ -26,6 +26,10 @@ from runtime.errors import InvalidArgument, NotImplementedByZviz, SecurityLayerE
 from runtime.security import syscalls
 
 CACHE_DIR = os.environ.get("ZVIZ_SECCOMP_CACHE", "/run/zviz/seccomp-cache")
+# /run is memory: every distinct profile content (users' own, each --verbose variant,
+# config.json filters) adds ~4 KiB. Past this many entries the oldest half goes; a
+# dropped entry costs one recompile (2-14 ms).
+CACHE_MAX_ENTRIES = 256
 # Bump when the compiler below changes what it emits for the same profile.
 COMPILER_VERSION = "3"
 
@@ -103,7 +107,25 @@ def _store(key: str, data: bytes) -> None:
             f.write(data)
         os.rename(tmp, os.path.join(CACHE_DIR, key + ".bpf"))
     except OSError:
-        pass  # a cache we cannot write only costs the next compile
+        return  # a cache we cannot write only costs the next compile
+    _prune()
+
+
+def _prune() -> None:
+    entries = []
+    try:
+        for entry in os.scandir(CACHE_DIR):
+            if entry.name.endswith(".bpf"):
+                entries.append((entry.stat().st_mtime_ns, entry.path))
+    except OSError:
+        return  # a concurrent prune removed one: the next store prunes again
+    if len(entries) <= CACHE_MAX_ENTRIES:
+        return
+    for _, path in sorted(entries)[: len(entries) - CACHE_MAX_ENTRIES // 2]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def profile_program(profile, verbose: bool = False) -> Program:
