@@ -64,14 +64,14 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def _sandbox_config(pb, log_dir: str):
+def _sandbox_config(pb, log_dir: str, pid_mode):
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name="zviz-pod", uid=uuid.uuid4().hex, namespace="default"),
         hostname="",  # as kubelet sends for a pod on the node's network (runc refuses one too)
         log_directory=log_dir,
         linux=pb.LinuxPodSandboxConfig(
             security_context=pb.LinuxSandboxSecurityContext(
-                namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER)
+                namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pid_mode)
             )
         ),
     )
@@ -92,8 +92,13 @@ def _shim_processes() -> list[str]:
     return found
 
 
-def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_away(cri):
+@pytest.mark.parametrize("share_pids", [False, True], ids=["own-pid-ns", "shared-pid-ns"])
+def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_away(
+    cri, share_pids
+):
+    # shared-pid-ns: the pod's shareProcessNamespace, the container joins the sandbox's.
     daemon, (pb, grpc) = cri
+    pid_mode = pb.POD if share_pids else pb.CONTAINER
     from grpclib.client import Channel
 
     log_dir = tempfile.mkdtemp(prefix="zviz-cri-logs-")
@@ -112,12 +117,12 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
             runtime = grpc.RuntimeServiceStub(channel)
             version = await runtime.Version(pb.VersionRequest(version="v1"))
             seen["runtime"] = version.runtime_name
-            sandbox_config = _sandbox_config(pb, log_dir)
+            sandbox_config = _sandbox_config(pb, log_dir, pid_mode)
             sandbox = await runtime.RunPodSandbox(
                 pb.RunPodSandboxRequest(config=sandbox_config, runtime_handler="zviz")
             )
             sandbox_id = sandbox.pod_sandbox_id
-            seen["shims"] = [line for line in _shim_processes() if sandbox_id in line]
+            seen["shims"] = _shim_processes()
             container_id = ""
             try:
                 created = await runtime.CreateContainer(
@@ -136,7 +141,7 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
                             linux=pb.LinuxContainerConfig(
                                 security_context=pb.LinuxContainerSecurityContext(
                                     namespace_options=pb.NamespaceOption(
-                                        network=pb.NODE, pid=pb.CONTAINER
+                                        network=pb.NODE, pid=pid_mode
                                     )
                                 )
                             ),
@@ -152,6 +157,7 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
                 script = (
                     "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; "
                     "cat /proc/self/uid_map; cat /config/config; echo $GREETING; "
+                    "echo pid1: $(tr '\\0' ' ' < /proc/1/cmdline); "
                     "mount -t tmpfs none /mnt 2>&1 || echo mount refused"
                 )
                 result = await runtime.ExecSync(
@@ -185,7 +191,7 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
         shutil.rmtree(private)
 
     assert seen["runtime"] == "containerd"
-    assert len(seen["shims"]) == 1, "the pod's sandbox must run under containerd-shim-zviz-v2"
+    assert seen["shims"], "the pod must run under containerd-shim-zviz-v2"
     assert seen["state"] == pb.CONTAINER_RUNNING
     code, out, err = seen["exec"]
     assert code == 0, err
@@ -194,6 +200,9 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
     assert "NoNewPrivs:\t1" in lines and "Seccomp:\t2" in lines
     assert lines[3].split()[:2] == ["0", "100000"]  # root in a user namespace, unprivileged outside
     assert "from the volume" in lines and "hello" in lines
+    # PID 1 of the container's pid namespace: the sandbox's pause with a shared one.
+    (pid1,) = [line for line in lines if line.startswith("pid1:")]
+    assert pid1 == ("pid1: sleep 2147483647" if share_pids else "pid1: sleep 300")
     assert lines[-1] == "mount refused"
     assert seen["stopped"][0] == pb.CONTAINER_EXITED
     assert seen["stopped"][1] == 137  # StopContainer with timeout 0: SIGKILL

@@ -16,7 +16,7 @@ namespace.
 
 import os
 
-from runtime import linux
+from runtime import errors, linux
 
 _OVERLAY_LAYER_KEYS = ("lowerdir", "upperdir", "workdir")
 
@@ -28,8 +28,8 @@ def idmapped_rootfs(pid: int, spec, log) -> int | None:
     root maps to, or no root mapping) or when the filesystem cannot be id-mapped; the
     latter is logged, as the container's root then cannot write its rootfs.
     """
-    root_uid = _host_id(spec.linux.uid_mappings)
-    root_gid = _host_id(spec.linux.gid_mappings)
+    root_uid = host_id_of_root(pid, "uid_map")
+    root_gid = host_id_of_root(pid, "gid_map")
     if root_uid is None:
         return None
     overlay = overlay_layers(spec.root.path)
@@ -57,10 +57,6 @@ def idmapped_rootfs(pid: int, spec, log) -> int | None:
         return None
     finally:
         os.close(userns)
-
-
-def _host_id(mappings) -> int | None:
-    return next((m.host_id for m in mappings or () if m.container_id == 0), None)
 
 
 def overlay_layers(path: str) -> dict | None:
@@ -129,3 +125,31 @@ def _idmapped_overlay(layers: dict, userns: int, root_uid: int, root_gid: int) -
         for clone in clones:
             os.close(clone)
         os.close(fs)
+
+
+def id_map(pid: int, name: str) -> list[tuple[int, int, int]]:
+    """/proc/<pid>/{uid,gid}_map as (inside, outside, count) ranges."""
+    with open(f"/proc/{pid}/{name}") as f:
+        return [tuple(int(v) for v in line.split()) for line in f if line.strip()]
+
+
+def host_id_of_root(pid: int, name: str) -> int | None:
+    """The host id that id 0 of `pid`'s user namespace is (None: unmapped)."""
+    for inside, outside, count in id_map(pid, name):
+        if inside <= 0 < inside + count:
+            return outside - inside
+    return None
+
+
+def check_joined_user_namespace(pid: int, profile) -> None:
+    """A user namespace zviz joins instead of making one must obey the profile too."""
+    if profile is None or not profile.user_namespace or profile.allow_host_root_mapping:
+        return
+    for name in ("uid_map", "gid_map"):
+        for inside, outside, count in id_map(pid, name):
+            if outside <= 0 < outside + count:
+                raise errors.InvalidArgument(
+                    f"config.json: linux.namespaces: the user namespace joined maps host"
+                    f" {name[:3]} 0 ({inside} {outside} {count}); profile {profile.name} allows"
+                    " only unprivileged host ids"
+                )

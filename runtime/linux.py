@@ -176,6 +176,16 @@ def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare", hex(flags))
 
 
+NS_GET_USERNS = 0xB701
+
+
+def owner_user_namespace(ns_fd: int) -> int:
+    """A new fd on the user namespace that owns the namespace `ns_fd` refers to."""
+    import fcntl
+
+    return fcntl.ioctl(ns_fd, NS_GET_USERNS)
+
+
 def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", str(fd))
 

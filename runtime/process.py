@@ -22,7 +22,7 @@ import os
 import signal
 
 from runtime import errors, hooks, linux, state
-from runtime.idmap import idmapped_rootfs
+from runtime.idmap import check_joined_user_namespace, host_id_of_root, idmapped_rootfs
 from runtime.rootfs import RootfsBuilder, open_bind_sources
 from runtime.sync import Sync
 
@@ -150,6 +150,14 @@ def spawn_init(request: Request, log) -> Spawned:
     try:
         for ns_type, path in joins:
             join_fds.append((ns_type, _open_ns(ns_type, path)))
+        if new_user:
+            owner = _foreign_owner(join_fds)
+            if owner is not None:
+                # A pod's containers share their sandbox's user namespace: a namespace
+                # owned by another user namespace is usable only from inside that one
+                # (proc of a shared pid namespace cannot be mounted from a fresh one).
+                join_fds.append(("user", owner))
+                new_user = False
         request.bind_source_fds = open_bind_sources(spec.mounts, request.bundle)
     except BaseException:
         _close_all(fd for _, fd in join_fds)
@@ -169,7 +177,10 @@ def spawn_init(request: Request, log) -> Spawned:
                 )
             kind = message["type"]
             if kind == "userns":
-                write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
+                if new_user:
+                    write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
+                else:
+                    check_joined_user_namespace(child, request.profile)
                 rootfs_fd = idmapped_rootfs(child, spec, log)
                 if rootfs_fd is None:
                     parent_end.send("mapped")
@@ -285,6 +296,35 @@ def wait_exec_result(spawned: Spawned) -> None:
         from runtime.sync import error_from_message
 
         raise error_from_message(message)
+
+
+def _foreign_owner(join_fds) -> int | None:
+    """The user namespace owning the namespaces joined by path, when it is not ours.
+
+    None when they all belong to this process's user namespace. Refused when they
+    belong to different ones: one process can be in only one.
+    """
+    own = os.stat("/proc/self/ns/user")
+    owners: dict[tuple[int, int], int] = {}
+    try:
+        for _, fd in join_fds:
+            owner = linux.owner_user_namespace(fd)
+            st = os.fstat(owner)
+            key = (st.st_dev, st.st_ino)
+            if key == (own.st_dev, own.st_ino) or key in owners:
+                os.close(owner)
+            else:
+                owners[key] = owner
+    except BaseException:
+        _close_all(owners.values())
+        raise
+    if len(owners) > 1:
+        _close_all(owners.values())
+        raise errors.InvalidArgument(
+            "config.json: linux.namespaces: the namespaces given by path belong to different"
+            " user namespaces; a container can join only one"
+        )
+    return next(iter(owners.values()), None)
 
 
 def set_oom_score_adj(pid: int, value: int | None) -> None:
@@ -440,15 +480,16 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
         for ns_type, fd in join_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
             os.close(fd)
-    if new_user:
+    if new_user or any(ns_type == "user" for ns_type, _ in join_fds):
         with stages("user namespace"):
-            linux.unshare(linux.CLONE_NEWUSER)
-            sync.send("userns")
+            if new_user:
+                linux.unshare(linux.CLONE_NEWUSER)
+            sync.send("userns")  # the parent writes the id maps or checks the joined ones
             message, fds = sync.recv_fds(1)
             if message is None or message.get("type") != "mapped":
                 raise errors.FailedPrecondition(f"expected 'mapped', got {message!r}")
             request.rootfs_mount_fd = fds[0] if fds else None
-            _become_root_in_userns(spec)
+            _become_root_in_userns()
     with stages("namespaces"):
         # The cgroup namespace waits for PID 1 to be in its cgroup (see _init).
         if flags & ~linux.CLONE_NEWCGROUP:
@@ -461,9 +502,9 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
     sync.send("pid", pid=pid1)
 
 
-def _become_root_in_userns(spec) -> None:
-    uid_mapped = any(m.container_id == 0 for m in spec.linux.uid_mappings or ())
-    gid_mapped = any(m.container_id == 0 for m in spec.linux.gid_mappings or ())
+def _become_root_in_userns() -> None:
+    uid_mapped = host_id_of_root(os.getpid(), "uid_map") is not None
+    gid_mapped = host_id_of_root(os.getpid(), "gid_map") is not None
     if gid_mapped:
         os.setresgid(0, 0, 0)
         os.setgroups([])

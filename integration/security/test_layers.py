@@ -102,6 +102,27 @@ def test_landlock_denies_write_outside_the_writable_set(probes):
     assert "Permission denied" in result.stderr or "Permission denied" in result.stdout
 
 
+def test_a_user_namespace_joined_by_path_must_obey_the_profile(probes):
+    # A user namespace whose root is host root (`unshare --map-root-user` run by root):
+    # joining it would make the container's root host uid 0 again.
+    holder = subprocess.Popen(["unshare", "--user", "--map-root-user", "sleep", "60"])
+    try:
+        for _ in range(100):
+            with open(f"/proc/{holder.pid}/uid_map") as f:
+                if f.read().split()[:2] == ["0", "0"]:
+                    break
+            time.sleep(0.02)
+        linux = default_config(["true"], terminal=False)["linux"]
+        linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "user"]
+        linux["namespaces"].append({"type": "user", "path": f"/proc/{holder.pid}/ns/user"})
+        result = sh(probes, "ci-runner", "id -u", config={"linux": linux})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1, result.stdout
+    assert "the user namespace joined maps host uid 0 (0 0 1)" in result.stderr
+
+
 def test_broker_allows_connect_to_allowed_port_denies_another(probes, tmp_path):
     port = 18090
     profile = loopback_web_profile(tmp_path, port)
