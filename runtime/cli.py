@@ -1,6 +1,6 @@
 """`zviz`: the entry point of the runc-compatible command line.
 
-Deliberately tiny: a plain `zviz run` first tries the fork server
+Deliberately tiny: a plain `zviz run` or `exec` first tries the fork server
 (runtime/forkserver.py), which has the runtime already imported; only when that
 can't serve does this process import the commands (runtime/commands.py) and do the
 work itself. Nothing heavier than os and sys is imported before that decision.
@@ -13,7 +13,7 @@ import sys
 def main(argv=None, on_pid=None) -> int:
     is_program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    if on_pid is None and "run" in argv:
+    if on_pid is None and ("run" in argv or "exec" in argv):
         from runtime import forkserver
 
         code = forkserver.try_run(argv)

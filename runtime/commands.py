@@ -395,6 +395,8 @@ def cmd_exec(args, log) -> int:
     if detach:
         return 0
     _forward_signals_to(pid)
+    if args.on_pid is not None:
+        args.on_pid(pid)
     from runtime.state import exit_code_from_wait_status
 
     return exit_code_from_wait_status(_wait_for(pid))

@@ -75,8 +75,12 @@ _FORWARDED = (
 # --- client (runs before argparse/json are imported) ---------------------------------------
 
 
-def is_plain_run(argv: list[str]) -> bool:
-    """True for a `zviz run` this fast path may serve.
+# The commands a worker serves: both wait for a process and pass its exit code on.
+SERVED_COMMANDS = ("run", "exec")
+
+
+def is_served(argv: list[str]) -> bool:
+    """True for a `zviz run` or `zviz exec` this fast path may serve.
 
     A hand parse of the global flags: argparse and json would cost the ~10 ms this
     path exists to save.
@@ -86,9 +90,10 @@ def is_plain_run(argv: list[str]) -> bool:
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "run":
+        if arg in SERVED_COMMANDS:
             rest = argv[i + 1 :]
             # A cluster of short flags (-dt) may hide -d or -t: the slow path parses it.
+            # (exec: the command's own flags count too; the slow path is only slower.)
             return not any(
                 a.split("=", 1)[0] in _INELIGIBLE_FLAGS
                 or (len(a) > 2 and a.startswith("-") and not a.startswith("--"))
@@ -104,8 +109,8 @@ def is_plain_run(argv: list[str]) -> bool:
 
 
 def try_run(argv: list[str]) -> int | None:
-    """Run `zviz run` through the fork server; None when the caller must do it itself."""
-    if not is_plain_run(argv):
+    """`zviz run` or `exec` through the fork server; None when the caller must do it."""
+    if not is_served(argv):
         return None
     install = install_identity()
     path = socket_path((install, _namespaces_and_cgroup("self")))

@@ -2,7 +2,7 @@
  *
  * A Python client spends ~9 ms starting the interpreter before it can connect to the
  * fork server; this one connects within a millisecond. It does only what
- * forkserver.try_run does: recognise a plain `zviz run` (is_plain_run), compute the
+ * forkserver.try_run does: recognise a plain `zviz run` or `exec` (is_served), compute the
  * same socket name (socket_path), send the same request (send_request) with its stdio,
  * forward signals to PID 1 and exit with the container's code. Anything else
  * (another command, no server, the server answers "fallback" or "stale") execs the
@@ -62,13 +62,13 @@ static int listed(const char *arg, const char *const *list, int up_to_equals) {
     return 0;
 }
 
-/* forkserver.is_plain_run */
-static int is_plain_run(int argc, char **argv) {
+/* forkserver.is_served */
+static int is_served(int argc, char **argv) {
     const char *off = getenv("ZVIZ_NO_FORKSERVER");
     if ((off && *off) || geteuid() != 0)
         return 0;
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "run") == 0) {
+        if (strcmp(argv[i], "run") == 0 || strcmp(argv[i], "exec") == 0) {
             for (int j = i + 1; j < argc; j++) {
                 if (listed(argv[j], ineligible, 1))
                     return 0;
@@ -156,7 +156,7 @@ static void forward(int sig) {
 }
 
 int main(int argc, char **argv) {
-    if (!is_plain_run(argc, argv))
+    if (!is_served(argc, argv))
         fall_back(argv);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (socket_name(addr.sun_path, sizeof addr.sun_path) != 0)

@@ -132,14 +132,19 @@ def test_sync_round_trip_and_structured_errors():
         (["--profile", "run", "create", "x"], False),
         (["run", "-dt", "x"], False),
         (["run", "-b", "b", "x"], True),
+        (["exec", "x", "true"], True),
+        (["--root", "/r", "exec", "x", "sh", "-c", "echo"], True),
+        (["exec", "-t", "x", "sh"], False),
+        (["exec", "--detach", "x", "sleep", "1"], False),
+        (["exec", "x", "ls", "-la"], False),  # the command's own flag cluster: slow, not wrong
     ],
 )
-def test_fork_server_serves_only_plain_runs(argv, plain, monkeypatch):
+def test_fork_server_serves_only_plain_runs_and_execs(argv, plain, monkeypatch):
     from runtime import forkserver
 
     monkeypatch.delenv("ZVIZ_NO_FORKSERVER", raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert forkserver.is_plain_run(argv) is plain
+    assert forkserver.is_served(argv) is plain
 
 
 def test_fork_servers_of_different_installs_never_share_a_socket():
