@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from integration.zviz_cli import Zviz, leftovers, unique_id
+from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 from runtime import cgroups
 from runtime.errors import AlreadyExists, InvalidArgument
 
@@ -653,3 +653,31 @@ def test_container_pause_update_stats_and_delete(zviz, make_bundle, tmp_path):
     finally:
         assert zviz("delete", "--force", container_id).returncode == 0
     assert leftovers(container_id, zviz.root) == []
+
+
+def test_a_systemd_style_cgroups_path_lands_where_systemd_would_put_the_scope(zviz, make_bundle):
+    # What containerd's CRI sends with the kubelet's systemd cgroup driver.
+    pod = f"zviztest-pod{uuid.uuid4().hex[:8]}"
+    container_id = unique_id("zviz-cg")
+    bundle = make_bundle(["sh", "-c", "cat /sys/fs/cgroup/pids/pids.max"])
+    edit_config(
+        bundle,
+        lambda c: c["linux"].update(cgroupsPath=f"{pod}.slice:cri-containerd:{container_id}"),
+    )
+    edit_config(bundle, lambda c: c["linux"].setdefault("resources", {}).update(pids={"limit": 77}))
+    scope = f"zviztest.slice/{pod}.slice/cri-containerd-{container_id}.scope"
+    try:
+        assert zviz.create(bundle, container_id).returncode == 0
+        with open(f"/sys/fs/cgroup/pids/{scope}/pids.max") as f:
+            assert f.read().strip() == "77"
+        assert zviz("delete", "--force", container_id).returncode == 0
+        assert not os.path.exists(f"/sys/fs/cgroup/pids/{scope}")
+    finally:
+        zviz("delete", "--force", container_id)
+        # The slices stand for systemd's (kubelet's pod slice): zviz leaves them.
+        for hierarchy in os.listdir("/sys/fs/cgroup"):
+            for level in (f"zviztest.slice/{pod}.slice", "zviztest.slice"):
+                try:
+                    os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, level))
+                except OSError:
+                    pass

@@ -84,9 +84,31 @@ def test_container_path(given_path, expected):
 
 
 @pytest.mark.parametrize(
+    ("given_path", "expected"),
+    [
+        # containerd's CRI with the kubelet's systemd cgroup driver
+        (
+            "kubepods-besteffort-pod12ab.slice:cri-containerd:c1",
+            "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod12ab.slice"
+            "/cri-containerd-c1.scope",
+        ),
+        ("system.slice:docker:c1", "/system.slice/docker-c1.scope"),
+        (":zviz:c1", "/system.slice/zviz-c1.scope"),
+        ("-.slice::c1", "/c1.scope"),
+        ("user.slice:zviz:sub.slice", "/user.slice/sub.slice"),
+    ],
+)
+def test_systemd_style_paths_expand_as_systemd_lays_them_out(given_path, expected):
+    assert cgroups.container_path(given_path, "c1") == (expected, False)
+
+
+@pytest.mark.parametrize(
     ("given_path", "message"),
     [
-        ("system.slice:zviz:c1", "systemd cgroup driver is not supported"),
+        ("system.slice:zviz:", "not a slice:prefix:name"),
+        ("-a.slice:zviz:c1", "is not a systemd slice"),
+        ("a--b.slice:zviz:c1", "is not a systemd slice"),
+        ("kubepods:zviz:c1", "is not a systemd slice"),
         ("/a/../../etc", "must not contain '..'"),
         ("..", "must not contain '..'"),
         ("/", "names the hierarchy root"),

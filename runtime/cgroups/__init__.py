@@ -132,10 +132,7 @@ def container_path(cgroups_path: str | None, container_id: str) -> tuple[str, bo
     if "\x00" in cgroups_path or "\n" in cgroups_path:
         raise InvalidArgument(f"{field}: {cgroups_path!r} contains a NUL or newline")
     if not cgroups_path.startswith("/") and cgroups_path.count(":") == 2:
-        raise InvalidArgument(
-            f"{field}: {cgroups_path!r} is a systemd slice:prefix:name path; the systemd "
-            "cgroup driver is not supported (use a cgroupfs path such as /zviz/<id>)"
-        )
+        return systemd_path(cgroups_path), False
     relative = not cgroups_path.startswith("/")
     parts = [p for p in cgroups_path.split("/") if p not in ("", ".")]
     if ".." in parts:
@@ -146,6 +143,42 @@ def container_path(cgroups_path: str | None, container_id: str) -> tuple[str, bo
             "zviz only creates its own sub-groups"
         )
     return "/" + "/".join(parts), relative
+
+
+def systemd_path(cgroups_path: str) -> str:
+    """The cgroupfs path systemd gives a runc-style `slice:prefix:name` cgroupsPath.
+
+    containerd's CRI sends these when the kubelet uses the systemd cgroup driver
+    ("kubepods-besteffort-pod<uid>.slice:cri-containerd:<id>"). zviz creates the group
+    itself through cgroupfs where systemd would put the unit: each dash of a slice name
+    is a level (a-b.slice lives in a.slice), and the unit is <prefix>-<name>.scope. No
+    D-Bus: systemd does not know the scope, but the pod's slice, which it manages,
+    contains it.
+    """
+    field = "config.json: linux.cgroupsPath"
+    slice_name, prefix, name = cgroups_path.split(":")
+    slice_name = slice_name or "system.slice"
+    if not name or "/" in prefix or "/" in name or name in (".", ".."):
+        raise InvalidArgument(f"{field}: {cgroups_path!r}: not a slice:prefix:name path")
+    if name.endswith(".slice"):
+        unit = name
+    else:
+        unit = f"{prefix}-{name}.scope" if prefix else f"{name}.scope"
+    if slice_name == "-.slice":
+        return "/" + unit
+    stem = slice_name[: -len(".slice")]
+    if (
+        not slice_name.endswith(".slice")
+        or "/" in slice_name
+        or not stem
+        or stem.startswith("-")
+        or stem.endswith("-")
+        or "--" in stem
+    ):
+        raise InvalidArgument(f"{field}: {cgroups_path!r}: {slice_name!r} is not a systemd slice")
+    parts = stem.split("-")
+    levels = ["-".join(parts[: i + 1]) + ".slice" for i in range(len(parts))]
+    return "/" + "/".join(levels) + "/" + unit
 
 
 def _read_text(path: str) -> str:
