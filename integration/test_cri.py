@@ -64,15 +64,16 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def _sandbox_config(pb, log_dir: str, pid_mode):
+def _sandbox_config(pb, log_dir: str, pid_mode, cgroup_parent: str = ""):
     return pb.PodSandboxConfig(
         metadata=pb.PodSandboxMetadata(name="zviz-pod", uid=uuid.uuid4().hex, namespace="default"),
         hostname="",  # as kubelet sends for a pod on the node's network (runc refuses one too)
         log_directory=log_dir,
         linux=pb.LinuxPodSandboxConfig(
+            cgroup_parent=cgroup_parent,
             security_context=pb.LinuxSandboxSecurityContext(
                 namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pid_mode)
-            )
+            ),
         ),
     )
 
@@ -92,13 +93,20 @@ def _shim_processes() -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("share_pids", [False, True], ids=["own-pid-ns", "shared-pid-ns"])
+@pytest.mark.parametrize(
+    ("share_pids", "systemd_cgroups"),
+    [(False, False), (True, False), (False, True)],
+    ids=["own-pid-ns", "shared-pid-ns", "systemd-cgroup-driver"],
+)
 def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_away(
-    cri, share_pids
+    cri, share_pids, systemd_cgroups
 ):
     # shared-pid-ns: the pod's shareProcessNamespace, the container joins the sandbox's.
+    # systemd-cgroup-driver: the kubelet's pod slice as cgroup parent; CRI then sends
+    # slice:cri-containerd:<id> cgroupsPaths.
     daemon, (pb, grpc) = cri
     pid_mode = pb.POD if share_pids else pb.CONTAINER
+    pod_slice = f"zviztest-pod{uuid.uuid4().hex[:8]}.slice" if systemd_cgroups else ""
     from grpclib.client import Channel
 
     log_dir = tempfile.mkdtemp(prefix="zviz-cri-logs-")
@@ -117,7 +125,7 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
             runtime = grpc.RuntimeServiceStub(channel)
             version = await runtime.Version(pb.VersionRequest(version="v1"))
             seen["runtime"] = version.runtime_name
-            sandbox_config = _sandbox_config(pb, log_dir, pid_mode)
+            sandbox_config = _sandbox_config(pb, log_dir, pid_mode, pod_slice)
             sandbox = await runtime.RunPodSandbox(
                 pb.RunPodSandboxRequest(config=sandbox_config, runtime_handler="zviz")
             )
@@ -154,6 +162,9 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
                     pb.ContainerStatusRequest(container_id=container_id)
                 )
                 seen["state"] = status.status.state
+                if pod_slice:
+                    scope = f"zviztest.slice/{pod_slice}/cri-containerd-{container_id}.scope"
+                    seen["scope"] = os.path.isdir(f"/sys/fs/cgroup/pids/{scope}")
                 script = (
                     "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; "
                     "cat /proc/self/uid_map; cat /config/config; echo $GREETING; "
@@ -189,10 +200,19 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
     finally:
         shutil.rmtree(log_dir)
         shutil.rmtree(private)
+        if pod_slice:  # the slices stand for the kubelet's: zviz leaves them
+            for hierarchy in os.listdir("/sys/fs/cgroup"):
+                for level in (f"zviztest.slice/{pod_slice}", "zviztest.slice"):
+                    try:
+                        os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, level))
+                    except OSError:
+                        pass
 
     assert seen["runtime"] == "containerd"
     assert seen["shims"], "the pod must run under containerd-shim-zviz-v2"
     assert seen["state"] == pb.CONTAINER_RUNNING
+    if pod_slice:
+        assert seen["scope"], "the container's scope must be where systemd would put it"
     code, out, err = seen["exec"]
     assert code == 0, err
     lines = out.splitlines()
