@@ -502,7 +502,7 @@ def test_a_path_through_a_cgroup_file_is_invalid_argument(name):
 def test_bad_cgroups_path_creates_nothing():
     with pytest.raises(InvalidArgument, match="is not a systemd slice"):
         cgroups.for_container("x", "no-slice:zviz:x")
-    with pytest.raises(InvalidArgument, match="hierarchy root"):
+    with pytest.raises(InvalidArgument, match="must name a cgroup below the root"):
         cgroups.for_container("x", "/")
 
 

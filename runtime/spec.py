@@ -1150,13 +1150,11 @@ def _parse_linux(lx: dict, path: str) -> Linux:
         linux.resources = _parse_resources(resources, _join(path, "resources"))
 
     cgroups_path = _opt_str(lx, "cgroupsPath", path, None)
-    if cgroups_path is not None:
-        if ".." in cgroups_path.split("/"):
-            raise _Bad(path, "cgroupsPath", f"must not contain '..', got {cgroups_path!r}")
-        if cgroups_path and not cgroups_path.strip("/"):
-            # The container's cgroup is removed on delete: it must be one of its own.
-            raise _Bad(path, "cgroupsPath", "must name a cgroup below the root, got '/'")
-        linux.cgroups_path = cgroups_path or None
+    if cgroups_path:
+        from runtime.cgroups import container_path
+
+        container_path(cgroups_path, "")  # checked where it is interpreted, before anything exists
+    linux.cgroups_path = cgroups_path or None
 
     propagation = _opt_str(lx, "rootfsPropagation", path, None)
     if propagation:

@@ -111,8 +111,8 @@ def test_systemd_style_paths_expand_as_systemd_lays_them_out(given_path, expecte
         ("kubepods:zviz:c1", "is not a systemd slice"),
         ("/a/../../etc", "must not contain '..'"),
         ("..", "must not contain '..'"),
-        ("/", "names the hierarchy root"),
-        (".", "names the hierarchy root"),
+        ("/", "must name a cgroup below the root"),
+        (".", "must name a cgroup below the root"),
         ("/a\nb", "NUL or newline"),
     ],
 )

@@ -130,17 +130,18 @@ def container_path(cgroups_path: str | None, container_id: str) -> tuple[str, bo
     if not isinstance(cgroups_path, str):
         raise InvalidArgument(f"{field}: must be a string")
     if "\x00" in cgroups_path or "\n" in cgroups_path:
-        raise InvalidArgument(f"{field}: {cgroups_path!r} contains a NUL or newline")
+        raise InvalidArgument(f"{field}: must not contain a NUL or newline, got {cgroups_path!r}")
     if not cgroups_path.startswith("/") and cgroups_path.count(":") == 2:
         return systemd_path(cgroups_path), False
     relative = not cgroups_path.startswith("/")
     parts = [p for p in cgroups_path.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise InvalidArgument(f"{field}: {cgroups_path!r} must not contain '..'")
+        raise InvalidArgument(f"{field}: must not contain '..', got {cgroups_path!r}")
     if not parts:
+        # The container's cgroup is removed on delete: it must be one of its own.
         raise InvalidArgument(
-            f"{field}: {cgroups_path!r} names the hierarchy root or the caller's own cgroup; "
-            "zviz only creates its own sub-groups"
+            f"{field}: must name a cgroup below the root (or the caller's own cgroup), "
+            f"got {cgroups_path!r}: zviz only creates its own sub-groups"
         )
     return "/" + "/".join(parts), relative
 
