@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
+from integration.zviz_cli import Zviz, edit_config, leftovers, remove_test_slices, unique_id
 from runtime import cgroups
 from runtime.errors import AlreadyExists, InvalidArgument
 
@@ -674,10 +674,4 @@ def test_a_systemd_style_cgroups_path_lands_where_systemd_would_put_the_scope(zv
         assert not os.path.exists(f"/sys/fs/cgroup/pids/{scope}")
     finally:
         zviz("delete", "--force", container_id)
-        # The slices stand for systemd's (kubelet's pod slice): zviz leaves them.
-        for hierarchy in os.listdir("/sys/fs/cgroup"):
-            for level in (f"zviztest.slice/{pod}.slice", "zviztest.slice"):
-                try:
-                    os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, level))
-                except OSError:
-                    pass
+        remove_test_slices(f"{pod}.slice")

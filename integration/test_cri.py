@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from integration.zviz_cli import remove_test_slices
 from tools.containerd import CRI_NAMESPACE, VENV_BIN, PrivateContainerd
 from tools.mkimage import DEFAULT_REF, build_image
 
@@ -200,13 +201,8 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
     finally:
         shutil.rmtree(log_dir)
         shutil.rmtree(private)
-        if pod_slice:  # the slices stand for the kubelet's: zviz leaves them
-            for hierarchy in os.listdir("/sys/fs/cgroup"):
-                for level in (f"zviztest.slice/{pod_slice}", "zviztest.slice"):
-                    try:
-                        os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, level))
-                    except OSError:
-                        pass
+        if pod_slice:
+            remove_test_slices(pod_slice)
 
     assert seen["runtime"] == "containerd"
     assert seen["shims"], "the pod must run under containerd-shim-zviz-v2"

@@ -100,3 +100,17 @@ def leftovers(container_id: str, root: str) -> list[str]:
         if os.path.isdir(path):
             found.append(f"cgroup {path}")
     return found
+
+
+def remove_test_slices(pod_slice: str) -> None:
+    """rmdir zviztest.slice/<pod_slice> and zviztest.slice in every hierarchy.
+
+    They stand for the kubelet's systemd slices, which zviz leaves alone, so the tests
+    that make them remove them.
+    """
+    for hierarchy in os.listdir("/sys/fs/cgroup"):
+        for level in (f"zviztest.slice/{pod_slice}", "zviztest.slice"):
+            try:
+                os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, level))
+            except OSError:
+                pass

@@ -107,8 +107,7 @@ class Container:
             # Before the groups exist: whoever deletes after a crash here knows them.
             state.write(directory, data)
             cg.create()
-            if not cg.cheap_self_join:
-                cgroups.warm_up_attach()
+            cg.prepare_join()
             resources = (spec.raw.get("linux") or {}).get("resources") or {}
             cg.apply(resources)
 

@@ -166,69 +166,41 @@ def spawn_init(request: Request, log) -> Spawned:
         [fd for _, fd in join_fds] + [fd for fd in request.bind_source_fds if fd is not None],
         lambda child_end: _namespace_child(request, child_end, flags, join_fds, new_user),
     )
-    pid1 = None
-    ready = False
-    try:
-        while True:
-            message = parent_end.recv()
-            if message is None:
-                raise errors.FailedPrecondition(
-                    "container init exited during setup without a report"
-                )
-            kind = message["type"]
-            if kind == "userns":
-                if new_user:
-                    write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
-                else:
-                    check_joined_user_namespace(child, request.profile)
-                rootfs_fd = idmapped_rootfs(child, spec, log)
-                if rootfs_fd is None:
-                    parent_end.send("mapped")
-                else:
-                    try:
-                        parent_end.send_fds([rootfs_fd], type="mapped", idmapped=True)
-                    finally:
-                        os.close(rootfs_fd)
-            elif kind == "pid":
-                pid1 = message["pid"]
-                _reap(child)
-                child = None
-                set_oom_score_adj(pid1, spec.process.oom_score_adj)
-                # PID 1 builds its rootfs meanwhile and waits for "joined" before
-                # anything can fork or run (cgroups.warm_up_attach made this quicker).
-                if request.cgroup is not None and not request.cgroup.cheap_self_join:
-                    request.cgroup.add_pid(pid1)
-                joined = {}
-                if spec.hooks:  # PID 1 runs createContainer and startContainer with it
-                    joined["state"] = hooks.state(request.hook_state, "creating", pid1)
+
+    def on_message(kind: str, message: dict, pid1: int | None) -> None:
+        if kind == "userns":
+            if new_user:
+                write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
+            else:
+                check_joined_user_namespace(child, request.profile)
+            rootfs_fd = idmapped_rootfs(child, spec, log)
+            if rootfs_fd is None:
+                parent_end.send("mapped")
+            else:
                 try:
-                    parent_end.send("joined", **joined)
-                except BrokenPipeError:
-                    pass  # PID 1 already failed: its error is queued for the next recv
-            elif kind == "hooks":
-                for hook_kind in hooks.RUNTIME_HOOKS:
-                    hooks.run(
-                        hook_kind, spec.hooks, hooks.state(request.hook_state, "creating", pid1)
-                    )
-                parent_end.send("hooked")
+                    parent_end.send_fds([rootfs_fd], type="mapped", idmapped=True)
+                finally:
+                    os.close(rootfs_fd)
+        elif kind == "pid":
+            # PID 1 builds its rootfs meanwhile and waits for "joined" before
+            # anything can fork or run (prepare_join made this quicker).
+            if request.cgroup is not None and not request.cgroup.cheap_self_join:
+                request.cgroup.add_pid(pid1)
+            joined = {}
+            if spec.hooks:  # PID 1 runs createContainer and startContainer with it
+                joined["state"] = hooks.state(request.hook_state, "creating", pid1)
+            try:
+                parent_end.send("joined", **joined)
+            except BrokenPipeError:
+                pass  # PID 1 already failed: its error is queued for the next recv
+        elif kind == "hooks":
+            for hook_kind in hooks.RUNTIME_HOOKS:
+                hooks.run(hook_kind, spec.hooks, hooks.state(request.hook_state, "creating", pid1))
+            parent_end.send("hooked")
 
-            elif kind == "log":
-                log(message.get("level", "info"), message.get("msg", ""))
-            elif kind == "ready":
-                ready = True
-            elif kind == "error":
-                from runtime.sync import error_from_message
-
-                raise error_from_message(message)
-            if ready and pid1 is not None:
-                return Spawned(pid1, parent_end)
-    except BaseException:
-        parent_end.close()
-        if child is not None:
-            _kill_and_reap(child)
-        if pid1 is not None:
-            _kill(pid1)
-        raise
+    return _until_ready(
+        child, parent_end, "container init", spec.process.oom_score_adj, log, on_message
+    )
 
 
 def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
@@ -250,31 +222,41 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
     child, parent_end = _fork_child(
         [fd for _, fd in ns_fds], lambda child_end: _exec_child(request, child_end, ns_fds, process)
     )
+    return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log)
+
+
+def _until_ready(child: int, parent_end, what: str, oom_score_adj, log, on_message=None):
+    """The parent's side of a spawn, until the new process reports ready.
+
+    The namespace child reports the process's pid and is reaped; the process's logs are
+    passed on; on_message(kind, message, pid) handles the rest. On any error (a child's
+    report, EOF, an exception here) every process started is killed and reaped.
+    """
     pid = None
     ready = False
     try:
         while True:
             message = parent_end.recv()
             if message is None:
-                raise errors.FailedPrecondition(
-                    "exec: process exited during setup without a report"
-                )
+                raise errors.FailedPrecondition(f"{what} exited during setup without a report")
             kind = message["type"]
             if kind == "pid":
                 pid = message["pid"]
                 _reap(child)
                 child = None
-                set_oom_score_adj(pid, process.oom_score_adj)
+                set_oom_score_adj(pid, oom_score_adj)
             elif kind == "log":
                 log(message.get("level", "info"), message.get("msg", ""))
             elif kind == "ready":
                 ready = True
-            if ready and pid is not None:
-                return Spawned(pid, parent_end)
             elif kind == "error":
                 from runtime.sync import error_from_message
 
                 raise error_from_message(message)
+            if on_message is not None:
+                on_message(kind, message, pid)
+            if ready and pid is not None:
+                return Spawned(pid, parent_end)
     except BaseException:
         parent_end.close()
         if child is not None:
@@ -549,9 +531,9 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
             in_userns=in_userns,
             new_netns="network" in new_ns,
             log=log,
+            rootfs_mount_fd=request.rootfs_mount_fd,
+            bind_source_fds=request.bind_source_fds,
         )
-        builder.rootfs_mount_fd = request.rootfs_mount_fd
-        builder.bind_source_fds = request.bind_source_fds
         with stages("rootfs"):
             builder.build(before_pivot=before_pivot if pre_pivot_hooks else None)
     else:

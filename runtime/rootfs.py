@@ -105,8 +105,9 @@ class Mount:
         self.source_fd = source_fd
 
 
-def is_bind(m) -> bool:
-    return m.type == "bind" or bool(parse_options(m.options)[0] & linux.MS_BIND)
+def is_bind(m, flags: int) -> bool:
+    """`flags`: the mount's from parse_options."""
+    return m.type == "bind" or bool(flags & linux.MS_BIND)
 
 
 def open_bind_sources(mounts, bundle: str) -> list[int | None]:
@@ -120,14 +121,15 @@ def open_bind_sources(mounts, bundle: str) -> list[int | None]:
     fds: list[int | None] = []
     try:
         for m in mounts or ():
-            if not is_bind(m):
+            mount_flags = parse_options(m.options)[0]
+            if not is_bind(m, mount_flags):
                 fds.append(None)
                 continue
             source = m.source or ""
             if not os.path.isabs(source):
                 source = os.path.join(bundle, source)
             flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC
-            if parse_options(m.options)[0] & linux.MS_REC:
+            if mount_flags & linux.MS_REC:
                 flags |= linux.AT_RECURSIVE
             try:
                 fds.append(linux.open_tree(linux.AT_FDCWD, source, flags))
@@ -351,6 +353,8 @@ class RootfsBuilder:
         in_userns: bool,
         new_netns: bool,
         log,
+        rootfs_mount_fd: int | None = None,
+        bind_source_fds: list[int | None] | None = None,
     ):
         self.spec = spec
         # Every path below is relative to the cwd, which is the rootfs (see build()).
@@ -363,9 +367,9 @@ class RootfsBuilder:
         self.log = log
         self.dev_is_bind = False
         # A detached, id-mapped clone of the rootfs made by the parent (or None).
-        self.rootfs_mount_fd = None
+        self.rootfs_mount_fd = rootfs_mount_fd
         # Per spec.mounts entry: its bind source's clone made by the parent (or None).
-        self.bind_source_fds: list[int | None] = []
+        self.bind_source_fds = bind_source_fds or []
 
     def build(self, before_pivot=None) -> None:
         """Everything up to and including pivot_root; the cwd must be the rootfs.
@@ -419,7 +423,7 @@ class RootfsBuilder:
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
         flags, propagation, data = parse_options(m.options)
-        if is_bind(m):
+        if is_bind(m, flags):
             if m.source_fd is None:  # not opened by the parent (a caller of this module)
                 (m.source_fd,) = open_bind_sources([m], self.bundle)
             if _clean(m.destination) == "/dev":

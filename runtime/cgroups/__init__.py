@@ -26,7 +26,6 @@ __all__ = [
     "for_container",
     "load",
     "parse_mountinfo",
-    "warm_up_attach",
 ]
 
 DEFAULT_PARENT = "/zviz"
@@ -219,8 +218,7 @@ def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str
     if version == 2:
         from runtime.cgroups.v2 import CgroupV2
 
-        unified = [m for m in mounts if m.version == 2]
-        mount = next((m for m in unified if m.mount_point == "/sys/fs/cgroup"), unified[0])
+        mount = _v2_mount(mounts)
         base = _below(mount, own.get(V2_KEY, "/")) if relative else "/"
         directory = posixpath.normpath(mount.mount_point + posixpath.join(base, path[1:]))
         return CgroupV2(directory, base_dir=posixpath.normpath(mount.mount_point + base))
@@ -243,39 +241,25 @@ def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str
 
 
 def warm_up_attach() -> None:
-    """Start, in a thread, the wait the next cgroup.procs write would block on.
+    """Start, in a thread, the wait the next cgroup.procs write would block on (v2).
 
     Every cgroup.procs write takes the kernel's one global cgroup_threadgroup_rwsem for
     writing, and the first writer after a quiet spell waits an RCU grace period (8-12 ms
     on this 2-vCPU VM) while holding cgroup_mutex; writers within the next grace period
-    do not wait again. Where a child cannot join cheaply by itself (v2: see
-    Cgroup.cheap_self_join), create() calls this right after making the groups (earlier
-    would block that mkdir): a no-op move of this process into the cgroup it is already
-    in ("0" names the writer) pays the wait while the namespaces and the rootfs are
-    built, and PID 1's real join is then quick. Best effort: a failure only means the
-    real join pays the wait itself.
+    do not wait again. CgroupV2.prepare_join() calls this right after the group is made
+    (earlier would block that mkdir): a no-op move of this process into the cgroup it
+    is already in ("0" names the writer) pays the wait while the namespaces and the
+    rootfs are built, and PID 1's real join is then quick. Best effort: a failure only
+    means the real join pays the wait itself.
     """
-    from runtime.cgroups.v1 import KNOWN_CONTROLLERS
-
     try:
-        own = parse_proc_cgroup(_read_text("/proc/self/cgroup"))
-        mounts = _host_mounts()
-        version = detect_version(mounts)
-    except (OSError, FailedPrecondition):
+        own = parse_proc_cgroup(_read_text("/proc/self/cgroup")).get(V2_KEY)
+        mount = _v2_mount(_host_mounts())
+    except (OSError, IndexError):
         return
-    target = None
-    for mount in mounts:
-        if mount.version != version:
-            continue
-        if version == 2:
-            key = V2_KEY
-        else:  # a controller's hierarchy, never a named one such as name=systemd
-            key = next(iter(sorted(mount.controllers & KNOWN_CONTROLLERS)), None)
-        if key in own:
-            target = mount.mount_point + _below(mount, own[key]).rstrip("/") + "/cgroup.procs"
-            break
-    if target is None:
+    if own is None:
         return
+    target = mount.mount_point + _below(mount, own).rstrip("/") + "/cgroup.procs"
     import _thread
 
     def move_self() -> None:
@@ -286,6 +270,12 @@ def warm_up_attach() -> None:
             pass
 
     _thread.start_new_thread(move_self, ())
+
+
+def _v2_mount(mounts: list[Mount]) -> Mount:
+    """The cgroup2 mount containers go in: /sys/fs/cgroup, else the first one."""
+    unified = [m for m in mounts if m.version == 2]
+    return next((m for m in unified if m.mount_point == "/sys/fs/cgroup"), unified[0])
 
 
 def load(paths: dict[str, str], log=None) -> Cgroup:

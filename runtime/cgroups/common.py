@@ -267,7 +267,7 @@ class Cgroup:
     # Whether join_self() moves a process in without the RCU grace period that a
     # cgroup.procs write may wait for (see cgroups.warm_up_attach). Where it does, the
     # container's PID 1 is forked inside; elsewhere its parent moves it in while PID 1
-    # builds its rootfs.
+    # builds its rootfs, the wait started by prepare_join().
     cheap_self_join = False
     # log(level, message), as runtime.log.Log takes it; notes also come back from apply()
     log = None
@@ -293,6 +293,9 @@ class Cgroup:
     def join_self(self) -> None:
         """Move the calling process in; it must be single-threaded (a fresh fork)."""
         self.add_pid(0)  # "0" is the writer itself
+
+    def prepare_join(self) -> None:
+        """Right after create(): start whatever the coming join would wait for."""
 
     def pids(self) -> list[int]:
         raise NotImplementedError

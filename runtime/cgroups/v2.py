@@ -288,6 +288,11 @@ class CgroupV2(Cgroup):
     def _dirs(self) -> list[str]:
         return [self.directory]
 
+    def prepare_join(self) -> None:
+        from runtime.cgroups import warm_up_attach
+
+        warm_up_attach()
+
     def _procs_dir(self) -> str:
         return self.directory
 
