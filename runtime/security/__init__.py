@@ -26,7 +26,7 @@ from runtime.errors import InvalidArgument, SecurityLayerError
 
 # Imported here, not lazily: PID 1 runs prepare()/apply() after pivot_root (and exec'd
 # processes after joining the mount namespace), where the runtime's source tree is gone.
-from runtime.security import capabilities, landlock, network, seccomp  # noqa: F401
+from runtime.security import capabilities, kernel_gaps, landlock, network, seccomp  # noqa: F401
 from runtime.security.profiles import ANNOTATION, DEFAULT_PROFILE, Profile, load_profile
 
 __all__ = [
@@ -215,21 +215,36 @@ def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
 
     ruleset = None
     abi = landlock.abi_version()
+    if abi < 1 and profile.landlock_required:
+        raise SecurityLayerError(
+            f"landlock: the kernel has no Landlock and profile {profile.name} requires it"
+        )
+    # Probed only where a listener is loaded: elsewhere the flag is never asked for.
+    wait_killable_recv = (
+        seccomp.wait_killable_recv_supported() if profile.needs_broker(verbose) else True
+    )
+    gaps = kernel_gaps.decide(profile, abi, wait_killable_recv)
+    refused = kernel_gaps.refusal(profile, gaps, abi)
+    if refused:
+        raise SecurityLayerError(refused)
     if abi < 1:
-        if profile.landlock_required:
-            raise SecurityLayerError(
-                f"landlock: the kernel has no Landlock and profile {profile.name} requires it"
-            )
         _warn(f"landlock: not available; profile {profile.name} allows running without it")
         notes.append("landlock: unavailable, running without it")
     else:
         ruleset = _landlock_ruleset(spec, profile, abi)
+    notes += [
+        f"{g.table}: {g.feature} missing (needs {g.needs}), allowed by profile {profile.name}"
+        for g in gaps
+        if g.verdict == "missing, allowed" and (g.table != "landlock" or abi >= 1)
+    ]
 
     programs = []
     if spec.linux.seccomp:
         programs.append(profile.programs.get("oci") or seccomp.oci_program(spec.linux.seccomp))
     key = "profile-verbose" if verbose else "profile"
     programs.append(profile.programs.get(key) or seccomp.profile_program(profile, verbose))
+    if not wait_killable_recv:
+        programs = [seccomp.without_wait_killable_recv(p) if p.listener else p for p in programs]
     return Plan(profile.name, granted, last, ruleset, programs, verbose, notes)
 
 

@@ -73,6 +73,7 @@ def effective(profile) -> dict:
             "tcp_bind": profile.tcp_bind,
             "tcp_connect": profile.tcp_connect,
             "scope_unix_and_signals": profile.landlock_scope,
+            "may_lack": list(profile.landlock_may_lack),
         },
         "network": {
             "mode": profile.network,
@@ -95,8 +96,40 @@ def effective(profile) -> dict:
             "broker": sorted(profile.mediate),
             "broker_timeout_seconds": profile.broker_timeout,
             "foreign_architectures": "killed",
+            "broker_may_lack": list(profile.broker_may_lack),
         },
+        "on_this_kernel": [
+            {
+                "feature": f"{g.table}.{g.feature}",
+                "needs": g.needs,
+                "asked": g.asked,
+                "granted": g.granted,
+                "may_lack": g.may_lack,
+                "verdict": g.verdict,
+            }
+            for g in on_this_kernel(profile)[2]
+        ],
     }
+
+
+def on_this_kernel(profile) -> tuple[int, bool, list]:
+    """This kernel's Landlock ABI, its WAIT_KILLABLE_RECV, and what the profile gets here."""
+    from runtime.security import kernel_gaps, landlock, seccomp
+
+    abi = landlock.abi_version()
+    wait_killable_recv = seccomp.wait_killable_recv_supported()
+    return abi, wait_killable_recv, kernel_gaps.decide(profile, abi, wait_killable_recv)
+
+
+def _print_kernel_gaps(profile) -> None:
+    from runtime.security import kernel_gaps
+
+    abi, wait_killable_recv, gaps = on_this_kernel(profile)
+    for line in kernel_gaps.table(gaps, abi, wait_killable_recv):
+        print(line)
+    refused = kernel_gaps.refusal(profile, gaps, abi)
+    if refused:
+        print(f"  refused on this kernel: {refused}")
 
 
 def _rule(rule) -> dict:
@@ -106,7 +139,8 @@ def _rule(rule) -> dict:
 def _show(name: str, fmt: str) -> int:
     from runtime.security.profiles import load_profile
 
-    data = effective(load_profile(name))
+    profile = load_profile(name)
+    data = effective(profile)
     if fmt == "json":
         print(json.dumps(data, indent=2))
         return 0
@@ -144,6 +178,7 @@ def _show(name: str, fmt: str) -> int:
         print(f"seccomp allow {name}: {what}")
     print(f"seccomp deny EPERM ({len(sc['deny_eperm'])}): {' '.join(sc['deny_eperm'])}")
     print(f"seccomp broker: {' '.join(sc['broker']) or 'none'}")
+    _print_kernel_gaps(profile)
     return 0
 
 
@@ -171,6 +206,7 @@ def _check(path: str) -> int:
     )
     for w in warnings:
         print(f"  warning: {w}")
+    _print_kernel_gaps(profile)
     return 0
 
 

@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 
 from runtime.errors import InvalidArgument
+from runtime.security import kernel_gaps
 
 PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "profiles")
 DEFAULT_PROFILE = "ci-runner"
@@ -100,6 +101,9 @@ class Profile:
     device_ioctl: tuple[str, ...] = ("/dev",)
     devices: tuple[str, ...] = DEFAULT_DEVICES
     landlock_scope: bool = True
+    # Landlock rights this profile runs without where the kernel's ABI lacks them
+    # (kernel_gaps.py); any other missing right refuses the container.
+    landlock_may_lack: tuple[str, ...] = ()
     # Network.
     network: str = "none"
     tcp_bind: tuple[int, ...] | None = None  # Landlock ABI >= 4; None: not restricted
@@ -110,6 +114,8 @@ class Profile:
     mediate: tuple[str, ...] = ()
     # Seconds a mediated call may wait for the broker before it fails (broker.py).
     broker_timeout: float = 10.0
+    # Broker kernel features this profile runs without (kernel_gaps.BROKER_FEATURES).
+    broker_may_lack: tuple[str, ...] = ()
     # seccomp.
     default_action: str = "EPERM"
     allow: tuple[str, ...] = ()
@@ -426,6 +432,7 @@ def _build(data: dict, path: str) -> Profile:
     p.device_ioctl = tuple(ll.get("device_ioctl", list, ["/dev"]))
     p.devices = tuple(ll.get("devices", list, list(DEFAULT_DEVICES)))
     p.landlock_scope = ll.get("scope", bool, True)
+    p.landlock_may_lack = _may_lack(ll, kernel_gaps.LANDLOCK_FEATURES)
     for key, paths in (
         ("writable", p.writable),
         ("device_ioctl", p.device_ioctl),
@@ -465,6 +472,7 @@ def _build(data: dict, path: str) -> Profile:
     if type(timeout) not in (int, float) or not 0 < timeout <= 3600:
         raise brk.error("timeout", f"must be a number of seconds in (0, 3600], got {timeout!r}")
     p.broker_timeout = float(timeout)
+    p.broker_may_lack = _may_lack(brk, kernel_gaps.BROKER_FEATURES)
     brk.finish()
 
     sc = _Reader(path, data.get("seccomp", {}), "seccomp.")
@@ -501,6 +509,16 @@ def _build(data: dict, path: str) -> Profile:
         pass  # loopback-only sockets inside a fresh netns are harmless
     _check_syscall_names(p, path)
     return p
+
+
+def _may_lack(reader: "_Reader", known: dict) -> tuple[str, ...]:
+    names = reader.get("may_lack", list, [])
+    for i, name in enumerate(names):
+        if name not in known:
+            raise reader.error(
+                f"may_lack[{i}]", f"unknown feature {name!r} (known: {', '.join(known)})"
+            )
+    return tuple(dict.fromkeys(names))
 
 
 def _cidr_rules(reader: "_Reader", key: str) -> tuple[PortRule, ...]:

@@ -19,7 +19,7 @@ except ImportError:  # pragma: no cover - other Pythons
     from hashlib import sha256
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from runtime import linux
 from runtime.errors import InvalidArgument, NotImplementedByZviz, SecurityLayerError
@@ -373,6 +373,35 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+def wait_killable_recv_supported() -> bool:
+    """Whether the kernel knows SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV (Linux 5.19).
+
+    Asked without loading anything: the kernel checks the flags (EINVAL for one it does
+    not know) before it reads the filter, so a NULL filter answers EFAULT when it does.
+    """
+    try:
+        linux.raw_syscall(
+            "seccomp",
+            ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+            ctypes.c_uint(
+                SECCOMP_FILTER_FLAG_NEW_LISTENER | SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+            ),
+            None,
+        )
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        if e.errno == errno.EFAULT:
+            return True
+        raise
+    raise SecurityLayerError("seccomp: probing WAIT_KILLABLE_RECV loaded a NULL filter")
+
+
+def without_wait_killable_recv(program: Program) -> Program:
+    """The same filter for a kernel without WAIT_KILLABLE_RECV (the profile tolerates it)."""
+    return replace(program, flags=program.flags & ~SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV)
+
+
 def load(program: Program) -> int | None:
     """Install `program` on the calling thread; the listener fd if it has one."""
     buf = ctypes.create_string_buffer(program.bpf, len(program.bpf))
@@ -386,16 +415,8 @@ def load(program: Program) -> int | None:
             detail=program.name,
         )
     except OSError as e:
-        if e.errno == errno.EINVAL and program.flags & SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV:
-            # Kernels before 5.19 lack WAIT_KILLABLE_RECV; the filter is the same without it.
-            return load(
-                Program(
-                    program.name,
-                    program.bpf,
-                    program.flags & ~SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV,
-                    program.listener,
-                )
-            )
+        # No retry without a flag the kernel refused (WAIT_KILLABLE_RECV before 5.19):
+        # prepare() decides, before loading, whether the profile may run without it.
         raise SecurityLayerError(
             f"seccomp: loading the {program.name} filter: {e.strerror}"
         ) from None
