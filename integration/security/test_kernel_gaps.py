@@ -9,9 +9,11 @@ security.prepare: a stand-in for older kernels. The real one is the Debian 6.1 k
 """
 
 import errno
+import fcntl
 import json
 import os
 import re
+import struct
 
 import pytest
 
@@ -229,3 +231,117 @@ def test_older_kernel_in_the_v2_guest(guest):
     assert shown["rc"] == 0, shown
     assert "kernel: Landlock ABI 2" in shown["out"]
     assert "landlock.truncate" in shown["out"] and "refused" in shown["out"]
+
+
+# --- the suspicion itself, on this kernel: what the flag prevents ---
+
+_BPF_INSN = struct.Struct("=HBBI")  # struct sock_filter: code, jt, jf, k
+SECCOMP_RET_USER_NOTIF, SECCOMP_RET_ALLOW = 0x7FC00000, 0x7FFF0000
+NR_GETPPID = 110  # x86_64
+
+
+def _notify_getppid_filter() -> bytes:
+    return b"".join(
+        (
+            _BPF_INSN.pack(0x20, 0, 0, 0),  # ld seccomp_data.nr
+            _BPF_INSN.pack(0x15, 0, 1, NR_GETPPID),  # jeq getppid ? next : allow
+            _BPF_INSN.pack(0x06, 0, 0, SECCOMP_RET_USER_NOTIF),
+            _BPF_INSN.pack(0x06, 0, 0, SECCOMP_RET_ALLOW),
+        )
+    )
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+def _received_then_stopped(flags: int) -> dict:
+    """A child makes one notified call; the supervisor receives it, then the child is
+    stopped and continued (SIGSTOP/SIGCONT) before the supervisor answers."""
+    import ctypes
+    import select
+    import signal
+    import socket
+    import time
+
+    from runtime.security import broker
+
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            parent_end.close()
+            linux.set_no_new_privs()
+            bpf = ctypes.create_string_buffer(_notify_getppid_filter())
+            prog = seccomp._SockFprog(len(bpf.raw) // 8, ctypes.cast(bpf, ctypes.c_void_p))
+            listener = linux.raw_syscall(
+                "seccomp", ctypes.c_uint(1), ctypes.c_uint(flags), ctypes.byref(prog)
+            )
+            socket.send_fds(child_end, [b"l"], [listener])
+            os.close(listener)
+            libc = ctypes.CDLL(None, use_errno=True)
+            result = libc.syscall(NR_GETPPID)
+            child_end.send(b"%d" % result)
+        finally:
+            os._exit(0)
+    child_end.close()
+    _, fds, _, _ = socket.recv_fds(parent_end, 16, 1)
+    listener = fds[0]
+    notes = []
+    try:
+
+        def receive(timeout: float):
+            if not select.select([listener], [], [], timeout)[0]:
+                return None
+            buf = bytearray(broker._NOTIF.size)
+            try:
+                fcntl.ioctl(listener, broker.NOTIF_RECV, buf)
+            except FileNotFoundError:
+                return None  # readable because the child is gone: no task uses the filter
+            return broker._NOTIF.unpack(bytes(buf))[0]
+
+        first = receive(10)
+        assert first is not None, "the notified call never arrived"
+        notes.append(first)
+        os.kill(pid, signal.SIGSTOP)
+        # SIGCONT before the stop is taken would discard it: wait until the child is
+        # stopped (it never is with the flag: its wait ignores all but SIGKILL).
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline and _state(pid) != "T":
+            time.sleep(0.01)
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.3)
+        # The supervisor performs the call now and answers it: 4242 as the result.
+        try:
+            fcntl.ioctl(listener, broker.NOTIF_SEND, broker._RESP.pack(first, 4242, 0, 0))
+            first_answered = True
+        except OSError as e:
+            first_answered = e.errno != errno.ENOENT
+        replay = receive(1)
+        if replay is not None:
+            notes.append(replay)
+            fcntl.ioctl(listener, broker.NOTIF_SEND, broker._RESP.pack(replay, 4343, 0, 0))
+        seen = parent_end.recv(64).decode()
+    finally:
+        os.close(listener)
+        parent_end.close()
+        os.waitpid(pid, 0)
+    return {"notifications": len(notes), "first_answered": first_answered, "child": seen}
+
+
+@pytest.mark.skipif(
+    not seccomp.wait_killable_recv_supported(), reason="the kernel lacks WAIT_KILLABLE_RECV"
+)
+def test_without_wait_killable_recv_a_signal_replays_a_received_call():
+    """Confirms the suspicion on this kernel: without the flag (what load() fell back to
+    before 5.19), a stop/continue after the broker received a call restarts it: the
+    broker's answer finds no caller (its call was performed for nothing) and the same
+    call arrives a second time. With the flag the first answer is the caller's."""
+    new_listener = seccomp.SECCOMP_FILTER_FLAG_NEW_LISTENER
+    without = _received_then_stopped(new_listener)
+    assert without == {"notifications": 2, "first_answered": False, "child": "4343"}
+    with_flag = _received_then_stopped(
+        new_listener | seccomp.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+    )
+    assert with_flag == {"notifications": 1, "first_answered": True, "child": "4242"}
