@@ -54,6 +54,8 @@ try:
         [ZVIZ, "profile", "check", strict], capture_output=True, text=True, timeout=120
     )
     results["check"] = {"rc": shown.returncode, "out": shown.stdout, "err": shown.stderr}
+    listed = subprocess.run([ZVIZ, "profile", "list"], capture_output=True, text=True, timeout=120)
+    results["list"] = {"rc": listed.returncode, "out": listed.stdout, "err": listed.stderr}
 except Exception:
     results["error"] = traceback.format_exc()
 

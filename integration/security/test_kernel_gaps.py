@@ -127,6 +127,17 @@ def test_a_profile_without_scope_or_ports_does_not_ask_for_them(monkeypatch, tmp
     assert prepare_on_abi(monkeypatch, tmp_path, profile, 2).landlock is not None
 
 
+def test_profile_list_marks_the_builtins_this_kernel_refuses(monkeypatch, capsys):
+    from runtime.security import profile_cli
+
+    monkeypatch.setattr(landlock, "abi_version", lambda: 4)  # a stand-in for Linux 6.7
+    assert profile_cli.run(type("Args", (), {"profile_command": "list"})()) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert listed["hostile-tenant"].endswith("[refused on this kernel, lacks: device_ioctl, scope]")
+    assert listed["web-server"].endswith("[refused on this kernel, lacks: scope]")
+    assert "refused" not in listed["ci-runner"] + listed["batch-job"] + listed["development"]
+
+
 def test_may_lack_names_are_checked(tmp_path):
     with pytest.raises(InvalidArgument, match=r"landlock\.may_lack\[1\]: unknown feature"):
         custom_profile(tmp_path, '[landlock]\nmay_lack = ["truncate", "trunc"]\n')
@@ -231,6 +242,12 @@ def test_older_kernel_in_the_v2_guest(guest):
     assert shown["rc"] == 0, shown
     assert "kernel: Landlock ABI 2" in shown["out"]
     assert "landlock.truncate" in shown["out"] and "refused" in shown["out"]
+    listed = {line.split()[0]: line for line in guest["list"]["out"].splitlines()}
+    assert (
+        "refused on this kernel, lacks: truncate, device_ioctl, scope" in listed["hostile-tenant"]
+    )
+    assert "refused on this kernel, lacks: scope" in listed["web-server"]
+    assert "refused" not in listed["ci-runner"] + listed["batch-job"] + listed["development"]
 
 
 # --- the suspicion itself, on this kernel: what the flag prevents ---

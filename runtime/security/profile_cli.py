@@ -40,6 +40,9 @@ def _list() -> int:
             marks.append("default")
         if p.unsafe:
             marks.append("UNSAFE for production")
+        refused = [g.feature for g in on_this_kernel(p)[2] if g.verdict == "refused"]
+        if refused:
+            marks.append(f"refused on this kernel, lacks: {', '.join(refused)}")
         suffix = f" [{', '.join(marks)}]" if marks else ""
         print(f"{name:16} {p.description}{suffix}")
     return 0
