@@ -343,6 +343,54 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def _socket_option(sock: int, option: int) -> int:
+    value = ctypes.c_int(0)
+    size = ctypes.c_uint32(4)
+    if _libc.getsockopt(sock, SOL_SOCKET, option, ctypes.byref(value), ctypes.byref(size)):
+        raise OSError(ctypes.get_errno(), "getsockopt")
+    return value.value
+
+
+def _normal_ip(ip):
+    """An IPv4-mapped IPv6 address is the IPv4 address it carries: the kernel sends
+    there over IPv4 (udpv6_sendmsg, tcp_v6_connect), so the IPv4 rules decide."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def _inet_address(family: int, addr: bytes):
+    """(ip, port) of a sockaddr_in/sockaddr_in6 as the kernel reads it."""
+    if family == AF_INET and len(addr) >= 8:
+        ip = ipaddress.IPv4Address(addr[4:8])
+    elif family == AF_INET6 and len(addr) >= 24:
+        ip = _normal_ip(ipaddress.IPv6Address(addr[8:24]))
+    else:
+        raise Denied("short address", errno.EINVAL)
+    return ip, struct.unpack_from("!H", addr, 2)[0]
+
+
+def _unspecified(addr: bytes) -> bool:
+    family = struct.unpack_from("=H", addr)[0]
+    if family not in (AF_UNSPEC, AF_INET, AF_INET6):
+        return False
+    try:
+        return _inet_address(AF_INET if family == AF_UNSPEC else family, addr)[0].is_unspecified
+    except Denied:
+        return False
+
+
+def _bound_address(sock: int):
+    """The socket's bound local address (None if it has none we can read)."""
+    buf = ctypes.create_string_buffer(128)
+    size = ctypes.c_uint32(128)
+    if _libc.getsockname(sock, buf, ctypes.byref(size)):
+        return None
+    family = struct.unpack_from("=H", buf.raw)[0]
+    if family not in (AF_INET, AF_INET6):
+        return None
+    return _inet_address(family, buf.raw[: size.value])[0]
+
+
 class _Call:
     """One mediated call: reads the caller's memory, decides, performs on its socket."""
 
@@ -483,39 +531,64 @@ class _Call:
             if not self._writable_in_time(sock):
                 raise OSError(errno.ETIMEDOUT, "the broker's deadline passed")
 
-    # Address decisions work on the broker's copy of the sockaddr.
-    def decide(self, addr: bytes, rules: str) -> bytes:
+    # Address decisions work on the broker's copy of the sockaddr, as the kernel will
+    # read it for the caller's socket (`sock`, the broker's copy of the caller's fd).
+    def decide(self, addr: bytes, rules: str, sock: int) -> bytes:
+        """The address the call may use, or Denied. rules: "connect", "send" or "bind"."""
         if len(addr) < 2:
             raise Denied("short address", errno.EINVAL)
         family = struct.unpack_from("=H", addr)[0]
+        if family == AF_UNSPEC and rules == "connect":
+            return addr  # every family disconnects (inet_dgram_connect, unix, netlink)
+        if family == AF_UNSPEC and rules == "send":
+            # udp_sendmsg and raw_sendmsg read an AF_UNSPEC address as AF_INET
+            # (rawv6_sendmsg as AF_INET6): decided as the socket's own family.
+            family = _socket_option(sock, SO_DOMAIN)
+            if family not in (AF_INET, AF_INET6):
+                raise Denied("AF_UNSPEC destination on a non-inet socket")
         if family in (AF_INET, AF_INET6):
-            if family == AF_INET and len(addr) >= 8:
-                port = struct.unpack_from("!H", addr, 2)[0]
-                ip = str(ipaddress.IPv4Address(addr[4:8]))
-            elif family == AF_INET6 and len(addr) >= 24:
-                port = struct.unpack_from("!H", addr, 2)[0]
-                ip = str(ipaddress.IPv6Address(addr[8:24]))
-            else:
-                raise Denied("short address", errno.EINVAL)
+            ip, port = _inet_address(family, addr)
             if rules == "bind":
-                if port != 0 and not self.profile.bind_allows(ip, port):
-                    raise Denied(f"bind {ip} port {port} not allowed by profile")
-                # The broker binds with its own (host root) privileges: the caller's
-                # capability decides, as the kernel would have for the caller.
-                if 0 < port < UNPRIVILEGED_PORT_START and not self._caller_has_capability(
-                    CAP_NET_BIND_SERVICE
-                ):
-                    raise Denied(f"bind port {port} needs CAP_NET_BIND_SERVICE", errno.EACCES)
-            elif not self.profile.egress_allows(ip, port):
-                raise Denied(f"egress to {ip} port {port} not allowed by profile")
+                self._decide_bind(ip, port)
+            else:
+                for destination in self._destinations(ip, sock):
+                    if not self.profile.egress_allows(str(destination), port):
+                        raise Denied(f"egress to {ip} port {port} not allowed by profile")
             return addr
         if family == AF_UNIX:
             return self._unix_address(addr, rules == "bind")
-        if family == AF_UNSPEC and rules == "connect":
-            return addr  # dissolves a UDP association
         if family == AF_NETLINK and rules == "bind":
             return addr  # netlink sockets exist only where the profile grants them
         raise Denied(f"address family {family} not allowed")
+
+    def _decide_bind(self, ip, port: int) -> None:
+        if port != 0 and not self.profile.bind_allows(str(ip), port):
+            raise Denied(f"bind {ip} port {port} not allowed by profile")
+        # The broker binds with its own (host root) privileges: the caller's
+        # capability decides, as the kernel would have for the caller.
+        if 0 < port < UNPRIVILEGED_PORT_START and not self._caller_has_capability(
+            CAP_NET_BIND_SERVICE
+        ):
+            raise Denied(f"bind port {port} needs CAP_NET_BIND_SERVICE", errno.EACCES)
+
+    @staticmethod
+    def _destinations(ip, sock: int) -> list:
+        """Where the kernel sends to `ip`: an unspecified address means this host.
+
+        0.0.0.0: the socket's bound address, else 127.0.0.1 (__ip_route_output_key);
+        ::  : ::1, or ::ffff:127.0.0.1 on a socket bound to an IPv4-mapped address
+        (tcp_v6_connect, ip6_datagram_connect, udpv6_sendmsg). Every candidate must be
+        allowed: the socket may be bound by another thread before the call is performed.
+        """
+        if not ip.is_unspecified:
+            return [ip]
+        candidates = [ipaddress.IPv4Address("127.0.0.1")]
+        if ip.version == 6:
+            candidates.append(ipaddress.IPv6Address("::1"))
+        bound = _bound_address(sock)
+        if bound is not None and not bound.is_unspecified:
+            candidates.append(bound)
+        return candidates
 
     def _unix_address(self, addr: bytes, creating: bool) -> bytes:
         path = addr[2:]
@@ -598,11 +671,7 @@ class _Call:
         socket file are the caller's, never the broker's (host root). Inet sockets carry
         no credentials; the broker's own answer is the policy decision made before.
         """
-        domain = ctypes.c_int(0)
-        size = ctypes.c_uint32(4)
-        if _libc.getsockopt(sock, SOL_SOCKET, SO_DOMAIN, ctypes.byref(domain), ctypes.byref(size)):
-            raise OSError(ctypes.get_errno(), "getsockopt(SO_DOMAIN)")
-        if domain.value == AF_UNIX:
+        if _socket_option(sock, SO_DOMAIN) == AF_UNIX:
             self._become_caller()
         return fn()
 
@@ -614,15 +683,15 @@ class _Call:
 
     def connect(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
-        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
         sock = self.sock()
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect", sock)
         self.finish_check()
         return self._perform(sock, lambda: self._connect_by_deadline(sock, addr))
 
     def bind(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
-        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "bind")
         sock = self.sock()
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "bind", sock)
         self.finish_check()
         if addr[:2] == struct.pack("=H", AF_UNIX) and addr[2:3] not in (b"", b"\0"):
             # Binding a path creates a socket file: only where the container itself may
@@ -668,9 +737,9 @@ class _Call:
         _, data_ptr, length, flags, addr_ptr, addrlen = self.note.args
         if length > MAX_SEND:
             raise Denied("send too large for the broker", errno.EMSGSIZE)
-        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
-        data = self.read(data_ptr, length)
         sock = self.sock()
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "send", sock)
+        data = self.read(data_ptr, length)
         self.finish_check()
         abuf = ctypes.create_string_buffer(addr, len(addr))
         return self._perform(
@@ -680,12 +749,15 @@ class _Call:
             ),
         )
 
-    def _copy_msghdr(self, ptr: int):
+    def _copy_msghdr(self, ptr: int, sock: int):
         raw = _Msghdr.from_buffer_copy(self.read(ptr, ctypes.sizeof(_Msghdr)))
         keep = []
         name = b""
         if raw.name and raw.namelen:
-            name = self.decide(self.read(raw.name, min(raw.namelen, 128)), "connect")
+            name = self.decide(self.read(raw.name, min(raw.namelen, 128)), "send", sock)
+            if raw.control and raw.controllen and _unspecified(name):
+                # IP_PKTINFO's source would become the destination (__ip_route_output_key).
+                raise Denied("ancillary data with an unspecified destination")
         if raw.iovlen > MAX_IOV:
             raise Denied("too many iovecs", errno.EMSGSIZE)
         iovs = (_Iovec * max(1, raw.iovlen))()
@@ -739,8 +811,8 @@ class _Call:
 
     def sendmsg(self) -> int:
         _, msg_ptr, flags = self.note.args[:3]
-        msg, keep = self._copy_msghdr(msg_ptr)
         sock = self.sock()
+        msg, keep = self._copy_msghdr(msg_ptr, sock)
         self.finish_check()
         return self._perform(
             sock,
@@ -759,7 +831,7 @@ class _Call:
         copies = []
         for i in range(vlen):
             try:
-                copies.append(self._copy_msghdr(vec_ptr + i * entry))
+                copies.append(self._copy_msghdr(vec_ptr + i * entry, sock))
             except Denied:
                 if not copies:
                     raise

@@ -1,0 +1,103 @@
+"""The broker decides on what the kernel will do (issue 10, items 2-5), in real containers.
+
+Each test drives probes/broker_probe.c under a web-server profile whose rules refuse the
+loopback: a call the broker lets through to it prints ESCAPED.
+"""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from integration.security.conftest import CACHE
+
+SOURCE = os.path.join(os.path.dirname(__file__), "probes", "broker_probe.c")
+PORT = 18517
+
+
+@pytest.fixture(scope="module")
+def broker_probe() -> str:
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    path = os.path.join(CACHE, f"broker-probe-{digest}")
+    if not os.path.exists(path):
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            pytest.skip("gcc missing: the broker probes are C programs")
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        subprocess.run([gcc, "-static", "-O2", "-o", tmp, SOURCE], check=True)
+        os.rename(tmp, path)
+    return path
+
+
+def no_loopback_profile(tmp_path) -> str:
+    """web-server with one port open everywhere but on the loopback."""
+    path = tmp_path / "web-no-loopback.toml"
+    path.write_text(
+        f"""
+[profile]
+name = "web-no-loopback"
+extends = "web-server"
+[network]
+egress_deny = ["127.0.0.0/8", "::1/128"]
+egress = [{{ cidr = "0.0.0.0/0", ports = [{PORT}] }}, {{ cidr = "::/0", ports = [{PORT}] }}]
+bind = [{{ cidr = "0.0.0.0/0", ports = [{PORT}] }}, {{ cidr = "::/0", ports = [{PORT}] }}]
+tcp_bind = [{PORT}]
+tcp_connect = [{PORT}]
+"""
+    )
+    return str(path)
+
+
+def run(probes, broker_probe, profile, script, *, cid=None, config=None):
+    def install(rootfs):
+        shutil.copy2(broker_probe, os.path.join(rootfs, "bprobe"))
+
+    return probes.run(
+        "zviz",
+        profile,
+        ["/bin/sh", "-c", script],
+        cid=cid or f"zb10-{uuid.uuid4().hex[:8]}",
+        config=config,
+        image_change=install,
+    )
+
+
+def verdicts(result) -> dict[str, str]:
+    """{probe's what: its line} for every ESCAPED/BLOCKED/OK line."""
+    found = {}
+    for line in result.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("ESCAPED", "BLOCKED", "OK", "ERROR", "DONE"):
+            found[rest.split(": ", 1)[0]] = line
+    return found
+
+
+def test_udp_with_af_unspec_is_decided_as_af_inet(probes, broker_probe, tmp_path):
+    script = "; ".join(
+        f"/bprobe udp_unspec {mode} {ip} {PORT}"
+        for mode in ("sendto", "sendmsg", "sendmmsg")
+        for ip in ("127.0.0.1", "192.0.2.1")
+    )
+    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script)
+    found = verdicts(result)
+    for mode in ("sendto", "sendmsg", "sendmmsg"):
+        loopback = found.get(f"udp_unspec {mode} 127.0.0.1:{PORT}", "")
+        assert loopback.startswith("BLOCKED") and "errno 1 " in loopback, result.stdout
+        # An allowed IPv4 address is let through: the kernel, not the broker, answers
+        # (no route in the container's own network namespace).
+        public = found.get(f"udp_unspec {mode} 192.0.2.1:{PORT}", "")
+        assert "errno 101 " in public, result.stdout + result.stderr
+
+
+def test_unspecified_destination_is_decided_as_the_loopback(probes, broker_probe, tmp_path):
+    script = f"/bprobe connect_any 4 {PORT}; /bprobe connect_any 6 {PORT}"
+    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script)
+    found = verdicts(result)
+    for name in (f"connect_any 0.0.0.0 port {PORT}", f"connect_any [::] port {PORT}"):
+        line = found.get(name, "")
+        assert line.startswith("BLOCKED") and "errno 1 " in line, result.stdout + result.stderr
