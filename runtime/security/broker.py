@@ -398,7 +398,11 @@ class _Call:
         self.broker, self.note, self.profile = broker, note, broker.profile
         # Read-only unless the call has results to write back (sendmmsg's msg_len).
         mode = os.O_RDWR if writable else os.O_RDONLY
-        self.mem = os.open(f"/proc/{note.pid}/mem", mode | os.O_CLOEXEC)
+        # Everything of the caller's in /proc is reached through this directory, opened
+        # before the validity check below: it stays the caller's for good (once the
+        # caller is gone it answers ENOENT/ESRCH), whoever gets the pid number next.
+        self.proc = os.open(f"/proc/{note.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.mem = os.open("mem", mode | os.O_CLOEXEC, dir_fd=self.proc)
         self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
         self.became_caller = False
@@ -409,13 +413,13 @@ class _Call:
             raise Denied("caller vanished")
 
     def close(self) -> None:
-        for fd in [self.mem, self.pidfd, *self.fds]:
+        for fd in [self.proc, self.mem, self.pidfd, *self.fds]:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.fds = []
-        self.mem = self.pidfd = -1
+        self.proc = self.mem = self.pidfd = -1
 
     def read(self, addr: int, size: int) -> bytes:
         if size == 0:
@@ -598,15 +602,12 @@ class _Call:
         path = path.split(b"\0", 1)[0]
         # A path is resolved inside the container's root, never the broker's.
         if path.startswith(b"/"):
-            dirfd = os.open(
-                f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            )
+            dirfd = self._proc_dir("root")
             resolve = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
             path = path.lstrip(b"/") or b"."
         else:
-            dirfd = os.open(f"/proc/{self.note.pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = self._proc_dir("cwd")
             resolve = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_MAGICLINKS
-        self.fds.append(dirfd)
         if creating:
             parent, _, base = path.rpartition(b"/")
             if not base or base in (b".", b".."):
@@ -634,11 +635,23 @@ class _Call:
         Landlock ruleset (the container's) hides the host's /proc."""
         if self._status is None:
             try:
-                with open(f"/proc/{self.note.pid}/status") as f:
+                fd = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
+                with open(fd) as f:
                     self._status = {k: v.split() for k, _, v in (line.partition(":") for line in f)}
             except OSError:
                 raise Denied("caller vanished") from None
+            if not self.broker._valid(self.note):
+                raise Denied("caller vanished")
         return self._status
+
+    def _proc_dir(self, name: str) -> int:
+        """The caller's root or cwd (an O_PATH fd closed with the call)."""
+        try:
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc)
+        except OSError:
+            raise Denied("caller vanished") from None
+        self.fds.append(fd)
+        return fd
 
     def _caller_has_capability(self, number: int) -> bool:
         return bool(int(self._caller_status()["CapEff"][0], 16) & (1 << number))
@@ -710,8 +723,7 @@ class _Call:
             if self.profile.landlock_required:
                 raise Denied("no Landlock to confine a unix socket bind")
             return
-        root = os.open(f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.fds.append(root)
+        root = self._proc_dir("root")
         rules = landlock.Ruleset(abi, False, False, False)
         try:
             rules.allow_fd(root, landlock.READ, "/")
