@@ -5,14 +5,19 @@ loopback: a call the broker lets through to it prints ESCAPED.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
+import threading
+import time
 import uuid
 
 import pytest
 
 from integration.security.conftest import CACHE
+from runtime.security import landlock
 
 SOURCE = os.path.join(os.path.dirname(__file__), "probes", "broker_probe.c")
 PORT = 18517
@@ -101,3 +106,76 @@ def test_unspecified_destination_is_decided_as_the_loopback(probes, broker_probe
     for name in (f"connect_any 0.0.0.0 port {PORT}", f"connect_any [::] port {PORT}"):
         line = found.get(name, "")
         assert line.startswith("BLOCKED") and "errno 1 " in line, result.stdout + result.stderr
+
+
+def _container_pid(zviz: str, root: str, cid: str, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        state = subprocess.run([zviz, "--root", root, "state", cid], capture_output=True)
+        if state.returncode == 0:
+            data = json.loads(state.stdout)
+            if data.get("pid") and data.get("status") == "running":
+                return data["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"container {cid} did not start")
+
+
+HOST_LISTENER = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(b"\\0" + sys.argv[1].encode())
+server.listen(4)
+server.settimeout(30)
+print("ready", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"host-root\\n")
+    conn.close()
+"""
+
+
+def test_abstract_socket_of_host_root_in_the_netns_stays_out_of_reach(
+    probes, broker_probe, tmp_path
+):
+    """The CVE-2020-15257 class: host root listens on an abstract name inside the
+    container's network namespace; Landlock's scope refuses the container that name,
+    the broker must not connect it on the container's behalf."""
+    if landlock.abi_version() < 6:
+        pytest.skip("Landlock ABI < 6: no abstract unix socket scope to compare with")
+    cid = f"zb10-abstract-{uuid.uuid4().hex[:6]}"
+    host_name = f"zb10-host-{uuid.uuid4().hex[:6]}"
+    own_name = f"zb10-own-{uuid.uuid4().hex[:6]}"
+    script = f"/bprobe abstract_own {own_name}; sleep 0.5; /bprobe abstract {host_name}"
+    results = {}
+    container = threading.Thread(
+        target=lambda: results.update(
+            run=run(probes, broker_probe, no_loopback_profile(tmp_path), script, cid=cid)
+        )
+    )
+    container.start()
+    listener = None
+    try:
+        root = os.path.join(probes.base, "root-zviz")
+        pid = _container_pid(probes.zviz, root, cid, time.monotonic() + 60)
+        listener = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/proc/{pid}/ns/net",
+                sys.executable,
+                "-c",
+                HOST_LISTENER,
+                host_name,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert listener.stdout.readline().strip() == "ready"
+    finally:
+        container.join()
+        if listener is not None:
+            listener.kill()
+            listener.wait()
+    result = results["run"]
+    found = verdicts(result)
+    assert found.get(f"abstract_own @{own_name}", "").startswith("OK"), result.stdout
+    host = found.get(f"abstract @{host_name}", "")
+    assert host.startswith("BLOCKED") and "errno 1 " in host, result.stdout + result.stderr

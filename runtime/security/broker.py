@@ -56,6 +56,7 @@ _RESP = struct.Struct("=QqiI")  # id, val, error, flags
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
 SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_ERROR, SO_DOMAIN = 1, 1, 2, 4, 39
 MSG_DONTWAIT = 0x40
+SIOCGSKNS = 0x894C  # linux/sockios.h: a socket's network namespace, as a new fd
 CAP_NET_BIND_SERVICE = 10
 # Below this port a bind needs CAP_NET_BIND_SERVICE (the kernel default of
 # net.ipv4.ip_unprivileged_port_start; zviz does not change it in containers).
@@ -369,6 +370,30 @@ def _inet_address(family: int, addr: bytes):
     return ip, struct.unpack_from("!H", addr, 2)[0]
 
 
+def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]:
+    """Inodes of the sockets held by processes in these cgroups and pid namespace."""
+    held = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/pid")
+            if (ns.st_dev, ns.st_ino) != (pid_namespace.st_dev, pid_namespace.st_ino):
+                continue
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                if f.read() != cgroups:
+                    continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                held.add(int(link[8:-1]))
+    return held
+
+
 def _unspecified(addr: bytes) -> bool:
     family = struct.unpack_from("=H", addr)[0]
     if family not in (AF_UNSPEC, AF_INET, AF_INET6):
@@ -560,7 +585,7 @@ class _Call:
                         raise Denied(f"egress to {ip} port {port} not allowed by profile")
             return addr
         if family == AF_UNIX:
-            return self._unix_address(addr, rules == "bind")
+            return self._unix_address(addr, rules == "bind", sock)
         if family == AF_NETLINK and rules == "bind":
             return addr  # netlink sockets exist only where the profile grants them
         raise Denied(f"address family {family} not allowed")
@@ -594,10 +619,12 @@ class _Call:
             candidates.append(bound)
         return candidates
 
-    def _unix_address(self, addr: bytes, creating: bool) -> bytes:
+    def _unix_address(self, addr: bytes, creating: bool, sock: int) -> bytes:
         path = addr[2:]
         if not path or path[0] == 0:
             # Abstract (or autobind): looked up in the socket's own network namespace.
+            if path and not creating and self.profile.landlock_scope:
+                self._abstract_name_is_the_containers(path[1:], sock)
             return addr
         path = path.split(b"\0", 1)[0]
         # A path is resolved inside the container's root, never the broker's.
@@ -620,6 +647,49 @@ class _Call:
         if len(new_path) >= 108:
             raise Denied("unix socket path too long", errno.ENAMETOOLONG)
         return struct.pack("=H", AF_UNIX) + new_path + b"\0"
+
+    def _abstract_name_is_the_containers(self, name: bytes, sock: int) -> None:
+        """Landlock's abstract unix socket scope, kept by the broker.
+
+        The broker connects (or sends) from its own thread, outside the container's
+        Landlock domain: the kernel's scope check would see the broker, so host root's
+        listener in the container's network namespace (the CVE-2020-15257 class) would be
+        reached. Instead every socket bound to the name must be held by a process of the
+        container: one in the caller's pid namespace and cgroups. Nobody bound: the
+        kernel answers ECONNREFUSED itself.
+        """
+        # /proc/net/unix prints a NUL of the name as '@' and ends a line at a newline:
+        # a name with a newline cannot be told apart, so it is refused.
+        if b"\n" in name:
+            raise Denied("abstract unix socket name with a newline")
+        netns = fcntl.ioctl(sock, SIOCGSKNS)
+        try:
+            theirs = os.fstat(netns)
+        finally:
+            os.close(netns)
+        caller_netns = os.stat("ns/net", dir_fd=self.proc)
+        if (theirs.st_dev, theirs.st_ino) != (caller_netns.st_dev, caller_netns.st_ino):
+            raise Denied("abstract unix socket of another network namespace")
+        printed = b"@" + name.replace(b"\0", b"@")
+        bound = set()
+        for line in self._proc_read("net/unix").split(b"\n")[1:]:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and fields[7] == printed:
+                bound.add(int(fields[6]))
+        if bound - _socket_inodes_of(
+            self._proc_read("cgroup"), os.stat("ns/pid", dir_fd=self.proc)
+        ):
+            raise Denied(
+                f"abstract unix socket @{name.decode(errors='replace')} is not the container's"
+            )
+
+    def _proc_read(self, name: str) -> bytes:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
+            with open(fd, "rb") as f:
+                return f.read()
+        except OSError:
+            raise Denied("caller vanished") from None
 
     def _openat2(self, dirfd: int, path: bytes, flags: int, resolve: int) -> int:
         how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
