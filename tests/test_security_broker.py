@@ -436,3 +436,21 @@ tcp_connect = [{port}]
 
     with server:
         assert confined(tmp_path, str(path), probe) == errno.EPERM
+
+
+def test_copy_budget_waits_for_room_then_fails_with_enobufs():
+    import threading
+    import time
+
+    from runtime.security import broker
+
+    budget = broker.CopyBudget(10)
+    budget.take(8, time.monotonic() + 1)
+    try:
+        budget.take(4, time.monotonic() + 0.05)
+        raise AssertionError("took more than the budget")
+    except broker.Denied as e:
+        assert e.errno == errno.ENOBUFS
+    threading.Timer(0.05, budget.give, args=(8,)).start()
+    budget.take(4, time.monotonic() + 5)  # room once the first call gives its bytes back
+    assert budget.used == 4

@@ -179,3 +179,65 @@ def test_abstract_socket_of_host_root_in_the_netns_stays_out_of_reach(
     assert found.get(f"abstract_own @{own_name}", "").startswith("OK"), result.stdout
     host = found.get(f"abstract @{host_name}", "")
     assert host.startswith("BLOCKED") and "errno 1 " in host, result.stdout + result.stderr
+
+
+def _vm_kib(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _broker_of(cid: str) -> list[int]:
+    from integration.security.test_layers import _brokers, _holds_listener
+
+    return [pid for pid in _brokers(cid) if _holds_listener(pid)]
+
+
+def test_broker_copies_are_bounded(probes, broker_probe, tmp_path):
+    """One sendmmsg of 64 x 4 MiB (or 256 x 1 MiB) from a container limited to 64 MiB:
+    the broker's copies must stay within a few MiB, not the 256 MiB the call names."""
+    cid = f"zb10-mem-{uuid.uuid4().hex[:6]}"
+    config = {"linux": json.loads(json.dumps(_default_linux()))}
+    config["linux"]["resources"]["memory"] = {"limit": 64 << 20}
+    script = (
+        f"sleep 1; /bprobe sendmmsg_big 192.0.2.1 {PORT} 64 4194304; "
+        f"/bprobe sendmmsg_big 192.0.2.1 {PORT} 256 1048576; sleep 1"
+    )
+    seen = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for pid in _broker_of(cid):
+                seen.setdefault(pid, _vm_kib(pid, "VmRSS"))
+                peak = _vm_kib(pid, "VmHWM")
+                if peak:
+                    seen[f"peak-{pid}"] = peak
+                    seen["cgroup"] = open(f"/proc/{pid}/cgroup").read()
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run(
+            probes, broker_probe, no_loopback_profile(tmp_path), script, cid=cid, config=config
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert "DONE sendmmsg_big" in result.stdout, result.stdout + result.stderr
+    brokers = [pid for pid in seen if isinstance(pid, int)]
+    assert brokers, "no broker seen"
+    growth = max(seen.get(f"peak-{pid}", 0) - seen[pid] for pid in brokers)
+    assert growth < 32 << 10, f"the broker grew by {growth} KiB for one call"
+
+
+def _default_linux():
+    from tools.mkbundle import default_config
+
+    return default_config(["true"], terminal=False)["linux"]

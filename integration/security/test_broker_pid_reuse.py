@@ -31,6 +31,7 @@ def sleeper(uid):
 class ValidBroker:
     # The notification stayed valid until the check: the window is after it.
     profile = None
+    copies = broker.CopyBudget(0)
     def _valid(self, note):
         return True
 

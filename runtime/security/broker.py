@@ -64,6 +64,8 @@ UNPRIVILEGED_PORT_START = 1024
 # The most bytes the broker copies for one send: a datagram's ceiling, with room.
 MAX_SEND = 4 << 20
 MAX_IOV = 1024
+# The most bytes all calls in flight may hold copied at once (a few of the largest).
+MAX_COPIED = 4 * MAX_SEND
 MAX_IN_FLIGHT = 256
 DEFAULT_TIMEOUT = 10.0
 # A received call is WAITING until its worker claims it right before the side effect
@@ -86,6 +88,36 @@ class Denied(Exception):
 
 class _Answered(Exception):
     """The watchdog answered the call before the worker could perform it."""
+
+
+class CopyBudget:
+    """Bytes the broker may hold copied from its container, shared by the calls in flight.
+
+    The broker's memory is bounded by what it copies: without a budget, 256 calls in
+    flight of MAX_SEND each (or one sendmmsg naming the same 4 MiB 64 times) would
+    grow it far beyond the container's own memory limit. A call waits for room until
+    its deadline, then fails with ENOBUFS.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._changed = threading.Condition()
+
+    def take(self, size: int, deadline: float) -> None:
+        with self._changed:
+            while self.used + size > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Denied("the broker's copy budget is used up", errno.ENOBUFS)
+                self._changed.wait(left)
+            self.used += size
+
+    def give(self, size: int) -> None:
+        if size:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
 
 
 class _Iovec(ctypes.Structure):
@@ -138,6 +170,7 @@ class Broker:
         self.mediated = {syscalls.number(n): n for n in profile.mediate}
         self._log_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self.copies = CopyBudget(MAX_COPIED)
         self.timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
         self.heartbeat_fd = heartbeat_fd
         self._calls: dict[int, list] = {}  # id -> [deadline, state, note]
@@ -431,6 +464,7 @@ class _Call:
         self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
         self.became_caller = False
+        self.reserved = 0  # bytes of the broker's copy budget this call holds
         self._status: dict[str, list[str]] | None = None
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
@@ -438,6 +472,8 @@ class _Call:
             raise Denied("caller vanished")
 
     def close(self) -> None:
+        self.broker.copies.give(self.reserved)
+        self.reserved = 0
         for fd in [self.proc, self.mem, self.pidfd, *self.fds]:
             try:
                 os.close(fd)
@@ -458,6 +494,26 @@ class _Call:
         if len(data) != size:
             raise Denied("bad pointer", errno.EFAULT)
         return data
+
+    def read_buffer(self, addr: int, size: int):
+        """The caller's bytes in a ctypes buffer, copied once (no intermediate bytes)."""
+        buf = ctypes.create_string_buffer(max(1, size))
+        if size == 0:
+            return buf
+        if addr == 0:
+            raise Denied("NULL pointer", errno.EFAULT)
+        try:
+            got = os.preadv(self.mem, [memoryview(buf).cast("B")[:size]], addr)
+        except OSError:
+            raise Denied("bad pointer", errno.EFAULT) from None
+        if got != size:
+            raise Denied("bad pointer", errno.EFAULT)
+        return buf
+
+    def _reserve(self, size: int) -> None:
+        """Take `size` bytes of the broker's copy budget for this call (given back by close)."""
+        self.broker.copies.take(size, self.broker.deadline(self.note))
+        self.reserved += size
 
     def write(self, addr: int, data: bytes) -> None:
         os.pwrite(self.mem, data, addr)
@@ -821,6 +877,7 @@ class _Call:
             raise Denied("send too large for the broker", errno.EMSGSIZE)
         sock = self.sock()
         addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "send", sock)
+        self._reserve(length)
         data = self.read(data_ptr, length)
         self.finish_check()
         abuf = ctypes.create_string_buffer(addr, len(addr))
@@ -831,7 +888,12 @@ class _Call:
             ),
         )
 
-    def _copy_msghdr(self, ptr: int, sock: int):
+    def _copy_msghdr(self, ptr: int, sock: int, limit: int = MAX_SEND):
+        """(msghdr, buffers to keep alive, bytes copied): the broker's copy of one message.
+
+        Everything kept for the send (data, iovec array, control) counts against
+        `limit` and is taken from the broker's budget before it is copied.
+        """
         raw = _Msghdr.from_buffer_copy(self.read(ptr, ctypes.sizeof(_Msghdr)))
         keep = []
         name = b""
@@ -842,22 +904,22 @@ class _Call:
                 raise Denied("ancillary data with an unspecified destination")
         if raw.iovlen > MAX_IOV:
             raise Denied("too many iovecs", errno.EMSGSIZE)
+        theirs = self.read(raw.iov, ctypes.sizeof(_Iovec) * raw.iovlen) if raw.iovlen else b""
+        parts = [struct.unpack_from("=QQ", theirs, 16 * i) for i in range(raw.iovlen)]
+        controllen = min(raw.controllen, 65536) if raw.control else 0
+        cost = sum(size for _, size in parts) + ctypes.sizeof(_Iovec) * raw.iovlen + controllen
+        if cost > limit:
+            raise Denied("send too large for the broker", errno.EMSGSIZE)
+        self._reserve(cost)
         iovs = (_Iovec * max(1, raw.iovlen))()
-        if raw.iovlen:
-            theirs = self.read(raw.iov, ctypes.sizeof(_Iovec) * raw.iovlen)
-            total = 0
-            for i in range(raw.iovlen):
-                base, size = struct.unpack_from("=QQ", theirs, 16 * i)
-                total += size
-                if total > MAX_SEND:
-                    raise Denied("send too large for the broker", errno.EMSGSIZE)
-                chunk = ctypes.create_string_buffer(self.read(base, size), max(1, size))
-                keep.append(chunk)
-                iovs[i].base = ctypes.cast(chunk, ctypes.c_void_p)
-                iovs[i].len = size
+        for i, (base, size) in enumerate(parts):
+            chunk = self.read_buffer(base, size)
+            keep.append(chunk)
+            iovs[i].base = ctypes.cast(chunk, ctypes.c_void_p)
+            iovs[i].len = size
         control = b""
-        if raw.control and raw.controllen:
-            control = self._copy_control(self.read(raw.control, min(raw.controllen, 65536)))
+        if controllen:
+            control = self._copy_control(self.read(raw.control, controllen))
         msg = _Msghdr()
         if name:
             nbuf = ctypes.create_string_buffer(name, len(name))
@@ -869,7 +931,7 @@ class _Call:
             cbuf = ctypes.create_string_buffer(control, len(control))
             keep.append(cbuf)
             msg.control, msg.controllen = ctypes.cast(cbuf, ctypes.c_void_p), len(control)
-        return msg, keep
+        return msg, keep, cost
 
     def _copy_control(self, control: bytes) -> bytes:
         """Ancillary data with the caller's fds replaced by the broker's copies of them."""
@@ -894,7 +956,7 @@ class _Call:
     def sendmsg(self) -> int:
         _, msg_ptr, flags = self.note.args[:3]
         sock = self.sock()
-        msg, keep = self._copy_msghdr(msg_ptr, sock)
+        msg, keep, _ = self._copy_msghdr(msg_ptr, sock)
         self.finish_check()
         return self._perform(
             sock,
@@ -910,14 +972,19 @@ class _Call:
         entry = ctypes.sizeof(_Msghdr) + 8  # struct mmsghdr: msghdr + unsigned msg_len (padded)
         # Copy (and decide) every message first, with the broker's privileges; then send
         # them, possibly as the caller (see _perform), which cannot copy any more.
+        # One call copies at most MAX_SEND in all: the messages beyond are left unsent,
+        # as a sendmmsg that sent fewer than asked (the caller sends the rest again).
         copies = []
+        left = MAX_SEND
         for i in range(vlen):
             try:
-                copies.append(self._copy_msghdr(vec_ptr + i * entry, sock))
+                msg, keep, cost = self._copy_msghdr(vec_ptr + i * entry, sock, left)
             except Denied:
                 if not copies:
                     raise
                 break
+            copies.append((msg, keep))
+            left -= cost
         self.finish_check()
         sent = 0
         for i, (msg, _keep) in enumerate(copies):
