@@ -125,6 +125,8 @@ server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 server.bind(b"\\0" + sys.argv[1].encode())
 server.listen(4)
 server.settimeout(30)
+datagrams = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+datagrams.bind(b"\\0" + sys.argv[1].encode() + b"-dgram")
 print("ready", flush=True)
 while True:
     conn, _ = server.accept()
@@ -144,7 +146,10 @@ def test_abstract_socket_of_host_root_in_the_netns_stays_out_of_reach(
     cid = f"zb10-abstract-{uuid.uuid4().hex[:6]}"
     host_name = f"zb10-host-{uuid.uuid4().hex[:6]}"
     own_name = f"zb10-own-{uuid.uuid4().hex[:6]}"
-    script = f"/bprobe abstract_own {own_name}; sleep 0.5; /bprobe abstract {host_name}"
+    script = (
+        f"/bprobe abstract_own {own_name}; sleep 0.5; /bprobe abstract {host_name}; "
+        f"/bprobe abstract_dgram {host_name}-dgram"
+    )
     results = {}
     container = threading.Thread(
         target=lambda: results.update(
@@ -177,8 +182,9 @@ def test_abstract_socket_of_host_root_in_the_netns_stays_out_of_reach(
     result = results["run"]
     found = verdicts(result)
     assert found.get(f"abstract_own @{own_name}", "").startswith("OK"), result.stdout
-    host = found.get(f"abstract @{host_name}", "")
-    assert host.startswith("BLOCKED") and "errno 1 " in host, result.stdout + result.stderr
+    for what in (f"abstract @{host_name}", f"abstract_dgram @{host_name}-dgram"):
+        host = found.get(what, "")
+        assert host.startswith("BLOCKED") and "errno 1 " in host, result.stdout + result.stderr
 
 
 def _vm_kib(pid: int, field: str) -> int:

@@ -12,6 +12,8 @@
  *                                then connect to the unspecified address (0.0.0.0 / ::)
  *   abstract NAME                connect to the abstract unix socket @NAME, retrying
  *                                while nobody listens (ECONNREFUSED) for 20 s
+ *   abstract_dgram NAME          sendto the abstract unix datagram socket @NAME,
+ *                                retrying while nobody is bound for 20 s
  *   abstract_own NAME            listen on @NAME, a child connects to it
  *   sendmmsg_big IP PORT N SIZE  one sendmmsg of N messages of SIZE bytes each (all
  *                                from one buffer) to IP:PORT over UDP
@@ -143,6 +145,25 @@ static int abstract(const char *name) {
     return 2;
 }
 
+static int abstract_dgram(const char *name) {
+    struct sockaddr_un to;
+    socklen_t len = abstract_address(&to, name);
+    char what[160];
+    snprintf(what, sizeof what, "abstract_dgram @%s", name);
+    int s = socket(AF_UNIX, SOCK_DGRAM, 0);
+    for (int tries = 0; tries < 400; tries++) {
+        if (sendto(s, "dgram\n", 6, 0, (struct sockaddr *)&to, len) == 6) {
+            printf("ESCAPED %s: datagram sent\n", what);
+            return 0;
+        }
+        if (errno != ECONNREFUSED)
+            return blocked(what);
+        usleep(50000);
+    }
+    printf("ERROR %s: nobody bound\n", what);
+    return 2;
+}
+
 static int abstract_own(const char *name) {
     struct sockaddr_un at;
     socklen_t len = abstract_address(&at, name);
@@ -205,6 +226,8 @@ int main(int argc, char **argv) {
         return connect_any(atoi(argv[2]), atoi(argv[3]));
     if (argc == 3 && strcmp(argv[1], "abstract") == 0)
         return abstract(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "abstract_dgram") == 0)
+        return abstract_dgram(argv[2]);
     if (argc == 3 && strcmp(argv[1], "abstract_own") == 0)
         return abstract_own(argv[2]);
     if (argc == 6 && strcmp(argv[1], "sendmmsg_big") == 0)
