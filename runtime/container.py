@@ -149,7 +149,7 @@ class Container:
             try:
                 if channel is not None:
                     _start_broker(
-                        channel, spawned.pid, resolved_profile, verbose, container_id, log
+                        channel, spawned.pid, resolved_profile, verbose, container_id, log, cg
                     )
                 state.write(directory, data)
                 if pid_file:
@@ -522,6 +522,7 @@ class Container:
                     bool(self.data.get("verbose")),
                     self.id,
                     self.log,
+                    self.cgroup(),
                 )
             if pid_file:
                 write_pid_file(pid_file, spawned.pid)
@@ -560,12 +561,18 @@ def _notify_channel(profile, verbose: bool):
     return security.notify_channel(profile, verbose)
 
 
-def _start_broker(channel, pid: int, profile, verbose: bool, container_id: str, log) -> None:
-    """Hand the supervisor end to a broker process; the container end stays with PID 1."""
+def _start_broker(
+    channel, pid: int, profile, verbose: bool, container_id: str, log, cgroup
+) -> None:
+    """Hand the supervisor end to a broker process; the container end stays with PID 1.
+
+    What the broker copies from the container is charged to the container's memory
+    limit: it joins the container's memory cgroup before the container can make a call.
+    """
     from runtime import security
 
     channel.close_container_end()
-    security.start_broker(
+    broker_pid = security.start_broker(
         channel,
         pid,
         profile,
@@ -573,6 +580,8 @@ def _start_broker(channel, pid: int, profile, verbose: bool, container_id: str, 
         container_id=container_id,
         log_path=getattr(log, "path", None),
     )
+    if cgroup is not None:
+        cgroup.charge_memory(broker_pid)
 
 
 def _validate(spec, detach: bool, console_socket: str | None) -> None:

@@ -412,3 +412,45 @@ def test_call_the_worker_has_not_performed_by_the_deadline_fails_and_stays_undon
         arrived = [errno_of(allowed.accept), errno_of(lambda: receiver.recv(10))]
     assert result == [errno.ETIMEDOUT, errno.ETIMEDOUT, errno.ENOTCONN]
     assert arrived == [errno.EAGAIN, errno.EAGAIN]
+
+
+def test_ipv4_mapped_destination_is_decided_by_the_ipv4_rules(tmp_path):
+    """::ffff:127.0.0.1 is sent over IPv4 to 127.0.0.1: an IPv6 rule must not allow it."""
+    server, port = listener()
+    path = tmp_path / "v6-only.toml"
+    path.write_text(
+        f"""
+[profile]
+name = "v6-only"
+extends = "web-server"
+[network]
+egress_deny = []
+egress = [{{ cidr = "::/0", ports = [{port}] }}]
+tcp_connect = [{port}]
+"""
+    )
+
+    def probe():
+        s = socket.socket(socket.AF_INET6)
+        return errno_of(lambda: s.connect(("::ffff:127.0.0.1", port)))
+
+    with server:
+        assert confined(tmp_path, str(path), probe) == errno.EPERM
+
+
+def test_copy_budget_waits_for_room_then_fails_with_enobufs():
+    import threading
+    import time
+
+    from runtime.security import broker
+
+    budget = broker.CopyBudget(10)
+    budget.take(8, time.monotonic() + 1)
+    try:
+        budget.take(4, time.monotonic() + 0.05)
+        raise AssertionError("took more than the budget")
+    except broker.Denied as e:
+        assert e.errno == errno.ENOBUFS
+    threading.Timer(0.05, budget.give, args=(8,)).start()
+    budget.take(4, time.monotonic() + 5)  # room once the first call gives its bytes back
+    assert budget.used == 4

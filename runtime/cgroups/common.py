@@ -290,6 +290,16 @@ class Cgroup:
     def add_pid(self, pid: int) -> None:
         raise NotImplementedError
 
+    def charge_memory(self, pid: int) -> None:
+        """Charge what `pid` (a helper of the container, its broker) allocates from now
+        on to the container's memory limit, without making it one of the container's
+        processes for the other controllers (pids, freezer).
+
+        v1 only: a v2 group holds a process for every controller at once (the freezer
+        would stop the broker apart from its warden, and pids.max would bound its
+        threads), so on v2 the helper stays where it is.
+        """
+
     def join_self(self) -> None:
         """Move the calling process in; it must be single-threaded (a fresh fork)."""
         self.add_pid(0)  # "0" is the writer itself

@@ -410,6 +410,13 @@ class CgroupV1(Cgroup):
             except ProcessLookupError:
                 raise NotFound(f"process {pid} does not exist") from None
 
+    def charge_memory(self, pid: int) -> None:
+        if "memory" in self.paths:
+            try:
+                write_file(os.path.join(self.paths["memory"], "cgroup.procs"), str(pid))
+            except ProcessLookupError:
+                raise NotFound(f"process {pid} does not exist") from None
+
     def join_self(self) -> None:
         # Through `tasks`, one thread: the kernel takes its global threadgroup lock
         # (and the RCU grace period that comes with it, ~8 ms) only to move whole

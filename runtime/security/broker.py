@@ -56,6 +56,7 @@ _RESP = struct.Struct("=QqiI")  # id, val, error, flags
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
 SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_ERROR, SO_DOMAIN = 1, 1, 2, 4, 39
 MSG_DONTWAIT = 0x40
+SIOCGSKNS = 0x894C  # linux/sockios.h: a socket's network namespace, as a new fd
 CAP_NET_BIND_SERVICE = 10
 # Below this port a bind needs CAP_NET_BIND_SERVICE (the kernel default of
 # net.ipv4.ip_unprivileged_port_start; zviz does not change it in containers).
@@ -63,6 +64,8 @@ UNPRIVILEGED_PORT_START = 1024
 # The most bytes the broker copies for one send: a datagram's ceiling, with room.
 MAX_SEND = 4 << 20
 MAX_IOV = 1024
+# The most bytes all calls in flight may hold copied at once (a few of the largest).
+MAX_COPIED = 4 * MAX_SEND
 MAX_IN_FLIGHT = 256
 DEFAULT_TIMEOUT = 10.0
 # A received call is WAITING until its worker claims it right before the side effect
@@ -85,6 +88,36 @@ class Denied(Exception):
 
 class _Answered(Exception):
     """The watchdog answered the call before the worker could perform it."""
+
+
+class CopyBudget:
+    """Bytes the broker may hold copied from its container, shared by the calls in flight.
+
+    The broker's memory is bounded by what it copies: without a budget, 256 calls in
+    flight of MAX_SEND each (or one sendmmsg naming the same 4 MiB 64 times) would
+    grow it far beyond the container's own memory limit. A call waits for room until
+    its deadline, then fails with ENOBUFS.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._changed = threading.Condition()
+
+    def take(self, size: int, deadline: float) -> None:
+        with self._changed:
+            while self.used + size > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Denied("the broker's copy budget is used up", errno.ENOBUFS)
+                self._changed.wait(left)
+            self.used += size
+
+    def give(self, size: int) -> None:
+        if size:
+            with self._changed:
+                self.used -= size
+                self._changed.notify_all()
 
 
 class _Iovec(ctypes.Structure):
@@ -137,6 +170,7 @@ class Broker:
         self.mediated = {syscalls.number(n): n for n in profile.mediate}
         self._log_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
+        self.copies = CopyBudget(MAX_COPIED)
         self.timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
         self.heartbeat_fd = heartbeat_fd
         self._calls: dict[int, list] = {}  # id -> [deadline, state, note]
@@ -343,6 +377,78 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def _socket_option(sock: int, option: int) -> int:
+    value = ctypes.c_int(0)
+    size = ctypes.c_uint32(4)
+    if _libc.getsockopt(sock, SOL_SOCKET, option, ctypes.byref(value), ctypes.byref(size)):
+        raise OSError(ctypes.get_errno(), "getsockopt")
+    return value.value
+
+
+def _normal_ip(ip):
+    """An IPv4-mapped IPv6 address is the IPv4 address it carries: the kernel sends
+    there over IPv4 (udpv6_sendmsg, tcp_v6_connect), so the IPv4 rules decide."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return mapped if mapped is not None else ip
+
+
+def _inet_address(family: int, addr: bytes):
+    """(ip, port) of a sockaddr_in/sockaddr_in6 as the kernel reads it."""
+    if family == AF_INET and len(addr) >= 8:
+        ip = ipaddress.IPv4Address(addr[4:8])
+    elif family == AF_INET6 and len(addr) >= 24:
+        ip = _normal_ip(ipaddress.IPv6Address(addr[8:24]))
+    else:
+        raise Denied("short address", errno.EINVAL)
+    return ip, struct.unpack_from("!H", addr, 2)[0]
+
+
+def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]:
+    """Inodes of the sockets held by processes in these cgroups and pid namespace."""
+    held = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/pid")
+            if (ns.st_dev, ns.st_ino) != (pid_namespace.st_dev, pid_namespace.st_ino):
+                continue
+            with open(f"/proc/{pid}/cgroup", "rb") as f:
+                if f.read() != cgroups:
+                    continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # gone, or not ours to read
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                held.add(int(link[8:-1]))
+    return held
+
+
+def _unspecified(addr: bytes) -> bool:
+    family = struct.unpack_from("=H", addr)[0]
+    if family not in (AF_UNSPEC, AF_INET, AF_INET6):
+        return False
+    try:
+        return _inet_address(AF_INET if family == AF_UNSPEC else family, addr)[0].is_unspecified
+    except Denied:
+        return False
+
+
+def _bound_address(sock: int):
+    """The socket's bound local address (None if it has none we can read)."""
+    buf = ctypes.create_string_buffer(128)
+    size = ctypes.c_uint32(128)
+    if _libc.getsockname(sock, buf, ctypes.byref(size)):
+        return None
+    family = struct.unpack_from("=H", buf.raw)[0]
+    if family not in (AF_INET, AF_INET6):
+        return None
+    return _inet_address(family, buf.raw[: size.value])[0]
+
+
 class _Call:
     """One mediated call: reads the caller's memory, decides, performs on its socket."""
 
@@ -350,10 +456,15 @@ class _Call:
         self.broker, self.note, self.profile = broker, note, broker.profile
         # Read-only unless the call has results to write back (sendmmsg's msg_len).
         mode = os.O_RDWR if writable else os.O_RDONLY
-        self.mem = os.open(f"/proc/{note.pid}/mem", mode | os.O_CLOEXEC)
+        # Everything of the caller's in /proc is reached through this directory, opened
+        # before the validity check below: it stays the caller's for good (once the
+        # caller is gone it answers ENOENT/ESRCH), whoever gets the pid number next.
+        self.proc = os.open(f"/proc/{note.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.mem = os.open("mem", mode | os.O_CLOEXEC, dir_fd=self.proc)
         self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
         self.became_caller = False
+        self.reserved = 0  # bytes of the broker's copy budget this call holds
         self._status: dict[str, list[str]] | None = None
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
@@ -361,13 +472,15 @@ class _Call:
             raise Denied("caller vanished")
 
     def close(self) -> None:
-        for fd in [self.mem, self.pidfd, *self.fds]:
+        self.broker.copies.give(self.reserved)
+        self.reserved = 0
+        for fd in [self.proc, self.mem, self.pidfd, *self.fds]:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.fds = []
-        self.mem = self.pidfd = -1
+        self.proc = self.mem = self.pidfd = -1
 
     def read(self, addr: int, size: int) -> bytes:
         if size == 0:
@@ -381,6 +494,26 @@ class _Call:
         if len(data) != size:
             raise Denied("bad pointer", errno.EFAULT)
         return data
+
+    def read_buffer(self, addr: int, size: int):
+        """The caller's bytes in a ctypes buffer, copied once (no intermediate bytes)."""
+        buf = ctypes.create_string_buffer(max(1, size))
+        if size == 0:
+            return buf
+        if addr == 0:
+            raise Denied("NULL pointer", errno.EFAULT)
+        try:
+            got = os.preadv(self.mem, [memoryview(buf).cast("B")[:size]], addr)
+        except OSError:
+            raise Denied("bad pointer", errno.EFAULT) from None
+        if got != size:
+            raise Denied("bad pointer", errno.EFAULT)
+        return buf
+
+    def _reserve(self, size: int) -> None:
+        """Take `size` bytes of the broker's copy budget for this call (given back by close)."""
+        self.broker.copies.take(size, self.broker.deadline(self.note))
+        self.reserved += size
 
     def write(self, addr: int, data: bytes) -> None:
         os.pwrite(self.mem, data, addr)
@@ -483,57 +616,81 @@ class _Call:
             if not self._writable_in_time(sock):
                 raise OSError(errno.ETIMEDOUT, "the broker's deadline passed")
 
-    # Address decisions work on the broker's copy of the sockaddr.
-    def decide(self, addr: bytes, rules: str) -> bytes:
+    # Address decisions work on the broker's copy of the sockaddr, as the kernel will
+    # read it for the caller's socket (`sock`, the broker's copy of the caller's fd).
+    def decide(self, addr: bytes, rules: str, sock: int) -> bytes:
+        """The address the call may use, or Denied. rules: "connect", "send" or "bind"."""
         if len(addr) < 2:
             raise Denied("short address", errno.EINVAL)
         family = struct.unpack_from("=H", addr)[0]
+        if family == AF_UNSPEC and rules == "connect":
+            return addr  # every family disconnects (inet_dgram_connect, unix, netlink)
+        if family == AF_UNSPEC and rules == "send":
+            # udp_sendmsg and raw_sendmsg read an AF_UNSPEC address as AF_INET
+            # (rawv6_sendmsg as AF_INET6): decided as the socket's own family.
+            family = _socket_option(sock, SO_DOMAIN)
+            if family not in (AF_INET, AF_INET6):
+                raise Denied("AF_UNSPEC destination on a non-inet socket")
         if family in (AF_INET, AF_INET6):
-            if family == AF_INET and len(addr) >= 8:
-                port = struct.unpack_from("!H", addr, 2)[0]
-                ip = str(ipaddress.IPv4Address(addr[4:8]))
-            elif family == AF_INET6 and len(addr) >= 24:
-                port = struct.unpack_from("!H", addr, 2)[0]
-                ip = str(ipaddress.IPv6Address(addr[8:24]))
-            else:
-                raise Denied("short address", errno.EINVAL)
+            ip, port = _inet_address(family, addr)
             if rules == "bind":
-                if port != 0 and not self.profile.bind_allows(ip, port):
-                    raise Denied(f"bind {ip} port {port} not allowed by profile")
-                # The broker binds with its own (host root) privileges: the caller's
-                # capability decides, as the kernel would have for the caller.
-                if 0 < port < UNPRIVILEGED_PORT_START and not self._caller_has_capability(
-                    CAP_NET_BIND_SERVICE
-                ):
-                    raise Denied(f"bind port {port} needs CAP_NET_BIND_SERVICE", errno.EACCES)
-            elif not self.profile.egress_allows(ip, port):
-                raise Denied(f"egress to {ip} port {port} not allowed by profile")
+                self._decide_bind(ip, port)
+            else:
+                for destination in self._destinations(ip, sock):
+                    if not self.profile.egress_allows(str(destination), port):
+                        raise Denied(f"egress to {ip} port {port} not allowed by profile")
             return addr
         if family == AF_UNIX:
-            return self._unix_address(addr, rules == "bind")
-        if family == AF_UNSPEC and rules == "connect":
-            return addr  # dissolves a UDP association
+            return self._unix_address(addr, rules == "bind", sock)
         if family == AF_NETLINK and rules == "bind":
             return addr  # netlink sockets exist only where the profile grants them
         raise Denied(f"address family {family} not allowed")
 
-    def _unix_address(self, addr: bytes, creating: bool) -> bytes:
+    def _decide_bind(self, ip, port: int) -> None:
+        if port != 0 and not self.profile.bind_allows(str(ip), port):
+            raise Denied(f"bind {ip} port {port} not allowed by profile")
+        # The broker binds with its own (host root) privileges: the caller's
+        # capability decides, as the kernel would have for the caller.
+        if 0 < port < UNPRIVILEGED_PORT_START and not self._caller_has_capability(
+            CAP_NET_BIND_SERVICE
+        ):
+            raise Denied(f"bind port {port} needs CAP_NET_BIND_SERVICE", errno.EACCES)
+
+    @staticmethod
+    def _destinations(ip, sock: int) -> list:
+        """Where the kernel sends to `ip`: an unspecified address means this host.
+
+        0.0.0.0: the socket's bound address, else 127.0.0.1 (__ip_route_output_key);
+        ::  : ::1, or ::ffff:127.0.0.1 on a socket bound to an IPv4-mapped address
+        (tcp_v6_connect, ip6_datagram_connect, udpv6_sendmsg). Every candidate must be
+        allowed: the socket may be bound by another thread before the call is performed.
+        """
+        if not ip.is_unspecified:
+            return [ip]
+        candidates = [ipaddress.IPv4Address("127.0.0.1")]
+        if ip.version == 6:
+            candidates.append(ipaddress.IPv6Address("::1"))
+        bound = _bound_address(sock)
+        if bound is not None and not bound.is_unspecified:
+            candidates.append(bound)
+        return candidates
+
+    def _unix_address(self, addr: bytes, creating: bool, sock: int) -> bytes:
         path = addr[2:]
         if not path or path[0] == 0:
             # Abstract (or autobind): looked up in the socket's own network namespace.
+            if path and not creating and self.profile.landlock_scope:
+                self._abstract_name_is_the_containers(path[1:], sock)
             return addr
         path = path.split(b"\0", 1)[0]
         # A path is resolved inside the container's root, never the broker's.
         if path.startswith(b"/"):
-            dirfd = os.open(
-                f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
-            )
+            dirfd = self._proc_dir("root")
             resolve = linux.RESOLVE_IN_ROOT | linux.RESOLVE_NO_MAGICLINKS
             path = path.lstrip(b"/") or b"."
         else:
-            dirfd = os.open(f"/proc/{self.note.pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            dirfd = self._proc_dir("cwd")
             resolve = linux.RESOLVE_BENEATH | linux.RESOLVE_NO_MAGICLINKS
-        self.fds.append(dirfd)
         if creating:
             parent, _, base = path.rpartition(b"/")
             if not base or base in (b".", b".."):
@@ -546,6 +703,49 @@ class _Call:
         if len(new_path) >= 108:
             raise Denied("unix socket path too long", errno.ENAMETOOLONG)
         return struct.pack("=H", AF_UNIX) + new_path + b"\0"
+
+    def _abstract_name_is_the_containers(self, name: bytes, sock: int) -> None:
+        """Landlock's abstract unix socket scope, kept by the broker.
+
+        The broker connects (or sends) from its own thread, outside the container's
+        Landlock domain: the kernel's scope check would see the broker, so host root's
+        listener in the container's network namespace (the CVE-2020-15257 class) would be
+        reached. Instead every socket bound to the name must be held by a process of the
+        container: one in the caller's pid namespace and cgroups. Nobody bound: the
+        kernel answers ECONNREFUSED itself.
+        """
+        # /proc/net/unix prints a NUL of the name as '@' and ends a line at a newline:
+        # a name with a newline cannot be told apart, so it is refused.
+        if b"\n" in name:
+            raise Denied("abstract unix socket name with a newline")
+        netns = fcntl.ioctl(sock, SIOCGSKNS)
+        try:
+            theirs = os.fstat(netns)
+        finally:
+            os.close(netns)
+        caller_netns = os.stat("ns/net", dir_fd=self.proc)
+        if (theirs.st_dev, theirs.st_ino) != (caller_netns.st_dev, caller_netns.st_ino):
+            raise Denied("abstract unix socket of another network namespace")
+        printed = b"@" + name.replace(b"\0", b"@")
+        bound = set()
+        for line in self._proc_read("net/unix").split(b"\n")[1:]:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and fields[7] == printed:
+                bound.add(int(fields[6]))
+        if bound - _socket_inodes_of(
+            self._proc_read("cgroup"), os.stat("ns/pid", dir_fd=self.proc)
+        ):
+            raise Denied(
+                f"abstract unix socket @{name.decode(errors='replace')} is not the container's"
+            )
+
+    def _proc_read(self, name: str) -> bytes:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
+            with open(fd, "rb") as f:
+                return f.read()
+        except OSError:
+            raise Denied("caller vanished") from None
 
     def _openat2(self, dirfd: int, path: bytes, flags: int, resolve: int) -> int:
         how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
@@ -561,11 +761,23 @@ class _Call:
         Landlock ruleset (the container's) hides the host's /proc."""
         if self._status is None:
             try:
-                with open(f"/proc/{self.note.pid}/status") as f:
+                fd = os.open("status", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc)
+                with open(fd) as f:
                     self._status = {k: v.split() for k, _, v in (line.partition(":") for line in f)}
             except OSError:
                 raise Denied("caller vanished") from None
+            if not self.broker._valid(self.note):
+                raise Denied("caller vanished")
         return self._status
+
+    def _proc_dir(self, name: str) -> int:
+        """The caller's root or cwd (an O_PATH fd closed with the call)."""
+        try:
+            fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.proc)
+        except OSError:
+            raise Denied("caller vanished") from None
+        self.fds.append(fd)
+        return fd
 
     def _caller_has_capability(self, number: int) -> bool:
         return bool(int(self._caller_status()["CapEff"][0], 16) & (1 << number))
@@ -598,11 +810,7 @@ class _Call:
         socket file are the caller's, never the broker's (host root). Inet sockets carry
         no credentials; the broker's own answer is the policy decision made before.
         """
-        domain = ctypes.c_int(0)
-        size = ctypes.c_uint32(4)
-        if _libc.getsockopt(sock, SOL_SOCKET, SO_DOMAIN, ctypes.byref(domain), ctypes.byref(size)):
-            raise OSError(ctypes.get_errno(), "getsockopt(SO_DOMAIN)")
-        if domain.value == AF_UNIX:
+        if _socket_option(sock, SO_DOMAIN) == AF_UNIX:
             self._become_caller()
         return fn()
 
@@ -614,15 +822,15 @@ class _Call:
 
     def connect(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
-        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
         sock = self.sock()
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect", sock)
         self.finish_check()
         return self._perform(sock, lambda: self._connect_by_deadline(sock, addr))
 
     def bind(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
-        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "bind")
         sock = self.sock()
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "bind", sock)
         self.finish_check()
         if addr[:2] == struct.pack("=H", AF_UNIX) and addr[2:3] not in (b"", b"\0"):
             # Binding a path creates a socket file: only where the container itself may
@@ -641,8 +849,7 @@ class _Call:
             if self.profile.landlock_required:
                 raise Denied("no Landlock to confine a unix socket bind")
             return
-        root = os.open(f"/proc/{self.note.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.fds.append(root)
+        root = self._proc_dir("root")
         rules = landlock.Ruleset(abi, False, False, False)
         try:
             rules.allow_fd(root, landlock.READ, "/")
@@ -668,9 +875,10 @@ class _Call:
         _, data_ptr, length, flags, addr_ptr, addrlen = self.note.args
         if length > MAX_SEND:
             raise Denied("send too large for the broker", errno.EMSGSIZE)
-        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect")
-        data = self.read(data_ptr, length)
         sock = self.sock()
+        addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "send", sock)
+        self._reserve(length)
+        data = self.read(data_ptr, length)
         self.finish_check()
         abuf = ctypes.create_string_buffer(addr, len(addr))
         return self._perform(
@@ -680,30 +888,38 @@ class _Call:
             ),
         )
 
-    def _copy_msghdr(self, ptr: int):
+    def _copy_msghdr(self, ptr: int, sock: int, limit: int = MAX_SEND):
+        """(msghdr, buffers to keep alive, bytes copied): the broker's copy of one message.
+
+        Everything kept for the send (data, iovec array, control) counts against
+        `limit` and is taken from the broker's budget before it is copied.
+        """
         raw = _Msghdr.from_buffer_copy(self.read(ptr, ctypes.sizeof(_Msghdr)))
         keep = []
         name = b""
         if raw.name and raw.namelen:
-            name = self.decide(self.read(raw.name, min(raw.namelen, 128)), "connect")
+            name = self.decide(self.read(raw.name, min(raw.namelen, 128)), "send", sock)
+            if raw.control and raw.controllen and _unspecified(name):
+                # IP_PKTINFO's source would become the destination (__ip_route_output_key).
+                raise Denied("ancillary data with an unspecified destination")
         if raw.iovlen > MAX_IOV:
             raise Denied("too many iovecs", errno.EMSGSIZE)
+        theirs = self.read(raw.iov, ctypes.sizeof(_Iovec) * raw.iovlen) if raw.iovlen else b""
+        parts = [struct.unpack_from("=QQ", theirs, 16 * i) for i in range(raw.iovlen)]
+        controllen = min(raw.controllen, 65536) if raw.control else 0
+        cost = sum(size for _, size in parts) + ctypes.sizeof(_Iovec) * raw.iovlen + controllen
+        if cost > limit:
+            raise Denied("send too large for the broker", errno.EMSGSIZE)
+        self._reserve(cost)
         iovs = (_Iovec * max(1, raw.iovlen))()
-        if raw.iovlen:
-            theirs = self.read(raw.iov, ctypes.sizeof(_Iovec) * raw.iovlen)
-            total = 0
-            for i in range(raw.iovlen):
-                base, size = struct.unpack_from("=QQ", theirs, 16 * i)
-                total += size
-                if total > MAX_SEND:
-                    raise Denied("send too large for the broker", errno.EMSGSIZE)
-                chunk = ctypes.create_string_buffer(self.read(base, size), max(1, size))
-                keep.append(chunk)
-                iovs[i].base = ctypes.cast(chunk, ctypes.c_void_p)
-                iovs[i].len = size
+        for i, (base, size) in enumerate(parts):
+            chunk = self.read_buffer(base, size)
+            keep.append(chunk)
+            iovs[i].base = ctypes.cast(chunk, ctypes.c_void_p)
+            iovs[i].len = size
         control = b""
-        if raw.control and raw.controllen:
-            control = self._copy_control(self.read(raw.control, min(raw.controllen, 65536)))
+        if controllen:
+            control = self._copy_control(self.read(raw.control, controllen))
         msg = _Msghdr()
         if name:
             nbuf = ctypes.create_string_buffer(name, len(name))
@@ -715,7 +931,7 @@ class _Call:
             cbuf = ctypes.create_string_buffer(control, len(control))
             keep.append(cbuf)
             msg.control, msg.controllen = ctypes.cast(cbuf, ctypes.c_void_p), len(control)
-        return msg, keep
+        return msg, keep, cost
 
     def _copy_control(self, control: bytes) -> bytes:
         """Ancillary data with the caller's fds replaced by the broker's copies of them."""
@@ -739,8 +955,8 @@ class _Call:
 
     def sendmsg(self) -> int:
         _, msg_ptr, flags = self.note.args[:3]
-        msg, keep = self._copy_msghdr(msg_ptr)
         sock = self.sock()
+        msg, keep, _ = self._copy_msghdr(msg_ptr, sock)
         self.finish_check()
         return self._perform(
             sock,
@@ -756,14 +972,19 @@ class _Call:
         entry = ctypes.sizeof(_Msghdr) + 8  # struct mmsghdr: msghdr + unsigned msg_len (padded)
         # Copy (and decide) every message first, with the broker's privileges; then send
         # them, possibly as the caller (see _perform), which cannot copy any more.
+        # One call copies at most MAX_SEND in all: the messages beyond are left unsent,
+        # as a sendmmsg that sent fewer than asked (the caller sends the rest again).
         copies = []
+        left = MAX_SEND
         for i in range(vlen):
             try:
-                copies.append(self._copy_msghdr(vec_ptr + i * entry))
+                msg, keep, cost = self._copy_msghdr(vec_ptr + i * entry, sock, left)
             except Denied:
                 if not copies:
                     raise
                 break
+            copies.append((msg, keep))
+            left -= cost
         self.finish_check()
         sent = 0
         for i, (msg, _keep) in enumerate(copies):

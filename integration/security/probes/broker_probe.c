@@ -1,0 +1,237 @@
+/* Probes for the broker's decisions (issue 10): run inside a zviz container.
+ *
+ * Each prints one line: "ESCAPED <what>" when the call reached what the profile
+ * refuses, "BLOCKED <what>: errno N (...)" when it was refused, "OK <what>" or
+ * "ERROR <what>: ..." for the controls. Kept apart from probe.c: these drive
+ * sockets through the broker, probe.c drives the other layers.
+ *
+ *   udp_unspec MODE IP PORT      UDP to IP:PORT with sa_family = AF_UNSPEC, sent with
+ *                                MODE = sendto | sendmsg | sendmmsg; a receiver bound
+ *                                on IP:PORT in the same process tells if it arrived
+ *   connect_any FAMILY PORT      TCP listener on the loopback (4: 127.0.0.1, 6: ::1),
+ *                                then connect to the unspecified address (0.0.0.0 / ::)
+ *   abstract NAME                connect to the abstract unix socket @NAME, retrying
+ *                                while nobody listens (ECONNREFUSED) for 20 s
+ *   abstract_dgram NAME          sendto the abstract unix datagram socket @NAME,
+ *                                retrying while nobody is bound for 20 s
+ *   abstract_own NAME            listen on @NAME, a child connects to it
+ *   sendmmsg_big IP PORT N SIZE  one sendmmsg of N messages of SIZE bytes each (all
+ *                                from one buffer) to IP:PORT over UDP
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static int blocked(const char *what) {
+    int err = errno;
+    printf("BLOCKED %s: errno %d (%s)\n", what, err, strerror(err));
+    return 0;
+}
+
+static int udp_unspec(const char *mode, const char *ip, int port) {
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
+    if (inet_pton(AF_INET, ip, &to.sin_addr) != 1) {
+        printf("ERROR udp_unspec: bad address %s\n", ip);
+        return 2;
+    }
+    int receiver = socket(AF_INET, SOCK_DGRAM, 0);
+    int have_receiver = bind(receiver, (struct sockaddr *)&to, sizeof to) == 0;
+    int sender = socket(AF_INET, SOCK_DGRAM, 0);
+    to.sin_family = AF_UNSPEC; /* udp_sendmsg takes it for AF_INET */
+    char payload[] = "zviz-unspec";
+    struct iovec iov = {payload, sizeof payload};
+    struct msghdr msg = {.msg_name = &to, .msg_namelen = sizeof to, .msg_iov = &iov, .msg_iovlen = 1};
+    struct mmsghdr mmsg = {.msg_hdr = msg};
+    long sent;
+    if (strcmp(mode, "sendto") == 0)
+        sent = sendto(sender, payload, sizeof payload, 0, (struct sockaddr *)&to, sizeof to);
+    else if (strcmp(mode, "sendmsg") == 0)
+        sent = sendmsg(sender, &msg, 0);
+    else
+        sent = sendmmsg(sender, &mmsg, 1, 0);
+    char what[128];
+    snprintf(what, sizeof what, "udp_unspec %s %s:%d", mode, ip, port);
+    if (sent < 0)
+        return blocked(what);
+    char got[64] = {0};
+    struct pollfd p = {receiver, POLLIN, 0};
+    if (have_receiver && poll(&p, 1, 1000) == 1 && recv(receiver, got, sizeof got, 0) > 0 &&
+        strcmp(got, payload) == 0)
+        printf("ESCAPED %s: datagram received\n", what);
+    else
+        printf("ESCAPED %s: sent %ld bytes (receiver %s)\n", what, sent,
+               have_receiver ? "got nothing" : "not bound");
+    return 0;
+}
+
+static int connect_any(int family, int port) {
+    int listener = socket(family == 6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
+    int client = socket(family == 6 ? AF_INET6 : AF_INET, SOCK_STREAM, 0);
+    int one = 1;
+    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_storage listen_at = {0}, any = {0};
+    socklen_t len;
+    if (family == 6) {
+        struct sockaddr_in6 *l = (void *)&listen_at, *a = (void *)&any;
+        l->sin6_family = a->sin6_family = AF_INET6;
+        l->sin6_port = a->sin6_port = htons(port);
+        l->sin6_addr = in6addr_loopback;
+        a->sin6_addr = in6addr_any;
+        len = sizeof(struct sockaddr_in6);
+    } else {
+        struct sockaddr_in *l = (void *)&listen_at, *a = (void *)&any;
+        l->sin_family = a->sin_family = AF_INET;
+        l->sin_port = a->sin_port = htons(port);
+        l->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a->sin_addr.s_addr = htonl(INADDR_ANY);
+        len = sizeof(struct sockaddr_in);
+    }
+    char what[64];
+    snprintf(what, sizeof what, "connect_any %s port %d", family == 6 ? "[::]" : "0.0.0.0", port);
+    if (bind(listener, (struct sockaddr *)&listen_at, len) || listen(listener, 4)) {
+        printf("ERROR %s: listener: errno %d (%s)\n", what, errno, strerror(errno));
+        return 2;
+    }
+    if (connect(client, (struct sockaddr *)&any, len))
+        return blocked(what);
+    printf("ESCAPED %s: connected to the loopback listener\n", what);
+    return 0;
+}
+
+static socklen_t abstract_address(struct sockaddr_un *to, const char *name) {
+    memset(to, 0, sizeof *to);
+    to->sun_family = AF_UNIX;
+    size_t n = strlen(name);
+    if (n > sizeof to->sun_path - 1)
+        n = sizeof to->sun_path - 1;
+    memcpy(to->sun_path + 1, name, n);
+    return offsetof(struct sockaddr_un, sun_path) + 1 + n;
+}
+
+static int abstract(const char *name) {
+    struct sockaddr_un to;
+    socklen_t len = abstract_address(&to, name);
+    char what[160];
+    snprintf(what, sizeof what, "abstract @%s", name);
+    for (int tries = 0; tries < 400; tries++) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&to, len) == 0) {
+            char got[64] = {0};
+            struct pollfd p = {s, POLLIN, 0};
+            if (poll(&p, 1, 2000) == 1)
+                read(s, got, sizeof got - 1);
+            got[strcspn(got, "\n")] = 0;
+            printf("ESCAPED %s: connected, peer says \"%s\"\n", what, got);
+            return 0;
+        }
+        if (errno != ECONNREFUSED)
+            return blocked(what);
+        close(s);
+        usleep(50000);
+    }
+    printf("ERROR %s: nobody listened\n", what);
+    return 2;
+}
+
+static int abstract_dgram(const char *name) {
+    struct sockaddr_un to;
+    socklen_t len = abstract_address(&to, name);
+    char what[160];
+    snprintf(what, sizeof what, "abstract_dgram @%s", name);
+    int s = socket(AF_UNIX, SOCK_DGRAM, 0);
+    for (int tries = 0; tries < 400; tries++) {
+        if (sendto(s, "dgram\n", 6, 0, (struct sockaddr *)&to, len) == 6) {
+            printf("ESCAPED %s: datagram sent\n", what);
+            return 0;
+        }
+        if (errno != ECONNREFUSED)
+            return blocked(what);
+        usleep(50000);
+    }
+    printf("ERROR %s: nobody bound\n", what);
+    return 2;
+}
+
+static int abstract_own(const char *name) {
+    struct sockaddr_un at;
+    socklen_t len = abstract_address(&at, name);
+    int listener = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (bind(listener, (struct sockaddr *)&at, len) || listen(listener, 4)) {
+        printf("ERROR abstract_own: listener: errno %d (%s)\n", errno, strerror(errno));
+        return 2;
+    }
+    pid_t child = fork();
+    if (child == 0) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&at, len) == 0) {
+            write(s, "own\n", 4);
+            _exit(0);
+        }
+        printf("BLOCKED abstract_own @%s: errno %d (%s)\n", name, errno, strerror(errno));
+        fflush(stdout);
+        _exit(1);
+    }
+    struct pollfd p = {listener, POLLIN, 0};
+    int status = 0;
+    if (poll(&p, 1, 5000) == 1) {
+        int conn = accept(listener, NULL, NULL);
+        char got[8] = {0};
+        read(conn, got, sizeof got - 1);
+        if (strcmp(got, "own\n") == 0)
+            printf("OK abstract_own @%s: connected to its own listener\n", name);
+    }
+    waitpid(child, &status, 0);
+    return 0;
+}
+
+static int sendmmsg_big(const char *ip, int port, int count, long size) {
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
+    inet_pton(AF_INET, ip, &to.sin_addr);
+    char *buffer = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(buffer, 'z', size);
+    struct iovec iov = {buffer, size};
+    struct mmsghdr *msgs = calloc(count, sizeof *msgs);
+    for (int i = 0; i < count; i++) {
+        msgs[i].msg_hdr.msg_name = &to;
+        msgs[i].msg_hdr.msg_namelen = sizeof to;
+        msgs[i].msg_hdr.msg_iov = &iov;
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    int sent = sendmmsg(s, msgs, count, 0);
+    if (sent < 0)
+        printf("DONE sendmmsg_big: errno %d (%s)\n", errno, strerror(errno));
+    else
+        printf("DONE sendmmsg_big: %d sent\n", sent);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc == 5 && strcmp(argv[1], "udp_unspec") == 0)
+        return udp_unspec(argv[2], argv[3], atoi(argv[4]));
+    if (argc == 4 && strcmp(argv[1], "connect_any") == 0)
+        return connect_any(atoi(argv[2]), atoi(argv[3]));
+    if (argc == 3 && strcmp(argv[1], "abstract") == 0)
+        return abstract(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "abstract_dgram") == 0)
+        return abstract_dgram(argv[2]);
+    if (argc == 3 && strcmp(argv[1], "abstract_own") == 0)
+        return abstract_own(argv[2]);
+    if (argc == 6 && strcmp(argv[1], "sendmmsg_big") == 0)
+        return sendmmsg_big(argv[2], atoi(argv[3]), atoi(argv[4]), atol(argv[5]));
+    fprintf(stderr, "usage: see the comment at the top of broker_probe.c\n");
+    return 2;
+}

@@ -1,0 +1,272 @@
+"""The broker decides on what the kernel will do (issue 10, items 2-5), in real containers.
+
+Each test drives probes/broker_probe.c under a web-server profile whose rules refuse the
+loopback: a call the broker lets through to it prints ESCAPED.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import pytest
+
+from integration.security.conftest import CACHE
+from runtime.security import landlock
+
+SOURCE = os.path.join(os.path.dirname(__file__), "probes", "broker_probe.c")
+PORT = 18517
+
+
+@pytest.fixture(scope="module")
+def broker_probe() -> str:
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    path = os.path.join(CACHE, f"broker-probe-{digest}")
+    if not os.path.exists(path):
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            pytest.skip("gcc missing: the broker probes are C programs")
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        subprocess.run([gcc, "-static", "-O2", "-o", tmp, SOURCE], check=True)
+        os.rename(tmp, path)
+    return path
+
+
+def no_loopback_profile(tmp_path) -> str:
+    """web-server with one port open everywhere but on the loopback."""
+    path = tmp_path / "web-no-loopback.toml"
+    path.write_text(
+        f"""
+[profile]
+name = "web-no-loopback"
+extends = "web-server"
+[network]
+egress_deny = ["127.0.0.0/8", "::1/128"]
+egress = [{{ cidr = "0.0.0.0/0", ports = [{PORT}] }}, {{ cidr = "::/0", ports = [{PORT}] }}]
+bind = [{{ cidr = "0.0.0.0/0", ports = [{PORT}] }}, {{ cidr = "::/0", ports = [{PORT}] }}]
+tcp_bind = [{PORT}]
+tcp_connect = [{PORT}]
+"""
+    )
+    return str(path)
+
+
+def run(probes, broker_probe, profile, script, *, cid=None, config=None):
+    def install(rootfs):
+        shutil.copy2(broker_probe, os.path.join(rootfs, "bprobe"))
+
+    return probes.run(
+        "zviz",
+        profile,
+        ["/bin/sh", "-c", script],
+        cid=cid or f"zb10-{uuid.uuid4().hex[:8]}",
+        config=config,
+        image_change=install,
+    )
+
+
+def verdicts(result) -> dict[str, str]:
+    """{probe's what: its line} for every ESCAPED/BLOCKED/OK line."""
+    found = {}
+    for line in result.stdout.splitlines():
+        word, _, rest = line.partition(" ")
+        if word in ("ESCAPED", "BLOCKED", "OK", "ERROR", "DONE"):
+            found[rest.split(": ", 1)[0]] = line
+    return found
+
+
+def test_udp_with_af_unspec_is_decided_as_af_inet(probes, broker_probe, tmp_path):
+    script = "; ".join(
+        f"/bprobe udp_unspec {mode} {ip} {PORT}"
+        for mode in ("sendto", "sendmsg", "sendmmsg")
+        for ip in ("127.0.0.1", "192.0.2.1")
+    )
+    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script)
+    found = verdicts(result)
+    for mode in ("sendto", "sendmsg", "sendmmsg"):
+        loopback = found.get(f"udp_unspec {mode} 127.0.0.1:{PORT}", "")
+        assert loopback.startswith("BLOCKED") and "errno 1 " in loopback, result.stdout
+        # An allowed IPv4 address is let through: the kernel, not the broker, answers
+        # (no route in the container's own network namespace).
+        public = found.get(f"udp_unspec {mode} 192.0.2.1:{PORT}", "")
+        assert "errno 101 " in public, result.stdout + result.stderr
+
+
+def test_unspecified_destination_is_decided_as_the_loopback(probes, broker_probe, tmp_path):
+    script = f"/bprobe connect_any 4 {PORT}; /bprobe connect_any 6 {PORT}"
+    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script)
+    found = verdicts(result)
+    for name in (f"connect_any 0.0.0.0 port {PORT}", f"connect_any [::] port {PORT}"):
+        line = found.get(name, "")
+        assert line.startswith("BLOCKED") and "errno 1 " in line, result.stdout + result.stderr
+
+
+def _container_pid(zviz: str, root: str, cid: str, deadline: float) -> int:
+    while time.monotonic() < deadline:
+        state = subprocess.run([zviz, "--root", root, "state", cid], capture_output=True)
+        if state.returncode == 0:
+            data = json.loads(state.stdout)
+            if data.get("pid") and data.get("status") == "running":
+                return data["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"container {cid} did not start")
+
+
+HOST_LISTENER = """
+import socket, sys
+server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+server.bind(b"\\0" + sys.argv[1].encode())
+server.listen(4)
+server.settimeout(30)
+datagrams = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+datagrams.bind(b"\\0" + sys.argv[1].encode() + b"-dgram")
+print("ready", flush=True)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"host-root\\n")
+    conn.close()
+"""
+
+
+def test_abstract_socket_of_host_root_in_the_netns_stays_out_of_reach(
+    probes, broker_probe, tmp_path
+):
+    """The CVE-2020-15257 class: host root listens on an abstract name inside the
+    container's network namespace; Landlock's scope refuses the container that name,
+    the broker must not connect it on the container's behalf."""
+    if landlock.abi_version() < 6:
+        pytest.skip("Landlock ABI < 6: no abstract unix socket scope to compare with")
+    cid = f"zb10-abstract-{uuid.uuid4().hex[:6]}"
+    host_name = f"zb10-host-{uuid.uuid4().hex[:6]}"
+    own_name = f"zb10-own-{uuid.uuid4().hex[:6]}"
+    script = (
+        f"/bprobe abstract_own {own_name}; sleep 0.5; /bprobe abstract {host_name}; "
+        f"/bprobe abstract_dgram {host_name}-dgram"
+    )
+    results = {}
+    container = threading.Thread(
+        target=lambda: results.update(
+            run=run(probes, broker_probe, no_loopback_profile(tmp_path), script, cid=cid)
+        )
+    )
+    container.start()
+    listener = None
+    try:
+        root = os.path.join(probes.base, "root-zviz")
+        pid = _container_pid(probes.zviz, root, cid, time.monotonic() + 60)
+        listener = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/proc/{pid}/ns/net",
+                sys.executable,
+                "-c",
+                HOST_LISTENER,
+                host_name,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert listener.stdout.readline().strip() == "ready"
+    finally:
+        container.join()
+        if listener is not None:
+            listener.kill()
+            listener.wait()
+    result = results["run"]
+    found = verdicts(result)
+    assert found.get(f"abstract_own @{own_name}", "").startswith("OK"), result.stdout
+    for what in (f"abstract @{host_name}", f"abstract_dgram @{host_name}-dgram"):
+        host = found.get(what, "")
+        assert host.startswith("BLOCKED") and "errno 1 " in host, result.stdout + result.stderr
+
+
+def _vm_kib(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _broker_of(cid: str) -> list[int]:
+    from integration.security.test_layers import _brokers, _holds_listener
+
+    return [pid for pid in _brokers(cid) if _holds_listener(pid)]
+
+
+def _run_watching_the_broker(probes, broker_probe, tmp_path, cid: str, script: str):
+    """Runs the script in a container limited to 64 MiB; returns (result, {broker pid:
+    (VmRSS when first seen, last VmHWM, its /proc/<pid>/cgroup)})."""
+    config = {"linux": _default_linux()}
+    config["linux"]["resources"]["memory"] = {"limit": 64 << 20}
+    seen = {}
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for pid in _broker_of(cid):
+                try:
+                    with open(f"/proc/{pid}/cgroup") as f:
+                        cgroups = f.read()
+                except OSError:
+                    continue
+                first = seen.get(pid, (_vm_kib(pid, "VmRSS"),))[0]
+                seen[pid] = (first, _vm_kib(pid, "VmHWM") or first, cgroups)
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run(
+            probes, broker_probe, no_loopback_profile(tmp_path), script, cid=cid, config=config
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert seen, "no broker seen"
+    return result, seen
+
+
+def test_broker_copies_are_bounded(probes, broker_probe, tmp_path):
+    """One sendmmsg of 64 x 4 MiB (or 256 x 1 MiB) from a container limited to 64 MiB:
+    the broker's copies must stay within a few MiB, not the 256 MiB the call names."""
+    cid = f"zb10-mem-{uuid.uuid4().hex[:6]}"
+    script = (
+        f"sleep 1; /bprobe sendmmsg_big 192.0.2.1 {PORT} 64 4194304; "
+        f"/bprobe sendmmsg_big 192.0.2.1 {PORT} 256 1048576; sleep 1"
+    )
+    result, seen = _run_watching_the_broker(probes, broker_probe, tmp_path, cid, script)
+    assert result.stdout.count("DONE sendmmsg_big") == 2, result.stdout + result.stderr
+    growth = max(peak - first for first, peak, _ in seen.values())
+    assert growth < 32 << 10, f"the broker grew by {growth} KiB for one call"
+
+
+def test_broker_is_charged_to_the_containers_memory_cgroup(probes, broker_probe, tmp_path):
+    with open("/proc/self/cgroup") as f:
+        if not any(line.split(":")[1] == "memory" for line in f):
+            pytest.skip("no cgroup v1 memory hierarchy: on v2 the broker stays outside")
+    cid = f"zb10-memcg-{uuid.uuid4().hex[:6]}"
+    result, seen = _run_watching_the_broker(probes, broker_probe, tmp_path, cid, "sleep 1")
+    assert result.returncode == 0, result.stderr
+    for _, _, cgroups in seen.values():
+        memory = [line.split(":", 2)[2] for line in cgroups.splitlines() if ":memory:" in line]
+        assert memory and memory[0].endswith("/" + cid), cgroups
+        # Only the memory controller: the container's pids and freezer leave it alone.
+        pids = [line.split(":", 2)[2] for line in cgroups.splitlines() if ":pids:" in line]
+        assert not pids or cid not in pids[0], cgroups
+
+
+def _default_linux():
+    from tools.mkbundle import default_config
+
+    return default_config(["true"], terminal=False)["linux"]  # a fresh dict each call
