@@ -165,21 +165,26 @@ class TaskService(shim_ttrpc.TaskService):
             raise errors.NotFound(f"task {task_id} not found")
         return task
 
-    def _profile(self, annotations: dict, options) -> str | None:
-        """The io.zviz.profile annotation, else the runtime options' config, else the daemon's."""
-        profile = annotations.get(shim_config.PROFILE_ANNOTATION)
-        if profile:
-            return profile
+    def _profile(self, annotations: dict, options):
+        """The container's Profile: the annotation io.zviz.profile if the operator allows it,
+        else the operator's default; the operator's keys come from the runtime options'
+        config, each unset one from the machine-wide file (security/selection.py)."""
+        from runtime.security import selection
+
+        config = self.daemon.machine_config
         if options is not None and options.type_url:
             path = shim_config.decode_runtime_options(options.SerializeToString())
             if path:
                 try:
-                    configured = shim_config.load_config(path).profile
+                    config = shim_config.load_config(path).over(config)
                 except shim_config.ConfigError as e:
                     raise errors.InvalidArgument(str(e)) from e
-                if configured:
-                    return configured
-        return self.daemon.default_profile
+        policy = selection.ProfilePolicy(
+            default=config.profile or selection.DEFAULT_PROFILE,
+            allowed=config.allowed_annotation_profiles,
+            profile_dirs=config.profile_dirs or (),
+        )
+        return selection.choose(annotations, policy)
 
     # ---- task lifecycle ------------------------------------------------------------
 
