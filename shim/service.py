@@ -207,7 +207,9 @@ class TaskService(shim_ttrpc.TaskService):
                 request.options if request.HasField("options") else None,
             )
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
-            _open_bundle_to_mapped_root(request.bundle)
+            # The bundle keeps containerd's mode (0700, or 0710 to the mapped root's group):
+            # PID 1 never walks it (the core chdirs into the rootfs as host root and
+            # clones it with open_tree), and other host users must not reach the rootfs.
             if request.rootfs:
                 mounts.mount_all(request.rootfs, mounts.rootfs_path(request.bundle))
                 task.rootfs_mounted = True
@@ -528,18 +530,6 @@ def _timed(name: str, handler):
             )
 
     return timed
-
-
-def _open_bundle_to_mapped_root(bundle: str) -> None:
-    """Let a user-namespaced PID 1 reach its rootfs through the bundle.
-
-    containerd makes bundles 0700 (it only opens them up when it maps users itself);
-    zviz's profiles map the container's root to an unprivileged host uid, which must
-    be able to traverse the bundle to reach `rootfs`. Traverse only: the directory
-    stays unlistable, and config.json (environment, secrets) becomes owner-only.
-    """
-    os.chmod(os.path.join(bundle, "config.json"), 0o600)
-    os.chmod(bundle, 0o711)
 
 
 def _read_spec(bundle: str) -> dict:
