@@ -10,6 +10,9 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     profile = "ci-runner"          # profile when the spec has no io.zviz.profile annotation
     allowed_annotation_profiles = ["ci-runner", "web-server"]  # names the annotation may choose
     profile_dirs = ["/etc/zviz/profiles"]  # NAME.toml there is profile NAME (root-owned only)
+    id_ranges = "shared"           # shared (the profile's host ids) | container (shim/idpool.py)
+    id_pool_first = 1000000        # with id_ranges = "container": the pool's first host id ...
+    id_pool_ranges = 1000          # ... and how many 65536-id ranges it has
     grouping = "namespace"         # namespace | pod | container: which containers share a daemon
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
 """
@@ -26,6 +29,10 @@ DEFAULT_CONFIG_PATH = "/etc/zviz/shim.toml"
 CONFIG_ENV = "ZVIZ_SHIM_CONFIG"
 
 GROUPINGS = ("namespace", "pod", "container")
+ID_RANGES = ("shared", "container")
+# The default pool for id_ranges = "container": above the profiles' shared ranges.
+DEFAULT_ID_POOL_FIRST = 1000000
+DEFAULT_ID_POOL_RANGES = 1000
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 GROUP_ANNOTATION = "io.zviz.shim.group"
 PROFILE_ANNOTATION = "io.zviz.profile"
@@ -48,11 +55,21 @@ class ShimConfig:
         "profile",
         "allowed_annotation_profiles",
         "profile_dirs",
+        "id_ranges",
+        "id_pool_first",
+        "id_pool_ranges",
         "grouping",
         "idle_exit_seconds",
         "path",
     )
-    PROFILE_KEYS = ("profile", "allowed_annotation_profiles", "profile_dirs")
+    PROFILE_KEYS = (
+        "profile",
+        "allowed_annotation_profiles",
+        "profile_dirs",
+        "id_ranges",
+        "id_pool_first",
+        "id_pool_ranges",
+    )
 
     def __init__(
         self,
@@ -62,10 +79,16 @@ class ShimConfig:
         path: str | None = None,
         allowed_annotation_profiles: tuple[str, ...] | None = None,
         profile_dirs: tuple[str, ...] | None = None,
+        id_ranges: str | None = None,
+        id_pool_first: int | None = None,
+        id_pool_ranges: int | None = None,
     ) -> None:
         self.profile = profile
         self.allowed_annotation_profiles = allowed_annotation_profiles
         self.profile_dirs = profile_dirs
+        self.id_ranges = id_ranges
+        self.id_pool_first = id_pool_first
+        self.id_pool_ranges = id_pool_ranges
         self.grouping = grouping
         self.idle_exit_seconds = idle_exit_seconds
         self.path = path
@@ -103,6 +126,15 @@ def load_config(path: str | None) -> ShimConfig:
     # Their entries are checked where they are used (runtime/security/selection.py).
     allowed = _string_list(data, "allowed_annotation_profiles", path)
     profile_dirs = _string_list(data, "profile_dirs", path)
+    id_ranges = data.get("id_ranges")
+    if id_ranges not in (None, *ID_RANGES):
+        raise ConfigError(f"shim config {path}: id_ranges: {id_ranges!r} is not one of {ID_RANGES}")
+    pool = {}
+    for key, least in (("id_pool_first", 1), ("id_pool_ranges", 1)):
+        value = data.get(key)
+        if value is not None and (type(value) is not int or value < least):
+            raise ConfigError(f"shim config {path}: {key}: must be an integer >= {least}")
+        pool[key] = value
     grouping = data.get("grouping", "namespace")
     if grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
@@ -116,6 +148,8 @@ def load_config(path: str | None) -> ShimConfig:
         path=path,
         allowed_annotation_profiles=allowed,
         profile_dirs=profile_dirs,
+        id_ranges=id_ranges,
+        **pool,
     )
 
 

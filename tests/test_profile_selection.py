@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from runtime.errors import InvalidArgument
+from runtime.errors import InvalidArgument, Unavailable
 from runtime.security import resolve_profile, selection
 from shim import config as shim_config
 
@@ -118,4 +118,29 @@ def test_runtime_options_config_falls_back_per_key(tmp_path):
     assert merged.profile_dirs == ("/etc/zviz/profiles",)
     path.write_text('profile_dirs = "/etc"\n')
     with pytest.raises(shim_config.ConfigError, match="profile_dirs: must be a list"):
+        shim_config.load_config(str(path))
+
+
+def test_id_pool_reserves_distinct_ranges_and_frees_only_its_own(tmp_path, monkeypatch):
+    from shim import idpool
+
+    monkeypatch.setattr(idpool, "POOL_DIR", str(tmp_path / "zp10-ids"))
+    first = idpool.reserve(1000000, 2, "ns/a")
+    second = idpool.reserve(1000000, 2, "ns/b")
+    assert (first, second) == (1000000, 1000000 + idpool.RANGE_SIZE)
+    with pytest.raises(Unavailable, match="all 2 ranges"):
+        idpool.reserve(1000000, 2, "ns/c")
+    idpool.release(first, "ns/b")  # not b's range: stays held
+    assert os.path.exists(os.path.join(idpool.POOL_DIR, str(first)))
+    idpool.release(first, "ns/a")
+    assert idpool.reserve(1000000, 2, "ns/c") == first
+
+
+def test_id_ranges_config_is_checked(tmp_path):
+    path = tmp_path / "shim.toml"
+    path.write_text('id_ranges = "tenant"\n')
+    with pytest.raises(shim_config.ConfigError, match="id_ranges"):
+        shim_config.load_config(str(path))
+    path.write_text("id_pool_ranges = 0\n")
+    with pytest.raises(shim_config.ConfigError, match="id_pool_ranges"):
         shim_config.load_config(str(path))
