@@ -36,7 +36,13 @@ def run_two(containerd, image, config_path=None) -> dict[str, int]:
     try:
         for cid in ids:
             containerd.ctr("run", "-d", "--runtime", ZVIZ, *flags, image, cid, "sleep", "1000")
-        return {cid: host_root(containerd, cid) for cid in ids}
+        roots = {cid: host_root(containerd, cid) for cid in ids}
+        # An exec'd process joins its container's namespace: the same range.
+        execd = containerd.ctr(
+            "tasks", "exec", "--exec-id", "zp10-x", ids[0], "cat", "/proc/self/uid_map"
+        )
+        assert int(execd.stdout.split()[1]) == roots[ids[0]], execd.stdout
+        return roots
     finally:
         for cid in ids:
             containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False)
