@@ -590,7 +590,7 @@ def test_profile_comes_from_annotation_then_runtime_config(containerd, busybox_i
         by_config = run("zviz-shim-profile-2", "--runtime-config-path", str(config))
         assert by_config.returncode != 0
         assert "no-such-profile-from-config" in by_config.stderr
-        # The annotation wins over the runtime's configuration.
+        # An annotation the operator allows (a built-in not marked unsafe) wins over its default.
         both = run(
             "zviz-shim-profile-3",
             "--runtime-config-path",

@@ -42,7 +42,7 @@ class Container:
         container_id: str,
         bundle: str,
         *,
-        profile: str | None = None,
+        profile=None,  # a name or file (--profile), a Profile (the shim's choice), or None
         verbose: bool = False,
         console_socket: str | None = None,
         pid_file: str | None = None,
@@ -545,11 +545,13 @@ def _hook_template(data: dict) -> dict:
     return {key: data[key] for key in ("ociVersion", "id", "bundle", "annotations")}
 
 
-def _harden(spec, profile_name):
-    """Resolve the profile and let the security layer tighten the spec."""
+def _harden(spec, profile):
+    """Resolve the profile (unless the caller chose one already, as the shim does under its
+    operator's policy) and let the security layer tighten the spec."""
     from runtime import security
 
-    profile = security.resolve_profile(profile_name, spec.annotations)
+    if not isinstance(profile, security.Profile):
+        profile = security.resolve_profile(profile, spec.annotations)
     security.harden_spec(spec, profile)
     return profile
 

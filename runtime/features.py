@@ -27,7 +27,8 @@ UNSUPPORTED_SECCOMP_FLAGS = (
 )
 
 # Annotations in config.json that change what the runtime does: a caller that lets
-# untrusted users set annotations must filter these.
+# untrusted users set annotations should filter these. io.zviz.profile can only choose
+# among the profiles the operator allows (security/selection.py), never load a file.
 UNSAFE_ANNOTATIONS = ("io.zviz.profile",)
 
 

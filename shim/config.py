@@ -8,6 +8,11 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
 `ctr run --runtime-config-path`), else from /etc/zviz/shim.toml when present:
 
     profile = "ci-runner"          # profile when the spec has no io.zviz.profile annotation
+    allowed_annotation_profiles = ["ci-runner", "web-server"]  # names the annotation may choose
+    profile_dirs = ["/etc/zviz/profiles"]  # NAME.toml there is profile NAME (root-owned only)
+    id_ranges = "shared"           # shared (the profile's host ids) | container (shim/idpool.py)
+    id_pool_first = 1000000        # with id_ranges = "container": the pool's first host id ...
+    id_pool_ranges = 1000          # ... and how many 65536-id ranges it has
     grouping = "namespace"         # namespace | pod | container: which containers share a daemon
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
 """
@@ -24,6 +29,10 @@ DEFAULT_CONFIG_PATH = "/etc/zviz/shim.toml"
 CONFIG_ENV = "ZVIZ_SHIM_CONFIG"
 
 GROUPINGS = ("namespace", "pod", "container")
+ID_RANGES = ("shared", "container")
+# The default pool for id_ranges = "container": above the profiles' shared ranges.
+DEFAULT_ID_POOL_FIRST = 1000000
+DEFAULT_ID_POOL_RANGES = 1000
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 GROUP_ANNOTATION = "io.zviz.shim.group"
 PROFILE_ANNOTATION = "io.zviz.profile"
@@ -40,7 +49,27 @@ class ConfigError(ValueError):
 
 class ShimConfig:
     # A plain class, not a dataclass: `dataclasses` imports `inspect`, too slow for `start`.
-    __slots__ = ("profile", "grouping", "idle_exit_seconds", "path")
+    # The profile keys stay None when unset: a container's runtime-options config then
+    # falls back to the machine-wide file's value (`over`).
+    __slots__ = (
+        "profile",
+        "allowed_annotation_profiles",
+        "profile_dirs",
+        "id_ranges",
+        "id_pool_first",
+        "id_pool_ranges",
+        "grouping",
+        "idle_exit_seconds",
+        "path",
+    )
+    PROFILE_KEYS = (
+        "profile",
+        "allowed_annotation_profiles",
+        "profile_dirs",
+        "id_ranges",
+        "id_pool_first",
+        "id_pool_ranges",
+    )
 
     def __init__(
         self,
@@ -48,11 +77,29 @@ class ShimConfig:
         grouping: str = "namespace",
         idle_exit_seconds: float = 30.0,
         path: str | None = None,
+        allowed_annotation_profiles: tuple[str, ...] | None = None,
+        profile_dirs: tuple[str, ...] | None = None,
+        id_ranges: str | None = None,
+        id_pool_first: int | None = None,
+        id_pool_ranges: int | None = None,
     ) -> None:
         self.profile = profile
+        self.allowed_annotation_profiles = allowed_annotation_profiles
+        self.profile_dirs = profile_dirs
+        self.id_ranges = id_ranges
+        self.id_pool_first = id_pool_first
+        self.id_pool_ranges = id_pool_ranges
         self.grouping = grouping
         self.idle_exit_seconds = idle_exit_seconds
         self.path = path
+
+    def over(self, base: "ShimConfig") -> "ShimConfig":
+        """This config's profile keys, each one unset here taken from BASE."""
+        merged = ShimConfig(self.profile, self.grouping, self.idle_exit_seconds, self.path)
+        for key in self.PROFILE_KEYS:
+            value = getattr(self, key)
+            setattr(merged, key, getattr(base, key) if value is None else value)
+        return merged
 
 
 def load_config(path: str | None) -> ShimConfig:
@@ -70,19 +117,49 @@ def load_config(path: str | None) -> ShimConfig:
         raise ConfigError(f"shim config {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"shim config {path}: {e}") from e
-    unknown = set(data) - {"profile", "grouping", "idle_exit_seconds"}
+    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, "grouping", "idle_exit_seconds"}
     if unknown:
         raise ConfigError(f"shim config {path}: unknown keys {sorted(unknown)}")
     profile = data.get("profile")
     if profile is not None and (not isinstance(profile, str) or not profile):
         raise ConfigError(f"shim config {path}: profile: must be a non-empty string")
+    # Their entries are checked where they are used (runtime/security/selection.py).
+    allowed = _string_list(data, "allowed_annotation_profiles", path)
+    profile_dirs = _string_list(data, "profile_dirs", path)
+    id_ranges = data.get("id_ranges")
+    if id_ranges not in (None, *ID_RANGES):
+        raise ConfigError(f"shim config {path}: id_ranges: {id_ranges!r} is not one of {ID_RANGES}")
+    pool = {}
+    for key, least in (("id_pool_first", 1), ("id_pool_ranges", 1)):
+        value = data.get(key)
+        if value is not None and (type(value) is not int or value < least):
+            raise ConfigError(f"shim config {path}: {key}: must be an integer >= {least}")
+        pool[key] = value
     grouping = data.get("grouping", "namespace")
     if grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
     idle = data.get("idle_exit_seconds", 30.0)
     if not isinstance(idle, int | float) or isinstance(idle, bool) or idle < 0:
         raise ConfigError(f"shim config {path}: idle_exit_seconds: must be a number >= 0")
-    return ShimConfig(profile=profile, grouping=grouping, idle_exit_seconds=float(idle), path=path)
+    return ShimConfig(
+        profile=profile,
+        grouping=grouping,
+        idle_exit_seconds=float(idle),
+        path=path,
+        allowed_annotation_profiles=allowed,
+        profile_dirs=profile_dirs,
+        id_ranges=id_ranges,
+        **pool,
+    )
+
+
+def _string_list(data: dict, key: str, path: str) -> tuple[str, ...] | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"shim config {path}: {key}: must be a list of non-empty strings")
+    return tuple(value)
 
 
 def group_id(container_id: str, annotations: dict, config: ShimConfig) -> str:

@@ -33,11 +33,11 @@ class Daemon:
     def __init__(self, flags) -> None:
         self.flags = flags
         self.namespace = flags.namespace
-        # Daemon settings (idle time) come from the config `start` was given; the default
-        # profile only from the machine-wide file: a config path in one container's runtime
+        # Daemon settings (idle time) come from the config `start` was given; the profile
+        # keys only from the machine-wide file (or the container's own runtime options): a config path in one container's runtime
         # options must not become the profile of every other container in the group.
         self.config = shim_config.load_config(os.environ.get(shim_config.CONFIG_ENV))
-        self.default_profile = shim_config.load_config(None).profile
+        self.machine_config = shim_config.load_config(None)
         self.runtime_root = shim_config.runtime_root(flags.address, flags.namespace)
         path = (
             flags.socket[len("unix://") :] if flags.socket.startswith("unix://") else flags.socket

@@ -52,6 +52,7 @@ class Task:
         self.cgroup = None
         self.ooms_reported = 0
         self.own_pid_namespace = True
+        self.id_range: tuple[int, str] | None = None  # (first host id, holder): shim/idpool.py
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -141,6 +142,11 @@ class Task:
         if self.rootfs_mounted:
             mounts.unmount_all(mounts.rootfs_path(self.bundle))
             self.rootfs_mounted = False
+        if self.id_range is not None:
+            from shim import idpool
+
+            idpool.release(*self.id_range)
+            self.id_range = None
 
 
 class TaskService(shim_ttrpc.TaskService):
@@ -165,21 +171,59 @@ class TaskService(shim_ttrpc.TaskService):
             raise errors.NotFound(f"task {task_id} not found")
         return task
 
-    def _profile(self, annotations: dict, options) -> str | None:
-        """The io.zviz.profile annotation, else the runtime options' config, else the daemon's."""
-        profile = annotations.get(shim_config.PROFILE_ANNOTATION)
-        if profile:
-            return profile
+    def _operator_config(self, options) -> shim_config.ShimConfig:
+        """The operator's profile and id keys for one container: the runtime options'
+        config, each key it leaves unset from the machine-wide file."""
+        config = self.daemon.machine_config
         if options is not None and options.type_url:
             path = shim_config.decode_runtime_options(options.SerializeToString())
             if path:
                 try:
-                    configured = shim_config.load_config(path).profile
+                    config = shim_config.load_config(path).over(config)
                 except shim_config.ConfigError as e:
                     raise errors.InvalidArgument(str(e)) from e
-                if configured:
-                    return configured
-        return self.daemon.default_profile
+        return config
+
+    def _profile(self, annotations: dict, config: shim_config.ShimConfig):
+        """The container's Profile: the annotation io.zviz.profile if the operator allows it,
+        else the operator's default (security/selection.py)."""
+        from runtime.security import selection
+
+        policy = selection.ProfilePolicy(
+            default=config.profile or selection.DEFAULT_PROFILE,
+            allowed=config.allowed_annotation_profiles,
+            profile_dirs=config.profile_dirs or (),
+        )
+        return selection.choose(annotations, policy)
+
+    def _own_id_range(self, task: Task, spec: dict, profile, config: shim_config.ShimConfig):
+        """PROFILE with host ids of the container's own range when the operator asks for
+        per-container ranges (shim/idpool.py) and the container makes its own user
+        namespace with the profile's mapping; else PROFILE unchanged."""
+        if (config.id_ranges or "shared") == "shared" or not profile.user_namespace:
+            return profile
+        linux = spec.get("linux") or {}
+        if linux.get("uidMappings") or any(
+            ns.get("type") == "user" and ns.get("path") for ns in linux.get("namespaces") or ()
+        ):
+            return profile  # config.json's own mapping, or a joined (pod's) namespace
+        from dataclasses import replace
+
+        from shim import idpool
+
+        if profile.id_count > idpool.RANGE_SIZE:
+            raise errors.InvalidArgument(
+                f"profile {profile.name}: id_count {profile.id_count} is more than a pool range "
+                f"({idpool.RANGE_SIZE})"
+            )
+        holder = f"{self.namespace}/{task.id}"
+        start = idpool.reserve(
+            config.id_pool_first or shim_config.DEFAULT_ID_POOL_FIRST,
+            config.id_pool_ranges or shim_config.DEFAULT_ID_POOL_RANGES,
+            holder,
+        )
+        task.id_range = (start, holder)
+        return replace(profile, host_uid=start, host_gid=start)
 
     # ---- task lifecycle ------------------------------------------------------------
 
@@ -197,12 +241,13 @@ class TaskService(shim_ttrpc.TaskService):
                 ns.get("type") == "pid" and not ns.get("path")
                 for ns in (spec.get("linux") or {}).get("namespaces") or ()
             )
-            profile = self._profile(
-                spec.get("annotations") or {},
-                request.options if request.HasField("options") else None,
-            )
+            config = self._operator_config(request.options if request.HasField("options") else None)
+            profile = self._profile(spec.get("annotations") or {}, config)
+            profile = self._own_id_range(task, spec, profile, config)
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
-            _open_bundle_to_mapped_root(request.bundle)
+            # The bundle keeps containerd's mode (0700, or 0710 to the mapped root's group):
+            # PID 1 never walks it (the core chdirs into the rootfs as host root and
+            # clones it with open_tree), and other host users must not reach the rootfs.
             if request.rootfs:
                 mounts.mount_all(request.rootfs, mounts.rootfs_path(request.bundle))
                 task.rootfs_mounted = True
@@ -523,18 +568,6 @@ def _timed(name: str, handler):
             )
 
     return timed
-
-
-def _open_bundle_to_mapped_root(bundle: str) -> None:
-    """Let a user-namespaced PID 1 reach its rootfs through the bundle.
-
-    containerd makes bundles 0700 (it only opens them up when it maps users itself);
-    zviz's profiles map the container's root to an unprivileged host uid, which must
-    be able to traverse the bundle to reach `rootfs`. Traverse only: the directory
-    stays unlistable, and config.json (environment, secrets) becomes owner-only.
-    """
-    os.chmod(os.path.join(bundle, "config.json"), 0o600)
-    os.chmod(bundle, 0o711)
 
 
 def _read_spec(bundle: str) -> dict:

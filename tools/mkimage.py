@@ -46,10 +46,14 @@ def _layer(rootfs: str) -> tuple[bytes, str]:
     return gzip.compress(raw.getvalue(), mtime=0), diff_id
 
 
-def build_image(out_path: str, ref: str = DEFAULT_REF, cmd=("sh",)) -> str:
+def build_image(out_path: str, ref: str = DEFAULT_REF, cmd=("sh",), extra_files=None) -> str:
+    """extra_files: {path in the image: bytes} added to the busybox rootfs (a hostile image)."""
     with tempfile.TemporaryDirectory(prefix="zviz-img-") as tmp:
         rootfs = os.path.join(tmp, "rootfs")
         build_rootfs(rootfs)
+        for name, data in (extra_files or {}).items():
+            with open(os.path.join(rootfs, name.lstrip("/")), "wb") as f:
+                f.write(data)
         layer, diff_id = _layer(rootfs)
     with tarfile.open(out_path, "w") as out:
         layer_digest, layer_size = _blob(out, layer)

@@ -26,8 +26,15 @@ from runtime.errors import InvalidArgument, SecurityLayerError
 
 # Imported here, not lazily: PID 1 runs prepare()/apply() after pivot_root (and exec'd
 # processes after joining the mount namespace), where the runtime's source tree is gone.
-from runtime.security import capabilities, kernel_gaps, landlock, network, seccomp  # noqa: F401
-from runtime.security.profiles import ANNOTATION, DEFAULT_PROFILE, Profile, load_profile
+from runtime.security import (  # noqa: F401
+    capabilities,
+    kernel_gaps,
+    landlock,
+    network,
+    seccomp,
+    selection,
+)
+from runtime.security.profiles import Profile, load_profile
 
 __all__ = [
     "Plan",
@@ -50,13 +57,10 @@ def _warn(message: str) -> None:
 
 
 def resolve_profile(name: str | None, annotations: dict | None = None) -> Profile:
-    """--profile, else the annotation io.zviz.profile, else ci-runner; unknown -> InvalidArgument."""
-    if name is None and annotations:
-        name = annotations.get(ANNOTATION)
-        if name is not None and not isinstance(name, str):
-            raise InvalidArgument(f"config.json: annotations.{ANNOTATION}: must be a string")
+    """--profile (root on the host chose it: any built-in or file), else the annotation
+    io.zviz.profile under the default rule (selection.py), else ci-runner."""
     if name is None:
-        name = DEFAULT_PROFILE
+        return selection.choose(annotations, selection.ProfilePolicy())
     if name == "":
         raise InvalidArgument("profile: empty profile name")
     return load_profile(name)

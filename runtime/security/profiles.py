@@ -222,9 +222,76 @@ def warm_cache() -> None:
             pass  # a broken built-in fails each run that names it, as without a cache
 
 
-def _read_toml(path: str, files: list[tuple]) -> dict:
+def load_root_owned_file(path: str) -> Profile:
+    """A profile file the operator named (shim config: `profile`, `profile_dirs`).
+
+    The file, every file it extends (built-ins aside) and every directory on their
+    paths must be root's and writable by root alone, with no symlink on the way:
+    otherwise a non-root user (a pod writing an emptyDir, an image's files under a
+    bundle) could put a policy of its choice there. Not cached: the checks are the point.
+    """
+    files: list[tuple] = []
+    return _build(_load_merged(path, (), files, root_owned_only=True), path)
+
+
+def open_root_owned(path: str) -> int:
+    """An fd of the regular file PATH, walked from / component by component (O_NOFOLLOW)
+    and checked on the opened inodes (fstat), so no rename or symlink can slip between
+    the check and the read. InvalidArgument naming the offending component otherwise."""
+    rule = "profile files load only from root-owned directories no other user can write"
+    if not os.path.isabs(path):
+        raise InvalidArgument(f"profile file {path!r}: must be an absolute path ({rule})")
+    names = [name for name in path.split("/") if name]
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(path, "rb") as f:
+        _check_root_owned(fd, "/", path, rule, directory=True)
+        for i, name in enumerate(names):
+            here = "/" + "/".join(names[: i + 1])
+            last = i == len(names) - 1
+            if name in (".", ".."):
+                raise InvalidArgument(f"profile file {path!r}: {here}: no . or .. ({rule})")
+            # O_NONBLOCK: a FIFO planted as the file must not hang the caller.
+            flags = os.O_RDONLY | os.O_NONBLOCK if last else os.O_PATH | os.O_DIRECTORY
+            try:
+                child = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                raise InvalidArgument(
+                    f"profile file {path!r}: {here}: {e.strerror} (symlinks are not followed; "
+                    f"{rule})"
+                ) from None
+            os.close(fd)
+            fd = child
+            _check_root_owned(fd, here, path, rule, directory=not last)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_root_owned(fd: int, here: str, path: str, rule: str, *, directory: bool) -> None:
+    import stat
+
+    st = os.fstat(fd)
+    problem = None
+    if directory and not stat.S_ISDIR(st.st_mode):
+        problem = "not a directory"
+    elif not directory and not stat.S_ISREG(st.st_mode):
+        problem = "not a regular file"
+    elif st.st_uid != 0:
+        problem = f"owned by uid {st.st_uid}, not root"
+    elif st.st_mode & 0o022:
+        problem = f"writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    if problem:
+        raise InvalidArgument(f"profile file {path!r} refused: {here} is {problem} ({rule})")
+
+
+def _read_toml(path: str, files: list[tuple], root_owned_only: bool = False) -> dict:
+    try:
+        if root_owned_only:
+            f = os.fdopen(open_root_owned(path), "rb")
+        else:
+            f = open(path, "rb")
+        with f:
             # The stamp of what is read, taken before reading: a later change shows.
             files.append(_stamp(path, os.fstat(f.fileno())))
             return tomllib.load(f)
@@ -234,10 +301,13 @@ def _read_toml(path: str, files: list[tuple]) -> dict:
         raise InvalidArgument(f"{path}: cannot read: {e.strerror}") from None
 
 
-def _load_merged(path: str, seen: tuple[str, ...], files: list[tuple]) -> dict:
+def _load_merged(
+    path: str, seen: tuple[str, ...], files: list[tuple], root_owned_only: bool = False
+) -> dict:
     if path in seen:
         raise InvalidArgument(f"{path}: extends itself through {' -> '.join(seen)}")
-    data = _read_toml(path, files)
+    # Built-ins are installed with zviz's own code: trusted as it is.
+    data = _read_toml(path, files, root_owned_only and os.path.dirname(path) != PROFILES_DIR)
     parent_name = data.get("profile", {}).get("extends")
     if parent_name is None:
         return data
@@ -249,7 +319,7 @@ def _load_merged(path: str, seen: tuple[str, ...], files: list[tuple]) -> dict:
         parent_path = profile_path(parent_name)
     except InvalidArgument as e:
         raise InvalidArgument(f"{path}: profile.extends: {e}") from None
-    parent = _load_merged(parent_path, seen + (path,), files)
+    parent = _load_merged(parent_path, seen + (path,), files, root_owned_only)
     merged = _merge(parent, data, path)
     # The child's name never comes from the parent.
     own_name = data.get("profile", {}).get("name") or os.path.basename(path).removesuffix(".toml")

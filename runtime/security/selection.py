@@ -1,0 +1,100 @@
+"""Who chooses a container's profile, and from where a profile file may come.
+
+Three parties can name a profile, trusted differently:
+
+- root on the host: `zviz --profile NAME_OR_FILE` (any built-in, any file);
+- the operator: the shim config's `profile`, `allowed_annotation_profiles` and
+  `profile_dirs` (a `ProfilePolicy`);
+- whoever wrote the pod or the image: the annotation `io.zviz.profile` in
+  config.json. It may only name a profile the operator allows (by default the built-ins
+  not marked unsafe), never a file: a file could come from the image or a volume the
+  pod writes, and a profile is the whole policy (user namespace and host root included).
+
+Profile files the operator names load only through `load_root_owned_file`.
+"""
+
+import os
+from dataclasses import dataclass
+
+from runtime.errors import InvalidArgument
+from runtime.security.profiles import (
+    ANNOTATION,
+    DEFAULT_PROFILE,
+    PROFILES_DIR,
+    Profile,
+    load_profile,
+    load_root_owned_file,
+)
+
+DEFAULT_RULE = (
+    "without allowed_annotation_profiles in the shim config, an annotation may only name a "
+    "built-in profile not marked unsafe"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilePolicy:
+    # The profile when no annotation names one: a name, or the path of a profile file.
+    default: str = DEFAULT_PROFILE
+    # Profile names an annotation may choose; None: the built-ins not marked unsafe.
+    allowed: tuple[str, ...] | None = None
+    # Directories whose NAME.toml files are profiles named NAME (root-owned, checked).
+    profile_dirs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.allowed or ():
+            # Names only: an annotation never loads a file, so a path here would mean nothing.
+            if not is_profile_name(name):
+                raise InvalidArgument(
+                    f"shim config: allowed_annotation_profiles: {name!r} is not a profile name "
+                    "(profile files go in profile_dirs)"
+                )
+        for directory in self.profile_dirs:
+            if not os.path.isabs(directory):
+                raise InvalidArgument(f"shim config: profile_dirs: {directory!r} is not absolute")
+
+
+def is_profile_name(value: str) -> bool:
+    """A plain name (a built-in or a file in profile_dirs), never a path."""
+    return bool(value) and all(c.isalnum() or c in "-_" for c in value)
+
+
+def choose(annotations: dict | None, policy: ProfilePolicy) -> Profile:
+    """The profile for a container whose config.json has ANNOTATIONS, under POLICY."""
+    value = (annotations or {}).get(ANNOTATION)
+    if value is None:
+        return load_operator_profile(policy.default, policy.profile_dirs)
+    if not isinstance(value, str):
+        raise InvalidArgument(f"config.json: annotations.{ANNOTATION}: must be a string")
+    refused = f"profile {value!r} from annotation {ANNOTATION} refused"
+    if not is_profile_name(value):
+        raise InvalidArgument(
+            f"{refused}: an annotation may only name a profile, never a file (profile files "
+            "are the host's choice: zviz --profile, or profile_dirs in the shim config)"
+        )
+    if policy.allowed is not None:
+        if value not in policy.allowed:
+            allowed = ", ".join(policy.allowed) or "none"
+            raise InvalidArgument(
+                f"{refused}: not in the operator's allowed_annotation_profiles ({allowed})"
+            )
+        return load_operator_profile(value, policy.profile_dirs)
+    profile = load_profile(value)  # a name: a built-in, or "unknown profile"
+    if profile.unsafe:
+        raise InvalidArgument(f"{refused}: {DEFAULT_RULE}")
+    return profile
+
+
+def load_operator_profile(name: str, profile_dirs: tuple[str, ...]) -> Profile:
+    """A profile the operator named: a built-in, NAME.toml in one of PROFILE_DIRS (the first
+    that has it), or a file's absolute path; files only when root's (load_root_owned_file)."""
+    if not is_profile_name(name):
+        return load_root_owned_file(name)
+    if os.path.isfile(os.path.join(PROFILES_DIR, name + ".toml")):
+        return load_profile(name)
+    for directory in profile_dirs:
+        path = os.path.join(directory, name + ".toml")
+        if os.path.lexists(path):
+            return load_root_owned_file(path)
+    dirs = f" or in profile_dirs ({', '.join(profile_dirs)})" if profile_dirs else ""
+    raise InvalidArgument(f"profile: unknown profile {name!r}: not a built-in{dirs}")
