@@ -4,10 +4,11 @@ Runs inside the container's fresh mount namespace (PID 1, before execve). Every 
 lives in that namespace, so nothing here can leak onto the host: the namespace and
 its mounts vanish with the container's last process.
 
-Order (as runc): make "/" rslave (so nothing propagates back to the host), bind the
-rootfs onto itself, mount the OCI mounts merged with the auto-mounts, populate /dev,
-pivot_root (or MS_MOVE + chroot when the kernel refuses pivot_root or --no-pivot is
-given), then `finish()`: masked paths, read-only paths, read-only root, propagation.
+Order (as runc): make "/" rslave (so nothing propagates back to the host), make the
+rootfs a private mount of itself, mount the OCI mounts merged with the auto-mounts
+(bind sources are clones made slaves: see VOLUME_PROPAGATION), populate /dev,
+pivot_root (MS_MOVE + chroot only with --no-pivot: a refused pivot_root is an error),
+then `finish()`: masked paths, read-only paths, read-only root, propagation.
 
 Mount destinations are resolved inside the rootfs (`secure_join`): a symlink in an
 untrusted image never sends a mount onto the host.
@@ -110,6 +111,15 @@ def is_bind(m, flags: int) -> bool:
     return m.type == "bind" or bool(flags & linux.MS_BIND)
 
 
+# What the container's mounts receive from the host, and never send back. A volume is
+# a slave of its source: host mounts beneath the source still show inside (as under
+# runc's default rslave root, which Kubernetes' HostToContainer relies on), nothing
+# the container mounts in it reaches the host. The rootfs is a private mount of its
+# own: pivot_root refuses a shared one, and nothing crosses either way.
+VOLUME_PROPAGATION = linux.MS_SLAVE
+ROOTFS_PROPAGATION = linux.MS_PRIVATE
+
+
 def open_bind_sources(mounts, bundle: str) -> list[int | None]:
     """A detached clone (open_tree) of each bind mount's source; None for other mounts.
 
@@ -128,11 +138,14 @@ def open_bind_sources(mounts, bundle: str) -> list[int | None]:
             source = m.source or ""
             if not os.path.isabs(source):
                 source = os.path.join(bundle, source)
-            flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC
-            if mount_flags & linux.MS_REC:
-                flags |= linux.AT_RECURSIVE
             try:
-                fds.append(linux.open_tree(linux.AT_FDCWD, source, flags))
+                fds.append(
+                    linux.clone_mount(
+                        source,
+                        recursive=bool(mount_flags & linux.MS_REC),
+                        propagation=VOLUME_PROPAGATION,
+                    )
+                )
             except FileNotFoundError:
                 raise errors.InvalidArgument(
                     f"config.json: mounts: {m.destination}: bind source {source} does not exist"
@@ -411,8 +424,14 @@ class RootfsBuilder:
         fd = self.rootfs_mount_fd
         try:
             if fd is None:
-                flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE
-                fd = linux.open_tree(linux.AT_FDCWD, ".", flags)
+                fd = linux.clone_mount(".", recursive=True, propagation=ROOTFS_PROPAGATION)
+            else:
+                # The parent's clone was made in the host's namespace, as a peer of
+                # the bundle's mount when that is shared: private before anything is
+                # mounted beneath it.
+                linux.mount_setattr(
+                    fd, propagation=ROOTFS_PROPAGATION, recursive=True, detail="rootfs"
+                )
             linux.move_mount(fd, "", linux.AT_FDCWD, ".", linux.MOVE_MOUNT_F_EMPTY_PATH)
             os.fchdir(fd)
         finally:
@@ -616,19 +635,20 @@ class RootfsBuilder:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                # pivot_root refuses a root on ramfs/initramfs (EINVAL).
-                self.log(
-                    "warning",
-                    f"pivot_root refused ({exc.strerror}): falling back to MS_MOVE + chroot",
-                )
-            else:
-                # The old root is stacked under the new one at "."; detach it, after
-                # making it a slave so the unmount cannot propagate to the host.
-                linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
-                linux.umount2(".", linux.MNT_DETACH)
-                os.chdir("/")
-                return
-        # Fallback: move the rootfs over "/" and chroot into it. Weaker than
+                # Never a silent chroot: it leaves the host's root reachable to
+                # anything that gets CAP_SYS_CHROOT. Only the host's root asks for it.
+                raise errors.FailedPrecondition(
+                    f"pivot_root refused ({exc.strerror}): the rootfs is on ramfs or its"
+                    " mount is shared; zviz does not fall back to chroot unless"
+                    " --no-pivot is given"
+                ) from None
+            # The old root is stacked under the new one at "."; detach it, after
+            # making it a slave so the unmount cannot propagate to the host.
+            linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
+            linux.umount2(".", linux.MNT_DETACH)
+            os.chdir("/")
+            return
+        # --no-pivot: move the rootfs over "/" and chroot into it. Weaker than
         # pivot_root (the old root stays reachable to a process with CAP_SYS_CHROOT),
         # which is why capabilities drop that cap by default.
         linux.mount(".", "/", None, linux.MS_MOVE)
