@@ -441,7 +441,25 @@ class RootfsBuilder:
 
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
+        if os.path.normpath(dest) == os.path.normpath(self.rootfs):
+            # An image symlink (/data -> /) would stack the mount on the rootfs itself:
+            # the volume vanishes under pivot_root and its write rule lands on "/".
+            raise errors.InvalidArgument(
+                f"config.json: mounts: {m.destination}: resolves to the root of the rootfs"
+                " (an image symlink on the way): refused"
+            )
         flags, propagation, data = parse_options(m.options)
+        if m.type in ("proc", "sysfs") or _clean(m.destination) == "/dev":
+            # These are found by path after pivot_root: maskedPaths and readonlyPaths
+            # by the masks, /dev by Landlock's device allowlist (a rule on /dev). Through
+            # an image symlink (/dev -> /tmp, or one a later volume hides) they would
+            # land where neither looks.
+            plain = os.path.join(self.rootfs, *_clean(m.destination).split("/")[1:])
+            if dest.rstrip("/") != plain.rstrip("/"):
+                raise errors.InvalidArgument(
+                    f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
+                    " an ordinary directory, but the image has a symlink on the way"
+                )
         if is_bind(m, flags):
             if m.source_fd is None:  # not opened by the parent (a caller of this module)
                 (m.source_fd,) = open_bind_sources([m], self.bundle)
@@ -470,15 +488,6 @@ class RootfsBuilder:
             if m.type in ("proc", "sysfs"):
                 # Never a setuid binary, device node or executable from these.
                 flags |= linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-                # maskedPaths and readonlyPaths find these by path after pivot_root:
-                # through an image symlink (which a later volume may hide) they
-                # would land where the masks never look.
-                plain = os.path.join(self.rootfs, *_clean(m.destination).split("/")[1:])
-                if dest.rstrip("/") != plain.rstrip("/"):
-                    raise errors.InvalidArgument(
-                        f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
-                        " an ordinary directory, but the image has a symlink on the way"
-                    )
             _make_mountpoint(dest, m.destination)
             try:
                 at_pinned(

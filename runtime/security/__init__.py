@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass, field
 
 from runtime.errors import InvalidArgument, SecurityLayerError
+from runtime.rootfs import secure_join
 
 # Imported here, not lazily: PID 1 runs prepare()/apply() after pivot_root (and exec'd
 # processes after joining the mount namespace), where the runtime's source tree is gone.
@@ -266,10 +267,16 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
         for path in profile.writable:
             rs.allow_path(path, landlock.READ | landlock.WRITE)
         if profile.writable_volumes:
-            # A volume is where its mount landed, through the image's symlinks as the
-            # core resolved them; the profile's own paths above follow none.
-            for path in dict.fromkeys(_writable_mounts(spec)):
-                rs.allow_path(path, landlock.READ | landlock.WRITE, follow_symlinks=True)
+            # A volume is where its mount landed: its destination resolved inside the
+            # rootfs as the core resolved it, then opened following no symlink.
+            for destination in dict.fromkeys(_writable_mounts(spec)):
+                path = secure_join("/", destination)
+                if os.path.normpath(path) == "/":
+                    # The core refuses such a mount; a rule here would open the rootfs.
+                    raise SecurityLayerError(
+                        f"landlock: volume {destination} resolves to the rootfs root: refused"
+                    )
+                rs.allow_path(path, landlock.READ | landlock.WRITE)
         for path in profile.device_ioctl:
             rs.allow_path(path, landlock.FS_IOCTL_DEV)
         for port in profile.tcp_bind or ():
