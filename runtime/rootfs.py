@@ -504,21 +504,7 @@ class RootfsBuilder:
                     self.log(
                         "warning", f"sysfs mount refused ({exc.strerror}): binding /sys read-only"
                     )
-                    at_pinned(
-                        dest,
-                        m.destination,
-                        lambda target: linux.mount(
-                            "/sys", target, None, linux.MS_BIND | linux.MS_REC
-                        ),
-                    )
-                    at_pinned(
-                        dest,
-                        m.destination,
-                        lambda target: remount_bind(
-                            target,
-                            linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-                        ),
-                    )
+                    at_pinned(dest, m.destination, _bind_host_sys_read_only)
                 elif m.type == "mqueue" and exc.errno in (errno.EPERM, errno.ENODEV):
                     self.log("warning", f"mqueue mount refused ({exc.strerror}): skipped")
                 else:
@@ -676,6 +662,32 @@ class RootfsBuilder:
         propagation = PROPAGATION.get(linux_spec.rootfs_propagation or "")
         if propagation:
             linux.mount(None, "/", None, propagation)
+
+
+def _bind_host_sys_read_only(target: str) -> None:
+    """The host's /sys and every mount beneath it, read-only, nosuid, nodev, noexec.
+
+    A remount would reach only the top mount: the host's cgroup hierarchies, securityfs,
+    bpffs... beneath it would stay writable. mount_setattr(AT_RECURSIVE) sets the
+    flags on the whole detached clone before it is attached.
+    """
+    fd = linux.clone_mount("/sys", recursive=True, propagation=VOLUME_PROPAGATION)
+    try:
+        linux.mount_setattr(
+            fd,
+            attr_set=linux.MOUNT_ATTR_RDONLY
+            | linux.MOUNT_ATTR_NOSUID
+            | linux.MOUNT_ATTR_NODEV
+            | linux.MOUNT_ATTR_NOEXEC,
+            recursive=True,
+            detail="/sys",
+        )
+        linux.move_mount(
+            fd, "", linux.AT_FDCWD, target,
+            linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def mask_path(path: str) -> None:
