@@ -276,18 +276,17 @@ def remount_bind(path: str, flags: int) -> None:
     linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | current | flags)
 
 
-def at_pinned(path: str, destination: str, action):
-    """action("/proc/self/fd/N") with N an O_PATH fd on `path`, opened with no symlink
-    anywhere on the way (`path` is relative to the cwd, the rootfs, and came from
-    `secure_join`, so it has none).
+def pin(path: str, destination: str, field: str = "mounts") -> int:
+    """An O_PATH fd on `path`, opened with no symlink anywhere on the way (`path` is
+    relative to the cwd, the rootfs, and came from `secure_join`, so it has none).
 
-    `secure_join` resolves a destination, then the mount happens: a shared volume
-    changed by another container in between (a directory swapped for a symlink)
-    would otherwise move the mount onto the host. The kernel then mounts on exactly
-    the directory that was checked, or zviz refuses.
+    `secure_join` resolves a destination, then the mount (or mknod) happens: a shared
+    volume changed by another container in between (a directory swapped for a
+    symlink) would otherwise move it onto the host, whose root PID 1 still has. The
+    kernel then acts on exactly the directory that was checked, or zviz refuses.
     """
     try:
-        fd = linux.openat2(
+        return linux.openat2(
             linux.AT_FDCWD,
             path,
             os.O_PATH | os.O_CLOEXEC,
@@ -296,17 +295,24 @@ def at_pinned(path: str, destination: str, action):
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOENT, errno.ENOTDIR):
             raise errors.InvalidArgument(
-                f"config.json: mounts: {destination}: the destination changed while it was"
+                f"config.json: {field}: {destination}: the destination changed while it was"
                 " being mounted (a symlink appeared inside the rootfs): refused"
             ) from None
         raise
+
+
+def at_pinned(path: str, destination: str, action):
+    """action("/proc/self/fd/N") with N a `pin` on `path`."""
+    fd = pin(path, destination)
     try:
         return action(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
 
 
-def _make_mountpoint(path: str, destination: str, as_file: bool = False) -> None:
+def _make_mountpoint(
+    path: str, destination: str, as_file: bool = False, field: str = "mounts"
+) -> None:
     """Create `path` (relative to the cwd, the rootfs) as a directory, or as a file
     (as_file: a bind of a non-directory).
 
@@ -331,7 +337,7 @@ def _make_mountpoint(path: str, destination: str, as_file: bool = False) -> None
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise errors.InvalidArgument(
-                        f"config.json: mounts: {destination}: {name} is not a directory inside"
+                        f"config.json: {field}: {destination}: {name} is not a directory inside"
                         " the rootfs (a file, or a symlink that appeared while mounting): refused"
                     ) from None
                 raise
@@ -568,8 +574,12 @@ class RootfsBuilder:
         at_pinned(secure_join(self.rootfs, "/dev"), "/dev", self._populate_dev_at)
 
     def _populate_dev_at(self, dev: str) -> None:
-        for name in DEFAULT_DEVICES:
-            self._bind_device(f"/dev/{name}", os.path.join(dev, name))
+        dev_fd = os.open(dev, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in DEFAULT_DEVICES:
+                _bind_device(f"/dev/{name}", dev_fd, name)
+        finally:
+            os.close(dev_fd)
         for device in getattr(self.spec.linux, "devices", None) or ():
             self._create_device(device)
         for target, name in DEV_SYMLINKS:
@@ -581,11 +591,6 @@ class RootfsBuilder:
                     continue
             os.symlink(target, link)
 
-    def _bind_device(self, host_path: str, dest: str) -> None:
-        if not os.path.exists(dest):
-            os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
-        linux.mount(host_path, dest, None, linux.MS_BIND)
-
     def _create_device(self, device) -> None:
         path = device.path if hasattr(device, "path") else device["path"]
         kind = device.type if hasattr(device, "type") else device["type"]
@@ -594,34 +599,47 @@ class RootfsBuilder:
         mode = (
             device.file_mode if hasattr(device, "file_mode") else device.get("fileMode")
         ) or 0o666
-        dest = secure_join(self.rootfs, path)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        # The host's device at the same path (the host's /dev: PID 1's root is still
+        # the host's) is what a user namespace binds, as it may not mknod.
         host_ok = False
         try:
             st = os.stat(path)
             host_ok = os.major(st.st_rdev) == major and os.minor(st.st_rdev) == minor
         except OSError:
             pass
-        if os.path.lexists(dest):
-            os.unlink(dest)
-        if host_ok or self.in_userns:
-            if not host_ok:
-                raise errors.InvalidArgument(
-                    f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
-                )
-            self._bind_device(path, dest)
-            return
+        if not host_ok and self.in_userns:
+            raise errors.InvalidArgument(
+                f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
+            )
         type_bits = {
             "c": stat.S_IFCHR,
             "u": stat.S_IFCHR,
             "b": stat.S_IFBLK,
             "p": stat.S_IFIFO,
         }.get(kind)
-        if type_bits is None:
+        if type_bits is None and not host_ok:
             raise errors.InvalidArgument(
                 f"config.json: linux.devices: {path}: unknown type {kind!r}"
             )
-        os.mknod(dest, type_bits | (mode & 0o7777), os.makedev(major, minor))
+        # Inside the rootfs, the parent directory made and pinned with no symlink on
+        # the way, then only *at calls on it: never a path walk a swapped symlink
+        # could send to the host.
+        parent, name = os.path.split(os.path.normpath(secure_join(self.rootfs, path)))
+        parent = parent or "."
+        _make_mountpoint(parent, path, field="linux.devices")
+        parent_fd = pin(parent, path, field="linux.devices")
+        try:
+            try:
+                os.unlink(name, dir_fd=parent_fd)
+            except FileNotFoundError:
+                pass
+            if host_ok:
+                _bind_device(path, parent_fd, name)
+            else:
+                mode_bits = type_bits | (mode & 0o7777)
+                os.mknod(name, mode_bits, os.makedev(major, minor), dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
 
     def pivot(self) -> None:
         if not self.no_pivot:
@@ -662,6 +680,27 @@ class RootfsBuilder:
         propagation = PROPAGATION.get(linux_spec.rootfs_propagation or "")
         if propagation:
             linux.mount(None, "/", None, propagation)
+
+
+def _bind_device(host_path: str, dir_fd: int, name: str) -> None:
+    """Bind the host's device `host_path` onto `name` in the directory `dir_fd`
+    (created as an empty file; never through a symlink)."""
+    try:
+        os.close(
+            os.open(
+                name,
+                os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o666,
+                dir_fd=dir_fd,
+            )
+        )
+    except FileExistsError:
+        pass
+    target = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        linux.mount(host_path, f"/proc/self/fd/{target}", None, linux.MS_BIND)
+    finally:
+        os.close(target)
 
 
 def _bind_host_sys_read_only(target: str) -> None:
