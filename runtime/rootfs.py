@@ -447,12 +447,15 @@ class RootfsBuilder:
 
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
-        if os.path.normpath(dest) == os.path.normpath(self.rootfs):
-            # An image symlink (/data -> /) would stack the mount on the rootfs itself:
-            # the volume vanishes under pivot_root and its write rule lands on "/".
+        inside = os.path.relpath(dest, self.rootfs)
+        landing = "/" if inside == "." else "/" + inside
+        if landing == "/" or (landing == "/dev" and _clean(m.destination) != "/dev"):
+            # An image symlink (/data -> /, /data -> /dev) would stack the mount on the
+            # rootfs itself (the volume vanishes under pivot_root) or on the /dev tmpfs,
+            # and the volume's write rule with it: the whole rootfs, or every device.
             raise errors.InvalidArgument(
-                f"config.json: mounts: {m.destination}: resolves to the root of the rootfs"
-                " (an image symlink on the way): refused"
+                f"config.json: mounts: {m.destination}: lands on {landing} through an image"
+                " symlink: refused"
             )
         flags, propagation, data = parse_options(m.options)
         if m.type in ("proc", "sysfs") or _clean(m.destination) == "/dev":
