@@ -293,6 +293,10 @@ AT_RECURSIVE = 0x8000
 AT_FDCWD = -100
 MOVE_MOUNT_F_EMPTY_PATH = 0x00000004
 MOVE_MOUNT_T_SYMLINKS = 0x00000010
+MOUNT_ATTR_RDONLY = 0x00000001
+MOUNT_ATTR_NOSUID = 0x00000002
+MOUNT_ATTR_NODEV = 0x00000004
+MOUNT_ATTR_NOEXEC = 0x00000008
 MOUNT_ATTR_IDMAP = 0x00100000
 
 
@@ -350,6 +354,45 @@ def fsmount(fs_fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> in
     return raw_syscall(
         "fsmount", ctypes.c_int(fs_fd), ctypes.c_uint(flags), ctypes.c_uint(attr_flags)
     )
+
+
+def mount_setattr(
+    fd: int, *, attr_set: int = 0, propagation: int = 0, recursive: bool = False, detail: str = ""
+) -> None:
+    """Change the mount `fd` (and, recursive, every mount beneath it) in one call.
+
+    `propagation`: one of MS_PRIVATE, MS_SLAVE, MS_SHARED, MS_UNBINDABLE (no MS_REC:
+    `recursive` says it). Unlike a remount, it reaches every submount at once.
+    """
+    attr = MountAttr(attr_set, 0, propagation, 0)
+    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
+    raw_syscall(
+        "mount_setattr",
+        ctypes.c_int(fd),
+        b"",
+        ctypes.c_uint(flags),
+        ctypes.byref(attr),
+        ctypes.c_size_t(ctypes.sizeof(attr)),
+        detail=detail or str(fd),
+    )
+
+
+def clone_mount(path: str, *, recursive: bool, propagation: int) -> int:
+    """A detached clone (open_tree) of the mount at `path`, with `propagation` set.
+
+    open_tree copies the source's propagation: a clone of a mount in the host's
+    shared peer group is one more peer, and whatever is later mounted beneath the
+    clone would show up on the host. The propagation is set before anyone can
+    mount anything on the clone.
+    """
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
+    fd = open_tree(AT_FDCWD, path, flags)
+    try:
+        mount_setattr(fd, propagation=propagation, recursive=recursive, detail=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def mount_setattr_idmap(fd: int, userns_fd: int, recursive: bool = True) -> None:

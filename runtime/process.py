@@ -34,6 +34,13 @@ _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # pod's IPC, UTS and network namespaces belong to its sandbox's). Mount after the rest.
 _JOIN_ORDER = ("ipc", "uts", "network", "pid", "cgroup", "time", "mount", "user")
 
+# How long the parent waits for each message from the processes it spawned, before it
+# kills them: a child stuck in the kernel (a hung FUSE or NFS lookup in a volume)
+# must not hang zviz, or the shim that serves every other container, forever. The
+# OCI hooks that run meanwhile add their own timeouts (or this much, when they have
+# none).
+SETUP_MESSAGE_TIMEOUT = 60.0
+
 RLIMITS = {
     "RLIMIT_CPU": 0,
     "RLIMIT_FSIZE": 1,
@@ -99,6 +106,8 @@ class Spawned:
     def __init__(self, pid: int, sync: Sync):
         self.pid = pid
         self.sync = sync
+        # The startContainer hooks it runs after "start" (PID 1's; None for an exec).
+        self.hooks: dict | None = None
         stat = state.proc_stat(pid)
         self.start_time = stat.start_time if stat else None
 
@@ -198,9 +207,27 @@ def spawn_init(request: Request, log) -> Spawned:
                 hooks.run(hook_kind, spec.hooks, hooks.state(request.hook_state, "creating", pid1))
             parent_end.send("hooked")
 
-    return _until_ready(
-        child, parent_end, "container init", spec.process.oom_score_adj, log, on_message
+    spawned = _until_ready(
+        child,
+        parent_end,
+        "container init",
+        spec.process.oom_score_adj,
+        log,
+        on_message,
+        timeout=setup_timeout(spec.hooks, hooks.CONTAINER_HOOKS),
     )
+    spawned.hooks = spec.hooks
+    return spawned
+
+
+def setup_timeout(spec_hooks, kinds) -> float:
+    """SETUP_MESSAGE_TIMEOUT plus what the hooks of `kinds`, run meanwhile, may take."""
+    total = SETUP_MESSAGE_TIMEOUT
+    for kind in kinds:
+        for hook in (spec_hooks or {}).get(kind) or ():
+            declared = hook.get("timeout") if isinstance(hook, dict) else None
+            total += declared if declared and declared > 0 else SETUP_MESSAGE_TIMEOUT
+    return total
 
 
 def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
@@ -225,18 +252,27 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
     return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log)
 
 
-def _until_ready(child: int, parent_end, what: str, oom_score_adj, log, on_message=None):
+def _until_ready(
+    child: int,
+    parent_end,
+    what: str,
+    oom_score_adj,
+    log,
+    on_message=None,
+    timeout: float = SETUP_MESSAGE_TIMEOUT,
+):
     """The parent's side of a spawn, until the new process reports ready.
 
     The namespace child reports the process's pid and is reaped; the process's logs are
     passed on; on_message(kind, message, pid) handles the rest. On any error (a child's
-    report, EOF, an exception here) every process started is killed and reaped.
+    report, EOF, no message within `timeout` seconds, an exception here) every process
+    started is killed and reaped.
     """
     pid = None
     ready = False
     try:
         while True:
-            message = parent_end.recv()
+            message = parent_end.recv(timeout=timeout)
             if message is None:
                 raise errors.FailedPrecondition(f"{what} exited during setup without a report")
             kind = message["type"]
@@ -267,11 +303,18 @@ def _until_ready(child: int, parent_end, what: str, oom_score_adj, log, on_messa
 
 
 def wait_exec_result(spawned: Spawned) -> None:
-    """After "start": EOF means execve succeeded; an error message means it did not."""
+    """After "start": EOF means execve succeeded; an error message means it did not.
+
+    A process that neither execs nor reports within the timeout is killed.
+    """
+    timeout = setup_timeout(spawned.hooks, ("startContainer",))
     try:
-        message = spawned.sync.recv()
+        message = spawned.sync.recv(timeout=timeout)
         while message is not None and message["type"] == "log":
-            message = spawned.sync.recv()
+            message = spawned.sync.recv(timeout=timeout)
+    except errors.FailedPrecondition:
+        _kill(spawned.pid)
+        raise
     finally:
         spawned.sync.close()
     if message is not None and message["type"] == "error":

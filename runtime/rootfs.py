@@ -4,10 +4,11 @@ Runs inside the container's fresh mount namespace (PID 1, before execve). Every 
 lives in that namespace, so nothing here can leak onto the host: the namespace and
 its mounts vanish with the container's last process.
 
-Order (as runc): make "/" rslave (so nothing propagates back to the host), bind the
-rootfs onto itself, mount the OCI mounts merged with the auto-mounts, populate /dev,
-pivot_root (or MS_MOVE + chroot when the kernel refuses pivot_root or --no-pivot is
-given), then `finish()`: masked paths, read-only paths, read-only root, propagation.
+Order (as runc): make "/" rslave (so nothing propagates back to the host), make the
+rootfs a private mount of itself, mount the OCI mounts merged with the auto-mounts
+(bind sources are clones made slaves: see VOLUME_PROPAGATION), populate /dev,
+pivot_root (MS_MOVE + chroot only with --no-pivot: a refused pivot_root is an error),
+then `finish()`: masked paths, read-only paths, read-only root, propagation.
 
 Mount destinations are resolved inside the rootfs (`secure_join`): a symlink in an
 untrusted image never sends a mount onto the host.
@@ -110,6 +111,15 @@ def is_bind(m, flags: int) -> bool:
     return m.type == "bind" or bool(flags & linux.MS_BIND)
 
 
+# What the container's mounts receive from the host, and never send back. A volume is
+# a slave of its source: host mounts beneath the source still show inside (as under
+# runc's default rslave root, which Kubernetes' HostToContainer relies on), nothing
+# the container mounts in it reaches the host. The rootfs is a private mount of its
+# own: pivot_root refuses a shared one, and nothing crosses either way.
+VOLUME_PROPAGATION = linux.MS_SLAVE
+ROOTFS_PROPAGATION = linux.MS_PRIVATE
+
+
 def open_bind_sources(mounts, bundle: str) -> list[int | None]:
     """A detached clone (open_tree) of each bind mount's source; None for other mounts.
 
@@ -128,11 +138,14 @@ def open_bind_sources(mounts, bundle: str) -> list[int | None]:
             source = m.source or ""
             if not os.path.isabs(source):
                 source = os.path.join(bundle, source)
-            flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC
-            if mount_flags & linux.MS_REC:
-                flags |= linux.AT_RECURSIVE
             try:
-                fds.append(linux.open_tree(linux.AT_FDCWD, source, flags))
+                fds.append(
+                    linux.clone_mount(
+                        source,
+                        recursive=bool(mount_flags & linux.MS_REC),
+                        propagation=VOLUME_PROPAGATION,
+                    )
+                )
             except FileNotFoundError:
                 raise errors.InvalidArgument(
                     f"config.json: mounts: {m.destination}: bind source {source} does not exist"
@@ -263,18 +276,17 @@ def remount_bind(path: str, flags: int) -> None:
     linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | current | flags)
 
 
-def at_pinned(path: str, destination: str, action):
-    """action("/proc/self/fd/N") with N an O_PATH fd on `path`, opened with no symlink
-    anywhere on the way (`path` is relative to the cwd, the rootfs, and came from
-    `secure_join`, so it has none).
+def pin(path: str, destination: str, field: str = "mounts") -> int:
+    """An O_PATH fd on `path`, opened with no symlink anywhere on the way (`path` is
+    relative to the cwd, the rootfs, and came from `secure_join`, so it has none).
 
-    `secure_join` resolves a destination, then the mount happens: a shared volume
-    changed by another container in between (a directory swapped for a symlink)
-    would otherwise move the mount onto the host. The kernel then mounts on exactly
-    the directory that was checked, or zviz refuses.
+    `secure_join` resolves a destination, then the mount (or mknod) happens: a shared
+    volume changed by another container in between (a directory swapped for a
+    symlink) would otherwise move it onto the host, whose root PID 1 still has. The
+    kernel then acts on exactly the directory that was checked, or zviz refuses.
     """
     try:
-        fd = linux.openat2(
+        return linux.openat2(
             linux.AT_FDCWD,
             path,
             os.O_PATH | os.O_CLOEXEC,
@@ -283,17 +295,24 @@ def at_pinned(path: str, destination: str, action):
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOENT, errno.ENOTDIR):
             raise errors.InvalidArgument(
-                f"config.json: mounts: {destination}: the destination changed while it was"
+                f"config.json: {field}: {destination}: the destination changed while it was"
                 " being mounted (a symlink appeared inside the rootfs): refused"
             ) from None
         raise
+
+
+def at_pinned(path: str, destination: str, action):
+    """action("/proc/self/fd/N") with N a `pin` on `path`."""
+    fd = pin(path, destination)
     try:
         return action(f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
 
 
-def _make_mountpoint(path: str, destination: str, as_file: bool = False) -> None:
+def _make_mountpoint(
+    path: str, destination: str, as_file: bool = False, field: str = "mounts"
+) -> None:
     """Create `path` (relative to the cwd, the rootfs) as a directory, or as a file
     (as_file: a bind of a non-directory).
 
@@ -318,7 +337,7 @@ def _make_mountpoint(path: str, destination: str, as_file: bool = False) -> None
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise errors.InvalidArgument(
-                        f"config.json: mounts: {destination}: {name} is not a directory inside"
+                        f"config.json: {field}: {destination}: {name} is not a directory inside"
                         " the rootfs (a file, or a symlink that appeared while mounting): refused"
                     ) from None
                 raise
@@ -411,8 +430,14 @@ class RootfsBuilder:
         fd = self.rootfs_mount_fd
         try:
             if fd is None:
-                flags = linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_RECURSIVE
-                fd = linux.open_tree(linux.AT_FDCWD, ".", flags)
+                fd = linux.clone_mount(".", recursive=True, propagation=ROOTFS_PROPAGATION)
+            else:
+                # The parent's clone was made in the host's namespace, as a peer of
+                # the bundle's mount when that is shared: private before anything is
+                # mounted beneath it.
+                linux.mount_setattr(
+                    fd, propagation=ROOTFS_PROPAGATION, recursive=True, detail="rootfs"
+                )
             linux.move_mount(fd, "", linux.AT_FDCWD, ".", linux.MOVE_MOUNT_F_EMPTY_PATH)
             os.fchdir(fd)
         finally:
@@ -422,7 +447,28 @@ class RootfsBuilder:
 
     def mount_one(self, m: Mount) -> None:
         dest = secure_join(self.rootfs, m.destination)
+        inside = os.path.relpath(dest, self.rootfs)
+        landing = "/" if inside == "." else "/" + inside
+        if landing == "/" or (landing == "/dev" and _clean(m.destination) != "/dev"):
+            # An image symlink (/data -> /, /data -> /dev) would stack the mount on the
+            # rootfs itself (the volume vanishes under pivot_root) or on the /dev tmpfs,
+            # and the volume's write rule with it: the whole rootfs, or every device.
+            raise errors.InvalidArgument(
+                f"config.json: mounts: {m.destination}: lands on {landing} through an image"
+                " symlink: refused"
+            )
         flags, propagation, data = parse_options(m.options)
+        if m.type in ("proc", "sysfs") or _clean(m.destination) == "/dev":
+            # These are found by path after pivot_root: maskedPaths and readonlyPaths
+            # by the masks, /dev by Landlock's device allowlist (a rule on /dev). Through
+            # an image symlink (/dev -> /tmp, or one a later volume hides) they would
+            # land where neither looks.
+            plain = os.path.join(self.rootfs, *_clean(m.destination).split("/")[1:])
+            if dest.rstrip("/") != plain.rstrip("/"):
+                raise errors.InvalidArgument(
+                    f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
+                    " an ordinary directory, but the image has a symlink on the way"
+                )
         if is_bind(m, flags):
             if m.source_fd is None:  # not opened by the parent (a caller of this module)
                 (m.source_fd,) = open_bind_sources([m], self.bundle)
@@ -451,15 +497,6 @@ class RootfsBuilder:
             if m.type in ("proc", "sysfs"):
                 # Never a setuid binary, device node or executable from these.
                 flags |= linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
-                # maskedPaths and readonlyPaths find these by path after pivot_root:
-                # through an image symlink (which a later volume may hide) they
-                # would land where the masks never look.
-                plain = os.path.join(self.rootfs, *_clean(m.destination).split("/")[1:])
-                if dest.rstrip("/") != plain.rstrip("/"):
-                    raise errors.InvalidArgument(
-                        f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
-                        " an ordinary directory, but the image has a symlink on the way"
-                    )
             _make_mountpoint(dest, m.destination)
             try:
                 at_pinned(
@@ -476,21 +513,7 @@ class RootfsBuilder:
                     self.log(
                         "warning", f"sysfs mount refused ({exc.strerror}): binding /sys read-only"
                     )
-                    at_pinned(
-                        dest,
-                        m.destination,
-                        lambda target: linux.mount(
-                            "/sys", target, None, linux.MS_BIND | linux.MS_REC
-                        ),
-                    )
-                    at_pinned(
-                        dest,
-                        m.destination,
-                        lambda target: remount_bind(
-                            target,
-                            linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC,
-                        ),
-                    )
+                    at_pinned(dest, m.destination, _bind_host_sys_read_only)
                 elif m.type == "mqueue" and exc.errno in (errno.EPERM, errno.ENODEV):
                     self.log("warning", f"mqueue mount refused ({exc.strerror}): skipped")
                 else:
@@ -554,8 +577,12 @@ class RootfsBuilder:
         at_pinned(secure_join(self.rootfs, "/dev"), "/dev", self._populate_dev_at)
 
     def _populate_dev_at(self, dev: str) -> None:
-        for name in DEFAULT_DEVICES:
-            self._bind_device(f"/dev/{name}", os.path.join(dev, name))
+        dev_fd = os.open(dev, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for name in DEFAULT_DEVICES:
+                _bind_device(f"/dev/{name}", dev_fd, name)
+        finally:
+            os.close(dev_fd)
         for device in getattr(self.spec.linux, "devices", None) or ():
             self._create_device(device)
         for target, name in DEV_SYMLINKS:
@@ -567,11 +594,6 @@ class RootfsBuilder:
                     continue
             os.symlink(target, link)
 
-    def _bind_device(self, host_path: str, dest: str) -> None:
-        if not os.path.exists(dest):
-            os.close(os.open(dest, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
-        linux.mount(host_path, dest, None, linux.MS_BIND)
-
     def _create_device(self, device) -> None:
         path = device.path if hasattr(device, "path") else device["path"]
         kind = device.type if hasattr(device, "type") else device["type"]
@@ -580,34 +602,47 @@ class RootfsBuilder:
         mode = (
             device.file_mode if hasattr(device, "file_mode") else device.get("fileMode")
         ) or 0o666
-        dest = secure_join(self.rootfs, path)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        # The host's device at the same path (the host's /dev: PID 1's root is still
+        # the host's) is what a user namespace binds, as it may not mknod.
         host_ok = False
         try:
             st = os.stat(path)
             host_ok = os.major(st.st_rdev) == major and os.minor(st.st_rdev) == minor
         except OSError:
             pass
-        if os.path.lexists(dest):
-            os.unlink(dest)
-        if host_ok or self.in_userns:
-            if not host_ok:
-                raise errors.InvalidArgument(
-                    f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
-                )
-            self._bind_device(path, dest)
-            return
+        if not host_ok and self.in_userns:
+            raise errors.InvalidArgument(
+                f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
+            )
         type_bits = {
             "c": stat.S_IFCHR,
             "u": stat.S_IFCHR,
             "b": stat.S_IFBLK,
             "p": stat.S_IFIFO,
         }.get(kind)
-        if type_bits is None:
+        if type_bits is None and not host_ok:
             raise errors.InvalidArgument(
                 f"config.json: linux.devices: {path}: unknown type {kind!r}"
             )
-        os.mknod(dest, type_bits | (mode & 0o7777), os.makedev(major, minor))
+        # Inside the rootfs, the parent directory made and pinned with no symlink on
+        # the way, then only *at calls on it: never a path walk a swapped symlink
+        # could send to the host.
+        parent, name = os.path.split(os.path.normpath(secure_join(self.rootfs, path)))
+        parent = parent or "."
+        _make_mountpoint(parent, path, field="linux.devices")
+        parent_fd = pin(parent, path, field="linux.devices")
+        try:
+            try:
+                os.unlink(name, dir_fd=parent_fd)
+            except FileNotFoundError:
+                pass
+            if host_ok:
+                _bind_device(path, parent_fd, name)
+            else:
+                mode_bits = type_bits | (mode & 0o7777)
+                os.mknod(name, mode_bits, os.makedev(major, minor), dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
 
     def pivot(self) -> None:
         if not self.no_pivot:
@@ -616,19 +651,20 @@ class RootfsBuilder:
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
-                # pivot_root refuses a root on ramfs/initramfs (EINVAL).
-                self.log(
-                    "warning",
-                    f"pivot_root refused ({exc.strerror}): falling back to MS_MOVE + chroot",
-                )
-            else:
-                # The old root is stacked under the new one at "."; detach it, after
-                # making it a slave so the unmount cannot propagate to the host.
-                linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
-                linux.umount2(".", linux.MNT_DETACH)
-                os.chdir("/")
-                return
-        # Fallback: move the rootfs over "/" and chroot into it. Weaker than
+                # Never a silent chroot: it leaves the host's root reachable to
+                # anything that gets CAP_SYS_CHROOT. Only the host's root asks for it.
+                raise errors.FailedPrecondition(
+                    f"pivot_root refused ({exc.strerror}): the rootfs is on ramfs or its"
+                    " mount is shared; zviz does not fall back to chroot unless"
+                    " --no-pivot is given"
+                ) from None
+            # The old root is stacked under the new one at "."; detach it, after
+            # making it a slave so the unmount cannot propagate to the host.
+            linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
+            linux.umount2(".", linux.MNT_DETACH)
+            os.chdir("/")
+            return
+        # --no-pivot: move the rootfs over "/" and chroot into it. Weaker than
         # pivot_root (the old root stays reachable to a process with CAP_SYS_CHROOT),
         # which is why capabilities drop that cap by default.
         linux.mount(".", "/", None, linux.MS_MOVE)
@@ -647,6 +683,53 @@ class RootfsBuilder:
         propagation = PROPAGATION.get(linux_spec.rootfs_propagation or "")
         if propagation:
             linux.mount(None, "/", None, propagation)
+
+
+def _bind_device(host_path: str, dir_fd: int, name: str) -> None:
+    """Bind the host's device `host_path` onto `name` in the directory `dir_fd`
+    (created as an empty file; never through a symlink)."""
+    try:
+        os.close(
+            os.open(
+                name,
+                os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o666,
+                dir_fd=dir_fd,
+            )
+        )
+    except FileExistsError:
+        pass
+    target = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        linux.mount(host_path, f"/proc/self/fd/{target}", None, linux.MS_BIND)
+    finally:
+        os.close(target)
+
+
+def _bind_host_sys_read_only(target: str) -> None:
+    """The host's /sys and every mount beneath it, read-only, nosuid, nodev, noexec.
+
+    A remount would reach only the top mount: the host's cgroup hierarchies, securityfs,
+    bpffs... beneath it would stay writable. mount_setattr(AT_RECURSIVE) sets the
+    flags on the whole detached clone before it is attached.
+    """
+    fd = linux.clone_mount("/sys", recursive=True, propagation=VOLUME_PROPAGATION)
+    try:
+        linux.mount_setattr(
+            fd,
+            attr_set=linux.MOUNT_ATTR_RDONLY
+            | linux.MOUNT_ATTR_NOSUID
+            | linux.MOUNT_ATTR_NODEV
+            | linux.MOUNT_ATTR_NOEXEC,
+            recursive=True,
+            detail="/sys",
+        )
+        linux.move_mount(
+            fd, "", linux.AT_FDCWD, target,
+            linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
 
 
 def mask_path(path: str) -> None:

@@ -16,6 +16,7 @@ import array
 import errno as _errno
 import json
 import os
+import select
 
 from runtime import errors
 
@@ -39,8 +40,19 @@ class Sync:
         fields["type"] = message_type
         os.write(self.fd, json.dumps(fields).encode())
 
-    def recv(self) -> dict | None:
-        """The next message, or None when every peer has closed its end (EOF)."""
+    def recv(self, timeout: float | None = None) -> dict | None:
+        """The next message, or None when every peer has closed its end (EOF).
+
+        timeout: seconds to wait for it (None: forever); past it, FailedPrecondition.
+        """
+        if timeout is not None:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if not poller.poll(max(0, int(timeout * 1000))):
+                raise errors.FailedPrecondition(
+                    f"container setup: no word from the container's processes in {timeout:g} s"
+                    " (a child is stuck): gave up"
+                )
         data = os.read(self.fd, _MAX_PACKET)
         if not data:
             return None

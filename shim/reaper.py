@@ -6,13 +6,16 @@ to whoever registered that pid. An exit that arrives before its pid is registere
 (a process that dies while its Create or Start is still returning) is kept and handed
 over at registration, so no exit is ever lost.
 
-Only the loop thread forks and waits: the daemon has no other threads, so runtime
-code that forks and waits for its own helper synchronously is never raced by this
-reaper (the SIGCHLD handler runs only when that code has returned to the loop).
+Runtime code forks and waits for its own helpers (the namespace child, hooks) by pid.
+In the loop thread it is never raced by this reaper (the SIGCHLD handler runs only
+when that code has returned to the loop); a container Create runs in a worker thread
+(shim.service), and holds the reaper (`held()`) meanwhile: exits that arrive then are
+collected when it ends.
 """
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import signal
@@ -41,6 +44,8 @@ class Reaper:
         self._callbacks: dict[int, Callable[[int], None]] = {}
         self._unclaimed: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._holders = 0
+        self._missed = False
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Become the subreaper of everything we spawn, and reap on SIGCHLD in `loop`."""
@@ -62,7 +67,23 @@ class Reaper:
     def unregister(self, pid: int) -> None:
         self._callbacks.pop(pid, None)
 
+    @contextlib.contextmanager
+    def held(self):
+        """No waitpid(-1) meanwhile (in the loop thread): runtime code in another
+        thread waits for its own children by pid, which a reap would steal."""
+        self._holders += 1
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if self._holders == 0 and self._missed:
+                self._missed = False
+                self.reap()
+
     def reap(self) -> None:
+        if self._holders:
+            self._missed = True
+            return
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

@@ -1,12 +1,17 @@
 """The `containerd.task.v2.Task` service: containerd's calls, answered with the runtime core.
 
-Every call runs in the daemon's one loop thread. Runtime-core calls are synchronous and
-short (a fork, a few syscalls); nothing here starts a thread, so forking is safe and
-the reaper never races the core's own waits. Errors are `runtime.errors` kinds; the
-ttrpc server turns them into status codes at the edge.
+Every call runs in the daemon's one loop thread, and runtime-core calls are synchronous
+and short (a fork, a few syscalls), except a container's creation: its setup can take
+long (a large image, createContainer hooks, a child stuck until the sync timeout), and
+the loop serves every other container of the pod. Create runs it in one worker thread
+(one Create at a time), with the reaper held so it never races the core's own waits.
+Errors are `runtime.errors` kinds; the ttrpc server turns them into status codes at
+the edge.
 """
 
+import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -156,6 +161,9 @@ class TaskService(shim_ttrpc.TaskService):
         self.root = daemon.runtime_root
         self.reaper = daemon.reaper
         self.tasks: dict[str, Task] = {}
+        self._creator = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="zviz-create"
+        )
         if log.isEnabledFor(logging.DEBUG):
             for name in self.METHODS:
                 setattr(self, name, _timed(name, getattr(self, name)))
@@ -167,7 +175,7 @@ class TaskService(shim_ttrpc.TaskService):
 
     def _task(self, task_id: str) -> Task:
         task = self.tasks.get(task_id)
-        if task is None or task.init is None:
+        if task is None or task.init is None or task.container is None:  # or still creating
             raise errors.NotFound(f"task {task_id} not found")
         return task
 
@@ -262,7 +270,8 @@ class TaskService(shim_ttrpc.TaskService):
                 reaper=self.reaper,
             )
             task.init = Process(task, "", stdio)
-            task.container = Container.create(
+            create = functools.partial(
+                Container.create,
                 self.root,
                 request.id,
                 request.bundle,
@@ -271,6 +280,8 @@ class TaskService(shim_ttrpc.TaskService):
                 console_socket=stdio.console_socket,
                 detach=True,
             )
+            with self.reaper.held():
+                task.container = await loop.run_in_executor(self._creator, create)
             if request.terminal:
                 stdio.receive_console()
             stdio.spawned()

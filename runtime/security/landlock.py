@@ -114,22 +114,18 @@ class Ruleset:
         os.set_inheritable(self.fd, False)
         self.rules: list[tuple[str, int]] = []
 
-    def allow_path(self, path: str, access: int, follow_symlinks: bool = False) -> bool:
+    def allow_path(self, path: str, access: int) -> bool:
         """Grant `access` beneath `path`; False if the path does not exist in this rootfs.
 
-        The image owns the rootfs: a profile path it made a symlink (/run -> /dev)
-        would move the rule onto the link's target. So by default no symlink is
-        followed and such a path gets no rule (False): access through the link is
-        then decided by the target's own rules. follow_symlinks=True is for paths
-        resolved the same way elsewhere (a volume's mount destination).
+        The image owns the rootfs: a path it made a symlink (/run -> /dev, /data -> /)
+        would move the rule onto the link's target. So no symlink is followed and
+        such a path gets no rule (False): access through the link is then decided by
+        the target's own rules.
         """
         try:
-            if follow_symlinks:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            else:
-                fd = linux.openat2(
-                    linux.AT_FDCWD, path, os.O_PATH | os.O_CLOEXEC, linux.RESOLVE_NO_SYMLINKS
-                )
+            fd = linux.openat2(
+                linux.AT_FDCWD, path, os.O_PATH | os.O_CLOEXEC, linux.RESOLVE_NO_SYMLINKS
+            )
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as exc:

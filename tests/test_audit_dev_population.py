@@ -1,0 +1,76 @@
+"""Devices from linux.devices must be made inside the rootfs, never by a path walk
+that a swapped symlink can redirect (issue 10, suspicion: "/dev population uses path
+calls while the root is still the host's").
+
+Before pivot_root, PID 1's root is the host's: `_create_device` resolved the device's
+path inside the rootfs (`secure_join`) and then used it by path (makedirs, unlink,
+open O_CREAT, mknod, mount). A volume shared with another container can change in
+between (the window the mount code already closes with pinned fds): a directory
+swapped for a symlink to a host directory sent the unlink and the mknod there. The
+test widens that window deterministically, as tests/test_audit_mount_race.py does.
+"""
+
+import os
+
+from runtime import errors, rootfs
+from tests.test_audit_mount_race import _builder, _in_private_mount_namespace
+
+
+def test_device_parent_swapped_for_a_symlink_never_touches_the_host(tmp_path, monkeypatch):
+    bundle = tmp_path / "bundle"
+    root = bundle / "rootfs"
+    (root / "vol" / "sub").mkdir(parents=True)
+    host_dir = tmp_path / "host-dir"
+    host_dir.mkdir()
+    (host_dir / "victim").write_text("host file\n")
+    device = {"path": "/vol/sub/victim", "type": "p", "major": 0, "minor": 0}
+    real_secure_join = rootfs.secure_join
+
+    def racing_secure_join(base, unsafe):
+        resolved = real_secure_join(base, unsafe)
+        if unsafe == device["path"]:
+            os.rmdir("vol/sub")
+            os.symlink(str(host_dir), "vol/sub")
+        return resolved
+
+    monkeypatch.setattr(rootfs, "secure_join", racing_secure_join)
+
+    def body():
+        os.chdir(root)
+        try:
+            _builder(str(bundle))._create_device(device)
+            error = None
+        except errors.ZvizError as exc:
+            error = str(exc)
+        victim = host_dir / "victim"
+        return {
+            "error": error,
+            "victim_is_the_host_file": victim.is_file() and victim.read_text() == "host file\n",
+            "host_dir": sorted(os.listdir(host_dir)),
+        }
+
+    result = _in_private_mount_namespace(body)
+    assert "crash" not in result, result
+    assert result["victim_is_the_host_file"] is True, result
+    assert result["host_dir"] == ["victim"], result
+    assert result["error"] and "/vol/sub/victim" in result["error"], result
+
+
+def test_devices_still_land_in_the_rootfs(tmp_path):
+    bundle = tmp_path / "bundle"
+    root = bundle / "rootfs"
+    (root / "dev").mkdir(parents=True)
+
+    def body():
+        os.chdir(root)
+        builder = _builder(str(bundle))
+        builder._create_device({"path": "/dev/zm10-fifo", "type": "p", "major": 0, "minor": 0})
+        builder._create_device({"path": "/dev/sub/null", "type": "c", "major": 1, "minor": 3})
+        fifo = os.lstat(root / "dev" / "zm10-fifo")
+        null = os.stat(root / "dev" / "sub" / "null")
+        return {
+            "fifo": oct(fifo.st_mode >> 12),
+            "null": [os.major(null.st_rdev), os.minor(null.st_rdev)],
+        }
+
+    assert _in_private_mount_namespace(body) == {"fifo": "0o1", "null": [1, 3]}
