@@ -27,6 +27,7 @@ from integration.cgroup_checks import (
     kernel_says_frozen,
     read,
 )
+from integration.ids import session_tag, tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, remove_test_slices, unique_id
 from runtime import cgroups
 from runtime.errors import AlreadyExists, InvalidArgument
@@ -45,7 +46,7 @@ def cgroup_dirs_named(name: str) -> list[str]:
 
 @pytest.fixture
 def name():
-    unique = f"zviz-cg-{uuid.uuid4().hex[:10]}"
+    unique = unique_id("zviz-cg")
     yield unique
     assert cgroup_dirs_named(unique) == [], "a test cgroup outlived its test"
 
@@ -578,7 +579,7 @@ def test_concurrent_create_and_destroy_share_the_zviz_parent_safely(name):
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 def with_resources(config: dict, **resources) -> dict:
@@ -663,7 +664,7 @@ def test_container_pause_update_stats_and_delete(zviz, make_bundle, tmp_path):
 
 def test_a_systemd_style_cgroups_path_lands_where_systemd_would_put_the_scope(zviz, make_bundle):
     # What containerd's CRI sends with the kubelet's systemd cgroup driver.
-    pod = f"zviztest-pod{uuid.uuid4().hex[:8]}"
+    pod = f"zviztest-pod{session_tag()}{uuid.uuid4().hex[:6]}"  # no "-": a slice level
     container_id = unique_id("zviz-cg")
     bundle = make_bundle(["sleep", "60"])
     cgroups_path = f"{pod}.slice:cri-containerd:{container_id}"

@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from integration.ids import session_tag, tagged
 from integration.zviz_cli import remove_test_slices
 from tools.containerd import CRI_NAMESPACE, VENV_BIN, PrivateContainerd
 from tools.mkimage import DEFAULT_REF, build_image
@@ -67,7 +68,9 @@ def run(coro):
 
 def _sandbox_config(pb, log_dir: str, pid_mode, cgroup_parent: str = ""):
     return pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name="zviz-pod", uid=uuid.uuid4().hex, namespace="default"),
+        metadata=pb.PodSandboxMetadata(
+            name=tagged("zviz-pod"), uid=uuid.uuid4().hex, namespace="default"
+        ),
         hostname="",  # as kubelet sends for a pod on the node's network (runc refuses one too)
         log_directory=log_dir,
         linux=pb.LinuxPodSandboxConfig(
@@ -107,13 +110,15 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
     # slice:cri-containerd:<id> cgroupsPaths.
     daemon, (pb, grpc) = cri
     pid_mode = pb.POD if share_pids else pb.CONTAINER
-    pod_slice = f"zviztest-pod{uuid.uuid4().hex[:8]}.slice" if systemd_cgroups else ""
+    pod_slice = (
+        f"zviztest-pod{session_tag()}{uuid.uuid4().hex[:6]}.slice" if systemd_cgroups else ""
+    )
     from grpclib.client import Channel
 
-    log_dir = tempfile.mkdtemp(prefix="zviz-cri-logs-")
+    log_dir = tempfile.mkdtemp(prefix=tagged("zviz-cri-logs") + "-")
     # As kubelet's /var/lib/kubelet/pods/<uid>/volumes/...: the volume under a directory
     # the container's root (an unprivileged host uid) may not traverse.
-    private = tempfile.mkdtemp(prefix="zviz-cri-volume-")
+    private = tempfile.mkdtemp(prefix=tagged("zviz-cri-volume") + "-")
     volume = os.path.join(private, "volume")
     os.mkdir(volume, 0o755)
     with open(os.path.join(volume, "config"), "w") as f:

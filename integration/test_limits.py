@@ -5,13 +5,14 @@ import json
 import pytest
 
 from integration.cgroup_checks import cgroup_file, read
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 from runtime import cgroups
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 def test_memory_hog_is_killed_at_its_limit_and_reported(zviz, make_bundle):

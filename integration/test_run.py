@@ -8,13 +8,14 @@ import time
 
 import pytest
 
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, leftovers, unique_id
 from runtime import linux
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 def test_workload_is_pid1_with_the_configured_hostname(zviz, make_bundle):

@@ -5,13 +5,9 @@ import json
 import os
 import subprocess
 import tempfile
-import uuid
 
+from integration.ids import unique_id
 from runtime import cgroups
-
-
-def unique_id(prefix: str = "zviz-rt") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def edit_config(bundle: str, change) -> dict:
