@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 
+from integration.cgroup_checks import host_version
 from integration.ids import session_tag, tagged
 from integration.zviz_cli import remove_test_slices
 from tools.containerd import CRI_NAMESPACE, VENV_BIN, PrivateContainerd
@@ -170,7 +171,8 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
                 seen["state"] = status.status.state
                 if pod_slice:
                     scope = f"zviztest.slice/{pod_slice}/cri-containerd-{container_id}.scope"
-                    seen["scope"] = os.path.isdir(f"/sys/fs/cgroup/pids/{scope}")
+                    mount = "/sys/fs/cgroup/pids" if host_version() == 1 else "/sys/fs/cgroup"
+                    seen["scope"] = os.path.isdir(f"{mount}/{scope}")
                 script = (
                     "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; "
                     "cat /proc/self/uid_map; cat /config/config; echo $GREETING; "

@@ -164,7 +164,8 @@ class PrivateContainerd:
 
     def _remove_namespace_cgroups(self) -> None:
         """ctr puts tasks in /<namespace>/<id>; runtimes remove <id>, the empty parent is ours."""
-        for hierarchy in os.listdir("/sys/fs/cgroup"):
+        # "": the v2 tree at /sys/fs/cgroup itself; the others: each v1 hierarchy
+        for hierarchy in ["", *os.listdir("/sys/fs/cgroup")]:
             for namespace in (self.namespace, CRI_NAMESPACE if self.cri_sandbox_image else None):
                 if namespace is None:
                     continue
