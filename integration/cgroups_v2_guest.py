@@ -338,6 +338,41 @@ def containers_through_zviz():
 
 
 @check
+def shared_checks():
+    """The checks integration/test_cgroups.py runs on the host, run on this v2 kernel."""
+    from integration import cgroup_checks
+    from tools.blockdevs import absent_block_device, present_block_device
+
+    def throttle(cg) -> str:
+        device = present_block_device()
+        if device is None:
+            return "skipped: the guest has no block device"
+        cgroup_checks.check_block_io_throttle(cg, device, absent_block_device())
+        return "passed"
+
+    def weight(cg) -> str:
+        if cgroup_checks.offered_weight_file(cg) is None:
+            return "refused: " + cgroup_checks.check_block_io_weight_is_refused(cg)
+        return "applied: " + cgroup_checks.check_block_io_weight_applies(cg)
+
+    facts = {}
+    for label, run in (
+        ("apply_writes_the_limits", cgroup_checks.check_apply_writes_the_limits),
+        ("block_io_throttle", throttle),
+        ("block_io_weight", weight),
+    ):
+        cg = cgroups.for_container(f"zviz-vm-shared-{label}")
+        cg.create()
+        try:
+            facts[label] = run(cg) or "passed"
+        except Exception:
+            facts[label] = "failed: " + traceback.format_exc()
+        finally:
+            cg.destroy()
+    return facts
+
+
+@check
 def nothing_left():
     return sorted(name for name in os.listdir("/sys/fs/cgroup") if "zviz" in name)
 

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from integration.ids import TAG_VARIABLE, new_session_tag, session_tag, tagged
+from integration.leaks import leftovers
 from tools.containerd import PrivateContainerd, runsc_wrapper
 from tools.mkbundle import build_bundle
 from tools.mkimage import DEFAULT_REF, build_image
@@ -78,46 +80,23 @@ def make_bundle(tmp_path):
     counter = iter(range(1000))
 
     def make(args=("true",), **overrides) -> str:
-        return build_bundle(str(tmp_path / f"bundle{next(counter)}"), args=list(args), **overrides)
+        directory = tmp_path / f"{tagged('bundle')}-{next(counter)}"
+        return build_bundle(str(directory), args=list(args), **overrides)
 
     return make
 
 
-def _leftovers() -> list[str]:
-    """Every zviz mount, cgroup, process and state directory still on the machine."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        found += [f"mount {line.split()[4]}" for line in f if "zviz" in line.split()[4]]
-    for hierarchy in os.listdir("/sys/fs/cgroup"):
-        top = os.path.join("/sys/fs/cgroup", hierarchy)
-        for dirpath, dirnames, _ in os.walk(top):
-            found += [f"cgroup {os.path.join(dirpath, d)}" for d in dirnames if "zviz" in d]
-            if dirpath.count("/") > 6:
-                dirnames.clear()
-    me = os.getpid()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(pid) != me and ("containerd-shim-zviz" in cmdline or "/bin/zviz " in cmdline):
-            found.append(f"process {pid} {cmdline.strip()}")
-    return found
-
-
-_before: set[str] = set()
-
-
-def pytest_sessionstart(session):
-    _before.update(_leftovers())
+def pytest_configure(config):
+    # A fresh tag per session, in the environment so that every process started from
+    # here carries it: what the suite creates is named with it (integration/ids.py).
+    os.environ[TAG_VARIABLE] = new_session_tag()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """After the suite no zviz mount, cgroup or process may remain: a leak fails the run."""
+    """After the suite nothing of this session may remain: a leak fails the run."""
     if os.geteuid() != 0:
         return
-    new = [item for item in _leftovers() if item not in _before]
-    if new:
-        print("\nzviz left these behind after the suite:\n  " + "\n  ".join(new))
+    left = leftovers(session_tag(), exclude_pids={os.getpid()})
+    if left:
+        print(f"\nthis session ({session_tag()}) left these behind:\n  " + "\n  ".join(left))
         session.exitstatus = 1

@@ -151,3 +151,20 @@ def test_v2_whole_containers_through_zviz_run(guest):
     # In the container's cgroup (its namespace root), beside PID 1: sleep, sh, cat at least.
     assert cgroup == "0::/" and int(procs) >= 2
     assert guest["nothing_left"] == []
+
+
+def test_v2_the_host_checks_hold_here_too(guest):
+    """integration/cgroup_checks.py, shared with test_cgroups.py, on the v2 kernel."""
+    facts = result(guest, "shared_checks")
+    assert facts["apply_writes_the_limits"] == "passed", facts["apply_writes_the_limits"]
+    throttle = facts["block_io_throttle"]
+    assert throttle == "passed" or throttle.startswith("skipped: "), throttle
+
+
+def test_v2_block_io_weight_applies_through_the_file_the_kernel_offers(guest):
+    outcome = result(guest, "shared_checks")["block_io_weight"]
+    assert outcome.startswith(("applied: ", "refused: ")), outcome
+    if outcome.startswith("refused: "):
+        pytest.skip(f"the guest kernel offers no weight file (the refusal was checked): {outcome}")
+    # Debian's kernel has io.cost (CONFIG_BLK_CGROUP_IOCOST=y) but no BFQ loaded
+    assert outcome == "applied: io.weight"

@@ -10,12 +10,15 @@ import time
 
 import pytest
 
-from integration.zviz_cli import Zviz, edit_config, unique_id
+from integration.ids import session_tag, tagged
+from integration.zviz_cli import Zviz, edit_config
 from runtime import errors
 from runtime.container import Container
 from runtime.state import proc_stat
 
 CYCLES = 100
+# Every container here is named <LEAK_IDS>...: this session's, never another run's.
+LEAK_IDS = tagged("zviz-rt-leak")
 
 
 def snapshot(root: str) -> dict:
@@ -25,14 +28,14 @@ def snapshot(root: str) -> dict:
         mounts = sorted(
             m
             for m in (line.split()[4] for line in f)
-            if "zviz-rt" in m or m.startswith(os.path.dirname(root))
+            if session_tag() in m or m.startswith(os.path.dirname(root))
         )
     cgroups = sorted(
         os.path.join(h, name)
         for h in os.listdir("/sys/fs/cgroup")
         if os.path.isdir(os.path.join("/sys/fs/cgroup", h, "zviz"))
         for name in os.listdir(os.path.join("/sys/fs/cgroup", h, "zviz"))
-        if name.startswith("zviz-rt-leak")
+        if name.startswith(LEAK_IDS)
     )
     return {
         "mounts": mounts,
@@ -72,13 +75,13 @@ def settle(root: str, before: dict, timeout: float = 10) -> dict:
 
 
 def test_hundred_create_delete_cycles_leave_nothing(make_bundle, tmp_path):
-    root = str(tmp_path / "root")
+    root = str(tmp_path / tagged("root"))
     os.makedirs(root)
     bundle = make_bundle(["sleep", "60"])
     before = snapshot(root)
     pids = []
     for i in range(CYCLES):
-        container = Container.create(root, f"zviz-rt-leak{i}", bundle, detach=True)
+        container = Container.create(root, f"{LEAK_IDS}{i}", bundle, detach=True)
         pids.append((container.pid, container.data["pidStartTime"]))
         if i % 3 == 1:
             container.start()
@@ -96,7 +99,7 @@ def test_hundred_create_delete_cycles_leave_nothing(make_bundle, tmp_path):
 
 
 def test_failed_creates_leave_nothing(make_bundle, tmp_path):
-    root = str(tmp_path / "root")
+    root = str(tmp_path / tagged("root"))
     os.makedirs(root)
     before = snapshot(root)
     bad_exec = make_bundle(["/no/such/binary"])
@@ -112,16 +115,16 @@ def test_failed_creates_leave_nothing(make_bundle, tmp_path):
     for i in range(10):
         for bundle in (bad_exec, bad_mount, bad_limit):
             with pytest.raises(errors.ZvizError):
-                Container.create(root, f"zviz-rt-leak-bad{i}", bundle, detach=True)
+                Container.create(root, f"{LEAK_IDS}-bad{i}", bundle, detach=True)
     assert settle(root, before) == before
 
 
 def test_cli_cycles_leave_nothing(zviz_bin, make_bundle, tmp_path):
-    zviz = Zviz(zviz_bin, str(tmp_path / "root"))
+    zviz = Zviz(zviz_bin, str(tmp_path / tagged("root")))
     bundle = make_bundle(["true"])
     before = snapshot(zviz.root)
     for _ in range(10):
-        container_id = unique_id("zviz-rt-leak")
+        container_id = f"{LEAK_IDS}-cli"
         assert zviz.create(bundle, container_id).returncode == 0
         assert zviz("start", container_id).returncode == 0
         assert zviz("delete", "--force", container_id).returncode == 0

@@ -19,6 +19,8 @@ import uuid
 
 import pytest
 
+from integration.cgroup_checks import host_version
+from integration.ids import session_tag, tagged
 from integration.zviz_cli import remove_test_slices
 from tools.containerd import CRI_NAMESPACE, VENV_BIN, PrivateContainerd
 from tools.mkimage import DEFAULT_REF, build_image
@@ -67,7 +69,9 @@ def run(coro):
 
 def _sandbox_config(pb, log_dir: str, pid_mode, cgroup_parent: str = ""):
     return pb.PodSandboxConfig(
-        metadata=pb.PodSandboxMetadata(name="zviz-pod", uid=uuid.uuid4().hex, namespace="default"),
+        metadata=pb.PodSandboxMetadata(
+            name=tagged("zviz-pod"), uid=uuid.uuid4().hex, namespace="default"
+        ),
         hostname="",  # as kubelet sends for a pod on the node's network (runc refuses one too)
         log_directory=log_dir,
         linux=pb.LinuxPodSandboxConfig(
@@ -107,13 +111,15 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
     # slice:cri-containerd:<id> cgroupsPaths.
     daemon, (pb, grpc) = cri
     pid_mode = pb.POD if share_pids else pb.CONTAINER
-    pod_slice = f"zviztest-pod{uuid.uuid4().hex[:8]}.slice" if systemd_cgroups else ""
+    pod_slice = (
+        f"zviztest-pod{session_tag()}{uuid.uuid4().hex[:6]}.slice" if systemd_cgroups else ""
+    )
     from grpclib.client import Channel
 
-    log_dir = tempfile.mkdtemp(prefix="zviz-cri-logs-")
+    log_dir = tempfile.mkdtemp(prefix=tagged("zviz-cri-logs") + "-")
     # As kubelet's /var/lib/kubelet/pods/<uid>/volumes/...: the volume under a directory
     # the container's root (an unprivileged host uid) may not traverse.
-    private = tempfile.mkdtemp(prefix="zviz-cri-volume-")
+    private = tempfile.mkdtemp(prefix=tagged("zviz-cri-volume") + "-")
     volume = os.path.join(private, "volume")
     os.mkdir(volume, 0o755)
     with open(os.path.join(volume, "config"), "w") as f:
@@ -165,7 +171,8 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
                 seen["state"] = status.status.state
                 if pod_slice:
                     scope = f"zviztest.slice/{pod_slice}/cri-containerd-{container_id}.scope"
-                    seen["scope"] = os.path.isdir(f"/sys/fs/cgroup/pids/{scope}")
+                    mount = "/sys/fs/cgroup/pids" if host_version() == 1 else "/sys/fs/cgroup"
+                    seen["scope"] = os.path.isdir(f"{mount}/{scope}")
                 script = (
                     "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; "
                     "cat /proc/self/uid_map; cat /config/config; echo $GREETING; "

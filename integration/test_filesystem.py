@@ -282,7 +282,7 @@ def test_cgroup_mount_shows_only_the_containers_own_groups(zviz, make_bundle):
 
 def test_no_pivot_falls_back_to_move_and_chroot(zviz, make_bundle):
     bundle = make_bundle(["sh", "-c", "ls /; cat /proc/self/mountinfo | wc -l"])
-    result = zviz("run", "--no-pivot", "--bundle", bundle, "zviz-rt-nopivot")
+    result = zviz("run", "--no-pivot", "--bundle", bundle, unique_id("zviz-rt-nopivot"))
     assert result.returncode == 0, result.stderr
     assert "bin" in result.stdout.split()
 

@@ -14,17 +14,18 @@ import time
 
 import pytest
 
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 @pytest.fixture
 def hook_dir():
-    directory = tempfile.mkdtemp(prefix="zviz-hooks-")
+    directory = tempfile.mkdtemp(prefix=tagged("zviz-hooks") + "-")
     os.chmod(directory, 0o777)
     yield directory
     shutil.rmtree(directory)

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 def wait_for_status(zviz, container_id: str, wanted: str, timeout: float = 30) -> dict:

@@ -4,12 +4,15 @@ import json
 
 import pytest
 
+from integration.cgroup_checks import cgroup_file, read
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
+from runtime import cgroups
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 def test_memory_hog_is_killed_at_its_limit_and_reported(zviz, make_bundle):
@@ -59,20 +62,18 @@ def test_limits_are_visible_in_the_cgroup(zviz, make_bundle):
         ),
     )
     assert zviz.create(bundle, container_id).returncode == 0
+    group = cgroups.for_container(container_id)  # only its paths: where zviz put it
     try:
-        with open(f"/sys/fs/cgroup/memory/zviz/{container_id}/memory.limit_in_bytes") as f:
-            assert int(f.read()) == 64 * 1024 * 1024
-        with open(f"/sys/fs/cgroup/pids/zviz/{container_id}/pids.max") as f:
-            assert f.read().strip() == "33"
+        memory_limit = cgroup_file(group, "memory", "memory.limit_in_bytes", "memory.max")
+        assert int(read(memory_limit)) == 64 * 1024 * 1024
+        assert read(cgroup_file(group, "pids", "pids.max")) == "33"
         pid = zviz.state(container_id)["pid"]
-        with open(f"/sys/fs/cgroup/pids/zviz/{container_id}/cgroup.procs") as f:
-            assert pid in [int(p) for p in f.read().split()]
+        assert pid in [int(p) for p in read(cgroup_file(group, "pids", "cgroup.procs")).split()]
         update = zviz(
             "update", "--resources", "-", container_id, input=json.dumps({"pids": {"limit": 44}})
         )
         assert update.returncode == 0, update.stderr
-        with open(f"/sys/fs/cgroup/pids/zviz/{container_id}/pids.max") as f:
-            assert f.read().strip() == "44"
+        assert read(cgroup_file(group, "pids", "pids.max")) == "44"
     finally:
         assert zviz("delete", "--force", container_id).returncode == 0
     assert leftovers(container_id, zviz.root) == []

@@ -8,13 +8,14 @@ import time
 
 import pytest
 
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, leftovers, unique_id
 from runtime import linux
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
-    return Zviz(zviz_bin, str(tmp_path / "root"))
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
 
 
 def test_workload_is_pid1_with_the_configured_hostname(zviz, make_bundle):
@@ -319,7 +320,9 @@ def test_fork_server_refuses_a_client_of_another_install(tmp_path):
 )
 def test_profile_given_before_or_after_the_command(zviz, make_bundle, placement):
     """The README's `zviz --profile=NAME run ...` and run's own flag: the same container."""
-    bundle = make_bundle(["sh", "-c", "cat /proc/self/uid_map /sys/fs/cgroup/pids/pids.max"])
+    # the container's own pids.max: in its pids hierarchy on v1, at its cgroup root on v2
+    pids_max = "cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max"
+    bundle = make_bundle(["sh", "-c", f"cat /proc/self/uid_map; {pids_max}"])
     result = zviz(*placement, "--bundle", bundle, unique_id())
     assert result.returncode == 0, result.stderr
     uid_map, pids_max = result.stdout.splitlines()

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from integration.cgroup_checks import host_version
 from integration.zviz_cli import unique_id
 
 pytestmark = pytest.mark.containerd
@@ -66,6 +67,9 @@ def test_detached_task_exec_ps_kill_delete(containerd, busybox_image, zviz_bin):
         assert container_id in tasks and "RUNNING" in tasks
         # zviz's state dir lives under the root the shim passed (runc's layout).
         runc_root = f"/run/containerd/runc/{containerd.namespace}"
+        # containerd sets linux.cgroupsPath to /<namespace>/<id>
+        mount = "/sys/fs/cgroup/pids" if host_version() == 1 else "/sys/fs/cgroup"
+        cgroup_dir = f"{mount}/{containerd.namespace}/{container_id}"
         assert os.path.exists(os.path.join(runc_root, container_id, "state.json"))
 
         executed = containerd.ctr(
@@ -73,7 +77,7 @@ def test_detached_task_exec_ps_kill_delete(containerd, busybox_image, zviz_bin):
         )
         assert "exec-ok" in executed.stdout, executed.stderr
 
-        assert os.path.isdir(f"/sys/fs/cgroup/pids/{containerd.namespace}/{container_id}")
+        assert os.path.isdir(cgroup_dir)
         ps = containerd.ctr("task", "ps", container_id)
         pids = [int(line.split()[0]) for line in ps.stdout.splitlines()[1:] if line.split()]
         assert pids, ps.stdout
@@ -93,8 +97,7 @@ def test_detached_task_exec_ps_kill_delete(containerd, busybox_image, zviz_bin):
         deleted = containerd.ctr("task", "delete", container_id, check=False)
         assert deleted.returncode == 0, deleted.stderr
         assert not os.path.exists(os.path.join(runc_root, container_id))
-        # containerd sets linux.cgroupsPath to /<namespace>/<id>.
-        assert not os.path.exists(f"/sys/fs/cgroup/pids/{containerd.namespace}/{container_id}")
+        assert not os.path.exists(cgroup_dir)
     finally:
         cleanup(containerd, container_id)
 

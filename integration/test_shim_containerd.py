@@ -26,6 +26,7 @@ import pytest
 
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client
+from integration.ids import tagged
 from shim import config as shim_config
 
 pytestmark = pytest.mark.containerd
@@ -63,7 +64,7 @@ def new_id(runtime):
     short = "zviz" if runtime == ZVIZ else "runc"
 
     def make() -> str:
-        return f"zviz-shim-{short}-{os.getpid()}-{next(_ids)}"
+        return f"{tagged('zviz-shim-' + short)}-{os.getpid()}-{next(_ids)}"
 
     return make
 
@@ -268,7 +269,7 @@ def test_stdin_reaches_the_task_and_ends(containerd, ctr, busybox_image, new_id,
 def test_environment_and_bind_mount(ctr, busybox_image, new_id):
     # zviz maps the container's root to an unprivileged host uid: like any other
     # unprivileged user it needs a source it may traverse, read and write.
-    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="zviz-shim-bind-", dir="/tmp"))
+    tmp_path = pathlib.Path(tempfile.mkdtemp(prefix=tagged("zviz-shim-bind") + "-", dir="/tmp"))
     tmp_path.chmod(0o777)
     (tmp_path / "greeting").write_text("from-the-host\n")
     result = ctr(
@@ -606,7 +607,7 @@ def test_profile_comes_from_annotation_then_runtime_config(containerd, busybox_i
 
 def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image):
     """A profile that mediates syscalls gets a seccomp broker: a process of the shim daemon."""
-    container_id = "zviz-shim-broker"
+    container_id = tagged("zviz-shim-broker")
     result = containerd.ctr(
         "run",
         "-d",

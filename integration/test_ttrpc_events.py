@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import uuid
 
 import pytest
 from google.protobuf import empty_pb2, timestamp_pb2
@@ -23,6 +22,7 @@ from api.gen.containerd.events import task_pb2 as events
 from api.gen.containerd.services.events.v1 import events_pb2 as grpc_events
 from api.gen.containerd.services.ttrpc.events.v1 import events_pb2, events_ttrpc
 from api.ttrpc import Client, Code, TtrpcError
+from integration.ids import unique_id
 
 pytestmark = pytest.mark.containerd
 
@@ -79,7 +79,7 @@ async def forward_until_seen(publisher, namespace, container_id, received, attem
 
 
 def test_forwarded_task_exit_arrives_through_containerd(containerd):
-    container_id = f"zviz-ttrpc-{uuid.uuid4().hex[:8]}"
+    container_id = unique_id("zviz-ttrpc")
 
     async def main():
         received: asyncio.Queue = asyncio.Queue()
@@ -142,7 +142,7 @@ async def read_event_line(stream: asyncio.StreamReader, container_id: str) -> st
 
 
 def test_many_concurrent_forwards_on_one_connection(containerd):
-    container_id = f"zviz-ttrpc-{uuid.uuid4().hex[:8]}"
+    container_id = unique_id("zviz-ttrpc")
     count = 64
 
     async def main():

@@ -1,14 +1,13 @@
 """Helpers for the tests that drive the `zviz` CLI against the real kernel."""
 
+import glob
 import json
 import os
 import subprocess
 import tempfile
-import uuid
 
-
-def unique_id(prefix: str = "zviz-rt") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+from integration.ids import unique_id
+from runtime import cgroups
 
 
 def edit_config(bundle: str, change) -> dict:
@@ -95,8 +94,8 @@ def leftovers(container_id: str, root: str) -> list[str]:
     found = []
     if os.path.exists(os.path.join(root, container_id)):
         found.append(f"state dir {os.path.join(root, container_id)}")
-    for hierarchy in os.listdir("/sys/fs/cgroup"):
-        path = os.path.join("/sys/fs/cgroup", hierarchy, "zviz", container_id)
+    # where zviz puts a container's group by default, in every hierarchy this host has
+    for path in cgroups.for_container(container_id).paths.values():
         if os.path.isdir(path):
             found.append(f"cgroup {path}")
     return found
@@ -108,9 +107,10 @@ def remove_test_slices(pod_slice: str) -> None:
     They stand for the kubelet's systemd slices, which zviz leaves alone, so the tests
     that make them remove them.
     """
-    for hierarchy in os.listdir("/sys/fs/cgroup"):
+    # v1: one tree per hierarchy below /sys/fs/cgroup; v2: the tree at /sys/fs/cgroup
+    for top in ["/sys/fs/cgroup", *glob.glob("/sys/fs/cgroup/*/")]:
         for level in (f"zviztest.slice/{pod_slice}", "zviztest.slice"):
             try:
-                os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, level))
+                os.rmdir(os.path.join(top, level))
             except OSError:
                 pass

@@ -15,6 +15,9 @@ import pytest
 
 from runtime import errors, linux, rootfs
 from runtime.rootfs import Mount, RootfsBuilder
+from tests.privileges import mounts_in_own_namespace
+
+pytestmark = mounts_in_own_namespace
 
 
 def _in_private_mount_namespace(body) -> dict:

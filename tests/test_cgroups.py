@@ -402,7 +402,113 @@ def test_v2_io():
         }
     )
     assert files(writes) == [("io.weight", "10000"), ("io.max", "8:16 wiops=100")]
-    assert files(v2.plan({"blockIO": {"weight": 300}}, bfq=True)) == [("io.bfq.weight", "300")]
+    bfq = v2.plan({"blockIO": {"weight": 300}}, weight_file="io.bfq.weight")
+    assert files(bfq) == [("io.bfq.weight", "300")]  # BFQ keeps blkio's scale
+
+
+# --- the block I/O weight file: whichever the kernel offers, or a clear error ---------------
+
+WEIGHTS = {"weight": 500, "weightDevice": [{"major": 8, "minor": 0, "weight": 300}]}
+
+
+def test_v1_weight_goes_to_the_file_the_kernel_offers():
+    assert files(v1.plan({"blockIO": WEIGHTS}, weight_file="blkio.weight")) == [
+        ("blkio.weight", "500"),
+        ("blkio.weight_device", "8:0 300"),
+    ]
+    assert files(v1.plan({"blockIO": WEIGHTS}, weight_file="blkio.bfq.weight")) == [
+        ("blkio.bfq.weight", "500"),
+        ("blkio.bfq.weight_device", "8:0 300"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("block_io", "field", "missing"),
+    [
+        ({"weight": 500}, "blockIO.weight", "blkio.weight and blkio.bfq.weight"),
+        (
+            {"weightDevice": WEIGHTS["weightDevice"]},
+            r"blockIO.weightDevice\[0\].weight",
+            "blkio.weight_device and blkio.bfq.weight_device",
+        ),
+    ],
+)
+def test_v1_weight_without_a_weight_file_names_the_field_and_the_files(block_io, field, missing):
+    with pytest.raises(InvalidArgument, match=f"{field}: this kernel offers no block I/O weight"):
+        v1.plan({"blockIO": block_io}, weight_file=None)
+    with pytest.raises(InvalidArgument, match=f"{missing} are all missing"):
+        v1.plan({"blockIO": block_io}, weight_file=None)
+    # throttling needs no weight file
+    throttle = {"throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1}]}
+    assert files(v1.plan({"blockIO": throttle}, weight_file=None)) == [
+        ("blkio.throttle.read_bps_device", "8:0 1")
+    ]
+
+
+def test_v2_weight_without_a_weight_file_names_the_field_and_the_files():
+    with pytest.raises(
+        InvalidArgument,
+        match=r"blockIO.weight: this kernel offers no block I/O weight: "
+        r"io.bfq.weight and io.weight are all missing",
+    ):
+        v2.plan({"blockIO": {"weight": 500}}, weight_file=None)
+    with pytest.raises(InvalidArgument, match=r"blockIO.weightDevice\[0\]: this kernel offers"):
+        v2.plan({"blockIO": {"weightDevice": WEIGHTS["weightDevice"]}}, weight_file=None)
+    # a missing io controller is named as such, not as missing weight files
+    with pytest.raises(InvalidArgument, match=r"blockIO.weight: the io controller"):
+        v2.plan({"blockIO": {"weight": 500}}, available=frozenset({"memory"}), weight_file=None)
+
+
+def fake_group(directory, *names: str) -> str:
+    """A plain directory standing in for a cgroup that offers exactly `names`."""
+    directory.mkdir()
+    for name in names:
+        (directory / name).write_text("")
+    return str(directory)
+
+
+@pytest.mark.parametrize(
+    ("offered", "written"),
+    [
+        (("blkio.weight", "blkio.weight_device", "blkio.bfq.weight"), "blkio.weight"),
+        (("blkio.bfq.weight", "blkio.bfq.weight_device"), "blkio.bfq.weight"),
+    ],
+)
+def test_v1_group_writes_the_weight_file_its_kernel_offers(tmp_path, offered, written):
+    # a stand-in for the kernels this machine is not (CFQ before 5.0, or BFQ loaded)
+    group = v1.CgroupV1({"blkio": fake_group(tmp_path / "blkio", *offered)})
+    group.apply({"blockIO": WEIGHTS})
+    assert (tmp_path / "blkio" / written).read_text() == "500"
+    assert (tmp_path / "blkio" / f"{written}_device").read_text() == "8:0 300"
+
+
+def test_v1_group_without_weight_files_refuses_a_weight_and_writes_nothing(tmp_path):
+    # a stand-in for this machine's blkio groups: no CFQ, no BFQ
+    group = v1.CgroupV1({"blkio": fake_group(tmp_path / "blkio", "blkio.leaf_weight")})
+    with pytest.raises(InvalidArgument, match="blockIO.weight: this kernel offers no block I/O"):
+        group.apply({"blockIO": WEIGHTS})
+    assert sorted(p.name for p in (tmp_path / "blkio").iterdir()) == ["blkio.leaf_weight"]
+
+
+@pytest.mark.parametrize(
+    ("offered", "written", "value"),
+    [
+        (("io.weight",), "io.weight", "4950"),
+        (("io.weight", "io.bfq.weight"), "io.bfq.weight", "500"),
+    ],
+)
+def test_v2_group_writes_the_weight_file_its_kernel_offers(tmp_path, offered, written, value):
+    directory = fake_group(tmp_path / "group", "cgroup.controllers", *offered)
+    (tmp_path / "group" / "cgroup.controllers").write_text("io memory pids\n")
+    v2.CgroupV2(directory).apply({"blockIO": {"weight": 500}})
+    assert (tmp_path / "group" / written).read_text() == value
+
+
+def test_v2_group_without_weight_files_refuses_a_weight(tmp_path):
+    directory = fake_group(tmp_path / "group", "cgroup.controllers", "io.max")
+    (tmp_path / "group" / "cgroup.controllers").write_text("io\n")
+    with pytest.raises(InvalidArgument, match="io.bfq.weight and io.weight are all missing"):
+        v2.CgroupV2(directory).apply({"blockIO": {"weight": 500}})
 
 
 def test_settings_a_host_cannot_honour_come_back_as_notes():

@@ -11,6 +11,7 @@ import signal
 import socket
 import struct
 
+from tests.privileges import drops_capabilities
 from tests.test_security_layers import confined, errno_of
 
 
@@ -39,6 +40,7 @@ def listener():
     return s, s.getsockname()[1]
 
 
+@drops_capabilities
 def test_connect_to_allowed_port_works_other_port_is_denied(tmp_path):
     allowed, allowed_port = listener()
     other, other_port = listener()
@@ -57,6 +59,7 @@ def test_connect_to_allowed_port_works_other_port_is_denied(tmp_path):
     assert result == {"allowed": 0, "other": errno.EPERM}
 
 
+@drops_capabilities
 def test_web_server_profile_refuses_loopback_and_metadata_egress(tmp_path):
     server, port = listener()
 
@@ -72,6 +75,7 @@ def test_web_server_profile_refuses_loopback_and_metadata_egress(tmp_path):
         assert confined(tmp_path, "web-server", probe) == [errno.EPERM, errno.EPERM]
 
 
+@drops_capabilities
 def test_bind_decided_by_profile(tmp_path):
     probe_port = listener()
     probe_port[0].close()
@@ -99,6 +103,7 @@ def test_bind_decided_by_profile(tmp_path):
     }
 
 
+@drops_capabilities
 def test_udp_sendto_and_sendmsg_decided_on_the_copied_address(tmp_path):
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.bind(("127.0.0.1", 0))
@@ -120,6 +125,7 @@ def test_udp_sendto_and_sendmsg_decided_on_the_copied_address(tmp_path):
     assert got == {b"via-sendto", b"via-sendmsg"}
 
 
+@drops_capabilities
 def test_sendmsg_passes_file_descriptors_through_the_broker(tmp_path):
     def probe():
         a, b = socket.socketpair()
@@ -133,6 +139,7 @@ def test_sendmsg_passes_file_descriptors_through_the_broker(tmp_path):
     assert confined(tmp_path, "web-server", probe) == ["fd", "through-the-broker"]
 
 
+@drops_capabilities
 def test_unix_connect_by_path_works_through_the_broker(tmp_path):
     path = str(tmp_path / "sock")
     server = socket.socket(socket.AF_UNIX)
@@ -152,6 +159,7 @@ def test_unix_connect_by_path_works_through_the_broker(tmp_path):
         conn.close()
 
 
+@drops_capabilities
 def test_killed_broker_makes_mediated_calls_fail_never_succeed(tmp_path):
     allowed, allowed_port = listener()
     profile = loopback_profile(tmp_path, allowed_port)
@@ -179,6 +187,7 @@ def _state(pid):
         return "Z"
 
 
+@drops_capabilities
 def test_unix_bind_through_the_broker_only_where_the_container_may_write(tmp_path):
     writable = tmp_path / "writable"
     writable.mkdir()
@@ -199,6 +208,7 @@ def test_unix_bind_through_the_broker_only_where_the_container_may_write(tmp_pat
     assert (writable / "sock").exists() and not (elsewhere / "sock").exists()
 
 
+@drops_capabilities
 def test_privileged_port_bind_needs_the_callers_capability(tmp_path):
     no_caps = tmp_path / "web-no-caps.toml"
     no_caps.write_text('[profile]\nextends = "web-server"\n[capabilities]\nallow = []\n')
@@ -218,6 +228,7 @@ def test_privileged_port_bind_needs_the_callers_capability(tmp_path):
     assert confined(tmp_path, "web-server", probe) == [0, 0]
 
 
+@drops_capabilities
 def test_sendmmsg_sends_each_message_and_reports_lengths(tmp_path):
     import ctypes
 
@@ -274,6 +285,7 @@ def _short_timeout(tmp_path, port: int, seconds: float = 0.5) -> str:
     return str(path)
 
 
+@drops_capabilities
 def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path):
     allowed, allowed_port = listener()
     profile = _short_timeout(tmp_path, allowed_port)
@@ -297,6 +309,7 @@ def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path):
     assert arrived == errno.EAGAIN
 
 
+@drops_capabilities
 def test_connect_unfinished_by_the_deadline_fails_and_is_undone(tmp_path):
     """A loopback listener with a full accept queue drops SYNs: the connect hangs."""
     full = socket.socket()
@@ -324,6 +337,7 @@ def test_connect_unfinished_by_the_deadline_fails_and_is_undone(tmp_path):
         ]
 
 
+@drops_capabilities
 def test_unix_connect_to_a_full_backlog_fails_by_the_deadline(tmp_path):
     path = str(tmp_path / "full.sock")
     server = socket.socket(socket.AF_UNIX)
@@ -373,6 +387,7 @@ def test_broker_timeout_is_validated_and_defaulted(tmp_path):
         load_profile(str(unknown))
 
 
+@drops_capabilities
 def test_call_the_worker_has_not_performed_by_the_deadline_fails_and_stays_undone(
     tmp_path, monkeypatch
 ):

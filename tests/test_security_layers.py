@@ -18,6 +18,7 @@ from runtime import linux, security
 from runtime.errors import NotImplementedByZviz
 from runtime.security import capabilities, landlock, profiles, seccomp
 from runtime.spec import parse_spec
+from tests.privileges import drops_capabilities, needs_root
 from tools.mkbundle import default_config
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -151,6 +152,7 @@ def sys_errno(nr, *args):
     return 0 if rc >= 0 else ctypes.get_errno()
 
 
+@drops_capabilities
 @pytest.mark.parametrize("profile", ["ci-runner", "hostile-tenant"])
 def test_denied_syscalls_return_eperm_and_allowed_ones_work(tmp_path, profile):
     def probe():
@@ -187,6 +189,7 @@ def test_denied_syscalls_return_eperm_and_allowed_ones_work(tmp_path, profile):
     assert result["clone3"] == errno.ENOSYS  # so libc falls back to clone
 
 
+@drops_capabilities
 def test_clone_with_namespace_flags_is_refused_plain_fork_works(tmp_path):
     def probe():
         pid = os.fork()
@@ -206,6 +209,7 @@ def test_clone_with_namespace_flags_is_refused_plain_fork_works(tmp_path):
     assert result == {"fork_status": 7, "clone_newuser": errno.EPERM}
 
 
+@drops_capabilities
 def test_socket_families(tmp_path):
     def probe():
         out = {}
@@ -232,6 +236,7 @@ def test_socket_families(tmp_path):
     assert hostile["inet"] == errno.EPERM and hostile["packet"] == errno.EPERM
 
 
+@drops_capabilities
 def test_tiocsti_is_refused_even_with_high_bits_set(tmp_path):
     def probe():
         fd = os.open("/dev/null", os.O_RDONLY)
@@ -251,6 +256,7 @@ def test_tiocsti_is_refused_even_with_high_bits_set(tmp_path):
     assert tcgets == errno.ENOTTY  # an allowed ioctl reaches the driver
 
 
+@drops_capabilities
 def test_capabilities_all_dropped(tmp_path):
     def probe():
         with open("/proc/self/status") as f:
@@ -271,6 +277,7 @@ def test_capabilities_all_dropped(tmp_path):
     }
 
 
+@drops_capabilities
 def test_capabilities_ceiling_keeps_only_what_profile_and_config_both_grant(tmp_path):
     def probe():
         with open("/proc/self/status") as f:
@@ -287,6 +294,7 @@ def test_cap_last_cap_comes_from_the_kernel():
         assert capabilities.last_cap() == int(f.read())
 
 
+@drops_capabilities
 def test_landlock_denies_writes_outside_the_writable_set(tmp_path):
     allowed = tmp_path / "allowed"
     allowed.mkdir()
@@ -333,6 +341,7 @@ def test_profile_without_landlock_refuses_when_required(tmp_path, monkeypatch):
     assert plan.landlock is None and plan.notes
 
 
+@drops_capabilities
 def test_verbose_logs_denied_mount_as_json(tmp_path):
     log = tmp_path / "denied.log"
 
@@ -370,6 +379,7 @@ def test_seccomp_cache_stays_bounded_and_drops_the_oldest(tmp_path, monkeypatch)
     assert seccomp._cached("key5") == b"\0" * 8
 
 
+@drops_capabilities
 def test_foreign_architecture_is_killed(tmp_path):
     def probe():
         libc.mmap.restype = ctypes.c_void_p
@@ -387,6 +397,7 @@ def test_foreign_architecture_is_killed(tmp_path):
     assert confined(tmp_path, "ci-runner", probe) == 31  # SIGSYS
 
 
+@needs_root("unshare(CLONE_NEWNET) for a fresh network namespace")
 def test_loopback_comes_up_in_a_fresh_network_namespace():
     from runtime.security import network
 
@@ -424,6 +435,7 @@ def test_loopback_comes_up_in_a_fresh_network_namespace():
     assert (before, after) == (False, True)
 
 
+@drops_capabilities
 def test_config_json_filter_is_stacked_not_merged(tmp_path):
     """config.json may deny more (its getpid ERRNO wins); it can never allow more."""
     oci = {
@@ -473,6 +485,7 @@ def test_config_json_notify_action_is_refused(tmp_path):
         security.harden_spec(spec, security.resolve_profile("ci-runner", {}))
 
 
+@drops_capabilities
 @pytest.mark.skipif(landlock.abi_version() < 6, reason="Landlock scoping needs ABI 6 (kernel 6.12)")
 def test_landlock_scopes_signals_and_abstract_sockets_to_the_container(tmp_path):
     outside = socket.socket(socket.AF_UNIX)
@@ -528,6 +541,7 @@ def test_landlock_ruleset_for_each_abi_uses_only_that_abis_rights(abi):
         rs.close()
 
 
+@drops_capabilities
 def test_landlock_keeps_unlisted_devices_unreadable(tmp_path):
     def probe():
         def read(path):

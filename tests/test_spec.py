@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -1277,7 +1278,11 @@ def _tool_output(*argv, cwd=None):
 def test_runc_spec_output_parses(bundle):
     _tool_output("runc", "spec", "--bundle", bundle)
     spec = load_spec(bundle)
-    assert spec.oci_version == "1.0.2-dev"
+    # whatever runc is installed: the version it writes is the spec it says it implements
+    said = re.search(r"^spec: (\S+)$", _tool_output("runc", "--version"), re.MULTILINE)
+    assert said, "runc --version names no spec version"
+    assert spec.oci_version == said.group(1)
+    assert re.fullmatch(r"1\.\d+\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?", spec.oci_version)
     assert spec.process.args == ["sh"] and spec.process.terminal is True
     assert spec.root.path == os.path.join(os.path.realpath(bundle), "rootfs")
 

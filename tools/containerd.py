@@ -12,6 +12,9 @@ import tempfile
 import time
 
 NAMESPACE = "zviz-test"
+# Set by integration/conftest.py (see integration/ids.py): a test session's tag, put in
+# the base directory and namespace so that its containers' mounts and cgroups carry it.
+SESSION_TAG = "ZVIZ_TEST_TAG"
 VENV_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "bin")
 
 CONFIG = """version = 2
@@ -60,8 +63,9 @@ class PrivateContainerd:
     def __init__(
         self, base_dir: str | None = None, debug: bool = True, cri_sandbox_image: str | None = None
     ):
+        tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
-        self.base = base_dir or tempfile.mkdtemp(prefix="zc-", dir="/run")
+        self.base = base_dir or tempfile.mkdtemp(prefix=f"zc-{tag}-" if tag else "zc-", dir="/run")
         # 0711 as containerd's own directories: a container whose root is mapped to an
         # unprivileged uid (every zviz profile) must traverse it to reach its rootfs.
         os.chmod(self.base, 0o711)
@@ -71,7 +75,7 @@ class PrivateContainerd:
         self.ttrpc_address = self.address + ".ttrpc"
         self.config_path = os.path.join(self.base, "config.toml")
         self.log_path = os.path.join(self.base, "containerd.log")
-        self.namespace = NAMESPACE
+        self.namespace = f"{NAMESPACE}-{tag}" if tag else NAMESPACE
         self.debug = debug
         # The CRI plugin is loaded only when given the image of its sandboxes.
         self.cri_sandbox_image = cri_sandbox_image
@@ -160,7 +164,8 @@ class PrivateContainerd:
 
     def _remove_namespace_cgroups(self) -> None:
         """ctr puts tasks in /<namespace>/<id>; runtimes remove <id>, the empty parent is ours."""
-        for hierarchy in os.listdir("/sys/fs/cgroup"):
+        # "": the v2 tree at /sys/fs/cgroup itself; the others: each v1 hierarchy
+        for hierarchy in ["", *os.listdir("/sys/fs/cgroup")]:
             for namespace in (self.namespace, CRI_NAMESPACE if self.cri_sandbox_image else None):
                 if namespace is None:
                     continue

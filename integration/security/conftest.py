@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from integration.ids import tagged, unique_id
 from tools.mkbundle import build_bundle
 
 PROBE_SOURCE = os.path.join(os.path.dirname(__file__), "probes", "probe.c")
@@ -113,7 +114,7 @@ class ProbeRunner:
         bundle = self.bundle(args, **(config or {}))
         if image_change:  # a malicious image: the callable edits the rootfs
             image_change(os.path.join(bundle, "rootfs"))
-        cid = cid or f"zviz-sec-{uuid.uuid4().hex[:10]}"
+        cid = cid or unique_id("zviz-sec")
         root = os.path.join(self.base, f"root-{runtime}")
         if runtime == "zviz":
             cmd = [self.zviz, "--root", root, "run", "--bundle", bundle]
@@ -165,7 +166,7 @@ def probes(probe_bin, zviz_bin, runc_bin):
     zviz = os.environ.get("ZVIZ_BIN", zviz_bin)
     # Container root is an unprivileged host uid: the bundle must be reachable by it
     # (pytest's tmp dirs are 0700 root).
-    base = tempfile.mkdtemp(prefix="zviz-sec-")
+    base = tempfile.mkdtemp(prefix=tagged("zviz-sec") + "-")
     os.chmod(base, 0o755)
     try:
         yield ProbeRunner(base, probe_bin, zviz, runc_bin)

@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 
+from integration.ids import tagged
 from integration.security.conftest import ProbeRunner, build_probe
 from integration.security.escapes import PROBES, probe_arg
 
@@ -36,7 +37,7 @@ def main(argv=None) -> int:
 
     threading.Thread(target=serve, daemon=True).start()
     listener = f"127.0.0.1:{server.getsockname()[1]}"
-    base = tempfile.mkdtemp(prefix="zviz-sec-table-")
+    base = tempfile.mkdtemp(prefix=tagged("zviz-sec-table") + "-")
     venv = os.path.dirname(sys.executable)
     zviz = os.environ.get("ZVIZ_BIN", os.path.join(venv, "zviz"))
     os.chmod(base, 0o755)  # the mapped container root must reach the bundles

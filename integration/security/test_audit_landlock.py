@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 
+from integration.ids import unique_id
 from tools.mkbundle import build_bundle
 
 
@@ -40,7 +41,7 @@ def run_in_image(zviz_bin, base, profile, script, image_change, mounts=()):
         with open(config_path, "w") as f:
             json.dump(config, f)
     image_change(os.path.join(bundle, "rootfs"))
-    cid = f"zviz-audit-{uuid.uuid4().hex[:10]}"
+    cid = unique_id("zviz-audit")
     root = os.path.join(base, "root")
     try:
         return subprocess.run(

@@ -17,6 +17,7 @@ import uuid
 
 import pytest
 
+from integration.ids import unique_id
 from integration.zviz_cli import leftovers
 from tools.mkbundle import build_bundle
 
@@ -45,7 +46,7 @@ def make_bundle(base, script, redirect):
 
 
 def run(zviz_bin, base, bundle, profile="ci-runner"):
-    cid = f"zviz-audit-{uuid.uuid4().hex[:10]}"
+    cid = unique_id("zviz-audit")
     root = os.path.join(base, "root")
     try:
         result = subprocess.run(

@@ -14,10 +14,10 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 
 import pytest
 
+from integration.ids import unique_id
 from tools.mkbundle import build_bundle
 
 SOURCE = r"""
@@ -196,7 +196,7 @@ def test_argument_tricks_are_blocked_and_no_fd_leaks(zviz_bin, audit_bin, base, 
     build_bundle(bundle, args=["/audit"])
     shutil.copy2(audit_bin, os.path.join(bundle, "rootfs", "audit"))
     root = os.path.join(base, "root")
-    cid = f"zviz-audit-{uuid.uuid4().hex[:10]}"
+    cid = unique_id("zviz-audit")
     try:
         result = subprocess.run(
             [zviz_bin, "--root", root, "run", "--profile", profile, "--bundle", bundle, cid],

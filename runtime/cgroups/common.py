@@ -131,6 +131,29 @@ def perform(write: Write, directory: str) -> None:
         raise
 
 
+def offered_file(directory: str | None, candidates: tuple[str, ...]) -> str | None:
+    """The first of `candidates` that exists in `directory`: the one this kernel offers.
+
+    For files whose name depends on what the kernel was built or loaded with (the block
+    I/O weight: CFQ, BFQ or io.cost each name it differently).
+    """
+    if directory is None:
+        return None
+    for name in candidates:
+        if os.path.exists(os.path.join(directory, name)):
+            return name
+    return None
+
+
+def no_weight_file(field: str, candidates: tuple[str, ...]) -> InvalidArgument:
+    """The error for a block I/O weight on a kernel that offers none of the weight files."""
+    return InvalidArgument(
+        f"config.json: linux.resources.{field}: this kernel offers no block I/O weight: "
+        f"{' and '.join(candidates)} are all missing (the I/O scheduler or cgroup policy "
+        "that provides them is not built in or not loaded)"
+    )
+
+
 def int_field(resources: dict, section: str, key: str) -> int | None:
     """An integer OCI field, or None when absent (checked again: a bool is not an int here)."""
     value = (resources.get(section) or {}).get(key)

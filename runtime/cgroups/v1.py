@@ -12,7 +12,9 @@ from runtime.cgroups.common import (
     device_numbers,
     int_field,
     make_dirs,
+    no_weight_file,
     non_negative,
+    offered_file,
     page_size,
     procs_below,
     read_file,
@@ -47,11 +49,10 @@ KNOWN_CONTROLLERS = frozenset(
 # others (per-host optional features) the setting is skipped with a logged note.
 _OPTIONAL_CONTROLLERS = {"hugetlb", "net_cls", "net_prio", "rdma"}
 
-# Files whose name changed with the I/O scheduler: CFQ's names first, then BFQ's.
-_ALTERNATIVE_FILES = {
-    "blkio.weight": "blkio.bfq.weight",
-    "blkio.weight_device": "blkio.bfq.weight_device",
-}
+# The block I/O weight file, by preference: CFQ's (kernels before 5.0), then BFQ's (once
+# the bfq scheduler is loaded); with neither, the kernel has no per-group weight. Each
+# has a per-device sibling named <file>_device.
+WEIGHT_FILES = ("blkio.weight", "blkio.bfq.weight")
 
 
 def _limit(resources: dict, section: str, key: str) -> int | None:
@@ -73,13 +74,15 @@ def plan(
     available: frozenset[str] = KNOWN_CONTROLLERS,
     memsw_available: bool = True,
     current_memory_limit: int | None = None,
+    weight_file: str | None = WEIGHT_FILES[0],
     notes: list[str] | None = None,
 ) -> list[Write]:
     """The cgroup v1 file writes, in order, that apply OCI linux.resources.
 
     Pure: what the host offers comes in as arguments. `current_memory_limit` decides
     whether the memory or the memory+swap limit is written first, since the kernel
-    refuses any moment where memsw < memory.
+    refuses any moment where memsw < memory. `weight_file` is the one of WEIGHT_FILES
+    the blkio group has, or None.
     """
     resources = resources or {}
     writes: list[Write] = []
@@ -202,19 +205,25 @@ def plan(
     # blkio
     block_io = resources.get("blockIO") or {}
     if block_io and need("blkio", "blockIO"):
-        for key, file in (("weight", "blkio.weight"), ("leafWeight", "blkio.leaf_weight")):
+        for key, file in (("weight", weight_file), ("leafWeight", "blkio.leaf_weight")):
             if block_io.get(key):
                 value = non_negative(block_io[key], f"blockIO.{key}")
+                if file is None:
+                    raise no_weight_file(f"blockIO.{key}", WEIGHT_FILES)
                 writes.append(Write("blkio", file, str(value), f"blockIO.{key}"))
         for i, dev in enumerate(block_io.get("weightDevice") or []):
             field = f"blockIO.weightDevice[{i}]"
             numbers = device_numbers(dev, field)
             for key, file in (
-                ("weight", "blkio.weight_device"),
+                ("weight", weight_file and f"{weight_file}_device"),
                 ("leafWeight", "blkio.leaf_weight_device"),
             ):
                 if dev.get(key):
                     value = non_negative(dev[key], f"{field}.{key}")
+                    if file is None:
+                        raise no_weight_file(
+                            f"{field}.{key}", tuple(f"{f}_device" for f in WEIGHT_FILES)
+                        )
                     writes.append(Write("blkio", file, f"{numbers} {value}", f"{field}.{key}"))
         for key, file in (
             ("throttleReadBpsDevice", "blkio.throttle.read_bps_device"),
@@ -392,16 +401,10 @@ class CgroupV1(Cgroup):
             current_memory_limit=read_int(os.path.join(memory_dir, "memory.limit_in_bytes"))
             if memory_dir
             else None,
+            weight_file=offered_file(self.paths.get("blkio"), WEIGHT_FILES),
             notes=notes,
         )
-        placed = []
-        for write in writes:
-            directory = self.paths[write.controller]
-            alternative = _ALTERNATIVE_FILES.get(write.file)
-            if alternative and not os.path.exists(os.path.join(directory, write.file)):
-                write = Write(write.controller, alternative, write.value, write.field)
-            placed.append((write, directory))
-        return placed
+        return [(write, self.paths[write.controller]) for write in writes]
 
     def add_pid(self, pid: int) -> None:
         for directory in self._dirs():

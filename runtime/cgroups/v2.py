@@ -14,7 +14,9 @@ from runtime.cgroups.common import (
     device_numbers,
     int_field,
     make_dirs,
+    no_weight_file,
     non_negative,
+    offered_file,
     page_size,
     read_file,
     read_int,
@@ -26,6 +28,10 @@ from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavai
 
 # What a read of "max" reports in stats, as containerd's v2 Metrics do.
 UNLIMITED = 2**64 - 1
+
+# The block I/O weight file, by preference: BFQ's (once the bfq scheduler is loaded),
+# then io.cost's; with neither, the kernel has no per-group weight.
+WEIGHT_FILES = ("io.bfq.weight", "io.weight")
 
 # Files zviz itself drives; a config's linux.resources.unified may not write them.
 _MANAGED_FILES = {
@@ -91,13 +97,13 @@ def plan(
     *,
     available: frozenset[str] = frozenset({"cpu", "cpuset", "io", "memory", "pids", "hugetlb"}),
     swap_available: bool = True,
-    bfq: bool = False,
+    weight_file: str | None = "io.weight",
     notes: list[str] | None = None,
 ) -> list[Write]:
     """The cgroup v2 file writes, in order, that apply OCI linux.resources.
 
     Pure: `available` is the group's cgroup.controllers, `swap_available` whether
-    memory.swap.max exists, `bfq` whether io.bfq.weight exists.
+    memory.swap.max exists, `weight_file` the one of WEIGHT_FILES the group has, or None.
     """
     resources = resources or {}
     writes: list[Write] = []
@@ -183,20 +189,23 @@ def plan(
         device_rules.container_rules(resources["devices"])
 
     block_io = resources.get("blockIO") or {}
-    weight_file = "io.bfq.weight" if bfq else "io.weight"
 
-    def io_weight(value: int) -> str:
-        return str(value if bfq else blkio_weight_to_io_weight(value))
+    def io_weight(value: int, field: str) -> str:
+        # a missing io controller is the error to report, not the weight files it would bring
+        if need("io", field) and weight_file is None:
+            raise no_weight_file(field, WEIGHT_FILES)
+        # BFQ takes blkio's 1..1000 scale; io.cost's io.weight has its own 1..10000
+        return str(value if weight_file == "io.bfq.weight" else blkio_weight_to_io_weight(value))
 
     if block_io.get("weight"):
         weight = non_negative(block_io["weight"], "blockIO.weight")
-        add("io", weight_file, io_weight(weight), "blockIO.weight")
+        add("io", weight_file, io_weight(weight, "blockIO.weight"), "blockIO.weight")
     for i, dev in enumerate(block_io.get("weightDevice") or []):
         field = f"blockIO.weightDevice[{i}]"
         numbers = device_numbers(dev, field)
         if dev.get("weight"):
             weight = non_negative(dev["weight"], f"{field}.weight")
-            add("io", weight_file, f"{numbers} {io_weight(weight)}", field)
+            add("io", weight_file, f"{numbers} {io_weight(weight, field)}", field)
     for key, io_key in (
         ("throttleReadBpsDevice", "rbps"),
         ("throttleWriteBpsDevice", "wbps"),
@@ -347,7 +356,7 @@ class CgroupV2(Cgroup):
             resources,
             available=self.controllers(),
             swap_available=os.path.exists(self._file("memory.swap.max")),
-            bfq=os.path.exists(self._file("io.bfq.weight")),
+            weight_file=offered_file(self.directory, WEIGHT_FILES),
             notes=notes,
         )
         return [(write, self.directory) for write in writes]
