@@ -132,13 +132,18 @@ def try_run(argv: list[str]) -> int | None:
 
 def _follow(sock) -> int | None:
     pid = 0
+    # Signals that arrive before "pid N" (the container may already be running while
+    # that message is in flight) are sent once the pid is known, never dropped.
+    pending: list[int] = []
 
     def forward(sig, _frame):
-        if pid:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        if not pid:
+            pending.append(sig)
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
     for sig in _FORWARDED:
         _signal.signal(sig, forward)
@@ -150,6 +155,8 @@ def _follow(sock) -> int | None:
         kind, _, value = message.partition(b" ")
         if kind == b"pid":
             pid = int(value)
+            while pending:
+                forward(pending.pop(0), None)
         elif kind == b"exit":
             return int(value)
         elif kind == b"fallback":

@@ -148,11 +148,29 @@ static int socket_name(char *path, size_t size) {
     return 0;
 }
 
+/* A signal that arrives before the server has told us PID 1's pid is kept here and sent
+ * once the pid is known: under load the container can already be running (and print
+ * "ready") while our "pid N" message is still in flight, and a dropped SIGTERM would
+ * leave the caller waiting forever. Single-threaded: the handler runs between two of
+ * main's instructions, so it either sees pid1 set or leaves its flag for the flush. */
+static volatile sig_atomic_t pending[NSIG];
+
 static void forward(int sig) {
     int saved = errno;
     if (pid1 > 0)
         kill(pid1, sig);
+    else
+        pending[sig] = 1;
     errno = saved;
+}
+
+static void flush_pending(void) {
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (pending[sig]) {
+            pending[sig] = 0;
+            kill(pid1, sig);
+        }
+    }
 }
 
 int main(int argc, char **argv) {
@@ -211,8 +229,10 @@ int main(int argc, char **argv) {
             return 1;
         }
         message[n] = '\0';
-        if (strncmp(message, "pid ", 4) == 0)
+        if (strncmp(message, "pid ", 4) == 0) {
             pid1 = atoi(message + 4);
+            flush_pending();
+        }
         else if (strncmp(message, "exit ", 5) == 0)
             return atoi(message + 5);
         else if (strcmp(message, "fallback") == 0 || strcmp(message, "stale") == 0) {
