@@ -82,7 +82,9 @@ def test_af_packet_fails_and_af_inet_works_under_web_server(probes, tmp_path):
     inet = sh(
         probes,
         profile,
-        f"nc -l -p {port} > /tmp/got & sleep 0.3; echo hi | nc 127.0.0.1 {port}; sleep 0.2; cat /tmp/got",
+        # the listener may not be up yet on a loaded machine: retry the connect, not a sleep
+        f"nc -l -p {port} > /tmp/got & for i in $(seq 100); do "
+        f"echo hi | nc 127.0.0.1 {port} && break; sleep 0.1; done; wait; cat /tmp/got",
     )
     assert inet.returncode == 0, inet.stderr
     assert inet.stdout.strip() == "hi"
