@@ -112,6 +112,7 @@ class ProbeRunner:
         config=None,
         cid=None,
         image_change=None,
+        env=None,
     ):
         bundle = self.bundle(args, **(config or {}))
         if image_change:  # a malicious image: the callable edits the rootfs
@@ -129,7 +130,12 @@ class ProbeRunner:
         cmd.append(cid)
         try:
             result = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
         finally:
             delete = [
