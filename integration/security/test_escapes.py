@@ -8,9 +8,11 @@ config.json) are the baseline and make the table in docs/security.md
 """
 
 import re
+import subprocess
 
 import pytest
 
+from integration.security.conftest import parse_verdict
 from integration.security.escapes import ESCAPED, NOT_BUILT_IN, PROBES, probe_arg
 from runtime.security.profiles import load_profile
 
@@ -69,3 +71,16 @@ def test_probe_escapes_under_runc(runc_baseline, name):
     assert verdict.word == ESCAPED, (
         f"under runc without seccomp: {verdict}; the baseline no longer escapes here"
     )
+
+
+def test_a_crash_or_another_errno_is_not_the_pinned_outcome():
+    """The harness itself: a probe killed by SIGSEGV, or stopped by an errno other than
+    the pinned one, or printing no errno name, does not count as blocked as pinned."""
+    crashed = parse_verdict("mount", subprocess.CompletedProcess([], 128 + 11, "", ""))
+    assert crashed.outcome == "SIGSEGV" != PROBES["mount"].ci_runner
+    other = "BLOCKED mount: mount tmpfs: errno 2 ENOENT (No such file or directory)\n"
+    assert parse_verdict("mount", subprocess.CompletedProcess([], 0, other, "")).outcome == "ENOENT"
+    unnamed = "BLOCKED mount: mount tmpfs: errno 1 (Operation not permitted)\n"
+    assert parse_verdict("mount", subprocess.CompletedProcess([], 0, unnamed, "")).word == "ERROR"
+    failed = parse_verdict("mount", subprocess.CompletedProcess([], 1, "", "zviz: no such bundle"))
+    assert (failed.word, failed.outcome) == ("ERROR", "ERROR")
