@@ -229,7 +229,8 @@ def test_a_missing_bind_source_is_named_and_leaves_nothing(zviz, make_bundle, tm
 
 
 def test_symlink_in_the_image_cannot_redirect_a_mount_to_the_host(zviz, make_bundle, tmp_path):
-    bundle = make_bundle(["sh", "-c", "ls /escape"])
+    # The container sees its tmpfs through the symlink: the run got past the mounts.
+    bundle = make_bundle(["sh", "-c", "ls /escape && stat -f -c %T /escape/m"])
     os.symlink(str(tmp_path), os.path.join(bundle, "rootfs", "escape"))
     edit_config(
         bundle,
@@ -237,8 +238,11 @@ def test_symlink_in_the_image_cannot_redirect_a_mount_to_the_host(zviz, make_bun
             {"destination": "/escape/m", "type": "tmpfs", "source": "tmpfs"}
         ),
     )
-    zviz.run(bundle)
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["m", "tmpfs"]
     # The mount landed inside the rootfs (at <rootfs>/<tmp_path>/m), never on the host's tmp_path.
+    assert os.path.isdir(os.path.join(bundle, "rootfs", str(tmp_path).lstrip("/"), "m"))
     assert not os.path.exists(tmp_path / "m")
 
 

@@ -26,7 +26,8 @@ never runs another checkout's code. The socket lives in /run/zviz (0700) with mo
 The server exits after IDLE_S (20 s) without clients, removing its socket, and at the
 first client after any of its loaded runtime sources changed on disk (that client
 starts a fresh one). Set
-ZVIZ_NO_FORKSERVER=1 to never use (or start) it.
+ZVIZ_NO_FORKSERVER=1 to never use (or start) it; a run with ZVIZ_SECCOMP_CACHE set
+does not use it either (UNSERVED_ENV).
 """
 
 import _signal
@@ -41,6 +42,10 @@ SERVER_DIR = "/run/zviz"
 SOCKET_NAME = ".zviz-run-%08x.sock"
 IDLE_S = 20.0
 _TITLE_ROOM = " " * 2048
+# A run with any of these set goes the slow way: the worker has the server's environment,
+# not the client's, and a server started by such a run would keep the value for every
+# later run (ZVIZ_SECCOMP_CACHE: the seccomp cache directory). Mirrored in the C client.
+UNSERVED_ENV = ("ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE")
 _INELIGIBLE_FLAGS = frozenset(
     (
         "-d",
@@ -85,7 +90,7 @@ def is_served(argv: list[str]) -> bool:
     A hand parse of the global flags: argparse and json would cost the ~10 ms this
     path exists to save.
     """
-    if os.environ.get("ZVIZ_NO_FORKSERVER") or os.geteuid() != 0:
+    if any(os.environ.get(name) for name in UNSERVED_ENV) or os.geteuid() != 0:
         return False
     i = 0
     while i < len(argv):

@@ -46,6 +46,8 @@ static void fall_back(char **argv) {
 static const char *const ineligible[] = {
     "-d", "--detach", "-t", "--tty", "--console-socket", "--pid-file", "--preserve-fds",
     "--help", "-h", NULL};
+/* forkserver.UNSERVED_ENV */
+static const char *const unserved_env[] = {"ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE", NULL};
 static const char *const with_value[] = {
     "--root", "--log", "--log-format", "--criu", "--rootless", "--profile", NULL};
 
@@ -64,8 +66,12 @@ static int listed(const char *arg, const char *const *list, int up_to_equals) {
 
 /* forkserver.is_served */
 static int is_served(int argc, char **argv) {
-    const char *off = getenv("ZVIZ_NO_FORKSERVER");
-    if ((off && *off) || geteuid() != 0)
+    for (int i = 0; unserved_env[i]; i++) {
+        const char *value = getenv(unserved_env[i]);
+        if (value && *value)
+            return 0;
+    }
+    if (geteuid() != 0)
         return 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "run") == 0 || strcmp(argv[i], "exec") == 0) {

@@ -1312,8 +1312,10 @@ def _parse_device(d, path: str) -> Device:
     return Device(
         path=dev_path,
         type=dtype,
-        major=_opt_int(d, "major", path, *_INT64, 0),
-        minor=_opt_int(d, "minor", path, *_INT64, 0),
+        # The spec's int64, cut to what mknod's dev_t takes (os.makedev: two uint32s);
+        # beyond it `zviz create` would fail with a traceback at mknod.
+        major=_opt_int(d, "major", path, 0, _UINT32, 0),
+        minor=_opt_int(d, "minor", path, 0, _UINT32, 0),
         file_mode=_opt_int(d, "fileMode", path, 0, 0o7777),
         uid=_opt_int(d, "uid", path, 0, _UINT32),
         gid=_opt_int(d, "gid", path, 0, _UINT32),

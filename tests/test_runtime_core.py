@@ -142,9 +142,26 @@ def test_sync_round_trip_and_structured_errors():
 def test_fork_server_serves_only_plain_runs_and_execs(argv, plain, monkeypatch):
     from runtime import forkserver
 
-    monkeypatch.delenv("ZVIZ_NO_FORKSERVER", raising=False)
+    for name in forkserver.UNSERVED_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert forkserver.is_served(argv) is plain
+
+
+def test_fork_server_does_not_serve_a_run_with_its_own_seccomp_cache(monkeypatch):
+    """The worker has the server's environment: ZVIZ_SECCOMP_CACHE would be ignored, or,
+    in a server started by that run, kept for every later run."""
+    from runtime import forkserver
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.delenv("ZVIZ_NO_FORKSERVER", raising=False)
+    monkeypatch.setenv("ZVIZ_SECCOMP_CACHE", "/tmp/zh9b-cache")
+    assert forkserver.is_served(["run", "x"]) is False
+    client = os.path.join(os.path.dirname(forkserver.__file__), "forkserver_client.c")
+    with open(client) as f:
+        source = f.read()
+    names = ", ".join(f'"{name}"' for name in forkserver.UNSERVED_ENV)
+    assert f"unserved_env[] = {{{names}, NULL}};" in source, "the C client's copy differs"
 
 
 def test_fork_servers_of_different_installs_never_share_a_socket():

@@ -1,19 +1,34 @@
 """Malformed configs, generated: each one parses into a Spec or raises InvalidArgument, nothing else.
 
 A traceback from `zviz create` on a bad config.json is a bug: these tests look for one
-with random JSON documents and with random damage done to a valid config.
+with random JSON documents and with random damage done to a valid config. A config that
+parses must give a Spec whose every field has its annotated type and a sane range, and
+that the same JSON decoded afresh parses to again; one that is refused must be refused
+with a message naming the damaged field (or, for a rule between fields, the other one
+naming it).
 """
 
 import copy
+import dataclasses
 import json
+import re
+import types
+import typing
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from runtime.defaults import default_config
 from runtime.errors import InvalidArgument
-from runtime.spec import Spec, check_process_in_spec, decode_json, parse_process, parse_spec
+from runtime.spec import (
+    Process,
+    Spec,
+    check_process_in_spec,
+    decode_json,
+    parse_process,
+    parse_spec,
+)
 
 JSON_SCALARS = (
     st.none()
@@ -132,18 +147,71 @@ def bundle(tmp_path_factory):
     return str(path)
 
 
-def parses_or_refuses(config, bundle_dir):
+def parses_or_refuses(config, bundle_dir, changed=None):
+    """Parse `config`: a Spec that keeps every invariant, or an InvalidArgument whose
+    message names one of the `changed` locations (tuples of keys and indexes), if given."""
     before = copy.deepcopy(config)
     try:
         spec = parse_spec(config, bundle_dir)
     except InvalidArgument as e:
         assert_readable(str(e))
+        if changed is not None:
+            assert names_a_changed_field(str(e), changed), (str(e), changed)
         return None
     finally:
         assert config == before, "parsing changed the caller's config"
     assert_invariants(spec)
     assert spec.raw is config
+    # The Spec depends on the JSON value only: the same document, decoded afresh, parses
+    # to the same Spec (repr: a NaN kept in a free-form section equals itself there).
+    again = parse_spec(json.loads(json.dumps(config)), bundle_dir)
+    assert repr(dataclasses.replace(again, raw={})) == repr(dataclasses.replace(spec, raw={}))
     return spec
+
+
+# One step of a location in an error message: `.name`, `[3]` or `["free-form key"]`.
+PATH_STEP = re.compile(r'\.?([^\W\d]\w*)|\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]')
+
+
+def error_location(message: str) -> tuple[tuple, str]:
+    """("linux", "resources", "memory", "limit"), "must be ..." from
+    "config.json: linux.resources.memory.limit: must be ..."."""
+    rest = message.removeprefix("config.json: ").removeprefix("process.json: ")
+    steps, at = [], 0
+    while not rest.startswith(": ", at) and (step := PATH_STEP.match(rest, at)):
+        name, index, quoted = step.groups()
+        steps.append(name if name else int(index) if index else free_form_key(quoted))
+        at = step.end()
+    return tuple(steps), rest[at:].removeprefix(": ")
+
+
+def free_form_key(quoted: str) -> str:
+    try:
+        return json.loads(quoted)
+    except ValueError:  # made printable ("\x7f"): not JSON any more, nor the key itself
+        return quoted[1:-1]
+
+
+def names_a_changed_field(message: str, changed) -> bool:
+    """The message is about a changed location: at it, inside it or at the object or
+    list holding it, or at another entry of that list (a duplicate is named where it is
+    met); or (a rule between two fields) its text names the changed field."""
+    where, problem = error_location(message)
+    for path in changed:
+        if where[: len(path)] == path or (where and where == path[:-1]):
+            return True
+        in_a_list = path and isinstance(path[-1], int)
+        if in_a_list and len(where) >= len(path) and where[: len(path) - 1] == path[:-1]:
+            return True
+        names = [step for step in path if isinstance(step, str)]
+        if names and names[-1] in problem:
+            return True
+    return False
+
+
+def changed_location(path, operation):
+    """Where a mutation leaves its mark: a duplicate is a new entry of the list."""
+    return path[:-1] if operation == "duplicate" else path
 
 
 def assert_readable(message):
@@ -153,15 +221,61 @@ def assert_readable(message):
     message.encode("utf-8")
 
 
+INT64, UINT64, UINT32 = 2**63, 2**64, 2**32
+
+
+def assert_typed(value, hint, where: str) -> None:
+    """`value` is exactly what the Spec's annotation says (bool is no int, an int fits 64 bits)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in args:
+            try:
+                return assert_typed(value, arm, where)
+            except AssertionError:
+                continue
+        raise AssertionError(f"{where}: {value!r} is not {hint}")
+    if hint is type(None):
+        assert value is None, f"{where}: {value!r} is not None"
+    elif dataclasses.is_dataclass(hint):
+        assert type(value) is hint, f"{where}: {value!r} is not a {hint.__name__}"
+        hints = typing.get_type_hints(hint)
+        for f in dataclasses.fields(hint):
+            if f.name != "raw":
+                assert_typed(getattr(value, f.name), hints[f.name], f"{where}.{f.name}")
+    elif origin is list:
+        assert type(value) is list, f"{where}: {value!r} is not a list"
+        for i, item in enumerate(value):
+            assert_typed(item, args[0], f"{where}[{i}]")
+    elif origin is dict:
+        assert type(value) is dict, f"{where}: {value!r} is not a dict"
+        for key, item in value.items():
+            assert_typed(key, args[0], f"{where} key")
+            assert_typed(item, args[1], f"{where}[{key!r}]")
+    elif origin is tuple:
+        assert type(value) is tuple and len(value) == len(args), f"{where}: {value!r}"
+        for i, (item, arm) in enumerate(zip(value, args, strict=True)):
+            assert_typed(item, arm, f"{where}[{i}]")
+    else:
+        assert type(value) is hint, f"{where}: {value!r} is not {hint.__name__}"
+        if hint is int:
+            assert -INT64 <= value < UINT64, f"{where}: {value} does not fit 64 bits"
+
+
 def assert_invariants(spec):
     """What every consumer of a Spec relies on, whatever config.json said."""
     assert isinstance(spec, Spec)
+    assert_typed(spec, Spec, "spec")
     assert spec.root.path.startswith("/")
     if spec.process is not None:
         assert spec.process.args and all(isinstance(a, str) for a in spec.process.args)
         assert spec.process.cwd.startswith("/") and ".." not in spec.process.cwd.split("/")
         for rlimit in spec.process.rlimits:
             assert 0 <= rlimit.soft <= rlimit.hard < 2**64
+        user = spec.process.user
+        assert all(0 <= i < UINT32 for i in [user.uid, user.gid, *user.additional_gids])
+        assert user.umask is None or 0 <= user.umask <= 0o7777
+        assert spec.process.oom_score_adj is None or -1000 <= spec.process.oom_score_adj <= 1000
+        assert spec.process.console_size is None or min(spec.process.console_size) >= 0
     for mount in spec.mounts:
         assert mount.destination.startswith("/") and mount.destination != "/"
         assert ".." not in mount.destination.split("/")
@@ -172,6 +286,10 @@ def assert_invariants(spec):
     assert len(types) == len(set(types))
     for mapping in spec.linux.uid_mappings + spec.linux.gid_mappings:
         assert mapping.size >= 1 and mapping.container_id + mapping.size <= 2**32
+        assert 0 <= mapping.host_id and mapping.host_id + mapping.size <= 2**32
+    for device in spec.linux.devices:
+        assert device.type in ("c", "b", "u", "p") and device.path.startswith("/dev/")
+        assert 0 <= device.major < UINT32 and 0 <= device.minor < UINT32
     for path in spec.linux.masked_paths + spec.linux.readonly_paths:
         assert path.startswith("/") and ".." not in path.split("/")
     for key in spec.linux.sysctl:
@@ -179,6 +297,13 @@ def assert_invariants(spec):
     if spec.linux.resources is not None:
         for key in spec.linux.resources.unified:
             assert "/" not in key
+        memory, pids = spec.linux.resources.memory, spec.linux.resources.pids
+        if memory is not None and memory.swappiness is not None:
+            assert 0 <= memory.swappiness <= 100
+        if memory is not None and memory.swap is not None and memory.swap != -1:
+            assert memory.limit is not None and memory.swap >= memory.limit
+        if pids is not None and pids.limit is not None:
+            assert pids.limit >= -1
 
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -197,7 +322,9 @@ def test_random_json_documents(bundle, value):
 @given(st.dictionaries(st.sampled_from(sorted(FULL_CONFIG)), JSON_VALUES, max_size=6))
 def test_random_top_level_sections(bundle, sections):
     config = {"ociVersion": "1.2.0", "root": {"path": "rootfs"}, **sections}
-    parses_or_refuses(config, bundle)
+    # A section left out is a change too (from FULL_CONFIG): errors may be about it.
+    changed = [(key,) for key in FULL_CONFIG if key in sections or key not in config]
+    parses_or_refuses(config, bundle, changed)
 
 
 def _mutate(config, path, operation, junk):
@@ -234,14 +361,19 @@ MUTATIONS = st.lists(
 
 @FUZZ
 @given(MUTATIONS)
+# Found by the type and range invariants: a negative device number was accepted, and
+# `zviz create` then failed in os.mknod with a traceback.
+@example([(("linux", "devices", 0, "major"), "negate", None)])
 def test_mutations_of_a_valid_config(bundle, mutations):
     config = copy.deepcopy(FULL_CONFIG)
+    changed = []
     for path, operation, junk in mutations:
         try:
             _mutate(config, path, operation, junk)
         except (KeyError, IndexError, TypeError):
-            pass  # an earlier mutation removed or replaced this path
-    parses_or_refuses(config, bundle)
+            continue  # an earlier mutation removed or replaced this path
+        changed.append(changed_location(path, operation))
+    parses_or_refuses(config, bundle, changed)
 
 
 def test_full_config_is_valid(bundle):
@@ -346,16 +478,20 @@ PROCESS_PATHS = list(_paths(FULL_CONFIG["process"]))[1:]
 def test_exec_process_mutations(bundle, mutations):
     """`zviz exec --process`: the same promise for a process document on its own."""
     process = copy.deepcopy(FULL_CONFIG["process"])
+    changed = []
     for path, operation, junk in mutations:
         try:
             _mutate(process, path, operation, junk)
         except (KeyError, IndexError, TypeError):
-            pass
+            continue
+        changed.append(changed_location(path, operation))
     try:
         parsed = parse_process(process)
     except InvalidArgument as e:
         assert str(e).startswith("process.json: ") and str(e).isprintable()
+        assert names_a_changed_field(str(e), changed), (str(e), changed)
         return
+    assert_typed(parsed, Process, "process")
     assert parsed.args and parsed.cwd.startswith("/")
     spec = parse_spec(copy.deepcopy(FULL_CONFIG), bundle)
     try:

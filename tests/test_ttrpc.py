@@ -78,8 +78,31 @@ async def serving(**server_options) -> AsyncIterator[tuple[Server, Task, str]]:
         shutil.rmtree(directory)
 
 
+# Every wait below ends well within these; past them, a test fails saying what it
+# waited for instead of hanging until pytest's own timeout. A condition polled by
+# eventually() gets less time than the whole test, so its own message is the one seen.
+CONDITION_DEADLINE = 5.0
+DEADLINE = 20.0
+
+
 def run(coro):
-    return asyncio.run(coro)
+    async def bounded():
+        try:
+            return await asyncio.wait_for(coro, DEADLINE)
+        except TimeoutError:
+            pytest.fail(f"the test did not finish within {DEADLINE} s (a call or close hung)")
+
+    return asyncio.run(bounded())
+
+
+async def eventually(condition, what: str, deadline: float = CONDITION_DEADLINE) -> None:
+    """Wait until condition() holds; fail naming `what` if it does not within `deadline`."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not condition():
+        if loop.time() > end:
+            pytest.fail(f"not within {deadline} s: {what}")
+        await asyncio.sleep(0.001)
 
 
 def test_round_trip_carries_fields_and_metadata():
@@ -182,8 +205,7 @@ def test_many_calls_in_flight_answer_out_of_order():
                     asyncio.create_task(task.Wait(shim_pb2.WaitRequest(id=str(i))))
                     for i in range(50)
                 ]
-                while service.started < 50:
-                    await asyncio.sleep(0.001)
+                await eventually(lambda: service.started == 50, "all 50 Waits started")
                 # While 50 calls block, others on the same connection are answered.
                 states = await asyncio.gather(
                     *(task.State(shim_pb2.StateRequest(id=str(i))) for i in range(20))
@@ -206,8 +228,7 @@ def test_client_timeout_is_deadline_exceeded_and_the_server_stops_the_handler():
                     await task.Wait(shim_pb2.WaitRequest(id="1"), timeout=0.05)
                 assert caught.value.code == Code.DEADLINE_EXCEEDED
                 # The server got the deadline too and cancelled the handler.
-                while service.cancelled < 1:
-                    await asyncio.sleep(0.01)
+                await eventually(lambda: service.cancelled == 1, "the server cancelled the Wait")
                 # The connection stays usable.
                 assert (await task.State(shim_pb2.StateRequest(id="z"))).id == "z"
 
@@ -267,8 +288,7 @@ def test_graceful_shutdown_lets_in_flight_calls_finish():
         client = await Client.connect(path)
         task = shim_ttrpc.TaskClient(client)
         waits = [asyncio.create_task(task.Wait(shim_pb2.WaitRequest(id=str(i)))) for i in range(3)]
-        while service.started < 3:
-            await asyncio.sleep(0.001)
+        await eventually(lambda: service.started == 3, "all 3 Waits started")
         shutdown = asyncio.create_task(server.shutdown())
         await asyncio.sleep(0.01)
         assert not shutdown.done()
@@ -294,8 +314,7 @@ def test_shutdown_timeout_cancels_what_is_left():
             wait = asyncio.create_task(
                 shim_ttrpc.TaskClient(client).Wait(shim_pb2.WaitRequest(id="1"))
             )
-            while service.started < 1:
-                await asyncio.sleep(0.001)
+            await eventually(lambda: service.started == 1, "the Wait started")
             await server.shutdown(timeout=0.05)
             with pytest.raises(TtrpcError) as caught:
                 await wait
@@ -337,8 +356,7 @@ def test_close_fails_pending_calls_with_unavailable():
             wait = asyncio.create_task(
                 shim_ttrpc.TaskClient(client).Wait(shim_pb2.WaitRequest(id="1"))
             )
-            while service.started < 1:
-                await asyncio.sleep(0.001)
+            await eventually(lambda: service.started == 1, "the Wait started")
             await server.close()
             with pytest.raises(TtrpcError) as caught:
                 await wait
@@ -600,16 +618,15 @@ def test_a_departed_callers_handlers_are_cancelled():
                 )
                 for i in range(5)
             ]
-            while service.started < 5:
-                await asyncio.sleep(0.001)
+            await eventually(lambda: service.started == 5, "all 5 Waits started")
             await client.close()
             for wait in waits:
                 with pytest.raises(TtrpcError):
                     await wait
-            while service.cancelled < 5:
-                await asyncio.sleep(0.001)
-            while server.connection_count:
-                await asyncio.sleep(0.001)
+            await eventually(lambda: service.cancelled == 5, "the server cancelled all 5 Waits")
+            await eventually(
+                lambda: server.connection_count == 0, "the server dropped the closed connection"
+            )
 
     run(main())
 

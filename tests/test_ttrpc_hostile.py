@@ -96,13 +96,28 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, int, ttrpc_p
     return stream_id, frame_type, ttrpc_pb2.Response.FromString(await reader.readexactly(length))
 
 
-async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-    """True once the server has closed the connection (EOF or reset), reading what is left."""
-    try:
+# Far longer than any close under test takes (the slowest is the stall timeout's).
+CLOSE_DEADLINE = STALL_TIMEOUT * 10
+
+
+async def closed_by_server(reader: asyncio.StreamReader, deadline=CLOSE_DEADLINE) -> bool:
+    """True if the server closes the connection (EOF or reset) within `deadline` seconds,
+    reading whatever it sends first; False if the connection is still open then.
+
+    Only meaningful while our side is open for reading: the caller must not have closed
+    its writer (that would end the reader itself); write_eof() keeps it open.
+    """
+
+    async def read_to_the_end():
         while await reader.read(65536):
             pass
+
+    try:
+        await asyncio.wait_for(read_to_the_end(), deadline)
     except ConnectionResetError:
-        pass
+        return True
+    except TimeoutError:
+        return False
     return True
 
 
@@ -155,8 +170,9 @@ def test_truncated_frame_then_hangup():
             frame = state_request(1)
             writer.write(frame[: len(frame) // 2])
             await writer.drain()
-            writer.close()
+            writer.write_eof()  # a hangup the server must answer by closing its side
             assert await closed_by_server(reader)
+            writer.close()
 
     run(main())
 
@@ -200,12 +216,17 @@ def test_idle_connection_is_kept():
 
     async def main():
         async with hostile_setting() as (_, _, address, good):
-            await asyncio.sleep(STALL_TIMEOUT * 3)
+            # A raw peer that has spoken once, then idles past the stall timeout.
+            reader, writer = await raw(address)
+            writer.write(state_request(1, "r"))
+            _, _, response = await read_response(reader)
+            assert shim_pb2.StateResponse.FromString(response.payload).id == "r"
+            assert not await closed_by_server(reader, STALL_TIMEOUT * 3)
+            writer.close()
             assert not good.closed
             assert (
                 await shim_ttrpc.TaskClient(good).State(shim_pb2.StateRequest(id="i"))
             ).id == "i"
-            del address
 
     run(main())
 

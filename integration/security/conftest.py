@@ -3,11 +3,14 @@
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
+import typing
 import uuid
 
 import pytest
@@ -110,6 +113,7 @@ class ProbeRunner:
         config=None,
         cid=None,
         image_change=None,
+        env=None,
     ):
         bundle = self.bundle(args, **(config or {}))
         if image_change:  # a malicious image: the callable edits the rootfs
@@ -127,7 +131,12 @@ class ProbeRunner:
         cmd.append(cid)
         try:
             result = subprocess.run(
-                cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
         finally:
             delete = [
@@ -143,21 +152,51 @@ class ProbeRunner:
         return result
 
     def verdict(self, runtime: str, profile: str | None, name: str, arg: str | None = None):
-        """("BLOCKED" | "ESCAPED" | "ERROR", detail)."""
+        """Verdict(word, outcome, detail): word is BLOCKED, ESCAPED or ERROR; outcome what
+        stopped the probe: an errno name ("EPERM"), a signal name ("SIGKILL"), NO_ERRNO for
+        a check that found nothing to exploit, ESCAPED, or ERROR."""
         args = ["/probe", name] + ([arg] if arg else [])
-        result = self.run(runtime, profile, args)
-        lines = [
-            line
-            for line in result.stdout.splitlines()
-            if line.split(" ", 1)[0] in ("BLOCKED", "ESCAPED", "ERROR")
-        ]
-        if lines:
-            word, _, detail = lines[-1].partition(" ")
-            return word, detail
-        if result.returncode > 128 or result.returncode < 0:
-            sig = result.returncode - 128 if result.returncode > 128 else -result.returncode
-            return "BLOCKED", f"{name}: killed by signal {sig}"
-        return "ERROR", f"{name}: exit {result.returncode}: {result.stderr.strip()[-300:]}"
+        return parse_verdict(name, self.run(runtime, profile, args))
+
+
+class Verdict(typing.NamedTuple):
+    word: str
+    outcome: str
+    detail: str
+
+
+# The outcome of a BLOCKED line with no errno (probe.c: "no errno").
+NO_ERRNO = "no errno"
+ERRNO_NAME = re.compile(r": errno \d+ (E[A-Z0-9]+) \(")
+
+
+def parse_verdict(name: str, result: subprocess.CompletedProcess) -> Verdict:
+    lines = [
+        line
+        for line in result.stdout.splitlines()
+        if line.split(" ", 1)[0] in ("BLOCKED", "ESCAPED", "ERROR")
+    ]
+    if lines:
+        word, _, detail = lines[-1].partition(" ")
+        if word != "BLOCKED":
+            return Verdict(word, word, detail)
+        if detail.endswith(f": {NO_ERRNO}"):
+            return Verdict(word, NO_ERRNO, detail)
+        found = ERRNO_NAME.search(detail)
+        if found is None:
+            return Verdict("ERROR", "ERROR", f"BLOCKED line without an errno name: {detail}")
+        return Verdict(word, found.group(1), detail)
+    # Killed before it printed (OOM kill, seccomp kill): the runtime exits 128 + signal.
+    if result.returncode > 128 or result.returncode < 0:
+        number = result.returncode - 128 if result.returncode > 128 else -result.returncode
+        try:
+            signame = signal.Signals(number).name
+        except ValueError:
+            signame = f"signal {number}"
+        return Verdict("BLOCKED", signame, f"{name}: killed by {signame}")
+    return Verdict(
+        "ERROR", "ERROR", f"{name}: exit {result.returncode}: {result.stderr.strip()[-300:]}"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import subprocess
 import threading
 import time
 
-from runtime.security import seccomp
+from runtime.security import profiles, seccomp
 from tools.mkbundle import default_config
 
 
@@ -303,10 +303,49 @@ def test_unknown_profile_is_an_error_and_leaves_nothing(probes):
     assert "unknown profile 'no-such-profile'" in result.stderr
 
 
-def test_bpf_cache_is_used(probes):
-    assert os.path.isdir(seccomp.CACHE_DIR) and any(
-        name.endswith(".bpf") for name in os.listdir(seccomp.CACHE_DIR)
+def cache_entries(cache) -> dict:
+    """name -> (inode, mtime_ns) of each cached filter: a store renames a new file in."""
+    return {
+        entry.name: (entry.inode(), entry.stat().st_mtime_ns)
+        for entry in os.scandir(cache)
+        if entry.name.endswith(".bpf")
+    }
+
+
+def test_bpf_cache_is_filled_then_reused(probes, tmp_path):
+    cache = tmp_path / "zh9b-seccomp-cache"  # empty and ours: nothing there by accident
+    env = {"ZVIZ_SECCOMP_CACHE": str(cache)}
+    first = probes.run("zviz", "ci-runner", ["true"], env=env)
+    assert first.returncode == 0, first.stderr
+    profile = profiles.load_profile("ci-runner")
+    key = seccomp._cache_key("profile", f"{profile.digest}:0")
+    filled = cache_entries(cache)
+    # ci-runner's filter, and config.json's own linux.seccomp if the bundle has one.
+    assert f"{key}.bpf" in filled, f"the run did not store ci-runner's filter: {filled}"
+    second = probes.run("zviz", "ci-runner", ["true"], env=env)
+    assert second.returncode == 0, second.stderr
+    assert cache_entries(cache) == filled, "the second run compiled and stored again"
+
+
+# seccomp's ALLOW for every syscall: one BPF instruction, `ret #0x7fff0000`.
+ALLOW_ALL_BPF = struct.pack("=HBBI", 0x06, 0, 0, seccomp.SECCOMP_RET_ALLOW)
+
+
+def test_a_cache_others_can_write_is_not_loaded(probes, tmp_path):
+    """A filter planted in a world-writable ZVIZ_SECCOMP_CACHE would be the container's
+    seccomp: with it unshare(CLONE_NEWUSER), which only seccomp stops, would succeed."""
+    cache = tmp_path / "zh9b-planted-cache"
+    cache.mkdir()
+    cache.chmod(0o777)  # as a directory another user made under /tmp would be
+    profile = profiles.load_profile("ci-runner")
+    key = seccomp._cache_key("profile", f"{profile.digest}:0")
+    (cache / f"{key}.bpf").write_bytes(ALLOW_ALL_BPF)
+    args = ["/probe", "unshare_user"]
+    result = probes.run("zviz", "ci-runner", args, env={"ZVIZ_SECCOMP_CACHE": str(cache)})
+    assert "BLOCKED unshare_user: unshare(CLONE_NEWUSER): errno 1 EPERM" in result.stdout, (
+        result.stdout + result.stderr
     )
+    assert list(cache_entries(cache)) == [f"{key}.bpf"], "stored into a writable cache"
 
 
 def test_zviz_profile_commands(zviz_bin, tmp_path):

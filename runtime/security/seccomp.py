@@ -25,6 +25,8 @@ from runtime import linux
 from runtime.errors import InvalidArgument, NotImplementedByZviz, SecurityLayerError
 from runtime.security import syscalls
 
+# ZVIZ_SECCOMP_CACHE moves it (the tests use an empty directory of their own); a
+# directory anyone but this user can write is not used (see _open_cache_dir).
 CACHE_DIR = os.environ.get("ZVIZ_SECCOMP_CACHE", "/run/zviz/seccomp-cache")
 # /run is memory: every distinct profile content (users' own, each --verbose variant,
 # config.json filters) adds ~4 KiB. Past this many entries the oldest half goes; a
@@ -89,12 +91,39 @@ def _cache_key(kind: str, content: str) -> str:
     return h.hexdigest()
 
 
-def _cached(key: str) -> bytes | None:
+def _open_cache_dir() -> int | None:
+    """An fd on CACHE_DIR if no one but us can write it, else None (no cache).
+
+    Whoever can plant a .bpf file there chooses the filter the next container loads, and
+    ZVIZ_SECCOMP_CACHE may name any path (a /tmp directory someone else made). The fd,
+    not the path, is used afterwards: a directory swapped in after the check is not read.
+    """
     try:
-        with open(os.path.join(CACHE_DIR, key + ".bpf"), "rb") as f:
-            data = f.read()
+        fd = os.open(CACHE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _cached(key: str) -> bytes | None:
+    dirfd = _open_cache_dir()
+    if dirfd is None:
+        return None
+    try:
+        fd = os.open(key + ".bpf", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return None
+    finally:
+        os.close(dirfd)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return None  # not written by _store: never load it
+        data = f.read()
     # A torn or foreign file is never loaded: BPF is a whole number of 8-byte instructions.
     return data if data and len(data) % 8 == 0 else None
 
@@ -102,28 +131,37 @@ def _cached(key: str) -> bytes | None:
 def _store(key: str, data: bytes) -> None:
     try:
         os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
-        tmp = os.path.join(CACHE_DIR, f".{key}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.rename(tmp, os.path.join(CACHE_DIR, key + ".bpf"))
     except OSError:
         return  # a cache we cannot write only costs the next compile
-    _prune()
+    dirfd = _open_cache_dir()
+    if dirfd is None:
+        return  # nor one others can write: compile every time instead
+    try:
+        tmp = f".{key}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.rename(tmp, key + ".bpf", src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        _prune(dirfd)
+    except OSError:
+        return
+    finally:
+        os.close(dirfd)
 
 
-def _prune() -> None:
+def _prune(dirfd: int) -> None:
     entries = []
     try:
-        for entry in os.scandir(CACHE_DIR):
+        for entry in os.scandir(dirfd):
             if entry.name.endswith(".bpf"):
-                entries.append((entry.stat().st_mtime_ns, entry.path))
+                entries.append((entry.stat().st_mtime_ns, entry.name))
     except OSError:
         return  # a concurrent prune removed one: the next store prunes again
     if len(entries) <= CACHE_MAX_ENTRIES:
         return
-    for _, path in sorted(entries)[: len(entries) - CACHE_MAX_ENTRIES // 2]:
+    for _, name in sorted(entries)[: len(entries) - CACHE_MAX_ENTRIES // 2]:
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=dirfd)
         except OSError:
             pass
 
