@@ -25,6 +25,8 @@ import subprocess
 import sys
 import tempfile
 
+from integration.ids import tagged
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Not under /tmp: the guest gets a fresh tmpfs there. Shared by runs: the kernel is
 # extracted once.
@@ -226,7 +228,7 @@ def run_in_v2_vm(script_text: str, timeout: float = 110) -> tuple[int, str]:
     Returns (exit status, the script's stdout+stderr); a guest that never reports is
     exit status -1 with the console log as output.
     """
-    share = tempfile.mkdtemp(prefix="zviz-cg2vm-", dir="/var/tmp")
+    share = tempfile.mkdtemp(prefix=tagged("zviz-cg2vm") + "-", dir="/var/tmp")
     try:
         script = os.path.join(share, "script.py")
         output = os.path.join(share, "output.txt")

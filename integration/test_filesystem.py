@@ -8,6 +8,7 @@ import tempfile
 
 import pytest
 
+from integration.ids import tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 
 
@@ -115,7 +116,7 @@ def test_user_mount_overrides_the_auto_mount(zviz, make_bundle):
 @pytest.fixture
 def shared_dir():
     """A host directory the container's root (a mapped, unprivileged uid) can reach."""
-    path = tempfile.mkdtemp(prefix="zviz-rt-shared-")
+    path = tempfile.mkdtemp(prefix=tagged("zviz-rt-shared") + "-")
     os.chmod(path, 0o777)
     yield pathlib.Path(path)
     shutil.rmtree(path)
@@ -160,7 +161,7 @@ def test_bind_sources_under_a_root_only_directory_reach_the_container(zviz, make
     # As kubelet's pod volumes (/var/lib/kubelet, 0750) and containerd's per-sandbox
     # /etc/hosts and /dev/shm: the container's root, an unprivileged host uid, cannot
     # walk there. zviz opens each source as host root (open_tree) and PID 1 attaches it.
-    private = tempfile.mkdtemp(prefix="zviz-rt-private-")  # 0700, root's
+    private = tempfile.mkdtemp(prefix=tagged("zviz-rt-private") + "-")  # 0700, root's
     try:
         os.makedirs(os.path.join(private, "volume"))
         with open(os.path.join(private, "volume", "data"), "w") as f:

@@ -8,7 +8,6 @@ not a feature.
 import asyncio
 import contextlib
 import fcntl
-import itertools
 import json
 import os
 import pathlib
@@ -26,14 +25,13 @@ import pytest
 
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client
-from integration.ids import tagged
+from integration.ids import tagged, unique_id
 from shim import config as shim_config
 
 pytestmark = pytest.mark.containerd
 
 ZVIZ = "io.containerd.zviz.v2"
 RUNC = "io.containerd.runc.v2"
-_ids = itertools.count()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -64,7 +62,7 @@ def new_id(runtime):
     short = "zviz" if runtime == ZVIZ else "runc"
 
     def make() -> str:
-        return f"{tagged('zviz-shim-' + short)}-{os.getpid()}-{next(_ids)}"
+        return unique_id("zviz-shim-" + short)
 
     return make
 
@@ -584,16 +582,18 @@ def test_profile_comes_from_annotation_then_runtime_config(containerd, busybox_i
     config.write_text('profile = "no-such-profile-from-config"\n')
     try:
         by_annotation = run(
-            "zviz-shim-profile-1", "--annotation", "io.zviz.profile=no-such-profile-annotated"
+            unique_id("zviz-shim-profile"),
+            "--annotation",
+            "io.zviz.profile=no-such-profile-annotated",
         )
         assert by_annotation.returncode != 0
         assert "no-such-profile-annotated" in by_annotation.stderr
-        by_config = run("zviz-shim-profile-2", "--runtime-config-path", str(config))
+        by_config = run(unique_id("zviz-shim-profile"), "--runtime-config-path", str(config))
         assert by_config.returncode != 0
         assert "no-such-profile-from-config" in by_config.stderr
         # An annotation the operator allows (a built-in not marked unsafe) wins over its default.
         both = run(
-            "zviz-shim-profile-3",
+            unique_id("zviz-shim-profile"),
             "--runtime-config-path",
             str(config),
             "--annotation",
@@ -660,11 +660,13 @@ def test_grouping_by_pod_and_by_container(containerd, busybox_image, tmp_path):
     per_pod = tmp_path / "per-pod.toml"
     per_pod.write_text('grouping = "pod"\nidle_exit_seconds = 0\n')
     sandbox = "io.kubernetes.cri.sandbox-id"
+    pod_a, pod_b = unique_id("zviz-pod-a"), unique_id("zviz-pod-b")
+    a1, a2, b1, none = (unique_id(f"zviz-shim-pod-{name}") for name in ("a1", "a2", "b1", "none"))
     runs = {
-        "zviz-shim-pod-a1": [str(per_pod), f"{sandbox}=pod-a"],
-        "zviz-shim-pod-a2": [str(per_pod), f"{sandbox}=pod-a"],
-        "zviz-shim-pod-b1": [str(per_pod), f"{sandbox}=pod-b"],
-        "zviz-shim-pod-none": [str(per_pod), None],
+        a1: [str(per_pod), f"{sandbox}={pod_a}"],
+        a2: [str(per_pod), f"{sandbox}={pod_a}"],
+        b1: [str(per_pod), f"{sandbox}={pod_b}"],
+        none: [str(per_pod), None],
     }
     try:
         for container_id, (config, annotation) in runs.items():
@@ -685,11 +687,8 @@ def test_grouping_by_pod_and_by_container(containerd, busybox_image, tmp_path):
             )
             assert result.returncode == 0, result.stderr
         shims = {container_id: _shim_pid(containerd, container_id) for container_id in runs}
-        assert shims["zviz-shim-pod-a1"] == shims["zviz-shim-pod-a2"]
-        assert (
-            len({shims["zviz-shim-pod-a1"], shims["zviz-shim-pod-b1"], shims["zviz-shim-pod-none"]})
-            == 3
-        )
+        assert shims[a1] == shims[a2]
+        assert len({shims[a1], shims[b1], shims[none]}) == 3
     finally:
         for container_id in runs:
             _remove(containerd, container_id)

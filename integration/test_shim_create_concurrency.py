@@ -13,6 +13,7 @@ import time
 
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import TtrpcError
+from integration.ids import unique_id
 from integration.test_shim_service import Harness, _scenario, short_root  # noqa: F401
 
 HOOK_SECONDS = 3
@@ -29,7 +30,7 @@ def test_other_calls_are_answered_while_a_create_is_slow(short_root, make_bundle
     }
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
-    container_id = "zviz-zm10-slow-create"
+    container_id = unique_id("zviz-shim-slow-create")
 
     async def body(harness: Harness, recorder) -> int:
         harness.start(bundle, container_id)

@@ -20,9 +20,11 @@ from api import typeurl
 from api.gen.containerd.services.ttrpc.events.v1 import events_ttrpc
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client, Code, Server, TtrpcError
+from integration.ids import tagged, unique_id
 
 TASK = "containerd.task.v2.Task"
-NAMESPACE = "zviz-shim-svc"
+# tagged: the shim keeps its state per namespace, and a leftover of ours must be found
+NAMESPACE = tagged("zviz-shim-svc")
 
 
 class RecordedEvents(events_ttrpc.EventsService):
@@ -88,7 +90,8 @@ class Harness:
 
 @pytest.fixture
 def short_root():
-    root = tempfile.mkdtemp(prefix="zs-", dir="/tmp")
+    # short: the daemon's socket (root/g/<sha256>/sock) must fit in a sun_path
+    root = tempfile.mkdtemp(prefix=tagged("zs") + "-", dir="/tmp")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -148,7 +151,7 @@ def test_run_to_completion_with_events_in_order(short_root, make_bundle, tmp_pat
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
     stdout, stderr = _fifo(str(tmp_path), "out"), _fifo(str(tmp_path), "err")
-    container_id = "zviz-shim-svc-run"
+    container_id = unique_id("zviz-shim-svc-run")
 
     async def body(harness: Harness, recorder: RecordedEvents) -> int:
         harness.start(bundle, container_id)
@@ -228,7 +231,7 @@ def test_exec_kill_pause_and_stats(short_root, make_bundle, tmp_path):
     config["process"]["terminal"] = False
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
-    container_id = "zviz-shim-svc-exec"
+    container_id = unique_id("zviz-shim-svc-exec")
     exec_out = _fifo(str(tmp_path), "exec-out")
 
     async def body(harness: Harness, recorder: RecordedEvents) -> int:
@@ -358,7 +361,7 @@ def test_exec_racing_the_task_delete_leaves_no_fds(short_root, make_bundle, tmp_
     config["process"]["terminal"] = False
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
-    container_id = "zviz-shim-svc-exec-race"
+    container_id = unique_id("zviz-shim-svc-exec-race")
     started, go = tmp_path / "logger-started", tmp_path / "logger-go"
     logger = tmp_path / "slow-logger"
     # Ready (fd 5 closed, by exiting) only once the test says so.
@@ -417,7 +420,7 @@ def test_wait_on_an_exec_whose_start_fails_returns(short_root, make_bundle, tmp_
     config["process"]["terminal"] = False
     with open(os.path.join(bundle, "config.json"), "w") as f:
         json.dump(config, f)
-    container_id = "zviz-shim-svc-exec-fails"
+    container_id = unique_id("zviz-shim-svc-exec-fails")
 
     async def body(harness: Harness, recorder: RecordedEvents) -> int:
         harness.start(bundle, container_id)

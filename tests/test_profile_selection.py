@@ -16,7 +16,7 @@ MINE = '[profile]\nextends = "ci-runner"\n\n[user_namespace]\nhost_uid = 300000\
 @pytest.fixture
 def root_dir():
     """A root-owned 0755 directory on a path of root-owned directories (not under /tmp)."""
-    path = tempfile.mkdtemp(prefix="zp10-unit-", dir="/run")
+    path = tempfile.mkdtemp(prefix="zviz-unit-profiles-", dir="/run")
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -124,7 +124,7 @@ def test_runtime_options_config_falls_back_per_key(tmp_path):
 def test_id_pool_reserves_distinct_ranges_and_frees_only_its_own(tmp_path, monkeypatch):
     from shim import idpool
 
-    monkeypatch.setattr(idpool, "POOL_DIR", str(tmp_path / "zp10-ids"))
+    monkeypatch.setattr(idpool, "POOL_DIR", str(tmp_path / "ids"))
     first = idpool.reserve(1000000, 2, "ns/a")
     second = idpool.reserve(1000000, 2, "ns/b")
     assert (first, second) == (1000000, 1000000 + idpool.RANGE_SIZE)

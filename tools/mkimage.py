@@ -17,7 +17,9 @@ import tempfile
 
 from tools.mkbundle import build_rootfs
 
-DEFAULT_REF = "docker.io/library/zviz-busybox:latest"
+# A local registry name, never pulled: containerd files a name without a domain under a
+# public registry's, so the ref keeps a domain of its own.
+DEFAULT_REF = "zviz.local/busybox:latest"
 
 
 def _blob(out: tarfile.TarFile, data: bytes) -> tuple[str, int]:

@@ -11,7 +11,6 @@ import subprocess
 import tempfile
 import threading
 import typing
-import uuid
 
 import pytest
 
@@ -78,7 +77,7 @@ class ProbeRunner:
         self.base, self.probe, self.zviz, self.runc = base, probe, zviz, runc
 
     def bundle(self, args, **config) -> str:
-        path = os.path.join(self.base, f"b-{uuid.uuid4().hex[:8]}")
+        path = os.path.join(self.base, unique_id("bundle"))
         build_bundle(path, args=args, **config)
         # A writable /tmp volume, as a real job has: the read-only rootfs stays read-only.
         with open(os.path.join(path, "config.json")) as f:

@@ -16,7 +16,7 @@ from tools.mkbundle import build_bundle
 
 ZVIZ = os.path.join(os.path.dirname(sys.executable), "zviz")
 # Not /tmp: a profile file is read only from a directory no other user may write.
-PROFILES = "/run/za10-profiles"
+PROFILES = "/run/kernel-gaps-profiles"
 results: dict = {"abi": landlock.abi_version()}
 
 
@@ -31,7 +31,7 @@ def profile_file(name: str, may_lack: list[str]) -> str:
 
 
 def run(name: str, profile: str) -> dict:
-    bundle = build_bundle(f"/tmp/{name}", args=["sh", "-c", "echo za10 ran"])
+    bundle = build_bundle(f"/tmp/{name}", args=["sh", "-c", "echo workload ran"])
     done = subprocess.run(
         [ZVIZ, "--root", "/run/zviz", "run", "--profile", profile, "--bundle", bundle, name],
         capture_output=True,
@@ -46,10 +46,10 @@ def run(name: str, profile: str) -> dict:
 try:
     os.makedirs(PROFILES, mode=0o755, exist_ok=True)
     os.chmod(PROFILES, 0o755)
-    strict = profile_file("za10-strict", [])
-    allowing = profile_file("za10-allowing", ["truncate", "device_ioctl", "scope"])
-    results["refused"] = run("za10-refused", strict)
-    results["allowed"] = run("za10-allowed", allowing)
+    strict = profile_file("gaps-strict", [])
+    allowing = profile_file("gaps-allowing", ["truncate", "device_ioctl", "scope"])
+    results["refused"] = run("gaps-refused", strict)
+    results["allowed"] = run("gaps-allowed", allowing)
     shown = subprocess.run(
         [ZVIZ, "profile", "check", strict], capture_output=True, text=True, timeout=120
     )

@@ -13,25 +13,24 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 
 import pytest
 
-from integration.ids import unique_id
+from integration.ids import tagged, unique_id
 from tools.mkbundle import build_bundle
 
 
 @pytest.fixture
 def base():
     # The mapped container root must reach the bundle (pytest's tmp dirs are 0700).
-    path = tempfile.mkdtemp(prefix="zviz-audit-ll-")
+    path = tempfile.mkdtemp(prefix=tagged("zviz-audit-ll") + "-")
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 def run_in_image(zviz_bin, base, profile, script, image_change, mounts=()):
-    bundle = os.path.join(base, f"b-{uuid.uuid4().hex[:8]}")
+    bundle = os.path.join(base, unique_id("bundle"))
     build_bundle(bundle, args=["/bin/sh", "-c", script])
     if mounts:
         config_path = os.path.join(bundle, "config.json")

@@ -15,7 +15,7 @@ from integration.security.test_audit_landlock import base, run_in_image  # noqa:
 def _add_top_level_files(count):
     def change(rootfs):
         for i in range(count):
-            open(os.path.join(rootfs, f"zm10-file-{i}"), "w").close()
+            open(os.path.join(rootfs, f"top-file-{i}"), "w").close()
 
     return change
 
@@ -32,13 +32,13 @@ def test_an_image_with_20000_top_level_files_is_refused_quickly(zviz_bin, base):
 
 def test_top_level_files_below_the_bound_stay_readable_and_dev_stays_closed(zviz_bin, base):  # noqa: F811
     script = (
-        "cat /zm10-file-7 && ls / | grep -c zm10-file; "
-        "echo x > /dev/zm10-planted 2>/dev/null && echo PLANTED; echo DONE"
+        "cat /top-file-7 && ls / | grep -c top-file; "
+        "echo x > /dev/planted 2>/dev/null && echo PLANTED; echo DONE"
     )
 
     def change(rootfs):
         _add_top_level_files(500)(rootfs)
-        with open(os.path.join(rootfs, "zm10-file-7"), "w") as f:
+        with open(os.path.join(rootfs, "top-file-7"), "w") as f:
             f.write("seven\n")
 
     result = run_in_image(zviz_bin, base, "ci-runner", script, change)

@@ -16,14 +16,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 
 import pytest
 
+from integration.ids import tagged, unique_id
 from integration.zviz_cli import edit_config
 from tools.mkbundle import build_bundle
-
-TAG = "zm10"
 
 
 def _mountpoints_under(path: str) -> list[str]:
@@ -35,7 +33,7 @@ def _mountpoints_under(path: str) -> list[str]:
 @pytest.fixture
 def shared_dir():
     """A temp dir that is its own shared mount (a peer group of one on the host)."""
-    base = tempfile.mkdtemp(prefix=f"zviz-{TAG}-shared-")
+    base = tempfile.mkdtemp(prefix=tagged("zviz-audit-shared") + "-")
     os.chmod(base, 0o755)  # the mapped container root must reach the bundle
     subprocess.run(["mount", "--bind", base, base], check=True)
     try:
@@ -65,7 +63,7 @@ def test_nothing_a_container_mounts_reaches_the_host(zviz_bin, shared_dir):
     os.makedirs(os.path.join(bundle, "rootfs", "data"))
     before = _mountpoints_under(shared_dir)
     assert before == [shared_dir]
-    cid = f"zviz-{TAG}-leak-{uuid.uuid4().hex[:8]}"
+    cid = unique_id("zviz-audit-leak")
     root = os.path.join(shared_dir, "state")
     process = subprocess.Popen(
         [zviz_bin, "--root", root, "run", "--bundle", bundle, cid],
@@ -98,13 +96,13 @@ def test_a_refused_pivot_root_is_an_error_never_a_chroot(zviz_bin, tmp_path):
     # A createContainer hook runs in the container's mount namespace with the rootfs
     # as its cwd, just before pivot_root: making that mount shared there gets the
     # kernel's EINVAL for real. The container must not start under chroot instead.
-    base = tempfile.mkdtemp(prefix=f"zviz-{TAG}-pivot-")
+    base = tempfile.mkdtemp(prefix=tagged("zviz-audit-pivot") + "-")
     os.chmod(base, 0o755)
     try:
         bundle = build_bundle(os.path.join(base, "bundle"), args=["/bin/echo", "STARTED"])
         hook = {"path": "/bin/sh", "args": ["sh", "-c", "mount --make-shared ."]}
         edit_config(bundle, lambda config: config.update(hooks={"createContainer": [hook]}))
-        cid = f"zviz-{TAG}-pivot-{uuid.uuid4().hex[:8]}"
+        cid = unique_id("zviz-audit-pivot")
         root = os.path.join(base, "state")
         try:
             result = subprocess.run(

@@ -13,25 +13,24 @@ import os
 import shutil
 import subprocess
 import tempfile
-import uuid
 
 import pytest
 
-from integration.ids import unique_id
+from integration.ids import tagged, unique_id
 from integration.zviz_cli import leftovers
 from tools.mkbundle import build_bundle
 
 
 @pytest.fixture
 def base():
-    path = tempfile.mkdtemp(prefix="zviz-audit-proc-")
+    path = tempfile.mkdtemp(prefix=tagged("zviz-audit-proc") + "-")
     os.chmod(path, 0o755)  # the mapped container root must reach the bundle
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 def make_bundle(base, script, redirect):
-    bundle = os.path.join(base, f"b-{uuid.uuid4().hex[:8]}")
+    bundle = os.path.join(base, unique_id("bundle"))
     build_bundle(bundle, args=["/bin/sh", "-c", script])
     config_path = os.path.join(bundle, "config.json")
     with open(config_path) as f:

@@ -19,7 +19,7 @@ import tempfile
 
 import pytest
 
-from integration.ids import unique_id
+from integration.ids import tagged, unique_id
 from tools.mkbundle import build_bundle
 
 SOURCE = r"""
@@ -146,7 +146,7 @@ def audit_bin() -> str:
 
 @pytest.fixture
 def base():
-    path = tempfile.mkdtemp(prefix="zviz-audit-sc-")
+    path = tempfile.mkdtemp(prefix=tagged("zviz-audit-sc") + "-")
     os.chmod(path, 0o755)  # the mapped container root must reach the bundle
     yield path
     shutil.rmtree(path, ignore_errors=True)

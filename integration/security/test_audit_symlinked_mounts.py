@@ -14,8 +14,6 @@ import shutil
 from integration.security.test_audit_landlock import base, run_in_image  # noqa: F401
 from integration.zviz_cli import edit_config
 
-TAG = "zm10"
-
 
 def _replace_with_symlink(name, target):
     def change(rootfs):
@@ -49,7 +47,7 @@ def test_dev_symlinked_elsewhere_is_refused(zviz_bin, base):  # noqa: F811
 
 
 def test_volume_whose_destination_is_a_symlink_to_root_is_refused(zviz_bin, base):  # noqa: F811
-    volume = os.path.join(base, f"volume-{TAG}")
+    volume = os.path.join(base, "volume")
     os.makedirs(volume)
     os.chmod(volume, 0o777)
     script = (
@@ -72,7 +70,7 @@ def test_volume_whose_destination_is_a_symlink_to_root_is_refused(zviz_bin, base
 def test_volume_whose_destination_is_a_symlink_to_dev_is_refused(zviz_bin, base):  # noqa: F811
     # The volume would stack on the /dev tmpfs and take the devices and its write
     # rule with it: the /dev allowlist again, by another way.
-    volume = os.path.join(base, f"volume-{TAG}")
+    volume = os.path.join(base, "volume")
     os.makedirs(volume)
     os.chmod(volume, 0o777)
     script = "echo planted > /dev/newfile && echo CREATED; echo DONE"

@@ -8,17 +8,17 @@ beneath (/sys/fs/cgroup/*, /sys/kernel/security, /sys/fs/bpf, ...) stayed writab
 
 import os
 import subprocess
-import uuid
 
 import pytest
 
+from integration.ids import unique_id
 from integration.security.test_audit_landlock import base, run_in_image  # noqa: F401
 from integration.zviz_cli import edit_config
 
 
 @pytest.fixture
 def host_owned_netns():
-    name = f"zviz-zm10-sys-{uuid.uuid4().hex[:6]}"
+    name = unique_id("zviz-audit-sys")  # /run/netns/<name> is a mount point
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         yield f"/run/netns/{name}"

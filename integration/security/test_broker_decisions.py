@@ -12,10 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pytest
 
+from integration.ids import unique_id
 from integration.security.conftest import CACHE
 from runtime.security import landlock
 
@@ -66,7 +66,7 @@ def run(probes, broker_probe, profile, script, *, cid=None, config=None):
         "zviz",
         profile,
         ["/bin/sh", "-c", script],
-        cid=cid or f"zb10-{uuid.uuid4().hex[:8]}",
+        cid=cid or unique_id("zviz-broker"),
         config=config,
         image_change=install,
     )
@@ -143,9 +143,9 @@ def test_abstract_socket_of_host_root_in_the_netns_stays_out_of_reach(
     the broker must not connect it on the container's behalf."""
     if landlock.abi_version() < 6:
         pytest.skip("Landlock ABI < 6: no abstract unix socket scope to compare with")
-    cid = f"zb10-abstract-{uuid.uuid4().hex[:6]}"
-    host_name = f"zb10-host-{uuid.uuid4().hex[:6]}"
-    own_name = f"zb10-own-{uuid.uuid4().hex[:6]}"
+    cid = unique_id("zviz-broker-abstract")
+    host_name = unique_id("zviz-broker-host")
+    own_name = unique_id("zviz-broker-own")
     script = (
         f"/bprobe abstract_own {own_name}; sleep 0.5; /bprobe abstract {host_name}; "
         f"/bprobe abstract_dgram {host_name}-dgram"
@@ -240,7 +240,7 @@ def _run_watching_the_broker(probes, broker_probe, tmp_path, cid: str, script: s
 def test_broker_copies_are_bounded(probes, broker_probe, tmp_path):
     """One sendmmsg of 64 x 4 MiB (or 256 x 1 MiB) from a container limited to 64 MiB:
     the broker's copies must stay within a few MiB, not the 256 MiB the call names."""
-    cid = f"zb10-mem-{uuid.uuid4().hex[:6]}"
+    cid = unique_id("zviz-broker-mem")
     script = (
         f"sleep 1; /bprobe sendmmsg_big 192.0.2.1 {PORT} 64 4194304; "
         f"/bprobe sendmmsg_big 192.0.2.1 {PORT} 256 1048576; sleep 1"
@@ -255,7 +255,7 @@ def test_broker_is_charged_to_the_containers_memory_cgroup(probes, broker_probe,
     with open("/proc/self/cgroup") as f:
         if not any(line.split(":")[1] == "memory" for line in f):
             pytest.skip("no cgroup v1 memory hierarchy: on v2 the broker stays outside")
-    cid = f"zb10-memcg-{uuid.uuid4().hex[:6]}"
+    cid = unique_id("zviz-broker-memcg")
     result, seen = _run_watching_the_broker(probes, broker_probe, tmp_path, cid, "sleep 1")
     assert result.returncode == 0, result.stderr
     for _, _, cgroups in seen.values():

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from integration.ids import unique_id
+
 pytestmark = pytest.mark.containerd
 
 ZVIZ = "io.containerd.zviz.v2"
@@ -40,7 +42,7 @@ def as_nobody(*args) -> subprocess.CompletedProcess:
 def test_other_host_users_cannot_reach_a_running_containers_rootfs(
     containerd, busybox_image, snapshotter
 ):
-    cid = f"zp10-bundle-{os.getpid()}-{snapshotter}"
+    cid = unique_id(f"zviz-bundle-{snapshotter}")
     bundle = os.path.join(
         containerd.state, "io.containerd.runtime.v2.task", containerd.namespace, cid
     )
@@ -69,7 +71,7 @@ def test_other_host_users_cannot_reach_a_running_containers_rootfs(
         read = as_nobody("/bin/cat", os.path.join(rootfs, "etc", "passwd"))
         assert read.returncode != 0 and "Permission denied" in read.stderr, read
         if snapshotter == "native":
-            planted = os.path.join(rootfs, "tmp", "zp10-planted")
+            planted = os.path.join(rootfs, "tmp", "planted")
             write = as_nobody("/bin/sh", "-c", f"echo planted > {planted}")
             assert "Permission denied" in write.stderr and not os.path.exists(planted), write
         # The container still runs: nothing it needs went through the bundle.

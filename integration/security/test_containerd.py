@@ -6,13 +6,13 @@ root until the core id-maps the rootfs); the image is the busybox image the sess
 does by default; `--seccomp` rows show containerd's default profile for comparison.
 """
 
-import itertools
 import os
 import shutil
 import tempfile
 
 import pytest
 
+from integration.ids import tagged, unique_id
 from integration.security.conftest import parse_verdict
 from integration.security.escapes import PROBES
 
@@ -20,12 +20,11 @@ pytestmark = pytest.mark.containerd
 
 ZVIZ = "io.containerd.zviz.v2"
 RUNC = "io.containerd.runc.v2"
-_ids = itertools.count()
 
 
 @pytest.fixture(scope="module")
 def probe_dir(probe_bin):
-    path = tempfile.mkdtemp(prefix="zviz-sec-ctr-")
+    path = tempfile.mkdtemp(prefix=tagged("zviz-sec-ctr") + "-")
     os.chmod(path, 0o755)  # the mapped container root must reach it
     shutil.copy2(probe_bin, os.path.join(path, "probe"))
     yield path
@@ -33,7 +32,7 @@ def probe_dir(probe_bin):
 
 
 def ctr_run(containerd, image, runtime, args, *, probe_dir=None, annotations=(), extra=()):
-    cid = f"zviz-sec-ctr-{os.getpid()}-{next(_ids)}"
+    cid = unique_id("zviz-sec-ctr")
     cmd = ["run", "--rm", "--runtime", runtime, *extra]
     for key, value in annotations:
         cmd += ["--annotation", f"{key}={value}"]

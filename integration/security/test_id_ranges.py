@@ -7,16 +7,19 @@ operator's pool (shim/idpool.py), released when it is deleted.
 """
 
 import os
-import time
 
 import pytest
 
+from integration.ids import unique_id
 from shim import idpool
 
 pytestmark = pytest.mark.containerd
 
 ZVIZ = "io.containerd.zviz.v2"
-POOL_FIRST = 7100000  # a pool of this test's own (tag zp10): no other test allocates here
+# Fixed, not tagged: a pool is host uids, and its reservations (idpool.POOL_DIR, one file
+# per range start) are machine-wide, so a number cannot carry the session tag. No profile
+# and no other test allocates here; the ranges taken are given back when each test ends.
+POOL_FIRST = 7100000
 
 
 def host_root(containerd, cid: str) -> int:
@@ -31,7 +34,7 @@ def host_root(containerd, cid: str) -> int:
 
 def run_two(containerd, image, config_path=None) -> dict[str, int]:
     """Two containers running at once: {id: host uid of its root}."""
-    ids = [f"zp10-ids-{os.getpid()}-{n}-{int(time.monotonic() * 1000) % 100000}" for n in (1, 2)]
+    ids = [unique_id("zviz-ids") for _ in range(2)]
     flags = ["--runtime-config-path", config_path] if config_path else []
     try:
         for cid in ids:
@@ -39,7 +42,7 @@ def run_two(containerd, image, config_path=None) -> dict[str, int]:
         roots = {cid: host_root(containerd, cid) for cid in ids}
         # An exec'd process joins its container's namespace: the same range.
         execd = containerd.ctr(
-            "tasks", "exec", "--exec-id", "zp10-x", ids[0], "cat", "/proc/self/uid_map"
+            "tasks", "exec", "--exec-id", "uid-map", ids[0], "cat", "/proc/self/uid_map"
         )
         assert int(execd.stdout.split()[1]) == roots[ids[0]], execd.stdout
         return roots
@@ -56,7 +59,7 @@ def test_shared_range_by_default_own_range_per_container_when_configured(
     shared = run_two(containerd, busybox_image)
     assert set(shared.values()) == {100000}, shared  # the suspicion, confirmed
 
-    config = tmp_path / "zp10-ids.toml"
+    config = tmp_path / "own-ranges.toml"
     config.write_text(
         f'id_ranges = "container"\nid_pool_first = {POOL_FIRST}\nid_pool_ranges = 4\n'
     )
@@ -71,10 +74,10 @@ def test_shared_range_by_default_own_range_per_container_when_configured(
 
 
 def test_an_exhausted_pool_fails_create_with_a_clear_error(containerd, busybox_image, tmp_path):
-    config = tmp_path / "zp10-ids-one.toml"
+    config = tmp_path / "one-range.toml"
     first = POOL_FIRST + 16 * idpool.RANGE_SIZE
     config.write_text(f'id_ranges = "container"\nid_pool_first = {first}\nid_pool_ranges = 1\n')
-    cids = [f"zp10-idfull-{os.getpid()}-{n}" for n in (1, 2)]
+    cids = [unique_id("zviz-ids-full") for _ in range(2)]
     try:
         flags = ["--runtime", ZVIZ, "--runtime-config-path", str(config), busybox_image]
         containerd.ctr("run", "-d", *flags, cids[0], "sleep", "1000")

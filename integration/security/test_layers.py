@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 
+from integration.ids import unique_id
 from runtime.security import profiles, seccomp
 from tools.mkbundle import default_config
 
@@ -172,7 +173,7 @@ def _holds_listener(pid: int) -> bool:
 def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
     port = 18100
     profile = loopback_web_profile(tmp_path, port)
-    cid = f"zviz-sec-kill-{os.getpid()}"
+    cid = unique_id("zviz-sec-kill")
     killed = []
 
     def killer():
@@ -214,7 +215,7 @@ def test_stopped_broker_makes_mediated_calls_fail_not_wait(probes, tmp_path):
     profile = loopback_web_profile(tmp_path, port)
     with open(profile, "a") as f:
         f.write("[broker]\ntimeout = 0.5\n")
-    cid = f"zviz-sec-stop-{os.getpid()}"
+    cid = unique_id("zviz-sec-stop")
     stopped = []
 
     def stopper():
@@ -259,7 +260,7 @@ def test_broker_waits_for_start_longer_than_its_timeout(probes, tmp_path):
     )
     bundle = probes.bundle(["/bin/sh", "-c", script])
     root = os.path.join(probes.base, "root-late-start")
-    cid = f"zviz-sec-late-{os.getpid()}"
+    cid = unique_id("zviz-sec-late")
     zviz = [probes.zviz, "--root", root]
     quiet = {
         "stdin": subprocess.DEVNULL,
@@ -378,7 +379,7 @@ def test_exec_into_a_mediating_container_gets_its_own_broker(probes, tmp_path):
     profile = loopback_web_profile(tmp_path, port)
     bundle = probes.bundle(["sleep", "10"])
     root = os.path.join(probes.base, "root-exec")
-    cid = f"zviz-sec-exec-{os.getpid()}"
+    cid = unique_id("zviz-sec-exec")
     zviz = [probes.zviz, "--root", root]
     started = subprocess.run(
         [*zviz, "run", "-d", "--profile", profile, "--bundle", bundle, cid],
@@ -405,7 +406,7 @@ def test_exec_into_a_mediating_container_gets_its_own_broker(probes, tmp_path):
 
 def test_unix_peer_sees_the_container_user_not_the_broker(probes):
     """A mediated connect to a host unix socket (a volume) carries the caller's ids."""
-    sockdir = os.path.join(probes.base, f"sock-{os.getpid()}")
+    sockdir = os.path.join(probes.base, unique_id("sock"))
     os.makedirs(sockdir, mode=0o755, exist_ok=True)
     path = os.path.join(sockdir, "s")
     server = socket.socket(socket.AF_UNIX)
@@ -445,7 +446,7 @@ def test_unix_peer_sees_the_container_user_not_the_broker(probes):
 def test_exec_cap_and_update_stay_under_the_profile(probes):
     bundle = probes.bundle(["sleep", "10"])
     root = os.path.join(probes.base, "root-ceiling")
-    cid = f"zviz-sec-ceiling-{os.getpid()}"
+    cid = unique_id("zviz-sec-ceiling")
     zviz = [probes.zviz, "--root", root]
     started = subprocess.run(
         [*zviz, "run", "-d", "--profile", "hostile-tenant", "--bundle", bundle, cid],

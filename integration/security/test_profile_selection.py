@@ -12,19 +12,20 @@ Everything runs through the real shim under a private containerd, and through `z
 (whose config.json annotation is the same pod/image-author input).
 """
 
-import itertools
 import os
 import shutil
 import tempfile
 
 import pytest
 
+from integration.ids import tagged, unique_id
 from tools.mkimage import build_image
 
 pytestmark = pytest.mark.containerd
 
 ZVIZ = "io.containerd.zviz.v2"
-EVIL_REF = "docker.io/library/zp10-evil-profile:latest"
+# A local registry name: containerd would put a name without a domain under a public one.
+EVIL_REF = f"zviz.local/{tagged('evil-profile')}:latest"
 # What the reviewer's image shipped: the unsafe development profile, minus the user
 # namespace and Landlock, plus the syscalls that lead out of a container.
 EVIL_PROFILE = b"""[profile]
@@ -44,12 +45,13 @@ allow_add = ["mount", "unshare", "keyctl", "io_uring_setup"]
 deny_remove = ["mount", "unshare", "keyctl", "io_uring_setup"]
 """
 UID_MAP = ["cat", "/proc/self/uid_map"]
-_ids = itertools.count()
+# An operator's own profile file, loaded by name from profile_dirs.
+OPERATOR_PROFILE = tagged("operator-profile")
 
 
 @pytest.fixture(scope="module")
 def evil_image(containerd, tmp_path_factory) -> str:
-    archive = str(tmp_path_factory.mktemp("zp10-image") / "evil.tar")
+    archive = str(tmp_path_factory.mktemp("evil-image") / "evil.tar")
     build_image(archive, EVIL_REF, extra_files={"/evil.toml": EVIL_PROFILE})
     containerd.import_image(archive)
     return EVIL_REF
@@ -60,14 +62,14 @@ def trusted_dir():
     """A directory the operator may list in profile_dirs: root's, not writable by others,
     on a path of root-owned directories (pytest's tmp dirs live under the world-writable
     /tmp, which the rule refuses)."""
-    path = tempfile.mkdtemp(prefix="zp10-profiles-", dir="/run")
+    path = tempfile.mkdtemp(prefix=tagged("zviz-profiles") + "-", dir="/run")
     os.chmod(path, 0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
 
 def new_id() -> str:
-    return f"zp10-sel-{os.getpid()}-{next(_ids)}"
+    return unique_id("zviz-sel")
 
 
 def ctr_run(containerd, image, args, *, annotation=None, config=None, config_dir=None, cid=None):
@@ -174,15 +176,20 @@ def test_operator_config_wins_over_an_annotation_it_does_not_allow(
 
 def test_profile_dirs_only_root_owned(containerd, busybox_image, tmp_path, trusted_dir):
     """An operator's profile file loads by name from profile_dirs; an insecure dir is refused."""
-    mine = b'[profile]\nname = "zp10-mine"\nextends = "ci-runner"\n\n[user_namespace]\nhost_uid = 300000\n'
-    with open(os.path.join(trusted_dir, "zp10-mine.toml"), "wb") as f:
+    mine = (
+        f'[profile]\nname = "{OPERATOR_PROFILE}"\nextends = "ci-runner"\n\n'
+        "[user_namespace]\nhost_uid = 300000\n"
+    )
+    with open(os.path.join(trusted_dir, f"{OPERATOR_PROFILE}.toml"), "w") as f:
         f.write(mine)
-    config = f'profile_dirs = ["{trusted_dir}"]\nallowed_annotation_profiles = ["zp10-mine"]\n'
+    config = (
+        f'profile_dirs = ["{trusted_dir}"]\nallowed_annotation_profiles = ["{OPERATOR_PROFILE}"]\n'
+    )
     ok = ctr_run(
         containerd,
         busybox_image,
         UID_MAP,
-        annotation="zp10-mine",
+        annotation=OPERATOR_PROFILE,
         config=config,
         config_dir=str(tmp_path),
     )
@@ -194,7 +201,7 @@ def test_profile_dirs_only_root_owned(containerd, busybox_image, tmp_path, trust
         containerd,
         busybox_image,
         UID_MAP,
-        annotation="zp10-mine",
+        annotation=OPERATOR_PROFILE,
         config=config,
         config_dir=str(tmp_path),
     )
@@ -212,7 +219,7 @@ def test_cli_annotation_obeys_the_same_rule(probes, tmp_path):
         None,
         UID_MAP,
         config={"annotations": {"io.zviz.profile": str(evil_file)}},
-        cid=f"zp10-cli-{os.getpid()}-evil",
+        cid=unique_id("zviz-sel-cli-evil"),
     )
     assert not as_host_root(evil), "the image's profile ran it as host root"
     assert evil.returncode != 0 and "never a file" in evil.stderr, evil.stdout + evil.stderr
@@ -221,7 +228,7 @@ def test_cli_annotation_obeys_the_same_rule(probes, tmp_path):
         None,
         ["true"],
         config={"annotations": {"io.zviz.profile": "development"}},
-        cid=f"zp10-cli-{os.getpid()}-dev",
+        cid=unique_id("zviz-sel-cli-dev"),
     )
     assert development.returncode != 0 and "not marked unsafe" in development.stderr
     # --profile is the host's root choosing: any built-in, or a file.
@@ -230,6 +237,6 @@ def test_cli_annotation_obeys_the_same_rule(probes, tmp_path):
         "development",
         ["true"],
         config={"annotations": {"io.zviz.profile": "development"}},
-        cid=f"zp10-cli-{os.getpid()}-flag",
+        cid=unique_id("zviz-sel-cli-flag"),
     )
     assert chosen.returncode == 0, chosen.stderr
