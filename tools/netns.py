@@ -34,7 +34,11 @@ class NamedNetns:
         self.name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         self.path = os.path.join(NETNS_DIR, self.name)
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
-        self.ip("link", "set", "lo", "up")
+        try:
+            self.ip("link", "set", "lo", "up")
+        except BaseException:
+            self.delete()
+            raise
 
     def ip(self, *args: str) -> str:
         """`ip -n NAME ARGS`, its output."""
