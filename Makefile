@@ -4,8 +4,12 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 ZVIZ    := $(VENV)/bin/zviz
 BUILD   := _build
+# containernetworking-plugins and dnsmasq-base: the CRI tests' pod network and DNS server
+# (integration/cni_node.py). dnsmasq-base is Debian's dnsmasq binary without the `dnsmasq`
+# package's system service, which would start a resolver on the host's port 53 at install.
 DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
-            qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev
+            qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
+            containernetworking-plugins dnsmasq-base
 
 .PHONY: install deps venv demo test test-fast lint bench proto clean
 

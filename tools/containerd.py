@@ -11,6 +11,8 @@ import subprocess
 import tempfile
 import time
 
+from tools.netns import entering
+
 NAMESPACE = "zviz-test"
 # Set by integration/conftest.py (see integration/ids.py): a test session's tag, put in
 # the base directory and namespace so that its containers' mounts and cgroups carry it.
@@ -36,9 +38,10 @@ disabled_plugins = [{disabled}]
 """
 
 # Kubernetes' CRI plugin, as a kubelet's containerd runs it, with zviz as RuntimeClass
-# handler `zviz`. Offline: the sandbox ("pause") image must be imported before use, and
-# no CNI is configured (pods use the node's network). The streaming server takes a
-# free port so that several of these can run at once.
+# handler `zviz`. Offline: the sandbox ("pause") image must be imported before use. CNI
+# plugins and network configs are read from {base}/cni (empty unless the caller puts them
+# there, as integration/cni_node.py does). The streaming server takes a free port so
+# that several of these can run at once.
 CRI_CONFIG = """
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{sandbox_image}"
@@ -61,7 +64,11 @@ CRI_NAMESPACE = "k8s.io"
 
 class PrivateContainerd:
     def __init__(
-        self, base_dir: str | None = None, debug: bool = True, cri_sandbox_image: str | None = None
+        self,
+        base_dir: str | None = None,
+        debug: bool = True,
+        cri_sandbox_image: str | None = None,
+        netns: str | None = None,
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -79,6 +86,9 @@ class PrivateContainerd:
         self.debug = debug
         # The CRI plugin is loaded only when given the image of its sandboxes.
         self.cri_sandbox_image = cri_sandbox_image
+        # A network namespace (path) for containerd, and so for its shims, CNI plugins and
+        # every pod network it makes; None: the caller's.
+        self.netns = netns
         self.proc: subprocess.Popen | None = None
         self.env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
 
@@ -102,6 +112,7 @@ class PrivateContainerd:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
+            preexec_fn=entering(self.netns) if self.netns else None,
         )
         log.close()
         deadline = time.monotonic() + timeout
