@@ -53,7 +53,7 @@ class Sync:
                     f"container setup: no word from the container's processes in {timeout:g} s"
                     " (a child is stuck): gave up"
                 )
-        data = os.read(self.fd, _MAX_PACKET)
+        data = _read_past_reset(lambda: os.read(self.fd, _MAX_PACKET))
         if not data:
             return None
         return json.loads(data)
@@ -102,7 +102,7 @@ class Sync:
         sock = _socket.socket(fileno=self.fd)
         try:
             cmsg_space = _socket.CMSG_SPACE(max_fds * array.array("i").itemsize)
-            data, ancillary, _, _ = sock.recvmsg(_MAX_PACKET, cmsg_space)
+            data, ancillary, _, _ = _read_past_reset(lambda: sock.recvmsg(_MAX_PACKET, cmsg_space))
         finally:
             sock.detach()
         fds = array.array("i")
@@ -115,6 +115,21 @@ class Sync:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _read_past_reset(read):
+    """read(), once more after ECONNRESET.
+
+    A peer that closes its end with packets we sent still unread (a child failing before
+    it reads its next instruction) leaves ECONNRESET on our socket, and a SEQPACKET
+    receive reports that pending error *before* the packets already queued: the child's
+    own error message would be lost to "Connection reset by peer". The kernel clears the
+    error as it reports it, so the next read returns what was queued, or EOF.
+    """
+    try:
+        return read()
+    except ConnectionResetError:
+        return read()
 
 
 def error_from_message(message: dict) -> errors.ZvizError:

@@ -117,6 +117,24 @@ def test_sync_round_trip_and_structured_errors():
         child.close()
 
 
+@pytest.mark.parametrize("with_fds", [False, True])
+def test_a_childs_error_survives_it_closing_with_our_packets_unread(with_fds):
+    # The child fails before reading the parent's next instruction, reports, and exits:
+    # its end closes with our packet unread, which leaves ECONNRESET pending on ours.
+    # Seen under load as "internal error: ConnectionResetError" instead of the message.
+    parent, child = Sync.pair()
+    try:
+        parent.send("go")
+        assert child.send_error("mount", errors.InvalidArgument("/sys is a symlink in the image"))
+        child.close()
+        message = parent.recv_fds(1)[0] if with_fds else parent.recv()
+        assert str(error_from_message(message)) == "mount: /sys is a symlink in the image"
+        assert parent.recv() is None
+    finally:
+        parent.close()
+        child.close()
+
+
 @pytest.mark.parametrize(
     "argv,plain",
     [
