@@ -44,7 +44,7 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     checks.append(_notify(profile, notify, wait_killable_recv))
     checks.append(_pidfd_getfd(profile))
     checks += _user_namespaces()
-    checks.append(_idmapped_overlay())
+    checks.append(_idmapped_overlay(_containerd_root(containerd_config_path)))
     checks.append(_cgroups())
     checks += _containerd(containerd_config_path)
     checks.append(_fast_path())
@@ -151,13 +151,28 @@ def _user_namespaces() -> list[Check]:
     return checks
 
 
-def _idmapped_overlay() -> Check:
-    """An id-mapped overlay, as zviz builds over containerd's snapshots (runtime/idmap.py)."""
+def _containerd_root(config_path: str) -> str | None:
+    """Where containerd keeps its snapshots (its `root`), when that directory exists."""
+    try:
+        _text, data = containerd_config.read_config(config_path)
+    except containerd_config.ConfigRefused:
+        data = {}
+    root = data.get("root", "/var/lib/containerd")
+    return root if isinstance(root, str) and os.path.isdir(root) else None
+
+
+def _idmapped_overlay(directory: str | None) -> Check:
+    """An id-mapped overlay, as zviz builds over containerd's snapshots (runtime/idmap.py).
+
+    Tried on the filesystem containerd's snapshots live on (its root directory), since
+    id-mapping support is per filesystem (tmpfs has it only from Linux 6.3).
+    """
     if os.geteuid() != 0:
         return Check("idmapped-overlay", WARN, "not root: not tried")
     from runtime import idmap
 
-    work = tempfile.mkdtemp(prefix="zviz-node-check-")
+    work = tempfile.mkdtemp(prefix="zviz-node-check-", dir=directory)
+    where = f"on the filesystem of {directory or os.path.dirname(work)}"
     try:
         for name in ("lower", "upper", "work", "merged"):
             os.mkdir(os.path.join(work, name))
@@ -194,8 +209,15 @@ def _idmapped_overlay() -> Check:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if error:
-        return Check("idmapped-overlay", FAIL, f"id-mapped overlay mount failed: {error}")
-    return Check("idmapped-overlay", OK, "id-mapped mounts of overlay layers work")
+        # zviz still runs (runtime/idmap.py logs it), but a container's root cannot
+        # write an image's files: they show as unmapped.
+        return Check(
+            "idmapped-overlay",
+            WARN,
+            f"{where}: id-mapped overlay failed ({error}): containers' root sees image "
+            "files as nobody's and cannot write them",
+        )
+    return Check("idmapped-overlay", OK, f"{where}: id-mapped overlay layers work")
 
 
 def _hold_user_namespace(host_id: int):
