@@ -245,3 +245,58 @@ def _argv_of_process_running(script: str) -> list[str]:
         if len(argv) > 1 and argv[1] == script:
             return argv
     raise AssertionError(f"no process runs {script}")
+
+
+def test_node_install_builds_the_fast_client_for_the_wheel_install(install, tmp_path, make_bundle):
+    """The client compiled by node install serves `zviz run` through this install's fork server."""
+    root = str(tmp_path / tagged("node-root"))
+    os.makedirs(os.path.join(root, "etc", "containerd"))
+    result = install.run("zviz", "node", "install", "--root", root)
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = os.path.join(root, "usr", "local", "bin", "zviz")
+    with open(client, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+    state = str(tmp_path / tagged("state"))
+    path = f"{os.path.dirname(client)}:/usr/sbin:/usr/bin:/sbin:/bin"
+    check = install.run("zviz", "node", "check", "--format", "json", PATH=path)
+    assert by_name(json.loads(check.stdout))["fast-path"]["status"] == "ok"
+    servers_before = _fork_servers(install)
+    try:
+        # The first run starts the server (and runs the slow way); later runs are served.
+        deadline = time.monotonic() + 20
+        served = False
+        while not served and time.monotonic() < deadline:
+            bundle = make_bundle(["sleep", "1"])
+            run = subprocess.Popen(
+                [client, "--root", state, "run", "--bundle", bundle, unique_id("zviz-fast")],
+                env=install.env(),
+                cwd=install.prefix,
+            )
+            time.sleep(0.5)
+            # Served: the client stays the C program (the server's worker runs the
+            # container); the slow way, it has exec'd the install's Python entry.
+            served = os.path.realpath(f"/proc/{run.pid}/exe") == os.path.realpath(client)
+            assert run.wait(timeout=60) == 0
+        assert served, "no run was served by the wheel install's fork server"
+    finally:
+        for pid in _fork_servers(install) - servers_before:
+            os.kill(pid, 15)
+    assert install.run("zviz", "node", "uninstall", "--root", root).returncode == 0
+    assert not os.path.lexists(client)
+
+
+def _fork_servers(install) -> set[int]:
+    """Fork servers started from this install (runtime/forkserver.py): ours to stop."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].decode(errors="replace").startswith(install.bin) and argv[1:3] == [
+            b"-m",
+            b"runtime.forkserver",
+        ]:
+            found.add(int(pid))
+    return found

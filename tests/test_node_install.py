@@ -192,3 +192,30 @@ def test_uninstall_keeps_edits_made_since_install(root):
         f.write('\n[debug]\n  level = "debug"\n')
     assert node(root, "uninstall") == 0
     assert read(path) == V2_WITH_CRI + '\n[debug]\n  level = "debug"\n'
+
+
+def test_without_a_compiler_zviz_is_the_python_entry_and_says_so(root, capsys, monkeypatch):
+    from runtime.node import install
+
+    real_which = install.shutil.which
+    monkeypatch.setattr(
+        install.shutil, "which", lambda name: None if name in ("cc", "gcc") else real_which(name)
+    )
+    write_config(root, V2_WITHOUT_CRI)
+    assert node(root, "install") == 0
+    assert "the slow path" in capsys.readouterr().out
+    entry = root / "usr" / "local" / "bin" / "zviz"
+    assert os.readlink(entry) == install.python_entry()
+    with open(entry, "rb") as f:
+        assert f.read(2) == b"#!"
+
+
+def test_node_check_says_when_zviz_runs_the_slow_path(tmp_path, monkeypatch):
+    from runtime.node import check
+
+    script = tmp_path / "zviz"
+    script.write_text("#!/usr/bin/python3\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = check._fast_path()
+    assert result.status == "warn" and "slow path" in result.detail
