@@ -15,7 +15,7 @@ import pytest
 from integration.ids import tagged, unique_id
 from integration.wheel_install import built, installed
 from runtime import VERSION
-from tools.dist import CHECKOUT
+from tools.dist import CHECKOUT, direct_wheel
 
 # What runtime/, shim/ and api/ import from outside the standard library.
 RUNTIME_REQUIREMENTS = {"protobuf", "pyseccomp"}
@@ -57,8 +57,17 @@ def test_the_wheel_names_no_path_of_the_build_machine(wheel):
         assert checkout not in wheel.read(name), name
 
 
-def test_the_sdist_builds_this_wheel():
-    """The shipped wheel is built from the sdist, and the sdist holds every file it has."""
+def _contents(path: str) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def test_the_sdist_builds_the_same_wheel_as_the_source_tree():
+    """Same files, same bytes (zip timestamps aside): the sdist forgets nothing."""
+    assert _contents(built()[1]) == _contents(direct_wheel())
+
+
+def test_the_sdist_holds_every_file_of_the_wheel():
     sdist, wheel_path = built()
     with tarfile.open(sdist) as tar:
         in_sdist = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
