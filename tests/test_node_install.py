@@ -219,3 +219,14 @@ def test_node_check_says_when_zviz_runs_the_slow_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     result = check._fast_path()
     assert result.status == "warn" and "slow path" in result.detail
+
+
+def test_a_foreign_zviz_in_the_bin_dir_stops_install_before_anything_is_written(root, capsys):
+    write_config(root, V2_WITHOUT_CRI)
+    bin_dir = root / "usr" / "local" / "bin"
+    os.makedirs(bin_dir)
+    (bin_dir / "zviz").write_text("someone else's zviz\n")
+    before = files_under(root)
+    assert node(root, "install") == 1
+    assert "is not zviz's" in capsys.readouterr().out
+    assert files_under(root) == before

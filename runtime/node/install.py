@@ -81,10 +81,12 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         steps.append(
             ("zviz", os.path.join(paths.bin_dir, "zviz"), ("client", "the fork-server client"))
         )
-    for label, path, (kind, what) in steps:
+    # Every refusal before the first write: nothing is ever half-installed.
+    for label, path, _ in steps:
         if os.path.lexists(path) and path not in created and not os.path.islink(path):
             say(f"{label}: {path} exists and is not zviz's: left as it is\n")
             return 1
+    for label, path, (kind, what) in steps:
         if dry_run:
             say(f"{label}: would install {path} ({kind} {what})\n")
             continue
