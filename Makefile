@@ -11,7 +11,7 @@ DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc l
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
             containernetworking-plugins dnsmasq-base
 
-.PHONY: install deps venv demo test test-fast lint bench proto clean
+.PHONY: install deps venv demo test test-fast lint bench proto dist clean
 
 install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
@@ -56,8 +56,12 @@ lint: venv
 bench: install
 	$(PY) -m bench
 
+# The product: dist/zviz-VERSION.tar.gz and the wheel built from it (tools/dist.py).
+dist: venv
+	$(PY) -m tools.dist dist
+
 proto: venv
 	$(PY) -m api.protogen
 
 clean:
-	rm -rf $(BUILD) $(VENV) *.egg-info
+	rm -rf $(BUILD) $(VENV) dist *.egg-info

@@ -164,8 +164,12 @@ def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
         from runtime.security.profile_cli import add_subparser as add_profile_commands
 
         add_profile_commands(sub)  # zviz profile list | show NAME | check FILE
+        from runtime.node import add_subparser as add_node_commands
+
+        add_node_commands(sub)  # zviz node check | install | uninstall
     else:
         command("profile", "security profiles: list | show NAME | check FILE")
+        command("node", "this node as a containerd runtime host: check | install | uninstall")
     return parser
 
 
@@ -180,7 +184,7 @@ def prebuild_parser() -> None:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """The parsed command line (exits with usage on bad syntax, as argparse does)."""
-    wants_profiles = "profile" in argv
+    wants_profiles = "profile" in argv or "node" in argv
     parser = _PREBUILT if _PREBUILT is not None and not wants_profiles else _parser(wants_profiles)
     args = parser.parse_args(argv)
     if args.command in ("run", "create"):
@@ -507,6 +511,12 @@ def cmd_profile(args, log) -> int:
     return run(args)
 
 
+def cmd_node(args, log) -> int:
+    from runtime.node import run
+
+    return run(args)
+
+
 def cmd_unsupported(args, log) -> int:
     raise errors.NotImplementedByZviz(f"{args.command} is not supported by zviz")
 
@@ -528,6 +538,7 @@ _COMMANDS = {
     "update": cmd_update,
     "events": cmd_events,
     "profile": cmd_profile,
+    "node": cmd_node,
     "checkpoint": cmd_unsupported,
     "restore": cmd_unsupported,
 }

@@ -203,7 +203,7 @@ def install_identity() -> tuple[str, str, str]:
     """What decides the code a server runs: the interpreter, the runtime package and the release.
 
     A server started from one checkout must never run another checkout's `zviz run`
-    (a CI clone under /tmp beside /work/main): their socket names differ, and the server
+    (a CI clone under /tmp beside the main checkout): their socket names differ, and the server
     also compares these itself (the name is only a 32-bit hash). The compiled client
     (runtime/forkserver_client.c) has them built in.
     """
@@ -475,7 +475,6 @@ def build_client(bin_dir: str) -> str:
     stays where it is (correct, ~9 ms slower per run).
     """
     import shutil
-    import subprocess
 
     bin_dir = os.path.abspath(bin_dir)
     entry = os.path.join(bin_dir, "zviz")
@@ -483,14 +482,28 @@ def build_client(bin_dir: str) -> str:
     with open(entry, "rb") as f:
         if f.read(2) == b"#!":  # pip's script (again, after a reinstall): keep it aside
             shutil.copy2(entry, script)
-    try:
-        with open(script, "rb") as f:
-            interpreter = f.readline()[2:].decode().strip()  # pip's "#!/.../python3"
-    except FileNotFoundError:
+    if not os.path.exists(script):
         return f"{script} missing: reinstall the package (pip install -e .)"
+    if compile_client(entry, script) is None:
+        return "no C compiler: zviz stays the Python script"
+    return f"{entry}: compiled client (falls back to {script})"
+
+
+def compile_client(output: str, script: str) -> str | None:
+    """Compile the client into OUTPUT for this install, falling back to SCRIPT (pip's entry).
+
+    The install's paths are compiled in (the client starts no interpreter to learn
+    them), so the client is built where the install is: by `make install` in a
+    checkout, by `zviz node install` for an installed wheel. None without a C compiler.
+    """
+    import shutil
+    import subprocess
+
+    with open(script, "rb") as f:
+        interpreter = f.readline()[2:].decode().strip()  # pip's "#!/.../python3"
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        return "no C compiler: zviz stays the Python script"
+        return None
 
     def literal(text: str) -> str:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -504,14 +517,14 @@ def build_client(bin_dir: str) -> str:
         "ZVIZ_VERSION": version,
     }
     source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "forkserver_client.c")
-    built = entry + ".new"
+    built = output + ".new"
     subprocess.run(
         [compiler, "-O2", "-Wall", "-Werror", "-o", built, source]
         + [f"-D{name}={literal(value)}" for name, value in defines.items()],
         check=True,
     )
-    os.replace(built, entry)
-    return f"{entry}: compiled client (falls back to {script})"
+    os.replace(built, output)
+    return output
 
 
 if __name__ == "__main__":

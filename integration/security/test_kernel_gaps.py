@@ -102,7 +102,7 @@ def test_each_right_refuses_alone_below_its_abi_unless_may_lack_names_it(
 
 @pytest.mark.parametrize("abi", [1, 2, 5])
 def test_builtin_profiles_on_an_older_kernel(monkeypatch, tmp_path, abi):
-    """Which built-ins run where the ABI is old (the reasons are in profiles/*.toml)."""
+    """Which built-ins run where the ABI is old (the reasons are in runtime/profiles/*.toml)."""
     for name in ("ci-runner", "batch-job", "development"):
         plan = prepare_on_abi(monkeypatch, tmp_path, profiles.load_profile(name), abi)
         assert plan.landlock is not None, name

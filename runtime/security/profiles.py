@@ -1,4 +1,4 @@
-"""Profiles: the security policy of a container, as data (`profiles/*.toml`).
+"""Profiles: the security policy of a container, as data (`runtime/profiles/*.toml`).
 
 A profile file is read and validated once into a `Profile`; every error names the
 file and the key ("profiles/x.toml: seccomp.allow[3]: unknown syscall 'opne'").
@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 from runtime.errors import InvalidArgument
 from runtime.security import kernel_gaps
 
-PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "profiles")
+# The built-in profiles are package data (runtime/profiles/*.toml): they travel inside the
+# wheel, beside the code that reads them, wherever the package is installed.
+PROFILES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "profiles")
 DEFAULT_PROFILE = "ci-runner"
 ANNOTATION = "io.zviz.profile"
 

@@ -1,0 +1,339 @@
+"""`zviz node check`: can this node run zviz, and enforce its default profile?
+
+One line per check, as kata-check users expect: ok, warn (zviz runs, with less) or fail
+(the default profile cannot be enforced here: exit 1). Each probe asks the kernel
+itself, never a version table. The Landlock and broker verdicts are kernel_gaps.decide's
+(runtime/security/kernel_gaps.py), the one place they are decided.
+"""
+
+import ctypes
+import errno
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+from runtime import linux
+from runtime.node import containerd as containerd_config
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+# cgroup controllers the runtime drives (runtime/cgroups): limits and accounting
+V1_CONTROLLERS = ("memory", "pids", "cpu", "devices", "freezer")
+V2_CONTROLLERS = ("memory", "pids", "cpu")
+USERNS_SYSCTL = "/proc/sys/kernel/apparmor_restrict_unprivileged_userns"
+SECCOMP_GET_NOTIF_SIZES = 3
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Check]:
+    from runtime.security import landlock, seccomp
+    from runtime.security.profiles import DEFAULT_PROFILE, load_profile
+
+    profile = load_profile(profile_name or DEFAULT_PROFILE)
+    checks = [Check("kernel", OK, f"Linux {os.uname().release}")]
+    abi = landlock.abi_version()
+    notify = _seccomp_user_notification()
+    wait_killable_recv = seccomp.wait_killable_recv_supported() if notify else False
+    checks.append(_landlock(profile, abi, wait_killable_recv))
+    checks.append(_notify(profile, notify, wait_killable_recv))
+    checks.append(_pidfd_getfd(profile))
+    checks += _user_namespaces()
+    checks.append(_idmapped_overlay(_containerd_root(containerd_config_path)))
+    checks.append(_cgroups())
+    checks += _containerd(containerd_config_path)
+    checks.append(_fast_path())
+    return checks
+
+
+def _landlock(profile, abi: int, wait_killable_recv: bool) -> Check:
+    from runtime.security import kernel_gaps
+
+    if abi < 1:
+        status = FAIL if profile.landlock_required else WARN
+        return Check("landlock", status, f"no Landlock; profile {profile.name} requires it")
+    gaps = kernel_gaps.decide(profile, abi, wait_killable_recv)
+    refused = kernel_gaps.refusal(profile, [g for g in gaps if g.table == "landlock"], abi)
+    if refused:
+        return Check("landlock", FAIL, f"ABI {abi}: {refused}")
+    lacking = [g.feature for g in gaps if g.table == "landlock" and g.asked and not g.granted]
+    if lacking:
+        return Check(
+            "landlock",
+            WARN,
+            f"ABI {abi}: profile {profile.name} runs without {', '.join(lacking)} (its may_lack)",
+        )
+    return Check("landlock", OK, f"ABI {abi}: every right profile {profile.name} asks for")
+
+
+def _seccomp_user_notification() -> bool:
+    """SECCOMP_GET_NOTIF_SIZES answers where the kernel has user notification (5.0)."""
+    sizes = (ctypes.c_uint16 * 3)()
+    try:
+        linux.raw_syscall(
+            "seccomp", ctypes.c_uint(SECCOMP_GET_NOTIF_SIZES), ctypes.c_uint(0), ctypes.byref(sizes)
+        )
+        return True
+    except OSError:
+        return False
+
+
+def _notify(profile, notify: bool, wait_killable_recv: bool) -> Check:
+    from runtime.security import kernel_gaps
+
+    if not notify:
+        needed = profile.needs_broker(False)
+        return Check(
+            "seccomp-notify",
+            FAIL if needed else WARN,
+            "no seccomp user notification: the broker cannot mediate"
+            + (f" (profile {profile.name} needs it)" if needed else ""),
+        )
+    broker_gaps = [
+        g for g in kernel_gaps.decide(profile, 7, wait_killable_recv) if g.table == "broker"
+    ]
+    refused = kernel_gaps.refusal(profile, broker_gaps, 7)
+    if refused:
+        return Check("seccomp-notify", FAIL, refused)
+    suffix = "" if wait_killable_recv else " (no WAIT_KILLABLE_RECV: the profile may lack it)"
+    return Check("seccomp-notify", OK, "user notification available" + suffix)
+
+
+def _pidfd_getfd(profile) -> Check:
+    try:
+        linux.pidfd_getfd(-1, 0)
+    except OSError as e:
+        if not linux.kernel_supports(e.errno):
+            needed = profile.needs_broker(False)
+            return Check(
+                "pidfd_getfd",
+                FAIL if needed else WARN,
+                "missing (Linux 5.6): the broker cannot take a container's socket",
+            )
+    return Check("pidfd_getfd", OK, "available")
+
+
+def _user_namespaces() -> list[Check]:
+    checks = []
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        limit = None
+    if limit == 0:
+        checks.append(Check("userns", FAIL, "user.max_user_namespaces is 0"))
+    else:
+        error = _in_child(lambda: linux.unshare(linux.CLONE_NEWUSER))
+        if error:
+            checks.append(Check("userns", FAIL, f"cannot create a user namespace: {error}"))
+        else:
+            checks.append(Check("userns", OK, "user namespaces can be created"))
+    try:
+        with open(USERNS_SYSCTL) as f:
+            restricted = f.read().strip() == "1"
+    except OSError:
+        return checks  # not Ubuntu's AppArmor: nothing restricts them
+    checks.append(
+        Check(
+            "apparmor-userns",
+            WARN if restricted else OK,
+            "kernel.apparmor_restrict_unprivileged_userns = 1: `zviz node install` installs "
+            "the AppArmor profile that allows zviz"
+            if restricted
+            else "kernel.apparmor_restrict_unprivileged_userns = 0",
+        )
+    )
+    return checks
+
+
+def _containerd_root(config_path: str) -> str | None:
+    """Where containerd keeps its snapshots (its `root`), when that directory exists."""
+    try:
+        _text, data = containerd_config.read_config(config_path)
+    except containerd_config.ConfigRefused:
+        data = {}
+    root = data.get("root", "/var/lib/containerd")
+    return root if isinstance(root, str) and os.path.isdir(root) else None
+
+
+def _idmapped_overlay(directory: str | None) -> Check:
+    """An id-mapped overlay, as zviz builds over containerd's snapshots (runtime/idmap.py).
+
+    Tried on the filesystem containerd's snapshots live on (its root directory), since
+    id-mapping support is per filesystem (tmpfs has it only from Linux 6.3).
+    """
+    if os.geteuid() != 0:
+        return Check("idmapped-overlay", WARN, "not root: not tried")
+    from runtime import idmap
+
+    work = tempfile.mkdtemp(prefix="zviz-node-check-", dir=directory)
+    where = f"on the filesystem of {directory or os.path.dirname(work)}"
+    try:
+        for name in ("lower", "upper", "work", "merged"):
+            os.mkdir(os.path.join(work, name))
+        with open(os.path.join(work, "lower", "file"), "w"):
+            pass
+        userns_holder = _hold_user_namespace(100000)
+        if isinstance(userns_holder, str):
+            return Check("idmapped-overlay", FAIL, userns_holder)
+        pid, userns = userns_holder
+        try:
+
+            def mount_and_stat():
+                # In a private mount namespace: the mount dies with the child.
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                layers = {
+                    "lowerdir": [os.path.join(work, "lower")],
+                    "upperdir": os.path.join(work, "upper"),
+                    "workdir": os.path.join(work, "work"),
+                    "options": [],
+                }
+                tree = idmap._idmapped_overlay(layers, userns, 100000, 100000)
+                merged = os.path.join(work, "merged")
+                linux.move_mount(tree, "", linux.AT_FDCWD, merged, linux.MOVE_MOUNT_F_EMPTY_PATH)
+                owner = os.stat(os.path.join(merged, "file")).st_uid
+                if owner != 100000:
+                    raise OSError(errno.EINVAL, f"file shows uid {owner}, not 100000")
+
+            error = _in_child(mount_and_stat)
+        finally:
+            os.close(userns)
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if error:
+        # zviz still runs (runtime/idmap.py logs it), but a container's root cannot
+        # write an image's files: they show as unmapped.
+        return Check(
+            "idmapped-overlay",
+            WARN,
+            f"{where}: id-mapped overlay failed ({error}): containers' root sees image "
+            "files as nobody's and cannot write them",
+        )
+    return Check("idmapped-overlay", OK, f"{where}: id-mapped overlay layers work")
+
+
+def _hold_user_namespace(host_id: int):
+    """(pid, userns fd) of a child holding a user namespace mapping 0 to HOST_ID; or an error."""
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(ready_r)
+            linux.unshare(linux.CLONE_NEWUSER)
+            os.write(ready_w, b"1")
+            os.pause()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    ok = os.read(ready_r, 1)
+    os.close(ready_r)
+    try:
+        if not ok:
+            raise OSError(errno.EPERM, "the child could not create a user namespace")
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{pid}/{name}", "w") as f:
+                f.write(f"0 {host_id} 65536\n")
+        return pid, os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        return f"cannot map a user namespace: {e}"
+
+
+def _in_child(action) -> str | None:
+    """Run ACTION in a forked child (namespaces it enters stay there); its error, or None."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_fd)
+            action()
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(write_fd, str(e).encode()[:1000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        message = f.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        return message or f"exit status {status}"
+    return None
+
+
+def _cgroups() -> Check:
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        with open("/sys/fs/cgroup/cgroup.controllers") as f:
+            have = set(f.read().split())
+        missing = [c for c in V2_CONTROLLERS if c not in have]
+        version = "v2 (unified)"
+    else:
+        try:
+            have = set(os.listdir("/sys/fs/cgroup"))
+        except OSError:
+            return Check("cgroups", FAIL, "no /sys/fs/cgroup")
+        missing = [c for c in V1_CONTROLLERS if c not in have]
+        version = "v1" + (" (hybrid)" if "unified" in have else "")
+    if missing:
+        return Check("cgroups", WARN, f"{version}: missing {', '.join(missing)}: those limits fail")
+    needed = V2_CONTROLLERS if version.startswith("v2") else V1_CONTROLLERS
+    return Check("cgroups", OK, f"{version}: {', '.join(needed)}")
+
+
+def _containerd(config_path: str) -> list[Check]:
+    version = containerd_config.containerd_version()
+    if version is None:
+        return [Check("containerd", WARN, "not found on PATH: only `zviz run` is usable")]
+    checks = [Check("containerd", OK, f"version {version}")]
+    try:
+        found, why = containerd_config.registered(config_path)
+    except containerd_config.ConfigRefused as e:
+        return checks + [Check("containerd-config", WARN, str(e))]
+    checks.append(
+        Check(
+            "containerd-config",
+            OK if found else WARN,
+            why if found else f"{why}: run `zviz node install`",
+        )
+    )
+    return checks
+
+
+def _fast_path() -> Check:
+    """Whether `zviz` on PATH is the compiled fork-server client (runtime/forkserver.py)."""
+    from runtime.node.install import scripts_dir
+
+    path = shutil.which("zviz") or os.path.join(scripts_dir(), "zviz")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"\x7fELF":
+        return Check("fast-path", OK, f"{path} is the compiled client")
+    return Check(
+        "fast-path",
+        WARN,
+        f"{path} is the Python entry: every `zviz run` starts Python (the slow path, "
+        "~10 ms more); `zviz node install` compiles the client when a C compiler is present",
+    )
+
+
+def report(checks: list[Check], fmt: str) -> str:
+    if fmt == "json":
+        import json
+
+        return json.dumps({"checks": [asdict(c) for c in checks], "ok": passed(checks)}, indent=2)
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"{c.status:4}  {c.name:{width}}  {c.detail}" for c in checks)
+
+
+def passed(checks: list[Check]) -> bool:
+    return not any(c.status == FAIL for c in checks)

@@ -1,0 +1,241 @@
+"""`zviz node install|uninstall`: make this install of zviz the node's containerd runtime.
+
+What install does, each step idempotent (a second run writes the same bytes):
+  - BIN_DIR/containerd-shim-zviz-v2: a symlink to this install's shim script, whose `#!`
+    names its own venv's interpreter (containerd finds shims on its PATH);
+  - BIN_DIR/zviz: the compiled fork-server client built for this install (the fast
+    `zviz run`, runtime/forkserver.py), or, without a C compiler, a symlink to the Python
+    entry (the slow path, said so);
+  - the containerd runtime entry, as runtime/node/containerd.py plans it;
+  - where AppArmor is present, the profile that lets zviz create user namespaces under
+    Ubuntu's kernel.apparmor_restrict_unprivileged_userns;
+  - prints the RuntimeClass a cluster needs.
+A config that was there is copied to CONFIG.zviz-backup once (the first install), and
+what install created is listed in STATE_FILE, so uninstall removes only that.
+--root puts every default path under another directory (the tests' stand-in for /).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from runtime.node import containerd as containerd_config
+
+SHIM_NAME = "containerd-shim-zviz-v2"
+STATE_FILE = "var/lib/zviz/node-install.json"
+APPARMOR_DIR = "/sys/kernel/security/apparmor"
+BACKUP_SUFFIX = ".zviz-backup"
+RUNTIME_CLASS = f"""apiVersion: node.k8s.io/v1
+kind: RuntimeClass
+metadata:
+  name: zviz
+handler: {containerd_config.HANDLER}
+"""
+
+
+class Paths:
+    def __init__(self, root: str, config: str | None, bin_dir: str | None):
+        self.root = os.path.abspath(root)
+        self.config = config or self.under(containerd_config.DEFAULT_CONFIG)
+        self.bin_dir = bin_dir or self.under("/usr/local/bin")
+        self.state = self.under("/" + STATE_FILE)
+        self.apparmor_profile = self.under("/etc/apparmor.d/zviz")
+
+    def under(self, path: str) -> str:
+        return os.path.join(self.root, path.lstrip("/"))
+
+
+def scripts_dir() -> str:
+    """This install's bin directory (the venv's), where pip put zviz and the shim."""
+    return sysconfig.get_path("scripts")
+
+
+def python_entry() -> str:
+    """pip's `zviz` script: zviz-python where `make install` replaced zviz by the client."""
+    aside = os.path.join(scripts_dir(), "zviz-python")
+    return aside if os.path.exists(aside) else os.path.join(scripts_dir(), "zviz")
+
+
+def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
+    state = _read_state(paths)
+    created = set(state.get("created", []))
+    say = out.write
+    # The config first: a config we refuse stops everything before anything is written.
+    try:
+        changes = containerd_config.plan(paths.config, containerd_config.containerd_version())
+    except containerd_config.ConfigRefused as e:
+        say(f"containerd config: REFUSED: {e}\n")
+        return 1
+    shim_target = os.path.join(scripts_dir(), SHIM_NAME)
+    if not os.path.exists(shim_target):
+        say(f"shim: {shim_target} missing: is zviz installed (pip install zviz-*.whl)?\n")
+        return 1
+    steps = [("shim", os.path.join(paths.bin_dir, SHIM_NAME), ("link", shim_target))]
+    client = _has_compiler()
+    if not client:
+        steps.append(("zviz", os.path.join(paths.bin_dir, "zviz"), ("link", python_entry())))
+    else:
+        steps.append(
+            ("zviz", os.path.join(paths.bin_dir, "zviz"), ("client", "the fork-server client"))
+        )
+    # Every refusal before the first write: nothing is ever half-installed.
+    for label, path, _ in steps:
+        if os.path.lexists(path) and path not in created and not os.path.islink(path):
+            say(f"{label}: {path} exists and is not zviz's: left as it is\n")
+            return 1
+    for label, path, (kind, what) in steps:
+        if dry_run:
+            say(f"{label}: would install {path} ({kind} {what})\n")
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if kind == "link":
+            _replace_with_symlink(path, what)
+            note = " (the Python entry: the slow path, no C compiler)" if label == "zviz" else ""
+            say(f"{label}: {path} -> {what}{note}\n")
+        else:
+            say(f"{label}: {path}: {what}\n")
+        created.add(path)
+    if client and not dry_run:
+        _build_client(os.path.join(paths.bin_dir, "zviz"))
+    backup = paths.config + BACKUP_SUFFIX
+    for path, text in sorted(changes.items()):
+        if dry_run:
+            say(f"containerd config: would write {path}:\n{text}\n")
+            continue
+        if path == paths.config and os.path.exists(path) and not os.path.exists(backup):
+            shutil.copy2(path, backup)
+            say(f"containerd config: backup {backup}\n")
+        if not os.path.exists(path):
+            created.add(path)
+        _write(path, text)
+        say(f"containerd config: wrote {path}\n")
+    if not changes:
+        say(f"containerd config: {paths.config} already registers handler zviz\n")
+    if not os.path.isdir(APPARMOR_DIR):
+        say("apparmor: not present on this kernel: no profile needed\n")
+    elif dry_run:
+        say(f"apparmor: would install {paths.apparmor_profile}\n")
+    else:
+        _write(paths.apparmor_profile, _apparmor_profile(steps))
+        created.add(paths.apparmor_profile)
+        if paths.root == "/":
+            subprocess.run(["apparmor_parser", "-r", paths.apparmor_profile], check=True)
+        say(f"apparmor: {paths.apparmor_profile} (allows zviz's user namespaces)\n")
+    if not dry_run:
+        _write_state(paths, {"created": sorted(created), "config": paths.config})
+    _restart(restart, dry_run, say)
+    say("\nRuntimeClass for Kubernetes (kubectl apply -f -):\n" + RUNTIME_CLASS)
+    return 0
+
+
+def uninstall(paths: Paths, dry_run: bool, restart: bool, out) -> int:
+    say = out.write
+    state = _read_state(paths)
+    backup = paths.config + BACKUP_SUFFIX
+    original = None
+    if os.path.exists(backup):
+        with open(backup, encoding="utf-8") as f:
+            original = f.read()
+    changes = containerd_config.unplan(paths.config, original)
+    for path, text in sorted(changes.items()):
+        verb = "remove" if text is None else "write"
+        if dry_run:
+            say(f"containerd config: would {verb} {path}\n")
+        elif text is None:
+            os.unlink(path)
+            say(f"containerd config: removed {path}\n")
+        else:
+            _write(path, text)
+            say(f"containerd config: restored {path}\n")
+    if os.path.exists(backup) and not dry_run:
+        os.unlink(backup)
+    for path in state.get("created", []):
+        if path in changes or not os.path.lexists(path):
+            continue
+        if dry_run:
+            say(f"would remove {path}\n")
+        else:
+            os.unlink(path)
+            say(f"removed {path}\n")
+    if not dry_run and os.path.exists(paths.state):
+        os.unlink(paths.state)
+    _restart(restart, dry_run, say)
+    return 0
+
+
+def _has_compiler() -> bool:
+    """Whether the fork-server client can be compiled here (else zviz runs the slow path)."""
+    return bool(shutil.which("cc") or shutil.which("gcc"))
+
+
+def _build_client(path: str) -> None:
+    from runtime import forkserver
+
+    forkserver.compile_client(path, python_entry())
+
+
+def _replace_with_symlink(path: str, target: str) -> None:
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    temporary = path + ".zviz-new"
+    if os.path.lexists(temporary):
+        os.unlink(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, path)
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return  # same bytes: leave the file (and its mtime) alone
+    except FileNotFoundError:
+        pass
+    temporary = path + ".zviz-new"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    if os.path.exists(path):
+        shutil.copymode(path, temporary)
+    os.replace(temporary, path)
+
+
+def _apparmor_profile(steps) -> str:
+    """Ubuntu 24.04's pattern for a program that needs user namespaces (the seed's step 2)."""
+    rules = "".join(
+        f"profile zviz-{label} {os.path.realpath(path)} flags=(unconfined) {{\n  userns,\n}}\n"
+        for label, path, _ in steps
+    )
+    return "abi <abi/4.0>,\ninclude <tunables/global>\n\n" + rules
+
+
+def _restart(restart: bool, dry_run: bool, say) -> None:
+    if not restart:
+        say("containerd: not restarted (give --restart, or: systemctl restart containerd)\n")
+    elif dry_run:
+        say("containerd: would restart (systemctl restart containerd)\n")
+    else:
+        subprocess.run(["systemctl", "restart", "containerd"], check=True)
+        say("containerd: restarted\n")
+
+
+def _read_state(paths: Paths) -> dict:
+    try:
+        with open(paths.state) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_state(paths: Paths, state: dict) -> None:
+    _write(paths.state, json.dumps(state, indent=2) + "\n")
+
+
+def main_install(args) -> int:
+    paths = Paths(args.root, args.containerd_config, args.bin_dir)
+    if args.node_command == "install":
+        return install(paths, args.dry_run, args.restart, sys.stdout)
+    return uninstall(paths, args.dry_run, args.restart, sys.stdout)

@@ -1,0 +1,232 @@
+"""`zviz node install | uninstall` against temporary containerd configs in both formats.
+
+Every run names a temporary directory as the root (--root): nothing here touches /etc or
+/usr/local/bin. The real containerd loading what install writes is integration/test_node.py.
+"""
+
+import glob
+import os
+import tomllib
+
+import pytest
+
+from runtime.commands import run_cli
+from runtime.node import containerd as containerd_config
+
+V2_WITH_CRI = """version = 2
+root = "/var/lib/containerd"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.example/pause:3.9"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+"""
+V2_WITHOUT_CRI = """version = 2
+# the operator's comment stays
+[debug]
+  level = "info"
+"""
+V3_WITH_CRI = """version = 3
+
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = 'io.containerd.runc.v2'
+"""
+
+
+@pytest.fixture
+def root(tmp_path):
+    os.makedirs(tmp_path / "etc" / "containerd")
+    return tmp_path
+
+
+def config_file(root) -> str:
+    return str(root / "etc" / "containerd" / "config.toml")
+
+
+def write_config(root, text: str) -> str:
+    path = config_file(root)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def node(root, *args) -> int:
+    return run_cli(["node", *args, "--root", str(root)])
+
+
+def merged(path: str) -> dict:
+    """The config as containerd 2.x sees it: the main file and each import, merged."""
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    for pattern in data.get("imports", []):
+        for imported in sorted(glob.glob(pattern)):
+            with open(imported, "rb") as f:
+                _deep_merge(data, tomllib.load(f))
+    return data
+
+
+def _deep_merge(into: dict, other: dict) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def zviz_entry(data: dict, version: int) -> dict:
+    return data["plugins"][containerd_config.CRI_PLUGIN[version]]["containerd"]["runtimes"]["zviz"]
+
+
+def files_under(root) -> dict[str, bytes]:
+    found = {}
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            found[path] = (
+                os.readlink(path).encode() if os.path.islink(path) else open(path, "rb").read()
+            )
+    return found
+
+
+@pytest.mark.parametrize(
+    "text,version,drop_in",
+    [
+        # 1.x replaces a whole plugin section on import: the CRI section must stay one file
+        (V2_WITH_CRI, 2, False),
+        (V2_WITHOUT_CRI, 2, True),
+        # 2.x merges imports key by key: a drop-in beside any config
+        (V3_WITH_CRI, 3, True),
+    ],
+    ids=["v2-cri-in-main", "v2-no-cri", "v3"],
+)
+def test_install_registers_zviz_idempotently_and_uninstall_restores_the_bytes(
+    root, capsys, text, version, drop_in
+):
+    path = write_config(root, text)
+    assert node(root, "install") == 0
+    out = capsys.readouterr().out
+    assert "kind: RuntimeClass" in out and "handler: zviz" in out
+    after_first = files_under(root)
+    data = merged(path)
+    assert zviz_entry(data, version) == {"runtime_type": "io.containerd.zviz.v2"}
+    assert containerd_config.registered(path)[0]
+    drop_in_path = containerd_config.drop_in_path(path)
+    assert os.path.exists(drop_in_path) == drop_in
+    if version == 2 and not drop_in:
+        assert read(path).startswith(text)  # appended: the operator's text as it was
+    assert read(path + ".zviz-backup") == text
+    shim = root / "usr" / "local" / "bin" / "containerd-shim-zviz-v2"
+    assert os.readlink(shim).endswith("/bin/containerd-shim-zviz-v2")
+
+    assert node(root, "install") == 0
+    assert files_under(root) == after_first  # the same bytes, the same files
+
+    assert node(root, "uninstall") == 0
+    assert read(path) == text
+    assert not os.path.exists(drop_in_path)
+    assert not os.path.lexists(shim)
+    assert not os.path.exists(path + ".zviz-backup")
+    assert not os.path.lexists(root / "usr" / "local" / "bin" / "zviz")
+
+
+def test_a_missing_config_is_created_for_the_detected_containerd_and_removed_again(
+    root, monkeypatch
+):
+    monkeypatch.setattr(containerd_config, "containerd_version", lambda: "2.1.4")
+    path = config_file(root)
+    assert node(root, "install") == 0
+    assert "version = 3" in read(path)
+    assert zviz_entry(merged(path), 3)["runtime_type"] == "io.containerd.zviz.v2"
+    assert node(root, "uninstall") == 0
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri"\n',  # broken TOML
+        '[plugins.cri]\n  sandbox_image = "x"\n',  # no version: a version-1 config
+        "version = 4\n",  # unknown
+        # zviz's handler name taken by another runtime
+        'version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.zviz]\n'
+        '  runtime_type = "io.containerd.runc.v2"\n',
+    ],
+    ids=["broken", "version-1", "version-4", "handler-taken"],
+)
+def test_a_config_zviz_cannot_edit_is_reported_and_left_untouched(root, capsys, text):
+    write_config(root, text)
+    before = files_under(root)
+    assert node(root, "install") == 1
+    assert "REFUSED" in capsys.readouterr().out
+    assert files_under(root) == before  # not even the shim link: nothing half-installed
+
+
+def test_dry_run_changes_nothing(root, capsys):
+    write_config(root, V2_WITHOUT_CRI)
+    before = files_under(root)
+    assert node(root, "install", "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "would write" in out and "runtimes.zviz" in out
+    assert files_under(root) == before
+
+
+def test_existing_imports_that_miss_the_drop_in_get_a_block_instead(root):
+    text = 'version = 3\nimports = ["/etc/containerd/other/*.toml"]\n'
+    path = write_config(root, text)
+    assert node(root, "install") == 0
+    assert read(path).startswith(text)
+    assert zviz_entry(merged(path), 3)["runtime_type"] == "io.containerd.zviz.v2"
+    assert node(root, "uninstall") == 0
+    assert read(path) == text
+
+
+def test_uninstall_keeps_edits_made_since_install(root):
+    path = write_config(root, V2_WITH_CRI)
+    assert node(root, "install") == 0
+    with open(path, "a") as f:
+        f.write('\n[debug]\n  level = "debug"\n')
+    assert node(root, "uninstall") == 0
+    assert read(path) == V2_WITH_CRI + '\n[debug]\n  level = "debug"\n'
+
+
+def test_without_a_compiler_zviz_is_the_python_entry_and_says_so(root, capsys, monkeypatch):
+    from runtime.node import install
+
+    real_which = install.shutil.which
+    monkeypatch.setattr(
+        install.shutil, "which", lambda name: None if name in ("cc", "gcc") else real_which(name)
+    )
+    write_config(root, V2_WITHOUT_CRI)
+    assert node(root, "install") == 0
+    assert "the slow path" in capsys.readouterr().out
+    entry = root / "usr" / "local" / "bin" / "zviz"
+    assert os.readlink(entry) == install.python_entry()
+    with open(entry, "rb") as f:
+        assert f.read(2) == b"#!"
+
+
+def test_node_check_says_when_zviz_runs_the_slow_path(tmp_path, monkeypatch):
+    from runtime.node import check
+
+    script = tmp_path / "zviz"
+    script.write_text("#!/usr/bin/python3\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = check._fast_path()
+    assert result.status == "warn" and "slow path" in result.detail
+
+
+def test_a_foreign_zviz_in_the_bin_dir_stops_install_before_anything_is_written(root, capsys):
+    write_config(root, V2_WITHOUT_CRI)
+    bin_dir = root / "usr" / "local" / "bin"
+    os.makedirs(bin_dir)
+    (bin_dir / "zviz").write_text("someone else's zviz\n")
+    before = files_under(root)
+    assert node(root, "install") == 1
+    assert "is not zviz's" in capsys.readouterr().out
+    assert files_under(root) == before
