@@ -59,9 +59,7 @@ def test_two_handlers_side_by_side_run_each_its_operators_profile(cri, tmp_path)
     async def scenario():
         async with contextlib.AsyncExitStack() as pods:
             ci = await pods.enter_async_context(pod(cri, "zviz", tmp_path / "ci"))
-            hostile = await pods.enter_async_context(
-                pod(cri, "zviz-hostile", tmp_path / "hostile")
-            )
+            hostile = await pods.enter_async_context(pod(cri, "zviz-hostile", tmp_path / "hostile"))
             # Both pods alive at once on the one node, each under its handler's config.
             return await _host_root(ci), await _host_root(hostile)
 
