@@ -4,7 +4,8 @@ Two RuntimeClass handlers served by zviz on one node, each with its own shim con
 named by the runtime options' ConfigPath (containerd 1.6 sends it to a non-runc shim as
 runtimeoptions.v1.Options, on `start`'s stdin and in CreateTaskRequest.options):
 
-    zviz          profile ci-runner, the annotation may pick ci-runner or hostile-tenant
+    zviz          profile ci-runner, the annotation may pick ci-runner, hostile-tenant
+                  or web-server
     zviz-hostile  profile hostile-tenant, the annotation may pick nothing
 
 and the CRI `pod_annotations = ["io.zviz.*"]` for both, so a pod's io.zviz.profile
@@ -19,18 +20,23 @@ user namespace, so the sandbox's profile is the pod's).
 """
 
 import contextlib
+import os
 
 import pytest
 from grpclib.exceptions import GRPCError
 
+from integration.security.test_pod_isolation import shim_pid
 from integration.test_cri import cri_node, pod, run
 
 HANDLER_CONFIGS = {
-    "zviz": 'profile = "ci-runner"\nallowed_annotation_profiles = ["ci-runner", "hostile-tenant"]\n',
+    "zviz": 'profile = "ci-runner"\n'
+    'allowed_annotation_profiles = ["ci-runner", "hostile-tenant", "web-server"]\n',
     "zviz-hostile": 'profile = "hostile-tenant"\nallowed_annotation_profiles = []\n',
 }
 PROFILE_ANNOTATION = "io.zviz.profile"
 HOST_ROOT = {"ci-runner": "100000", "hostile-tenant": "200000"}
+# overhead.podFixed.memory of the RuntimeClasses in docs/kubernetes.md (zviz, zviz-hostile).
+POD_FIXED_MIB = 32
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +85,10 @@ def test_an_annotation_the_operator_allows_chooses_the_pods_profile(cri, tmp_pat
 
 @pytest.mark.parametrize(
     ("handler", "asked", "allowed"),
-    [("zviz", "development", "ci-runner, hostile-tenant"), ("zviz-hostile", "ci-runner", "none")],
+    [
+        ("zviz", "development", "ci-runner, hostile-tenant, web-server"),
+        ("zviz-hostile", "ci-runner", "none"),
+    ],
 )
 def test_a_profile_outside_the_allowed_list_fails_the_pod_naming_profile_and_rule(
     cri, tmp_path, handler, asked, allowed
@@ -95,3 +104,61 @@ def test_a_profile_outside_the_allowed_list_fails_the_pod_naming_profile_and_rul
     message = refused.value.message
     assert f"profile '{asked}' from annotation {PROFILE_ANNOTATION} refused" in message, message
     assert f"not in the operator's allowed_annotation_profiles ({allowed})" in message, message
+
+
+def test_a_web_server_pod_is_one_network_with_the_pods_address(cri, tmp_path):
+    # web-server (network mode "namespace") joins the pod's network namespace today, as
+    # docs/kubernetes.md says; the "none" profiles' pod network is issue 11 item 1.
+    async def scenario():
+        annotations = {PROFILE_ANNOTATION: "web-server"}
+        async with pod(cri, "zviz", tmp_path, annotations=annotations) as the_pod:
+            first = await the_pod.start_container("first", "exec sleep 300")
+            second = await the_pod.start_container("second", "exec sleep 300")
+            views = [
+                await the_pod.exec(c, "readlink /proc/self/ns/net; cat /proc/net/fib_trie")
+                for c in (first, second)
+            ]
+            return await the_pod.ip(), views
+
+    address, views = run(scenario())
+    (code, first, err), (_, second, _) = views
+    assert code == 0, err
+    assert first.splitlines()[0] == second.splitlines()[0], "the pod's containers differ in netns"
+    assert f"|-- {address}" in first, f"the pod's address {address} is not in the container"
+
+
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+
+
+def _process_tree(pid: int) -> list[int]:
+    """PID and every process below it (the daemon forks the pod's processes and brokers)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], ()))
+    return tree
+
+
+@pytest.mark.parametrize("handler", ["zviz", "zviz-hostile"])
+def test_a_pods_runtime_memory_fits_the_documented_runtimeclass_overhead(cri, tmp_path, handler):
+    # What docs/kubernetes.md's overhead.podFixed covers: the pod's own shim daemon and
+    # the sandbox (pause) process, measured as PSS with one app container running (its
+    # `sleep`, a fork of the daemon like the pause, is counted too: conservative).
+    async def scenario():
+        async with pod(cri, handler, tmp_path) as the_pod:
+            app = await the_pod.start_container("app", "exec sleep 300")
+            daemon = await shim_pid(cri, app)
+            tree = _process_tree(daemon)
+            return daemon, tree, sum(_pss_kib(pid) for pid in tree)
+
+    daemon, tree, total_kib = run(scenario())
+    assert len(tree) >= 3, f"daemon {daemon}: expected it, the pause and the app: {tree}"
+    assert total_kib < POD_FIXED_MIB * 1024, f"{total_kib / 1024:.1f} MiB for {tree}"

@@ -33,8 +33,6 @@ from tools.mkbundle import build_bundle
 
 ZVIZ = "io.containerd.zviz.v2"
 HOOK_SECONDS = 12
-# The PSS of a pod's daemon that docs/kubernetes.md's RuntimeClass overhead is built on.
-DOCUMENTED_DAEMON_PSS_MIB = 48
 
 
 @pytest.fixture(scope="module")
