@@ -6,7 +6,8 @@ runtimeoptions.v1.Options, on `start`'s stdin and in CreateTaskRequest.options):
 
     zviz          profile ci-runner, the annotation may pick ci-runner, hostile-tenant
                   or web-server
-    zviz-hostile  profile hostile-tenant, the annotation may pick nothing
+    zviz-hostile  profile hostile-tenant, the annotation may pick nothing; a pod's daemon
+                  exits as soon as its pod is gone (idle_exit_seconds = 0)
 
 and the CRI `pod_annotations = ["io.zviz.*"]` for both, so a pod's io.zviz.profile
 reaches the OCI spec and the shim's rule is what decides. CRI copies a passed-through
@@ -19,8 +20,10 @@ What the profiles change observably here: the host ids the pod's root maps to
 user namespace, so the sandbox's profile is the pod's).
 """
 
+import asyncio
 import contextlib
 import os
+import time
 
 import pytest
 from grpclib.exceptions import GRPCError
@@ -31,7 +34,9 @@ from integration.test_cri import cri_node, pod, run
 HANDLER_CONFIGS = {
     "zviz": 'profile = "ci-runner"\n'
     'allowed_annotation_profiles = ["ci-runner", "hostile-tenant", "web-server"]\n',
-    "zviz-hostile": 'profile = "hostile-tenant"\nallowed_annotation_profiles = []\n',
+    # idle_exit_seconds = 0: under CRI no later pod reuses a removed pod's daemon.
+    "zviz-hostile": 'profile = "hostile-tenant"\nallowed_annotation_profiles = []\n'
+    "idle_exit_seconds = 0\n",
 }
 PROFILE_ANNOTATION = "io.zviz.profile"
 HOST_ROOT = {"ci-runner": "100000", "hostile-tenant": "200000"}
@@ -162,3 +167,18 @@ def test_a_pods_runtime_memory_fits_the_documented_runtimeclass_overhead(cri, tm
     daemon, tree, total_kib = run(scenario())
     assert len(tree) >= 3, f"daemon {daemon}: expected it, the pause and the app: {tree}"
     assert total_kib < POD_FIXED_MIB * 1024, f"{total_kib / 1024:.1f} MiB for {tree}"
+
+
+def test_with_idle_exit_zero_a_removed_pods_daemon_exits_at_once(cri, tmp_path):
+    async def scenario():
+        async with pod(cri, "zviz-hostile", tmp_path) as the_pod:
+            app = await the_pod.start_container("app", "exec sleep 300")
+            daemon = await shim_pid(cri, app)
+        # The pod is stopped and removed here.
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{daemon}") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return daemon, os.path.exists(f"/proc/{daemon}")
+
+    daemon, alive = run(scenario())
+    assert not alive, f"daemon {daemon} outlived its pod by 10 s"
