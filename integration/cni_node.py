@@ -81,8 +81,10 @@ def cni_conflist(ipam_dir: str) -> dict:
 class CniNode:
     """The node netns with its bridge, test hosts and a CRI containerd inside it."""
 
-    def __init__(self, sandbox_image: str):
+    def __init__(self, sandbox_image: str, **containerd_options):
         self.sandbox_image = sandbox_image
+        # For PrivateContainerd: its CRI handlers and pod_annotations.
+        self.containerd_options = containerd_options
         self.node: NamedNetns | None = None
         self.hosts: list[NamedNetns] = []
         self.containerd: PrivateContainerd | None = None
@@ -164,7 +166,10 @@ class CniNode:
         # Short: shim socket paths under it must stay within 108 bytes.
         base = tempfile.mkdtemp(prefix=f"zc-{session_tag()}-", dir="/run")
         self.containerd = PrivateContainerd(
-            base_dir=base, cri_sandbox_image=self.sandbox_image, netns=self.node.path
+            base_dir=base,
+            cri_sandbox_image=self.sandbox_image,
+            netns=self.node.path,
+            **self.containerd_options,
         )
         cni = os.path.join(self.containerd.base, "cni")
         os.makedirs(os.path.join(cni, "net.d"))

@@ -79,11 +79,18 @@ class Cri:
 
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory):
+    with cri_node(tmp_path_factory) as harness:
+        yield harness
+
+
+@contextlib.contextmanager
+def cri_node(tmp_path_factory, **containerd_options):
+    """A started node (CniNode with CONTAINERD_OPTIONS) with the images imported."""
     images = tmp_path_factory.mktemp("cri-images")
     build_image(str(images / "pause.tar"), PAUSE_IMAGE, cmd=("sleep", "2147483647"))
     build_image(str(images / "busybox.tar"), DEFAULT_REF)
     pb, grpc = _compile_cri(str(tmp_path_factory.mktemp("cri-proto")))
-    node = CniNode(sandbox_image=PAUSE_IMAGE).start()
+    node = CniNode(sandbox_image=PAUSE_IMAGE, **containerd_options).start()
     harness = Cri(node, pb, grpc)
     try:
         node.containerd.import_image(str(images / "pause.tar"), namespace=CRI_NAMESPACE)
@@ -141,7 +148,9 @@ class Pod:
         self.id = ""
         self.config = None
 
-    async def run(self, share_pids: bool = False, cgroup_parent: str = "") -> None:
+    async def run(
+        self, share_pids: bool = False, cgroup_parent: str = "", annotations: dict | None = None
+    ) -> None:
         pb = self.pb
         self.pid_mode = pb.POD if share_pids else pb.CONTAINER
         uid = uuid.uuid4().hex
@@ -149,6 +158,8 @@ class Pod:
             metadata=pb.PodSandboxMetadata(name=tagged("zviz-pod"), uid=uid, namespace="default"),
             # The kubelet sends none for a hostNetwork pod (the node's name is the pod's).
             hostname="" if self.network == pb.NODE else f"pod-{uid[:8]}",
+            # The pod's metadata.annotations, as the kubelet passes them on.
+            annotations=annotations or {},
             log_directory=self.log_dir,
             # As the kubelet's dnsPolicy ClusterFirst, with the test's DNS as cluster DNS.
             dns_config=pb.DNSConfig(servers=[DNS_IP], searches=["test"]),

@@ -13,7 +13,8 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     id_ranges = "shared"           # shared (the profile's host ids) | container (shim/idpool.py)
     id_pool_first = 1000000        # with id_ranges = "container": the pool's first host id ...
     id_pool_ranges = 1000          # ... and how many 65536-id ranges it has
-    grouping = "namespace"         # namespace | pod | container: which containers share a daemon
+    grouping = "pod"               # namespace | pod | container: which containers share a daemon
+                                   # (unset: pod under CRI, namespace otherwise)
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
 """
 
@@ -74,7 +75,7 @@ class ShimConfig:
     def __init__(
         self,
         profile: str | None = None,
-        grouping: str = "namespace",
+        grouping: str | None = None,
         idle_exit_seconds: float = 30.0,
         path: str | None = None,
         allowed_annotation_profiles: tuple[str, ...] | None = None,
@@ -135,8 +136,8 @@ def load_config(path: str | None) -> ShimConfig:
         if value is not None and (type(value) is not int or value < least):
             raise ConfigError(f"shim config {path}: {key}: must be an integer >= {least}")
         pool[key] = value
-    grouping = data.get("grouping", "namespace")
-    if grouping not in GROUPINGS:
+    grouping = data.get("grouping")
+    if grouping is not None and grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
     idle = data.get("idle_exit_seconds", 30.0)
     if not isinstance(idle, int | float) or isinstance(idle, bool) or idle < 0:
@@ -164,15 +165,26 @@ def _string_list(data: dict, key: str, path: str) -> tuple[str, ...] | None:
 
 def group_id(container_id: str, annotations: dict, config: ShimConfig) -> str:
     """Which daemon serves a container: containers with equal group ids share one."""
-    explicit = annotations.get(GROUP_ANNOTATION)
+    sandbox = annotations.get(SANDBOX_ID_ANNOTATION)
+    # Under CRI (a sandbox id) the annotations are the pod author's, passed on by
+    # containerd when the operator's pod_annotations list them: a pod must not choose to
+    # join a daemon other pods use, so there only the operator's grouping decides.
+    explicit = None if sandbox else annotations.get(GROUP_ANNOTATION)
     if explicit:
         return "group:" + explicit
-    if config.grouping == "namespace":
+    grouping = config.grouping or default_grouping(annotations)
+    if grouping == "namespace":
         return "namespace"
-    sandbox = annotations.get(SANDBOX_ID_ANNOTATION)
-    if config.grouping == "pod" and sandbox:
+    if grouping == "pod" and sandbox:
         return "pod:" + sandbox
     return "container:" + container_id
+
+
+def default_grouping(annotations: dict) -> str:
+    """Without a configured grouping: one daemon per pod under CRI, where every pod is in
+    namespace k8s.io (a pod whose daemon dies or whose Create hangs takes no other pod
+    with it); elsewhere one per namespace, the least memory."""
+    return "pod" if annotations.get(SANDBOX_ID_ANNOTATION) else "namespace"
 
 
 def group_dir(containerd_address: str, namespace: str, group: str) -> str:

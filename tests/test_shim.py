@@ -87,6 +87,38 @@ def test_grouping_modes():
     )
 
 
+def test_default_grouping_is_per_pod_under_cri_and_per_namespace_elsewhere():
+    unset = shim_config.ShimConfig()
+    pod_a = {shim_config.SANDBOX_ID_ANNOTATION: "sandbox-a"}
+    pod_b = {shim_config.SANDBOX_ID_ANNOTATION: "sandbox-b"}
+    assert shim_config.group_id("a1", pod_a, unset) == shim_config.group_id("a2", pod_a, unset)
+    assert shim_config.group_id("a1", pod_a, unset) != shim_config.group_id("b1", pod_b, unset)
+    assert shim_config.group_id("x", {}, unset) == shim_config.group_id("y", {}, unset)
+    # The operator may still put every pod of a namespace in one daemon.
+    namespace = shim_config.ShimConfig(grouping="namespace")
+    assert shim_config.group_id("a1", pod_a, namespace) == shim_config.group_id(
+        "b1", pod_b, namespace
+    )
+
+
+def test_a_pod_cannot_choose_its_daemon_with_the_group_annotation():
+    chosen = {shim_config.GROUP_ANNOTATION: "shared"}
+    pod_a = {shim_config.SANDBOX_ID_ANNOTATION: "sandbox-a", **chosen}
+    pod_b = {shim_config.SANDBOX_ID_ANNOTATION: "sandbox-b", **chosen}
+    for config in (shim_config.ShimConfig(), shim_config.ShimConfig(grouping="container")):
+        assert shim_config.group_id("a1", pod_a, config) != shim_config.group_id(
+            "b1", pod_b, config
+        )
+    # Outside CRI (ctr, nerdctl: root's own choice) the annotation still groups.
+    assert shim_config.group_id("x", chosen, shim_config.ShimConfig()) == "group:shared"
+
+
+def test_config_file_without_grouping_leaves_it_to_the_default(tmp_path):
+    path = tmp_path / "shim.toml"
+    path.write_text('profile = "ci-runner"\n')
+    assert shim_config.load_config(str(path)).grouping is None
+
+
 def test_group_socket_paths_are_short_and_distinct():
     one = shim_config.group_dir("/run/containerd/containerd.sock", "default", "namespace")
     two = shim_config.group_dir("/run/containerd/containerd.sock", "k8s.io", "namespace")

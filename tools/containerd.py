@@ -4,6 +4,7 @@ It never touches the host's /run/containerd or /var/lib/containerd, so it can ru
 beside any other containerd, and several can run at once (one per temp dir).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ disabled_plugins = [{disabled}]
 """
 
 # Kubernetes' CRI plugin, as a kubelet's containerd runs it, with zviz as RuntimeClass
-# handler `zviz`. Offline: the sandbox ("pause") image must be imported before use. CNI
+# handler `zviz` (and any other handlers given, CRI_ZVIZ_HANDLER each). Offline: the sandbox ("pause") image must be imported before use. CNI
 # plugins and network configs are read from {base}/cni (empty unless the caller puts them
 # there, as integration/cni_node.py does). The streaming server takes a free port so
 # that several of these can run at once.
@@ -53,13 +54,42 @@ CRI_CONFIG = """
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.zviz]
-      runtime_type = "io.containerd.zviz.v2"
+{zviz_handlers}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{base}/cni/bin"
     conf_dir = "{base}/cni/net.d"
 """
+# A RuntimeClass handler served by zviz. pod_annotations: the pod annotations containerd
+# copies into the OCI spec (it drops all others): the operator's lock on io.zviz.profile.
+# ConfigPath reaches the shim as runtimeoptions.v1.Options (`start`'s stdin and
+# CreateTaskRequest.options).
+CRI_ZVIZ_HANDLER = """
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
+      runtime_type = "io.containerd.zviz.v2"
+      pod_annotations = {pod_annotations}
+"""
+CRI_ZVIZ_HANDLER_OPTIONS = """
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}.options]
+        ConfigPath = {config_path}
+"""
 CRI_NAMESPACE = "k8s.io"
+
+
+def cri_zviz_handlers(handlers: dict[str, str | None], pod_annotations: tuple[str, ...]) -> str:
+    """The CRI runtime sections of zviz HANDLERS (name: its shim config file, or None)."""
+    sections = []
+    for handler, config_path in handlers.items():
+        # JSON strings and arrays of strings are valid TOML.
+        sections.append(
+            CRI_ZVIZ_HANDLER.format(handler=handler, pod_annotations=json.dumps(pod_annotations))
+        )
+        if config_path:
+            sections.append(
+                CRI_ZVIZ_HANDLER_OPTIONS.format(
+                    handler=handler, config_path=json.dumps(config_path)
+                )
+            )
+    return "".join(sections)
 
 
 class PrivateContainerd:
@@ -69,6 +99,8 @@ class PrivateContainerd:
         debug: bool = True,
         cri_sandbox_image: str | None = None,
         netns: str | None = None,
+        cri_handlers: dict[str, str | None] | None = None,
+        cri_pod_annotations: tuple[str, ...] = (),
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -86,6 +118,9 @@ class PrivateContainerd:
         self.debug = debug
         # The CRI plugin is loaded only when given the image of its sandboxes.
         self.cri_sandbox_image = cri_sandbox_image
+        # zviz's RuntimeClass handlers: name -> the shim config its runtime options name.
+        self.cri_handlers = cri_handlers if cri_handlers is not None else {"zviz": None}
+        self.cri_pod_annotations = tuple(cri_pod_annotations)
         # A network namespace (path) for containerd, and so for its shims, CNI plugins and
         # every pod network it makes; None: the caller's.
         self.netns = netns
@@ -102,7 +137,11 @@ class PrivateContainerd:
             disabled="" if self.cri_sandbox_image else '"io.containerd.grpc.v1.cri"',
         )
         if self.cri_sandbox_image:
-            config += CRI_CONFIG.format(sandbox_image=self.cri_sandbox_image, base=self.base)
+            config += CRI_CONFIG.format(
+                sandbox_image=self.cri_sandbox_image,
+                base=self.base,
+                zviz_handlers=cri_zviz_handlers(self.cri_handlers, self.cri_pod_annotations),
+            )
         with open(self.config_path, "w") as f:
             f.write(config)
         log = open(self.log_path, "ab")
