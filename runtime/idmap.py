@@ -135,9 +135,14 @@ def id_map(pid: int, name: str) -> list[tuple[int, int, int]]:
 
 def host_id_of_root(pid: int, name: str) -> int | None:
     """The host id that id 0 of `pid`'s user namespace is (None: unmapped)."""
+    return host_id(pid, name, 0)
+
+
+def host_id(pid: int, name: str, inside_id: int) -> int | None:
+    """The host id that `inside_id` of `pid`'s user namespace is (None: unmapped)."""
     for inside, outside, count in id_map(pid, name):
-        if inside <= 0 < inside + count:
-            return outside - inside
+        if inside <= inside_id < inside + count:
+            return outside + inside_id - inside
     return None
 
 
