@@ -8,7 +8,9 @@ behaviour zviz lacks today; its reason names what fails and why.
 The volumes are host directories made as the kubelet makes them under
 /var/lib/kubelet/pods/<uid>/volumes: owned by root, configMap files 0644, secret files
 0640 root:<fsGroup> (defaultMode 0640 with an fsGroup), the projected service-account
-token 0600 owned by the pod's runAsUser, all bound read-only except the emptyDir.
+token 0600 owned by the pod's runAsUser, all bound read-only; the emptyDir 02777
+root:<fsGroup>, bound writable. Under zviz the read-only ones are id-mapped through the
+container's user namespace (runtime/idmap.py), so those host ids are the pod's ids.
 """
 
 import asyncio
@@ -422,9 +424,10 @@ def kubelet_volumes(root) -> dict[str, str]:
         directory.mkdir(parents=True)
         directory.chmod(0o755)
         volumes[name] = str(directory)
-    # emptyDir with an fsGroup: group-owned by it, group-writable, setgid.
+    # emptyDir: made 0777, then with an fsGroup given to it, group rw and setgid added
+    # (kubelet's SetVolumeOwnership): 02777 root:fsGroup.
     os.chown(volumes["empty-dir"], 0, FS_GROUP)
-    os.chmod(volumes["empty-dir"], 0o2775)
+    os.chmod(volumes["empty-dir"], 0o2777)
     files = {
         ("config-map", "greeting", 0, 0, 0o644): "hello from the config map\n",
         ("secret", "password", 0, FS_GROUP, 0o640): "s3cret\n",
@@ -495,18 +498,7 @@ def test_config_map_volume_is_read_only_and_readable(cri, tmp_path, handler):
     assert not os.path.exists(os.path.join(volumes["config-map"], "new"))
 
 
-ZVIZ_VOLUME_IDS = (
-    "issue 11 item 4: the container's ids are host ids + 100000 (its user namespace) and "
-    "the volume is bound without an id-mapping, so the kubelet's {what} does not match "
-    "the container's {whose} and the open is EACCES"
-)
-
-
-@both_handlers(
-    zviz_fails_today=ZVIZ_VOLUME_IDS.format(
-        what="fsGroup (host gid 2000, group of the 0640 secret)", whose="supplementary group"
-    )
-)
+@both_handlers()
 def test_a_secret_file_0640_to_the_fs_group_is_readable_by_the_container_user(
     cri, tmp_path, handler
 ):
@@ -528,11 +520,7 @@ def test_a_secret_file_0640_to_the_fs_group_is_readable_by_the_container_user(
     assert code == 0 and out == "s3cret\n", (out, err)
 
 
-@both_handlers(
-    zviz_fails_today=ZVIZ_VOLUME_IDS.format(
-        what="token owner (host uid 1000, mode 0600)", whose="runAsUser"
-    )
-)
+@both_handlers()
 def test_the_projected_service_account_token_is_readable_by_the_container_user(
     cri, tmp_path, handler
 ):
@@ -553,11 +541,7 @@ def test_the_projected_service_account_token_is_readable_by_the_container_user(
     assert code == 0 and out == "eyJ.token\n", (out, err)
 
 
-@both_handlers(
-    zviz_fails_today=ZVIZ_VOLUME_IDS.format(
-        what="fsGroup (host gid 2000, group of the emptyDir)", whose="supplementary group"
-    )
-)
+@both_handlers()
 def test_an_fs_group_empty_dir_is_writable_by_the_container_user(cri, tmp_path, handler):
     volumes = kubelet_volumes(tmp_path / "pods")
 
