@@ -289,32 +289,25 @@ def _allow_top_level_entries(rs) -> None:
                 rs.allow_path("/" + entry.name, landlock.READ)
 
 
-def _allow_stdio_fifos(rs, spec) -> None:
-    """Reopening its stdio fifos, as the fds it holds allow: `echo > /dev/stdout` opens
-    /proc/self/fd/1 again, and an exec writing to /proc/1/fd/1 (how images log to the
-    container's output) opens PID 1's. A fifo containerd made lies outside the rootfs,
-    so no other rule covers it; the rule covers that one file and nothing beside it.
-    Pipes need none: Landlock does not check them."""
-    owners = ["self"]
-    # An exec's PID 1 is its container's (or its pod's) when the spec has a pid namespace.
-    if os.getpid() != 1 and spec.linux.namespace("pid") is not None:
-        owners.append("1")
-    for owner in owners:
-        for fd in (0, 1, 2):
-            link = f"/proc/{owner}/fd/{fd}"
-            try:
-                if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(
-                    os.stat(link).st_mode
-                ):
-                    continue
-                access = _access_of(_open_flags(owner, fd))
-                path_fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue  # gone, or not ours to see: no rule
-            try:
-                rs.allow_fd(path_fd, access, f"stdio fifo {link}")
-            finally:
-                os.close(path_fd)
+def _allow_stdio_fifos(rs) -> None:
+    """Reopening its own stdio fifos, as the fds it holds allow: `echo > /dev/stdout`
+    opens /proc/self/fd/1 again. A fifo containerd made lies outside the rootfs, so no
+    other rule covers it; the rule covers that one file and nothing beside it. Pipes
+    need none: Landlock does not check them. (PID 1's fifos would not help an exec:
+    Landlock refuses it /proc/1/fd/N anyway, PID 1's domain not being its own.)"""
+    for fd in (0, 1, 2):
+        link = f"/proc/self/fd/{fd}"
+        try:
+            if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(os.stat(link).st_mode):
+                continue
+            access = _access_of(_open_flags("self", fd))
+            path_fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # not open: no rule
+        try:
+            rs.allow_fd(path_fd, access, f"stdio fifo {link}")
+        finally:
+            os.close(path_fd)
 
 
 def _open_flags(owner: str, fd: int) -> int:
@@ -365,7 +358,7 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
                 rs.allow_path(path, landlock.READ | landlock.WRITE)
         for path in profile.device_ioctl:
             rs.allow_path(path, landlock.FS_IOCTL_DEV)
-        _allow_stdio_fifos(rs, spec)
+        _allow_stdio_fifos(rs)
         for port in profile.tcp_bind or ():
             rs.allow_port(port, landlock.NET_BIND_TCP)
         for port in profile.tcp_connect or ():
