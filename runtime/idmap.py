@@ -127,6 +127,56 @@ def _idmapped_overlay(layers: dict, userns: int, root_uid: int, root_gid: int) -
         os.close(fs)
 
 
+def read_only_volumes(spec, source_fds, profile) -> list[tuple[str, int]]:
+    """(destination, a dup of its detached clone) of each read-only bind volume to id-map
+    once the container's user namespace exists (idmap_volumes); the caller closes them.
+
+    The kubelet makes a pod's volumes for the ids the pod asked for: a secret 0640 to
+    the fsGroup (host gid 2000), the service-account token 0600 to the runAsUser (host
+    uid 1000). In a user namespace the container's 2000 and 1000 are other host ids
+    (102000, 101000), so without a mapping the files are closed to their own pod; through
+    a mount id-mapped as the rootfs is, host id N shows as N inside, as under runc.
+    Only read-only volumes, made read-only in the same call: through a writable one the
+    container's root would store files as host root. And only when the container cannot
+    change mount flags (no CAP_SYS_ADMIN in the profile), or it could make one writable.
+    `source_fds`: open_bind_sources' clones, in spec.mounts' order.
+    """
+    if profile is None or not profile.user_namespace or "CAP_SYS_ADMIN" in profile.capabilities:
+        return []
+    from runtime.rootfs import parse_options
+
+    volumes = []
+    try:
+        for mount, fd in zip(spec.mounts, source_fds, strict=True):
+            if fd is not None and parse_options(mount.options)[0] & linux.MS_RDONLY:
+                volumes.append((mount.destination, os.dup(fd)))
+    except BaseException:
+        for _, fd in volumes:
+            os.close(fd)
+        raise
+    return volumes
+
+
+def idmap_volumes(pid: int, volumes: list[tuple[str, int]], log) -> None:
+    """Id-map (and make read-only) each of read_only_volumes' clones through `pid`'s user
+    namespace, before PID 1 attaches them; nothing when its root is host root."""
+    if not volumes or not host_id_of_root(pid, "uid_map"):
+        return
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for destination, fd in volumes:
+            try:
+                linux.mount_setattr_idmap(fd, userns, recursive=True, read_only=True)
+            except OSError as exc:
+                log(
+                    "warning",
+                    f"volume {destination}: no id-mapped mount ({exc.strerror}); its files "
+                    "keep their host ids, which the container's users are not",
+                )
+    finally:
+        os.close(userns)
+
+
 def id_map(pid: int, name: str) -> list[tuple[int, int, int]]:
     """/proc/<pid>/{uid,gid}_map as (inside, outside, count) ranges."""
     with open(f"/proc/{pid}/{name}") as f:
@@ -135,9 +185,14 @@ def id_map(pid: int, name: str) -> list[tuple[int, int, int]]:
 
 def host_id_of_root(pid: int, name: str) -> int | None:
     """The host id that id 0 of `pid`'s user namespace is (None: unmapped)."""
+    return host_id(pid, name, 0)
+
+
+def host_id(pid: int, name: str, inside_id: int) -> int | None:
+    """The host id that `inside_id` of `pid`'s user namespace is (None: unmapped)."""
     for inside, outside, count in id_map(pid, name):
-        if inside <= 0 < inside + count:
-            return outside - inside
+        if inside <= inside_id < inside + count:
+            return outside + inside_id - inside
     return None
 
 

@@ -395,9 +395,12 @@ def clone_mount(path: str, *, recursive: bool, propagation: int) -> int:
     return fd
 
 
-def mount_setattr_idmap(fd: int, userns_fd: int, recursive: bool = True) -> None:
-    """Make the detached mount `fd` id-mapped through the user namespace `userns_fd`."""
-    attr = MountAttr(MOUNT_ATTR_IDMAP, 0, 0, userns_fd)
+def mount_setattr_idmap(
+    fd: int, userns_fd: int, recursive: bool = True, read_only: bool = False
+) -> None:
+    """Make the detached mount `fd` id-mapped through the user namespace `userns_fd`
+    (and read-only in the same call, so that it is never mapped and writable)."""
+    attr = MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, userns_fd)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     raw_syscall(
         "mount_setattr",

@@ -22,7 +22,13 @@ import os
 import signal
 
 from runtime import errors, hooks, linux, state
-from runtime.idmap import check_joined_user_namespace, host_id_of_root, idmapped_rootfs
+from runtime.idmap import (
+    check_joined_user_namespace,
+    host_id_of_root,
+    idmap_volumes,
+    idmapped_rootfs,
+    read_only_volumes,
+)
 from runtime.rootfs import RootfsBuilder, open_bind_sources
 from runtime.sync import Sync
 
@@ -168,9 +174,21 @@ def spawn_init(request: Request, log) -> Spawned:
                 join_fds.append(("user", owner))
                 new_user = False
         request.bind_source_fds = open_bind_sources(spec.mounts, request.bundle)
+        # The parent's own handles on the read-only volumes it id-maps once the user
+        # namespace exists: the fds themselves go to the child (closed here by the fork).
+        volumes_to_map = read_only_volumes(spec, request.bind_source_fds, request.profile)
     except BaseException:
         _close_all(fd for _, fd in join_fds)
+        _close_all(fd for fd in request.bind_source_fds if fd is not None)
         raise
+    try:
+        return _spawn_init(request, log, flags, join_fds, new_user, volumes_to_map)
+    finally:
+        _close_all(fd for _, fd in volumes_to_map)
+
+
+def _spawn_init(request: Request, log, flags, join_fds, new_user, volumes_to_map) -> Spawned:
+    spec = request.spec
     child, parent_end = _fork_child(
         [fd for _, fd in join_fds] + [fd for fd in request.bind_source_fds if fd is not None],
         lambda child_end: _namespace_child(request, child_end, flags, join_fds, new_user),
@@ -183,6 +201,7 @@ def spawn_init(request: Request, log) -> Spawned:
             else:
                 check_joined_user_namespace(child, request.profile)
             rootfs_fd = idmapped_rootfs(child, spec, log)
+            idmap_volumes(child, volumes_to_map, log)
             if rootfs_fd is None:
                 parent_end.send("mapped")
             else:

@@ -24,7 +24,7 @@ from api import typeurl
 from api.gen.containerd.events import task_pb2 as events
 from api.gen.containerd.task.v2 import shim_pb2, shim_ttrpc
 from api.gen.containerd.types.task import task_pb2 as task_types
-from runtime import errors
+from runtime import errors, idmap
 from runtime.container import Container
 from shim import config as shim_config
 from shim import mounts
@@ -282,10 +282,11 @@ class TaskService(shim_ttrpc.TaskService):
             )
             with self.reaper.held():
                 task.container = await loop.run_in_executor(self._creator, create)
+            pid = _init_pid(task.container)
             if request.terminal:
                 stdio.receive_console()
+            _give_stdio(stdio, pid, (spec.get("process") or {}).get("user"), task.id)
             stdio.spawned()
-            pid = _init_pid(task.container)
             task.init.spawned(pid, self.reaper)
             task.watch_oom(loop)
         except BaseException:
@@ -341,6 +342,7 @@ class TaskService(shim_ttrpc.TaskService):
         if stdio is None:
             raise errors.FailedPrecondition(f"exec {proc.label} is still being added")
         try:
+            _give_stdio(stdio, task.init.pid, proc.spec.get("user"), proc.label)
             pid = task.container.exec(
                 proc.spec,
                 stdio=tuple(stdio.child),
@@ -590,6 +592,20 @@ def _read_spec(bundle: str) -> dict:
     except (OSError, ValueError):
         return {}
     return spec if isinstance(spec, dict) else {}
+
+
+def _give_stdio(stdio: Stdio, pid: int, user: dict | None, label: str) -> None:
+    """Hand the process's stdio pipes and fifos to the host ids its user (config.json's
+    process.user) has in the user namespace of `pid`, the container's PID 1."""
+    user = user or {}
+    try:
+        uid = idmap.host_id(pid, "uid_map", int(user.get("uid", 0)))
+        gid = idmap.host_id(pid, "gid_map", int(user.get("gid", 0)))
+        if uid is not None and gid is not None:
+            stdio.give_to(uid, gid)
+    except OSError as e:
+        # The process still has its fds; only reopening them (/dev/stdout) fails.
+        log.warning("%s: stdio not handed to the process's user: %s", label, e)
 
 
 def _init_pid(container) -> int:

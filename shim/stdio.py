@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import termios
 import urllib.parse
@@ -381,6 +382,25 @@ class Stdio:
             self._console_listener = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.console_socket)
+
+    # ---- ownership -----------------------------------------------------------------
+
+    def give_to(self, uid: int, gid: int) -> None:
+        """Make the process's pipes and fifos belong to host UID/GID, the ids its user has.
+
+        Opening /proc/self/fd/1 (/dev/stdout, or /proc/1/fd/1 from an exec) opens the
+        fifo or pipe anew, checked against its owner and mode: made by the shim or
+        containerd as host root, it is closed to a container whose users are other host
+        ids (a user namespace, runAsUser). runc's shim hands its pipes to the container's
+        root and runc's init to the process's user the same way. Files (file://) and
+        /dev/null are left alone: they outlive the process, or are open to all already.
+        """
+        for fd in set(self.child):
+            if fd < 0:
+                continue
+            info = os.fstat(fd)
+            if stat.S_ISFIFO(info.st_mode) and (info.st_uid, info.st_gid) != (uid, gid):
+                os.fchown(fd, uid, gid)
 
     # ---- lifetime ------------------------------------------------------------------
 

@@ -216,3 +216,35 @@ def test_profile_and_verbose_are_global_or_per_command(argv, profile, verbose):
 
     args = commands.parse_args(argv)
     assert (args.profile, args.verbose) == (profile, verbose)
+
+
+def test_only_read_only_bind_volumes_are_id_mapped_and_never_under_cap_sys_admin():
+    import types
+
+    from runtime import idmap
+
+    mounts = [
+        types.SimpleNamespace(destination="/secret", options=["rbind", "ro"]),
+        types.SimpleNamespace(destination="/data", options=["rbind", "rw"]),
+        types.SimpleNamespace(destination="/proc", options=["nosuid"]),
+    ]
+    spec = types.SimpleNamespace(mounts=mounts)
+    null = os.open(os.devnull, os.O_RDONLY)
+    fds = [null, null, None]  # /proc is no bind: open_bind_sources gives it no clone
+    plain = types.SimpleNamespace(user_namespace=True, capabilities=frozenset())
+    try:
+        chosen = idmap.read_only_volumes(spec, fds, plain)
+        assert [destination for destination, _ in chosen] == ["/secret"]
+        assert all(fd != null for _, fd in chosen)  # the parent's own dup, closed by it
+        for _, fd in chosen:
+            os.close(fd)
+        # A container that may change mount flags could make a mapped volume writable.
+        admin = types.SimpleNamespace(
+            user_namespace=True, capabilities=frozenset({"CAP_SYS_ADMIN"})
+        )
+        assert idmap.read_only_volumes(spec, fds, admin) == []
+        no_userns = types.SimpleNamespace(user_namespace=False, capabilities=frozenset())
+        assert idmap.read_only_volumes(spec, fds, no_userns) == []
+        assert idmap.read_only_volumes(spec, fds, None) == []
+    finally:
+        os.close(null)

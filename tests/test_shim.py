@@ -441,6 +441,21 @@ async def _read_until_eof(fd: int, timeout: float = 10) -> bytes:
             data += chunk
 
 
+def test_stdio_is_given_to_the_process_user_fifos_and_pipes_only(tmp_path):
+    # /dev/stdout reopens the fifo: its owner must be the process's host uid (a user
+    # namespace's root, a runAsUser), not the shim's root.
+    async def body(stdio, stdin_path, _):
+        stdio.give_to(123456, 234567)
+        owners = [(os.fstat(fd).st_uid, os.fstat(fd).st_gid) for fd in stdio.child[:2]]
+        stdout_on_disk = os.stat(tmp_path / "stdout")
+        return owners, (stdout_on_disk.st_uid, stdout_on_disk.st_gid), os.fstat(stdio.child[2])
+
+    owners, on_disk, stderr = _stdio_scenario(tmp_path, body)
+    assert owners == [(123456, 234567)] * 2  # the stdin pipe and the stdout fifo
+    assert on_disk == (123456, 234567)
+    assert (stderr.st_uid, stderr.st_gid) == (0, 0)  # /dev/null (no stderr) is left alone
+
+
 def test_stdin_ends_when_the_client_closes_even_if_it_connects_late(tmp_path):
     async def body(stdio, stdin_path, _):
         process_stdin = stdio.child[0]

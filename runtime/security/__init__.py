@@ -20,6 +20,7 @@ the listener.
 """
 
 import os
+import stat
 from dataclasses import dataclass, field
 
 from runtime.errors import InvalidArgument, SecurityLayerError
@@ -288,6 +289,45 @@ def _allow_top_level_entries(rs) -> None:
                 rs.allow_path("/" + entry.name, landlock.READ)
 
 
+def _allow_stdio_fifos(rs) -> None:
+    """Reopening its own stdio fifos, as the fds it holds allow: `echo > /dev/stdout`
+    opens /proc/self/fd/1 again. A fifo containerd made lies outside the rootfs, so no
+    other rule covers it; the rule covers that one file and nothing beside it. Pipes
+    need none: Landlock does not check them. (PID 1's fifos would not help an exec:
+    Landlock refuses it /proc/1/fd/N anyway, PID 1's domain not being its own.)"""
+    for fd in (0, 1, 2):
+        link = f"/proc/self/fd/{fd}"
+        try:
+            if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(os.stat(link).st_mode):
+                continue
+            access = _access_of(_open_flags("self", fd))
+            path_fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # not open: no rule
+        try:
+            rs.allow_fd(path_fd, access, f"stdio fifo {link}")
+        finally:
+            os.close(path_fd)
+
+
+def _open_flags(owner: str, fd: int) -> int:
+    with open(f"/proc/{owner}/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("flags:"):
+                return int(line.split()[1], 8)
+    raise OSError(f"/proc/{owner}/fdinfo/{fd}: no flags")
+
+
+def _access_of(flags: int) -> int:
+    mode = flags & os.O_ACCMODE
+    access = 0
+    if mode in (os.O_RDONLY, os.O_RDWR):
+        access |= landlock.FS_READ_FILE
+    if mode in (os.O_WRONLY, os.O_RDWR):
+        access |= landlock.FS_WRITE_FILE
+    return access
+
+
 def _landlock_ruleset(spec, profile: Profile, abi: int):
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
@@ -318,6 +358,7 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
                 rs.allow_path(path, landlock.READ | landlock.WRITE)
         for path in profile.device_ioctl:
             rs.allow_path(path, landlock.FS_IOCTL_DEV)
+        _allow_stdio_fifos(rs)
         for port in profile.tcp_bind or ():
             rs.allow_port(port, landlock.NET_BIND_TCP)
         for port in profile.tcp_connect or ():
