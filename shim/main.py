@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if flags.action == "start":
             from shim.manager import start
 
-            sys.stdout.write(start(flags))
+            sys.stdout.buffer.write(start(flags))
             sys.stdout.flush()
             _exit_now(0)
         if flags.action == "delete":
