@@ -190,7 +190,7 @@ def test_killed_task_exits_137(containerd, ctr, busybox_image, new_id, runtime):
     ctr.made.append(container_id)
     run = subprocess.Popen(
         [
-            "ctr",
+            containerd.ctr_bin,
             "--address",
             containerd.address,
             "-n",
@@ -232,7 +232,7 @@ def test_stdin_reaches_the_task_and_ends(containerd, ctr, busybox_image, new_id,
     ctr.made.append(container_id)
     run = subprocess.Popen(
         [
-            "ctr",
+            containerd.ctr_bin,
             "--address",
             containerd.address,
             "-n",
@@ -296,7 +296,7 @@ def test_terminal(containerd, ctr, busybox_image, new_id, runtime):
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 77, 0, 0))
     proc = subprocess.Popen(
         [
-            "ctr",
+            containerd.ctr_bin,
             "--address",
             containerd.address,
             "-n",
@@ -381,7 +381,8 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
         == 0
     )
     listed = ctr("task", "ps", container_id).stdout
-    twin = [int(line.split()[0]) for line in listed.splitlines() if "ExecID:twin" in line]
+    # INFO is `ExecID:twin` from ctr 1.6, `exec_id:"twin"` from ctr 2.x.
+    twin = [int(line.split()[0]) for line in listed.splitlines()[1:] if "twin" in line]
     assert len(twin) == 1, listed
     assert _process_view(twin[0]) == _process_view(init_pid)
     # stdin ends when the client closes it, even before ctr gets to call CloseIO.
@@ -416,7 +417,7 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
 def test_memory_hog_produces_an_oom_event(containerd, ctr, busybox_image, new_id):
     container_id = new_id()
     events = subprocess.Popen(
-        ["ctr", "--address", containerd.address, "events"],
+        [containerd.ctr_bin, "--address", containerd.address, "events"],
         env=containerd.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -61,6 +61,59 @@ CRI_CONFIG = """
 """
 CRI_NAMESPACE = "k8s.io"
 
+# containerd 2.x reads config version 3: the v1 runtime (and its shim_debug) is gone, and
+# the CRI plugin is split into io.containerd.cri.v1.{images,runtime} beside the gRPC
+# service io.containerd.grpc.v1.cri, which keeps only the streaming server's settings.
+CONFIG_V3 = """version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{disabled}]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  level = "{level}"
+"""
+CRI_PLUGINS_V3 = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.cri.v1.images",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+)
+CRI_CONFIG_V3 = """
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{sandbox_image}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.zviz]
+      runtime_type = "io.containerd.zviz.v2"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{base}/cni/bin"]
+    conf_dir = "{base}/cni/net.d"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"""
+
+
+def major_version(containerd_bin: str) -> int:
+    """containerd's major version from `containerd --version` ("containerd REPO 1.6.20~ds1 ...")."""
+    out = subprocess.run(
+        [containerd_bin, "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return int(out[2].lstrip("v").split(".")[0])
+
 
 class PrivateContainerd:
     def __init__(
@@ -69,6 +122,8 @@ class PrivateContainerd:
         debug: bool = True,
         cri_sandbox_image: str | None = None,
         netns: str | None = None,
+        containerd_bin: str = "containerd",
+        ctr_bin: str = "ctr",
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -89,25 +144,25 @@ class PrivateContainerd:
         # A network namespace (path) for containerd, and so for its shims, CNI plugins and
         # every pod network it makes; None: the caller's.
         self.netns = netns
+        # Debian's 1.6 by default; tools/gotools.py builds a 2.x (config version 3).
+        self.containerd_bin = containerd_bin
+        self.ctr_bin = ctr_bin
+        self.major_version = major_version(containerd_bin)
         self.proc: subprocess.Popen | None = None
-        self.env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        # containerd finds shims on PATH: zviz's in the venv, then those beside the chosen
+        # containerd binary (a 2.x brings its own runc shim: tools/gotools.py says why).
+        path = [VENV_BIN, os.environ.get("PATH", "/usr/bin:/bin")]
+        if os.path.dirname(containerd_bin):
+            path.insert(1, os.path.dirname(containerd_bin))
+        self.env = dict(os.environ, PATH=":".join(path))
 
     def start(self, timeout: float = 30) -> "PrivateContainerd":
         os.makedirs(self.base, exist_ok=True)
-        config = CONFIG.format(
-            root=self.root,
-            state=self.state,
-            address=self.address,
-            level="debug" if self.debug else "info",
-            disabled="" if self.cri_sandbox_image else '"io.containerd.grpc.v1.cri"',
-        )
-        if self.cri_sandbox_image:
-            config += CRI_CONFIG.format(sandbox_image=self.cri_sandbox_image, base=self.base)
         with open(self.config_path, "w") as f:
-            f.write(config)
+            f.write(self.config_text())
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            ["containerd", "--config", self.config_path],
+            [self.containerd_bin, "--config", self.config_path],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -126,8 +181,24 @@ class PrivateContainerd:
             time.sleep(0.05)
         raise RuntimeError(f"containerd did not answer within {timeout}s; see {self.log_path}")
 
+    def config_text(self) -> str:
+        """The config file, in the version this containerd reads (2 for 1.x, 3 for 2.x)."""
+        v3 = self.major_version >= 2
+        cri_plugins = CRI_PLUGINS_V3 if v3 else ("io.containerd.grpc.v1.cri",)
+        config = (CONFIG_V3 if v3 else CONFIG).format(
+            root=self.root,
+            state=self.state,
+            address=self.address,
+            level="debug" if self.debug else "info",
+            disabled="" if self.cri_sandbox_image else ", ".join(f'"{p}"' for p in cri_plugins),
+        )
+        if self.cri_sandbox_image:
+            cri = CRI_CONFIG_V3 if v3 else CRI_CONFIG
+            config += cri.format(sandbox_image=self.cri_sandbox_image, base=self.base)
+        return config
+
     def ctr(self, *args, check: bool = True, timeout: float = 60, input=None, namespace=None):
-        cmd = ["ctr", "--address", self.address, "-n", namespace or self.namespace, *args]
+        cmd = [self.ctr_bin, "--address", self.address, "-n", namespace or self.namespace, *args]
         return subprocess.run(
             cmd,
             capture_output=True,
