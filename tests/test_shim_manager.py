@@ -21,6 +21,8 @@ from api.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client, Code, TtrpcError
 from shim import config as shim_config
+from shim import wire
+from shim.main import RUNTIME_NAME, VERSION
 
 CONTAINERD_ADDRESS = "/run/zviz-shim-unit/containerd.sock"
 
@@ -284,3 +286,14 @@ def test_start_without_runtime_options_in_bootstrap_params_uses_no_config(shim_r
     asyncio.run(
         _call(reply.address, "Shutdown", shim_pb2.ShutdownRequest(now=True), empty_pb2.Empty)
     )
+
+
+def test_info_answers_a_runtime_info_without_a_namespace():
+    """containerd 2.x runs `SHIM -info` alone, and parses stdout as containerd.types.RuntimeInfo."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shim.main", "-info"], capture_output=True, timeout=30, input=b""
+    )
+    assert result.returncode == 0, result.stderr
+    fields = wire.length_delimited_fields(result.stdout)
+    assert fields[1] == RUNTIME_NAME.encode()
+    assert wire.length_delimited_fields(fields[2])[1] == VERSION.encode()
