@@ -81,8 +81,13 @@ def cni_conflist(ipam_dir: str) -> dict:
 class CniNode:
     """The node netns with its bridge, test hosts and a CRI containerd inside it."""
 
-    def __init__(self, sandbox_image: str):
+    def __init__(
+        self, sandbox_image: str, containerd_bin: str = "containerd", ctr_bin: str = "ctr"
+    ):
         self.sandbox_image = sandbox_image
+        # Debian's containerd 1.6 unless given another (test_containerd2_cri.py: a 2.x).
+        self.containerd_bin = containerd_bin
+        self.ctr_bin = ctr_bin
         self.node: NamedNetns | None = None
         self.hosts: list[NamedNetns] = []
         self.containerd: PrivateContainerd | None = None
@@ -164,7 +169,11 @@ class CniNode:
         # Short: shim socket paths under it must stay within 108 bytes.
         base = tempfile.mkdtemp(prefix=f"zc-{session_tag()}-", dir="/run")
         self.containerd = PrivateContainerd(
-            base_dir=base, cri_sandbox_image=self.sandbox_image, netns=self.node.path
+            base_dir=base,
+            cri_sandbox_image=self.sandbox_image,
+            netns=self.node.path,
+            containerd_bin=self.containerd_bin,
+            ctr_bin=self.ctr_bin,
         )
         cni = os.path.join(self.containerd.base, "cni")
         os.makedirs(os.path.join(cni, "net.d"))
