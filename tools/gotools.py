@@ -30,6 +30,9 @@ class GoTool:
     # containerd's btrfs snapshotter needs cgo and libbtrfs's headers, which a fresh
     # machine lacks; the tests use overlayfs, so it is left out rather than installed.
     tags: tuple[str, ...] = ()
+    # -X settings: a build from the module directory has no module version in its build
+    # info, so a tool that reads its version from there is told it here.
+    version_variable: str = ""
 
     @property
     def bin_dir(self) -> str:
@@ -54,6 +57,7 @@ NERDCTL = GoTool(
     module="github.com/containerd/nerdctl/v2",
     version="v2.0.5",
     commands=("cmd/nerdctl",),
+    version_variable="github.com/containerd/nerdctl/v2/pkg/version.Version",
 )
 ALL = (CONTAINERD2, NERDCTL)
 
@@ -109,11 +113,13 @@ def build(tool: GoTool) -> float:
     staging = tool.bin_dir + ".partial"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
-    tags = ["-tags", ",".join(tool.tags)] if tool.tags else []
+    flags = ["-tags", ",".join(tool.tags)] if tool.tags else []
+    if tool.version_variable:
+        flags += ["-ldflags", f"-X {tool.version_variable}={tool.version}"]
     for command in tool.commands:
         output = os.path.join(staging, os.path.basename(command))
         subprocess.run(
-            ["go", "build", *tags, "-o", output, "./" + command], env=env, cwd=source, check=True
+            ["go", "build", *flags, "-o", output, "./" + command], env=env, cwd=source, check=True
         )
     shutil.rmtree(tool.bin_dir, ignore_errors=True)
     os.rename(staging, tool.bin_dir)
