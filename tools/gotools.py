@@ -68,9 +68,21 @@ def binary(tool: GoTool, command: str) -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
+# Where Go's own release tarball installs itself, often left off a service's PATH.
+GO_TARBALL_BINARY = "/usr/local/go/bin/go"
+
+
+def go_binary() -> str | None:
+    """The `go` to build with: the one on PATH, else the tarball's; None when neither."""
+    found = shutil.which("go")
+    if found is None and os.access(GO_TARBALL_BINARY, os.X_OK):
+        found = GO_TARBALL_BINARY
+    return found
+
+
 def missing_reason(tool: GoTool) -> str:
     """Why `tool` is not there, for a test's skip message."""
-    if shutil.which("go") is None:
+    if go_binary() is None:
         return f"{tool.name} {tool.version} is not built and `go` is not installed (make tools)"
     return f"{tool.name} {tool.version} is not built in {tool.bin_dir}: run `make tools`"
 
@@ -85,7 +97,7 @@ def _go_env() -> dict[str, str]:
     )
 
 
-def build(tool: GoTool) -> float:
+def build(tool: GoTool, go: str) -> float:
     """Build `tool` unless its binaries are cached; return the seconds the build took.
 
     What `go install MODULE/cmd/X@VERSION` does, spelled out: fetch the module at the
@@ -98,7 +110,7 @@ def build(tool: GoTool) -> float:
     env = _go_env()
     started = time.monotonic()
     download = subprocess.run(
-        ["go", "mod", "download", "-json", f"{tool.module}@{tool.version}"],
+        [go, "mod", "download", "-json", f"{tool.module}@{tool.version}"],
         env=env,
         cwd=CACHE_ROOT,
         capture_output=True,
@@ -119,7 +131,7 @@ def build(tool: GoTool) -> float:
     for command in tool.commands:
         output = os.path.join(staging, os.path.basename(command))
         subprocess.run(
-            ["go", "build", *flags, "-o", output, "./" + command], env=env, cwd=source, check=True
+            [go, "build", *flags, "-o", output, "./" + command], env=env, cwd=source, check=True
         )
     shutil.rmtree(tool.bin_dir, ignore_errors=True)
     os.rename(staging, tool.bin_dir)
@@ -136,12 +148,13 @@ def version_line(tool: GoTool) -> str:
 
 
 def main() -> int:
-    if shutil.which("go") is None:
+    go = go_binary()
+    if go is None:
         print("tools: `go` is not installed: the containerd 2.x and nerdctl tests will skip")
         return 0
     os.makedirs(CACHE_ROOT, exist_ok=True)
     for tool in ALL:
-        seconds = build(tool)
+        seconds = build(tool, go)
         state = f"built in {seconds:.0f}s" if seconds else "cached"
         print(f"tools: {version_line(tool)} ({state})")
     return 0
