@@ -2,7 +2,9 @@
 
 A representative part of test_shim_containerd.py runs again here against a private
 containerd 2.x with its own ctr: `run` (exit codes, output), a detached task with exec,
-ps, pause, metrics and kill, a killed task's exit status, the OOM event, and the shim's
+ps, pause, metrics and kill, a killed task's exit status, the OOM event, a task that
+outlives a containerd restart (2.x reconnects from the BootstrapResult it saved), a killed
+shim cleaned up through `delete` (no stdin from 2.x), and the shim's
 config path: 2.x hands it to `start` inside BootstrapParams, where the grouping it sets
 decides which daemon serves the container (before the shim read BootstrapParams, the
 grouping test failed here: every container went to the namespace's one daemon), and to
@@ -22,9 +24,11 @@ from integration.test_shim_containerd import (  # noqa: F401
     test_detached_task_is_manageable,
     test_exit_code_passes_through,
     test_grouping_by_pod_and_by_container,
+    test_killed_shim_is_cleaned_up_through_delete,
     test_killed_task_exits_137,
     test_memory_hog_produces_an_oom_event,
     test_profile_comes_from_annotation_then_runtime_config,
+    test_running_task_survives_a_containerd_restart,
     test_stdout_and_stderr_arrive,
 )
 

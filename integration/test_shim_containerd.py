@@ -125,14 +125,21 @@ def _shim_pid(containerd, container_id: str) -> int:
     bundle = os.path.join(
         containerd.state, "io.containerd.runtime.v2.task", containerd.namespace, container_id
     )
-    with open(os.path.join(bundle, "address")) as f:
-        address = f.read().strip()
+    try:
+        with open(os.path.join(bundle, "bootstrap.json")) as f:
+            # containerd 2.x: the shim's BootstrapResult (2.x's runc shim writes no `address`
+            # and serves the task API version it announced, 3: same messages, v3 name).
+            bootstrap = json.load(f)
+        address, service = bootstrap["address"], f"containerd.task.v{bootstrap['version']}.Task"
+    except FileNotFoundError:
+        with open(os.path.join(bundle, "address")) as f:
+            address, service = f.read().strip(), "containerd.task.v2.Task"
 
     async def connect():
         client = await Client.connect(address, timeout=10)
         try:
             return await client.call(
-                "containerd.task.v2.Task",
+                service,
                 "Connect",
                 shim_pb2.ConnectRequest(id=container_id),
                 shim_pb2.ConnectResponse,
