@@ -15,6 +15,8 @@ not built.
 
 import pytest
 
+from integration.ids import unique_id
+
 # The fixtures these tests use, and the tests themselves: collected and run again here.
 from integration.test_shim_containerd import (  # noqa: F401
     ctr,
@@ -34,6 +36,8 @@ from integration.test_shim_containerd import (  # noqa: F401
 
 pytestmark = pytest.mark.containerd
 
+ZVIZ = "io.containerd.zviz.v2"
+
 
 @pytest.fixture(scope="module")
 def containerd(containerd2):
@@ -50,3 +54,16 @@ def test_it_is_containerd_2(containerd):
     assert containerd.major_version == 2
     version = containerd.ctr("version").stdout
     assert "Version:  v2." in version or "Version:  2." in version, version
+
+
+def test_containerd_got_an_answer_to_shim_info(containerd, busybox_image):
+    """2.x runs `SHIM -info` for a runtime's features and logs when it fails (it did, for
+    every zviz container, before the shim knew the flag)."""
+    container_id = unique_id("zviz-shim-info")
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", ZVIZ, busybox_image, container_id, "true", check=False
+    )
+    assert result.returncode == 0, result.stderr
+    with open(containerd.log_path) as f:
+        failures = [line for line in f if "-info" in line and "containerd-shim-zviz-v2" in line]
+    assert not failures, failures[-1]
