@@ -11,7 +11,7 @@ DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc l
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
             containernetworking-plugins dnsmasq-base
 
-.PHONY: install deps venv demo test test-fast lint bench proto dist clean
+.PHONY: install deps venv tools demo test test-fast lint bench proto dist clean
 
 install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
@@ -43,7 +43,12 @@ demo: install
 	$(PY) -m tools.mkbundle $(BUILD)/demo-bundle --demo
 	$(ZVIZ) --root $(BUILD)/state run --bundle $(BUILD)/demo-bundle zviz-demo-$$$$
 
-test: install
+# containerd 2.x (+ ctr) and nerdctl, built with Go at the versions tools/gotools.py pins,
+# cached in /var/cache/zviz-tools across runs; without `go` their tests skip.
+tools:
+	python3 -m tools.gotools
+
+test: install tools
 	$(PY) -m pytest -q tests integration
 
 test-fast: venv

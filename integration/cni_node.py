@@ -83,7 +83,8 @@ class CniNode:
 
     def __init__(self, sandbox_image: str, **containerd_options):
         self.sandbox_image = sandbox_image
-        # For PrivateContainerd: its CRI handlers and pod_annotations.
+        # For PrivateContainerd: its CRI handlers and pod_annotations, and its binaries
+        # (Debian's containerd 1.6 unless given another: test_containerd2_cri.py, a 2.x).
         self.containerd_options = containerd_options
         self.node: NamedNetns | None = None
         self.hosts: list[NamedNetns] = []

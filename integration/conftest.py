@@ -11,6 +11,7 @@ import pytest
 
 from integration.ids import TAG_VARIABLE, new_session_tag, session_tag, tagged
 from integration.leaks import leftovers
+from tools import gotools
 from tools.containerd import PrivateContainerd, runsc_wrapper
 from tools.mkbundle import build_bundle
 from tools.mkimage import DEFAULT_REF, build_image
@@ -61,10 +62,35 @@ def containerd():
 
 
 @pytest.fixture(scope="session")
-def busybox_image(containerd, tmp_path_factory) -> str:
+def containerd2():
+    """A private containerd 2.x (tools/gotools.py), with its own ctr and runc shim."""
+    binaries = [gotools.binary(gotools.CONTAINERD2, name) for name in ("containerd", "ctr")]
+    if not all(binaries):
+        pytest.skip(gotools.missing_reason(gotools.CONTAINERD2))
+    instance = PrivateContainerd(containerd_bin=binaries[0], ctr_bin=binaries[1]).start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture(scope="session")
+def busybox_archive(tmp_path_factory) -> str:
     archive = str(tmp_path_factory.mktemp("image") / "busybox.tar")
     build_image(archive, DEFAULT_REF)
-    containerd.import_image(archive)
+    return archive
+
+
+@pytest.fixture(scope="session")
+def busybox_image(containerd, busybox_archive) -> str:
+    containerd.import_image(busybox_archive)
+    return DEFAULT_REF
+
+
+@pytest.fixture(scope="session")
+def busybox_image2(containerd2, busybox_archive) -> str:
+    """The busybox image, imported into containerd 2.x."""
+    containerd2.import_image(busybox_archive)
     return DEFAULT_REF
 
 
@@ -84,6 +110,11 @@ def make_bundle(tmp_path):
         return build_bundle(str(directory), args=list(args), **overrides)
 
     return make
+
+
+def pytest_report_header(config):
+    """The Go-built tools' versions (or why they are missing), at the top of the output."""
+    return [f"go tools: {gotools.version_line(tool)}" for tool in gotools.ALL]
 
 
 def pytest_configure(config):

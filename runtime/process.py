@@ -768,9 +768,41 @@ def _write_sysctl(key: str, value: str) -> None:
     except FileNotFoundError:
         raise errors.field_error(f"linux.sysctl.{key}", "no such sysctl in the container") from None
     try:
-        os.write(fd, str(value).encode())
+        try:
+            os.write(fd, str(value).encode())
+        except OSError as e:
+            if e.errno != errno.EINVAL or key != PING_GROUP_RANGE:
+                raise
+            # The kernel refuses a range with a group the container's user namespace does
+            # not map; containerd 2.x's CRI asks "0 2147483647" (every group may ping) for
+            # every pod. Every group the container has is the same request, narrowed.
+            with open("/proc/self/gid_map") as f:
+                narrowed = ping_group_range_within(str(value), f.read())
+            if narrowed is None:
+                raise
+            os.write(fd, narrowed.encode())
     finally:
         os.close(fd)
+
+
+PING_GROUP_RANGE = "net.ipv4.ping_group_range"
+
+
+def ping_group_range_within(value: str, gid_map: str) -> str | None:
+    """The part of the ping_group_range VALUE ("LOW HIGH") inside one mapped range of
+    GID_MAP (/proc/self/gid_map: inside, outside, count per line), the widest such part;
+    None when the value is malformed or no mapped group is in it."""
+    try:
+        low, high = (int(word) for word in value.split())
+    except ValueError:
+        return None
+    best = None
+    for line in gid_map.splitlines():
+        inside, _, count = (int(word) for word in line.split())
+        first, last = max(low, inside), min(high, inside + count - 1)
+        if first <= last and (best is None or last - first > best[1] - best[0]):
+            best = (first, last)
+    return None if best is None else f"{best[0]} {best[1]}"
 
 
 def _set_rlimits(rlimits) -> None:

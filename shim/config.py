@@ -223,6 +223,51 @@ def decode_runtime_options(data: bytes) -> str | None:
     return path or None
 
 
+def decode_start_input(data: bytes, container_id: str, namespace: str) -> tuple[str | None, bool]:
+    """(config_path, bootstrap) from what containerd writes to `start`'s stdin.
+
+    containerd before 2.3 writes the runtime options alone, a serialized Any; 2.3 and later
+    write a BootstrapParams (api/proto/containerd/runtime/bootstrap/v1) with the options as
+    one of its extensions, and expect a BootstrapResult back (start_reply). Both messages
+    begin with two strings in fields 1 and 2, so the form is told as containerd's own shims
+    tell it: a BootstrapParams names this container and namespace there, an Any a type URL.
+    """
+    from shim import wire
+
+    try:
+        fields = wire.all_length_delimited_fields(data)
+        head = dict(fields)
+        if data and head.get(1) == container_id.encode() and head.get(2) == namespace.encode():
+            paths = [
+                decode_runtime_options(wire.length_delimited_fields(extension).get(1, b""))
+                for number, extension in fields
+                if number == 8
+            ]
+            return next((p for p in paths if p), None), True
+    except wire.WireError as e:
+        raise ConfigError(f"bootstrap parameters: {e}") from None
+    return decode_runtime_options(data), False
+
+
+# The task API version `start` announces in a BootstrapResult: the daemon serves
+# containerd.task.v2.Task (version 3 would be containerd.task.v3.Task).
+TASK_API_VERSION = 2
+
+
+def start_reply(address: str, bootstrap: bool) -> bytes:
+    """What `start` writes to stdout: a BootstrapResult for a containerd that sent
+    BootstrapParams, else the bare address containerd 1.x and 2.0-2.2 read."""
+    if not bootstrap:
+        return address.encode()
+    from shim import wire
+
+    return (
+        wire.field_varint(1, TASK_API_VERSION)
+        + wire.field_bytes(2, address.encode())
+        + wire.field_bytes(3, b"ttrpc")
+    )
+
+
 def write_bundle_state(path: str, values: dict[str, str]) -> None:
     """key=value records separated by NUL (no value can contain one): read without json."""
     write_atomic(path, "".join(f"{key}={value}\0" for key, value in values.items() if value))

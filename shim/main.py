@@ -3,6 +3,7 @@
     containerd-shim-zviz-v2 -namespace NS -address ADDR -publish-binary BIN -id ID [-debug] start
     containerd-shim-zviz-v2 -namespace NS -address ADDR -id ID -bundle DIR delete
     containerd-shim-zviz-v2 -namespace NS -address ADDR -id ID -socket ADDR [-debug]   (serve)
+    containerd-shim-zviz-v2 -info
 
 `start` runs once per container, so this module imports nothing beyond os and sys:
 each action imports what it needs only after the flags are parsed.
@@ -19,7 +20,7 @@ class Flags:
     """The flags containerd passes, parsed the way Go's `flag` package does."""
 
     _strings = ("namespace", "id", "socket", "bundle", "address", "publish-binary")
-    _bools = ("debug", "v")
+    _bools = ("debug", "v", "info")
 
     def __init__(self) -> None:
         self.namespace = ""
@@ -30,6 +31,7 @@ class Flags:
         self.publish_binary = "containerd"
         self.debug = False
         self.v = False
+        self.info = False
         self.action = ""
         self.ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
 
@@ -88,6 +90,18 @@ def parse_flags(argv: list[str]) -> Flags:
     return flags
 
 
+def runtime_info() -> bytes:
+    """What `-info` answers: a containerd.types.RuntimeInfo {name=1, version=2 {version=1}}.
+
+    containerd 2.x runs `SHIM -info` when it wants the shim's features (and logs an error
+    for a shim that has no such flag); no features are announced, so it keeps its defaults.
+    """
+    from shim import wire
+
+    version = wire.field_bytes(1, VERSION.encode())
+    return wire.field_bytes(1, RUNTIME_NAME.encode()) + wire.field_bytes(2, version)
+
+
 def _exit_now(code: int) -> None:
     """Leave without interpreter teardown: containerd waits for `start` and `delete`, and
     tearing down costs more than their work. Everything they wrote is flushed and closed."""
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     if flags.v:
         sys.stdout.write(f"{os.path.basename(sys.argv[0])}:\n  Version:  {VERSION}\n")
         return 0
+    if flags.info:
+        sys.stdout.buffer.write(runtime_info())
+        sys.stdout.flush()
+        return 0
     if not flags.namespace:
         sys.stderr.write(f"{RUNTIME_NAME}: shim namespace cannot be empty\n")
         return 1
@@ -111,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         if flags.action == "start":
             from shim.manager import start
 
-            sys.stdout.write(start(flags))
+            sys.stdout.buffer.write(start(flags))
             sys.stdout.flush()
             _exit_now(0)
         if flags.action == "delete":

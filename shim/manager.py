@@ -142,8 +142,8 @@ def can_connect(path: str) -> bool:
         probe.close()
 
 
-def read_stdin_options() -> bytes:
-    """Runtime options containerd writes to stdin (a serialized Any), or b""."""
+def read_stdin() -> bytes:
+    """What containerd writes to `start`'s stdin (see shim_config.decode_start_input), or b""."""
     try:
         if os.isatty(0):
             return b""
@@ -208,19 +208,23 @@ def _spawn_daemon(flags, listener: _raw_socket, config_path: str | None) -> int:
         os.close(sock_fd)
 
 
-def start(flags) -> str:
-    """Return the address of the daemon serving this container's group, launching it if needed."""
+def start(flags) -> bytes:
+    """What `start` answers containerd: the address of the daemon serving this container's
+    group (launched if needed), in the form the containerd asking reads."""
     if not flags.id:
         raise ValueError("start: -id is required")
+    config_path, bootstrap = shim_config.decode_start_input(read_stdin(), flags.id, flags.namespace)
+    address = _start_daemon(flags, config_path or os.environ.get(shim_config.CONFIG_ENV))
+    return shim_config.start_reply(address, bootstrap)
+
+
+def _start_daemon(flags, config_path: str | None) -> str:
     bundle = os.getcwd()
     try:
         with open(os.path.join(bundle, "config.json"), "rb") as f:
             annotations = shim_config.grouping_annotations(f.read())
     except (OSError, ValueError) as e:
         raise ValueError(f"start: reading {bundle}/config.json: {e}") from e
-    config_path = shim_config.decode_runtime_options(read_stdin_options()) or os.environ.get(
-        shim_config.CONFIG_ENV
-    )
     config = shim_config.load_config(config_path)
     group = shim_config.group_id(flags.id, annotations, config)
     gdir = shim_config.group_dir(flags.address, flags.namespace, group)

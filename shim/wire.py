@@ -34,7 +34,12 @@ def field_bytes(number: int, value: bytes) -> bytes:
 
 def length_delimited_fields(data: bytes) -> dict[int, bytes]:
     """The length-delimited fields of a message (last one wins); other wire types skipped."""
-    fields: dict[int, bytes] = {}
+    return dict(all_length_delimited_fields(data))
+
+
+def all_length_delimited_fields(data: bytes) -> list[tuple[int, bytes]]:
+    """Every length-delimited field of a message in order, repeated ones each time."""
+    fields: list[tuple[int, bytes]] = []
     i = 0
     while i < len(data):
         key, i = _read_varint(data, i)
@@ -45,7 +50,7 @@ def length_delimited_fields(data: bytes) -> dict[int, bytes]:
             length, i = _read_varint(data, i)
             if i + length > len(data):
                 raise WireError("truncated protobuf")
-            fields[number] = data[i : i + length]
+            fields.append((number, data[i : i + length]))
             i += length
         elif wire_type == 1:
             i += 8

@@ -22,6 +22,7 @@ from api.gen.containerd.cgroups.v1 import metrics_pb2 as cgroups_v1
 from api.gen.containerd.events import task_pb2 as events
 from api.gen.containerd.services.ttrpc.events.v1 import events_pb2 as ttrpc_events
 from api.gen.containerd.task.v2 import shim_pb2
+from tools import gotools
 
 GOCODE = Path("/usr/share/gocode/src")
 CONTAINERD = "github.com/containerd/containerd"
@@ -41,6 +42,15 @@ ORIGINALS = {
     "containerd/cgroups/v2/metrics.proto": "github.com/containerd/cgroups/v2/stats/metrics.proto",
     "containerd/runtimeoptions/v1/api.proto": f"{CONTAINERD}/pkg/runtimeoptions/v1/api.proto",
 }
+# Protos that only containerd 2.x has: the originals are in the Go module cache `make tools`
+# fills, from the containerd API module the pinned containerd 2.x requires.
+GO_MODULES = Path(gotools.CACHE_ROOT) / "gomod"
+CONTAINERD_API_2X = "github.com/containerd/containerd/api@v1.12.0"
+ORIGINALS_2X = {
+    "containerd/runtime/bootstrap/v1/bootstrap.proto": (
+        f"{CONTAINERD_API_2X}/runtime/bootstrap/v1/bootstrap.proto"
+    ),
+}
 
 
 def test_generated_modules_are_fresh(tmp_path):
@@ -52,7 +62,7 @@ def test_generated_modules_are_fresh(tmp_path):
 
 def test_every_proto_file_has_its_original_or_is_ours():
     ours_only = {"google/rpc/status.proto", "ttrpc/ttrpc.proto"}
-    assert set(protogen.proto_files()) == set(ORIGINALS) | ours_only
+    assert set(protogen.proto_files()) == set(ORIGINALS) | set(ORIGINALS_2X) | ours_only
 
 
 def _compile(files: list[str], includes: list[Path]) -> descriptor_pb2.FileDescriptorSet:
@@ -109,6 +119,17 @@ def test_wire_contract_matches_containerd(ours):
     if "runtimeoptions" not in original:
         includes.insert(1, gogo)
     theirs = _compile([original], includes).file[0]
+    mine = _compile([ours], [protogen.PROTO_DIR]).file[0]
+    assert _contract(mine) == _contract(theirs)
+
+
+@pytest.mark.skipif(
+    not (GO_MODULES / CONTAINERD_API_2X).is_dir(),
+    reason=f"containerd 2.x's API module is not in {GO_MODULES}: run `make tools`",
+)
+@pytest.mark.parametrize("ours", sorted(ORIGINALS_2X))
+def test_wire_contract_matches_containerd_2x(ours):
+    theirs = _compile([ORIGINALS_2X[ours]], [GO_MODULES]).file[0]
     mine = _compile([ours], [protogen.PROTO_DIR]).file[0]
     assert _contract(mine) == _contract(theirs)
 

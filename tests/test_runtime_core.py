@@ -248,3 +248,21 @@ def test_only_read_only_bind_volumes_are_id_mapped_and_never_under_cap_sys_admin
         assert idmap.read_only_volumes(spec, fds, None) == []
     finally:
         os.close(null)
+
+
+@pytest.mark.parametrize(
+    ("value", "gid_map", "written"),
+    [
+        # containerd 2.x CRI's "every group may ping", in the default profiles' 65536 groups
+        ("0 2147483647", "         0     100000      65536\n", "0 65535"),
+        ("1000 2000", "0 100000 65536\n", "1000 2000"),
+        # the widest overlap of several mapped ranges
+        ("0 2147483647", "0 100000 1\n1 200000 1000\n", "1 1000"),
+        ("70000 80000", "0 100000 65536\n", None),
+        ("not numbers", "0 100000 65536\n", None),
+    ],
+)
+def test_ping_group_range_is_narrowed_to_the_mapped_groups(value, gid_map, written):
+    from runtime.process import ping_group_range_within
+
+    assert ping_group_range_within(value, gid_map) == written

@@ -11,6 +11,7 @@ import types
 import pytest
 
 from api import typeurl
+from api.gen.containerd.runtime.bootstrap.v1 import bootstrap_pb2
 from api.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from runtime import linux
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -165,6 +166,36 @@ def test_runtime_options_decoded_by_hand_match_protobuf():
     assert shim_config.decode_runtime_options(other.SerializeToString()) is None
     with pytest.raises(shim_config.ConfigError, match="truncated"):
         shim_config.decode_runtime_options(packed.SerializeToString()[:-3] + b"\x80")
+
+
+def test_start_input_in_both_forms_decoded_by_hand_match_protobuf():
+    options = typeurl.pack(runtimeoptions.Options(config_path="/etc/zviz/a.toml"))
+    other = typeurl.pack(runtimeoptions.Options(config_path="/x"))
+    other.type_url = "containerd.runc.v1.Options"
+    decode = shim_config.decode_start_input
+    assert decode(options.SerializeToString(), "c1", "ns") == ("/etc/zviz/a.toml", False)
+    assert decode(b"", "c1", "ns") == (None, False)
+    params = bootstrap_pb2.BootstrapParams(
+        instance_id="c1",
+        namespace="ns",
+        log_level=bootstrap_pb2.LOG_LEVEL_TRACE,
+        socket_dir="/run/s",
+        extensions=[bootstrap_pb2.Extension(value=v) for v in (other, options)],
+    )
+    assert decode(params.SerializeToString(), "c1", "ns") == ("/etc/zviz/a.toml", True)
+    del params.extensions[1]
+    assert decode(params.SerializeToString(), "c1", "ns") == (None, True)
+    # Another container's parameters are not taken for ours (nor for runtime options).
+    assert decode(params.SerializeToString(), "c2", "ns") == (None, False)
+    with pytest.raises(shim_config.ConfigError, match="truncated"):
+        decode(params.SerializeToString()[:-2], "c1", "ns")
+
+
+def test_start_reply_matches_the_bootstrap_result_containerd_reads():
+    address = "unix:///run/zviz-shim/g/abc/sock"
+    assert shim_config.start_reply(address, bootstrap=False) == address.encode()
+    reply = bootstrap_pb2.BootstrapResult.FromString(shim_config.start_reply(address, True))
+    assert reply == bootstrap_pb2.BootstrapResult(version=2, address=address, protocol="ttrpc")
 
 
 # ---- stdio ---------------------------------------------------------------------------

@@ -15,8 +15,14 @@ import time
 import pytest
 from google.protobuf import empty_pb2
 
+from api import typeurl
+from api.gen.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+from api.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client, Code, TtrpcError
+from shim import config as shim_config
+from shim import wire
+from shim.main import RUNTIME_NAME, VERSION
 
 CONTAINERD_ADDRESS = "/run/zviz-shim-unit/containerd.sock"
 
@@ -69,7 +75,7 @@ def _shim(root: str, bundle: str, container_id: str, action: str, config: str | 
     # capture_output waits for EOF on stdout and stderr: it would hang (and time out)
     # if the daemon `start` leaves behind kept them open.
     return subprocess.run(
-        args, cwd=bundle, env=env, capture_output=True, timeout=30, stdin=subprocess.DEVNULL
+        args, cwd=bundle, env=env, capture_output=True, timeout=30, input=kw.get("stdin", b"")
     )
 
 
@@ -205,3 +211,89 @@ def test_missing_namespace_is_refused(shim_root):
     )
     assert result.returncode != 0
     assert b"namespace" in result.stderr
+
+
+def _options_any(config_path: str):
+    return typeurl.pack(runtimeoptions.Options(config_path=config_path))
+
+
+def _config_path_used(bundle: str) -> str:
+    state = os.path.join(bundle, shim_config.BUNDLE_STATE_FILE)
+    return shim_config.read_bundle_state(state).get("config_path", "")
+
+
+def _shim_config(root: str) -> str:
+    path = os.path.join(root, "shim.toml")
+    with open(path, "w") as f:
+        f.write("idle_exit_seconds = 0\n")
+    return path
+
+
+def test_start_takes_the_config_path_from_runtime_options_and_answers_the_address(shim_root):
+    """containerd before 2.3: a bare Any on stdin, the bare address on stdout."""
+    config, bundle = _shim_config(shim_root), _bundle(shim_root)
+    stdin = _options_any(config).SerializeToString()
+    result = _shim(shim_root, bundle, "zviz-shim-a", "start", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    address = result.stdout.decode()
+    assert address.startswith(f"unix://{shim_root}/g/") and address.endswith("/sock")
+    assert _config_path_used(bundle) == config
+    asyncio.run(_call(address, "Shutdown", shim_pb2.ShutdownRequest(now=True), empty_pb2.Empty))
+
+
+def test_start_takes_the_config_path_from_bootstrap_params_and_answers_a_result(shim_root):
+    """containerd 2.3 and later: BootstrapParams on stdin, a BootstrapResult on stdout."""
+    config, bundle = _shim_config(shim_root), _bundle(shim_root)
+    params = bootstrap_pb2.BootstrapParams(
+        instance_id="zviz-shim-a",
+        namespace="zviz-shim-unit",
+        log_level=bootstrap_pb2.LOG_LEVEL_DEBUG,  # negative: a ten-byte varint on the wire
+        containerd_version="v2.4.2",
+        containerd_ttrpc_address=CONTAINERD_ADDRESS + ".ttrpc",
+        containerd_grpc_address=CONTAINERD_ADDRESS,
+        containerd_binary="/usr/bin/containerd",
+        socket_dir="/run/containerd/s",
+        extensions=[bootstrap_pb2.Extension(value=_options_any(config))],
+    )
+    result = _shim(shim_root, bundle, "zviz-shim-a", "start", stdin=params.SerializeToString())
+    assert result.returncode == 0, result.stderr
+    reply = bootstrap_pb2.BootstrapResult.FromString(result.stdout)
+    assert (reply.version, reply.protocol) == (2, "ttrpc")
+    assert reply.address.startswith(f"unix://{shim_root}/g/") and reply.address.endswith("/sock")
+    assert _config_path_used(bundle) == config
+    connected = asyncio.run(
+        _call(
+            reply.address,
+            "Connect",
+            shim_pb2.ConnectRequest(id="zviz-shim-a"),
+            shim_pb2.ConnectResponse,
+        )
+    )
+    assert connected.shim_pid > 0
+    asyncio.run(
+        _call(reply.address, "Shutdown", shim_pb2.ShutdownRequest(now=True), empty_pb2.Empty)
+    )
+
+
+def test_start_without_runtime_options_in_bootstrap_params_uses_no_config(shim_root):
+    bundle = _bundle(shim_root)
+    params = bootstrap_pb2.BootstrapParams(instance_id="zviz-shim-a", namespace="zviz-shim-unit")
+    result = _shim(shim_root, bundle, "zviz-shim-a", "start", stdin=params.SerializeToString())
+    assert result.returncode == 0, result.stderr
+    reply = bootstrap_pb2.BootstrapResult.FromString(result.stdout)
+    assert reply.version == 2 and reply.address
+    assert _config_path_used(bundle) == ""
+    asyncio.run(
+        _call(reply.address, "Shutdown", shim_pb2.ShutdownRequest(now=True), empty_pb2.Empty)
+    )
+
+
+def test_info_answers_a_runtime_info_without_a_namespace():
+    """containerd 2.x runs `SHIM -info` alone, and parses stdout as containerd.types.RuntimeInfo."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shim.main", "-info"], capture_output=True, timeout=30, input=b""
+    )
+    assert result.returncode == 0, result.stderr
+    fields = wire.length_delimited_fields(result.stdout)
+    assert fields[1] == RUNTIME_NAME.encode()
+    assert wire.length_delimited_fields(fields[2])[1] == VERSION.encode()

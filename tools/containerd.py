@@ -64,29 +64,88 @@ CRI_CONFIG = """
 # ConfigPath reaches the shim as runtimeoptions.v1.Options (`start`'s stdin and
 # CreateTaskRequest.options).
 CRI_ZVIZ_HANDLER = """
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}]
+    [plugins."{plugin}".containerd.runtimes.{handler}]
       runtime_type = "io.containerd.zviz.v2"
       pod_annotations = {pod_annotations}
 """
 CRI_ZVIZ_HANDLER_OPTIONS = """
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{handler}.options]
+      [plugins."{plugin}".containerd.runtimes.{handler}.options]
         ConfigPath = {config_path}
 """
 CRI_NAMESPACE = "k8s.io"
 
+# containerd 2.x reads config version 3: the v1 runtime (and its shim_debug) is gone, and
+# the CRI plugin is split into io.containerd.cri.v1.{images,runtime} beside the gRPC
+# service io.containerd.grpc.v1.cri, which keeps only the streaming server's settings.
+CONFIG_V3 = """version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = [{disabled}]
 
-def cri_zviz_handlers(handlers: dict[str, str | None], pod_annotations: tuple[str, ...]) -> str:
-    """The CRI runtime sections of zviz HANDLERS (name: its shim config file, or None)."""
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{address}.ttrpc"
+
+[debug]
+  level = "{level}"
+"""
+CRI_PLUGINS_V3 = (
+    "io.containerd.grpc.v1.cri",
+    "io.containerd.cri.v1.runtime",
+    "io.containerd.cri.v1.images",
+    "io.containerd.podsandbox.controller.v1.podsandbox",
+)
+CRI_CONFIG_V3 = """
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{sandbox_image}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  disable_apparmor = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+{zviz_handlers}
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{base}/cni/bin"]
+    conf_dir = "{base}/cni/net.d"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"""
+
+
+def major_version(containerd_bin: str) -> int:
+    """containerd's major version from `containerd --version` ("containerd REPO 1.6.20~ds1 ...")."""
+    out = subprocess.run(
+        [containerd_bin, "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return int(out[2].lstrip("v").split(".")[0])
+
+
+def cri_zviz_handlers(
+    handlers: dict[str, str | None],
+    pod_annotations: tuple[str, ...],
+    plugin: str = "io.containerd.grpc.v1.cri",
+) -> str:
+    """The CRI runtime sections of zviz HANDLERS (name: its shim config file, or None), in
+    PLUGIN: the CRI plugin's id in config version 2, io.containerd.cri.v1.runtime in 3."""
     sections = []
     for handler, config_path in handlers.items():
         # JSON strings and arrays of strings are valid TOML.
         sections.append(
-            CRI_ZVIZ_HANDLER.format(handler=handler, pod_annotations=json.dumps(pod_annotations))
+            CRI_ZVIZ_HANDLER.format(
+                plugin=plugin, handler=handler, pod_annotations=json.dumps(pod_annotations)
+            )
         )
         if config_path:
             sections.append(
                 CRI_ZVIZ_HANDLER_OPTIONS.format(
-                    handler=handler, config_path=json.dumps(config_path)
+                    plugin=plugin, handler=handler, config_path=json.dumps(config_path)
                 )
             )
     return "".join(sections)
@@ -101,6 +160,8 @@ class PrivateContainerd:
         netns: str | None = None,
         cri_handlers: dict[str, str | None] | None = None,
         cri_pod_annotations: tuple[str, ...] = (),
+        containerd_bin: str = "containerd",
+        ctr_bin: str = "ctr",
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -124,29 +185,25 @@ class PrivateContainerd:
         # A network namespace (path) for containerd, and so for its shims, CNI plugins and
         # every pod network it makes; None: the caller's.
         self.netns = netns
+        # Debian's 1.6 by default; tools/gotools.py builds a 2.x (config version 3).
+        self.containerd_bin = containerd_bin
+        self.ctr_bin = ctr_bin
+        self.major_version = major_version(containerd_bin)
         self.proc: subprocess.Popen | None = None
-        self.env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        # containerd finds shims on PATH: zviz's in the venv, then those beside the chosen
+        # containerd binary (a 2.x brings its own runc shim: tools/gotools.py says why).
+        path = [VENV_BIN, os.environ.get("PATH", "/usr/bin:/bin")]
+        if os.path.dirname(containerd_bin):
+            path.insert(1, os.path.dirname(containerd_bin))
+        self.env = dict(os.environ, PATH=":".join(path))
 
     def start(self, timeout: float = 30) -> "PrivateContainerd":
         os.makedirs(self.base, exist_ok=True)
-        config = CONFIG.format(
-            root=self.root,
-            state=self.state,
-            address=self.address,
-            level="debug" if self.debug else "info",
-            disabled="" if self.cri_sandbox_image else '"io.containerd.grpc.v1.cri"',
-        )
-        if self.cri_sandbox_image:
-            config += CRI_CONFIG.format(
-                sandbox_image=self.cri_sandbox_image,
-                base=self.base,
-                zviz_handlers=cri_zviz_handlers(self.cri_handlers, self.cri_pod_annotations),
-            )
         with open(self.config_path, "w") as f:
-            f.write(config)
+            f.write(self.config_text())
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            ["containerd", "--config", self.config_path],
+            [self.containerd_bin, "--config", self.config_path],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
@@ -165,8 +222,31 @@ class PrivateContainerd:
             time.sleep(0.05)
         raise RuntimeError(f"containerd did not answer within {timeout}s; see {self.log_path}")
 
+    def config_text(self) -> str:
+        """The config file, in the version this containerd reads (2 for 1.x, 3 for 2.x)."""
+        v3 = self.major_version >= 2
+        cri_plugins = CRI_PLUGINS_V3 if v3 else ("io.containerd.grpc.v1.cri",)
+        config = (CONFIG_V3 if v3 else CONFIG).format(
+            root=self.root,
+            state=self.state,
+            address=self.address,
+            level="debug" if self.debug else "info",
+            disabled="" if self.cri_sandbox_image else ", ".join(f'"{p}"' for p in cri_plugins),
+        )
+        if self.cri_sandbox_image:
+            cri = CRI_CONFIG_V3 if v3 else CRI_CONFIG
+            handlers = cri_zviz_handlers(
+                self.cri_handlers,
+                self.cri_pod_annotations,
+                "io.containerd.cri.v1.runtime" if v3 else "io.containerd.grpc.v1.cri",
+            )
+            config += cri.format(
+                sandbox_image=self.cri_sandbox_image, base=self.base, zviz_handlers=handlers
+            )
+        return config
+
     def ctr(self, *args, check: bool = True, timeout: float = 60, input=None, namespace=None):
-        cmd = ["ctr", "--address", self.address, "-n", namespace or self.namespace, *args]
+        cmd = [self.ctr_bin, "--address", self.address, "-n", namespace or self.namespace, *args]
         return subprocess.run(
             cmd,
             capture_output=True,
