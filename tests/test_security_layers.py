@@ -51,7 +51,6 @@ def confined(
         profile.writable = tuple(writable)
     spec = make_spec(tmp_path)
     # The child is not in a fresh netns: leave network setup out of prepare.
-    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     security.harden_spec(spec, profile)
     spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     channel = security.notify_channel(profile, verbose)
@@ -445,7 +444,6 @@ def test_config_json_filter_is_stacked_not_merged(tmp_path):
 
     profile = security.resolve_profile("ci-runner", {})
     spec = make_spec(tmp_path, seccomp=oci)
-    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     security.harden_spec(spec, profile)
     spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     r, w = os.pipe()
