@@ -1,8 +1,8 @@
 """A pod's network for the tests: a named network namespace (the pod sandbox's) wired by a
 veth pair to a second one (a host outside the pod), with a bundle helper that joins it.
 
-    pod netns  zn11-pod-XXXX   lo up, POD_IP/24 on the pod end of the veth
-    peer netns zn11-peer-XXXX  lo up, PEER_IP/24 on the other end
+    pod netns  zn11-pod-XXXX   lo up, POD_IP/24 and POD_IP6/64 on the pod end of the veth
+    peer netns zn11-peer-XXXX  lo up, PEER_IP/24 and PEER_IP6/64 on the other end
 
 Only namespaces and links the tests create; `delete()` removes both namespaces (and the
 veth with them).
@@ -19,6 +19,8 @@ from runtime import linux
 NETNS_DIR = "/run/netns"
 POD_IP = "10.211.7.1"
 PEER_IP = "10.211.7.2"
+POD_IP6 = "fd11:211::1"
+PEER_IP6 = "fd11:211::2"
 
 
 def _ip(*args: str) -> None:
@@ -42,8 +44,13 @@ class PodNetwork:
             _ip("link", "add", pod_end, "type", "veth", "peer", "name", peer_end)
             _ip("link", "set", pod_end, "netns", self.pod)
             _ip("link", "set", peer_end, "netns", self.peer)
-            for name, end, address in ((self.pod, pod_end, POD_IP), (self.peer, peer_end, PEER_IP)):
+            for name, end, address, address6 in (
+                (self.pod, pod_end, POD_IP, POD_IP6),
+                (self.peer, peer_end, PEER_IP, PEER_IP6),
+            ):
                 _ip("-n", name, "addr", "add", f"{address}/24", "dev", end)
+                # nodad: usable at once, not after duplicate address detection.
+                _ip("-n", name, "addr", "add", f"{address6}/64", "dev", end, "nodad")
                 _ip("-n", name, "link", "set", end, "up")
         except BaseException:
             for name in made:

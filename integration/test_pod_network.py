@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from integration.podnet import POD_IP, SEND, PodNetwork
+from integration.podnet import POD_IP, POD_IP6, SEND, PodNetwork
 from integration.zviz_cli import Zviz
 
 PORT = 8080  # web-server's bind rules allow it; mode "none" leaves bind to the kernel
@@ -65,9 +65,10 @@ def finish(zviz, run, container_id: str, *, stop: bool = False) -> str:
 
 
 @pytest.mark.parametrize("profile", PROFILES)
-@pytest.mark.parametrize("destination", ["127.0.0.1", POD_IP])
+@pytest.mark.parametrize("destination", ["127.0.0.1", POD_IP, "::1", POD_IP6])
 def test_two_containers_of_a_pod_talk(zviz, make_bundle, podnet, profile, destination):
-    """One listens, the other connects over localhost or the pod's own address."""
+    """One listens, the other connects over localhost or the pod's own address (IPv4:
+    SIOCGIFCONF, IPv6: if_inet6, read by the broker in the pod's namespace)."""
     server_id = cid("srv")
     server = listener(zviz, make_bundle, podnet, profile, server_id)
     # Retried: the server may not listen yet (a refused connect is ECONNREFUSED; an EPERM

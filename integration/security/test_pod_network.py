@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from integration.podnet import LISTEN, PEER_IP, PodNetwork
+from integration.podnet import LISTEN, PEER_IP, PEER_IP6, PodNetwork
 from integration.security.test_broker_decisions import broker_probe  # noqa: F401 - fixture
 from tools.mkbundle import default_config
 
@@ -91,6 +91,8 @@ EGRESS = (
         f"/bprobe udp_unspec {m} {PEER_IP} {PORT}" for m in ("sendto", "sendmsg", "sendmmsg")
     )
     + f"; echo x | nc -u -w 1 {PEER_IP} {PORT}; echo nc-udp=$?"
+    + f"; echo x | nc {PEER_IP6} {PORT}; echo nc-v6=$?"
+    + f"; echo x | nc ::ffff:{PEER_IP} {PORT}; echo nc-mapped=$?"
 )
 
 
@@ -109,8 +111,10 @@ def test_a_container_in_a_pod_reaches_nothing_outside_it(
     lines = [line for line in out.splitlines() if line.startswith("BLOCKED")]
     # TCP connect and the three UDP sends (AF_UNSPEC read as AF_INET), each EPERM.
     assert len(lines) == 4 and all("errno 1 " in line for line in lines), out + result.stderr
-    # busybox nc -u connects its UDP socket first: refused as well.
-    assert "nc-udp=1" in out and "Operation not permitted" in result.stderr, result.stderr
+    # busybox nc -u connects its UDP socket first; IPv6, and IPv4 written as IPv4-mapped
+    # IPv6 (sent over IPv4 by the kernel): each refused as well.
+    assert all(f"nc-{kind}=1" in out for kind in ("udp", "v6", "mapped")), out
+    assert result.stderr.count("Operation not permitted") == 3, result.stderr
     outside.kill()
     assert "udp" not in outside.communicate()[0]  # no datagram arrived outside the pod
 
