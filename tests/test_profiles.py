@@ -271,3 +271,29 @@ def test_cached_profiles_are_fresh_copies_and_follow_file_changes(tmp_path):
     assert (second.description, second.digest) == ("one", first.digest)
     path.write_text('[profile]\nname = "cached"\nextends = "ci-runner"\ndescription = "two!"\n')
     assert load_profile(str(path)).description == "two!"
+
+
+def test_a_pod_namespace_under_no_network_refuses_to_start_without_its_broker(
+    tmp_path, monkeypatch
+):
+    """Fail closed: the mediated filter is never loaded without a broker to answer it."""
+    from runtime.errors import SecurityLayerError
+    from runtime.security import network
+
+    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
+    spec = make_spec(tmp_path)
+    spec.linux.namespace("network").path = "/run/netns/zn11-pod"
+    profile = security.resolve_profile("ci-runner", {})
+    security.harden_spec(spec, profile)
+    channel = security.notify_channel(profile)
+    assert channel is not None  # create starts a broker
+    channel.close_container_end()
+    channel.close_supervisor_end()
+    plan = security.prepare(spec, profile)
+    try:
+        assert any(program.listener for program in plan.programs)
+        with pytest.raises(SecurityLayerError, match="needs a broker"):
+            security.apply(plan, None)  # refuses before it drops or loads anything
+    finally:
+        if plan.landlock is not None:
+            plan.landlock.close()

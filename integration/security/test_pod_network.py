@@ -25,6 +25,7 @@ import pytest
 
 from integration.podnet import LISTEN, PEER_IP, PEER_IP6, PodNetwork
 from integration.security.test_broker_decisions import broker_probe  # noqa: F401 - fixture
+from integration.zviz_cli import Zviz
 from tools.mkbundle import default_config
 
 PORT = 8080  # in web-server's egress ports: only the destination decides
@@ -117,6 +118,29 @@ def test_a_container_in_a_pod_reaches_nothing_outside_it(
     assert result.stderr.count("Operation not permitted") == 3, result.stderr
     outside.kill()
     assert "udp" not in outside.communicate()[0]  # no datagram arrived outside the pod
+
+
+def test_an_exec_into_a_pod_container_is_held_to_the_same_rule(
+    probes,
+    broker_probe,  # noqa: F811
+    podnet,
+    outside,
+):
+    """`zviz exec` hardens the container's spec again: its process gets a broker too."""
+    bundle = probes.bundle(["sleep", "30"], linux=linux_joining(podnet.pod_path))
+    zviz = Zviz(probes.zviz, os.path.join(probes.base, "root-zviz"))
+    cid = f"zn11-exec-{uuid.uuid4().hex[:8]}"
+    try:
+        created = zviz.create(bundle, cid, "--profile", "ci-runner")
+        assert created.returncode == 0, created.stderr
+        assert zviz("start", cid).returncode == 0
+        result = zviz("exec", cid, "/probe", "egress", f"{PEER_IP}:{PORT}")
+    finally:
+        zviz("delete", "-f", cid)
+        shutil.rmtree(bundle, ignore_errors=True)
+    assert result.stdout.startswith("BLOCKED") and "errno 1 " in result.stdout, (
+        result.stdout + result.stderr
+    )
 
 
 @pytest.fixture
