@@ -93,6 +93,11 @@ def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--notify-socket", default=None)
         p.add_argument("--profile", default=None, help="zviz security profile")
         p.add_argument("--verbose", action="store_true", help="log denied syscalls")
+        p.add_argument(
+            "--allow-host-network",
+            action="store_true",
+            help="let a config.json without a network namespace share the host's",
+        )
         if name == "run":
             p.add_argument("-d", "--detach", action="store_true")
             p.add_argument("--keep", action="store_true", help="keep the stopped container")
@@ -247,6 +252,7 @@ def _create_options(args, log) -> dict:
         pid_file=args.pid_file,
         preserve_fds=args.preserve_fds,
         no_pivot=args.no_pivot,
+        allow_host_network=args.allow_host_network,
         notify_socket=args.notify_socket,
         log=log,
     )

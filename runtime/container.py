@@ -51,6 +51,8 @@ class Container:
         detach: bool = True,
         preserve_fds: int = 0,
         no_pivot: bool = False,
+        allow_host_network: bool = False,
+        host_network_switch: str | None = None,
         log=NULL_LOG,
     ) -> "Container":
         """Build the container up to PID 1 waiting to exec.
@@ -78,7 +80,7 @@ class Container:
             spec = load_spec(bundle)
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
-            resolved_profile = _harden(spec, profile)
+            resolved_profile = _harden(spec, profile, allow_host_network, host_network_switch)
             _validate(spec, detach, console_socket)
             data = {
                 "ociVersion": spec.oci_version,
@@ -95,6 +97,8 @@ class Container:
                 "verbose": verbose,
                 "status": "creating",
             }
+            if allow_host_network:
+                data["allowHostNetwork"] = True  # exec hardens the same spec again
             # What start and delete (maybe other processes) run; the rest runs in create.
             later_hooks = {k: v for k, v in (spec.hooks or {}).items() if k in _LATER_HOOKS and v}
             if later_hooks:
@@ -480,7 +484,9 @@ class Container:
         from runtime.spec import check_process_in_spec, load_spec, parse_process
 
         spec = load_spec(self.data["bundle"])
-        resolved_profile = _harden(spec, self.data.get("profile"))
+        resolved_profile = _harden(
+            spec, self.data.get("profile"), bool(self.data.get("allowHostNetwork"))
+        )
         exec_process = parse_process(process_config)
         check_process_in_spec(exec_process, spec)
         spec.process = exec_process
@@ -545,14 +551,19 @@ def _hook_template(data: dict) -> dict:
     return {key: data[key] for key in ("ociVersion", "id", "bundle", "annotations")}
 
 
-def _harden(spec, profile):
+def _harden(spec, profile, allow_host_network: bool = False, host_network_switch=None):
     """Resolve the profile (unless the caller chose one already, as the shim does under its
     operator's policy) and let the security layer tighten the spec."""
     from runtime import security
 
     if not isinstance(profile, security.Profile):
         profile = security.resolve_profile(profile, spec.annotations)
-    security.harden_spec(spec, profile)
+    security.harden_spec(
+        spec,
+        profile,
+        allow_host_network=allow_host_network,
+        host_network_switch=host_network_switch or security.HOST_NETWORK_FLAG,
+    )
     return profile
 
 

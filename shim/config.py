@@ -16,6 +16,8 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     grouping = "pod"               # namespace | pod | container: which containers share a daemon
                                    # (unset: pod under CRI, namespace otherwise)
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
+    allow_host_network = false     # a spec without a network namespace (hostNetwork) may share
+                                   # the node's; refused at Create otherwise
 """
 
 import os
@@ -37,6 +39,9 @@ DEFAULT_ID_POOL_RANGES = 1000
 SANDBOX_ID_ANNOTATION = "io.kubernetes.cri.sandbox-id"
 GROUP_ANNOTATION = "io.zviz.shim.group"
 PROFILE_ANNOTATION = "io.zviz.profile"
+# How the operator lets a spec without a network namespace share the node's (named in
+# the refusal, runtime/security/__init__.py).
+HOST_NETWORK_SWITCH = "allow_host_network = true in the shim config"
 
 # The file in the bundle that tells `delete` (run after the daemon died) where things are.
 BUNDLE_STATE_FILE = "zviz-shim.state"
@@ -59,6 +64,7 @@ class ShimConfig:
         "id_ranges",
         "id_pool_first",
         "id_pool_ranges",
+        "allow_host_network",
         "grouping",
         "idle_exit_seconds",
         "path",
@@ -70,6 +76,7 @@ class ShimConfig:
         "id_ranges",
         "id_pool_first",
         "id_pool_ranges",
+        "allow_host_network",
     )
 
     def __init__(
@@ -83,6 +90,7 @@ class ShimConfig:
         id_ranges: str | None = None,
         id_pool_first: int | None = None,
         id_pool_ranges: int | None = None,
+        allow_host_network: bool | None = None,
     ) -> None:
         self.profile = profile
         self.allowed_annotation_profiles = allowed_annotation_profiles
@@ -90,6 +98,7 @@ class ShimConfig:
         self.id_ranges = id_ranges
         self.id_pool_first = id_pool_first
         self.id_pool_ranges = id_pool_ranges
+        self.allow_host_network = allow_host_network
         self.grouping = grouping
         self.idle_exit_seconds = idle_exit_seconds
         self.path = path
@@ -136,6 +145,9 @@ def load_config(path: str | None) -> ShimConfig:
         if value is not None and (type(value) is not int or value < least):
             raise ConfigError(f"shim config {path}: {key}: must be an integer >= {least}")
         pool[key] = value
+    allow_host_network = data.get("allow_host_network")
+    if allow_host_network is not None and type(allow_host_network) is not bool:
+        raise ConfigError(f"shim config {path}: allow_host_network: must be true or false")
     grouping = data.get("grouping")
     if grouping is not None and grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
@@ -150,6 +162,7 @@ def load_config(path: str | None) -> ShimConfig:
         allowed_annotation_profiles=allowed,
         profile_dirs=profile_dirs,
         id_ranges=id_ranges,
+        allow_host_network=allow_host_network,
         **pool,
     )
 

@@ -276,6 +276,8 @@ class TaskService(shim_ttrpc.TaskService):
                 request.id,
                 request.bundle,
                 profile=profile,
+                allow_host_network=bool(config.allow_host_network),
+                host_network_switch=shim_config.HOST_NETWORK_SWITCH,
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
                 detach=True,

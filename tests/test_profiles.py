@@ -106,14 +106,15 @@ def test_selection_order_flag_then_annotation_then_default():
         security.resolve_profile(None, {"io.zviz.profile": "nope"})
 
 
-def test_harden_spec_adds_user_and_network_namespaces_and_ceilings(tmp_path):
+def test_harden_spec_adds_user_namespace_and_ceilings(tmp_path):
     spec = make_spec(tmp_path)
-    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     spec.linux.resources.pids = None
     profile = security.resolve_profile("ci-runner", {})
     changes = security.harden_spec(spec, profile)
     assert spec.linux.namespaces[0].type == "user"
     assert spec.linux.creates_namespace("network")
+    # A namespace of its own: loopback only, no broker (the zero-cost path).
+    assert not profile.mediate and not profile.network_joined
     m = spec.linux.uid_mappings[0]
     assert (m.container_id, m.host_id, m.size) == (0, 100000, 65536)
     assert (
@@ -146,12 +147,58 @@ def test_harden_spec_refuses_a_mapping_of_host_root(tmp_path):
         security.harden_spec(spec, security.resolve_profile("ci-runner", {}))
 
 
-def test_no_network_profile_replaces_a_joined_network_namespace(tmp_path):
+@pytest.mark.parametrize("profile_name", ["ci-runner", "batch-job", "hostile-tenant"])
+def test_no_network_profile_joins_a_pod_namespace_and_mediates_egress(
+    tmp_path, monkeypatch, profile_name
+):
+    from runtime.security import network
+
+    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
     spec = make_spec(tmp_path)
-    net = spec.linux.namespace("network")
-    net.path = "/proc/1/ns/net"
-    security.harden_spec(spec, security.resolve_profile("batch-job", {}))
-    assert spec.linux.namespace("network").path is None
+    spec.linux.namespace("network").path = "/run/netns/zn11-pod"
+    profile = security.resolve_profile(profile_name, {})
+    plain = profile.digest
+    changes = security.harden_spec(spec, profile)
+    assert spec.linux.namespace("network").path == "/run/netns/zn11-pod"
+    assert profile.network_joined
+    assert set(profile.mediate) == {"connect", "sendto", "sendmsg", "sendmmsg"}
+    assert profile.digest != plain  # another seccomp filter: another cache entry
+    assert any("loopback and the namespace's own addresses" in c for c in changes)
+
+
+def test_web_server_joins_a_pod_namespace_with_its_own_rules(tmp_path, monkeypatch):
+    from runtime.security import network
+
+    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
+    spec = make_spec(tmp_path)
+    spec.linux.namespace("network").path = "/run/netns/zn11-pod"
+    profile = security.resolve_profile("web-server", {})
+    mediate, digest = profile.mediate, profile.digest
+    security.harden_spec(spec, profile)
+    assert spec.linux.namespace("network").path == "/run/netns/zn11-pod"
+    assert profile.network_joined and (profile.mediate, profile.digest) == (mediate, digest)
+
+
+@pytest.mark.parametrize("host_path", [None, "/proc/self/ns/net"])
+def test_host_network_refused_unless_allowed(tmp_path, host_path):
+    """No network namespace, or the host's joined by path: the host's network."""
+
+    def spec_asking_for_the_host():
+        spec = make_spec(tmp_path)
+        if host_path is None:
+            spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+        else:
+            spec.linux.namespace("network").path = host_path
+        return spec
+
+    with pytest.raises(InvalidArgument, match="profile ci-runner: host network refused; the op"):
+        security.harden_spec(spec_asking_for_the_host(), security.resolve_profile("ci-runner", {}))
+    spec = spec_asking_for_the_host()
+    profile = security.resolve_profile("ci-runner", {})
+    security.harden_spec(spec, profile, allow_host_network=True)
+    assert spec.linux.creates_namespace("network") is False
+    # Shared with the host: mediated, and nothing of the host counts as the container's.
+    assert profile.mediate and not profile.network_joined
 
 
 def test_cli_list_show_check(tmp_path, capsys):
@@ -185,7 +232,6 @@ def test_prepare_clamps_an_exec_process_that_skipped_harden_spec(tmp_path):
     from runtime.spec import Capabilities
 
     spec = make_spec(tmp_path)
-    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     profile = security.resolve_profile("web-server", {})
     security.harden_spec(spec, profile)
     spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
@@ -225,3 +271,29 @@ def test_cached_profiles_are_fresh_copies_and_follow_file_changes(tmp_path):
     assert (second.description, second.digest) == ("one", first.digest)
     path.write_text('[profile]\nname = "cached"\nextends = "ci-runner"\ndescription = "two!"\n')
     assert load_profile(str(path)).description == "two!"
+
+
+def test_a_pod_namespace_under_no_network_refuses_to_start_without_its_broker(
+    tmp_path, monkeypatch
+):
+    """Fail closed: the mediated filter is never loaded without a broker to answer it."""
+    from runtime.errors import SecurityLayerError
+    from runtime.security import network
+
+    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
+    spec = make_spec(tmp_path)
+    spec.linux.namespace("network").path = "/run/netns/zn11-pod"
+    profile = security.resolve_profile("ci-runner", {})
+    security.harden_spec(spec, profile)
+    channel = security.notify_channel(profile)
+    assert channel is not None  # create starts a broker
+    channel.close_container_end()
+    channel.close_supervisor_end()
+    plan = security.prepare(spec, profile)
+    try:
+        assert any(program.listener for program in plan.programs)
+        with pytest.raises(SecurityLayerError, match="needs a broker"):
+            security.apply(plan, None)  # refuses before it drops or loads anything
+    finally:
+        if plan.landlock is not None:
+            plan.landlock.close()

@@ -52,7 +52,6 @@ def confined(
         profile.writable = tuple(writable)
     spec = make_spec(tmp_path)
     # The child is not in a fresh netns: leave network setup out of prepare.
-    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     security.harden_spec(spec, profile)
     spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     channel = security.notify_channel(profile, verbose)
@@ -237,6 +236,36 @@ def test_socket_families(tmp_path):
 
 
 @drops_capabilities
+@drops_capabilities
+@pytest.mark.parametrize("profile", ["ci-runner", "web-server"])
+def test_inet_sockets_only_of_protocols_the_broker_sees_through(tmp_path, profile):
+    """SCTP connects and binds through setsockopt (SCTP_SOCKOPT_CONNECTX/BINDX), which no
+    mediated syscall sees: refused with EPERM (this kernel may not have SCTP at all, which
+    would answer EPROTONOSUPPORT); TCP, UDP and the default protocol stay open."""
+
+    def probe():
+        out = {}
+        for name, args in {
+            "tcp": (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
+            "udp6": (socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+            "default": (socket.AF_INET, socket.SOCK_STREAM, 0),
+            "sctp": (socket.AF_INET, socket.SOCK_STREAM, 132),
+            "sctp-seqpacket": (socket.AF_INET6, socket.SOCK_SEQPACKET, 132),
+            "udplite": (socket.AF_INET, socket.SOCK_DGRAM, 136),
+        }.items():
+            out[name] = errno_of(lambda a=args: socket.socket(*a).close())
+        return out
+
+    assert confined(tmp_path, profile, probe) == {
+        "tcp": 0,
+        "udp6": 0,
+        "default": 0,
+        "sctp": errno.EPERM,
+        "sctp-seqpacket": errno.EPERM,
+        "udplite": errno.EPERM,
+    }
+
+
 def test_tiocsti_is_refused_even_with_high_bits_set(tmp_path):
     def probe():
         fd = os.open("/dev/null", os.O_RDONLY)
@@ -457,7 +486,6 @@ def test_config_json_filter_is_stacked_not_merged(tmp_path):
 
     profile = security.resolve_profile("ci-runner", {})
     spec = make_spec(tmp_path, seccomp=oci)
-    spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     security.harden_spec(spec, profile)
     spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
     r, w = os.pipe()

@@ -143,6 +143,7 @@ def test_config_file(tmp_path):
         ('profile = ""\n', "profile"),
         ('colour = "blue"\n', "unknown keys"),
         ("grouping = \n", "shim config"),
+        ('allow_host_network = "yes"\n', "allow_host_network: must be true or false"),
     ],
 )
 def test_config_file_errors_name_the_problem(tmp_path, text, problem):
@@ -150,6 +151,19 @@ def test_config_file_errors_name_the_problem(tmp_path, text, problem):
     path.write_text(text)
     with pytest.raises(shim_config.ConfigError, match=problem):
         shim_config.load_config(str(path))
+
+
+def test_allow_host_network_per_handler_over_the_node_file(tmp_path):
+    node = tmp_path / "node.toml"
+    node.write_text("allow_host_network = true\n")
+    handler = tmp_path / "handler.toml"
+    handler.write_text("allow_host_network = false\n")
+    base = shim_config.load_config(str(node))
+    assert shim_config.ShimConfig().allow_host_network is None  # unset: refused
+    assert shim_config.load_config(str(handler)).over(base).allow_host_network is False
+    unset = tmp_path / "unset.toml"
+    unset.write_text('profile = "batch-job"\n')
+    assert shim_config.load_config(str(unset)).over(base).allow_host_network is True
 
 
 def test_missing_config_file_is_an_error(tmp_path):

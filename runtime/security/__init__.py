@@ -39,6 +39,7 @@ from runtime.security import (  # noqa: F401
 from runtime.security.profiles import Profile, load_profile
 
 __all__ = [
+    "HOST_NETWORK_FLAG",
     "Plan",
     "Profile",
     "apply",
@@ -68,8 +69,22 @@ def resolve_profile(name: str | None, annotations: dict | None = None) -> Profil
     return load_profile(name)
 
 
-def harden_spec(spec, profile: Profile) -> list[str]:
+# How root on the host allows a spec without a network namespace, named in the refusal.
+HOST_NETWORK_FLAG = "--allow-host-network (zviz create/run)"
+
+
+def harden_spec(
+    spec,
+    profile: Profile,
+    *,
+    allow_host_network: bool = False,
+    host_network_switch: str = HOST_NETWORK_FLAG,
+) -> list[str]:
     """Make `spec` obey `profile` (a ceiling); returns what was changed, one line each.
+
+    allow_host_network: root on the host (the shim's operator, `--allow-host-network`)
+    lets a spec without a network namespace share the runtime's; host_network_switch
+    names that switch in the refusal otherwise.
 
     Runs in the parent before anything is created. Also compiles (or fetches from the
     cache) the seccomp programs so PID 1 only loads bytes.
@@ -104,19 +119,7 @@ def harden_spec(spec, profile: Profile) -> list[str]:
                         f"container; profile {profile.name} allows only unprivileged host ids"
                     )
 
-    # Network: "none" is a fresh namespace with only loopback, whatever config.json says.
-    netns = linux_cfg.namespace("network")
-    if profile.network == "none":
-        if netns is None:
-            linux_cfg.namespaces.append(Namespace("network"))
-            changes.append("network namespace added (profile has no network)")
-        elif netns.path is not None:
-            changes.append(f"network namespace {netns.path} replaced by a fresh one (no network)")
-            _warn(f"profile {profile.name} has no network: not joining {netns.path}")
-            netns.path = None
-    elif netns is None:
-        linux_cfg.namespaces.append(Namespace("network"))
-        changes.append("network namespace added (host network is never shared)")
+    _network_namespace(linux_cfg, profile, changes, allow_host_network, host_network_switch)
 
     # Capabilities: the profile is a ceiling.
     if spec.process is not None:
@@ -166,6 +169,56 @@ def harden_spec(spec, profile: Profile) -> list[str]:
         profile.programs["oci"] = seccomp.oci_program(linux_cfg.seccomp)
     profile.programs["changes"] = changes
     return changes
+
+
+def _network_namespace(
+    linux_cfg, profile: Profile, changes: list[str], allow_host_network: bool, switch: str
+) -> None:
+    """The one network decision (docs/security.md, "Network").
+
+    - a namespace of its own (no path): created, loopback only; nothing else to enforce;
+    - a namespace joined by path (a pod's): joined under every profile, the profile's
+      policy held inside it per container by the broker;
+    - no namespace entry, or a path to the runtime's own namespace: the host's network,
+      refused unless root on the host allows it, then policed like a joined one (with
+      nothing of the host counted as the container's own).
+
+    Mode "none" in a shared namespace mediates every way out (NO_NETWORK_MEDIATED): the
+    broker lets only loopback and the pod's own addresses through. A fresh namespace keeps
+    its zero-cost path: no broker, its loopback is all there is.
+    """
+    from runtime.security.profiles import NO_NETWORK_MEDIATED
+
+    netns = linux_cfg.namespace("network")
+    host = netns is None or (netns.path is not None and network.is_runtime_namespace(netns.path))
+    if not host and netns.path is None:
+        return
+    if host:
+        if not allow_host_network:
+            raise InvalidArgument(
+                f"profile {profile.name}: host network refused; the operator allows it with {switch}"
+            )
+        shared = "the host's network namespace"
+    else:
+        shared = f"network namespace {netns.path}"
+        profile.network_joined = True
+    if profile.network == "none":
+        profile.mediate = NO_NETWORK_MEDIATED
+        # Another filter than the profile file's: the seccomp cache must tell them apart.
+        profile.digest = _derived_digest(profile.digest, "shared-network-none")
+        reach = "nothing" if host else "loopback and the namespace's own addresses"
+        changes.append(
+            f"{shared} shared: profile {profile.name} has no network, the broker lets "
+            f"connect and addressed sends reach {reach} only"
+        )
+    else:
+        changes.append(f"{shared} shared: profile {profile.name}'s egress rules hold in it")
+
+
+def _derived_digest(digest: str, variant: str) -> str:
+    from runtime.security.profiles import sha256
+
+    return sha256(f"{digest}:{variant}".encode()).hexdigest()
 
 
 def check_resources(profile: Profile, resources: dict) -> None:

@@ -57,6 +57,8 @@ AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
 SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_ERROR, SO_DOMAIN = 1, 1, 2, 4, 39
 MSG_DONTWAIT = 0x40
 SIOCGSKNS = 0x894C  # linux/sockios.h: a socket's network namespace, as a new fd
+SIOCGIFCONF = 0x8912  # the IPv4 addresses of the socket's network namespace
+_IFREQ_SIZE = 40  # struct ifreq on 64-bit: name[16] + the sockaddr union, padded
 CAP_NET_BIND_SERVICE = 10
 # Below this port a bind needs CAP_NET_BIND_SERVICE (the kernel default of
 # net.ipv4.ip_unprivileged_port_start; zviz does not change it in containers).
@@ -427,6 +429,50 @@ def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]
     return held
 
 
+class _Nothing:
+    def __contains__(self, ip) -> bool:
+        return False
+
+
+class _Local:
+    """Loopback and a namespace's own addresses."""
+
+    def __init__(self, addresses: set):
+        self.addresses = addresses
+
+    def __contains__(self, ip) -> bool:
+        return ip.is_loopback or ip in self.addresses
+
+
+def _ipv4_addresses(sock: int) -> set:
+    """SIOCGIFCONF on the caller's socket: the kernel answers for the socket's namespace."""
+    size = 64 * _IFREQ_SIZE
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        ifconf = bytearray(struct.pack("=i4xQ", size, ctypes.addressof(buf)))
+        fcntl.ioctl(sock, SIOCGIFCONF, ifconf)
+        used = struct.unpack_from("=i", ifconf)[0]
+        if used < size:
+            break
+        size *= 2  # maybe cut short: ask again with room
+    found = set()
+    for offset in range(0, used, _IFREQ_SIZE):
+        family = struct.unpack_from("=H", buf.raw, offset + 16)[0]
+        if family == AF_INET:
+            found.add(ipaddress.IPv4Address(buf.raw[offset + 20 : offset + 24]))
+    return found
+
+
+def _ipv6_addresses(if_inet6: bytes) -> set:
+    """/proc/<pid>/net/if_inet6: one address in 32 hex digits at the start of each line."""
+    found = set()
+    for line in if_inet6.split(b"\n"):
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            found.add(_normal_ip(ipaddress.IPv6Address(bytes.fromhex(fields[0].decode()))))
+    return found
+
+
 def _unspecified(addr: bytes) -> bool:
     family = struct.unpack_from("=H", addr)[0]
     if family not in (AF_UNSPEC, AF_INET, AF_INET6):
@@ -466,6 +512,7 @@ class _Call:
         self.became_caller = False
         self.reserved = 0  # bytes of the broker's copy budget this call holds
         self._status: dict[str, list[str]] | None = None
+        self._own = None  # _own_addresses, looked up once per call
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
             self.close()
@@ -637,14 +684,53 @@ class _Call:
                 self._decide_bind(ip, port)
             else:
                 for destination in self._destinations(ip, sock):
-                    if not self.profile.egress_allows(str(destination), port):
-                        raise Denied(f"egress to {ip} port {port} not allowed by profile")
+                    self._decide_destination(destination, port, sock)
             return addr
         if family == AF_UNIX:
             return self._unix_address(addr, rules == "bind", sock)
         if family == AF_NETLINK and rules == "bind":
             return addr  # netlink sockets exist only where the profile grants them
         raise Denied(f"address family {family} not allowed")
+
+    def _decide_destination(self, ip, port: int, sock: int) -> None:
+        """Loopback and the pod's own addresses first (joined namespaces only), then the
+        profile: mode "none" reaches nothing else, "namespace" what its egress rules allow."""
+        if self.profile.network_joined and ip in self._own_addresses(sock):
+            return
+        if self.profile.network == "none":
+            raise Denied(
+                f"{ip} is not loopback or an address of the container's network namespace "
+                f"(profile {self.profile.name} has no network)"
+            )
+        if not self.profile.egress_allows(str(ip), port):
+            raise Denied(f"egress to {ip} port {port} not allowed by profile")
+
+    def _own_addresses(self, sock: int):
+        """Where the caller's socket reaches only its own pod: a set-like of addresses.
+
+        Loopback, and the addresses configured in the socket's network namespace at this
+        moment (an address added or removed later counts from then on), provided that
+        namespace is the caller's own and not the broker's (the host's): a socket
+        handed in from another namespace reaches that namespace's loopback, not the pod's.
+        """
+        if self._own is None:
+            self._own = _Nothing()
+            netns = fcntl.ioctl(sock, SIOCGSKNS)
+            try:
+                theirs = os.fstat(netns)
+            finally:
+                os.close(netns)
+            caller = os.stat("ns/net", dir_fd=self.proc)
+            ours = os.stat("/proc/self/ns/net")
+            same = (theirs.st_dev, theirs.st_ino) == (caller.st_dev, caller.st_ino)
+            host = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+            if same and not host:
+                try:
+                    if_inet6 = self._proc_read("net/if_inet6")
+                except Denied:
+                    if_inet6 = b""  # no IPv6 in that namespace (or the caller is gone)
+                self._own = _Local(_ipv4_addresses(sock) | _ipv6_addresses(if_inet6))
+        return self._own
 
     def _decide_bind(self, ip, port: int) -> None:
         if port != 0 and not self.profile.bind_allows(str(ip), port):

@@ -35,6 +35,10 @@ SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
 # Netlink protocols a profile may grant (linux/netlink.h).
 NETLINK_PROTOCOLS = {"NETLINK_ROUTE": 0, "NETLINK_AUDIT": 9, "NETLINK_KOBJECT_UEVENT": 15}
 MEDIATED_SYSCALLS = ("connect", "bind", "sendto", "sendmsg", "sendmmsg")
+# What the broker decides for a mode "none" profile in a network namespace it shares
+# (a pod's, or the host's): every way out. bind/listen/accept stay the kernel's: a
+# listener only answers who reaches it (kubelet probes, Services), it sends nowhere.
+NO_NETWORK_MEDIATED = ("connect", "sendto", "sendmsg", "sendmmsg")
 
 # What a container may read in /dev (Landlock): the OCI default devices and the
 # directories the runtime mounts there. Anything else in /dev needs the profile.
@@ -114,6 +118,10 @@ class Profile:
     egress_deny: tuple = ()  # CIDRs refused before `egress` is consulted
     bind: tuple[PortRule, ...] = ()
     mediate: tuple[str, ...] = ()
+    # Set by harden_spec: the container joined a network namespace by path (a pod's) that
+    # is not the host's. The broker then lets loopback and that namespace's own addresses
+    # through before any egress rule: they reach only the pod.
+    network_joined: bool = False
     # Seconds a mediated call may wait for the broker before it fails (broker.py).
     broker_timeout: float = 10.0
     # Broker kernel features this profile runs without (kernel_gaps.BROKER_FEATURES).

@@ -33,7 +33,7 @@ CACHE_DIR = os.environ.get("ZVIZ_SECCOMP_CACHE", "/run/zviz/seccomp-cache")
 # dropped entry costs one recompile (2-14 ms).
 CACHE_MAX_ENTRIES = 256
 # Bump when the compiler below changes what it emits for the same profile.
-COMPILER_VERSION = "3"
+COMPILER_VERSION = "4"
 
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_FILTER_FLAG_TSYNC = 1 << 0
@@ -61,6 +61,13 @@ CLONE_NAMESPACE_FLAGS = (
 TIOCSTI = 0x5412
 SOCK_TYPE_MASK = 0xF
 SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
+# The inet protocols a container may open: the default (0), TCP, UDP, MPTCP and ping
+# sockets. Each reaches a destination only through connect/sendto/sendmsg, which the
+# broker decides where a profile mediates. Others have their own ways out that no
+# mediated syscall sees (SCTP connects and binds through setsockopt SCTP_SOCKOPT_CONNECTX
+# / BINDX and picks destinations with SCTP_DSTADDRV4 control messages), or are rarely
+# needed kernel code (DCCP, UDP-Lite, L2TP).
+INET_PROTOCOLS = (0, 1, 6, 17, 58, 262)  # IPPROTO_ IP, ICMP, TCP, UDP, ICMPV6, MPTCP
 # personality(2) values that change nothing dangerous (docker's list): PER_LINUX,
 # PER_LINUX32, UNAME26 variants, and the query 0xffffffff.
 SAFE_PERSONALITIES = (0x0, 0x0008, 0x20000, 0x20008, 0xFFFFFFFF)
@@ -304,12 +311,22 @@ def _compile_profile(profile, verbose: bool) -> bytes:
                     )
                 continue
             for sock_type in (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET):
-                filt.add_rule(
-                    sc.ALLOW,
-                    "socket",
-                    sc.Arg(0, sc.EQ, number),
-                    sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, sock_type),
-                )
+                if family == "AF_UNIX":
+                    filt.add_rule(
+                        sc.ALLOW,
+                        "socket",
+                        sc.Arg(0, sc.EQ, number),
+                        sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, sock_type),
+                    )
+                    continue
+                for protocol in INET_PROTOCOLS:
+                    filt.add_rule(
+                        sc.ALLOW,
+                        "socket",
+                        sc.Arg(0, sc.EQ, number),
+                        sc.Arg(1, sc.MASKED_EQ, SOCK_TYPE_MASK, sock_type),
+                        sc.Arg(2, sc.EQ, protocol),
+                    )
 
     # ioctl: everything but TIOCSTI (typing into the controlling terminal). The kernel
     # reads the command as 32 bits, so "low 32 bits != TIOCSTI" is written as "differs

@@ -1,0 +1,138 @@
+"""A pod is one network (issue 11, item 1): containers joining one network namespace by
+path (a pod sandbox's) share it under every profile, in real containers.
+
+Before: a mode "none" profile (ci-runner) swapped the pod's namespace for a fresh
+loopback-only one, so two containers of a pod could not talk over localhost and nothing
+listened on the pod's address; web-server kept the namespace but refused its loopback.
+The egress side (what a container of the pod may NOT reach) is in
+integration/security/test_pod_network.py.
+"""
+
+import os
+import time
+import uuid
+
+import pytest
+
+from integration.podnet import POD_IP, POD_IP6, SEND, PodNetwork
+from integration.zviz_cli import Zviz
+
+PORT = 8080  # web-server's bind rules allow it; mode "none" leaves bind to the kernel
+PROFILES = ["ci-runner", "web-server"]
+
+
+@pytest.fixture
+def zviz(zviz_bin, tmp_path):
+    return Zviz(zviz_bin, str(tmp_path / "root"))
+
+
+@pytest.fixture
+def podnet():
+    net = PodNetwork()
+    try:
+        yield net
+    finally:
+        net.delete()
+
+
+def cid(name: str) -> str:
+    return f"zn11-{name}-{uuid.uuid4().hex[:6]}"
+
+
+def listener(zviz, make_bundle, podnet, profile: str, container_id: str):
+    """A container of the pod printing what the first connection to PORT sends."""
+    bundle = podnet.join(make_bundle(["nc", "-l", "-p", str(PORT)]))
+    return zviz.popen("run", "--profile", profile, "--bundle", bundle, container_id)
+
+
+def finish(zviz, run, container_id: str, *, stop: bool = False) -> str:
+    """The container's output once it exited (killed first when STOP or when it hangs:
+    PID 1 holds the pipes, killing the client alone would leave them open)."""
+    import subprocess
+
+    try:
+        if stop:
+            zviz("kill", container_id, "KILL")
+        try:
+            out, err = run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            zviz("kill", container_id, "KILL")
+            out, err = run.communicate(timeout=30)
+    finally:
+        zviz("delete", "-f", container_id)
+    assert stop or run.returncode == 0, err
+    return out
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("destination", ["127.0.0.1", POD_IP, "::1", POD_IP6])
+def test_two_containers_of_a_pod_talk(zviz, make_bundle, podnet, profile, destination):
+    """One listens, the other connects over localhost or the pod's own address (IPv4:
+    SIOCGIFCONF, IPv6: if_inet6, read by the broker in the pod's namespace)."""
+    server_id = cid("srv")
+    server = listener(zviz, make_bundle, podnet, profile, server_id)
+    # Retried: the server may not listen yet (a refused connect is ECONNREFUSED; an EPERM
+    # from the broker would repeat as well and end in failure).
+    client_script = (
+        "i=0; while [ $i -lt 100 ]; do "
+        f"echo from-the-other-container | nc {destination} {PORT} && exit 0; "
+        "i=$((i+1)); sleep 0.1; done; exit 1"
+    )
+    client = podnet.join(make_bundle(["sh", "-c", client_script]))
+    client_id = cid("cli")
+    try:
+        result = zviz("run", "--profile", profile, "--bundle", client, client_id, timeout=60)
+    finally:
+        zviz("delete", "-f", client_id)
+    out = finish(zviz, server, server_id, stop=result.returncode != 0)
+    assert result.returncode == 0, result.stderr
+    assert out == "from-the-other-container\n"
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_a_listener_in_the_pod_is_reached_from_outside(zviz, make_bundle, podnet, profile):
+    """Inbound through the pod's address (kubelet probes, Services): bind, listen and
+    accept are not egress, under no profile."""
+    server_id = cid("in")
+    server = listener(zviz, make_bundle, podnet, profile, server_id)
+    sent = podnet.in_peer(SEND, POD_IP, str(PORT), "from-outside-the-pod")
+    out = finish(zviz, server, server_id, stop=sent.returncode != 0)
+    assert sent.returncode == 0, sent.stderr
+    assert out == "from-outside-the-pod"
+
+
+def brokers_of(container_id: str) -> set[int]:
+    """The container's broker processes (forked from `zviz run ... ID`: the id is in argv)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != "zviz-broker":
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if container_id.encode() in f.read().split(b"\0"):
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("joined", [False, True], ids=["own-namespace", "pod-namespace"])
+def test_no_network_pays_for_a_broker_only_in_a_shared_namespace(zviz, make_bundle, podnet, joined):
+    """ci-runner in a namespace of its own keeps the zero-cost path (loopback is all there
+    is); in a pod's namespace the broker decides every way out."""
+    bundle = make_bundle(["sh", "-c", "echo up; sleep 3"])
+    if joined:
+        podnet.join(bundle)
+    container_id = cid("brk")
+    run = zviz.popen("run", "--profile", "ci-runner", "--bundle", bundle, container_id)
+    try:
+        assert run.stdout.readline() == "up\n", run.stderr.read()
+        seen = set()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not seen:
+            seen = brokers_of(container_id)
+            time.sleep(0.05)
+        assert bool(seen) == joined, seen
+    finally:
+        finish(zviz, run, container_id)
