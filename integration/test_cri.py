@@ -379,10 +379,7 @@ def test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_a
 # what fails; the reasons were checked against the actual failures.
 
 
-@both_handlers(
-    zviz_fails_today="issue 11 item 1: each container of a zviz pod gets its own "
-    "loopback-only netns, so the pod's other container is not on its localhost"
-)
+@both_handlers()
 def test_two_containers_of_a_pod_talk_over_localhost(cri, tmp_path, handler):
     async def scenario():
         async with pod(cri, handler, tmp_path) as the_pod:
@@ -402,10 +399,7 @@ def test_two_containers_of_a_pod_talk_over_localhost(cri, tmp_path, handler):
     assert code == 0 and out.endswith("\r\n\r\npong\n"), f"{out} (server, client: {netns})"
 
 
-@both_handlers(
-    zviz_fails_today="issue 11 item 1: the container listens in its own netns, so "
-    "nothing listens on the pod's IP (kubelet probes and Services reach an empty netns)"
-)
+@both_handlers()
 def test_a_port_open_in_a_container_is_reachable_on_the_pods_ip_from_the_node(
     cri, tmp_path, handler
 ):
@@ -431,12 +425,10 @@ def test_a_port_open_in_a_container_is_reachable_on_the_pods_ip_from_the_node(
 
 
 @both_handlers(
-    zviz_fails_today="issue 11 item 1: the container's own netns has no route to the "
-    "pod's DNS server, so the name does not resolve"
+    zviz_fails_today="issue 11 item 2: ci-runner allows no egress from the pod, and the "
+    "operator's config cannot yet name the cluster's DNS service as an exception"
 )
 def test_a_container_resolves_a_name_through_the_pods_dns_config(cri, tmp_path, handler):
-    # Once zviz joins the pod's netns, ci-runner's "no egress" may refuse this query too
-    # until the operator's config names the cluster's DNS service (issue 11 item 2).
     async def scenario():
         async with pod(cri, handler, tmp_path) as the_pod:
             container = await the_pod.start_container("app", "exec sleep 300")
@@ -452,9 +444,8 @@ def test_a_container_resolves_a_name_through_the_pods_dns_config(cri, tmp_path, 
 @both_handlers()
 def test_egress_to_the_service_host_is_the_profiles_decision(cri, tmp_path, handler):
     # runc: the pod reaches a host on its network. zviz's default profile (ci-runner,
-    # network "none") means no egress (issue 11 item 1). Today zviz refuses it only
-    # because the container is not in the pod's netns at all; once it is, this test
-    # keeps that joining the pod's network does not open egress.
+    # network "none") means no egress (issue 11 item 1): the container is in the pod's
+    # netns, and the broker refuses destinations that are not the pod's own.
     async def scenario():
         async with pod(cri, handler, tmp_path) as the_pod:
             container = await the_pod.start_container("app", "exec sleep 300")
@@ -469,10 +460,7 @@ def test_egress_to_the_service_host_is_the_profiles_decision(cri, tmp_path, hand
         assert code != 0 and SERVICE_REPLY.decode() not in out, out
 
 
-@both_handlers(
-    zviz_fails_today="issue 11 item 1: zviz runs a hostNetwork pod in a private netns "
-    "instead of refusing it with a clear error"
-)
+@both_handlers()
 def test_a_host_network_pod_runs_in_the_nodes_netns_or_is_refused(cri, tmp_path, handler):
     async def scenario():
         async with pod(cri, handler, tmp_path, host_network=True) as the_pod:
@@ -484,7 +472,7 @@ def test_a_host_network_pod_runs_in_the_nodes_netns_or_is_refused(cri, tmp_path,
         assert code == 0, err
         assert out.strip() == f"net:[{cri.node.node.inode()}]"
         return
-    # zviz: refused unless the operator's config allows host network (not yet settable).
+    # zviz: refused unless the operator's config says allow_host_network = true.
     try:
         seen = run(scenario())
     except GRPCError as error:
