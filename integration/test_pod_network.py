@@ -41,7 +41,11 @@ def cid(name: str) -> str:
 
 def listener(zviz, make_bundle, podnet, profile: str, container_id: str):
     """A container of the pod printing what the first connection to PORT sends."""
-    bundle = podnet.join(make_bundle(["nc", "-l", "-p", str(PORT)]))
+    # nc's stdin is a fifo it holds open for writing itself: busybox nc quits at EOF on
+    # stdin, and with /dev/null it may quit before a connection accepted a moment early
+    # has delivered its data (seen as '' from a client whose first try was refused).
+    script = f"mkfifo /dev/shm/in && exec 3<>/dev/shm/in && exec nc -l -p {PORT} <&3"
+    bundle = podnet.join(make_bundle(["sh", "-c", script]))
     return zviz.popen("run", "--profile", profile, "--bundle", bundle, container_id)
 
 
