@@ -95,11 +95,11 @@ def test_the_handler_picks_the_runtime_under_containerd_2(cri, tmp_path, handler
     if handler == "zviz":
         assert shims, "handler zviz must run the pod under containerd-shim-zviz-v2"
         assert out.split()[:2] == ["0", "100000"]  # the default profile's user namespace
-        # The kernel refuses groups the user namespace does not map: the sandbox's range is
-        # narrowed to its 65536 groups (host gids 100000-165535, as the host reads them).
-        # A zviz container has its own netns today (issue 11 item 1), so only the sandbox
-        # shows it.
-        assert in_sandbox == ["100000", "165535"], in_sandbox
+        # The pod's netns is the host user namespace's: the runtime writes the pod's net
+        # sysctls there as host root, as runc does (PID 1 could not), so the whole range
+        # holds; the container, in that netns, reads it through its own id map.
+        assert in_sandbox == ["0", "2147483647"], in_sandbox
+        assert out.split()[3:] == ["65534", "65534"], out
     else:
         assert out.split()[:3] == ["0", "0", "4294967295"]  # runc: no user namespace
         assert out.split()[3:] == ["0", "2147483647"], out

@@ -140,3 +140,50 @@ def test_no_network_pays_for_a_broker_only_in_a_shared_namespace(zviz, make_bund
         assert bool(seen) == joined, seen
     finally:
         finish(zviz, run, container_id)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_net_sysctls_of_a_pod_are_written_into_the_pods_namespace(
+    zviz, make_bundle, podnet, profile
+):
+    """containerd 2.x's CRI asks these two for every pod sandbox. The pod's namespace is
+    the host user namespace's, so PID 1 may not write them ("Permission denied" before):
+    the runtime does, inside that namespace, and the host's own values stay as they were."""
+    from integration.zviz_cli import edit_config
+
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        host_before = f.read()
+    sysctls = {
+        "net.ipv4.ip_unprivileged_port_start": "0",
+        "net.ipv4.ping_group_range": "0 2147483647",
+    }
+    bundle = podnet.join(
+        make_bundle(
+            [
+                "sh",
+                "-c",
+                "cat /proc/sys/net/ipv4/ip_unprivileged_port_start "
+                "/proc/sys/net/ipv4/ping_group_range",
+            ]
+        )
+    )
+    edit_config(bundle, lambda c: c["linux"].setdefault("sysctl", {}).update(sysctls))
+    container_id = cid("sysctl")
+    try:
+        result = zviz("run", "--profile", profile, "--bundle", bundle, container_id, timeout=60)
+    finally:
+        zviz("delete", "-f", container_id)
+    assert result.returncode == 0, result.stderr
+    # The container reads the range through its own id map: host gids 0.. are unmapped.
+    assert result.stdout.split() == ["0", "65534", "65534"], result.stdout
+    import subprocess
+
+    in_pod = subprocess.run(
+        ["nsenter", f"--net={podnet.pod_path}", "cat", "/proc/sys/net/ipv4/ping_group_range"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert in_pod.stdout.split() == ["0", "2147483647"]
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        assert f.read() == host_before

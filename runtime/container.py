@@ -146,6 +146,7 @@ class Container:
                 no_pivot=no_pivot,
                 hook_state=_hook_template(data),
             )
+            process.write_joined_netns_sysctls(spec)
             spawned = process.spawn_init(request, log)
             data["pid"] = spawned.pid
             data["pidStartTime"] = spawned.start_time

@@ -605,8 +605,10 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
     with stages("terminal"):
         _setup_stdio(request, process)
     with stages("sysctl"):
+        written_by_parent = joined_netns_sysctls(spec)  # write_joined_netns_sysctls
         for key, value in (spec.linux.sysctl or {}).items():
-            _write_sysctl(key, value)
+            if key not in written_by_parent:
+                _write_sysctl(key, value)
     with stages("rootfs"):
         builder.finish()
     with stages("hostname"):
@@ -759,6 +761,61 @@ def _setup_stdio(request: Request, process) -> None:
         for target, fd in enumerate(high):
             os.dup2(fd, target)
             os.close(fd)
+
+
+def joined_netns_sysctls(spec) -> dict[str, str]:
+    """The net.* sysctls of a container that joins its network namespace by path.
+
+    Such a namespace (a pod sandbox's, made by the CRI plugin) belongs to the host's user
+    namespace, not to the container's: PID 1, root only in its own user namespace, may
+    not write its sysctls (containerd 2.x asks net.ipv4.ip_unprivileged_port_start and
+    ping_group_range for every pod). spec.py has already refused net.* sysctls for the
+    host's own namespace, so what is left here changes only the joined one.
+    """
+    net = spec.linux.namespace("network")
+    if net is None or net.path is None:
+        return {}
+    return {
+        key: value
+        for key, value in (spec.linux.sysctl or {}).items()
+        if key.replace("/", ".").startswith("net.")
+    }
+
+
+def write_joined_netns_sysctls(spec) -> None:
+    """Write joined_netns_sysctls as the runtime (host root), inside that namespace, as runc
+    does for a pod: a thread of ours enters it, so /proc/sys/net is that namespace's."""
+    sysctls = joined_netns_sysctls(spec)
+    if not sysctls:
+        return
+    import threading
+
+    path = spec.linux.namespace("network").path
+    failure: list[BaseException] = []
+
+    def write_inside() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                linux.setns(fd, linux.CLONE_NEWNET)  # this thread only; it ends below
+            finally:
+                os.close(fd)
+            for key, value in sysctls.items():
+                _write_sysctl(key, value)
+        except BaseException as e:  # re-raised in the caller's thread
+            failure.append(e)
+
+    writer = threading.Thread(target=write_inside, name="zviz-netns-sysctl")
+    writer.start()
+    writer.join()
+    if failure:
+        error = failure[0]
+        if isinstance(error, OSError):
+            raise errors.FailedPrecondition(
+                f"sysctl in the joined network namespace {path}: {error.strerror}: "
+                f"{error.filename or ''}".rstrip(": ")
+            ) from error
+        raise error
 
 
 def _write_sysctl(key: str, value: str) -> None:
