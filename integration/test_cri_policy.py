@@ -41,7 +41,7 @@ HANDLER_CONFIGS = {
 PROFILE_ANNOTATION = "io.zviz.profile"
 HOST_ROOT = {"ci-runner": "100000", "hostile-tenant": "200000"}
 # overhead.podFixed.memory of the RuntimeClasses in docs/kubernetes.md (zviz, zviz-hostile).
-POD_FIXED_MIB = 32
+POD_FIXED_MIB = 64
 
 
 @pytest.fixture(scope="module")
