@@ -8,11 +8,15 @@ zviz RuntimeClass handlers:
                   `web-egress` (web-server plus egress_hosts = ["svc.test:8080"])
     zviz-cluster  cluster_dns = DNS_IP:53 and the service host's address as the
                   cluster's service CIDR
+    zviz-moving   cluster_dns = MOVING_DNS_IP:53, a DNS server the test controls
+                  (integration/fake_dns.py, on a host of its own on the bridge), and
+                  the profile `moving-egress` (egress_hosts = ["moving.test:8080"])
 
 and `pod_annotations = ["io.zviz.*"]`, so a pod picks its profile with io.zviz.profile
 among those the operator allows. runc is the reference where a cell makes sense for it.
 """
 
+import asyncio
 import os
 import re
 import shutil
@@ -28,10 +32,12 @@ from integration.cni_node import (
     SERVICE_PORT,
     SERVICE_REPLY,
 )
+from integration.fake_dns import TYPE_A, FakeDns
 from integration.ids import session_tag
 from integration.test_cri import HTTP_GET, cri_node, pod, run
 
 PROFILE_ANNOTATION = "io.zviz.profile"
+MOVING_NAME = "moving.test"
 EGRESS_PROFILE = f"""
 [profile]
 name = "web-egress"
@@ -41,7 +47,16 @@ description = "web-server whose only private destination is what svc.test resolv
 [network]
 egress_hosts = ["{SERVICE_NAME}:{SERVICE_PORT}"]
 """
+MOVING_PROFILE = f"""
+[profile]
+name = "moving-egress"
+extends = "web-server"
+
+[network]
+egress_hosts = ["{MOVING_NAME}:{SERVICE_PORT}"]
+"""
 METADATA_IP = "169.254.169.254"
+MOVING_DNS_IP = "10.211.0.252"
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +65,16 @@ def cri(tmp_path_factory):
     profiles = tempfile.mkdtemp(prefix=f"zviz-zeg-profiles-{session_tag()}-", dir="/run")
     configs = tmp_path_factory.mktemp("shim-configs")
     try:
-        with open(os.path.join(profiles, "web-egress.toml"), "w") as f:
-            f.write(EGRESS_PROFILE)
-        allowed = '["ci-runner", "web-server", "web-egress"]'
+        for name, text in (("web-egress", EGRESS_PROFILE), ("moving-egress", MOVING_PROFILE)):
+            with open(os.path.join(profiles, f"{name}.toml"), "w") as f:
+                f.write(text)
+        allowed = '["ci-runner", "web-server", "web-egress", "moving-egress"]'
         texts = {
             "zviz": f'profile_dirs = ["{profiles}"]\nallowed_annotation_profiles = {allowed}\n',
             "zviz-cluster": f'allowed_annotation_profiles = {allowed}\ncluster_dns = ["{DNS_IP}:53"]\n'
             f'cluster_service_cidrs = ["{SERVICE_IP}/32"]\n',
+            "zviz-moving": f'profile_dirs = ["{profiles}"]\nallowed_annotation_profiles = {allowed}\n'
+            f'cluster_dns = ["{MOVING_DNS_IP}:53"]\n',
         }
         handlers = {}
         for handler, text in texts.items():
@@ -66,7 +84,12 @@ def cri(tmp_path_factory):
         with cri_node(
             tmp_path_factory, cri_handlers=handlers, cri_pod_annotations=("io.zviz.*",)
         ) as harness:
-            yield harness
+            host = harness.node._host("zegdns", MOVING_DNS_IP)
+            harness.moving_dns = FakeDns(host.path, MOVING_DNS_IP)
+            try:
+                yield harness
+            finally:
+                harness.moving_dns.close()
     finally:
         shutil.rmtree(profiles, ignore_errors=True)
 
@@ -164,3 +187,33 @@ def test_egress_hosts_reach_what_the_name_resolves_to_and_nothing_else(cri, tmp_
         f.seek(seen)
         log = f.read()
     assert re.search(rf"query\[A\] {re.escape(SERVICE_NAME)} from 10\.211\.0\.", log), log[-2000:]
+
+
+def test_egress_hosts_follow_the_name_when_its_ttl_runs_out(cri, tmp_path):
+    # moving.test -> the service host, TTL 3 s. One exec (one broker, one cache): two
+    # connects at once (one A query: the second is answered from the cache), then, after
+    # the test moved the name to an address where nothing is and the TTL ran out, a third
+    # connect to the old address: asked again, refused.
+    dns = cri.moving_dns
+    dns.names[MOVING_NAME] = (SERVICE_IP, 3)
+    dns.queries.clear()
+    connect = _connect(SERVICE_IP, SERVICE_PORT)
+    script = f"{connect}; echo ---; {connect}; echo ---; sleep 7; {connect}"
+
+    async def scenario():
+        annotations = {PROFILE_ANNOTATION: "moving-egress"}
+        async with pod(cri, "zviz-moving", tmp_path, annotations=annotations) as the_pod:
+            container = await the_pod.start_container("app", "exec sleep 300")
+
+            async def move_later():
+                await asyncio.sleep(4)
+                dns.names[MOVING_NAME] = ("10.211.0.251", 3)
+
+            (_, out, err), _ = await asyncio.gather(the_pod.exec(container, script), move_later())
+            return out + err
+
+    first, second, third = run(scenario()).split("---")
+    assert _reached(first), first
+    assert _reached(second), second
+    assert _refused_by_broker(third), third
+    assert dns.queries.get((MOVING_NAME, TYPE_A)) == 2, dns.queries
