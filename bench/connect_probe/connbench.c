@@ -1,6 +1,6 @@
 /* One connect to a loopback listener, timed: socket + connect + accept + close, N times.
  * Only connect is mediated by zviz's broker (mode "none" in a shared namespace); the rest
- * is the same work in every runtime. Prints {"connect_ns": median-free mean per round}. */
+ * is the same work in every runtime. Prints {"connect_ns": the mean ns per iteration}. */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
