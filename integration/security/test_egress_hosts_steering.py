@@ -10,6 +10,7 @@ resolv.conf containerd mounts) and keeps refusing DNS_IP.
 """
 
 import os
+import time
 import uuid
 
 from integration import test_cri_egress
@@ -30,15 +31,19 @@ MARKER = "ZVIZ_EGRESS_PROBE"
 
 
 def _pid_with(marker: str) -> int:
-    """The host pid of the process whose environment holds MARKER."""
+    """The host pid of the process whose environment holds MARKER (waited for: the
+    container's PID 1 may not have exec'd its command yet when StartContainer returns)."""
     needle = marker.encode() + b"\0"
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if needle in f.read() + b"\0":
-                    return int(pid)
-        except OSError:
-            continue
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if needle in f.read() + b"\0":
+                        return int(pid)
+            except OSError:
+                continue
+        time.sleep(0.05)
     raise AssertionError(f"no process with {marker}")
 
 

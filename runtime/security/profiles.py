@@ -629,10 +629,13 @@ def _cidr_rules(reader: "_Reader", key: str) -> tuple[PortRule, ...]:
 
 
 def _egress_hosts(reader: "_Reader") -> tuple[tuple[str, int], ...]:
+    values = reader.get("egress_hosts", list, [])
+    if not values:
+        return ()  # the common case: no DNS module (socket, select) on the create path
     from runtime.security import dns
 
     hosts = []
-    for i, value in enumerate(reader.get("egress_hosts", list, [])):
+    for i, value in enumerate(values):
         name, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
         if not sep or not dns.valid_name(name) or not port.isdigit() or not 0 < int(port) < 65536:
             raise reader.error(f"egress_hosts[{i}]", f'must be "host.name:port", got {value!r}')
