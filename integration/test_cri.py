@@ -77,9 +77,16 @@ class Cri:
             yield self.grpc.RuntimeServiceStub(channel)
 
 
+# The zviz handler's shim config: the harness's dnsmasq is the cluster's DNS service, as
+# an operator names kube-dns (docs/kubernetes.md). Nothing else of the cluster is named.
+ZVIZ_SHIM_CONFIG = f'cluster_dns = ["{DNS_IP}:53"]\n'
+
+
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory):
-    with cri_node(tmp_path_factory) as harness:
+    config = tmp_path_factory.mktemp("shim-config") / "zviz.toml"
+    config.write_text(ZVIZ_SHIM_CONFIG)
+    with cri_node(tmp_path_factory, cri_handlers={"zviz": str(config)}) as harness:
         yield harness
 
 
@@ -424,11 +431,10 @@ def test_a_port_open_in_a_container_is_reachable_on_the_pods_ip_from_the_node(
     assert reply.startswith(b"HTTP/1.") and reply.endswith(b"\r\n\r\npong\n"), reply
 
 
-@both_handlers(
-    zviz_fails_today="issue 11 item 2: ci-runner allows no egress from the pod, and the "
-    "operator's config cannot yet name the cluster's DNS service as an exception"
-)
+@both_handlers()
 def test_a_container_resolves_a_name_through_the_pods_dns_config(cri, tmp_path, handler):
+    # zviz: ci-runner has no network; the operator's cluster_dns (ZVIZ_SHIM_CONFIG) is
+    # the one way out it has, TCP/UDP to that address and port only.
     async def scenario():
         async with pod(cri, handler, tmp_path) as the_pod:
             container = await the_pod.start_container("app", "exec sleep 300")
@@ -458,6 +464,24 @@ def test_egress_to_the_service_host_is_the_profiles_decision(cri, tmp_path, hand
         assert code == 0 and out.encode().endswith(SERVICE_REPLY), out
     else:
         assert code != 0 and SERVICE_REPLY.decode() not in out, out
+
+
+@both_handlers()
+def test_the_cluster_dns_exception_is_its_address_and_port_only(cri, tmp_path, handler):
+    # Port 80 of the DNS host: nothing listens there. runc's connect is refused by the
+    # host (ECONNREFUSED); zviz's ci-runner never sends it (the broker's EPERM): the
+    # operator's cluster_dns opens port 53 of that address, nothing more.
+    async def scenario():
+        async with pod(cri, handler, tmp_path) as the_pod:
+            container = await the_pod.start_container("app", "exec sleep 300")
+            return await the_pod.exec(container, f"nc -w 2 {DNS_IP} 80 </dev/null 2>&1")
+
+    code, out, _ = run(scenario())
+    assert code != 0, out
+    if handler == "runc":
+        assert "refused" in out, out
+    else:
+        assert "not permitted" in out, out
 
 
 @both_handlers()

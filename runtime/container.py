@@ -53,6 +53,7 @@ class Container:
         no_pivot: bool = False,
         allow_host_network: bool = False,
         host_network_switch: str | None = None,
+        cluster_network=None,
         log=NULL_LOG,
     ) -> "Container":
         """Build the container up to PID 1 waiting to exec.
@@ -80,7 +81,9 @@ class Container:
             spec = load_spec(bundle)
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
-            resolved_profile = _harden(spec, profile, allow_host_network, host_network_switch)
+            resolved_profile = _harden(
+                spec, profile, allow_host_network, host_network_switch, cluster_network
+            )
             _validate(spec, detach, console_socket)
             data = {
                 "ociVersion": spec.oci_version,
@@ -99,6 +102,10 @@ class Container:
             }
             if allow_host_network:
                 data["allowHostNetwork"] = True  # exec hardens the same spec again
+            if cluster_network:
+                data["clusterNetwork"] = cluster_network.to_state()
+            if resolved_profile.egress_nameservers:
+                data["egressNameservers"] = [list(s) for s in resolved_profile.egress_nameservers]
             # What start and delete (maybe other processes) run; the rest runs in create.
             later_hooks = {k: v for k, v in (spec.hooks or {}).items() if k in _LATER_HOOKS and v}
             if later_hooks:
@@ -465,6 +472,14 @@ class Container:
 
     # --- exec -----------------------------------------------------------------------
 
+    def _cluster_network(self):
+        """The operator's cluster network this container was created with (or None)."""
+        if not self.data.get("clusterNetwork"):
+            return None
+        from runtime.security.cluster import ClusterNetwork
+
+        return ClusterNetwork.from_state(self.data["clusterNetwork"])
+
     def exec(
         self,
         process_config: dict,
@@ -486,7 +501,11 @@ class Container:
 
         spec = load_spec(self.data["bundle"])
         resolved_profile = _harden(
-            spec, self.data.get("profile"), bool(self.data.get("allowHostNetwork"))
+            spec,
+            self.data.get("profile"),
+            bool(self.data.get("allowHostNetwork")),
+            cluster_network=self._cluster_network(),
+            egress_nameservers=self.data.get("egressNameservers") or (),
         )
         exec_process = parse_process(process_config)
         check_process_in_spec(exec_process, spec)
@@ -552,7 +571,14 @@ def _hook_template(data: dict) -> dict:
     return {key: data[key] for key in ("ociVersion", "id", "bundle", "annotations")}
 
 
-def _harden(spec, profile, allow_host_network: bool = False, host_network_switch=None):
+def _harden(
+    spec,
+    profile,
+    allow_host_network: bool = False,
+    host_network_switch=None,
+    cluster_network=None,
+    egress_nameservers=None,
+):
     """Resolve the profile (unless the caller chose one already, as the shim does under its
     operator's policy) and let the security layer tighten the spec."""
     from runtime import security
@@ -564,6 +590,8 @@ def _harden(spec, profile, allow_host_network: bool = False, host_network_switch
         profile,
         allow_host_network=allow_host_network,
         host_network_switch=host_network_switch or security.HOST_NETWORK_FLAG,
+        cluster_network=cluster_network,
+        egress_nameservers=egress_nameservers,
     )
     return profile
 

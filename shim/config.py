@@ -18,6 +18,11 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
     allow_host_network = false     # a spec without a network namespace (hostNetwork) may share
                                    # the node's; refused at Create otherwise
+    cluster_service_cidrs = ["10.96.0.0/12"]  # Services: taken out of a profile's egress_deny
+    cluster_pod_cidrs = ["10.244.0.0/16"]     # pods: likewise (the profile's ports still hold)
+    cluster_dns = ["10.96.0.10:53"]           # TCP/UDP there under every profile, "none" too;
+                                              # egress_hosts are resolved there
+                                              # (runtime/security/cluster.py)
 """
 
 import os
@@ -65,6 +70,9 @@ class ShimConfig:
         "id_pool_first",
         "id_pool_ranges",
         "allow_host_network",
+        "cluster_service_cidrs",
+        "cluster_pod_cidrs",
+        "cluster_dns",
         "grouping",
         "idle_exit_seconds",
         "path",
@@ -77,7 +85,12 @@ class ShimConfig:
         "id_pool_first",
         "id_pool_ranges",
         "allow_host_network",
+        "cluster_service_cidrs",
+        "cluster_pod_cidrs",
+        "cluster_dns",
     )
+    # The keys that describe the cluster's network (cluster_network()).
+    CLUSTER_KEYS = ("cluster_service_cidrs", "cluster_pod_cidrs", "cluster_dns")
 
     def __init__(
         self,
@@ -91,6 +104,9 @@ class ShimConfig:
         id_pool_first: int | None = None,
         id_pool_ranges: int | None = None,
         allow_host_network: bool | None = None,
+        cluster_service_cidrs: tuple[str, ...] | None = None,
+        cluster_pod_cidrs: tuple[str, ...] | None = None,
+        cluster_dns: tuple[str, ...] | None = None,
     ) -> None:
         self.profile = profile
         self.allowed_annotation_profiles = allowed_annotation_profiles
@@ -99,6 +115,9 @@ class ShimConfig:
         self.id_pool_first = id_pool_first
         self.id_pool_ranges = id_pool_ranges
         self.allow_host_network = allow_host_network
+        self.cluster_service_cidrs = cluster_service_cidrs
+        self.cluster_pod_cidrs = cluster_pod_cidrs
+        self.cluster_dns = cluster_dns
         self.grouping = grouping
         self.idle_exit_seconds = idle_exit_seconds
         self.path = path
@@ -110,6 +129,16 @@ class ShimConfig:
             value = getattr(self, key)
             setattr(merged, key, getattr(base, key) if value is None else value)
         return merged
+
+    def cluster_network(self):
+        """The runtime's ClusterNetwork for these keys (None when none is set)."""
+        if all(getattr(self, key) is None for key in self.CLUSTER_KEYS):
+            return None
+        from runtime.security.cluster import ClusterNetwork
+
+        return ClusterNetwork.parse(
+            self.cluster_service_cidrs, self.cluster_pod_cidrs, self.cluster_dns, self.path or ""
+        )
 
 
 def load_config(path: str | None) -> ShimConfig:
@@ -148,6 +177,15 @@ def load_config(path: str | None) -> ShimConfig:
     allow_host_network = data.get("allow_host_network")
     if allow_host_network is not None and type(allow_host_network) is not bool:
         raise ConfigError(f"shim config {path}: allow_host_network: must be true or false")
+    cluster = {key: _string_list(data, key, path) for key in ShimConfig.CLUSTER_KEYS}
+    if any(value is not None for value in cluster.values()):
+        # Checked here, so a bad address fails the config (and so the Create) by name.
+        from runtime.errors import InvalidArgument
+
+        try:
+            ShimConfig(path=path, **cluster).cluster_network()
+        except InvalidArgument as e:
+            raise ConfigError(f"shim config {e}") from None
     grouping = data.get("grouping")
     if grouping is not None and grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
@@ -163,6 +201,7 @@ def load_config(path: str | None) -> ShimConfig:
         profile_dirs=profile_dirs,
         id_ranges=id_ranges,
         allow_host_network=allow_host_network,
+        **cluster,
         **pool,
     )
 

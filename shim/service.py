@@ -278,6 +278,7 @@ class TaskService(shim_ttrpc.TaskService):
                 profile=profile,
                 allow_host_network=bool(config.allow_host_network),
                 host_network_switch=shim_config.HOST_NETWORK_SWITCH,
+                cluster_network=config.cluster_network(),
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
                 detach=True,

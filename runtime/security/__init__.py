@@ -79,12 +79,18 @@ def harden_spec(
     *,
     allow_host_network: bool = False,
     host_network_switch: str = HOST_NETWORK_FLAG,
+    cluster_network=None,
+    egress_nameservers=None,
 ) -> list[str]:
     """Make `spec` obey `profile` (a ceiling); returns what was changed, one line each.
 
     allow_host_network: root on the host (the shim's operator, `--allow-host-network`)
     lets a spec without a network namespace share the runtime's; host_network_switch
     names that switch in the refusal otherwise.
+    cluster_network: the operator's cluster.ClusterNetwork (the shim's config), for the
+    broker. egress_nameservers: where the profile's egress_hosts are resolved, as
+    decided at create (kept in the state: an exec must not read them again from files
+    the container may have changed since); None at create.
 
     Runs in the parent before anything is created. Also compiles (or fetches from the
     cache) the seccomp programs so PID 1 only loads bytes.
@@ -120,6 +126,7 @@ def harden_spec(
                     )
 
     _network_namespace(linux_cfg, profile, changes, allow_host_network, host_network_switch)
+    _egress_context(spec, profile, cluster_network, egress_nameservers)
 
     # Capabilities: the profile is a ceiling.
     if spec.process is not None:
@@ -213,6 +220,39 @@ def _network_namespace(
         )
     else:
         changes.append(f"{shared} shared: profile {profile.name}'s egress rules hold in it")
+
+
+def _egress_context(spec, profile: Profile, cluster_network, egress_nameservers) -> None:
+    """What the broker needs beyond the profile: the operator's cluster network and the
+    nameservers for egress_hosts (docs/security.md, "Name-based egress").
+
+    The nameservers are the operator's cluster_dns when named, else those of the
+    resolv.conf the runtime's caller bind-mounts at /etc/resolv.conf (containerd's CRI:
+    the pod's DNS config), read here, on the host, before the container runs. Never the
+    container's rootfs: what the container can write cannot steer the broker.
+    """
+    profile.cluster_network = cluster_network
+    if not profile.egress_hosts:
+        return
+    if egress_nameservers is not None:
+        profile.egress_nameservers = tuple((str(ip), int(port)) for ip, port in egress_nameservers)
+        return
+    if cluster_network is not None and cluster_network.dns:
+        profile.egress_nameservers = tuple((str(ip), port) for ip, port in cluster_network.dns)
+        return
+    from runtime.security import dns
+
+    for mount in reversed(spec.mounts or ()):
+        if mount.destination == "/etc/resolv.conf" and mount.is_bind:
+            try:
+                with open(mount.source, "rb") as f:
+                    profile.egress_nameservers = tuple(dns.nameservers(f.read(65536)))
+            except OSError as e:
+                raise InvalidArgument(
+                    f"profile {profile.name}: egress_hosts: cannot read the resolv.conf "
+                    f"mounted from {mount.source}: {e.strerror}"
+                ) from None
+            return
 
 
 def _derived_digest(digest: str, variant: str) -> str:

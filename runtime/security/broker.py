@@ -55,6 +55,8 @@ _RESP = struct.Struct("=QqiI")  # id, val, error, flags
 
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
 SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_ERROR, SO_DOMAIN = 1, 1, 2, 4, 39
+SO_PROTOCOL, IPPROTO_TCP, IPPROTO_UDP = 38, 6, 17
+CLONE_NEWNET = 0x40000000
 MSG_DONTWAIT = 0x40
 SIOCGSKNS = 0x894C  # linux/sockios.h: a socket's network namespace, as a new fd
 SIOCGIFCONF = 0x8912  # the IPv4 addresses of the socket's network namespace
@@ -173,6 +175,7 @@ class Broker:
         self._log_lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
         self.copies = CopyBudget(MAX_COPIED)
+        self.egress_hosts = _EgressHosts(profile) if profile.egress_hosts else None
         self.timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
         self.heartbeat_fd = heartbeat_fd
         self._calls: dict[int, list] = {}  # id -> [deadline, state, note]
@@ -495,6 +498,94 @@ def _bound_address(sock: int):
     return _inet_address(family, buf.raw[: size.value])[0]
 
 
+class _EgressHosts:
+    """The profile's egress_hosts: "name:port" reaches the addresses NAME resolves to.
+
+    Resolved by the broker itself (dns.py), through the nameservers the runtime fixed at
+    create (the operator's cluster_dns, or the pod's resolv.conf as the runtime's caller
+    mounts it; Profile.egress_nameservers), from a socket the broker makes in the
+    caller's socket's network namespace: the pod's DNS is reached from where the pod
+    reaches it. Answers are cached per namespace and name for their TTL, then asked again.
+    Loopback, link-local (cloud metadata), multicast and unspecified addresses are never
+    allowed by a name, whatever the answer.
+    """
+
+    MAX_TTL = 86400
+
+    def __init__(self, profile):
+        self.hosts = profile.egress_hosts
+        self.servers = profile.egress_nameservers
+        self._cache: dict[tuple, tuple[frozenset, float]] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def allows(self, ip, port: int, sock: int, deadline: float) -> bool:
+        names = [name for name, allowed in self.hosts if allowed == port]
+        if not names or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
+            return False
+        netns = fcntl.ioctl(sock, SIOCGSKNS)
+        try:
+            st = os.fstat(netns)
+            for name in names:
+                if ip in self.addresses(netns, (st.st_dev, st.st_ino, name), name, deadline):
+                    return True
+        finally:
+            os.close(netns)
+        return False
+
+    def addresses(self, netns: int, key: tuple, name: str, deadline: float) -> frozenset:
+        with self._locks_lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        # One query per name at a time: the others wait for its answer (or their deadline).
+        if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Denied(f"egress_hosts: {name}: still resolving", errno.ETIMEDOUT)
+        try:
+            cached = self._cache.get(key)
+            if cached is not None and time.monotonic() < cached[1]:
+                return cached[0]
+            from runtime.security import dns
+
+            if not self.servers:
+                raise Denied(f"egress_hosts: {name}: no nameserver to resolve it through")
+            try:
+                found, ttl = dns.resolve(
+                    lambda family, kind: _socket_in_netns(netns, family, kind),
+                    self.servers,
+                    name,
+                    deadline,
+                )
+            except dns.DnsError as e:
+                raise Denied(f"egress_hosts: cannot resolve {name}: {e}") from None
+            found = frozenset(_normal_ip(ip) for ip in found)
+            self._cache[key] = (found, time.monotonic() + min(ttl, self.MAX_TTL))
+            return found
+        finally:
+            lock.release()
+
+
+def _socket_in_netns(netns: int, family: int, kind: int):
+    """A new socket of the network namespace NETNS (a socket keeps the namespace it was
+    made in), made by a short-lived thread that enters it: setns moves only that thread."""
+    import socket
+
+    made: list = []
+
+    def make() -> None:
+        try:
+            if _libc.setns(netns, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            made.append(socket.socket(family, kind | socket.SOCK_CLOEXEC))
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            made.append(error)
+
+    thread = threading.Thread(target=make, name="dns-socket", daemon=True)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
 class _Call:
     """One mediated call: reads the caller's memory, decides, performs on its socket."""
 
@@ -694,16 +785,41 @@ class _Call:
 
     def _decide_destination(self, ip, port: int, sock: int) -> None:
         """Loopback and the pod's own addresses first (joined namespaces only), then the
-        profile: mode "none" reaches nothing else, "namespace" what its egress rules allow."""
+        operator's cluster DNS, then the profile: mode "none" reaches nothing else,
+        "namespace" what its egress rules allow (cluster_egress_allows)."""
         if self.profile.network_joined and ip in self._own_addresses(sock):
+            return
+        if self._is_cluster_dns(ip, port, sock):
             return
         if self.profile.network == "none":
             raise Denied(
                 f"{ip} is not loopback or an address of the container's network namespace "
                 f"(profile {self.profile.name} has no network)"
             )
-        if not self.profile.egress_allows(str(ip), port):
+        if not self._cluster_egress_allows(ip, port, sock):
             raise Denied(f"egress to {ip} port {port} not allowed by profile")
+
+    # --- the operator's cluster network and name-based egress (issue 11, item 2) ---
+
+    def _is_cluster_dns(self, ip, port: int, sock: int) -> bool:
+        """The operator's cluster DNS service, over TCP or UDP only (names resolve under
+        every profile; nothing else of the cluster is reached this way)."""
+        cluster = self.profile.cluster_network
+        if cluster is None or not cluster.is_dns(ip, port):
+            return False
+        return _socket_option(sock, SO_PROTOCOL) in (IPPROTO_TCP, IPPROTO_UDP)
+
+    def _cluster_egress_allows(self, ip, port: int, sock: int) -> bool:
+        """The profile's egress rules, with the operator's service and pod CIDRs taken out
+        of egress_deny (their ports are still the profile's), then egress_hosts."""
+        cluster = self.profile.cluster_network
+        if cluster is not None and cluster.contains(ip):
+            if any(rule.matches(str(ip), port) for rule in self.profile.egress):
+                return True
+        elif self.profile.egress_allows(str(ip), port):
+            return True
+        hosts = self.broker.egress_hosts
+        return hosts is not None and hosts.allows(ip, port, sock, self.broker.deadline(self.note))
 
     def _own_addresses(self, sock: int):
         """Where the caller's socket reaches only its own pod: a set-like of addresses.

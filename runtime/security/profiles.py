@@ -122,6 +122,13 @@ class Profile:
     # is not the host's. The broker then lets loopback and that namespace's own addresses
     # through before any egress rule: they reach only the pod.
     network_joined: bool = False
+    # Name-based egress: ((host name, port), ...) reachable at the addresses the name
+    # resolves to, resolved by the broker (broker.py, _EgressHosts; docs/security.md).
+    egress_hosts: tuple[tuple[str, int], ...] = ()
+    # Set by harden_spec from the operator's config (cluster.ClusterNetwork): cluster DNS,
+    # service and pod CIDRs; and the nameservers egress_hosts are resolved through.
+    cluster_network: object = None
+    egress_nameservers: tuple[tuple[str, int], ...] = ()
     # Seconds a mediated call may wait for the broker before it fails (broker.py).
     broker_timeout: float = 10.0
     # Broker kernel features this profile runs without (kernel_gaps.BROKER_FEATURES).
@@ -534,6 +541,7 @@ def _build(data: dict, path: str) -> Profile:
         PortRule(rule.network, frozenset()) for rule in _cidr_rules(net, "egress_deny")
     )
     p.bind = net.port_rules("bind")
+    p.egress_hosts = _egress_hosts(net)
     p.mediate = tuple(net.get("mediate", list, []))
     for i, call in enumerate(p.mediate):
         if call not in MEDIATED_SYSCALLS:
@@ -542,9 +550,15 @@ def _build(data: dict, path: str) -> Profile:
                 f"{call!r} cannot be mediated (known: {', '.join(MEDIATED_SYSCALLS)})",
             )
     net.finish()
-    if p.network == "none" and (p.mediate or p.egress):
+    if p.network == "none" and (p.mediate or p.egress or p.egress_hosts):
         raise InvalidArgument(
-            f'{path}: network: mode is "none" but egress/mediate are set; use mode = "namespace"'
+            f'{path}: network: mode is "none" but egress/egress_hosts/mediate are set; '
+            'use mode = "namespace"'
+        )
+    if p.egress_hosts and not {"connect", "sendto", "sendmsg"} <= set(p.mediate):
+        raise InvalidArgument(
+            f"{path}: network.egress_hosts: the broker decides them: mediate must list "
+            "connect, sendto and sendmsg"
         )
 
     brk = _Reader(path, data.get("broker", {}), "broker.")
@@ -612,6 +626,21 @@ def _cidr_rules(reader: "_Reader", key: str) -> tuple[PortRule, ...]:
         except ValueError:
             raise reader.error(f"{key}[{i}]", f"not a CIDR: {value!r}") from None
     return tuple(rules)
+
+
+def _egress_hosts(reader: "_Reader") -> tuple[tuple[str, int], ...]:
+    values = reader.get("egress_hosts", list, [])
+    if not values:
+        return ()  # the common case: no DNS module (socket, select) on the create path
+    from runtime.security import dns
+
+    hosts = []
+    for i, value in enumerate(values):
+        name, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+        if not sep or not dns.valid_name(name) or not port.isdigit() or not 0 < int(port) < 65536:
+            raise reader.error(f"egress_hosts[{i}]", f'must be "host.name:port", got {value!r}')
+        hosts.append((name.lower(), int(port)))
+    return tuple(dict.fromkeys(hosts))
 
 
 def _check_syscall_names(p: Profile, path: str) -> None:

@@ -1,0 +1,222 @@
+"""Issue 11 item 2: the operator's cluster network and name-based egress, below the
+container: the DNS client against a real UDP server on loopback (forged replies
+ignored, TTLs honoured), the cluster settings' checks, the profile key."""
+
+import ipaddress
+import socket
+import struct
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from runtime.errors import InvalidArgument
+from runtime.security import broker, dns
+from runtime.security.cluster import ClusterNetwork
+from runtime.security.profiles import _build
+from shim import config as shim_config
+
+
+def _reply(query: bytes, answers, *, query_id=None, qname=None, rcode=0) -> bytes:
+    """A reply to QUERY with A/AAAA ANSWERS [(ip, ttl)], optionally forged."""
+    ident = struct.unpack_from("!H", query)[0] if query_id is None else query_id
+    question = query[12:]
+    if qname is not None:
+        question = dns.encode_name(qname) + question[-4:]
+    qtype = struct.unpack_from("!H", question, len(question) - 4)[0]
+    records = b""
+    count = 0
+    for ip, ttl in answers:
+        ip = ipaddress.ip_address(ip)
+        if (ip.version == 4) != (qtype == dns.TYPE_A):
+            continue
+        records += b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, ttl, len(ip.packed)) + ip.packed
+        count += 1
+    return struct.pack("!HHHHHH", ident, 0x8180 | rcode, 1, count, 0, 0) + question + records
+
+
+class FakeDns:
+    """A UDP DNS server on 127.0.0.1: answers NAMES[name] = [(ip, ttl)]; FORGE_FIRST
+    replies (wrong ID, wrong question) go out before each true one."""
+
+    def __init__(self):
+        self.names: dict[str, list] = {}
+        self.forge_first = False
+        self.queries = 0
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                query, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            self.queries += 1
+            name, _ = dns._read_name(query, 12)
+            answers = self.names.get(name, [])
+            if self.forge_first:
+                forged = [("10.66.66.66", 300), ("fd00::66", 300)]
+                ident = struct.unpack_from("!H", query)[0] ^ 1
+                self.sock.sendto(_reply(query, forged, query_id=ident), peer)
+                self.sock.sendto(_reply(query, forged, qname="evil.test"), peer)
+            self.sock.sendto(_reply(query, answers), peer)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def fake_dns():
+    server = FakeDns()
+    yield server
+    server.close()
+
+
+def _hosts(server, hosts=(("svc.test", 8080),)):
+    profile = SimpleNamespace(egress_hosts=hosts, egress_nameservers=(server.address,))
+    return broker._EgressHosts(profile)
+
+
+def test_a_name_allows_exactly_its_addresses_on_its_port(fake_dns):
+    fake_dns.names["svc.test"] = [("10.211.0.250", 60)]
+    hosts = _hosts(fake_dns)
+    with socket.socket() as sock:
+        deadline = time.monotonic() + 5
+        assert hosts.allows(ipaddress.ip_address("10.211.0.250"), 8080, sock.fileno(), deadline)
+        assert not hosts.allows(ipaddress.ip_address("10.211.0.251"), 8080, sock.fileno(), deadline)
+        assert not hosts.allows(ipaddress.ip_address("10.211.0.250"), 443, sock.fileno(), deadline)
+    assert fake_dns.queries == 2  # A and AAAA once: the answer is cached for its TTL
+
+
+def test_an_expired_answer_is_asked_again_and_followed(fake_dns):
+    fake_dns.names["svc.test"] = [("10.211.0.250", 1)]
+    hosts = _hosts(fake_dns)
+    old, new = ipaddress.ip_address("10.211.0.250"), ipaddress.ip_address("10.211.0.251")
+    with socket.socket() as sock:
+        assert hosts.allows(old, 8080, sock.fileno(), time.monotonic() + 5)
+        fake_dns.names["svc.test"] = [("10.211.0.251", 1)]
+        assert hosts.allows(old, 8080, sock.fileno(), time.monotonic() + 5)  # still cached
+        time.sleep(1.1)
+        assert hosts.allows(new, 8080, sock.fileno(), time.monotonic() + 5)
+        assert not hosts.allows(old, 8080, sock.fileno(), time.monotonic() + 5)
+
+
+def test_forged_replies_are_ignored(fake_dns):
+    fake_dns.names["svc.test"] = [("10.211.0.250", 60)]
+    fake_dns.forge_first = True
+    hosts = _hosts(fake_dns)
+    with socket.socket() as sock:
+        deadline = time.monotonic() + 5
+        assert not hosts.allows(ipaddress.ip_address("10.66.66.66"), 8080, sock.fileno(), deadline)
+        assert hosts.allows(ipaddress.ip_address("10.211.0.250"), 8080, sock.fileno(), deadline)
+
+
+def test_a_reply_from_another_port_never_reaches_the_query():
+    # The broker's socket is connected to the server: a datagram from anywhere else is
+    # dropped by the kernel, so a guessed ID from another sender counts for nothing.
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+
+        def forge():
+            query, peer = silent.recvfrom(512)
+            forger.sendto(_reply(query, [("10.66.66.66", 60)]), peer)
+
+        threading.Thread(target=forge, daemon=True).start()
+        with pytest.raises(dns.DnsError, match="no answer in time"):
+            dns.query(
+                socket.socket, silent.getsockname(), "svc.test", dns.TYPE_A, time.monotonic() + 1
+            )
+    finally:
+        silent.close()
+        forger.close()
+
+
+def test_link_local_and_loopback_answers_are_never_allowed(fake_dns):
+    fake_dns.names["meta.test"] = [("169.254.169.254", 60), ("127.0.0.1", 60)]
+    hosts = _hosts(fake_dns, (("meta.test", 80),))
+    with socket.socket() as sock:
+        for ip in ("169.254.169.254", "127.0.0.1"):
+            assert not hosts.allows(
+                ipaddress.ip_address(ip), 80, sock.fileno(), time.monotonic() + 5
+            )
+
+
+def test_an_unknown_name_allows_nothing(fake_dns):
+    hosts = _hosts(fake_dns, (("nx.test", 80),))
+    with socket.socket() as sock:
+        assert not hosts.allows(
+            ipaddress.ip_address("10.0.0.1"), 80, sock.fileno(), time.monotonic() + 5
+        )
+
+
+def test_cname_chains_are_followed_within_the_answer():
+    query = dns.build_query(7, "a.test", dns.TYPE_A)
+    cname = dns.encode_name("b.test")
+    reply = (
+        struct.pack("!HHHHHH", 7, 0x8180, 1, 2, 0, 0)
+        + query[12:]
+        + b"\xc0\x0c"
+        + struct.pack("!HHIH", dns.TYPE_CNAME, 1, 30, len(cname))
+        + cname
+        + dns.encode_name("b.test")
+        + struct.pack("!HHIH", dns.TYPE_A, 1, 10, 4)
+        + bytes([10, 1, 2, 3])
+    )
+    assert dns.parse_reply(reply, 7, "a.test", dns.TYPE_A) == (
+        {ipaddress.ip_address("10.1.2.3")},
+        10,
+    )
+    assert dns.parse_reply(reply, 8, "a.test", dns.TYPE_A) is None
+
+
+def test_cluster_settings_refuse_link_local_and_loopback():
+    for bad in (["169.254.0.0/16"], ["10.0.0.0/1"], ["fe80::/64"], ["127.0.0.0/8"]):
+        with pytest.raises(InvalidArgument, match="stay refused"):
+            ClusterNetwork.parse(service_cidrs=bad)
+    with pytest.raises(InvalidArgument, match="not a cluster address"):
+        ClusterNetwork.parse(dns=["169.254.169.254"])
+    cluster = ClusterNetwork.parse(
+        ["10.96.0.0/12"], ["10.244.0.0/16"], ["10.96.0.10", "[fd00::a]:5353"]
+    )
+    assert cluster.is_dns(ipaddress.ip_address("10.96.0.10"), 53)
+    assert not cluster.is_dns(ipaddress.ip_address("10.96.0.10"), 80)
+    assert cluster.is_dns(ipaddress.ip_address("fd00::a"), 5353)
+    assert cluster.contains(ipaddress.ip_address("::ffff:10.244.1.1"))
+    assert not cluster.contains(ipaddress.ip_address("10.211.0.250"))
+    assert ClusterNetwork.from_state(cluster.to_state()).to_state() == cluster.to_state()
+
+
+def test_the_shim_config_names_the_cluster(tmp_path):
+    path = tmp_path / "shim.toml"
+    path.write_text('cluster_dns = ["10.96.0.10:53"]\ncluster_service_cidrs = ["10.96.0.0/12"]\n')
+    cluster = shim_config.load_config(str(path)).cluster_network()
+    assert cluster.is_dns(ipaddress.ip_address("10.96.0.10"), 53)
+    path.write_text('cluster_pod_cidrs = ["169.254.0.0/16"]\n')
+    with pytest.raises(shim_config.ConfigError, match="cluster_pod_cidrs"):
+        shim_config.load_config(str(path))
+    assert shim_config.ShimConfig().cluster_network() is None
+
+
+def _profile(network: dict):
+    return _build({"profile": {"name": "t"}, "network": network}, "t.toml")
+
+
+def test_egress_hosts_in_a_profile():
+    mediate = ["connect", "sendto", "sendmsg", "sendmmsg"]
+    profile = _profile(
+        {"mode": "namespace", "mediate": mediate, "egress_hosts": ["Pkg.Example.com:443"]}
+    )
+    assert profile.egress_hosts == (("pkg.example.com", 443),)
+    for bad in ("pkg.example.com", "pkg.example.com:0", "-x.com:443", "a..b:443"):
+        with pytest.raises(InvalidArgument, match="egress_hosts"):
+            _profile({"mode": "namespace", "mediate": mediate, "egress_hosts": [bad]})
+    with pytest.raises(InvalidArgument, match="egress_hosts"):
+        _profile({"mode": "none", "egress_hosts": ["a.test:80"]})
+    with pytest.raises(InvalidArgument, match="mediate must list"):
+        _profile({"mode": "namespace", "mediate": ["bind"], "egress_hosts": ["a.test:80"]})
