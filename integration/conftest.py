@@ -52,8 +52,37 @@ def runsc_bin() -> str:
     return path
 
 
+# The containerd versions a module marked `every_containerd` runs each of its tests under:
+# Debian's 1.6 and the 2.x tools/gotools.py builds (the shim's own integration tests).
+CONTAINERD_VERSIONS = ("1.6", "2.x")
+CONTAINERD_FIXTURES = {"1.6": "containerd16", "2.x": "containerd2"}
+IMAGE_FIXTURES = {"1.6": "busybox_image16", "2.x": "busybox_image2"}
+
+
+def pytest_generate_tests(metafunc):
+    if "containerd" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "every_containerd"
+    ):
+        # Module scope: a module runs all of its tests under one version, then the other,
+        # and its module fixtures (leftover checks, images) follow the version.
+        metafunc.parametrize("containerd", CONTAINERD_VERSIONS, indirect=True, scope="module")
+
+
+def _containerd_version(request) -> str:
+    # Unparametrized (the modules not marked every_containerd): Debian's 1.6.
+    return getattr(request, "param", "1.6")
+
+
+@pytest.fixture(scope="module")
+def containerd(request):
+    """The private containerd a test drives. Both versions' daemons are session-wide (one
+    each, started on first use), so switching between them restarts nothing."""
+    return request.getfixturevalue(CONTAINERD_FIXTURES[_containerd_version(request)])
+
+
 @pytest.fixture(scope="session")
-def containerd():
+def containerd16():
+    """A private Debian containerd 1.6 (the `containerd` and `ctr` on PATH)."""
     instance = PrivateContainerd().start()
     try:
         yield instance
@@ -81,9 +110,16 @@ def busybox_archive(tmp_path_factory) -> str:
     return archive
 
 
+@pytest.fixture(scope="module")
+def busybox_image(request, containerd) -> str:
+    """The busybox image, imported (once per session) into the containerd the test drives."""
+    version = "2.x" if containerd.major_version >= 2 else "1.6"
+    return request.getfixturevalue(IMAGE_FIXTURES[version])
+
+
 @pytest.fixture(scope="session")
-def busybox_image(containerd, busybox_archive) -> str:
-    containerd.import_image(busybox_archive)
+def busybox_image16(containerd16, busybox_archive) -> str:
+    containerd16.import_image(busybox_archive)
     return DEFAULT_REF
 
 

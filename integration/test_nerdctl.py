@@ -21,7 +21,7 @@ import pytest
 
 from integration.ids import tagged, unique_id
 from tools import gotools
-from tools.containerd import PrivateContainerd
+from tools.containerd import VENV_BIN, PrivateContainerd
 from tools.mkimage import DEFAULT_REF
 from tools.netns import NamedNetns
 
@@ -64,12 +64,22 @@ def network_conflist(ipam_dir: str) -> dict:
 class Node:
     """A private containerd in its own network namespace, and nerdctl pointed at it."""
 
-    def __init__(self, nerdctl_bin: str, containerd_bin: str, ctr_bin: str, archive: str):
+    def __init__(
+        self,
+        nerdctl_bin: str,
+        containerd_bin: str,
+        ctr_bin: str,
+        archive: str,
+        shim_dir: str = VENV_BIN,
+    ):
         self.nerdctl_bin = nerdctl_bin
         self.netns = NamedNetns(tagged("zviz-nerd"))
         try:
             self.containerd = PrivateContainerd(
-                netns=self.netns.path, containerd_bin=containerd_bin, ctr_bin=ctr_bin
+                netns=self.netns.path,
+                containerd_bin=containerd_bin,
+                ctr_bin=ctr_bin,
+                shim_dir=shim_dir,
             )
             self.containerd.start()
         except BaseException:
@@ -122,18 +132,23 @@ class Node:
             self.netns.delete()
 
 
+def containerd_binaries(version: str) -> tuple[str, str]:
+    """containerd and ctr of VERSION: Debian's 1.6 on PATH, or the 2.x `make tools` builds
+    (the test skips with the reason when it is not built)."""
+    if version == "1.6":
+        return "containerd", "ctr"
+    binaries = [gotools.binary(gotools.CONTAINERD2, name) for name in ("containerd", "ctr")]
+    if not all(binaries):
+        pytest.skip(gotools.missing_reason(gotools.CONTAINERD2))
+    return binaries[0], binaries[1]
+
+
 @pytest.fixture(scope="module", params=["1.6", "2.x"], ids=["containerd1.6", "containerd2"])
 def node(request, busybox_archive):
     nerdctl_bin = gotools.binary(gotools.NERDCTL, "nerdctl")
     if nerdctl_bin is None:
         pytest.skip(gotools.missing_reason(gotools.NERDCTL))
-    if request.param == "1.6":
-        binaries = ("containerd", "ctr")
-    else:
-        binaries = [gotools.binary(gotools.CONTAINERD2, name) for name in ("containerd", "ctr")]
-        if not all(binaries):
-            pytest.skip(gotools.missing_reason(gotools.CONTAINERD2))
-    instance = Node(nerdctl_bin, *binaries, busybox_archive)
+    instance = Node(nerdctl_bin, *containerd_binaries(request.param), busybox_archive)
     try:
         yield instance
     finally:

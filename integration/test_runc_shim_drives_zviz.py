@@ -14,7 +14,7 @@ import pytest
 from integration.cgroup_checks import host_version
 from integration.zviz_cli import unique_id
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
 RUNC_SHIM = "io.containerd.runc.v2"
 

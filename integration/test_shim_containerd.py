@@ -28,7 +28,7 @@ from api.ttrpc import Client
 from integration.ids import tagged, unique_id
 from shim import config as shim_config
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
 ZVIZ = "io.containerd.zviz.v2"
 RUNC = "io.containerd.runc.v2"

@@ -24,7 +24,7 @@ from api.gen.containerd.services.ttrpc.events.v1 import events_pb2, events_ttrpc
 from api.ttrpc import Client, Code, TtrpcError
 from integration.ids import unique_id
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
 SUBSCRIBE = "/containerd.services.events.v1.Events/Subscribe"
 
@@ -86,7 +86,7 @@ def test_forwarded_task_exit_arrives_through_containerd(containerd):
         filters = [f'topic=="/tasks/exit",namespace=="{containerd.namespace}"']
         subscriber = asyncio.create_task(subscribe(containerd.address, filters, received))
         ctr = await asyncio.create_subprocess_exec(
-            "ctr", "--address", containerd.address, "events",
+            containerd.ctr_bin, "--address", containerd.address, "events",
             stdout=asyncio.subprocess.PIPE,
             env=containerd.env,
         )  # fmt: skip

@@ -12,13 +12,20 @@ import zipfile
 
 import pytest
 
+from integration.conftest import CONTAINERD_VERSIONS
 from integration.ids import tagged, unique_id
+from integration.test_nerdctl import Node, containerd_binaries
+from integration.test_shim_containerd import _remove, _shim_pid
 from integration.wheel_install import built, installed
 from runtime import VERSION
+from tools import gotools
+from tools.containerd import ZVIZ_SHIM, PrivateContainerd
 from tools.dist import CHECKOUT, direct_wheel
+from tools.mkimage import DEFAULT_REF
 
 # What runtime/, shim/ and api/ import from outside the standard library.
 RUNTIME_REQUIREMENTS = {"protobuf", "pyseccomp"}
+ZVIZ = "io.containerd.zviz.v2"
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +154,98 @@ def test_no_checkout_path_in_the_installed_files(install):
                 if checkout in f.read():
                     found.append(path)
     assert found == []
+
+
+# ---- containerd and nerdctl with nothing but the install's shim ------------------------------
+
+
+def _assert_the_install_serves(pid: int, install) -> None:
+    """PID is the install's shim: its interpreter and script from the install's bin, no
+    library mapped from the checkout, no variable pointing Python or PATH back at it."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().decode().split("\0")[:-1]
+    # The venv's python links to the system's interpreter, so /proc/PID/exe names that;
+    # the install shows in argv: the script's #! is the install's own python.
+    assert argv[0].startswith(install.bin + "/"), argv
+    assert argv[1] == os.path.join(install.bin, ZVIZ_SHIM), argv
+    checkout = os.path.realpath(CHECKOUT)
+    with open(f"/proc/{pid}/maps") as f:
+        assert checkout not in f.read()
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = dict(
+            entry.split("=", 1) for entry in f.read().decode().split("\0") if "=" in entry
+        )
+    for variable in ("PATH", "PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        assert checkout not in environ.get(variable, ""), (variable, environ.get(variable))
+
+
+@pytest.fixture(scope="module", params=CONTAINERD_VERSIONS)
+def installed_containerd(request, install, busybox_archive):
+    """A private containerd whose PATH holds the install's shim and no other zviz shim."""
+    containerd_bin, ctr_bin = containerd_binaries(request.param)
+    instance = PrivateContainerd(
+        containerd_bin=containerd_bin, ctr_bin=ctr_bin, shim_dir=install.bin
+    )
+    try:
+        instance.start()
+        instance.import_image(busybox_archive)
+        yield instance
+    finally:
+        instance.stop()
+
+
+def test_ctr_runs_a_container_with_the_installed_shim(installed_containerd, install):
+    containerd = installed_containerd
+    ran = containerd.ctr(
+        "run", "--rm", "--runtime", ZVIZ, DEFAULT_REF, unique_id("zviz-wheel-ctr"),
+        "echo", "from-the-wheel", check=False,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "from-the-wheel\n"
+    container_id = unique_id("zviz-wheel-ctr")
+    try:
+        started = containerd.ctr(
+            "run", "-d", "--runtime", ZVIZ, DEFAULT_REF, container_id, "sleep", "1000",
+            check=False,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        _assert_the_install_serves(_shim_pid(containerd, container_id), install)
+    finally:
+        _remove(containerd, container_id)
+
+
+@pytest.fixture(scope="module", params=CONTAINERD_VERSIONS)
+def installed_nerdctl_node(request, install, busybox_archive):
+    nerdctl_bin = gotools.binary(gotools.NERDCTL, "nerdctl")
+    if nerdctl_bin is None:
+        pytest.skip(gotools.missing_reason(gotools.NERDCTL))
+    binaries = containerd_binaries(request.param)
+    node = Node(nerdctl_bin, *binaries, busybox_archive, shim_dir=install.bin)
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def test_nerdctl_runs_a_container_with_the_installed_shim(installed_nerdctl_node, install):
+    node = installed_nerdctl_node
+    ran = node.nerdctl(
+        "run", "--runtime", ZVIZ, "--rm", "--network", "none", DEFAULT_REF,
+        "echo", "from-the-wheel",
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "from-the-wheel\n"
+    name = unique_id("zviz-wheel-nerd")
+    try:
+        started = node.nerdctl(
+            "run", "--runtime", ZVIZ, "-d", "--name", name, "--network", "none", DEFAULT_REF,
+            "sleep", "1000",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        _assert_the_install_serves(_shim_pid(node.containerd, started.stdout.strip()), install)
+        # stopped, then removed: nerdctl's logger for the container ends when it sees the
+        # task exit through containerd (`rm -f` alone leaves it retrying for a while)
+        stopped = node.nerdctl("stop", "-t", "1", name)
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        node.nerdctl("rm", "-f", name)

@@ -230,3 +230,48 @@ def test_a_foreign_zviz_in_the_bin_dir_stops_install_before_anything_is_written(
     assert node(root, "install") == 1
     assert "is not zviz's" in capsys.readouterr().out
     assert files_under(root) == before
+
+
+def fake_apparmor(root, enabled: str) -> None:
+    """The root's /sys says whether AppArmor is active: a stand-in for a node with the LSM
+    (this machine's kernel has none, so the real profile load is not exercised here)."""
+    parameters = root / "sys" / "module" / "apparmor" / "parameters"
+    os.makedirs(parameters)
+    (parameters / "enabled").write_text(enabled + "\n")
+
+
+def test_the_apparmor_profile_is_installed_only_where_apparmor_is_active(root, capsys):
+    write_config(root, V2_WITHOUT_CRI)
+    profile = root / "etc" / "apparmor.d" / "zviz"
+    assert node(root, "install") == 0
+    assert "apparmor: not present" in capsys.readouterr().out
+    assert not profile.exists()
+    assert node(root, "uninstall") == 0
+    fake_apparmor(root, "N")  # built in but disabled (apparmor=0 on the command line)
+    assert node(root, "install") == 0
+    assert not profile.exists()
+    assert node(root, "uninstall") == 0
+
+
+def test_where_apparmor_is_active_install_writes_the_userns_profile_and_uninstall_removes_it(
+    root, capsys
+):
+    from runtime.node import install
+
+    fake_apparmor(root, "Y")
+    write_config(root, V2_WITHOUT_CRI)
+    profile = root / "etc" / "apparmor.d" / "zviz"
+    assert node(root, "install", "--dry-run") == 0
+    assert f"apparmor: would install {profile}" in capsys.readouterr().out
+    assert not profile.exists()
+    assert node(root, "install") == 0
+    text = read(str(profile))
+    # Ubuntu 24.04's pattern: an unconfined profile attached to the program's real path,
+    # with the userns rule that kernel.apparmor_restrict_unprivileged_userns demands.
+    shim = os.path.realpath(os.path.join(install.scripts_dir(), install.SHIM_NAME))
+    assert f"profile zviz-shim {shim} flags=(unconfined) {{\n  userns,\n}}" in text
+    assert "profile zviz-zviz " in text
+    assert node(root, "install") == 0
+    assert read(str(profile)) == text  # idempotent
+    assert node(root, "uninstall") == 0
+    assert not profile.exists()

@@ -18,6 +18,7 @@ NAMESPACE = "zviz-test"
 # Set by integration/conftest.py (see integration/ids.py): a test session's tag, put in
 # the base directory and namespace so that its containers' mounts and cgroups carry it.
 SESSION_TAG = "ZVIZ_TEST_TAG"
+ZVIZ_SHIM = "containerd-shim-zviz-v2"
 VENV_BIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "bin")
 
 CONFIG = """version = 2
@@ -162,6 +163,7 @@ class PrivateContainerd:
         cri_pod_annotations: tuple[str, ...] = (),
         containerd_bin: str = "containerd",
         ctr_bin: str = "ctr",
+        shim_dir: str = VENV_BIN,
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -190,9 +192,17 @@ class PrivateContainerd:
         self.ctr_bin = ctr_bin
         self.major_version = major_version(containerd_bin)
         self.proc: subprocess.Popen | None = None
-        # containerd finds shims on PATH: zviz's in the venv, then those beside the chosen
-        # containerd binary (a 2.x brings its own runc shim: tools/gotools.py says why).
-        path = [VENV_BIN, os.environ.get("PATH", "/usr/bin:/bin")]
+        # containerd finds shims on PATH: zviz's in SHIM_DIR (the checkout's venv, or an
+        # install under test), then those beside the chosen containerd binary (a 2.x
+        # brings its own runc shim: tools/gotools.py says why), then the caller's PATH
+        # without any other zviz shim, so that SHIM_DIR's is the only one containerd finds.
+        self.shim_dir = shim_dir
+        inherited = [
+            entry
+            for entry in os.environ.get("PATH", "/usr/bin:/bin").split(":")
+            if not os.path.exists(os.path.join(entry, ZVIZ_SHIM))
+        ]
+        path = [shim_dir, *inherited]
         if os.path.dirname(containerd_bin):
             path.insert(1, os.path.dirname(containerd_bin))
         self.env = dict(os.environ, PATH=":".join(path))

@@ -16,7 +16,7 @@ from integration.ids import tagged, unique_id
 from integration.security.conftest import parse_verdict
 from integration.security.escapes import PROBES
 
-pytestmark = pytest.mark.containerd
+pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
 ZVIZ = "io.containerd.zviz.v2"
 RUNC = "io.containerd.runc.v2"

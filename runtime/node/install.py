@@ -26,7 +26,10 @@ from runtime.node import containerd as containerd_config
 
 SHIM_NAME = "containerd-shim-zviz-v2"
 STATE_FILE = "var/lib/zviz/node-install.json"
-APPARMOR_DIR = "/sys/kernel/security/apparmor"
+# AppArmor's own switch, what aa-enabled reads: "Y" where the LSM is active. It needs no
+# securityfs mount (which /sys/kernel/security/apparmor does), and it is read under --root
+# like every other path, so a test's root stands in for the node's /sys.
+APPARMOR_ENABLED = "/sys/module/apparmor/parameters/enabled"
 BACKUP_SUFFIX = ".zviz-backup"
 RUNTIME_CLASS = f"""apiVersion: node.k8s.io/v1
 kind: RuntimeClass
@@ -46,6 +49,14 @@ class Paths:
 
     def under(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
+
+
+def apparmor_enabled(paths: Paths) -> bool:
+    try:
+        with open(paths.under(APPARMOR_ENABLED)) as f:
+            return f.read().strip() == "Y"
+    except OSError:
+        return False  # no AppArmor in this kernel (or not built in): nothing to install
 
 
 def scripts_dir() -> str:
@@ -114,7 +125,7 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         say(f"containerd config: wrote {path}\n")
     if not changes:
         say(f"containerd config: {paths.config} already registers handler zviz\n")
-    if not os.path.isdir(APPARMOR_DIR):
+    if not apparmor_enabled(paths):
         say("apparmor: not present on this kernel: no profile needed\n")
     elif dry_run:
         say(f"apparmor: would install {paths.apparmor_profile}\n")
@@ -157,9 +168,13 @@ def uninstall(paths: Paths, dry_run: bool, restart: bool, out) -> int:
             continue
         if dry_run:
             say(f"would remove {path}\n")
-        else:
-            os.unlink(path)
-            say(f"removed {path}\n")
+            continue
+        if path == paths.apparmor_profile and paths.root == "/":
+            # out of the kernel too, not only off the disk (a node without the parser
+            # any more has nothing to unload it with: the file goes all the same)
+            subprocess.run(["apparmor_parser", "-R", path], check=False)
+        os.unlink(path)
+        say(f"removed {path}\n")
     if not dry_run and os.path.exists(paths.state):
         os.unlink(paths.state)
     _restart(restart, dry_run, say)
