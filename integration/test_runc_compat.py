@@ -1,0 +1,76 @@
+"""config.json that runc accepts: zviz runs it, or refuses naming the field and the rule.
+
+Each case here is one that runc runs and zviz once refused (issue 14, item 5, and the
+gaps the OCI conformance suite found); runc runs the same bundle beside zviz where the
+behaviour compared is runc's.
+"""
+
+import os
+import subprocess
+
+import pytest
+
+from integration.ids import tagged
+from integration.zviz_cli import Zviz, edit_config, unique_id
+
+
+@pytest.fixture
+def zviz(zviz_bin, tmp_path):
+    return Zviz(zviz_bin, str(tmp_path / tagged("root")))
+
+
+@pytest.fixture
+def runc(runc_bin, tmp_path):
+    root = str(tmp_path / tagged("runc-root"))
+
+    def run(bundle: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [runc_bin, "--root", root, "run", "--bundle", bundle, unique_id()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    return run
+
+
+def _seccomp_denying_two_nice_levels(base: int) -> dict:
+    """Allow all, but setpriority to base+5 or base+7: two conditions on one argument."""
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [
+            {
+                "names": ["setpriority"],
+                "action": "SCMP_ACT_ERRNO",
+                "args": [
+                    {"index": 2, "value": base + 5, "op": "SCMP_CMP_EQ"},
+                    {"index": 2, "value": base + 7, "op": "SCMP_CMP_EQ"},
+                ],
+            }
+        ],
+    }
+
+
+def test_seccomp_rule_with_two_conditions_on_one_argument_runs_as_under_runc(
+    zviz, runc, make_bundle
+):
+    """libseccomp refuses two comparisons of one argument in a rule; runc adds one rule per
+    condition, so either value is refused and others are not. zviz once failed `create`
+    with `linux.seccomp.syscalls[0]: setpriority: Invalid argument`."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    # Debian's busybox has renice (no link to it) but no nice: each adjustment from base, in a shell of its own.
+    script = (
+        "for n in 3 5 7; do"
+        ' sh -c "busybox renice -n $n -p \\$\\$" >/dev/null 2>&1 && echo $n=ok || echo $n=refused;'
+        " done"
+    )
+    bundle = make_bundle(["sh", "-c", script])
+    edit_config(bundle, lambda c: c["linux"].update(seccomp=_seccomp_denying_two_nice_levels(base)))
+    expected = ["3=ok", "5=refused", "7=refused"]
+    under_runc = runc(bundle)
+    assert under_runc.stdout.split() == expected, under_runc.stderr
+    under_zviz = zviz.run(bundle)
+    assert under_zviz.returncode == 0, under_zviz.stderr
+    assert under_zviz.stdout.split() == expected
