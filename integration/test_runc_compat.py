@@ -115,3 +115,34 @@ def test_runc_spec_bundle_runs_under_every_profile(zviz, runc, runc_bin, make_bu
     allowed = profile_registry.load_profile(profile).capabilities
     asked = {"CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"}
     assert sets["CapPrm"] == capability_mask(asked & set(allowed))
+
+
+def test_bind_mount_with_tmpfs_style_data_options_runs_as_under_runc(
+    zviz, runc, make_bundle, tmp_path
+):
+    """The OCI suite's `mounts` program puts a tmpfs's options (mode=755, size=1k) on bind
+    mounts too: the kernel ignores data on a bind and runc runs it. zviz once refused with
+    `unknown mount option 'mode=755' (a bind mount takes only mount flags)`."""
+    source = tmp_path / tagged("bind-source")
+    source.mkdir()
+    (source / "marker").write_text("from the host\n")
+    bundle = make_bundle(["cat", "/mnt/bound/marker"])
+    options = ["nosuid", "strictatime", "mode=755", "size=1k", "bind", "ro"]
+    mount = {"destination": "/mnt/bound", "source": str(source), "options": options}
+    edit_config(bundle, lambda c: c["mounts"].append(mount))
+    under_runc = runc(bundle)
+    assert under_runc.returncode == 0, under_runc.stderr
+    under_zviz = zviz.run(bundle)
+    assert under_zviz.returncode == 0, under_zviz.stderr
+    assert under_zviz.stdout == under_runc.stdout == "from the host\n"
+
+
+def test_bind_mount_with_an_unknown_bare_option_is_refused_naming_it(zviz, make_bundle, tmp_path):
+    """A bare word that is no mount flag is a typo (the kernel would drop it without a word):
+    still refused, naming the field."""
+    bundle = make_bundle(["true"])
+    mount = {"destination": "/mnt/bound", "source": str(tmp_path), "options": ["bind", "readonly"]}
+    edit_config(bundle, lambda c: c["mounts"].append(mount))
+    result = zviz.run(bundle)
+    assert result.returncode != 0
+    assert "options[1]: unknown mount option 'readonly'" in result.stderr
