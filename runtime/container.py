@@ -79,6 +79,10 @@ class Container:
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
             resolved_profile = _harden(spec, profile)
+            # What the profile changed in config.json, for `--debug`: why a program that
+            # asked for a capability or a shared namespace finds it gone.
+            for change in resolved_profile.programs.get("changes", ()):
+                log.info(f"profile {resolved_profile.name}: {change}")
             _validate(spec, detach, console_socket)
             data = {
                 "ociVersion": spec.oci_version,

@@ -16,6 +16,8 @@ Per-program output (TAP and stderr) is kept in the log directory for reading why
 
 import argparse
 import dataclasses
+import glob
+import json
 import os
 import re
 import shutil
@@ -31,6 +33,13 @@ ZVIZ_BINARY = os.path.join(os.path.dirname(sys.executable), "zviz")
 RUNTIMES = ("zviz", "runc")
 PROGRAM_TIMEOUT_S = 120
 RUNTIMETEST = "runtimetest"
+# The cgroups the suite's programs name (deepest first), relative to each hierarchy.
+SUITE_CGROUPS = (
+    "testdir/cgrouptest/container",
+    "testdir/cgrouptest",
+    "testdir",
+    "cgrouptest",
+)
 
 
 @dataclasses.dataclass
@@ -43,6 +52,9 @@ class Result:
     skipped: int
     seconds: float
     output: str
+    # zviz's errors and what its profile changed in the program's configs (its --debug
+    # log): why a program fails where the suite asks for what a profile forbids.
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -107,8 +119,10 @@ class Suite:
         runc = shutil.which("runc") or "runc"
         profile_flags = f" --profile {profile}" if profile else ""
         self.state_roots = {name: os.path.join(workdir, f"state-{name}") for name in RUNTIMES}
+        self.zviz_log = os.path.join(workdir, "zviz.log")
         commands = {
-            "zviz": f"{zviz} --root {self.state_roots['zviz']}{profile_flags}",
+            "zviz": f"{zviz} --root {self.state_roots['zviz']} --debug --log {self.zviz_log}"
+            f" --log-format json{profile_flags}",
             "runc": f"{runc} --root {self.state_roots['runc']}",
         }
         self.wrappers = {}
@@ -121,6 +135,7 @@ class Suite:
 
     def run(self, program: str, runtime: str, timeout: float = PROGRAM_TIMEOUT_S) -> Result:
         binary = os.path.join(gotools.RUNTIME_TOOLS.bin_dir, program)
+        log_start = os.path.getsize(self.zviz_log) if os.path.exists(self.zviz_log) else 0
         env = dict(os.environ, RUNTIME=self.wrappers[runtime], TMPDIR=self.tmpdir)
         started = time.monotonic()
         # A session of its own: at the timeout the program and whatever it started go.
@@ -145,7 +160,27 @@ class Suite:
         with open(os.path.join(self.logdir, f"{program}.{runtime}.tap"), "w") as f:
             f.write(output)
         ok, not_ok, skipped = parse_tap(output)
-        return Result(program, runtime, returncode, ok, not_ok, skipped, seconds, output)
+        notes = self._zviz_notes(log_start) if runtime == "zviz" else []
+        return Result(program, runtime, returncode, ok, not_ok, skipped, seconds, output, notes)
+
+    def _zviz_notes(self, start: int) -> list[str]:
+        """The distinct profile changes and errors zviz logged since offset `start`."""
+        if not os.path.exists(self.zviz_log):
+            return []
+        with open(self.zviz_log) as f:
+            f.seek(start)
+            lines = f.read().splitlines()
+        notes: list[str] = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            message = entry.get("msg", "")
+            if entry.get("level") == "error" or message.startswith("profile "):
+                if message not in notes:
+                    notes.append(message)
+        return notes
 
     def _delete_leftovers(self, runtime: str) -> None:
         """Containers a program left (it failed before its own delete), deleted by id."""
@@ -160,9 +195,32 @@ class Suite:
                     timeout=60,
                     check=False,
                 )
+        # A container without a mount namespace (linux_ns_itype asks for one) gets its
+        # mounts in this, the host's, namespace under runc, which leaves them behind:
+        # they go before the bundle directories do, so no removal walks into them.
+        _unmount_below(self.tmpdir)
         # The programs' bundles are in TMPDIR: those a failed program left go too.
         for name in os.listdir(self.tmpdir):
             shutil.rmtree(os.path.join(self.tmpdir, name), ignore_errors=True)
+
+    @staticmethod
+    def remove_suite_cgroups() -> None:
+        """The suite's fixed cgroups (runtime-tools' cgroups.AbsCgroupPath and
+        RelCgroupPath): the runtimes remove the container's own, not the parents."""
+        for hierarchy in ["/sys/fs/cgroup", *sorted(glob.glob("/sys/fs/cgroup/*/"))]:
+            for path in SUITE_CGROUPS:
+                try:
+                    os.rmdir(os.path.join(hierarchy, path))
+                except OSError:
+                    pass  # absent, or still in use: never forced
+
+
+def _unmount_below(directory: str) -> None:
+    with open("/proc/self/mountinfo") as f:
+        mountpoints = [line.split()[4] for line in f]
+    below = [m for m in mountpoints if m.startswith(directory.rstrip("/") + "/")]
+    for mountpoint in sorted(below, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True, check=False)
 
 
 def table(results: dict[str, dict[str, Result]], runtimes: tuple[str, ...]) -> str:
@@ -178,6 +236,17 @@ def table(results: dict[str, dict[str, Result]], runtimes: tuple[str, ...]) -> s
         ok = sum(r.ok for r in done)
         totals.append(f"{runtime}: {passed} of {len(done)} programs pass, {ok} assertions ok")
     lines.append("; ".join(totals))
+    if "zviz" in runtimes and "runc" in runtimes:
+        behind = [
+            by_runtime["zviz"]
+            for by_runtime in results.values()
+            if by_runtime["runc"].passed and not by_runtime["zviz"].passed
+        ]
+        if behind:
+            lines.append("passed by runc, not by zviz (what zviz said, what its profile changed):")
+        for result in behind:
+            lines.append(f"  {result.program}:")
+            lines.extend(f"    {note}" for note in result.notes or ["(nothing logged)"])
     return "\n".join(lines)
 
 
@@ -211,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.logs:
             shutil.copytree(suite.logdir, args.logs, dirs_exist_ok=True)
     finally:
+        _unmount_below(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
+        Suite.remove_suite_cgroups()
     print(table(results, runtimes))
     print(f"conformance: {len(selected)} programs in {time.monotonic() - started:.0f}s")
     return 0
