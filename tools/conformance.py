@@ -198,7 +198,7 @@ class Suite:
         # A container without a mount namespace (linux_ns_itype asks for one) gets its
         # mounts in this, the host's, namespace under runc, which leaves them behind:
         # they go before the bundle directories do, so no removal walks into them.
-        _unmount_below(self.tmpdir)
+        unmount_below(self.tmpdir)
         # The programs' bundles are in TMPDIR: those a failed program left go too.
         for name in os.listdir(self.tmpdir):
             shutil.rmtree(os.path.join(self.tmpdir, name), ignore_errors=True)
@@ -215,7 +215,7 @@ class Suite:
                     pass  # absent, or still in use: never forced
 
 
-def _unmount_below(directory: str) -> None:
+def unmount_below(directory: str) -> None:
     with open("/proc/self/mountinfo") as f:
         mountpoints = [line.split()[4] for line in f]
     below = [m for m in mountpoints if m.startswith(directory.rstrip("/") + "/")]
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.logs:
             shutil.copytree(suite.logdir, args.logs, dirs_exist_ok=True)
     finally:
-        _unmount_below(workdir)
+        unmount_below(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
         Suite.remove_suite_cgroups()
     print(table(results, runtimes))
