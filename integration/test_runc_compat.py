@@ -146,3 +146,27 @@ def test_bind_mount_with_an_unknown_bare_option_is_refused_naming_it(zviz, make_
     result = zviz.run(bundle)
     assert result.returncode != 0
     assert "options[1]: unknown mount option 'readonly'" in result.stderr
+
+
+@pytest.mark.parametrize("ns_type, proc_name", [("mount", "mnt"), ("pid", "pid")])
+def test_joining_a_host_owned_namespace_is_refused_naming_the_profile_rule(
+    zviz, make_bundle, ns_type, proc_name
+):
+    """runc joins a namespace given by path as host root (the OCI suite's linux_ns_path);
+    from ci-runner's own user namespace the container has no privilege in the host's
+    mount or pid namespace. zviz once failed halfway (`rootfs: mount(/): Operation not
+    permitted`); the refusal now names the field and the profile's rule. The test joins
+    a namespace of this (host-owned) test process: zviz refuses before it mounts."""
+    bundle = make_bundle(["true"])
+    path = f"/proc/{os.getpid()}/ns/{proc_name}"
+
+    def join(config):
+        for ns in config["linux"]["namespaces"]:
+            if ns["type"] == ns_type:
+                ns["path"] = path
+
+    edit_config(bundle, join)
+    result = zviz("--profile", "ci-runner", "run", "--bundle", bundle, unique_id())
+    assert result.returncode != 0
+    assert f"linux.namespaces: a {ns_type} namespace given by path" in result.stderr
+    assert "profile ci-runner runs every container in a user namespace" in result.stderr
