@@ -11,7 +11,7 @@ DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc l
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
             containernetworking-plugins dnsmasq-base
 
-.PHONY: install deps venv tools demo test test-fast lint bench proto dist clean
+.PHONY: install deps venv tools demo test test-fast lint bench proto dist clean conformance
 
 install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
@@ -47,6 +47,11 @@ demo: install
 # cached in /var/cache/zviz-tools across runs; without `go` their tests skip.
 tools:
 	python3 -m tools.gotools
+
+# The OCI conformance suite (runtime-tools' validation programs) under zviz and runc, side
+# by side, with each program's TAP output kept in _build/conformance (tools/conformance.py).
+conformance: install tools
+	$(PY) -m tools.conformance --logs $(BUILD)/conformance
 
 test: install tools
 	$(PY) -m pytest -q tests integration

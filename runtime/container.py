@@ -84,6 +84,10 @@ class Container:
             resolved_profile = _harden(
                 spec, profile, allow_host_network, host_network_switch, cluster_network
             )
+            # What the profile changed in config.json, for `--debug`: why a program that
+            # asked for a capability or a shared namespace finds it gone.
+            for change in resolved_profile.programs.get("changes", ()):
+                log.info(f"profile {resolved_profile.name}: {change}")
             _validate(spec, detach, console_socket)
             data = {
                 "ociVersion": spec.oci_version,

@@ -41,6 +41,9 @@ class Log:
     def error(self, message: str) -> None:
         self.write("error", message)
 
+    def info(self, message: str) -> None:
+        self.write("info", message)
+
     def warning(self, message: str) -> None:
         self.write("warning", message)
 

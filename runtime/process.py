@@ -167,6 +167,8 @@ def spawn_init(request: Request, log) -> Spawned:
             join_fds.append((ns_type, _open_ns(ns_type, path)))
         if new_user:
             owner = _foreign_owner(join_fds)
+            if owner is None:
+                _refuse_host_owned_joins(join_fds, request.profile)
             if owner is not None:
                 # A pod's containers share their sandbox's user namespace: a namespace
                 # owned by another user namespace is usable only from inside that one
@@ -342,6 +344,26 @@ def wait_exec_result(spawned: Spawned) -> None:
         raise error_from_message(message)
 
 
+# Namespaces a container cannot set up from a user namespace that does not own them: its
+# rootfs is mounted in the mount namespace, its /proc belongs to the pid namespace.
+_NEEDS_OWNERSHIP = ("mount", "pid")
+
+
+def _refuse_host_owned_joins(join_fds, profile) -> None:
+    """A fresh user namespace has no privilege over the host's namespaces: joining the
+    host's mount or pid namespace by path would fail halfway (mount: EPERM). Refused
+    up front, naming the profile's rule. runc joins them as host root."""
+    for ns_type, _ in join_fds:
+        if ns_type in _NEEDS_OWNERSHIP:
+            name = getattr(profile, "name", "the profile")
+            raise errors.InvalidArgument(
+                f"config.json: linux.namespaces: a {ns_type} namespace given by path belongs"
+                f" to the host's user namespace: profile {name} runs every container in a"
+                " user namespace of its own, which has no privilege there to mount the"
+                " container's root and /proc"
+            )
+
+
 def _foreign_owner(join_fds) -> int | None:
     """The user namespace owning the namespaces joined by path, when it is not ours.
 
@@ -351,8 +373,15 @@ def _foreign_owner(join_fds) -> int | None:
     own = os.stat("/proc/self/ns/user")
     owners: dict[tuple[int, int], int] = {}
     try:
-        for _, fd in join_fds:
-            owner = linux.owner_user_namespace(fd)
+        for ns_type, fd in join_fds:
+            try:
+                owner = linux.owner_user_namespace(fd)
+            except PermissionError:
+                # NS_GET_USERNS: the owner is no descendant of this user namespace.
+                raise errors.InvalidArgument(
+                    f"config.json: linux.namespaces: the {ns_type} namespace given by path is"
+                    " owned by a user namespace outside zviz's: it cannot be joined"
+                ) from None
             st = os.fstat(owner)
             key = (st.st_dev, st.st_ino)
             if key == (own.st_dev, own.st_ino) or key in owners:

@@ -33,13 +33,26 @@ class GoTool:
     # -X settings: a build from the module directory has no module version in its build
     # info, so a tool that reads its version from there is told it here.
     version_variable: str = ""
+    # Files of the module that its programs read from their working directory at run time
+    # (runtime-tools' rootfs tarball), copied beside the binaries.
+    data_files: tuple[str, ...] = ()
+    # A module zip keeps vendor/modules.txt but not the vendored sources, so Go's default
+    # vendor mode fails on such a module: it builds against the module cache instead.
+    vendor_dir_stripped: bool = False
+    # Programs copied into containers whose rootfs has no libc for them.
+    static: bool = False
 
     @property
     def bin_dir(self) -> str:
         return os.path.join(CACHE_ROOT, f"{self.name}-{self.version}", "bin")
 
     def binaries(self) -> list[str]:
-        return [os.path.join(self.bin_dir, os.path.basename(c)) for c in self.commands]
+        """The named commands' binaries (a `dir/...` pattern names no single binary)."""
+        return [
+            os.path.join(self.bin_dir, os.path.basename(c))
+            for c in self.commands
+            if not c.endswith("...")
+        ]
 
 
 CONTAINERD2 = GoTool(
@@ -59,7 +72,20 @@ NERDCTL = GoTool(
     commands=("cmd/nerdctl",),
     version_variable="github.com/containerd/nerdctl/v2/pkg/version.Version",
 )
-ALL = (CONTAINERD2, NERDCTL)
+# The OCI runtime conformance suite: `runtimetest` (copied into each container) and the
+# validation programs, one per directory of validation/ (tools/conformance.py runs them).
+# The commit Debian packages (0.9.0+git20220423.g0105384); its pseudo-version names the
+# commit's own time, which the proxy needs to resolve it.
+RUNTIME_TOOLS = GoTool(
+    name="runtime-tools",
+    module="github.com/opencontainers/runtime-tools",
+    version="v0.9.1-0.20220125021840-0105384f68e1",
+    commands=("cmd/runtimetest", "validation/..."),
+    data_files=("rootfs-amd64.tar.gz",),
+    vendor_dir_stripped=True,
+    static=True,
+)
+ALL = (CONTAINERD2, NERDCTL, RUNTIME_TOOLS)
 
 
 def binary(tool: GoTool, command: str) -> str | None:
@@ -128,11 +154,20 @@ def build(tool: GoTool, go: str) -> float:
     flags = ["-tags", ",".join(tool.tags)] if tool.tags else []
     if tool.version_variable:
         flags += ["-ldflags", f"-X {tool.version_variable}={tool.version}"]
-    for command in tool.commands:
-        output = os.path.join(staging, os.path.basename(command))
-        subprocess.run(
-            [go, "build", *flags, "-o", output, "./" + command], env=env, cwd=source, check=True
-        )
+    if tool.vendor_dir_stripped:
+        flags += ["-mod=mod"]
+    if tool.static:
+        env["CGO_ENABLED"] = "0"
+    # One `go build` for all: a directory as -o takes each main package's binary by its
+    # directory's name, and the packages share one compile of their dependencies.
+    subprocess.run(
+        [go, "build", *flags, "-o", staging + "/", *("./" + c for c in tool.commands)],
+        env=env,
+        cwd=source,
+        check=True,
+    )
+    for name in tool.data_files:
+        shutil.copyfile(os.path.join(source, name), os.path.join(staging, name))
     shutil.rmtree(tool.bin_dir, ignore_errors=True)
     os.rename(staging, tool.bin_dir)
     return time.monotonic() - started
@@ -150,7 +185,10 @@ def version_line(tool: GoTool) -> str:
 def main() -> int:
     go = go_binary()
     if go is None:
-        print("tools: `go` is not installed: the containerd 2.x and nerdctl tests will skip")
+        print(
+            "tools: `go` is not installed: the containerd 2.x, nerdctl and conformance tests"
+            " will skip"
+        )
         return 0
     os.makedirs(CACHE_ROOT, exist_ok=True)
     for tool in ALL:

@@ -134,6 +134,8 @@ def harden_spec(
         spec.process.capabilities = granted
         if cut:
             changes.append(f"capabilities beyond profile {profile.name} dropped: {', '.join(cut)}")
+        if not spec.process.no_new_privileges:
+            changes.append("noNewPrivileges set (every profile: no setuid gains)")
         spec.process.no_new_privileges = True
 
     # Resources: defaults and ceilings.

@@ -43,6 +43,13 @@ def ceiling(
         asked = getattr(requested, name)
         setattr(result, name, [c for c in asked if c in allowed])
         cut.update(c for c in asked if c not in allowed)
+    # The kernel raises an ambient capability only if it is both permitted and inheritable
+    # (PR_CAP_AMBIENT_RAISE fails with EPERM otherwise); `runc spec` lists ambient ones
+    # without inheritable ones, and runc leaves such ambient ones unraised. Dropped here,
+    # after the ceiling, so the one list PID 1 raises is one the kernel accepts.
+    result.ambient = [
+        c for c in result.ambient if c in result.permitted and c in result.inheritable
+    ]
     return result, sorted(cut)
 
 

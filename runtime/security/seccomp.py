@@ -381,6 +381,20 @@ def _oci_action(sc, action: str, errno_ret: int | None, default_errno: int) -> i
     )
 
 
+def _oci_rule_condition_sets(oci_args, args: list) -> list[list]:
+    """The libseccomp rules one config.json rule becomes, as lists of conditions.
+
+    libseccomp refuses two comparisons of the same argument in one rule (EINVAL), which
+    runtime-spec allows (the OCI suite's personality rule has several). runc then adds
+    each condition as a rule of its own (any condition matching applies the action), and
+    so do we: a config.json runc accepts compiles here to the same filter.
+    """
+    indexes = [a["index"] for a in oci_args]
+    if len(indexes) == len(set(indexes)):
+        return [args]
+    return [[arg] for arg in args]
+
+
 def _compile_oci(seccomp: dict) -> bytes:
     import pyseccomp as sc
 
@@ -405,15 +419,17 @@ def _compile_oci(seccomp: dict) -> bytes:
         action = _oci_action(sc, rule["action"], rule.get("errnoRet"), default_errno)
         if action == default:
             continue  # libseccomp refuses rules that equal the default action
+        oci_args = rule.get("args") or ()
         args = [
             sc.Arg(a["index"], _OCI_OPS[a["op"]], a.get("value", 0), a.get("valueTwo", 0))
-            for a in rule.get("args") or ()
+            for a in oci_args
         ]
         for name in rule["names"]:
             if not syscalls.known(name):
                 continue  # runc too skips names libseccomp does not know
             try:
-                filt.add_rule(action, name, *args)
+                for conditions in _oci_rule_condition_sets(oci_args, args):
+                    filt.add_rule(action, name, *conditions)
             except OSError as e:
                 raise InvalidArgument(
                     f"config.json: linux.seccomp.syscalls[{i}]: {name}: {os.strerror(e.errno)}"

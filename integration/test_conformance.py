@@ -1,0 +1,60 @@
+"""A few of the OCI conformance suite's programs (tools/conformance.py) under zviz and runc.
+
+`make conformance` runs all 58 side by side (a few minutes); these are the
+representative ones that must keep passing under both: the lifecycle (create, state,
+kill, delete), a cgroup limit, and a config whose seccomp filter has several conditions
+on one argument (every program's default config has one). Where the suite asks for
+what zviz refuses under every profile, the failure must name the rule.
+"""
+
+import pytest
+
+from integration.ids import tagged
+from tools import conformance, gotools
+
+# Each passes under runc and zviz's default profile.
+REPRESENTATIVE = (
+    "create",
+    "state",
+    "kill",
+    "delete_resources",
+    "config_updates_without_affect",
+    "linux_cgroups_pids",
+)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    if gotools.binary(gotools.RUNTIME_TOOLS, "runtimetest") is None:
+        pytest.skip(gotools.missing_reason(gotools.RUNTIME_TOOLS))
+    workdir = tmp_path_factory.mktemp(tagged("conformance"))
+    try:
+        yield conformance.Suite(str(workdir))
+    finally:
+        conformance.unmount_below(str(workdir))
+        conformance.Suite.remove_suite_cgroups()
+
+
+@pytest.mark.parametrize("runtime", conformance.RUNTIMES)
+@pytest.mark.parametrize("program", REPRESENTATIVE)
+def test_program_passes(suite, program, runtime):
+    result = suite.run(program, runtime)
+    assert result.passed, f"{program} under {runtime}:\n{result.output}\n{result.notes}"
+
+
+def test_refusal_names_the_rule(suite):
+    """linux_ns_itype asks for a container in the host's namespaces, mount included."""
+    result = suite.run("linux_ns_itype", "zviz")
+    assert not result.passed
+    assert any("a mount namespace is required" in note for note in result.notes), result.notes
+    assert any("under any profile" in note for note in result.notes), result.notes
+
+
+def test_profile_changes_are_named(suite):
+    """`default` checks runc's default capabilities inside: ci-runner keeps none, and the
+    runner's notes say so."""
+    result = suite.run("default", "zviz")
+    assert any(
+        note.startswith("profile ci-runner: capabilities beyond profile ci-runner dropped")
+        for note in result.notes
+    ), result.notes
