@@ -16,6 +16,7 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     grouping = "pod"               # namespace | pod | container: which containers share a daemon
                                    # (unset: pod under CRI, namespace otherwise)
     idle_exit_seconds = 30         # how long an idle daemon waits for the next container
+    stall_timeout_seconds = 30     # how long a ttrpc client may stall mid-frame (or not read)
 """
 
 import os
@@ -61,6 +62,7 @@ class ShimConfig:
         "id_pool_ranges",
         "grouping",
         "idle_exit_seconds",
+        "stall_timeout_seconds",
         "path",
     )
     PROFILE_KEYS = (
@@ -83,6 +85,7 @@ class ShimConfig:
         id_ranges: str | None = None,
         id_pool_first: int | None = None,
         id_pool_ranges: int | None = None,
+        stall_timeout_seconds: float = 30.0,
     ) -> None:
         self.profile = profile
         self.allowed_annotation_profiles = allowed_annotation_profiles
@@ -92,11 +95,13 @@ class ShimConfig:
         self.id_pool_ranges = id_pool_ranges
         self.grouping = grouping
         self.idle_exit_seconds = idle_exit_seconds
+        self.stall_timeout_seconds = stall_timeout_seconds
         self.path = path
 
     def over(self, base: "ShimConfig") -> "ShimConfig":
         """This config's profile keys, each one unset here taken from BASE."""
         merged = ShimConfig(self.profile, self.grouping, self.idle_exit_seconds, self.path)
+        merged.stall_timeout_seconds = self.stall_timeout_seconds
         for key in self.PROFILE_KEYS:
             value = getattr(self, key)
             setattr(merged, key, getattr(base, key) if value is None else value)
@@ -118,7 +123,8 @@ def load_config(path: str | None) -> ShimConfig:
         raise ConfigError(f"shim config {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"shim config {path}: {e}") from e
-    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, "grouping", "idle_exit_seconds"}
+    daemon_keys = ("grouping", "idle_exit_seconds", "stall_timeout_seconds")
+    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, *daemon_keys}
     if unknown:
         raise ConfigError(f"shim config {path}: unknown keys {sorted(unknown)}")
     profile = data.get("profile")
@@ -139,13 +145,16 @@ def load_config(path: str | None) -> ShimConfig:
     grouping = data.get("grouping")
     if grouping is not None and grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
-    idle = data.get("idle_exit_seconds", 30.0)
-    if not isinstance(idle, int | float) or isinstance(idle, bool) or idle < 0:
-        raise ConfigError(f"shim config {path}: idle_exit_seconds: must be a number >= 0")
+    seconds = {}
+    for key, least in (("idle_exit_seconds", 0), ("stall_timeout_seconds", 0.1)):
+        value = data.get(key, 30.0)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"shim config {path}: {key}: must be a number >= {least:g}")
+        seconds[key] = float(value)
     return ShimConfig(
         profile=profile,
         grouping=grouping,
-        idle_exit_seconds=float(idle),
+        **seconds,
         path=path,
         allowed_annotation_profiles=allowed,
         profile_dirs=profile_dirs,
