@@ -91,3 +91,12 @@ def cgroup_pids(container_id: str) -> list[int]:
             except OSError:
                 pass  # removed while we looked
     return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is dead: its parent, maybe the host's init, reaps it in its time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
