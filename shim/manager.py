@@ -68,7 +68,10 @@ def reserve(gdir: str, container_id: str) -> None:
 def release(gdir: str, container_id: str) -> None:
     try:
         os.unlink(os.path.join(gdir, "tasks", container_id))
-    except FileNotFoundError:
+    except OSError:
+        # Gone already, or a read-only state filesystem: a reservation left behind expires
+        # (RESERVATION_TTL_SECONDS), and raising here would hide the error being cleaned up
+        # after (a Create that failed on that same filesystem).
         pass
 
 
