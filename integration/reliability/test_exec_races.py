@@ -5,6 +5,7 @@ Wait too, or `ctr task exec` hangs forever (seen once in six in the soak)."""
 import asyncio
 import json
 import os
+import select
 import signal
 
 from api import typeurl
@@ -14,7 +15,11 @@ from integration.ids import unique_id
 from integration.reliability.harness import Harness, _scenario, _wait_gone, plain_bundle
 
 
-def test_exec_started_after_the_init_exited_ends_its_wait(short_root, make_bundle):
+def test_exec_started_after_the_init_exited_ends_its_wait(short_root, make_bundle, tmp_path):
+    """...and closes its stdio: containerd's client waits for end of file on the exec's
+    fifos before it gives up on the failed Start (then it Deletes the exec)."""
+    stdout = str(tmp_path / "exec-out")
+    os.mkfifo(stdout, 0o600)
     bundle = plain_bundle(make_bundle, ["sleep", "1000"])
     container_id = unique_id("zviz-rel-exec-late")
 
@@ -28,11 +33,13 @@ def test_exec_started_after_the_init_exited_ends_its_wait(short_root, make_bundl
         await harness.call("Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse)
         with open(os.path.join(bundle, "config.json")) as f:
             process = dict(json.load(f)["process"], args=["true"], terminal=False)
+        reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
         await harness.call(
             "Exec",
             shim_pb2.ExecProcessRequest(
                 id=container_id,
                 exec_id="late",
+                stdout=stdout,
                 spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
             ),
         )
@@ -58,6 +65,11 @@ def test_exec_started_after_the_init_exited_ends_its_wait(short_root, make_bundl
         async with asyncio.timeout(5):
             waited = await exec_wait
         assert waited.exit_status != 0
+        try:
+            readable, _, _ = select.select([reader], [], [], 5)
+            assert readable and os.read(reader, 4096) == b"", "the exec's stdout never closed"
+        finally:
+            os.close(reader)
         await harness.call(
             "Delete",
             shim_pb2.DeleteRequest(id=container_id, exec_id="late"),
