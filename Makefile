@@ -56,7 +56,8 @@ test-fast: venv
 
 # The long soak (integration/reliability/soak.py, not collected by `make test`): cycles
 # through containerd, then many containers at once. ZVIZ_SOAK_CYCLES (default 1000) and
-# ZVIZ_SOAK_PARALLEL (default 50) set its size; -s prints its figures.
+# ZVIZ_SOAK_PARALLEL (default 50, up for ZVIZ_SOAK_SECONDS, default 180) set its size;
+# -s prints its figures (docs/reliability.md).
 soak: install
 	$(PY) -m pytest -q -s integration/reliability/soak.py
 

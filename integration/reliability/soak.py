@@ -1,7 +1,7 @@
 """The soak (`make soak`, not part of `make test`): create/start/exec/stop/delete cycles
 through containerd and `ctr`, as a node runs them, then many containers at once.
 
-    ZVIZ_SOAK_CYCLES=1000 ZVIZ_SOAK_PARALLEL=50 make soak      # the defaults
+    ZVIZ_SOAK_CYCLES=1000 ZVIZ_SOAK_PARALLEL=50 ZVIZ_SOAK_SECONDS=180 make soak  # defaults
 
 Cycles mix the profiles (ci-runner, web-server with its broker, hostile-tenant) and the
 ways a container ends (exit 0 or 3 on SIGTERM, SIGKILL, OOM-killed under a memory
@@ -10,7 +10,8 @@ containerd's event stream; afterwards nothing of the containers may remain (no m
 cgroup, process, runtime state or bundle) and the one shim daemon serving the namespace
 (kept alive by an anchor container) must be back to its fd count, its memory grown by
 less than 5 MiB. The second test keeps ZVIZ_SOAK_PARALLEL containers running at once
-and makes execs and stats calls among them. Figures are printed (run with -s).
+for ZVIZ_SOAK_SECONDS (default 180) with rounds of exec and stats calls on each; every
+exec answers, and all of them stop and delete cleanly. Figures are printed (-s).
 """
 
 import json
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.containerd
 ZVIZ = "io.containerd.zviz.v2"
 CYCLES = int(os.environ.get("ZVIZ_SOAK_CYCLES", "1000"))
 PARALLEL = int(os.environ.get("ZVIZ_SOAK_PARALLEL", "50"))
+# How long the PARALLEL containers stay up, with rounds of exec and metrics (at least 3).
+RUNNING_SECONDS = float(os.environ.get("ZVIZ_SOAK_SECONDS", "180"))
 WORKERS = 2  # cycles in flight at once (the machine has few cores)
 WARMUP = min(10, CYCLES // 5)
 PROFILES = ("ci-runner", "web-server", "hostile-tenant")
@@ -60,13 +63,20 @@ class ExitEvents:
             env=containerd.env,
         )
         self.exits: dict[tuple[str, str], list[int]] = {}
+        self.ooms: set[str] = set()
         self.lock = threading.Lock()
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            if "/tasks/exit" not in line or "{" not in line:
+            if "{" not in line:
+                continue
+            if "/tasks/oom" in line:
+                with self.lock:
+                    self.ooms.add(json.loads(line[line.index("{") :]).get("container_id", ""))
+                continue
+            if "/tasks/exit" not in line:
                 continue
             event = json.loads(line[line.index("{") :])
             key = (event.get("container_id", ""), event.get("id", ""))
@@ -210,6 +220,8 @@ def test_soak_cycles(containerd, busybox_image):
     for container_id, ending, status in done:
         if events.of(container_id, container_id) != [status]:
             wrong[container_id] = ("init", ending, status, events.of(container_id, container_id))
+        if ending == "oom" and container_id not in events.ooms:
+            wrong[container_id] = ("no /tasks/oom event", ending, status, [])
         if events.of(container_id, "x") != [EXEC_STATUS]:
             wrong[container_id] = ("exec", ending, EXEC_STATUS, events.of(container_id, "x"))
     left = {i: what for i, _, _ in done if (what := _left_of(containerd, i))}
@@ -231,7 +243,7 @@ def test_soak_cycles(containerd, busybox_image):
 def test_soak_many_running_with_execs_and_stats(containerd, busybox_image):
     ids = [unique_id("zviz-soak-many") for _ in range(PARALLEL)]
     began = time.monotonic()
-    rounds = 3
+    rounds = 0
     try:
         with ThreadPoolExecutor(4) as pool:
             list(
@@ -265,8 +277,10 @@ def test_soak_many_running_with_execs_and_stats(containerd, busybox_image):
                 metrics = containerd.ctr("task", "metrics", container_id, check=False)
                 assert metrics.returncode == 0, metrics.stderr
 
-            for round_number in range(rounds):
-                list(pool.map(lambda i, r=round_number: exec_and_stats(i, r), ids))
+            until = time.monotonic() + RUNNING_SECONDS
+            while rounds < 3 or time.monotonic() < until:
+                list(pool.map(lambda i, r=rounds: exec_and_stats(i, r), ids))
+                rounds += 1
             busy = time.monotonic() - began - started
             for container_id in ids:
                 containerd.ctr("task", "kill", "-s", "SIGTERM", container_id)
