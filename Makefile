@@ -11,7 +11,7 @@ DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc l
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
             containernetworking-plugins dnsmasq-base
 
-.PHONY: install deps venv tools demo test test-fast lint bench proto dist clean conformance
+.PHONY: install deps venv tools demo test test-fast soak lint bench proto dist clean conformance
 
 install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
@@ -58,6 +58,13 @@ test: install tools
 
 test-fast: venv
 	$(PY) -m pytest -q tests
+
+# The long soak (integration/reliability/soak.py, not collected by `make test`): cycles
+# through containerd, then many containers at once. ZVIZ_SOAK_CYCLES (default 1000) and
+# ZVIZ_SOAK_PARALLEL (default 50, up for ZVIZ_SOAK_SECONDS, default 180) set its size;
+# -s prints its figures (docs/reliability.md).
+soak: install
+	$(PY) -m pytest -q -s integration/reliability/soak.py
 
 lint: venv
 	$(VENV)/bin/ruff check runtime shim api tests integration tools bench

@@ -66,11 +66,16 @@ class Container:
         del notify_socket  # accepted for runc compatibility; zviz has no sd_notify support
         directory = state.container_dir(root, container_id)
         bundle = os.path.abspath(bundle)
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise errors.state_error(f"creating {root}", exc) from exc
         try:
             os.mkdir(directory, 0o700)
         except FileExistsError:
             raise errors.AlreadyExists(f"container {container_id!r} already exists") from None
+        except OSError as exc:
+            raise errors.state_error(f"creating {directory}", exc) from exc
         container = cls(root, container_id, {}, log)
         cg = None
         channel = None

@@ -355,6 +355,10 @@ def serve(directory: str = SERVER_DIR) -> None:
                     conn.send(b"stale")
                     return
                 _serve_one(conn, (install, mine), workers, cli, listener)
+            except OSError:
+                # This client hung up or stalled (EPIPE, a 5 s timeout) before its
+                # answer: its loss alone, the server goes on serving the others.
+                pass
             finally:
                 conn.close()
     finally:

@@ -36,15 +36,28 @@ def container_dir(root: str, container_id: str) -> str:
 
 
 def write(directory: str, state: dict) -> None:
-    """Atomically replace state.json (write a temp file, fsync-free rename)."""
+    """Atomically replace state.json (write a temp file, fsync-free rename).
+
+    A full or read-only filesystem raises a ZvizError naming the file, and leaves the
+    previous state.json (if any) as it was: never a truncated one, nor the temp file.
+    """
     path = os.path.join(directory, STATE_FILE)
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    data = memoryview(json.dumps(state).encode())
     try:
-        os.write(fd, json.dumps(state).encode())
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            while data:  # a nearly full filesystem takes part of a write
+                data = data[os.write(fd, data) :]
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # never created, or the filesystem refuses even that
+        raise errors.state_error(f"writing {path}", exc) from exc
 
 
 def read(root: str, container_id: str) -> dict:

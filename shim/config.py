@@ -23,6 +23,7 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     cluster_dns = ["10.96.0.10:53"]           # TCP/UDP there under every profile, "none" too;
                                               # egress_hosts are resolved there
                                               # (runtime/security/cluster.py)
+    stall_timeout_seconds = 30     # how long a ttrpc client may stall mid-frame (or not read)
 """
 
 import os
@@ -75,6 +76,7 @@ class ShimConfig:
         "cluster_dns",
         "grouping",
         "idle_exit_seconds",
+        "stall_timeout_seconds",
         "path",
     )
     PROFILE_KEYS = (
@@ -107,6 +109,7 @@ class ShimConfig:
         cluster_service_cidrs: tuple[str, ...] | None = None,
         cluster_pod_cidrs: tuple[str, ...] | None = None,
         cluster_dns: tuple[str, ...] | None = None,
+        stall_timeout_seconds: float = 30.0,
     ) -> None:
         self.profile = profile
         self.allowed_annotation_profiles = allowed_annotation_profiles
@@ -120,11 +123,13 @@ class ShimConfig:
         self.cluster_dns = cluster_dns
         self.grouping = grouping
         self.idle_exit_seconds = idle_exit_seconds
+        self.stall_timeout_seconds = stall_timeout_seconds
         self.path = path
 
     def over(self, base: "ShimConfig") -> "ShimConfig":
         """This config's profile keys, each one unset here taken from BASE."""
         merged = ShimConfig(self.profile, self.grouping, self.idle_exit_seconds, self.path)
+        merged.stall_timeout_seconds = self.stall_timeout_seconds
         for key in self.PROFILE_KEYS:
             value = getattr(self, key)
             setattr(merged, key, getattr(base, key) if value is None else value)
@@ -156,7 +161,8 @@ def load_config(path: str | None) -> ShimConfig:
         raise ConfigError(f"shim config {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"shim config {path}: {e}") from e
-    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, "grouping", "idle_exit_seconds"}
+    daemon_keys = ("grouping", "idle_exit_seconds", "stall_timeout_seconds")
+    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, *daemon_keys}
     if unknown:
         raise ConfigError(f"shim config {path}: unknown keys {sorted(unknown)}")
     profile = data.get("profile")
@@ -189,13 +195,16 @@ def load_config(path: str | None) -> ShimConfig:
     grouping = data.get("grouping")
     if grouping is not None and grouping not in GROUPINGS:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
-    idle = data.get("idle_exit_seconds", 30.0)
-    if not isinstance(idle, int | float) or isinstance(idle, bool) or idle < 0:
-        raise ConfigError(f"shim config {path}: idle_exit_seconds: must be a number >= 0")
+    seconds = {}
+    for key, least in (("idle_exit_seconds", 0), ("stall_timeout_seconds", 0.1)):
+        value = data.get(key, 30.0)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"shim config {path}: {key}: must be a number >= {least:g}")
+        seconds[key] = float(value)
     return ShimConfig(
         profile=profile,
         grouping=grouping,
-        idle_exit_seconds=float(idle),
+        **seconds,
         path=path,
         allowed_annotation_profiles=allowed,
         profile_dirs=profile_dirs,

@@ -75,7 +75,7 @@ class Daemon:
         self.publisher = Publisher(self.flags.ttrpc_address, self.namespace)
         self.publisher.on_disconnect(self._containerd_disconnected)
         self.service = TaskService(self)
-        self.server = Server()
+        self.server = Server(stall_timeout=self.config.stall_timeout_seconds)
         self.server.register(self.service)
         listener = socket.socket(fileno=DAEMON_FD)
         await self.server.start(sock=listener)

@@ -21,7 +21,7 @@ import sys
 import time
 
 # The C socket module alone: `socket` imports enum and friends, a cost on every start.
-from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM
+from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM, SOMAXCONN
 from _socket import socket as _raw_socket
 
 from shim import config as shim_config
@@ -68,7 +68,10 @@ def reserve(gdir: str, container_id: str) -> None:
 def release(gdir: str, container_id: str) -> None:
     try:
         os.unlink(os.path.join(gdir, "tasks", container_id))
-    except FileNotFoundError:
+    except OSError:
+        # Gone already, or a read-only state filesystem: a reservation left behind expires
+        # (RESERVATION_TTL_SECONDS), and raising here would hide the error being cleaned up
+        # after (a Create that failed on that same filesystem).
         pass
 
 
@@ -165,7 +168,9 @@ def _listen(path: str) -> _raw_socket:
         raise
     finally:
         os.umask(old_umask)
-    listener.listen(128)
+    # Connections made before the daemon serves wait here: as many as the kernel allows
+    # (the daemon listens again with the same backlog, api/ttrpc/server.py).
+    listener.listen(SOMAXCONN)
     return listener
 
 

@@ -67,10 +67,13 @@ class Process:
 
     def never_ran(self, exit_status: int = 255) -> None:
         """End a process that will never run (its start failed, or it was deleted before):
-        its Waits return `exit_status`."""
+        its Waits return `exit_status`, and its stdio closes: containerd's client waits for
+        end of file on an exec's fifos before it gives up on a Start that failed."""
         self.exit_status = exit_status
         self.exited_at = time.time()
         self._close_pidfd()
+        if self.stdio is not None:
+            self.stdio.close()  # idempotent: Delete closes it again
         self.exited.set()
 
     def signal(self, sig: int) -> None:

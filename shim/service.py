@@ -338,6 +338,9 @@ class TaskService(shim_ttrpc.TaskService):
             self.publish("/tasks/start", events.TaskStart(container_id=task.id, pid=proc.pid))
             return shim_pb2.StartResponse(pid=proc.pid)
         if task.init.exited.is_set():
+            # The init exited after this exec was added: it will never run, and the Wait
+            # containerd made before this Start must end with it (see below).
+            proc.never_ran()
             raise errors.FailedPrecondition(
                 f"task {task.id} has exited: cannot start exec {proc.exec_id}"
             )
@@ -379,6 +382,8 @@ class TaskService(shim_ttrpc.TaskService):
             if exec_proc.started and not exec_proc.exited.is_set():
                 with contextlib.suppress(errors.ZvizError):
                     exec_proc.signal(signal.SIGKILL)
+            elif not exec_proc.started and not exec_proc.exited.is_set():
+                exec_proc.never_ran()  # added, never started: its Waits end with the task
         try:
             task.container.delete(force=True)
         finally:

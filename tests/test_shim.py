@@ -130,9 +130,13 @@ def test_group_socket_paths_are_short_and_distinct():
 
 def test_config_file(tmp_path):
     path = tmp_path / "shim.toml"
-    path.write_text('profile = "strict"\ngrouping = "pod"\nidle_exit_seconds = 0\n')
+    path.write_text(
+        'profile = "strict"\ngrouping = "pod"\nidle_exit_seconds = 0\nstall_timeout_seconds = 2\n'
+    )
     config = shim_config.load_config(str(path))
     assert (config.profile, config.grouping, config.idle_exit_seconds) == ("strict", "pod", 0.0)
+    assert config.stall_timeout_seconds == 2.0
+    assert shim_config.load_config(None).stall_timeout_seconds == 30.0
 
 
 @pytest.mark.parametrize(
@@ -140,6 +144,7 @@ def test_config_file(tmp_path):
     [
         ('grouping = "everything"\n', "grouping"),
         ("idle_exit_seconds = -1\n", "idle_exit_seconds"),
+        ("stall_timeout_seconds = 0\n", "stall_timeout_seconds"),
         ('profile = ""\n', "profile"),
         ('colour = "blue"\n', "unknown keys"),
         ("grouping = \n", "shim config"),

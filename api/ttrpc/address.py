@@ -39,12 +39,14 @@ def socket_address(address: str) -> str | bytes:
     return rest
 
 
-def listen(address: str, *, mode: int = 0o600, backlog: int = 128) -> socket.socket:
+def listen(address: str, *, mode: int = 0o600, backlog: int = socket.SOMAXCONN) -> socket.socket:
     """A listening unix socket bound to `address`.
 
     A stale socket file (nothing accepts on it) is replaced; a live one raises
     `FileExistsError`, as does any other kind of file at that path. A path socket gets
-    `mode` (owner-only by default: the server trusts its peers' calls).
+    `mode` (owner-only by default: the server trusts its peers' calls). The backlog is the
+    kernel's maximum: Go's ttrpc clients connect without blocking, so a connect that finds
+    the backlog full fails with EAGAIN instead of waiting for the server to accept.
     """
     sockaddr = socket_address(address)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

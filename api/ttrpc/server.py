@@ -168,7 +168,12 @@ class Server:
             if isinstance(sockaddr, str):
                 self._owned_paths.append(sockaddr)
         sock.setblocking(False)
-        listener = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        # asyncio listens again with `backlog` (default 100, which 200 clients dialing at
+        # once overflow: their non-blocking connects fail with EAGAIN) and accepts up to
+        # `backlog` connections per wakeup: the kernel's maximum means "until EAGAIN".
+        listener = await loop.create_unix_server(
+            lambda: _Connection(self), sock=sock, backlog=socket.SOMAXCONN
+        )
         self._listeners.append(listener)
 
     async def wait_closed(self) -> None:

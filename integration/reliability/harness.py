@@ -1,0 +1,130 @@
+"""What the reliability tests share: a shim daemon driven over its real socket (the test
+plays containerd's Task client and Events server, as integration/test_shim_service.py
+does), raw ttrpc frames for clients that misbehave, and the leftovers a container can
+leave (processes in its cgroup, its state)."""
+
+import os
+import socket
+
+from api.gen.containerd.task.v2 import shim_pb2
+from api.ttrpc.framing import HEADER, TYPE_REQUEST
+from api.ttrpc.wire import Response, encode_request, request_prefix
+from integration.test_shim_service import (  # noqa: F401 - re-exported for the tests here
+    NAMESPACE,
+    TASK,
+    Harness,
+    RecordedEvents,
+    _scenario,
+    _wait_gone,
+)
+
+
+def scenario(state_root: str, body, events_dir: str | None = None):
+    """integration/test_shim_service.py's scenario, with the events socket in EVENTS_DIR
+    (default: STATE_ROOT): a test that breaks the state root's filesystem keeps it apart."""
+    import asyncio
+
+    from api.ttrpc import Server, TtrpcError
+
+    async def run():
+        recorder = RecordedEvents()
+        server = Server()
+        server.register(recorder)
+        events_address = os.path.join(events_dir or state_root, "events.sock")
+        await server.start("unix://" + events_address)
+        harness = Harness(state_root, events_address)
+        try:
+            return await body(harness, recorder)
+        finally:
+            if harness.client is not None:
+                try:
+                    await harness.call("Shutdown", shim_pb2.ShutdownRequest(now=True))
+                except TtrpcError:
+                    pass
+                await harness.client.close()
+            await server.close()
+
+    return asyncio.run(run())
+
+
+def plain_bundle(make_bundle, args) -> str:
+    """A busybox bundle running ARGS without a terminal (the shim gets plain fifos)."""
+    import json
+
+    bundle = make_bundle(args=list(args))
+    path = os.path.join(bundle, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["process"]["terminal"] = False
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return bundle
+
+
+def socket_path(address: str) -> str:
+    return address.removeprefix("unix://")
+
+
+def raw_connect(address: str, *, blocking: bool = False) -> socket.socket:
+    """A connection made the way Go's net.Dial makes it: a non-blocking connect, which
+    fails with EAGAIN (not waits) when the listener's backlog is full."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.setblocking(blocking)
+    try:
+        sock.connect(socket_path(address))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_frame(container_id: str, stream_id: int = 1) -> bytes:
+    """A whole Task/Connect request frame."""
+    payload = encode_request(
+        request_prefix(TASK, "Connect"),
+        shim_pb2.ConnectRequest(id=container_id).SerializeToString(),
+    )
+    return HEADER.pack(len(payload), stream_id, TYPE_REQUEST, 0) + payload
+
+
+def read_response(sock: socket.socket, timeout: float) -> shim_pb2.ConnectResponse:
+    """The Connect response on SOCK (blocking, within TIMEOUT); raises on an error status."""
+    sock.settimeout(timeout)
+    header = _read_exactly(sock, HEADER.size)
+    length, _stream, _type, _flags = HEADER.unpack(header)
+    response = Response.FromString(_read_exactly(sock, length))
+    if response.status.code:
+        raise AssertionError(f"Connect answered {response.status.code}: {response.status.message}")
+    return shim_pb2.ConnectResponse.FromString(response.payload)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def cgroup_pids(container_id: str) -> list[int]:
+    """Processes left in any cgroup named after CONTAINER_ID (v1 hierarchies or v2)."""
+    found = set()
+    for directory, _subdirs, files in os.walk("/sys/fs/cgroup"):
+        if container_id in os.path.basename(directory) and "cgroup.procs" in files:
+            try:
+                with open(os.path.join(directory, "cgroup.procs")) as f:
+                    found.update(int(line) for line in f if line.strip())
+            except OSError:
+                pass  # removed while we looked
+    return sorted(found)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie is dead: its parent, maybe the host's init, reaps it in its time)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
