@@ -53,6 +53,7 @@ class Probe(typing.NamedTuple):
 # mknod under ci-runner: Landlock (EACCES; hostile-tenant denies mknod in seccomp);
 # egress under ci-runner: a network namespace with only loopback (ECONNREFUSED);
 # netlink_route_change: the kernel (no CAP_NET_ADMIN over the network namespace);
+# proc_pid_mem: Landlock (no write beneath /proc);
 # proc_sys: the procfs mount's access check (EACCES); sys_write: read-only /sys (EROFS);
 # proc_self_exe: the kernel refuses writes to a running executable (ETXTBSY);
 # fork_bomb: the profile's pids limit (EAGAIN); memory_bomb: the OOM killer (SIGKILL).
@@ -133,6 +134,11 @@ PROBES = {
     ),
     "netlink_route_change": Probe(
         "add an address to lo over NETLINK_ROUTE", "EPERM", "EPERM", "EPERM"
+    ),
+    # Landlock grants /proc read only (not only /proc/sys): the reason writes to
+    # /proc/self/task/<tid>/comm stay refused too (issue 14 item 2, docs/security.md).
+    "proc_pid_mem": Probe(
+        "write a sibling's memory through /proc/<pid>/mem", "EACCES", "EACCES", ESCAPED
     ),
     "egress": Probe(
         "connect to a listener on the host's loopback", "ECONNREFUSED", "EPERM", "ECONNREFUSED"

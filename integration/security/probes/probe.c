@@ -261,6 +261,38 @@ static int p_netlink_route_change(void) {
     if (err) return blocked(err, "RTM_NEWADDR on lo");
     return escaped("added an address to lo (changed the network namespace's configuration)");
 }
+static volatile int proc_mem_target = 1;
+static int p_proc_pid_mem(void) {
+    /* The way around the denied ptrace and process_vm_writev: a sibling of the same uid
+     * (same Landlock domain) has its memory written through /proc/<pid>/mem, which only
+     * ptrace_may_access guards. Landlock keeps /proc read-only (docs/security.md). */
+    pid_t child = fork();
+    if (child < 0) return blocked(errno, "fork");
+    if (child == 0) {
+        for (int i = 0; i < 100 && proc_mem_target == 1; i++) usleep(50000);
+        _exit(proc_mem_target == 2 ? 0 : 1);
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/mem", child);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        int err = errno;
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        return blocked(err, "open /proc/<sibling>/mem for writing");
+    }
+    int two = 2;
+    ssize_t n = pwrite(fd, &two, sizeof two, (off_t)(uintptr_t)&proc_mem_target);
+    int err = errno;
+    close(fd);
+    int status = 0;
+    waitpid(child, &status, 0);
+    if (n != (ssize_t)sizeof two) return blocked(err, "pwrite /proc/<sibling>/mem");
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        return escaped("wrote into a sibling process's memory through /proc/<pid>/mem");
+    printf("ERROR %s: the write returned but the sibling did not see it\n", probe_name);
+    return 2;
+}
 static int p_egress(const char *target) {
     /* target "ip:port" of a listener on the host. */
     char ip[64];
@@ -491,6 +523,7 @@ static const struct probe probes[] = {
     {"mknod", p_mknod}, {"raw_socket", p_raw_socket}, {"packet_socket", p_packet_socket},
     {"netlink_socket", p_netlink_socket},
     {"netlink_route_change", p_netlink_route_change}, {"egress", NULL, p_egress},
+    {"proc_pid_mem", p_proc_pid_mem},
     {"proc_sys", p_proc_sys}, {"sysrq", p_sysrq}, {"sys_write", p_sys_write},
     {"release_agent", p_release_agent}, {"proc_self_exe", p_proc_self_exe},
     {"io_uring", p_io_uring}, {"proc_root", p_proc_root}, {"fork_bomb", NULL, p_fork_bomb},
