@@ -5,6 +5,7 @@ import pytest
 from runtime import security
 from runtime.errors import InvalidArgument
 from runtime.security import profile_cli, profiles
+from runtime.security.capabilities import CONFINED_TO_USER_NAMESPACE
 from tests.test_security_layers import make_spec
 
 BUILT_IN = ["batch-job", "ci-runner", "development", "hostile-tenant", "web-server"]
@@ -32,7 +33,9 @@ def test_issue_requirements_hold_in_the_built_ins():
     for name in ("ci-runner", "hostile-tenant", "batch-job", "web-server"):
         p = profiles.load_profile(name)
         assert must_deny <= set(p.deny), (name, must_deny - set(p.deny))
-        assert not p.capabilities - {"CAP_NET_BIND_SERVICE"}
+        # Only what the kernel confines to the container's user namespace (issue 14).
+        assert p.capabilities <= CONFINED_TO_USER_NAMESPACE | {"CAP_NET_BIND_SERVICE"}
+    assert not profiles.load_profile("hostile-tenant").capabilities
     assert profiles.load_profile("batch-job").memory_max == 8 << 30
     assert profiles.load_profile("batch-job").network == "none"
     hostile = profiles.load_profile("hostile-tenant")
@@ -117,13 +120,15 @@ def test_harden_spec_adds_user_namespace_and_ceilings(tmp_path):
     assert not profile.mediate and not profile.network_joined
     m = spec.linux.uid_mappings[0]
     assert (m.container_id, m.host_id, m.size) == (0, 100000, 65536)
-    assert (
-        spec.process.capabilities.bounding == []
-    )  # default config asks for 3: ci-runner allows none
+    # The default config asks for AUDIT_WRITE, KILL, NET_BIND_SERVICE: ci-runner keeps KILL.
+    assert spec.process.capabilities.bounding == ["CAP_KILL"]
     assert spec.linux.resources.pids.limit == 1024
     assert spec.linux.resources.memory.limit == 4 << 30
     assert spec.process.no_new_privileges
-    assert any("capabilities beyond profile" in c for c in changes)
+    assert any(
+        "capabilities beyond profile ci-runner dropped: CAP_AUDIT_WRITE, CAP_NET_BIND_SERVICE" in c
+        for c in changes
+    ), changes
 
 
 def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):

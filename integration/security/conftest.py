@@ -1,5 +1,6 @@
 """Fixtures for the escape probes: the static probe binary and a runner for zviz and runc."""
 
+import copy
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import typing
 import pytest
 
 from integration.ids import tagged, unique_id
-from tools.mkbundle import build_bundle
+from tools.mkbundle import build_bundle, default_config
 
 PROBE_SOURCE = os.path.join(os.path.dirname(__file__), "probes", "probe.c")
 CACHE = os.path.join(tempfile.gettempdir(), "zviz-security-probes")
@@ -113,6 +114,7 @@ class ProbeRunner:
         cid=None,
         image_change=None,
         env=None,
+        flags=(),
     ):
         bundle = self.bundle(args, **(config or {}))
         if image_change:  # a malicious image: the callable edits the rootfs
@@ -125,6 +127,7 @@ class ProbeRunner:
                 cmd += ["--profile", profile]
             if verbose:
                 cmd.append("--verbose")
+            cmd += list(flags)
         else:
             cmd = [self.runc, "--root", root, "run", "--bundle", bundle]
         cmd.append(cid)
@@ -210,6 +213,18 @@ def probes(probe_bin, zviz_bin, runc_bin):
         yield ProbeRunner(base, probe_bin, zviz, runc_bin)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def on_the_hosts_network() -> dict:
+    """config.json overrides for a container on the host's network namespace (with
+    `zviz run --allow-host-network`): the one place a web-server container's loopback is
+    not its own, so the broker's egress rules decide it (issue 14)."""
+    linux = copy.deepcopy(default_config(["true"])["linux"])
+    linux["namespaces"] = [ns for ns in linux["namespaces"] if ns["type"] != "network"]
+    return {"linux": linux}
+
+
+HOST_NETWORK_FLAG = "--allow-host-network"
 
 
 def write_json(path: str, data) -> None:

@@ -52,6 +52,8 @@ class Probe(typing.NamedTuple):
 # Where the outcome is not the seccomp deny list's EPERM, the layer that answers:
 # mknod under ci-runner: Landlock (EACCES; hostile-tenant denies mknod in seccomp);
 # egress under ci-runner: a network namespace with only loopback (ECONNREFUSED);
+# netlink_route_change: the kernel (no CAP_NET_ADMIN over the network namespace);
+# proc_pid_mem: Landlock (no write beneath /proc);
 # proc_sys: the procfs mount's access check (EACCES); sys_write: read-only /sys (EROFS);
 # proc_self_exe: the kernel refuses writes to a running executable (ETXTBSY);
 # fork_bomb: the profile's pids limit (EAGAIN); memory_bomb: the OOM killer (SIGKILL).
@@ -124,7 +126,20 @@ PROBES = {
     "mknod": Probe("mknod a disk or /dev/mem and open it", "EACCES", "EPERM", "EPERM"),
     "raw_socket": Probe("raw IP socket", "EPERM", "EPERM", "EPERM"),
     "packet_socket": Probe("AF_PACKET socket", "EPERM", "EPERM", "EPERM"),
-    "netlink_socket": Probe("netlink socket (kernel routing interface)", "EPERM", "EPERM", ESCAPED),
+    # NETLINK_ROUTE is granted under every profile (read-only: `ip addr`, getifaddrs); the
+    # other netlink protocols stay refused, changes through NETLINK_ROUTE too (the kernel:
+    # no CAP_NET_ADMIN over the network namespace).
+    "netlink_socket": Probe(
+        "netlink socket other than NETLINK_ROUTE (netfilter)", "EPERM", "EPERM", ESCAPED
+    ),
+    "netlink_route_change": Probe(
+        "add an address to lo over NETLINK_ROUTE", "EPERM", "EPERM", "EPERM"
+    ),
+    # Landlock grants /proc read only (not only /proc/sys): the reason writes to
+    # /proc/self/task/<tid>/comm stay refused too (issue 14 item 2, docs/security.md).
+    "proc_pid_mem": Probe(
+        "write a sibling's memory through /proc/<pid>/mem", "EACCES", "EACCES", ESCAPED
+    ),
     "egress": Probe(
         "connect to a listener on the host's loopback", "ECONNREFUSED", "EPERM", "ECONNREFUSED"
     ),
@@ -158,7 +173,13 @@ PROBES = {
     "proc_root": Probe("reach another root via /proc/*/root", NO_ERRNO, NO_ERRNO, NO_ERRNO),
     "fork_bomb": Probe("fork bomb (2000 processes)", "EAGAIN", "EAGAIN", ESCAPED),
     "memory_bomb": Probe("memory bomb (profile limit + 512 MiB)", "SIGKILL", "SIGKILL", ESCAPED),
-    "caps": Probe("any capability left in CapEff/CapBnd", NO_ERRNO, NO_ERRNO, ESCAPED),
+    "caps": Probe(
+        "any capability left in CapEff/CapBnd beyond those the kernel confines to the "
+        "user namespace (ci-runner's)",
+        NO_ERRNO,
+        NO_ERRNO,
+        ESCAPED,
+    ),
     "syslog": Probe("read the kernel log", "EPERM", "EPERM", "EPERM"),
     "clock_settime": Probe("set the host clock", "EPERM", "EPERM", "EPERM"),
     "tiocsti": Probe("TIOCSTI terminal injection", "EPERM", "EPERM", "ENOTTY"),

@@ -1,7 +1,9 @@
 """The broker decides on what the kernel will do (issue 10, items 2-5), in real containers.
 
 Each test drives probes/broker_probe.c under a web-server profile whose rules refuse the
-loopback: a call the broker lets through to it prints ESCAPED.
+loopback: a call the broker lets through to it prints ESCAPED. Where the test is about
+the loopback being refused, the container is on the host's network: in a namespace of
+its own the loopback is the container's and the broker lets it through (issue 14).
 """
 
 import hashlib
@@ -16,7 +18,7 @@ import time
 import pytest
 
 from integration.ids import unique_id
-from integration.security.conftest import CACHE
+from integration.security.conftest import CACHE, HOST_NETWORK_FLAG, on_the_hosts_network
 from runtime.security import landlock
 
 SOURCE = os.path.join(os.path.dirname(__file__), "probes", "broker_probe.c")
@@ -58,10 +60,12 @@ tcp_connect = [{PORT}]
     return str(path)
 
 
-def run(probes, broker_probe, profile, script, *, cid=None, config=None):
+def run(probes, broker_probe, profile, script, *, cid=None, config=None, host_network=False):
     def install(rootfs):
         shutil.copy2(broker_probe, os.path.join(rootfs, "bprobe"))
 
+    if host_network:
+        config = {**(config or {}), **on_the_hosts_network()}
     return probes.run(
         "zviz",
         profile,
@@ -69,6 +73,7 @@ def run(probes, broker_probe, profile, script, *, cid=None, config=None):
         cid=cid or unique_id("zviz-broker"),
         config=config,
         image_change=install,
+        flags=[HOST_NETWORK_FLAG] if host_network else [],
     )
 
 
@@ -83,25 +88,27 @@ def verdicts(result) -> dict[str, str]:
 
 
 def test_udp_with_af_unspec_is_decided_as_af_inet(probes, broker_probe, tmp_path):
-    script = "; ".join(
-        f"/bprobe udp_unspec {mode} {ip} {PORT}"
-        for mode in ("sendto", "sendmsg", "sendmmsg")
-        for ip in ("127.0.0.1", "192.0.2.1")
-    )
-    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script)
-    found = verdicts(result)
+    def script(ip):
+        return "; ".join(
+            f"/bprobe udp_unspec {mode} {ip} {PORT}" for mode in ("sendto", "sendmsg", "sendmmsg")
+        )
+
+    profile = no_loopback_profile(tmp_path)
+    # The host's loopback (not the container's own): refused by the profile's rules.
+    refused = run(probes, broker_probe, profile, script("127.0.0.1"), host_network=True)
+    # An allowed IPv4 address is let through: the kernel, not the broker, answers (no
+    # route in the container's own network namespace; nothing leaves the machine).
+    allowed = run(probes, broker_probe, profile, script("192.0.2.1"))
     for mode in ("sendto", "sendmsg", "sendmmsg"):
-        loopback = found.get(f"udp_unspec {mode} 127.0.0.1:{PORT}", "")
-        assert loopback.startswith("BLOCKED") and "errno 1 " in loopback, result.stdout
-        # An allowed IPv4 address is let through: the kernel, not the broker, answers
-        # (no route in the container's own network namespace).
-        public = found.get(f"udp_unspec {mode} 192.0.2.1:{PORT}", "")
-        assert "errno 101 " in public, result.stdout + result.stderr
+        loopback = verdicts(refused).get(f"udp_unspec {mode} 127.0.0.1:{PORT}", "")
+        assert loopback.startswith("BLOCKED") and "errno 1 " in loopback, refused.stdout
+        public = verdicts(allowed).get(f"udp_unspec {mode} 192.0.2.1:{PORT}", "")
+        assert "errno 101 " in public, allowed.stdout + allowed.stderr
 
 
 def test_unspecified_destination_is_decided_as_the_loopback(probes, broker_probe, tmp_path):
     script = f"/bprobe connect_any 4 {PORT}; /bprobe connect_any 6 {PORT}"
-    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script)
+    result = run(probes, broker_probe, no_loopback_profile(tmp_path), script, host_network=True)
     found = verdicts(result)
     for name in (f"connect_any 0.0.0.0 port {PORT}", f"connect_any [::] port {PORT}"):
         line = found.get(name, "")

@@ -10,7 +10,8 @@ import threading
 import time
 
 from integration.ids import unique_id
-from runtime.security import profiles, seccomp
+from integration.security.conftest import HOST_NETWORK_FLAG, on_the_hosts_network
+from runtime.security import capabilities, profiles, seccomp
 from tools.mkbundle import default_config
 
 
@@ -35,9 +36,21 @@ tcp_connect = [{allowed_port}, {allowed_port + 1}]
     return str(path)
 
 
-def sh(probes, profile, script, *, verbose=False, config=None, cid=None):
+def sh(probes, profile, script, *, verbose=False, config=None, cid=None, host_network=False):
+    """host_network: on the host's network namespace, where the loopback is not the
+    container's own, so the broker's egress rules decide it (issue 14)."""
+    flags = []
+    if host_network:
+        config = {**(config or {}), **on_the_hosts_network()}
+        flags.append(HOST_NETWORK_FLAG)
     return probes.run(
-        "zviz", profile, ["/bin/sh", "-c", script], verbose=verbose, config=config, cid=cid
+        "zviz",
+        profile,
+        ["/bin/sh", "-c", script],
+        verbose=verbose,
+        config=config,
+        cid=cid,
+        flags=flags,
     )
 
 
@@ -59,7 +72,13 @@ def test_status_shows_every_layer(probes):
     )
     assert result.returncode == 0, result.stderr
     status = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
-    for key in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+    # Nothing beyond what the kernel confines to the user namespace (the default config
+    # asks for CAP_KILL of those), and nothing inheritable or ambient.
+    confined = capabilities.mask(capabilities.CONFINED_TO_USER_NAMESPACE)
+    for key in ("CapPrm", "CapEff", "CapBnd"):
+        assert int(status[key], 16) & ~confined == 0, (key, status[key])
+    assert int(status["CapEff"], 16) == 1 << 5  # CAP_KILL
+    for key in ("CapInh", "CapAmb"):
         assert int(status[key], 16) == 0, (key, status[key])
     assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2"
     uid_map = [line.split() for line in result.stdout.splitlines() if ":" not in line]
@@ -134,7 +153,7 @@ def test_broker_allows_connect_to_allowed_port_denies_another(probes, tmp_path):
         f"echo a | nc 127.0.0.1 {port} && echo allowed-ok; "
         f"echo b | nc 127.0.0.1 {port + 1} || echo other-denied"
     )
-    result = sh(probes, profile, script)
+    result = sh(probes, profile, script, host_network=True)
     assert "allowed-ok" in result.stdout and "other-denied" in result.stdout, (
         result.stdout + result.stderr
     )
@@ -377,12 +396,13 @@ def test_exec_into_a_mediating_container_gets_its_own_broker(probes, tmp_path):
     """zviz exec reloads the profile from the state (a file path here) and mediates too."""
     port = 18110
     profile = loopback_web_profile(tmp_path, port)
-    bundle = probes.bundle(["sleep", "10"])
+    # On the host's network: the loopback is not the container's own (issue 14).
+    bundle = probes.bundle(["sleep", "10"], **on_the_hosts_network())
     root = os.path.join(probes.base, "root-exec")
     cid = unique_id("zviz-sec-exec")
     zviz = [probes.zviz, "--root", root]
     started = subprocess.run(
-        [*zviz, "run", "-d", "--profile", profile, "--bundle", bundle, cid],
+        [*zviz, "run", "-d", HOST_NETWORK_FLAG, "--profile", profile, "--bundle", bundle, cid],
         # The detached container keeps its stdio: a pipe here would block until it exits.
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

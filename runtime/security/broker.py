@@ -779,8 +779,11 @@ class _Call:
             return addr
         if family == AF_UNIX:
             return self._unix_address(addr, rules == "bind", sock)
-        if family == AF_NETLINK and rules == "bind":
-            return addr  # netlink sockets exist only where the profile grants them
+        if family == AF_NETLINK:
+            # Netlink sockets exist only for the protocols the profile grants (seccomp);
+            # what a message may change (CAP_NET_ADMIN over the namespace) the kernel
+            # decides, against the caller's credentials (_perform takes them on).
+            return addr
         raise Denied(f"address family {family} not allowed")
 
     def _decide_destination(self, ip, port: int, sock: int) -> None:
@@ -788,6 +791,8 @@ class _Call:
         operator's cluster DNS, then the profile: mode "none" reaches nothing else,
         "namespace" what its egress rules allow (cluster_egress_allows)."""
         if self.profile.network_joined and ip in self._own_addresses(sock):
+            return
+        if self._is_the_containers_own_loopback(ip, sock):
             return
         if self._is_cluster_dns(ip, port, sock):
             return
@@ -821,6 +826,29 @@ class _Call:
         hosts = self.broker.egress_hosts
         return hosts is not None and hosts.allows(ip, port, sock, self.broker.deadline(self.note))
 
+    def _is_the_containers_own_loopback(self, ip, sock: int) -> bool:
+        """Loopback in the caller's own network namespace, which is not the host's: it
+        reaches only the container (or its pod), so the profile's egress rules, which
+        govern what leaves, do not apply. Landlock's port rules still do."""
+        if not ip.is_loopback:
+            return False
+        return self._socket_namespace_is_the_callers_not_the_hosts(sock)
+
+    def _socket_namespace_is_the_callers_not_the_hosts(self, sock: int) -> bool:
+        """A socket handed in from another namespace (the host's, over SCM_RIGHTS) reaches
+        that namespace's loopback; the host's network shared by the operator is never the
+        container's own."""
+        netns = fcntl.ioctl(sock, SIOCGSKNS)
+        try:
+            theirs = os.fstat(netns)
+        finally:
+            os.close(netns)
+        caller = os.stat("ns/net", dir_fd=self.proc)
+        ours = os.stat("/proc/self/ns/net")
+        same = (theirs.st_dev, theirs.st_ino) == (caller.st_dev, caller.st_ino)
+        host = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+        return same and not host
+
     def _own_addresses(self, sock: int):
         """Where the caller's socket reaches only its own pod: a set-like of addresses.
 
@@ -831,16 +859,7 @@ class _Call:
         """
         if self._own is None:
             self._own = _Nothing()
-            netns = fcntl.ioctl(sock, SIOCGSKNS)
-            try:
-                theirs = os.fstat(netns)
-            finally:
-                os.close(netns)
-            caller = os.stat("ns/net", dir_fd=self.proc)
-            ours = os.stat("/proc/self/ns/net")
-            same = (theirs.st_dev, theirs.st_ino) == (caller.st_dev, caller.st_ino)
-            host = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
-            if same and not host:
+            if self._socket_namespace_is_the_callers_not_the_hosts(sock):
                 try:
                     if_inet6 = self._proc_read("net/if_inet6")
                 except Denied:
@@ -1009,10 +1028,13 @@ class _Call:
         """Run fn(), as the caller where the peer or the file system would see who calls.
 
         Unix sockets: SO_PEERCRED, socket-file permissions and the owner of a bound
-        socket file are the caller's, never the broker's (host root). Inet sockets carry
-        no credentials; the broker's own answer is the policy decision made before.
+        socket file are the caller's, never the broker's (host root). Netlink: the kernel
+        handles a message to itself in the sender's context and checks CAP_NET_ADMIN
+        against the sending thread, so performed as host root an RTM_NEWADDR would change
+        the container's network. Inet sockets carry no credentials; the broker's own
+        answer is the policy decision made before.
         """
-        if _socket_option(sock, SO_DOMAIN) == AF_UNIX:
+        if _socket_option(sock, SO_DOMAIN) in (AF_UNIX, AF_NETLINK):
             self._become_caller()
         return fn()
 

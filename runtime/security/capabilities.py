@@ -13,6 +13,23 @@ from runtime.spec import CAPABILITY_NUMBERS, CAPABILITY_SETS, Capabilities
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
+# The capabilities the kernel checks against the user namespace that owns the file or
+# process acted on (capable_wrt_inode_uidgid, kill_ok_by_cred, ns_capable on the
+# caller's own namespace for setuid/setgid): in a container whose user namespace maps no
+# host root, they reach only the container's own ids and files. ci-runner and web-server
+# keep them (docs/security.md, "Capabilities"); the escape probe `caps` counts only others.
+CONFINED_TO_USER_NAMESPACE = frozenset(
+    {
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+    }
+)
+
 
 class _Header(ctypes.Structure):
     _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]

@@ -39,6 +39,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <linux/netlink.h>
+#include <linux/rtnetlink.h>
 #include <linux/if_ether.h>
 #include <unistd.h>
 
@@ -219,8 +220,78 @@ static int p_packet_socket(void) {
     return escaped("opened a packet socket");
 }
 static int p_netlink_socket(void) {
-    TRY(socket(AF_NETLINK, SOCK_RAW, NETLINK_ROUTE), "socket(AF_NETLINK)");
-    return escaped("opened a netlink socket (kernel routing interface)");
+    /* NETLINK_ROUTE is granted (read-only: see netlink_route_change); the other protocols
+     * are kernel attack surface no workload needs (netfilter, xfrm, ...). */
+    TRY(socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER), "socket(AF_NETLINK, NETLINK_NETFILTER)");
+    return escaped("opened a netfilter netlink socket");
+}
+static int p_netlink_route_change(void) {
+    /* RTM_NEWADDR 10.254.254.254/32 on lo: the kernel's answer (an NLMSG_ERROR) is the
+     * verdict; changing links, addresses or routes needs CAP_NET_ADMIN over the netns. */
+    int fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    if (fd < 0) return blocked(errno, "socket(AF_NETLINK, NETLINK_ROUTE)");
+    struct {
+        struct nlmsghdr nh;
+        struct ifaddrmsg ifa;
+        struct rtattr rta;
+        unsigned char addr[4];
+    } req = {0};
+    req.nh.nlmsg_len = sizeof req;
+    req.nh.nlmsg_type = RTM_NEWADDR;
+    req.nh.nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    req.nh.nlmsg_seq = 1;
+    req.ifa.ifa_family = AF_INET;
+    req.ifa.ifa_prefixlen = 32;
+    req.ifa.ifa_index = 1; /* lo */
+    req.rta.rta_type = IFA_LOCAL;
+    req.rta.rta_len = RTA_LENGTH(4);
+    memcpy(req.addr, (unsigned char[]){10, 254, 254, 254}, 4);
+    struct sockaddr_nl kernel = {.nl_family = AF_NETLINK};
+    TRY(sendto(fd, &req, sizeof req, 0, (struct sockaddr *)&kernel, sizeof kernel),
+        "sendto(RTM_NEWADDR)");
+    char buf[4096];
+    ssize_t n = recv(fd, buf, sizeof buf, 0);
+    if (n < 0) return blocked(errno, "recv(netlink ack)");
+    struct nlmsghdr *answer = (struct nlmsghdr *)buf;
+    if (n < (ssize_t)sizeof *answer || answer->nlmsg_type != NLMSG_ERROR) {
+        printf("ERROR %s: no NLMSG_ERROR in the kernel's answer\n", probe_name);
+        return 2;
+    }
+    int err = -((struct nlmsgerr *)NLMSG_DATA(answer))->error;
+    if (err) return blocked(err, "RTM_NEWADDR on lo");
+    return escaped("added an address to lo (changed the network namespace's configuration)");
+}
+static volatile int proc_mem_target = 1;
+static int p_proc_pid_mem(void) {
+    /* The way around the denied ptrace and process_vm_writev: a sibling of the same uid
+     * (same Landlock domain) has its memory written through /proc/<pid>/mem, which only
+     * ptrace_may_access guards. Landlock keeps /proc read-only (docs/security.md). */
+    pid_t child = fork();
+    if (child < 0) return blocked(errno, "fork");
+    if (child == 0) {
+        for (int i = 0; i < 100 && proc_mem_target == 1; i++) usleep(50000);
+        _exit(proc_mem_target == 2 ? 0 : 1);
+    }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/mem", child);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    if (fd < 0) {
+        int err = errno;
+        kill(child, SIGKILL);
+        waitpid(child, NULL, 0);
+        return blocked(err, "open /proc/<sibling>/mem for writing");
+    }
+    int two = 2;
+    ssize_t n = pwrite(fd, &two, sizeof two, (off_t)(uintptr_t)&proc_mem_target);
+    int err = errno;
+    close(fd);
+    int status = 0;
+    waitpid(child, &status, 0);
+    if (n != (ssize_t)sizeof two) return blocked(err, "pwrite /proc/<sibling>/mem");
+    if (WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        return escaped("wrote into a sibling process's memory through /proc/<pid>/mem");
+    printf("ERROR %s: the write returned but the sibling did not see it\n", probe_name);
+    return 2;
 }
 static int p_egress(const char *target) {
     /* target "ip:port" of a listener on the host. */
@@ -386,12 +457,18 @@ static int p_caps(void) {
         sscanf(line, "CapBnd: %llx", &bnd);
     }
     fclose(f);
+    /* Kept by ci-runner: the kernel checks each against the user namespace owning the file
+     * or process, and the container's namespace owns only its mapped ids (CAP_CHOWN,
+     * CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_KILL, CAP_SETGID, CAP_SETUID). */
+    const unsigned long long confined = 0xfb;
+    eff &= ~confined;
+    bnd &= ~confined;
     if (eff || bnd) {
         char what[128];
         snprintf(what, sizeof what, "capabilities left: CapEff=%llx CapBnd=%llx", eff, bnd);
         return escaped(what);
     }
-    return blocked(0, "CapEff and CapBnd are 0");
+    return blocked(0, "nothing beyond the user-namespace-confined capabilities");
 }
 static int p_syslog(void) {
     char buf[64];
@@ -444,7 +521,9 @@ static const struct probe probes[] = {
     {"bpf", p_bpf}, {"perf_event_open", p_perf_event_open}, {"keyctl", p_keyctl},
     {"userfaultfd", p_userfaultfd}, {"open_by_handle_at", p_open_by_handle_at},
     {"mknod", p_mknod}, {"raw_socket", p_raw_socket}, {"packet_socket", p_packet_socket},
-    {"netlink_socket", p_netlink_socket}, {"egress", NULL, p_egress},
+    {"netlink_socket", p_netlink_socket},
+    {"netlink_route_change", p_netlink_route_change}, {"egress", NULL, p_egress},
+    {"proc_pid_mem", p_proc_pid_mem},
     {"proc_sys", p_proc_sys}, {"sysrq", p_sysrq}, {"sys_write", p_sys_write},
     {"release_agent", p_release_agent}, {"proc_self_exe", p_proc_self_exe},
     {"io_uring", p_io_uring}, {"proc_root", p_proc_root}, {"fork_bomb", NULL, p_fork_bomb},
