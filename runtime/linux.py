@@ -357,14 +357,20 @@ def fsmount(fs_fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> in
 
 
 def mount_setattr(
-    fd: int, *, attr_set: int = 0, propagation: int = 0, recursive: bool = False, detail: str = ""
+    fd: int,
+    *,
+    attr_set: int = 0,
+    propagation: int = 0,
+    userns_fd: int = 0,
+    recursive: bool = False,
+    detail: str = "",
 ) -> None:
     """Change the mount `fd` (and, recursive, every mount beneath it) in one call.
 
     `propagation`: one of MS_PRIVATE, MS_SLAVE, MS_SHARED, MS_UNBINDABLE (no MS_REC:
     `recursive` says it). Unlike a remount, it reaches every submount at once.
     """
-    attr = MountAttr(attr_set, 0, propagation, 0)
+    attr = MountAttr(attr_set, 0, propagation, userns_fd)
     flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
     raw_syscall(
         "mount_setattr",
@@ -400,15 +406,11 @@ def mount_setattr_idmap(
 ) -> None:
     """Make the detached mount `fd` id-mapped through the user namespace `userns_fd`
     (and read-only in the same call, so that it is never mapped and writable)."""
-    attr = MountAttr(MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, userns_fd)
-    flags = AT_EMPTY_PATH | (AT_RECURSIVE if recursive else 0)
-    raw_syscall(
-        "mount_setattr",
-        ctypes.c_int(fd),
-        b"",
-        ctypes.c_uint(flags),
-        ctypes.byref(attr),
-        ctypes.c_size_t(ctypes.sizeof(attr)),
+    mount_setattr(
+        fd,
+        attr_set=MOUNT_ATTR_IDMAP | (MOUNT_ATTR_RDONLY if read_only else 0),
+        userns_fd=userns_fd,
+        recursive=recursive,
         detail="MOUNT_ATTR_IDMAP",
     )
 
