@@ -239,7 +239,6 @@ def test_socket_families(tmp_path):
 
 
 @drops_capabilities
-@drops_capabilities
 @pytest.mark.parametrize("profile", ["ci-runner", "web-server"])
 def test_inet_sockets_only_of_protocols_the_broker_sees_through(tmp_path, profile):
     """SCTP connects and binds through setsockopt (SCTP_SOCKOPT_CONNECTX/BINDX), which no

@@ -277,3 +277,22 @@ def _default_linux():
     from tools.mkbundle import default_config
 
     return default_config(["true"], terminal=False)["linux"]  # a fresh dict each call
+
+
+@pytest.mark.parametrize("profile", ["ci-runner", "web-server"])
+def test_inet_protocols_the_broker_cannot_see_do_not_open(probes, broker_probe, profile):
+    """SCTP connects and binds through setsockopt and picks destinations in control
+    messages, past every mediated call; UDP-Lite and the like are kernel code nobody
+    needs. A real container: SCTP and UDP-Lite refused with EPERM (before the fix
+    UDP-Lite opened, and SCTP answered EPROTONOSUPPORT only because this kernel lacks
+    it), TCP still opens."""
+    script = "; ".join(
+        f"/bprobe socket_proto {sock_type} {protocol}"
+        for sock_type, protocol in ((1, 132), (5, 132), (2, 136), (1, 6))
+    )
+    result = run(probes, broker_probe, profile, script)
+    lines = verdicts(result)
+    for refused in ("1/132", "5/132", "2/136"):
+        assert lines[f"socket_proto {refused}"].startswith("BLOCKED"), result.stdout
+        assert "errno 1 " in lines[f"socket_proto {refused}"], result.stdout
+    assert lines["socket_proto 1/6"].startswith("ESCAPED"), result.stdout + result.stderr

@@ -17,6 +17,8 @@
  *   abstract_own NAME            listen on @NAME, a child connects to it
  *   sendmmsg_big IP PORT N SIZE  one sendmmsg of N messages of SIZE bytes each (all
  *                                from one buffer) to IP:PORT over UDP
+ *   socket_proto TYPE PROTO      socket(AF_INET, TYPE, PROTO): a protocol whose ways out
+ *                                the broker never sees (SCTP, UDP-Lite) must not open
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -218,6 +220,15 @@ static int sendmmsg_big(const char *ip, int port, int count, long size) {
     return 0;
 }
 
+static int socket_proto(int type, int protocol) {
+    int s = socket(AF_INET, type, protocol);
+    if (s < 0)
+        printf("BLOCKED socket_proto %d/%d: errno %d (%s)\n", type, protocol, errno, strerror(errno));
+    else
+        printf("ESCAPED socket_proto %d/%d: opened\n", type, protocol);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc == 5 && strcmp(argv[1], "udp_unspec") == 0)
@@ -232,6 +243,8 @@ int main(int argc, char **argv) {
         return abstract_own(argv[2]);
     if (argc == 6 && strcmp(argv[1], "sendmmsg_big") == 0)
         return sendmmsg_big(argv[2], atoi(argv[3]), atoi(argv[4]), atol(argv[5]));
+    if (argc == 4 && strcmp(argv[1], "socket_proto") == 0)
+        return socket_proto(atoi(argv[2]), atoi(argv[3]));
     fprintf(stderr, "usage: see the comment at the top of broker_probe.c\n");
     return 2;
 }
