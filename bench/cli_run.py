@@ -29,9 +29,9 @@ def _zviz() -> str:
 
 def _time(argv: list[str], cwd: str) -> float:
     started = time.perf_counter()
-    result = subprocess.run(
-        argv, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, timeout=120
-    )
+    # An empty pipe, not /dev/null, on stdin: runsc hands its stdio to the sandbox's
+    # user, and a /dev/null given to it would be the host's, chowned to nobody.
+    result = subprocess.run(argv, cwd=cwd, input=b"", capture_output=True, timeout=120)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(

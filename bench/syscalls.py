@@ -62,9 +62,8 @@ def _add_equivalent_filter(bundle: str) -> None:
 
 
 def _run(cmd: list[str]) -> dict | None:
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
-    )
+    # An empty pipe on stdin, not /dev/null: runsc would chown the host's to nobody.
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, input="")
     for line in result.stdout.splitlines():
         if line.startswith("{"):
             return json.loads(line)
