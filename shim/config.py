@@ -63,22 +63,6 @@ class ShimConfig:
     # A plain class, not a dataclass: `dataclasses` imports `inspect`, too slow for `start`.
     # The profile keys stay None when unset: a container's runtime-options config then
     # falls back to the machine-wide file's value (`over`).
-    __slots__ = (
-        "profile",
-        "allowed_annotation_profiles",
-        "profile_dirs",
-        "id_ranges",
-        "id_pool_first",
-        "id_pool_ranges",
-        "allow_host_network",
-        "cluster_service_cidrs",
-        "cluster_pod_cidrs",
-        "cluster_dns",
-        "grouping",
-        "idle_exit_seconds",
-        "stall_timeout_seconds",
-        "path",
-    )
     PROFILE_KEYS = (
         "profile",
         "allowed_annotation_profiles",
@@ -91,45 +75,25 @@ class ShimConfig:
         "cluster_pod_cidrs",
         "cluster_dns",
     )
+    # The daemon's own keys and their defaults: never taken from another file (`over`).
+    DAEMON_KEYS = {"grouping": None, "idle_exit_seconds": 30.0, "stall_timeout_seconds": 30.0}
     # The keys that describe the cluster's network (cluster_network()).
     CLUSTER_KEYS = ("cluster_service_cidrs", "cluster_pod_cidrs", "cluster_dns")
+    __slots__ = (*PROFILE_KEYS, *DAEMON_KEYS, "path")
 
-    def __init__(
-        self,
-        profile: str | None = None,
-        grouping: str | None = None,
-        idle_exit_seconds: float = 30.0,
-        path: str | None = None,
-        allowed_annotation_profiles: tuple[str, ...] | None = None,
-        profile_dirs: tuple[str, ...] | None = None,
-        id_ranges: str | None = None,
-        id_pool_first: int | None = None,
-        id_pool_ranges: int | None = None,
-        allow_host_network: bool | None = None,
-        cluster_service_cidrs: tuple[str, ...] | None = None,
-        cluster_pod_cidrs: tuple[str, ...] | None = None,
-        cluster_dns: tuple[str, ...] | None = None,
-        stall_timeout_seconds: float = 30.0,
-    ) -> None:
-        self.profile = profile
-        self.allowed_annotation_profiles = allowed_annotation_profiles
-        self.profile_dirs = profile_dirs
-        self.id_ranges = id_ranges
-        self.id_pool_first = id_pool_first
-        self.id_pool_ranges = id_pool_ranges
-        self.allow_host_network = allow_host_network
-        self.cluster_service_cidrs = cluster_service_cidrs
-        self.cluster_pod_cidrs = cluster_pod_cidrs
-        self.cluster_dns = cluster_dns
-        self.grouping = grouping
-        self.idle_exit_seconds = idle_exit_seconds
-        self.stall_timeout_seconds = stall_timeout_seconds
+    def __init__(self, path: str | None = None, **values) -> None:
+        unknown = values.keys() - {*self.PROFILE_KEYS, *self.DAEMON_KEYS}
+        if unknown:
+            raise TypeError(f"ShimConfig: unknown keys {sorted(unknown)}")
+        for key in self.PROFILE_KEYS:
+            setattr(self, key, values.get(key))
+        for key, default in self.DAEMON_KEYS.items():
+            setattr(self, key, values.get(key, default))
         self.path = path
 
     def over(self, base: "ShimConfig") -> "ShimConfig":
         """This config's profile keys, each one unset here taken from BASE."""
-        merged = ShimConfig(self.profile, self.grouping, self.idle_exit_seconds, self.path)
-        merged.stall_timeout_seconds = self.stall_timeout_seconds
+        merged = ShimConfig(self.path, **{key: getattr(self, key) for key in self.DAEMON_KEYS})
         for key in self.PROFILE_KEYS:
             value = getattr(self, key)
             setattr(merged, key, getattr(base, key) if value is None else value)
@@ -161,8 +125,7 @@ def load_config(path: str | None) -> ShimConfig:
         raise ConfigError(f"shim config {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"shim config {path}: {e}") from e
-    daemon_keys = ("grouping", "idle_exit_seconds", "stall_timeout_seconds")
-    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, *daemon_keys}
+    unknown = set(data) - {*ShimConfig.PROFILE_KEYS, *ShimConfig.DAEMON_KEYS}
     if unknown:
         raise ConfigError(f"shim config {path}: unknown keys {sorted(unknown)}")
     profile = data.get("profile")
@@ -197,7 +160,7 @@ def load_config(path: str | None) -> ShimConfig:
         raise ConfigError(f"shim config {path}: grouping: {grouping!r} is not one of {GROUPINGS}")
     seconds = {}
     for key, least in (("idle_exit_seconds", 0), ("stall_timeout_seconds", 0.1)):
-        value = data.get(key, 30.0)
+        value = data.get(key, ShimConfig.DAEMON_KEYS[key])
         if not isinstance(value, int | float) or isinstance(value, bool) or value < least:
             raise ConfigError(f"shim config {path}: {key}: must be a number >= {least:g}")
         seconds[key] = float(value)

@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import time
 
+from runtime.node.containerd import CRI_PLUGIN, containerd_version
 from tools.netns import entering
 
 NAMESPACE = "zviz-test"
@@ -121,20 +122,20 @@ CRI_CONFIG_V3 = """
 
 
 def major_version(containerd_bin: str) -> int:
-    """containerd's major version from `containerd --version` ("containerd REPO 1.6.20~ds1 ...")."""
-    out = subprocess.run(
-        [containerd_bin, "--version"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return int(out[2].lstrip("v").split(".")[0])
+    """containerd's major version from `containerd --version` (runtime/node/containerd.py)."""
+    version = containerd_version(containerd_bin)
+    if version is None:
+        raise RuntimeError(f"{containerd_bin} --version: no containerd version")
+    return int(version.split(".")[0])
 
 
 def cri_zviz_handlers(
     handlers: dict[str, str | None],
     pod_annotations: tuple[str, ...],
-    plugin: str = "io.containerd.grpc.v1.cri",
+    plugin: str,
 ) -> str:
     """The CRI runtime sections of zviz HANDLERS (name: its shim config file, or None), in
-    PLUGIN: the CRI plugin's id in config version 2, io.containerd.cri.v1.runtime in 3."""
+    PLUGIN: the CRI plugin's id in the config's version (CRI_PLUGIN)."""
     sections = []
     for handler, config_path in handlers.items():
         # JSON strings and arrays of strings are valid TOML.
@@ -235,7 +236,7 @@ class PrivateContainerd:
     def config_text(self) -> str:
         """The config file, in the version this containerd reads (2 for 1.x, 3 for 2.x)."""
         v3 = self.major_version >= 2
-        cri_plugins = CRI_PLUGINS_V3 if v3 else ("io.containerd.grpc.v1.cri",)
+        cri_plugins = CRI_PLUGINS_V3 if v3 else (CRI_PLUGIN[2],)
         config = (CONFIG_V3 if v3 else CONFIG).format(
             root=self.root,
             state=self.state,
@@ -246,9 +247,7 @@ class PrivateContainerd:
         if self.cri_sandbox_image:
             cri = CRI_CONFIG_V3 if v3 else CRI_CONFIG
             handlers = cri_zviz_handlers(
-                self.cri_handlers,
-                self.cri_pod_annotations,
-                "io.containerd.cri.v1.runtime" if v3 else "io.containerd.grpc.v1.cri",
+                self.cri_handlers, self.cri_pod_annotations, CRI_PLUGIN[3 if v3 else 2]
             )
             config += cri.format(
                 sandbox_image=self.cri_sandbox_image, base=self.base, zviz_handlers=handlers

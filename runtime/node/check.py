@@ -32,7 +32,7 @@ class Check:
 
 
 def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Check]:
-    from runtime.security import landlock, seccomp
+    from runtime.security import kernel_gaps, landlock, seccomp
     from runtime.security.profiles import DEFAULT_PROFILE, load_profile
 
     profile = load_profile(profile_name or DEFAULT_PROFILE)
@@ -40,8 +40,9 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     abi = landlock.abi_version()
     notify = _seccomp_user_notification()
     wait_killable_recv = seccomp.wait_killable_recv_supported() if notify else False
-    checks.append(_landlock(profile, abi, wait_killable_recv))
-    checks.append(_notify(profile, notify, wait_killable_recv))
+    gaps = kernel_gaps.decide(profile, abi, wait_killable_recv)
+    checks.append(_landlock(profile, abi, [g for g in gaps if g.table == "landlock"]))
+    checks.append(_notify(profile, notify, [g for g in gaps if g.table == "broker"]))
     checks.append(_pidfd_getfd(profile))
     checks += _user_namespaces()
     checks.append(_idmapped_overlay(_containerd_root(containerd_config_path)))
@@ -51,17 +52,17 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     return checks
 
 
-def _landlock(profile, abi: int, wait_killable_recv: bool) -> Check:
+def _landlock(profile, abi: int, gaps: list) -> Check:
+    """GAPS: kernel_gaps.decide's Landlock verdicts."""
     from runtime.security import kernel_gaps
 
     if abi < 1:
         status = FAIL if profile.landlock_required else WARN
         return Check("landlock", status, f"no Landlock; profile {profile.name} requires it")
-    gaps = kernel_gaps.decide(profile, abi, wait_killable_recv)
-    refused = kernel_gaps.refusal(profile, [g for g in gaps if g.table == "landlock"], abi)
+    refused = kernel_gaps.refusal(profile, gaps, abi)
     if refused:
         return Check("landlock", FAIL, f"ABI {abi}: {refused}")
-    lacking = [g.feature for g in gaps if g.table == "landlock" and g.asked and not g.granted]
+    lacking = [g.feature for g in gaps if g.asked and not g.granted]
     if lacking:
         return Check(
             "landlock",
@@ -83,7 +84,8 @@ def _seccomp_user_notification() -> bool:
         return False
 
 
-def _notify(profile, notify: bool, wait_killable_recv: bool) -> Check:
+def _notify(profile, notify: bool, gaps: list) -> Check:
+    """GAPS: kernel_gaps.decide's broker verdicts."""
     from runtime.security import kernel_gaps
 
     if not notify:
@@ -94,13 +96,12 @@ def _notify(profile, notify: bool, wait_killable_recv: bool) -> Check:
             "no seccomp user notification: the broker cannot mediate"
             + (f" (profile {profile.name} needs it)" if needed else ""),
         )
-    broker_gaps = [
-        g for g in kernel_gaps.decide(profile, 7, wait_killable_recv) if g.table == "broker"
-    ]
-    refused = kernel_gaps.refusal(profile, broker_gaps, 7)
+    refused = kernel_gaps.refusal(profile, gaps, 0)  # broker gaps: the ABI is not named
     if refused:
         return Check("seccomp-notify", FAIL, refused)
-    suffix = "" if wait_killable_recv else " (no WAIT_KILLABLE_RECV: the profile may lack it)"
+    suffix = (
+        "" if all(g.granted for g in gaps) else " (no WAIT_KILLABLE_RECV: the profile may lack it)"
+    )
     return Check("seccomp-notify", OK, "user notification available" + suffix)
 
 

@@ -414,7 +414,7 @@ def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             ns = os.stat(f"/proc/{pid}/ns/pid")
-            if (ns.st_dev, ns.st_ino) != (pid_namespace.st_dev, pid_namespace.st_ino):
+            if _file_id(ns) != _file_id(pid_namespace):
                 continue
             with open(f"/proc/{pid}/cgroup", "rb") as f:
                 if f.read() != cgroups:
@@ -432,19 +432,17 @@ def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]
     return held
 
 
-class _Nothing:
-    def __contains__(self, ip) -> bool:
-        return False
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
-class _Local:
-    """Loopback and a namespace's own addresses."""
-
-    def __init__(self, addresses: set):
-        self.addresses = addresses
-
-    def __contains__(self, ip) -> bool:
-        return ip.is_loopback or ip in self.addresses
+def _socket_netns(sock: int) -> tuple[int, int]:
+    """The network namespace the socket was made in, as (st_dev, st_ino)."""
+    netns = fcntl.ioctl(sock, SIOCGSKNS)
+    try:
+        return _file_id(os.fstat(netns))
+    finally:
+        os.close(netns)
 
 
 def _ipv4_addresses(sock: int) -> set:
@@ -603,6 +601,7 @@ class _Call:
         self.became_caller = False
         self.reserved = 0  # bytes of the broker's copy budget this call holds
         self._status: dict[str, list[str]] | None = None
+        self._own_netns = None  # _socket_namespace_is_the_callers_not_the_hosts, once per call
         self._own = None  # _own_addresses, looked up once per call
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
@@ -790,9 +789,9 @@ class _Call:
         """Loopback and the pod's own addresses first (joined namespaces only), then the
         operator's cluster DNS, then the profile: mode "none" reaches nothing else,
         "namespace" what its egress rules allow (cluster_egress_allows)."""
+        if ip.is_loopback and self._socket_namespace_is_the_callers_not_the_hosts(sock):
+            return  # the container's own loopback: egress rules govern what leaves
         if self.profile.network_joined and ip in self._own_addresses(sock):
-            return
-        if self._is_the_containers_own_loopback(ip, sock):
             return
         if self._is_cluster_dns(ip, port, sock):
             return
@@ -826,45 +825,40 @@ class _Call:
         hosts = self.broker.egress_hosts
         return hosts is not None and hosts.allows(ip, port, sock, self.broker.deadline(self.note))
 
-    def _is_the_containers_own_loopback(self, ip, sock: int) -> bool:
-        """Loopback in the caller's own network namespace, which is not the host's: it
-        reaches only the container (or its pod), so the profile's egress rules, which
-        govern what leaves, do not apply. Landlock's port rules still do."""
-        if not ip.is_loopback:
-            return False
-        return self._socket_namespace_is_the_callers_not_the_hosts(sock)
-
     def _socket_namespace_is_the_callers_not_the_hosts(self, sock: int) -> bool:
-        """A socket handed in from another namespace (the host's, over SCM_RIGHTS) reaches
-        that namespace's loopback; the host's network shared by the operator is never the
-        container's own."""
-        netns = fcntl.ioctl(sock, SIOCGSKNS)
-        try:
-            theirs = os.fstat(netns)
-        finally:
-            os.close(netns)
-        caller = os.stat("ns/net", dir_fd=self.proc)
-        ours = os.stat("/proc/self/ns/net")
-        same = (theirs.st_dev, theirs.st_ino) == (caller.st_dev, caller.st_ino)
-        host = (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
-        return same and not host
+        """Whether the socket's network namespace is the caller's own and not the host's.
+
+        Only then does loopback reach just the container (or its pod), so the profile's
+        egress rules, which govern what leaves, do not apply (Landlock's port rules still
+        do). A socket handed in from another namespace (the host's, over SCM_RIGHTS)
+        reaches that namespace's loopback; the host's network shared by the operator is
+        never the container's own."""
+        if self._own_netns is None:
+            theirs = _socket_netns(sock)
+            self._own_netns = theirs == self._caller_netns() and theirs != _file_id(
+                os.stat("/proc/self/ns/net")
+            )
+        return self._own_netns
+
+    def _caller_netns(self) -> tuple[int, int]:
+        return _file_id(os.stat("ns/net", dir_fd=self.proc))
 
     def _own_addresses(self, sock: int):
-        """Where the caller's socket reaches only its own pod: a set-like of addresses.
+        """Where the caller's socket reaches only its own pod: a set of addresses.
 
-        Loopback, and the addresses configured in the socket's network namespace at this
+        The addresses configured in the socket's network namespace at this
         moment (an address added or removed later counts from then on), provided that
         namespace is the caller's own and not the broker's (the host's): a socket
         handed in from another namespace reaches that namespace's loopback, not the pod's.
         """
         if self._own is None:
-            self._own = _Nothing()
+            self._own = frozenset()
             if self._socket_namespace_is_the_callers_not_the_hosts(sock):
                 try:
                     if_inet6 = self._proc_read("net/if_inet6")
                 except Denied:
                     if_inet6 = b""  # no IPv6 in that namespace (or the caller is gone)
-                self._own = _Local(_ipv4_addresses(sock) | _ipv6_addresses(if_inet6))
+                self._own = frozenset(_ipv4_addresses(sock) | _ipv6_addresses(if_inet6))
         return self._own
 
     def _decide_bind(self, ip, port: int) -> None:
@@ -939,13 +933,7 @@ class _Call:
         # a name with a newline cannot be told apart, so it is refused.
         if b"\n" in name:
             raise Denied("abstract unix socket name with a newline")
-        netns = fcntl.ioctl(sock, SIOCGSKNS)
-        try:
-            theirs = os.fstat(netns)
-        finally:
-            os.close(netns)
-        caller_netns = os.stat("ns/net", dir_fd=self.proc)
-        if (theirs.st_dev, theirs.st_ino) != (caller_netns.st_dev, caller_netns.st_ino):
+        if _socket_netns(sock) != self._caller_netns():
             raise Denied("abstract unix socket of another network namespace")
         printed = b"@" + name.replace(b"\0", b"@")
         bound = set()
