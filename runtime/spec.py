@@ -1357,7 +1357,7 @@ def _check_sysctls(linux: Linux, path: str) -> None:
             net = linux.namespace("network")
             if net is None:
                 raise _Bad(field_path, None, "needs a network namespace in linux.namespaces")
-            if net.path is not None and _is_own_netns(net.path):
+            if net.path is not None and is_own_netns(net.path):
                 raise _Bad(field_path, None, "cannot be set in the host's network namespace")
             continue
         if name == "kernel.domainname" and linux.namespace("uts") is not None:
@@ -1369,7 +1369,7 @@ def _check_sysctls(linux: Linux, path: str) -> None:
         )
 
 
-def _is_own_netns(ns_path: str) -> bool:
+def is_own_netns(ns_path: str) -> bool:
     try:
         theirs = os.stat(ns_path)
         ours = os.stat("/proc/self/ns/net")

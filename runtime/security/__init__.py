@@ -37,6 +37,7 @@ from runtime.security import (  # noqa: F401
     selection,
 )
 from runtime.security.profiles import Profile, load_profile
+from runtime.spec import is_own_netns
 
 __all__ = [
     "HOST_NETWORK_FLAG",
@@ -199,7 +200,7 @@ def _network_namespace(
     from runtime.security.profiles import NO_NETWORK_MEDIATED
 
     netns = linux_cfg.namespace("network")
-    host = netns is None or (netns.path is not None and network.is_runtime_namespace(netns.path))
+    host = netns is None or (netns.path is not None and is_own_netns(netns.path))
     if not host and netns.path is None:
         return
     if host:
