@@ -19,6 +19,7 @@ always allowed), the broker takes the fd with pidfd_getfd(2) and answers "ok"
 the listener.
 """
 
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
@@ -394,9 +395,9 @@ def _allow_stdio_fifos(rs) -> None:
     for fd in (0, 1, 2):
         link = f"/proc/self/fd/{fd}"
         try:
-            if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(os.stat(link).st_mode):
+            if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 continue
-            access = _access_of(_open_flags("self", fd))
+            access = _access_of(fcntl.fcntl(fd, fcntl.F_GETFL))
             path_fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue  # not open: no rule
@@ -404,14 +405,6 @@ def _allow_stdio_fifos(rs) -> None:
             rs.allow_fd(path_fd, access, f"stdio fifo {link}")
         finally:
             os.close(path_fd)
-
-
-def _open_flags(owner: str, fd: int) -> int:
-    with open(f"/proc/{owner}/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8)
-    raise OSError(f"/proc/{owner}/fdinfo/{fd}: no flags")
 
 
 def _access_of(flags: int) -> int:
