@@ -574,19 +574,19 @@ class RootfsBuilder:
 
     def populate_dev(self) -> None:
         # Through a pinned fd on the /dev mount: the path to it is the image's.
-        at_pinned(secure_join(self.rootfs, "/dev"), "/dev", self._populate_dev_at)
-
-    def _populate_dev_at(self, dev: str) -> None:
-        dev_fd = os.open(dev, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        dev_fd = pin(secure_join(self.rootfs, "/dev"), "/dev")
         try:
-            for name in DEFAULT_DEVICES:
-                _bind_device(f"/dev/{name}", dev_fd, name)
+            self._populate_dev_at(dev_fd)
         finally:
             os.close(dev_fd)
+
+    def _populate_dev_at(self, dev_fd: int) -> None:
+        for name in DEFAULT_DEVICES:
+            _bind_device(f"/dev/{name}", dev_fd, name)
         for device in getattr(self.spec.linux, "devices", None) or ():
             self._create_device(device)
         for target, name in DEV_SYMLINKS:
-            link = os.path.join(dev, name)
+            link = f"/proc/self/fd/{dev_fd}/{name}"
             if os.path.lexists(link):
                 if name == "ptmx":
                     os.unlink(link)

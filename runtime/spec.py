@@ -1357,9 +1357,7 @@ def _check_sysctls(linux: Linux, path: str) -> None:
             net = linux.namespace("network")
             if net is None:
                 raise _Bad(field_path, None, "needs a network namespace in linux.namespaces")
-            from runtime.security.network import is_runtime_namespace
-
-            if net.path is not None and is_runtime_namespace(net.path):
+            if net.path is not None and is_own_netns(net.path):
                 raise _Bad(field_path, None, "cannot be set in the host's network namespace")
             continue
         if name == "kernel.domainname" and linux.namespace("uts") is not None:
@@ -1369,6 +1367,15 @@ def _check_sysctls(linux: Linux, path: str) -> None:
         raise _Bad(
             field_path, None, "is not namespaced: a container may not change it for the whole host"
         )
+
+
+def is_own_netns(ns_path: str) -> bool:
+    try:
+        theirs = os.stat(ns_path)
+        ours = os.stat("/proc/self/ns/net")
+    except OSError:
+        return False  # joining will fail with its own error
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 # --- linux.resources ---

@@ -156,9 +156,8 @@ def test_harden_spec_refuses_a_mapping_of_host_root(tmp_path):
 def test_no_network_profile_joins_a_pod_namespace_and_mediates_egress(
     tmp_path, monkeypatch, profile_name
 ):
-    from runtime.security import network
 
-    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
+    monkeypatch.setattr(security, "is_own_netns", lambda path: False)
     spec = make_spec(tmp_path)
     spec.linux.namespace("network").path = "/run/netns/zn11-pod"
     profile = security.resolve_profile(profile_name, {})
@@ -172,9 +171,8 @@ def test_no_network_profile_joins_a_pod_namespace_and_mediates_egress(
 
 
 def test_web_server_joins_a_pod_namespace_with_its_own_rules(tmp_path, monkeypatch):
-    from runtime.security import network
 
-    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
+    monkeypatch.setattr(security, "is_own_netns", lambda path: False)
     spec = make_spec(tmp_path)
     spec.linux.namespace("network").path = "/run/netns/zn11-pod"
     profile = security.resolve_profile("web-server", {})
@@ -283,9 +281,8 @@ def test_a_pod_namespace_under_no_network_refuses_to_start_without_its_broker(
 ):
     """Fail closed: the mediated filter is never loaded without a broker to answer it."""
     from runtime.errors import SecurityLayerError
-    from runtime.security import network
 
-    monkeypatch.setattr(network, "is_runtime_namespace", lambda path: False)
+    monkeypatch.setattr(security, "is_own_netns", lambda path: False)
     spec = make_spec(tmp_path)
     spec.linux.namespace("network").path = "/run/netns/zn11-pod"
     profile = security.resolve_profile("ci-runner", {})

@@ -145,6 +145,17 @@ def offered_file(directory: str | None, candidates: tuple[str, ...]) -> str | No
     return None
 
 
+def asks_block_weight(resources: dict | None) -> bool:
+    """Whether `resources` sets a block I/O weight (one of the files offered_file finds):
+    only then is the cgroup directory looked at for it."""
+    block_io = (resources or {}).get("blockIO") or {}
+    if not isinstance(block_io, dict):
+        return True  # plan() reports it
+    return bool(block_io.get("weight")) or any(
+        not isinstance(dev, dict) or dev.get("weight") for dev in block_io.get("weightDevice") or ()
+    )
+
+
 def no_weight_file(field: str, candidates: tuple[str, ...]) -> InvalidArgument:
     """The error for a block I/O weight on a kernel that offers none of the weight files."""
     return InvalidArgument(

@@ -9,6 +9,7 @@ from runtime.cgroups.common import (
     Cgroup,
     OomWatcher,
     Write,
+    asks_block_weight,
     device_numbers,
     int_field,
     make_dirs,
@@ -401,7 +402,9 @@ class CgroupV1(Cgroup):
             current_memory_limit=read_int(os.path.join(memory_dir, "memory.limit_in_bytes"))
             if memory_dir
             else None,
-            weight_file=offered_file(self.paths.get("blkio"), WEIGHT_FILES),
+            weight_file=offered_file(self.paths.get("blkio"), WEIGHT_FILES)
+            if asks_block_weight(resources)
+            else None,
             notes=notes,
         )
         return [(write, self.paths[write.controller]) for write in writes]

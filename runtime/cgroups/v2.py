@@ -11,6 +11,7 @@ from runtime.cgroups.common import (
     Cgroup,
     OomWatcher,
     Write,
+    asks_block_weight,
     device_numbers,
     int_field,
     make_dirs,
@@ -356,7 +357,9 @@ class CgroupV2(Cgroup):
             resources,
             available=self.controllers(),
             swap_available=os.path.exists(self._file("memory.swap.max")),
-            weight_file=offered_file(self.directory, WEIGHT_FILES),
+            weight_file=offered_file(self.directory, WEIGHT_FILES)
+            if asks_block_weight(resources)
+            else None,
             notes=notes,
         )
         return [(write, self.directory) for write in writes]

@@ -19,6 +19,7 @@ always allowed), the broker takes the fd with pidfd_getfd(2) and answers "ok"
 the listener.
 """
 
+import fcntl
 import os
 import stat
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from runtime.security import (  # noqa: F401
     selection,
 )
 from runtime.security.profiles import Profile, load_profile
+from runtime.spec import is_own_netns
 
 __all__ = [
     "HOST_NETWORK_FLAG",
@@ -199,7 +201,7 @@ def _network_namespace(
     from runtime.security.profiles import NO_NETWORK_MEDIATED
 
     netns = linux_cfg.namespace("network")
-    host = netns is None or (netns.path is not None and network.is_runtime_namespace(netns.path))
+    host = netns is None or (netns.path is not None and is_own_netns(netns.path))
     if not host and netns.path is None:
         return
     if host:
@@ -393,9 +395,9 @@ def _allow_stdio_fifos(rs) -> None:
     for fd in (0, 1, 2):
         link = f"/proc/self/fd/{fd}"
         try:
-            if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(os.stat(link).st_mode):
+            if os.readlink(link).startswith("pipe:") or not stat.S_ISFIFO(os.fstat(fd).st_mode):
                 continue
-            access = _access_of(_open_flags("self", fd))
+            access = _access_of(fcntl.fcntl(fd, fcntl.F_GETFL))
             path_fd = os.open(link, os.O_PATH | os.O_CLOEXEC)
         except OSError:
             continue  # not open: no rule
@@ -403,14 +405,6 @@ def _allow_stdio_fifos(rs) -> None:
             rs.allow_fd(path_fd, access, f"stdio fifo {link}")
         finally:
             os.close(path_fd)
-
-
-def _open_flags(owner: str, fd: int) -> int:
-    with open(f"/proc/{owner}/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("flags:"):
-                return int(line.split()[1], 8)
-    raise OSError(f"/proc/{owner}/fdinfo/{fd}: no flags")
 
 
 def _access_of(flags: int) -> int:

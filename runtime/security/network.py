@@ -7,7 +7,6 @@ on the container start path, for one flag on one interface (and `_socket` rather
 
 import _socket
 import fcntl
-import os
 import struct
 
 SIOCGIFFLAGS = 0x8913
@@ -28,14 +27,3 @@ def loopback_up() -> None:
 
 def interfaces() -> list[str]:
     return [name for _, name in _socket.if_nameindex()]
-
-
-def is_runtime_namespace(path: str) -> bool:
-    """Whether the namespace file PATH is the runtime's own network namespace (the
-    host's): joining it by path is asking for the host's network."""
-    try:
-        theirs = os.stat(path)
-        ours = os.stat("/proc/self/ns/net")
-    except OSError:
-        return False  # joining it fails later, with the spec's own error
-    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)

@@ -109,11 +109,16 @@ def _open_cache_dir() -> int | None:
         fd = os.open(CACHE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return None
-    st = os.fstat(fd)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+    if not _written_by_us_only(fd):
         os.close(fd)
         return None
     return fd
+
+
+def _written_by_us_only(fd: int) -> bool:
+    """Whether `fd`'s file is ours and no one else may write it."""
+    st = os.fstat(fd)
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
 
 
 def _cached(key: str) -> bytes | None:
@@ -127,8 +132,7 @@ def _cached(key: str) -> bytes | None:
     finally:
         os.close(dirfd)
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        if not _written_by_us_only(f.fileno()):
             return None  # not written by _store: never load it
         data = f.read()
     # A torn or foreign file is never loaded: BPF is a whole number of 8-byte instructions.
