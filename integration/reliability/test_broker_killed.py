@@ -13,6 +13,7 @@ import time
 import pytest
 
 from integration.ids import tagged, unique_id
+from integration.leaks import processes_named
 from integration.reliability.harness import alive
 from integration.zviz_cli import Zviz, edit_config, leftovers
 
@@ -37,22 +38,6 @@ tcp_connect = [{PORT}]
     )
     path.chmod(0o644)
     return str(path)
-
-
-def _processes_named(comm: str, container_id: str) -> list[int]:
-    """This container's brokers or wardens (their argv names the container)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != comm:
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if container_id.encode() in f.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 # PID 1 serves PORT and, each time the test drops /tmp/go, makes one connection
@@ -112,8 +97,8 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         while "CONNECTED" not in (before := _connect(zviz, container_id)):
             assert time.monotonic() < deadline, before
             time.sleep(0.1)
-        brokers = _processes_named("zviz-broker", container_id)
-        wardens = _processes_named("zviz-warden", container_id)
+        brokers = processes_named("zviz-broker", container_id)
+        wardens = processes_named("zviz-warden", container_id)
         assert len(brokers) == 1 and len(wardens) == 1, (brokers, wardens)
 
         _kill(wardens[0])
@@ -138,5 +123,5 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         deleted = zviz("delete", "--force", container_id, timeout=30)
     assert deleted.returncode == 0, deleted.stderr
     assert leftovers(container_id, zviz.root) == []
-    assert _processes_named("zviz-broker", container_id) == []
-    assert _processes_named("zviz-warden", container_id) == []
+    assert processes_named("zviz-broker", container_id) == []
+    assert processes_named("zviz-warden", container_id) == []
