@@ -19,34 +19,6 @@ from integration.test_shim_service import (  # noqa: F401 - re-exported for the 
 )
 
 
-def scenario(state_root: str, body, events_dir: str | None = None):
-    """integration/test_shim_service.py's scenario, with the events socket in EVENTS_DIR
-    (default: STATE_ROOT): a test that breaks the state root's filesystem keeps it apart."""
-    import asyncio
-
-    from api.ttrpc import Server, TtrpcError
-
-    async def run():
-        recorder = RecordedEvents()
-        server = Server()
-        server.register(recorder)
-        events_address = os.path.join(events_dir or state_root, "events.sock")
-        await server.start("unix://" + events_address)
-        harness = Harness(state_root, events_address)
-        try:
-            return await body(harness, recorder)
-        finally:
-            if harness.client is not None:
-                try:
-                    await harness.call("Shutdown", shim_pb2.ShutdownRequest(now=True))
-                except TtrpcError:
-                    pass
-                await harness.client.close()
-            await server.close()
-
-    return asyncio.run(run())
-
-
 def plain_bundle(make_bundle, args) -> str:
     """A busybox bundle running ARGS without a terminal (the shim gets plain fifos)."""
     import json
