@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from integration.leaks import processes_named
-from integration.podnet import POD_IP, POD_IP6, SEND, PodNetwork
+from integration.podnet import POD_IP, POD_IP6, SEND
 from integration.zviz_cli import Zviz
 
 PORT = 8080  # web-server's bind rules allow it; mode "none" leaves bind to the kernel
@@ -24,15 +24,6 @@ PROFILES = ["ci-runner", "web-server"]
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
     return Zviz(zviz_bin, str(tmp_path / "root"))
-
-
-@pytest.fixture
-def podnet():
-    net = PodNetwork()
-    try:
-        yield net
-    finally:
-        net.delete()
 
 
 def cid(name: str) -> str:

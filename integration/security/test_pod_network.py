@@ -23,22 +23,13 @@ import uuid
 
 import pytest
 
-from integration.podnet import LISTEN, PEER_IP, PEER_IP6, PodNetwork
+from integration.podnet import LISTEN, PEER_IP, PEER_IP6
 from integration.security.test_broker_decisions import broker_probe  # noqa: F401 - fixture
 from integration.zviz_cli import Zviz
 from tools.mkbundle import default_config
 
 PORT = 8080  # in web-server's egress ports: only the destination decides
 HOST_SWITCH = "allow_host_network = true in the shim config"
-
-
-@pytest.fixture
-def podnet():
-    net = PodNetwork()
-    try:
-        yield net
-    finally:
-        net.delete()
 
 
 @pytest.fixture
