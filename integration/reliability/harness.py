@@ -4,7 +4,9 @@ does), raw ttrpc frames for clients that misbehave, and the leftovers a containe
 leave (processes in its cgroup, its state)."""
 
 import os
+import signal
 import socket
+import time
 
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc.framing import HEADER, TYPE_REQUEST
@@ -100,3 +102,12 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL PID and wait (10 s at most) until it is gone."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)

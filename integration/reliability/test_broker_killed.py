@@ -6,15 +6,13 @@ kernel's answer once the listener is gone), never succeed unchecked; in both cas
 container is not stuck: exec, kill and delete work and leave nothing behind.
 """
 
-import os
-import signal
 import time
 
 import pytest
 
 from integration.ids import tagged, unique_id
 from integration.leaks import processes_named
-from integration.reliability.harness import alive
+from integration.reliability.harness import alive, kill_and_wait
 from integration.zviz_cli import Zviz, edit_config, leftovers
 
 PORT = 18160  # in the container's own network namespace: no clash with the host's
@@ -65,14 +63,6 @@ def _connect(zviz: Zviz, container_id: str, host: str = "127.0.0.1", port: int =
         time.sleep(0.1)
 
 
-def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(pid):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
     return Zviz(zviz_bin, str(tmp_path / tagged("root")))
@@ -101,7 +91,7 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         wardens = processes_named("zviz-warden", container_id)
         assert len(brokers) == 1 and len(wardens) == 1, (brokers, wardens)
 
-        _kill(wardens[0])
+        kill_and_wait(wardens[0])
         time.sleep(0.5)  # the broker's next heartbeats find no warden
         assert alive(brokers[0]), "the broker died with its warden"
         assert "CONNECTED" in _connect(zviz, container_id)
@@ -111,7 +101,7 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         refused = _connect(zviz, container_id, "192.0.2.1", PORT)
         assert "connect-failed" in refused and "not permitted" in refused, refused
 
-        _kill(brokers[0])
+        kill_and_wait(brokers[0])
         after = _connect(zviz, container_id)
         assert "connect-failed" in after and "CONNECTED" not in after, after
         assert "Function not implemented" in after, after  # ENOSYS: fail closed
