@@ -29,7 +29,7 @@ import time
 
 from integration.ids import session_tag, tagged
 from tools.containerd import PrivateContainerd
-from tools.netns import NamedNetns, entering
+from tools.netns import NamedNetns, socket_in
 
 CNI_PLUGIN_DIR = "/usr/lib/cni"
 SUBNET_PREFIX = "10.211.0"
@@ -182,7 +182,7 @@ class CniNode:
     def http_get_from_node(self, address: str, port: int, path: str, timeout=5.0) -> bytes:
         """What a kubelet probe or a Service's proxy does: an HTTP GET from the node netns.
         The whole response, headers included."""
-        with _socket_in(self.node.path) as conn:
+        with socket_in(self.node.path) as conn:
             conn.settimeout(timeout)
             conn.connect((address, port))
             conn.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
@@ -209,31 +209,8 @@ class CniNode:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _socket_in(netns_path: str) -> socket.socket:
-    """A TCP socket of the netns at NETNS_PATH (a socket keeps the netns it was made in).
-
-    Made by a short-lived thread that enters the netns: setns moves only the calling
-    thread, so the test process itself stays where it is.
-    """
-    made: list = []
-
-    def make() -> None:
-        try:
-            entering(netns_path)()
-            made.append(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-        except BaseException as error:  # re-raised in the caller's thread
-            made.append(error)
-
-    thread = threading.Thread(target=make)
-    thread.start()
-    thread.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
-
-
 def _listen_in(netns_path: str, address: str, port: int) -> socket.socket:
-    server = _socket_in(netns_path)
+    server = socket_in(netns_path)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind((address, port))
     server.listen(16)

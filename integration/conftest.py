@@ -148,6 +148,18 @@ def make_bundle(tmp_path):
     return make
 
 
+@pytest.fixture
+def podnet():
+    """A pod netns and a peer netns on a veth (integration/podnet.py), deleted after."""
+    from integration.podnet import PodNetwork
+
+    net = PodNetwork()
+    try:
+        yield net
+    finally:
+        net.delete()
+
+
 def pytest_report_header(config):
     """The Go-built tools' versions (or why they are missing), at the top of the output."""
     return [f"go tools: {gotools.version_line(tool)}" for tool in gotools.ALL]

@@ -10,27 +10,9 @@ import socket
 import struct
 import threading
 
-from tools.netns import entering
+from tools.netns import socket_in
 
 TYPE_A, TYPE_AAAA = 1, 28
-
-
-def _udp_socket_in(netns_path: str) -> socket.socket:
-    made: list = []
-
-    def make() -> None:
-        try:
-            entering(netns_path)()
-            made.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-        except BaseException as error:  # re-raised in the caller's thread
-            made.append(error)
-
-    thread = threading.Thread(target=make)
-    thread.start()
-    thread.join()
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
 
 
 def _question(query: bytes) -> tuple[str, int, int]:
@@ -51,7 +33,7 @@ class FakeDns:
     def __init__(self, netns_path: str, address: str, port: int = 53):
         self.names: dict[str, tuple[str, int]] = {}
         self.queries: dict[tuple[str, int], int] = {}
-        self.sock = _udp_socket_in(netns_path)
+        self.sock = socket_in(netns_path, socket.SOCK_DGRAM)
         self.sock.bind((address, port))
         threading.Thread(target=self._serve, daemon=True).start()
 

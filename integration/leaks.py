@@ -34,6 +34,23 @@ def tagged_cgroups(tag: str, root: str = CGROUP_ROOT) -> list[str]:
     return found
 
 
+def processes_named(comm: str, container_id: str) -> list[int]:
+    """Processes called COMM (a broker, a warden) whose argv names CONTAINER_ID: forked
+    from `zviz run ... ID`, so this container's and no other's."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != comm:
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if container_id.encode() in f.read().split(b"\0"):
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def _outlives_sessions_by_design(cmdline: bytes) -> bool:
     """The `zviz run` fork server: it serves any run on the machine and exits by itself
     after runtime.forkserver.IDLE_S without clients (its workers are retitled as runs)."""

@@ -14,9 +14,8 @@ import subprocess
 import sys
 import uuid
 
-from runtime import linux
+from tools.netns import NETNS_DIR, entering
 
-NETNS_DIR = "/run/netns"
 POD_IP = "10.211.7.1"
 PEER_IP = "10.211.7.2"
 POD_IP6 = "fd11:211::1"
@@ -77,7 +76,7 @@ class PodNetwork:
         """Python CODE run in the peer namespace (a host outside the pod)."""
         return subprocess.run(
             [sys.executable, "-c", code, *args],
-            preexec_fn=_entering(self.peer_path),
+            preexec_fn=entering(self.peer_path),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -87,25 +86,11 @@ class PodNetwork:
         """Python CODE started in the peer namespace; the caller kills it."""
         return subprocess.Popen(
             [sys.executable, "-c", code, *args],
-            preexec_fn=_entering(self.peer_path),
+            preexec_fn=entering(self.peer_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-
-
-def _entering(netns_path: str):
-    """A preexec_fn moving the child into that network namespace (setns alone: `ip netns
-    exec` would give it a private mount namespace too)."""
-
-    def enter() -> None:
-        fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            linux.setns(fd, linux.NAMESPACE_FLAGS["network"])
-        finally:
-            os.close(fd)
-
-    return enter
 
 
 # Host-side snippets for in_peer/in_pod.

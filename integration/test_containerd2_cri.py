@@ -13,25 +13,19 @@ narrowed the range to the groups the namespace maps. Skipped with the reason whe
 is not built.
 """
 
-import contextlib
 import subprocess
 
 import pytest
 
-from integration.cni_node import CniNode
 from integration.test_cri import (  # noqa: F401 - test_cri's scenario, run again here
-    PAUSE_IMAGE,
-    Cri,
-    _compile_cri,
-    _remove_every_pod,
     _shim_processes,
+    cri_node,
     pod,
     run,
     test_a_pod_with_handler_zviz_runs_confined_execs_reads_its_volume_and_goes_away,
 )
 from tools import gotools
 from tools.containerd import CRI_NAMESPACE
-from tools.mkimage import DEFAULT_REF, build_image
 
 pytestmark = pytest.mark.containerd
 
@@ -41,20 +35,8 @@ def cri(tmp_path_factory):
     binaries = [gotools.binary(gotools.CONTAINERD2, name) for name in ("containerd", "ctr")]
     if not all(binaries):
         pytest.skip(gotools.missing_reason(gotools.CONTAINERD2))
-    images = tmp_path_factory.mktemp("cri2-images")
-    build_image(str(images / "pause.tar"), PAUSE_IMAGE, cmd=("sleep", "2147483647"))
-    build_image(str(images / "busybox.tar"), DEFAULT_REF)
-    pb, grpc = _compile_cri(str(tmp_path_factory.mktemp("cri2-proto")))
-    node = CniNode(PAUSE_IMAGE, containerd_bin=binaries[0], ctr_bin=binaries[1]).start()
-    harness = Cri(node, pb, grpc)
-    try:
-        node.containerd.import_image(str(images / "pause.tar"), namespace=CRI_NAMESPACE)
-        node.containerd.import_image(str(images / "busybox.tar"), namespace=CRI_NAMESPACE)
+    with cri_node(tmp_path_factory, containerd_bin=binaries[0], ctr_bin=binaries[1]) as harness:
         yield harness
-    finally:
-        with contextlib.suppress(Exception):
-            run(_remove_every_pod(harness))
-        node.stop()
 
 
 def sandbox_range(containerd, pod_id: str) -> list[str]:

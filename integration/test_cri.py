@@ -85,10 +85,21 @@ ZVIZ_SHIM_CONFIG = f'cluster_dns = ["{DNS_IP}:53"]\n'
 
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory):
-    config = tmp_path_factory.mktemp("shim-config") / "zviz.toml"
-    config.write_text(ZVIZ_SHIM_CONFIG)
-    with cri_node(tmp_path_factory, cri_handlers={"zviz": str(config)}) as harness:
+    handlers = handler_configs(tmp_path_factory, {"zviz": ZVIZ_SHIM_CONFIG})
+    with cri_node(tmp_path_factory, cri_handlers=handlers) as harness:
         yield harness
+
+
+def handler_configs(tmp_path_factory, texts: dict[str, str]) -> dict[str, str]:
+    """Each handler's shim config (TEXTS: handler -> zviz.toml text) written to a file of
+    its own: the cri_handlers of cri_node."""
+    configs = tmp_path_factory.mktemp("shim-configs")
+    handlers = {}
+    for handler, text in texts.items():
+        path = configs / f"{handler}.toml"
+        path.write_text(text)
+        handlers[handler] = str(path)
+    return handlers
 
 
 @contextlib.contextmanager

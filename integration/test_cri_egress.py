@@ -34,7 +34,7 @@ from integration.cni_node import (
 )
 from integration.fake_dns import TYPE_A, FakeDns
 from integration.ids import session_tag
-from integration.test_cri import HTTP_GET, cri_node, pod, run
+from integration.test_cri import HTTP_GET, cri_node, handler_configs, pod, run
 
 PROFILE_ANNOTATION = "io.zviz.profile"
 MOVING_NAME = "moving.test"
@@ -63,7 +63,6 @@ MOVING_DNS_IP = "10.211.0.252"
 def cri(tmp_path_factory):
     # Profile files load only from root-owned directories nobody else can write: not /tmp.
     profiles = tempfile.mkdtemp(prefix=f"zviz-zeg-profiles-{session_tag()}-", dir="/run")
-    configs = tmp_path_factory.mktemp("shim-configs")
     try:
         for name, text in (("web-egress", EGRESS_PROFILE), ("moving-egress", MOVING_PROFILE)):
             with open(os.path.join(profiles, f"{name}.toml"), "w") as f:
@@ -76,11 +75,7 @@ def cri(tmp_path_factory):
             "zviz-moving": f'profile_dirs = ["{profiles}"]\nallowed_annotation_profiles = {allowed}\n'
             f'cluster_dns = ["{MOVING_DNS_IP}:53"]\n',
         }
-        handlers = {}
-        for handler, text in texts.items():
-            path = configs / f"{handler}.toml"
-            path.write_text(text)
-            handlers[handler] = str(path)
+        handlers = handler_configs(tmp_path_factory, texts)
         with cri_node(
             tmp_path_factory, cri_handlers=handlers, cri_pod_annotations=("io.zviz.*",)
         ) as harness:

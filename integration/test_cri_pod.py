@@ -455,6 +455,25 @@ def volume_mounts(pb, volumes: dict[str, str]) -> list:
     ]
 
 
+def exec_in_a_volume_app(cri, handler: str, log_dir, volumes, script: str, **options):
+    """SCRIPT exec'd in a fresh pod's container running as RUN_AS_USER:RUN_AS_GROUP with
+    VOLUMES mounted (OPTIONS: more of the container's settings): (code, out, err)."""
+
+    async def scenario():
+        async with pod(cri, handler, log_dir) as the_pod:
+            app = await the_pod.run_container(
+                "zpd-app",
+                IDLE,
+                mounts=volume_mounts(the_pod.pb, volumes),
+                user=RUN_AS_USER,
+                group=RUN_AS_GROUP,
+                **options,
+            )
+            return await the_pod.exec(app, script)
+
+    return run(scenario())
+
+
 @both_handlers()
 def test_run_as_user_and_group_with_the_fs_group_as_supplementary_group(cri, tmp_path, handler):
     async def scenario():
@@ -474,23 +493,14 @@ def test_run_as_user_and_group_with_the_fs_group_as_supplementary_group(cri, tmp
 @both_handlers()
 def test_config_map_volume_is_read_only_and_readable(cri, tmp_path, handler):
     volumes = kubelet_volumes(tmp_path / "pods")
-
-    async def scenario():
-        async with pod(cri, handler, tmp_path / "logs") as the_pod:
-            app = await the_pod.run_container(
-                "zpd-app",
-                IDLE,
-                mounts=volume_mounts(the_pod.pb, volumes),
-                user=RUN_AS_USER,
-                group=RUN_AS_GROUP,
-                groups=[FS_GROUP],
-            )
-            return await the_pod.exec(
-                app,
-                "cat /etc/config/greeting; touch /etc/config/new 2>&1 || echo refused",
-            )
-
-    code, out, err = run(scenario())
+    code, out, err = exec_in_a_volume_app(
+        cri,
+        handler,
+        tmp_path / "logs",
+        volumes,
+        "cat /etc/config/greeting; touch /etc/config/new 2>&1 || echo refused",
+        groups=[FS_GROUP],
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "hello from the config map"
@@ -503,20 +513,9 @@ def test_a_secret_file_0640_to_the_fs_group_is_readable_by_the_container_user(
     cri, tmp_path, handler
 ):
     volumes = kubelet_volumes(tmp_path / "pods")
-
-    async def scenario():
-        async with pod(cri, handler, tmp_path / "logs") as the_pod:
-            app = await the_pod.run_container(
-                "zpd-app",
-                IDLE,
-                mounts=volume_mounts(the_pod.pb, volumes),
-                user=RUN_AS_USER,
-                group=RUN_AS_GROUP,
-                groups=[FS_GROUP],
-            )
-            return await the_pod.exec(app, "cat /etc/secret/password")
-
-    code, out, err = run(scenario())
+    code, out, err = exec_in_a_volume_app(
+        cri, handler, tmp_path / "logs", volumes, "cat /etc/secret/password", groups=[FS_GROUP]
+    )
     assert code == 0 and out == "s3cret\n", (out, err)
 
 
@@ -525,39 +524,23 @@ def test_the_projected_service_account_token_is_readable_by_the_container_user(
     cri, tmp_path, handler
 ):
     volumes = kubelet_volumes(tmp_path / "pods")
-
-    async def scenario():
-        async with pod(cri, handler, tmp_path / "logs") as the_pod:
-            app = await the_pod.run_container(
-                "zpd-app",
-                IDLE,
-                mounts=volume_mounts(the_pod.pb, volumes),
-                user=RUN_AS_USER,
-                group=RUN_AS_GROUP,
-            )
-            return await the_pod.exec(app, "cat /var/run/secrets/tokens/token")
-
-    code, out, err = run(scenario())
+    code, out, err = exec_in_a_volume_app(
+        cri, handler, tmp_path / "logs", volumes, "cat /var/run/secrets/tokens/token"
+    )
     assert code == 0 and out == "eyJ.token\n", (out, err)
 
 
 @both_handlers()
 def test_an_fs_group_empty_dir_is_writable_by_the_container_user(cri, tmp_path, handler):
     volumes = kubelet_volumes(tmp_path / "pods")
-
-    async def scenario():
-        async with pod(cri, handler, tmp_path / "logs") as the_pod:
-            app = await the_pod.run_container(
-                "zpd-app",
-                IDLE,
-                mounts=volume_mounts(the_pod.pb, volumes),
-                user=RUN_AS_USER,
-                group=RUN_AS_GROUP,
-                groups=[FS_GROUP],
-            )
-            return await the_pod.exec(app, "echo kept > /data/note && cat /data/note")
-
-    code, out, err = run(scenario())
+    code, out, err = exec_in_a_volume_app(
+        cri,
+        handler,
+        tmp_path / "logs",
+        volumes,
+        "echo kept > /data/note && cat /data/note",
+        groups=[FS_GROUP],
+    )
     assert code == 0 and out == "kept\n", (out, err)
     # setgid directory: the file belongs to the fsGroup, as the pod's other containers expect.
     assert os.stat(os.path.join(volumes["empty-dir"], "note")).st_gid == FS_GROUP

@@ -29,7 +29,7 @@ import pytest
 from grpclib.exceptions import GRPCError
 
 from integration.security.test_pod_isolation import shim_pid
-from integration.test_cri import cri_node, pod, run
+from integration.test_cri import cri_node, handler_configs, pod, run
 
 HANDLER_CONFIGS = {
     "zviz": 'profile = "ci-runner"\n'
@@ -46,12 +46,7 @@ POD_FIXED_MIB = 64
 
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory):
-    configs = tmp_path_factory.mktemp("shim-configs")
-    handlers = {}
-    for handler, text in HANDLER_CONFIGS.items():
-        path = configs / f"{handler}.toml"
-        path.write_text(text)
-        handlers[handler] = str(path)
+    handlers = handler_configs(tmp_path_factory, HANDLER_CONFIGS)
     with cri_node(
         tmp_path_factory, cri_handlers=handlers, cri_pod_annotations=("io.zviz.*",)
     ) as harness:

@@ -8,13 +8,13 @@ The egress side (what a container of the pod may NOT reach) is in
 integration/security/test_pod_network.py.
 """
 
-import os
 import time
 import uuid
 
 import pytest
 
-from integration.podnet import POD_IP, POD_IP6, SEND, PodNetwork
+from integration.leaks import processes_named
+from integration.podnet import POD_IP, POD_IP6, SEND
 from integration.zviz_cli import Zviz
 
 PORT = 8080  # web-server's bind rules allow it; mode "none" leaves bind to the kernel
@@ -24,15 +24,6 @@ PROFILES = ["ci-runner", "web-server"]
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
     return Zviz(zviz_bin, str(tmp_path / "root"))
-
-
-@pytest.fixture
-def podnet():
-    net = PodNetwork()
-    try:
-        yield net
-    finally:
-        net.delete()
 
 
 def cid(name: str) -> str:
@@ -105,22 +96,6 @@ def test_a_listener_in_the_pod_is_reached_from_outside(zviz, make_bundle, podnet
     assert out == "from-outside-the-pod"
 
 
-def brokers_of(container_id: str) -> set[int]:
-    """The container's broker processes (forked from `zviz run ... ID`: the id is in argv)."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "zviz-broker":
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if container_id.encode() in f.read().split(b"\0"):
-                    found.add(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 @pytest.mark.parametrize("joined", [False, True], ids=["own-namespace", "pod-namespace"])
 def test_no_network_pays_for_a_broker_only_in_a_shared_namespace(zviz, make_bundle, podnet, joined):
     """ci-runner in a namespace of its own keeps the zero-cost path (loopback is all there
@@ -135,7 +110,7 @@ def test_no_network_pays_for_a_broker_only_in_a_shared_namespace(zviz, make_bund
         seen = set()
         deadline = time.monotonic() + 2
         while time.monotonic() < deadline and not seen:
-            seen = brokers_of(container_id)
+            seen = processes_named("zviz-broker", container_id)
             time.sleep(0.05)
         assert bool(seen) == joined, seen
     finally:

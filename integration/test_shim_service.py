@@ -87,6 +87,38 @@ class Harness:
             self.client = await Client.connect(self.address, timeout=10)
         return await self.client.call(TASK, method, request, response_type, timeout=30)
 
+    async def create_and_start(self, bundle: str, container_id: str) -> None:
+        """The shim daemon for CONTAINER_ID started, its task created and started."""
+        self.start(bundle, container_id)
+        await self.call(
+            "Create",
+            shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
+            shim_pb2.CreateTaskResponse,
+        )
+        await self.call("Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse)
+
+    async def exec_waited(
+        self, container_id: str, exec_id: str, process: dict, **request
+    ) -> asyncio.Task:
+        """Exec EXEC_ID (PROCESS, an OCI process; REQUEST: more ExecProcessRequest fields)
+        and Wait on it before it is started, as containerd does: the pending Wait."""
+        await self.call(
+            "Exec",
+            shim_pb2.ExecProcessRequest(
+                id=container_id,
+                exec_id=exec_id,
+                spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
+                **request,
+            ),
+        )
+        return asyncio.get_running_loop().create_task(
+            self.call(
+                "Wait",
+                shim_pb2.WaitRequest(id=container_id, exec_id=exec_id),
+                shim_pb2.WaitResponse,
+            )
+        )
+
 
 @pytest.fixture
 def short_root():
@@ -109,17 +141,20 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _scenario(short_root, body):
+def _scenario(short_root, body, events_dir: str | None = None):
+    """body(harness, recorder) against a shim rooted at SHORT_ROOT, its result; the events
+    socket is in EVENTS_DIR (default: SHORT_ROOT): a test that breaks the state root's
+    filesystem keeps it apart."""
+
     async def run():
         recorder = RecordedEvents()
         server = Server()
         server.register(recorder)
-        events_address = os.path.join(short_root, "events.sock")
+        events_address = os.path.join(events_dir or short_root, "events.sock")
         await server.start("unix://" + events_address)
         harness = Harness(short_root, events_address)
-        shim_pid = 0
         try:
-            shim_pid = await body(harness, recorder)
+            return await body(harness, recorder)
         finally:
             if harness.client is not None:
                 try:
@@ -128,7 +163,6 @@ def _scenario(short_root, body):
                     pass
                 await harness.client.close()
             await server.close()
-        return shim_pid
 
     return asyncio.run(run())
 
@@ -423,29 +457,9 @@ def test_wait_on_an_exec_whose_start_fails_returns(short_root, make_bundle, tmp_
     container_id = unique_id("zviz-shim-svc-exec-fails")
 
     async def body(harness: Harness, recorder: RecordedEvents) -> int:
-        harness.start(bundle, container_id)
-        await harness.call(
-            "Create",
-            shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
-            shim_pb2.CreateTaskResponse,
-        )
-        await harness.call("Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse)
+        await harness.create_and_start(bundle, container_id)
         process = dict(config["process"], args=["/no/such/binary"], terminal=False)
-        await harness.call(
-            "Exec",
-            shim_pb2.ExecProcessRequest(
-                id=container_id,
-                exec_id="missing",
-                spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
-            ),
-        )
-        waiting = asyncio.get_running_loop().create_task(
-            harness.call(
-                "Wait",
-                shim_pb2.WaitRequest(id=container_id, exec_id="missing"),
-                shim_pb2.WaitResponse,
-            )
-        )
+        waiting = await harness.exec_waited(container_id, "missing", process)
         with pytest.raises(TtrpcError):
             await harness.call(
                 "Start",

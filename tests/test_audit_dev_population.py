@@ -12,8 +12,12 @@ test widens that window deterministically, as tests/test_audit_mount_race.py doe
 
 import os
 
-from runtime import errors, rootfs
-from tests.test_audit_mount_race import _builder, _in_private_mount_namespace
+from runtime import errors
+from tests.test_audit_mount_race import (
+    _builder,
+    _in_private_mount_namespace,
+    _swap_for_a_symlink_once_resolved,
+)
 
 
 def test_device_parent_swapped_for_a_symlink_never_touches_the_host(tmp_path, monkeypatch):
@@ -24,16 +28,7 @@ def test_device_parent_swapped_for_a_symlink_never_touches_the_host(tmp_path, mo
     host_dir.mkdir()
     (host_dir / "victim").write_text("host file\n")
     device = {"path": "/vol/sub/victim", "type": "p", "major": 0, "minor": 0}
-    real_secure_join = rootfs.secure_join
-
-    def racing_secure_join(base, unsafe):
-        resolved = real_secure_join(base, unsafe)
-        if unsafe == device["path"]:
-            os.rmdir("vol/sub")
-            os.symlink(str(host_dir), "vol/sub")
-        return resolved
-
-    monkeypatch.setattr(rootfs, "secure_join", racing_secure_join)
+    _swap_for_a_symlink_once_resolved(monkeypatch, device["path"], host_dir)
 
     def body():
         os.chdir(root)

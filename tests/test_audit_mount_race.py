@@ -58,6 +58,21 @@ def _builder(bundle: str) -> RootfsBuilder:
     )
 
 
+def _swap_for_a_symlink_once_resolved(monkeypatch, unsafe_path: str, host_dir) -> None:
+    """Right after `secure_join` resolves UNSAFE_PATH, the rootfs's vol/sub (relative to
+    the working directory: the rootfs) becomes a symlink to HOST_DIR."""
+    real_secure_join = rootfs.secure_join
+
+    def racing_secure_join(base, unsafe):
+        resolved = real_secure_join(base, unsafe)
+        if unsafe == unsafe_path:
+            os.rmdir("vol/sub")
+            os.symlink(str(host_dir), "vol/sub")
+        return resolved
+
+    monkeypatch.setattr(rootfs, "secure_join", racing_secure_join)
+
+
 @pytest.mark.parametrize(
     "mount",
     [
@@ -76,16 +91,7 @@ def test_destination_swapped_for_a_symlink_never_mounts_outside_the_rootfs(
     host_dir = tmp_path / "host-dir"
     host_dir.mkdir()
     (host_dir / "marker").write_text("host\n")
-    real_secure_join = rootfs.secure_join
-
-    def racing_secure_join(base, unsafe):
-        resolved = real_secure_join(base, unsafe)
-        if unsafe == "/vol/sub":
-            os.rmdir("vol/sub")
-            os.symlink(str(host_dir), "vol/sub")
-        return resolved
-
-    monkeypatch.setattr(rootfs, "secure_join", racing_secure_join)
+    _swap_for_a_symlink_once_resolved(monkeypatch, "/vol/sub", host_dir)
 
     def body():
         os.chdir(root)

@@ -1,7 +1,9 @@
 """Network namespaces the tests make: a named one (`ip netns add`) and processes in it."""
 
 import os
+import socket
 import subprocess
+import threading
 import uuid
 
 from runtime import linux
@@ -25,6 +27,30 @@ def entering(netns_path: str):
             os.close(fd)
 
     return enter
+
+
+def socket_in(netns_path: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """An IPv4 socket of KIND in the netns at NETNS_PATH (a socket keeps the netns it was
+    made in).
+
+    Made by a short-lived thread that enters the netns: setns moves only the calling
+    thread, so the test process itself stays where it is.
+    """
+    made: list = []
+
+    def make() -> None:
+        try:
+            entering(netns_path)()
+            made.append(socket.socket(socket.AF_INET, kind))
+        except BaseException as error:  # re-raised in the caller's thread
+            made.append(error)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 class NamedNetns:

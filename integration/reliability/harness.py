@@ -4,7 +4,9 @@ does), raw ttrpc frames for clients that misbehave, and the leftovers a containe
 leave (processes in its cgroup, its state)."""
 
 import os
+import signal
 import socket
+import time
 
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc.framing import HEADER, TYPE_REQUEST
@@ -17,34 +19,6 @@ from integration.test_shim_service import (  # noqa: F401 - re-exported for the 
     _scenario,
     _wait_gone,
 )
-
-
-def scenario(state_root: str, body, events_dir: str | None = None):
-    """integration/test_shim_service.py's scenario, with the events socket in EVENTS_DIR
-    (default: STATE_ROOT): a test that breaks the state root's filesystem keeps it apart."""
-    import asyncio
-
-    from api.ttrpc import Server, TtrpcError
-
-    async def run():
-        recorder = RecordedEvents()
-        server = Server()
-        server.register(recorder)
-        events_address = os.path.join(events_dir or state_root, "events.sock")
-        await server.start("unix://" + events_address)
-        harness = Harness(state_root, events_address)
-        try:
-            return await body(harness, recorder)
-        finally:
-            if harness.client is not None:
-                try:
-                    await harness.call("Shutdown", shim_pb2.ShutdownRequest(now=True))
-                except TtrpcError:
-                    pass
-                await harness.client.close()
-            await server.close()
-
-    return asyncio.run(run())
 
 
 def plain_bundle(make_bundle, args) -> str:
@@ -128,3 +102,12 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILL PID and wait (10 s at most) until it is gone."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)

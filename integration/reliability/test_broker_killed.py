@@ -6,14 +6,13 @@ kernel's answer once the listener is gone), never succeed unchecked; in both cas
 container is not stuck: exec, kill and delete work and leave nothing behind.
 """
 
-import os
-import signal
 import time
 
 import pytest
 
 from integration.ids import tagged, unique_id
-from integration.reliability.harness import alive
+from integration.leaks import processes_named
+from integration.reliability.harness import alive, kill_and_wait
 from integration.zviz_cli import Zviz, edit_config, leftovers
 
 PORT = 18160  # in the container's own network namespace: no clash with the host's
@@ -37,22 +36,6 @@ tcp_connect = [{PORT}]
     )
     path.chmod(0o644)
     return str(path)
-
-
-def _processes_named(comm: str, container_id: str) -> list[int]:
-    """This container's brokers or wardens (their argv names the container)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != comm:
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if container_id.encode() in f.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 # PID 1 serves PORT and, each time the test drops /tmp/go, makes one connection
@@ -80,14 +63,6 @@ def _connect(zviz: Zviz, container_id: str, host: str = "127.0.0.1", port: int =
         time.sleep(0.1)
 
 
-def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(pid):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
     return Zviz(zviz_bin, str(tmp_path / tagged("root")))
@@ -112,11 +87,11 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         while "CONNECTED" not in (before := _connect(zviz, container_id)):
             assert time.monotonic() < deadline, before
             time.sleep(0.1)
-        brokers = _processes_named("zviz-broker", container_id)
-        wardens = _processes_named("zviz-warden", container_id)
+        brokers = processes_named("zviz-broker", container_id)
+        wardens = processes_named("zviz-warden", container_id)
         assert len(brokers) == 1 and len(wardens) == 1, (brokers, wardens)
 
-        _kill(wardens[0])
+        kill_and_wait(wardens[0])
         time.sleep(0.5)  # the broker's next heartbeats find no warden
         assert alive(brokers[0]), "the broker died with its warden"
         assert "CONNECTED" in _connect(zviz, container_id)
@@ -126,7 +101,7 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         refused = _connect(zviz, container_id, "192.0.2.1", PORT)
         assert "connect-failed" in refused and "not permitted" in refused, refused
 
-        _kill(brokers[0])
+        kill_and_wait(brokers[0])
         after = _connect(zviz, container_id)
         assert "connect-failed" in after and "CONNECTED" not in after, after
         assert "Function not implemented" in after, after  # ENOSYS: fail closed
@@ -138,5 +113,5 @@ def test_warden_then_broker_killed(zviz, make_bundle, tmp_path):
         deleted = zviz("delete", "--force", container_id, timeout=30)
     assert deleted.returncode == 0, deleted.stderr
     assert leftovers(container_id, zviz.root) == []
-    assert _processes_named("zviz-broker", container_id) == []
-    assert _processes_named("zviz-warden", container_id) == []
+    assert processes_named("zviz-broker", container_id) == []
+    assert processes_named("zviz-warden", container_id) == []

@@ -8,7 +8,6 @@ import os
 import select
 import signal
 
-from api import typeurl
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Code, TtrpcError
 from integration.ids import unique_id
@@ -24,32 +23,11 @@ def test_exec_started_after_the_init_exited_ends_its_wait(short_root, make_bundl
     container_id = unique_id("zviz-rel-exec-late")
 
     async def body(harness: Harness, recorder) -> int:
-        harness.start(bundle, container_id)
-        await harness.call(
-            "Create",
-            shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
-            shim_pb2.CreateTaskResponse,
-        )
-        await harness.call("Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse)
+        await harness.create_and_start(bundle, container_id)
         with open(os.path.join(bundle, "config.json")) as f:
             process = dict(json.load(f)["process"], args=["true"], terminal=False)
         reader = os.open(stdout, os.O_RDONLY | os.O_NONBLOCK)
-        await harness.call(
-            "Exec",
-            shim_pb2.ExecProcessRequest(
-                id=container_id,
-                exec_id="late",
-                stdout=stdout,
-                spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
-            ),
-        )
-        exec_wait = asyncio.get_running_loop().create_task(
-            harness.call(
-                "Wait",
-                shim_pb2.WaitRequest(id=container_id, exec_id="late"),
-                shim_pb2.WaitResponse,
-            )
-        )
+        exec_wait = await harness.exec_waited(container_id, "late", process, stdout=stdout)
         await harness.call("Kill", shim_pb2.KillRequest(id=container_id, signal=signal.SIGKILL))
         await harness.call("Wait", shim_pb2.WaitRequest(id=container_id), shim_pb2.WaitResponse)
         try:
@@ -92,30 +70,10 @@ def test_deleting_a_task_ends_the_wait_of_an_exec_never_started(short_root, make
     container_id = unique_id("zviz-rel-exec-unstarted")
 
     async def body(harness: Harness, recorder) -> int:
-        harness.start(bundle, container_id)
-        await harness.call(
-            "Create",
-            shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
-            shim_pb2.CreateTaskResponse,
-        )
-        await harness.call("Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse)
+        await harness.create_and_start(bundle, container_id)
         with open(os.path.join(bundle, "config.json")) as f:
             process = dict(json.load(f)["process"], args=["true"], terminal=False)
-        await harness.call(
-            "Exec",
-            shim_pb2.ExecProcessRequest(
-                id=container_id,
-                exec_id="never",
-                spec=typeurl.pack_json(typeurl.OCI_PROCESS_URL, process),
-            ),
-        )
-        exec_wait = asyncio.get_running_loop().create_task(
-            harness.call(
-                "Wait",
-                shim_pb2.WaitRequest(id=container_id, exec_id="never"),
-                shim_pb2.WaitResponse,
-            )
-        )
+        exec_wait = await harness.exec_waited(container_id, "never", process)
         await harness.call("Kill", shim_pb2.KillRequest(id=container_id, signal=signal.SIGKILL))
         await harness.call("Wait", shim_pb2.WaitRequest(id=container_id), shim_pb2.WaitResponse)
         await harness.call(

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from integration.ids import tagged, unique_id
-from integration.reliability.harness import alive
+from integration.reliability.harness import alive, kill_and_wait
 from integration.zviz_cli import Zviz
 from runtime import forkserver
 
@@ -50,14 +50,6 @@ def _server_pid(bundle: str, zviz: Zviz) -> int:
             return pid
 
 
-def _kill(pid: int) -> None:
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while alive(pid):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-
-
 def test_killed_before_forking_the_worker_the_run_still_happens(zviz, make_bundle):
     bundle = make_bundle(["sh", "-c", "echo ran-once; exit 7"])
     server = _server_pid(make_bundle(["true"]), zviz)
@@ -72,7 +64,7 @@ def test_killed_before_forking_the_worker_the_run_still_happens(zviz, make_bundl
         time.sleep(0.5)  # connected and sent: nothing answers
         assert run.poll() is None
     finally:
-        _kill(server)
+        kill_and_wait(server)
     out, err = run.communicate(timeout=60)
     assert (run.returncode, out) == (7, "ran-once\n"), err
     assert os.listdir(zviz.root) == []
@@ -89,7 +81,7 @@ def test_killed_while_its_worker_runs_the_container(zviz, make_bundle):
         text=True,
     )
     assert run.stdout.readline() == "started\n"
-    _kill(server)
+    kill_and_wait(server)
     out, err = run.communicate("after-kill\n", timeout=60)
     assert (run.returncode, out) == (4, "got-after-kill\n"), err
     assert os.listdir(zviz.root) == []

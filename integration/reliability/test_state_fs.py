@@ -17,10 +17,10 @@ from integration.ids import tagged, unique_id
 from integration.reliability.harness import (
     NAMESPACE,
     Harness,
+    _scenario,
     _wait_gone,
     cgroup_pids,
     plain_bundle,
-    scenario,
 )
 from integration.zviz_cli import Zviz
 from shim import config as shim_config
@@ -158,5 +158,5 @@ def test_shim_create_on_a_failing_state_fs(make_bundle, short_root, fault):
             )
             return shim_pid
 
-        _wait_gone(scenario(root, body, events_dir=short_root))
+        _wait_gone(_scenario(root, body, events_dir=short_root))
         assert _no_cgroup(container_id)

@@ -10,6 +10,7 @@ import threading
 import time
 
 from integration.ids import unique_id
+from integration.leaks import processes_named
 from integration.security.conftest import HOST_NETWORK_FLAG, on_the_hosts_network
 from runtime.security import capabilities, profiles, seccomp
 from tools.mkbundle import default_config
@@ -159,22 +160,6 @@ def test_broker_allows_connect_to_allowed_port_denies_another(probes, tmp_path):
     )
 
 
-def _brokers(container_id: str) -> set[int]:
-    """Brokers of this container only (forked from `zviz run ... ID`, the id is in argv)."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != "zviz-broker":
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if container_id.encode() in f.read().split(b"\0"):
-                    found.add(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def _holds_listener(pid: int) -> bool:
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
@@ -198,7 +183,7 @@ def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
     def killer():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not killed:
-            for pid in _brokers(cid):
+            for pid in processes_named("zviz-broker", cid):
                 # Only once it holds the listener: killed earlier, the container
                 # refuses to start instead (also fail-closed, but not this test).
                 if _holds_listener(pid):
@@ -240,7 +225,7 @@ def test_stopped_broker_makes_mediated_calls_fail_not_wait(probes, tmp_path):
     def stopper():
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not stopped:
-            for pid in _brokers(cid):
+            for pid in processes_named("zviz-broker", cid):
                 if _holds_listener(pid):
                     os.kill(pid, signal.SIGSTOP)
                     stopped.append(pid)

@@ -23,22 +23,13 @@ import uuid
 
 import pytest
 
-from integration.podnet import LISTEN, PEER_IP, PEER_IP6, PodNetwork
+from integration.podnet import LISTEN, PEER_IP, PEER_IP6
 from integration.security.test_broker_decisions import broker_probe  # noqa: F401 - fixture
 from integration.zviz_cli import Zviz
 from tools.mkbundle import default_config
 
 PORT = 8080  # in web-server's egress ports: only the destination decides
 HOST_SWITCH = "allow_host_network = true in the shim config"
-
-
-@pytest.fixture
-def podnet():
-    net = PodNetwork()
-    try:
-        yield net
-    finally:
-        net.delete()
 
 
 @pytest.fixture
@@ -68,22 +59,15 @@ def linux_joining(path: str | None) -> dict:
 
 def run_in(probes, broker_probe, profile, path, script, *extra_flags):  # noqa: F811
     """sh -c SCRIPT under zviz PROFILE in a bundle joining PATH, with both probes in it."""
-    bundle = probes.bundle(["/bin/sh", "-c", script], linux=linux_joining(path))
-    shutil.copy2(broker_probe, os.path.join(bundle, "rootfs", "bprobe"))
-    root = os.path.join(probes.base, "root-zviz")
-    cid = f"zn11-sec-{uuid.uuid4().hex[:8]}"
-    cmd = [probes.zviz, "--root", root, "run", "--profile", profile, *extra_flags]
-    try:
-        return subprocess.run(
-            [*cmd, "--bundle", bundle, cid],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        subprocess.run([probes.zviz, "--root", root, "delete", "-f", cid], capture_output=True)
-        shutil.rmtree(bundle, ignore_errors=True)
+    return probes.run(
+        "zviz",
+        profile,
+        ["/bin/sh", "-c", script],
+        config={"linux": linux_joining(path)},
+        image_change=lambda rootfs: shutil.copy2(broker_probe, os.path.join(rootfs, "bprobe")),
+        cid=f"zn11-sec-{uuid.uuid4().hex[:8]}",
+        flags=extra_flags,
+    )
 
 
 EGRESS = (

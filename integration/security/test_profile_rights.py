@@ -16,8 +16,6 @@ refused:
 
 import json
 import os
-import shutil
-import subprocess
 import uuid
 
 import pytest
@@ -56,21 +54,14 @@ def run(probes, profile, script, *flags, linux=None, mounts=None):
         config["linux"] = linux
     if mounts is not None:
         config["mounts"] = mounts
-    bundle = probes.bundle(["/bin/sh", "-c", script], **config)
-    root = os.path.join(probes.base, "root-zviz")
-    cid = f"zcp-rights-{uuid.uuid4().hex[:8]}"
-    cmd = [probes.zviz, "--root", root, "run", "--profile", profile, *flags]
-    try:
-        return subprocess.run(
-            [*cmd, "--bundle", bundle, cid],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            stdin=subprocess.DEVNULL,
-        )
-    finally:
-        subprocess.run([probes.zviz, "--root", root, "delete", "-f", cid], capture_output=True)
-        shutil.rmtree(bundle, ignore_errors=True)
+    return probes.run(
+        "zviz",
+        profile,
+        ["/bin/sh", "-c", script],
+        config=config,
+        cid=f"zcp-rights-{uuid.uuid4().hex[:8]}",
+        flags=flags,
+    )
 
 
 # --- item 1: root over its own ids and files ---
