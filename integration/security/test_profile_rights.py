@@ -158,10 +158,14 @@ def test_netlink_reads_work_and_changes_are_refused(probes, profile):
 
 # --- item 3: loopback within the container's own network namespace ---
 
+# The listeners read a fifo this shell holds open, never /dev/null (a background job's
+# stdin): busybox nc quits at EOF on stdin, before a connection it has just accepted
+# delivers its data (seen as a missing "hello-v6" under load).
 LOOPBACK = """
 send() { for i in $(seq 50); do echo "$1" | nc "$2" "$3" 2>/dev/null && return; sleep 0.1; done; }
-nc -l -p 8080 > /tmp/got4 & send hello-v4 127.0.0.1 8080; wait
-nc -l -p 8443 > /tmp/got6 & send hello-v6 ::1 8443; wait
+mkfifo /tmp/in && exec 3<>/tmp/in
+nc -l -p 8080 <&3 > /tmp/got4 & send hello-v4 127.0.0.1 8080; wait
+nc -l -p 8443 <&3 > /tmp/got6 & send hello-v6 ::1 8443; wait
 cat /tmp/got4 /tmp/got6
 """
 
