@@ -86,12 +86,12 @@ class Container:
             spec = load_spec(bundle)
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
-            resolved_profile = _harden(
+            resolved_profile, changes = _harden(
                 spec, profile, allow_host_network, host_network_switch, cluster_network
             )
             # What the profile changed in config.json, for `--debug`: why a program that
             # asked for a capability or a shared namespace finds it gone.
-            for change in resolved_profile.programs.get("changes", ()):
+            for change in changes:
                 log.info(f"profile {resolved_profile.name}: {change}")
             _validate(spec, detach, console_socket)
             data = {
@@ -509,7 +509,7 @@ class Container:
         from runtime.spec import check_process_in_spec, load_spec, parse_process
 
         spec = load_spec(self.data["bundle"])
-        resolved_profile = _harden(
+        resolved_profile, _ = _harden(
             spec,
             self.data.get("profile"),
             bool(self.data.get("allowHostNetwork")),
@@ -589,12 +589,13 @@ def _harden(
     egress_nameservers=None,
 ):
     """Resolve the profile (unless the caller chose one already, as the shim does under its
-    operator's policy) and let the security layer tighten the spec."""
+    operator's policy) and let the security layer tighten the spec: (profile, what the
+    hardening changed in config.json)."""
     from runtime import security
 
     if not isinstance(profile, security.Profile):
         profile = security.resolve_profile(profile, spec.annotations)
-    security.harden_spec(
+    changes = security.harden_spec(
         spec,
         profile,
         allow_host_network=allow_host_network,
@@ -602,7 +603,7 @@ def _harden(
         cluster_network=cluster_network,
         egress_nameservers=egress_nameservers,
     )
-    return profile
+    return profile, changes
 
 
 def _notify_channel(profile, verbose: bool):

@@ -178,7 +178,6 @@ def harden_spec(
     profile.programs["profile-verbose"] = seccomp.profile_program(profile, verbose=True)
     if linux_cfg.seccomp:
         profile.programs["oci"] = seccomp.oci_program(linux_cfg.seccomp)
-    profile.programs["changes"] = changes
     return changes
 
 
