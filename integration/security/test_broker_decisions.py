@@ -206,9 +206,10 @@ def _vm_kib(pid: int, field: str) -> int:
 
 
 def _broker_of(cid: str) -> list[int]:
-    from integration.security.test_layers import _brokers, _holds_listener
+    from integration.leaks import processes_named
+    from integration.security.test_layers import _holds_listener
 
-    return [pid for pid in _brokers(cid) if _holds_listener(pid)]
+    return [pid for pid in processes_named("zviz-broker", cid) if _holds_listener(pid)]
 
 
 def _run_watching_the_broker(probes, broker_probe, tmp_path, cid: str, script: str):
