@@ -302,3 +302,16 @@ def test_detached_terminal_without_console_socket_is_refused(zviz, make_bundle):
     assert result.returncode == 1
     assert "console-socket" in result.stderr
     assert leftovers(container_id, zviz.root) == []
+
+
+def test_pid_file_in_a_missing_directory_is_a_clear_error_and_leaves_nothing(
+    zviz, make_bundle, tmp_path
+):
+    container_id = unique_id()
+    pid_file = tmp_path / "no-such-dir" / "pid"
+    result = zviz.create(make_bundle(["true"]), container_id, "--pid-file", str(pid_file))
+    assert result.returncode == 1
+    assert f"--pid-file {pid_file}: No such file or directory" in result.stderr
+    assert "internal error" not in result.stderr
+    assert zviz("state", container_id).returncode == 1
+    assert leftovers(container_id, zviz.root) == []

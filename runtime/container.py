@@ -655,22 +655,28 @@ def write_pid_file(path: str, pid: int) -> None:
     tmp = os.path.join(
         directory, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(6).hex()}.zviz-tmp"
     )
-    fd = os.open(
-        tmp,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o644,
-    )
+    try:
+        fd = os.open(
+            tmp,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o644,
+        )
+    except OSError as exc:
+        # the caller undoes the create: the user's typo must read as one, not a traceback
+        raise errors.InvalidArgument(f"--pid-file {path}: {exc.strerror}") from exc
     try:
         try:
             os.write(fd, str(pid).encode())
         finally:
             os.close(fd)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise errors.InvalidArgument(f"--pid-file {path}: {exc.strerror}") from exc
         raise
 
 

@@ -43,3 +43,11 @@ def test_no_temporary_file_is_left_behind(shared_dir):
     shared, _victim = shared_dir
     write_pid_file(str(shared / "init.pid"), 5)
     assert sorted(os.listdir(shared)) == ["init.pid"]
+
+
+def test_an_unwritable_place_is_a_clear_error_naming_the_file(tmp_path):
+    from runtime import errors
+
+    target = tmp_path / "missing" / "init.pid"
+    with pytest.raises(errors.InvalidArgument, match=f"--pid-file {target}: No such file"):
+        write_pid_file(str(target), 9)
