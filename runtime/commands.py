@@ -492,10 +492,17 @@ def cmd_update(args, log) -> int:
         if not isinstance(resources, dict):
             raise errors.InvalidArgument("--resources: must be a JSON object (linux.resources)")
     if args.memory is not None:
-        resources.setdefault("memory", {})["limit"] = int(args.memory)
+        try:
+            memory = int(args.memory)
+        except ValueError:
+            raise errors.InvalidArgument(
+                f"update: --memory: must be a number of bytes (or -1), got {args.memory!r}"
+            ) from None
+        resources.setdefault("memory", {})["limit"] = memory
     if args.pids_limit is not None:
         resources.setdefault("pids", {})["limit"] = args.pids_limit
-    container.update(resources)
+    # Flags and --resources alike go through the spec's rules (Container.update).
+    container.update(resources, "update")
     return 0
 
 

@@ -128,8 +128,7 @@ class Container:
             state.write(directory, data)
             cg.create()
             cg.prepare_join()
-            resources = (spec.raw.get("linux") or {}).get("resources") or {}
-            cg.apply(resources)
+            cg.apply(spec.linux.resources)
 
             fifo_fd = None
             if detach:
@@ -470,14 +469,20 @@ class Container:
     def stats(self) -> dict:
         return self._require_cgroup().stats()
 
-    def update(self, resources: dict) -> None:
-        """Apply new linux.resources (`zviz update --resources`)."""
-        from runtime import security
+    def update(self, resources: dict, source: str = "update") -> None:
+        """Apply new linux.resources (`zviz update`, the shim's Update): validated by the
+        rules config.json's are (spec.parse_resources), errors naming the field after
+        `source`; nothing is written unless all of it passes."""
+        from runtime.spec import parse_resources
 
+        typed = parse_resources(resources, source)
+        cg = self._require_cgroup()
         if self.data.get("profile"):
+            from runtime import security
+
             # The profile's pids/memory ceilings hold after create too.
-            security.check_resources(security.resolve_profile(self.data["profile"]), resources)
-        self._require_cgroup().apply(resources)
+            security.check_resources(security.resolve_profile(self.data["profile"]), typed)
+        cg.apply(typed)
 
     # --- exec -----------------------------------------------------------------------
 

@@ -161,18 +161,6 @@ def harden_spec(
             if res.memory.reservation and res.memory.reservation > profile.memory_max:
                 res.memory.reservation = profile.memory_max
 
-    # The cgroup layer applies linux.resources from the raw config: keep it in step.
-    if linux_cfg.resources is not None and isinstance(getattr(spec, "raw", None), dict):
-        raw_res = spec.raw.setdefault("linux", {}).setdefault("resources", {})
-        if linux_cfg.resources.pids is not None and linux_cfg.resources.pids.limit is not None:
-            raw_res.setdefault("pids", {})["limit"] = linux_cfg.resources.pids.limit
-        memory = linux_cfg.resources.memory
-        if memory is not None and memory.limit is not None:
-            raw_memory = raw_res.setdefault("memory", {})
-            raw_memory["limit"] = memory.limit
-            if memory.reservation is not None:
-                raw_memory["reservation"] = memory.reservation
-
     # Compile now (parent, cache on the host): PID 1 cannot see the cache after pivot_root.
     profile.programs["profile"] = seccomp.profile_program(profile, verbose=False)
     profile.programs["profile-verbose"] = seccomp.profile_program(profile, verbose=True)
@@ -264,16 +252,16 @@ def _derived_digest(digest: str, variant: str) -> str:
     return sha256(f"{digest}:{variant}".encode()).hexdigest()
 
 
-def check_resources(profile: Profile, resources: dict) -> None:
-    """`zviz update`: new linux.resources may not go above the profile's ceilings."""
+def check_resources(profile: Profile, resources) -> None:
+    """`zviz update`: new linux.resources (a spec.Resources) may not go above the profile's
+    ceilings."""
     limits = (
-        ("pids", "limit", profile.pids_max),
-        ("memory", "limit", profile.memory_max),
+        ("pids", "limit", profile.pids_max, resources.pids and resources.pids.limit),
+        ("memory", "limit", profile.memory_max, resources.memory and resources.memory.limit),
     )
-    for group, key, ceiling in limits:
+    for group, key, ceiling, value in limits:
         if ceiling is None:
             continue
-        value = (resources.get(group) or {}).get(key)
         if value is not None and (value <= 0 or value > ceiling):
             raise InvalidArgument(
                 f"resources: {group}.{key} {value} is above profile {profile.name}'s "
