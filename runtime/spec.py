@@ -352,7 +352,11 @@ class Mount:
 
     @property
     def is_bind(self) -> bool:
-        return self.type == "bind" or "bind" in self.options or "rbind" in self.options
+        # rootfs decides it for the mounts it makes; it is loaded wherever a spec is
+        # (container -> process -> rootfs), so this import costs nothing there.
+        from runtime.rootfs import is_bind
+
+        return is_bind(self)
 
 
 @dataclass(slots=True)

@@ -135,6 +135,16 @@ def test_container_path_refuses(given_path, message):
     with pytest.raises(InvalidArgument, match=message) as info:
         cgroups.container_path(given_path, "c1")
     assert "linux.cgroupsPath" in str(info.value)
+    # config.json is refused by the same function, in the same words, before anything exists
+    from runtime.defaults import default_config
+    from runtime.spec import parse_spec
+
+    config = default_config()
+    config["root"]["path"] = "/"
+    config["linux"]["cgroupsPath"] = given_path
+    with pytest.raises(InvalidArgument) as parsed:
+        parse_spec(config, "/")
+    assert str(parsed.value) == str(info.value)
 
 
 def test_v1_absolute_path_is_below_every_hierarchy_root():

@@ -122,6 +122,28 @@ def test_relative_bind_source_is_resolved_against_the_bundle(bundle):
     assert not spec.mounts[0].is_bind
 
 
+@pytest.mark.parametrize(
+    ("mount_type", "options", "bind"),
+    [
+        ("bind", [], True),
+        ("", ["rbind", "ro"], True),
+        ("none", ["bind"], True),
+        ("tmpfs", ["nosuid", "bind"], True),  # a bind option makes any type a bind
+        ("tmpfs", ["nosuid", "mode=755"], False),
+        ("proc", [], False),
+    ],
+)
+def test_spec_and_rootfs_ask_one_function_whether_a_mount_is_a_bind(mount_type, options, bind):
+    """The spec (validation, egress's resolv.conf) and rootfs (bind sources, mounting) once
+    decided it each by their own rule: now both ask rootfs.is_bind."""
+    from runtime import rootfs
+    from runtime.spec import Mount
+
+    assert Mount("/x", mount_type, "/src", list(options)).is_bind is bind
+    assert rootfs.is_bind(rootfs.Mount("/x", mount_type, "/src", options)) is bind
+    assert rootfs.BIND_OPTIONS == {"bind", "rbind"}  # read off rootfs's one option table
+
+
 def test_mount_destination_is_normalised(bundle):
     config = default_config()
     config["mounts"].append({"destination": "/run//x/./y/", "type": "tmpfs", "source": "tmpfs"})
