@@ -47,6 +47,7 @@ __all__ = [
     "apply",
     "check_resources",
     "harden_spec",
+    "maps_profile_ids",
     "notify_channel",
     "prepare",
     "resolve_profile",
@@ -61,14 +62,35 @@ def _warn(message: str) -> None:
         pass
 
 
-def resolve_profile(name: str | None, annotations: dict | None = None) -> Profile:
-    """--profile (root on the host chose it: any built-in or file), else the annotation
-    io.zviz.profile under the default rule (selection.py), else ci-runner."""
-    if name is None:
-        return selection.choose(annotations, selection.ProfilePolicy())
-    if name == "":
+def resolve_profile(choice, annotations: dict | None = None) -> Profile:
+    """The one decision of which profile a container gets, whoever asks:
+
+    - a name or file (`--profile`: root on the host chose it, any built-in or file);
+    - a selection.ProfilePolicy (the shim's operator): the annotation io.zviz.profile
+      if the policy allows it, else the policy's default (selection.choose);
+    - None: the annotation under the default rule, else ci-runner;
+    - a Profile: decided already (returned as it is).
+    """
+    if isinstance(choice, Profile):
+        return choice
+    if choice is None:
+        choice = selection.ProfilePolicy()
+    if isinstance(choice, selection.ProfilePolicy):
+        return selection.choose(annotations, choice)
+    if choice == "":
         raise InvalidArgument("profile: empty profile name")
-    return load_profile(name)
+    return load_profile(choice)
+
+
+def maps_profile_ids(spec, profile: Profile) -> bool:
+    """Whether the container's ids will be the profile's host range (host_uid..): the
+    profile asks for a user namespace, the container makes its own (does not join one
+    by path) and config.json maps no ids itself. harden_spec writes that mapping; a
+    caller with its own ranges (the shim's id pool) swaps the range in before."""
+    if not profile.user_namespace or spec.linux.uid_mappings:
+        return False
+    userns = spec.linux.namespace("user")
+    return userns is None or userns.path is None
 
 
 # How root on the host allows a spec without a network namespace, named in the refusal.
@@ -109,7 +131,7 @@ def harden_spec(
         if userns is None:
             linux_cfg.namespaces.insert(0, Namespace("user"))
             changes.append("user namespace added")
-        if (userns is None or userns.path is None) and not linux_cfg.uid_mappings:
+        if maps_profile_ids(spec, profile):
             linux_cfg.uid_mappings = [IdMapping(0, profile.host_uid, profile.id_count)]
             linux_cfg.gid_mappings = [IdMapping(0, profile.host_gid, profile.id_count)]
             changes.append(
