@@ -182,6 +182,8 @@ def harden_spec(
             res.memory.limit = profile.memory_max
             if res.memory.reservation and res.memory.reservation > profile.memory_max:
                 res.memory.reservation = profile.memory_max
+    if linux_cfg.resources is not None:
+        _unified_within_ceilings(profile, linux_cfg.resources.unified)
 
     # Compile now (parent, cache on the host): PID 1 cannot see the cache after pivot_root.
     profile.programs["profile"] = seccomp.profile_program(profile, verbose=False)
@@ -288,6 +290,23 @@ def check_resources(profile: Profile, resources) -> None:
             raise InvalidArgument(
                 f"resources: {group}.{key} {value} is above profile {profile.name}'s "
                 f"ceiling {ceiling} (-1/0 would be unlimited)"
+            )
+    _unified_within_ceilings(profile, resources.unified)
+
+
+def _unified_within_ceilings(profile: Profile, unified: dict[str, str]) -> None:
+    """cgroup v2 files in linux.resources.unified that hold a capped limit (written after
+    the typed fields, they would set it again): a number within the ceiling, or refused.
+    Create and update both ask here."""
+    for file, ceiling in (("pids.max", profile.pids_max), ("memory.max", profile.memory_max)):
+        value = unified.get(file)
+        if ceiling is None or value is None:
+            continue
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) <= ceiling):
+            raise InvalidArgument(
+                f'linux.resources.unified["{file}"]: {value!r} is above profile '
+                f"{profile.name}'s ceiling {ceiling} (a number up to it, or leave it out)"
             )
 
 
