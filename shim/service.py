@@ -203,10 +203,11 @@ class TaskService(shim_ttrpc.TaskService):
         )
 
     def _own_id_range(self, task: Task, config: shim_config.ShimConfig):
-        """Container.create's host_ids: PROFILE with host ids of the container's own range
-        when the operator asks for per-container ranges (shim/idpool.py). The core asks
-        only when the container's ids would be the profile's range (its own user
-        namespace, no mapping in config.json: security.maps_profile_ids)."""
+        """Container.create's host_ids when the operator asks for per-container ranges
+        (shim/idpool.py), else None (the profile's shared range). The core calls it only
+        when the container's ids would be the profile's range (its own user namespace, no
+        mapping in config.json: security.maps_profile_ids); it reserves a range and
+        returns the profile with that range's host ids."""
         if (config.id_ranges or "shared") == "shared":
             return None
         return functools.partial(self._reserve_id_range, task, config)
