@@ -331,6 +331,30 @@ def test_exec_kill_pause_and_stats(short_root, make_bundle, tmp_path):
             "Stats", shim_pb2.StatsRequest(id=container_id), shim_pb2.StatsResponse
         )
         assert typeurl.unpack(stats.stats).memory.usage.limit == 96 << 20
+        # Update is held to config.json's rules (spec.parse_resources), whole: a refused
+        # field beside a valid one is INVALID_ARGUMENT naming it, and nothing is written.
+        for nonsense, field in (
+            ({"memory": {"limit": 32 << 20, "swappiness": -1}}, "memory.swappiness"),
+            ({"memory": {"limit": 64 << 20, "swap": 32 << 20}}, "memory.swap"),
+            (
+                {"memory": {"limit": 32 << 20}, "hugepageLimits": [{"pageSize": "1TB"}]},
+                "hugepageLimits[0].pageSize",
+            ),
+        ):
+            with pytest.raises(TtrpcError) as raised:
+                await harness.call(
+                    "Update",
+                    shim_pb2.UpdateTaskRequest(
+                        id=container_id,
+                        resources=typeurl.pack_json(typeurl.OCI_LINUX_RESOURCES_URL, nonsense),
+                    ),
+                )
+            assert raised.value.code == Code.INVALID_ARGUMENT, raised.value.message
+            assert f"linux.resources.{field}" in raised.value.message
+            stats = await harness.call(
+                "Stats", shim_pb2.StatsRequest(id=container_id), shim_pb2.StatsResponse
+            )
+            assert typeurl.unpack(stats.stats).memory.usage.limit == 96 << 20
 
         await harness.call("Pause", shim_pb2.PauseRequest(id=container_id))
         state = await harness.call(

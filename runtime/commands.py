@@ -481,6 +481,14 @@ def cmd_features(args, log) -> int:
     return 0
 
 
+def _set_resource(resources: dict, section: str, key: str, value) -> None:
+    """A flag's value into --resources' object (a section that is no object is left for
+    the validation to refuse by name)."""
+    part = resources.setdefault(section, {})
+    if isinstance(part, dict):
+        part[key] = value
+
+
 def cmd_update(args, log) -> int:
     container = _load(args, log)
     resources: dict = {}
@@ -492,10 +500,17 @@ def cmd_update(args, log) -> int:
         if not isinstance(resources, dict):
             raise errors.InvalidArgument("--resources: must be a JSON object (linux.resources)")
     if args.memory is not None:
-        resources.setdefault("memory", {})["limit"] = int(args.memory)
+        try:
+            memory = int(args.memory)
+        except ValueError:
+            raise errors.InvalidArgument(
+                f"update: --memory: must be a number of bytes (or -1), got {args.memory!r}"
+            ) from None
+        _set_resource(resources, "memory", "limit", memory)
     if args.pids_limit is not None:
-        resources.setdefault("pids", {})["limit"] = args.pids_limit
-    container.update(resources)
+        _set_resource(resources, "pids", "limit", args.pids_limit)
+    # Flags and --resources alike go through the spec's rules (Container.update).
+    container.update(resources, "update")
     return 0
 
 

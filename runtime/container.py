@@ -32,6 +32,11 @@ class Container:
         self.log = log
         self._spawned: process.Spawned | None = None
         self._cgroup = None
+        # Set by create(), from the validated config.json, for the caller (the shim) that
+        # would otherwise read config.json again: PID 1's user as {"uid", "gid"}, and
+        # whether the container has a pid namespace of its own.
+        self.init_user: dict | None = None
+        self.own_pid_namespace: bool | None = None
 
     # --- creation -------------------------------------------------------------------
 
@@ -42,7 +47,8 @@ class Container:
         container_id: str,
         bundle: str,
         *,
-        profile=None,  # a name or file (--profile), a Profile (the shim's choice), or None
+        profile=None,  # a name or file (--profile), a selection.ProfilePolicy (the shim's), or None
+        host_ids=None,  # Profile -> Profile with the caller's own host id range (the shim's pool)
         verbose: bool = False,
         console_socket: str | None = None,
         pid_file: str | None = None,
@@ -62,6 +68,8 @@ class Container:
         and PID 1 is reaped by the caller's subreaper (the shim), not by zviz.
         detach=False: the caller is PID 1's reaper (this makes it a subreaper) and
         must call start() on this same object: no fifo, one message instead.
+        The profile is resolved here (security.resolve_profile); `host_ids` is asked only
+        when the container's ids would be the profile's range (security.maps_profile_ids).
         """
         del notify_socket  # accepted for runc compatibility; zviz has no sd_notify support
         directory = state.container_dir(root, container_id)
@@ -87,7 +95,12 @@ class Container:
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
             resolved_profile, changes = _harden(
-                spec, profile, allow_host_network, host_network_switch, cluster_network
+                spec,
+                profile,
+                allow_host_network,
+                host_network_switch,
+                cluster_network,
+                host_ids=host_ids,
             )
             # What the profile changed in config.json, for `--debug`: why a program that
             # asked for a capability or a shared namespace finds it gone.
@@ -128,8 +141,7 @@ class Container:
             state.write(directory, data)
             cg.create()
             cg.prepare_join()
-            resources = (spec.raw.get("linux") or {}).get("resources") or {}
-            cg.apply(resources)
+            cg.apply(spec.linux.resources)
 
             fifo_fd = None
             if detach:
@@ -186,6 +198,9 @@ class Container:
             else:
                 container._spawned = spawned
             container._cgroup = cg
+            user = spec.process.user
+            container.init_user = {"uid": user.uid, "gid": user.gid}
+            container.own_pid_namespace = spec.linux.creates_namespace("pid")
             return container
         except BaseException:
             _close_quietly(fds)
@@ -470,14 +485,20 @@ class Container:
     def stats(self) -> dict:
         return self._require_cgroup().stats()
 
-    def update(self, resources: dict) -> None:
-        """Apply new linux.resources (`zviz update --resources`)."""
-        from runtime import security
+    def update(self, resources: dict, source: str = "update") -> None:
+        """Apply new linux.resources (`zviz update`, the shim's Update): validated by the
+        rules config.json's are (spec.parse_resources), errors naming the field after
+        `source`; nothing is written unless all of it passes."""
+        from runtime.spec import parse_resources
 
+        typed = parse_resources(resources, source)
+        cg = self._require_cgroup()
         if self.data.get("profile"):
+            from runtime import security
+
             # The profile's pids/memory ceilings hold after create too.
-            security.check_resources(security.resolve_profile(self.data["profile"]), resources)
-        self._require_cgroup().apply(resources)
+            security.check_resources(security.resolve_profile(self.data["profile"]), typed)
+        cg.apply(typed)
 
     # --- exec -----------------------------------------------------------------------
 
@@ -587,14 +608,17 @@ def _harden(
     host_network_switch=None,
     cluster_network=None,
     egress_nameservers=None,
+    host_ids=None,
 ):
-    """Resolve the profile (unless the caller chose one already, as the shim does under its
-    operator's policy) and let the security layer tighten the spec: (profile, what the
-    hardening changed in config.json)."""
+    """Resolve the profile (security.resolve_profile: --profile, the shim's operator
+    policy, or the annotation's default rule), give it the caller's host id range when
+    it maps the container's ids, and let the security layer tighten the spec:
+    (profile, what the hardening changed in config.json)."""
     from runtime import security
 
-    if not isinstance(profile, security.Profile):
-        profile = security.resolve_profile(profile, spec.annotations)
+    profile = security.resolve_profile(profile, spec.annotations)
+    if host_ids is not None and security.maps_profile_ids(spec, profile):
+        profile = host_ids(profile)
     changes = security.harden_spec(
         spec,
         profile,

@@ -106,9 +106,16 @@ class Mount:
         self.source_fd = source_fd
 
 
-def is_bind(m, flags: int) -> bool:
-    """`flags`: the mount's from parse_options."""
-    return m.type == "bind" or bool(flags & linux.MS_BIND)
+# The options that make any mount a bind, read off the one option table above.
+BIND_OPTIONS = frozenset(
+    name for name, (set_flags, _) in _FLAG_OPTIONS.items() if set_flags & linux.MS_BIND
+)
+
+
+def is_bind(m) -> bool:
+    """Whether a mount (spec.Mount, or this module's) is a bind: type "bind", or a bind
+    option whatever its type. The one decision: spec.Mount.is_bind asks it too."""
+    return m.type == "bind" or not BIND_OPTIONS.isdisjoint(m.options or ())
 
 
 # What the container's mounts receive from the host, and never send back. A volume is
@@ -132,7 +139,7 @@ def open_bind_sources(mounts, bundle: str) -> list[int | None]:
     try:
         for m in mounts or ():
             mount_flags = parse_options(m.options)[0]
-            if not is_bind(m, mount_flags):
+            if not is_bind(m):
                 fds.append(None)
                 continue
             source = m.source or ""
@@ -469,7 +476,7 @@ class RootfsBuilder:
                     f"config.json: mounts: {m.destination}: {m.type} must be mounted on"
                     " an ordinary directory, but the image has a symlink on the way"
                 )
-        if is_bind(m, flags):
+        if is_bind(m):
             if m.source_fd is None:  # not opened by the parent (a caller of this module)
                 (m.source_fd,) = open_bind_sources([m], self.bundle)
             if _clean(m.destination) == "/dev":

@@ -11,14 +11,17 @@ Unknown keys are ignored (the OCI spec requires it, for extensibility); known ke
 with the wrong JSON type are errors, as Go's decoder makes them for runc. `null`
 reads as "absent", again as in Go.
 
-This module is on the container start path: it imports only json, os and
-dataclasses, and reads the filesystem only to resolve the bundle and the rootfs.
+This module is on the container start path: it imports only json, os,
+dataclasses and two small pieces of runtime.cgroups (DeviceRule, the one class a
+device rule has, and THROTTLE_KEYS), and reads the filesystem only to resolve the bundle and the rootfs.
 """
 
 import json
 import os
 from dataclasses import dataclass, field
 
+from runtime.cgroups.common import THROTTLE_KEYS
+from runtime.cgroups.devices import DeviceRule
 from runtime.errors import InvalidArgument, field_error
 
 # --- Names the runtime recognises (runtime/features.py reports the same sets) ---
@@ -349,7 +352,11 @@ class Mount:
 
     @property
     def is_bind(self) -> bool:
-        return self.type == "bind" or "bind" in self.options or "rbind" in self.options
+        # rootfs decides it for the mounts it makes; it is loaded wherever a spec is
+        # (container -> process -> rootfs), so this import costs nothing there.
+        from runtime.rootfs import is_bind
+
+        return is_bind(self)
 
 
 @dataclass(slots=True)
@@ -367,15 +374,6 @@ class Device:
     file_mode: int | None = None
     uid: int | None = None
     gid: int | None = None
-
-
-@dataclass(slots=True)
-class DeviceRule:
-    allow: bool
-    type: str = "a"  # "a", "b" or "c"
-    major: int | None = None  # None: any
-    minor: int | None = None  # None: any
-    access: str = "rwm"
 
 
 @dataclass(slots=True)
@@ -410,15 +408,63 @@ class Pids:
 
 
 @dataclass(slots=True)
+class WeightDevice:
+    major: int
+    minor: int
+    weight: int | None = None
+    leaf_weight: int | None = None
+
+
+@dataclass(slots=True)
+class ThrottleDevice:
+    major: int
+    minor: int
+    rate: int
+
+
+@dataclass(slots=True)
+class BlockIO:
+    weight: int | None = None
+    leaf_weight: int | None = None
+    weight_device: list[WeightDevice] = field(default_factory=list)
+    throttle_read_bps_device: list[ThrottleDevice] = field(default_factory=list)
+    throttle_write_bps_device: list[ThrottleDevice] = field(default_factory=list)
+    throttle_read_iops_device: list[ThrottleDevice] = field(default_factory=list)
+    throttle_write_iops_device: list[ThrottleDevice] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class HugepageLimit:
+    page_size: str  # "2MB", "1GB": as the kernel names its hugetlb.<size>.* files
+    limit: int
+
+
+@dataclass(slots=True)
+class InterfacePriority:
+    name: str
+    priority: int
+
+
+@dataclass(slots=True)
+class Network:
+    class_id: int | None = None
+    priorities: list[InterfacePriority] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class Resources:
+    """linux.resources, validated: the one input of the cgroup plans (runtime/cgroups)."""
+
     memory: Memory | None = None
     cpu: Cpu | None = None
     pids: Pids | None = None
-    block_io: dict | None = None
-    hugepage_limits: list | None = None
-    network: dict | None = None
-    devices: list[DeviceRule] = field(default_factory=list)
+    block_io: BlockIO | None = None
+    hugepage_limits: list[HugepageLimit] = field(default_factory=list)
+    network: Network | None = None
+    # None: config.json has no `devices` list (an update leaves the rules alone).
+    devices: list[DeviceRule] | None = None
     unified: dict[str, str] = field(default_factory=dict)
+    rdma: bool = False  # asked for rdma limits, which zviz does not apply (a note says so)
 
 
 @dataclass(slots=True)
@@ -460,7 +506,6 @@ class Spec:
     linux: Linux = field(default_factory=Linux)
     annotations: dict[str, str] = field(default_factory=dict)
     hooks: dict | None = None
-    raw: dict = field(default_factory=dict)
     bundle: str = ""  # absolute path of the bundle directory
 
 
@@ -524,6 +569,26 @@ def check_process_in_spec(process: Process, spec: Spec, source: str = "process.j
     """The process rules that depend on the container's config (user-namespace mappings)."""
     try:
         _check_process_ids_mapped(process, spec.linux, "")
+    except _Bad as bad:
+        raise InvalidArgument(
+            f"{source}: {_printable(bad.path)}: {_printable(bad.problem)}"
+        ) from None
+
+
+def parse_resources(resources, source: str = "update") -> Resources:
+    """Validate a linux.resources object given on its own (`zviz update`, the shim's Update)
+    by the rules config.json's is held to: the one validation the cgroup plans rely on.
+
+    It is an update: the rules relating two fields apply when both are given.
+    """
+    if resources is None:
+        return Resources()
+    if type(resources) is not dict:
+        raise InvalidArgument(
+            f"{source}: linux.resources: must be a JSON object, got {_what(resources)}"
+        )
+    try:
+        return _parse_resources(resources, "linux.resources", update=True)
     except _Bad as bad:
         raise InvalidArgument(
             f"{source}: {_printable(bad.path)}: {_printable(bad.problem)}"
@@ -772,7 +837,6 @@ def _parse_spec(config, bundle_dir: str) -> Spec:
         linux=linux,
         annotations=annotations,
         hooks=hooks,
-        raw=config,
         bundle=bundle,
     )
 
@@ -1381,7 +1445,9 @@ def is_own_netns(ns_path: str) -> bool:
 # --- linux.resources ---
 
 
-def _parse_resources(r: dict, path: str) -> Resources:
+def _parse_resources(r: dict, path: str, update: bool = False) -> Resources:
+    """linux.resources -> Resources. update: the object only names what changes, so the
+    rules relating two fields apply only when both are given (the kernel holds the rest)."""
     res = Resources()
 
     mem = _opt_obj(r, "memory", path)
@@ -1398,7 +1464,7 @@ def _parse_resources(r: dict, path: str) -> Resources:
             use_hierarchy=_opt_bool(mem, "useHierarchy", m_path, None),
             check_before_update=_opt_bool(mem, "checkBeforeUpdate", m_path, None),
         )
-        _check_memory(res.memory, m_path)
+        _check_memory(res.memory, m_path, update)
 
     cpu = _opt_obj(r, "cpu", path)
     if cpu is not None:
@@ -1424,8 +1490,11 @@ def _parse_resources(r: dict, path: str) -> Resources:
             raise _Bad(p_path, "limit", f"must be -1 (unlimited) or a count, got {limit}")
         res.pids = Pids(limit=limit)
 
-    for i, rule in enumerate(_opt_list(r, "devices", path)):
-        res.devices.append(_parse_device_rule(rule, f"{path}.devices[{i}]"))
+    if r.get("devices") is not None:
+        res.devices = [
+            _parse_device_rule(rule, f"{path}.devices[{i}]")
+            for i, rule in enumerate(_opt_list(r, "devices", path))
+        ]
 
     res.unified = _string_map(r, "unified", path)
     for key in res.unified:
@@ -1446,34 +1515,62 @@ def _parse_resources(r: dict, path: str) -> Resources:
 
     block_io = _opt_obj(r, "blockIO", path)
     if block_io is not None:
-        res.block_io = _check_block_io(block_io, _join(path, "blockIO"))
+        res.block_io = _parse_block_io(block_io, _join(path, "blockIO"))
 
-    hugepages = r.get("hugepageLimits")
-    if hugepages is not None:
-        h_path = _join(path, "hugepageLimits")
-        for i, h in enumerate(_opt_list(r, "hugepageLimits", path)):
-            _obj(h, h_path, i)
-            item = f"{h_path}[{i}]"
-            size = h.get("pageSize")
-            if size is None or size == "":
-                raise _Bad(item, "pageSize", 'is required (e.g. "2MB")')
-            _string(size, item, "pageSize")
-            if not (size[:-2].isdigit() and size.isascii() and size[-2:] in ("KB", "MB", "GB")):
-                raise _Bad(item, "pageSize", f'must look like "2MB" or "1GB", got {size!r}')
-            _opt_int(h, "limit", item, 0, _UINT64)
-        res.hugepage_limits = hugepages
+    h_path = _join(path, "hugepageLimits")
+    for i, h in enumerate(_opt_list(r, "hugepageLimits", path)):
+        _obj(h, h_path, i)
+        item = f"{h_path}[{i}]"
+        res.hugepage_limits.append(
+            HugepageLimit(
+                page_size=_page_size(h, item), limit=_required_int(h, "limit", item, 0, _UINT64)
+            )
+        )
 
     network = _opt_obj(r, "network", path)
     if network is not None:
         n_path = _join(path, "network")
-        _opt_int(network, "classID", n_path, 0, _UINT32)
+        res.network = Network(class_id=_opt_int(network, "classID", n_path, 0, _UINT32))
         for i, prio in enumerate(_opt_list(network, "priorities", n_path)):
             item = f"{n_path}.priorities[{i}]"
             _obj(prio, item)
-            _opt_str(prio, "name", item)
-            _opt_int(prio, "priority", item, 0, _UINT32)
-        res.network = network
+            name = _opt_str(prio, "name", item)
+            # One "name priority" line of net_prio.ifpriomap: a space would start another.
+            if not name or not name.isprintable() or any(c.isspace() for c in name):
+                raise _Bad(item, "name", f"must be an interface name, got {name!r}")
+            res.network.priorities.append(
+                InterfacePriority(name, _required_int(prio, "priority", item, 0, _UINT32))
+            )
+
+    res.rdma = bool(r.get("rdma"))
     return res
+
+
+# The units the kernel names hugetlb page sizes with (hugetlb.2MB.*, hugetlb.1GB.*): its
+# mem_fmt() never writes TB, so "1TB" could only name a file that does not exist.
+HUGEPAGE_UNITS = ("KB", "MB", "GB")
+
+
+def _page_size(h: dict, item: str) -> str:
+    size = h.get("pageSize")
+    if size is None or size == "":
+        raise _Bad(item, "pageSize", 'is required (e.g. "2MB")')
+    _string(size, item, "pageSize")
+    # It becomes part of a file name: digits and a unit, nothing else.
+    if not (size[:-2].isdigit() and size.isascii() and size[-2:] in HUGEPAGE_UNITS):
+        raise _Bad(
+            item,
+            "pageSize",
+            f'must look like "2MB" or "1GB" (a number and {", ".join(HUGEPAGE_UNITS)}), got {size!r}',
+        )
+    return size
+
+
+def _required_int(d: dict, key: str, path: str, lo: int, hi: int) -> int:
+    value = _opt_int(d, key, path, lo, hi)
+    if value is None:
+        raise _Bad(path, key, "is required")
+    return value
 
 
 def _memory_bytes(mem: dict, key: str, path: str) -> int | None:
@@ -1483,13 +1580,16 @@ def _memory_bytes(mem: dict, key: str, path: str) -> int | None:
     return value
 
 
-def _check_memory(mem: Memory, path: str) -> None:
+def _check_memory(mem: Memory, path: str, update: bool = False) -> None:
     limit = mem.limit if mem.limit and mem.limit > 0 else None
     if mem.reservation and mem.reservation > 0 and limit is not None and mem.reservation > limit:
         raise _Bad(path, "reservation", f"must not exceed limit ({mem.reservation} > {limit})")
     if mem.swap and mem.swap > 0:
         # `swap` is memory+swap (cgroup v1 memsw): below the memory limit, or
-        # without one, the kernel refuses it.
+        # without one, the kernel refuses it. An update without a limit keeps the
+        # container's current one, which only the kernel knows here.
+        if limit is None and update and mem.limit is None:
+            return
         if limit is None:
             raise _Bad(path, "swap", "needs memory.limit (swap is the memory+swap limit)")
         if mem.swap < limit:
@@ -1543,8 +1643,9 @@ def _parse_device_rule(rule, path: str) -> DeviceRule:
     access = _opt_str(rule, "access", path, "rwm") or "rwm"
     if not set(access) <= {"r", "w", "m"} or len(set(access)) != len(access):
         raise _Bad(path, "access", f"must combine r, w and m, got {access!r}")
-    major = _opt_int(rule, "major", path, -1, _INT64[1])
-    minor = _opt_int(rule, "minor", path, -1, _INT64[1])
+    # -1: any. The v2 device program compares them as 32-bit signed immediates.
+    major = _opt_int(rule, "major", path, -1, _INT32[1])
+    minor = _opt_int(rule, "minor", path, -1, _INT32[1])
     return DeviceRule(
         allow=allow,
         type=dtype,
@@ -1554,29 +1655,39 @@ def _parse_device_rule(rule, path: str) -> DeviceRule:
     )
 
 
-def _check_block_io(bio: dict, path: str) -> dict:
-    for key in ("weight", "leafWeight"):
-        _opt_int(bio, key, path, 0, _UINT16)
+def _parse_block_io(bio: dict, path: str) -> BlockIO:
+    block_io = BlockIO(
+        weight=_opt_int(bio, "weight", path, 0, _UINT16),
+        leaf_weight=_opt_int(bio, "leafWeight", path, 0, _UINT16),
+    )
     for i, dev in enumerate(_opt_list(bio, "weightDevice", path)):
         item = f"{path}.weightDevice[{i}]"
         _obj(dev, item)
-        _opt_int(dev, "major", item, *_INT64)
-        _opt_int(dev, "minor", item, *_INT64)
-        _opt_int(dev, "weight", item, 0, _UINT16)
-        _opt_int(dev, "leafWeight", item, 0, _UINT16)
-    for key in (
-        "throttleReadBpsDevice",
-        "throttleWriteBpsDevice",
-        "throttleReadIOPSDevice",
-        "throttleWriteIOPSDevice",
-    ):
+        block_io.weight_device.append(
+            WeightDevice(
+                *_device_numbers(dev, item),
+                weight=_opt_int(dev, "weight", item, 0, _UINT16),
+                leaf_weight=_opt_int(dev, "leafWeight", item, 0, _UINT16),
+            )
+        )
+    for key, attribute in THROTTLE_KEYS:
         for i, dev in enumerate(_opt_list(bio, key, path)):
             item = f"{path}.{key}[{i}]"
             _obj(dev, item)
-            _opt_int(dev, "major", item, *_INT64)
-            _opt_int(dev, "minor", item, *_INT64)
-            _opt_int(dev, "rate", item, 0, _UINT64)
-    return bio
+            getattr(block_io, attribute).append(
+                ThrottleDevice(
+                    *_device_numbers(dev, item), rate=_required_int(dev, "rate", item, 0, _UINT64)
+                )
+            )
+    return block_io
+
+
+def _device_numbers(dev: dict, item: str) -> tuple[int, int]:
+    """A block device's major and minor, as the kernel's "major:minor" lines take them."""
+    return (
+        _required_int(dev, "major", item, 0, _UINT32),
+        _required_int(dev, "minor", item, 0, _UINT32),
+    )
 
 
 # --- linux.seccomp (kept as a dict for the seccomp layer, checked for shape here) ---

@@ -9,7 +9,7 @@ import time
 from api.gen.containerd.types.task import task_pb2
 from runtime import linux
 from runtime.errors import FailedPrecondition, NotFound
-from shim.reaper import exit_code
+from runtime.state import exit_code_from_wait_status
 
 CREATED = task_pb2.CREATED
 RUNNING = task_pb2.RUNNING
@@ -59,7 +59,8 @@ class Process:
 
     def _on_exit(self, wait_status: int) -> None:
         self.wait_status = wait_status
-        self.exit_status = exit_code(wait_status)
+        # The one reading of a wait status, the runtime's (state.json, `zviz run`) too.
+        self.exit_status = exit_code_from_wait_status(wait_status)
         self.exited_at = time.time()
         self._close_pidfd()
         self.exited.set()

@@ -30,15 +30,6 @@ log = logging.getLogger("shim.reaper")
 UNCLAIMED_LIMIT = 1024
 
 
-def exit_code(wait_status: int) -> int:
-    """The shell's view of a wait status: the exit code, or 128 + the killing signal."""
-    if os.WIFSIGNALED(wait_status):
-        return 128 + os.WTERMSIG(wait_status)
-    if os.WIFEXITED(wait_status):
-        return os.WEXITSTATUS(wait_status)
-    return 255
-
-
 class Reaper:
     def __init__(self) -> None:
         self._callbacks: dict[int, Callable[[int], None]] = {}

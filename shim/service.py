@@ -12,7 +12,6 @@ the edge.
 import concurrent.futures
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -192,29 +191,28 @@ class TaskService(shim_ttrpc.TaskService):
                     raise errors.InvalidArgument(str(e)) from e
         return config
 
-    def _profile(self, annotations: dict, config: shim_config.ShimConfig):
-        """The container's Profile: the annotation io.zviz.profile if the operator allows it,
-        else the operator's default (security/selection.py)."""
+    def _profile(self, config: shim_config.ShimConfig):
+        """The operator's profile policy: Container.create resolves it against config.json's
+        annotation io.zviz.profile (security.resolve_profile, security/selection.py)."""
         from runtime.security import selection
 
-        policy = selection.ProfilePolicy(
+        return selection.ProfilePolicy(
             default=config.profile or selection.DEFAULT_PROFILE,
             allowed=config.allowed_annotation_profiles,
             profile_dirs=config.profile_dirs or (),
         )
-        return selection.choose(annotations, policy)
 
-    def _own_id_range(self, task: Task, spec: dict, profile, config: shim_config.ShimConfig):
-        """PROFILE with host ids of the container's own range when the operator asks for
-        per-container ranges (shim/idpool.py) and the container makes its own user
-        namespace with the profile's mapping; else PROFILE unchanged."""
-        if (config.id_ranges or "shared") == "shared" or not profile.user_namespace:
-            return profile
-        linux = spec.get("linux") or {}
-        if linux.get("uidMappings") or any(
-            ns.get("type") == "user" and ns.get("path") for ns in linux.get("namespaces") or ()
-        ):
-            return profile  # config.json's own mapping, or a joined (pod's) namespace
+    def _own_id_range(self, task: Task, config: shim_config.ShimConfig):
+        """Container.create's host_ids when the operator asks for per-container ranges
+        (shim/idpool.py), else None (the profile's shared range). The core calls it only
+        when the container's ids would be the profile's range (its own user namespace, no
+        mapping in config.json: security.maps_profile_ids); it reserves a range and
+        returns the profile with that range's host ids."""
+        if (config.id_ranges or "shared") == "shared":
+            return None
+        return functools.partial(self._reserve_id_range, task, config)
+
+    def _reserve_id_range(self, task: Task, config: shim_config.ShimConfig, profile):
         from dataclasses import replace
 
         from shim import idpool
@@ -244,14 +242,10 @@ class TaskService(shim_ttrpc.TaskService):
         self.tasks[request.id] = task  # claims the id while we await below
         loop = self.daemon.loop
         try:
-            spec = _read_spec(request.bundle)
-            task.own_pid_namespace = any(
-                ns.get("type") == "pid" and not ns.get("path")
-                for ns in (spec.get("linux") or {}).get("namespaces") or ()
-            )
+            # config.json is read by the core alone (Container.create): profile, ids,
+            # and what the shim needs of it come back on the container.
             config = self._operator_config(request.options if request.HasField("options") else None)
-            profile = self._profile(spec.get("annotations") or {}, config)
-            profile = self._own_id_range(task, spec, profile, config)
+            profile = self._profile(config)
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
             # The bundle keeps containerd's mode (0700, or 0710 to the mapped root's group):
             # PID 1 never walks it (the core chdirs into the rootfs as host root and
@@ -276,6 +270,7 @@ class TaskService(shim_ttrpc.TaskService):
                 request.id,
                 request.bundle,
                 profile=profile,
+                host_ids=self._own_id_range(task, config),
                 allow_host_network=bool(config.allow_host_network),
                 host_network_switch=shim_config.HOST_NETWORK_SWITCH,
                 cluster_network=config.cluster_network(),
@@ -286,9 +281,10 @@ class TaskService(shim_ttrpc.TaskService):
             with self.reaper.held():
                 task.container = await loop.run_in_executor(self._creator, create)
             pid = _init_pid(task.container)
+            task.own_pid_namespace = task.container.own_pid_namespace
             if request.terminal:
                 stdio.receive_console()
-            _give_stdio(stdio, pid, (spec.get("process") or {}).get("user"), task.id)
+            _give_stdio(stdio, pid, task.container.init_user, task.id)
             stdio.spawned()
             task.init.spawned(pid, self.reaper)
             task.watch_oom(loop)
@@ -589,17 +585,6 @@ def _timed(name: str, handler):
             )
 
     return timed
-
-
-def _read_spec(bundle: str) -> dict:
-    """config.json as plain data, for what the shim itself decides (profile, pid namespace);
-    the runtime core validates it properly."""
-    try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            spec = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return spec if isinstance(spec, dict) else {}
 
 
 def _give_stdio(stdio: Stdio, pid: int, user: dict | None, label: str) -> None:

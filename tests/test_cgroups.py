@@ -9,6 +9,21 @@ from runtime.cgroups import devices, v1, v2
 from runtime.cgroups.common import Write
 from runtime.cgroups.devices import DEFAULT_ALLOWED
 from runtime.errors import FailedPrecondition, InvalidArgument
+from runtime.spec import parse_resources
+
+
+def v1_plan(resources, **host):
+    """v1.plan of a linux.resources dict, validated as the runtime validates it first."""
+    return v1.plan(parse_resources(resources, "config.json"), **host)
+
+
+def v2_plan(resources, **host):
+    return v2.plan(parse_resources(resources, "config.json"), **host)
+
+
+def typed_rules(rules: list[dict]) -> list[devices.DeviceRule]:
+    return parse_resources({"devices": rules}, "config.json").devices
+
 
 # This machine's hybrid layout: v1 controllers, plus a cgroup2 mount holding only hugetlb.
 HYBRID_MOUNTINFO = """\
@@ -120,6 +135,16 @@ def test_container_path_refuses(given_path, message):
     with pytest.raises(InvalidArgument, match=message) as info:
         cgroups.container_path(given_path, "c1")
     assert "linux.cgroupsPath" in str(info.value)
+    # config.json is refused by the same function, in the same words, before anything exists
+    from runtime.defaults import default_config
+    from runtime.spec import parse_spec
+
+    config = default_config()
+    config["root"]["path"] = "/"
+    config["linux"]["cgroupsPath"] = given_path
+    with pytest.raises(InvalidArgument) as parsed:
+        parse_spec(config, "/")
+    assert str(parsed.value) == str(info.value)
 
 
 def test_v1_absolute_path_is_below_every_hierarchy_root():
@@ -173,7 +198,7 @@ def files(writes: list[Write]) -> list[tuple[str, str]]:
 
 
 def test_v1_memory_limit_and_swap_lowering_writes_the_limit_first():
-    writes = v1.plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, current_memory_limit=2**62)
+    writes = v1_plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, current_memory_limit=2**62)
     assert files(writes) == [
         ("memory.limit_in_bytes", str(64 * MiB)),
         ("memory.memsw.limit_in_bytes", str(128 * MiB)),
@@ -181,28 +206,28 @@ def test_v1_memory_limit_and_swap_lowering_writes_the_limit_first():
 
 
 def test_v1_memory_limit_and_swap_raising_writes_memsw_first():
-    writes = v1.plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, current_memory_limit=MiB)
+    writes = v1_plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, current_memory_limit=MiB)
     assert [w.file for w in writes] == ["memory.memsw.limit_in_bytes", "memory.limit_in_bytes"]
 
 
 def test_v1_unlimited_memory_means_unlimited_swap_when_memsw_exists():
-    assert files(v1.plan({"memory": {"limit": -1}})) == [
+    assert files(v1_plan({"memory": {"limit": -1}})) == [
         ("memory.memsw.limit_in_bytes", "-1"),
         ("memory.limit_in_bytes", "-1"),
     ]
-    assert files(v1.plan({"memory": {"limit": -1}}, memsw_available=False)) == [
+    assert files(v1_plan({"memory": {"limit": -1}}, memsw_available=False)) == [
         ("memory.limit_in_bytes", "-1")
     ]
 
 
 def test_v1_swap_below_limit_is_refused_before_the_kernel_sees_it():
-    with pytest.raises(InvalidArgument, match=r"memory\.swap: .* below memory.limit"):
-        v1.plan({"memory": {"limit": 64 * MiB, "swap": 32 * MiB}})
+    with pytest.raises(InvalidArgument, match=r"memory\.swap: must be at least memory.limit"):
+        v1_plan({"memory": {"limit": 64 * MiB, "swap": 32 * MiB}})
 
 
 def test_v1_swap_without_swap_accounting_is_refused():
     with pytest.raises(InvalidArgument, match="no swap accounting"):
-        v1.plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, memsw_available=False)
+        v1_plan({"memory": {"limit": 64 * MiB, "swap": 128 * MiB}}, memsw_available=False)
 
 
 @pytest.mark.parametrize(
@@ -211,6 +236,8 @@ def test_v1_swap_without_swap_accounting_is_refused():
         ({"memory": {"limit": -5}}, "memory.limit"),
         ({"memory": {"reservation": -2}}, "memory.reservation"),
         ({"memory": {"swappiness": 101}}, "memory.swappiness"),
+        # -1 (runc's "kernel default") is refused as config.json refuses it: one rule
+        ({"memory": {"swappiness": -1}}, "memory.swappiness"),
         ({"memory": {"limit": True}}, "memory.limit"),
         ({"devices": [{"allow": True, "type": "x"}]}, "devices[0].type"),
         ({"devices": [{"allow": True, "type": "c", "major": -3}]}, "devices[0].major"),
@@ -221,12 +248,12 @@ def test_v1_swap_without_swap_accounting_is_refused():
 )
 def test_v1_impossible_values_name_the_field(resources, field):
     with pytest.raises(InvalidArgument) as info:
-        v1.plan(resources)
+        v1_plan(resources)
     assert f"linux.resources.{field}" in str(info.value)
 
 
 def test_v1_other_memory_settings():
-    writes = v1.plan(
+    writes = v1_plan(
         {"memory": {"reservation": 16 * MiB, "swappiness": 0, "disableOOMKiller": True}}
     )
     assert files(writes) == [
@@ -237,7 +264,7 @@ def test_v1_other_memory_settings():
 
 
 def test_v1_pids_cpu_cpuset():
-    writes = v1.plan(
+    writes = v1_plan(
         {
             "pids": {"limit": 32},
             "cpu": {"shares": 512, "quota": 50000, "period": 100000, "cpus": "0", "mems": "0"},
@@ -251,12 +278,12 @@ def test_v1_pids_cpu_cpuset():
         ("cpuset.cpus", "0"),
         ("cpuset.mems", "0"),
     ]
-    assert files(v1.plan({"pids": {"limit": -1}})) == [("pids.max", "max")]
-    assert v1.plan({"pids": {"limit": 0}}) == []
+    assert files(v1_plan({"pids": {"limit": -1}})) == [("pids.max", "max")]
+    assert v1_plan({"pids": {"limit": 0}}) == []
 
 
 def test_v1_devices_start_from_deny_all_and_end_with_the_basic_nodes():
-    writes = v1.plan(
+    writes = v1_plan(
         {
             "devices": [
                 {"allow": False, "access": "rwm"},
@@ -278,15 +305,15 @@ def test_v1_devices_start_from_deny_all_and_end_with_the_basic_nodes():
 
 def test_v1_controller_missing_from_host():
     with pytest.raises(InvalidArgument, match="pids cgroup controller is not mounted"):
-        v1.plan({"pids": {"limit": 5}}, available=frozenset({"memory"}))
+        v1_plan({"pids": {"limit": 5}}, available=frozenset({"memory"}))
     # per-host optional features are skipped, not fatal
     assert (
-        v1.plan({"hugepageLimits": [{"pageSize": "2MB", "limit": 0}]}, available=frozenset()) == []
+        v1_plan({"hugepageLimits": [{"pageSize": "2MB", "limit": 0}]}, available=frozenset()) == []
     )
 
 
 def test_v1_blkio_and_hugetlb():
-    writes = v1.plan(
+    writes = v1_plan(
         {
             "blockIO": {
                 "weight": 500,
@@ -303,8 +330,8 @@ def test_v1_blkio_and_hugetlb():
 
 
 def test_empty_resources_write_nothing():
-    assert v1.plan({}) == [] and v1.plan(None) == []
-    assert v2.plan({}) == [] and v2.plan(None) == []
+    assert v1_plan({}) == [] and v1_plan(None) == []
+    assert v2_plan({}) == [] and v2_plan(None) == []
 
 
 # --- v2 translation -------------------------------------------------------------------------
@@ -324,27 +351,27 @@ def test_shares_to_weight_is_monotonic_and_in_range(shares):
 
 
 def test_v2_memory():
-    writes = v2.plan({"memory": {"limit": 64 * MiB, "swap": 96 * MiB, "reservation": MiB}})
+    writes = v2_plan({"memory": {"limit": 64 * MiB, "swap": 96 * MiB, "reservation": MiB}})
     assert files(writes) == [
         ("memory.max", str(64 * MiB)),
         ("memory.swap.max", str(32 * MiB)),  # memory+swap minus memory
         ("memory.low", str(MiB)),
     ]
-    assert files(v2.plan({"memory": {"limit": -1}})) == [
+    assert files(v2_plan({"memory": {"limit": -1}})) == [
         ("memory.max", "max"),
         ("memory.swap.max", "max"),
     ]
-    assert files(v2.plan({"memory": {"limit": 64 * MiB, "swap": -1}})) == [
+    assert files(v2_plan({"memory": {"limit": 64 * MiB, "swap": -1}})) == [
         ("memory.max", str(64 * MiB)),
         ("memory.swap.max", "max"),
     ]
 
 
 def test_v2_swap_needs_a_memory_limit():
-    with pytest.raises(InvalidArgument, match="swap limit needs a memory limit"):
-        v2.plan({"memory": {"swap": 96 * MiB}})
-    with pytest.raises(InvalidArgument, match="below memory.limit"):
-        v2.plan({"memory": {"limit": 64 * MiB, "swap": 32 * MiB}})
+    with pytest.raises(InvalidArgument, match="swap limit needs the memory limit"):
+        v2_plan({"memory": {"swap": 96 * MiB}})
+    with pytest.raises(InvalidArgument, match="must be at least memory.limit"):
+        v2_plan({"memory": {"limit": 64 * MiB, "swap": 32 * MiB}})
 
 
 @pytest.mark.parametrize(
@@ -357,43 +384,43 @@ def test_v2_swap_needs_a_memory_limit():
     ],
 )
 def test_v2_cpu_max(cpu, value):
-    assert files(v2.plan({"cpu": cpu})) == [("cpu.max", value)]
+    assert files(v2_plan({"cpu": cpu})) == [("cpu.max", value)]
 
 
 def test_v2_cpu_weight_pids_cpuset():
-    writes = v2.plan({"cpu": {"shares": 1024, "cpus": "0-1"}, "pids": {"limit": 10}})
+    writes = v2_plan({"cpu": {"shares": 1024, "cpus": "0-1"}, "pids": {"limit": 10}})
     assert files(writes) == [("pids.max", "10"), ("cpu.weight", "39"), ("cpuset.cpus", "0-1")]
 
 
 def test_v2_real_time_is_refused():
     with pytest.raises(InvalidArgument, match=r"cpu\.realtimeRuntime"):
-        v2.plan({"cpu": {"realtimeRuntime": 1000}})
+        v2_plan({"cpu": {"realtimeRuntime": 1000}})
 
 
 def test_v2_controller_not_delegated_names_the_field():
     with pytest.raises(InvalidArgument, match=r"cpu\.cpus: the cpuset controller"):
-        v2.plan({"cpu": {"cpus": "0"}}, available=frozenset({"memory", "pids", "cpu"}))
+        v2_plan({"cpu": {"cpus": "0"}}, available=frozenset({"memory", "pids", "cpu"}))
 
 
 def test_v2_devices_are_validated_not_written_as_files():
-    assert v2.plan({"devices": [{"allow": False, "access": "rwm"}]}) == []
+    assert v2_plan({"devices": [{"allow": False, "access": "rwm"}]}) == []
     with pytest.raises(InvalidArgument, match=r"devices\[0\]\.type"):
-        v2.plan({"devices": [{"allow": True, "type": "z"}]})
+        v2_plan({"devices": [{"allow": True, "type": "z"}]})
 
 
 def test_v2_unified():
-    writes = v2.plan({"unified": {"memory.high": "50000000", "pids.max": "7"}})
+    writes = v2_plan({"unified": {"memory.high": "50000000", "pids.max": "7"}})
     assert files(writes) == [("memory.high", "50000000"), ("pids.max", "7")]
     assert writes[0].field == "unified.memory.high"
     for key in ("cgroup.procs", "../x.max", "memory", "cgroup.subtree_control"):
         with pytest.raises(InvalidArgument, match="linux.resources.unified"):
-            v2.plan({"unified": {key: "1"}})
+            v2_plan({"unified": {key: "1"}})
     with pytest.raises(InvalidArgument, match="io controller"):
-        v2.plan({"unified": {"io.max": "8:0 rbps=1"}}, available=frozenset({"memory"}))
+        v2_plan({"unified": {"io.max": "8:0 rbps=1"}}, available=frozenset({"memory"}))
 
 
 def test_v2_io():
-    writes = v2.plan(
+    writes = v2_plan(
         {
             "blockIO": {
                 "weight": 1000,
@@ -402,7 +429,7 @@ def test_v2_io():
         }
     )
     assert files(writes) == [("io.weight", "10000"), ("io.max", "8:16 wiops=100")]
-    bfq = v2.plan({"blockIO": {"weight": 300}}, weight_file="io.bfq.weight")
+    bfq = v2_plan({"blockIO": {"weight": 300}}, weight_file="io.bfq.weight")
     assert files(bfq) == [("io.bfq.weight", "300")]  # BFQ keeps blkio's scale
 
 
@@ -412,11 +439,11 @@ WEIGHTS = {"weight": 500, "weightDevice": [{"major": 8, "minor": 0, "weight": 30
 
 
 def test_v1_weight_goes_to_the_file_the_kernel_offers():
-    assert files(v1.plan({"blockIO": WEIGHTS}, weight_file="blkio.weight")) == [
+    assert files(v1_plan({"blockIO": WEIGHTS}, weight_file="blkio.weight")) == [
         ("blkio.weight", "500"),
         ("blkio.weight_device", "8:0 300"),
     ]
-    assert files(v1.plan({"blockIO": WEIGHTS}, weight_file="blkio.bfq.weight")) == [
+    assert files(v1_plan({"blockIO": WEIGHTS}, weight_file="blkio.bfq.weight")) == [
         ("blkio.bfq.weight", "500"),
         ("blkio.bfq.weight_device", "8:0 300"),
     ]
@@ -435,12 +462,12 @@ def test_v1_weight_goes_to_the_file_the_kernel_offers():
 )
 def test_v1_weight_without_a_weight_file_names_the_field_and_the_files(block_io, field, missing):
     with pytest.raises(InvalidArgument, match=f"{field}: this kernel offers no block I/O weight"):
-        v1.plan({"blockIO": block_io}, weight_file=None)
+        v1_plan({"blockIO": block_io}, weight_file=None)
     with pytest.raises(InvalidArgument, match=f"{missing} are all missing"):
-        v1.plan({"blockIO": block_io}, weight_file=None)
+        v1_plan({"blockIO": block_io}, weight_file=None)
     # throttling needs no weight file
     throttle = {"throttleReadBpsDevice": [{"major": 8, "minor": 0, "rate": 1}]}
-    assert files(v1.plan({"blockIO": throttle}, weight_file=None)) == [
+    assert files(v1_plan({"blockIO": throttle}, weight_file=None)) == [
         ("blkio.throttle.read_bps_device", "8:0 1")
     ]
 
@@ -451,12 +478,12 @@ def test_v2_weight_without_a_weight_file_names_the_field_and_the_files():
         match=r"blockIO.weight: this kernel offers no block I/O weight: "
         r"io.bfq.weight and io.weight are all missing",
     ):
-        v2.plan({"blockIO": {"weight": 500}}, weight_file=None)
+        v2_plan({"blockIO": {"weight": 500}}, weight_file=None)
     with pytest.raises(InvalidArgument, match=r"blockIO.weightDevice\[0\]: this kernel offers"):
-        v2.plan({"blockIO": {"weightDevice": WEIGHTS["weightDevice"]}}, weight_file=None)
+        v2_plan({"blockIO": {"weightDevice": WEIGHTS["weightDevice"]}}, weight_file=None)
     # a missing io controller is named as such, not as missing weight files
     with pytest.raises(InvalidArgument, match=r"blockIO.weight: the io controller"):
-        v2.plan({"blockIO": {"weight": 500}}, available=frozenset({"memory"}), weight_file=None)
+        v2_plan({"blockIO": {"weight": 500}}, available=frozenset({"memory"}), weight_file=None)
 
 
 def fake_group(directory, *names: str) -> str:
@@ -513,7 +540,7 @@ def test_v2_group_without_weight_files_refuses_a_weight(tmp_path):
 
 def test_settings_a_host_cannot_honour_come_back_as_notes():
     notes: list[str] = []
-    writes = v1.plan(
+    writes = v1_plan(
         {"hugepageLimits": [{"pageSize": "2MB", "limit": 0}], "memory": {"kernel": 1 << 20}},
         available=frozenset({"memory"}),
         notes=notes,
@@ -522,11 +549,11 @@ def test_settings_a_host_cannot_honour_come_back_as_notes():
     assert any("hugepageLimits ignored" in n for n in notes)
     assert any("memory.kernel ignored" in n for n in notes)
     notes.clear()
-    v2.plan({"network": {"classID": 1}}, notes=notes)
+    v2_plan({"network": {"classID": 1}}, notes=notes)
     assert any("network ignored" in n for n in notes)
 
 
-@pytest.mark.parametrize("plan", [v1.plan, v2.plan])
+@pytest.mark.parametrize("plan", [v1_plan, v2_plan])
 @pytest.mark.parametrize(
     ("resources", "field"),
     [
@@ -567,7 +594,7 @@ def test_v1_memory_write_order_never_breaks_the_kernel_rule(current, new, unlimi
     limit, memsw = current[0], current[0] + current[1]  # any valid starting state
     new_limit = new[0]
     new_swap = -1 if unlimited_swap else new[0] + new[1]
-    writes = v1.plan({"memory": {"limit": new_limit, "swap": new_swap}}, current_memory_limit=limit)
+    writes = v1_plan({"memory": {"limit": new_limit, "swap": new_swap}}, current_memory_limit=limit)
     for write in writes:
         value = _bytes_or_unlimited(int(write.value))
         if write.file == "memory.limit_in_bytes":
@@ -656,7 +683,9 @@ def bpf_access(access: str) -> int:
 
 
 def test_default_device_program_allows_the_basic_nodes_only():
-    code = devices.program(devices.container_rules([{"allow": False, "access": "rwm"}]))
+    code = devices.program(
+        devices.container_rules(typed_rules([{"allow": False, "access": "rwm"}]))
+    )
     allowed = lambda t, ma, mi, acc: run_device_program(code, BPF_TYPE[t], ma, mi, bpf_access(acc))  # noqa: E731
     assert allowed("c", 1, 3, "rw") == 1  # /dev/null
     assert allowed("c", 136, 7, "rw") == 1  # a pts
@@ -684,7 +713,7 @@ rule_strategy = st.fixed_dictionaries(
     st.sampled_from(["r", "w", "m", "rw", "rwm"]),
 )
 def test_device_program_decides_as_the_rules_say(config_rules, dev_type, major, minor, access):
-    rules = devices.container_rules(config_rules)
+    rules = devices.container_rules(typed_rules(config_rules))
     code = devices.program(rules)
     verdict = run_device_program(code, BPF_TYPE[dev_type], major, minor, bpf_access(access))
     assert verdict == int(reference_decision(rules, dev_type, major, minor, access))

@@ -66,6 +66,52 @@ def test_cli_flag_still_loads_any_file_the_annotation_cannot(tmp_path):
         resolve_profile(None, {"io.zviz.profile": path})
 
 
+def test_resolve_profile_is_the_one_decision_for_the_cli_and_the_shim(root_dir):
+    """The shim hands its operator's policy to the core, which resolves it with the same
+    function as `--profile` and the default rule (it once chose in the shim itself)."""
+    write(os.path.join(root_dir, "mine.toml"), MINE)
+    policy = selection.ProfilePolicy(
+        default="hostile-tenant", allowed=("mine",), profile_dirs=(root_dir,)
+    )
+    assert resolve_profile(policy, {}).name == "hostile-tenant"
+    assert resolve_profile(policy, {"io.zviz.profile": "mine"}).host_uid == 300000
+    with pytest.raises(InvalidArgument, match="allowed_annotation_profiles"):
+        resolve_profile(policy, {"io.zviz.profile": "web-server"})
+    decided = resolve_profile(None, {"io.zviz.profile": "web-server"})
+    assert decided.name == "web-server"  # the default rule, as selection.ProfilePolicy()
+    assert resolve_profile(decided, {"io.zviz.profile": "batch-job"}) is decided
+
+
+def test_the_profile_range_is_used_only_where_config_json_leaves_the_mapping_to_it(tmp_path):
+    """maps_profile_ids: where harden_spec writes the profile's range, and so the only
+    case the shim's per-container id pool is asked for a range."""
+    from runtime import security
+    from tests.test_security_layers import make_spec
+
+    with_userns = resolve_profile("ci-runner")
+    assert with_userns.user_namespace
+    own = make_spec(tmp_path)
+    assert security.maps_profile_ids(own, with_userns)
+    mapped = make_spec(
+        tmp_path,
+        namespaces=[{"type": "user"}, {"type": "mount"}, {"type": "uts"}],
+        uidMappings=[{"containerID": 0, "hostID": 400000, "size": 10}],
+        gidMappings=[{"containerID": 0, "hostID": 400000, "size": 10}],
+    )
+    assert not security.maps_profile_ids(mapped, with_userns)
+    joined = make_spec(
+        tmp_path,
+        namespaces=[
+            {"type": "user", "path": "/proc/self/ns/user"},
+            {"type": "uts"},
+            {"type": "mount"},
+        ],
+    )
+    assert not security.maps_profile_ids(joined, with_userns)
+    security.harden_spec(own, with_userns)
+    assert own.linux.uid_mappings[0].host_id == with_userns.host_uid
+
+
 def test_root_owned_file_loads(root_dir):
     path = write(os.path.join(root_dir, "mine.toml"), MINE)
     assert selection.load_operator_profile(path, ()).host_uid == 300000

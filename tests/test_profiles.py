@@ -136,9 +136,12 @@ def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):
     security.harden_spec(spec, security.resolve_profile("hostile-tenant", {}))
     assert spec.linux.resources.pids.limit == 64
     assert spec.linux.resources.memory.limit == 1 << 20
-    # the cgroup layer reads the raw config: it must say the same
-    assert spec.raw["linux"]["resources"]["pids"]["limit"] == 64
-    assert spec.raw["linux"]["resources"]["memory"]["limit"] == 1 << 20
+    # the cgroup plans read these same typed resources: the lowered limit is what is written
+    from runtime.cgroups import v1
+
+    written = {w.file: w.value for w in v1.plan(spec.linux.resources)}
+    assert written["pids.max"] == "64"
+    assert written["memory.limit_in_bytes"] == str(1 << 20)
 
 
 def test_harden_spec_refuses_a_mapping_of_host_root(tmp_path):
@@ -250,15 +253,19 @@ def test_prepare_clamps_an_exec_process_that_skipped_harden_spec(tmp_path):
 
 
 def test_update_may_not_raise_limits_above_the_profile():
+    from runtime.spec import parse_resources
+
     profile = security.resolve_profile("hostile-tenant", {})
-    security.check_resources(profile, {"pids": {"limit": 10}, "memory": {"limit": 1 << 20}})
+    security.check_resources(
+        profile, parse_resources({"pids": {"limit": 10}, "memory": {"limit": 1 << 20}})
+    )
     for resources, field in (
         ({"pids": {"limit": 100000}}, "pids.limit"),
         ({"pids": {"limit": -1}}, "pids.limit"),
         ({"memory": {"limit": 1 << 40}}, "memory.limit"),
     ):
         with pytest.raises(InvalidArgument, match=f"{field} .* above profile hostile-tenant"):
-            security.check_resources(profile, resources)
+            security.check_resources(profile, parse_resources(resources))
 
 
 def test_cached_profiles_are_fresh_copies_and_follow_file_changes(tmp_path):

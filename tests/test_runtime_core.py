@@ -75,6 +75,8 @@ def test_parse_signal_rejects_unknown(text):
 def test_exit_codes_from_wait_status():
     assert state.exit_code_from_wait_status(3 << 8) == 3
     assert state.exit_code_from_wait_status(signal.SIGKILL) == 137
+    # neither exited nor killed (a stop report): no code to give, as runc's 255
+    assert state.exit_code_from_wait_status((signal.SIGSTOP << 8) | 0x7F) == 255
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", "x y", "a" * 1025])

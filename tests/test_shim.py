@@ -15,12 +15,13 @@ from api.gen.containerd.runtime.bootstrap.v1 import bootstrap_pb2
 from api.gen.containerd.runtimeoptions.v1 import api_pb2 as runtimeoptions
 from runtime import linux
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound
+from runtime.state import exit_code_from_wait_status as exit_code
 from shim import config as shim_config
 from shim.log import LogrusFormatter
 from shim.main import UsageError, parse_flags
 from shim.mounts import parse_options
 from shim.process import Process
-from shim.reaper import Reaper, exit_code
+from shim.reaper import Reaper
 from shim.stats import metrics_any, metrics_v1, metrics_v2
 from shim.stdio import Stdio, parse_uri
 
@@ -343,6 +344,16 @@ def _child(code: int | None = None, sig: int | None = None, delay: float = 0.0) 
             os.kill(os.getpid(), sig)
         os._exit(code or 0)
     return pid
+
+
+def test_the_shim_reads_exit_statuses_with_the_runtimes_one_function():
+    """Containerd's exit_status and state.json's exitStatus come from one function."""
+    from shim import process
+
+    assert process.exit_code_from_wait_status is exit_code
+    from shim import reaper
+
+    assert not hasattr(reaper, "exit_code")
 
 
 def test_exit_code_of_wait_statuses():

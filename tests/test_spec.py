@@ -82,7 +82,7 @@ def test_default_config_parses(bundle):
     )
     assert "/proc/kcore" in spec.linux.masked_paths
     assert "/proc/sys" in spec.linux.readonly_paths
-    assert spec.raw["process"]["args"] == ["echo", "hi"]
+    assert spec.process.args == ["echo", "hi"]
 
 
 def test_root_path_is_resolved_against_the_bundle(bundle):
@@ -120,6 +120,28 @@ def test_relative_bind_source_is_resolved_against_the_bundle(bundle):
     )
     assert etc.is_bind and etc.source == "/etc/hostname"
     assert not spec.mounts[0].is_bind
+
+
+@pytest.mark.parametrize(
+    ("mount_type", "options", "bind"),
+    [
+        ("bind", [], True),
+        ("", ["rbind", "ro"], True),
+        ("none", ["bind"], True),
+        ("tmpfs", ["nosuid", "bind"], True),  # a bind option makes any type a bind
+        ("tmpfs", ["nosuid", "mode=755"], False),
+        ("proc", [], False),
+    ],
+)
+def test_spec_and_rootfs_ask_one_function_whether_a_mount_is_a_bind(mount_type, options, bind):
+    """The spec (validation, egress's resolv.conf) and rootfs (bind sources, mounting) once
+    decided it each by their own rule: now both ask rootfs.is_bind."""
+    from runtime import rootfs
+    from runtime.spec import Mount
+
+    assert Mount("/x", mount_type, "/src", list(options)).is_bind is bind
+    assert rootfs.is_bind(rootfs.Mount("/x", mount_type, "/src", options)) is bind
+    assert rootfs.BIND_OPTIONS == {"bind", "rbind"}  # read off rootfs's one option table
 
 
 def test_mount_destination_is_normalised(bundle):
@@ -268,7 +290,10 @@ def test_unknown_keys_are_ignored(bundle):
     config = default_config()
     config["x-vendor"] = {"anything": [1, 2]}
     config["process"]["commandLine"] = "ignored on linux"
-    assert parse(config, bundle).raw["x-vendor"] == {"anything": [1, 2]}
+    spec = parse(config, bundle)
+    assert spec.process.args == default_config()["process"]["args"]
+    # Nothing keeps config.json's raw dict: every reader takes the typed spec.
+    assert not hasattr(spec, "raw")
 
 
 def test_every_capability_name_is_known(bundle):
@@ -1018,6 +1043,32 @@ BAD_CONFIGS = {
     "hugepage pageSize": (
         _resources("hugepageLimits", [{"pageSize": "big", "limit": 1}]),
         r"linux.resources.hugepageLimits\[0\].pageSize: must look like",
+    ),
+    # The kernel names hugetlb files in KB, MB or GB only: a TB size names no file.
+    "hugepage pageSize in TB": (
+        _resources("hugepageLimits", [{"pageSize": "1TB", "limit": 1}]),
+        r"linux.resources.hugepageLimits\[0\].pageSize: must look like .* got '1TB'",
+    ),
+    # The rules below were the cgroup plans' alone before the plans took the typed spec.
+    "hugepage limit missing": (
+        _resources("hugepageLimits", [{"pageSize": "2MB"}]),
+        r"linux.resources.hugepageLimits\[0\].limit: is required",
+    ),
+    "blockIO throttle rate missing": (
+        _resources("blockIO", {"throttleReadBpsDevice": [{"major": 8, "minor": 0}]}),
+        r"linux.resources.blockIO.throttleReadBpsDevice\[0\].rate: is required",
+    ),
+    "blockIO negative major": (
+        _resources("blockIO", {"weightDevice": [{"major": -8, "minor": 0, "weight": 10}]}),
+        r"linux.resources.blockIO.weightDevice\[0\].major: must be an integer from 0",
+    ),
+    "network priority name with a space": (
+        _resources("network", {"priorities": [{"name": "eth0 9", "priority": 1}]}),
+        r"linux.resources.network.priorities\[0\].name: must be an interface name",
+    ),
+    "device rule major beyond 32 bits": (
+        _resources("devices", [{"allow": True, "type": "c", "major": 1 << 31}]),
+        r"linux.resources.devices\[0\].major: must be an integer from -1",
     ),
     "network classID": (
         _resources("network", {"classID": -1}),

@@ -29,6 +29,16 @@ DESTROY_TIMEOUT_S = 10.0
 FREEZE_TIMEOUT_S = 5.0
 
 
+# blockIO's throttle lists: (config.json key, spec.BlockIO attribute), for the spec that
+# reads them and the plans that write them.
+THROTTLE_KEYS = (
+    ("throttleReadBpsDevice", "throttle_read_bps_device"),
+    ("throttleWriteBpsDevice", "throttle_write_bps_device"),
+    ("throttleReadIOPSDevice", "throttle_read_iops_device"),
+    ("throttleWriteIOPSDevice", "throttle_write_iops_device"),
+)
+
+
 def write_file(path: str, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -145,15 +155,13 @@ def offered_file(directory: str | None, candidates: tuple[str, ...]) -> str | No
     return None
 
 
-def asks_block_weight(resources: dict | None) -> bool:
-    """Whether `resources` sets a block I/O weight (one of the files offered_file finds):
-    only then is the cgroup directory looked at for it."""
-    block_io = (resources or {}).get("blockIO") or {}
-    if not isinstance(block_io, dict):
-        return True  # plan() reports it
-    return bool(block_io.get("weight")) or any(
-        not isinstance(dev, dict) or dev.get("weight") for dev in block_io.get("weightDevice") or ()
-    )
+def asks_block_weight(resources) -> bool:
+    """Whether `resources` (a spec.Resources) sets a block I/O weight (one of the files
+    offered_file finds): only then is the cgroup directory looked at for it."""
+    block_io = resources.block_io if resources is not None else None
+    if block_io is None:
+        return False
+    return bool(block_io.weight) or any(dev.weight for dev in block_io.weight_device)
 
 
 def no_weight_file(field: str, candidates: tuple[str, ...]) -> InvalidArgument:
@@ -165,16 +173,6 @@ def no_weight_file(field: str, candidates: tuple[str, ...]) -> InvalidArgument:
     )
 
 
-def int_field(resources: dict, section: str, key: str) -> int | None:
-    """An integer OCI field, or None when absent (checked again: a bool is not an int here)."""
-    value = (resources.get(section) or {}).get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"config.json: linux.resources.{section}.{key}: must be an integer")
-    return value
-
-
 def procs_below(top: str) -> set[int]:
     """The processes in a cgroup directory and all its sub-groups."""
     found: set[int] = set()
@@ -182,39 +180,6 @@ def procs_below(top: str) -> set[int]:
         if "cgroup.procs" in files:
             found.update(read_pids(os.path.join(dirpath, "cgroup.procs")))
     return found
-
-
-def _field(field: str) -> str:
-    return f"config.json: linux.resources.{field}"
-
-
-def non_negative(value, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidArgument(f"{_field(field)}: {value!r} is not a non-negative integer")
-    return value
-
-
-def device_numbers(device, field: str) -> str:
-    """ "major:minor" of a blockIO device entry."""
-    if not isinstance(device, dict):
-        raise InvalidArgument(f"{_field(field)}: must be an object")
-    return (
-        f"{non_negative(device.get('major'), field + '.major')}:"
-        f"{non_negative(device.get('minor'), field + '.minor')}"
-    )
-
-
-def page_size(entry, field: str) -> str:
-    """A hugepageLimits pageSize ("2MB", "1GB"): it becomes part of a file name."""
-    size = entry.get("pageSize") if isinstance(entry, dict) else None
-    if not (
-        isinstance(size, str)
-        and len(size) > 2
-        and size[:-2].isdigit()
-        and size[-2:] in ("KB", "MB", "GB", "TB")
-    ):
-        raise InvalidArgument(f"{_field(field)}.pageSize: {size!r} is not a size such as 2MB")
-    return size
 
 
 def rmdir_tree(top: str, deadline: float) -> None:
@@ -314,11 +279,11 @@ class Cgroup:
     def create(self) -> None:
         raise NotImplementedError
 
-    def _planned_writes(self, resources: dict, notes: list[str]) -> list[tuple[Write, str]]:
-        """(write, directory) for every file apply() must write, in order."""
+    def _planned_writes(self, resources, notes: list[str]) -> list[tuple[Write, str]]:
+        """(write, directory) for every file apply() must write, in order (a spec.Resources)."""
         raise NotImplementedError
 
-    def _after_writes(self, resources: dict) -> None:
+    def _after_writes(self, resources) -> None:
         """What apply() does beyond file writes (v2: the device program)."""
 
     def add_pid(self, pid: int) -> None:
@@ -376,15 +341,21 @@ class Cgroup:
     # --- shared -------------------------------------------------------------------------------
     _created: list[str]
 
-    def apply(self, resources: dict) -> list[str]:
+    def apply(self, resources) -> list[str]:
         """Writes OCI linux.resources; returns (and logs) notes on settings this host ignores.
 
+        `resources` is a spec.Resources (validated), or a linux.resources dict, which
+        spec.parse_resources validates first: the plans trust what they are given.
         A value the kernel refuses is an InvalidArgument naming the field. If this is the
         first apply() on a group this object just created, the group is then removed: a
         config the host cannot honour leaves nothing.
         """
         notes: list[str] = []
         try:
+            if resources is None or isinstance(resources, dict):
+                from runtime.spec import parse_resources
+
+                resources = parse_resources(resources, "config.json")
             for write, directory in self._planned_writes(resources, notes):
                 perform(write, directory)
             self._after_writes(resources)

@@ -8,21 +8,20 @@ still gets /dev/null and friends and nothing else.
 
 import os
 import struct
+from dataclasses import dataclass
 
-from runtime.errors import FailedPrecondition, InvalidArgument
+from runtime.errors import FailedPrecondition
 
 
+@dataclass(slots=True)
 class DeviceRule:
-    __slots__ = ("allow", "type", "major", "minor", "access")
+    """One linux.resources.devices rule; runtime/spec.py validates config.json's into these."""
 
-    def __init__(
-        self, allow: bool, dev_type: str, major: int | None, minor: int | None, access: str
-    ):
-        self.allow = allow
-        self.type = dev_type  # "a" (all: resets the policy), "b" or "c"
-        self.major = major  # None: any
-        self.minor = minor
-        self.access = access  # some of "rwm"
+    allow: bool
+    type: str = "a"  # "a" (all: resets the policy), "b" or "c"
+    major: int | None = None  # None: any
+    minor: int | None = None  # None: any
+    access: str = "rwm"  # some of "rwm"
 
     def v1_line(self) -> str:
         """The line devices.allow / devices.deny takes ("a" resets, like the kernel reads it)."""
@@ -31,9 +30,6 @@ class DeviceRule:
         major = "*" if self.major is None else self.major
         minor = "*" if self.minor is None else self.minor
         return f"{self.type} {major}:{minor} {self.access}"
-
-    def __repr__(self):
-        return f"DeviceRule({'allow' if self.allow else 'deny'} {self.v1_line()})"
 
 
 DENY_ALL = DeviceRule(False, "a", None, None, "rwm")
@@ -49,38 +45,9 @@ DEFAULT_ALLOWED = (
 )
 
 
-def parse_rule(rule, index: int) -> DeviceRule:
-    field = f"config.json: linux.resources.devices[{index}]"
-    if not isinstance(rule, dict):
-        raise InvalidArgument(f"{field}: must be an object")
-    allow = rule.get("allow")
-    if not isinstance(allow, bool):
-        raise InvalidArgument(f"{field}.allow: must be true or false")
-    dev_type = rule.get("type") or "a"
-    if dev_type not in ("a", "b", "c"):
-        raise InvalidArgument(f"{field}.type: {dev_type!r} is not one of a, b, c")
-    numbers: list[int | None] = []
-    for key in ("major", "minor"):
-        number = rule.get(key)
-        if number is None or number == -1:
-            numbers.append(None)
-        elif isinstance(number, int) and not isinstance(number, bool) and 0 <= number < 2**31:
-            numbers.append(number)
-        else:
-            raise InvalidArgument(f"{field}.{key}: {number!r} is not a device number")
-    access = rule.get("access") or "rwm"
-    if not isinstance(access, str) or not set(access) <= set("rwm"):
-        raise InvalidArgument(f"{field}.access: {access!r} must be made of r, w, m")
-    return DeviceRule(allow, dev_type, numbers[0], numbers[1], access)
-
-
-def container_rules(devices) -> list[DeviceRule]:
-    """Deny all, the config's rules in order, then the basic nodes."""
-    if devices is None:
-        devices = []
-    if not isinstance(devices, list):
-        raise InvalidArgument("config.json: linux.resources.devices: must be a list")
-    return [DENY_ALL, *(parse_rule(r, i) for i, r in enumerate(devices)), *DEFAULT_ALLOWED]
+def container_rules(rules: list[DeviceRule] | None) -> list[DeviceRule]:
+    """Deny all, the config's (validated) rules in order, then the basic nodes."""
+    return [DENY_ALL, *(rules or ()), *DEFAULT_ALLOWED]
 
 
 # --- cgroup v2: the eBPF program ------------------------------------------------------------

@@ -6,17 +6,14 @@ import time
 
 from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
+    THROTTLE_KEYS,
     Cgroup,
     OomWatcher,
     Write,
     asks_block_weight,
-    device_numbers,
-    int_field,
     make_dirs,
     no_weight_file,
-    non_negative,
     offered_file,
-    page_size,
     procs_below,
     read_file,
     read_int,
@@ -56,21 +53,13 @@ _OPTIONAL_CONTROLLERS = {"hugetlb", "net_cls", "net_prio", "rdma"}
 WEIGHT_FILES = ("blkio.weight", "blkio.bfq.weight")
 
 
-def _limit(resources: dict, section: str, key: str) -> int | None:
-    """A byte limit: absent/0 = leave alone, -1 = unlimited, else positive."""
-    value = int_field(resources, section, key)
-    if value is None or value == 0:
-        return None
-    if value < -1:
-        raise InvalidArgument(
-            f"config.json: linux.resources.{section}.{key}: {value} is neither -1 (unlimited) "
-            "nor a positive number of bytes"
-        )
-    return value
+def _set(value: int | None) -> int | None:
+    """A byte limit to write: absent/0 = leave alone (None), -1 = unlimited, else positive."""
+    return value or None
 
 
 def plan(
-    resources: dict,
+    resources,
     *,
     available: frozenset[str] = KNOWN_CONTROLLERS,
     memsw_available: bool = True,
@@ -80,14 +69,16 @@ def plan(
 ) -> list[Write]:
     """The cgroup v1 file writes, in order, that apply OCI linux.resources.
 
-    Pure: what the host offers comes in as arguments. `current_memory_limit` decides
-    whether the memory or the memory+swap limit is written first, since the kernel
-    refuses any moment where memsw < memory. `weight_file` is the one of WEIGHT_FILES
-    the blkio group has, or None.
+    `resources` is a spec.Resources: validated by runtime/spec.py, so what is checked
+    here is only what this host offers. Pure: what the host offers comes in as
+    arguments. `current_memory_limit` decides whether the memory or the memory+swap limit
+    is written first, since the kernel refuses any moment where memsw < memory.
+    `weight_file` is the one of WEIGHT_FILES the blkio group has, or None.
     """
-    resources = resources or {}
     writes: list[Write] = []
     notes = [] if notes is None else notes
+    if resources is None:
+        return writes
 
     def need(controller: str, field: str) -> bool:
         if controller in available:
@@ -100,173 +91,185 @@ def plan(
             "mounted on this host"
         )
 
-    # memory
-    limit = _limit(resources, "memory", "limit")
-    swap = _limit(resources, "memory", "swap")
-    reservation = _limit(resources, "memory", "reservation")
-    swappiness = int_field(resources, "memory", "swappiness")
-    memory = resources.get("memory") or {}
-    disable_oom_killer = memory.get("disableOOMKiller")
-    for key in ("kernel", "kernelTCP"):
-        if memory.get(key):
-            notes.append(f"linux.resources.memory.{key} ignored: kernel memory limits are obsolete")
-    if limit == -1 and swap is None and memsw_available:
-        swap = -1  # "unlimited memory" means unlimited memory+swap too, as runc reads it
-    if swap is not None and not memsw_available:
-        if swap != -1:
-            raise InvalidArgument(
-                "config.json: linux.resources.memory.swap: this kernel has no swap accounting "
-                "(memory.memsw.limit_in_bytes is missing)"
+    memory = resources.memory
+    if memory is not None:
+        limit, swap, reservation = _set(memory.limit), _set(memory.swap), _set(memory.reservation)
+        for key, value in (("kernel", memory.kernel), ("kernelTCP", memory.kernel_tcp)):
+            if value:
+                notes.append(
+                    f"linux.resources.memory.{key} ignored: kernel memory limits are obsolete"
+                )
+        if limit == -1 and swap is None and memsw_available:
+            swap = -1  # "unlimited memory" means unlimited memory+swap too, as runc reads it
+        if swap is not None and not memsw_available:
+            if swap != -1:
+                raise InvalidArgument(
+                    "config.json: linux.resources.memory.swap: this kernel has no swap "
+                    "accounting (memory.memsw.limit_in_bytes is missing)"
+                )
+            swap = None
+        if (
+            limit is not None
+            or swap is not None
+            or reservation is not None
+            or memory.swappiness is not None
+            or memory.disable_oom_killer
+        ) and need("memory", "memory"):
+            limit_write = limit is not None and Write(
+                "memory", "memory.limit_in_bytes", str(limit), "memory.limit"
             )
-        swap = None
-    if limit is not None and limit > 0 and swap is not None and swap != -1 and swap < limit:
-        raise InvalidArgument(
-            f"config.json: linux.resources.memory.swap: {swap} is below memory.limit {limit} "
-            "(swap is the memory+swap limit, so it must be at least the memory limit)"
-        )
-    if swappiness is not None and swappiness != -1 and not 0 <= swappiness <= 100:
-        raise InvalidArgument(
-            f"config.json: linux.resources.memory.swappiness: {swappiness} is not within 0..100"
-        )
-    if (
-        limit is not None
-        or swap is not None
-        or reservation is not None
-        or (swappiness not in (None, -1))
-        or disable_oom_killer
-    ) and need("memory", "memory"):
-        limit_write = limit is not None and Write(
-            "memory", "memory.limit_in_bytes", str(limit), "memory.limit"
-        )
-        swap_write = swap is not None and Write(
-            "memory", "memory.memsw.limit_in_bytes", str(swap), "memory.swap"
-        )
-        swap_first = (
-            limit_write
-            and swap_write
-            and (swap == -1 or (current_memory_limit is not None and current_memory_limit < swap))
-        )
-        ordered = [swap_write, limit_write] if swap_first else [limit_write, swap_write]
-        writes.extend(w for w in ordered if w)
-        if reservation is not None:
-            writes.append(
-                Write(
-                    "memory",
-                    "memory.soft_limit_in_bytes",
-                    str(reservation),
-                    "memory.reservation",
+            swap_write = swap is not None and Write(
+                "memory", "memory.memsw.limit_in_bytes", str(swap), "memory.swap"
+            )
+            swap_first = (
+                limit_write
+                and swap_write
+                and (
+                    swap == -1 or (current_memory_limit is not None and current_memory_limit < swap)
                 )
             )
-        if swappiness not in (None, -1):
-            writes.append(
-                Write("memory", "memory.swappiness", str(swappiness), "memory.swappiness")
-            )
-        if disable_oom_killer:
-            writes.append(Write("memory", "memory.oom_control", "1", "memory.disableOOMKiller"))
+            ordered = [swap_write, limit_write] if swap_first else [limit_write, swap_write]
+            writes.extend(w for w in ordered if w)
+            if reservation is not None:
+                writes.append(
+                    Write(
+                        "memory",
+                        "memory.soft_limit_in_bytes",
+                        str(reservation),
+                        "memory.reservation",
+                    )
+                )
+            if memory.swappiness is not None:
+                writes.append(
+                    Write(
+                        "memory", "memory.swappiness", str(memory.swappiness), "memory.swappiness"
+                    )
+                )
+            if memory.disable_oom_killer:
+                writes.append(Write("memory", "memory.oom_control", "1", "memory.disableOOMKiller"))
 
     # pids
-    pids_limit = int_field(resources, "pids", "limit")
+    pids_limit = resources.pids.limit if resources.pids is not None else None
     if pids_limit and need("pids", "pids.limit"):
         writes.append(
             Write("pids", "pids.max", str(pids_limit) if pids_limit > 0 else "max", "pids.limit")
         )
 
     # cpu: period before quota, so a quota valid for the new period is accepted
-    cpu = resources.get("cpu") or {}
-    for key, file in (
-        ("shares", "cpu.shares"),
-        ("period", "cpu.cfs_period_us"),
-        ("quota", "cpu.cfs_quota_us"),
-        ("burst", "cpu.cfs_burst_us"),
-        ("realtimePeriod", "cpu.rt_period_us"),
-        ("realtimeRuntime", "cpu.rt_runtime_us"),
-        ("idle", "cpu.idle"),
-    ):
-        value = int_field(resources, "cpu", key)
-        if value is None or (value == 0 and key not in ("idle", "burst")):
-            continue
-        if need("cpu", f"cpu.{key}"):
-            writes.append(Write("cpu", file, str(value), f"cpu.{key}"))
-    for key in ("cpus", "mems"):
-        value = cpu.get(key)
-        if value and need("cpuset", f"cpu.{key}"):
-            writes.append(Write("cpuset", f"cpuset.{key}", str(value), f"cpu.{key}"))
+    cpu = resources.cpu
+    if cpu is not None:
+        for key, value, file in (
+            ("shares", cpu.shares, "cpu.shares"),
+            ("period", cpu.period, "cpu.cfs_period_us"),
+            ("quota", cpu.quota, "cpu.cfs_quota_us"),
+            ("burst", cpu.burst, "cpu.cfs_burst_us"),
+            ("realtimePeriod", cpu.realtime_period, "cpu.rt_period_us"),
+            ("realtimeRuntime", cpu.realtime_runtime, "cpu.rt_runtime_us"),
+            ("idle", cpu.idle, "cpu.idle"),
+        ):
+            if value is None or (value == 0 and key not in ("idle", "burst")):
+                continue
+            if need("cpu", f"cpu.{key}"):
+                writes.append(Write("cpu", file, str(value), f"cpu.{key}"))
+        for key, value in (("cpus", cpu.cpus), ("mems", cpu.mems)):
+            if value and need("cpuset", f"cpu.{key}"):
+                writes.append(Write("cpuset", f"cpuset.{key}", value, f"cpu.{key}"))
 
     # devices: default deny, the config's rules in order, then the basic nodes
-    devices = resources.get("devices")
-    if devices is not None:
-        rules = container_rules(devices)
+    if resources.devices is not None:
+        rules = container_rules(resources.devices)
         if need("devices", "devices"):
-            fields = ["devices", *(f"devices[{i}]" for i in range(len(devices)))]
+            fields = ["devices", *(f"devices[{i}]" for i in range(len(resources.devices)))]
             for i, rule in enumerate(rules):
                 file = "devices.allow" if rule.allow else "devices.deny"
                 field = fields[i] if i < len(fields) else "devices"
                 writes.append(Write("devices", file, rule.v1_line(), field))
 
     # blkio
-    block_io = resources.get("blockIO") or {}
-    if block_io and need("blkio", "blockIO"):
-        for key, file in (("weight", weight_file), ("leafWeight", "blkio.leaf_weight")):
-            if block_io.get(key):
-                value = non_negative(block_io[key], f"blockIO.{key}")
+    block_io = resources.block_io
+    if block_io is not None and _asks_anything(block_io) and need("blkio", "blockIO"):
+        for key, value, file in (
+            ("weight", block_io.weight, weight_file),
+            ("leafWeight", block_io.leaf_weight, "blkio.leaf_weight"),
+        ):
+            if value:
                 if file is None:
                     raise no_weight_file(f"blockIO.{key}", WEIGHT_FILES)
                 writes.append(Write("blkio", file, str(value), f"blockIO.{key}"))
-        for i, dev in enumerate(block_io.get("weightDevice") or []):
+        for i, dev in enumerate(block_io.weight_device):
             field = f"blockIO.weightDevice[{i}]"
-            numbers = device_numbers(dev, field)
-            for key, file in (
-                ("weight", weight_file and f"{weight_file}_device"),
-                ("leafWeight", "blkio.leaf_weight_device"),
+            for key, value, file in (
+                ("weight", dev.weight, weight_file and f"{weight_file}_device"),
+                ("leafWeight", dev.leaf_weight, "blkio.leaf_weight_device"),
             ):
-                if dev.get(key):
-                    value = non_negative(dev[key], f"{field}.{key}")
+                if value:
                     if file is None:
                         raise no_weight_file(
                             f"{field}.{key}", tuple(f"{f}_device" for f in WEIGHT_FILES)
                         )
-                    writes.append(Write("blkio", file, f"{numbers} {value}", f"{field}.{key}"))
-        for key, file in (
-            ("throttleReadBpsDevice", "blkio.throttle.read_bps_device"),
-            ("throttleWriteBpsDevice", "blkio.throttle.write_bps_device"),
-            ("throttleReadIOPSDevice", "blkio.throttle.read_iops_device"),
-            ("throttleWriteIOPSDevice", "blkio.throttle.write_iops_device"),
-        ):
-            for i, dev in enumerate(block_io.get(key) or []):
+                    writes.append(
+                        Write("blkio", file, f"{dev.major}:{dev.minor} {value}", f"{field}.{key}")
+                    )
+        for key, attribute in THROTTLE_KEYS:
+            file = _THROTTLE_FILES[key]
+            for i, dev in enumerate(getattr(block_io, attribute)):
                 field = f"blockIO.{key}[{i}]"
-                numbers = device_numbers(dev, field)
-                rate = non_negative(dev.get("rate"), f"{field}.rate")
-                writes.append(Write("blkio", file, f"{numbers} {rate}", field))
+                writes.append(Write("blkio", file, f"{dev.major}:{dev.minor} {dev.rate}", field))
 
-    for i, entry in enumerate(resources.get("hugepageLimits") or []):
-        field = f"hugepageLimits[{i}]"
-        size = page_size(entry, field)
-        limit = non_negative(entry.get("limit"), f"{field}.limit")
+    for i, entry in enumerate(resources.hugepage_limits):
         if need("hugetlb", "hugepageLimits"):
-            writes.append(Write("hugetlb", f"hugetlb.{size}.limit_in_bytes", str(limit), field))
-
-    network = resources.get("network") or {}
-    if network.get("classID") is not None and need("net_cls", "network.classID"):
-        class_id = non_negative(network["classID"], "network.classID")
-        writes.append(Write("net_cls", "net_cls.classid", str(class_id), "network.classID"))
-    for i, prio in enumerate(network.get("priorities") or []):
-        field = f"network.priorities[{i}]"
-        name = prio.get("name") if isinstance(prio, dict) else None
-        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
-            raise InvalidArgument(
-                f"config.json: linux.resources.{field}.name: {name!r} is not an interface name"
+            writes.append(
+                Write(
+                    "hugetlb",
+                    f"hugetlb.{entry.page_size}.limit_in_bytes",
+                    str(entry.limit),
+                    f"hugepageLimits[{i}]",
+                )
             )
-        priority = non_negative(prio.get("priority"), f"{field}.priority")
-        if need("net_prio", "network.priorities"):
-            writes.append(Write("net_prio", "net_prio.ifpriomap", f"{name} {priority}", field))
 
-    if resources.get("rdma"):
+    network = resources.network
+    if network is not None:
+        if network.class_id is not None and need("net_cls", "network.classID"):
+            writes.append(
+                Write("net_cls", "net_cls.classid", str(network.class_id), "network.classID")
+            )
+        for i, prio in enumerate(network.priorities):
+            if need("net_prio", "network.priorities"):
+                writes.append(
+                    Write(
+                        "net_prio",
+                        "net_prio.ifpriomap",
+                        f"{prio.name} {prio.priority}",
+                        f"network.priorities[{i}]",
+                    )
+                )
+
+    if resources.rdma:
         notes.append("linux.resources.rdma ignored: rdma limits are not supported by zviz")
-    if resources.get("unified"):
+    if resources.unified:
         raise InvalidArgument(
             "config.json: linux.resources.unified: needs cgroup v2, but this host runs cgroup v1"
         )
     return writes
+
+
+_THROTTLE_FILES = {
+    "throttleReadBpsDevice": "blkio.throttle.read_bps_device",
+    "throttleWriteBpsDevice": "blkio.throttle.write_bps_device",
+    "throttleReadIOPSDevice": "blkio.throttle.read_iops_device",
+    "throttleWriteIOPSDevice": "blkio.throttle.write_iops_device",
+}
+
+
+def _asks_anything(block_io) -> bool:
+    """An empty blockIO object asks for nothing: no blkio controller needed (as before the
+    typed spec, when `{}` was skipped)."""
+    return bool(
+        block_io.weight
+        or block_io.leaf_weight
+        or block_io.weight_device
+        or any(getattr(block_io, attribute) for _key, attribute in THROTTLE_KEYS)
+    )
 
 
 class OomWatcherV1(OomWatcher):
@@ -392,7 +395,7 @@ class CgroupV1(Cgroup):
                     raise
         self._created.clear()
 
-    def _planned_writes(self, resources: dict, notes: list[str]) -> list[tuple[Write, str]]:
+    def _planned_writes(self, resources, notes: list[str]) -> list[tuple[Write, str]]:
         memory_dir = self.paths.get("memory")
         writes = plan(
             resources,

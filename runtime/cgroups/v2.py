@@ -8,17 +8,14 @@ import time
 from runtime.cgroups import devices as device_rules
 from runtime.cgroups.common import (
     FREEZE_TIMEOUT_S,
+    THROTTLE_KEYS,
     Cgroup,
     OomWatcher,
     Write,
     asks_block_weight,
-    device_numbers,
-    int_field,
     make_dirs,
     no_weight_file,
-    non_negative,
     offered_file,
-    page_size,
     read_file,
     read_int,
     read_keyed,
@@ -33,16 +30,6 @@ UNLIMITED = 2**64 - 1
 # The block I/O weight file, by preference: BFQ's (once the bfq scheduler is loaded),
 # then io.cost's; with neither, the kernel has no per-group weight.
 WEIGHT_FILES = ("io.bfq.weight", "io.weight")
-
-# Files zviz itself drives; a config's linux.resources.unified may not write them.
-_MANAGED_FILES = {
-    "cgroup.procs",
-    "cgroup.threads",
-    "cgroup.subtree_control",
-    "cgroup.freeze",
-    "cgroup.kill",
-    "cgroup.type",
-}
 
 
 def shares_to_weight(shares: int) -> int:
@@ -60,19 +47,19 @@ def blkio_weight_to_io_weight(weight: int) -> int:
 
 
 def swap_to_v2(swap: int | None, limit: int | None) -> int | None:
-    """OCI memory.swap (memory+swap, the v1 meaning) to memory.swap.max (swap alone)."""
+    """OCI memory.swap (memory+swap, the v1 meaning) to memory.swap.max (swap alone).
+
+    Both as validated by runtime/spec.py (swap at least the limit when both are set); a
+    swap without a limit is the update that only names swap: v2 cannot convert it.
+    """
     if limit == -1 and swap is None:
         return -1  # unlimited memory: unlimited swap too
     if swap is None or swap == -1:
         return swap
     if limit is None or limit == -1:
         raise InvalidArgument(
-            "config.json: linux.resources.memory.swap: a swap limit needs a memory limit"
-        )
-    if swap < limit:
-        raise InvalidArgument(
-            f"config.json: linux.resources.memory.swap: {swap} is below memory.limit {limit} "
-            "(swap is the memory+swap limit, so it must be at least the memory limit)"
+            "config.json: linux.resources.memory.swap: on cgroup v2 a swap limit needs the "
+            "memory limit beside it (memory.swap.max holds swap alone: swap - limit)"
         )
     return swap - limit
 
@@ -81,20 +68,8 @@ def _bytes(value: int) -> str:
     return "max" if value == -1 else str(value)
 
 
-def _limit(resources: dict, section: str, key: str) -> int | None:
-    value = int_field(resources, section, key)
-    if value is None or value == 0:
-        return None
-    if value < -1:
-        raise InvalidArgument(
-            f"config.json: linux.resources.{section}.{key}: {value} is neither -1 (unlimited) "
-            "nor a positive number"
-        )
-    return value
-
-
 def plan(
-    resources: dict,
+    resources,
     *,
     available: frozenset[str] = frozenset({"cpu", "cpuset", "io", "memory", "pids", "hugetlb"}),
     swap_available: bool = True,
@@ -103,12 +78,15 @@ def plan(
 ) -> list[Write]:
     """The cgroup v2 file writes, in order, that apply OCI linux.resources.
 
-    Pure: `available` is the group's cgroup.controllers, `swap_available` whether
-    memory.swap.max exists, `weight_file` the one of WEIGHT_FILES the group has, or None.
+    `resources` is a spec.Resources: validated by runtime/spec.py, so what is checked
+    here is only what this host offers and what v2 cannot express. Pure: `available` is
+    the group's cgroup.controllers, `swap_available` whether memory.swap.max exists,
+    `weight_file` the one of WEIGHT_FILES the group has, or None.
     """
-    resources = resources or {}
     writes: list[Write] = []
     notes = [] if notes is None else notes
+    if resources is None:
+        return writes
 
     def need(controller: str, field: str) -> bool:
         if controller in available:
@@ -122,74 +100,72 @@ def plan(
         if need(controller, field):
             writes.append(Write("unified", file, value, field))
 
-    memory = resources.get("memory") or {}
-    limit = _limit(resources, "memory", "limit")
-    swap = swap_to_v2(_limit(resources, "memory", "swap"), limit)
-    reservation = _limit(resources, "memory", "reservation")
-    swappiness = int_field(resources, "memory", "swappiness")
-    if swappiness is not None and swappiness != -1:
-        if not 0 <= swappiness <= 100:
-            raise InvalidArgument(
-                f"config.json: linux.resources.memory.swappiness: {swappiness} is not within 0..100"
+    memory = resources.memory
+    if memory is not None:
+        limit = memory.limit or None  # 0: leave alone
+        swap = swap_to_v2(memory.swap or None, limit)
+        reservation = memory.reservation or None
+        if memory.swappiness is not None:
+            notes.append(
+                "linux.resources.memory.swappiness ignored: cgroup v2 has no per-group knob"
             )
-        notes.append("linux.resources.memory.swappiness ignored: cgroup v2 has no per-group knob")
-    if memory.get("disableOOMKiller"):
-        notes.append("linux.resources.memory.disableOOMKiller ignored: not available on cgroup v2")
-    for key in ("kernel", "kernelTCP"):
-        if memory.get(key):
-            notes.append(f"linux.resources.memory.{key} ignored: kernel memory limits are obsolete")
-    if limit is not None:
-        add("memory", "memory.max", _bytes(limit), "memory.limit")
-    if swap is not None:
-        if swap_available:
-            add("memory", "memory.swap.max", _bytes(swap), "memory.swap")
-        elif swap != -1:
-            raise InvalidArgument(
-                "config.json: linux.resources.memory.swap: this kernel has no swap accounting "
-                "(memory.swap.max is missing)"
+        if memory.disable_oom_killer:
+            notes.append(
+                "linux.resources.memory.disableOOMKiller ignored: not available on cgroup v2"
             )
-    if reservation is not None:
-        add("memory", "memory.low", _bytes(reservation), "memory.reservation")
+        for key, value in (("kernel", memory.kernel), ("kernelTCP", memory.kernel_tcp)):
+            if value:
+                notes.append(
+                    f"linux.resources.memory.{key} ignored: kernel memory limits are obsolete"
+                )
+        if limit is not None:
+            add("memory", "memory.max", _bytes(limit), "memory.limit")
+        if swap is not None:
+            if swap_available:
+                add("memory", "memory.swap.max", _bytes(swap), "memory.swap")
+            elif swap != -1:
+                raise InvalidArgument(
+                    "config.json: linux.resources.memory.swap: this kernel has no swap accounting "
+                    "(memory.swap.max is missing)"
+                )
+        if reservation is not None:
+            add("memory", "memory.low", _bytes(reservation), "memory.reservation")
 
-    pids_limit = int_field(resources, "pids", "limit")
+    pids_limit = resources.pids.limit if resources.pids is not None else None
     if pids_limit:
         add("pids", "pids.max", str(pids_limit) if pids_limit > 0 else "max", "pids.limit")
 
-    cpu = resources.get("cpu") or {}
-    shares = int_field(resources, "cpu", "shares")
-    if shares:
-        # v1's kernel clamps shares into 2..262144; do the same so a config means one thing.
-        shares = min(max(shares, 2), 262144)
-        add("cpu", "cpu.weight", str(shares_to_weight(shares)), "cpu.shares")
-    quota = int_field(resources, "cpu", "quota")
-    period = int_field(resources, "cpu", "period")
-    if quota or period:
-        value = str(quota) if quota and quota > 0 else "max"
-        if period:
-            value += f" {period}"
-        add("cpu", "cpu.max", value, "cpu.quota" if quota else "cpu.period")
-    burst = int_field(resources, "cpu", "burst")
-    if burst is not None:
-        add("cpu", "cpu.max.burst", str(burst), "cpu.burst")
-    idle = int_field(resources, "cpu", "idle")
-    if idle is not None:
-        add("cpu", "cpu.idle", str(idle), "cpu.idle")
-    for key in ("realtimeRuntime", "realtimePeriod"):
-        if int_field(resources, "cpu", key):
-            raise InvalidArgument(
-                f"config.json: linux.resources.cpu.{key}: real-time CPU limits are not "
-                "available on cgroup v2"
-            )
-    for key in ("cpus", "mems"):
-        if cpu.get(key):
-            add("cpuset", f"cpuset.{key}", str(cpu[key]), f"cpu.{key}")
+    cpu = resources.cpu
+    if cpu is not None:
+        if cpu.shares:
+            # v1's kernel clamps shares into 2..262144; do the same so a config means one thing.
+            shares = min(max(cpu.shares, 2), 262144)
+            add("cpu", "cpu.weight", str(shares_to_weight(shares)), "cpu.shares")
+        if cpu.quota or cpu.period:
+            value = str(cpu.quota) if cpu.quota and cpu.quota > 0 else "max"
+            if cpu.period:
+                value += f" {cpu.period}"
+            add("cpu", "cpu.max", value, "cpu.quota" if cpu.quota else "cpu.period")
+        if cpu.burst is not None:
+            add("cpu", "cpu.max.burst", str(cpu.burst), "cpu.burst")
+        if cpu.idle is not None:
+            add("cpu", "cpu.idle", str(cpu.idle), "cpu.idle")
+        for key, value in (
+            ("realtimeRuntime", cpu.realtime_runtime),
+            ("realtimePeriod", cpu.realtime_period),
+        ):
+            if value:
+                raise InvalidArgument(
+                    f"config.json: linux.resources.cpu.{key}: real-time CPU limits are not "
+                    "available on cgroup v2"
+                )
+        for key, value in (("cpus", cpu.cpus), ("mems", cpu.mems)):
+            if value:
+                add("cpuset", f"cpuset.{key}", value, f"cpu.{key}")
 
-    # devices: not a file write on v2 but an eBPF program, attached by CgroupV2.apply;
-    # checked here so a bad rule fails before anything is written
-    if resources.get("devices") is not None:
-        device_rules.container_rules(resources["devices"])
+    # devices: not a file write on v2 but an eBPF program, attached by CgroupV2.apply
 
-    block_io = resources.get("blockIO") or {}
+    block_io = resources.block_io
 
     def io_weight(value: int, field: str) -> str:
         # a missing io controller is the error to report, not the weight files it would bring
@@ -198,61 +174,61 @@ def plan(
         # BFQ takes blkio's 1..1000 scale; io.cost's io.weight has its own 1..10000
         return str(value if weight_file == "io.bfq.weight" else blkio_weight_to_io_weight(value))
 
-    if block_io.get("weight"):
-        weight = non_negative(block_io["weight"], "blockIO.weight")
-        add("io", weight_file, io_weight(weight, "blockIO.weight"), "blockIO.weight")
-    for i, dev in enumerate(block_io.get("weightDevice") or []):
-        field = f"blockIO.weightDevice[{i}]"
-        numbers = device_numbers(dev, field)
-        if dev.get("weight"):
-            weight = non_negative(dev["weight"], f"{field}.weight")
-            add("io", weight_file, f"{numbers} {io_weight(weight, field)}", field)
-    for key, io_key in (
-        ("throttleReadBpsDevice", "rbps"),
-        ("throttleWriteBpsDevice", "wbps"),
-        ("throttleReadIOPSDevice", "riops"),
-        ("throttleWriteIOPSDevice", "wiops"),
-    ):
-        for i, dev in enumerate(block_io.get(key) or []):
-            field = f"blockIO.{key}[{i}]"
-            numbers = device_numbers(dev, field)
-            rate = non_negative(dev.get("rate"), f"{field}.rate") or "max"
-            add("io", "io.max", f"{numbers} {io_key}={rate}", field)
+    if block_io is not None:
+        if block_io.weight:
+            add(
+                "io",
+                weight_file,
+                io_weight(block_io.weight, "blockIO.weight"),
+                "blockIO.weight",
+            )
+        for i, dev in enumerate(block_io.weight_device):
+            field = f"blockIO.weightDevice[{i}]"
+            if dev.weight:
+                add(
+                    "io",
+                    weight_file,
+                    f"{dev.major}:{dev.minor} {io_weight(dev.weight, field)}",
+                    field,
+                )
+        for key, attribute in THROTTLE_KEYS:
+            io_key = _IO_MAX_KEYS[key]
+            for i, dev in enumerate(getattr(block_io, attribute)):
+                field = f"blockIO.{key}[{i}]"
+                rate = dev.rate or "max"
+                add("io", "io.max", f"{dev.major}:{dev.minor} {io_key}={rate}", field)
 
-    for i, entry in enumerate(resources.get("hugepageLimits") or []):
-        field = f"hugepageLimits[{i}]"
-        size = page_size(entry, field)
-        limit = non_negative(entry.get("limit"), f"{field}.limit")
+    for i, entry in enumerate(resources.hugepage_limits):
         if "hugetlb" in available:
-            writes.append(Write("unified", f"hugetlb.{size}.max", str(limit), field))
+            writes.append(
+                Write(
+                    "unified",
+                    f"hugetlb.{entry.page_size}.max",
+                    str(entry.limit),
+                    f"hugepageLimits[{i}]",
+                )
+            )
         else:
             notes.append("linux.resources.hugepageLimits ignored: hugetlb controller not available")
-    if resources.get("network"):
+    if resources.network is not None and (
+        resources.network.class_id is not None or resources.network.priorities
+    ):
         notes.append("linux.resources.network ignored: net_cls/net_prio do not exist on cgroup v2")
-    if resources.get("rdma"):
+    if resources.rdma:
         notes.append("linux.resources.rdma ignored: rdma limits are not supported by zviz")
 
-    unified = resources.get("unified") or {}
-    if not isinstance(unified, dict):
-        raise InvalidArgument("config.json: linux.resources.unified: must be an object")
-    for key, value in unified.items():
-        field = f"unified.{key}"
-        if not isinstance(value, str):
-            raise InvalidArgument(f"config.json: linux.resources.{field}: must be a string")
-        if "/" in key or key.startswith(".") or "." not in key:
-            raise InvalidArgument(
-                f"config.json: linux.resources.{field}: {key!r} is not a cgroup file name"
-            )
-        if key in _MANAGED_FILES:
-            raise InvalidArgument(
-                f"config.json: linux.resources.{field}: zviz manages {key} itself"
-            )
-        controller = key.split(".", 1)[0]
-        if controller == "cgroup":
-            writes.append(Write("unified", key, value, field))
-        else:
-            add(controller, key, value, field)
+    # Keys are controller files (spec.py refuses cgroup.procs and anything leaving the group).
+    for key, value in resources.unified.items():
+        add(key.split(".", 1)[0], key, value, f"unified.{key}")
     return writes
+
+
+_IO_MAX_KEYS = {
+    "throttleReadBpsDevice": "rbps",
+    "throttleWriteBpsDevice": "wbps",
+    "throttleReadIOPSDevice": "riops",
+    "throttleWriteIOPSDevice": "wiops",
+}
 
 
 class OomWatcherV2(OomWatcher):
@@ -352,7 +328,7 @@ class CgroupV2(Cgroup):
         except FileNotFoundError:
             return frozenset()
 
-    def _planned_writes(self, resources: dict, notes: list[str]) -> list[tuple[Write, str]]:
+    def _planned_writes(self, resources, notes: list[str]) -> list[tuple[Write, str]]:
         writes = plan(
             resources,
             available=self.controllers(),
@@ -364,9 +340,9 @@ class CgroupV2(Cgroup):
         )
         return [(write, self.directory) for write in writes]
 
-    def _after_writes(self, resources: dict) -> None:
-        if resources and resources.get("devices") is not None:
-            device_rules.enforce(self.directory, device_rules.container_rules(resources["devices"]))
+    def _after_writes(self, resources) -> None:
+        if resources.devices is not None:
+            device_rules.enforce(self.directory, device_rules.container_rules(resources.devices))
 
     def add_pid(self, pid: int) -> None:
         try:

@@ -47,6 +47,7 @@ __all__ = [
     "apply",
     "check_resources",
     "harden_spec",
+    "maps_profile_ids",
     "notify_channel",
     "prepare",
     "resolve_profile",
@@ -61,14 +62,35 @@ def _warn(message: str) -> None:
         pass
 
 
-def resolve_profile(name: str | None, annotations: dict | None = None) -> Profile:
-    """--profile (root on the host chose it: any built-in or file), else the annotation
-    io.zviz.profile under the default rule (selection.py), else ci-runner."""
-    if name is None:
-        return selection.choose(annotations, selection.ProfilePolicy())
-    if name == "":
+def resolve_profile(choice, annotations: dict | None = None) -> Profile:
+    """The one decision of which profile a container gets, whoever asks:
+
+    - a name or file (`--profile`: root on the host chose it, any built-in or file);
+    - a selection.ProfilePolicy (the shim's operator): the annotation io.zviz.profile
+      if the policy allows it, else the policy's default (selection.choose);
+    - None: the annotation under the default rule, else ci-runner;
+    - a Profile: decided already (returned as it is).
+    """
+    if isinstance(choice, Profile):
+        return choice
+    if choice is None:
+        choice = selection.ProfilePolicy()
+    if isinstance(choice, selection.ProfilePolicy):
+        return selection.choose(annotations, choice)
+    if choice == "":
         raise InvalidArgument("profile: empty profile name")
-    return load_profile(name)
+    return load_profile(choice)
+
+
+def maps_profile_ids(spec, profile: Profile) -> bool:
+    """Whether the container's ids will be the profile's host range (host_uid..): the
+    profile asks for a user namespace, the container makes its own (does not join one
+    by path) and config.json maps no ids itself. harden_spec writes that mapping; a
+    caller with its own ranges (the shim's id pool) swaps the range in before."""
+    if not profile.user_namespace or spec.linux.uid_mappings:
+        return False
+    userns = spec.linux.namespace("user")
+    return userns is None or userns.path is None
 
 
 # How root on the host allows a spec without a network namespace, named in the refusal.
@@ -109,7 +131,7 @@ def harden_spec(
         if userns is None:
             linux_cfg.namespaces.insert(0, Namespace("user"))
             changes.append("user namespace added")
-        if (userns is None or userns.path is None) and not linux_cfg.uid_mappings:
+        if maps_profile_ids(spec, profile):
             linux_cfg.uid_mappings = [IdMapping(0, profile.host_uid, profile.id_count)]
             linux_cfg.gid_mappings = [IdMapping(0, profile.host_gid, profile.id_count)]
             changes.append(
@@ -160,18 +182,8 @@ def harden_spec(
             res.memory.limit = profile.memory_max
             if res.memory.reservation and res.memory.reservation > profile.memory_max:
                 res.memory.reservation = profile.memory_max
-
-    # The cgroup layer applies linux.resources from the raw config: keep it in step.
-    if linux_cfg.resources is not None and isinstance(getattr(spec, "raw", None), dict):
-        raw_res = spec.raw.setdefault("linux", {}).setdefault("resources", {})
-        if linux_cfg.resources.pids is not None and linux_cfg.resources.pids.limit is not None:
-            raw_res.setdefault("pids", {})["limit"] = linux_cfg.resources.pids.limit
-        memory = linux_cfg.resources.memory
-        if memory is not None and memory.limit is not None:
-            raw_memory = raw_res.setdefault("memory", {})
-            raw_memory["limit"] = memory.limit
-            if memory.reservation is not None:
-                raw_memory["reservation"] = memory.reservation
+    if linux_cfg.resources is not None:
+        _unified_within_ceilings(profile, linux_cfg.resources.unified)
 
     # Compile now (parent, cache on the host): PID 1 cannot see the cache after pivot_root.
     profile.programs["profile"] = seccomp.profile_program(profile, verbose=False)
@@ -264,20 +276,37 @@ def _derived_digest(digest: str, variant: str) -> str:
     return sha256(f"{digest}:{variant}".encode()).hexdigest()
 
 
-def check_resources(profile: Profile, resources: dict) -> None:
-    """`zviz update`: new linux.resources may not go above the profile's ceilings."""
+def check_resources(profile: Profile, resources) -> None:
+    """`zviz update`: new linux.resources (a spec.Resources) may not go above the profile's
+    ceilings."""
     limits = (
-        ("pids", "limit", profile.pids_max),
-        ("memory", "limit", profile.memory_max),
+        ("pids", "limit", profile.pids_max, resources.pids and resources.pids.limit),
+        ("memory", "limit", profile.memory_max, resources.memory and resources.memory.limit),
     )
-    for group, key, ceiling in limits:
+    for group, key, ceiling, value in limits:
         if ceiling is None:
             continue
-        value = (resources.get(group) or {}).get(key)
         if value is not None and (value <= 0 or value > ceiling):
             raise InvalidArgument(
                 f"resources: {group}.{key} {value} is above profile {profile.name}'s "
                 f"ceiling {ceiling} (-1/0 would be unlimited)"
+            )
+    _unified_within_ceilings(profile, resources.unified)
+
+
+def _unified_within_ceilings(profile: Profile, unified: dict[str, str]) -> None:
+    """cgroup v2 files in linux.resources.unified that hold a capped limit (written after
+    the typed fields, they would set it again): a number within the ceiling, or refused.
+    Create and update both ask here."""
+    for file, ceiling in (("pids.max", profile.pids_max), ("memory.max", profile.memory_max)):
+        value = unified.get(file)
+        if ceiling is None or value is None:
+            continue
+        text = value.strip()
+        if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) <= ceiling):
+            raise InvalidArgument(
+                f'linux.resources.unified["{file}"]: {value!r} is above profile '
+                f"{profile.name}'s ceiling {ceiling} (a number up to it, or leave it out)"
             )
 
 
