@@ -7,9 +7,11 @@ BUILD   := _build
 # containernetworking-plugins and dnsmasq-base: the CRI tests' pod network and DNS server
 # (integration/cni_node.py). dnsmasq-base is Debian's dnsmasq binary without the `dnsmasq`
 # package's system service, which would start a resolver on the host's port 53 at install.
+# apparmor: apparmor_parser, which `zviz node install` loads its profile with (its service
+# does nothing on a kernel without the LSM, like this one; the 6.1 guest's has it).
 DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
-            containernetworking-plugins dnsmasq-base
+            containernetworking-plugins dnsmasq-base apparmor
 
 .PHONY: install deps venv tools demo test test-fast soak lint bench proto dist clean conformance
 

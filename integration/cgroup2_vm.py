@@ -44,6 +44,8 @@ for ko in /mods/*.ko; do insmod $ko || echo "@@ insmod $ko failed"; done
 H=/mnt/host
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro host0 $H || echo "@@ 9p mount failed"
 mount -t proc proc $H/proc; mount -t sysfs sys $H/sys
+# securityfs, as systemd mounts it: the LSMs' files (AppArmor's policy, /sys/kernel/security/lsm)
+mount -t securityfs securityfs $H/sys/kernel/security
 mount -t cgroup2 -o nsdelegate cgroup2 $H/sys/fs/cgroup
 echo "+cpuset +cpu +io +memory +pids" > $H/sys/fs/cgroup/cgroup.subtree_control
 mount -t devtmpfs dev $H/dev

@@ -500,6 +500,7 @@ def compile_client(output: str, script: str) -> str | None:
     them), so the client is built where the install is: by `make install` in a
     checkout, by `zviz node install` for an installed wheel. None without a C compiler.
     """
+    import filecmp
     import shutil
     import subprocess
 
@@ -527,7 +528,10 @@ def compile_client(output: str, script: str) -> str | None:
         + [f"-D{name}={literal(value)}" for name, value in defines.items()],
         check=True,
     )
-    os.replace(built, output)
+    if os.path.exists(output) and filecmp.cmp(built, output, shallow=False):
+        os.unlink(built)  # the same client: a second install leaves it (and its mtime) alone
+    else:
+        os.replace(built, output)
     return output
 
 

@@ -232,12 +232,30 @@ def test_a_foreign_zviz_in_the_bin_dir_stops_install_before_anything_is_written(
     assert files_under(root) == before
 
 
-def fake_apparmor(root, enabled: str) -> None:
-    """The root's /sys says whether AppArmor is active: a stand-in for a node with the LSM
-    (this machine's kernel has none, so the real profile load is not exercised here)."""
+def fake_apparmor(root, enabled: str, loaded: str | None = None, restrict: str | None = None):
+    """The root's /sys and /proc say what AppArmor does: a stand-in for a node with the LSM
+    (this machine's kernel has none; the real load is integration/test_node_apparmor.py, in
+    Debian's kernel, which lacks Ubuntu's restrict_unprivileged_userns sysctl: RESTRICT
+    stands in for it)."""
     parameters = root / "sys" / "module" / "apparmor" / "parameters"
     os.makedirs(parameters)
     (parameters / "enabled").write_text(enabled + "\n")
+    if loaded is not None:
+        securityfs = root / "sys" / "kernel" / "security" / "apparmor"
+        os.makedirs(securityfs)
+        (securityfs / "profiles").write_text(loaded)
+    if restrict is not None:
+        os.makedirs(root / "proc" / "sys" / "kernel")
+        (root / "proc" / "sys" / "kernel" / "apparmor_restrict_unprivileged_userns").write_text(
+            restrict + "\n"
+        )
+
+
+def fake_parser_abi(root, version: str) -> None:
+    """The abi file apparmor_parser VERSION ships (4.0: the first to know `userns`)."""
+    abi = root / "etc" / "apparmor.d" / "abi"
+    os.makedirs(abi)
+    (abi / version).write_text("# abi\n")
 
 
 def test_the_apparmor_profile_is_installed_only_where_apparmor_is_active(root, capsys):
@@ -259,19 +277,90 @@ def test_where_apparmor_is_active_install_writes_the_userns_profile_and_uninstal
     from runtime.node import install
 
     fake_apparmor(root, "Y")
+    fake_parser_abi(root, "4.0")
     write_config(root, V2_WITHOUT_CRI)
     profile = root / "etc" / "apparmor.d" / "zviz"
     assert node(root, "install", "--dry-run") == 0
     assert f"apparmor: would install {profile}" in capsys.readouterr().out
     assert not profile.exists()
     assert node(root, "install") == 0
+    out = capsys.readouterr().out
+    assert "allows zviz's user namespaces" in out
+    assert "not loaded (--root is not this kernel)" in out
     text = read(str(profile))
     # Ubuntu 24.04's pattern: an unconfined profile attached to the program's real path,
     # with the userns rule that kernel.apparmor_restrict_unprivileged_userns demands.
+    assert text.startswith("abi <abi/4.0>,\n")
     shim = os.path.realpath(os.path.join(install.scripts_dir(), install.SHIM_NAME))
-    assert f"profile zviz-shim {shim} flags=(unconfined) {{\n  userns,\n}}" in text
+    assert f'profile zviz-shim "{shim}" flags=(unconfined) {{\n  userns,\n}}' in text
     assert "profile zviz-zviz " in text
     assert node(root, "install") == 0
     assert read(str(profile)) == text  # idempotent
     assert node(root, "uninstall") == 0
     assert not profile.exists()
+
+
+def test_with_apparmor_3_the_profile_attaches_without_the_rule_that_parser_refuses(root, capsys):
+    fake_apparmor(root, "Y")
+    fake_parser_abi(root, "3.0")
+    write_config(root, V2_WITHOUT_CRI)
+    assert node(root, "install") == 0
+    assert "without the userns rule" in capsys.readouterr().out
+    text = read(str(root / "etc" / "apparmor.d" / "zviz"))
+    assert text.startswith("abi <abi/3.0>,\n")
+    assert "userns" not in text
+    assert text.count("flags=(unconfined) {\n}\n") == 2
+
+
+@pytest.mark.parametrize("abi_4", [False, True], ids=["abi-3.0", "abi-4.0"])
+def test_the_profile_parses_with_the_real_apparmor_parser(abi_4):
+    """apparmor_parser -Q parses without a kernel. This machine's parser is Debian 12's 3.0:
+    the 4.0 text (Ubuntu's runc profile's pattern) is refused by it, so only checked there."""
+    import shutil
+    import subprocess
+
+    from runtime.node import install
+
+    parser = install.apparmor_parser()
+    if parser is None:
+        pytest.skip("no apparmor_parser (`make deps` installs apparmor)")
+    has_abi_4 = os.path.exists(install.APPARMOR_ABI_4)
+    if abi_4 and not has_abi_4:
+        pytest.skip(f"this apparmor_parser predates {install.APPARMOR_ABI_4} (the userns rule)")
+    client = os.path.join(install.scripts_dir(), "zviz")
+    steps = [
+        ("shim", "/usr/local/bin/" + install.SHIM_NAME, ("link", client)),
+        ("zviz", shutil.which("true"), ("client", "the fork-server client")),
+    ]
+    done = subprocess.run(
+        [parser, "-Q", "-K"],
+        input=install._apparmor_profile(steps, abi_4),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    "enabled, loaded, restrict, status, detail",
+    [
+        ("N", None, None, "ok", "not active in this kernel"),
+        ("Y", "", None, "ok", "no kernel.apparmor_restrict_unprivileged_userns"),
+        ("Y", None, "0", "ok", "loaded profiles unknown"),
+        ("Y", "docker-default (enforce)\n", "1", "warn", "no zviz profile loaded: `zviz node"),
+        (
+            "Y",
+            "zviz-shim (unconfined)\nzviz-zviz (unconfined)\n",
+            "1",
+            "ok",
+            "= 1; zviz's profiles loaded: zviz-shim (unconfined), zviz-zviz (unconfined)",
+        ),
+    ],
+)
+def test_node_check_reports_apparmor(root, enabled, loaded, restrict, status, detail):
+    from runtime.node import check
+
+    fake_apparmor(root, enabled, loaded, restrict)
+    result = check._apparmor(str(root))
+    assert (result.name, result.status) == ("apparmor", status), result
+    assert detail in result.detail

@@ -45,6 +45,7 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     checks.append(_notify(profile, notify, [g for g in gaps if g.table == "broker"]))
     checks.append(_pidfd_getfd(profile))
     checks += _user_namespaces()
+    checks.append(_apparmor("/"))
     checks.append(_idmapped_overlay(_containerd_root(containerd_config_path)))
     checks.append(_cgroups())
     checks += _containerd(containerd_config_path)
@@ -134,22 +135,53 @@ def _user_namespaces() -> list[Check]:
             checks.append(Check("userns", FAIL, f"cannot create a user namespace: {error}"))
         else:
             checks.append(Check("userns", OK, "user namespaces can be created"))
+    return checks
+
+
+def _apparmor(root: str) -> Check:
+    """AppArmor as it bears on zviz: whether it restricts user namespaces, and whether the
+    profile `zviz node install` loads is in the kernel. ROOT: the tests' stand-in for /.
+
+    The restriction is Ubuntu's kernel patch (kernel.apparmor_restrict_unprivileged_userns);
+    other kernels with AppArmor (Debian's, on by default) have no such sysctl.
+    """
+    from runtime.node import install
+
+    paths = install.Paths(root, None, None)
+    if not install.apparmor_enabled(paths):
+        return Check("apparmor", OK, "not active in this kernel: nothing restricts zviz")
+    loaded = install.loaded_apparmor_profiles(paths)
+    ours = sorted(name for name in loaded or () if name.startswith(install.APPARMOR_NAME_PREFIX))
+    if loaded is None:
+        profiles = "loaded profiles unknown (securityfs not mounted)"
+    elif ours:
+        profiles = "zviz's profiles loaded: " + ", ".join(f"{n} ({loaded[n]})" for n in ours)
+    else:
+        profiles = "no zviz profile loaded"
     try:
-        with open(USERNS_SYSCTL) as f:
+        with open(paths.under(USERNS_SYSCTL)) as f:
             restricted = f.read().strip() == "1"
     except OSError:
-        return checks  # not Ubuntu's AppArmor: nothing restricts them
-    checks.append(
-        Check(
-            "apparmor-userns",
-            WARN if restricted else OK,
-            "kernel.apparmor_restrict_unprivileged_userns = 1: `zviz node install` installs "
-            "the AppArmor profile that allows zviz"
-            if restricted
-            else "kernel.apparmor_restrict_unprivileged_userns = 0",
+        return Check(
+            "apparmor",
+            OK,
+            "active; no kernel.apparmor_restrict_unprivileged_userns (an Ubuntu kernel "
+            f"patch): user namespaces are not restricted; {profiles}",
         )
+    if not restricted:
+        return Check(
+            "apparmor", OK, f"kernel.apparmor_restrict_unprivileged_userns = 0; {profiles}"
+        )
+    if ours:
+        return Check(
+            "apparmor", OK, f"kernel.apparmor_restrict_unprivileged_userns = 1; {profiles}"
+        )
+    return Check(
+        "apparmor",
+        WARN,
+        f"kernel.apparmor_restrict_unprivileged_userns = 1 and {profiles}: `zviz node install` "
+        "installs the AppArmor profile that allows zviz's user namespaces",
     )
-    return checks
 
 
 def _containerd_root(config_path: str) -> str | None:

@@ -7,8 +7,11 @@ What install does, each step idempotent (a second run writes the same bytes):
     `zviz run`, runtime/forkserver.py), or, without a C compiler, a symlink to the Python
     entry (the slow path, said so);
   - the containerd runtime entry, as runtime/node/containerd.py plans it;
-  - where AppArmor is present, the profile that lets zviz create user namespaces under
-    Ubuntu's kernel.apparmor_restrict_unprivileged_userns;
+  - where AppArmor is active, a profile attached to the shim and zviz, loaded into the
+    kernel: the one that lets zviz create user namespaces under Ubuntu's
+    kernel.apparmor_restrict_unprivileged_userns (an Ubuntu kernel patch: Debian's
+    kernel, with AppArmor on by default, has no such sysctl and gets the same profile
+    without the userns rule its parser does not know);
   - prints the RuntimeClass a cluster needs.
 A config that was there is copied to CONFIG.zviz-backup once (the first install), and
 what install created is listed in STATE_FILE, so uninstall removes only that.
@@ -30,6 +33,15 @@ STATE_FILE = "var/lib/zviz/node-install.json"
 # securityfs mount (which /sys/kernel/security/apparmor does), and it is read under --root
 # like every other path, so a test's root stands in for the node's /sys.
 APPARMOR_ENABLED = "/sys/module/apparmor/parameters/enabled"
+# The policy the kernel holds, one "name (mode)" a line (securityfs).
+APPARMOR_LOADED = "/sys/kernel/security/apparmor/profiles"
+# Shipped by apparmor_parser 4 (Ubuntu 24.04), the first to know the `userns` rule;
+# parser 3 (Debian 12) has abi/3.0 only and refuses both the rule and this abi.
+APPARMOR_ABI_4 = "/etc/apparmor.d/abi/4.0"
+# Every profile install loads is named this and the installed file's label ("zviz-shim").
+APPARMOR_NAME_PREFIX = "zviz-"
+# Where apparmor_parser lives when PATH lacks the sbin directories.
+SBIN_PATH = "/usr/sbin:/sbin"
 BACKUP_SUFFIX = ".zviz-backup"
 RUNTIME_CLASS = f"""apiVersion: node.k8s.io/v1
 kind: RuntimeClass
@@ -57,6 +69,24 @@ def apparmor_enabled(paths: Paths) -> bool:
             return f.read().strip() == "Y"
     except OSError:
         return False  # no AppArmor in this kernel (or not built in): nothing to install
+
+
+def loaded_apparmor_profiles(paths: Paths) -> dict[str, str] | None:
+    """{name: mode} of the profiles the kernel holds; None where securityfs cannot tell."""
+    try:
+        with open(paths.under(APPARMOR_LOADED)) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    loaded = {}
+    for line in lines:
+        name, _, mode = line.rpartition(" (")
+        loaded[name] = mode.rstrip(")")
+    return loaded
+
+
+def apparmor_parser() -> str | None:
+    return shutil.which("apparmor_parser", path=os.environ.get("PATH", "") + ":" + SBIN_PATH)
 
 
 def scripts_dir() -> str:
@@ -97,6 +127,17 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         if os.path.lexists(path) and path not in created and not os.path.islink(path):
             say(f"{label}: {path} exists and is not zviz's: left as it is\n")
             return 1
+    apparmor = apparmor_enabled(paths)
+    profile_text = _apparmor_profile(steps, os.path.exists(paths.under(APPARMOR_ABI_4)))
+    loads_apparmor = apparmor and paths.root == "/" and apparmor_parser() is not None
+    if loads_apparmor:
+        # -Q: parse only, into no kernel, so a profile the parser refuses stops install here
+        parsed = subprocess.run(
+            [apparmor_parser(), "-Q", "-K"], input=profile_text, capture_output=True, text=True
+        )
+        if parsed.returncode != 0:
+            say(f"apparmor: apparmor_parser refuses the profile: {parsed.stderr.strip()}\n")
+            return 1
     for label, path, (kind, what) in steps:
         if dry_run:
             say(f"{label}: would install {path} ({kind} {what})\n")
@@ -125,16 +166,22 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         say(f"containerd config: wrote {path}\n")
     if not changes:
         say(f"containerd config: {paths.config} already registers handler zviz\n")
-    if not apparmor_enabled(paths):
+    if not apparmor:
         say("apparmor: not present on this kernel: no profile needed\n")
     elif dry_run:
         say(f"apparmor: would install {paths.apparmor_profile}\n")
     else:
-        _write(paths.apparmor_profile, _apparmor_profile(steps))
+        changed = _write(paths.apparmor_profile, profile_text)
         created.add(paths.apparmor_profile)
-        if paths.root == "/":
-            subprocess.run(["apparmor_parser", "-r", paths.apparmor_profile], check=True)
-        say(f"apparmor: {paths.apparmor_profile} (allows zviz's user namespaces)\n")
+        say(f"apparmor: {paths.apparmor_profile} ({_apparmor_purpose(profile_text)})\n")
+        if not loads_apparmor:
+            why = "--root is not this kernel" if paths.root != "/" else "no apparmor_parser"
+            say(f"apparmor: not loaded ({why}); the apparmor package's service loads it at boot\n")
+        elif not changed and _apparmor_names(steps) <= set(loaded_apparmor_profiles(paths) or ()):
+            say("apparmor: unchanged and loaded: not reloaded\n")
+        else:
+            subprocess.run([apparmor_parser(), "-r", paths.apparmor_profile], check=True)
+            say(f"apparmor: loaded {', '.join(sorted(_apparmor_names(steps)))}\n")
     if not dry_run:
         _write_state(paths, {"created": sorted(created), "config": paths.config})
     _restart(restart, dry_run, say)
@@ -169,10 +216,10 @@ def uninstall(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         if dry_run:
             say(f"would remove {path}\n")
             continue
-        if path == paths.apparmor_profile and paths.root == "/":
+        if path == paths.apparmor_profile and paths.root == "/" and apparmor_parser():
             # out of the kernel too, not only off the disk (a node without the parser
             # any more has nothing to unload it with: the file goes all the same)
-            subprocess.run(["apparmor_parser", "-R", path], check=False)
+            subprocess.run([apparmor_parser(), "-R", path], check=False)
         os.unlink(path)
         say(f"removed {path}\n")
     if not dry_run and os.path.exists(paths.state):
@@ -202,12 +249,13 @@ def _replace_with_symlink(path: str, target: str) -> None:
     os.replace(temporary, path)
 
 
-def _write(path: str, text: str) -> None:
+def _write(path: str, text: str) -> bool:
+    """Whether PATH changed: same bytes leave the file (and its mtime) alone."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
         with open(path, encoding="utf-8") as f:
             if f.read() == text:
-                return  # same bytes: leave the file (and its mtime) alone
+                return False
     except FileNotFoundError:
         pass
     temporary = path + ".zviz-new"
@@ -216,15 +264,43 @@ def _write(path: str, text: str) -> None:
     if os.path.exists(path):
         shutil.copymode(path, temporary)
     os.replace(temporary, path)
+    return True
 
 
-def _apparmor_profile(steps) -> str:
-    """Ubuntu 24.04's pattern for a program that needs user namespaces (the seed's step 2)."""
-    rules = "".join(
-        f"profile zviz-{label} {os.path.realpath(path)} flags=(unconfined) {{\n  userns,\n}}\n"
-        for label, path, _ in steps
+def _apparmor_names(steps) -> set[str]:
+    return {APPARMOR_NAME_PREFIX + label for label, _, _ in steps}
+
+
+def _apparmor_profile(steps, abi_4: bool) -> str:
+    """Ubuntu 24.04's pattern for a program that needs user namespaces (its runc profile).
+
+    Unconfined: the profile exists to carry the `userns` rule and to attach, nothing is
+    confined. Attached to each installed file's real path, since AppArmor matches the file
+    exec'd after symlinks (the shim's link resolves to the install's script, which is what
+    the kernel attaches to, not its interpreter). Without parser 4's abi the profile
+    still attaches, and the rule that parser would refuse is left out: only an Ubuntu
+    kernel mediates user namespace creation, and it ships parser 4.
+    """
+    abi, rules = ("4.0", "  userns,\n") if abi_4 else ("3.0", "")
+    profiles = "".join(
+        f'profile {APPARMOR_NAME_PREFIX}{label} "{_attached_file(path, how)}" '
+        f"flags=(unconfined) {{\n{rules}}}\n"
+        for label, path, how in steps
     )
-    return "abi <abi/4.0>,\ninclude <tunables/global>\n\n" + rules
+    return f"abi <abi/{abi}>,\n\n" + profiles
+
+
+def _attached_file(path: str, how: tuple[str, str]) -> str:
+    """The file the kernel will see exec'd for PATH once installed: a link's resolved
+    target (known before the link is made: the profile is parsed before any write)."""
+    kind, what = how
+    return os.path.realpath(what if kind == "link" else path)
+
+
+def _apparmor_purpose(text: str) -> str:
+    if "userns," in text:
+        return "allows zviz's user namespaces"
+    return "attached to zviz, without the userns rule: this apparmor_parser predates it"
 
 
 def _restart(restart: bool, dry_run: bool, say) -> None:
