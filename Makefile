@@ -7,7 +7,8 @@ BUILD   := _build
 # containernetworking-plugins and dnsmasq-base: the CRI tests' pod network and DNS server
 # (integration/cni_node.py). dnsmasq-base is Debian's dnsmasq binary without the `dnsmasq`
 # package's system service, which would start a resolver on the host's port 53 at install.
-DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
+# libseccomp-dev: `make tools` builds runc with seccomp (tools/gotools.py).
+DEB_PKGS := containerd runc runsc busybox-static libseccomp2 libseccomp-dev iproute2 cpio gcc libc6-dev \
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
             containernetworking-plugins dnsmasq-base
 
@@ -43,7 +44,7 @@ demo: install
 	$(PY) -m tools.mkbundle $(BUILD)/demo-bundle --demo
 	$(ZVIZ) --root $(BUILD)/state run --bundle $(BUILD)/demo-bundle zviz-demo-$$$$
 
-# containerd 2.x (+ ctr) and nerdctl, built with Go at the versions tools/gotools.py pins,
+# containerd 2.x (+ ctr), a current runc for its CRI's reference handler, and nerdctl, built with Go at the versions tools/gotools.py pins,
 # cached in /var/cache/zviz-tools across runs; without `go` their tests skip.
 tools:
 	python3 -m tools.gotools

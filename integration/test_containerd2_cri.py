@@ -41,7 +41,12 @@ def cri(tmp_path_factory):
     binaries = [gotools.binary(gotools.CONTAINERD2, name) for name in ("containerd", "ctr")]
     if not all(binaries):
         pytest.skip(gotools.missing_reason(gotools.CONTAINERD2))
-    with cri_node(tmp_path_factory, containerd_bin=binaries[0], ctr_bin=binaries[1]) as harness:
+    # The runc handler: a runc that makes id-mapped mounts when built (hostUsers: false
+    # needs one), else Debian's (that test's runc cell then skips, saying why).
+    runc = gotools.binary(gotools.RUNC, "runc")
+    with cri_node(
+        tmp_path_factory, containerd_bin=binaries[0], ctr_bin=binaries[1], runc_binary=runc
+    ) as harness:
         yield harness
 
 
@@ -102,9 +107,10 @@ USERNS_LENGTH = 65536
 
 
 def runc_version() -> str:
-    return subprocess.run(["runc", "--version"], capture_output=True, text=True).stdout.split("\n")[
-        0
-    ]
+    """What the CRI's runc handler runs: the runc on PATH when RUNC is not built."""
+    runc = gotools.binary(gotools.RUNC, "runc") or "runc"
+    version = subprocess.run([runc, "--version"], capture_output=True, text=True).stdout
+    return version.split("\n")[0]
 
 
 def task_pid(containerd, container_id: str) -> str:
@@ -162,7 +168,10 @@ def test_a_host_users_false_pod_runs_in_the_kubelets_user_namespace(cri, tmp_pat
         # (the pod's /etc/hosts, /etc/hostname, /etc/resolv.conf are) and refuses one that
         # does not say so: Debian's runc 1.1 has no mountExtensions entry.
         if handler == "runc" and "idmap mounts not supported" in str(error.message):
-            pytest.skip(f"the reference cannot run it here: {runc_version()}: {error.message}")
+            pytest.skip(
+                f"the reference cannot run it here: {runc_version()}: {error.message}"
+                f" ({gotools.missing_reason(gotools.RUNC)})"
+            )
         raise
     code, out, err = seen["inside"]
     assert code == 0, (out, err)
