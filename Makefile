@@ -9,7 +9,8 @@ BUILD   := _build
 # package's system service, which would start a resolver on the host's port 53 at install.
 # apparmor: apparmor_parser, which `zviz node install` loads its profile with (its service
 # does nothing on a kernel without the LSM, like this one; the 6.1 guest's has it).
-DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
+# libseccomp-dev: `make tools` builds runc with seccomp (tools/gotools.py).
+DEB_PKGS := containerd runc runsc busybox-static libseccomp2 libseccomp-dev iproute2 cpio gcc libc6-dev \
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
             containernetworking-plugins dnsmasq-base apparmor
 
@@ -45,7 +46,7 @@ demo: install
 	$(PY) -m tools.mkbundle $(BUILD)/demo-bundle --demo
 	$(ZVIZ) --root $(BUILD)/state run --bundle $(BUILD)/demo-bundle zviz-demo-$$$$
 
-# containerd 2.x (+ ctr) and nerdctl, built with Go at the versions tools/gotools.py pins,
+# containerd 2.x (+ ctr), a current runc for its CRI's reference handler, and nerdctl, built with Go at the versions tools/gotools.py pins,
 # cached in /var/cache/zviz-tools across runs; without `go` their tests skip.
 tools:
 	python3 -m tools.gotools

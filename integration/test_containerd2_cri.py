@@ -13,11 +13,17 @@ narrowed the range to the groups the namespace maps. Skipped with the reason whe
 is not built.
 """
 
+import os
 import subprocess
 
 import pytest
+from grpclib.exceptions import GRPCError
 
+from integration.cni_node import SUBNET_PREFIX
 from integration.test_cri import (  # noqa: F401 - test_cri's scenario, run again here
+    APP_PORT,
+    HTTPD,
+    Pod,
     _shim_processes,
     cri_node,
     pod,
@@ -35,7 +41,12 @@ def cri(tmp_path_factory):
     binaries = [gotools.binary(gotools.CONTAINERD2, name) for name in ("containerd", "ctr")]
     if not all(binaries):
         pytest.skip(gotools.missing_reason(gotools.CONTAINERD2))
-    with cri_node(tmp_path_factory, containerd_bin=binaries[0], ctr_bin=binaries[1]) as harness:
+    # The runc handler: a runc that makes id-mapped mounts when built (hostUsers: false
+    # needs one), else Debian's (that test's runc cell then skips, saying why).
+    runc = gotools.binary(gotools.RUNC, "runc")
+    with cri_node(
+        tmp_path_factory, containerd_bin=binaries[0], ctr_bin=binaries[1], runc_binary=runc
+    ) as harness:
         yield harness
 
 
@@ -86,3 +97,99 @@ def test_the_handler_picks_the_runtime_under_containerd_2(cri, tmp_path, handler
         assert out.split()[:3] == ["0", "0", "4294967295"]  # runc: no user namespace
         assert out.split()[3:] == ["0", "2147483647"], out
         assert in_sandbox == ["0", "2147483647"], in_sandbox
+
+
+# ---- hostUsers: false: the kubelet's user namespace, through 2.x's CRI ----------------
+
+# The kubelet hands each hostUsers: false pod a 65536-aligned range of host ids.
+USERNS_HOST_ID = 0x70000
+USERNS_LENGTH = 65536
+
+
+def runc_version() -> str:
+    """What the CRI's runc handler runs: the runc on PATH when RUNC is not built."""
+    runc = gotools.binary(gotools.RUNC, "runc") or "runc"
+    version = subprocess.run([runc, "--version"], capture_output=True, text=True).stdout
+    return version.split("\n")[0]
+
+
+def task_pid(containerd, container_id: str) -> str:
+    """The host pid of a CRI container's task (ctr tasks ls in k8s.io)."""
+    tasks = containerd.ctr("tasks", "ls", namespace=CRI_NAMESPACE).stdout.splitlines()
+    (pid,) = [line.split()[1] for line in tasks if line.startswith(container_id)]
+    return pid
+
+
+@pytest.mark.parametrize("handler", ["runc", "zviz"])
+def test_a_host_users_false_pod_runs_in_the_kubelets_user_namespace(cri, tmp_path, handler):
+    pb = cri.pb
+    mapping = [pb.IDMapping(host_id=USERNS_HOST_ID, container_id=0, length=USERNS_LENGTH)]
+    userns = pb.UserNamespace(mode=pb.POD, uids=mapping, gids=mapping)
+    # An emptyDir as the kubelet makes one: 0777, root's, bound writable.
+    volume = tmp_path / "empty-dir"
+    volume.mkdir()
+    volume.chmod(0o777)
+
+    async def scenario():
+        async with cri.runtime() as runtime:
+            the_pod = Pod(cri, runtime, handler, str(tmp_path / "logs"))
+            # The kubelet sends the same userns_options in the sandbox's and every
+            # container's namespace options.
+            the_pod._namespaces = lambda: pb.NamespaceOption(
+                network=pb.POD, pid=pb.CONTAINER, userns_options=userns
+            )
+            try:
+                await the_pod.run()
+                app = await the_pod.start_container(
+                    "app",
+                    HTTPD.format(listen=f"0.0.0.0:{APP_PORT}"),
+                    mounts=[pb.Mount(container_path="/data", host_path=str(volume))],
+                )
+                seen = {"ip": await the_pod.ip()}
+                seen["inside"] = await the_pod.exec(
+                    app,
+                    "cat /proc/self/uid_map /proc/self/gid_map; id -u; "
+                    "grep -c ' /tmp ' /proc/self/mountinfo; stat -c '%u %g' /etc/hosts; "
+                    "echo made > /data/made-here && echo made > /tmp/made-in-rootfs && echo written",
+                )
+                pid = task_pid(cri.node.containerd, app)
+                seen["rootfs_file"] = os.stat(f"/proc/{pid}/root/tmp/made-in-rootfs")
+                # What a kubelet probe does: the node reaches the pod's server on its IP.
+                await the_pod.wait_listening(app, f"127.0.0.1:{APP_PORT}")
+                seen["probe"] = cri.node.http_get_from_node(seen["ip"], APP_PORT, "/ping")
+                return seen
+            finally:
+                await the_pod.remove()
+
+    try:
+        seen = run(scenario())
+    except GRPCError as error:
+        # containerd 2.x asks the runtime's `features` whether it makes id-mapped mounts
+        # (the pod's /etc/hosts, /etc/hostname, /etc/resolv.conf are) and refuses one that
+        # does not say so: Debian's runc 1.1 has no mountExtensions entry.
+        if handler == "runc" and "idmap mounts not supported" in str(error.message):
+            pytest.skip(
+                f"the reference cannot run it here: {runc_version()}: {error.message}"
+                f" ({gotools.missing_reason(gotools.RUNC)})"
+            )
+        raise
+    code, out, err = seen["inside"]
+    assert code == 0, (out, err)
+    lines = out.splitlines()
+    expected = ["0", str(USERNS_HOST_ID), str(USERNS_LENGTH)]
+    assert [line.split() for line in lines[:2]] == [expected, expected], out
+    assert lines[2] == "0", out  # root, in the kubelet's user namespace
+    assert lines[3] == "0", out  # /tmp is the rootfs's: no mount of its own
+    # containerd made the pod's /etc/hosts as host root and asked for it id-mapped: the
+    # pod's root owns it.
+    assert lines[4] == "0 0", out
+    assert lines[5] == "written", out
+    # Container root is USERNS_HOST_ID on the host: what it creates is that uid's, in the
+    # volume and in its rootfs alike.
+    made = (volume / "made-here").stat()
+    assert (made.st_uid, made.st_gid) == (USERNS_HOST_ID, USERNS_HOST_ID)
+    rootfs_file = seen["rootfs_file"]
+    assert (rootfs_file.st_uid, rootfs_file.st_gid) == (USERNS_HOST_ID, USERNS_HOST_ID)
+    # The pod kept its network: an address from the CNI, reachable from the node.
+    assert seen["ip"].startswith(SUBNET_PREFIX + "."), seen["ip"]
+    assert seen["probe"].startswith(b"HTTP/1.") and seen["probe"].endswith(b"\r\n\r\npong\n")

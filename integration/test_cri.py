@@ -26,10 +26,8 @@ when the behaviour arrives, and its mark must go then.
 
 import asyncio
 import contextlib
-import importlib
 import os
 import subprocess
-import sys
 import time
 import uuid
 
@@ -51,11 +49,10 @@ from integration.cni_node import (
 from integration.ids import session_tag, tagged
 from integration.zviz_cli import remove_test_slices
 from runtime.security import capabilities
-from tools.containerd import CRI_NAMESPACE, VENV_BIN
-from tools.mkimage import DEFAULT_REF, build_image
+from tools.containerd import CRI_NAMESPACE
+from tools.cri import PAUSE_IMAGE, build_pod_images, compile_cri
+from tools.mkimage import DEFAULT_REF
 
-PROTO_DIR = os.path.join(os.path.dirname(__file__), "cri")
-PAUSE_IMAGE = "zviz.local/pause:latest"
 APP_PORT = 8080
 # Serves /ping ("pong") from a directory every profile may write (/tmp).
 HTTPD = "mkdir -p /tmp/www && echo pong > /tmp/www/ping && exec httpd -f -h /tmp/www -p {listen}"
@@ -106,14 +103,13 @@ def handler_configs(tmp_path_factory, texts: dict[str, str]) -> dict[str, str]:
 def cri_node(tmp_path_factory, **containerd_options):
     """A started node (CniNode with CONTAINERD_OPTIONS) with the images imported."""
     images = tmp_path_factory.mktemp("cri-images")
-    build_image(str(images / "pause.tar"), PAUSE_IMAGE, cmd=("sleep", "2147483647"))
-    build_image(str(images / "busybox.tar"), DEFAULT_REF)
-    pb, grpc = _compile_cri(str(tmp_path_factory.mktemp("cri-proto")))
+    archives = build_pod_images(str(images))
+    pb, grpc = compile_cri(str(tmp_path_factory.mktemp("cri-proto")))
     node = CniNode(sandbox_image=PAUSE_IMAGE, **containerd_options).start()
     harness = Cri(node, pb, grpc)
     try:
-        node.containerd.import_image(str(images / "pause.tar"), namespace=CRI_NAMESPACE)
-        node.containerd.import_image(str(images / "busybox.tar"), namespace=CRI_NAMESPACE)
+        for archive in archives:
+            node.containerd.import_image(archive, namespace=CRI_NAMESPACE)
         yield harness
     finally:
         # As the kubelet would for pods a failed test left behind: CNI DEL releases their
@@ -129,25 +125,6 @@ async def _remove_every_pod(cri: Cri) -> None:
         for pod in pods.items:
             await runtime.StopPodSandbox(cri.pb.StopPodSandboxRequest(pod_sandbox_id=pod.id))
             await runtime.RemovePodSandbox(cri.pb.RemovePodSandboxRequest(pod_sandbox_id=pod.id))
-
-
-def _compile_cri(out_dir: str):
-    from grpc_tools import protoc
-
-    args = [
-        "protoc",
-        f"-I{PROTO_DIR}",
-        f"--python_out={out_dir}",
-        f"--plugin=protoc-gen-grpclib_python={VENV_BIN}/protoc-gen-grpclib_python",
-        f"--grpclib_python_out={out_dir}",
-        "api.proto",
-    ]
-    assert protoc.main(args) == 0, "protoc failed on integration/cri/api.proto"
-    sys.path.insert(0, out_dir)
-    try:
-        return importlib.import_module("api_pb2"), importlib.import_module("api_grpc")
-    finally:
-        sys.path.remove(out_dir)
 
 
 def run(coro):

@@ -657,8 +657,7 @@ def test_a_host_users_false_pod_gets_the_kubelets_id_mappings(cri, tmp_path, han
         pytest.skip(
             f"containerd {result}'s CRI ignores NamespaceOption.userns_options (user "
             "namespaces for pods came in containerd 1.7/2.0): hostUsers: false cannot be "
-            "asked through it; test_zviz_run_honours_the_kubelets_id_mappings checks what "
-            "zviz does with the mappings containerd then passes in config.json"
+            "asked through it; test_containerd2_cri.py asks it through containerd 2.x's CRI"
         )
     code, out, err = result
     assert code == 0, err

@@ -148,6 +148,8 @@ def read_only_volumes(spec, source_fds, profile) -> list[tuple[str, int]]:
     volumes = []
     try:
         for mount, fd in zip(spec.mounts, source_fds, strict=True):
+            if getattr(mount, "uid_mappings", None):
+                continue  # config.json's own id-mapping for it: requested_idmap_mounts
             if fd is not None and parse_options(mount.options)[0] & linux.MS_RDONLY:
                 volumes.append((mount.destination, os.dup(fd)))
     except BaseException:
@@ -177,6 +179,60 @@ def idmap_volumes(pid: int, volumes: list[tuple[str, int]], log) -> None:
         os.close(userns)
 
 
+def requested_idmap_mounts(spec, source_fds) -> list[tuple[object, int]]:
+    """(mount, a dup of its detached clone) of each bind mount config.json asks to be
+    id-mapped (its own uidMappings/gidMappings), for idmap_requested_mounts; the caller
+    closes the fds.
+
+    containerd 2.x asks it for a hostUsers: false pod's /etc/hosts, /etc/hostname and
+    /etc/resolv.conf (files it made as host root), with the pod's mappings: through
+    them the pod's root owns those files, as under runc. Written through such a mount,
+    files keep the ids the mapping gives back: what the pod's root writes is host
+    root's on disk, which is what the mapping means and why only the container's own
+    mapping is accepted (idmap_requested_mounts).
+    """
+    mounts = []
+    try:
+        for mount, fd in zip(spec.mounts or (), source_fds, strict=False):
+            if getattr(mount, "uid_mappings", None):
+                if fd is None:
+                    raise errors.InvalidArgument(
+                        f"config.json: mount {mount.destination}: id mappings on a mount"
+                        " that is not a bind mount"
+                    )
+                mounts.append((mount, os.dup(fd)))
+    except BaseException:
+        for _, fd in mounts:
+            os.close(fd)
+        raise
+    return mounts
+
+
+def idmap_requested_mounts(pid: int, mounts: list[tuple[object, int]]) -> None:
+    """Id-map each of requested_idmap_mounts' clones through `pid`'s user namespace,
+    before PID 1 attaches them. Only a mapping that is the container's own (what its
+    user namespace maps, read back from the kernel) is honoured: another one would
+    need a user namespace of its own, and an id-mapping asked for and not made would
+    leave the mount's files with other owners than the pod expects. Either is refused."""
+    if not mounts:
+        return
+    actual = {name: sorted(id_map(pid, name)) for name in ("uid_map", "gid_map")}
+    userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for mount, fd in mounts:
+            for name, stated in (("uid_map", mount.uid_mappings), ("gid_map", mount.gid_mappings)):
+                wanted = sorted((m.container_id, m.host_id, m.size) for m in stated)
+                if wanted != actual[name]:
+                    raise errors.NotImplementedByZviz(
+                        f"config.json: mount {mount.destination}: {name[:3]}Mappings {wanted}"
+                        f" differ from the container's user namespace ({actual[name]}); zviz"
+                        " id-maps a mount only through the container's own mapping"
+                    )
+            linux.mount_setattr_idmap(fd, userns, recursive="rbind" in mount.options)
+    finally:
+        os.close(userns)
+
+
 def id_map(pid: int, name: str) -> list[tuple[int, int, int]]:
     """/proc/<pid>/{uid,gid}_map as (inside, outside, count) ranges."""
     with open(f"/proc/{pid}/{name}") as f:
@@ -196,8 +252,20 @@ def host_id(pid: int, name: str, inside_id: int) -> int | None:
     return None
 
 
-def check_joined_user_namespace(pid: int, profile) -> None:
-    """A user namespace zviz joins instead of making one must obey the profile too."""
+def check_joined_user_namespace(pid: int, profile, spec_linux=None) -> None:
+    """A user namespace zviz joins instead of making one must map what config.json says
+    it maps (SPEC_LINUX: the spec's linux section, when it gives mappings with the
+    path), and obey the profile too."""
+    if spec_linux is not None and spec_linux.uid_mappings:
+        stated_maps = (("uid_map", spec_linux.uid_mappings), ("gid_map", spec_linux.gid_mappings))
+        for name, stated in stated_maps:
+            actual = sorted(id_map(pid, name))
+            expected = sorted((m.container_id, m.host_id, m.size) for m in stated)
+            if actual != expected:
+                raise errors.InvalidArgument(
+                    f"config.json: linux.{name[:3]}Mappings {expected} are not what the user"
+                    f" namespace joined maps ({actual})"
+                )
     if profile is None or not profile.user_namespace or profile.allow_host_root_mapping:
         return
     for name in ("uid_map", "gid_map"):

@@ -25,9 +25,11 @@ from runtime import errors, hooks, linux, state
 from runtime.idmap import (
     check_joined_user_namespace,
     host_id_of_root,
+    idmap_requested_mounts,
     idmap_volumes,
     idmapped_rootfs,
     read_only_volumes,
+    requested_idmap_mounts,
 )
 from runtime.rootfs import RootfsBuilder, open_bind_sources
 from runtime.sync import Sync
@@ -162,6 +164,7 @@ def spawn_init(request: Request, log) -> Spawned:
     spec = request.spec
     flags, joins, new_user = new_namespace_flags(spec)
     join_fds = []
+    volumes_to_map: list[tuple[str, int]] = []
     try:
         for ns_type, path in joins:
             join_fds.append((ns_type, _open_ns(ns_type, path)))
@@ -179,17 +182,22 @@ def spawn_init(request: Request, log) -> Spawned:
         # The parent's own handles on the read-only volumes it id-maps once the user
         # namespace exists: the fds themselves go to the child (closed here by the fork).
         volumes_to_map = read_only_volumes(spec, request.bind_source_fds, request.profile)
+        # And those config.json asks to be id-mapped (a hostUsers: false pod's).
+        mounts_to_map = requested_idmap_mounts(spec, request.bind_source_fds)
     except BaseException:
         _close_all(fd for _, fd in join_fds)
         _close_all(fd for fd in request.bind_source_fds if fd is not None)
+        _close_all(fd for _, fd in volumes_to_map)
         raise
     try:
-        return _spawn_init(request, log, flags, join_fds, new_user, volumes_to_map)
+        return _spawn_init(request, log, flags, join_fds, new_user, volumes_to_map, mounts_to_map)
     finally:
-        _close_all(fd for _, fd in volumes_to_map)
+        _close_all(fd for _, fd in volumes_to_map + mounts_to_map)
 
 
-def _spawn_init(request: Request, log, flags, join_fds, new_user, volumes_to_map) -> Spawned:
+def _spawn_init(
+    request: Request, log, flags, join_fds, new_user, volumes_to_map, mounts_to_map
+) -> Spawned:
     spec = request.spec
     child, parent_end = _fork_child(
         [fd for _, fd in join_fds] + [fd for fd in request.bind_source_fds if fd is not None],
@@ -201,9 +209,10 @@ def _spawn_init(request: Request, log, flags, join_fds, new_user, volumes_to_map
             if new_user:
                 write_id_maps(child, spec.linux.uid_mappings, spec.linux.gid_mappings)
             else:
-                check_joined_user_namespace(child, request.profile)
+                check_joined_user_namespace(child, request.profile, spec.linux)
             rootfs_fd = idmapped_rootfs(child, spec, log)
             idmap_volumes(child, volumes_to_map, log)
+            idmap_requested_mounts(child, mounts_to_map)
             if rootfs_fd is None:
                 parent_end.send("mapped")
             else:

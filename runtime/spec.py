@@ -1359,13 +1359,13 @@ def _parse_user_mappings(lx: dict, path: str, linux: Linux) -> None:
             raise _Bad(path, key, "needs a user namespace in linux.namespaces")
         return
     if user_ns.path is not None:
-        if uid_items or gid_items:
-            key = "uidMappings" if uid_items else "gidMappings"
-            raise _Bad(
-                path,
-                key,
-                "cannot be given when joining an existing user namespace (namespaces[].path)",
-            )
+        # Given with a path they say what the joined namespace maps (containerd 2.x sends
+        # both for a hostUsers: false pod: its pinned namespace and the kubelet's ranges);
+        # the runtime checks them against it once joined (idmap.check_joined_user_namespace).
+        if bool(uid_items) != bool(gid_items):
+            key = "gidMappings" if uid_items else "uidMappings"
+            other = "uidMappings" if uid_items else "gidMappings"
+            raise _Bad(path, key, f"is required with {other} when joining a user namespace")
         return
     if not uid_items:
         raise _Bad(path, "uidMappings", "is required with a new user namespace")

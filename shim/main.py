@@ -90,16 +90,35 @@ def parse_flags(argv: list[str]) -> Flags:
     return flags
 
 
+# The runtime-spec features document (features.md) `-info` announces, as
+# google.protobuf.Any under the type URL containerd registers for it (JSON inside).
+FEATURES_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+# Only what containerd checks before relying on it: id-mapped mounts (config.json mounts
+# with uidMappings/gidMappings, which containerd 2.x asks for in a hostUsers: false pod,
+# refusing a runtime that does not say it makes them). runtime/idmap.py makes them.
+FEATURES = {"linux": {"mountExtensions": {"idmap": {"enabled": True}}}}
+
+
 def runtime_info() -> bytes:
-    """What `-info` answers: a containerd.types.RuntimeInfo {name=1, version=2 {version=1}}.
+    """What `-info` answers: a containerd.types.RuntimeInfo {name=1, version=2 {version=1},
+    features=4 (Any {type_url=1, value=2})}.
 
     containerd 2.x runs `SHIM -info` when it wants the shim's features (and logs an error
-    for a shim that has no such flag); no features are announced, so it keeps its defaults.
+    for a shim that has no such flag); of those it reads FEATURES' alone.
     """
+    import json
+
     from shim import wire
 
     version = wire.field_bytes(1, VERSION.encode())
-    return wire.field_bytes(1, RUNTIME_NAME.encode()) + wire.field_bytes(2, version)
+    features = wire.field_bytes(1, FEATURES_TYPE_URL.encode()) + wire.field_bytes(
+        2, json.dumps(FEATURES).encode()
+    )
+    return (
+        wire.field_bytes(1, RUNTIME_NAME.encode())
+        + wire.field_bytes(2, version)
+        + wire.field_bytes(4, features)
+    )
 
 
 def _exit_now(code: int) -> None:

@@ -15,14 +15,17 @@ from runtime.rootfs import parse_options  # one reading of mount options, as in 
 _ALLOWED_TYPES = {"overlay", "bind", "rbind", "tmpfs", "ext4", "xfs", "btrfs"}
 
 
-def mount_all(mounts, target: str) -> None:
-    """Mount containerd's rootfs mounts (in order) at `target`; on failure, undo and raise."""
+def mount_all(mounts, target: str, spec_linux: dict | None = None) -> None:
+    """Mount containerd's rootfs mounts (in order) at `target`; on failure, undo and raise.
+    SPEC_LINUX: config.json's linux section (its id mappings, which an overlay's uidmap= and
+    gidmap= options must repeat)."""
     done = 0
+    m = None
     try:
         for m in mounts:
             if m.type not in _ALLOWED_TYPES:
                 raise InvalidArgument(f"rootfs mount: type {m.type!r} is not supported")
-            flags, propagation, data = parse_options(m.options)
+            flags, propagation, data = parse_options(_without_id_mapping(m, spec_linux or {}))
             if m.type in ("bind", "rbind"):
                 flags |= linux.MS_BIND | (linux.MS_REC if m.type == "rbind" else 0)
             fstype = None if flags & linux.MS_BIND else m.type
@@ -41,10 +44,41 @@ def mount_all(mounts, target: str) -> None:
                 linux.mount(None, target, None, propagation, None)
     except OSError as e:
         unmount_all(target)
-        raise InvalidArgument(f"rootfs mount at {target}: {e}") from e
+        what = f"{m.type} {','.join(m.options)}" if m is not None else ""
+        raise InvalidArgument(f"rootfs mount at {target} ({what}): {e}") from e
     except BaseException:
         unmount_all(target)
         raise
+
+
+def _without_id_mapping(mount, spec_linux: dict) -> list[str]:
+    """MOUNT's options without containerd 2.x's uidmap=/gidmap=, which ask for the overlay's
+    lower layers id-mapped through the pod's user namespace (a hostUsers: false pod).
+
+    The kernel knows no such option, and zviz does that mapping anyway: the runtime
+    builds the container's overlay again over lower layers id-mapped through the
+    container's own user namespace (runtime/idmap.py), which config.json's mappings make
+    or the runtime checks the joined one against. So the options must say exactly what
+    those mappings say; any other mapping is refused rather than silently replaced.
+    """
+    kept = []
+    for option in mount.options:
+        key, _, value = option.partition("=")
+        if key not in ("uidmap", "gidmap"):
+            kept.append(option)
+            continue
+        spec_key = "uidMappings" if key == "uidmap" else "gidMappings"
+        stated = sorted(
+            f"{m.get('containerID')}:{m.get('hostID')}:{m.get('size')}"
+            for m in spec_linux.get(spec_key) or ()
+        )
+        if mount.type != "overlay" or sorted(value.split(",")) != stated:
+            raise InvalidArgument(
+                f"rootfs mount: {mount.type} option {key}={value}: zviz id-maps an overlay's"
+                f" layers through config.json's linux.{spec_key} ({','.join(stated) or 'none'})"
+                " and no other mapping"
+            )
+    return kept
 
 
 def unmount_all(target: str) -> None:

@@ -251,7 +251,9 @@ class TaskService(shim_ttrpc.TaskService):
             # PID 1 never walks it (the core chdirs into the rootfs as host root and
             # clones it with open_tree), and other host users must not reach the rootfs.
             if request.rootfs:
-                mounts.mount_all(request.rootfs, mounts.rootfs_path(request.bundle))
+                mounts.mount_all(
+                    request.rootfs, mounts.rootfs_path(request.bundle), spec.get("linux") or {}
+                )
                 task.rootfs_mounted = True
             stdio = await Stdio.open(
                 request.stdin,

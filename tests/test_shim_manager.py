@@ -297,3 +297,7 @@ def test_info_answers_a_runtime_info_without_a_namespace():
     fields = wire.length_delimited_fields(result.stdout)
     assert fields[1] == RUNTIME_NAME.encode()
     assert wire.length_delimited_fields(fields[2])[1] == VERSION.encode()
+    # The features containerd 2.x checks before it asks for id-mapped mounts.
+    features = wire.length_delimited_fields(fields[4])
+    assert features[1] == b"types.containerd.io/opencontainers/runtime-spec/1/features/Features"
+    assert json.loads(features[2])["linux"]["mountExtensions"]["idmap"] == {"enabled": True}

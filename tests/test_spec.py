@@ -782,9 +782,13 @@ BAD_CONFIGS = {
         _all(_userns, _delete("linux.gidMappings")),
         "linux.gidMappings: is required with a new user namespace",
     ),
-    "userns path plus mappings": (
-        _all(_userns, _set("linux.namespaces[6].path")("/proc/self/ns/user")),
-        "linux.uidMappings: cannot be given when joining an existing user namespace",
+    "userns path plus uid mappings alone": (
+        _all(
+            _userns,
+            _set("linux.namespaces[6].path")("/proc/self/ns/user"),
+            _delete("linux.gidMappings"),
+        ),
+        "linux.gidMappings: is required with uidMappings when joining a user namespace",
     ),
     "mapping size 0": (
         _all(_userns, _set("linux.uidMappings[0].size")(0)),

@@ -70,6 +70,10 @@ CRI_ZVIZ_HANDLER = """
       runtime_type = "io.containerd.zviz.v2"
       pod_annotations = {pod_annotations}
 """
+# The CRI's runc handler with another runc than the one on PATH (runc_binary).
+CRI_RUNC_OPTIONS = """      [plugins."{plugin}".containerd.runtimes.runc.options]
+        BinaryName = {binary}
+"""
 CRI_ZVIZ_HANDLER_OPTIONS = """
       [plugins."{plugin}".containerd.runtimes.{handler}.options]
         ConfigPath = {config_path}
@@ -110,7 +114,7 @@ CRI_CONFIG_V3 = """
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
-{zviz_handlers}
+{runc_options}{zviz_handlers}
   [plugins."io.containerd.cri.v1.runtime".cni]
     bin_dirs = ["{base}/cni/bin"]
     conf_dir = "{base}/cni/net.d"
@@ -165,6 +169,7 @@ class PrivateContainerd:
         containerd_bin: str = "containerd",
         ctr_bin: str = "ctr",
         shim_dir: str = VENV_BIN,
+        runc_binary: str | None = None,
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -191,6 +196,9 @@ class PrivateContainerd:
         # Debian's 1.6 by default; tools/gotools.py builds a 2.x (config version 3).
         self.containerd_bin = containerd_bin
         self.ctr_bin = ctr_bin
+        # The CRI runc handler's runc (BinaryName); None: runc from PATH. Config version 3
+        # only: test_containerd2_cri.py's reference needs a runc newer than Debian's.
+        self.runc_binary = runc_binary
         self.major_version = major_version(containerd_bin)
         self.proc: subprocess.Popen | None = None
         # containerd finds shims on PATH: zviz's in SHIM_DIR (the checkout's venv, or an
@@ -249,8 +257,18 @@ class PrivateContainerd:
             handlers = cri_zviz_handlers(
                 self.cri_handlers, self.cri_pod_annotations, CRI_PLUGIN[3 if v3 else 2]
             )
+            runc_options = ""
+            if self.runc_binary:
+                if not v3:
+                    raise ValueError("runc_binary: only with containerd 2.x (config version 3)")
+                runc_options = CRI_RUNC_OPTIONS.format(
+                    plugin=CRI_PLUGIN[3], binary=json.dumps(self.runc_binary)
+                )
             config += cri.format(
-                sandbox_image=self.cri_sandbox_image, base=self.base, zviz_handlers=handlers
+                sandbox_image=self.cri_sandbox_image,
+                base=self.base,
+                zviz_handlers=handlers,
+                runc_options=runc_options,  # version 2's template has no place for it
             )
         return config
 

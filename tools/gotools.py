@@ -47,9 +47,10 @@ class GoTool:
         return os.path.join(CACHE_ROOT, f"{self.name}-{self.version}", "bin")
 
     def binaries(self) -> list[str]:
-        """The named commands' binaries (a `dir/...` pattern names no single binary)."""
+        """The named commands' binaries (a `dir/...` pattern names no single binary; "."
+        is the module's own main package, named as Go names it: the module's last part)."""
         return [
-            os.path.join(self.bin_dir, os.path.basename(c))
+            os.path.join(self.bin_dir, os.path.basename(self.module if c == "." else c))
             for c in self.commands
             if not c.endswith("...")
         ]
@@ -85,7 +86,17 @@ RUNTIME_TOOLS = GoTool(
     vendor_dir_stripped=True,
     static=True,
 )
-ALL = (CONTAINERD2, NERDCTL, RUNTIME_TOOLS)
+# The runc handler of containerd 2.x's CRI, the reference beside zviz: Debian's runc 1.1
+# announces no id-mapped mounts (`runc features`), and 2.x refuses a hostUsers: false pod
+# (whose /etc/hosts and friends are id-mapped) on a runtime that does not.
+RUNC = GoTool(
+    name="runc",
+    module="github.com/opencontainers/runc",
+    version="v1.5.3",
+    commands=(".",),
+    tags=("seccomp",),  # cgo and Debian's libseccomp-dev, as runc's own Makefile builds it
+)
+ALL = (CONTAINERD2, NERDCTL, RUNTIME_TOOLS, RUNC)
 
 
 def binary(tool: GoTool, command: str) -> str | None:
@@ -179,7 +190,8 @@ def version_line(tool: GoTool) -> str:
     if not os.access(first, os.X_OK):
         return f"{tool.name} {tool.version}: not built ({missing_reason(tool)})"
     out = subprocess.run([first, "--version"], capture_output=True, text=True, check=False)
-    return f"{tool.name} {tool.version}: {(out.stdout or out.stderr).strip()}"
+    first_line = (out.stdout or out.stderr).strip().split("\n")[0]  # runc says more
+    return f"{tool.name} {tool.version}: {first_line}"
 
 
 def main() -> int:
