@@ -4,13 +4,13 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 ZVIZ    := $(VENV)/bin/zviz
 BUILD   := _build
-# debootstrap: the workload suite's Debian images (tools/debimage.py).
+# debootstrap: the workload suite's Debian images (tools/debimage.py); git: its CI job's repository.
 # containernetworking-plugins and dnsmasq-base: the CRI tests' pod network and DNS server
 # (integration/cni_node.py). dnsmasq-base is Debian's dnsmasq binary without the `dnsmasq`
 # package's system service, which would start a resolver on the host's port 53 at install.
 DEB_PKGS := containerd runc runsc busybox-static libseccomp2 iproute2 cpio gcc libc6-dev \
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
-            containernetworking-plugins dnsmasq-base debootstrap
+            containernetworking-plugins dnsmasq-base debootstrap git
 
 .PHONY: install deps venv tools images demo test test-fast soak lint bench proto dist clean conformance
 
