@@ -6,9 +6,9 @@ import tempfile
 
 import pytest
 
-from integration.ids import tagged
-from integration.workloads.harness import RUNTIMES, Workloads
+from integration.ids import tagged, unique_id
 from tools import debimage
+from tools.workloads import RUNTIMES, Workloads
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def runtime(request) -> str:
 @pytest.fixture
 def workloads(containerd16, runtime):
     log_dir = tempfile.mkdtemp(prefix=tagged("zviz-wl") + "-")
-    runner = Workloads(containerd16, runtime, log_dir)
+    runner = Workloads(containerd16, runtime, log_dir, new_id=unique_id)
     try:
         yield runner
     finally:

@@ -8,8 +8,7 @@ import tempfile
 
 from integration.ids import tagged
 from integration.podnet import PEER_IP, POD_IP, PodNetwork
-
-PROFILE = "web-server"
+from tools.workloads import NGINX, NGINX_PROFILE, NGINX_SITE
 
 FETCH = """
 import sys, time, urllib.request
@@ -39,10 +38,10 @@ def test_nginx_serves_a_static_file_to_the_network(workloads, workload_image):
     try:
         container_id, started = workloads.run(
             image,
-            ["nginx", "-g", "daemon off;"],
-            PROFILE,
+            NGINX,
+            NGINX_PROFILE,
             netns=net.pod_path,
-            mounts=(f"type=bind,src={site},dst=/var/www/html,options=rbind:ro",),
+            mounts=(f"type=bind,src={site},dst={NGINX_SITE},options=rbind:ro",),
             detach=True,
         )
         assert started.returncode == 0, started.stderr

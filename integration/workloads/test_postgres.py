@@ -5,43 +5,32 @@ PostgreSQL serving; needs setresuid/setgroups to its user and chown of its data 
 
 import re
 
-PROFILE = "web-server"
+from tools.workloads import POSTGRES, POSTGRES_PROFILE, as_postgres
+
 CLIENTS = 2
 TRANSACTIONS = 100  # per client
-BIN = "/usr/lib/postgresql/15/bin"
-DATA = "/var/lib/postgresql/zviz-wl"
-AS_POSTGRES = ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups"]
-
-START = f"""
-set -e
-mkdir -p {DATA} /run/postgresql
-chown postgres:postgres {DATA} /run/postgresql
-chmod 700 {DATA}
-{" ".join(AS_POSTGRES)} {BIN}/initdb --auth=trust --username=postgres -D {DATA}
-exec {" ".join(AS_POSTGRES)} {BIN}/postgres -D {DATA} -c listen_addresses=127.0.0.1
-"""
 
 
 def test_pgbench_runs_transactions(workloads, workload_image):
     image = workload_image("postgres")
     container_id, started = workloads.run(
-        image, ["sh", "-c", START], PROFILE, detach=True, timeout=120
+        image, POSTGRES, POSTGRES_PROFILE, detach=True, timeout=120
     )
     assert started.returncode == 0, started.stderr
 
-    def as_postgres(*args: str, timeout: float = 120):
-        return workloads.exec(container_id, [*AS_POSTGRES, *args], timeout=timeout)
+    def client(*args: str):
+        return workloads.exec(container_id, as_postgres(*args), timeout=120)
 
     workloads.wait_for(
         container_id,
-        lambda: as_postgres(f"{BIN}/pg_isready", "-h", "127.0.0.1").returncode == 0,
+        lambda: client("pg_isready", "-h", "127.0.0.1").returncode == 0,
         "postgres accepting connections",
         timeout=120,
     )
-    initialized = as_postgres(f"{BIN}/pgbench", "-h", "127.0.0.1", "-i", "-s", "1", "postgres")
+    initialized = client("pgbench", "-h", "127.0.0.1", "-i", "-s", "1", "postgres")
     assert initialized.returncode == 0, f"{initialized.stderr}\n{workloads.log(container_id)}"
-    bench = as_postgres(
-        f"{BIN}/pgbench", "-h", "127.0.0.1", "-c", str(CLIENTS), "-j", str(CLIENTS),
+    bench = client(
+        "pgbench", "-h", "127.0.0.1", "-c", str(CLIENTS), "-j", str(CLIENTS),
         "-t", str(TRANSACTIONS), "postgres",
     )  # fmt: skip
     assert bench.returncode == 0, f"{bench.stderr}\n{workloads.log(container_id)}"
@@ -51,8 +40,8 @@ def test_pgbench_runs_transactions(workloads, workload_image):
     tps = re.search(r"^tps = ([\d.]+)", bench.stdout, re.M)
     assert tps and float(tps[1]) > 0, bench.stdout
     # The run's rows are in the database: pgbench logged each transaction in its history.
-    counted = as_postgres(
-        f"{BIN}/psql", "-h", "127.0.0.1", "-At", "-c", "select count(*) from pgbench_history",
+    counted = client(
+        "psql", "-h", "127.0.0.1", "-At", "-c", "select count(*) from pgbench_history",
         "postgres",
     )  # fmt: skip
     assert counted.stdout.strip() == str(CLIENTS * TRANSACTIONS), counted

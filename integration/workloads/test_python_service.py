@@ -3,40 +3,9 @@ from outside the container (a peer network namespace on a veth: integration/podn
 Profile: web-server (docs/profiles.md: a Python service)."""
 
 from integration.podnet import POD_IP, PodNetwork
+from tools.workloads import PYTHON, PYTHON_PORT, PYTHON_PROFILE
 
-PROFILE = "web-server"
-PORT = 8080
 REQUESTS = 200
-
-# Keep-alive HTTP/1.1: each reply counts the requests served so far.
-SERVICE = """
-import asyncio, json, sys
-
-served = 0
-
-async def handle(reader, writer):
-    global served
-    while True:
-        try:
-            head = await reader.readuntil(b"\\r\\n\\r\\n")
-        except asyncio.IncompleteReadError:  # the client closed its connection
-            writer.close()
-            return
-        method, path, _ = head.split(b"\\r\\n", 1)[0].decode().split(" ")
-        served += 1
-        body = json.dumps({"path": path, "served": served}).encode()
-        writer.write(b"HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\n"
-                     b"Content-Length: %d\\r\\n\\r\\n" % len(body) + body)
-        await writer.drain()
-
-async def main():
-    server = await asyncio.start_server(handle, "0.0.0.0", int(sys.argv[1]))
-    print("listening", flush=True)
-    async with server:
-        await server.serve_forever()
-
-asyncio.run(main())
-"""
 
 CLIENT = """
 import http.client, json, sys, time
@@ -68,13 +37,13 @@ def test_asyncio_service_answers_a_client_loop(workloads, workload_image):
     try:
         container_id, started = workloads.run(
             image,
-            ["python3", "-c", SERVICE, str(PORT)],
-            PROFILE,
+            PYTHON,
+            PYTHON_PROFILE,
             netns=net.pod_path,
             detach=True,
         )
         assert started.returncode == 0, started.stderr
-        driven = net.in_peer(CLIENT, POD_IP, str(PORT), str(REQUESTS), timeout=90)
+        driven = net.in_peer(CLIENT, POD_IP, str(PYTHON_PORT), str(REQUESTS), timeout=90)
         assert driven.returncode == 0, f"{driven.stderr}\nservice:\n{workloads.log(container_id)}"
         # Every request reached the one service process, in order, over one connection.
         assert driven.stdout.split() == ["1", str(REQUESTS)]

@@ -4,19 +4,14 @@ services; a client beside its server talks over 127.0.0.1)."""
 
 import re
 
-PROFILE = "web-server"
+from tools.workloads import REDIS, REDIS_PROFILE
+
 REQUESTS = 2000
 
 
 def test_redis_benchmark_completes_requests(workloads, workload_image):
     image = workload_image("redis")
-    # The packaged config, in the foreground and logging to stdout (the container's log).
-    container_id, started = workloads.run(
-        image,
-        ["redis-server", "/etc/redis/redis.conf", "--daemonize", "no", "--logfile", ""],
-        PROFILE,
-        detach=True,
-    )
+    container_id, started = workloads.run(image, REDIS, REDIS_PROFILE, detach=True)
     assert started.returncode == 0, started.stderr
     workloads.wait_for(
         container_id,
