@@ -9,7 +9,14 @@ import sys
 import time
 import traceback
 
-MODULES = ["bench.cli_run", "bench.syscalls", "bench.connect", "bench.ttrpc", "bench.shim"]
+MODULES = [
+    "bench.cli_run",
+    "bench.syscalls",
+    "bench.connect",
+    "bench.ttrpc",
+    "bench.shim",
+    "bench.workloads",
+]
 
 
 def main() -> int:
