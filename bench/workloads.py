@@ -224,9 +224,12 @@ def _higher_is_better(metric: str) -> bool:
 
 
 def main() -> None:
-    containerd = PrivateContainerd(debug=False).start()
-    work = tempfile.mkdtemp(prefix="zviz-bench-wl-")
+    work = tempfile.mkdtemp(prefix="zviz-bench-wl-", dir="/var/tmp")
     os.chmod(work, 0o755)
+    # The images' content and snapshots on a disk, not under /run (often a small tmpfs).
+    root = os.path.join(work, "containerd")
+    os.mkdir(root, 0o711)
+    containerd = PrivateContainerd(debug=False, root_dir=root).start()
     servers: dict[str, _Servers] = {}
     try:
         images = {}
