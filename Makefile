@@ -4,6 +4,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 ZVIZ    := $(VENV)/bin/zviz
 BUILD   := _build
+# debootstrap: the workload suite's Debian images (tools/debimage.py); git: its CI job's repository.
 # containernetworking-plugins and dnsmasq-base: the CRI tests' pod network and DNS server
 # (integration/cni_node.py). dnsmasq-base is Debian's dnsmasq binary without the `dnsmasq`
 # package's system service, which would start a resolver on the host's port 53 at install.
@@ -12,9 +13,9 @@ BUILD   := _build
 # libseccomp-dev: `make tools` builds runc with seccomp (tools/gotools.py).
 DEB_PKGS := containerd runc runsc busybox-static libseccomp2 libseccomp-dev iproute2 cpio gcc libc6-dev \
             qemu-system-x86 linux-image-amd64 golang-github-containerd-containerd-dev \
-            containernetworking-plugins dnsmasq-base apparmor
+            containernetworking-plugins dnsmasq-base apparmor debootstrap git
 
-.PHONY: install deps venv tools demo test test-fast soak lint bench proto dist clean conformance
+.PHONY: install deps venv tools images demo test test-fast soak lint bench proto dist clean conformance
 
 install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
@@ -56,7 +57,13 @@ tools:
 conformance: install tools
 	$(PY) -m tools.conformance --logs $(BUILD)/conformance
 
-test: install tools
+# The workload suite's Debian images (nginx, Redis, PostgreSQL, Python, a CI job), built with
+# debootstrap from Debian's packages and cached in /var/cache/zviz-tools/images; a failed
+# build fails the target (integration/workloads/ builds any missing one the same way).
+images: deps
+	python3 -m tools.debimage
+
+test: install tools images
 	$(PY) -m pytest -q tests integration
 
 test-fast: venv

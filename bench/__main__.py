@@ -16,6 +16,7 @@ MODULES = [
     "bench.ttrpc",
     "bench.shim",
     "bench.pods",
+    "bench.workloads",
 ]
 
 

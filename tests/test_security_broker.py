@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import struct
+import threading
 
 from tests.privileges import drops_capabilities
 from tests.test_security_layers import confined, errno_of
@@ -52,6 +53,33 @@ def test_connect_to_allowed_port_works_other_port_is_denied(tmp_path):
             s = socket.socket()
             out[name] = errno_of(lambda p=port, s=s: s.connect(("127.0.0.1", p)))
             s.close()
+        return out
+
+    with allowed, other:
+        result = confined(tmp_path, profile, probe)
+    assert result == {"allowed": 0, "other": errno.EPERM}
+
+
+@drops_capabilities
+def test_connect_from_a_thread_is_decided_like_the_main_threads(tmp_path):
+    # The notification names the calling thread; pidfd_open refuses a thread that does not
+    # lead its group (pgbench -j, any threaded client got ENOENT from every connect).
+    allowed, allowed_port = listener()
+    other, other_port = listener()
+    profile = loopback_profile(tmp_path, allowed_port)
+
+    def probe():
+        out = {}
+
+        def connect(name, port):
+            s = socket.socket()
+            out[name] = errno_of(lambda: s.connect(("127.0.0.1", port)))
+            s.close()
+
+        for name, port in (("allowed", allowed_port), ("other", other_port)):
+            thread = threading.Thread(target=connect, args=(name, port))
+            thread.start()
+            thread.join()
         return out
 
     with allowed, other:

@@ -170,6 +170,7 @@ class PrivateContainerd:
         ctr_bin: str = "ctr",
         shim_dir: str = VENV_BIN,
         runc_binary: str | None = None,
+        root_dir: str | None = None,
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -177,7 +178,9 @@ class PrivateContainerd:
         # 0711 as containerd's own directories: a container whose root is mapped to an
         # unprivileged uid (every zviz profile) must traverse it to reach its rootfs.
         os.chmod(self.base, 0o711)
-        self.root = os.path.join(self.base, "root")
+        # containerd's root (content store, snapshots) defaults to the base, under /run: a
+        # tmpfs on most machines, too small for big images; ROOT_DIR puts it on a disk.
+        self.root = root_dir or os.path.join(self.base, "root")
         self.state = os.path.join(self.base, "state")
         self.address = os.path.join(self.base, "c.sock")
         self.ttrpc_address = self.address + ".ttrpc"
@@ -316,8 +319,9 @@ class PrivateContainerd:
         self._stop_daemon()
         self._remove_namespace_cgroups()
         if remove:
-            self._unmount_under(self.base)
-            shutil.rmtree(self.base, ignore_errors=True)
+            for directory in {self.base, self.root}:
+                self._unmount_under(directory)
+                shutil.rmtree(directory, ignore_errors=True)
 
     def _remove_namespace_cgroups(self) -> None:
         """ctr puts tasks in /<namespace>/<id>; runtimes remove <id>, the empty parent is ours."""

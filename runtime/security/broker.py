@@ -65,6 +65,8 @@ CAP_NET_BIND_SERVICE = 10
 # Below this port a bind needs CAP_NET_BIND_SERVICE (the kernel default of
 # net.ipv4.ip_unprivileged_port_start; zviz does not change it in containers).
 UNPRIVILEGED_PORT_START = 1024
+# pidfd_open's flag for a pidfd naming one thread, not its group (Linux 6.9; == O_EXCL).
+PIDFD_THREAD = os.O_EXCL
 # The most bytes the broker copies for one send: a datagram's ceiling, with room.
 MAX_SEND = 4 << 20
 MAX_IOV = 1024
@@ -596,17 +598,33 @@ class _Call:
         # caller is gone it answers ENOENT/ESRCH), whoever gets the pid number next.
         self.proc = os.open(f"/proc/{note.pid}", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self.mem = os.open("mem", mode | os.O_CLOEXEC, dir_fd=self.proc)
-        self.pidfd = linux.pidfd_open(note.pid)
         self.fds: list[int] = []
+        self.leader_fds = False  # self.pidfd is the thread group leader's (_caller_pidfd)
+        self._status: dict[str, list[str]] | None = None
+        self.pidfd = self._caller_pidfd(note.pid)
         self.became_caller = False
         self.reserved = 0  # bytes of the broker's copy budget this call holds
-        self._status: dict[str, list[str]] | None = None
         self._own_netns = None  # _socket_namespace_is_the_callers_not_the_hosts, once per call
         self._own = None  # _own_addresses, looked up once per call
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
             self.close()
             raise Denied("caller vanished")
+
+    def _caller_pidfd(self, tid: int) -> int:
+        """A pidfd for the task that made the call: as often a thread of a threaded program
+        (pgbench -j, a JVM, a Go runtime) as its leader, and pidfd_open refuses a thread
+        unless asked with PIDFD_THREAD (Linux 6.9)."""
+        try:
+            return linux.pidfd_open(tid, PIDFD_THREAD)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel without PIDFD_THREAD
+                raise
+        # Older kernels: the thread group's leader. Its fd table is the caller's unless the
+        # thread was cloned without CLONE_FILES: their_fd checks that the socket it gets
+        # is the one the caller's fd names.
+        self.leader_fds = True
+        return linux.pidfd_open(int(self._caller_status()["Tgid"][0]))
 
     def close(self) -> None:
         self.broker.copies.give(self.reserved)
@@ -661,7 +679,18 @@ class _Call:
         except OSError as e:
             raise Denied(f"fd {fd}: {e.strerror}", errno.EBADF) from None
         self.fds.append(ours)
+        if self.leader_fds and not self._same_file(ours, fd):
+            raise Denied(f"fd {fd}: the caller's fd table is not its leader's", errno.EBADF)
         return ours
+
+    def _same_file(self, ours: int, fd: int) -> bool:
+        """Whether OURS is the file the caller's own fd FD names (/proc/<tid>/fd)."""
+        try:
+            theirs = os.stat(f"fd/{fd}", dir_fd=self.proc)
+        except OSError:
+            return False
+        mine = os.fstat(ours)
+        return (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino)
 
     def sock(self) -> int:
         return self.their_fd(int(self.note.args[0]) & 0xFFFFFFFF)
