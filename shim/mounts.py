@@ -15,17 +15,18 @@ from runtime.rootfs import parse_options  # one reading of mount options, as in 
 _ALLOWED_TYPES = {"overlay", "bind", "rbind", "tmpfs", "ext4", "xfs", "btrfs"}
 
 
-def mount_all(mounts, target: str, spec_linux: dict | None = None) -> None:
+def mount_all(mounts, target: str, spec_linux=None) -> None:
     """Mount containerd's rootfs mounts (in order) at `target`; on failure, undo and raise.
-    SPEC_LINUX: config.json's linux section (its id mappings, which an overlay's uidmap= and
-    gidmap= options must repeat)."""
+    SPEC_LINUX: a function returning config.json's linux section (its id mappings, which an
+    overlay's uidmap= and gidmap= options must repeat), called only when a mount has them:
+    the core decodes config.json anyway, the shim only for a hostUsers: false pod."""
     done = 0
     m = None
     try:
         for m in mounts:
             if m.type not in _ALLOWED_TYPES:
                 raise InvalidArgument(f"rootfs mount: type {m.type!r} is not supported")
-            flags, propagation, data = parse_options(_without_id_mapping(m, spec_linux or {}))
+            flags, propagation, data = parse_options(_without_id_mapping(m, spec_linux or dict))
             if m.type in ("bind", "rbind"):
                 flags |= linux.MS_BIND | (linux.MS_REC if m.type == "rbind" else 0)
             fstype = None if flags & linux.MS_BIND else m.type
@@ -51,7 +52,7 @@ def mount_all(mounts, target: str, spec_linux: dict | None = None) -> None:
         raise
 
 
-def _without_id_mapping(mount, spec_linux: dict) -> list[str]:
+def _without_id_mapping(mount, spec_linux) -> list[str]:
     """MOUNT's options without containerd 2.x's uidmap=/gidmap=, which ask for the overlay's
     lower layers id-mapped through the pod's user namespace (a hostUsers: false pod).
 
@@ -62,15 +63,18 @@ def _without_id_mapping(mount, spec_linux: dict) -> list[str]:
     those mappings say; any other mapping is refused rather than silently replaced.
     """
     kept = []
+    stated_linux = None
     for option in mount.options:
         key, _, value = option.partition("=")
         if key not in ("uidmap", "gidmap"):
             kept.append(option)
             continue
+        if stated_linux is None:
+            stated_linux = spec_linux()
         spec_key = "uidMappings" if key == "uidmap" else "gidMappings"
         stated = sorted(
             f"{m.get('containerID')}:{m.get('hostID')}:{m.get('size')}"
-            for m in spec_linux.get(spec_key) or ()
+            for m in stated_linux.get(spec_key) or ()
         )
         if mount.type != "overlay" or sorted(value.split(",")) != stated:
             raise InvalidArgument(

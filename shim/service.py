@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import json
 import os
 import signal
 import time
@@ -252,7 +253,9 @@ class TaskService(shim_ttrpc.TaskService):
             # clones it with open_tree), and other host users must not reach the rootfs.
             if request.rootfs:
                 mounts.mount_all(
-                    request.rootfs, mounts.rootfs_path(request.bundle), spec.get("linux") or {}
+                    request.rootfs,
+                    mounts.rootfs_path(request.bundle),
+                    functools.partial(_spec_linux, request.bundle),
                 )
                 task.rootfs_mounted = True
             stdio = await Stdio.open(
@@ -627,3 +630,14 @@ def _process_details(exec_id: str):
     return any_pb2.Any(
         type_url="containerd.runc.v1.ProcessDetails", value=wire.field_bytes(1, exec_id.encode())
     )
+
+
+def _spec_linux(bundle: str) -> dict:
+    """config.json's linux section, for the rootfs mounts' id-mapping options alone."""
+    try:
+        with open(os.path.join(bundle, "config.json")) as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as e:
+        raise errors.InvalidArgument(f"{bundle}/config.json: {e}") from e
+    linux = spec.get("linux") if isinstance(spec, dict) else None
+    return linux if isinstance(linux, dict) else {}
