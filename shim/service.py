@@ -12,8 +12,8 @@ the edge.
 import concurrent.futures
 import contextlib
 import functools
-import logging
 import json
+import logging
 import os
 import signal
 import time
