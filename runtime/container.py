@@ -170,7 +170,14 @@ class Container:
             try:
                 if channel is not None:
                     _start_broker(
-                        channel, spawned.pid, resolved_profile, verbose, container_id, log, cg
+                        channel,
+                        spawned.pid,
+                        resolved_profile,
+                        verbose,
+                        container_id,
+                        log,
+                        cg,
+                        _denial_records(directory, container_id, resolved_profile, data),
                     )
                 state.write(directory, data)
                 if pid_file:
@@ -558,6 +565,7 @@ class Container:
                     self.id,
                     self.log,
                     self.cgroup(),
+                    _denial_records(self.dir, self.id, resolved_profile, self.data),
                 )
             if pid_file:
                 write_pid_file(pid_file, spawned.pid)
@@ -613,8 +621,19 @@ def _notify_channel(profile, verbose: bool):
     return security.notify_channel(profile, verbose)
 
 
+def _denial_records(directory: str, container_id: str, profile, data: dict):
+    """Where the broker writes its refusals and what each record says of the container
+    (None when denial records are switched off: runtime/denials.py)."""
+    from runtime import denials
+
+    if not denials.enabled():
+        return None
+    context = denials.context(container_id, profile.name, data.get("annotations"))
+    return denials.path_in(directory), context
+
+
 def _start_broker(
-    channel, pid: int, profile, verbose: bool, container_id: str, log, cgroup
+    channel, pid: int, profile, verbose: bool, container_id: str, log, cgroup, records=None
 ) -> None:
     """Hand the supervisor end to a broker process; the container end stays with PID 1.
 
@@ -631,6 +650,8 @@ def _start_broker(
         verbose=verbose,
         container_id=container_id,
         log_path=getattr(log, "path", None),
+        records_path=records[0] if records else None,
+        record_context=records[1] if records else None,
     )
     if cgroup is not None:
         cgroup.charge_memory(broker_pid)

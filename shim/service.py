@@ -292,8 +292,12 @@ class TaskService(shim_ttrpc.TaskService):
             stdio.spawned()
             task.init.spawned(pid, self.reaper)
             task.watch_oom(loop)
+            self.daemon.denials.watch(
+                task.id, task.container.dir, pid, profile, spec.get("annotations")
+            )
         except BaseException:
             self.tasks.pop(request.id, None)
+            self.daemon.denials.unwatch(request.id)
             if task.init is not None and task.init.pid:
                 self.reaper.unregister(task.init.pid)  # the core reaps it; the pid may be reused
             if task.container is not None:
@@ -384,6 +388,8 @@ class TaskService(shim_ttrpc.TaskService):
                     exec_proc.signal(signal.SIGKILL)
             elif not exec_proc.started and not exec_proc.exited.is_set():
                 exec_proc.never_ran()  # added, never started: its Waits end with the task
+        # Its last records go out before the state dir (and its denials.jsonl) does.
+        self.daemon.denials.unwatch(task.id)
         try:
             task.container.delete(force=True)
         finally:
