@@ -1,0 +1,141 @@
+"""Denial records through containerd (docs/denials.md): one record in three places.
+
+A container under ci-runner calls a denied syscall (busybox `unshare -n`: seccomp
+answers EPERM, the kernel's audit record is mapped to the container by the shim), and
+a web-server container makes a connect its profile refuses (the broker's record). Each
+shows up as a `/zviz/denial` event through containerd's events API, as a line of the
+container's denials.jsonl and in `zviz audit`, with the same fields.
+
+`ctr events` cannot print the event: it decodes event bodies only with the types compiled
+into it (1.6 and 2.x alike), so for ours it logs "cannot unmarshal an event from Any"
+naming our type; the test checks that it received it.
+"""
+
+import asyncio
+import json
+import os
+import subprocess
+
+import pytest
+
+from api import typeurl
+from api.gen.zviz.events.v1 import denial_pb2
+from integration.ids import unique_id
+from integration.test_ttrpc_events import subscribe
+from runtime import denials
+from shim import config as shim_config
+from shim.denials import event as denial_event
+
+pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
+
+ZVIZ = "io.containerd.zviz.v2"
+TOPIC = "/zviz/denial"
+DENIAL_TYPE = "zviz.events.v1.Denial"
+
+
+def _as_dict(message: denial_pb2.Denial) -> dict:
+    fields = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        fields[field.name] = dict(value) if field.name in ("args", "counts") else value
+    return fields
+
+
+def _record_as_event_fields(rec: dict) -> dict:
+    """A file line as the event carries it (absent fields: the proto's zero values)."""
+    return _as_dict(denial_event(rec))
+
+
+def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted):
+    """Run `script` in a detached container until a /zviz/denial event of it matches
+    `wanted(event)`; return (event, file records, `zviz audit` records, ctr's stderr)."""
+    cid = unique_id("zviz-denial")
+    state_root = shim_config.runtime_root(containerd.address, containerd.namespace)
+
+    async def main():
+        received: asyncio.Queue = asyncio.Queue()
+        filters = [f'topic=="{TOPIC}",namespace=="{containerd.namespace}"']
+        subscriber = asyncio.create_task(subscribe(containerd.address, filters, received))
+        ctr_events = await asyncio.create_subprocess_exec(
+            containerd.ctr_bin, "--address", containerd.address, "events",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=containerd.env,
+        )  # fmt: skip
+        await asyncio.sleep(1)  # neither subscription says when it is ready
+        cmd = ["run", "-d", "--runtime", ZVIZ]
+        for key, value in annotations:
+            cmd += ["--annotation", f"{key}={value}"]
+        result = await asyncio.to_thread(
+            containerd.ctr, *cmd, image, cid, "sh", "-c", script, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    envelope = await received.get()
+                    assert envelope.event.type_url == DENIAL_TYPE
+                    event = typeurl.unpack(envelope.event)
+                    if event.container_id == cid and wanted(event):
+                        break
+            path = os.path.join(state_root, cid, denials.DENIALS_FILE)
+            records, _ = denials.read_lines(path)
+            audited = subprocess.run(
+                [zviz_bin, "--root", state_root, "audit", cid, "--format", "json"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert audited.returncode == 0, audited.stderr
+            audit_records = [json.loads(line) for line in audited.stdout.splitlines()]
+        finally:
+            subscriber.cancel()
+            await asyncio.to_thread(
+                containerd.ctr, "tasks", "kill", "-s", "SIGKILL", cid, check=False
+            )
+            await asyncio.to_thread(containerd.ctr, "tasks", "delete", "-f", cid, check=False)
+            await asyncio.to_thread(containerd.ctr, "containers", "delete", cid, check=False)
+            ctr_events.kill()
+        _, ctr_stderr = await ctr_events.communicate()
+        return event, records, audit_records, ctr_stderr.decode()
+
+    return asyncio.run(main())
+
+
+def _check_same_record_everywhere(event, records, audit_records, ctr_stderr):
+    fields = _as_dict(event)
+    in_file = [r for r in records if _record_as_event_fields(r) == fields]
+    assert in_file, f"event {fields} not in the file: {records}"
+    assert in_file[0] in audit_records, f"{in_file[0]} not in zviz audit: {audit_records}"
+    # ctr got the event too, and says why it cannot print it.
+    assert f"type with url {DENIAL_TYPE}: not found" in ctr_stderr, ctr_stderr
+
+
+def test_seccomp_denial_under_ci_runner(containerd, busybox_image, zviz_bin):
+    script = "while true; do unshare -n true; sleep 0.2; done"
+    event, records, audit_records, ctr_stderr = _run_until_recorded(
+        containerd, busybox_image, zviz_bin, script, (), lambda e: e.syscall == "unshare"
+    )
+    assert event.source == "seccomp"
+    assert event.profile == "ci-runner"
+    assert event.comm == "unshare"
+    assert event.verdict == "EPERM"
+    assert event.rule == "profile ci-runner: deny unshare"
+    assert event.pid > 1  # the host's pid of the caller
+    assert event.time.endswith("Z") and "T" in event.time
+    _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
+
+
+def test_broker_refusal_under_web_server(containerd, busybox_image, zviz_bin):
+    script = "while true; do echo x | nc 10.0.0.1 80; sleep 0.2; done"
+    event, records, audit_records, ctr_stderr = _run_until_recorded(
+        containerd,
+        busybox_image,
+        zviz_bin,
+        script,
+        [("io.zviz.profile", "web-server")],
+        lambda e: e.source == "broker",
+    )
+    assert event.profile == "web-server"
+    assert event.syscall == "connect"
+    assert event.comm == "nc"
+    assert dict(event.args) == {"family": "AF_INET", "address": "10.0.0.1:80"}
+    assert event.verdict == "EPERM"
+    assert "10.0.0.1" in event.rule
+    _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
