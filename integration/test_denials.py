@@ -84,6 +84,12 @@ def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted
             )  # fmt: skip
             assert audited.returncode == 0, audited.stderr
             audit_records = [json.loads(line) for line in audited.stdout.splitlines()]
+            counted = subprocess.run(
+                [zviz_bin, "--root", state_root, "metrics"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert counted.returncode == 0, counted.stderr
+            audit_records.append(counted.stdout)  # the counters, checked with the records
         finally:
             subscriber.cancel()
             await asyncio.to_thread(
@@ -99,10 +105,21 @@ def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted
 
 
 def _check_same_record_everywhere(event, records, audit_records, ctr_stderr):
+    *audit_records, counters = audit_records
     fields = _as_dict(event)
     in_file = [r for r in records if _record_as_event_fields(r) == fields]
     assert in_file, f"event {fields} not in the file: {records}"
     assert in_file[0] in audit_records, f"{in_file[0]} not in zviz audit: {audit_records}"
+    # zviz metrics counts every record of the file (read after it: the loop may add more).
+    same = [r for r in records if (r["source"], r["syscall"]) == (event.source, event.syscall)]
+    counted = [
+        line
+        for line in counters.splitlines()
+        if line.startswith("zviz_denials_total{")
+        and f'container_id="{event.container_id}"' in line
+        and f'syscall="{event.syscall}"' in line
+    ]
+    assert len(counted) == 1 and int(counted[0].rsplit(" ", 1)[1]) >= len(same) > 0, counters
     # ctr got the event too, and says why it cannot print it.
     assert f"type with url {DENIAL_TYPE}: not found" in ctr_stderr, ctr_stderr
 

@@ -165,6 +165,7 @@ def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="keep printing new records")
     p.add_argument("--since", default=None, help="RFC 3339 time, or a duration back: 10m")
     p.add_argument("--format", default="table", choices=("table", "json"))
+    command("metrics", "denial counters of every container, Prometheus text format")
     for name in ("checkpoint", "restore"):
         p = command(name, "not supported by zviz")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -528,6 +529,13 @@ def cmd_audit(args, log) -> int:
     )
 
 
+def cmd_metrics(args, log) -> int:
+    from runtime import denials
+
+    sys.stdout.write(denials.metrics(args.root))
+    return 0
+
+
 def cmd_profile(args, log) -> int:
     from runtime.security.profile_cli import run
 
@@ -561,6 +569,7 @@ _COMMANDS = {
     "update": cmd_update,
     "events": cmd_events,
     "audit": cmd_audit,
+    "metrics": cmd_metrics,
     "profile": cmd_profile,
     "node": cmd_node,
     "checkpoint": cmd_unsupported,

@@ -531,3 +531,45 @@ def audit(
         if container_id is not None and not os.path.isdir(os.path.join(root, container_id)):
             return 0  # deleted: nothing more will come
         time.sleep(poll)
+
+
+# --- `zviz metrics` (Prometheus text format) ---
+
+_METRIC_LABELS = ("container_id", "pod_namespace", "pod_name", "profile", "source", "syscall")
+_METRIC_LABELS += ("verdict",)
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics(root: str) -> str:
+    """Counters of every container's denials under `root`, counted from its records (a
+    rate-limit summary adds what it dropped), in Prometheus' text format."""
+    seen: dict[tuple, int] = {}
+    dropped: dict[tuple, int] = {}
+    for _, path in _files_under(root, None):
+        records, _ = read_lines(path)
+        for rec in records:
+            if rec.get("source") != "rate-limit":
+                key = tuple(str(rec.get(label, "")) for label in _METRIC_LABELS)
+                seen[key] = seen.get(key, 0) + 1
+                continue
+            for what, count in (rec.get("counts") or {}).items():
+                source, syscall, verdict = (what.split(" ") + ["", "", ""])[:3]
+                labels = {**rec, "source": source, "syscall": syscall, "verdict": verdict}
+                key = tuple(str(labels.get(label, "")) for label in _METRIC_LABELS)
+                seen[key] = seen.get(key, 0) + int(count)
+                dropped[key] = dropped.get(key, 0) + int(count)
+    lines = []
+    for name, help_text, values in (
+        ("zviz_denials_total", "Denied calls, recorded or counted by the rate limit.", seen),
+        ("zviz_denial_records_dropped_total", "Denied calls the rate limit only counted.", dropped),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        for key, value in sorted(values.items()):
+            labels = ",".join(
+                f'{k}="{_label(v)}"' for k, v in zip(_METRIC_LABELS, key, strict=True)
+            )
+            lines.append(f"{name}{{{labels}}} {value}")
+    return "\n".join(lines) + "\n"

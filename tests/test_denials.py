@@ -199,3 +199,22 @@ def test_switched_off_the_filter_loads_without_the_log_flag(monkeypatch):
     assert seccomp.kernel_logs_denials(listener=True) == (
         "errno" in logged and "user_notif" not in logged
     )
+
+
+def test_metrics_count_records_and_what_the_rate_limit_dropped(tmp_path):
+    os.mkdir(tmp_path / "c1")
+    f = denials.RecordFile(denials.path_in(str(tmp_path / "c1")))
+    ctx = denials.context("c1", "ci-runner", {"io.kubernetes.cri.sandbox-name": 'p"1'})
+    fields = dict(source="seccomp", pid=1, comm="x", verdict="EPERM", rule="r")
+    f.write([denials.record(ctx, syscall="unshare", **fields) for _ in range(3)])
+    summary = {**ctx, "source": "rate-limit", "verdict": "suppressed", "count": 5}
+    f.write([{**summary, "counts": {"seccomp unshare EPERM": 5}}])
+    f.close()
+    text = denials.metrics(str(tmp_path))
+    labels = (
+        'container_id="c1",pod_namespace="",pod_name="p\\"1",profile="ci-runner",'
+        'source="seccomp",syscall="unshare",verdict="EPERM"'
+    )
+    assert f"zviz_denials_total{{{labels}}} 8" in text.splitlines()
+    assert f"zviz_denial_records_dropped_total{{{labels}}} 5" in text.splitlines()
+    assert "# TYPE zviz_denials_total counter" in text
