@@ -80,15 +80,18 @@ class Container:
         cg = None
         channel = None
         fds: list[int] = []
+        steps = _Steps(log, f"create {container_id}")
         try:
             from runtime.spec import load_spec
 
             spec = load_spec(bundle)
+            steps.done("config.json loaded")
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
             resolved_profile, changes = _harden(
                 spec, profile, allow_host_network, host_network_switch, cluster_network
             )
+            steps.done(f"profile {resolved_profile.name} resolved, spec hardened")
             # What the profile changed in config.json, for `--debug`: why a program that
             # asked for a capability or a shared namespace finds it gone.
             for change in changes:
@@ -130,6 +133,7 @@ class Container:
             cg.prepare_join()
             resources = (spec.raw.get("linux") or {}).get("resources") or {}
             cg.apply(resources)
+            steps.done("cgroups made, limits applied")
 
             fifo_fd = None
             if detach:
@@ -164,6 +168,7 @@ class Container:
             )
             process.write_joined_netns_sysctls(spec)
             spawned = process.spawn_init(request, log)
+            steps.done(f"PID 1 ({spawned.pid}) ready: namespaces, id maps, rootfs")
             data["pid"] = spawned.pid
             data["pidStartTime"] = spawned.start_time
             data["status"] = "created"
@@ -179,6 +184,7 @@ class Container:
                         cg,
                         _denial_records(directory, container_id, resolved_profile, data),
                     )
+                    steps.done("broker started")
                 state.write(directory, data)
                 if pid_file:
                     write_pid_file(pid_file, spawned.pid)
@@ -193,6 +199,7 @@ class Container:
             else:
                 container._spawned = spawned
             container._cgroup = cg
+            steps.finish()
             return container
         except BaseException:
             _close_quietly(fds)
@@ -619,6 +626,23 @@ def _notify_channel(profile, verbose: bool):
     from runtime import security
 
     return security.notify_channel(profile, verbose)
+
+
+class _Steps:
+    """`--debug`: each step of a create, with what it took (the log drops them otherwise)."""
+
+    def __init__(self, log, what: str):
+        self.log = log
+        self.what = what
+        self.start = self.last = time.monotonic()
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.log.debug(f"{self.what}: {step} ({(now - self.last) * 1000:.1f} ms)")
+        self.last = now
+
+    def finish(self) -> None:
+        self.log.debug(f"{self.what}: done in {(time.monotonic() - self.start) * 1000:.1f} ms")
 
 
 def _denial_records(directory: str, container_id: str, profile, data: dict):

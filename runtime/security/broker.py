@@ -342,7 +342,7 @@ class Broker:
         if not self.verbose:
             return None
         record = {
-            "time": round(time.time(), 6),
+            "time": denials.rfc3339(time.time()),
             "container": self.container_id,
             "profile": self.profile.name,
             "pid": note.pid,
