@@ -13,9 +13,9 @@ Where records go: JSON lines in `<state dir>/denials.jsonl` (one file per contai
 `RecordFile`); the shim publishes each line as a containerd event (/zviz/denial);
 `zviz audit` reads the files.
 
-A container that loops on a denied call is bounded here, not in the kernel: at most
-RECORD_BURST records per RECORD_INTERVAL, the rest counted and written as one summary
-record per interval (`RateLimiter`).
+A container that loops on a denied call is bounded here, not in the kernel: its first
+RECORD_BURST records, then one summary per RECORD_INTERVAL counting the rest, a new
+burst after a quiet interval (`RateLimiter`); the file stops at MAX_FILE_BYTES.
 """
 
 import errno
@@ -28,6 +28,9 @@ DENIALS_FILE = "denials.jsonl"
 # Per container: this many records per interval, then one summary of what was dropped.
 RECORD_BURST = 100
 RECORD_INTERVAL = 10.0
+# A container's file stops growing here (~20 000 records; a looping container adds one
+# summary line per interval once past its burst).
+MAX_FILE_BYTES = 8 << 20
 # Records off (the filter loaded without SECCOMP_FILTER_FLAG_LOG, no broker records):
 # for a node that must keep denials out of the kernel log (see docs/denials.md).
 RECORDS_SWITCH = "ZVIZ_DENIAL_RECORDS"
@@ -140,19 +143,25 @@ def seccomp_verdict(code: int, profile, syscall: str) -> str:
 
 
 class RateLimiter:
-    """At most `burst` records per `interval`; the rest counted, summed up once per interval."""
+    """The first `burst` records, then only counts: one summary per `interval` that dropped
+    any. A container quiet for a whole interval gets a fresh burst (new behaviour is seen
+    in full again); one that loops forever costs its file one summary per interval."""
 
     def __init__(self, burst: int = RECORD_BURST, interval: float = RECORD_INTERVAL, clock=None):
         self.burst = burst
         self.interval = interval
         self.clock = clock or time.monotonic
-        self._window_start = self.clock()
+        self._window_start = self._last_seen = self.clock()
         self._admitted = 0
         self._suppressed: dict[str, int] = {}
 
     def admit(self, rec: dict) -> list[dict]:
-        """The records to write now: `rec` itself, maybe after the last window's summary."""
+        """The records to write now: `rec` itself or nothing, maybe after a summary."""
         out = self.flush(rec)
+        now = self.clock()
+        if now - self._last_seen >= self.interval:
+            self._admitted = 0
+        self._last_seen = now
         if self._admitted < self.burst:
             self._admitted += 1
             out.append(rec)
@@ -162,7 +171,7 @@ class RateLimiter:
         return out
 
     def flush(self, like: dict) -> list[dict]:
-        """The summary of a finished window (if it dropped any), and a new window."""
+        """The summary of a finished interval (if it dropped any); a new interval begins."""
         now = self.clock()
         if now - self._window_start < self.interval:
             return []
@@ -181,17 +190,21 @@ class RateLimiter:
                 }
             )
         self._window_start = now
-        self._admitted = 0
         self._suppressed = {}
         return out
 
 
 class RecordFile:
-    """Appends records to one container's denials.jsonl (created 0600, never truncated)."""
+    """Appends records to one container's denials.jsonl (created 0600, never truncated).
+
+    The state directory is usually on /run (memory): past MAX_FILE_BYTES no more lines
+    are written (`dropped` counts the records lost); events stop with them.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.dropped = 0
 
     def write(self, records: list[dict]) -> None:
         if not records:
@@ -200,6 +213,9 @@ class RecordFile:
         # within a line.
         data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
         try:
+            if os.fstat(self.fd).st_size + len(data) > MAX_FILE_BYTES:
+                self.dropped += len(records)
+                return
             os.write(self.fd, data.encode())
         except OSError:
             pass  # a full disk loses records, never the container
@@ -496,7 +512,16 @@ def format_record(rec: dict, fmt: str) -> str:
     if rec.get("verdict") == "suppressed":
         args = " ".join(f"{k}:{v}" for k, v in (rec.get("counts") or {}).items())
     cells = {**rec, "pod": pod, "args": args or "-"}
-    return "  ".join(str(cells.get(column, "") or "-") for column in TABLE_COLUMNS)
+    return "  ".join(_printable(cells.get(column, "") or "-") for column in TABLE_COLUMNS)
+
+
+def _printable(value) -> str:
+    """A cell for a terminal: the container chooses its command name and paths, so control
+    characters (a newline forging a row, escape sequences) are shown escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def audit(

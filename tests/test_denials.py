@@ -106,15 +106,36 @@ def test_rate_limit_lets_a_burst_through_then_counts():
     rec.update(syscall="unshare", verdict="EPERM")
     written = [r for _ in range(10) for r in limiter.admit(dict(rec))]
     assert len(written) == 3
-    now[0] = 10.5
-    written = limiter.admit(dict(rec))
-    summary, again = written
-    assert summary["verdict"] == "suppressed" and summary["count"] == 7
-    assert summary["counts"] == {"seccomp unshare EPERM": 7}
+    now[0] = 5
+    assert [r for _ in range(5) for r in limiter.admit(dict(rec))] == []
+    now[0] = 10.5  # still looping: a summary of the 12 dropped, and no new burst
+    (summary,) = limiter.admit(dict(rec))
+    assert summary["verdict"] == "suppressed" and summary["count"] == 12
+    assert summary["counts"] == {"seccomp unshare EPERM": 12}
     assert summary["container_id"] == "c1"
-    assert again == rec  # a new window: records pass again
-    now[0] = 21
-    assert limiter.flush(rec) == []  # nothing dropped in that window: no summary
+    now[0] = 21  # the next interval's summary counts the one dropped at 10.5
+    assert [r["count"] for r in limiter.flush(rec)] == [1]
+    assert limiter.flush(rec) == []  # nothing dropped since: no summary
+    now[0] = 40  # quiet for a whole interval: records again
+    assert limiter.admit(dict(rec)) == [rec]
+
+
+def test_a_record_file_stops_at_its_cap(tmp_path, monkeypatch):
+    monkeypatch.setattr(denials, "MAX_FILE_BYTES", 200)
+    f = denials.RecordFile(str(tmp_path / denials.DENIALS_FILE))
+    f.write([{"n": i, "pad": "x" * 40} for i in range(3)])
+    f.write([{"n": 3, "pad": "x" * 40}, {"n": 4, "pad": "x" * 40}])
+    f.close()
+    records, _ = denials.read_lines(f.path)
+    assert [r["n"] for r in records] == [0, 1, 2] and f.dropped == 2
+
+
+def test_the_table_escapes_what_the_container_chose():
+    rec = {"time": "t", "container_id": "c1", "source": "seccomp", "pid": 1}
+    rec.update(comm="x\nFORGED\x1b[2J", syscall="unshare", verdict="EPERM", rule="r")
+    row = denials.format_record(rec, "table")
+    assert "\n" not in row and "\x1b" not in row
+    assert "x\\nFORGED\\x1b[2J" in row
 
 
 def test_a_torn_last_line_waits_for_the_rest(tmp_path):
