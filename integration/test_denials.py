@@ -215,3 +215,45 @@ def test_a_flood_is_rate_limited_and_the_shim_keeps_answering(containerd, busybo
     counted, calls, slowest = summary.count, len(latencies), max(latencies)
     print(f"flood: {counted} calls only counted; ctr tasks ls {calls} times, max {slowest:.2f} s")
     assert max(latencies) < 5, latencies
+
+
+def test_denials_of_exec_processes_are_the_containers(containerd, busybox_image):
+    """`ctr tasks exec` processes that call a denied syscall and exit at once: each of
+    their records is attributed to the container (the caller is gone when it is read)."""
+    cid = unique_id("zviz-denial-exec")
+    execs = 5
+
+    async def main():
+        received: asyncio.Queue = asyncio.Queue()
+        filters = [f'topic=="{TOPIC}",namespace=="{containerd.namespace}"']
+        subscriber = asyncio.create_task(subscribe(containerd.address, filters, received))
+        await asyncio.sleep(1)
+        result = await asyncio.to_thread(
+            containerd.ctr, "run", "-d", "--runtime", ZVIZ, busybox_image, cid, "sleep", "60",
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        pids = set()
+        try:
+            for n in range(execs):
+                done = await asyncio.to_thread(
+                    containerd.ctr, "tasks", "exec", "--exec-id", f"x{n}", cid, "unshare", "-n",
+                    "true", check=False,
+                )  # fmt: skip
+                assert done.returncode != 0  # EPERM: busybox unshare fails
+            async with asyncio.timeout(10):
+                while len(pids) < execs:
+                    event = typeurl.unpack((await received.get()).event)
+                    if event.container_id == cid and event.syscall == "unshare":
+                        pids.add(event.pid)
+        except TimeoutError:
+            pass
+        finally:
+            subscriber.cancel()
+            for args in (("tasks", "kill", "-s", "SIGKILL", cid), ("tasks", "delete", "-f", cid),
+                         ("containers", "delete", cid)):  # fmt: skip
+                await asyncio.to_thread(containerd.ctr, *args, check=False)
+        return pids
+
+    pids = asyncio.run(main())
+    assert len(pids) == execs, f"{len(pids)} of {execs} exec'd callers recorded"

@@ -18,6 +18,7 @@ RECORD_BURST records, then one summary per RECORD_INTERVAL counting the rest, a 
 burst after a quiet interval (`RateLimiter`); the file stops at MAX_FILE_BYTES.
 """
 
+import collections
 import errno
 import json
 import os
@@ -403,14 +404,23 @@ class Watched:
         self.pid_namespace = namespace if namespace != pid_namespace_of(os.getpid()) else None
         self.file = RecordFile(path_in(state_dir))
         self.limit = RateLimiter()
+        self.sessions = {self.session} if self.session is not None else set()
+
+
+# A record of a session not (yet) known waits this long for add_session: an exec'd
+# process can make its denied call and exit before the shim has learnt its session.
+PENDING_SECONDS = 2.0
+PENDING_MAX = 512
 
 
 class KernelWatcher:
     """Turns the kernel's seccomp records of the watched containers into denial records."""
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self._containers: dict[str, Watched] = {}
         self._by_session: dict[int, Watched] = {}
+        self._pending: collections.deque = collections.deque()  # (arrived, session, text)
+        self.clock = clock
         self.ignored = 0  # records of processes that are not ours (other shims', the host's)
 
     def watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations) -> None:
@@ -420,14 +430,27 @@ class KernelWatcher:
         if watched.session is not None:
             self._by_session[watched.session] = watched
 
+    def add_session(self, container_id: str, pid: int) -> list[dict]:
+        """A process started in the container later (exec) with a session of its own: its
+        records are the container's too, those already waiting included (returned)."""
+        watched = self._containers.get(container_id)
+        session = session_of(pid)
+        if watched is None or session is None or session in self._by_session:
+            return []
+        watched.sessions.add(session)
+        self._by_session[session] = watched
+        waiting = [text for _, s, text in self._pending if s == session]
+        self._pending = collections.deque(p for p in self._pending if p[1] != session)
+        return [r for r in (self.handle(AUDIT_SECCOMP, text) for text in waiting) if r]
+
     def unwatch(self, container_id: str) -> None:
         watched = self._containers.pop(container_id, None)
         if watched is None:
             return
         for rec in watched.limit.flush({**watched.context, "source": "", "syscall": ""}):
             watched.file.write([rec])
-        if watched.session is not None:
-            self._by_session.pop(watched.session, None)
+        for session in watched.sessions:
+            self._by_session.pop(session, None)
         watched.file.close()
 
     def __bool__(self) -> bool:
@@ -449,6 +472,7 @@ class KernelWatcher:
             return None  # a mediated call the broker answers (user_notif): not a denial
         watched = self._owner(pid, fields.get("ses"))
         if watched is None:
+            self._keep_pending(fields.get("ses"), text)
             self.ignored += 1
             return None
         syscall = syscall_name(nr, arch)
@@ -473,6 +497,15 @@ class KernelWatcher:
             watched.file.write(
                 watched.limit.flush({**watched.context, "source": "", "syscall": ""})
             )
+
+    def _keep_pending(self, session: str | None, text: str) -> None:
+        now = self.clock()
+        while self._pending and now - self._pending[0][0] >= PENDING_SECONDS:
+            self._pending.popleft()
+        if session is None or not session.isdigit() or int(session) == AUDIT_SID_UNSET:
+            return  # no session to be learnt later: nothing will claim it
+        if len(self._pending) < PENDING_MAX:
+            self._pending.append((now, int(session), text))
 
     def _owner(self, pid: int, session: str | None) -> Watched | None:
         if session is not None and session.isdigit():

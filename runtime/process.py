@@ -682,6 +682,11 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
     if request.cgroup is not None:
         with stages("cgroup"):
             request.cgroup.join_self()
+    if denials.enabled():
+        with stages("audit session"):
+            # Its own session, as PID 1's (_namespace_child): the shim adds it to the
+            # container's, so records of a caller that has exited are still the container's.
+            denials.start_session(_host_id_of_container_root(request.spec))
     with stages("namespaces"):
         for ns_type, fd in ns_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])

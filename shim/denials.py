@@ -71,6 +71,11 @@ class DenialFeed:
         if self._ticker is None:
             self._ticker = self.loop.call_later(POLL_SECONDS, self._tick)
 
+    def exec_started(self, container_id: str, pid: int) -> None:
+        """An exec'd process of a watched container: its audit session is the container's."""
+        if container_id in self._files and self.watcher.add_session(container_id, pid):
+            self._publish_new(container_id)
+
     def unwatch(self, container_id: str) -> None:
         """Publish what is left of the container's records; before its state dir goes."""
         if container_id not in self._files:

@@ -358,6 +358,7 @@ class TaskService(shim_ttrpc.TaskService):
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
             )
+            self.daemon.denials.exec_started(task.id, pid)
             if stdio.terminal:
                 stdio.receive_console()
         except BaseException:

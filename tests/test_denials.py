@@ -239,3 +239,29 @@ def test_metrics_count_records_and_what_the_rate_limit_dropped(tmp_path):
     assert f"zviz_denials_total{{{labels}}} 8" in text.splitlines()
     assert f"zviz_denial_records_dropped_total{{{labels}}} 5" in text.splitlines()
     assert "# TYPE zviz_denials_total counter" in text
+
+
+def test_an_exec_session_claims_its_records_that_came_first(monkeypatch, tmp_path):
+    """An exec'd process can deny, exit and have its record read before the shim learns
+    its session: the record waits (PENDING_SECONDS) and is claimed by add_session."""
+    now = [0.0]
+    watcher = _watcher_with(monkeypatch, tmp_path)
+    watcher.clock = lambda: now[0]
+    exec_record = UNSHARE.replace("ses=7", "ses=9").replace("pid=28058", "pid=999999999")
+    assert watcher.handle(denials.AUDIT_SECCOMP, exec_record) is None
+    monkeypatch.setattr(denials, "session_of", lambda pid: 9)
+    (claimed,) = watcher.add_session("c1", 4242)
+    assert claimed["container_id"] == "c1" and claimed["pid"] == 999999999
+    assert watcher.add_session("c1", 4242) == []  # known already: nothing again
+    # Later records of that session are the container's at once.
+    assert watcher.handle(denials.AUDIT_SECCOMP, exec_record)["container_id"] == "c1"
+    # One that waited too long is gone.
+    late = exec_record.replace("ses=9", "ses=10")
+    watcher.handle(denials.AUDIT_SECCOMP, late)
+    now[0] = denials.PENDING_SECONDS + 1
+    watcher.handle(denials.AUDIT_SECCOMP, UNSHARE.replace("ses=7", "ses=11"))  # prunes
+    monkeypatch.setattr(denials, "session_of", lambda pid: 10)
+    assert watcher.add_session("c1", 4343) == []
+    watcher.unwatch("c1")
+    records, _ = denials.read_lines(denials.path_in(str(tmp_path)))
+    assert [r["pid"] for r in records] == [999999999, 999999999]
