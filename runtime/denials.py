@@ -460,21 +460,27 @@ class KernelWatcher:
         """Record one kernel record if it is a denial of a watched container's process."""
         if kind != AUDIT_SECCOMP or not self._containers:
             return None
+        # Every shim gets every record of the node: whose it is is decided from two
+        # fields found directly (no string the caller chose can hold " ses=" or " pid=":
+        # the kernel hex-encodes one with a space); only our records are parsed whole.
+        session = _number_after(text, " ses=")
+        pid = _number_after(text, " pid=")
+        if pid is None:
+            return None
+        watched = self._owner(pid, session)
+        if watched is None:
+            self._keep_pending(session, text)
+            self.ignored += 1
+            return None
         when, fields = parse_fields(text)
         try:
             code = int(fields.get("code", "0"), 16)
-            pid = int(fields["pid"])
             nr = int(fields["syscall"])
             arch = int(fields.get("arch", "0"), 16)
         except (KeyError, ValueError):
             return None
         if code & SECCOMP_RET_ACTION_FULL == 0x7FC00000:
             return None  # a mediated call the broker answers (user_notif): not a denial
-        watched = self._owner(pid, fields.get("ses"))
-        if watched is None:
-            self._keep_pending(fields.get("ses"), text)
-            self.ignored += 1
-            return None
         syscall = syscall_name(nr, arch)
         rec = record(
             watched.context,
@@ -498,20 +504,26 @@ class KernelWatcher:
                 watched.limit.flush({**watched.context, "source": "", "syscall": ""})
             )
 
-    def _keep_pending(self, session: str | None, text: str) -> None:
+    def _keep_pending(self, session: int | None, text: str) -> None:
         now = self.clock()
         while self._pending and now - self._pending[0][0] >= PENDING_SECONDS:
             self._pending.popleft()
-        if session is None or not session.isdigit() or int(session) == AUDIT_SID_UNSET:
+        if session is None or session == AUDIT_SID_UNSET:
             return  # no session to be learnt later: nothing will claim it
         if len(self._pending) < PENDING_MAX:
-            self._pending.append((now, int(session), text))
+            self._pending.append((now, session, text))
 
-    def _owner(self, pid: int, session: str | None) -> Watched | None:
-        if session is not None and session.isdigit():
-            watched = self._by_session.get(int(session))
-            if watched is not None:
-                return watched
+    def _owner(self, pid: int, session: int | None) -> Watched | None:
+        watched = self._by_session.get(session)
+        if watched is not None:
+            return watched
+        if session not in (None, AUDIT_SID_UNSET) and all(
+            w.session is not None for w in self._containers.values()
+        ):
+            # Another session (another container's, a login's, an exec not yet added):
+            # none of ours is without one, so the pid namespace is not asked (a stat per
+            # record of the node's other floods).
+            return None
         namespace = pid_namespace_of(pid)
         if namespace is None:
             return None  # exited, outside every session of ours: cannot be told
@@ -519,6 +531,17 @@ class KernelWatcher:
             if watched.pid_namespace == namespace:
                 return watched
         return None
+
+
+def _number_after(text: str, key: str) -> int | None:
+    start = text.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    end = start
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    return int(text[start:end]) if end > start else None
 
 
 # --- `zviz audit` ---
