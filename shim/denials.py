@@ -56,39 +56,59 @@ class DenialFeed:
         self._files: dict[str, list] = {}  # container id -> [path, offset read up to]
         self._ticker = None
 
+    # Records are never worth a container: these three are called from Create, Start and
+    # Delete, and a failure here is logged, never raised.
+
     def watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
         """Start publishing a created container's denials (before it can make a call)."""
         if not denials.enabled():
             return
+        try:
+            self._watch(container_id, state_dir, init_pid, profile, annotations)
+        except Exception:  # noqa: BLE001
+            log.exception("denial records of %s", container_id, extra={"container": container_id})
+
+    def _watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
         path = denials.path_in(state_dir)
         try:
             offset = os.stat(path).st_size
         except FileNotFoundError:
             offset = 0
-        self._files[container_id] = [path, offset]
         self._open_kernel_records()
         self.watcher.watch(container_id, state_dir, init_pid, profile, annotations)
+        self._files[container_id] = [path, offset]
         if self._ticker is None:
             self._ticker = self.loop.call_later(POLL_SECONDS, self._tick)
 
     def exec_started(self, container_id: str, pid: int) -> None:
         """An exec'd process of a watched container: its audit session is the container's."""
-        if container_id in self._files and self.watcher.add_session(container_id, pid):
-            self._publish_new(container_id)
+        try:
+            if container_id in self._files and self.watcher.add_session(container_id, pid):
+                self._publish_new(container_id)
+        except Exception:  # noqa: BLE001
+            log.exception("denial records of an exec in %s", container_id)
 
     def unwatch(self, container_id: str) -> None:
         """Publish what is left of the container's records; before its state dir goes."""
         if container_id not in self._files:
             return
-        self._read_kernel()
-        self.watcher.unwatch(container_id)
-        self._publish_new(container_id)
+        try:
+            self._read_kernel()
+            self.watcher.unwatch(container_id)
+            self._publish_new(container_id)
+        except Exception:  # noqa: BLE001
+            log.exception("last denial records of %s", container_id)
         del self._files[container_id]
         if not self._files:
             self._close()
 
     def _open_kernel_records(self) -> None:
         if self.kernel is not None or self.kernel_unavailable:
+            return
+        if os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino:
+            # The kernel multicasts audit records in the initial network namespace only.
+            self.kernel_unavailable = "the shim is not in the initial network namespace"
+            log.warning("seccomp denials will not be recorded: %s", self.kernel_unavailable)
             return
         try:
             self.kernel = denials.KernelRecords()
