@@ -46,6 +46,15 @@ def event(rec: dict) -> denial_pb2.Denial:
     return message
 
 
+def _in_initial_network_namespace() -> bool:
+    """Whether we share PID 1's network namespace; True when that cannot be told (a
+    hardened PID 1 may refuse even root its /proc/1/ns: this machine's does)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return True
+
+
 class DenialFeed:
     def __init__(self, loop, publish) -> None:
         self.loop = loop
@@ -105,7 +114,7 @@ class DenialFeed:
     def _open_kernel_records(self) -> None:
         if self.kernel is not None or self.kernel_unavailable:
             return
-        if os.stat("/proc/self/ns/net").st_ino != os.stat("/proc/1/ns/net").st_ino:
+        if not _in_initial_network_namespace():
             # The kernel multicasts audit records in the initial network namespace only.
             self.kernel_unavailable = "the shim is not in the initial network namespace"
             log.warning("seccomp denials will not be recorded: %s", self.kernel_unavailable)
