@@ -265,3 +265,20 @@ def test_an_exec_session_claims_its_records_that_came_first(monkeypatch, tmp_pat
     watcher.unwatch("c1")
     records, _ = denials.read_lines(denials.path_in(str(tmp_path)))
     assert [r["pid"] for r in records] == [999999999, 999999999]
+
+
+def test_node_check_says_what_is_recorded(monkeypatch):
+    from runtime.node import check
+
+    monkeypatch.setenv(denials.RECORDS_SWITCH, "0")
+    assert check._denial_records(7).status == check.WARN
+    monkeypatch.setenv(denials.RECORDS_SWITCH, "1")
+    found = check._denial_records(6)
+    try:
+        denials.KernelRecords().close()
+        readable = seccomp.kernel_logs_denials(listener=False)
+    except denials.KernelRecordsUnavailable:
+        readable = False  # not root (CAP_AUDIT_READ), or no audit in this kernel
+    assert found.status == (check.OK if readable else check.WARN), found
+    if readable:
+        assert "Landlock ABI 6 < 7" in found.detail
