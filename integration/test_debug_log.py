@@ -39,3 +39,22 @@ def test_verbose_records_have_rfc3339_times(zviz, make_bundle):
     assert unshare, result.stderr
     when = datetime.datetime.fromisoformat(unshare[0]["time"].replace("Z", "+00:00"))
     assert when.tzinfo is not None and unshare[0]["time"].endswith("Z")
+
+
+@pytest.mark.containerd
+def test_the_shim_logs_create_steps_when_containerd_debugs(containerd, busybox_image):
+    """containerd at debug level starts shims with -debug: the core's steps of a create
+    reach containerd's log, with the container's id."""
+    cid = unique_id("zviz-debug-shim")
+    try:
+        result = containerd.ctr(
+            "run", "--rm", "--runtime", "io.containerd.zviz.v2", busybox_image, cid, "true",
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    finally:
+        containerd.ctr("containers", "delete", cid, check=False)
+    with open(containerd.log_path) as f:
+        logged = [line for line in f if f"create {cid}: " in line]
+    assert any("config.json loaded" in line for line in logged), logged
+    assert any(f"create {cid}: done in" in line for line in logged), logged

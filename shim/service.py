@@ -29,6 +29,7 @@ from runtime.container import Container
 from shim import config as shim_config
 from shim import mounts
 from shim.events import timestamp
+from shim.log import CoreLog
 from shim.process import STOPPED, Process
 from shim.stats import metrics_any
 from shim.stdio import Stdio
@@ -282,6 +283,7 @@ class TaskService(shim_ttrpc.TaskService):
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
                 detach=True,
+                **({"log": CoreLog(request.id)} if log.isEnabledFor(logging.DEBUG) else {}),
             )
             with self.reaper.held():
                 task.container = await loop.run_in_executor(self._creator, create)
