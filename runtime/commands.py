@@ -160,6 +160,12 @@ def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true")
     p.add_argument("--interval", default="5s")
     p.add_argument("id")
+    p = command("audit", "print containers' denial records (docs/denials.md)")
+    p.add_argument("id", nargs="?", default=None, help="one container (default: all)")
+    p.add_argument("--follow", action="store_true", help="keep printing new records")
+    p.add_argument("--since", default=None, help="RFC 3339 time, or a duration back: 10m")
+    p.add_argument("--format", default="table", choices=("table", "json"))
+    command("metrics", "denial counters of every container, Prometheus text format")
     for name in ("checkpoint", "restore"):
         p = command(name, "not supported by zviz")
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -526,6 +532,25 @@ def cmd_events(args, log) -> int:
         time.sleep(interval)
 
 
+def cmd_audit(args, log) -> int:
+    from runtime import denials
+
+    try:
+        since = denials.parse_time(args.since) if args.since else None
+    except ValueError:
+        raise errors.InvalidArgument(f"--since {args.since!r}: not a time or duration") from None
+    return denials.audit(
+        args.root, args.id, follow=args.follow, since=since, fmt=args.format, out=sys.stdout
+    )
+
+
+def cmd_metrics(args, log) -> int:
+    from runtime import denials
+
+    sys.stdout.write(denials.metrics(args.root))
+    return 0
+
+
 def cmd_profile(args, log) -> int:
     from runtime.security.profile_cli import run
 
@@ -558,6 +583,8 @@ _COMMANDS = {
     "features": cmd_features,
     "update": cmd_update,
     "events": cmd_events,
+    "audit": cmd_audit,
+    "metrics": cmd_metrics,
     "profile": cmd_profile,
     "node": cmd_node,
     "checkpoint": cmd_unsupported,

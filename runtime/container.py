@@ -34,9 +34,12 @@ class Container:
         self._cgroup = None
         # Set by create(), from the validated config.json, for the caller (the shim) that
         # would otherwise read config.json again: PID 1's user as {"uid", "gid"}, and
-        # whether the container has a pid namespace of its own.
+        # whether the container has a pid namespace of its own, the profile it runs under,
+        # and config.json's annotations (the pod's names for denial records).
         self.init_user: dict | None = None
         self.own_pid_namespace: bool | None = None
+        self.profile = None
+        self.annotations: dict[str, str] = {}
 
     # --- creation -------------------------------------------------------------------
 
@@ -88,10 +91,12 @@ class Container:
         cg = None
         channel = None
         fds: list[int] = []
+        steps = _Steps(log, f"create {container_id}")
         try:
             from runtime.spec import load_spec
 
             spec = load_spec(bundle)
+            steps.done("config.json loaded")
             if spec.process is None:
                 raise errors.field_error("process", "is required to create a container")
             resolved_profile, changes = _harden(
@@ -102,6 +107,7 @@ class Container:
                 cluster_network,
                 host_ids=host_ids,
             )
+            steps.done(f"profile {resolved_profile.name} resolved, spec hardened")
             # What the profile changed in config.json, for `--debug`: why a program that
             # asked for a capability or a shared namespace finds it gone.
             for change in changes:
@@ -142,6 +148,7 @@ class Container:
             cg.create()
             cg.prepare_join()
             cg.apply(spec.linux.resources)
+            steps.done("cgroups made, limits applied")
 
             fifo_fd = None
             if detach:
@@ -176,14 +183,23 @@ class Container:
             )
             process.write_joined_netns_sysctls(spec)
             spawned = process.spawn_init(request, log)
+            steps.done(f"PID 1 ({spawned.pid}) ready: namespaces, id maps, rootfs")
             data["pid"] = spawned.pid
             data["pidStartTime"] = spawned.start_time
             data["status"] = "created"
             try:
                 if channel is not None:
                     _start_broker(
-                        channel, spawned.pid, resolved_profile, verbose, container_id, log, cg
+                        channel,
+                        spawned.pid,
+                        resolved_profile,
+                        verbose,
+                        container_id,
+                        log,
+                        cg,
+                        _denial_records(directory, container_id, resolved_profile, data),
                     )
+                    steps.done("broker started")
                 state.write(directory, data)
                 if pid_file:
                     write_pid_file(pid_file, spawned.pid)
@@ -201,6 +217,9 @@ class Container:
             user = spec.process.user
             container.init_user = {"uid": user.uid, "gid": user.gid}
             container.own_pid_namespace = spec.linux.creates_namespace("pid")
+            container.profile = resolved_profile
+            container.annotations = dict(spec.annotations)
+            steps.finish()
             return container
         except BaseException:
             _close_quietly(fds)
@@ -579,6 +598,7 @@ class Container:
                     self.id,
                     self.log,
                     self.cgroup(),
+                    _denial_records(self.dir, self.id, resolved_profile, self.data),
                 )
             if pid_file:
                 write_pid_file(pid_file, spawned.pid)
@@ -637,8 +657,36 @@ def _notify_channel(profile, verbose: bool):
     return security.notify_channel(profile, verbose)
 
 
+class _Steps:
+    """`--debug`: each step of a create, with what it took (the log drops them otherwise)."""
+
+    def __init__(self, log, what: str):
+        self.log = log
+        self.what = what
+        self.start = self.last = time.monotonic()
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.log.debug(f"{self.what}: {step} ({(now - self.last) * 1000:.1f} ms)")
+        self.last = now
+
+    def finish(self) -> None:
+        self.log.debug(f"{self.what}: done in {(time.monotonic() - self.start) * 1000:.1f} ms")
+
+
+def _denial_records(directory: str, container_id: str, profile, data: dict):
+    """Where the broker writes its refusals and what each record says of the container
+    (None when denial records are switched off: runtime/denials.py)."""
+    from runtime import denials
+
+    if not denials.enabled():
+        return None
+    context = denials.context(container_id, profile.name, data.get("annotations"))
+    return denials.path_in(directory), context
+
+
 def _start_broker(
-    channel, pid: int, profile, verbose: bool, container_id: str, log, cgroup
+    channel, pid: int, profile, verbose: bool, container_id: str, log, cgroup, records=None
 ) -> None:
     """Hand the supervisor end to a broker process; the container end stays with PID 1.
 
@@ -655,6 +703,8 @@ def _start_broker(
         verbose=verbose,
         container_id=container_id,
         log_path=getattr(log, "path", None),
+        records_path=records[0] if records else None,
+        record_context=records[1] if records else None,
     )
     if cgroup is not None:
         cgroup.charge_memory(broker_pid)

@@ -26,8 +26,9 @@ never runs another checkout's code. The socket lives in /run/zviz (0700) with mo
 The server exits after IDLE_S (20 s) without clients, removing its socket, and at the
 first client after any of its loaded runtime sources changed on disk (that client
 starts a fresh one). Set
-ZVIZ_NO_FORKSERVER=1 to never use (or start) it; a run with ZVIZ_SECCOMP_CACHE set
-does not use it either (UNSERVED_ENV).
+ZVIZ_NO_FORKSERVER=1 to never use (or start) it; a run with ZVIZ_SECCOMP_CACHE or
+ZVIZ_DENIAL_RECORDS set does not use it either (UNSERVED_ENV): the worker has the
+server's environment, not the client's.
 """
 
 import _signal
@@ -45,7 +46,7 @@ _TITLE_ROOM = " " * 2048
 # A run with any of these set goes the slow way: the worker has the server's environment,
 # not the client's, and a server started by such a run would keep the value for every
 # later run (ZVIZ_SECCOMP_CACHE: the seccomp cache directory). Mirrored in the C client.
-UNSERVED_ENV = ("ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE")
+UNSERVED_ENV = ("ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE", "ZVIZ_DENIAL_RECORDS")
 _INELIGIBLE_FLAGS = frozenset(
     (
         "-d",

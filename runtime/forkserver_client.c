@@ -47,7 +47,7 @@ static const char *const ineligible[] = {
     "-d", "--detach", "-t", "--tty", "--console-socket", "--pid-file", "--preserve-fds",
     "--help", "-h", NULL};
 /* forkserver.UNSERVED_ENV */
-static const char *const unserved_env[] = {"ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE", NULL};
+static const char *const unserved_env[] = {"ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE", "ZVIZ_DENIAL_RECORDS", NULL};
 static const char *const with_value[] = {
     "--root", "--log", "--log-format", "--criu", "--rootless", "--profile", NULL};
 

@@ -21,7 +21,7 @@ import errno
 import os
 import signal
 
-from runtime import errors, hooks, linux, state
+from runtime import denials, errors, hooks, linux, state
 from runtime.idmap import (
     check_joined_user_namespace,
     host_id_of_root,
@@ -558,6 +558,11 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
             os.chdir(spec.root.path)
         except (FileNotFoundError, NotADirectoryError):
             raise errors.field_error("root.path", f"{spec.root.path} is not a directory") from None
+    if denials.enabled():
+        with stages("audit session"):
+            # While host root in the initial user namespace (after it, no one in the
+            # container can change it): the kernel's denial records name this session.
+            denials.start_session(_host_id_of_container_root(spec))
     with stages("namespaces"):
         for ns_type, fd in join_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
@@ -582,6 +587,14 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
         in_userns = new_user or any(t == "user" for t, _ in join_fds)
         _run_child(sync, lambda: _init(request, sync, stages, in_userns=in_userns))
     sync.send("pid", pid=pid1)
+
+
+def _host_id_of_container_root(spec) -> int:
+    """The container's audit login uid: its root's host uid (0 without a user namespace)."""
+    for m in spec.linux.uid_mappings:
+        if m.container_id <= 0 < m.container_id + m.size:
+            return m.host_id - m.container_id
+    return 0
 
 
 def _become_root_in_userns() -> None:
@@ -678,6 +691,11 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
     if request.cgroup is not None:
         with stages("cgroup"):
             request.cgroup.join_self()
+    if denials.enabled():
+        with stages("audit session"):
+            # Its own session, as PID 1's (_namespace_child): the shim adds it to the
+            # container's, so records of a caller that has exited are still the container's.
+            denials.start_session(_host_id_of_container_root(request.spec))
     with stages("namespaces"):
         for ns_type, fd in ns_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])

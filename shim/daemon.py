@@ -62,6 +62,7 @@ class Daemon:
         import runtime.cgroups  # noqa: F401
         import runtime.security  # noqa: F401
         import runtime.spec  # noqa: F401
+        from shim.denials import DenialFeed
         from shim.events import Publisher
         from shim.service import TaskService
 
@@ -74,6 +75,7 @@ class Daemon:
         self.reaper.install(self.loop)
         self.publisher = Publisher(self.flags.ttrpc_address, self.namespace)
         self.publisher.on_disconnect(self._containerd_disconnected)
+        self.denials = DenialFeed(self.loop, self.publisher.publish)
         self.service = TaskService(self)
         self.server = Server(stall_timeout=self.config.stall_timeout_seconds)
         self.server.register(self.service)

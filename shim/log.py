@@ -113,3 +113,35 @@ def setup(namespace: str, debug: bool) -> FifoSink:
     root.handlers[:] = [sink]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     return sink
+
+
+class CoreLog:
+    """The runtime core's log interface (runtime/log.py) onto this daemon's log, for one
+    container: what the core says of a create (with `-debug`, each step and its time)
+    lands in containerd's log with the container's id."""
+
+    path = None  # the broker keeps its --verbose lines on stderr, as without a log
+
+    def __init__(self, container_id: str, logger: logging.Logger | None = None) -> None:
+        self.container_id = container_id
+        self.logger = logger or logging.getLogger("runtime")
+
+    def __call__(self, level: str, message: str) -> None:
+        self.write(level, message)
+
+    def write(self, level: str, message: str) -> None:
+        number = logging.getLevelName(level.upper())
+        number = number if isinstance(number, int) else logging.ERROR
+        self.logger.log(number, message, extra={"container": self.container_id})
+
+    def debug(self, message: str) -> None:
+        self.write("debug", message)
+
+    def info(self, message: str) -> None:
+        self.write("info", message)
+
+    def warning(self, message: str) -> None:
+        self.write("warning", message)
+
+    def error(self, message: str) -> None:
+        self.write("error", message)

@@ -29,6 +29,7 @@ from runtime.container import Container
 from shim import config as shim_config
 from shim import mounts
 from shim.events import timestamp
+from shim.log import CoreLog
 from shim.process import STOPPED, Process
 from shim.stats import metrics_any
 from shim.stdio import Stdio
@@ -282,6 +283,7 @@ class TaskService(shim_ttrpc.TaskService):
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
                 detach=True,
+                **({"log": CoreLog(request.id)} if log.isEnabledFor(logging.DEBUG) else {}),
             )
             with self.reaper.held():
                 task.container = await loop.run_in_executor(self._creator, create)
@@ -293,8 +295,16 @@ class TaskService(shim_ttrpc.TaskService):
             stdio.spawned()
             task.init.spawned(pid, self.reaper)
             task.watch_oom(loop)
+            self.daemon.denials.watch(
+                task.id,
+                task.container.dir,
+                pid,
+                task.container.profile,
+                task.container.annotations,
+            )
         except BaseException:
             self.tasks.pop(request.id, None)
+            self.daemon.denials.unwatch(request.id)
             if task.init is not None and task.init.pid:
                 self.reaper.unregister(task.init.pid)  # the core reaps it; the pid may be reused
             if task.container is not None:
@@ -355,6 +365,7 @@ class TaskService(shim_ttrpc.TaskService):
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
             )
+            self.daemon.denials.exec_started(task.id, pid)
             if stdio.terminal:
                 stdio.receive_console()
         except BaseException:
@@ -385,6 +396,8 @@ class TaskService(shim_ttrpc.TaskService):
                     exec_proc.signal(signal.SIGKILL)
             elif not exec_proc.started and not exec_proc.exited.is_set():
                 exec_proc.never_ran()  # added, never started: its Waits end with the task
+        # Its last records go out before the state dir (and its denials.jsonl) does.
+        self.daemon.denials.unwatch(task.id)
         try:
             task.container.delete(force=True)
         finally:

@@ -50,7 +50,35 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     checks.append(_cgroups())
     checks += _containerd(containerd_config_path)
     checks.append(_fast_path())
+    checks.append(_denial_records(abi))
     return checks
+
+
+def _denial_records(abi: int) -> Check:
+    """Whether this node turns denials into records (docs/denials.md); never a failure:
+    enforcement does not depend on it."""
+    from runtime import denials
+    from runtime.security import seccomp
+
+    if not denials.enabled():
+        return Check("denial-records", WARN, f"switched off ({denials.RECORDS_SWITCH})")
+    if not seccomp.kernel_logs_denials(listener=False):
+        return Check(
+            "denial-records", WARN, f"{seccomp.ACTIONS_LOGGED} lacks errno: no seccomp records"
+        )
+    try:
+        denials.KernelRecords().close()
+    except denials.KernelRecordsUnavailable as e:
+        return Check("denial-records", WARN, f"seccomp records cannot be read: {e}")
+    notes = ["seccomp denials and broker refusals"]
+    if not seccomp.kernel_logs_denials(listener=True):
+        notes.append("not the seccomp denials of profiles with a broker (user_notif logged)")
+    notes.append(
+        "no Landlock denials (zviz does not read them yet)"
+        if abi >= 7
+        else f"no Landlock denials (Landlock ABI {abi} < 7 reports none)"
+    )
+    return Check("denial-records", OK, "; ".join(notes))
 
 
 def _landlock(profile, abi: int, gaps: list) -> Check:

@@ -576,6 +576,8 @@ def start_broker(
     verbose: bool = False,
     container_id: str = "",
     log_path: str | None = None,
+    records_path: str | None = None,
+    record_context: dict | None = None,
 ) -> int:
     """Fork the container's broker process (detached; it ends when the container does).
 
@@ -584,5 +586,12 @@ def start_broker(
     from runtime.security import broker
 
     return broker.spawn(
-        channel, init_pid, profile, verbose=verbose, container_id=container_id, log_path=log_path
+        channel,
+        init_pid,
+        profile,
+        verbose=verbose,
+        container_id=container_id,
+        log_path=log_path,
+        records_path=records_path,
+        record_context=record_context,
     )

@@ -43,7 +43,7 @@ import struct
 import threading
 import time
 
-from runtime import linux
+from runtime import denials, linux
 from runtime.security import syscalls
 
 # linux/seccomp.h ioctls on the listener fd.
@@ -90,6 +90,7 @@ class Denied(Exception):
         super().__init__(reason)
         self.reason = reason
         self.errno = err
+        self.decoded: dict = {}  # the refused address, for the denial record
 
 
 class _Answered(Exception):
@@ -167,6 +168,8 @@ class Broker:
         container_id: str = "",
         log_fd: int = 2,
         heartbeat_fd: int = -1,
+        records=None,
+        record_context: dict | None = None,
     ):
         self.fd = listener_fd
         self.profile = profile
@@ -180,6 +183,10 @@ class Broker:
         self.egress_hosts = _EgressHosts(profile) if profile.egress_hosts else None
         self.timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
         self.heartbeat_fd = heartbeat_fd
+        # Refusals become denial records (runtime/denials.py) in the container's file.
+        self.records = records
+        self.record_context = record_context or {}
+        self._record_limit = denials.RateLimiter()
         self._calls: dict[int, list] = {}  # id -> [deadline, state, note]
         self._calls_changed = threading.Condition()
         self._serving = True
@@ -258,13 +265,15 @@ class Broker:
             call = self._calls.get(note.id)
         return call[0] if call else time.monotonic()
 
-    def answer(self, note: Notification, val: int = 0, err: int = 0, reason: str = "") -> None:
+    def answer(
+        self, note: Notification, val: int = 0, err: int = 0, reason: str = "", decoded=None
+    ) -> None:
         """The worker's one answer, unless the watchdog gave one first."""
         with self._calls_changed:
             call = self._calls.pop(note.id, None)
         if call is None:
             return
-        self._answer_and_log(note, reason, val, err)
+        self._answer_and_log(note, reason, val, err, decoded)
 
     def _watch(self) -> None:
         """Answers calls that passed their deadline unperformed; beats for the warden."""
@@ -302,19 +311,40 @@ class Broker:
     def _deny(self, note: Notification, reason: str, err: int = errno.EPERM) -> None:
         self._answer_and_log(note, reason, 0, err)
 
-    def _answer_and_log(self, note: Notification, reason: str, val: int, err: int) -> None:
+    def _answer_and_log(
+        self, note: Notification, reason: str, val: int, err: int, decoded=None
+    ) -> None:
         # The record is taken while the caller still waits (its command name), written
         # after the answer: a log write may block on a full pipe, the caller must not.
         line = self._record(note, reason, err) if reason else None
+        denial = self._denial(note, reason, err, decoded) if reason and err else None
         self.respond(note, val=val, err=err)
         if line:
             self._write_log(line)
+        if denial is not None:
+            with self._log_lock:
+                self.records.write(self._record_limit.admit(denial))
+
+    def _denial(self, note: Notification, reason: str, err: int, decoded) -> dict | None:
+        """A refusal as a denial record (docs/denials.md), when the container keeps them."""
+        if self.records is None:
+            return None
+        return denials.record(
+            self.record_context,
+            source="broker",
+            pid=note.pid,
+            comm=_comm(note.pid),
+            syscall=syscalls.name(note.nr),
+            args=decoded or {},
+            verdict=errno.errorcode.get(err, str(err)),
+            rule=reason,
+        )
 
     def _record(self, note: Notification, reason: str, err: int) -> bytes | None:
         if not self.verbose:
             return None
         record = {
-            "time": round(time.time(), 6),
+            "time": denials.rfc3339(time.time()),
             "container": self.container_id,
             "profile": self.profile.name,
             "pid": note.pid,
@@ -364,7 +394,7 @@ class Broker:
         except _Answered:
             return
         except Denied as d:
-            self.answer(note, err=d.errno, reason=d.reason)
+            self.answer(note, err=d.errno, reason=d.reason, decoded=d.decoded)
             return
         except OSError as e:
             # The call itself failed (e.g. ECONNREFUSED): that is its answer.
@@ -374,6 +404,33 @@ class Broker:
             self.answer(note, err=errno.EPERM, reason=f"broker error: {type(e).__name__}: {e}")
             return
         self.answer(note, val=result)
+
+
+_FAMILY_NAMES = {
+    AF_UNSPEC: "AF_UNSPEC",
+    AF_UNIX: "AF_UNIX",
+    AF_INET: "AF_INET",
+    AF_INET6: "AF_INET6",
+    AF_NETLINK: "AF_NETLINK",
+}
+
+
+def _describe_address(addr: bytes) -> dict:
+    """A sockaddr as a denial record shows it: family, and address:port or path."""
+    if len(addr) < 2:
+        return {}
+    family = struct.unpack_from("=H", addr)[0]
+    described = {"family": _FAMILY_NAMES.get(family, str(family))}
+    try:
+        if family in (AF_INET, AF_INET6):
+            ip, port = _inet_address(family, addr)
+            described["address"] = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        elif family == AF_UNIX:
+            path = addr[2:].split(b"\0", 1)[0] if addr[2:3] != b"\0" else b"@" + addr[3:]
+            described["address"] = path.decode(errors="replace")
+    except (ValueError, struct.error):
+        pass
+    return described
 
 
 def _comm(pid: int) -> str:
@@ -786,6 +843,13 @@ class _Call:
     # read it for the caller's socket (`sock`, the broker's copy of the caller's fd).
     def decide(self, addr: bytes, rules: str, sock: int) -> bytes:
         """The address the call may use, or Denied. rules: "connect", "send" or "bind"."""
+        try:
+            return self._decide_address(addr, rules, sock)
+        except Denied as d:
+            d.decoded = _describe_address(addr)
+            raise
+
+    def _decide_address(self, addr: bytes, rules: str, sock: int) -> bytes:
         if len(addr) < 2:
             raise Denied("short address", errno.EINVAL)
         family = struct.unpack_from("=H", addr)[0]
@@ -1248,7 +1312,17 @@ class _Call:
 # --- The broker process ---
 
 
-def spawn(channel, init_pid: int, profile, *, verbose=False, container_id="", log_path=None) -> int:
+def spawn(
+    channel,
+    init_pid: int,
+    profile,
+    *,
+    verbose=False,
+    container_id="",
+    log_path=None,
+    records_path=None,
+    record_context=None,
+) -> int:
     """Fork a detached broker for one container; returns its pid."""
     r, w = os.pipe()
     log_fd = -1
@@ -1263,7 +1337,15 @@ def spawn(channel, init_pid: int, profile, *, verbose=False, container_id="", lo
             pid = os.fork()
             if pid == 0:
                 os.close(w)
-                _run(channel.supervisor_fd, init_pid, profile, verbose, container_id, log_fd)
+                _run(
+                    channel.supervisor_fd,
+                    init_pid,
+                    profile,
+                    verbose,
+                    container_id,
+                    log_fd,
+                    (records_path, record_context),
+                )
                 os._exit(0)
             os.write(w, str(pid).encode())
             status = 0
@@ -1284,7 +1366,13 @@ def spawn(channel, init_pid: int, profile, *, verbose=False, container_id="", lo
 
 
 def _run(
-    channel_fd: int, init_pid: int, profile, verbose: bool, container_id: str, log_fd: int
+    channel_fd: int,
+    init_pid: int,
+    profile,
+    verbose: bool,
+    container_id: str,
+    log_fd: int,
+    records_to: tuple = (None, None),
 ) -> None:
     try:
         # Keep only the channel and the log: the broker must not hold the container's
@@ -1317,6 +1405,7 @@ def _run(
         os.write(heartbeat_fd, b".")
         os.write(3, b"ok")
         os.close(3)
+        records_path, record_context = records_to
         broker = Broker(
             listener,
             profile,
@@ -1324,6 +1413,9 @@ def _run(
             container_id=container_id,
             log_fd=log,
             heartbeat_fd=heartbeat_fd,
+            # Opened here, after close_range: the file is the broker's only other fd.
+            records=denials.RecordFile(records_path) if records_path else None,
+            record_context=record_context,
         )
         broker.serve()
     except Exception as e:  # noqa: BLE001

@@ -188,7 +188,34 @@ def profile_program(profile, verbose: bool = False) -> Program:
     flags = SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV if listener else 0
     if listener:
         flags |= SECCOMP_FILTER_FLAG_NEW_LISTENER
+    if kernel_logs_denials(listener):
+        flags |= SECCOMP_FILTER_FLAG_LOG
     return Program(f"profile {profile.name}", bpf, flags, listener)
+
+
+ACTIONS_LOGGED = "/proc/sys/kernel/seccomp/actions_logged"
+
+
+def kernel_logs_denials(listener: bool) -> bool:
+    """Whether to load the profile's filter with SECCOMP_FILTER_FLAG_LOG (denial records).
+
+    The flag costs allowed calls nothing: the kernel logs only the actions the node's
+    actions_logged lists, and only for calls the filter did not allow. But a filter with
+    a listener would also log every mediated call (a user_notif action) while the node
+    logs user_notif (the kernel's default): one audit record per connect or send of a
+    busy server, read and dropped by every shim. Such filters get the flag only on a
+    node that does not log user_notif; their refused connects are the broker's records.
+    """
+    from runtime import denials
+
+    if not denials.enabled():
+        return False
+    try:
+        with open(ACTIONS_LOGGED) as f:
+            logged = f.read().split()
+    except OSError:
+        return False
+    return "errno" in logged and not (listener and "user_notif" in logged)
 
 
 def oci_program(seccomp: dict) -> Program:

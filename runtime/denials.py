@@ -1,0 +1,656 @@
+"""Denial records: every refused syscall or connect becomes one structured JSON record.
+
+Where records come from (docs/denials.md):
+- seccomp: the profile's filter is loaded with SECCOMP_FILTER_FLAG_LOG, so the kernel
+  writes an audit record (type SECCOMP: pid, comm, exe, arch, syscall, the action) for
+  each call the filter answers with an errno; allowed calls never reach that code. The
+  records reach every root reader of the audit multicast group (AUDIT_NLGRP_READLOG)
+  whether or not auditd runs or audit is enabled (`KernelRecords`).
+- the broker: its refusals (a connect, bind or send the profile does not allow), with
+  the rule that refused and the address; it appends them to the same file itself.
+
+Where records go: JSON lines in `<state dir>/denials.jsonl` (one file per container,
+`RecordFile`); the shim publishes each line as a containerd event (/zviz/denial);
+`zviz audit` reads the files.
+
+A container that loops on a denied call is bounded here, not in the kernel: its first
+RECORD_BURST records, then one summary per RECORD_INTERVAL counting the rest, a new
+burst after a quiet interval (`RateLimiter`); the file stops at MAX_FILE_BYTES.
+"""
+
+import collections
+import errno
+import json
+import os
+import re
+import time
+
+DENIALS_FILE = "denials.jsonl"
+# Per container: this many records per interval, then one summary of what was dropped.
+RECORD_BURST = 100
+RECORD_INTERVAL = 10.0
+# A container's file stops growing here (~20 000 records; a looping container adds one
+# summary line per interval once past its burst).
+MAX_FILE_BYTES = 8 << 20
+# Records off (the filter loaded without SECCOMP_FILTER_FLAG_LOG, no broker records):
+# for a node that must keep denials out of the kernel log (see docs/denials.md).
+RECORDS_SWITCH = "ZVIZ_DENIAL_RECORDS"
+
+# The CRI annotations a pod's containers carry (containerd's CRI plugin sets them).
+POD_ANNOTATIONS = {
+    "pod_namespace": "io.kubernetes.cri.sandbox-namespace",
+    "pod_name": "io.kubernetes.cri.sandbox-name",
+    "pod_uid": "io.kubernetes.cri.sandbox-uid",
+}
+
+# linux/audit.h
+NETLINK_AUDIT = 9
+AUDIT_NLGRP_READLOG = 1
+AUDIT_SECCOMP = 1326
+AUDIT_LANDLOCK_ACCESS = 1423
+AUDIT_LANDLOCK_DOMAIN = 1424
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_AARCH64 = 0xC00000B7
+AUDIT_SID_UNSET = 4294967295  # (unsigned)-1: no session (loginuid never set)
+_NLMSG_HEADER = 16
+# linux/seccomp.h: the action part of a filter's return value.
+SECCOMP_RET_ACTION_FULL = 0xFFFF0000
+_ACTIONS = {
+    0x80000000: "killed",  # SECCOMP_RET_KILL_PROCESS
+    0x00000000: "killed",  # SECCOMP_RET_KILL_THREAD
+    0x00030000: "trapped",  # SECCOMP_RET_TRAP
+    0x7FFC0000: "logged",  # SECCOMP_RET_LOG (allowed, recorded)
+}
+SECCOMP_RET_ERRNO = 0x00050000
+
+
+def enabled() -> bool:
+    """Whether containers made now record their denials (on unless switched off)."""
+    return os.environ.get(RECORDS_SWITCH, "1") not in ("0", "off", "false", "no")
+
+
+def rfc3339(seconds: float) -> str:
+    import datetime  # not on the start path: records are made by the shim and the broker
+
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> float:
+    """An RFC 3339 time (or a duration back from now: 30s, 5m, 2h) as seconds since 1970."""
+    import datetime
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if match:
+        scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return time.time() - float(match.group(1)) * scale
+    moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+def context(container_id: str, profile_name: str, annotations: dict | None) -> dict:
+    """The fields every record of one container carries."""
+    annotations = annotations or {}
+    fields = {"container_id": container_id, "profile": profile_name}
+    for field, key in POD_ANNOTATIONS.items():
+        fields[field] = annotations.get(key, "")
+    return fields
+
+
+def record(
+    ctx: dict,
+    *,
+    source: str,
+    pid: int,
+    comm: str,
+    syscall: str,
+    verdict: str,
+    rule: str,
+    args: dict | None = None,
+    when: float | None = None,
+    **extra,
+) -> dict:
+    """One denial record (the shape of the file's lines and of the /zviz/denial event)."""
+    result = {"time": rfc3339(time.time() if when is None else when), **ctx}
+    result.update(source=source, pid=pid, comm=comm, syscall=syscall, args=args or {})
+    result.update(verdict=verdict, rule=rule, **extra)
+    return result
+
+
+def seccomp_rule(profile, syscall: str) -> str:
+    """Which part of the profile refused `syscall` (the kernel does not say which rule)."""
+    if syscall in profile.deny:
+        return f"profile {profile.name}: deny {syscall}"
+    if syscall in ("clone", "clone3", "socket", "ioctl", "personality"):
+        return f"profile {profile.name}: {syscall} arguments not allowed"
+    if syscall not in profile.allow:
+        return f"profile {profile.name}: not in allow (default {profile.default_action})"
+    return f"profile {profile.name}: {syscall} arguments not allowed"
+
+
+def seccomp_verdict(code: int, profile, syscall: str) -> str:
+    """What the caller got. The record has the action only (its `code` carries no errno):
+    the errno is the one the profile's filter answers for that syscall."""
+    action = code & SECCOMP_RET_ACTION_FULL
+    if action != SECCOMP_RET_ERRNO:
+        return _ACTIONS.get(action, f"{code:#x}")
+    if syscall == "clone3":
+        return "ENOSYS"  # always: libc falls back to clone (seccomp.py)
+    if syscall not in profile.deny and syscall not in profile.allow:
+        return {"ENOSYS": "ENOSYS"}.get(profile.default_action, "EPERM")
+    return "EPERM"
+
+
+class RateLimiter:
+    """The first `burst` records, then only counts: one summary per `interval` that dropped
+    any. A container quiet for a whole interval gets a fresh burst (new behaviour is seen
+    in full again); one that loops forever costs its file one summary per interval."""
+
+    def __init__(self, burst: int = RECORD_BURST, interval: float = RECORD_INTERVAL, clock=None):
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock or time.monotonic
+        self._window_start = self._last_seen = self.clock()
+        self._admitted = 0
+        self._suppressed: dict[str, int] = {}
+
+    def admit(self, rec: dict) -> list[dict]:
+        """The records to write now: `rec` itself or nothing, maybe after a summary."""
+        out = self.flush(rec)
+        now = self.clock()
+        if now - self._last_seen >= self.interval:
+            self._admitted = 0
+        self._last_seen = now
+        if self._admitted < self.burst:
+            self._admitted += 1
+            out.append(rec)
+        else:
+            key = f"{rec['source']} {rec['syscall']} {rec['verdict']}"
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        return out
+
+    def flush(self, like: dict) -> list[dict]:
+        """The summary of a finished interval (if it dropped any); a new interval begins."""
+        now = self.clock()
+        if now - self._window_start < self.interval:
+            return []
+        out = []
+        if self._suppressed:
+            ctx = {k: like[k] for k in ("container_id", "profile", *POD_ANNOTATIONS) if k in like}
+            out.append(
+                {
+                    "time": rfc3339(time.time()),
+                    **ctx,
+                    "source": "rate-limit",
+                    "verdict": "suppressed",
+                    "count": sum(self._suppressed.values()),
+                    "counts": dict(self._suppressed),
+                    "interval": self.interval,
+                }
+            )
+        self._window_start = now
+        self._suppressed = {}
+        return out
+
+
+class RecordFile:
+    """Appends records to one container's denials.jsonl (created 0600, never truncated).
+
+    The state directory is usually on /run (memory): past MAX_FILE_BYTES no more lines
+    are written (`dropped` counts the records lost); events stop with them.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self.dropped = 0
+
+    def write(self, records: list[dict]) -> None:
+        if not records:
+            return
+        # One write per batch with O_APPEND: writers (the shim, the broker) never interleave
+        # within a line.
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records)
+        try:
+            if os.fstat(self.fd).st_size + len(data) > MAX_FILE_BYTES:
+                self.dropped += len(records)
+                return
+            os.write(self.fd, data.encode())
+        except OSError:
+            pass  # a full disk loses records, never the container
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def path_in(state_dir: str) -> str:
+    return os.path.join(state_dir, DENIALS_FILE)
+
+
+def read_lines(path: str, offset: int = 0) -> tuple[list[dict], int]:
+    """Whole records from `offset` on and the offset after the last whole line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a torn line (crash mid-write) is skipped, the rest still read
+    return records, offset + end
+
+
+def record_time(rec: dict) -> float:
+    try:
+        return parse_time(rec["time"])
+    except (KeyError, ValueError):
+        return 0.0
+
+
+# --- The kernel's records (audit multicast) ---
+
+
+class KernelRecordsUnavailable(Exception):
+    pass
+
+
+class KernelRecords:
+    """A non-blocking reader of the kernel's audit records (the multicast log group).
+
+    Needs CAP_AUDIT_READ in the initial user namespace and the initial network namespace
+    (the kernel multicasts only there). Every reader gets every record of the node:
+    each shim keeps its own containers' and ignores the rest.
+    """
+
+    def __init__(self, rcvbuf: int = 4 << 20):
+        import socket  # ~8 ms: only readers pay it, never the container's start path
+
+        try:
+            self.sock = socket.socket(
+                socket.AF_NETLINK,
+                socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                NETLINK_AUDIT,
+            )
+        except OSError as e:
+            raise KernelRecordsUnavailable(f"no audit netlink socket: {e.strerror}") from None
+        try:
+            self.sock.bind((0, 1 << (AUDIT_NLGRP_READLOG - 1)))
+        except OSError as e:
+            self.sock.close()
+            raise KernelRecordsUnavailable(
+                f"joining the audit log group: {e.strerror} (needs CAP_AUDIT_READ)"
+            ) from None
+        try:  # room for a burst while the reader is busy (root may exceed rmem_max)
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)  # SO_RCVBUFFORCE
+        except OSError:
+            pass
+        self.lost = 0  # overruns: records the kernel could not queue for us
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read(self, limit: int = 1 << 30) -> list[tuple[int, str]]:
+        """(type, text) of the records queued now, about `limit` at most; never blocks."""
+        out = []
+        while len(out) < limit:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return out
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    self.lost += 1
+                    continue
+                raise
+            offset = 0
+            while offset + _NLMSG_HEADER <= len(data):
+                length, kind = (
+                    int.from_bytes(data[offset : offset + 4], "little"),
+                    int.from_bytes(data[offset + 4 : offset + 6], "little"),
+                )
+                if length < _NLMSG_HEADER:
+                    break
+                body = data[offset + _NLMSG_HEADER : offset + length]
+                out.append((kind, body.rstrip(b"\0").decode(errors="replace")))
+                offset += (length + 3) & ~3
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_FIELD = r'(\w+)=("[^"]*"|\S+)'
+_STAMP = r"audit\((\d+)\.(\d+):(\d+)\)"
+
+
+def parse_fields(text: str) -> tuple[float, dict[str, str]]:
+    """An audit record's time and its key=value fields (untrusted strings decoded)."""
+    when = 0.0
+    stamp = re.match(_STAMP, text)
+    if stamp:
+        when = int(stamp.group(1)) + int(stamp.group(2)) / 1000
+    fields = {}
+    for key, value in re.findall(_FIELD, text[stamp.end() if stamp else 0 :]):
+        if value.startswith('"'):
+            value = value[1:-1]
+        elif key in ("comm", "exe", "path", "name") and re.fullmatch(r"(?:[0-9A-F]{2})+", value):
+            # The kernel hex-encodes a string with spaces, quotes or control characters.
+            value = bytes.fromhex(value).decode(errors="replace")
+        fields[key] = value
+    return when, fields
+
+
+def syscall_name(nr: int, arch: int) -> str:
+    from runtime.security import syscalls
+
+    native = {"x86_64": AUDIT_ARCH_X86_64, "aarch64": AUDIT_ARCH_AARCH64}.get(os.uname().machine)
+    if arch != native:
+        return f"syscall_{nr}(arch {arch:#x})"
+    return syscalls.name(nr)
+
+
+def session_of(pid: int) -> int | None:
+    """The audit session a process belongs to (None when unset or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/sessionid") as f:
+            value = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if value == AUDIT_SID_UNSET else value
+
+
+def pid_namespace_of(pid: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def start_session(loginuid: int) -> None:
+    """Give the calling process (a container's first process, still host root) its own
+    audit session, which all its descendants inherit and cannot change (that takes
+    CAP_AUDIT_CONTROL in the initial user namespace): the kernel's records then say which
+    container a denied call came from even after the caller has exited. Best effort:
+    a kernel without audit, or a loginuid made immutable, leaves the pid to decide."""
+    try:
+        with open("/proc/self/loginuid", "w") as f:
+            f.write(str(loginuid))
+    except OSError:
+        pass
+
+
+class Watched:
+    """One container whose kernel records a reader keeps."""
+
+    def __init__(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
+        self.container_id = container_id
+        self.profile = profile
+        self.context = context(container_id, profile.name, annotations)
+        # Its audit session (start_session) names it in records of exited callers too;
+        # its pid namespace covers processes without that session (exec'd ones).
+        self.session = session_of(init_pid)
+        namespace = pid_namespace_of(init_pid)
+        # A container in the host's pid namespace cannot be told from the host by it.
+        self.pid_namespace = namespace if namespace != pid_namespace_of(os.getpid()) else None
+        self.file = RecordFile(path_in(state_dir))
+        self.limit = RateLimiter()
+        self.sessions = {self.session} if self.session is not None else set()
+
+
+# A record of a session not (yet) known waits this long for add_session: an exec'd
+# process can make its denied call and exit before the shim has learnt its session.
+PENDING_SECONDS = 2.0
+PENDING_MAX = 512
+
+
+class KernelWatcher:
+    """Turns the kernel's seccomp records of the watched containers into denial records."""
+
+    def __init__(self, clock=time.monotonic):
+        self._containers: dict[str, Watched] = {}
+        self._by_session: dict[int, Watched] = {}
+        self._pending: collections.deque = collections.deque()  # (arrived, session, text)
+        self.clock = clock
+        self.ignored = 0  # records of processes that are not ours (other shims', the host's)
+
+    def watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations) -> None:
+        self.unwatch(container_id)
+        watched = Watched(container_id, state_dir, init_pid, profile, annotations)
+        self._containers[container_id] = watched
+        if watched.session is not None:
+            self._by_session[watched.session] = watched
+
+    def add_session(self, container_id: str, pid: int) -> list[dict]:
+        """A process started in the container later (exec) with a session of its own: its
+        records are the container's too, those already waiting included (returned)."""
+        watched = self._containers.get(container_id)
+        session = session_of(pid)
+        if watched is None or session is None or session in self._by_session:
+            return []
+        watched.sessions.add(session)
+        self._by_session[session] = watched
+        waiting = [text for _, s, text in self._pending if s == session]
+        self._pending = collections.deque(p for p in self._pending if p[1] != session)
+        return [r for r in (self.handle(AUDIT_SECCOMP, text) for text in waiting) if r]
+
+    def unwatch(self, container_id: str) -> None:
+        watched = self._containers.pop(container_id, None)
+        if watched is None:
+            return
+        for rec in watched.limit.flush({**watched.context, "source": "", "syscall": ""}):
+            watched.file.write([rec])
+        for session in watched.sessions:
+            self._by_session.pop(session, None)
+        watched.file.close()
+
+    def __bool__(self) -> bool:
+        return bool(self._containers)
+
+    def handle(self, kind: int, text: str) -> dict | None:
+        """Record one kernel record if it is a denial of a watched container's process."""
+        if kind != AUDIT_SECCOMP or not self._containers:
+            return None
+        # Every shim gets every record of the node: whose it is is decided from two
+        # fields found directly (no string the caller chose can hold " ses=" or " pid=":
+        # the kernel hex-encodes one with a space); only our records are parsed whole.
+        session = _number_after(text, " ses=")
+        pid = _number_after(text, " pid=")
+        if pid is None:
+            return None
+        watched = self._owner(pid, session)
+        if watched is None:
+            self._keep_pending(session, text)
+            self.ignored += 1
+            return None
+        when, fields = parse_fields(text)
+        try:
+            code = int(fields.get("code", "0"), 16)
+            nr = int(fields["syscall"])
+            arch = int(fields.get("arch", "0"), 16)
+        except (KeyError, ValueError):
+            return None
+        if code & SECCOMP_RET_ACTION_FULL == 0x7FC00000:
+            return None  # a mediated call the broker answers (user_notif): not a denial
+        syscall = syscall_name(nr, arch)
+        rec = record(
+            watched.context,
+            source="seccomp",
+            pid=pid,
+            comm=fields.get("comm", ""),
+            syscall=syscall,
+            verdict=seccomp_verdict(code, watched.profile, syscall),
+            rule=seccomp_rule(watched.profile, syscall),
+            when=when or None,
+            exe=fields.get("exe", ""),
+            syscall_nr=nr,
+        )
+        watched.file.write(watched.limit.admit(rec))
+        return rec
+
+    def flush(self) -> None:
+        """Write the summaries of finished rate-limit windows (called now and then)."""
+        for watched in self._containers.values():
+            watched.file.write(
+                watched.limit.flush({**watched.context, "source": "", "syscall": ""})
+            )
+
+    def _keep_pending(self, session: int | None, text: str) -> None:
+        now = self.clock()
+        while self._pending and now - self._pending[0][0] >= PENDING_SECONDS:
+            self._pending.popleft()
+        if session is None or session == AUDIT_SID_UNSET:
+            return  # no session to be learnt later: nothing will claim it
+        if len(self._pending) < PENDING_MAX:
+            self._pending.append((now, session, text))
+
+    def _owner(self, pid: int, session: int | None) -> Watched | None:
+        watched = self._by_session.get(session)
+        if watched is not None:
+            return watched
+        if session not in (None, AUDIT_SID_UNSET) and all(
+            w.session is not None for w in self._containers.values()
+        ):
+            # Another session (another container's, a login's, an exec not yet added):
+            # none of ours is without one, so the pid namespace is not asked (a stat per
+            # record of the node's other floods).
+            return None
+        namespace = pid_namespace_of(pid)
+        if namespace is None:
+            return None  # exited, outside every session of ours: cannot be told
+        for watched in self._containers.values():
+            if watched.pid_namespace == namespace:
+                return watched
+        return None
+
+
+def _number_after(text: str, key: str) -> int | None:
+    start = text.find(key)
+    if start < 0:
+        return None
+    start += len(key)
+    end = start
+    while end < len(text) and text[end].isdigit():
+        end += 1
+    return int(text[start:end]) if end > start else None
+
+
+# --- `zviz audit` ---
+
+TABLE_COLUMNS = ("time", "container_id", "pod", "source", "pid", "comm", "syscall", "args")
+TABLE_COLUMNS += ("verdict", "rule")
+
+
+def _files_under(root: str, container_id: str | None) -> list[tuple[str, str]]:
+    if container_id is not None:
+        return [(container_id, path_in(os.path.join(root, container_id)))]
+    try:
+        names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except FileNotFoundError:
+        return []
+    return [(name, path_in(os.path.join(root, name))) for name in names]
+
+
+def format_record(rec: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rec, separators=(",", ":"))
+    pod = "/".join(p for p in (rec.get("pod_namespace"), rec.get("pod_name")) if p) or "-"
+    args = " ".join(f"{k}={v}" for k, v in (rec.get("args") or {}).items())
+    if rec.get("verdict") == "suppressed":
+        args = " ".join(f"{k}:{v}" for k, v in (rec.get("counts") or {}).items())
+    cells = {**rec, "pod": pod, "args": args or "-"}
+    return "  ".join(_printable(cells.get(column, "") or "-") for column in TABLE_COLUMNS)
+
+
+def _printable(value) -> str:
+    """A cell for a terminal: the container chooses its command name and paths, so control
+    characters (a newline forging a row, escape sequences) are shown escaped."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def audit(
+    root: str,
+    container_id: str | None,
+    *,
+    follow: bool,
+    since: float | None,
+    fmt: str,
+    out,
+    poll: float = 0.25,
+    stop=None,
+) -> int:
+    """`zviz audit`: the records of one container or all under `root`, oldest first."""
+    if container_id is not None and not os.path.isdir(os.path.join(root, container_id)):
+        from runtime import errors
+
+        raise errors.NotFound(f"container {container_id!r} does not exist")
+    if fmt == "table":
+        print("  ".join(c.upper() for c in TABLE_COLUMNS), file=out, flush=True)
+    offsets: dict[str, int] = {}
+    while True:
+        batch = []
+        for _, path in _files_under(root, container_id):
+            records, offsets[path] = read_lines(path, offsets.get(path, 0))
+            batch += [r for r in records if since is None or record_time(r) >= since]
+        batch.sort(key=record_time)
+        for rec in batch:
+            print(format_record(rec, fmt), file=out, flush=True)
+        if not follow or (stop is not None and stop()):
+            return 0
+        if container_id is not None and not os.path.isdir(os.path.join(root, container_id)):
+            return 0  # deleted: nothing more will come
+        time.sleep(poll)
+
+
+# --- `zviz metrics` (Prometheus text format) ---
+
+_METRIC_LABELS = ("container_id", "pod_namespace", "pod_name", "profile", "source", "syscall")
+_METRIC_LABELS += ("verdict",)
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def metrics(root: str) -> str:
+    """Counters of every container's denials under `root`, counted from its records (a
+    rate-limit summary adds what it dropped), in Prometheus' text format."""
+    seen: dict[tuple, int] = {}
+    dropped: dict[tuple, int] = {}
+    for _, path in _files_under(root, None):
+        records, _ = read_lines(path)
+        for rec in records:
+            if rec.get("source") != "rate-limit":
+                key = tuple(str(rec.get(label, "")) for label in _METRIC_LABELS)
+                seen[key] = seen.get(key, 0) + 1
+                continue
+            for what, count in (rec.get("counts") or {}).items():
+                source, syscall, verdict = (what.split(" ") + ["", "", ""])[:3]
+                labels = {**rec, "source": source, "syscall": syscall, "verdict": verdict}
+                key = tuple(str(labels.get(label, "")) for label in _METRIC_LABELS)
+                seen[key] = seen.get(key, 0) + int(count)
+                dropped[key] = dropped.get(key, 0) + int(count)
+    lines = []
+    for name, help_text, values in (
+        ("zviz_denials_total", "Denied calls, recorded or counted by the rate limit.", seen),
+        ("zviz_denial_records_dropped_total", "Denied calls the rate limit only counted.", dropped),
+    ):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+        for key, value in sorted(values.items()):
+            labels = ",".join(
+                f'{k}="{_label(v)}"' for k, v in zip(_METRIC_LABELS, key, strict=True)
+            )
+            lines.append(f"{name}{{{labels}}} {value}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,177 @@
+"""The shim's denial feed: its containers' denials as `/zviz/denial` events (docs/denials.md).
+
+Two writers fill a container's denials.jsonl: this feed, from the kernel's audit records
+(seccomp denials, mapped to the container by audit session or pid namespace), and the
+container's broker (its refusals). The file is the record: every line of it, whoever
+wrote it, is published once as a containerd event and logged, so the event, the file
+and `zviz audit` always show the same record.
+
+One audit socket per daemon, opened at the first watched container, closed with the
+last. It lives in the daemon's loop: reading is bounded per wakeup (READ_BATCH), so a
+container flooding denied calls costs the loop a bounded slice; what the kernel cannot
+queue for us meanwhile is dropped by the kernel and counted (`KernelRecords.lost`).
+"""
+
+import json
+import logging
+import os
+
+from api.gen.zviz.events.v1 import denial_pb2
+from runtime import denials
+
+log = logging.getLogger("shim.denials")
+
+TOPIC = "/zviz/denial"
+# How often the files are read for the broker's lines and rate-limit summaries are due.
+POLL_SECONDS = 0.25
+# Kernel records handled per loop wakeup; the rest wait for the next turn of the loop.
+READ_BATCH = 256
+
+
+def event(rec: dict) -> denial_pb2.Denial:
+    """A record (a line of denials.jsonl) as the event body."""
+    message = denial_pb2.Denial()
+    for field in message.DESCRIPTOR.fields:
+        value = rec.get(field.name)
+        if value in (None, ""):
+            continue
+        if field.name == "args":
+            message.args.update({k: str(v) for k, v in value.items()})
+        elif field.name == "counts":
+            message.counts.update({k: int(v) for k, v in value.items()})
+        elif field.type == field.TYPE_STRING:
+            setattr(message, field.name, str(value))
+        else:
+            setattr(message, field.name, int(value))
+    return message
+
+
+def _in_initial_network_namespace() -> bool:
+    """Whether we share PID 1's network namespace; True when that cannot be told (a
+    hardened PID 1 may refuse even root its /proc/1/ns: this machine's does)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        return True
+
+
+class DenialFeed:
+    def __init__(self, loop, publish) -> None:
+        self.loop = loop
+        self.publish = publish
+        self.kernel: denials.KernelRecords | None = None
+        self.kernel_unavailable = ""  # why the kernel's records cannot be read here
+        self.watcher = denials.KernelWatcher()
+        self._files: dict[str, list] = {}  # container id -> [path, offset read up to]
+        self._ticker = None
+
+    # Records are never worth a container: these three are called from Create, Start and
+    # Delete, and a failure here is logged, never raised.
+
+    def watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
+        """Start publishing a created container's denials (before it can make a call)."""
+        if not denials.enabled():
+            return
+        try:
+            self._watch(container_id, state_dir, init_pid, profile, annotations)
+        except Exception:  # noqa: BLE001
+            log.exception("denial records of %s", container_id, extra={"container": container_id})
+
+    def _watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
+        path = denials.path_in(state_dir)
+        try:
+            offset = os.stat(path).st_size
+        except FileNotFoundError:
+            offset = 0
+        self._open_kernel_records()
+        self.watcher.watch(container_id, state_dir, init_pid, profile, annotations)
+        self._files[container_id] = [path, offset]
+        if self._ticker is None:
+            self._ticker = self.loop.call_later(POLL_SECONDS, self._tick)
+
+    def exec_started(self, container_id: str, pid: int) -> None:
+        """An exec'd process of a watched container: its audit session is the container's."""
+        try:
+            if container_id in self._files and self.watcher.add_session(container_id, pid):
+                self._publish_new(container_id)
+        except Exception:  # noqa: BLE001
+            log.exception("denial records of an exec in %s", container_id)
+
+    def unwatch(self, container_id: str) -> None:
+        """Publish what is left of the container's records; before its state dir goes."""
+        if container_id not in self._files:
+            return
+        try:
+            self._read_kernel()
+            self.watcher.unwatch(container_id)
+            self._publish_new(container_id)
+        except Exception:  # noqa: BLE001
+            log.exception("last denial records of %s", container_id)
+        del self._files[container_id]
+        if not self._files:
+            self._close()
+
+    def _open_kernel_records(self) -> None:
+        if self.kernel is not None or self.kernel_unavailable:
+            return
+        if not _in_initial_network_namespace():
+            # The kernel multicasts audit records in the initial network namespace only.
+            self.kernel_unavailable = "the shim is not in the initial network namespace"
+            log.warning("seccomp denials will not be recorded: %s", self.kernel_unavailable)
+            return
+        try:
+            self.kernel = denials.KernelRecords()
+        except denials.KernelRecordsUnavailable as e:
+            self.kernel_unavailable = str(e)
+            log.warning("seccomp denials will not be recorded: %s", e)
+            return
+        self.loop.add_reader(self.kernel.fileno(), self._kernel_readable)
+
+    def _close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self.kernel is not None:
+            self.loop.remove_reader(self.kernel.fileno())
+            self.kernel.close()
+            self.kernel = None
+
+    def _kernel_readable(self) -> None:
+        if self._read_kernel():
+            self._publish_all()
+
+    def _read_kernel(self) -> bool:
+        if self.kernel is None:
+            return False
+        recorded = False
+        try:
+            for kind, text in self.kernel.read(READ_BATCH):
+                recorded |= self.watcher.handle(kind, text) is not None
+        except OSError as e:
+            log.warning("reading the kernel's audit records: %s", e)
+        return recorded
+
+    def _tick(self) -> None:
+        self._ticker = None
+        if not self._files:
+            return
+        self.watcher.flush()
+        self._publish_all()
+        self._ticker = self.loop.call_later(POLL_SECONDS, self._tick)
+
+    def _publish_all(self) -> None:
+        for container_id in list(self._files):
+            self._publish_new(container_id)
+
+    def _publish_new(self, container_id: str) -> None:
+        entry = self._files[container_id]
+        try:
+            if os.stat(entry[0]).st_size <= entry[1]:
+                return
+        except FileNotFoundError:
+            return
+        records, entry[1] = denials.read_lines(entry[0], entry[1])
+        for rec in records:
+            line = json.dumps(rec, separators=(",", ":"))
+            log.info("denial %s", line, extra={"container": container_id})
+            self.publish(TOPIC, event(rec))
