@@ -13,7 +13,10 @@ PID 1's Landlock domain"): not the runtime's code, a throwaway to measure with.
 No user namespace, seccomp or cgroup: what is measured is whether an exec forked by the
 anchor reaches PID 1 (/proc/1/environ, /proc/1/fd/1, kill 1) while Landlock still holds
 for it, whether the workload can see the anchor, the anchor's PSS and an exec's latency
-through it. Prints one line per fact; exits 1 if any expectation fails.
+through it. Runs twice: with the rules PID 1 has today (made before /proc is mounted,
+so /proc stays unreadable: Landlock skips the hidden mount point) and with READ on "/".
+Not in `make bench` (bench/__main__.py). Prints one line per fact; exits 1 if any
+expectation fails.
 """
 
 import array
