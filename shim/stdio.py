@@ -10,7 +10,10 @@ reader (ctr) goes away, and holds no write end, so the reader sees EOF exactly w
 process (and its children) are done.
 An output fifo is opened only once the client's reader is there (`_open_output_fifo`),
 as containerd's runc shim does: a reader whose open comes after the process has already
-written and exited would wait for a writer that never comes, and lose the output.
+written and exited would wait for a writer that never comes, and lose the output. And a
+process's Delete waits until the client has taken what is left in its fifos
+(`hand_over_output`): containerd's client gives up on a reader it has not seen open by
+then, even one the kernel has opened already.
 stdin is a pipe the loop fills from the stdin fifo: the process sees EOF when the
 client closes the fifo or when containerd calls CloseIO, whichever comes first.
 With a terminal the process's pty master comes back over a console socket and the loop
@@ -43,6 +46,9 @@ PUMP_CHUNK = 65536
 # the old behaviour after this long (the output waits in the fifo for a late reader).
 CLIENT_READER_TIMEOUT = 10.0
 CLIENT_READER_POLL = (0.001, 0.05)  # first and longest wait between two tries
+# How long Delete waits for the client to take a process's output left in its fifos
+# (runc's shim waits as long for its copy of an exec's output to end).
+HAND_OVER_TIMEOUT = 10.0
 
 
 def parse_uri(value: str) -> tuple[str, str, list[str]]:
@@ -131,6 +137,11 @@ class Pump:
             self.on_done()
 
 
+def _unread_bytes(fifo: int) -> int:
+    """Bytes in the pipe buffer of FIFO (either end)."""
+    return struct.unpack("i", fcntl.ioctl(fifo, termios.FIONREAD, b"\0" * 4))[0]
+
+
 class Stdio:
     """The fds one process gets, and what the shim holds to serve them until Delete."""
 
@@ -140,7 +151,8 @@ class Stdio:
         self.stderr = stderr
         self.terminal = terminal
         self.child = [-1, -1, -1]  # fds handed to the process, closed once it has them
-        self._kept: list[int] = []  # fds the shim holds for the process's lifetime
+        # Read ends the shim holds for the process's lifetime, by fifo path.
+        self._kept: list[tuple[str, int]] = []
         self._stdin_pump: Pump | None = None
         self._console_listener: socket.socket | None = None
         self.console_socket: str | None = None
@@ -290,7 +302,7 @@ class Stdio:
             await asyncio.sleep(pause)
             pause = min(pause * 2, longest)
         keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        self._kept.append(keep)
+        self._kept.append((path, keep))
         if writer < 0:
             # A reader (ours) exists now, so this open cannot block.
             return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -455,6 +467,46 @@ class Stdio:
 
     # ---- lifetime ------------------------------------------------------------------
 
+    async def hand_over_output(self, timeout: float = HAND_OVER_TIMEOUT) -> None:
+        """Before a process that has exited is deleted: wait until the client has read
+        what the process left in its output fifos, then let the fifos go.
+
+        containerd's client cancels, right after Delete, a reader it has not seen open
+        yet (containerd/fifo: the open's goroutine has not run since the kernel opened
+        the fifo), and so loses output that was waiting in the fifo. A client that has
+        read it all has seen its reader open. The shim's read end is closed first: a
+        write end opened then tells whether any reader is left (ENXIO: none, the output
+        has nobody to go to) and, held until the fifo is empty, shows what is unread.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        unread: list[tuple[str, int]] = []
+        kept, self._kept = self._kept, []
+        for path, keep in kept:
+            left = _unread_bytes(keep)
+            os.close(keep)
+            if not left:
+                continue
+            try:
+                unread.append((path, os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)))
+            except OSError:
+                continue  # no reader any more (ENXIO), or the client removed the fifo
+        try:
+            pause, longest = CLIENT_READER_POLL
+            while any(_unread_bytes(fd) for _, fd in unread):
+                if loop.time() >= deadline:
+                    log.warning(
+                        "stdio %s: output still unread after %gs: deleted all the same",
+                        ", ".join(path for path, fd in unread if _unread_bytes(fd)),
+                        timeout,
+                    )
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
+        finally:
+            for _, fd in unread:
+                os.close(fd)
+
     def spawned(self) -> None:
         """The process holds its own copies now: drop the shim's child-side fds."""
         for fd in set(self.child):
@@ -475,7 +527,7 @@ class Stdio:
         for pump in self._pumps:
             pump.stop()
         self._pumps.clear()
-        for fd in self._kept:
+        for _, fd in self._kept:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._kept.clear()
