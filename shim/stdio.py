@@ -469,42 +469,45 @@ class Stdio:
 
     async def hand_over_output(self, timeout: float = HAND_OVER_TIMEOUT) -> None:
         """Before a process that has exited is deleted: wait until the client has read
-        what the process left in its output fifos, then let the fifos go.
+        its output (and a terminal's copy of it has ended), then let the fifos go.
 
         containerd's client cancels, right after Delete, a reader it has not seen open
         yet (containerd/fifo: the open's goroutine has not run since the kernel opened
         the fifo), and so loses output that was waiting in the fifo. A client that has
-        read it all has seen its reader open. The shim's read end is closed first: a
+        read it all has seen its reader open. The shim's read ends are closed first: a
         write end opened then tells whether any reader is left (ENXIO: none, the output
-        has nobody to go to) and, held until the fifo is empty, shows what is unread.
+        has nobody to go to, and a terminal's copy drops it on EPIPE) and, held until
+        the fifo is empty, shows what is unread.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        unread: list[tuple[str, int]] = []
+        probes: list[tuple[str, int]] = []
         kept, self._kept = self._kept, []
         for path, keep in kept:
-            left = _unread_bytes(keep)
             os.close(keep)
-            if not left:
-                continue
             try:
-                unread.append((path, os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)))
+                probes.append((path, os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)))
             except OSError:
                 continue  # no reader any more (ENXIO), or the client removed the fifo
+
+        def pending() -> list[str]:
+            copying = [self.stdout for pump in self._pumps if not pump.done]
+            return copying + [path for path, fd in probes if _unread_bytes(fd)]
+
         try:
             pause, longest = CLIENT_READER_POLL
-            while any(_unread_bytes(fd) for _, fd in unread):
+            while waiting := pending():
                 if loop.time() >= deadline:
                     log.warning(
                         "stdio %s: output still unread after %gs: deleted all the same",
-                        ", ".join(path for path, fd in unread if _unread_bytes(fd)),
+                        ", ".join(waiting),
                         timeout,
                     )
                     return
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, longest)
         finally:
-            for _, fd in unread:
+            for _, fd in probes:
                 os.close(fd)
 
     def spawned(self) -> None:

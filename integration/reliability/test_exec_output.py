@@ -47,10 +47,17 @@ class LateReader:
     reads nothing.
     """
 
-    def __init__(self, path: str, open_grace: float = 0.0, mark_after: float = 0.0) -> None:
+    def __init__(
+        self,
+        path: str,
+        open_grace: float = 0.0,
+        mark_after: float = 0.0,
+        read_pause: float = 0.0,
+    ) -> None:
         self.path = path
         self.open_grace = open_grace
         self.mark_after = mark_after
+        self.read_pause = read_pause  # between two reads: a slow client
         self.go = threading.Event()
         if not open_grace:
             self.go.set()
@@ -72,6 +79,7 @@ class LateReader:
                 self.opened = True
             while chunk := os.read(fd, 4096):
                 self.data += chunk
+                time.sleep(self.read_pause)
         finally:
             os.close(fd)
 
@@ -91,9 +99,11 @@ class LateReader:
         return self.data
 
 
-def _echo_exec_read_by(short_root, make_bundle, tmp_path, make_reader) -> bytes:
-    """What a client reader (make_reader(fifo path)) got of an exec's `echo up`, the
-    client doing what ctr does: Exec, Wait, Start, the exit, Delete, cancel the reader."""
+def _exec_output_read_by(
+    short_root, make_bundle, tmp_path, make_reader, args=("echo", "up"), terminal=False
+) -> bytes:
+    """What a client reader (make_reader(fifo path)) got of an exec of ARGS, the client
+    doing what ctr does: Exec, Wait, Start, the exit, Delete, cancel the reader."""
     bundle = plain_bundle(make_bundle, ["sleep", "1000"])
     container_id = unique_id("zviz-rel-exec-out")
     stdout = str(tmp_path / "exec-out")
@@ -103,8 +113,10 @@ def _echo_exec_read_by(short_root, make_bundle, tmp_path, make_reader) -> bytes:
     async def body(harness: Harness, recorder) -> int:
         await harness.create_and_start(bundle, container_id)
         with open(os.path.join(bundle, "config.json")) as f:
-            process = dict(json.load(f)["process"], args=["echo", "up"], terminal=False)
-        exec_wait = await harness.exec_waited(container_id, "e", process, stdout=stdout)
+            process = dict(json.load(f)["process"], args=list(args), terminal=terminal)
+        exec_wait = await harness.exec_waited(
+            container_id, "e", process, stdout=stdout, terminal=terminal
+        )
         await harness.call(
             "Start",
             shim_pb2.StartRequest(id=container_id, exec_id="e"),
@@ -142,7 +154,7 @@ def test_exec_output_reaches_a_reader_that_opens_after_the_exec_exited(
 ):
     """The reader's open starts once the exec has exited (or after LATE_READER_GRACE, as
     Exec waits for it now). Unfixed, the open waited for a writer until cancelled."""
-    output = _echo_exec_read_by(
+    output = _exec_output_read_by(
         short_root, make_bundle, tmp_path, lambda path: LateReader(path, LATE_READER_GRACE)
     )
     assert output == b"up\n", "the exec's output was lost"
@@ -153,7 +165,7 @@ def test_exec_output_reaches_a_reader_seen_open_only_after_the_exit(
 ):
     """The reader's open returns at once but the client sees it open only a second later,
     after the exec exited. Unfixed, Delete answered at once and ctr's cancel dropped it."""
-    output = _echo_exec_read_by(
+    output = _exec_output_read_by(
         short_root, make_bundle, tmp_path, lambda path: LateReader(path, mark_after=1.0)
     )
     assert output == b"up\n", "the exec's output was lost"
@@ -205,3 +217,24 @@ def test_many_concurrent_execs_each_deliver_their_output(containerd, busybox_ima
             containerd.ctr("container", "delete", container_id, check=False)
     wrong = [r for r in results if (r[1], r[2]) != (0, f"up {r[0]}\n")]
     assert not wrong, f"{len(wrong)} of {EXECS} execs lost or garbled their output: {wrong[:5]}"
+
+
+def test_terminal_exec_output_is_all_copied_before_its_delete_answers(
+    short_root, make_bundle, tmp_path
+):
+    """With a terminal the shim copies the pty's output into the fifo. More than the fifo
+    holds, read slowly, must all arrive: Delete comes while the end of it is still in
+    the fifo and the pty. Unfixed, the Delete stopped the copy and the rest was lost."""
+    lines = 30000  # about 170 KiB: more than a fifo and a pty buffer hold
+    output = _exec_output_read_by(
+        short_root,
+        make_bundle,
+        tmp_path,
+        lambda path: LateReader(path, read_pause=0.005),
+        args=("seq", "1", str(lines)),
+        terminal=True,
+    )
+    arrived = output.count(b"\n")
+    assert arrived == lines and output.endswith(f"{lines}\r\n".encode()), (
+        f"{arrived} of {lines} lines arrived"
+    )
