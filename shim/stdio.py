@@ -486,9 +486,13 @@ class Stdio:
         for path, keep in kept:
             os.close(keep)
             try:
-                probes.append((path, os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)))
+                probe = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue  # no reader any more (ENXIO), or the client removed the fifo
+            if stat.S_ISFIFO(os.fstat(probe).st_mode):
+                probes.append((path, probe))
+            else:  # the path is something else now: no fifo's reader to wait for
+                os.close(probe)
 
         def pending() -> list[str]:
             copying = [self.stdout for pump in self._pumps if not pump.done]
