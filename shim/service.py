@@ -386,6 +386,11 @@ class TaskService(shim_ttrpc.TaskService):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
         proc.check_deletable()
+        if proc.stdio is not None and proc.exited.is_set():
+            await proc.stdio.hand_over_output()
+            # Another Delete of the same process may have run meanwhile.
+            if self._task(request.id) is not task or task.process(request.exec_id) is not proc:
+                raise errors.NotFound(f"process {proc.label} was deleted meanwhile")
         if proc is not task.init:
             proc.close()
             del task.execs[proc.exec_id]

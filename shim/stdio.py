@@ -8,6 +8,12 @@ stderr fifos or files themselves, so output costs the shim no CPU and no memory.
 shim keeps a read end of each output fifo, so the process never gets EPIPE when the
 reader (ctr) goes away, and holds no write end, so the reader sees EOF exactly when the
 process (and its children) are done.
+An output fifo is opened only once the client's reader is there (`_open_output_fifo`),
+as containerd's runc shim does: a reader whose open comes after the process has already
+written and exited would wait for a writer that never comes, and lose the output. And a
+process's Delete waits until the client has taken what is left in its fifos
+(`hand_over_output`): containerd's client gives up on a reader it has not seen open by
+then, even one the kernel has opened already.
 stdin is a pipe the loop fills from the stdin fifo: the process sees EOF when the
 client closes the fifo or when containerd calls CloseIO, whichever comes first.
 With a terminal the process's pty master comes back over a console socket and the loop
@@ -34,6 +40,15 @@ log = logging.getLogger("shim.stdio")
 
 LOGGER_READY_TIMEOUT = 10.0
 PUMP_CHUNK = 65536
+# How long an output fifo's opening waits for the client's reader. containerd's clients
+# (ctr, CRI, nerdctl) start opening theirs before they call Create or Exec, so it is
+# there at once unless the client is starved of CPU; a client that never opens it gets
+# the old behaviour after this long (the output waits in the fifo for a late reader).
+CLIENT_READER_TIMEOUT = 10.0
+CLIENT_READER_POLL = (0.001, 0.05)  # first and longest wait between two tries
+# How long Delete waits for the client to take a process's output left in its fifos
+# (runc's shim waits as long for its copy of an exec's output to end).
+HAND_OVER_TIMEOUT = 10.0
 
 
 def parse_uri(value: str) -> tuple[str, str, list[str]]:
@@ -122,6 +137,11 @@ class Pump:
             self.on_done()
 
 
+def _unread_bytes(fifo: int) -> int:
+    """Bytes in the pipe buffer of FIFO (either end)."""
+    return struct.unpack("i", fcntl.ioctl(fifo, termios.FIONREAD, b"\0" * 4))[0]
+
+
 class Stdio:
     """The fds one process gets, and what the shim holds to serve them until Delete."""
 
@@ -131,12 +151,14 @@ class Stdio:
         self.stderr = stderr
         self.terminal = terminal
         self.child = [-1, -1, -1]  # fds handed to the process, closed once it has them
-        self._kept: list[int] = []  # fds the shim holds for the process's lifetime
+        # Read ends the shim holds for the process's lifetime, by fifo path.
+        self._kept: list[tuple[str, int]] = []
         self._stdin_pump: Pump | None = None
         self._console_listener: socket.socket | None = None
         self.console_socket: str | None = None
         self.master = -1
         self._pumps: list[Pump] = []
+        self._terminal_out = -1  # the terminal's output target, until its copy starts
         self.logger_pid = 0
 
     # ---- opening -------------------------------------------------------------------
@@ -168,6 +190,16 @@ class Stdio:
             # The pty slave becomes the process's stdio; until then it holds nothing of ours.
             devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             self.child = [devnull, devnull, devnull]
+            # Opened now, not when the copy starts: the client's reader must be there
+            # before the process runs (the same wait as without a terminal).
+            scheme, path, _ = parse_uri(self.stdout)
+            if scheme == "binary":
+                # Not copied to a logger yet: say so rather than lose the output silently.
+                log.warning("terminal output to %s is not supported: it is discarded", self.stdout)
+                scheme = ""
+            self._terminal_out = await self._open_output(
+                scheme, path, lambda: os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            )
             return
         devnull = None
 
@@ -199,13 +231,13 @@ class Stdio:
                 if scheme != "binary":
                     unused, self.child[stream] = self.child[stream], -1
                     os.close(unused)
-                    self.child[stream] = self._open_output(scheme, path, null)
+                    self.child[stream] = await self._open_output(scheme, path, null)
             return
-        self.child[1] = self._open_output(out_scheme, out_path, null)
+        self.child[1] = await self._open_output(out_scheme, out_path, null)
         if (err_scheme, err_path) == (out_scheme, out_path) and err_scheme == "file":
             self.child[2] = self.child[1]
         else:
-            self.child[2] = self._open_output(err_scheme, err_path, null)
+            self.child[2] = await self._open_output(err_scheme, err_path, null)
 
     def _open_stdin_fifo(self, path: str) -> int:
         """The process's stdin: a pipe the loop fills from the fifo, so that either the
@@ -226,18 +258,56 @@ class Stdio:
 
         self._stdin_pump = Pump(asyncio.get_running_loop(), fifo, destination, done)
 
-    def _open_output(self, scheme: str, path: str, null) -> int:
+    async def _open_output(self, scheme: str, path: str, null) -> int:
         if scheme == "":
             return null()
         if scheme == "fifo":
-            keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            self._kept.append(keep)
-            # A reader (ours) exists now, so this open cannot block.
-            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            return await self._open_output_fifo(path)
         if scheme == "file":
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         raise InvalidArgument(f"stdio: unsupported scheme {scheme!r}")
+
+    async def _open_output_fifo(self, path: str) -> int:
+        """The write end of an output fifo, opened once the client's reader is there.
+
+        containerd's client opens its reader (containerd/fifo: a blocking open in a
+        goroutine) before it calls Create or Exec. If that open came only after every
+        writer had gone (the process wrote, exited, and the shim's copy was closed), it
+        would wait for the next writer, which never comes; the client then cancels it
+        and prints nothing, though the exit status is right (issue 16: `ctr task exec
+        ... echo up` answered 0 with an empty stdout once in 400 execs, 50 containers
+        busy). A non-blocking open for writing fails with ENXIO until some reader is
+        there, so it is tried again until the client's is; only then does the shim open
+        its own (which would answer that question for good).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLIENT_READER_TIMEOUT
+        pause, longest = CLIENT_READER_POLL
+        while True:
+            try:
+                writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                break
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+            if loop.time() >= deadline:
+                log.warning(
+                    "stdio %s: no reader after %gs: output waits in the fifo for a late one",
+                    path,
+                    CLIENT_READER_TIMEOUT,
+                )
+                writer = -1
+                break
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+        keep = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._kept.append((path, keep))
+        if writer < 0:
+            # A reader (ours) exists now, so this open cannot block.
+            return os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        os.set_blocking(writer, True)  # the process's stdout: it must not see EAGAIN
+        return writer
 
     async def _start_logger(self, uri: str, container_id: str, namespace: str, reaper) -> None:
         """A logger process reads the process's stdout on fd 3 and stderr on fd 4, and closes
@@ -351,14 +421,7 @@ class Stdio:
 
     def _start_terminal_copies(self) -> None:
         loop = asyncio.get_running_loop()
-        scheme, path, _ = parse_uri(self.stdout)
-        if scheme == "binary":
-            # Not copied to a logger yet: say so rather than lose the output silently.
-            log.warning("terminal output to %s is not supported: it is discarded", self.stdout)
-            scheme = ""
-        out = self._open_output(
-            scheme, path, lambda: os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        )
+        out, self._terminal_out = self._terminal_out, -1
         master_out = os.dup(self.master)
         os.set_inheritable(master_out, False)
 
@@ -404,6 +467,53 @@ class Stdio:
 
     # ---- lifetime ------------------------------------------------------------------
 
+    async def hand_over_output(self, timeout: float = HAND_OVER_TIMEOUT) -> None:
+        """Before a process that has exited is deleted: wait until the client has read
+        its output (and a terminal's copy of it has ended), then let the fifos go.
+
+        containerd's client cancels, right after Delete, a reader it has not seen open
+        yet (containerd/fifo: the open's goroutine has not run since the kernel opened
+        the fifo), and so loses output that was waiting in the fifo. A client that has
+        read it all has seen its reader open. The shim's read ends are closed first: a
+        write end opened then tells whether any reader is left (ENXIO: none, the output
+        has nobody to go to, and a terminal's copy drops it on EPIPE) and, held until
+        the fifo is empty, shows what is unread.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        probes: list[tuple[str, int]] = []
+        kept, self._kept = self._kept, []
+        for path, keep in kept:
+            os.close(keep)
+            try:
+                probe = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue  # no reader any more (ENXIO), or the client removed the fifo
+            if stat.S_ISFIFO(os.fstat(probe).st_mode):
+                probes.append((path, probe))
+            else:  # the path is something else now: no fifo's reader to wait for
+                os.close(probe)
+
+        def pending() -> list[str]:
+            copying = [self.stdout for pump in self._pumps if not pump.done]
+            return copying + [path for path, fd in probes if _unread_bytes(fd)]
+
+        try:
+            pause, longest = CLIENT_READER_POLL
+            while waiting := pending():
+                if loop.time() >= deadline:
+                    log.warning(
+                        "stdio %s: output still unread after %gs: deleted all the same",
+                        ", ".join(waiting),
+                        timeout,
+                    )
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, longest)
+        finally:
+            for _, fd in probes:
+                os.close(fd)
+
     def spawned(self) -> None:
         """The process holds its own copies now: drop the shim's child-side fds."""
         for fd in set(self.child):
@@ -424,10 +534,14 @@ class Stdio:
         for pump in self._pumps:
             pump.stop()
         self._pumps.clear()
-        for fd in self._kept:
+        for _, fd in self._kept:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._kept.clear()
+        if self._terminal_out >= 0:  # the copy never started
+            with contextlib.suppress(OSError):
+                os.close(self._terminal_out)
+            self._terminal_out = -1
         if self.master >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.master)
