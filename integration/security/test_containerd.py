@@ -91,6 +91,11 @@ def test_annotation_selects_the_profile(containerd, busybox_image, probe_dir):
 def test_probe_blocked_under_the_shim_runc_shown_beside(containerd, busybox_image, probe_dir, name):
     zviz = ctr_run(containerd, busybox_image, ZVIZ, ["/var/probe", name], probe_dir=probe_dir)
     runc = ctr_run(containerd, busybox_image, RUNC, ["/var/probe", name], probe_dir=probe_dir)
+    if not runc.stdout:
+        # runc's own shim loses a process's output when ctr's reader is late (under load:
+        # 4-8 of 400 execs, docs/reliability.md): the reference column is asked once more
+        # rather than read as empty. zviz's run above is judged as it came.
+        runc = ctr_run(containerd, busybox_image, RUNC, ["/var/probe", name], probe_dir=probe_dir)
     # The shim's default profile is ci-runner: the outcome pinned for it, nothing else.
     verdict = parse_verdict(name, zviz)
     assert (verdict.word, verdict.outcome) == ("BLOCKED", PROBES[name].ci_runner), (
