@@ -50,6 +50,7 @@ class Reaper:
         self._callbacks: dict[int, Callable[[int], None]] = {}
         self._unclaimed: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._leftovers: dict[int, int] = {}  # pid -> pidfd: a worker's children left alive
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         """Become the subreaper of everything we spawn, and reap on SIGCHLD in `loop`."""
@@ -77,12 +78,44 @@ class Reaper:
             self._collected(pid, status)
 
     def collect_thread_children(self) -> None:
-        """In a worker thread, once a runtime-core call has returned there: whatever it
-        forked and left unreaped (no waiter is left in this thread), handed to the loop."""
+        """In a worker thread, once a runtime-core call has returned there: what it forked
+        and left (nothing in this thread waits for it any more) goes to the loop, the
+        exited reaped now, the live watched by pidfd (the loop's reaping cannot see
+        them) and reaped through it when they exit."""
         for pid, status in _exited_children_of_this_thread():
             self._loop.call_soon_threadsafe(self._collected, pid, status)
+        for pid in _live_children_of_this_thread():
+            try:
+                pidfd = linux.pidfd_open(pid)
+            except OSError:
+                continue  # exited meanwhile: this thread's next call reaps it
+            self._loop.call_soon_threadsafe(self._watch_leftover, pid, pidfd)
+
+    def _watch_leftover(self, pid: int, pidfd: int) -> None:
+        if pid in self._leftovers:  # seen by an earlier call of its thread already
+            os.close(pidfd)
+            return
+        self._leftovers[pid] = pidfd
+        self._loop.add_reader(pidfd, self._leftover_exited, pid)
+
+    def _leftover_exited(self, pid: int) -> None:
+        try:
+            # By pidfd, not pid: the pid may be another process's by now.
+            result = os.waitid(os.P_PIDFD, self._leftovers[pid], os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            result = None  # its thread's next call reaped it and handed it over
+        self._forget_leftover(pid)
+        if result is not None:
+            self._collected(pid, _wait_status(result))
+
+    def _forget_leftover(self, pid: int) -> None:
+        pidfd = self._leftovers.pop(pid, None)
+        if pidfd is not None:
+            self._loop.remove_reader(pidfd)
+            os.close(pidfd)
 
     def _collected(self, pid: int, status: int) -> None:
+        self._forget_leftover(pid)
         callback = self._callbacks.pop(pid, None)
         if callback is None:
             self._unclaimed[pid] = status
@@ -105,6 +138,22 @@ def _exited_children_of_this_thread():
         if pid == 0:
             return
         yield pid, status
+
+
+def _live_children_of_this_thread() -> list[int]:
+    try:
+        with open("/proc/thread-self/children") as f:
+            return [int(pid) for pid in f.read().split()]
+    except FileNotFoundError:  # a kernel without CONFIG_PROC_CHILDREN
+        log.warning("no /proc/thread-self/children: a worker's leftover children stay zombies")
+        return []
+
+
+def _wait_status(result: os.waitid_result) -> int:
+    """waitid's report as the wait status waitpid gives."""
+    if result.si_code == os.CLD_EXITED:
+        return (result.si_status & 0xFF) << 8
+    return result.si_status | (0x80 if result.si_code == os.CLD_DUMPED else 0)
 
 
 def _alive(pid: int) -> bool:
