@@ -586,7 +586,16 @@ class TaskService(shim_ttrpc.TaskService):
         if proc is task.init:
             if proc.exited.is_set() and not request.all:
                 raise errors.NotFound(f"process {proc.label} not found: it has already exited")
-            await self._off_loop(task.container.kill, request.signal, all=request.all)
+            try:
+                await self._off_loop(task.container.kill, request.signal, all=request.all)
+            except errors.FailedPrecondition:
+                # The core found PID 1 gone: only this loop reaps it, so its exit is
+                # recorded by now; answered as for an init known to have exited.
+                if proc.exited.is_set() and not request.all:
+                    raise errors.NotFound(
+                        f"process {proc.label} not found: it has already exited"
+                    ) from None
+                raise
         else:
             proc.signal(request.signal)
         return empty_pb2.Empty()
