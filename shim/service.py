@@ -14,7 +14,6 @@ them into status codes at the edge.
 """
 
 import asyncio
-import concurrent.futures
 import contextlib
 import functools
 import json
@@ -37,6 +36,7 @@ from shim.events import timestamp
 from shim.process import STOPPED, Process
 from shim.stats import metrics_any
 from shim.stdio import Stdio
+from shim.workers import Workers
 
 log = logging.getLogger("shim.service")
 
@@ -190,9 +190,7 @@ class TaskService(shim_ttrpc.TaskService):
         self.root = daemon.runtime_root
         self.reaper = daemon.reaper
         self.tasks: dict[str, Task] = {}
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            max_workers=CORE_THREADS, thread_name_prefix="zviz-core"
-        )
+        self._workers = Workers(CORE_THREADS)
         if log.isEnabledFor(logging.DEBUG):
             for name in self.METHODS:
                 setattr(self, name, _timed(name, getattr(self, name)))
@@ -205,8 +203,8 @@ class TaskService(shim_ttrpc.TaskService):
     def _off_loop(self, call, *args, **kwargs) -> asyncio.Future:
         """CALL(*ARGS, **KWARGS) in a worker thread: await the future for its result.
         (Cancelling the future does not stop the thread.)"""
-        return self.daemon.loop.run_in_executor(
-            self._workers, functools.partial(self._in_worker, call, args, kwargs)
+        return self._workers.submit(
+            self.daemon.loop, functools.partial(self._in_worker, call, args, kwargs)
         )
 
     def _in_worker(self, call, args, kwargs):

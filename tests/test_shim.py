@@ -3,8 +3,10 @@ grouping, runtime options decoding, stdio URIs, metrics conversion, mount option
 the reaper (with real child processes) and the log format."""
 
 import asyncio
+import functools
 import os
 import signal
+import threading
 import time
 import types
 
@@ -698,3 +700,46 @@ def test_a_stream_not_sent_to_the_logger_keeps_no_pipe_to_it(tmp_path):
     assert child_stderr == "/dev/null"
     assert held == 1  # the write end of the logger's stdout pipe, for the process
     assert left == 0
+
+
+# ---- worker threads (shim/workers.py) ---------------------------------------------------
+
+
+def test_workers_run_jobs_at_once_up_to_the_limit_and_never_block_the_loop():
+    from shim.workers import Workers
+
+    limit = 3
+    release = threading.Event()
+    running: list[str] = []
+    most_at_once = 0
+
+    def job(name):
+        nonlocal most_at_once
+        running.append(name)
+        most_at_once = max(most_at_once, len(running))
+        release.wait(10)
+        running.remove(name)
+        if name == "fails":
+            raise ValueError(name)
+        return name
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        workers = Workers(limit)
+        began = time.monotonic()
+        futures = [workers.submit(loop, functools.partial(job, f"job{i}")) for i in range(5)]
+        futures.append(workers.submit(loop, functools.partial(job, "fails")))
+        submitted_in = time.monotonic() - began
+        while len(running) < limit:
+            await asyncio.sleep(0.01)  # the loop runs while every thread is busy
+        await asyncio.sleep(0.1)
+        blocked = len(running)
+        release.set()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return submitted_in, blocked, results
+
+    submitted_in, blocked, results = asyncio.run(scenario())
+    assert submitted_in < 0.5  # starting a thread does not wait for it
+    assert blocked == limit and most_at_once == limit
+    assert results[:5] == [f"job{i}" for i in range(5)]
+    assert isinstance(results[5], ValueError)
