@@ -53,7 +53,9 @@ class Reaper:
         self._leftovers: dict[int, int] = {}  # pid -> pidfd: a worker's children left alive
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Become the subreaper of everything we spawn, and reap on SIGCHLD in `loop`."""
+        """Become the subreaper of everything we spawn, and reap on SIGCHLD in `loop`.
+        (Signal handlers need the main thread, which is the thread group's leader: the
+        thread orphans are reparented to.)"""
         linux.set_child_subreaper()
         self._loop = loop
         loop.add_signal_handler(signal.SIGCHLD, self.reap)
