@@ -87,6 +87,7 @@ class Task:
         self.own_pid_namespace = True
         self.id_range: tuple[int, str] | None = None  # (first host id, holder): shim/idpool.py
         self.serial = asyncio.Lock()  # held by each call that changes the container
+        self.ending: asyncio.Task | None = None  # orphans killed, then the exit reported
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -106,9 +107,22 @@ class Task:
                 log.exception("recording the exit of %s", self.id, extra={"container": self.id})
             if not self.own_pid_namespace:
                 # Without its own pid namespace nothing kills the init's orphans for us:
-                # they die with it, as under runc.
-                with contextlib.suppress(Exception):
-                    self.container.kill(signal.SIGKILL, all=True)
+                # they die with it, as under runc, before its exit is reported. Off the
+                # loop (signalling the group freezes it), ahead of this task's next call.
+                # (Kept: the loop holds only a weak reference to a task.)
+                self.ending = self.service.daemon.loop.create_task(
+                    self._end_orphans_then_report(proc)
+                )
+                return
+        self._report_exit(proc)
+
+    async def _end_orphans_then_report(self, proc: Process) -> None:
+        async with self.serial:
+            with contextlib.suppress(Exception):
+                await self.service._off_loop(self.container.kill, signal.SIGKILL, all=True)
+            self._report_exit(proc)
+
+    def _report_exit(self, proc: Process) -> None:
         self.service.publish(
             "/tasks/exit",
             events.TaskExit(

@@ -23,7 +23,14 @@ from api.gen.containerd.task.v2 import shim_pb2
 from api.gen.containerd.types.task import task_pb2 as task_types
 from api.ttrpc import TtrpcError
 from integration.ids import unique_id
-from integration.reliability.harness import Harness, _scenario, _wait_gone, plain_bundle
+from integration.reliability.harness import (
+    Harness,
+    _scenario,
+    _wait_gone,
+    alive,
+    cgroup_pids,
+    plain_bundle,
+)
 
 HOOK_SECONDS = 10
 
@@ -200,3 +207,79 @@ def test_a_stalled_create_delays_no_other_container(short_root, make_bundle, tmp
     assert latencies, "no State call was made while A's Create was stalled"
     # Not a millisecond bound (shared cores): a State never waited for A's hook.
     assert max(latencies) < HOOK_SECONDS / 2, "a State call waited behind A's stalled Create"
+
+
+def test_orphans_of_an_init_sharing_a_pid_namespace_die_before_its_exit_is_reported(
+    short_root, make_bundle
+):
+    """Joined to another container's pid namespace (a pod's shareProcessNamespace), an
+    init's orphans are not killed by the kernel when it exits: the shim kills them (off
+    the loop, since freezing the group takes time) as its exit is reported, before the
+    Delete that would kill them anyway."""
+    sandbox_bundle = plain_bundle(make_bundle, ["sleep", "1000"])
+    bundle = plain_bundle(make_bundle, ["sh", "-c", "sleep 1000 & sleep 1"])
+    sandbox_id, container_id = unique_id("zviz-stall-sandbox"), unique_id("zviz-stall-orphans")
+    seen: dict = {}
+
+    async def body(harness: Harness, recorder) -> int:
+        harness.start(sandbox_bundle, sandbox_id)
+        harness.start(bundle, container_id)
+        sandbox = await harness.call(
+            "Create",
+            shim_pb2.CreateTaskRequest(id=sandbox_id, bundle=sandbox_bundle),
+            shim_pb2.CreateTaskResponse,
+        )
+        path = os.path.join(bundle, "config.json")
+        with open(path) as f:
+            config = json.load(f)
+        for ns in config["linux"]["namespaces"]:
+            if ns["type"] in ("pid", "user", "ipc", "uts", "network"):
+                ns["path"] = (
+                    f"/proc/{sandbox.pid}/ns/{'net' if ns['type'] == 'network' else ns['type']}"
+                )
+        config["linux"].pop("uidMappings", None)
+        config["linux"].pop("gidMappings", None)
+        with open(path, "w") as f:
+            json.dump(config, f)
+        shim_pid = (
+            await harness.call(
+                "Connect", shim_pb2.ConnectRequest(id=sandbox_id), shim_pb2.ConnectResponse
+            )
+        ).shim_pid
+        try:
+            await harness.call(
+                "Start", shim_pb2.StartRequest(id=sandbox_id), shim_pb2.StartResponse
+            )
+            await harness.call(
+                "Create",
+                shim_pb2.CreateTaskRequest(id=container_id, bundle=bundle),
+                shim_pb2.CreateTaskResponse,
+            )
+            await harness.call(
+                "Start", shim_pb2.StartRequest(id=container_id), shim_pb2.StartResponse
+            )
+            await asyncio.sleep(0.5)
+            seen["running"] = cgroup_pids(container_id)
+            await _exit_published(recorder, container_id, 30)
+            # Signalled before the exit went out; SIGKILL takes effect a moment later.
+            deadline = time.monotonic() + 5
+            while (left := [p for p in cgroup_pids(container_id) if alive(p)]) and (
+                time.monotonic() < deadline
+            ):
+                await asyncio.sleep(0.05)
+            seen["after_exit"] = left
+        finally:
+            for cid in (container_id, sandbox_id):
+                with contextlib.suppress(TtrpcError):
+                    await harness.call("Kill", shim_pb2.KillRequest(id=cid, signal=9, all=True))
+                with contextlib.suppress(TtrpcError):
+                    await harness.call("Wait", shim_pb2.WaitRequest(id=cid), shim_pb2.WaitResponse)
+                with contextlib.suppress(TtrpcError):
+                    await harness.call(
+                        "Delete", shim_pb2.DeleteRequest(id=cid), shim_pb2.DeleteResponse
+                    )
+        return shim_pid
+
+    _wait_gone(_scenario(short_root, body))
+    assert len(seen["running"]) >= 2, seen  # the init and its background sleep
+    assert seen["after_exit"] == [], seen
