@@ -14,7 +14,7 @@ import time
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import TtrpcError
 from integration.ids import unique_id
-from integration.test_shim_service import Harness, _scenario, short_root  # noqa: F401
+from integration.test_shim_service import Harness, _scenario, _wait_gone, short_root  # noqa: F401
 
 HOOK_SECONDS = 3
 
@@ -67,4 +67,5 @@ def test_other_calls_are_answered_while_a_create_is_slow(short_root, make_bundle
         assert create_was_pending, "the Create finished too soon to tell"
         return connected.shim_pid
 
-    _scenario(short_root, body)
+    # The daemon exits after Shutdown: gone before the session's leak check looks.
+    _wait_gone(_scenario(short_root, body))

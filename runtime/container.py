@@ -362,13 +362,15 @@ class Container:
                 f"container {self.id!r} is {status}, not created: cannot start"
             )
         fifo = os.path.join(self.dir, state.EXEC_FIFO)
+        # PID 1 pinned before the fifo lets it run: a workload that exits at once may be
+        # reaped (by the shim's loop, in another thread) before a pidfd taken after it.
+        pidfd = self._pidfd()
         try:
             fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
+            os.close(pidfd)
             raise errors.FailedPrecondition(f"container {self.id!r} was already started") from None
-        pidfd = -1
         try:
-            pidfd = self._pidfd()
             poller = select.poll()
             poller.register(fd, select.POLLIN | select.POLLHUP)
             poller.register(pidfd, select.POLLIN)
@@ -386,8 +388,7 @@ class Container:
                     )
         finally:
             os.close(fd)
-            if pidfd >= 0:
-                os.close(pidfd)
+            os.close(pidfd)
         os.unlink(fifo)
         self._run_later_hooks("poststart", "running")
 

@@ -63,22 +63,28 @@ class FifoSink(logging.Handler):
         if first_fd is not None:
             self._fds.append(("", first_fd))
 
+    # Under the handler's lock, which emit() runs under: records also come from the Task
+    # service's worker threads, and emit() must never write to an fd closed (and maybe
+    # reused) here meanwhile.
+
     def add_bundle(self, container_id: str, bundle: str) -> None:
         try:
             fd = os.open(os.path.join(bundle, "log"), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return
-        self._fds.append((container_id, fd))
+        with self.lock:
+            self._fds.append((container_id, fd))
 
     def remove(self, container_id: str) -> None:
-        keep = []
-        for owner, fd in self._fds:
-            if owner == container_id:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            else:
-                keep.append((owner, fd))
-        self._fds = keep
+        with self.lock:
+            keep = []
+            for owner, fd in self._fds:
+                if owner == container_id:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+                else:
+                    keep.append((owner, fd))
+            self._fds = keep
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -32,6 +32,8 @@ class Process:
         self.exited_at: float | None = None
         self.exited = asyncio.Event()
         self._pidfd = -1
+        self._exit_deferred = False
+        self._deferred_status: int | None = None
 
     @property
     def label(self) -> str:
@@ -57,7 +59,24 @@ class Process:
             self._pidfd = linux.pidfd_open(pid)
         reaper.register(pid, self._on_exit)
 
+    @contextlib.contextmanager
+    def exit_deferred(self):
+        """Hold this process's exit back until the block ends: its Start runs the core
+        off the loop, and the reaper must not publish the exit of a process whose start
+        event has not gone out yet (containerd expects /tasks/start before /tasks/exit)."""
+        self._exit_deferred = True
+        try:
+            yield
+        finally:
+            self._exit_deferred = False
+            status, self._deferred_status = self._deferred_status, None
+            if status is not None:
+                self._on_exit(status)
+
     def _on_exit(self, wait_status: int) -> None:
+        if self._exit_deferred:
+            self._deferred_status = wait_status
+            return
         self.wait_status = wait_status
         # The one reading of a wait status, the runtime's (state.json, `zviz run`) too.
         self.exit_status = exit_code_from_wait_status(wait_status)

@@ -1,15 +1,19 @@
 """The `containerd.task.v2.Task` service: containerd's calls, answered with the runtime core.
 
-Every call runs in the daemon's one loop thread, and runtime-core calls are synchronous
-and short (a fork, a few syscalls), except a container's creation: its setup can take
-long (a large image, createContainer hooks, a child stuck until the sync timeout), and
-the loop serves every other container of the pod. Create runs it in one worker thread
-(one Create at a time), with the reaper held so it never races the core's own waits.
-Errors are `runtime.errors` kinds; the ttrpc server turns them into status codes at
-the edge.
+Calls are answered in the daemon's one loop thread, which serves every container of
+the pod: nothing that can block runs there. Each runtime-core call (create, start,
+exec, kill, delete, pause, resume, update, stats, pids) and the setup before a create
+(config.json, profile, rootfs mount) runs in a worker thread (`_off_loop`, at most
+CORE_THREADS at once): a Create stuck for seconds in a hook, or a Delete waiting up to
+10 s for a process to die, delays no other container's calls, and the reaper reports
+exits meanwhile (shim/reaper.py: it never takes a worker's child). Calls that change
+one container run one at a time, in arrival order (`_serialized`, the task's lock), so
+a Delete never overtakes the Start before it; State, Wait and Connect answer from the
+shim's own records at once. Errors are `runtime.errors` kinds; the ttrpc server turns
+them into status codes at the edge.
 """
 
-import concurrent.futures
+import asyncio
 import contextlib
 import functools
 import json
@@ -33,12 +37,36 @@ from shim.log import CoreLog
 from shim.process import STOPPED, Process
 from shim.stats import metrics_any
 from shim.stdio import Stdio
+from shim.workers import Workers
 
 log = logging.getLogger("shim.service")
 
 SHIM_VERSION = "zviz-shim 0.1.0"
 OOM_RECHECKS = 20
 OOM_RECHECK_SECONDS = 0.05
+# Runtime-core calls running at once (threads are made as needed): each thread mostly
+# waits (on a hook, a child's report, a dying process), so the bound is about memory
+# and fork storms, not cores. Further calls queue for a free thread.
+CORE_THREADS = 16
+
+
+def _serialized(handler):
+    """HANDLER runs once the calls of the same container that came before it have ended
+    (the task's lock), and finds the task as they left it: a Delete never overtakes the
+    Start before it, a Kill never lands between a Start's checks and its spawn."""
+
+    @functools.wraps(handler)
+    async def serialized(self, request, context):
+        while True:
+            task = self.tasks.get(request.id)
+            if task is None:
+                return await handler(self, request, context)  # answers NOT_FOUND
+            async with task.serial:
+                if self.tasks.get(request.id) is task:
+                    return await handler(self, request, context)
+            # Deleted (and maybe created again) while this call waited: look again.
+
+    return serialized
 
 
 class Task:
@@ -59,6 +87,8 @@ class Task:
         self.ooms_reported = 0
         self.own_pid_namespace = True
         self.id_range: tuple[int, str] | None = None  # (first host id, holder): shim/idpool.py
+        self.serial = asyncio.Lock()  # held by each call that changes the container
+        self.ending: asyncio.Task | None = None  # orphans killed, then the exit reported
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -78,9 +108,22 @@ class Task:
                 log.exception("recording the exit of %s", self.id, extra={"container": self.id})
             if not self.own_pid_namespace:
                 # Without its own pid namespace nothing kills the init's orphans for us:
-                # they die with it, as under runc.
-                with contextlib.suppress(Exception):
-                    self.container.kill(signal.SIGKILL, all=True)
+                # they die with it, as under runc, before its exit is reported. Off the
+                # loop (signalling the group freezes it), ahead of this task's next call.
+                # (Kept: the loop holds only a weak reference to a task.)
+                self.ending = self.service.daemon.loop.create_task(
+                    self._end_orphans_then_report(proc)
+                )
+                return
+        self._report_exit(proc)
+
+    async def _end_orphans_then_report(self, proc: Process) -> None:
+        async with self.serial:
+            with contextlib.suppress(Exception):
+                await self.service._off_loop(self.container.kill, signal.SIGKILL, all=True)
+            self._report_exit(proc)
+
+    def _report_exit(self, proc: Process) -> None:
         self.service.publish(
             "/tasks/exit",
             events.TaskExit(
@@ -162,9 +205,7 @@ class TaskService(shim_ttrpc.TaskService):
         self.root = daemon.runtime_root
         self.reaper = daemon.reaper
         self.tasks: dict[str, Task] = {}
-        self._creator = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="zviz-create"
-        )
+        self._workers = Workers(CORE_THREADS)
         if log.isEnabledFor(logging.DEBUG):
             for name in self.METHODS:
                 setattr(self, name, _timed(name, getattr(self, name)))
@@ -173,6 +214,20 @@ class TaskService(shim_ttrpc.TaskService):
 
     def publish(self, topic: str, event) -> None:
         self.daemon.publisher.publish(topic, event)
+
+    def _off_loop(self, call, *args, **kwargs) -> asyncio.Future:
+        """CALL(*ARGS, **KWARGS) in a worker thread: await the future for its result.
+        (Cancelling the future does not stop the thread.)"""
+        return self._workers.submit(
+            self.daemon.loop, functools.partial(self._in_worker, call, args, kwargs)
+        )
+
+    def _in_worker(self, call, args, kwargs):
+        try:
+            return call(*args, **kwargs)
+        finally:
+            # Nothing of this call waits any more for a child this thread forked.
+            self.reaper.collect_thread_children()
 
     def _task(self, task_id: str) -> Task:
         task = self.tasks.get(task_id)
@@ -235,6 +290,24 @@ class TaskService(shim_ttrpc.TaskService):
 
     # ---- task lifecycle ------------------------------------------------------------
 
+    def _prepare_create(self, task: Task):
+        """What the shim decides before the core creates, off the loop (it reads the
+        operator's config file, mounts the rootfs): (profile policy, config)."""
+        request = task.request
+        config = self._operator_config(request.options if request.HasField("options") else None)
+        profile = self._profile(config)
+        # The bundle keeps containerd's mode (0700, or 0710 to the mapped root's group):
+        # PID 1 never walks it (the core chdirs into the rootfs as host root and
+        # clones it with open_tree), and other host users must not reach the rootfs.
+        if request.rootfs:
+            mounts.mount_all(
+                request.rootfs,
+                mounts.rootfs_path(request.bundle),
+                functools.partial(_spec_linux, request.bundle),
+            )
+            task.rootfs_mounted = True
+        return profile, config
+
     async def Create(self, request, context):
         if request.id in self.tasks:
             raise errors.AlreadyExists(f"task {request.id} already exists")
@@ -243,22 +316,12 @@ class TaskService(shim_ttrpc.TaskService):
         task = Task(self, request)
         self.tasks[request.id] = task  # claims the id while we await below
         loop = self.daemon.loop
+        creating = None
         try:
             # config.json is read by the core alone (Container.create): profile, ids,
             # and what the shim needs of it come back on the container.
-            config = self._operator_config(request.options if request.HasField("options") else None)
-            profile = self._profile(config)
+            profile, config = await self._off_loop(self._prepare_create, task)
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
-            # The bundle keeps containerd's mode (0700, or 0710 to the mapped root's group):
-            # PID 1 never walks it (the core chdirs into the rootfs as host root and
-            # clones it with open_tree), and other host users must not reach the rootfs.
-            if request.rootfs:
-                mounts.mount_all(
-                    request.rootfs,
-                    mounts.rootfs_path(request.bundle),
-                    functools.partial(_spec_linux, request.bundle),
-                )
-                task.rootfs_mounted = True
             stdio = await Stdio.open(
                 request.stdin,
                 request.stdout,
@@ -270,7 +333,7 @@ class TaskService(shim_ttrpc.TaskService):
                 reaper=self.reaper,
             )
             task.init = Process(task, "", stdio)
-            create = functools.partial(
+            creating = self._off_loop(
                 Container.create,
                 self.root,
                 request.id,
@@ -285,15 +348,15 @@ class TaskService(shim_ttrpc.TaskService):
                 detach=True,
                 **({"log": CoreLog(request.id)} if log.isEnabledFor(logging.DEBUG) else {}),
             )
-            with self.reaper.held():
-                task.container = await loop.run_in_executor(self._creator, create)
+            # Shielded: a Create cancelled meanwhile (containerd gone) must still learn
+            # what the core made, to undo it below.
+            task.container = await asyncio.shield(creating)
             pid = _init_pid(task.container)
             task.own_pid_namespace = task.container.own_pid_namespace
             if request.terminal:
                 stdio.receive_console()
             _give_stdio(stdio, pid, task.container.init_user, task.id)
             stdio.spawned()
-            task.init.spawned(pid, self.reaper)
             task.watch_oom(loop)
             self.daemon.denials.watch(
                 task.id,
@@ -305,11 +368,12 @@ class TaskService(shim_ttrpc.TaskService):
         except BaseException:
             self.tasks.pop(request.id, None)
             self.daemon.denials.unwatch(request.id)
-            if task.init is not None and task.init.pid:
-                self.reaper.unregister(task.init.pid)  # the core reaps it; the pid may be reused
+            if task.container is None and creating is not None:
+                with contextlib.suppress(BaseException):
+                    task.container = await creating
             if task.container is not None:
-                with contextlib.suppress(Exception):
-                    task.container.delete(force=True)
+                with contextlib.suppress(BaseException):
+                    await self._off_loop(task.container.delete, force=True)
             task.release(loop)
             self.daemon.log_sink.remove(request.id)
             self.daemon.task_failed(request.id)
@@ -331,9 +395,13 @@ class TaskService(shim_ttrpc.TaskService):
                 pid=pid,
             ),
         )
+        # Watched only now: an init that died while the core created it (its exit kept
+        # by the reaper meanwhile) is reported after /tasks/create, not before.
+        task.init.spawned(pid, self.reaper)
         log.info("created task %s (pid %d)", request.id, pid, extra={"container": request.id})
         return shim_pb2.CreateTaskResponse(pid=pid)
 
+    @_serialized
     async def Start(self, request, context):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
@@ -342,11 +410,12 @@ class TaskService(shim_ttrpc.TaskService):
         if proc.exited.is_set():
             raise errors.FailedPrecondition(f"process {proc.label} has already exited")
         if proc is task.init:
-            task.container.start()
-            proc.started = True
-            # Published before this handler yields, so the exit (handled by the loop
-            # later) can never be published ahead of it.
-            self.publish("/tasks/start", events.TaskStart(container_id=task.id, pid=proc.pid))
+            # A workload that exits at once is reaped while the core still starts it:
+            # its exit goes out after /tasks/start.
+            with proc.exit_deferred():
+                await self._off_loop(task.container.start)
+                proc.started = True
+                self.publish("/tasks/start", events.TaskStart(container_id=task.id, pid=proc.pid))
             return shim_pb2.StartResponse(pid=proc.pid)
         if task.init.exited.is_set():
             # The init exited after this exec was added: it will never run, and the Wait
@@ -360,7 +429,8 @@ class TaskService(shim_ttrpc.TaskService):
             raise errors.FailedPrecondition(f"exec {proc.label} is still being added")
         try:
             _give_stdio(stdio, task.init.pid, proc.spec.get("user"), proc.label)
-            pid = task.container.exec(
+            pid = await self._off_loop(
+                task.container.exec,
                 proc.spec,
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
@@ -375,13 +445,16 @@ class TaskService(shim_ttrpc.TaskService):
             raise
         stdio.spawned()
         proc.started = True
-        proc.spawned(pid, self.reaper)
         self.publish(
             "/tasks/exec-started",
             events.TaskExecStarted(container_id=task.id, exec_id=proc.exec_id, pid=pid),
         )
+        # Watched only now: an exit the reaper kept while the core spawned the process
+        # goes out after /tasks/exec-started.
+        proc.spawned(pid, self.reaper)
         return shim_pb2.StartResponse(pid=pid)
 
+    @_serialized
     async def Delete(self, request, context):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
@@ -403,18 +476,21 @@ class TaskService(shim_ttrpc.TaskService):
                 exec_proc.never_ran()  # added, never started: its Waits end with the task
         # Its last records go out before the state dir (and its denials.jsonl) does.
         self.daemon.denials.unwatch(task.id)
+        never_started = not proc.exited.is_set()
+        if never_started:
+            # The core kills and reaps it itself (or the reaper keeps its exit unclaimed):
+            # no exit event for a process that never ran, and a later process may get
+            # the pid.
+            self.reaper.unregister(proc.pid)
         try:
-            task.container.delete(force=True)
+            await self._off_loop(task.container.delete, force=True)
         finally:
             task.release(self.daemon.loop)
             self.daemon.log_sink.remove(task.id)
             del self.tasks[task.id]
             self.daemon.task_removed(task.id)
-        if not proc.exited.is_set():
-            # Deleted before it ever ran: the core killed and reaped it itself. Stop
-            # watching the pid (a later process may get it) and wake any Wait.
-            self.reaper.unregister(proc.pid)
-            proc.never_ran(128 + signal.SIGKILL)
+        if never_started:
+            proc.never_ran(128 + signal.SIGKILL)  # wakes any Wait
         self.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -506,11 +582,12 @@ class TaskService(shim_ttrpc.TaskService):
             exit_status=proc.exit_status, exited_at=timestamp(proc.exited_at)
         )
 
+    @_serialized
     async def Pids(self, request, context):
         task = self._task(request.id)
         by_pid = {p.pid: p.exec_id for p in task.execs.values() if p.pid}
         processes = []
-        for pid in task.container.pids():
+        for pid in await self._off_loop(task.container.pids):
             info = task_types.ProcessInfo(pid=pid)
             if pid in by_pid:
                 # containerd shows the exec id of an exec'd process from this detail.
@@ -518,9 +595,11 @@ class TaskService(shim_ttrpc.TaskService):
             processes.append(info)
         return shim_pb2.PidsResponse(processes=processes)
 
+    @_serialized
     async def Stats(self, request, context):
         task = self._task(request.id)
-        return shim_pb2.StatsResponse(stats=metrics_any(task.container.stats()))
+        stats = await self._off_loop(task.container.stats)
+        return shim_pb2.StatsResponse(stats=metrics_any(stats))
 
     async def Connect(self, request, context):
         task = self.tasks.get(request.id)
@@ -531,27 +610,39 @@ class TaskService(shim_ttrpc.TaskService):
 
     # ---- control -------------------------------------------------------------------
 
+    @_serialized
     async def Kill(self, request, context):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
         if proc is task.init:
             if proc.exited.is_set() and not request.all:
                 raise errors.NotFound(f"process {proc.label} not found: it has already exited")
-            task.container.kill(request.signal, all=request.all)
+            try:
+                await self._off_loop(task.container.kill, request.signal, all=request.all)
+            except errors.FailedPrecondition:
+                # The core found PID 1 gone: only this loop reaps it, so its exit is
+                # recorded by now; answered as for an init known to have exited.
+                if proc.exited.is_set() and not request.all:
+                    raise errors.NotFound(
+                        f"process {proc.label} not found: it has already exited"
+                    ) from None
+                raise
         else:
             proc.signal(request.signal)
         return empty_pb2.Empty()
 
+    @_serialized
     async def Pause(self, request, context):
         task = self._task(request.id)
-        task.container.pause()
+        await self._off_loop(task.container.pause)
         task.paused = True
         self.publish("/tasks/paused", events.TaskPaused(container_id=task.id))
         return empty_pb2.Empty()
 
+    @_serialized
     async def Resume(self, request, context):
         task = self._task(request.id)
-        task.container.resume()
+        await self._off_loop(task.container.resume)
         task.paused = False
         self.publish("/tasks/resumed", events.TaskResumed(container_id=task.id))
         return empty_pb2.Empty()
@@ -576,6 +667,7 @@ class TaskService(shim_ttrpc.TaskService):
             proc.stdio.close_stdin()
         return empty_pb2.Empty()
 
+    @_serialized
     async def Update(self, request, context):
         task = self._task(request.id)
         if task.init.status() == STOPPED:
@@ -584,7 +676,7 @@ class TaskService(shim_ttrpc.TaskService):
             resources = typeurl.unpack_json(request.resources)
         except Exception as e:
             raise errors.InvalidArgument(f"update: resources: {e}") from e
-        task.container.update(resources)
+        await self._off_loop(task.container.update, resources)
         return empty_pb2.Empty()
 
     async def Shutdown(self, request, context):

@@ -3,8 +3,10 @@ grouping, runtime options decoding, stdio URIs, metrics conversion, mount option
 the reaper (with real child processes) and the log format."""
 
 import asyncio
+import functools
 import os
 import signal
+import threading
 import time
 import types
 
@@ -399,6 +401,67 @@ def test_reaper_routes_exits_and_keeps_early_ones():
     assert got == {early: 7, late: 0, killed: 128 + signal.SIGTERM}
 
 
+def test_reaper_never_takes_a_child_a_worker_thread_waits_for():
+    """The core waits for its children by pid in the shim's worker threads while the loop
+    reaps: the loop must take the orphans (a container init, once its parent, the
+    namespace child, exits), never the worker's own child, and what a worker's call left
+    unreaped is handed to the loop when the call ends."""
+
+    def core_call(pid_pipe):
+        # Like the core's namespace child: forks the "init", reports its pid, exits.
+        middle = os.fork()
+        if middle == 0:
+            init = os.fork()
+            if init == 0:
+                time.sleep(0.2)
+                os._exit(5)
+            os.write(pid_pipe, str(init).encode())
+            os._exit(3)
+        time.sleep(0.5)  # the orphan exits and is reaped by the loop meanwhile
+        status = os.waitpid(middle, 0)[1]  # ECHILD if the loop took it
+        left_unwaited = _child(code=9, delay=0.2)  # still running when the call returns
+        left_killed = _child(sig=signal.SIGTERM, delay=0.2)
+        return exit_code(status), (left_unwaited, left_killed)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        reaper = Reaper()
+        reaper.install(loop)
+        got: dict[int, int] = {}
+        read_end, write_end = os.pipe()
+        try:
+            worker = loop.run_in_executor(None, _in_worker_thread, reaper, core_call, write_end)
+            await asyncio.sleep(0.1)
+            init = int(os.read(read_end, 32))
+            reaper.register(init, lambda status: got.setdefault(init, exit_code(status)))
+            middle_code, left = await worker
+            for pid in left:
+                reaper.register(pid, lambda s, pid=pid: got.setdefault(pid, exit_code(s)))
+            async with asyncio.timeout(10):
+                while len(got) < 3:
+                    await asyncio.sleep(0.02)
+        finally:
+            os.close(read_end)
+            os.close(write_end)
+            loop.remove_signal_handler(signal.SIGCHLD)
+        return middle_code, got, init, left
+
+    try:
+        middle_code, got, init, (left_unwaited, left_killed) = asyncio.run(scenario())
+    finally:
+        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 0)  # as above
+    assert middle_code == 3
+    assert got == {init: 5, left_unwaited: 9, left_killed: 128 + signal.SIGTERM}
+
+
+def _in_worker_thread(reaper, call, *args):
+    """What shim.service runs in a worker: the call, then the collection of its leftovers."""
+    try:
+        return call(*args)
+    finally:
+        reaper.collect_thread_children()
+
+
 def test_signalling_an_exec_answers_as_runcs_shim_does():
     """Not yet started: FAILED_PRECONDITION (nothing to signal yet); finished: NOT_FOUND
     (CRI reads NOT_FOUND as "already exited", which a created exec is not)."""
@@ -648,3 +711,46 @@ def test_a_stream_not_sent_to_the_logger_keeps_no_pipe_to_it(tmp_path):
     assert child_stderr == "/dev/null"
     assert held == 1  # the write end of the logger's stdout pipe, for the process
     assert left == 0
+
+
+# ---- worker threads (shim/workers.py) ---------------------------------------------------
+
+
+def test_workers_run_jobs_at_once_up_to_the_limit_and_never_block_the_loop():
+    from shim.workers import Workers
+
+    limit = 3
+    release = threading.Event()
+    running: list[str] = []
+    most_at_once = 0
+
+    def job(name):
+        nonlocal most_at_once
+        running.append(name)
+        most_at_once = max(most_at_once, len(running))
+        release.wait(10)
+        running.remove(name)
+        if name == "fails":
+            raise ValueError(name)
+        return name
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        workers = Workers(limit)
+        began = time.monotonic()
+        futures = [workers.submit(loop, functools.partial(job, f"job{i}")) for i in range(5)]
+        futures.append(workers.submit(loop, functools.partial(job, "fails")))
+        submitted_in = time.monotonic() - began
+        while len(running) < limit:
+            await asyncio.sleep(0.01)  # the loop runs while every thread is busy
+        await asyncio.sleep(0.1)
+        blocked = len(running)
+        release.set()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        return submitted_in, blocked, results
+
+    submitted_in, blocked, results = asyncio.run(scenario())
+    assert submitted_in < 0.5  # starting a thread does not wait for it
+    assert blocked == limit and most_at_once == limit
+    assert results[:5] == [f"job{i}" for i in range(5)]
+    assert isinstance(results[5], ValueError)
