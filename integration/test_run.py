@@ -303,7 +303,7 @@ def test_fork_server_refuses_a_client_of_another_install(tmp_path):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.connect(path)
             forkserver.send_request(client, other_install, "/", "zviz", ["run", "x"], (0, 1, 2))
-            assert client.recv(4096) == b"fallback"
+            assert client.recv(4096) == b"fallback another install"
     finally:
         server.terminate()
         server.wait(timeout=10)

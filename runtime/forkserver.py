@@ -33,90 +33,138 @@ server's environment, not the client's.
 
 import _signal
 import _socket
+import errno
 import os
 import struct
 import sys
 
+# --- the protocol ------------------------------------------------------------------------
+#
+# Everything the two clients (try_run here, runtime/forkserver_client.c) and the server
+# must agree on is declared once, below; the C client gets it from the header c_header()
+# generates when it is compiled (compile_client), so it holds no copy that could drift.
+# tests/test_forkserver_parity.py drives both clients against one recording server.
+
 # One server per machine, whatever --root a run names (the worker uses the run's own
 # --root): /run/zviz is root's 0700 directory.
 SERVER_DIR = "/run/zviz"
+# Hashed (socket_path) from: the install's fields, the namespace inode numbers in this
+# order (decimal), then /proc/self/cgroup's text, NUL-joined.
 SOCKET_NAME = ".zviz-run-%08x.sock"
-IDLE_S = 20.0
-_TITLE_ROOM = " " * 2048
+COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
+# The commands a worker serves: both wait for a process and pass its exit code on.
+SERVED_COMMANDS = ("run", "exec")
 # A run with any of these set goes the slow way: the worker has the server's environment,
 # not the client's, and a server started by such a run would keep the value for every
-# later run (ZVIZ_SECCOMP_CACHE: the seccomp cache directory). Mirrored in the C client.
+# later run (ZVIZ_SECCOMP_CACHE: the seccomp cache directory).
 UNSERVED_ENV = ("ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE", "ZVIZ_DENIAL_RECORDS")
-_INELIGIBLE_FLAGS = frozenset(
-    (
-        "-d",
-        "--detach",
-        "-t",
-        "--tty",
-        "--console-socket",
-        "--pid-file",
-        "--preserve-fds",
-        "--help",
-        "-h",
-    )
+# After the command, any of these (also as --flag=value) means the slow way.
+INELIGIBLE_FLAGS = (
+    "-d",
+    "--detach",
+    "-t",
+    "--tty",
+    "--console-socket",
+    "--pid-file",
+    "--preserve-fds",
+    "--help",
+    "-h",
 )
 # runtime/commands.py's global options that take a separate value (`--root /r`).
-_GLOBAL_FLAGS_WITH_VALUE = frozenset(
-    ("--root", "--log", "--log-format", "--criu", "--rootless", "--profile")
+GLOBAL_FLAGS_WITH_VALUE = ("--root", "--log", "--log-format", "--criu", "--rootless", "--profile")
+# A global flag: the clients say on stderr why a run or exec takes the slow path.
+DEBUG_FLAG = "--debug"
+# The request, one datagram: the install's three fields, cwd, argv[0], the arguments,
+# NUL-separated, with the client's stdin, stdout and stderr (SCM_RIGHTS).
+REQUEST_FDS = 3
+MAX_REQUEST = 65536
+# The replies, each one datagram: "pid N" (PID 1, the client forwards its signals to
+# it), "exit CODE" (the client exits with it), "fallback REASON" (refused: the client
+# runs the slow path) and "stale" (the server's code changed on disk and it stopped:
+# the slow path, which starts a fresh server).
+REPLY_PID = "pid"
+REPLY_EXIT = "exit"
+REPLY_FALLBACK = "fallback"
+REPLY_STALE = "stale"
+# What the clients print with --debug ("zviz: slow path: ..."); the same text from both.
+SLOW_PATH = "zviz: slow path: "
+SAY_NOT_ELIGIBLE = "not eligible (environment, user or flags)"
+SAY_NO_SERVER = "no fork server answers"
+SAY_REFUSED = "the fork server refused: "
+SAY_STALE = "the fork server's code changed on disk"
+SAY_SEND_FAILED = "cannot send the request: "
+SAY_RECEIVE_FAILED = "no reply from the fork server: "
+# The signals a client forwards to PID 1 once it knows its pid.
+FORWARDED_SIGNALS = (
+    "SIGHUP",
+    "SIGINT",
+    "SIGQUIT",
+    "SIGTERM",
+    "SIGUSR1",
+    "SIGUSR2",
+    "SIGWINCH",
+    "SIGCONT",
 )
-_COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
-# _signal, not signal: the latter imports enum (~3 ms) on the client's path.
-_FORWARDED = (
-    _signal.SIGHUP,
-    _signal.SIGINT,
-    _signal.SIGQUIT,
-    _signal.SIGTERM,
-    _signal.SIGUSR1,
-    _signal.SIGUSR2,
-    _signal.SIGWINCH,
-    _signal.SIGCONT,
-)
+
+IDLE_S = 20.0
+_TITLE_ROOM = " " * 2048
 
 
 # --- client (runs before argparse/json are imported) ---------------------------------------
 
 
-# The commands a worker serves: both wait for a process and pass its exit code on.
-SERVED_COMMANDS = ("run", "exec")
-
-
-def is_served(argv: list[str]) -> bool:
-    """True for a `zviz run` or `zviz exec` this fast path may serve.
+def _eligibility(argv: list[str]) -> tuple[str | None, bool]:
+    """(why not, --debug given): why is None for a run or exec this fast path may serve,
+    "" for another command line (nothing to say), else SAY_NOT_ELIGIBLE.
 
     A hand parse of the global flags: argparse and json would cost the ~10 ms this
     path exists to save.
     """
-    if any(os.environ.get(name) for name in UNSERVED_ENV) or os.geteuid() != 0:
-        return False
+    debug = False
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in SERVED_COMMANDS:
+            if any(os.environ.get(name) for name in UNSERVED_ENV) or os.geteuid() != 0:
+                return SAY_NOT_ELIGIBLE, debug
             rest = argv[i + 1 :]
             # A cluster of short flags (-dt) may hide -d or -t: the slow path parses it.
             # (exec: the command's own flags count too; the slow path is only slower.)
-            return not any(
-                a.split("=", 1)[0] in _INELIGIBLE_FLAGS
+            if any(
+                a.split("=", 1)[0] in INELIGIBLE_FLAGS
                 or (len(a) > 2 and a.startswith("-") and not a.startswith("--"))
                 for a in rest
-            )
-        if arg in _GLOBAL_FLAGS_WITH_VALUE and i + 1 < len(argv):
+            ):
+                return SAY_NOT_ELIGIBLE, debug
+            return None, debug
+        if arg in GLOBAL_FLAGS_WITH_VALUE and i + 1 < len(argv):
             i += 2
             continue
         if not arg.startswith("-"):
-            return False  # another command
+            return "", debug  # another command
+        debug = debug or arg == DEBUG_FLAG
         i += 1
-    return False
+    return "", debug
+
+
+def is_served(argv: list[str]) -> bool:
+    """True for a `zviz run` or `zviz exec` this fast path may serve."""
+    return _eligibility(argv)[0] is None
+
+
+def _slow_path(debug: bool, why: str) -> None:
+    """Say (with --debug) why this run goes the slow way: a protocol drift between a client
+    and the server shows as a reason here, never only as a slower run."""
+    if debug and why:
+        sys.stderr.write(SLOW_PATH + why + "\n")
+        sys.stderr.flush()
 
 
 def try_run(argv: list[str]) -> int | None:
     """`zviz run` or `exec` through the fork server; None when the caller must do it."""
-    if not is_served(argv):
+    why, debug = _eligibility(argv)
+    if why is not None:
+        _slow_path(debug, why)
         return None
     install = install_identity()
     path = socket_path((install, _namespaces_and_cgroup("self")))
@@ -125,18 +173,21 @@ def try_run(argv: list[str]) -> int | None:
         sock.connect(path)
     except OSError:
         sock.close()
+        _slow_path(debug, SAY_NO_SERVER)
         _start_server()
         return None
     try:
-        send_request(sock, install, os.getcwd(), sys.argv[0], argv, (0, 1, 2))
-        return _follow(sock)
-    except OSError:
-        return None
+        try:
+            send_request(sock, install, os.getcwd(), sys.argv[0], argv, (0, 1, 2))
+        except OSError as error:
+            _slow_path(debug, SAY_SEND_FAILED + os.strerror(error.errno or 0))
+            return None
+        return _follow(sock, debug)
     finally:
         sock.close()
 
 
-def _follow(sock) -> int | None:
+def _follow(sock, debug: bool) -> int | None:
     pid = 0
     # Signals that arrive before "pid N" (the container may already be running while
     # that message is in flight) are sent once the pid is known, never dropped.
@@ -151,23 +202,32 @@ def _follow(sock) -> int | None:
         except ProcessLookupError:
             pass
 
-    for sig in _FORWARDED:
-        _signal.signal(sig, forward)
+    for name in FORWARDED_SIGNALS:
+        _signal.signal(getattr(_signal, name), forward)
     while True:
-        message = sock.recv(4096)
+        try:
+            message = sock.recv(4096)
+        except OSError as error:
+            if pid:
+                message = b""  # the run began: it is not ours to repeat
+            else:
+                _slow_path(debug, SAY_RECEIVE_FAILED + os.strerror(error.errno or 0))
+                return None
         if not message:
             sys.stderr.write("zviz: the run supervisor went away\n")
             return 1
-        kind, _, value = message.partition(b" ")
-        if kind == b"pid":
+        kind, _, value = message.decode(errors="replace").partition(" ")
+        if kind == REPLY_PID:
             pid = int(value)
             while pending:
                 forward(pending.pop(0), None)
-        elif kind == b"exit":
+        elif kind == REPLY_EXIT:
             return int(value)
-        elif kind == b"fallback":
+        elif kind == REPLY_FALLBACK:
+            _slow_path(debug, SAY_REFUSED + value)
             return None
-        elif kind == b"stale":  # the server's code changed on disk: it has stopped
+        elif kind == REPLY_STALE:
+            _slow_path(debug, SAY_STALE)
             _start_server()
             return None
 
@@ -218,9 +278,11 @@ def send_request(sock, install: tuple, cwd: str, argv0: str, argv: list[str], fd
     """The one request a client sends: who it is, where it runs, what it runs, its stdio.
 
     NUL-separated: the install's three fields, cwd, argv[0], the arguments (the C
-    client builds the same bytes).
+    client builds the same bytes: tests/test_forkserver_parity.py).
     """
     payload = b"\0".join(part.encode() for part in (*install, cwd, argv0, *argv))
+    if len(payload) >= MAX_REQUEST:  # the server would read it cut short
+        raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
     sock.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", *fds))])
 
 
@@ -257,7 +319,7 @@ def _loaded_sources(package: str) -> list[str]:
 
 
 def _namespaces_and_cgroup(pid: str) -> tuple:
-    ids = tuple(os.stat(f"/proc/{pid}/ns/{name}").st_ino for name in _COMPARED_NAMESPACES)
+    ids = tuple(os.stat(f"/proc/{pid}/ns/{name}").st_ino for name in COMPARED_NAMESPACES)
     with open(f"/proc/{pid}/cgroup") as f:
         return ids, f.read()
 
@@ -353,7 +415,7 @@ def serve(directory: str = SERVER_DIR) -> None:
                     # Read the request first: unread data would reset the connection.
                     for fd in _receive(conn)[1]:
                         os.close(fd)
-                    conn.send(b"stale")
+                    conn.send(REPLY_STALE.encode())
                     return
                 _serve_one(conn, (install, mine), workers, cli, listener)
             except OSError:
@@ -378,7 +440,7 @@ def _withdraw(listener, path: str, bound: int) -> None:
 
 def _receive(conn) -> tuple[bytes, list[int]]:
     """A client's request and the descriptors it passed (ours to close)."""
-    data, ancillary, _, _ = conn.recvmsg(65536, _socket.CMSG_SPACE(3 * 4))
+    data, ancillary, _, _ = conn.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE(REQUEST_FDS * 4))
     fds = []
     for level, kind, payload in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
@@ -394,19 +456,22 @@ def _serve_one(conn, identity: tuple, workers: set[int], cli, listener) -> None:
     install, mine = identity
     fields = data.split(b"\0", 3)
     their_install, request = fields[:3], fields[3] if len(fields) == 4 else b""
-    try:
-        eligible = (
-            peer_uid == 0
-            and len(fds) == 3
-            and their_install == [field.encode() for field in install]
-            and _namespaces_and_cgroup(str(peer_pid)) == mine
-        )
-    except OSError:
-        eligible = False
-    if not eligible:
+    # The first failed check is the reason the client prints with --debug.
+    if peer_uid != 0:
+        refused = "client not root"
+    elif len(fds) != REQUEST_FDS:
+        refused = f"{len(fds)} descriptors, not {REQUEST_FDS}"
+    elif their_install != [field.encode() for field in install]:
+        refused = "another install"
+    else:
+        try:
+            refused = "" if _namespaces_and_cgroup(str(peer_pid)) == mine else "other namespaces"
+        except OSError:
+            refused = "client gone"
+    if refused:
         for fd in fds:
             os.close(fd)
-        conn.send(b"fallback")
+        conn.send(f"{REPLY_FALLBACK} {refused}".encode())
         return
     worker = os.fork()
     if worker == 0:
@@ -458,7 +523,7 @@ def _work(conn, data: bytes, fds: list[int], cli) -> int:
 
     def on_pid(pid: int) -> None:
         try:
-            conn.send(b"pid %d" % pid)
+            conn.send(f"{REPLY_PID} {pid}".encode())
         except OSError:
             pass
 
@@ -466,7 +531,7 @@ def _work(conn, data: bytes, fds: list[int], cli) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        conn.send(b"exit %d" % code)
+        conn.send(f"{REPLY_EXIT} {code}".encode())
     except OSError:
         pass
     return 0
@@ -494,7 +559,56 @@ def build_client(bin_dir: str) -> str:
     return f"{entry}: compiled client (falls back to {script})"
 
 
-def compile_client(output: str, script: str) -> str | None:
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def c_header(python: str, script: str, server_dir: str = SERVER_DIR) -> str:
+    """The protocol (above) and this install's identity as the C client's header.
+
+    PYTHON SCRIPT is the slow path the client execs (pip's entry); SERVER_DIR differs
+    only for a test's private client.
+    """
+    executable, package, version = install_identity()
+
+    def strings(values) -> str:
+        return ", ".join(_c_string(value) for value in values)
+
+    defines = {
+        "ZVIZ_PYTHON": _c_string(python),
+        "ZVIZ_SCRIPT": _c_string(script),
+        "ZVIZ_EXECUTABLE": _c_string(executable),
+        "ZVIZ_PACKAGE": _c_string(package),
+        "ZVIZ_VERSION": _c_string(version),
+        "ZVIZ_SERVER_DIR": _c_string(server_dir),
+        "ZVIZ_SOCKET_NAME": _c_string(SOCKET_NAME),
+        "ZVIZ_COMPARED_NAMESPACES": strings(COMPARED_NAMESPACES),
+        "ZVIZ_SERVED_COMMANDS": strings(SERVED_COMMANDS),
+        "ZVIZ_UNSERVED_ENV": strings(UNSERVED_ENV),
+        "ZVIZ_INELIGIBLE_FLAGS": strings(INELIGIBLE_FLAGS),
+        "ZVIZ_GLOBAL_FLAGS_WITH_VALUE": strings(GLOBAL_FLAGS_WITH_VALUE),
+        "ZVIZ_DEBUG_FLAG": _c_string(DEBUG_FLAG),
+        "ZVIZ_REQUEST_FDS": str(REQUEST_FDS),
+        "ZVIZ_MAX_REQUEST": str(MAX_REQUEST),
+        "ZVIZ_REPLY_PID": _c_string(REPLY_PID),
+        "ZVIZ_REPLY_EXIT": _c_string(REPLY_EXIT),
+        "ZVIZ_REPLY_FALLBACK": _c_string(REPLY_FALLBACK),
+        "ZVIZ_REPLY_STALE": _c_string(REPLY_STALE),
+        "ZVIZ_SLOW_PATH": _c_string(SLOW_PATH),
+        "ZVIZ_SAY_NOT_ELIGIBLE": _c_string(SAY_NOT_ELIGIBLE),
+        "ZVIZ_SAY_NO_SERVER": _c_string(SAY_NO_SERVER),
+        "ZVIZ_SAY_REFUSED": _c_string(SAY_REFUSED),
+        "ZVIZ_SAY_STALE": _c_string(SAY_STALE),
+        "ZVIZ_SAY_SEND_FAILED": _c_string(SAY_SEND_FAILED),
+        "ZVIZ_SAY_RECEIVE_FAILED": _c_string(SAY_RECEIVE_FAILED),
+        "ZVIZ_FORWARDED_SIGNALS": ", ".join(FORWARDED_SIGNALS),
+    }
+    lines = ["/* Generated by runtime/forkserver.py (c_header) when the client is compiled. */"]
+    lines += [f"#define {name} {value}" for name, value in defines.items()]
+    return "\n".join(lines) + "\n"
+
+
+def compile_client(output: str, script: str, server_dir: str = SERVER_DIR) -> str | None:
     """Compile the client into OUTPUT for this install, falling back to SCRIPT (pip's entry).
 
     The install's paths are compiled in (the client starts no interpreter to learn
@@ -504,31 +618,22 @@ def compile_client(output: str, script: str) -> str | None:
     import filecmp
     import shutil
     import subprocess
+    import tempfile
 
     with open(script, "rb") as f:
         interpreter = f.readline()[2:].decode().strip()  # pip's "#!/.../python3"
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
-
-    def literal(text: str) -> str:
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-    executable, package, version = install_identity()
-    defines = {
-        "ZVIZ_PYTHON": interpreter,
-        "ZVIZ_SCRIPT": script,
-        "ZVIZ_EXECUTABLE": executable,
-        "ZVIZ_PACKAGE": package,
-        "ZVIZ_VERSION": version,
-    }
     source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "forkserver_client.c")
     built = output + ".new"
-    subprocess.run(
-        [compiler, "-O2", "-Wall", "-Werror", "-o", built, source]
-        + [f"-D{name}={literal(value)}" for name, value in defines.items()],
-        check=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="zviz-client-") as generated:
+        with open(os.path.join(generated, "forkserver_protocol.h"), "w") as f:
+            f.write(c_header(interpreter, script, server_dir))
+        subprocess.run(
+            [compiler, "-O2", "-Wall", "-Werror", "-I", generated, "-o", built, source],
+            check=True,
+        )
     if os.path.exists(output) and filecmp.cmp(built, output, shallow=False):
         os.unlink(built)  # the same client: a second install leaves it (and its mtime) alone
     else:

@@ -2,15 +2,19 @@
  *
  * A Python client spends ~9 ms starting the interpreter before it can connect to the
  * fork server; this one connects within a millisecond. It does only what
- * forkserver.try_run does: recognise a plain `zviz run` or `exec` (is_served), compute the
- * same socket name (socket_path), send the same request (send_request) with its stdio,
+ * forkserver.try_run does: recognise a plain `zviz run` or `exec`, compute the same
+ * socket name (socket_path), send the same request (send_request) with its stdio,
  * forward signals to PID 1 and exit with the container's code. Anything else
- * (another command, no server, the server answers "fallback" or "stale") execs the
+ * (another command, no server, the server refuses or is stale) execs the
  * Python entry, ZVIZ_PYTHON ZVIZ_SCRIPT ARGS..., which does everything as before
- * (starting a server when none answers).
+ * (starting a server when none answers); with --debug it says why first.
  *
- * Built by `make install` (python -m runtime.forkserver --build-client) with the
- * install identity compiled in: ZVIZ_EXECUTABLE, ZVIZ_PACKAGE, ZVIZ_VERSION. */
+ * Every name, list, layout and reply both clients must agree on comes from
+ * forkserver_protocol.h, which runtime/forkserver.py (c_header) generates from its
+ * protocol section when it compiles this file (compile_client, run by `make install`
+ * and `zviz node install`), with the install identity: ZVIZ_EXECUTABLE, ZVIZ_PACKAGE,
+ * ZVIZ_VERSION. tests/test_forkserver_parity.py drives this client and the Python one
+ * against one recording server. */
 
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,12 +29,15 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#define SERVER_DIR "/run/zviz"
-#define MAX_REQUEST 65536
+#include "forkserver_protocol.h"
 
 static volatile sig_atomic_t pid1;
+static int debug; /* --debug among the global flags: say why the slow path */
 
-static void fall_back(char **argv) {
+/* forkserver._slow_path, then the Python entry. WHY is NULL or "" for nothing to say. */
+static void fall_back(char **argv, const char *why, const char *detail) {
+    if (debug && why && *why)
+        fprintf(stderr, "%s%s%s\n", ZVIZ_SLOW_PATH, why, detail ? detail : "");
     char *args[4096];
     int n = 0;
     args[n++] = ZVIZ_PYTHON;
@@ -43,13 +50,10 @@ static void fall_back(char **argv) {
     _exit(1);
 }
 
-static const char *const ineligible[] = {
-    "-d", "--detach", "-t", "--tty", "--console-socket", "--pid-file", "--preserve-fds",
-    "--help", "-h", NULL};
-/* forkserver.UNSERVED_ENV */
-static const char *const unserved_env[] = {"ZVIZ_NO_FORKSERVER", "ZVIZ_SECCOMP_CACHE", "ZVIZ_DENIAL_RECORDS", NULL};
-static const char *const with_value[] = {
-    "--root", "--log", "--log-format", "--criu", "--rootless", "--profile", NULL};
+static const char *const served_commands[] = {ZVIZ_SERVED_COMMANDS, NULL};
+static const char *const ineligible[] = {ZVIZ_INELIGIBLE_FLAGS, NULL};
+static const char *const unserved_env[] = {ZVIZ_UNSERVED_ENV, NULL};
+static const char *const with_value[] = {ZVIZ_GLOBAL_FLAGS_WITH_VALUE, NULL};
 
 static int listed(const char *arg, const char *const *list, int up_to_equals) {
     size_t len = strlen(arg);
@@ -64,34 +68,36 @@ static int listed(const char *arg, const char *const *list, int up_to_equals) {
     return 0;
 }
 
-/* forkserver.is_served */
-static int is_served(int argc, char **argv) {
-    for (int i = 0; unserved_env[i]; i++) {
-        const char *value = getenv(unserved_env[i]);
-        if (value && *value)
-            return 0;
-    }
-    if (geteuid() != 0)
-        return 0;
+/* forkserver._eligibility: NULL when served, "" for another command line, else why not. */
+static const char *eligibility(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "run") == 0 || strcmp(argv[i], "exec") == 0) {
+        if (listed(argv[i], served_commands, 0)) {
+            for (int k = 0; unserved_env[k]; k++) {
+                const char *value = getenv(unserved_env[k]);
+                if (value && *value)
+                    return ZVIZ_SAY_NOT_ELIGIBLE;
+            }
+            if (geteuid() != 0)
+                return ZVIZ_SAY_NOT_ELIGIBLE;
             for (int j = i + 1; j < argc; j++) {
                 if (listed(argv[j], ineligible, 1))
-                    return 0;
+                    return ZVIZ_SAY_NOT_ELIGIBLE;
                 /* a cluster of short flags (-dt) may hide -d or -t */
                 if (argv[j][0] == '-' && argv[j][1] && argv[j][1] != '-' && argv[j][2])
-                    return 0;
+                    return ZVIZ_SAY_NOT_ELIGIBLE;
             }
-            return 1;
+            return NULL;
         }
         if (listed(argv[i], with_value, 0) && i + 1 < argc) {
             i++;
             continue;
         }
         if (argv[i][0] != '-')
-            return 0;
+            return "";
+        if (strcmp(argv[i], ZVIZ_DEBUG_FLAG) == 0)
+            debug = 1;
     }
-    return 0;
+    return "";
 }
 
 static uint32_t crc32(uint32_t crc, const unsigned char *data, size_t len) {
@@ -105,22 +111,22 @@ static uint32_t crc32(uint32_t crc, const unsigned char *data, size_t len) {
 }
 
 static size_t append(char *buf, size_t used, const char *text, size_t len) {
-    if (used + len + 1 > MAX_REQUEST)
-        return MAX_REQUEST + 1;
+    if (used + len + 1 > ZVIZ_MAX_REQUEST)
+        return ZVIZ_MAX_REQUEST + 1;
     memcpy(buf + used, text, len);
     return used + len;
 }
 
 /* forkserver.socket_path(install, _namespaces_and_cgroup("self")) */
 static int socket_name(char *path, size_t size) {
-    static const char *const names[] = {"mnt", "pid", "user", "net", "cgroup"};
-    static char key[MAX_REQUEST + 2];
+    static const char *const names[] = {ZVIZ_COMPARED_NAMESPACES, NULL};
+    static char key[ZVIZ_MAX_REQUEST + 2];
     size_t used = 0;
     const char *install[] = {ZVIZ_EXECUTABLE, ZVIZ_PACKAGE, ZVIZ_VERSION};
     for (int i = 0; i < 3; i++) {
         used = append(key, used, install[i], strlen(install[i]) + 1);
     }
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; names[i]; i++) {
         char ns[64], number[32];
         struct stat st;
         snprintf(ns, sizeof ns, "/proc/self/ns/%s", names[i]);
@@ -133,11 +139,11 @@ static int socket_name(char *path, size_t size) {
     if (fd < 0)
         return -1;
     for (;;) {
-        if (used >= MAX_REQUEST) {
+        if (used >= ZVIZ_MAX_REQUEST) {
             close(fd);
             return -1;
         }
-        ssize_t n = read(fd, key + used, MAX_REQUEST - used);
+        ssize_t n = read(fd, key + used, ZVIZ_MAX_REQUEST - used);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
@@ -149,8 +155,9 @@ static int socket_name(char *path, size_t size) {
         used += (size_t)n;
     }
     close(fd);
-    snprintf(path, size, SERVER_DIR "/.zviz-run-%08x.sock",
-             crc32(0, (const unsigned char *)key, used));
+    char name[64];
+    snprintf(name, sizeof name, ZVIZ_SOCKET_NAME, crc32(0, (const unsigned char *)key, used));
+    snprintf(path, size, "%s/%s", ZVIZ_SERVER_DIR, name);
     return 0;
 }
 
@@ -179,30 +186,43 @@ static void flush_pending(void) {
     }
 }
 
+/* The reply's kind: MESSAGE is KIND alone or KIND, a space and a value. */
+static const char *reply(const char *message, const char *kind) {
+    size_t len = strlen(kind);
+    if (strncmp(message, kind, len) != 0)
+        return NULL;
+    if (message[len] == ' ')
+        return message + len + 1;
+    return message[len] == '\0' ? message + len : NULL;
+}
+
 int main(int argc, char **argv) {
-    if (!is_served(argc, argv))
-        fall_back(argv);
+    const char *why = eligibility(argc, argv);
+    if (why)
+        fall_back(argv, why, NULL);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if (socket_name(addr.sun_path, sizeof addr.sun_path) != 0)
-        fall_back(argv);
+        fall_back(argv, ZVIZ_SAY_NO_SERVER, " (cannot read this process's namespaces)");
     int sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0)
-        fall_back(argv); /* the Python entry starts a server */
+        fall_back(argv, ZVIZ_SAY_NO_SERVER, NULL); /* the Python entry starts a server */
 
     /* forkserver.send_request: install fields, cwd, argv[0], the arguments */
-    static char request[MAX_REQUEST + 2];
+    static char request[ZVIZ_MAX_REQUEST + 2];
     char cwd[4096];
     if (!getcwd(cwd, sizeof cwd))
-        fall_back(argv);
+        fall_back(argv, ZVIZ_SAY_SEND_FAILED, strerror(errno));
     const char *fixed[] = {ZVIZ_EXECUTABLE, ZVIZ_PACKAGE, ZVIZ_VERSION, cwd, argv[0]};
     size_t used = 0;
     for (int i = 0; i < 5; i++)
         used = append(request, used, fixed[i], strlen(fixed[i]) + (i < 4 || argc > 1));
     for (int i = 1; i < argc; i++)
         used = append(request, used, argv[i], strlen(argv[i]) + (i + 1 < argc));
-    if (used > MAX_REQUEST)
-        fall_back(argv);
-    int fds[3] = {0, 1, 2};
+    if (used > ZVIZ_MAX_REQUEST)
+        fall_back(argv, ZVIZ_SAY_SEND_FAILED, strerror(EMSGSIZE));
+    int fds[ZVIZ_REQUEST_FDS];
+    for (int i = 0; i < ZVIZ_REQUEST_FDS; i++)
+        fds[i] = i; /* stdin, stdout, stderr */
     char control[CMSG_SPACE(sizeof fds)];
     memset(control, 0, sizeof control);
     struct iovec iov = {.iov_base = request, .iov_len = used};
@@ -214,10 +234,9 @@ int main(int argc, char **argv) {
     cmsg->cmsg_len = CMSG_LEN(sizeof fds);
     memcpy(CMSG_DATA(cmsg), fds, sizeof fds);
     if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0)
-        fall_back(argv);
+        fall_back(argv, ZVIZ_SAY_SEND_FAILED, strerror(errno));
 
-    static const int forwarded[] = {SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2,
-                                    SIGWINCH, SIGCONT};
+    static const int forwarded[] = {ZVIZ_FORWARDED_SIGNALS};
     struct sigaction action = {.sa_handler = forward};
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
@@ -225,25 +244,30 @@ int main(int argc, char **argv) {
 
     for (;;) {
         char message[4096];
+        const char *value;
         ssize_t n = recv(sock, message, sizeof message - 1, 0);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
-            if (n < 0 && pid1 == 0)
-                fall_back(argv); /* as try_run: an OSError before the run began */
+            if (n < 0 && pid1 == 0) /* as try_run: an error before the run began */
+                fall_back(argv, ZVIZ_SAY_RECEIVE_FAILED, strerror(errno));
             fputs("zviz: the run supervisor went away\n", stderr);
             return 1;
         }
         message[n] = '\0';
-        if (strncmp(message, "pid ", 4) == 0) {
-            pid1 = atoi(message + 4);
+        if ((value = reply(message, ZVIZ_REPLY_PID))) {
+            pid1 = atoi(value);
             flush_pending();
         }
-        else if (strncmp(message, "exit ", 5) == 0)
-            return atoi(message + 5);
-        else if (strcmp(message, "fallback") == 0 || strcmp(message, "stale") == 0) {
+        else if ((value = reply(message, ZVIZ_REPLY_EXIT)))
+            return atoi(value);
+        else if ((value = reply(message, ZVIZ_REPLY_FALLBACK))) {
             close(sock);
-            fall_back(argv);
+            fall_back(argv, ZVIZ_SAY_REFUSED, value);
+        }
+        else if (reply(message, ZVIZ_REPLY_STALE)) {
+            close(sock);
+            fall_back(argv, ZVIZ_SAY_STALE, NULL);
         }
     }
 }

@@ -1,0 +1,332 @@
+"""The fork-server protocol as both clients speak it: the compiled one
+(runtime/forkserver_client.c) and the Python one (forkserver.try_run).
+
+Both are driven against one recording server, for every eligible and ineligible
+command line and every reply kind: the same request bytes and descriptors, the same
+exit code, output and --debug explanation. The C client is compiled here exactly as
+`make install` compiles it (forkserver.compile_client, the header generated from the
+protocol section), only with its own server directory and a stand-in slow path.
+"""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from runtime import forkserver
+from tests.privileges import needs_root
+
+pytestmark = [
+    needs_root("both clients serve root only"),
+    pytest.mark.skipif(
+        not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler for the client"
+    ),
+]
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The slow path both clients take: it only says so, with the arguments it was given.
+SLOW_PATH_SCRIPT = '#!/bin/sh\necho "slow path:" "$@"\n'
+# The Python client as cli.main runs it, with the test's server directory and slow path.
+PYTHON_CLIENT = """
+import os, sys
+from runtime import forkserver
+forkserver.SERVER_DIR = {servers!r}
+forkserver._start_server = lambda: None  # the recording server is the only one
+sys.argv[0] = "zviz"  # as the compiled client is invoked
+code = forkserver.try_run(sys.argv[1:])
+if code is None:
+    os.execv("/bin/sh", ["/bin/sh", {slow!r}, *sys.argv[1:]])
+os._exit(code)
+"""
+BUNDLE_RUN = ["run", "--bundle", "/nonexistent/bundle", "parity-ctr"]
+
+
+class Recorder:
+    """A server at the clients' socket: records each request, answers with given replies."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(path)
+        self.listener.listen(4)
+        self.requests: list[tuple[bytes, list[tuple[int, int]]]] = []
+        self.stopped = threading.Event()
+
+    def answer(self, replies):
+        """Serve one client in a thread; REPLIES: bytes to send, or callables(peer_pid)."""
+
+        def serve():
+            # Polled: a client that never connects (the slow path) ends it by stop().
+            self.listener.settimeout(0.05)
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                    break
+                except TimeoutError:
+                    if self.stopped.is_set():
+                        return
+            with conn:
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                peer = struct.unpack("3i", creds)[0]
+                data, ancillary, _, _ = conn.recvmsg(
+                    forkserver.MAX_REQUEST, socket.CMSG_SPACE(16 * 4)
+                )
+                fds = []
+                for _, _, payload in ancillary:
+                    fds += struct.unpack(f"{len(payload) // 4}i", payload)
+                identities = []
+                for fd in fds:
+                    st = os.fstat(fd)
+                    identities.append((st.st_dev, st.st_ino))
+                    os.close(fd)
+                self.requests.append((data, identities))
+                for reply in replies:
+                    if callable(reply):
+                        reply = reply(peer)
+                    conn.send(reply)
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        return thread
+
+    def stop(self):
+        """The client has exited: any connection it made is queued by now."""
+        self.stopped.set()
+
+    def close(self):
+        self.listener.close()
+        os.unlink(self.path)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    # Short (a socket path) and private; removed at the end.
+    directory = tempfile.mkdtemp(prefix="zviz-parity-")
+    servers = os.path.join(directory, "servers")
+    os.mkdir(servers, 0o700)
+    slow = os.path.join(directory, "zviz-python")
+    with open(slow, "w") as f:
+        f.write(SLOW_PATH_SCRIPT)
+    os.chmod(slow, 0o755)
+    compiled = os.path.join(directory, "zviz")
+    assert forkserver.compile_client(compiled, slow, server_dir=servers) == compiled
+    python_client = os.path.join(directory, "client.py")
+    with open(python_client, "w") as f:
+        f.write(PYTHON_CLIENT.format(servers=servers, slow=slow))
+    path = os.path.join(
+        servers,
+        os.path.basename(
+            forkserver.socket_path(
+                (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+            )
+        ),
+    )
+    try:
+        yield {
+            "directory": directory,
+            "socket": path,
+            "compiled": [compiled],
+            "python": [sys.executable, python_client],
+        }
+    finally:
+        shutil.rmtree(directory)
+
+
+def _run(setup, client: str, argv: list[str], env_extra=None):
+    """Run CLIENT with ARGV; (exit code, stdout, stderr, its stdio's identities)."""
+    env = {k: v for k, v in os.environ.items() if k not in forkserver.UNSERVED_ENV}
+    env["PYTHONPATH"] = REPO
+    env.update(env_extra or {})
+    command = setup[client]
+    files = [os.path.join(setup["directory"], f"{client}.{name}") for name in ("in", "out", "err")]
+    with open(files[0], "w"), open(files[1], "w"), open(files[2], "w"):
+        pass
+    with open(files[0]) as stdin, open(files[1], "w") as stdout, open(files[2], "w") as stderr:
+        identities = [
+            (os.fstat(f.fileno()).st_dev, os.fstat(f.fileno()).st_ino)
+            for f in (stdin, stdout, stderr)
+        ]
+        executable = command[0]
+        args = ["zviz", *argv] if client == "compiled" else [*command, *argv]
+        result = subprocess.run(
+            args,
+            executable=executable,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            cwd=setup["directory"],
+            env=env,
+            timeout=30,
+        )
+    with open(files[1]) as out, open(files[2]) as err:
+        return result.returncode, out.read(), err.read(), identities
+
+
+def _both(setup, argv, replies=None, env_extra=None):
+    """Both clients' outcomes and the requests the server saw from each (None: no server)."""
+    outcomes, requests = [], []
+    for client in ("compiled", "python"):
+        recorder = Recorder(setup["socket"]) if replies is not None else None
+        thread = recorder.answer(replies) if recorder else None
+        try:
+            code, out, err, stdio = _run(setup, client, argv, env_extra)
+        finally:
+            if recorder:
+                recorder.stop()
+                thread.join()
+                recorder.close()
+        outcomes.append((code, out, err))
+        requests.append((recorder.requests if recorder else None, stdio))
+    return outcomes, requests
+
+
+def _expected_request(setup, argv) -> bytes:
+    install = forkserver.install_identity()
+    return b"\0".join(p.encode() for p in (*install, setup["directory"], "zviz", *argv))
+
+
+ELIGIBLE = [
+    BUNDLE_RUN,
+    ["--debug", *BUNDLE_RUN],
+    ["--root", "/tmp/r", "--profile=hostile-tenant", *BUNDLE_RUN],
+    ["--profile", "ci-runner", "--verbose", "run", "-b", "/b", "x"],
+    ["exec", "x", "true"],
+    ["--root", "/r", "exec", "x", "sh", "-c", "echo"],
+]
+
+
+@pytest.mark.parametrize("argv", ELIGIBLE)
+def test_both_clients_send_the_same_request_and_exit_with_the_code(setup, argv):
+    outcomes, requests = _both(setup, argv, replies=[b"exit 7"])
+    assert outcomes[0] == outcomes[1] == (7, "", "")
+    for seen, stdio in requests:
+        assert len(seen) == 1, "the client never reached the server"
+        data, fds = seen[0]
+        assert data == _expected_request(setup, argv)
+        assert len(fds) == forkserver.REQUEST_FDS
+        assert fds == stdio  # its own stdin, stdout and stderr, in that order
+
+
+INELIGIBLE = [
+    (["run", "-d", "x"], {}),
+    (["run", "--detach", "x"], {}),
+    (["run", "-dt", "x"], {}),
+    (["run", "--console-socket=/s", "x"], {}),
+    (["run", "--pid-file", "/p", "x"], {}),
+    (["run", "--preserve-fds", "1", "x"], {}),
+    (["run", "-h"], {}),
+    (["exec", "-t", "x", "sh"], {}),
+    (["exec", "x", "ls", "-la"], {}),
+    (BUNDLE_RUN, {"ZVIZ_NO_FORKSERVER": "1"}),
+    (BUNDLE_RUN, {"ZVIZ_SECCOMP_CACHE": "/tmp/c"}),
+    (BUNDLE_RUN, {"ZVIZ_DENIAL_RECORDS": "/tmp/d"}),
+]
+
+
+@pytest.mark.parametrize("argv,env", INELIGIBLE)
+@pytest.mark.parametrize("debug", [False, True])
+def test_both_clients_take_the_slow_path_for_an_ineligible_run(setup, argv, env, debug):
+    argv = ["--debug", *argv] if debug else argv
+    outcomes, requests = _both(setup, argv, replies=[b"exit 7"], env_extra=env)
+    said = forkserver.SLOW_PATH + forkserver.SAY_NOT_ELIGIBLE + "\n" if debug else ""
+    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(argv) + "\n", said)
+    assert [seen for seen, _ in requests] == [[], []], "an ineligible run reached the server"
+
+
+@pytest.mark.parametrize("argv", [["create", "x"], ["--debug", "state", "x"], ["--root", "run"]])
+def test_another_command_goes_the_slow_path_silently(setup, argv):
+    outcomes, requests = _both(setup, argv, replies=[b"exit 7"])
+    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(argv) + "\n", "")
+    assert [seen for seen, _ in requests] == [[], []]
+
+
+def _signal_pid1(sleeper):
+    """Reply "pid N" for a stand-in PID 1, then SIGTERM the client: it must forward it."""
+
+    def reply(peer: int) -> bytes:
+        threading.Timer(0.3, os.kill, (peer, signal.SIGTERM)).start()
+        return b"pid %d" % sleeper.pid
+
+    def exit_code(_peer: int) -> bytes:
+        try:
+            code = sleeper.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sleeper.kill()
+            code = sleeper.wait()
+        return b"exit %d" % (128 - code if code < 0 else 99)  # 143: SIGTERM forwarded
+
+    return [reply, exit_code]
+
+
+def test_both_clients_forward_signals_to_pid1(setup):
+    codes = []
+    for client in ("compiled", "python"):
+        sleeper = subprocess.Popen(["sleep", "30"])
+        recorder = Recorder(setup["socket"])
+        thread = recorder.answer(_signal_pid1(sleeper))
+        try:
+            codes.append(_run(setup, client, BUNDLE_RUN)[:3])
+        finally:
+            recorder.stop()
+            thread.join()
+            recorder.close()
+            if sleeper.poll() is None:
+                sleeper.kill()
+            sleeper.wait()
+    assert codes[0] == codes[1] == (143, "", "")
+
+
+# Every reply that sends a run the slow way, and what --debug says about it.
+SLOW_REPLIES = [
+    ([b"fallback another install"], forkserver.SAY_REFUSED + "another install"),
+    ([b"fallback 2 descriptors, not 3"], forkserver.SAY_REFUSED + "2 descriptors, not 3"),
+    ([b"stale"], forkserver.SAY_STALE),
+    (None, forkserver.SAY_NO_SERVER),  # no server listening
+]
+
+
+@pytest.mark.parametrize("replies,reason", SLOW_REPLIES)
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_refused_or_missed_fast_path_is_said_with_debug(setup, replies, reason, debug):
+    """A drift (another install, another descriptor count) falls back in both clients, and
+    --debug says why instead of only running slower."""
+    argv = ["--debug", *BUNDLE_RUN] if debug else BUNDLE_RUN
+    outcomes, _ = _both(setup, argv, replies=replies)
+    said = forkserver.SLOW_PATH + reason + "\n" if debug else ""
+    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(argv) + "\n", said)
+
+
+def test_both_clients_report_a_supervisor_that_hangs_up(setup):
+    outcomes, _ = _both(setup, BUNDLE_RUN, replies=[b"pid 999999999"])  # then the hang-up
+    assert outcomes[0] == outcomes[1] == (1, "", "zviz: the run supervisor went away\n")
+
+
+def test_the_c_client_holds_no_copy_of_the_protocol():
+    """Its lists, names and replies come from the generated header, never a literal."""
+    source_path = os.path.join(os.path.dirname(forkserver.__file__), "forkserver_client.c")
+    with open(source_path) as f:
+        code = re.sub(r"/\*.*?\*/", "", f.read(), flags=re.S)
+    values = [
+        forkserver.SERVER_DIR,
+        forkserver.SOCKET_NAME,
+        forkserver.DEBUG_FLAG,
+        forkserver.REPLY_PID,
+        forkserver.REPLY_EXIT,
+        forkserver.REPLY_FALLBACK,
+        forkserver.REPLY_STALE,
+        *forkserver.SERVED_COMMANDS,
+        *forkserver.UNSERVED_ENV,
+        *forkserver.INELIGIBLE_FLAGS,
+        *forkserver.GLOBAL_FLAGS_WITH_VALUE,
+        *forkserver.COMPARED_NAMESPACES,
+    ]
+    copies = [value for value in values if f'"{value}' in code]
+    assert copies == []
