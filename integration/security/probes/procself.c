@@ -1,0 +1,85 @@
+/* What programs write about themselves beneath /proc (issue 14 item 2), run as a
+ * container's PID 1: one line per write, "<what> ok" or "<what> <ERRNO NAME>".
+ * Not an escape probe: every write here is the program's own business, and runc
+ * allows each. integration/security/test_proc_self.py reads the lines. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static void report(const char *what, int err) {
+    printf("%s %s\n", what, err ? strerrorname_np(err) : "ok");
+}
+
+static int write_to(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    int err = write(fd, text, strlen(text)) < 0 ? errno : 0;
+    close(fd);
+    return err;
+}
+
+static int read_int(const char *path, int *value) {
+    FILE *f = fopen(path, "re");
+    if (!f) return errno;
+    int n = fscanf(f, "%d", value);
+    fclose(f);
+    return n == 1 ? 0 : EIO;
+}
+
+/* Raising needs no capability; the read-back proves the kernel took it (ERANGE: not). */
+static int raise_oom_score_adj(const char *path) {
+    int before = 0, after = 0, err = read_int(path, &before);
+    if (err) return err;
+    int wanted = before < 900 ? before + 100 : 1000;
+    char text[16];
+    snprintf(text, sizeof text, "%d", wanted);
+    if ((err = write_to(path, text))) return err;
+    if ((err = read_int(path, &after))) return err;
+    return after == wanted ? 0 : ERANGE;
+}
+
+static void *idle(void *arg) {
+    (void)arg;
+    pause();
+    return NULL;
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("pid %d\n", getpid());
+    char path[64], name[32] = {0};
+    report("own_comm", write_to("/proc/self/comm", "named-pid1"));
+    snprintf(path, sizeof path, "/proc/self/task/%d/comm", gettid());
+    report("own_thread_comm", write_to(path, "main-thread"));
+    pthread_getname_np(pthread_self(), name, sizeof name);
+    printf("comm_now %s\n", name);
+    report("own_oom_score_adj_raise", raise_oom_score_adj("/proc/self/oom_score_adj"));
+    /* glibc names another thread through /proc/self/task/<tid>/comm. */
+    pthread_t worker;
+    pthread_create(&worker, NULL, idle, NULL);
+    report("later_thread_name", pthread_setname_np(worker, "worker"));
+    pid_t child = fork();
+    if (child == 0) {
+        report("child_comm", write_to("/proc/self/comm", "child"));
+        report("child_oom_score_adj_raise", raise_oom_score_adj("/proc/self/oom_score_adj"));
+        /* The files a rule on PID 1's /proc directory would have opened to its
+         * children: its memory must stay closed to them (the proc_pid_mem route). */
+        char mem[64];
+        snprintf(mem, sizeof mem, "/proc/%d/mem", getppid());
+        int fd = open(mem, O_RDWR | O_CLOEXEC);
+        report("child_opens_parent_mem", fd < 0 ? errno : 0);
+        snprintf(mem, sizeof mem, "/proc/%d/task/%d/mem", getppid(), getppid());
+        fd = open(mem, O_RDWR | O_CLOEXEC);
+        report("child_opens_parent_task_mem", fd < 0 ? errno : 0);
+        _exit(0);
+    }
+    waitpid(child, NULL, 0);
+    printf("done\n");
+    return 0;
+}
