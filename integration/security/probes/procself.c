@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,7 +51,22 @@ static void *idle(void *arg) {
     return NULL;
 }
 
-int main(void) {
+/* "again": after the writes, wait for SIGUSR1 (the host drops the dentry cache
+ * meanwhile), then write again: the rules must outlive procfs's dentries. */
+static volatile sig_atomic_t go;
+static void on_usr1(int sig) {
+    (void)sig;
+    go = 1;
+}
+static void again(void) {
+    signal(SIGUSR1, on_usr1);
+    printf("waiting\n");
+    for (int i = 0; i < 600 && !go; i++) usleep(50000);
+    report("again_own_comm", write_to("/proc/self/comm", "named-again"));
+    report("again_own_oom_score_adj_raise", raise_oom_score_adj("/proc/self/oom_score_adj"));
+}
+
+int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("pid %d\n", getpid());
     char path[64], name[32] = {0};
@@ -80,6 +96,7 @@ int main(void) {
         _exit(0);
     }
     waitpid(child, NULL, 0);
+    if (argc > 1 && strcmp(argv[1], "again") == 0) again();
     printf("done\n");
     return 0;
 }
