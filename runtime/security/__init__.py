@@ -449,7 +449,8 @@ OWN_PROC_FILES = ("comm", "oom_score_adj", "task/{pid}/comm", "task/{pid}/oom_sc
 
 
 def _allow_own_proc_files(rs) -> None:
-    """WRITE_FILE on PID 1's own OWN_PROC_FILES, each pinned by a bind mount on itself.
+    """WRITE_FILE and TRUNCATE on PID 1's own OWN_PROC_FILES, each pinned by a bind
+    mount on itself.
 
     procfs makes a new inode each time it looks a /proc/<pid> entry up, and drops an
     unused entry's dentry under memory pressure: a rule holds the old inode and would
@@ -470,7 +471,9 @@ def _allow_own_proc_files(rs) -> None:
             # Unpinned, the rule could lapse at any time: grant nothing (EACCES, as before).
             _warn(f"landlock: cannot pin {path} ({e.strerror}): its writes stay refused")
             continue
-        rs.allow_path(path, landlock.FS_WRITE_FILE)
+        # TRUNCATE: a shell's `echo x > /proc/self/comm` opens with O_TRUNC (a no-op
+        # on these files, but Landlock checks the right).
+        rs.allow_path(path, landlock.FS_WRITE_FILE | landlock.FS_TRUNCATE)
 
 
 def _access_of(flags: int) -> int:

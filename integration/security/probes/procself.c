@@ -17,8 +17,10 @@ static void report(const char *what, int err) {
     printf("%s %s\n", what, err ? strerrorname_np(err) : "ok");
 }
 
-static int write_to(const char *path, const char *text) {
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
+/* flags: O_TRUNC as a shell's `echo x > /proc/self/comm` opens, 0 as glibc's
+ * pthread_setname_np does. */
+static int write_to(const char *path, const char *text, int flags) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC | flags);
     if (fd < 0) return errno;
     int err = write(fd, text, strlen(text)) < 0 ? errno : 0;
     close(fd);
@@ -40,7 +42,7 @@ static int raise_oom_score_adj(const char *path) {
     int wanted = before < 900 ? before + 100 : 1000;
     char text[16];
     snprintf(text, sizeof text, "%d", wanted);
-    if ((err = write_to(path, text))) return err;
+    if ((err = write_to(path, text, O_TRUNC))) return err;
     if ((err = read_int(path, &after))) return err;
     return after == wanted ? 0 : ERANGE;
 }
@@ -62,7 +64,7 @@ static void again(void) {
     signal(SIGUSR1, on_usr1);
     printf("waiting\n");
     for (int i = 0; i < 600 && !go; i++) usleep(50000);
-    report("again_own_comm", write_to("/proc/self/comm", "named-again"));
+    report("again_own_comm", write_to("/proc/self/comm", "named-again", O_TRUNC));
     report("again_own_oom_score_adj_raise", raise_oom_score_adj("/proc/self/oom_score_adj"));
 }
 
@@ -70,9 +72,9 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     printf("pid %d\n", getpid());
     char path[64], name[32] = {0};
-    report("own_comm", write_to("/proc/self/comm", "named-pid1"));
+    report("own_comm", write_to("/proc/self/comm", "named-pid1", O_TRUNC));
     snprintf(path, sizeof path, "/proc/self/task/%d/comm", gettid());
-    report("own_thread_comm", write_to(path, "main-thread"));
+    report("own_thread_comm", write_to(path, "main-thread", 0));
     pthread_getname_np(pthread_self(), name, sizeof name);
     printf("comm_now %s\n", name);
     report("own_oom_score_adj_raise", raise_oom_score_adj("/proc/self/oom_score_adj"));
@@ -82,7 +84,7 @@ int main(int argc, char **argv) {
     report("later_thread_name", pthread_setname_np(worker, "worker"));
     pid_t child = fork();
     if (child == 0) {
-        report("child_comm", write_to("/proc/self/comm", "child"));
+        report("child_comm", write_to("/proc/self/comm", "child", O_TRUNC));
         report("child_oom_score_adj_raise", raise_oom_score_adj("/proc/self/oom_score_adj"));
         /* The files a rule on PID 1's /proc directory would have opened to its
          * children: its memory must stay closed to them (the proc_pid_mem route). */
