@@ -668,7 +668,7 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
         if getattr(spec, "domainname", None):
             linux.setdomainname(spec.domainname)
     # What does not need the cgroup runs while the parent's join of it may still wait.
-    plan = _prepare_process(request, stages, process)
+    plan = _prepare_process(request, stages, process, own_proc_files=True)
     with stages("cgroup"):
         if joined is None:
             joined = sync.expect("joined")
@@ -714,14 +714,17 @@ def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> N
     _finish_process(request, sync, stages, process, plan, wait_for_fifo=None)
 
 
-def _prepare_process(request: Request, stages: _Stages, process):
-    """rlimits and the security layers' preparation (PID 1's and an exec's)."""
+def _prepare_process(request: Request, stages: _Stages, process, own_proc_files: bool = False):
+    """rlimits and the security layers' preparation (PID 1's and an exec's).
+
+    own_proc_files: PID 1's only. An exec's pinning mounts would outlive it, on the
+    entries of a pid number that is later another process's."""
     with stages("rlimits"):
         _set_rlimits(process.rlimits or ())
     from runtime import security
 
     with stages("security"):
-        return security.prepare(request.spec, request.profile, request.verbose)
+        return security.prepare(request.spec, request.profile, request.verbose, own_proc_files)
 
 
 def _finish_process(

@@ -22,11 +22,12 @@ PROBE_SOURCE = os.path.join(os.path.dirname(__file__), "probes", "probe.c")
 CACHE = os.path.join(tempfile.gettempdir(), "zviz-security-probes")
 
 
-def build_probe() -> str:
-    """gcc -static the probe once per source version; cached under the temp dir."""
-    with open(PROBE_SOURCE, "rb") as f:
+def build_probe(source: str = PROBE_SOURCE) -> str:
+    """gcc -static a probe program once per source version; cached under the temp dir."""
+    with open(source, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    path = os.path.join(CACHE, f"probe-{digest}")
+    stem = os.path.splitext(os.path.basename(source))[0]
+    path = os.path.join(CACHE, f"{stem}-{digest}")
     if not os.path.exists(path):
         gcc = shutil.which("gcc")
         if gcc is None:
@@ -35,7 +36,7 @@ def build_probe() -> str:
             )
         os.makedirs(CACHE, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        subprocess.run([gcc, "-static", "-O2", "-o", tmp, PROBE_SOURCE], check=True)
+        subprocess.run([gcc, "-static", "-O2", "-o", tmp, source, "-lpthread"], check=True)
         os.rename(tmp, path)
     return path
 

@@ -135,8 +135,9 @@ PROBES = {
     "netlink_route_change": Probe(
         "add an address to lo over NETLINK_ROUTE", "EPERM", "EPERM", "EPERM"
     ),
-    # Landlock grants /proc read only (not only /proc/sys): the reason writes to
-    # /proc/self/task/<tid>/comm stay refused too (issue 14 item 2, docs/security.md).
+    # Landlock grants /proc read only but for PID 1's own comm and oom_score_adj, one
+    # rule per file: a rule on a /proc directory would open this route (issue 14
+    # item 2, docs/security.md "Writes beneath /proc"; test_proc_self.py).
     "proc_pid_mem": Probe(
         "write a sibling's memory through /proc/<pid>/mem", "EACCES", "EACCES", ESCAPED
     ),

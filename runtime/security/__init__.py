@@ -323,8 +323,11 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
-    """In PID 1 after pivot_root: build every layer, fail closed if one is missing."""
+def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool = False) -> Plan:
+    """In PID 1 after pivot_root: build every layer, fail closed if one is missing.
+
+    own_proc_files: PID 1 (not an exec) may write its own thread name and OOM score
+    beneath /proc (`_allow_own_proc_files`)."""
     from runtime.security import capabilities as caps
 
     notes: list[str] = []
@@ -362,7 +365,7 @@ def prepare(spec, profile: Profile, verbose: bool = False) -> Plan:
         _warn(f"landlock: not available; profile {profile.name} allows running without it")
         notes.append("landlock: unavailable, running without it")
     else:
-        ruleset = _landlock_ruleset(spec, profile, abi)
+        ruleset = _landlock_ruleset(spec, profile, abi, own_proc_files)
     notes += [
         f"{g.table}: {g.feature} missing (needs {g.needs}), allowed by profile {profile.name}"
         for g in gaps
@@ -435,6 +438,44 @@ def _allow_stdio_fifos(rs) -> None:
             os.close(path_fd)
 
 
+# What a program writes about itself beneath /proc (issue 14 item 2): its name
+# (`echo name > /proc/self/comm`; glibc's pthread_setname_np writes task/<tid>/comm)
+# and, raising it, its OOM score (a lower value needs CAP_SYS_RESOURCE: the kernel's
+# check). One rule per file: a rule on /proc/<pid> or its task directory would also
+# reach /proc/1/mem, which a child in PID 1's Landlock domain could then write (the
+# route the proc_pid_mem probe pins). The kernel lets only the thread group itself
+# write comm; a child may raise PID 1's oom_score_adj, as under runc.
+OWN_PROC_FILES = ("comm", "oom_score_adj", "task/{pid}/comm", "task/{pid}/oom_score_adj")
+
+
+def _allow_own_proc_files(rs) -> None:
+    """WRITE_FILE and TRUNCATE on PID 1's own OWN_PROC_FILES, each pinned by a bind
+    mount on itself.
+
+    procfs makes a new inode each time it looks a /proc/<pid> entry up, and drops an
+    unused entry's dentry under memory pressure: a rule holds the old inode and would
+    silently stop applying (seen after drop_caches). The bind mount holds the dentry,
+    so the inode the rule is on, for the container's life; the workload cannot unmount
+    it (seccomp). Threads made later and child processes have entries no rule names
+    (docs/security.md, "Writes beneath /proc")."""
+    from runtime import linux
+
+    pid = os.getpid()
+    if os.readlink("/proc/self") != str(pid):
+        return  # a /proc of another pid namespace: no entry here is ours
+    for name in OWN_PROC_FILES:
+        path = f"/proc/{pid}/" + name.format(pid=pid)
+        try:
+            linux.mount(path, path, None, linux.MS_BIND)
+        except OSError as e:
+            # Unpinned, the rule could lapse at any time: grant nothing (EACCES, as before).
+            _warn(f"landlock: cannot pin {path} ({e.strerror}): its writes stay refused")
+            continue
+        # TRUNCATE: a shell's `echo x > /proc/self/comm` opens with O_TRUNC (a no-op
+        # on these files, but Landlock checks the right).
+        rs.allow_path(path, landlock.FS_WRITE_FILE | landlock.FS_TRUNCATE)
+
+
 def _access_of(flags: int) -> int:
     mode = flags & os.O_ACCMODE
     access = 0
@@ -445,7 +486,7 @@ def _access_of(flags: int) -> int:
     return access
 
 
-def _landlock_ruleset(spec, profile: Profile, abi: int):
+def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = False):
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
     restrict_connect = profile.tcp_connect is not None and profile.network != "none"
@@ -476,6 +517,8 @@ def _landlock_ruleset(spec, profile: Profile, abi: int):
         for path in profile.device_ioctl:
             rs.allow_path(path, landlock.FS_IOCTL_DEV)
         _allow_stdio_fifos(rs)
+        if own_proc_files:
+            _allow_own_proc_files(rs)
         for port in profile.tcp_bind or ():
             rs.allow_port(port, landlock.NET_BIND_TCP)
         for port in profile.tcp_connect or ():
