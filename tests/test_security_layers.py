@@ -54,6 +54,11 @@ def confined(
     # The child is not in a fresh netns: leave network setup out of prepare.
     security.harden_spec(spec, profile)
     spec.linux.namespaces = [ns for ns in spec.linux.namespaces if ns.type != "network"]
+    # Nor in a pid namespace of its own: it sees (and may signal) the test's processes,
+    # as a container joining a shared pid namespace does.
+    for ns in spec.linux.namespaces:
+        if ns.type == "pid":
+            ns.path = "/proc/self/ns/pid"
     channel = security.notify_channel(profile, verbose)
     r, w = os.pipe()
     go_r, go_w = os.pipe()
@@ -548,6 +553,28 @@ def test_landlock_scopes_signals_and_abstract_sockets_to_the_container(tmp_path)
         "abstract_outside": errno.EPERM,
         "abstract_inside": 0,
     }
+
+
+def test_signals_are_scoped_only_where_the_pid_namespace_is_shared(tmp_path):
+    """Own pid namespace: every process a signal can reach is the container's, and an
+    exec (a sibling Landlock domain of PID 1's) may signal PID 1, as under runc. A joined
+    one holds others' processes: the scope stays."""
+    own = make_spec(tmp_path)
+    assert own.linux.creates_namespace("pid")
+    assert not security._signals_need_scope(own)
+    joined = make_spec(
+        tmp_path,
+        namespaces=[
+            {"type": "mount"},
+            {"type": "uts"},
+            {"type": "pid", "path": "/proc/1/ns/pid"},
+        ],
+    )
+    assert security._signals_need_scope(joined)
+    if landlock.abi_version() >= 6:
+        assert landlock.Ruleset(7, False, False, True, scope_signals=False).scoped == (
+            landlock.SCOPE_ABSTRACT_UNIX_SOCKET
+        )
 
 
 @pytest.mark.parametrize("abi", [1, 2, 3, 4, 5, 6, 7])

@@ -486,12 +486,31 @@ def _access_of(flags: int) -> int:
     return access
 
 
+def _signals_need_scope(spec) -> bool:
+    """Whether Landlock's signal scope guards anything the pid namespace does not.
+
+    In a pid namespace of the container's own, every process a signal can reach is the
+    container's: PID 1's tree and its execs. Execs restrict themselves into Landlock
+    domains of their own, siblings of PID 1's (docs/architecture.md, "An exec and PID 1's
+    Landlock domain"), so the scope would only stop `kubectl exec ... kill -HUP 1` (or
+    `nginx -s reload`), which runc allows. A joined pid namespace (a pod sharing its
+    processes, or the host's) holds processes of others: there the scope stays."""
+    linux_section = getattr(spec, "linux", None)
+    return linux_section is None or not linux_section.creates_namespace("pid")
+
+
 def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = False):
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
     restrict_connect = profile.tcp_connect is not None and profile.network != "none"
     try:
-        rs = landlock.Ruleset(abi, restrict_bind, restrict_connect, profile.landlock_scope)
+        rs = landlock.Ruleset(
+            abi,
+            restrict_bind,
+            restrict_connect,
+            profile.landlock_scope,
+            scope_signals=_signals_need_scope(spec),
+        )
         # Read and execute everywhere but /dev; in /dev only the listed devices. Rules
         # only add rights, so "/" itself gets just READ_DIR and each other top-level
         # entry gets READ: a device config.json adds (or the host's, under a shared

@@ -97,7 +97,14 @@ def handled_fs(abi: int) -> int:
 class Ruleset:
     """A Landlock ruleset fd with the rules added; `restrict()` enforces it on the caller."""
 
-    def __init__(self, abi: int, restrict_tcp_bind: bool, restrict_tcp_connect: bool, scope: bool):
+    def __init__(
+        self,
+        abi: int,
+        restrict_tcp_bind: bool,
+        restrict_tcp_connect: bool,
+        scope: bool,
+        scope_signals: bool = True,
+    ):
         self.abi = abi
         self.handled_fs = handled_fs(abi)
         net = 0
@@ -105,7 +112,8 @@ class Ruleset:
             net |= NET_BIND_TCP if restrict_tcp_bind else 0
             net |= NET_CONNECT_TCP if restrict_tcp_connect else 0
         self.handled_net = net
-        self.scoped = (SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL) if scope and abi >= 6 else 0
+        scoped = SCOPE_ABSTRACT_UNIX_SOCKET | (SCOPE_SIGNAL if scope_signals else 0)
+        self.scoped = scoped if scope and abi >= 6 else 0
         attr = _RulesetAttr(self.handled_fs, self.handled_net, self.scoped)
         size = 8 if abi < 4 else (16 if abi < 6 else 24)
         self.fd = linux.raw_syscall(
