@@ -177,3 +177,34 @@ def test_with_idle_exit_zero_a_removed_pods_daemon_exits_at_once(cri, tmp_path):
 
     daemon, alive = run(scenario())
     assert not alive, f"daemon {daemon} outlived its pod by 10 s"
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "[::1]"])
+@pytest.mark.parametrize("handler", ["runc", "zviz"])
+def test_a_sidecar_reaches_its_app_on_the_pods_loopback_under_web_server(
+    cri, tmp_path, handler, address
+):
+    """Issue 14 item 3: the app listens on the pod's loopback on a port web-server's `bind`
+    list leaves out (18601), the sidecar in another container of the pod fetches from it.
+    That loopback is the pod's, reached only by its containers: the broker lets the bind
+    through (it refused it with EPERM before). runc is the reference."""
+    port = 18601
+    app = (
+        "mkdir -p /tmp/www && echo from-the-app > /tmp/www/index.html && "
+        f"exec httpd -f -p {address}:{port} -h /tmp/www"
+    )
+    fetch = (
+        f"for i in $(seq 100); do wget -q -O- http://{address}:{port}/index.html && exit 0; "
+        "sleep 0.1; done; exit 1"
+    )
+
+    async def scenario():
+        annotations = {PROFILE_ANNOTATION: "web-server"} if handler == "zviz" else {}
+        async with pod(cri, handler, tmp_path, annotations=annotations) as the_pod:
+            await the_pod.start_container("app", app)
+            sidecar = await the_pod.start_container("sidecar", "exec sleep 300")
+            return await the_pod.exec(sidecar, fetch), the_pod.log("app")
+
+    (code, out, err), app_log = run(scenario())
+    assert code == 0, f"{err}\napp: {app_log}"
+    assert out == "from-the-app\n"

@@ -41,6 +41,30 @@ def build_probe(source: str = PROBE_SOURCE) -> str:
     return path
 
 
+BROKER_PROBE_SOURCE = os.path.join(os.path.dirname(__file__), "probes", "broker_probe.c")
+
+
+def build_broker_probe() -> str:
+    """gcc -static probes/broker_probe.c once per source version, as build_probe does."""
+    with open(BROKER_PROBE_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    path = os.path.join(CACHE, f"broker-probe-{digest}")
+    if not os.path.exists(path):
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            pytest.skip("gcc missing: the broker probes are C programs")
+        os.makedirs(CACHE, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        subprocess.run([gcc, "-static", "-O2", "-o", tmp, BROKER_PROBE_SOURCE], check=True)
+        os.rename(tmp, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def broker_probe() -> str:
+    return build_broker_probe()
+
+
 @pytest.fixture(scope="session")
 def probe_bin() -> str:
     return build_probe()

@@ -6,7 +6,6 @@ the loopback being refused, the container is on the host's network: in a namespa
 its own the loopback is the container's and the broker lets it through (issue 14).
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,27 +17,10 @@ import time
 import pytest
 
 from integration.ids import unique_id
-from integration.security.conftest import CACHE, HOST_NETWORK_FLAG, on_the_hosts_network
+from integration.security.conftest import HOST_NETWORK_FLAG, on_the_hosts_network
 from runtime.security import landlock
 
-SOURCE = os.path.join(os.path.dirname(__file__), "probes", "broker_probe.c")
 PORT = 18517
-
-
-@pytest.fixture(scope="module")
-def broker_probe() -> str:
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    path = os.path.join(CACHE, f"broker-probe-{digest}")
-    if not os.path.exists(path):
-        gcc = shutil.which("gcc")
-        if gcc is None:
-            pytest.skip("gcc missing: the broker probes are C programs")
-        os.makedirs(CACHE, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        subprocess.run([gcc, "-static", "-O2", "-o", tmp, SOURCE], check=True)
-        os.rename(tmp, path)
-    return path
 
 
 def no_loopback_profile(tmp_path) -> str:

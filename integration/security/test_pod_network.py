@@ -24,7 +24,6 @@ import uuid
 import pytest
 
 from integration.podnet import LISTEN, PEER_IP, PEER_IP6
-from integration.security.test_broker_decisions import broker_probe  # noqa: F401 - fixture
 from integration.zviz_cli import Zviz
 from tools.mkbundle import default_config
 

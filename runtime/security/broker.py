@@ -864,7 +864,7 @@ class _Call:
         if family in (AF_INET, AF_INET6):
             ip, port = _inet_address(family, addr)
             if rules == "bind":
-                self._decide_bind(ip, port)
+                self._decide_bind(ip, port, sock)
             else:
                 for destination in self._destinations(ip, sock):
                     self._decide_destination(destination, port, sock)
@@ -954,8 +954,13 @@ class _Call:
                 self._own = frozenset(_ipv4_addresses(sock) | _ipv6_addresses(if_inet6))
         return self._own
 
-    def _decide_bind(self, ip, port: int) -> None:
-        if port != 0 and not self.profile.bind_allows(str(ip), port):
+    def _decide_bind(self, ip, port: int, sock: int) -> None:
+        """The profile's `bind` rules, except on the loopback of the caller's own network
+        namespace (issue 14): a listener there is reached only from inside the container
+        or its pod, as a connect to it is (_decide_destination). On the host's network
+        (shared by the operator) the loopback is the host's: the rules hold."""
+        own_loopback = ip.is_loopback and self._socket_namespace_is_the_callers_not_the_hosts(sock)
+        if port != 0 and not own_loopback and not self.profile.bind_allows(str(ip), port):
             raise Denied(f"bind {ip} port {port} not allowed by profile")
         # The broker binds with its own (host root) privileges: the caller's
         # capability decides, as the kernel would have for the caller.

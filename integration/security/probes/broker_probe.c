@@ -19,6 +19,13 @@
  *                                from one buffer) to IP:PORT over UDP
  *   socket_proto TYPE PROTO      socket(AF_INET, TYPE, PROTO): a protocol whose ways out
  *                                the broker never sees (SCTP, UDP-Lite) must not open
+ *   tcp_self IP PORT             TCP listener on IP:PORT and a client in the same process
+ *                                connecting to it: "OK" once the client's bytes arrived
+ *   tcp_serve IP PORT            TCP listener on IP:PORT (prints "LISTENING"), then the
+ *                                first connection's line, for 30 s
+ *   tcp_client IP PORT           connect to IP:PORT, retrying while nobody listens
+ *                                (ECONNREFUSED) for 20 s, and send one line
+ * IP may be IPv4 or IPv6 (tcp_*).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -229,6 +236,129 @@ static int socket_proto(int type, int protocol) {
     return 0;
 }
 
+/* An IPv4 or IPv6 address and port as a sockaddr; 0 if IP is neither. */
+static socklen_t inet_sockaddr(const char *ip, int port, struct sockaddr_storage *at) {
+    memset(at, 0, sizeof *at);
+    struct sockaddr_in *in4 = (struct sockaddr_in *)at;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)at;
+    if (inet_pton(AF_INET, ip, &in4->sin_addr) == 1) {
+        in4->sin_family = AF_INET;
+        in4->sin_port = htons(port);
+        return sizeof *in4;
+    }
+    if (inet_pton(AF_INET6, ip, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons(port);
+        return sizeof *in6;
+    }
+    return 0;
+}
+
+static int step_blocked(const char *what, const char *ip, int port, const char *step) {
+    int err = errno;
+    printf("BLOCKED %s %s:%d: %s: errno %d (%s)\n", what, ip, port, step, err, strerror(err));
+    return 1;
+}
+
+/* A listening socket on IP:PORT, or -1 after printing which step was refused. */
+static int tcp_listener(const char *what, const char *ip, int port) {
+    struct sockaddr_storage at;
+    socklen_t len = inet_sockaddr(ip, port, &at);
+    if (len == 0) {
+        printf("ERROR %s: bad address %s\n", what, ip);
+        return -1;
+    }
+    int s = socket(at.ss_family, SOCK_STREAM, 0);
+    if (s < 0)
+        return step_blocked(what, ip, port, "socket"), -1;
+    int one = 1;
+    setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(s, (struct sockaddr *)&at, len) != 0)
+        return step_blocked(what, ip, port, "bind"), -1;
+    if (listen(s, 8) != 0)
+        return step_blocked(what, ip, port, "listen"), -1;
+    return s;
+}
+
+/* The line the first connection to LISTENER sends, within TIMEOUT_MS; 0 if none. */
+static int accept_line(int listener, int timeout_ms, char *got, size_t size) {
+    struct pollfd p = {listener, POLLIN, 0};
+    if (poll(&p, 1, timeout_ms) != 1)
+        return 0;
+    int conn = accept(listener, NULL, NULL);
+    if (conn < 0)
+        return 0;
+    memset(got, 0, size);
+    size_t have = 0;
+    while (have < size - 1 && !strchr(got, '\n')) {
+        ssize_t n = read(conn, got + have, size - 1 - have);
+        if (n <= 0)
+            break;
+        have += n;
+    }
+    close(conn);
+    return have > 0;
+}
+
+static int tcp_self(const char *ip, int port) {
+    int listener = tcp_listener("tcp_self", ip, port);
+    if (listener < 0)
+        return 1;
+    struct sockaddr_storage at;
+    socklen_t len = inet_sockaddr(ip, port, &at);
+    int client = socket(at.ss_family, SOCK_STREAM, 0);
+    if (connect(client, (struct sockaddr *)&at, len) != 0)
+        return step_blocked("tcp_self", ip, port, "connect");
+    write(client, "own\n", 4);
+    char got[16];
+    if (accept_line(listener, 5000, got, sizeof got) && strcmp(got, "own\n") == 0) {
+        printf("OK tcp_self %s:%d: its client's bytes arrived\n", ip, port);
+        return 0;
+    }
+    printf("ERROR tcp_self %s:%d: connected, but nothing arrived\n", ip, port);
+    return 1;
+}
+
+static int tcp_serve(const char *ip, int port) {
+    int listener = tcp_listener("tcp_serve", ip, port);
+    if (listener < 0)
+        return 1;
+    printf("LISTENING tcp_serve %s:%d\n", ip, port);
+    char got[128];
+    if (accept_line(listener, 30000, got, sizeof got)) {
+        printf("OK tcp_serve %s:%d: got %s", ip, port, got);
+        return 0;
+    }
+    printf("ERROR tcp_serve %s:%d: nobody connected\n", ip, port);
+    return 1;
+}
+
+static int tcp_client(const char *ip, int port) {
+    struct sockaddr_storage at;
+    socklen_t len = inet_sockaddr(ip, port, &at);
+    if (len == 0) {
+        printf("ERROR tcp_client: bad address %s\n", ip);
+        return 2;
+    }
+    struct timespec pause = {0, 100 * 1000 * 1000};
+    for (int tries = 0; tries < 200; tries++) {
+        int s = socket(at.ss_family, SOCK_STREAM, 0);
+        if (s < 0)
+            return step_blocked("tcp_client", ip, port, "socket");
+        if (connect(s, (struct sockaddr *)&at, len) == 0) {
+            write(s, "from-the-other-container\n", 25);
+            close(s);
+            printf("OK tcp_client %s:%d: sent\n", ip, port);
+            return 0;
+        }
+        if (errno != ECONNREFUSED)
+            return step_blocked("tcp_client", ip, port, "connect");
+        close(s);
+        nanosleep(&pause, NULL);
+    }
+    return step_blocked("tcp_client", ip, port, "connect");
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc == 5 && strcmp(argv[1], "udp_unspec") == 0)
@@ -245,6 +375,12 @@ int main(int argc, char **argv) {
         return sendmmsg_big(argv[2], atoi(argv[3]), atoi(argv[4]), atol(argv[5]));
     if (argc == 4 && strcmp(argv[1], "socket_proto") == 0)
         return socket_proto(atoi(argv[2]), atoi(argv[3]));
+    if (argc == 4 && strcmp(argv[1], "tcp_self") == 0)
+        return tcp_self(argv[2], atoi(argv[3]));
+    if (argc == 4 && strcmp(argv[1], "tcp_serve") == 0)
+        return tcp_serve(argv[2], atoi(argv[3]));
+    if (argc == 4 && strcmp(argv[1], "tcp_client") == 0)
+        return tcp_client(argv[2], atoi(argv[3]));
     fprintf(stderr, "usage: see the comment at the top of broker_probe.c\n");
     return 2;
 }
