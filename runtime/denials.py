@@ -143,6 +143,23 @@ def seccomp_verdict(code: int, profile, syscall: str) -> str:
     return "EPERM"
 
 
+# What a cgroup limit refused, by limit kind: the record's syscall and verdict. A fork
+# refused by pids.max fails with EAGAIN (fork, clone or clone3: the kernel does not say
+# which); an OOM kill is not a call at all (syscall empty).
+LIMIT_VERDICTS = {"pids": ("fork", "pids-limit"), "memory": ("", "oom-kill")}
+
+
+def limit_rule(profile, kind: str, limit: int) -> str:
+    """Who set the limit that was hit: the profile's cap (it lowers config.json's, never
+    raises it: runtime/security) or else config.json's own linux.resources."""
+    unit = "" if kind == "pids" else " bytes"
+    cap = profile.pids_max if kind == "pids" else profile.memory_max
+    if limit and cap == limit:
+        return f"profile {profile.name}: {kind}_max {limit}{unit}"
+    field = "pids.limit" if kind == "pids" else "memory.limit"
+    return f"config.json linux.resources.{field} {limit or 'unlimited'}{unit}"
+
+
 class RateLimiter:
     """The first `burst` records, then only counts: one summary per `interval` that dropped
     any. A container quiet for a whole interval gets a fresh burst (new behaviour is seen
@@ -497,6 +514,26 @@ class KernelWatcher:
         watched.file.write(watched.limit.admit(rec))
         return rec
 
+    def record_limit(self, container_id: str, kind: str, count: int, limit: int) -> dict | None:
+        """`count` new hits of a cgroup limit (`kind`: pids or memory) of a watched
+        container as one record (source "cgroup"); the cgroup does not say which process."""
+        watched = self._containers.get(container_id)
+        if watched is None or count <= 0:
+            return None
+        syscall, verdict = LIMIT_VERDICTS[kind]
+        rec = record(
+            watched.context,
+            source="cgroup",
+            pid=0,
+            comm="",
+            syscall=syscall,
+            verdict=verdict,
+            rule=limit_rule(watched.profile, kind, limit),
+            count=count,
+        )
+        watched.file.write(watched.limit.admit(rec))
+        return rec
+
     def flush(self) -> None:
         """Write the summaries of finished rate-limit windows (called now and then)."""
         for watched in self._containers.values():
@@ -634,7 +671,8 @@ def metrics(root: str) -> str:
         for rec in records:
             if rec.get("source") != "rate-limit":
                 key = tuple(str(rec.get(label, "")) for label in _METRIC_LABELS)
-                seen[key] = seen.get(key, 0) + 1
+                # A cgroup record counts every hit since the last one (`count`).
+                seen[key] = seen.get(key, 0) + int(rec.get("count") or 1)
                 continue
             for what, count in (rec.get("counts") or {}).items():
                 source, syscall, verdict = (what.split(" ") + ["", "", ""])[:3]
