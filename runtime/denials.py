@@ -59,7 +59,7 @@ _ACTIONS = {
     0x80000000: "killed",  # SECCOMP_RET_KILL_PROCESS
     0x00000000: "killed",  # SECCOMP_RET_KILL_THREAD
     0x00030000: "trapped",  # SECCOMP_RET_TRAP
-    0x7FFC0000: "logged",  # SECCOMP_RET_LOG (allowed, recorded)
+    0x7FFC0000: "audit",  # SECCOMP_RET_LOG: audit mode's answer (allowed, recorded)
 }
 SECCOMP_RET_ERRNO = 0x00050000
 
@@ -119,8 +119,20 @@ def record(
     return result
 
 
-def seccomp_rule(profile, syscall: str) -> str:
-    """Which part of the profile refused `syscall` (the kernel does not say which rule)."""
+AUDITED = "audit mode: recorded and allowed"
+STILL_DENIED = "audit mode: escape class, denied"
+
+
+def seccomp_rule(profile, syscall: str, verdict: str = "") -> str:
+    """Which part of the profile refused `syscall` (the kernel does not say which rule);
+    in audit mode, also whether the call went through (verdict "audit") or not."""
+    rule = _profile_part(profile, syscall)
+    if profile.mode != "audit":
+        return rule
+    return f"{rule}; {AUDITED if verdict == 'audit' else STILL_DENIED}"
+
+
+def _profile_part(profile, syscall: str) -> str:
     if syscall in profile.deny:
         return f"profile {profile.name}: deny {syscall}"
     if syscall in ("clone", "clone3", "socket", "ioctl", "personality"):
@@ -499,14 +511,15 @@ class KernelWatcher:
         if code & SECCOMP_RET_ACTION_FULL == 0x7FC00000:
             return None  # a mediated call the broker answers (user_notif): not a denial
         syscall = syscall_name(nr, arch)
+        verdict = seccomp_verdict(code, watched.profile, syscall)
         rec = record(
             watched.context,
             source="seccomp",
             pid=pid,
             comm=fields.get("comm", ""),
             syscall=syscall,
-            verdict=seccomp_verdict(code, watched.profile, syscall),
-            rule=seccomp_rule(watched.profile, syscall),
+            verdict=verdict,
+            rule=seccomp_rule(watched.profile, syscall, verdict),
             when=when or None,
             exe=fields.get("exe", ""),
             syscall_nr=nr,

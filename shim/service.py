@@ -203,6 +203,8 @@ class TaskService(shim_ttrpc.TaskService):
             default=config.profile or selection.DEFAULT_PROFILE,
             allowed=config.allowed_annotation_profiles,
             profile_dirs=config.profile_dirs or (),
+            mode=config.mode,
+            allowed_modes=config.allowed_annotation_modes or (),
         )
 
     def _own_id_range(self, task: Task, config: shim_config.ShimConfig):
