@@ -121,9 +121,14 @@ def _run_probe(containerd, image, probe_dir, *, config_text=None, annotations=()
         printed = containerd.ctr(
             "tasks", "exec", "--exec-id", "answers", cid, "cat", "/tmp/answers", check=False
         )
-        for line in printed.stdout.splitlines():
-            name, rc, err = line.split()
-            answers[name] = (int(rc), int(err))
+        # The probe once more as an exec'd process: it runs in the container's mode too.
+        again = containerd.ctr(
+            "tasks", "exec", "--exec-id", "probe", cid, "/var/probe", check=False
+        )
+        for prefix, output in (("", printed.stdout), ("exec ", again.stdout)):
+            for line in output.splitlines():
+                name, rc, err = line.split()
+                answers[prefix + name] = (int(rc), int(err))
         return result, answers, records
     finally:
         containerd.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False)
@@ -133,9 +138,9 @@ def _run_probe(containerd, image, probe_dir, *, config_text=None, annotations=()
 
 
 def _check_audited(answers, records):
-    for name in AUDITED:
+    for name in (*AUDITED, *(f"exec {n}" for n in AUDITED)):
         assert answers[name][0] >= 0, f"{name} refused in audit mode: {answers}"
-    for name in STILL_DENIED:
+    for name in (*STILL_DENIED, *(f"exec {n}" for n in STILL_DENIED)):
         assert answers[name] == (-1, 1), f"{name} not refused (EPERM) in audit mode: {answers}"
     by_syscall = {r["syscall"]: r for r in records if r.get("source") == "seccomp"}
     for name in AUDITED:
@@ -151,6 +156,7 @@ def test_enforce_mode_refuses_them_all(containerd, busybox_image, probe_dir):
     assert result.returncode == 0, result.stderr
     for name in (*AUDITED, *STILL_DENIED):
         assert answers[name] == (-1, 1), f"{name}: {answers}"
+        assert answers[f"exec {name}"] == (-1, 1), f"exec {name}: {answers}"
 
 
 def test_audit_mode_from_the_operators_config(containerd, busybox_image, probe_dir):
