@@ -199,6 +199,9 @@ def fork_limit_and_kill_all():
         "errno": None if error == "None" else int(error),
         "stats_pids": cg.stats()["pids"],
         "procs": len(cg.procs_recursive()),
+        # What the shim turns into pids-limit denial records (docs/denials.md).
+        "limit_hits": cg.pids_limit_hits(),
+        "limits": [cg.limit("pids"), cg.limit("memory")],
     }
     cg.kill_all(signal.SIGKILL)
     facts["status"] = child.wait()

@@ -242,6 +242,9 @@ def test_fork_fails_at_the_pids_limit(cg, children):
     stats = cg.stats()
     assert stats["pids"] == {"current": 5, "limit": 5}
     assert len(cg.pids()) == 5
+    # What the shim turns into pids-limit denial records (docs/denials.md).
+    assert cg.pids_limit_hits() == 1
+    assert (cg.limit("pids"), cg.limit("memory")) == (5, 0)
 
 
 def test_devices_rules_are_enforced(cg, children):

@@ -90,6 +90,8 @@ def test_v2_fork_fails_at_the_pids_limit_and_cgroup_kill_reaps_all(guest):
     assert facts["errno"] == 11  # EAGAIN
     assert facts["stats_pids"] == {"current": 6, "limit": 6}
     assert facts["procs"] == 6
+    assert facts["limit_hits"] == 1  # the one refused fork: pids.events "max"
+    assert facts["limits"] == [6, 0]  # no memory limit: 0
     assert facts["status"] == -9
     assert facts["procs_after_kill"] == []
 

@@ -47,7 +47,7 @@ def _record_as_event_fields(rec: dict) -> dict:
     return _as_dict(denial_event(rec))
 
 
-def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted):
+def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted, ctr_args=()):
     """Run `script` in a detached container until a /zviz/denial event of it matches
     `wanted(event)`; return (event, file records, `zviz audit` records, ctr's stderr)."""
     cid = unique_id("zviz-denial")
@@ -62,7 +62,7 @@ def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=containerd.env,
         )  # fmt: skip
         await asyncio.sleep(1)  # neither subscription says when it is ready
-        cmd = ["run", "-d", "--runtime", ZVIZ]
+        cmd = ["run", "-d", "--runtime", ZVIZ, *ctr_args]
         for key, value in annotations:
             cmd += ["--annotation", f"{key}={value}"]
         result = await asyncio.to_thread(
@@ -156,6 +156,47 @@ def test_broker_refusal_under_web_server(containerd, busybox_image, zviz_bin):
     assert dict(event.args) == {"family": "AF_INET", "address": "10.0.0.1:80"}
     assert event.verdict == "EPERM"
     assert "10.0.0.1" in event.rule
+    _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
+
+
+def test_pids_limit_hits_under_hostile_tenant(containerd, busybox_image, zviz_bin):
+    """A fork bomb under hostile-tenant's pids_max (64): the forks pids.max refuses become
+    cgroup records, several refusals of one poll in one record with their count."""
+    script = "for i in $(seq 200); do sleep 60 & done; wait"
+    event, records, audit_records, ctr_stderr = _run_until_recorded(
+        containerd,
+        busybox_image,
+        zviz_bin,
+        script,
+        [("io.zviz.profile", "hostile-tenant")],
+        lambda e: e.verdict == "pids-limit",
+    )
+    assert event.source == "cgroup"
+    assert event.profile == "hostile-tenant"
+    assert event.syscall == "fork"
+    assert event.rule == "profile hostile-tenant: pids_max 64"
+    assert event.count >= 1
+    _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
+
+
+def test_oom_kill_under_a_memory_limit(containerd, busybox_image, zviz_bin):
+    """A memory hog under config.json's 32 MiB limit (lower than ci-runner's 4G): its OOM
+    kill is a record naming config.json's limit, next to containerd's /tasks/oom."""
+    limit = 32 * 1024 * 1024
+    event, records, audit_records, ctr_stderr = _run_until_recorded(
+        containerd,
+        busybox_image,
+        zviz_bin,
+        "tail /dev/zero",
+        (),
+        lambda e: e.verdict == "oom-kill",
+        ctr_args=("--memory-limit", str(limit)),
+    )
+    assert event.source == "cgroup"
+    assert event.profile == "ci-runner"
+    assert event.syscall == ""
+    assert event.rule == f"config.json linux.resources.memory.limit {limit} bytes"
+    assert event.count == 1
     _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
 
 

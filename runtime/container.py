@@ -125,6 +125,8 @@ class Container:
                 "owner": "",
                 # A name for built-ins, the file's path otherwise: exec loads it again.
                 "profile": getattr(resolved_profile, "ref", profile),
+                # Not always the file's (the operator's or an annotation's): exec keeps it.
+                "profileMode": getattr(resolved_profile, "mode", "enforce"),
                 "verbose": verbose,
                 "status": "creating",
             }
@@ -556,6 +558,7 @@ class Container:
             bool(self.data.get("allowHostNetwork")),
             cluster_network=self._cluster_network(),
             egress_nameservers=self.data.get("egressNameservers") or (),
+            mode=self.data.get("profileMode"),
         )
         exec_process = parse_process(process_config)
         check_process_in_spec(exec_process, spec)
@@ -630,14 +633,17 @@ def _harden(
     cluster_network=None,
     egress_nameservers=None,
     host_ids=None,
+    mode=None,
 ):
     """Resolve the profile (security.resolve_profile: --profile, the shim's operator
-    policy, or the annotation's default rule), give it the caller's host id range when
+    policy, or the annotation's default rule), in `mode` when given (an exec: the mode
+    its container was created in), give it the caller's host id range when
     it maps the container's ids, and let the security layer tighten the spec:
     (profile, what the hardening changed in config.json)."""
     from runtime import security
+    from runtime.security.profiles import with_mode
 
-    profile = security.resolve_profile(profile, spec.annotations)
+    profile = with_mode(security.resolve_profile(profile, spec.annotations), mode)
     if host_ids is not None and security.maps_profile_ids(spec, profile):
         profile = host_ids(profile)
     changes = security.harden_spec(

@@ -59,7 +59,7 @@ _ACTIONS = {
     0x80000000: "killed",  # SECCOMP_RET_KILL_PROCESS
     0x00000000: "killed",  # SECCOMP_RET_KILL_THREAD
     0x00030000: "trapped",  # SECCOMP_RET_TRAP
-    0x7FFC0000: "logged",  # SECCOMP_RET_LOG (allowed, recorded)
+    0x7FFC0000: "audit",  # SECCOMP_RET_LOG: audit mode's answer (allowed, recorded)
 }
 SECCOMP_RET_ERRNO = 0x00050000
 
@@ -119,8 +119,20 @@ def record(
     return result
 
 
-def seccomp_rule(profile, syscall: str) -> str:
-    """Which part of the profile refused `syscall` (the kernel does not say which rule)."""
+AUDITED = "audit mode: recorded and allowed"
+STILL_DENIED = "audit mode: escape class, denied"
+
+
+def seccomp_rule(profile, syscall: str, verdict: str = "") -> str:
+    """Which part of the profile refused `syscall` (the kernel does not say which rule);
+    in audit mode, also whether the call went through (verdict "audit") or not."""
+    rule = _profile_part(profile, syscall)
+    if profile.mode != "audit":
+        return rule
+    return f"{rule}; {AUDITED if verdict == 'audit' else STILL_DENIED}"
+
+
+def _profile_part(profile, syscall: str) -> str:
     if syscall in profile.deny:
         return f"profile {profile.name}: deny {syscall}"
     if syscall in ("clone", "clone3", "socket", "ioctl", "personality"):
@@ -141,6 +153,23 @@ def seccomp_verdict(code: int, profile, syscall: str) -> str:
     if syscall not in profile.deny and syscall not in profile.allow:
         return {"ENOSYS": "ENOSYS"}.get(profile.default_action, "EPERM")
     return "EPERM"
+
+
+# What a cgroup limit refused, by limit kind: the record's syscall and verdict. A fork
+# refused by pids.max fails with EAGAIN (fork, clone or clone3: the kernel does not say
+# which); an OOM kill is not a call at all (syscall empty).
+LIMIT_VERDICTS = {"pids": ("fork", "pids-limit"), "memory": ("", "oom-kill")}
+
+
+def limit_rule(profile, kind: str, limit: int) -> str:
+    """Who set the limit that was hit: the profile's cap (it lowers config.json's, never
+    raises it: runtime/security) or else config.json's own linux.resources."""
+    unit = "" if kind == "pids" else " bytes"
+    cap = profile.pids_max if kind == "pids" else profile.memory_max
+    if limit and cap == limit:
+        return f"profile {profile.name}: {kind}_max {limit}{unit}"
+    field = "pids.limit" if kind == "pids" else "memory.limit"
+    return f"config.json linux.resources.{field} {limit or 'unlimited'}{unit}"
 
 
 class RateLimiter:
@@ -482,17 +511,38 @@ class KernelWatcher:
         if code & SECCOMP_RET_ACTION_FULL == 0x7FC00000:
             return None  # a mediated call the broker answers (user_notif): not a denial
         syscall = syscall_name(nr, arch)
+        verdict = seccomp_verdict(code, watched.profile, syscall)
         rec = record(
             watched.context,
             source="seccomp",
             pid=pid,
             comm=fields.get("comm", ""),
             syscall=syscall,
-            verdict=seccomp_verdict(code, watched.profile, syscall),
-            rule=seccomp_rule(watched.profile, syscall),
+            verdict=verdict,
+            rule=seccomp_rule(watched.profile, syscall, verdict),
             when=when or None,
             exe=fields.get("exe", ""),
             syscall_nr=nr,
+        )
+        watched.file.write(watched.limit.admit(rec))
+        return rec
+
+    def record_limit(self, container_id: str, kind: str, count: int, limit: int) -> dict | None:
+        """`count` new hits of a cgroup limit (`kind`: pids or memory) of a watched
+        container as one record (source "cgroup"); the cgroup does not say which process."""
+        watched = self._containers.get(container_id)
+        if watched is None or count <= 0:
+            return None
+        syscall, verdict = LIMIT_VERDICTS[kind]
+        rec = record(
+            watched.context,
+            source="cgroup",
+            pid=0,
+            comm="",
+            syscall=syscall,
+            verdict=verdict,
+            rule=limit_rule(watched.profile, kind, limit),
+            count=count,
         )
         watched.file.write(watched.limit.admit(rec))
         return rec
@@ -634,7 +684,8 @@ def metrics(root: str) -> str:
         for rec in records:
             if rec.get("source") != "rate-limit":
                 key = tuple(str(rec.get(label, "")) for label in _METRIC_LABELS)
-                seen[key] = seen.get(key, 0) + 1
+                # A cgroup record counts every hit since the last one (`count`).
+                seen[key] = seen.get(key, 0) + int(rec.get("count") or 1)
                 continue
             for what, count in (rec.get("counts") or {}).items():
                 source, syscall, verdict = (what.split(" ") + ["", "", ""])[:3]

@@ -10,6 +10,8 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     profile = "ci-runner"          # profile when the spec has no io.zviz.profile annotation
     allowed_annotation_profiles = ["ci-runner", "web-server"]  # names the annotation may choose
     profile_dirs = ["/etc/zviz/profiles"]  # NAME.toml there is profile NAME (root-owned only)
+    mode = "audit"                 # enforce | audit: every container's mode (unset: the profile's)
+    allowed_annotation_modes = ["audit"]  # io.zviz.mode may choose these (enforce: always)
     id_ranges = "shared"           # shared (the profile's host ids) | container (shim/idpool.py)
     id_pool_first = 1000000        # with id_ranges = "container": the pool's first host id ...
     id_pool_ranges = 1000          # ... and how many 65536-id ranges it has
@@ -67,6 +69,8 @@ class ShimConfig:
         "profile",
         "allowed_annotation_profiles",
         "profile_dirs",
+        "mode",
+        "allowed_annotation_modes",
         "id_ranges",
         "id_pool_first",
         "id_pool_ranges",
@@ -134,6 +138,12 @@ def load_config(path: str | None) -> ShimConfig:
     # Their entries are checked where they are used (runtime/security/selection.py).
     allowed = _string_list(data, "allowed_annotation_profiles", path)
     profile_dirs = _string_list(data, "profile_dirs", path)
+    # The modes are checked where they are used too (selection.ProfilePolicy): an unknown
+    # one fails every Create under this config.
+    mode = data.get("mode")
+    if mode is not None and (not isinstance(mode, str) or not mode):
+        raise ConfigError(f"shim config {path}: mode: must be a non-empty string")
+    allowed_modes = _string_list(data, "allowed_annotation_modes", path)
     id_ranges = data.get("id_ranges")
     if id_ranges not in (None, *ID_RANGES):
         raise ConfigError(f"shim config {path}: id_ranges: {id_ranges!r} is not one of {ID_RANGES}")
@@ -171,6 +181,8 @@ def load_config(path: str | None) -> ShimConfig:
         path=path,
         allowed_annotation_profiles=allowed,
         profile_dirs=profile_dirs,
+        mode=mode,
+        allowed_annotation_modes=allowed_modes,
         id_ranges=id_ranges,
         allow_host_network=allow_host_network,
         **cluster,

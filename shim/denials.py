@@ -63,19 +63,47 @@ class DenialFeed:
         self.kernel_unavailable = ""  # why the kernel's records cannot be read here
         self.watcher = denials.KernelWatcher()
         self._files: dict[str, list] = {}  # container id -> [path, offset read up to]
+        # container id -> [its cgroup, pids.max refusals recorded so far]
+        self._pids_hits: dict[str, list] = {}
         self._ticker = None
 
     # Records are never worth a container: these three are called from Create, Start and
     # Delete, and a failure here is logged, never raised.
 
-    def watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
+    def watch(
+        self, container_id: str, state_dir: str, init_pid: int, profile, annotations, cgroup=None
+    ):
         """Start publishing a created container's denials (before it can make a call)."""
         if not denials.enabled():
             return
         try:
             self._watch(container_id, state_dir, init_pid, profile, annotations)
+            if cgroup is not None:
+                self._pids_hits[container_id] = [cgroup, cgroup.pids_limit_hits()]
         except Exception:  # noqa: BLE001
             log.exception("denial records of %s", container_id, extra={"container": container_id})
+
+    def limit_hit(self, container_id: str, kind: str, count: int, cgroup) -> None:
+        """`count` new hits of the container's `kind` limit (the shim saw an OOM kill)."""
+        if container_id not in self._files:
+            return
+        try:
+            if self.watcher.record_limit(container_id, kind, count, cgroup.limit(kind)):
+                self._publish_new(container_id)
+        except Exception:  # noqa: BLE001
+            log.exception("a %s limit record of %s", kind, container_id)
+
+    def _check_pids_limits(self) -> None:
+        # pids.events is polled with the files (POLL_SECONDS): one small read per
+        # container per tick, and a fork bomb makes one record per tick, not one per fork.
+        for container_id, entry in list(self._pids_hits.items()):
+            try:
+                hits = entry[0].pids_limit_hits()
+            except OSError:
+                continue  # the group is gone with its container
+            if hits > entry[1]:
+                new, entry[1] = hits - entry[1], hits
+                self.limit_hit(container_id, "pids", new, entry[0])
 
     def _watch(self, container_id: str, state_dir: str, init_pid: int, profile, annotations):
         path = denials.path_in(state_dir)
@@ -103,6 +131,8 @@ class DenialFeed:
             return
         try:
             self._read_kernel()
+            self._check_pids_limits()
+            self._pids_hits.pop(container_id, None)
             self.watcher.unwatch(container_id)
             self._publish_new(container_id)
         except Exception:  # noqa: BLE001
@@ -155,6 +185,7 @@ class DenialFeed:
         self._ticker = None
         if not self._files:
             return
+        self._check_pids_limits()
         self.watcher.flush()
         self._publish_all()
         self._ticker = self.loop.call_later(POLL_SECONDS, self._tick)

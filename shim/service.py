@@ -166,9 +166,10 @@ class Task:
         except (OSError, errors.ZvizError):
             return False
         if kills > self.ooms_reported:
-            self.ooms_reported = kills
+            new, self.ooms_reported = kills - self.ooms_reported, kills
             log.info("OOM kill in task %s", self.id, extra={"container": self.id})
             self.service.publish("/tasks/oom", events.TaskOOM(container_id=self.id))
+            self.service.daemon.denials.limit_hit(self.id, "memory", new, self.cgroup)
             return True
         if rechecks > 0:
             loop.call_later(OOM_RECHECK_SECONDS, self._report_ooms, loop, rechecks - 1)
@@ -257,6 +258,8 @@ class TaskService(shim_ttrpc.TaskService):
             default=config.profile or selection.DEFAULT_PROFILE,
             allowed=config.allowed_annotation_profiles,
             profile_dirs=config.profile_dirs or (),
+            mode=config.mode,
+            allowed_modes=config.allowed_annotation_modes or (),
         )
 
     def _own_id_range(self, task: Task, config: shim_config.ShimConfig):
@@ -364,6 +367,7 @@ class TaskService(shim_ttrpc.TaskService):
                 pid,
                 task.container.profile,
                 task.container.annotations,
+                cgroup=task.cgroup,
             )
         except BaseException:
             self.tasks.pop(request.id, None)

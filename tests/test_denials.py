@@ -282,3 +282,31 @@ def test_node_check_says_what_is_recorded(monkeypatch):
     assert found.status == (check.OK if readable else check.WARN), found
     if readable:
         assert "Landlock ABI 6 < 7" in found.detail
+
+
+def test_a_limit_record_names_who_set_the_limit():
+    profile = load_profile("hostile-tenant")  # pids_max 64, memory_max 512M
+    assert denials.limit_rule(profile, "pids", 64) == "profile hostile-tenant: pids_max 64"
+    assert denials.limit_rule(profile, "pids", 10) == "config.json linux.resources.pids.limit 10"
+    assert (
+        denials.limit_rule(profile, "memory", 1 << 20)
+        == "config.json linux.resources.memory.limit 1048576 bytes"
+    )
+
+
+def test_cgroup_limit_hits_are_records_counted_by_their_count(monkeypatch, tmp_path):
+    (tmp_path / "c1").mkdir()
+    watcher = _watcher_with(monkeypatch, tmp_path / "c1", "hostile-tenant")
+    rec = watcher.record_limit("c1", "pids", 5, 64)
+    assert (rec["source"], rec["syscall"], rec["verdict"], rec["count"]) == (
+        "cgroup",
+        "fork",
+        "pids-limit",
+        5,
+    )
+    assert watcher.record_limit("c1", "memory", 1, 0)["verdict"] == "oom-kill"
+    assert watcher.record_limit("c1", "pids", 0, 64) is None  # nothing new, nothing written
+    assert watcher.record_limit("other", "pids", 1, 64) is None  # not watched
+    counters = denials.metrics(str(tmp_path))
+    assert 'syscall="fork",verdict="pids-limit"} 5' in counters
+    assert 'verdict="oom-kill"} 1' in counters

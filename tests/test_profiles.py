@@ -1,5 +1,7 @@
 """Profiles as data: loading, extending, validating, selecting, and what they do to a spec."""
 
+import json
+
 import pytest
 
 from runtime import security
@@ -306,3 +308,30 @@ def test_a_pod_namespace_under_no_network_refuses_to_start_without_its_broker(
     finally:
         if plan.landlock is not None:
             plan.landlock.close()
+
+
+def test_profile_diff_shows_what_each_grants_that_the_other_does_not(capsys):
+    ci, tenant = profiles.load_profile("ci-runner"), profiles.load_profile("hostile-tenant")
+    result = profile_cli.diff(ci, tenant)
+    assert "CAP_CHOWN" in result["a_only"]["capabilities"]
+    assert {"AF_INET", "AF_INET6"} <= set(result["a_only"]["socket families"])
+    # hostile-tenant's /dev/pts is under ci-runner's /dev: not a grant of its own.
+    assert "device ioctl" not in result["b_only"]
+    assert result["settings"]["pids_max"] == [1024, 64]
+    web = profiles.load_profile("web-server")
+    both_ways = profile_cli.diff(web, ci)
+    assert both_ways["a_only"]["seccomp via broker"] == [
+        "bind", "connect", "sendmmsg", "sendmsg", "sendto"
+    ]  # fmt: skip
+    # ci-runner's unrestricted Landlock ports cover web-server's list.
+    assert "landlock tcp connect ports" not in both_ways["a_only"]
+    assert both_ways["b_only"]["landlock tcp connect ports"] == ["any"]
+    audited = profiles.with_mode(ci, "audit")
+    assert profile_cli.diff(ci, audited) == {
+        "a": "ci-runner", "b": "ci-runner", "a_only": {}, "b_only": {},
+        "settings": {"mode": ["enforce", "audit"]},
+    }  # fmt: skip
+    assert profile_cli.main(["profile", "diff", "ci-runner", "ci-runner"]) == 0
+    assert "grant the same" in capsys.readouterr().out
+    assert profile_cli.main(["profile", "diff", "web-server", "ci-runner", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["a_only"]["capabilities"] == ["CAP_NET_BIND_SERVICE"]

@@ -327,6 +327,14 @@ class Cgroup:
     def oom_watcher(self):
         raise NotImplementedError
 
+    def pids_limit_hits(self) -> int:
+        """How many forks pids.max has refused (pids.events "max"); 0 without the controller."""
+        raise NotImplementedError
+
+    def limit(self, kind: str) -> int:
+        """The group's limit of `kind` ("pids" or "memory", bytes); 0 when unlimited."""
+        raise NotImplementedError
+
     def _dirs(self) -> list[str]:
         """Every distinct leaf directory (v1: one per mounted hierarchy)."""
         raise NotImplementedError

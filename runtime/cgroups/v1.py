@@ -473,6 +473,19 @@ class CgroupV1(Cgroup):
     def oom_watcher(self) -> OomWatcherV1:
         return OomWatcherV1(self._dir("memory"))
 
+    def pids_limit_hits(self) -> int:
+        if "pids" not in self.paths:
+            return 0
+        return read_keyed(os.path.join(self.paths["pids"], "pids.events")).get("max", 0)
+
+    def limit(self, kind: str) -> int:
+        name = {"pids": "pids.max", "memory": "memory.limit_in_bytes"}[kind]
+        if kind not in self.paths:
+            return 0
+        value = read_int(os.path.join(self.paths[kind], name), max_value=0)
+        # v1 says "no memory limit" with the largest page-aligned number, not "max".
+        return 0 if value >= 1 << 62 else value
+
     def stats(self) -> dict:
         stats: dict = {"version": 1}
         memory_dir = self.paths.get("memory")

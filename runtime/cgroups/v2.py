@@ -396,6 +396,12 @@ class CgroupV2(Cgroup):
     def oom_watcher(self) -> OomWatcherV2:
         return OomWatcherV2(self.directory)
 
+    def pids_limit_hits(self) -> int:
+        return read_keyed(self._file("pids.events")).get("max", 0)
+
+    def limit(self, kind: str) -> int:
+        return read_int(self._file({"pids": "pids.max", "memory": "memory.max"}[kind]))
+
     def stats(self) -> dict:
         stats: dict = {"version": 2}
         stat = read_keyed(self._file("memory.stat"))

@@ -325,6 +325,23 @@ class Broker:
             with self._log_lock:
                 self.records.write(self._record_limit.admit(denial))
 
+    def record_audited(self, note: Notification, reason: str, decoded: dict) -> None:
+        """Audit mode: a call the profile refuses goes through, recorded (verdict audit)."""
+        if self.records is None:
+            return
+        audited = denials.record(
+            self.record_context,
+            source="broker",
+            pid=note.pid,
+            comm=_comm(note.pid),
+            syscall=syscalls.name(note.nr),
+            args=decoded,
+            verdict="audit",
+            rule=f"{reason}; {denials.AUDITED}",
+        )
+        with self._log_lock:
+            self.records.write(self._record_limit.admit(audited))
+
     def _denial(self, note: Notification, reason: str, err: int, decoded) -> dict | None:
         """A refusal as a denial record (docs/denials.md), when the container keeps them."""
         if self.records is None:
@@ -889,12 +906,32 @@ class _Call:
         if self._is_cluster_dns(ip, port, sock):
             return
         if self.profile.network == "none":
-            raise Denied(
+            return self._refuse_unless_audited(
                 f"{ip} is not loopback or an address of the container's network namespace "
-                f"(profile {self.profile.name} has no network)"
+                f"(profile {self.profile.name} has no network)",
+                ip,
+                port,
+                sock,
             )
         if not self._cluster_egress_allows(ip, port, sock):
-            raise Denied(f"egress to {ip} port {port} not allowed by profile")
+            return self._refuse_unless_audited(
+                f"egress to {ip} port {port} not allowed by profile", ip, port, sock
+            )
+
+    def _refuse_unless_audited(self, reason: str, ip, port: int, sock: int) -> None:
+        """Denied, or in audit mode recorded and let through where that stays inside the
+        container: its own network namespace's socket (one handed in from the host's
+        reaches the host's loopback), and never a destination of egress_deny (the
+        profile's "never", such as a metadata service)."""
+        if (
+            self.profile.mode != "audit"
+            or not self._socket_namespace_is_the_callers_not_the_hosts(sock)
+            or any(rule.matches(str(ip), port) for rule in self.profile.egress_deny)
+        ):
+            raise Denied(reason)
+        address = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+        family = "AF_INET6" if ip.version == 6 else "AF_INET"
+        self.broker.record_audited(self.note, reason, {"family": family, "address": address})
 
     # --- the operator's cluster network and name-based egress (issue 11, item 2) ---
 
@@ -961,7 +998,9 @@ class _Call:
         (shared by the operator) the loopback is the host's: the rules hold."""
         own_loopback = ip.is_loopback and self._socket_namespace_is_the_callers_not_the_hosts(sock)
         if port != 0 and not own_loopback and not self.profile.bind_allows(str(ip), port):
-            raise Denied(f"bind {ip} port {port} not allowed by profile")
+            self._refuse_unless_audited(
+                f"bind {ip} port {port} not allowed by profile", ip, port, sock
+            )
         # The broker binds with its own (host root) privileges: the caller's
         # capability decides, as the kernel would have for the caller.
         if 0 < port < UNPRIVILEGED_PORT_START and not self._caller_has_capability(

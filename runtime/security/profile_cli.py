@@ -1,4 +1,4 @@
-"""`zviz profile list | show NAME | check FILE`: the profiles as a user sees them."""
+"""`zviz profile list | show NAME | check FILE | diff A B`: the profiles as a user sees them."""
 
 import json
 import sys
@@ -15,6 +15,10 @@ def add_subparser(subparsers) -> None:
     show.add_argument("--format", choices=("text", "json"), default="text")
     check = sub.add_parser("check", help="validate a profile file; exit 1 with the error if bad")
     check.add_argument("file")
+    diff = sub.add_parser("diff", help="what profile A grants that B does not, and the reverse")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    diff.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=run)
 
 
@@ -24,6 +28,8 @@ def run(args) -> int:
             return _list()
         if args.profile_command == "show":
             return _show(args.name, args.format)
+        if args.profile_command == "diff":
+            return _diff(args.a, args.b, args.format)
         return _check(args.file)
     except ZvizError as e:
         print(f"zviz: {e}", file=sys.stderr)
@@ -58,6 +64,7 @@ def effective(profile) -> dict:
         "source": profile.source,
         "description": profile.description,
         "unsafe": profile.unsafe,
+        "mode": profile.mode,
         "user_namespace": {
             "required": profile.user_namespace,
             "host_uid": profile.host_uid,
@@ -152,6 +159,8 @@ def _show(name: str, fmt: str) -> int:
     if data["unsafe"]:
         print("  UNSAFE: not for code you did not write")
     print(f"  {data['description']}")
+    if data["mode"] != "enforce":
+        print(f"  mode {data['mode']}: refusals recorded and allowed, but the escape class")
     u = data["user_namespace"]
     print(
         f"user namespace: {'required' if u['required'] else 'optional'}, container 0 -> host "
@@ -182,6 +191,102 @@ def _show(name: str, fmt: str) -> int:
     print(f"seccomp deny EPERM ({len(sc['deny_eperm'])}): {' '.join(sc['deny_eperm'])}")
     print(f"seccomp broker: {' '.join(sc['broker']) or 'none'}")
     _print_kernel_gaps(profile)
+    return 0
+
+
+def grants(profile) -> tuple[dict[str, set[str]], dict[str, object]]:
+    """What a profile lets a container do, for `diff`: (sets of grants by kind, settings
+    compared as values). A syscall the broker mediates is a grant of its own kind: the
+    broker still decides each call."""
+    from runtime.security import syscalls
+
+    def rules(values) -> set[str]:
+        return {f"{r.network} ports {','.join(map(str, sorted(r.ports))) or 'any'}" for r in values}
+
+    def ports(values) -> set[str]:
+        return {"any"} if values is None else {str(port) for port in values}
+
+    sets = {
+        "capabilities": set(profile.capabilities),
+        "seccomp allow": {
+            n for n in profile.allow if n not in profile.mediate and syscalls.exists_here(n)
+        },
+        "seccomp via broker": set(profile.mediate),
+        "socket families": set(profile.socket_families)
+        | {f"AF_NETLINK/{p}" for p in profile.netlink_protocols},
+        "writable paths": set(profile.writable),
+        "devices": set(profile.devices),
+        "device ioctl": set(profile.device_ioctl),
+        "egress": rules(profile.egress) | {f"{h}:{p}" for h, p in profile.egress_hosts},
+        "bind": rules(profile.bind),
+        "landlock tcp bind ports": ports(profile.tcp_bind),
+        "landlock tcp connect ports": ports(profile.tcp_connect),
+    }
+    settings = {
+        "mode": profile.mode,
+        "unsafe": profile.unsafe,
+        "network": profile.network,
+        "user namespace required": profile.user_namespace,
+        "host ids": f"{profile.host_uid}:{profile.host_gid} x{profile.id_count}",
+        "pids_max": profile.pids_max,
+        "memory_max": profile.memory_max,
+        "landlock required": profile.landlock_required,
+        "writable volumes": profile.writable_volumes,
+        "seccomp default": profile.default_action,
+        "egress_deny": sorted(str(r.network) for r in profile.egress_deny),
+    }
+    return sets, settings
+
+
+# Kinds whose entries are paths: one under a path the other profile grants is no extra.
+PATH_KINDS = ("writable paths", "devices", "device ioctl")
+
+
+def _not_covered(mine: set[str], theirs: set[str], paths: bool) -> set[str]:
+    if "any" in theirs:
+        return set()  # unrestricted ports cover every port
+    if not paths:
+        return mine - theirs
+    return {p for p in mine if not any(p == t or p.startswith(t.rstrip("/") + "/") for t in theirs)}
+
+
+def diff(a, b) -> dict:
+    """`zviz profile diff`: {"a_only": {kind: [...]}, "b_only": ..., "settings": {key: [a, b]}}."""
+    a_sets, a_settings = grants(a)
+    b_sets, b_settings = grants(b)
+    result = {"a": a.name, "b": b.name, "a_only": {}, "b_only": {}, "settings": {}}
+    for kind in a_sets:
+        for side, mine, theirs in (("a_only", a_sets, b_sets), ("b_only", b_sets, a_sets)):
+            extra = _not_covered(mine[kind], theirs[kind], kind in PATH_KINDS)
+            if extra:
+                result[side][kind] = sorted(
+                    extra, key=lambda v: (len(v), v) if v.isdigit() else (0, v)
+                )
+    for key in a_settings:
+        if a_settings[key] != b_settings[key]:
+            result["settings"][key] = [a_settings[key], b_settings[key]]
+    return result
+
+
+def _diff(a_name: str, b_name: str, fmt: str) -> int:
+    from runtime.security.profiles import load_profile
+
+    result = diff(load_profile(a_name), load_profile(b_name))
+    if fmt == "json":
+        print(json.dumps(result, indent=2))
+        return 0
+    a, b = result["a"], result["b"]
+    for side, holder, other in (("a_only", a, b), ("b_only", b, a)):
+        if result[side]:
+            print(f"{holder} grants, {other} does not:")
+            for kind, values in result[side].items():
+                print(f"  {kind}: {' '.join(values)}")
+    if result["settings"]:
+        print(f"settings ({a} / {b}):")
+        for key, (in_a, in_b) in result["settings"].items():
+            print(f"  {key}: {in_a} / {in_b}")
+    if not (result["a_only"] or result["b_only"] or result["settings"]):
+        print(f"{a} and {b} grant the same")
     return 0
 
 

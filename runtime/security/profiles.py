@@ -30,6 +30,30 @@ ANNOTATION = "io.zviz.profile"
 from runtime.spec import CAPABILITIES  # noqa: E402
 
 NETWORK_MODES = ("none", "namespace")
+# How a profile's seccomp filter and broker answer what they would refuse (docs/denials.md):
+# "enforce" refuses; "audit" records and allows, except the ESCAPE_CLASS calls. An
+# unknown mode, wherever it is named (profile, shim config, annotation), is refused.
+MODES = ("enforce", "audit")
+MODE_ANNOTATION = "io.zviz.mode"
+# The calls audit mode never lets through: each one reaches past the container (mounts
+# and namespaces, another process's memory, the kernel's module, BPF, keyring, io_uring,
+# perf and hardware interfaces, the node's clock, swap, accounting and reboot). Every
+# built-in profile not marked unsafe denies them all (tests/test_audit_mode.py); in
+# audit mode they stay denied (and recorded) unless the profile itself allows one.
+# clone with a namespace flag and ioctl(TIOCSTI) stay denied too (seccomp.py).
+ESCAPE_CLASS = (
+    "mount", "umount2", "mount_setattr", "move_mount", "open_tree", "fsopen", "fsconfig",
+    "fsmount", "fspick", "pivot_root", "chroot", "unshare", "setns",
+    "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd",
+    "open_by_handle_at", "name_to_handle_at",
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+    "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "iopl", "ioperm", "modify_ldt", "uselib", "lookup_dcookie", "memfd_secret",
+    "reboot", "swapon", "swapoff", "acct", "syslog", "quotactl", "quotactl_fd",
+    "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+    "sethostname", "setdomainname", "fanotify_init", "vhangup",
+)  # fmt: skip
 DEFAULT_ACTIONS = ("EPERM", "ENOSYS", "kill")
 SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
 # Netlink protocols a profile may grant (linux/netlink.h).
@@ -89,6 +113,7 @@ class Profile:
     digest: str  # sha256 of the effective profile (the seccomp cache key uses it)
     description: str = ""
     unsafe: bool = False
+    mode: str = "enforce"  # MODES; the operator or an allowed annotation may override it
     # User namespace: container root is mapped onto host ids [host_id, host_id + id_count).
     user_namespace: bool = True
     host_uid: int = 100000
@@ -214,6 +239,15 @@ def _unchanged(stamps: tuple) -> bool:
         except OSError:
             return False
     return True
+
+
+def with_mode(profile: Profile, mode: str | None, source: str = "mode") -> Profile:
+    """`profile` run in `mode` (None: its own). An unknown mode is refused, never ignored."""
+    if mode is None or mode == profile.mode:
+        return profile
+    if mode not in MODES:
+        raise InvalidArgument(f"{source}: {mode!r} is not one of {', '.join(MODES)}")
+    return replace(profile, mode=mode, programs={})
 
 
 def load_profile(name: str) -> Profile:
@@ -482,6 +516,9 @@ def _build(data: dict, path: str) -> Profile:
     p = Profile(name=name, source=path, digest=digest, raw=data)
     p.description = meta.get("description", str, "")
     p.unsafe = meta.get("unsafe", bool, False)
+    p.mode = meta.get("mode", str, "enforce")
+    if p.mode not in MODES:
+        raise meta.error("mode", f"must be one of {', '.join(MODES)}, got {p.mode!r}")
     meta.get("extends", str, None)
     meta.finish()
 

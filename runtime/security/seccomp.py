@@ -179,7 +179,8 @@ def _prune(dirfd: int) -> None:
 
 def profile_program(profile, verbose: bool = False) -> Program:
     """The profile's filter, from the cache or compiled now."""
-    key = _cache_key("profile", f"{profile.digest}:{int(verbose)}")
+    # The mode is not always the file's (the operator's or an annotation's): keyed apart.
+    key = _cache_key("profile", f"{profile.digest}:{int(verbose)}:{profile.mode}")
     bpf = _cached(key)
     if bpf is None:
         bpf = _compile_profile(profile, verbose)
@@ -280,13 +281,22 @@ class _FdFile:
 def _compile_profile(profile, verbose: bool) -> bytes:
     import pyseccomp as sc
 
+    from runtime.security.profiles import ESCAPE_CLASS
+
     eperm = sc.ERRNO(errno.EPERM)
     denied = sc.NOTIFY if verbose else eperm
+    # Audit mode (docs/denials.md): what would be refused is logged and allowed
+    # (SECCOMP_RET_LOG: the kernel's audit record, as for a denial); the escape class,
+    # namespace-making clone flags and TIOCSTI keep `denied` (rules below).
+    audit = profile.mode == "audit"
+    escape = set(ESCAPE_CLASS)
     default = {
         "EPERM": denied,
         "ENOSYS": sc.NOTIFY if verbose else sc.ERRNO(errno.ENOSYS),
         "kill": sc.KILL_PROCESS,
     }[profile.default_action]
+    if audit:
+        default = sc.LOG
     filt = sc.SyscallFilter(default)
     _add_rule = filt.add_rule
 
@@ -317,12 +327,26 @@ def _compile_profile(profile, verbose: bool) -> bytes:
         else:
             filt.add_rule(sc.ALLOW, name)
     for name in profile.deny:
-        if syscalls.exists_here(name) and name != "clone3":
-            filt.add_rule(denied, name)
+        if name == "clone3" or not syscalls.exists_here(name):
+            continue
+        if audit and name in ("clone", "ioctl"):
+            continue  # logged by their argument rules below, which keep the escapes denied
+        filt.add_rule(sc.LOG if audit and name not in escape else denied, name)
+    if audit:
+        # Under the LOG default an escape-class call the profile does not list would
+        # pass: each is denied by name, unless the profile allows it.
+        for name in ESCAPE_CLASS:
+            if name not in profile.allow and name not in deny and syscalls.exists_here(name):
+                filt.add_rule(denied, name)
 
-    # clone: threads and processes yes, new namespaces no.
+    # clone: threads and processes yes, new namespaces no (in audit mode too).
+    if audit:
+        for flag in _bits(CLONE_NAMESPACE_FLAGS):
+            filt.add_rule(denied, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     if "clone" not in deny:
         filt.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NAMESPACE_FLAGS, 0))
+    elif audit:
+        filt.add_rule(sc.LOG, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NAMESPACE_FLAGS, 0))
     # clone3 passes its flags in memory BPF cannot read: ENOSYS makes libc fall back to clone.
     filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
 
@@ -362,10 +386,16 @@ def _compile_profile(profile, verbose: bool) -> bytes:
     # ioctl: everything but TIOCSTI (typing into the controlling terminal). The kernel
     # reads the command as 32 bits, so "low 32 bits != TIOCSTI" is written as "differs
     # from TIOCSTI in at least one of the low 32 bits": one masked compare per bit.
-    if "ioctl" not in deny:
+    if audit:
+        # The one ioctl every profile refuses: typing into the controlling terminal.
+        filt.add_rule(denied, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, TIOCSTI))
+    if "ioctl" not in deny or audit:
+        other_than_tiocsti = sc.LOG if "ioctl" in deny else sc.ALLOW
         for bit in range(32):
             mask = 1 << bit
-            filt.add_rule(sc.ALLOW, "ioctl", sc.Arg(1, sc.MASKED_EQ, mask, (~TIOCSTI) & mask))
+            filt.add_rule(
+                other_than_tiocsti, "ioctl", sc.Arg(1, sc.MASKED_EQ, mask, (~TIOCSTI) & mask)
+            )
 
     # personality: only the harmless personas (no READ_IMPLIES_EXEC, no ADDR_NO_RANDOMIZE).
     if "personality" in profile.allow and "personality" not in deny and profile.unsafe:
@@ -378,6 +408,10 @@ def _compile_profile(profile, verbose: bool) -> bytes:
         if syscalls.exists_here(name):
             filt.syscall_priority(name, min(255, priority))
     return _export(filt)
+
+
+def _bits(mask: int) -> list[int]:
+    return [1 << bit for bit in range(mask.bit_length()) if mask & (1 << bit)]
 
 
 _OCI_OPS = {

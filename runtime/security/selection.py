@@ -11,6 +11,12 @@ Three parties can name a profile, trusted differently:
   pod writes, and a profile is the whole policy (user namespace and host root included).
 
 Profile files the operator names load only through `load_root_owned_file`.
+
+The profile's mode (enforce or audit, docs/denials.md) is chosen the same way: the
+profile's own `mode`, over it the operator's `mode`, over that the annotation
+`io.zviz.mode`, which may always ask for "enforce" (stricter) and for "audit" only when
+the operator lists it in `allowed_annotation_modes`: audit mode lets through what the
+profile would refuse, so a pod must not choose it on its own.
 """
 
 import os
@@ -20,10 +26,13 @@ from runtime.errors import InvalidArgument
 from runtime.security.profiles import (
     ANNOTATION,
     DEFAULT_PROFILE,
+    MODE_ANNOTATION,
+    MODES,
     PROFILES_DIR,
     Profile,
     load_profile,
     load_root_owned_file,
+    with_mode,
 )
 
 DEFAULT_RULE = (
@@ -40,8 +49,19 @@ class ProfilePolicy:
     allowed: tuple[str, ...] | None = None
     # Directories whose NAME.toml files are profiles named NAME (root-owned, checked).
     profile_dirs: tuple[str, ...] = ()
+    # The operator's mode for every container (None: each profile's own).
+    mode: str | None = None
+    # Modes the annotation io.zviz.mode may choose beyond "enforce" (always allowed).
+    allowed_modes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        named = [("mode", self.mode)] if self.mode is not None else []
+        named += [("allowed_annotation_modes", mode) for mode in self.allowed_modes]
+        for key, mode in named:
+            if mode not in MODES:
+                raise InvalidArgument(
+                    f"shim config: {key}: {mode!r} is not one of {', '.join(MODES)}"
+                )
         for name in self.allowed or ():
             # Names only: an annotation never loads a file, so a path here would mean nothing.
             if not is_profile_name(name):
@@ -60,7 +80,26 @@ def is_profile_name(value: str) -> bool:
 
 
 def choose(annotations: dict | None, policy: ProfilePolicy) -> Profile:
-    """The profile for a container whose config.json has ANNOTATIONS, under POLICY."""
+    """The profile for a container whose config.json has ANNOTATIONS, under POLICY, in the
+    mode they choose (module docstring)."""
+    profile = with_mode(_choose_profile(annotations, policy), policy.mode, "shim config: mode")
+    return with_mode(profile, annotated_mode(annotations, policy.allowed_modes), MODE_ANNOTATION)
+
+
+def annotated_mode(annotations: dict | None, allowed: tuple[str, ...]) -> str | None:
+    """The mode the annotation io.zviz.mode asks for, if ALLOWED lets it (else refused)."""
+    value = (annotations or {}).get(MODE_ANNOTATION)
+    if value is None:
+        return None
+    refused = f"mode {value!r} from annotation {MODE_ANNOTATION} refused"
+    if value not in MODES:
+        raise InvalidArgument(f"{refused}: not one of {', '.join(MODES)}")
+    if value != "enforce" and value not in allowed:
+        raise InvalidArgument(f"{refused}: not in the operator's allowed_annotation_modes")
+    return value
+
+
+def _choose_profile(annotations: dict | None, policy: ProfilePolicy) -> Profile:
     value = (annotations or {}).get(ANNOTATION)
     if value is None:
         return load_operator_profile(policy.default, policy.profile_dirs)
