@@ -5,6 +5,7 @@ Profile: web-server (docs/profiles.md: binds 80, hands its temp dirs to www-data
 import os
 import shutil
 import tempfile
+import time
 
 from integration.ids import tagged
 from integration.podnet import PEER_IP, POD_IP, PodNetwork
@@ -51,8 +52,15 @@ def test_nginx_serves_a_static_file_to_the_network(workloads, workload_image):
         )
         assert fetched.stdout == f"200\n{body}"
         # The request reached nginx from outside: its access log names the peer's address.
-        access = workloads.exec(container_id, ["cat", "/var/log/nginx/access.log"])
-        assert access.returncode == 0, access.stderr
+        # nginx logs a request after answering it, and a loaded runc shim may lose an
+        # exec's output (docs/reliability.md): read the log until the line is there.
+        deadline = time.monotonic() + 10
+        while True:
+            access = workloads.exec(container_id, ["cat", "/var/log/nginx/access.log"])
+            assert access.returncode == 0, access.stderr
+            if f"{PEER_IP} - - " in access.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert f"{PEER_IP} - - " in access.stdout and "GET /greeting.txt" in access.stdout
         # web-server lets a service write its state and logs under /var, not its programs.
         tamper = workloads.exec(container_id, ["sh", "-c", ": > /usr/sbin/planted"])
