@@ -27,6 +27,8 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 
+from tools import oci_image
+
 CACHE_ROOT = os.environ.get("ZVIZ_TOOLS_CACHE", "/var/cache/zviz-tools")
 IMAGE_CACHE = os.path.join(CACHE_ROOT, "images")
 # Changing how an archive is laid out changes every key, so old archives are rebuilt.
@@ -141,53 +143,20 @@ def _write_archive(rootfs: str, ref: str, work: str, out_path: str) -> None:
         check=True,
     )  # fmt: skip
     layer_digest, layer_size = _file_digest(layer_path)
-    machine = os.uname().machine
-    config = {
-        "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine),
-        "os": "linux",
-        "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "Cmd": ["bash"],
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    }
-    config_data = json.dumps(config).encode()
-    config_digest = "sha256:" + hashlib.sha256(config_data).hexdigest()
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": config_digest,
-            "size": len(config_data),
-        },
-        "layers": [
-            {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": layer_digest,
-                "size": layer_size,
-            }
-        ],
-    }
-    manifest_data = json.dumps(manifest).encode()
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "digest": "sha256:" + hashlib.sha256(manifest_data).hexdigest(),
-                "size": len(manifest_data),
-                "annotations": {"org.opencontainers.image.ref.name": ref},
-            }
-        ],
-    }
+    config, manifest, layout = oci_image.documents(
+        ref=ref,
+        cmd=["bash"],
+        diff_id=layer_digest,  # uncompressed: the layer's digest is its diff id
+        layer_digest=layer_digest,
+        layer_size=layer_size,
+        layer_media_type=oci_image.LAYER_TAR,
+    )
     with tarfile.open(out_path, "w") as out:
         out.add(layer_path, arcname=f"blobs/sha256/{layer_digest.split(':')[1]}")
-        for data in (config_data, manifest_data):
-            _add_bytes(out, f"blobs/sha256/{hashlib.sha256(data).hexdigest()}", data)
-        _add_bytes(out, "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
-        _add_bytes(out, "index.json", json.dumps(index).encode())
+        for data in (config, manifest):
+            _add_bytes(out, "blobs/sha256/" + oci_image.digest_of(data).split(":")[1], data)
+        for name, data in layout.items():
+            _add_bytes(out, name, data)
 
 
 def ensure(name: str, release: str | None = None) -> tuple[str, str]:

@@ -10,11 +10,11 @@ import argparse
 import gzip
 import hashlib
 import io
-import json
 import os
 import tarfile
 import tempfile
 
+from tools import oci_image
 from tools.mkbundle import build_rootfs
 
 # A local registry name, never pulled: containerd files a name without a domain under a
@@ -59,47 +59,17 @@ def build_image(out_path: str, ref: str = DEFAULT_REF, cmd=("sh",), extra_files=
         layer, diff_id = _layer(rootfs)
     with tarfile.open(out_path, "w") as out:
         layer_digest, layer_size = _blob(out, layer)
-        config = {
-            "architecture": "amd64" if os.uname().machine == "x86_64" else "arm64",
-            "os": "linux",
-            "config": {
-                "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                "Cmd": list(cmd),
-                "WorkingDir": "/",
-            },
-            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        }
-        config_digest, config_size = _blob(out, json.dumps(config).encode())
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config_digest,
-                "size": config_size,
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                    "digest": layer_digest,
-                    "size": layer_size,
-                }
-            ],
-        }
-        manifest_digest, manifest_size = _blob(out, json.dumps(manifest).encode())
-        index = {
-            "schemaVersion": 2,
-            "manifests": [
-                {
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": manifest_digest,
-                    "size": manifest_size,
-                    "annotations": {"org.opencontainers.image.ref.name": ref},
-                }
-            ],
-        }
-        for name, doc in (("oci-layout", {"imageLayoutVersion": "1.0.0"}), ("index.json", index)):
-            data = json.dumps(doc).encode()
+        config, manifest, layout = oci_image.documents(
+            ref=ref,
+            cmd=cmd,
+            diff_id=diff_id,
+            layer_digest=layer_digest,
+            layer_size=layer_size,
+            layer_media_type=oci_image.LAYER_TAR_GZIP,
+        )
+        _blob(out, config)
+        _blob(out, manifest)
+        for name, data in layout.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             out.addfile(info, io.BytesIO(data))
