@@ -8,6 +8,7 @@ its own the loopback is the container's and the broker lets it through (issue 14
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -279,3 +280,99 @@ def test_inet_protocols_the_broker_cannot_see_do_not_open(probes, broker_probe, 
         assert lines[f"socket_proto {refused}"].startswith("BLOCKED"), result.stdout
         assert "errno 1 " in lines[f"socket_proto {refused}"], result.stdout
     assert lines["socket_proto 1/6"].startswith("ESCAPED"), result.stdout + result.stderr
+
+
+HOST_FLAPPER = """
+import socket, sys, time
+name, seconds = b"\\0" + sys.argv[1].encode(), float(sys.argv[2])
+held = accepted = 0
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(name)
+    except OSError:
+        server.close()  # the container holds it: try again at once
+        continue
+    server.listen(64)
+    server.setblocking(False)
+    held += 1
+    hold_until = time.monotonic() + 0.001
+    while time.monotonic() < hold_until:
+        try:
+            conn, _ = server.accept()
+        except BlockingIOError:
+            continue
+        accepted += 1
+        try:
+            conn.sendall(b"host-root\\n")
+        except OSError:
+            pass
+        conn.close()
+    server.close()
+    time.sleep(0.0005)
+print(f"held {held} accepted {accepted}", flush=True)
+"""
+
+
+def test_abstract_name_rebound_between_the_check_and_the_connect_stays_out_of_reach(
+    probes, broker_probe, tmp_path
+):
+    """The broker's check (who holds the name) and its connect are two steps: host root
+    taking the name in between (free at the check, or held by the container and let go)
+    must not be reached. Host root binds and lets go of the name in a loop inside the
+    container's network namespace while the container connects in a loop and a child of
+    it holds and lets go of the same name."""
+    if landlock.abi_version() < 6:
+        pytest.skip("Landlock ABI < 6: no abstract unix socket scope to compare with")
+    cid = unique_id("zviz-broker-race")
+    name = unique_id("zviz-broker-race")
+    seconds = 6
+    results = {}
+    container = threading.Thread(
+        target=lambda: results.update(
+            run=run(
+                probes,
+                broker_probe,
+                no_loopback_profile(tmp_path),
+                f"sleep 2; /bprobe abstract_race {name} {seconds}",
+                cid=cid,
+            )
+        )
+    )
+    container.start()
+    flapper = None
+    try:
+        root = os.path.join(probes.base, "root-zviz")
+        pid = _container_pid(probes.zviz, root, cid, time.monotonic() + 60)
+        flapper = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/proc/{pid}/ns/net",
+                sys.executable,
+                "-c",
+                HOST_FLAPPER,
+                name,
+                str(seconds + 2),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert flapper.stdout.readline().strip() == "ready"
+    finally:
+        container.join()
+        if flapper is not None:
+            host_side = flapper.communicate(timeout=30)[0]
+    result = results["run"]
+    race = verdicts(result).get(f"abstract_race @{name}", "")
+    shown = result.stdout + result.stderr + host_side
+    counts = re.search(r"(\d+) connects, (\d+) reached host root, (\d+) own", race)
+    assert counts, shown
+    connects, reached_host, own = map(int, counts.groups())
+    # The race was run: host root held the name, and the container still reached its own
+    # listener (the name is not simply refused), never host root's.
+    assert int(host_side.split()[1]) > 0, shown
+    assert own > 0 and connects > own, shown
+    assert reached_host == 0 and race.startswith("BLOCKED"), shown
+    print(race, host_side)

@@ -56,6 +56,8 @@ _RESP = struct.Struct("=QqiI")  # id, val, error, flags
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6, AF_NETLINK = 0, 1, 2, 10, 16
 SOL_SOCKET, SCM_RIGHTS, SCM_CREDENTIALS, SO_ERROR, SO_DOMAIN = 1, 1, 2, 4, 39
 SO_PROTOCOL, IPPROTO_TCP, IPPROTO_UDP = 38, 6, 17
+SO_TYPE, SO_PEERCRED, SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 3, 17, 1, 2, 5
+SHUT_RDWR = 2
 CLONE_NEWNET = 0x40000000
 MSG_DONTWAIT = 0x40
 SIOCGSKNS = 0x894C  # linux/sockios.h: a socket's network namespace, as a new fd
@@ -484,9 +486,10 @@ def _inet_address(family: int, addr: bytes):
     return ip, struct.unpack_from("!H", addr, 2)[0]
 
 
-def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]:
-    """Inodes of the sockets held by processes in these cgroups and pid namespace."""
-    held = set()
+def _sockets_by_pid(cgroups: bytes, pid_namespace: os.stat_result) -> dict[int, set[int]]:
+    """{pid: inodes of the sockets it holds} of the processes in these cgroups and pid
+    namespace."""
+    held = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             ns = os.stat(f"/proc/{pid}/ns/pid")
@@ -504,8 +507,19 @@ def _socket_inodes_of(cgroups: bytes, pid_namespace: os.stat_result) -> set[int]
             except OSError:
                 continue
             if link.startswith("socket:["):
-                held.add(int(link[8:-1]))
+                held.setdefault(int(pid), set()).add(int(link[8:-1]))
+        held.setdefault(int(pid), set())
     return held
+
+
+def _peer_abstract_name(sock: int) -> bytes | None:
+    """The abstract name a connected unix socket's peer is bound to (None if not one)."""
+    buf = ctypes.create_string_buffer(128)
+    size = ctypes.c_uint32(128)
+    if _libc.getpeername(sock, buf, ctypes.byref(size)):
+        return None
+    raw = buf.raw[: size.value]
+    return raw[3:] if len(raw) > 3 and raw[2] == 0 else None
 
 
 def _file_id(st: os.stat_result) -> tuple[int, int]:
@@ -680,6 +694,9 @@ class _Call:
         self.reserved = 0  # bytes of the broker's copy budget this call holds
         self._own_netns = None  # _socket_namespace_is_the_callers_not_the_hosts, once per call
         self._own = None  # _own_addresses, looked up once per call
+        # The container's processes when an abstract name was decided on: its listener
+        # is checked against them once connected (_abstract_peer_is_the_containers).
+        self._abstract_name_holders: frozenset[int] | None = None
         # The pid may have been reused between the notification and the opens above.
         if not broker._valid(note):
             self.close()
@@ -887,7 +904,7 @@ class _Call:
                     self._decide_destination(destination, port, sock)
             return addr
         if family == AF_UNIX:
-            return self._unix_address(addr, rules == "bind", sock)
+            return self._unix_address(addr, rules, sock)
         if family == AF_NETLINK:
             # Netlink sockets exist only for the protocols the profile grants (seccomp);
             # what a message may change (CAP_NET_ADMIN over the namespace) the kernel
@@ -1027,12 +1044,13 @@ class _Call:
             candidates.append(bound)
         return candidates
 
-    def _unix_address(self, addr: bytes, creating: bool, sock: int) -> bytes:
+    def _unix_address(self, addr: bytes, rules: str, sock: int) -> bytes:
+        creating = rules == "bind"
         path = addr[2:]
         if not path or path[0] == 0:
             # Abstract (or autobind): looked up in the socket's own network namespace.
             if path and not creating and self.profile.landlock_scope:
-                self._abstract_name_is_the_containers(path[1:], sock)
+                self._abstract_name_is_the_containers(path[1:], rules, sock)
             return addr
         path = path.split(b"\0", 1)[0]
         # A path is resolved inside the container's root, never the broker's.
@@ -1056,15 +1074,22 @@ class _Call:
             raise Denied("unix socket path too long", errno.ENAMETOOLONG)
         return struct.pack("=H", AF_UNIX) + new_path + b"\0"
 
-    def _abstract_name_is_the_containers(self, name: bytes, sock: int) -> None:
+    def _abstract_name_is_the_containers(self, name: bytes, rules: str, sock: int) -> None:
         """Landlock's abstract unix socket scope, kept by the broker.
 
         The broker connects (or sends) from its own thread, outside the container's
         Landlock domain: the kernel's scope check would see the broker, so host root's
         listener in the container's network namespace (the CVE-2020-15257 class) would be
         reached. Instead every socket bound to the name must be held by a process of the
-        container: one in the caller's pid namespace and cgroups. Nobody bound: the
-        kernel answers ECONNREFUSED itself.
+        container: one in the caller's pid namespace and cgroups.
+
+        This looks before the broker connects, and a name can change hands in between:
+        nobody bound is answered ECONNREFUSED here, as the kernel would at this instant
+        (performed later, the connect would reach whoever binds the name meanwhile, host
+        root included); a stream connect is checked again once connected, against the
+        listener it reached (_abstract_peer_is_the_containers). A datagram leaves with
+        the send: one sent while the container's socket lets go of the name and host
+        root takes it is not caught (docs/security.md).
         """
         # /proc/net/unix prints a NUL of the name as '@' and ends a line at a newline:
         # a name with a newline cannot be told apart, so it is refused.
@@ -1072,18 +1097,62 @@ class _Call:
             raise Denied("abstract unix socket name with a newline")
         if _socket_netns(sock) != self._caller_netns():
             raise Denied("abstract unix socket of another network namespace")
+        bound = self._sockets_bound_to(name)
+        if not bound:
+            # The kernel looks the name up for a connect and a datagram's send; a stream
+            # socket's send ignores or refuses an address without looking.
+            if rules == "connect" or _socket_option(sock, SO_TYPE) == SOCK_DGRAM:
+                raise OSError(errno.ECONNREFUSED, "nobody bound to the abstract name")
+            return
+        sockets_by_pid = _sockets_by_pid(
+            self._proc_read("cgroup"), os.stat("ns/pid", dir_fd=self.proc)
+        )
+        if bound - set().union(*sockets_by_pid.values()):
+            raise Denied(
+                f"abstract unix socket @{name.decode(errors='replace')} is not the container's"
+            )
+        self._abstract_name_holders = frozenset(sockets_by_pid)
+
+    def _sockets_bound_to(self, name: bytes) -> set[int]:
+        """Inodes of the sockets bound to the abstract name in the caller's namespace."""
         printed = b"@" + name.replace(b"\0", b"@")
         bound = set()
         for line in self._proc_read("net/unix").split(b"\n")[1:]:
             fields = line.split(None, 7)
             if len(fields) == 8 and fields[7] == printed:
                 bound.add(int(fields[6]))
-        if bound - _socket_inodes_of(
+        return bound
+
+    def _abstract_peer_is_the_containers(self, sock: int) -> bool:
+        """After a stream connect to an abstract name: whether the listener it reached
+        is the container's (connect() shuts the connection down if not).
+
+        SO_PEERCRED names the process that made that very socket listen (the name may
+        have changed hands since _abstract_name_is_the_containers looked): it must be
+        one of the container's processes seen then. A live process outside them is
+        refused. One that has exited (it listened, then forked and left) cannot be
+        told apart by its pid: then the name's holders are looked at again, which is
+        refused if anything outside the container holds the name now.
+        """
+        if _socket_option(sock, SO_TYPE) not in (SOCK_STREAM, SOCK_SEQPACKET):
+            return True  # a datagram socket's peer carries no credentials: see above
+        ucred = ctypes.create_string_buffer(12)
+        size = ctypes.c_uint32(12)
+        if _libc.getsockopt(sock, SOL_SOCKET, SO_PEERCRED, ucred, ctypes.byref(size)):
+            raise OSError(ctypes.get_errno(), "getsockopt SO_PEERCRED")
+        pid = struct.unpack_from("=i", ucred.raw)[0]
+        if pid in self._abstract_name_holders:
+            return True
+        if pid > 0 and os.path.exists(f"/proc/{pid}"):
+            return False
+        name = _peer_abstract_name(sock)
+        if name is None:
+            return False
+        sockets_by_pid = _sockets_by_pid(
             self._proc_read("cgroup"), os.stat("ns/pid", dir_fd=self.proc)
-        ):
-            raise Denied(
-                f"abstract unix socket @{name.decode(errors='replace')} is not the container's"
-            )
+        )
+        bound = self._sockets_bound_to(name)
+        return bool(bound) and not bound - set().union(*sockets_by_pid.values())
 
     def _proc_read(self, name: str) -> bytes:
         try:
@@ -1174,7 +1243,18 @@ class _Call:
         sock = self.sock()
         addr = self.decide(self.read(addr_ptr, min(addrlen, 128)), "connect", sock)
         self.finish_check()
-        return self._perform(sock, lambda: self._connect_by_deadline(sock, addr))
+        result = self._perform(sock, lambda: self._connect_by_deadline(sock, addr))
+        if self._abstract_name_holders is not None:
+            try:
+                reached_the_containers = self._abstract_peer_is_the_containers(sock)
+            except Exception:  # noqa: BLE001 - fail closed: the connection must not stay
+                reached_the_containers = False
+            if not reached_the_containers:
+                # The caller's socket is connected to host root's listener: nothing may
+                # pass over it. The listener sees a connection that ends at once.
+                _libc.shutdown(sock, SHUT_RDWR)
+                raise Denied("abstract unix socket reached is not the container's")
+        return result
 
     def bind(self) -> int:
         _, addr_ptr, addrlen = self.note.args[:3]
@@ -1328,7 +1408,7 @@ class _Call:
         for i in range(vlen):
             try:
                 msg, keep, cost = self._copy_msghdr(vec_ptr + i * entry, sock, left)
-            except Denied:
+            except (Denied, OSError):  # OSError: the kernel's own answer (ECONNREFUSED)
                 if not copies:
                     raise
                 break

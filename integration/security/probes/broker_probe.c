@@ -15,6 +15,10 @@
  *   abstract_dgram NAME          sendto the abstract unix datagram socket @NAME,
  *                                retrying while nobody is bound for 20 s
  *   abstract_own NAME            listen on @NAME, a child connects to it
+ *   abstract_race NAME SECONDS   connect to @NAME over and over for SECONDS while a
+ *                                child binds @NAME, holds it a moment and lets it go,
+ *                                again and again (host root takes it in between):
+ *                                ESCAPED when a connect reached host root's listener
  *   sendmmsg_big IP PORT N SIZE  one sendmmsg of N messages of SIZE bytes each (all
  *                                from one buffer) to IP:PORT over UDP
  *   socket_proto TYPE PROTO      socket(AF_INET, TYPE, PROTO): a protocol whose ways out
@@ -32,6 +36,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,6 +210,50 @@ static int abstract_own(const char *name) {
     return 0;
 }
 
+static int abstract_race(const char *name, int seconds) {
+    struct sockaddr_un at;
+    socklen_t len = abstract_address(&at, name);
+    pid_t rebinder = fork();
+    if (rebinder == 0) {
+        /* The hostile half: the broker's check sees the name held by the container,
+         * then the name is free for host root to take before the connect. */
+        for (;;) {
+            int held = socket(AF_UNIX, SOCK_STREAM, 0);
+            if (bind(held, (struct sockaddr *)&at, len) == 0 && listen(held, 64) == 0)
+                usleep(300);
+            close(held);
+            usleep(100);
+        }
+    }
+    long connects = 0, host = 0, own = 0, refused = 0, denied = 0;
+    time_t end = time(NULL) + seconds;
+    while (time(NULL) < end) {
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        connects++;
+        if (connect(s, (struct sockaddr *)&at, len) == 0) {
+            char got[16] = {0};
+            struct pollfd p = {s, POLLIN, 0};
+            if (poll(&p, 1, 200) == 1)
+                read(s, got, sizeof got - 1);
+            if (strncmp(got, "host-root", 9) == 0)
+                host++;
+            else
+                own++;
+        } else if (errno == ECONNREFUSED) {
+            refused++;
+        } else {
+            denied++;
+        }
+        close(s);
+    }
+    kill(rebinder, SIGKILL);
+    waitpid(rebinder, NULL, 0);
+    printf("%s abstract_race @%s: %ld connects, %ld reached host root, %ld own, %ld refused, "
+           "%ld denied\n",
+           host ? "ESCAPED" : "BLOCKED", name, connects, host, own, refused, denied);
+    return 0;
+}
+
 static int sendmmsg_big(const char *ip, int port, int count, long size) {
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, ip, &to.sin_addr);
@@ -371,6 +420,8 @@ int main(int argc, char **argv) {
         return abstract_dgram(argv[2]);
     if (argc == 3 && strcmp(argv[1], "abstract_own") == 0)
         return abstract_own(argv[2]);
+    if (argc == 4 && strcmp(argv[1], "abstract_race") == 0)
+        return abstract_race(argv[2], atoi(argv[3]));
     if (argc == 6 && strcmp(argv[1], "sendmmsg_big") == 0)
         return sendmmsg_big(argv[2], atoi(argv[3]), atoi(argv[4]), atol(argv[5]));
     if (argc == 4 && strcmp(argv[1], "socket_proto") == 0)
