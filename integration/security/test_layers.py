@@ -323,7 +323,7 @@ def test_bpf_cache_is_filled_then_reused(probes, tmp_path):
     first = probes.run("zviz", "ci-runner", ["true"], env=env)
     assert first.returncode == 0, first.stderr
     profile = profiles.load_profile("ci-runner")
-    key = seccomp._cache_key("profile", f"{profile.digest}:0")
+    key = seccomp.profile_cache_key(profile)
     filled = cache_entries(cache)
     # ci-runner's filter, and config.json's own linux.seccomp if the bundle has one.
     assert f"{key}.bpf" in filled, f"the run did not store ci-runner's filter: {filled}"
@@ -343,7 +343,7 @@ def test_a_cache_others_can_write_is_not_loaded(probes, tmp_path):
     cache.mkdir()
     cache.chmod(0o777)  # as a directory another user made under /tmp would be
     profile = profiles.load_profile("ci-runner")
-    key = seccomp._cache_key("profile", f"{profile.digest}:0")
+    key = seccomp.profile_cache_key(profile)
     (cache / f"{key}.bpf").write_bytes(ALLOW_ALL_BPF)
     args = ["/probe", "unshare_user"]
     result = probes.run("zviz", "ci-runner", args, env={"ZVIZ_SECCOMP_CACHE": str(cache)})

@@ -177,10 +177,15 @@ def _prune(dirfd: int) -> None:
             pass
 
 
+def profile_cache_key(profile, verbose: bool = False) -> str:
+    """The cache file's name (without .bpf) of the profile's compiled filter."""
+    # The mode is not always the file's (the operator's or an annotation's): keyed apart.
+    return _cache_key("profile", f"{profile.digest}:{int(verbose)}:{profile.mode}")
+
+
 def profile_program(profile, verbose: bool = False) -> Program:
     """The profile's filter, from the cache or compiled now."""
-    # The mode is not always the file's (the operator's or an annotation's): keyed apart.
-    key = _cache_key("profile", f"{profile.digest}:{int(verbose)}:{profile.mode}")
+    key = profile_cache_key(profile, verbose)
     bpf = _cached(key)
     if bpf is None:
         bpf = _compile_profile(profile, verbose)
