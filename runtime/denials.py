@@ -463,8 +463,16 @@ class KernelWatcher:
         """A process started in the container later (exec) with a session of its own: its
         records are the container's too, those already waiting included (returned)."""
         watched = self._containers.get(container_id)
+        if watched is None:
+            return []
         session = session_of(pid)
-        if watched is None or session is None or session in self._by_session:
+        if session is None:
+            # Gone already (it denied, exited and was reaped before the shim got here):
+            # its pid, which the kernel's records carry, names its session instead.
+            session = next(
+                (s for _, s, t in self._pending if _number_after(t, " pid=") == pid), None
+            )
+        if session is None or session in self._by_session:
             return []
         watched.sessions.add(session)
         self._by_session[session] = watched

@@ -267,6 +267,23 @@ def test_an_exec_session_claims_its_records_that_came_first(monkeypatch, tmp_pat
     assert [r["pid"] for r in records] == [999999999, 999999999]
 
 
+def test_an_exec_already_reaped_is_known_by_its_pid(monkeypatch, tmp_path):
+    """The exec denied, exited and was reaped before the shim asked for its session
+    (/proc/<pid> gone): the pid in its waiting records names the session."""
+    watcher = _watcher_with(monkeypatch, tmp_path)
+    exec_record = UNSHARE.replace("ses=7", "ses=9").replace("pid=28058", "pid=4242")
+    other = UNSHARE.replace("ses=7", "ses=12").replace("pid=28058", "pid=5151")
+    assert watcher.handle(denials.AUDIT_SECCOMP, exec_record) is None
+    assert watcher.handle(denials.AUDIT_SECCOMP, other) is None
+    monkeypatch.setattr(denials, "session_of", lambda pid: None)
+    (claimed,) = watcher.add_session("c1", 4242)
+    assert claimed["pid"] == 4242
+    # Its session is the container's from now on; another process's is not.
+    assert watcher.handle(denials.AUDIT_SECCOMP, exec_record)["container_id"] == "c1"
+    assert watcher.handle(denials.AUDIT_SECCOMP, other) is None
+    watcher.unwatch("c1")
+
+
 def test_node_check_says_what_is_recorded(monkeypatch):
     from runtime.node import check
 
