@@ -465,7 +465,9 @@ def test_memory_hog_produces_an_oom_event(containerd, ctr, busybox_image, new_id
 # ---- many at once -------------------------------------------------------------------------------------
 
 
-def test_twenty_concurrent_containers_run_and_clean_up(containerd, ctr, busybox_image, new_id):
+def test_twenty_concurrent_containers_run_and_clean_up(
+    containerd, ctr, runtime, busybox_image, new_id
+):
     ids = [new_id() for _ in range(20)]
     with ThreadPoolExecutor(max_workers=20) as pool:
         results = list(
@@ -478,7 +480,11 @@ def test_twenty_concurrent_containers_run_and_clean_up(containerd, ctr, busybox_
         )
     for container_id, result in zip(ids, results, strict=True):
         assert result.returncode == 0, (container_id, result.stderr)
-        assert result.stdout == f"{container_id}\n"
+        # runc's own shim loses a process's output when ctr's reader is late (under load,
+        # docs/reliability.md): for the reference an empty stdout is that known loss;
+        # zviz must deliver every line.
+        lost_by_runc = runtime == RUNC and result.stdout == ""
+        assert result.stdout == f"{container_id}\n" or lost_by_runc, result.stdout
     tasks = containerd.ctr("tasks", "ls", "-q").stdout.split()
     containers = containerd.ctr("containers", "ls", "-q").stdout.split()
     assert not set(ids) & (set(tasks) | set(containers))
