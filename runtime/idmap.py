@@ -246,7 +246,13 @@ def host_id_of_root(pid: int, name: str) -> int | None:
 
 def host_id(pid: int, name: str, inside_id: int) -> int | None:
     """The host id that `inside_id` of `pid`'s user namespace is (None: unmapped)."""
-    for inside, outside, count in id_map(pid, name):
+    return host_id_in(id_map(pid, name), inside_id)
+
+
+def host_id_in(ranges, inside_id: int) -> int | None:
+    """The host id `inside_id` is through RANGES of (inside, outside, count), as a
+    /proc uid_map or config.json's mappings give them (None: unmapped)."""
+    for inside, outside, count in ranges:
         if inside <= inside_id < inside + count:
             return outside + inside_id - inside
     return None

@@ -21,7 +21,7 @@ import errno
 import os
 import signal
 
-from runtime import denials, errors, hooks, linux, state
+from runtime import denials, errors, hooks, idmap, linux, state
 from runtime.idmap import (
     check_joined_user_namespace,
     host_id_of_root,
@@ -591,10 +591,9 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
 
 def _host_id_of_container_root(spec) -> int:
     """The container's audit login uid: its root's host uid (0 without a user namespace)."""
-    for m in spec.linux.uid_mappings:
-        if m.container_id <= 0 < m.container_id + m.size:
-            return m.host_id - m.container_id
-    return 0
+    ranges = ((m.container_id, m.host_id, m.size) for m in spec.linux.uid_mappings)
+    host = idmap.host_id_in(ranges, 0)
+    return 0 if host is None else host
 
 
 def _become_root_in_userns() -> None:
