@@ -464,10 +464,9 @@ class TaskService(shim_ttrpc.TaskService):
         proc = task.process(request.exec_id)
         proc.check_deletable()
         if proc.stdio is not None and proc.exited.is_set():
+            # No other Delete of this container runs meanwhile (_serialized): the task
+            # and the process are still as found above.
             await proc.stdio.hand_over_output()
-            # Another Delete of the same process may have run meanwhile.
-            if self._task(request.id) is not task or task.process(request.exec_id) is not proc:
-                raise errors.NotFound(f"process {proc.label} was deleted meanwhile")
         if proc is not task.init:
             proc.close()
             del task.execs[proc.exec_id]
