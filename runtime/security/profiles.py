@@ -636,8 +636,6 @@ def _build(data: dict, path: str) -> Profile:
         raise sc.error("deny", f"syscalls both allowed and denied: {', '.join(both)}")
     if "AF_NETLINK" in p.socket_families and not p.netlink_protocols:
         raise sc.error("netlink_protocols", "AF_NETLINK needs the protocols it grants")
-    if p.network == "none" and set(p.socket_families) & {"AF_INET", "AF_INET6"}:
-        pass  # loopback-only sockets inside a fresh netns are harmless
     _check_syscall_names(p, path)
     return p
 
