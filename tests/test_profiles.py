@@ -175,6 +175,36 @@ def test_no_network_profile_joins_a_pod_namespace_and_mediates_egress(
     assert any("loopback and the namespace's own addresses" in c for c in changes)
 
 
+@pytest.mark.parametrize("scope_abi", [6, 5])
+def test_a_pods_sandbox_gets_no_inet_and_no_broker_where_landlock_scopes(
+    tmp_path, monkeypatch, scope_abi
+):
+    """The pause container (CRI's container-type "sandbox") in the pod's namespace: no
+    inet sockets; no broker where Landlock keeps the abstract-socket scope (ABI 6), the
+    broker as for any container below it."""
+    monkeypatch.setattr(security, "is_own_netns", lambda path: False)
+    monkeypatch.setattr(security.landlock, "abi_version", lambda: scope_abi)
+    spec = make_spec(tmp_path)
+    spec.linux.namespace("network").path = "/run/netns/zn11-pod"
+    spec.annotations = {security.CRI_CONTAINER_TYPE: "sandbox"}
+    profile = security.resolve_profile("ci-runner", {})
+    app = security.resolve_profile("ci-runner", {})
+    security.harden_spec(spec, profile)
+    assert not {"AF_INET", "AF_INET6"} & set(profile.socket_families)
+    assert "AF_UNIX" in profile.socket_families
+    if scope_abi >= 6:
+        assert not profile.mediate
+    else:
+        assert set(profile.mediate) == {"connect", "sendto", "sendmsg", "sendmmsg"}
+    # An app container of the same pod: inet and the broker, and another cache entry.
+    app_spec = make_spec(tmp_path)
+    app_spec.linux.namespace("network").path = "/run/netns/zn11-pod"
+    app_spec.annotations = {security.CRI_CONTAINER_TYPE: "container"}
+    security.harden_spec(app_spec, app)
+    assert {"AF_INET", "AF_INET6"} <= set(app.socket_families) and app.mediate
+    assert app.digest != profile.digest
+
+
 def test_web_server_joins_a_pod_namespace_with_its_own_rules(tmp_path, monkeypatch):
 
     monkeypatch.setattr(security, "is_own_netns", lambda path: False)

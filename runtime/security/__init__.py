@@ -149,7 +149,9 @@ def harden_spec(
                         f"container; profile {profile.name} allows only unprivileged host ids"
                     )
 
-    _network_namespace(linux_cfg, profile, changes, allow_host_network, host_network_switch)
+    _network_namespace(
+        linux_cfg, profile, changes, allow_host_network, host_network_switch, spec.annotations
+    )
     _egress_context(spec, profile, cluster_network, egress_nameservers)
 
     # Capabilities: the profile is a ceiling.
@@ -193,8 +195,23 @@ def harden_spec(
     return changes
 
 
+INET_FAMILIES = ("AF_INET", "AF_INET6")
+# Set by containerd's CRI on the pod sandbox's (pause) container: "sandbox" (its app
+# containers get "container"). Trusted only to take rights away.
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+
+def _is_pod_sandbox(annotations) -> bool:
+    return (annotations or {}).get(CRI_CONTAINER_TYPE) == "sandbox"
+
+
 def _network_namespace(
-    linux_cfg, profile: Profile, changes: list[str], allow_host_network: bool, switch: str
+    linux_cfg,
+    profile: Profile,
+    changes: list[str],
+    allow_host_network: bool,
+    switch: str,
+    spec_annotations=None,
 ) -> None:
     """The one network decision (docs/security.md, "Network").
 
@@ -224,6 +241,18 @@ def _network_namespace(
     else:
         shared = f"network namespace {netns.path}"
         profile.network_joined = True
+    if profile.network == "none" and _is_pod_sandbox(spec_annotations):
+        # The pod's pause process needs no network of its own: without inet sockets its
+        # sends cannot leave the pod, and the broker (a process, ~9 MiB, its start on
+        # the pod's critical path) is left out unless the kernel lacks Landlock's
+        # abstract-socket scope, which the broker otherwise keeps.
+        profile.socket_families = tuple(
+            family for family in profile.socket_families if family not in INET_FAMILIES
+        )
+        profile.digest = _derived_digest(profile.digest, "pod-sandbox-no-inet")
+        changes.append(f"{shared} shared by the pod's sandbox: no inet sockets")
+        if profile.landlock_scope and landlock.abi_version() >= landlock.ABI_SCOPE:
+            return
     if profile.network == "none":
         profile.mediate = NO_NETWORK_MEDIATED
         # Another filter than the profile file's: the seccomp cache must tell them apart.

@@ -73,6 +73,10 @@ class _NetPortAttr(ctypes.Structure):
     _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
+# The first ABI with scopes (abstract unix sockets, signals).
+ABI_SCOPE = 6
+
+
 def abi_version() -> int:
     """The kernel's Landlock ABI (0: no Landlock, or disabled at boot)."""
     try:
@@ -113,7 +117,7 @@ class Ruleset:
             net |= NET_CONNECT_TCP if restrict_tcp_connect else 0
         self.handled_net = net
         scoped = SCOPE_ABSTRACT_UNIX_SOCKET | (SCOPE_SIGNAL if scope_signals else 0)
-        self.scoped = scoped if scope and abi >= 6 else 0
+        self.scoped = scoped if scope and abi >= ABI_SCOPE else 0
         attr = _RulesetAttr(self.handled_fs, self.handled_net, self.scoped)
         size = 8 if abi < 4 else (16 if abi < 6 else 24)
         self.fd = linux.raw_syscall(
