@@ -16,6 +16,7 @@ from integration.ids import tagged, unique_id
 from integration.security.conftest import parse_verdict
 from integration.security.escapes import PROBES
 from runtime.security import capabilities
+from tools.containerd import lost_by_runcs_shim
 
 pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
@@ -86,10 +87,8 @@ def test_annotation_selects_the_profile(containerd, busybox_image):
 def test_probe_blocked_under_the_shim_runc_shown_beside(containerd, busybox_image, probe_dir, name):
     zviz = ctr_run(containerd, busybox_image, ZVIZ, ["/var/probe", name], probe_dir=probe_dir)
     runc = ctr_run(containerd, busybox_image, RUNC, ["/var/probe", name], probe_dir=probe_dir)
-    if not runc.stdout:
-        # runc's own shim loses a process's output when ctr's reader is late (under load:
-        # 4-8 of 400 execs, docs/reliability.md): the reference column is asked once more
-        # rather than read as empty. zviz's run above is judged as it came.
+    if lost_by_runcs_shim(RUNC, runc):
+        # The reference column is asked once more rather than read as empty.
         runc = ctr_run(containerd, busybox_image, RUNC, ["/var/probe", name], probe_dir=probe_dir)
     # The shim's default profile is ci-runner: the outcome pinned for it, nothing else.
     verdict = parse_verdict(name, zviz)
