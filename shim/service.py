@@ -9,8 +9,8 @@ CORE_THREADS at once): a Create stuck for seconds in a hook, or a Delete waiting
 exits meanwhile (shim/reaper.py: it never takes a worker's child). Calls that change
 one container run one at a time, in arrival order (`_serialized`, the task's lock), so
 a Delete never overtakes the Start before it; State, Wait and Connect answer from the
-shim's own records at once. Errors are `runtime.errors` kinds; the ttrpc server turns
-them into status codes at the edge.
+shim's own records at once. Errors are `runtime.errors` kinds; the error table
+(shim/error_table.py) turns them into status codes, once, around every handler.
 """
 
 import asyncio
@@ -31,7 +31,7 @@ from api.gen.containerd.types.task import task_pb2 as task_types
 from runtime import errors, idmap
 from runtime.container import Container
 from shim import config as shim_config
-from shim import mounts
+from shim import error_table, mounts
 from shim.events import timestamp
 from shim.log import CoreLog
 from shim.process import STOPPED, Process
@@ -207,9 +207,10 @@ class TaskService(shim_ttrpc.TaskService):
         self.reaper = daemon.reaper
         self.tasks: dict[str, Task] = {}
         self._workers = Workers(CORE_THREADS)
-        if log.isEnabledFor(logging.DEBUG):
-            for name in self.METHODS:
-                setattr(self, name, _timed(name, getattr(self, name)))
+        debug = log.isEnabledFor(logging.DEBUG)
+        for name in self.METHODS:
+            handler = _answered(getattr(self, name))
+            setattr(self, name, _timed(name, handler) if debug else handler)
 
     # ---- helpers -------------------------------------------------------------------
 
@@ -685,6 +686,23 @@ class TaskService(shim_ttrpc.TaskService):
     async def Shutdown(self, request, context):
         self.daemon.shutdown_requested(now=request.now)
         return empty_pb2.Empty()
+
+
+def _answered(handler):
+    """HANDLER, its failures answered through the error table (shim/error_table.py)."""
+
+    @functools.wraps(handler)
+    async def answered(request, context):
+        try:
+            return await handler(request, context)
+        except errors.ZvizError as e:
+            raise error_table.ttrpc_error(e) from e
+        except Exception as e:
+            if not errors.cleanup_errors(e):
+                raise  # the ttrpc server's own mapping (FileNotFoundError, timeouts...)
+            raise error_table.ttrpc_error(e) from e
+
+    return answered
 
 
 def _timed(name: str, handler):
