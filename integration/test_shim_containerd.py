@@ -422,6 +422,48 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     assert not _alive(init_pid)
 
 
+# Calls a task's state refuses, as ctr makes them reach the shim (containerd's client
+# checks some states itself: a Delete of a running task never gets there), and the words
+# containerd's runc shim answers with (pkg/process/init_state.go). Run against both
+# shims: zviz must say what runc's shim says.
+REFUSED_IN_STATE = [
+    ("RUNNING", ["task", "resume"], "cannot resume a running process"),
+    ("PAUSED", ["task", "pause"], "cannot pause a paused container"),
+    ("PAUSED", ["task", "exec", "--exec-id", "refused"], "cannot exec in a paused state"),
+    ("STOPPED", ["task", "pause"], "cannot pause a stopped container"),
+    ("STOPPED", ["task", "resume"], "cannot resume a stopped container"),
+    ("STOPPED", ["task", "exec", "--exec-id", "refused"], "cannot exec in a stopped state"),
+    ("STOPPED", ["task", "kill", "-s", "SIGTERM"], "process already finished"),
+]
+
+
+def test_calls_a_state_refuses_answer_as_runcs_shim(containerd, ctr, busybox_image, new_id):
+    container_id = new_id()
+    result = ctr("run", "-d", busybox_image, container_id, "sleep", "1000")
+    assert result.returncode == 0, result.stderr
+    assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+    for state, bring_to_state in [
+        ("RUNNING", None),
+        ("PAUSED", ["task", "pause"]),
+        ("STOPPED", ["task", "kill", "-s", "SIGKILL"]),
+    ]:
+        if bring_to_state is not None:
+            if state == "STOPPED":
+                # Killed while paused: containerd's runc shim thaws it to let it die.
+                assert ctr("task", "resume", container_id).returncode == 0
+            done = ctr(*bring_to_state, container_id)
+            assert done.returncode == 0, done.stderr
+        assert _wait_task_state(containerd, container_id, {state}) == state
+        for refused_state, args, words in REFUSED_IN_STATE:
+            if refused_state != state:
+                continue
+            command = [*args, container_id] + (["true"] if "exec" in args else [])
+            refused = ctr(*command)
+            assert refused.returncode != 0, f"{args} in {state}: accepted"
+            assert words in refused.stderr, f"{args} in {state}: {refused.stderr}"
+            assert _task_state(containerd, container_id)[0] == state, f"{args} changed the state"
+
+
 def test_memory_hog_produces_an_oom_event(containerd, ctr, busybox_image, new_id):
     container_id = new_id()
     events = subprocess.Popen(

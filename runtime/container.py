@@ -223,24 +223,28 @@ class Container:
             container.annotations = dict(spec.annotations)
             steps.finish()
             return container
-        except BaseException:
+        except BaseException as failure:
             _close_quietly(fds)
             fds.clear()
             _close_channel(channel)
-            container._undo_create(cg)
+            container._undo_create(cg, failure)
             raise
         finally:
             _close_quietly(fds)
             _close_channel(channel)
 
-    def _undo_create(self, cg) -> None:
-        try:
-            if cg is not None:
-                cg.destroy()
-        except Exception as exc:  # noqa: BLE001 - the original error is the one to report
-            self.log.warning(f"cleanup after failed create: {exc}")
-        finally:
-            _remove_state_dir(self.dir)
+    def _undo_create(self, cg, failure: BaseException) -> None:
+        """Remove what a failed create made. FAILURE stays the error create raises (a
+        state dir that cannot be removed no longer replaces it); a step that fails too is
+        carried beside it (errors.carry_cleanup_error) and the next step still runs."""
+        steps = [] if cg is None else [("removing the cgroup", cg.destroy)]
+        steps.append(("removing the state directory", lambda: _remove_state_dir(self.dir)))
+        for what, step in steps:
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - carried beside the failure
+                self.log.warning(f"cleanup after failed create: {what}: {exc}")
+                errors.carry_cleanup_error(failure, exc)
 
     @classmethod
     def load(cls, root: str, container_id: str, log=NULL_LOG) -> "Container":

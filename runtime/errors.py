@@ -2,7 +2,8 @@
 
 Errors are a small set of kinds (as in containerd's errdefs). They are raised
 anywhere in the runtime and turned into an exit code (CLI) or a ttrpc status
-code (shim) once, at the edge.
+code (shim) once, at the edge: the shim's table of kinds to codes is
+shim/error_table.py (the library knows no wire protocol).
 """
 
 import errno as _errno
@@ -11,36 +12,33 @@ import errno as _errno
 class ZvizError(Exception):
     """Base of every error zviz reports to a user. The message names what is wrong."""
 
-    # gRPC status code the shim answers with; the CLI exits 1 for every kind.
-    grpc_code = 2  # UNKNOWN
-
 
 class InvalidArgument(ZvizError):
-    grpc_code = 3
+    pass
 
 
 class NotFound(ZvizError):
-    grpc_code = 5
+    pass
 
 
 class AlreadyExists(ZvizError):
-    grpc_code = 6
+    pass
 
 
 class FailedPrecondition(ZvizError):
-    grpc_code = 9
+    pass
 
 
 class ResourceExhausted(ZvizError):
-    grpc_code = 8
+    pass
 
 
 class Unavailable(ZvizError):
-    grpc_code = 14
+    pass
 
 
 class NotImplementedByZviz(ZvizError):
-    grpc_code = 12
+    pass
 
 
 class SecurityLayerError(FailedPrecondition):
@@ -58,3 +56,18 @@ def state_error(what: str, exc: OSError) -> ZvizError:
     `what` names the action and the path: the errno alone does not say which disk."""
     kind = ResourceExhausted if exc.errno in (_errno.ENOSPC, _errno.EDQUOT) else FailedPrecondition
     return kind(f"{what}: {exc.strerror or exc}")
+
+
+def carry_cleanup_error(failure: BaseException, cleanup_error: BaseException) -> None:
+    """Keep CLEANUP_ERROR (undoing what FAILURE left half done failed too) beside FAILURE,
+    which stays the error reported: the cause comes first, what it left behind after."""
+    carried = getattr(failure, "cleanup_errors", None)
+    if carried is None:
+        carried = []
+        failure.cleanup_errors = carried
+    carried.append(cleanup_error)
+
+
+def cleanup_errors(failure: BaseException) -> list[BaseException]:
+    """The cleanup errors carried beside FAILURE (carry_cleanup_error), oldest first."""
+    return list(getattr(failure, "cleanup_errors", ()))

@@ -31,16 +31,9 @@ def cleanup_dead_container(flags, bundle: str) -> bytes:
     root = saved.get("root") or shim_config.runtime_root(flags.address, flags.namespace)
     pid = 0
     if os.path.exists(os.path.join(root, flags.id)):
-        from runtime import errors
-        from runtime.container import Container
+        from shim import engine
 
-        try:
-            container = Container.load(root, flags.id)
-        except errors.NotFound:
-            container = None
-        if container is not None:
-            pid = container.pid
-            container.delete(force=True)
+        pid = engine.delete_leftover(root, flags.id)
     rootfs = os.path.join(bundle, "rootfs")
     if _mounted(rootfs):
         from shim import mounts

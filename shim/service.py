@@ -1,16 +1,18 @@
 """The `containerd.task.v2.Task` service: containerd's calls, answered with the runtime core.
 
-Calls are answered in the daemon's one loop thread, which serves every container of
-the pod: nothing that can block runs there. Each runtime-core call (create, start,
-exec, kill, delete, pause, resume, update, stats, pids) and the setup before a create
-(config.json, profile, rootfs mount) runs in a worker thread (`_off_loop`, at most
-CORE_THREADS at once): a Create stuck for seconds in a hook, or a Delete waiting up to
-10 s for a process to die, delays no other container's calls, and the reaper reports
-exits meanwhile (shim/reaper.py: it never takes a worker's child). Calls that change
-one container run one at a time, in arrival order (`_serialized`, the task's lock), so
-a Delete never overtakes the Start before it; State, Wait and Connect answer from the
-shim's own records at once. Errors are `runtime.errors` kinds; the ttrpc server turns
-them into status codes at the edge.
+This module speaks ttrpc; the engine (shim/engine.py) speaks containers and is the
+only caller of the runtime library. Calls are answered in the daemon's one loop thread,
+which serves every container of the pod: nothing that can block runs there. Each
+runtime-core call (create, start, exec, kill, delete, pause, resume, update, stats,
+pids) and the setup before a create (operator config, rootfs mount) runs in one of the
+engine's worker threads: a Create stuck for seconds in a hook, or a Delete waiting up
+to 10 s for a process to die, delays no other container's calls, and the reaper
+reports exits meanwhile (shim/reaper.py: it never takes a worker's child). Calls that
+change one container run one at a time, in arrival order (`_serialized`, the task's
+lock), so a Delete never overtakes the Start before it; State, Wait and Connect answer
+from the shim's own records at once. Whether a call is legal in a process's state is
+decided by the state tables (shim/process.py `check`); a failed call's status code by
+the error table (shim/error_table.py), once, around every handler.
 """
 
 import asyncio
@@ -28,26 +30,21 @@ from api import typeurl
 from api.gen.containerd.events import task_pb2 as events
 from api.gen.containerd.task.v2 import shim_pb2, shim_ttrpc
 from api.gen.containerd.types.task import task_pb2 as task_types
-from runtime import errors, idmap
-from runtime.container import Container
+from runtime import errors
 from shim import config as shim_config
-from shim import mounts
+from shim import error_table, mounts
+from shim.engine import Created, Engine
 from shim.events import timestamp
 from shim.log import CoreLog
-from shim.process import STOPPED, Process
+from shim.process import Process, State
 from shim.stats import metrics_any
 from shim.stdio import Stdio
-from shim.workers import Workers
 
 log = logging.getLogger("shim.service")
 
 SHIM_VERSION = "zviz-shim 0.1.0"
 OOM_RECHECKS = 20
 OOM_RECHECK_SECONDS = 0.05
-# Runtime-core calls running at once (threads are made as needed): each thread mostly
-# waits (on a hook, a child's report, a dying process), so the bound is about memory
-# and fork storms, not cores. Further calls queue for a free thread.
-CORE_THREADS = 16
 
 
 def _serialized(handler):
@@ -77,10 +74,9 @@ class Task:
         self.id = request.id
         self.bundle = request.bundle
         self.request = request
-        self.container: Container | None = None
+        self.created: Created | None = None  # what the engine made: set once Create ends
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
-        self.paused = False
         self.rootfs_mounted = False
         self.oom_watcher = None
         self.cgroup = None
@@ -89,6 +85,11 @@ class Task:
         self.id_range: tuple[int, str] | None = None  # (first host id, holder): shim/idpool.py
         self.serial = asyncio.Lock()  # held by each call that changes the container
         self.ending: asyncio.Task | None = None  # orphans killed, then the exit reported
+
+    @property
+    def container(self):
+        """The engine's handle of this task's container."""
+        return self.created.container
 
     def process(self, exec_id: str) -> Process:
         if not exec_id:
@@ -103,7 +104,7 @@ class Task:
             # An OOM kill of the init is reported before its exit, as containerd expects.
             self._report_ooms(self.service.daemon.loop)
             try:
-                self.container.record_exit(proc.wait_status)
+                self.service.engine.record_exit(self.container, proc.wait_status)
             except Exception:  # noqa: BLE001 - the exit event below must go out regardless
                 log.exception("recording the exit of %s", self.id, extra={"container": self.id})
             if not self.own_pid_namespace:
@@ -120,7 +121,7 @@ class Task:
     async def _end_orphans_then_report(self, proc: Process) -> None:
         async with self.serial:
             with contextlib.suppress(Exception):
-                await self.service._off_loop(self.container.kill, signal.SIGKILL, all=True)
+                await self.service.engine.kill(self.container, signal.SIGKILL, all=True)
             self._report_exit(proc)
 
     def _report_exit(self, proc: Process) -> None:
@@ -137,7 +138,7 @@ class Task:
 
     def watch_oom(self, loop) -> None:
         try:
-            self.cgroup = self.container.cgroup()
+            self.cgroup = self.service.engine.cgroup(self.container)
             self.oom_watcher = self.cgroup.oom_watcher() if self.cgroup is not None else None
             self.ooms_reported = self.cgroup.oom_kill_count() if self.cgroup is not None else 0
         except Exception as e:  # noqa: BLE001 - a task without OOM events still runs
@@ -200,39 +201,25 @@ class Task:
 
 
 class TaskService(shim_ttrpc.TaskService):
-    def __init__(self, daemon) -> None:
+    def __init__(self, daemon, engine: Engine | None = None) -> None:
         self.daemon = daemon
         self.namespace = daemon.namespace
-        self.root = daemon.runtime_root
         self.reaper = daemon.reaper
+        self.engine = engine or Engine(daemon.runtime_root, daemon.reaper)
         self.tasks: dict[str, Task] = {}
-        self._workers = Workers(CORE_THREADS)
-        if log.isEnabledFor(logging.DEBUG):
-            for name in self.METHODS:
-                setattr(self, name, _timed(name, getattr(self, name)))
+        debug = log.isEnabledFor(logging.DEBUG)
+        for name in self.METHODS:
+            handler = _answered(getattr(self, name))
+            setattr(self, name, _timed(name, handler) if debug else handler)
 
     # ---- helpers -------------------------------------------------------------------
 
     def publish(self, topic: str, event) -> None:
         self.daemon.publisher.publish(topic, event)
 
-    def _off_loop(self, call, *args, **kwargs) -> asyncio.Future:
-        """CALL(*ARGS, **KWARGS) in a worker thread: await the future for its result.
-        (Cancelling the future does not stop the thread.)"""
-        return self._workers.submit(
-            self.daemon.loop, functools.partial(self._in_worker, call, args, kwargs)
-        )
-
-    def _in_worker(self, call, args, kwargs):
-        try:
-            return call(*args, **kwargs)
-        finally:
-            # Nothing of this call waits any more for a child this thread forked.
-            self.reaper.collect_thread_children()
-
     def _task(self, task_id: str) -> Task:
         task = self.tasks.get(task_id)
-        if task is None or task.init is None or task.container is None:  # or still creating
+        if task is None or task.init is None or task.created is None:  # or still creating
             raise errors.NotFound(f"task {task_id} not found")
         return task
 
@@ -248,19 +235,6 @@ class TaskService(shim_ttrpc.TaskService):
                 except shim_config.ConfigError as e:
                     raise errors.InvalidArgument(str(e)) from e
         return config
-
-    def _profile(self, config: shim_config.ShimConfig):
-        """The operator's profile policy: Container.create resolves it against config.json's
-        annotation io.zviz.profile (security.resolve_profile, security/selection.py)."""
-        from runtime.security import selection
-
-        return selection.ProfilePolicy(
-            default=config.profile or selection.DEFAULT_PROFILE,
-            allowed=config.allowed_annotation_profiles,
-            profile_dirs=config.profile_dirs or (),
-            mode=config.mode,
-            allowed_modes=config.allowed_annotation_modes or (),
-        )
 
     def _own_id_range(self, task: Task, config: shim_config.ShimConfig):
         """Container.create's host_ids when the operator asks for per-container ranges
@@ -291,6 +265,17 @@ class TaskService(shim_ttrpc.TaskService):
         task.id_range = (start, holder)
         return replace(profile, host_uid=start, host_gid=start)
 
+    def _give_stdio(self, stdio: Stdio, pid: int, user: dict | None, label: str) -> None:
+        """Hand the process's stdio pipes and fifos to the host ids its user (config.json's
+        process.user) has in the user namespace of `pid`, the container's PID 1."""
+        try:
+            ids = self.engine.host_ids(pid, user)
+            if ids is not None:
+                stdio.give_to(*ids)
+        except OSError as e:
+            # The process still has its fds; only reopening them (/dev/stdout) fails.
+            log.warning("%s: stdio not handed to the process's user: %s", label, e)
+
     # ---- task lifecycle ------------------------------------------------------------
 
     def _prepare_create(self, task: Task):
@@ -298,7 +283,7 @@ class TaskService(shim_ttrpc.TaskService):
         operator's config file, mounts the rootfs): (profile policy, config)."""
         request = task.request
         config = self._operator_config(request.options if request.HasField("options") else None)
-        profile = self._profile(config)
+        profile = self.engine.profile_policy(config)
         # The bundle keeps containerd's mode (0700, or 0710 to the mapped root's group):
         # PID 1 never walks it (the core chdirs into the rootfs as host root and
         # clones it with open_tree), and other host users must not reach the rootfs.
@@ -322,8 +307,8 @@ class TaskService(shim_ttrpc.TaskService):
         creating = None
         try:
             # config.json is read by the core alone (Container.create): profile, ids,
-            # and what the shim needs of it come back on the container.
-            profile, config = await self._off_loop(self._prepare_create, task)
+            # and what the shim needs of it come back from the engine.
+            profile, config = await self.engine.off_loop(self._prepare_create, task)
             self.daemon.log_sink.add_bundle(request.id, request.bundle)
             stdio = await Stdio.open(
                 request.stdin,
@@ -336,51 +321,40 @@ class TaskService(shim_ttrpc.TaskService):
                 reaper=self.reaper,
             )
             task.init = Process(task, "", stdio)
-            creating = self._off_loop(
-                Container.create,
-                self.root,
-                request.id,
-                request.bundle,
-                profile=profile,
-                host_ids=self._own_id_range(task, config),
-                allow_host_network=bool(config.allow_host_network),
-                host_network_switch=shim_config.HOST_NETWORK_SWITCH,
-                cluster_network=config.cluster_network(),
-                stdio=tuple(stdio.child),
-                console_socket=stdio.console_socket,
-                detach=True,
-                **({"log": CoreLog(request.id)} if log.isEnabledFor(logging.DEBUG) else {}),
+            creating = asyncio.ensure_future(
+                self.engine.create(
+                    request.id,
+                    request.bundle,
+                    profile=profile,
+                    host_ids=self._own_id_range(task, config),
+                    allow_host_network=bool(config.allow_host_network),
+                    host_network_switch=shim_config.HOST_NETWORK_SWITCH,
+                    cluster_network=config.cluster_network(),
+                    stdio=tuple(stdio.child),
+                    console_socket=stdio.console_socket,
+                    **({"log": CoreLog(request.id)} if log.isEnabledFor(logging.DEBUG) else {}),
+                )
             )
             # Shielded: a Create cancelled meanwhile (containerd gone) must still learn
             # what the core made, to undo it below.
-            task.container = await asyncio.shield(creating)
-            pid = _init_pid(task.container)
-            task.own_pid_namespace = task.container.own_pid_namespace
+            task.created = await asyncio.shield(creating)
+            pid = task.created.pid
+            task.own_pid_namespace = task.created.own_pid_namespace
             if request.terminal:
                 stdio.receive_console()
-            _give_stdio(stdio, pid, task.container.init_user, task.id)
+            self._give_stdio(stdio, pid, task.created.init_user, task.id)
             stdio.spawned()
             task.watch_oom(loop)
             self.daemon.denials.watch(
                 task.id,
-                task.container.dir,
+                task.created.state_dir,
                 pid,
-                task.container.profile,
-                task.container.annotations,
+                task.created.profile,
+                task.created.annotations,
                 cgroup=task.cgroup,
             )
-        except BaseException:
-            self.tasks.pop(request.id, None)
-            self.daemon.denials.unwatch(request.id)
-            if task.container is None and creating is not None:
-                with contextlib.suppress(BaseException):
-                    task.container = await creating
-            if task.container is not None:
-                with contextlib.suppress(BaseException):
-                    await self._off_loop(task.container.delete, force=True)
-            task.release(loop)
-            self.daemon.log_sink.remove(request.id)
-            self.daemon.task_failed(request.id)
+        except BaseException as failure:
+            await self._undo_create(task, creating, failure)
             raise
         self.daemon.task_added(request.id)
         self.publish(
@@ -405,23 +379,45 @@ class TaskService(shim_ttrpc.TaskService):
         log.info("created task %s (pid %d)", request.id, pid, extra={"container": request.id})
         return shim_pb2.CreateTaskResponse(pid=pid)
 
+    async def _undo_create(self, task: Task, creating, failure: BaseException) -> None:
+        """Remove what a failed Create made. FAILURE stays the error Create answers with;
+        a step of the undoing that fails too is carried beside it (the error table names
+        both), and the steps after it still run."""
+        self.tasks.pop(task.id, None)
+        self.daemon.denials.unwatch(task.id)
+        if task.created is None and creating is not None:
+            with contextlib.suppress(BaseException):  # its failure is FAILURE itself
+                task.created = await creating
+        if task.created is not None:
+            try:
+                await self.engine.delete(task.container)
+            except BaseException as e:  # noqa: BLE001 - carried beside the failure
+                log.warning("%s: undoing the create: %s", task.id, e, extra={"container": task.id})
+                errors.carry_cleanup_error(failure, e)
+        try:
+            task.release(self.daemon.loop)
+        except Exception as e:  # noqa: BLE001 - carried beside the failure
+            log.warning(
+                "%s: releasing after the create: %s", task.id, e, extra={"container": task.id}
+            )
+            errors.carry_cleanup_error(failure, e)
+        self.daemon.log_sink.remove(task.id)
+        self.daemon.task_failed(task.id)
+
     @_serialized
     async def Start(self, request, context):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
-        if proc.started:
-            raise errors.FailedPrecondition(f"process {proc.label} is already started")
-        if proc.exited.is_set():
-            raise errors.FailedPrecondition(f"process {proc.label} has already exited")
+        proc.check("Start")
         if proc is task.init:
             # A workload that exits at once is reaped while the core still starts it:
             # its exit goes out after /tasks/start.
             with proc.exit_deferred():
-                await self._off_loop(task.container.start)
-                proc.started = True
+                await self.engine.start(task.container)
+                proc.to(State.RUNNING)
                 self.publish("/tasks/start", events.TaskStart(container_id=task.id, pid=proc.pid))
             return shim_pb2.StartResponse(pid=proc.pid)
-        if task.init.exited.is_set():
+        if task.init.state in (State.STOPPED, State.DELETED):
             # The init exited after this exec was added: it will never run, and the Wait
             # containerd made before this Start must end with it (see below).
             proc.never_ran()
@@ -432,9 +428,9 @@ class TaskService(shim_ttrpc.TaskService):
         if stdio is None:
             raise errors.FailedPrecondition(f"exec {proc.label} is still being added")
         try:
-            _give_stdio(stdio, task.init.pid, proc.spec.get("user"), proc.label)
-            pid = await self._off_loop(
-                task.container.exec,
+            self._give_stdio(stdio, task.init.pid, proc.spec.get("user"), proc.label)
+            pid = await self.engine.exec(
+                task.container,
                 proc.spec,
                 stdio=tuple(stdio.child),
                 console_socket=stdio.console_socket,
@@ -448,7 +444,7 @@ class TaskService(shim_ttrpc.TaskService):
             proc.never_ran()
             raise
         stdio.spawned()
-        proc.started = True
+        proc.to(State.RUNNING)
         self.publish(
             "/tasks/exec-started",
             events.TaskExecStarted(container_id=task.id, exec_id=proc.exec_id, pid=pid),
@@ -462,31 +458,32 @@ class TaskService(shim_ttrpc.TaskService):
     async def Delete(self, request, context):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
-        proc.check_deletable()
-        if proc.stdio is not None and proc.exited.is_set():
+        proc.check("Delete")
+        if proc.stdio is not None and proc.state is State.STOPPED:
             # No other Delete of this container runs meanwhile (_serialized): the task
             # and the process are still as found above.
             await proc.stdio.hand_over_output()
         if proc is not task.init:
             proc.close()
+            proc.to(State.DELETED)
             del task.execs[proc.exec_id]
             return _delete_response(proc)
         for exec_proc in task.execs.values():
-            if exec_proc.started and not exec_proc.exited.is_set():
+            if exec_proc.state is State.RUNNING:
                 with contextlib.suppress(errors.ZvizError):
                     exec_proc.signal(signal.SIGKILL)
-            elif not exec_proc.started and not exec_proc.exited.is_set():
+            elif exec_proc.state is State.CREATED:
                 exec_proc.never_ran()  # added, never started: its Waits end with the task
         # Its last records go out before the state dir (and its denials.jsonl) does.
         self.daemon.denials.unwatch(task.id)
-        never_started = not proc.exited.is_set()
+        never_started = proc.state is State.CREATED
         if never_started:
             # The core kills and reaps it itself (or the reaper keeps its exit unclaimed):
             # no exit event for a process that never ran, and a later process may get
             # the pid.
             self.reaper.unregister(proc.pid)
         try:
-            await self._off_loop(task.container.delete, force=True)
+            await self.engine.delete(task.container)
         finally:
             task.release(self.daemon.loop)
             self.daemon.log_sink.remove(task.id)
@@ -494,6 +491,7 @@ class TaskService(shim_ttrpc.TaskService):
             self.daemon.task_removed(task.id)
         if never_started:
             proc.never_ran(128 + signal.SIGKILL)  # wakes any Wait
+        proc.to(State.DELETED)
         self.publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -513,8 +511,7 @@ class TaskService(shim_ttrpc.TaskService):
             raise errors.InvalidArgument("exec: exec_id is required")
         if request.exec_id in task.execs:
             raise errors.AlreadyExists(f"exec {request.exec_id} of task {task.id} already exists")
-        if task.init.exited.is_set():
-            raise errors.FailedPrecondition(f"task {task.id} has exited: cannot exec")
+        task.init.check("Exec")
         try:
             spec = typeurl.unpack_json(request.spec)
         except Exception as e:
@@ -590,7 +587,7 @@ class TaskService(shim_ttrpc.TaskService):
         task = self._task(request.id)
         by_pid = {p.pid: p.exec_id for p in task.execs.values() if p.pid}
         processes = []
-        for pid in await self._off_loop(task.container.pids):
+        for pid in await self.engine.pids(task.container):
             info = task_types.ProcessInfo(pid=pid)
             if pid in by_pid:
                 # containerd shows the exec id of an exec'd process from this detail.
@@ -601,7 +598,7 @@ class TaskService(shim_ttrpc.TaskService):
     @_serialized
     async def Stats(self, request, context):
         task = self._task(request.id)
-        stats = await self._off_loop(task.container.stats)
+        stats = await self.engine.stats(task.container)
         return shim_pb2.StatsResponse(stats=metrics_any(stats))
 
     async def Connect(self, request, context):
@@ -617,36 +614,35 @@ class TaskService(shim_ttrpc.TaskService):
     async def Kill(self, request, context):
         task = self._task(request.id)
         proc = task.process(request.exec_id)
-        if proc is task.init:
-            if proc.exited.is_set() and not request.all:
-                raise errors.NotFound(f"process {proc.label} not found: it has already exited")
-            try:
-                await self._off_loop(task.container.kill, request.signal, all=request.all)
-            except errors.FailedPrecondition:
-                # The core found PID 1 gone: only this loop reaps it, so its exit is
-                # recorded by now; answered as for an init known to have exited.
-                if proc.exited.is_set() and not request.all:
-                    raise errors.NotFound(
-                        f"process {proc.label} not found: it has already exited"
-                    ) from None
-                raise
-        else:
+        if proc is not task.init:
             proc.signal(request.signal)
+            return empty_pb2.Empty()
+        call = "Kill all" if request.all else "Kill"
+        proc.check(call)
+        try:
+            await self.engine.kill(task.container, request.signal, all=request.all)
+        except errors.FailedPrecondition:
+            # The core found PID 1 gone: only this loop reaps it, so its exit is
+            # recorded by now; answered as for an init known to have exited.
+            proc.check(call)
+            raise
         return empty_pb2.Empty()
 
     @_serialized
     async def Pause(self, request, context):
         task = self._task(request.id)
-        await self._off_loop(task.container.pause)
-        task.paused = True
+        task.init.check("Pause")
+        await self.engine.pause(task.container)
+        task.init.to(State.PAUSED)
         self.publish("/tasks/paused", events.TaskPaused(container_id=task.id))
         return empty_pb2.Empty()
 
     @_serialized
     async def Resume(self, request, context):
         task = self._task(request.id)
-        await self._off_loop(task.container.resume)
-        task.paused = False
+        task.init.check("Resume")
+        await self.engine.resume(task.container)
+        task.init.to(State.RUNNING)
         self.publish("/tasks/resumed", events.TaskResumed(container_id=task.id))
         return empty_pb2.Empty()
 
@@ -673,18 +669,34 @@ class TaskService(shim_ttrpc.TaskService):
     @_serialized
     async def Update(self, request, context):
         task = self._task(request.id)
-        if task.init.status() == STOPPED:
-            raise errors.FailedPrecondition(f"task {task.id} has exited: cannot update")
+        task.init.check("Update")
         try:
             resources = typeurl.unpack_json(request.resources)
         except Exception as e:
             raise errors.InvalidArgument(f"update: resources: {e}") from e
-        await self._off_loop(task.container.update, resources)
+        await self.engine.update(task.container, resources)
         return empty_pb2.Empty()
 
     async def Shutdown(self, request, context):
         self.daemon.shutdown_requested(now=request.now)
         return empty_pb2.Empty()
+
+
+def _answered(handler):
+    """HANDLER, its failures answered through the error table (shim/error_table.py)."""
+
+    @functools.wraps(handler)
+    async def answered(request, context):
+        try:
+            return await handler(request, context)
+        except errors.ZvizError as e:
+            raise error_table.ttrpc_error(e) from e
+        except Exception as e:
+            if not errors.cleanup_errors(e):
+                raise  # the ttrpc server's own mapping (FileNotFoundError, timeouts...)
+            raise error_table.ttrpc_error(e) from e
+
+    return answered
 
 
 def _timed(name: str, handler):
@@ -703,27 +715,6 @@ def _timed(name: str, handler):
             )
 
     return timed
-
-
-def _give_stdio(stdio: Stdio, pid: int, user: dict | None, label: str) -> None:
-    """Hand the process's stdio pipes and fifos to the host ids its user (config.json's
-    process.user) has in the user namespace of `pid`, the container's PID 1."""
-    user = user or {}
-    try:
-        uid = idmap.host_id(pid, "uid_map", int(user.get("uid", 0)))
-        gid = idmap.host_id(pid, "gid_map", int(user.get("gid", 0)))
-        if uid is not None and gid is not None:
-            stdio.give_to(uid, gid)
-    except OSError as e:
-        # The process still has its fds; only reopening them (/dev/stdout) fails.
-        log.warning("%s: stdio not handed to the process's user: %s", label, e)
-
-
-def _init_pid(container) -> int:
-    pid = getattr(container, "pid", None)
-    if pid:
-        return int(pid)
-    return int(container.state()["pid"])
 
 
 def _delete_response(proc: Process) -> shim_pb2.DeleteResponse:

@@ -264,3 +264,23 @@ def test_ping_group_range_is_narrowed_to_the_mapped_groups(value, gid_map, writt
     from runtime.process import ping_group_range_within
 
     assert ping_group_range_within(value, gid_map) == written
+
+
+def test_a_failed_create_keeps_its_error_and_carries_the_cleanups_beside_it(tmp_path):
+    """The undoing's failures (a cgroup that will not go, a state dir that cannot be
+    removed) travel beside the create's error, which stays the one raised: the shim's
+    error table then names both (tests/test_shim_errors.py)."""
+    from runtime.container import Container
+
+    class StuckCgroup:
+        def destroy(self):
+            raise errors.FailedPrecondition("cgroup s5states: processes remain")
+
+    container = Container(str(tmp_path), "s5states-undo", {})
+    os.mkdir(container.dir)
+    os.mkdir(os.path.join(container.dir, "not-a-file"))  # the flat rm -r cannot unlink it
+    failure = errors.InvalidArgument("config.json: process: is required")
+    container._undo_create(StuckCgroup(), failure)
+    carried = errors.cleanup_errors(failure)
+    assert [type(e) for e in carried] == [errors.FailedPrecondition, IsADirectoryError]
+    assert "processes remain" in str(carried[0])
