@@ -6,7 +6,6 @@ rather than a bare -1. Nothing here decides policy.
 """
 
 import ctypes
-import errno as _errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -261,11 +260,6 @@ CLOSE_RANGE_CLOEXEC = 4
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     raw_syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
-
-
-def kernel_supports(errno_value: int) -> bool:
-    """True unless an errno says the kernel lacks the syscall."""
-    return errno_value != _errno.ENOSYS
 
 
 # inotify(7), for cgroup v2 event files (memory.events, cgroup.events) that signal

@@ -590,7 +590,7 @@ class RootfsBuilder:
     def _populate_dev_at(self, dev_fd: int) -> None:
         for name in DEFAULT_DEVICES:
             _bind_device(f"/dev/{name}", dev_fd, name)
-        for device in getattr(self.spec.linux, "devices", None) or ():
+        for device in self.spec.linux.devices or ():
             self._create_device(device)
         for target, name in DEV_SYMLINKS:
             link = f"/proc/self/fd/{dev_fd}/{name}"
@@ -602,13 +602,9 @@ class RootfsBuilder:
             os.symlink(target, link)
 
     def _create_device(self, device) -> None:
-        path = device.path if hasattr(device, "path") else device["path"]
-        kind = device.type if hasattr(device, "type") else device["type"]
-        major = device.major if hasattr(device, "major") else device.get("major", 0)
-        minor = device.minor if hasattr(device, "minor") else device.get("minor", 0)
-        mode = (
-            device.file_mode if hasattr(device, "file_mode") else device.get("fileMode")
-        ) or 0o666
+        """One linux.devices entry (a spec.Device) inside the rootfs's /dev."""
+        path, major, minor = device.path, device.major or 0, device.minor or 0
+        mode = device.file_mode or 0o666
         # The host's device at the same path (the host's /dev: PID 1's root is still
         # the host's) is what a user namespace binds, as it may not mknod.
         host_ok = False
@@ -626,10 +622,10 @@ class RootfsBuilder:
             "u": stat.S_IFCHR,
             "b": stat.S_IFBLK,
             "p": stat.S_IFIFO,
-        }.get(kind)
+        }.get(device.type)
         if type_bits is None and not host_ok:
             raise errors.InvalidArgument(
-                f"config.json: linux.devices: {path}: unknown type {kind!r}"
+                f"config.json: linux.devices: {path}: unknown type {device.type!r}"
             )
         # Inside the rootfs, the parent directory made and pinned with no symlink on
         # the way, then only *at calls on it: never a path walk a swapped symlink

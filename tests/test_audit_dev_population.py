@@ -13,11 +13,16 @@ test widens that window deterministically, as tests/test_audit_mount_race.py doe
 import os
 
 from runtime import errors
+from runtime.spec import Device
+from tests.privileges import mounts_in_own_namespace
 from tests.test_audit_mount_race import (
     _builder,
     _in_private_mount_namespace,
     _swap_for_a_symlink_once_resolved,
 )
+
+# Both work in a private mount namespace (_in_private_mount_namespace), as root.
+pytestmark = mounts_in_own_namespace
 
 
 def test_device_parent_swapped_for_a_symlink_never_touches_the_host(tmp_path, monkeypatch):
@@ -27,8 +32,8 @@ def test_device_parent_swapped_for_a_symlink_never_touches_the_host(tmp_path, mo
     host_dir = tmp_path / "host-dir"
     host_dir.mkdir()
     (host_dir / "victim").write_text("host file\n")
-    device = {"path": "/vol/sub/victim", "type": "p", "major": 0, "minor": 0}
-    _swap_for_a_symlink_once_resolved(monkeypatch, device["path"], host_dir)
+    device = Device(path="/vol/sub/victim", type="p")
+    _swap_for_a_symlink_once_resolved(monkeypatch, device.path, host_dir)
 
     def body():
         os.chdir(root)
@@ -59,8 +64,8 @@ def test_devices_still_land_in_the_rootfs(tmp_path):
     def body():
         os.chdir(root)
         builder = _builder(str(bundle))
-        builder._create_device({"path": "/dev/fifo", "type": "p", "major": 0, "minor": 0})
-        builder._create_device({"path": "/dev/sub/null", "type": "c", "major": 1, "minor": 3})
+        builder._create_device(Device(path="/dev/fifo", type="p"))
+        builder._create_device(Device(path="/dev/sub/null", type="c", major=1, minor=3))
         fifo = os.lstat(root / "dev" / "fifo")
         null = os.stat(root / "dev" / "sub" / "null")
         return {
