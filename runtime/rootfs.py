@@ -435,20 +435,36 @@ class RootfsBuilder:
         The namespace child chdir'd into the rootfs while it was still host root, so
         PID 1 never walks the rootfs's path from "/": in a user namespace the
         container's root often may not (a bundle under a 0700 directory).
+
+        The builder owns the fds it was given (rootfs_mount_fd, bind_source_fds):
+        each is closed once used, and on a failure every one not yet used is closed
+        too, so the caller is left with mounts only in the container's own mount
+        namespace (which vanishes with it) and no fd to account for.
         """
-        propagation = PROPAGATION.get(self.spec.linux.rootfs_propagation or "", 0)
-        # Private (not slave) when asked, otherwise slave: host mount events still
-        # reach the container but nothing the container mounts reaches the host.
-        base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
-        self.syscall.mount(None, "/", None, base | linux.MS_REC)
-        self.enter_own_rootfs_mount()
         fds = self.bind_source_fds or [None] * len(self.spec.mounts or ())
         user_mounts = [
             Mount(m.destination, m.type, m.source, m.options, fd)
             for m, fd in zip(self.spec.mounts or (), fds, strict=True)
         ]
-        for m in merge_mounts(user_mounts):
-            self.mount_one(m)
+        merged = merge_mounts(user_mounts)
+        try:
+            propagation = PROPAGATION.get(self.spec.linux.rootfs_propagation or "", 0)
+            # Private (not slave) when asked, otherwise slave: host mount events still
+            # reach the container but nothing the container mounts reaches the host.
+            base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
+            self.syscall.mount(None, "/", None, base | linux.MS_REC)
+            self.enter_own_rootfs_mount()
+            for m in merged:
+                self.mount_one(m)
+        except BaseException:
+            for m in merged:
+                if m.source_fd is not None:
+                    os.close(m.source_fd)
+                    m.source_fd = None
+            if self.rootfs_mount_fd is not None:
+                os.close(self.rootfs_mount_fd)
+                self.rootfs_mount_fd = None
+            raise
         if not self.dev_is_bind:
             self.populate_dev()
         if before_pivot is not None:
@@ -484,6 +500,18 @@ class RootfsBuilder:
             self.rootfs_mount_fd = None
 
     def mount_one(self, m: Mount) -> None:
+        """Mount `m` beneath the rootfs; a kernel refusal names m's destination."""
+        try:
+            self._mount_one(m)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise OSError(
+                exc.errno,
+                f"config.json: mounts: {m.destination}: {exc.strerror or exc}",
+            ) from None
+
+    def _mount_one(self, m: Mount) -> None:
         syscall = self.syscall
         dest = secure_join(self.rootfs, m.destination)
         inside = os.path.relpath(dest, self.rootfs)
@@ -513,9 +541,9 @@ class RootfsBuilder:
                 (m.source_fd,) = open_bind_sources([m], self.bundle, syscall=syscall)
             if _clean(m.destination) == "/dev":
                 self.dev_is_bind = True
-            source_is_dir = stat.S_ISDIR(os.fstat(m.source_fd).st_mode)
-            _make_mountpoint(dest, m.destination, as_file=not source_is_dir)
             try:
+                source_is_dir = stat.S_ISDIR(os.fstat(m.source_fd).st_mode)
+                _make_mountpoint(dest, m.destination, as_file=not source_is_dir)
                 at_pinned(
                     dest,
                     m.destination,
