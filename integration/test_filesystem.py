@@ -229,6 +229,21 @@ def test_a_missing_bind_source_is_named_and_leaves_nothing(zviz, make_bundle, tm
     assert leftovers(container_id, zviz.root) == []
 
 
+def test_a_mount_the_kernel_refuses_names_its_destination_and_leaves_nothing(zviz, make_bundle):
+    bundle = make_bundle(["true"])
+    edit_config(
+        bundle,
+        lambda c: c["mounts"].append({"destination": "/data", "type": "zviz-no-such-fs", "source": "none"}),
+    )  # fmt: skip
+    container_id = unique_id()
+    result = zviz.run(bundle, container_id)
+    assert result.returncode == 1
+    # The kernel's words, and which of config.json's mounts it refused (not the fd PID 1
+    # mounted through).
+    assert "mounts: /data: " in result.stderr and "No such device" in result.stderr, result.stderr
+    assert leftovers(container_id, zviz.root) == []
+
+
 def test_symlink_in_the_image_cannot_redirect_a_mount_to_the_host(zviz, make_bundle, tmp_path):
     # The container sees its tmpfs through the symlink: the run got past the mounts.
     bundle = make_bundle(["sh", "-c", "ls /escape && stat -f -c %T /escape/m"])

@@ -6,7 +6,6 @@ rather than a bare -1. Nothing here decides policy.
 """
 
 import ctypes
-import errno as _errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -85,6 +84,8 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_GET_NO_NEW_PRIVS = 39
 PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_RAISE = 2
+PR_CAP_AMBIENT_LOWER = 3
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
 # os.uname, not platform.machine(): `platform` costs ~1 ms of import on every zviz command.
@@ -238,6 +239,43 @@ def set_no_new_privs() -> None:
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
+# capget(2)/capset(2), version 3: two 32-bit words per set.
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def capget() -> tuple[int, int, int]:
+    """The calling thread's (effective, permitted, inheritable) capability masks."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    raw_syscall("capget", ctypes.byref(header), ctypes.byref(data))
+    return tuple(
+        getattr(data[0], name) | getattr(data[1], name) << 32
+        for name in ("effective", "permitted", "inheritable")
+    )
+
+
+def capset(effective: int, permitted: int, inheritable: int) -> None:
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    for i in range(2):
+        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
+        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
+        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
+    raw_syscall("capset", ctypes.byref(header), ctypes.byref(data))
+
+
 def pidfd_open(pid: int, flags: int = 0) -> int:
     return raw_syscall("pidfd_open", ctypes.c_int(pid), ctypes.c_uint(flags), detail=str(pid))
 
@@ -261,11 +299,6 @@ CLOSE_RANGE_CLOEXEC = 4
 
 def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     raw_syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
-
-
-def kernel_supports(errno_value: int) -> bool:
-    """True unless an errno says the kernel lacks the syscall."""
-    return errno_value != _errno.ENOSYS
 
 
 # inotify(7), for cgroup v2 event files (memory.events, cgroup.events) that signal
@@ -381,24 +414,6 @@ def mount_setattr(
         ctypes.c_size_t(ctypes.sizeof(attr)),
         detail=detail or str(fd),
     )
-
-
-def clone_mount(path: str, *, recursive: bool, propagation: int) -> int:
-    """A detached clone (open_tree) of the mount at `path`, with `propagation` set.
-
-    open_tree copies the source's propagation: a clone of a mount in the host's
-    shared peer group is one more peer, and whatever is later mounted beneath the
-    clone would show up on the host. The propagation is set before anyone can
-    mount anything on the clone.
-    """
-    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | (AT_RECURSIVE if recursive else 0)
-    fd = open_tree(AT_FDCWD, path, flags)
-    try:
-        mount_setattr(fd, propagation=propagation, recursive=recursive, detail=path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def mount_setattr_idmap(

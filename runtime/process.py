@@ -960,24 +960,9 @@ def _switch_user(user) -> None:
 
 def _raise_effective_to_permitted() -> None:
     """setuid away from 0 clears the effective set; the security layer needs it to drop caps."""
-    import ctypes
+    from runtime.security import capabilities  # imported before pivot_root (runtime.security)
 
-    class Header(ctypes.Structure):
-        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-    class Data(ctypes.Structure):
-        _fields_ = [
-            ("effective", ctypes.c_uint32),
-            ("permitted", ctypes.c_uint32),
-            ("inheritable", ctypes.c_uint32),
-        ]
-
-    header = Header(0x20080522, 0)
-    data = (Data * 2)()
-    linux.raw_syscall("capget", ctypes.byref(header), data)
-    for d in data:
-        d.effective = d.permitted
-    linux.raw_syscall("capset", ctypes.byref(header), data)
+    capabilities.raise_effective_to_permitted()
 
 
 def _find_executable(args, env: list[str]) -> str:

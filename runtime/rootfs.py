@@ -19,6 +19,7 @@ import os
 import stat
 
 from runtime import errors, linux
+from runtime.syscall import LINUX, Syscall
 
 # Option name -> (flags to set, flags to clear).
 _FLAG_OPTIONS = {
@@ -127,7 +128,27 @@ VOLUME_PROPAGATION = linux.MS_SLAVE
 ROOTFS_PROPAGATION = linux.MS_PRIVATE
 
 
-def open_bind_sources(mounts, bundle: str) -> list[int | None]:
+def clone_mount(path: str, *, recursive: bool, propagation: int, syscall: Syscall = LINUX) -> int:
+    """A detached clone (open_tree) of the mount at `path`, with `propagation` set.
+
+    open_tree copies the source's propagation: a clone of a mount in the host's
+    shared peer group is one more peer, and whatever is later mounted beneath the
+    clone would show up on the host. The propagation is set before anyone can
+    mount anything on the clone.
+    """
+    flags = (
+        linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | (linux.AT_RECURSIVE if recursive else 0)
+    )
+    fd = syscall.open_tree(linux.AT_FDCWD, path, flags)
+    try:
+        syscall.mount_setattr(fd, propagation=propagation, recursive=recursive, detail=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_bind_sources(mounts, bundle: str, syscall: Syscall = LINUX) -> list[int | None]:
     """A detached clone (open_tree) of each bind mount's source; None for other mounts.
 
     Called by the zviz parent as host root, before any namespace: in a user namespace
@@ -147,10 +168,11 @@ def open_bind_sources(mounts, bundle: str) -> list[int | None]:
                 source = os.path.join(bundle, source)
             try:
                 fds.append(
-                    linux.clone_mount(
+                    clone_mount(
                         source,
                         recursive=bool(mount_flags & linux.MS_REC),
                         propagation=VOLUME_PROPAGATION,
+                        syscall=syscall,
                     )
                 )
             except FileNotFoundError:
@@ -267,23 +289,23 @@ def secure_join(root: str, unsafe: str) -> str:
     return os.path.join(root, *resolved)
 
 
-def _mount_flags_of(path: str) -> int:
+def _mount_flags_of(path: str, syscall: Syscall) -> int:
     """The MS_* flags `path`'s mount has now (to keep locked flags on remount)."""
-    st = os.statvfs(path)
+    st_flags = syscall.statvfs_flags(path)
     flags = 0
     for st_flag, ms_flag in _STATVFS_TO_MS:
-        if st.f_flag & st_flag:
+        if st_flags & st_flag:
             flags |= ms_flag
     return flags
 
 
-def remount_bind(path: str, flags: int) -> None:
+def remount_bind(path: str, flags: int, syscall: Syscall = LINUX) -> None:
     """Change a bind mount's flags, keeping the ones the kernel locked."""
-    current = _mount_flags_of(path) & _LOCKABLE
-    linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | current | flags)
+    current = _mount_flags_of(path, syscall) & _LOCKABLE
+    syscall.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | current | flags)
 
 
-def pin(path: str, destination: str, field: str = "mounts") -> int:
+def pin(path: str, destination: str, field: str = "mounts", syscall: Syscall = LINUX) -> int:
     """An O_PATH fd on `path`, opened with no symlink anywhere on the way (`path` is
     relative to the cwd, the rootfs, and came from `secure_join`, so it has none).
 
@@ -293,7 +315,7 @@ def pin(path: str, destination: str, field: str = "mounts") -> int:
     kernel then acts on exactly the directory that was checked, or zviz refuses.
     """
     try:
-        return linux.openat2(
+        return syscall.openat2(
             linux.AT_FDCWD,
             path,
             os.O_PATH | os.O_CLOEXEC,
@@ -308,9 +330,9 @@ def pin(path: str, destination: str, field: str = "mounts") -> int:
         raise
 
 
-def at_pinned(path: str, destination: str, action):
+def at_pinned(path: str, destination: str, action, syscall: Syscall = LINUX):
     """action("/proc/self/fd/N") with N a `pin` on `path`."""
-    fd = pin(path, destination)
+    fd = pin(path, destination, syscall=syscall)
     try:
         return action(f"/proc/self/fd/{fd}")
     finally:
@@ -367,7 +389,12 @@ def _make_mountpoint(
 
 
 class RootfsBuilder:
-    """Builds the filesystem of one container (call build() then finish() after pivot)."""
+    """Builds the filesystem of one container (call build() then finish() after pivot).
+
+    Every kernel call that changes the mount table, the root or the cwd goes through
+    `syscall` (runtime/syscall.py): the real kernel by default, a recording one in the
+    root-free tests that pin this sequence (tests/test_rootfs_sequence.py).
+    """
 
     def __init__(
         self,
@@ -381,6 +408,7 @@ class RootfsBuilder:
         log,
         rootfs_mount_fd: int | None = None,
         bind_source_fds: list[int | None] | None = None,
+        syscall: Syscall = LINUX,
     ):
         self.spec = spec
         # Every path below is relative to the cwd, which is the rootfs (see build()).
@@ -391,6 +419,7 @@ class RootfsBuilder:
         self.in_userns = in_userns
         self.new_netns = new_netns
         self.log = log
+        self.syscall = syscall
         self.dev_is_bind = False
         # A detached, id-mapped clone of the rootfs made by the parent (or None).
         self.rootfs_mount_fd = rootfs_mount_fd
@@ -406,20 +435,36 @@ class RootfsBuilder:
         The namespace child chdir'd into the rootfs while it was still host root, so
         PID 1 never walks the rootfs's path from "/": in a user namespace the
         container's root often may not (a bundle under a 0700 directory).
+
+        The builder owns the fds it was given (rootfs_mount_fd, bind_source_fds):
+        each is closed once used, and on a failure every one not yet used is closed
+        too, so the caller is left with mounts only in the container's own mount
+        namespace (which vanishes with it) and no fd to account for.
         """
-        propagation = PROPAGATION.get(self.spec.linux.rootfs_propagation or "", 0)
-        # Private (not slave) when asked, otherwise slave: host mount events still
-        # reach the container but nothing the container mounts reaches the host.
-        base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
-        linux.mount(None, "/", None, base | linux.MS_REC)
-        self.enter_own_rootfs_mount()
         fds = self.bind_source_fds or [None] * len(self.spec.mounts or ())
         user_mounts = [
             Mount(m.destination, m.type, m.source, m.options, fd)
             for m, fd in zip(self.spec.mounts or (), fds, strict=True)
         ]
-        for m in merge_mounts(user_mounts):
-            self.mount_one(m)
+        merged = merge_mounts(user_mounts)
+        try:
+            propagation = PROPAGATION.get(self.spec.linux.rootfs_propagation or "", 0)
+            # Private (not slave) when asked, otherwise slave: host mount events still
+            # reach the container but nothing the container mounts reaches the host.
+            base = propagation if propagation & linux.MS_PRIVATE else linux.MS_SLAVE | linux.MS_REC
+            self.syscall.mount(None, "/", None, base | linux.MS_REC)
+            self.enter_own_rootfs_mount()
+            for m in merged:
+                self.mount_one(m)
+        except BaseException:
+            for m in merged:
+                if m.source_fd is not None:
+                    os.close(m.source_fd)
+                    m.source_fd = None
+            if self.rootfs_mount_fd is not None:
+                os.close(self.rootfs_mount_fd)
+                self.rootfs_mount_fd = None
+            raise
         if not self.dev_is_bind:
             self.populate_dev()
         if before_pivot is not None:
@@ -437,22 +482,37 @@ class RootfsBuilder:
         fd = self.rootfs_mount_fd
         try:
             if fd is None:
-                fd = linux.clone_mount(".", recursive=True, propagation=ROOTFS_PROPAGATION)
+                fd = clone_mount(
+                    ".", recursive=True, propagation=ROOTFS_PROPAGATION, syscall=self.syscall
+                )
             else:
                 # The parent's clone was made in the host's namespace, as a peer of
                 # the bundle's mount when that is shared: private before anything is
                 # mounted beneath it.
-                linux.mount_setattr(
+                self.syscall.mount_setattr(
                     fd, propagation=ROOTFS_PROPAGATION, recursive=True, detail="rootfs"
                 )
-            linux.move_mount(fd, "", linux.AT_FDCWD, ".", linux.MOVE_MOUNT_F_EMPTY_PATH)
-            os.fchdir(fd)
+            self.syscall.move_mount(fd, "", linux.AT_FDCWD, ".", linux.MOVE_MOUNT_F_EMPTY_PATH)
+            self.syscall.fchdir(fd)
         finally:
             if fd is not None:
                 os.close(fd)
             self.rootfs_mount_fd = None
 
     def mount_one(self, m: Mount) -> None:
+        """Mount `m` beneath the rootfs; a kernel refusal names m's destination."""
+        try:
+            self._mount_one(m)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise OSError(
+                exc.errno,
+                f"config.json: mounts: {m.destination}: {exc.strerror or exc}",
+            ) from None
+
+    def _mount_one(self, m: Mount) -> None:
+        syscall = self.syscall
         dest = secure_join(self.rootfs, m.destination)
         inside = os.path.relpath(dest, self.rootfs)
         landing = "/" if inside == "." else "/" + inside
@@ -478,26 +538,32 @@ class RootfsBuilder:
                 )
         if is_bind(m):
             if m.source_fd is None:  # not opened by the parent (a caller of this module)
-                (m.source_fd,) = open_bind_sources([m], self.bundle)
+                (m.source_fd,) = open_bind_sources([m], self.bundle, syscall=syscall)
             if _clean(m.destination) == "/dev":
                 self.dev_is_bind = True
-            source_is_dir = stat.S_ISDIR(os.fstat(m.source_fd).st_mode)
-            _make_mountpoint(dest, m.destination, as_file=not source_is_dir)
             try:
+                source_is_dir = stat.S_ISDIR(os.fstat(m.source_fd).st_mode)
+                _make_mountpoint(dest, m.destination, as_file=not source_is_dir)
                 at_pinned(
                     dest,
                     m.destination,
-                    lambda target: linux.move_mount(
+                    lambda target: syscall.move_mount(
                         m.source_fd, "", linux.AT_FDCWD, target,
                         linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS,
                     ),
+                    syscall=syscall,
                 )  # fmt: skip
             finally:
                 os.close(m.source_fd)
                 m.source_fd = None
             extra = flags & ~(linux.MS_BIND | linux.MS_REC | linux.MS_REMOUNT)
             if extra:
-                at_pinned(dest, m.destination, lambda target: remount_bind(target, extra))
+                at_pinned(
+                    dest,
+                    m.destination,
+                    lambda target: remount_bind(target, extra, syscall=syscall),
+                    syscall=syscall,
+                )
         elif m.type == "cgroup" or m.type == "cgroup2":
             self.mount_cgroup(dest, flags, m.destination)
         else:
@@ -509,9 +575,10 @@ class RootfsBuilder:
                 at_pinned(
                     dest,
                     m.destination,
-                    lambda target: linux.mount(
+                    lambda target: syscall.mount(
                         m.source or m.type, target, m.type, flags, data or None
                     ),
+                    syscall=syscall,
                 )
             except OSError as exc:
                 if m.type == "sysfs" and exc.errno == errno.EPERM:
@@ -520,14 +587,22 @@ class RootfsBuilder:
                     self.log(
                         "warning", f"sysfs mount refused ({exc.strerror}): binding /sys read-only"
                     )
-                    at_pinned(dest, m.destination, _bind_host_sys_read_only)
+                    at_pinned(
+                        dest,
+                        m.destination,
+                        lambda target: _bind_host_sys_read_only(target, syscall),
+                        syscall=syscall,
+                    )
                 elif m.type == "mqueue" and exc.errno in (errno.EPERM, errno.ENODEV):
                     self.log("warning", f"mqueue mount refused ({exc.strerror}): skipped")
                 else:
                     raise
         if propagation:
             at_pinned(
-                dest, m.destination, lambda target: linux.mount(None, target, None, propagation)
+                dest,
+                m.destination,
+                lambda target: syscall.mount(None, target, None, propagation),
+                syscall=syscall,
             )
 
     def mount_cgroup(self, dest: str, flags: int, destination: str = "/sys/fs/cgroup") -> None:
@@ -538,6 +613,7 @@ class RootfsBuilder:
         mount goes through a pinned fd (`at_pinned`): inside the fresh tmpfs nothing
         but zviz can create a symlink.
         """
+        syscall = self.syscall
         hierarchies = _cgroup_mountpoints()
         own = sorted(self.cgroup_paths.values()) if self.cgroup_paths else []
         unified_only = len(hierarchies) == 1 and hierarchies[0][1] == "cgroup2"
@@ -548,18 +624,31 @@ class RootfsBuilder:
                 at_pinned(
                     dest,
                     destination,
-                    lambda target: linux.mount(own[0], target, None, linux.MS_BIND),
+                    lambda target: syscall.mount(own[0], target, None, linux.MS_BIND),
+                    syscall=syscall,
                 )
-                at_pinned(dest, destination, lambda target: remount_bind(target, flags | locked))
+                at_pinned(
+                    dest,
+                    destination,
+                    lambda target: remount_bind(target, flags | locked, syscall=syscall),
+                    syscall=syscall,
+                )
             return
         at_pinned(
             dest,
             destination,
-            lambda target: linux.mount("tmpfs", target, "tmpfs", locked, "mode=755"),
+            lambda target: syscall.mount("tmpfs", target, "tmpfs", locked, "mode=755"),
+            syscall=syscall,
         )
-        at_pinned(dest, destination, lambda tmpfs: self._fill_cgroup_tmpfs(tmpfs, flags, own))
+        at_pinned(
+            dest,
+            destination,
+            lambda tmpfs: self._fill_cgroup_tmpfs(tmpfs, flags, own),
+            syscall=syscall,
+        )
 
     def _fill_cgroup_tmpfs(self, tmpfs: str, flags: int, own: list[str]) -> None:
+        syscall = self.syscall
         locked = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
         for mountpoint, _fstype in _cgroup_mountpoints():
             mine = [p for p in own if p == mountpoint or p.startswith(mountpoint + "/")]
@@ -567,21 +656,21 @@ class RootfsBuilder:
                 continue
             target = os.path.join(tmpfs, os.path.relpath(mountpoint, "/sys/fs/cgroup"))
             os.makedirs(target, exist_ok=True)
-            linux.mount(mine[0], target, None, linux.MS_BIND)
-            remount_bind(target, flags | locked)
+            syscall.mount(mine[0], target, None, linux.MS_BIND)
+            remount_bind(target, flags | locked, syscall=syscall)
         try:
             for name in os.listdir("/sys/fs/cgroup"):
                 host = os.path.join("/sys/fs/cgroup", name)
                 if os.path.islink(host) and not os.path.lexists(os.path.join(tmpfs, name)):
-                    os.symlink(os.readlink(host), os.path.join(tmpfs, name))
+                    syscall.symlink(os.readlink(host), os.path.join(tmpfs, name))
         except OSError:
             pass
         if flags & linux.MS_RDONLY:
-            linux.mount(None, tmpfs, None, linux.MS_REMOUNT | linux.MS_RDONLY | locked)
+            syscall.mount(None, tmpfs, None, linux.MS_REMOUNT | linux.MS_RDONLY | locked)
 
     def populate_dev(self) -> None:
         # Through a pinned fd on the /dev mount: the path to it is the image's.
-        dev_fd = pin(secure_join(self.rootfs, "/dev"), "/dev")
+        dev_fd = pin(secure_join(self.rootfs, "/dev"), "/dev", syscall=self.syscall)
         try:
             self._populate_dev_at(dev_fd)
         finally:
@@ -589,8 +678,8 @@ class RootfsBuilder:
 
     def _populate_dev_at(self, dev_fd: int) -> None:
         for name in DEFAULT_DEVICES:
-            _bind_device(f"/dev/{name}", dev_fd, name)
-        for device in getattr(self.spec.linux, "devices", None) or ():
+            _bind_device(f"/dev/{name}", dev_fd, name, self.syscall)
+        for device in self.spec.linux.devices or ():
             self._create_device(device)
         for target, name in DEV_SYMLINKS:
             link = f"/proc/self/fd/{dev_fd}/{name}"
@@ -599,16 +688,12 @@ class RootfsBuilder:
                     os.unlink(link)
                 else:
                     continue
-            os.symlink(target, link)
+            self.syscall.symlink(target, link)
 
     def _create_device(self, device) -> None:
-        path = device.path if hasattr(device, "path") else device["path"]
-        kind = device.type if hasattr(device, "type") else device["type"]
-        major = device.major if hasattr(device, "major") else device.get("major", 0)
-        minor = device.minor if hasattr(device, "minor") else device.get("minor", 0)
-        mode = (
-            device.file_mode if hasattr(device, "file_mode") else device.get("fileMode")
-        ) or 0o666
+        """One linux.devices entry (a spec.Device) inside the rootfs's /dev."""
+        path, major, minor = device.path, device.major or 0, device.minor or 0
+        mode = device.file_mode or 0o666
         # The host's device at the same path (the host's /dev: PID 1's root is still
         # the host's) is what a user namespace binds, as it may not mknod.
         host_ok = False
@@ -626,10 +711,10 @@ class RootfsBuilder:
             "u": stat.S_IFCHR,
             "b": stat.S_IFBLK,
             "p": stat.S_IFIFO,
-        }.get(kind)
+        }.get(device.type)
         if type_bits is None and not host_ok:
             raise errors.InvalidArgument(
-                f"config.json: linux.devices: {path}: unknown type {kind!r}"
+                f"config.json: linux.devices: {path}: unknown type {device.type!r}"
             )
         # Inside the rootfs, the parent directory made and pinned with no symlink on
         # the way, then only *at calls on it: never a path walk a swapped symlink
@@ -637,24 +722,25 @@ class RootfsBuilder:
         parent, name = os.path.split(os.path.normpath(secure_join(self.rootfs, path)))
         parent = parent or "."
         _make_mountpoint(parent, path, field="linux.devices")
-        parent_fd = pin(parent, path, field="linux.devices")
+        parent_fd = pin(parent, path, field="linux.devices", syscall=self.syscall)
         try:
             try:
                 os.unlink(name, dir_fd=parent_fd)
             except FileNotFoundError:
                 pass
             if host_ok:
-                _bind_device(path, parent_fd, name)
+                _bind_device(path, parent_fd, name, self.syscall)
             else:
                 mode_bits = type_bits | (mode & 0o7777)
-                os.mknod(name, mode_bits, os.makedev(major, minor), dir_fd=parent_fd)
+                self.syscall.mknod(name, mode_bits, os.makedev(major, minor), parent_fd)
         finally:
             os.close(parent_fd)
 
     def pivot(self) -> None:
+        syscall = self.syscall
         if not self.no_pivot:
             try:
-                linux.pivot_root(".", ".")
+                syscall.pivot_root(".", ".")
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -667,32 +753,33 @@ class RootfsBuilder:
                 ) from None
             # The old root is stacked under the new one at "."; detach it, after
             # making it a slave so the unmount cannot propagate to the host.
-            linux.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
-            linux.umount2(".", linux.MNT_DETACH)
-            os.chdir("/")
+            syscall.mount(None, ".", None, linux.MS_SLAVE | linux.MS_REC)
+            syscall.umount2(".", linux.MNT_DETACH)
+            syscall.chdir("/")
             return
         # --no-pivot: move the rootfs over "/" and chroot into it. Weaker than
         # pivot_root (the old root stays reachable to a process with CAP_SYS_CHROOT),
         # which is why capabilities drop that cap by default.
-        linux.mount(".", "/", None, linux.MS_MOVE)
-        os.chroot(".")
-        os.chdir("/")
+        syscall.mount(".", "/", None, linux.MS_MOVE)
+        syscall.chroot(".")
+        syscall.chdir("/")
 
     def finish(self) -> None:
         """After pivot: masked and read-only paths, read-only root, root propagation."""
+        syscall = self.syscall
         linux_spec = self.spec.linux
         for path in linux_spec.masked_paths or ():
-            mask_path(path)
+            mask_path(path, syscall)
         for path in linux_spec.readonly_paths or ():
-            readonly_path(path)
+            readonly_path(path, syscall)
         if self.spec.root.readonly:
-            remount_bind("/", linux.MS_RDONLY)
+            remount_bind("/", linux.MS_RDONLY, syscall=syscall)
         propagation = PROPAGATION.get(linux_spec.rootfs_propagation or "")
         if propagation:
-            linux.mount(None, "/", None, propagation)
+            syscall.mount(None, "/", None, propagation)
 
 
-def _bind_device(host_path: str, dir_fd: int, name: str) -> None:
+def _bind_device(host_path: str, dir_fd: int, name: str, syscall: Syscall = LINUX) -> None:
     """Bind the host's device `host_path` onto `name` in the directory `dir_fd`
     (created as an empty file; never through a symlink)."""
     try:
@@ -708,21 +795,21 @@ def _bind_device(host_path: str, dir_fd: int, name: str) -> None:
         pass
     target = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
-        linux.mount(host_path, f"/proc/self/fd/{target}", None, linux.MS_BIND)
+        syscall.mount(host_path, f"/proc/self/fd/{target}", None, linux.MS_BIND)
     finally:
         os.close(target)
 
 
-def _bind_host_sys_read_only(target: str) -> None:
+def _bind_host_sys_read_only(target: str, syscall: Syscall = LINUX) -> None:
     """The host's /sys and every mount beneath it, read-only, nosuid, nodev, noexec.
 
     A remount would reach only the top mount: the host's cgroup hierarchies, securityfs,
     bpffs... beneath it would stay writable. mount_setattr(AT_RECURSIVE) sets the
     flags on the whole detached clone before it is attached.
     """
-    fd = linux.clone_mount("/sys", recursive=True, propagation=VOLUME_PROPAGATION)
+    fd = clone_mount("/sys", recursive=True, propagation=VOLUME_PROPAGATION, syscall=syscall)
     try:
-        linux.mount_setattr(
+        syscall.mount_setattr(
             fd,
             attr_set=linux.MOUNT_ATTR_RDONLY
             | linux.MOUNT_ATTR_NOSUID
@@ -731,7 +818,7 @@ def _bind_host_sys_read_only(target: str) -> None:
             recursive=True,
             detail="/sys",
         )
-        linux.move_mount(
+        syscall.move_mount(
             fd, "", linux.AT_FDCWD, target,
             linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS,
         )  # fmt: skip
@@ -739,26 +826,28 @@ def _bind_host_sys_read_only(target: str) -> None:
         os.close(fd)
 
 
-def mask_path(path: str) -> None:
+def mask_path(path: str, syscall: Syscall = LINUX) -> None:
     """Make `path` unreadable: /dev/null over a file, an empty read-only tmpfs over a dir."""
     try:
-        linux.mount("/dev/null", path, None, linux.MS_BIND)
+        syscall.mount("/dev/null", path, None, linux.MS_BIND)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return
         if exc.errno != errno.ENOTDIR:
             raise
-        linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
+        syscall.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
 
 
-def readonly_path(path: str) -> None:
+def readonly_path(path: str, syscall: Syscall = LINUX) -> None:
     try:
-        linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+        syscall.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             return
         raise
-    remount_bind(path, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    remount_bind(
+        path, linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, syscall=syscall
+    )
 
 
 def _cgroup_mountpoints() -> list[tuple[str, str]]:

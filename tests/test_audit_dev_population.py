@@ -12,7 +12,13 @@ test widens that window deterministically, as tests/test_audit_mount_race.py doe
 
 import os
 
+import pytest
+
 from runtime import errors
+from runtime.rootfs import RootfsBuilder
+from runtime.spec import Device
+from tests.privileges import mounts_in_own_namespace
+from tests.recording_syscall import RecordingSyscall
 from tests.test_audit_mount_race import (
     _builder,
     _in_private_mount_namespace,
@@ -21,36 +27,37 @@ from tests.test_audit_mount_race import (
 
 
 def test_device_parent_swapped_for_a_symlink_never_touches_the_host(tmp_path, monkeypatch):
+    """Without root: the mknod is recorded (tests/recording_syscall.py), the parent's
+    refusal is the kernel's (O_NOFOLLOW, openat2 RESOLVE_NO_SYMLINKS)."""
     bundle = tmp_path / "bundle"
     root = bundle / "rootfs"
     (root / "vol" / "sub").mkdir(parents=True)
     host_dir = tmp_path / "host-dir"
     host_dir.mkdir()
     (host_dir / "victim").write_text("host file\n")
-    device = {"path": "/vol/sub/victim", "type": "p", "major": 0, "minor": 0}
-    _swap_for_a_symlink_once_resolved(monkeypatch, device["path"], host_dir)
-
-    def body():
-        os.chdir(root)
-        try:
-            _builder(str(bundle))._create_device(device)
-            error = None
-        except errors.ZvizError as exc:
-            error = str(exc)
-        victim = host_dir / "victim"
-        return {
-            "error": error,
-            "victim_is_the_host_file": victim.is_file() and victim.read_text() == "host file\n",
-            "host_dir": sorted(os.listdir(host_dir)),
-        }
-
-    result = _in_private_mount_namespace(body)
-    assert "crash" not in result, result
-    assert result["victim_is_the_host_file"] is True, result
-    assert result["host_dir"] == ["victim"], result
-    assert result["error"] and "/vol/sub/victim" in result["error"], result
+    device = Device(path="/vol/sub/victim", type="p")
+    _swap_for_a_symlink_once_resolved(monkeypatch, device.path, host_dir)
+    monkeypatch.chdir(root)
+    recorder = RecordingSyscall(root)
+    builder = RootfsBuilder(
+        None,
+        bundle=str(bundle),
+        cgroup_paths={},
+        no_pivot=False,
+        in_userns=False,
+        new_netns=False,
+        log=lambda *a, **k: None,
+        syscall=recorder,
+    )
+    with pytest.raises(errors.ZvizError, match="/vol/sub/victim"):
+        builder._create_device(device)
+    victim = host_dir / "victim"
+    assert victim.is_file() and victim.read_text() == "host file\n"
+    assert sorted(os.listdir(host_dir)) == ["victim"]
+    assert not recorder.named("mknod", "mount")
 
 
+@mounts_in_own_namespace
 def test_devices_still_land_in_the_rootfs(tmp_path):
     bundle = tmp_path / "bundle"
     root = bundle / "rootfs"
@@ -59,8 +66,8 @@ def test_devices_still_land_in_the_rootfs(tmp_path):
     def body():
         os.chdir(root)
         builder = _builder(str(bundle))
-        builder._create_device({"path": "/dev/fifo", "type": "p", "major": 0, "minor": 0})
-        builder._create_device({"path": "/dev/sub/null", "type": "c", "major": 1, "minor": 3})
+        builder._create_device(Device(path="/dev/fifo", type="p"))
+        builder._create_device(Device(path="/dev/sub/null", type="c", major=1, minor=3))
         fifo = os.lstat(root / "dev" / "fifo")
         null = os.stat(root / "dev" / "sub" / "null")
         return {

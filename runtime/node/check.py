@@ -138,7 +138,7 @@ def _pidfd_getfd(profile) -> Check:
     try:
         linux.pidfd_getfd(-1, 0)
     except OSError as e:
-        if not linux.kernel_supports(e.errno):
+        if e.errno == errno.ENOSYS:
             needed = profile.needs_broker(False)
             return Check(
                 "pidfd_getfd",

@@ -39,6 +39,7 @@ from runtime.security import (  # noqa: F401
 )
 from runtime.security.profiles import Profile, load_profile
 from runtime.spec import is_own_netns
+from runtime.syscall import LINUX, Syscall
 
 __all__ = [
     "HOST_NETWORK_FLAG",
@@ -576,11 +577,13 @@ def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = F
     return rs
 
 
-def apply(plan: Plan, notify_channel=None) -> None:
+def apply(plan: Plan, notify_channel=None, syscall: Syscall = LINUX) -> None:
     """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp.
 
     notify_channel: the NotifyChannel from notify_channel() (or its container_fd) when
     the profile needs a broker; anything else (None, the core's sync channel) is ignored.
+    syscall: the capability and prctl calls' seam (runtime/syscall.py); Landlock and
+    seccomp load through their own modules.
     """
     from runtime import linux
     from runtime.security import capabilities as caps
@@ -598,9 +601,9 @@ def apply(plan: Plan, notify_channel=None) -> None:
             f"seccomp: profile {plan.profile_name} needs a broker (network mediation or "
             "--verbose) but the runtime gave no notify channel"
         )
-    caps.drop(plan.capabilities, plan.cap_last_cap)
+    caps.drop(plan.capabilities, plan.cap_last_cap, syscall)
     try:
-        linux.set_no_new_privs()
+        syscall.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
     except OSError as e:
         raise SecurityLayerError(f"no_new_privs: {e}") from None
     if plan.landlock is not None:

@@ -5,13 +5,10 @@ The number of capabilities comes from the running kernel
 than this code is dropped too.
 """
 
-import ctypes
-
 from runtime import linux
 from runtime.errors import SecurityLayerError
 from runtime.spec import CAPABILITY_NUMBERS, CAPABILITY_SETS, Capabilities
-
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+from runtime.syscall import LINUX, Syscall
 
 # The capabilities the kernel checks against the user namespace that owns the file or
 # process acted on (capable_wrt_inode_uidgid, kill_ok_by_cred, ns_capable on the
@@ -29,18 +26,6 @@ CONFINED_TO_USER_NAMESPACE = frozenset(
         "CAP_SETUID",
     }
 )
-
-
-class _Header(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _Data(ctypes.Structure):
-    _fields_ = [
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    ]
 
 
 def last_cap(proc: str = "/proc") -> int:
@@ -77,44 +62,40 @@ def mask(names) -> int:
     return value
 
 
-def _capget() -> tuple[int, int, int]:
-    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_Data * 2)()
-    linux.raw_syscall("capget", ctypes.byref(header), ctypes.byref(data))
-    return tuple(
-        data[0].__getattribute__(f) | data[1].__getattribute__(f) << 32
-        for f in ("effective", "permitted", "inheritable")
-    )
+def raise_effective_to_permitted(syscall: Syscall = LINUX) -> None:
+    """Make the effective set everything still permitted.
+
+    A setuid away from 0 (with keepcaps) clears the effective set, and dropping the
+    bounding set needs CAP_SETPCAP effective: the one place either caller (drop(), and
+    PID 1's user switch in runtime/process.py) raises it."""
+    _, permitted, inheritable = syscall.capget()
+    syscall.capset(permitted, permitted, inheritable)
 
 
-def _capset(effective: int, permitted: int, inheritable: int) -> None:
-    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_Data * 2)()
-    for i in range(2):
-        data[i].effective = (effective >> (32 * i)) & 0xFFFFFFFF
-        data[i].permitted = (permitted >> (32 * i)) & 0xFFFFFFFF
-        data[i].inheritable = (inheritable >> (32 * i)) & 0xFFFFFFFF
-    linux.raw_syscall("capset", ctypes.byref(header), ctypes.byref(data))
+def drop(caps: Capabilities, cap_last_cap: int, syscall: Syscall = LINUX) -> None:
+    """Leave exactly `caps` in the five sets of the calling thread; raise if that fails.
 
-
-def drop(caps: Capabilities, cap_last_cap: int) -> None:
-    """Leave exactly `caps` in the five sets of the calling thread; raise if that fails."""
+    Order (pinned by tests/test_capability_sequence.py): effective raised to permitted;
+    the bounding set cut while CAP_SETPCAP is still effective; ambient cleared; the
+    effective, permitted and inheritable sets set at once (dropping CAP_SETPCAP last);
+    the ambient set raised, which the kernel allows only for capabilities now both
+    permitted and inheritable; a capget to check what the thread holds.
+    """
     keep_bounding = mask(caps.bounding)
     try:
-        # Raise effective to everything still permitted, so dropping the bounding set
-        # (which needs CAP_SETPCAP) works even if the user was switched with keepcaps.
-        _, permitted, inheritable = _capget()
-        _capset(permitted, permitted, inheritable)
+        raise_effective_to_permitted(syscall)
         for cap in range(cap_last_cap + 1):
-            if not keep_bounding & (1 << cap) and linux.prctl(linux.PR_CAPBSET_READ, cap) == 1:
-                linux.prctl(linux.PR_CAPBSET_DROP, cap)
-        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
-        _capset(mask(caps.effective), mask(caps.permitted), mask(caps.inheritable))
+            if not keep_bounding & (1 << cap) and syscall.prctl(linux.PR_CAPBSET_READ, cap) == 1:
+                syscall.prctl(linux.PR_CAPBSET_DROP, cap)
+        syscall.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+        syscall.capset(mask(caps.effective), mask(caps.permitted), mask(caps.inheritable))
         for name in caps.ambient:
-            linux.prctl(linux.PR_CAP_AMBIENT, 2, CAPABILITY_NUMBERS[name])  # PR_CAP_AMBIENT_RAISE
+            syscall.prctl(
+                linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, CAPABILITY_NUMBERS[name]
+            )
     except OSError as e:
         raise SecurityLayerError(f"capabilities: cannot drop capabilities: {e}") from None
-    effective, permitted, _ = _capget()
+    effective, permitted, _ = syscall.capget()
     if effective != mask(caps.effective) or permitted != mask(caps.permitted):
         raise SecurityLayerError(
             f"capabilities: still holding effective={effective:#x} permitted={permitted:#x}"
