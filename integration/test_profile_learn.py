@@ -1,0 +1,246 @@
+"""`zviz profile learn` (issue 15 item 4): learn -> run -> probe.
+
+A workload runs once under `zviz profile learn --base BASE -- zviz run ...`; the profile
+it writes must let the same workload run enforcing, and a probe that does one thing the
+workload never did (a syscall BASE denies, a write to another directory, a connect to
+another endpoint, a bind of another port) must still be refused.
+
+The busybox cases each need one part of learning (without it the enforcing run fails);
+the workload cases run the suite's Debian images (integration/workloads, `make images`)
+from bundles made of their cached archives.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from integration.ids import tagged, unique_id
+from integration.podnet import PEER_IP, PodNetwork
+from integration.zviz_cli import edit_config
+
+# One action per argument; prints "ACTION ok" or "ACTION errno N".
+PROBE_C = r"""
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+static void report(const char *what, long rc) {
+    if (rc < 0) printf("%s errno %d\n", what, errno);
+    else printf("%s ok\n", what);
+    fflush(stdout);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++) {
+        char *a = argv[i];
+        if (!strcmp(a, "kcmp")) {
+            pid_t me = getpid();
+            report(a, syscall(SYS_kcmp, me, me, 0, 0, 0));
+        } else if (!strcmp(a, "sysfs")) {
+            report(a, syscall(SYS_sysfs, 3));
+        } else if (!strcmp(a, "unshare")) {
+            report(a, unshare(CLONE_NEWUTS));
+        } else if (!strncmp(a, "write:", 6)) {
+            int fd = open(a + 6, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (fd >= 0) { report(a, write(fd, "x\n", 2)); close(fd); }
+            else report(a, -1);
+        } else if (!strncmp(a, "connect:", 8)) {
+            char host[64]; int port;
+            sscanf(a + 8, "%63[^:]:%d", host, &port);
+            struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(port)};
+            inet_pton(AF_INET, host, &sa.sin_addr);
+            int s = socket(AF_INET, SOCK_STREAM, 0);
+            if (s < 0) { report(a, -1); continue; }
+            report(a, connect(s, (struct sockaddr *)&sa, sizeof sa));
+            close(s);
+        } else {
+            printf("%s unknown\n", a);
+        }
+    }
+    return 0;
+}
+"""
+EPERM, EACCES, EROFS, ECONNREFUSED = 1, 13, 30, 111
+
+
+@pytest.fixture(scope="module")
+def probe_binary(tmp_path_factory) -> str:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc missing: the learning probe is a static C program")
+    directory = tmp_path_factory.mktemp(tagged("learn-probe"))
+    source = directory / "probe.c"
+    source.write_text(PROBE_C)
+    binary = str(directory / "probe")
+    subprocess.run([gcc, "-static", "-O2", "-o", binary, str(source)], check=True)
+    return binary
+
+
+@pytest.fixture
+def learn_root(tmp_path) -> str:
+    root = tmp_path / tagged("learn-root")
+    root.mkdir()
+    return str(root)
+
+
+def _answers(stdout: str) -> dict[str, str]:
+    answers = {}
+    for line in stdout.splitlines():
+        what, _, result = line.partition(" ")
+        if result:
+            answers[what] = result
+    return answers
+
+
+def learn(zviz_bin, root, base, out, bundle, *, timeout=120) -> subprocess.CompletedProcess:
+    """`zviz profile learn --base BASE --out OUT -- zviz --root ROOT run ID BUNDLE`."""
+    result = subprocess.run(
+        [zviz_bin, "profile", "learn", "--base", base, "--out", out, "--",
+         "zviz", "--root", root, "run", unique_id("s5learn"), bundle],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result
+
+
+def run(zviz_bin, root, profile, bundle, *, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [zviz_bin, "--root", root, "run", "--profile", profile, unique_id("s5learn"), bundle],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def probe_bundle(make_bundle, probe_binary, *actions, **overrides) -> str:
+    bundle = make_bundle(args=["/bin/probe", *actions], **overrides)
+    shutil.copy(probe_binary, os.path.join(bundle, "rootfs/bin/probe"))
+    edit_config(bundle, lambda c: c["root"].update(readonly=False))
+    return bundle
+
+
+def _learned(path: str) -> dict:
+    import tomllib
+
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def test_learns_the_syscalls_the_base_refuses(
+    zviz_bin, learn_root, make_bundle, probe_binary, tmp_path
+):
+    """kcmp (ci-runner denies it, not escape class) is learned; unshare (escape class) is
+    tried, stays refused and is never learned; sysfs, never used, stays denied."""
+    workload = ("kcmp", "unshare")
+    out = str(tmp_path / "learned.toml")
+    bundle = probe_bundle(make_bundle, probe_binary, *workload)
+    learning = learn(zviz_bin, learn_root, "ci-runner", out, bundle)
+    answers = _answers(learning.stdout)
+    assert answers == {"kcmp": "ok", "unshare": f"errno {EPERM}"}, learning.stdout
+
+    learned = _learned(out)
+    assert learned["profile"]["extends"] == "ci-runner"
+    assert learned["seccomp"]["allow_add"] == ["kcmp"]
+    assert "unshare" not in json.dumps(learned)
+    assert "unshare: escape class" in open(out).read()
+
+    # The workload runs enforcing under what was learned; under the base it is refused.
+    bundle = probe_bundle(make_bundle, probe_binary, *workload, "sysfs")
+    enforced = _answers(run(zviz_bin, learn_root, out, bundle).stdout)
+    assert enforced == {"kcmp": "ok", "unshare": f"errno {EPERM}", "sysfs": f"errno {EPERM}"}
+    under_base = _answers(run(zviz_bin, learn_root, "ci-runner", bundle).stdout)
+    assert under_base["kcmp"] == f"errno {EPERM}"
+
+
+def test_learns_the_directories_it_writes(
+    zviz_bin, learn_root, make_bundle, probe_binary, tmp_path
+):
+    """The rootfs is writable while learning; the directory written (not its parent, not
+    the rootfs) is learned. A sibling directory and a config.json volume stay as they were."""
+    out = str(tmp_path / "learned.toml")
+    volume = tmp_path / tagged("learn-volume")
+    volume.mkdir()
+    mount = {"destination": "/mnt/ro", "type": "bind", "source": str(volume),
+             "options": ["rbind", "ro"]}  # fmt: skip
+
+    def fresh_bundle(*actions):
+        bundle = probe_bundle(make_bundle, probe_binary, *actions)
+        for directory in ("srv/data", "srv/other", "mnt/ro"):
+            os.makedirs(os.path.join(bundle, "rootfs", directory))
+        edit_config(bundle, lambda c: c["mounts"].append(mount))
+        return bundle
+
+    workload = ("write:/srv/data/state", "write:/tmp/scratch", "write:/mnt/ro/file")
+    learning = learn(zviz_bin, learn_root, "ci-runner", out, fresh_bundle(*workload))
+    answers = _answers(learning.stdout)
+    assert answers["write:/srv/data/state"] == "ok", learning.stdout
+    # A read-only volume stays read-only while learning: the rootfs is opened up, not mounts.
+    assert answers["write:/mnt/ro/file"] == f"errno {EROFS}", learning.stdout
+    assert _learned(out)["landlock"]["writable_add"] == ["/srv/data"]
+    assert not os.listdir(volume)
+
+    probe = (*workload, "write:/srv/data/more", "write:/srv/other/file", "write:/etc/planted")
+    enforced = _answers(run(zviz_bin, learn_root, out, fresh_bundle(*probe)).stdout)
+    assert enforced["write:/srv/data/state"] == "ok"
+    assert enforced["write:/srv/data/more"] == "ok"
+    assert enforced["write:/srv/other/file"] == f"errno {EACCES}"
+    assert enforced["write:/etc/planted"] == f"errno {EACCES}"
+    under_base = _answers(run(zviz_bin, learn_root, "ci-runner", fresh_bundle(*workload)).stdout)
+    assert under_base["write:/srv/data/state"] == f"errno {EACCES}"
+
+
+@pytest.fixture
+def pod_network():
+    net = PodNetwork(tag="s5learn")
+    try:
+        yield net
+    finally:
+        net.delete()
+
+
+def test_learns_the_endpoints_it_reaches(
+    zviz_bin, learn_root, make_bundle, probe_binary, tmp_path, pod_network
+):
+    """In a pod's network namespace ci-runner's broker refuses every way out; learning
+    lets the workload's connect through (audited) and turns it into an egress rule. No
+    listener is needed: a connect let through is refused by the peer (ECONNREFUSED), one
+    the broker refuses fails EPERM."""
+    out = str(tmp_path / "learned.toml")
+
+    def fresh_bundle(*actions):
+        return pod_network.join(probe_bundle(make_bundle, probe_binary, *actions))
+
+    workload = (f"connect:{PEER_IP}:9000",)
+    learning = learn(zviz_bin, learn_root, "ci-runner", out, fresh_bundle(*workload))
+    assert _answers(learning.stdout)[workload[0]] == f"errno {ECONNREFUSED}", learning.stdout
+    network = _learned(out)["network"]
+    assert network["egress_add"] == [{"cidr": f"{PEER_IP}/32", "ports": [9000]}]
+    assert network["mode"] == "namespace"
+
+    probe = (*workload, f"connect:{PEER_IP}:9001")
+    enforced = _answers(run(zviz_bin, learn_root, out, fresh_bundle(*probe)).stdout)
+    assert enforced == {workload[0]: f"errno {ECONNREFUSED}", probe[1]: f"errno {EPERM}"}
+    under_base = _answers(run(zviz_bin, learn_root, "ci-runner", fresh_bundle(*workload)).stdout)
+    assert under_base[workload[0]] == f"errno {EPERM}"
+
+
+def test_the_command_must_be_a_zviz_run(zviz_bin, learn_root, tmp_path):
+    for command in (
+        ["runc", "run", "x", "."],
+        ["zviz", "delete", "x"],
+        ["zviz", "run", "-d", "x", "."],
+    ):
+        result = subprocess.run(
+            [zviz_bin, "profile", "learn", "--base", "ci-runner", "--", *command],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert result.returncode == 1 and "profile learn" in result.stderr, result.stderr
