@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -244,3 +245,136 @@ def test_the_command_must_be_a_zviz_run(zviz_bin, learn_root, tmp_path):
             capture_output=True, text=True, timeout=30,
         )  # fmt: skip
         assert result.returncode == 1 and "profile learn" in result.stderr, result.stderr
+
+
+# --- the workload suite's images (integration/workloads), as bundles ---
+
+
+@pytest.fixture(scope="module")
+def image_rootfs():
+    """image_rootfs(NAME) -> a directory holding image NAME's layer, unpacked once per
+    module from the cached archive (`make images`); skips when it was never built."""
+    from tools import debimage
+
+    unpacked: dict[str, str] = {}
+    top = tempfile.mkdtemp(prefix=tagged("s5learn-images") + "-", dir="/var/tmp")
+
+    def rootfs(name: str) -> str:
+        if name not in unpacked:
+            archive = debimage.IMAGES[name].archive(debimage.host_release())
+            if not os.path.exists(archive):
+                pytest.skip(f"the {name} workload image is not built: run `make images`")
+            directory = os.path.join(top, name)
+            os.mkdir(directory)
+            layer = subprocess.run(
+                ["tar", "-xOf", archive, _layer_member(archive)], capture_output=True, check=True
+            ).stdout
+            subprocess.run(
+                ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "-x", "-C", directory],
+                input=layer, check=True,
+            )  # fmt: skip
+            unpacked[name] = directory
+        return unpacked[name]
+
+    try:
+        yield rootfs
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _layer_member(archive: str) -> str:
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        index = json.load(tar.extractfile("index.json"))
+        digest = index["manifests"][0]["digest"].split(":")[1]
+        manifest = json.load(tar.extractfile(f"blobs/sha256/{digest}"))
+    return "blobs/sha256/" + manifest["layers"][0]["digest"].split(":")[1]
+
+
+@pytest.fixture
+def image_bundle(tmp_path):
+    """image_bundle(LOWER, ARGS) -> a bundle whose rootfs is a fresh overlay on LOWER (each
+    run starts from the image as built, as under containerd); unmounted after the test."""
+    from tools.mkbundle import default_config
+
+    mounted: list[str] = []
+    counter = iter(range(100))
+
+    def make(lower: str, args: list[str]) -> str:
+        bundle = tmp_path / f"{tagged('s5learn-bundle')}-{next(counter)}"
+        for part in ("upper", "work", "rootfs"):
+            (bundle / part).mkdir(parents=True)
+        options = f"lowerdir={lower},upperdir={bundle / 'upper'},workdir={bundle / 'work'}"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(bundle / "rootfs")], check=True
+        )
+        mounted.append(str(bundle / "rootfs"))
+        config = default_config(args=args, terminal=False)
+        config["root"]["readonly"] = False
+        config["process"]["env"].append("HOME=/root")
+        (bundle / "config.json").write_text(json.dumps(config, indent=2))
+        return str(bundle)
+
+    try:
+        yield make
+    finally:
+        for path in reversed(mounted):
+            subprocess.run(["umount", path], check=False)
+
+
+def _with_probe(bundle: str, probe_binary: str, *actions: str) -> str:
+    shutil.copy(probe_binary, os.path.join(bundle, "rootfs/usr/local/bin/probe"))
+    edit_config(bundle, lambda c: c["process"].update(args=["/usr/local/bin/probe", *actions]))
+    return bundle
+
+
+def test_ci_job_learned_from_hostile_tenant(
+    zviz_bin, learn_root, image_rootfs, image_bundle, probe_binary, tmp_path
+):
+    """The CI job (git clone, gcc/make, pytest) learned from hostile-tenant, the smallest
+    base: the syscalls git, gcc and Python need beyond it and the directory the job builds
+    in (/root) are learned; the job then passes enforcing, and a probe's kcmp and a write
+    to /etc (neither of which the job did) are refused."""
+    from tools.workloads import CI_JOB, CI_REPOSITORY, ci_bare_repository
+
+    lower = image_rootfs("ci")
+    repository = tempfile.mkdtemp(prefix=tagged("s5learn-repo") + "-")
+    os.chmod(repository, 0o755)
+    bare = ci_bare_repository(repository)
+    volume = {"destination": CI_REPOSITORY, "type": "bind", "source": bare,
+              "options": ["rbind", "ro"]}  # fmt: skip
+    out = str(tmp_path / "ci-learned.toml")
+
+    def job_bundle(args=CI_JOB):
+        bundle = image_bundle(lower, list(args))
+        edit_config(bundle, lambda c: c["mounts"].append(volume))
+        return bundle
+
+    try:
+        under_base = run(zviz_bin, learn_root, "hostile-tenant", job_bundle(), timeout=300)
+        assert under_base.returncode != 0, under_base.stdout  # it needs what is learned
+
+        learning = learn(zviz_bin, learn_root, "hostile-tenant", out, job_bundle(), timeout=300)
+        assert "3 passed" in learning.stdout, f"{learning.stdout}\n{learning.stderr}"
+        learned = _learned(out)
+        assert learned["landlock"]["writable_add"] == ["/root"], learned
+        assert learned["seccomp"]["allow_add"], learned
+        assert "kcmp" not in learned["seccomp"]["allow_add"]
+
+        enforced = run(zviz_bin, learn_root, out, job_bundle(), timeout=300)
+        assert enforced.returncode == 0, f"{enforced.stdout}\n{enforced.stderr}"
+        assert "hello, job" in enforced.stdout.splitlines()
+        assert any(line.startswith("3 passed") for line in enforced.stdout.splitlines())
+
+        probe = _with_probe(
+            job_bundle(), probe_binary, "write:/root/ok", "kcmp", "write:/etc/planted"
+        )
+        answers = _answers(run(zviz_bin, learn_root, out, probe).stdout)
+        assert answers == {
+            "write:/root/ok": "ok",
+            "kcmp": f"errno {EPERM}",
+            "write:/etc/planted": f"errno {EACCES}",
+        }
+    finally:
+        shutil.rmtree(repository, ignore_errors=True)

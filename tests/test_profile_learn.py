@@ -149,3 +149,29 @@ def test_the_learning_run_opens_up_the_rootfs_but_not_mounts(tmp_path):
     os.symlink("/", root / "escape")
     skip = ("/dev", "/proc", "/sys", "/etc/hosts", "/data/volume")
     assert opened_up(str(root), skip) == ["/data/other", "/etc/passwd", "/usr"]
+
+
+def test_overlay_written_from_the_upper_layer():
+    """A copied-up image directory is not itself written; a new entry counts for the
+    nearest directory that existed before; a whiteout (a removal) for its directory."""
+    before = {
+        "/": (1, 0, True),
+        "/root": (2, 0, True),
+        "/usr": (3, 0, True),
+        "/usr/lib": (4, 0, True),
+        "/usr/lib/old.so": (5, 0, False),
+        "/etc": (6, 0, True),
+        "/etc/conf": (7, 0, False),
+    }
+    upper_before = {"/": (100, 1, True), "/etc": (101, 1, True)}  # the runtime's copy-up
+    upper_after = {
+        "/": (100, 2, True),
+        "/etc": (101, 1, True),
+        "/root": (102, 2, True),  # copied up: what was written is beneath
+        "/root/greet": (103, 2, True),  # new
+        "/root/greet/deep": (104, 2, False),
+        "/usr": (105, 2, True),
+        "/usr/lib": (106, 2, True),
+        "/usr/lib/old.so": (107, 2, False),  # a whiteout: removed
+    }
+    assert learn.overlay_written(before, upper_before, upper_after) == {"/root", "/usr/lib"}

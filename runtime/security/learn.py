@@ -119,10 +119,12 @@ def parse_address(text: str) -> tuple[str, int] | None:
 
 # --- what was written: a before/after comparison of the rootfs ---
 
-# A directory's entries and a file's data or metadata changing all set its ctime, which
-# no call can set back (utimensat sets mtime and atime only, e.g. `tar -p` restoring
-# them); a replaced file has another inode. A chmod or chown alone changes ctime too,
-# so it counts as a write of the file's directory (learning errs towards running).
+# A file's data or metadata changing sets its ctime, which no call can set back
+# (utimensat sets mtime and atime only: `tar -p` restoring them hides nothing); a
+# replaced file has another inode. A chmod or chown alone changes ctime too, so it
+# counts as a write of the file's directory (learning errs towards running). A
+# directory counts as written when its entries change, not by its own ctime: an
+# overlay's copy-up (a write beneath it) changes the ctime of every directory above.
 Snapshot = dict[str, tuple[int, int, bool]]  # container path -> (inode, ctime ns, is dir)
 
 
@@ -153,20 +155,55 @@ def snapshot(rootfs: str, skip: tuple[str, ...] = ()) -> Snapshot:
     return entries
 
 
+def _entries_by_dir(snap: Snapshot) -> dict[str, set[str]]:
+    by_dir: dict[str, set[str]] = {}
+    for path in snap:
+        if path != "/":
+            by_dir.setdefault(os.path.dirname(path), set()).add(path)
+    return by_dir
+
+
 def written_dirs(before: Snapshot, after: Snapshot) -> set[str]:
     """The directories that existed before and whose contents the workload changed: a
-    changed or removed directory itself, the directory of a changed or removed file.
+    directory with entries made, removed or renamed, the directory of a changed file.
     Entries made during the run are beneath one of these (making one changes its
-    directory), and a Landlock rule needs a directory that exists in the image."""
+    directory's entries), and a Landlock rule needs a directory that exists in the image."""
+    entries_before, entries_after = _entries_by_dir(before), _entries_by_dir(after)
     dirs = set()
     for path, (inode, ctime, is_dir) in before.items():
         now = after.get(path)
-        if now is not None and now[0] == inode and now[1] == ctime:
-            continue
-        target = path if is_dir else os.path.dirname(path)
-        # A removed or replaced directory: its parent's entries changed.
-        if is_dir and (now is None or now[0] != inode):
-            target = os.path.dirname(path)
+        if is_dir:
+            if now is None or now[0] != inode or not now[2]:
+                dirs.add(os.path.dirname(path))  # removed or replaced: its parent changed
+            elif entries_before.get(path, set()) != entries_after.get(path, set()):
+                dirs.add(path)
+        elif now is None or now[0] != inode or now[1] != ctime:
+            dirs.add(os.path.dirname(path))
+    return dirs
+
+
+def overlay_written(before: Snapshot, upper_before: Snapshot, upper_after: Snapshot) -> set[str]:
+    """written_dirs for a rootfs that is an overlay, from its upper directory: the runtime
+    mounts an overlay of its own over the same layers (runtime/idmap.py), so the caller's
+    mount of it does not see the run's writes. BEFORE is the merged tree before the run.
+    What the run put into the upper layer is a copied-up or new entry (a whiteout for a
+    removed one); a directory of the image copied up only because something beneath it
+    was written is not itself written. Each entry counts for the nearest directory above
+    it that existed before."""
+    changed = [
+        path
+        for path, now in upper_after.items()
+        if path != "/" and upper_before.get(path, (None, None))[:2] != now[:2]
+    ]
+    changed += [path for path in upper_before if path not in upper_after]  # made, then removed
+    dirs = set()
+    for path in changed:
+        now = upper_after.get(path)
+        if now is not None and now[2] and before.get(path, (0, 0, False))[2]:
+            continue  # an image directory copied up: what was written is beneath it
+        target = os.path.dirname(path)
+        while target not in before and target != "/":
+            target = os.path.dirname(target)
         dirs.add(target)
     return dirs
 

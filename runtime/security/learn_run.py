@@ -16,10 +16,11 @@ Where the observations come from, each narrowed to this container:
   for `zviz run`), those of the container's audit session (its PID 1's, inherited by
   everything it starts and unchangeable from inside: runtime/denials.py);
 - the broker: its records in the container's state directory (kept until read);
-- writes: the rootfs compared before start and after exit (learn.snapshot). Chosen over
-  an overlay's upper directory (a bundle's rootfs is usually a plain directory) and over
-  fanotify (it cannot say which directory an entry was made in without a mark per
-  directory): two walks of the image, a fraction of a second for a Debian image.
+- writes: the rootfs compared before start and after exit (learn.snapshot): an entry's
+  inode and ctime, a directory's entries; for an overlay rootfs its upper layer. Chosen
+  over fanotify (it cannot say which directory an entry was made in without a mark per
+  directory) as the simplest sound way: two walks of the image, a fraction of a second
+  for a Debian image, and ctime cannot be set back from inside.
 """
 
 import json
@@ -81,12 +82,19 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             f.write(_learning_profile(base_name, rootfs, skip))
         collector = SeccompCollector()
         seen: dict = {}
+        from runtime import idmap
+
+        # An overlay rootfs (containerd's snapshots; a bundle may have one too) is read
+        # from its upper layer: the runtime mounts its own overlay over the same layers.
+        upper = (idmap.overlay_layers(rootfs) or {}).get("upperdir")
 
         def on_pid(pid: int) -> None:
             # Created, not started: the rootfs is as the runtime made it, and the
             # workload has not run yet.
             seen["session"] = denials.session_of(pid)
             seen["before"] = learn.snapshot(rootfs, skip)
+            if upper:
+                seen["upper"] = learn.snapshot(upper, skip)
 
         args.profile, args.on_pid = learning, on_pid
         keep, args.keep = args.keep, True
@@ -103,7 +111,6 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
                 _delete(args.root, args.id, log)
         if "before" not in seen:
             raise InvalidArgument("profile learn: the container did not start")
-        after = learn.snapshot(rootfs, skip)
         learned_profile = load_profile(learning)
         if seen["session"] is None:
             print(
@@ -114,7 +121,12 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
         else:
             records += collector.records(seen["session"], learned_profile)
         learned = learn.from_records(records, base)
-        written = learn.written_dirs(seen["before"], after)
+        if upper:
+            written = learn.overlay_written(
+                seen["before"], seen["upper"], learn.snapshot(upper, skip)
+            )
+        else:
+            written = learn.written_dirs(seen["before"], learn.snapshot(rootfs, skip))
         learned.writable = {p for p in written if not any(learn.beneath(p, m) for m in skip)}
     finally:
         import shutil
