@@ -19,7 +19,7 @@ import tempfile
 import pytest
 
 from integration.ids import tagged, unique_id
-from integration.podnet import PEER_IP, PodNetwork
+from integration.podnet import PEER_IP, POD_IP, PodNetwork
 from integration.zviz_cli import edit_config
 
 # One action per argument; prints "ACTION ok" or "ACTION errno N".
@@ -313,6 +313,11 @@ def image_bundle(tmp_path):
         config = default_config(args=args, terminal=False)
         config["root"]["readonly"] = False
         config["process"]["env"].append("HOME=/root")
+        # containerd's default set, as the workload suite's containers get it (the
+        # profile drops what is beyond its ceiling).
+        config["process"]["capabilities"] = {
+            kind: list(CONTAINERD_CAPABILITIES) for kind in ("bounding", "effective", "permitted")
+        }
         (bundle / "config.json").write_text(json.dumps(config, indent=2))
         return str(bundle)
 
@@ -321,6 +326,13 @@ def image_bundle(tmp_path):
     finally:
         for path in reversed(mounted):
             subprocess.run(["umount", path], check=False)
+
+
+CONTAINERD_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)  # fmt: skip
 
 
 def _with_probe(bundle: str, probe_binary: str, *actions: str) -> str:
@@ -378,3 +390,139 @@ def test_ci_job_learned_from_hostile_tenant(
         }
     finally:
         shutil.rmtree(repository, ignore_errors=True)
+
+
+class Server:
+    """A server's `zviz profile learn ... -- zviz run` (or plain `zviz run` under a
+    profile), stopped by the test once it has driven it: SIGKILL through `zviz kill` (a
+    PID 1 without a SIGTERM handler ignores SIGTERM), then the profile is written."""
+
+    def __init__(self, zviz_bin, root, bundle, *, learn_base=None, out=None, profile=None):
+        self.zviz_bin, self.root, self.id = zviz_bin, root, unique_id("s5learn")
+        run_command = [zviz_bin, "--root", root, "run"]
+        if learn_base is None:
+            command = [*run_command, "--profile", profile, self.id, bundle]
+        else:
+            command = [zviz_bin, "profile", "learn", "--base", learn_base, "--out", out,
+                       "--", "zviz", "--root", root, "run", self.id, bundle]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def stop(self) -> tuple[str, str]:
+        subprocess.run(
+            [self.zviz_bin, "--root", self.root, "kill", self.id, "SIGKILL"],
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        try:
+            return self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def test_nginx_learned_without_var_writes(
+    zviz_bin, learn_root, image_rootfs, image_bundle, probe_binary, tmp_path, pod_network
+):
+    """nginx under web-server with /var/lib, /var/log and /var/cache taken out (a base of
+    the operator's): it exits at start; learning finds the directories it writes, and
+    nginx then serves a client in another network namespace enforcing. A write to a
+    directory it never wrote, and kcmp, are refused."""
+    from integration.workloads.test_nginx import FETCH
+    from tools.workloads import NGINX
+
+    base = tmp_path / "web-no-var.toml"
+    base.write_text(
+        '[profile]\nextends = "web-server"\n'
+        '[landlock]\nwritable_remove = ["/var/lib", "/var/log", "/var/cache"]\n'
+    )
+    lower = image_rootfs("nginx")
+    out = str(tmp_path / "nginx-learned.toml")
+
+    def nginx_bundle(args=NGINX):
+        return pod_network.join(image_bundle(lower, list(args)))
+
+    under_base = run(zviz_bin, learn_root, str(base), nginx_bundle(), timeout=60)
+    assert under_base.returncode != 0 and "Permission denied" in under_base.stderr
+
+    for profile in (None, out):  # learning, then enforcing what was learned
+        learning = dict(learn_base=str(base), out=out) if profile is None else {}
+        server = Server(zviz_bin, learn_root, nginx_bundle(), profile=profile, **learning)
+        try:
+            fetched = pod_network.in_peer(FETCH, f"http://{POD_IP}/", "30", timeout=60)
+        finally:
+            stdout, stderr = server.stop()
+        assert fetched.returncode == 0, f"{fetched.stderr}\nnginx:\n{stdout}\n{stderr}"
+        assert fetched.stdout.startswith("200\n") and "nginx" in fetched.stdout
+        if profile is None:
+            assert server.process.returncode == 0, stderr
+            learned = _learned(out)
+            writable = learned["landlock"]["writable_add"]
+            assert {"/var/lib/nginx", "/var/log/nginx"} <= set(writable), learned
+            assert not any(learn_dir in ("/", "/var") for learn_dir in writable), learned
+
+    probe = _with_probe(
+        nginx_bundle(), probe_binary, "write:/var/log/nginx/ok", "write:/var/cache/planted", "kcmp"
+    )
+    answers = _answers(run(zviz_bin, learn_root, out, probe).stdout)
+    assert answers == {
+        "write:/var/log/nginx/ok": "ok",
+        "write:/var/cache/planted": f"errno {EACCES}",
+        "kcmp": f"errno {EPERM}",
+    }
+
+
+# The suite's Python service on a port web-server's bind rules do not list.
+SERVICE_PORT = 8081
+BIND_PROBE = """
+import socket
+for port in (8081, 8082):
+    s = socket.socket()
+    try:
+        s.bind(("0.0.0.0", port))
+        print(f"bind:{port} ok")
+    except OSError as e:
+        print(f"bind:{port} errno {e.errno}")
+    s.close()
+"""
+
+
+def test_python_service_learned_on_its_own_port(
+    zviz_bin, learn_root, image_rootfs, image_bundle, tmp_path, pod_network
+):
+    """The Python asyncio service listening on 8081, which web-server's bind rules do not
+    list: it fails to start under web-server; learning turns its bind into a bind rule
+    (and a Landlock port); it then answers a client loop enforcing, and a bind of 8082,
+    never done, is refused."""
+    from integration.workloads.test_python_service import CLIENT
+    from tools.workloads import PYTHON_SERVICE
+
+    lower = image_rootfs("python")
+    out = str(tmp_path / "python-learned.toml")
+    service = ["python3", "-c", PYTHON_SERVICE, str(SERVICE_PORT)]
+
+    def service_bundle(args=service):
+        return pod_network.join(image_bundle(lower, list(args)))
+
+    under_base = run(zviz_bin, learn_root, "web-server", service_bundle(), timeout=60)
+    assert under_base.returncode != 0 and "PermissionError" in under_base.stderr
+
+    for profile in (None, out):
+        learning = dict(learn_base="web-server", out=out) if profile is None else {}
+        server = Server(zviz_bin, learn_root, service_bundle(), profile=profile, **learning)
+        try:
+            driven = pod_network.in_peer(CLIENT, POD_IP, str(SERVICE_PORT), "50", timeout=90)
+        finally:
+            stdout, stderr = server.stop()
+        assert driven.returncode == 0, f"{driven.stderr}\nservice:\n{stdout}\n{stderr}"
+        assert driven.stdout.split() == ["1", "50"]
+        if profile is None:
+            assert server.process.returncode == 0, stderr
+            network = _learned(out)["network"]
+            assert network["bind_add"] == [{"cidr": "0.0.0.0/32", "ports": [SERVICE_PORT]}]
+            assert network["tcp_bind_add"] == [SERVICE_PORT]
+
+    probe = run(zviz_bin, learn_root, out, service_bundle(["python3", "-c", BIND_PROBE]))
+    assert _answers(probe.stdout) == {"bind:8081": "ok", "bind:8082": f"errno {EPERM}"}, (
+        probe.stderr
+    )
