@@ -61,6 +61,11 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
         raise InvalidArgument("profile learn: --profile: the learning run's profile is --base's")
     if not denials.enabled():
         raise InvalidArgument(f"profile learn: denial records are off ({denials.RECORDS_SWITCH})")
+    if "log" not in _actions_logged():
+        raise InvalidArgument(
+            "profile learn: the kernel does not log SECCOMP_RET_LOG "
+            "(/proc/sys/kernel/seccomp/actions_logged lacks log): syscalls cannot be learned"
+        )
     base = load_profile(base_name)
     bundle = commands._bundle(args)
     config = _read_config(bundle)
@@ -156,6 +161,14 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _actions_logged() -> list[str]:
+    try:
+        with open("/proc/sys/kernel/seccomp/actions_logged") as f:
+            return f.read().split()
+    except OSError:
+        return []
 
 
 def _read_config(bundle: str) -> dict:

@@ -9,7 +9,7 @@ from runtime.errors import ZvizError
 
 
 def add_subparser(subparsers) -> None:
-    p = subparsers.add_parser("profile", help="list, show and check security profiles")
+    p = subparsers.add_parser("profile", help="list, show, check, diff and learn security profiles")
     sub = p.add_subparsers(dest="profile_command", required=True)
     sub.add_parser("list", help="the built-in profiles")
     show = sub.add_parser("show", help="the effective policy of a profile (name or .toml path)")
