@@ -125,6 +125,13 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             )
         else:
             records += collector.records(seen["session"], learned_profile)
+        if collector.reader.lost:
+            print(
+                "zviz profile learn: the kernel dropped records while the node was busy "
+                f"({collector.reader.lost} overruns): some syscalls may be missing, learn "
+                "again",
+                file=sys.stderr,
+            )
         learned = learn.from_records(records, base)
         if upper:
             written = learn.overlay_written(
@@ -255,6 +262,7 @@ class SeccompCollector:
 
     def finish(self) -> None:
         """Read what the kernel still queues for the ended run, then stop."""
+        self._last = max(self._last, time.monotonic() - DRAIN_QUIET_SECONDS / 2)
         deadline = time.monotonic() + DRAIN_MAX_SECONDS
         while time.monotonic() < deadline and time.monotonic() - self._last < DRAIN_QUIET_SECONDS:
             time.sleep(0.05)
