@@ -234,6 +234,50 @@ def test_learns_the_endpoints_it_reaches(
     assert under_base[workload[0]] == f"errno {EPERM}"
 
 
+def test_learns_the_name_behind_an_address(
+    zviz_bin, learn_root, make_bundle, probe_binary, tmp_path, pod_network
+):
+    """The workload asks DNS for svc.s5learn.test (a server in the peer namespace answers
+    the peer's address) and connects there: learning writes the name, not the address
+    (egress_hosts), and the DNS server as an address rule. Enforcing, the broker resolves
+    the name itself and lets the connect through; another port of the same address, and
+    the address's own port 9000 once the name points elsewhere, are refused."""
+    from integration.fake_dns import FakeDns
+
+    name = "svc.s5learn.test"
+    server = FakeDns(pod_network.peer_path, PEER_IP)
+    server.names[name] = (PEER_IP, 1)
+    resolv_conf = tmp_path / "resolv.conf"
+    resolv_conf.write_text(f"nameserver {PEER_IP}\n")
+    mount = {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv_conf),
+             "options": ["rbind", "ro"]}  # fmt: skip
+    out = str(tmp_path / "learned.toml")
+
+    def fresh_bundle(*actions):
+        bundle = probe_bundle(make_bundle, probe_binary, *actions)
+        script = f"nslookup {name} >/dev/null && /bin/probe {' '.join(actions)}"
+        edit_config(bundle, lambda c: (c["process"].update(args=["sh", "-c", script]),
+                                       c["mounts"].append(mount)))  # fmt: skip
+        return pod_network.join(bundle)
+
+    try:
+        workload = (f"connect:{PEER_IP}:9000",)
+        learning = learn(zviz_bin, learn_root, "ci-runner", out, fresh_bundle(*workload))
+        assert _answers(learning.stdout)[workload[0]] == f"errno {ECONNREFUSED}", learning
+        network = _learned(out)["network"]
+        assert network["egress_hosts_add"] == [f"{name}:9000"], network
+        assert network["egress_add"] == [{"cidr": f"{PEER_IP}/32", "ports": [53]}], network
+
+        probe = (*workload, f"connect:{PEER_IP}:9001")
+        enforced = _answers(run(zviz_bin, learn_root, out, fresh_bundle(*probe)).stdout)
+        assert enforced == {workload[0]: f"errno {ECONNREFUSED}", probe[1]: f"errno {EPERM}"}
+        server.names[name] = ("198.51.100.9", 1)  # the name moves: the address is not granted
+        moved = _answers(run(zviz_bin, learn_root, out, fresh_bundle(*workload)).stdout)
+        assert moved == {workload[0]: f"errno {EPERM}"}
+    finally:
+        server.close()
+
+
 def test_the_command_must_be_a_zviz_run(zviz_bin, learn_root, tmp_path):
     for command in (
         ["runc", "run", "x", "."],

@@ -175,3 +175,64 @@ def test_overlay_written_from_the_upper_layer():
         "/usr/lib/old.so": (107, 2, False),  # a whiteout: removed
     }
     assert learn.overlay_written(before, upper_before, upper_after) == {"/root", "/usr/lib"}
+
+
+def _udp4(src, sport, dst, dport, payload):
+    import ipaddress
+    import struct
+
+    header = bytes([0x45, 0]) + struct.pack("!H", 28 + len(payload)) + bytes(5) + bytes([17])
+    header += bytes(2) + ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed
+    return header + struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
+def _dns(query_id, name, reply, addresses=()):
+    import ipaddress
+    import struct
+
+    from runtime.security import dns
+
+    question = dns.encode_name(name) + struct.pack("!HH", 1, 1)
+    flags = 0x8180 if reply else 0x0100
+    message = struct.pack("!HHHHHH", query_id, flags, 1, len(addresses), 0, 0) + question
+    for address in addresses:
+        data = ipaddress.ip_address(address).packed
+        kind = 1 if len(data) == 4 else 28
+        message += b"\xc0\x0c" + struct.pack("!HHIH", kind, 1, 60, len(data)) + data
+    return message
+
+
+def test_dns_names_only_from_answers_to_questions_seen():
+    from runtime.security.learn_dns import DnsNames
+
+    names = DnsNames()
+    ask = _dns(7, "svc.example.test", reply=False)
+    names.packet(_udp4("10.0.0.5", 40000, "10.0.0.53", 53, ask))
+    answer = _dns(7, "svc.example.test", reply=True, addresses=("192.0.2.1", "2001:db8::1"))
+    names.packet(_udp4("10.0.0.53", 53, "10.0.0.5", 40000, answer))
+    # Unasked, another ID, or from another server: ignored.
+    names.packet(_udp4("10.0.0.53", 53, "10.0.0.5", 40000,
+                       _dns(8, "svc.example.test", reply=True, addresses=("192.0.2.2",))))  # fmt: skip
+    names.packet(_udp4("10.0.0.99", 53, "10.0.0.5", 40000,
+                       _dns(7, "svc.example.test", reply=True, addresses=("192.0.2.3",))))  # fmt: skip
+    names.packet(_udp4("10.0.0.53", 53, "10.0.0.5", 40000,
+                       _dns(7, "other.test", reply=True, addresses=("192.0.2.4",))))  # fmt: skip
+    assert names.names == {"192.0.2.1": "svc.example.test", "2001:db8::1": "svc.example.test"}
+    assert names.servers == {("10.0.0.53", 53)}
+
+
+def test_an_address_from_dns_is_learned_as_its_name(tmp_path):
+    base = load_profile("web-server")
+    learned = learn.from_records(
+        [_broker("connect", "198.51.100.7:8081"), _broker("connect", "198.51.100.8:8081")], base
+    )
+    learned.names = {"198.51.100.7": "api.example.test", "198.51.100.8": "ns.example.test"}
+    learned.dns_servers = {("198.51.100.8", 8081)}  # the nameserver: reached as an address
+    network = learn.plan(learned, base, "web-server", "n").tables["network"]
+    assert network["egress_hosts_add"] == ["api.example.test:8081"]
+    assert network["egress_add"] == [{"cidr": "198.51.100.8/32", "ports": [8081]}]
+    assert network["tcp_connect_add"] == [8081]
+    profile = _write_and_load(
+        tmp_path, learn.to_toml(learn.plan(learned, base, "web-server", "n"), [])
+    )
+    assert ("api.example.test", 8081) in profile.egress_hosts

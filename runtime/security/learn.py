@@ -39,6 +39,10 @@ class Learned:
     # (address, port) reached through connect/send, and bound; port 0: any.
     egress: set[tuple[str, int]] = field(default_factory=set)
     binds: set[tuple[str, int]] = field(default_factory=set)
+    # Addresses the container got from DNS answers, by the name asked (learn_dns.py).
+    names: dict[str, str] = field(default_factory=dict)
+    # The nameservers the container asked (address, port): never written as a name.
+    dns_servers: set[tuple[str, int]] = field(default_factory=set)
     # Seen but not learnable, with why (shown as comments in the profile).
     not_learned: dict[str, str] = field(default_factory=dict)
 
@@ -261,22 +265,38 @@ def plan(learned: Learned, base, base_ref: str, name: str) -> Plan:
 
 
 def _network(learned: Learned, base) -> dict:
-    egress = sorted(
+    reached = sorted(
         (a, p) for a, p in learned.egress if not any(r.matches(a, p) for r in base.egress_deny)
     )
+    # An address the workload got from a DNS answer is written as that name: the broker
+    # resolves it when enforcing (egress_hosts never reach loopback or link-local).
+    hosts = sorted(
+        {
+            f"{learned.names[a]}:{p}"
+            for a, p in reached
+            if a in learned.names
+            and p
+            and (a, p) not in learned.dns_servers
+            and not _loopback_or_link_local(a)
+        }
+    )
+    egress = [(a, p) for a, p in reached if f"{learned.names.get(a)}:{p}" not in hosts]
     binds = sorted(learned.binds)
-    if not egress and not binds:
+    if not reached and not binds:
         return {}
     network: dict = {}
+    if hosts:
+        network["egress_hosts_add"] = hosts
     if egress:
         network["egress_add"] = _rules(egress)
+    if reached:
         if base.network == "none":
             # Egress rules need the broker to decide them: the workload's connects and
             # sends go through it, and everything else stays refused.
             network["mode"] = "namespace"
             network["mediate_add"] = [c for c in NO_NETWORK_MEDIATED if c not in base.mediate]
         if base.tcp_connect is not None:
-            ports = sorted({p for _, p in egress if p} - set(base.tcp_connect))
+            ports = sorted({p for _, p in reached if p} - set(base.tcp_connect))
             if ports:
                 network["tcp_connect_add"] = ports
     if binds:
@@ -286,6 +306,11 @@ def _network(learned: Learned, base) -> dict:
             if ports:
                 network["tcp_bind_add"] = ports
     return network
+
+
+def _loopback_or_link_local(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or ip.is_link_local
 
 
 def _rules(endpoints: list[tuple[str, int]]) -> list[dict]:

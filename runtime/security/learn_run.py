@@ -97,6 +97,7 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             # Created, not started: the rootfs is as the runtime made it, and the
             # workload has not run yet.
             seen["session"] = denials.session_of(pid)
+            seen["dns"] = _watch_dns(pid)
             seen["before"] = learn.snapshot(rootfs, skip)
             if upper:
                 seen["upper"] = learn.snapshot(upper, skip)
@@ -111,6 +112,8 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             code = commands.cmd_run(args, log)
         finally:
             collector.finish()
+            if seen.get("dns") is not None:
+                seen["names"] = seen["dns"].stop()
             records = _state_records(args.root, args.id)
             if not keep:
                 _delete(args.root, args.id, log)
@@ -133,6 +136,8 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
                 file=sys.stderr,
             )
         learned = learn.from_records(records, base)
+        if "names" in seen:
+            learned.names, learned.dns_servers = seen["names"].names, seen["names"].servers
         if upper:
             written = learn.overlay_written(
                 seen["before"], seen["upper"], learn.snapshot(upper, skip)
@@ -168,6 +173,21 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _watch_dns(pid: int):
+    """DNS names of the container's network namespace (learn_dns.py), or None when it is
+    the host's (nothing would tell the container's traffic from the node's)."""
+    from runtime.security import learn_dns
+
+    theirs, ours = f"/proc/{pid}/ns/net", "/proc/self/ns/net"
+    try:
+        if os.stat(theirs).st_ino == os.stat(ours).st_ino:
+            return None
+        return learn_dns.NamespaceWatch(theirs)
+    except OSError as e:
+        print(f"zviz profile learn: no DNS names: {e}", file=sys.stderr)
+        return None
 
 
 def _actions_logged() -> list[str]:
