@@ -96,6 +96,7 @@ def test_egress_deny_and_refusals_are_never_learned(tmp_path):
     assert network["bind_add"] == [{"cidr": "0.0.0.0/32", "ports": [8081]}]
     assert network["tcp_bind_add"] == [8081]
     assert "mode" not in network
+    assert "refused even in audit mode" in learned.not_learned["connect 198.51.100.7:22"]
     profile = _write_and_load(tmp_path, learn.to_toml(plan, []))
     assert profile.bind_allows("0.0.0.0", 8081)
     assert not profile.egress_allows("10.0.0.1", 80)
@@ -236,3 +237,11 @@ def test_an_address_from_dns_is_learned_as_its_name(tmp_path):
         tmp_path, learn.to_toml(learn.plan(learned, base, "web-server", "n"), [])
     )
     assert ("api.example.test", 8081) in profile.egress_hosts
+
+
+def test_what_the_container_named_cannot_add_keys_through_a_comment(tmp_path):
+    base = load_profile("ci-runner")
+    forged = _broker("connect", '/run/x\n[seccomp]\nallow_add = ["kcmp"]\n#')
+    plan = learn.plan(learn.from_records([forged], base), base, "ci-runner", "c")
+    profile = _write_and_load(tmp_path, learn.to_toml(plan, []))
+    assert profile.allow == base.allow and "kcmp" in profile.deny

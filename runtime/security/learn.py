@@ -92,10 +92,14 @@ def _learn_syscall(learned: Learned, base, name: str, verdict: str) -> None:
 
 
 def _learn_endpoint(learned: Learned, rec: dict) -> None:
-    if rec.get("verdict") != "audit":
-        return  # refused for good (egress_deny, not the container's socket): not learnable
     syscall = rec.get("syscall", "")
     args = rec.get("args") or {}
+    if rec.get("verdict") != "audit":
+        # Refused for good (egress_deny, a socket not of the container's namespace, a
+        # malformed call): the workload failed there while learning too.
+        what = f"{syscall} {args.get('address', '?')}"
+        learned.not_learned[what] = f"refused even in audit mode: {rec.get('rule', '')}"
+        return
     endpoint = parse_address(args.get("address", ""))
     if endpoint is None:
         learned.not_learned[f"{syscall} {args.get('address', '?')}"] = (
@@ -328,14 +332,20 @@ def _rules(endpoints: list[tuple[str, int]]) -> list[dict]:
     return rules
 
 
+def _comment(text: str) -> str:
+    """A comment line: the notes quote what the container chose (a unix socket path, a
+    command name), so a newline must not end the comment and start a key of its own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def to_toml(learned_plan: Plan, header: list[str]) -> str:
-    lines = [f"# {line}" if line else "#" for line in header]
+    lines = [f"# {_comment(line)}" if line else "#" for line in header]
     for table, keys in learned_plan.tables.items():
         lines += ["", f"[{table}]"]
         lines += [f"{key} = {_value(value)}" for key, value in keys.items()]
     if learned_plan.notes:
         lines += ["", "# Seen during learning, not learned (see docs/profiles.md):"]
-        lines += [f"#   {note}" for note in learned_plan.notes]
+        lines += [f"#   {_comment(note)}" for note in learned_plan.notes]
     return "\n".join(lines) + "\n"
 
 
