@@ -110,13 +110,14 @@ def test_nothing_learned_is_the_base_itself(tmp_path):
     assert (profile.egress, profile.bind, profile.network) == (base.egress, base.bind, base.network)
 
 
-def test_a_path_with_quotes_and_control_characters_stays_one_toml_string(tmp_path):
+def test_a_path_with_quotes_stays_one_toml_string_and_odd_names_are_not_learned(tmp_path):
     base = load_profile("ci-runner")
-    learned = learn.Learned(writable={'/srv/a"b\\c\nd'})
-    profile = _write_and_load(
-        tmp_path, learn.to_toml(learn.plan(learned, base, "ci-runner", "q"), [])
-    )
-    assert '/srv/a"b\\c\nd' in profile.writable
+    odd = ("/srv/new\nline", "/srv/not-utf8-\udcff")
+    learned = learn.Learned(writable={'/srv/a"b\\c', *odd})
+    text = learn.to_toml(learn.plan(learned, base, "ci-runner", "q"), [])
+    text.encode()  # writable as UTF-8
+    profile = _write_and_load(tmp_path, text)
+    assert set(profile.writable) - set(base.writable) == {'/srv/a"b\\c'}
 
 
 def test_written_dirs_from_a_rootfs_scan(tmp_path):
@@ -245,3 +246,14 @@ def test_what_the_container_named_cannot_add_keys_through_a_comment(tmp_path):
     plan = learn.plan(learn.from_records([forged], base), base, "ci-runner", "c")
     profile = _write_and_load(tmp_path, learn.to_toml(plan, []))
     assert profile.allow == base.allow and "kcmp" in profile.deny
+
+
+def test_mount_destinations_beneath_an_image_symlink_are_skipped_where_they_land(tmp_path):
+    from runtime.security.learn_run import _mount_destinations
+
+    root = tmp_path / "rootfs"
+    (root / "run").mkdir(parents=True)
+    (root / "var").mkdir()
+    os.symlink("/run", root / "var/run")
+    config = {"mounts": [{"destination": "/var/run/data", "type": "bind", "source": "/x"}]}
+    assert _mount_destinations(config, str(root)) == ("/var/run/data", "/run/data")

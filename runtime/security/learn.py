@@ -249,7 +249,14 @@ def plan(learned: Learned, base, base_ref: str, name: str) -> Plan:
         "extends": base_ref,
         "description": f"{base.name} and what a learning run of the workload needed",
     }
-    writable = smallest_dirs(learned.writable, base.writable)
+    for path in learned.writable:
+        if not path.isprintable() or not _utf8(path):
+            learned.not_learned[f"a directory named {path!r}"] = (
+                "a name with control characters or not UTF-8: write it by hand"
+            )
+    writable = smallest_dirs(
+        {p for p in learned.writable if p.isprintable() and _utf8(p)}, base.writable
+    )
     if writable:
         out.tables["landlock"] = {"writable_add": writable}
     syscalls = sorted(learned.syscalls)
@@ -266,6 +273,14 @@ def plan(learned: Learned, base, base_ref: str, name: str) -> Plan:
     for what, why in sorted(learned.not_learned.items()):
         out.notes.append(f"{what}: {why}")
     return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a name os.scandir kept as surrogate escapes
+        return False
+    return True
 
 
 def _network(learned: Learned, base) -> dict:

@@ -71,13 +71,7 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
     config = _read_config(bundle)
     rootfs = config.get("root", {}).get("path", "rootfs")
     rootfs = os.path.normpath(os.path.join(bundle, rootfs))
-    mounts = tuple(
-        dict.fromkeys(
-            os.path.normpath(m["destination"])
-            for m in config.get("mounts") or ()
-            if isinstance(m, dict) and isinstance(m.get("destination"), str)
-        )
-    )
+    mounts = _mount_destinations(config, rootfs)
     skip = tuple(dict.fromkeys(NOT_ROOTFS + mounts))
 
     work = tempfile.mkdtemp(prefix="zviz-learn-")
@@ -188,6 +182,22 @@ def _watch_dns(pid: int):
     except OSError as e:
         print(f"zviz profile learn: no DNS names: {e}", file=sys.stderr)
         return None
+
+
+def _mount_destinations(config: dict, rootfs: str) -> tuple[str, ...]:
+    """config.json's mount destinations as written and as the runtime resolves them in the
+    rootfs (a destination beneath an image's symlink lands at the link's target)."""
+    from runtime.rootfs import secure_join
+
+    found = []
+    for mount in config.get("mounts") or ():
+        destination = mount.get("destination") if isinstance(mount, dict) else None
+        if not isinstance(destination, str) or not destination.startswith("/"):
+            continue
+        found.append(os.path.normpath(destination))
+        resolved = os.path.relpath(secure_join(rootfs, destination), rootfs)
+        found.append(os.path.normpath("/" + resolved))
+    return tuple(dict.fromkeys(p for p in found if p != "/"))
 
 
 def _actions_logged() -> list[str]:
