@@ -174,12 +174,12 @@ def _parser(with_profile_commands: bool = False) -> argparse.ArgumentParser:
         # commands a shim runs per container (state, kill, delete) must not pay.
         from runtime.security.profile_cli import add_subparser as add_profile_commands
 
-        add_profile_commands(sub)  # zviz profile list | show NAME | check FILE
+        add_profile_commands(sub)  # zviz profile list | show | check | diff | learn
         from runtime.node import add_subparser as add_node_commands
 
         add_node_commands(sub)  # zviz node check | install | uninstall
     else:
-        command("profile", "security profiles: list | show NAME | check FILE")
+        command("profile", "security profiles: list | show | check | diff | learn")
         command("node", "this node as a containerd runtime host: check | install | uninstall")
     return parser
 

@@ -935,15 +935,18 @@ class _Call:
                 f"egress to {ip} port {port} not allowed by profile", ip, port, sock
             )
 
-    def _refuse_unless_audited(self, reason: str, ip, port: int, sock: int) -> None:
+    def _refuse_unless_audited(
+        self, reason: str, ip, port: int, sock: int, egress: bool = True
+    ) -> None:
         """Denied, or in audit mode recorded and let through where that stays inside the
         container: its own network namespace's socket (one handed in from the host's
         reaches the host's loopback), and never a destination of egress_deny (the
-        profile's "never", such as a metadata service)."""
+        profile's "never", such as a metadata service). A bind's address is not a
+        destination: egress_deny (which lists 0.0.0.0/8) does not decide it."""
         if (
             self.profile.mode != "audit"
             or not self._socket_namespace_is_the_callers_not_the_hosts(sock)
-            or any(rule.matches(str(ip), port) for rule in self.profile.egress_deny)
+            or (egress and any(rule.matches(str(ip), port) for rule in self.profile.egress_deny))
         ):
             raise Denied(reason)
         address = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
@@ -1016,7 +1019,7 @@ class _Call:
         own_loopback = ip.is_loopback and self._socket_namespace_is_the_callers_not_the_hosts(sock)
         if port != 0 and not own_loopback and not self.profile.bind_allows(str(ip), port):
             self._refuse_unless_audited(
-                f"bind {ip} port {port} not allowed by profile", ip, port, sock
+                f"bind {ip} port {port} not allowed by profile", ip, port, sock, egress=False
             )
         # The broker binds with its own (host root) privileges: the caller's
         # capability decides, as the kernel would have for the caller.

@@ -1,5 +1,7 @@
-"""`zviz profile list | show NAME | check FILE | diff A B`: the profiles as a user sees them."""
+"""`zviz profile list | show NAME | check FILE | diff A B | learn`: the profiles as a user
+sees them, and a profile learnt from a workload's run (learn_run.py)."""
 
+import argparse
 import json
 import sys
 
@@ -7,7 +9,7 @@ from runtime.errors import ZvizError
 
 
 def add_subparser(subparsers) -> None:
-    p = subparsers.add_parser("profile", help="list, show and check security profiles")
+    p = subparsers.add_parser("profile", help="list, show, check, diff and learn security profiles")
     sub = p.add_subparsers(dest="profile_command", required=True)
     sub.add_parser("list", help="the built-in profiles")
     show = sub.add_parser("show", help="the effective policy of a profile (name or .toml path)")
@@ -19,6 +21,22 @@ def add_subparser(subparsers) -> None:
     diff.add_argument("a")
     diff.add_argument("b")
     diff.add_argument("--format", choices=("text", "json"), default="text")
+    learn = sub.add_parser(
+        "learn",
+        help="run a workload in audit mode and write the smallest profile extending BASE "
+        "that lets it run (docs/profiles.md, Learning a profile)",
+        description="Runs COMMAND (`zviz run [OPTIONS] ID BUNDLE`, not detached) once under "
+        "BASE in audit mode with the rootfs writable, then writes a profile that extends "
+        "BASE with the syscalls it used that BASE refuses, the directories it wrote outside "
+        "BASE's writable paths and the network endpoints BASE's broker refused. Never "
+        "learnt: the escape class, argument-filtered calls (socket families, clone flags, "
+        "ioctls), capabilities, limits. Learn only from a workload you trust.",
+    )
+    learn.add_argument("--base", required=True, help="the profile to extend (name or path)")
+    learn.add_argument("--out", default=None, help="write the profile here (default: stdout)")
+    learn.add_argument(
+        "workload", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="zviz run ..."
+    )
     p.set_defaults(func=run)
 
 
@@ -30,6 +48,10 @@ def run(args) -> int:
             return _show(args.name, args.format)
         if args.profile_command == "diff":
             return _diff(args.a, args.b, args.format)
+        if args.profile_command == "learn":
+            from runtime.security.learn_run import learn_command
+
+            return learn_command(args.base, args.out, args.workload)
         return _check(args.file)
     except ZvizError as e:
         print(f"zviz: {e}", file=sys.stderr)
