@@ -354,3 +354,17 @@ def test_an_abstract_name_is_the_containers_only_if_it_holds_every_socket_bound_
     assert policy.abstract_name(b"n", "send", theirs) == policy.refuse(
         "abstract unix socket @n is not the container's"
     )
+
+
+def test_a_datagram_reaches_only_a_receiver_the_broker_holds():
+    # {inode: socket type} showing the name after the broker took hold of `held`.
+    assert policy.datagram_receiver_held({11: SOCK_DGRAM}, {11})
+    # Let go and taken by another socket since the look: not the one held.
+    assert not policy.datagram_receiver_held({12: SOCK_DGRAM}, {11})
+    # Let go and nobody took it (yet): nothing held keeps the name.
+    assert not policy.datagram_receiver_held({}, {11})
+    assert not policy.datagram_receiver_held({}, set())
+    # Stream sockets showing the name (a listener, its accepted connections) are not
+    # looked up by a datagram: only the datagram socket counts.
+    assert policy.datagram_receiver_held({11: SOCK_DGRAM, 20: SOCK_STREAM, 21: SOCK_STREAM}, {11})
+    assert not policy.datagram_receiver_held({20: SOCK_STREAM}, set())

@@ -8,6 +8,7 @@ the policy asks are looked up here (SocketFacts), once per call.
 
 import errno
 import os
+import stat
 import struct
 
 from runtime import linux
@@ -28,6 +29,11 @@ class SocketFacts:
         # The container's processes when an abstract name was decided on: a stream
         # connect's listener is checked against them once connected (peer_is_the_containers).
         self.abstract_name_holders: frozenset[int] | None = None
+        # The last look at an abstract name ({inode: socket type}) and at where the
+        # container's processes hold their sockets: what _hold_the_receiver takes hold of.
+        self.named_seen: dict[int, int] = {}
+        self.container_holdings: dict[int, dict[int, int]] = {}
+        self.held_names: set[bytes] = set()  # abstract names whose receiver the call holds
 
     def socket_family(self) -> int:
         return sockets.socket_option(self.sock, SO_DOMAIN)
@@ -90,22 +96,24 @@ class SocketFacts:
 
     def sockets_bound_to(self, name: bytes) -> set[int]:
         """Inodes of the sockets bound to the abstract name in the caller's namespace."""
-        printed = b"@" + name.replace(b"\0", b"@")
-        bound = set()
-        for line in self.call.proc_read("net/unix").split(b"\n")[1:]:
-            fields = line.split(None, 7)
-            if len(fields) == 8 and fields[7] == printed:
-                bound.add(int(fields[6]))
-        return bound
+        return set(self.sockets_named(name))
+
+    def sockets_named(self, name: bytes) -> dict[int, int]:
+        """{inode: socket type} of the sockets showing the abstract name in the caller's
+        namespace (bound to it, or accepted from a listener bound to it)."""
+        self.named_seen = sockets.unix_sockets_named(self.call.proc_read("net/unix"), name)
+        return self.named_seen
 
     def container_sockets(self) -> set[int]:
         """Inodes of the sockets the container's processes hold; the processes are kept
-        as the name's possible holders (abstract_name_holders)."""
+        as the name's possible holders (abstract_name_holders), with where they hold
+        each socket (container_holdings)."""
         by_pid = self.container_sockets_by_pid()
         self.abstract_name_holders = frozenset(by_pid)
+        self.container_holdings = by_pid
         return set().union(*by_pid.values())
 
-    def container_sockets_by_pid(self) -> dict[int, set[int]]:
+    def container_sockets_by_pid(self) -> dict[int, dict[int, int]]:
         return sockets.sockets_by_pid(
             self.call.proc_read("cgroup"), os.stat("ns/pid", dir_fd=self.call.proc)
         )
@@ -149,7 +157,7 @@ def _unix_address(call, addr: bytes, rules: str, facts: SocketFacts) -> bytes:
     if not path or path[0] == 0:
         # Abstract (or autobind): looked up in the socket's own network namespace.
         if policy.abstract_name_is_scoped(call.profile, rules, path):
-            call.apply(policy.abstract_name(path[1:], rules, facts))
+            _abstract_name_is_the_containers(call, path[1:], rules, facts)
         return addr
     path = path.split(b"\0", 1)[0]
     # A path is resolved inside the container's root, never the broker's.
@@ -174,6 +182,74 @@ def _unix_address(call, addr: bytes, rules: str, facts: SocketFacts) -> bytes:
     return struct.pack("=H", AF_UNIX) + new_path + b"\0"
 
 
+# Rounds of deciding and holding an abstract name before the broker gives up on a name
+# whose sockets keep changing (answered ECONNREFUSED, as a send to a name let go).
+HOLD_ROUNDS = 3
+
+
+def _abstract_name_is_the_containers(call, name: bytes, rules: str, facts: SocketFacts) -> None:
+    """policy.abstract_name on this call; for a datagram socket, then the receiver held.
+
+    The broker connects (or sends) from its own thread, outside the container's
+    Landlock domain: the kernel's scope check would see the broker, so it keeps the
+    scope itself. It looks before it performs, and the kernel looks the name up again
+    when the broker performs: in between the container's socket may let go of the name
+    and host root take it. A stream connect is checked again once connected
+    (peer_is_the_containers). A datagram carries no peer credentials to check after it
+    left, so before a datagram send (or a datagram connect) the broker holds the
+    receiving socket it decided on (_hold_the_receiver) until the call is answered: a
+    socket held stays bound to its name, so nobody can take the name meanwhile and the
+    kernel's lookup finds that very socket.
+    """
+    if name in facts.held_names:
+        return  # a sendmmsg's earlier message to the name: its receiver is held already
+    for _ in range(HOLD_ROUNDS):
+        decision = policy.abstract_name(name, rules, facts)
+        call.apply(decision)
+        if decision != policy.ALLOW or not facts.named_seen:
+            return  # nobody bound (a stream socket's send does not look the name up)
+        if facts.socket_type() != sockets.SOCK_DGRAM:
+            return
+        if _hold_the_receiver(call, name, facts):
+            facts.held_names.add(name)
+            return
+    raise OSError(errno.ECONNREFUSED, "the abstract name's sockets kept changing hands")
+
+
+def _hold_the_receiver(call, name: bytes, facts: SocketFacts) -> bool:
+    """Hold (with pidfd_getfd, from the container's process holding it) the datagram
+    socket the policy saw bound to the name; then whether the name still shows it
+    (policy.datagram_receiver_held). Held sockets are the call's fds, closed when it
+    ends."""
+    receivers = {inode for inode, kind in facts.named_seen.items() if kind == sockets.SOCK_DGRAM}
+    held = set()
+    for pid, holdings in facts.container_holdings.items():
+        for inode, fd in holdings.items():
+            if inode in receivers and inode not in held and _hold(call, pid, fd, inode, name):
+                held.add(inode)
+    return policy.datagram_receiver_held(facts.sockets_named(name), held)
+
+
+def _hold(call, pid: int, fd: int, inode: int, name: bytes) -> bool:
+    """Whether the broker now holds the socket INODE bound to NAME, taken from fd FD of
+    PID (which may have closed or replaced it since it was seen there)."""
+    try:
+        pidfd = linux.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        ours = linux.pidfd_getfd(pidfd, fd)
+    except OSError:
+        return False
+    finally:
+        os.close(pidfd)
+    call.fds.append(ours)
+    st = os.fstat(ours)
+    return (
+        stat.S_ISSOCK(st.st_mode) and st.st_ino == inode and sockets.abstract_name_of(ours) == name
+    )
+
+
 def peer_is_the_containers(facts: SocketFacts) -> bool:
     """After a stream connect to an abstract name: whether the listener it reached
     is the container's (the connect handler shuts the connection down if not).
@@ -187,7 +263,7 @@ def peer_is_the_containers(facts: SocketFacts) -> bool:
     """
     sock = facts.sock
     if facts.socket_type() not in (sockets.SOCK_STREAM, sockets.SOCK_SEQPACKET):
-        return True  # a datagram socket's peer carries no credentials (docs/security.md)
+        return True  # a datagram's receiver was held instead (_hold_the_receiver)
     pid = sockets.peer_pid(sock)
     if pid in facts.abstract_name_holders:
         return True

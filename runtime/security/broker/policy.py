@@ -292,3 +292,18 @@ def abstract_name(name: bytes, rules: str, facts) -> Decision:
             f"abstract unix socket @{name.decode(errors='replace')} is not the container's"
         )
     return ALLOW
+
+
+def datagram_receiver_held(named: dict[int, int], held: set[int]) -> bool:
+    """Whether a datagram to the name can reach only a socket the broker holds.
+
+    named: {inode: socket type} of what shows the name now, after the broker took hold
+    of the container's datagram socket(s) it decided on (held). A datagram is looked up
+    among datagram sockets only (the kernel hashes an abstract name with the socket's
+    type), and a datagram socket shows a name only while bound to it (it accepts no
+    connections): the one showing it must be held. A socket held stays bound, so nobody
+    can take the name before the send, and the kernel's lookup finds that socket. Not
+    held: it is another socket, bound since the broker looked (the name was let go).
+    """
+    receivers = {inode for inode, kind in named.items() if kind == SOCK_DGRAM}
+    return bool(receivers) and receivers <= held

@@ -27,9 +27,9 @@ def socket_option(sock: int, option: int) -> int:
     return value.value
 
 
-def sockets_by_pid(cgroups: bytes, pid_namespace: os.stat_result) -> dict[int, set[int]]:
-    """{pid: inodes of the sockets it holds} of the processes in these cgroups and pid
-    namespace."""
+def sockets_by_pid(cgroups: bytes, pid_namespace: os.stat_result) -> dict[int, dict[int, int]]:
+    """{pid: {inode of a socket it holds: the fd number it holds it at}} of the processes
+    in these cgroups and pid namespace."""
     held = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -48,9 +48,30 @@ def sockets_by_pid(cgroups: bytes, pid_namespace: os.stat_result) -> dict[int, s
             except OSError:
                 continue
             if link.startswith("socket:["):
-                held.setdefault(int(pid), set()).add(int(link[8:-1]))
-        held.setdefault(int(pid), set())
+                held.setdefault(int(pid), {})[int(link[8:-1])] = int(fd)
+        held.setdefault(int(pid), {})
     return held
+
+
+def abstract_name_of(sock: int) -> bytes | None:
+    """The abstract name a unix socket is bound to (None if not one)."""
+    buf = ctypes.create_string_buffer(128)
+    size = ctypes.c_uint32(128)
+    if _libc.getsockname(sock, buf, ctypes.byref(size)):
+        return None
+    raw = buf.raw[: size.value]
+    return raw[3:] if len(raw) > 3 and raw[2] == 0 else None
+
+
+def unix_sockets_named(proc_net_unix: bytes, name: bytes) -> dict[int, int]:
+    """{inode: socket type} of the lines of /proc/net/unix showing the abstract name."""
+    printed = b"@" + name.replace(b"\0", b"@")
+    named = {}
+    for line in proc_net_unix.split(b"\n")[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] == printed:
+            named[int(fields[6])] = int(fields[4], 16)
+    return named
 
 
 def peer_pid(sock: int) -> int:
