@@ -357,14 +357,30 @@ def test_an_abstract_name_is_the_containers_only_if_it_holds_every_socket_bound_
 
 
 def test_a_datagram_reaches_only_a_receiver_the_broker_holds():
-    # {inode: socket type} showing the name after the broker took hold of `held`.
-    assert policy.datagram_receiver_held({11: SOCK_DGRAM}, {11})
+    # {inode: (type, listening)} showing the name after the broker took hold of `held`.
+    dgram = (SOCK_DGRAM, False)
+    assert policy.receiver_held({11: dgram}, {11}, SOCK_DGRAM)
     # Let go and taken by another socket since the look: not the one held.
-    assert not policy.datagram_receiver_held({12: SOCK_DGRAM}, {11})
+    assert not policy.receiver_held({12: dgram}, {11}, SOCK_DGRAM)
     # Let go and nobody took it (yet): nothing held keeps the name.
-    assert not policy.datagram_receiver_held({}, {11})
-    assert not policy.datagram_receiver_held({}, set())
-    # Stream sockets showing the name (a listener, its accepted connections) are not
-    # looked up by a datagram: only the datagram socket counts.
-    assert policy.datagram_receiver_held({11: SOCK_DGRAM, 20: SOCK_STREAM, 21: SOCK_STREAM}, {11})
-    assert not policy.datagram_receiver_held({20: SOCK_STREAM}, set())
+    assert not policy.receiver_held({}, {11}, SOCK_DGRAM)
+    assert not policy.receiver_held({}, set(), SOCK_DGRAM)
+    # Stream sockets showing the same name are not looked up by a datagram.
+    named = {11: dgram, 20: (SOCK_STREAM, True), 21: (SOCK_STREAM, False)}
+    assert policy.receivers(named, SOCK_DGRAM) == {11}
+    assert policy.receiver_held(named, {11}, SOCK_DGRAM)
+    assert not policy.receiver_held({20: (SOCK_STREAM, True)}, {20}, SOCK_DGRAM)
+
+
+def test_a_connect_reaches_only_a_listener_the_broker_holds():
+    listener, accepted = (SOCK_STREAM, True), (SOCK_STREAM, False)
+    named = {20: listener, 21: accepted, 22: accepted}
+    # Accepted connections show their listener's name; only the listener takes a connect.
+    assert policy.receivers(named, SOCK_STREAM) == {20}
+    assert policy.receiver_held(named, {20}, SOCK_STREAM)
+    assert not policy.receiver_held(named, {21, 22}, SOCK_STREAM)
+    # The listener let go of the name: accepted ones alone lead nowhere (ECONNREFUSED).
+    assert not policy.receiver_held({21: accepted}, {21}, SOCK_STREAM)
+    # Another type's listener of the same name is not looked up.
+    assert not policy.receiver_held({30: (5, True)}, {30}, SOCK_STREAM)
+    assert policy.receiver_held({30: (5, True)}, {30}, 5)  # SOCK_SEQPACKET

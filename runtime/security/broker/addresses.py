@@ -29,9 +29,9 @@ class SocketFacts:
         # The container's processes when an abstract name was decided on: a stream
         # connect's listener is checked against them once connected (peer_is_the_containers).
         self.abstract_name_holders: frozenset[int] | None = None
-        # The last look at an abstract name ({inode: socket type}) and at where the
+        # The last look at an abstract name ({inode: (type, listening)}) and at where the
         # container's processes hold their sockets: what _hold_the_receiver takes hold of.
-        self.named_seen: dict[int, int] = {}
+        self.named_seen: dict[int, tuple[int, bool]] = {}
         self.container_holdings: dict[int, dict[int, int]] = {}
         self.held_names: set[bytes] = set()  # abstract names whose receiver the call holds
 
@@ -98,8 +98,8 @@ class SocketFacts:
         """Inodes of the sockets bound to the abstract name in the caller's namespace."""
         return set(self.sockets_named(name))
 
-    def sockets_named(self, name: bytes) -> dict[int, int]:
-        """{inode: socket type} of the sockets showing the abstract name in the caller's
+    def sockets_named(self, name: bytes) -> dict[int, tuple[int, bool]]:
+        """{inode: (socket type, listening)} of the sockets showing the abstract name in the caller's
         namespace (bound to it, or accepted from a listener bound to it)."""
         self.named_seen = sockets.unix_sockets_named(self.call.proc_read("net/unix"), name)
         return self.named_seen
@@ -188,18 +188,18 @@ HOLD_ROUNDS = 3
 
 
 def _abstract_name_is_the_containers(call, name: bytes, rules: str, facts: SocketFacts) -> None:
-    """policy.abstract_name on this call; for a datagram socket, then the receiver held.
+    """policy.abstract_name on this call, then the receiving socket held.
 
     The broker connects (or sends) from its own thread, outside the container's
     Landlock domain: the kernel's scope check would see the broker, so it keeps the
     scope itself. It looks before it performs, and the kernel looks the name up again
     when the broker performs: in between the container's socket may let go of the name
-    and host root take it. A stream connect is checked again once connected
-    (peer_is_the_containers). A datagram carries no peer credentials to check after it
-    left, so before a datagram send (or a datagram connect) the broker holds the
-    receiving socket it decided on (_hold_the_receiver) until the call is answered: a
-    socket held stays bound to its name, so nobody can take the name meanwhile and the
-    kernel's lookup finds that very socket.
+    and host root take it. So before a connect, or a datagram's send, the broker holds
+    the receiving socket it decided on (_hold_the_receiver) until the call is answered:
+    a socket held stays bound to its name, so nobody can take the name meanwhile and
+    the kernel's lookup finds that very socket. (A datagram carries no peer credentials
+    to check after it left; a stream connect is also checked once connected,
+    peer_is_the_containers.)
     """
     if name in facts.held_names:
         return  # a sendmmsg's earlier message to the name: its receiver is held already
@@ -208,26 +208,27 @@ def _abstract_name_is_the_containers(call, name: bytes, rules: str, facts: Socke
         call.apply(decision)
         if decision != policy.ALLOW or not facts.named_seen:
             return  # nobody bound (a stream socket's send does not look the name up)
-        if facts.socket_type() != sockets.SOCK_DGRAM:
-            return
-        if _hold_the_receiver(call, name, facts):
+        sock_type = facts.socket_type()
+        if rules != "connect" and sock_type != sockets.SOCK_DGRAM:
+            return  # a stream or seqpacket send goes to its peer, whatever the address
+        if _hold_the_receiver(call, name, sock_type, facts):
             facts.held_names.add(name)
             return
     raise OSError(errno.ECONNREFUSED, "the abstract name's sockets kept changing hands")
 
 
-def _hold_the_receiver(call, name: bytes, facts: SocketFacts) -> bool:
-    """Hold (with pidfd_getfd, from the container's process holding it) the datagram
-    socket the policy saw bound to the name; then whether the name still shows it
-    (policy.datagram_receiver_held). Held sockets are the call's fds, closed when it
-    ends."""
-    receivers = {inode for inode, kind in facts.named_seen.items() if kind == sockets.SOCK_DGRAM}
+def _hold_the_receiver(call, name: bytes, sock_type: int, facts: SocketFacts) -> bool:
+    """Hold (with pidfd_getfd, from the container's process holding it) the receiving
+    socket the policy saw bound to the name; then whether the name still leads only to
+    what is held (policy.receiver_held). Held sockets are the call's fds, closed when
+    it ends."""
+    receivers = policy.receivers(facts.named_seen, sock_type)
     held = set()
     for pid, holdings in facts.container_holdings.items():
         for inode, fd in holdings.items():
             if inode in receivers and inode not in held and _hold(call, pid, fd, inode, name):
                 held.add(inode)
-    return policy.datagram_receiver_held(facts.sockets_named(name), held)
+    return policy.receiver_held(facts.sockets_named(name), held, sock_type)
 
 
 def _hold(call, pid: int, fd: int, inode: int, name: bytes) -> bool:

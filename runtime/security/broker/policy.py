@@ -294,16 +294,28 @@ def abstract_name(name: bytes, rules: str, facts) -> Decision:
     return ALLOW
 
 
-def datagram_receiver_held(named: dict[int, int], held: set[int]) -> bool:
-    """Whether a datagram to the name can reach only a socket the broker holds.
+def receivers(named: dict[int, tuple[int, bool]], sock_type: int) -> set[int]:
+    """The sockets showing an abstract name that a connect or a datagram from a socket
+    of SOCK_TYPE can reach.
 
-    named: {inode: socket type} of what shows the name now, after the broker took hold
-    of the container's datagram socket(s) it decided on (held). A datagram is looked up
-    among datagram sockets only (the kernel hashes an abstract name with the socket's
-    type), and a datagram socket shows a name only while bound to it (it accepts no
-    connections): the one showing it must be held. A socket held stays bound, so nobody
-    can take the name before the send, and the kernel's lookup finds that socket. Not
-    held: it is another socket, bound since the broker looked (the name was let go).
+    named: {inode: (socket type, listening)} of what shows the name. The kernel looks an
+    abstract name up among sockets of the caller's type only (it hashes the name with
+    the type). A datagram socket shows a name only while bound to it; a stream or
+    seqpacket socket also shows its listener's name once accepted from it, and only a
+    listening one takes a connection (the others answer ECONNREFUSED).
     """
-    receivers = {inode for inode, kind in named.items() if kind == SOCK_DGRAM}
-    return bool(receivers) and receivers <= held
+    return {
+        inode
+        for inode, (kind, listening) in named.items()
+        if kind == sock_type and (kind == SOCK_DGRAM or listening)
+    }
+
+
+def receiver_held(named: dict[int, tuple[int, bool]], held: set[int], sock_type: int) -> bool:
+    """Whether the call can reach only a socket the broker holds: after the broker took
+    hold of the receiving socket(s) it decided on (held), the receivers showing the
+    name now (named) must all be held. A socket held stays bound to its name, so nobody
+    can take the name before the call, and the kernel's lookup finds that socket. One
+    not held is another socket, bound since the broker looked (the name was let go)."""
+    now = receivers(named, sock_type)
+    return bool(now) and now <= held

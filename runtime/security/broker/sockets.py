@@ -12,6 +12,7 @@ from runtime.security.broker.policy import AF_INET, AF_INET6
 
 SOL_SOCKET, SO_TYPE, SO_ERROR, SO_PEERCRED, SO_PROTOCOL, SO_DOMAIN = 1, 3, 4, 17, 38, 39
 SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET = 1, 2, 5
+SO_ACCEPTCON = 1 << 16  # linux/net.h __SO_ACCEPTCON: /proc/net/unix's flag of a listener
 SIOCGSKNS = 0x894C  # linux/sockios.h: a socket's network namespace, as a new fd
 SIOCGIFCONF = 0x8912  # the IPv4 addresses of the socket's network namespace
 _IFREQ_SIZE = 40  # struct ifreq on 64-bit: name[16] + the sockaddr union, padded
@@ -63,14 +64,15 @@ def abstract_name_of(sock: int) -> bytes | None:
     return raw[3:] if len(raw) > 3 and raw[2] == 0 else None
 
 
-def unix_sockets_named(proc_net_unix: bytes, name: bytes) -> dict[int, int]:
-    """{inode: socket type} of the lines of /proc/net/unix showing the abstract name."""
+def unix_sockets_named(proc_net_unix: bytes, name: bytes) -> dict[int, tuple[int, bool]]:
+    """{inode: (socket type, listening)} of the lines of /proc/net/unix showing the
+    abstract name."""
     printed = b"@" + name.replace(b"\0", b"@")
     named = {}
     for line in proc_net_unix.split(b"\n")[1:]:
         fields = line.split(None, 7)
         if len(fields) == 8 and fields[7] == printed:
-            named[int(fields[6])] = int(fields[4], 16)
+            named[int(fields[6])] = (int(fields[4], 16), bool(int(fields[3], 16) & SO_ACCEPTCON))
     return named
 
 
