@@ -14,7 +14,7 @@ decision (openat2's RESOLVE_*, open_tree). Plain file work in the rootfs (mkdir,
 O_NOFOLLOW, lstat, readlink) stays on `os`: it runs unprivileged in a test's temp
 directory as it does in the container. Outside the seam: the namespace calls of
 runtime/process.py, Landlock and seccomp (loaded by their own modules), and the
-broker's ctypes (runtime/security/broker.py: pidfd_getfd, seccomp notify ioctls).
+broker's ctypes (runtime/security/broker/: pidfd_getfd, seccomp notify ioctls).
 """
 
 import os

@@ -11,7 +11,8 @@ import os
 import pytest
 
 from runtime import denials
-from runtime.security import broker, seccomp
+from runtime.security import seccomp
+from runtime.security.broker import policy
 from runtime.security.profiles import load_profile
 from shim.denials import event
 
@@ -195,15 +196,15 @@ def test_the_broker_describes_a_refused_address():
     import struct
 
     v4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80) + socket.inet_aton("10.0.0.1")
-    assert broker._describe_address(v4 + bytes(8)) == {
+    assert policy.describe_address(v4 + bytes(8)) == {
         "family": "AF_INET",
         "address": "10.0.0.1:80",
     }
     v6 = struct.pack("=H", socket.AF_INET6) + struct.pack("!HI", 443, 0)
     v6 += socket.inet_pton(socket.AF_INET6, "2001:db8::1") + struct.pack("=I", 0)
-    assert broker._describe_address(v6)["address"] == "[2001:db8::1]:443"
+    assert policy.describe_address(v6)["address"] == "[2001:db8::1]:443"
     unix = struct.pack("=H", socket.AF_UNIX) + b"/run/x.sock\0"
-    assert broker._describe_address(unix) == {"family": "AF_UNIX", "address": "/run/x.sock"}
+    assert policy.describe_address(unix) == {"family": "AF_UNIX", "address": "/run/x.sock"}
 
 
 def test_switched_off_the_filter_loads_without_the_log_flag(monkeypatch):

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from runtime.errors import InvalidArgument
-from runtime.security import broker, dns
+from runtime.security import dns
+from runtime.security.broker.egress_hosts import EgressHosts
 from runtime.security.cluster import ClusterNetwork
 from runtime.security.profiles import _build
 from shim import config as shim_config
@@ -78,7 +79,7 @@ def fake_dns():
 
 def _hosts(server, hosts=(("svc.test", 8080),)):
     profile = SimpleNamespace(egress_hosts=hosts, egress_nameservers=(server.address,))
-    return broker._EgressHosts(profile)
+    return EgressHosts(profile)
 
 
 def test_a_name_allows_exactly_its_addresses_on_its_port(fake_dns):

@@ -433,9 +433,9 @@ def test_call_the_worker_has_not_performed_by_the_deadline_fails_and_stays_undon
     profile = _short_timeout(tmp_path, allowed_port, seconds=0.3)
     mediate = broker.Broker._mediate
 
-    def slow_mediate(self, note, name):
+    def slow_mediate(self, note, handler):
         time.sleep(self.timeout + 0.3)
-        mediate(self, note, name)
+        mediate(self, note, handler)
 
     # Patched here, inherited by the broker process start_broker forks from this one.
     monkeypatch.setattr(broker.Broker, "_mediate", slow_mediate)

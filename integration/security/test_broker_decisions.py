@@ -375,4 +375,99 @@ def test_abstract_name_rebound_between_the_check_and_the_connect_stays_out_of_re
     assert int(host_side.split()[1]) > 0, shown
     assert own > 0 and connects > own, shown
     assert reached_host == 0 and race.startswith("BLOCKED"), shown
+    # Not even a connection host root accepted and the broker then shut down: the broker
+    # holds the listener it decided on until the connect is answered.
+    assert re.search(r"accepted 0$", host_side.strip()), shown
+    print(race, host_side)
+
+
+HOST_DATAGRAM_FLAPPER = """
+import socket, sys, time
+name, seconds = b"\\0" + sys.argv[1].encode(), float(sys.argv[2])
+held = received = 0
+print("ready", flush=True)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(name)
+    except OSError:
+        receiver.close()  # the container holds it: try again at once
+        continue
+    receiver.setblocking(False)
+    held += 1
+    hold_until = time.monotonic() + 0.001
+    while time.monotonic() < hold_until:
+        try:
+            if receiver.recv(64).startswith(b"container"):
+                received += 1
+        except BlockingIOError:
+            pass
+    receiver.close()
+    time.sleep(0.0005)
+print(f"held {held} received {received}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["sendto", "sendmsg", "sendmmsg", "connect"])
+def test_abstract_datagram_name_rebound_between_the_check_and_the_send_stays_out_of_reach(
+    probes, broker_probe, tmp_path, mode
+):
+    """A datagram carries no peer credentials: nothing can be checked after it left. The
+    broker's check (who holds the name) and its send (or datagram connect) must reach
+    the socket it checked. Host root binds and lets go of the name in a loop inside the
+    container's network namespace while the container sends to it in a loop and a child
+    of it holds and lets go of the same name; what host root receives escaped."""
+    cid = unique_id("zviz-broker-dgram-race")
+    name = unique_id("zviz-broker-dgram-race")
+    seconds = 6
+    results = {}
+    container = threading.Thread(
+        target=lambda: results.update(
+            run=run(
+                probes,
+                broker_probe,
+                no_loopback_profile(tmp_path),
+                f"sleep 2; /bprobe abstract_dgram_race {name} {seconds} {mode}",
+                cid=cid,
+            )
+        )
+    )
+    container.start()
+    flapper = None
+    host_side = ""
+    try:
+        root = os.path.join(probes.base, "root-zviz")
+        pid = _container_pid(probes.zviz, root, cid, time.monotonic() + 60)
+        flapper = subprocess.Popen(
+            [
+                "nsenter",
+                f"--net=/proc/{pid}/ns/net",
+                sys.executable,
+                "-c",
+                HOST_DATAGRAM_FLAPPER,
+                name,
+                str(seconds + 2),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert flapper.stdout.readline().strip() == "ready"
+    finally:
+        container.join()
+        if flapper is not None:
+            host_side = flapper.communicate(timeout=30)[0]
+    result = results["run"]
+    race = verdicts(result).get(f"abstract_dgram_race {mode} @{name}", "")
+    shown = result.stdout + result.stderr + host_side
+    counts = re.search(r"(\d+) sends, (\d+) sent, (-?\d+) own", race)
+    host = re.search(r"held (\d+) received (\d+)", host_side)
+    assert counts and host, shown
+    sends, sent, own = map(int, counts.groups())
+    held, reached_host = map(int, host.groups())
+    # The race was run: host root held the name, and the container still reached its own
+    # receiver (the name is not simply refused), never host root's.
+    assert held > 0 and sends > sent, shown
+    assert own > 0, shown
+    assert reached_host == 0, shown
     print(race, host_side)

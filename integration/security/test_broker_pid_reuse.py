@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 REUSE = r"""
 import os, signal, struct, time
-from runtime.security import broker
+from runtime.security.broker import caller as broker_caller, core, verdict
 
 def sleeper(uid):
     pid = os.fork()
@@ -31,13 +31,13 @@ def sleeper(uid):
 class ValidBroker:
     # The notification stayed valid until the check: the window is after it.
     profile = None
-    copies = broker.CopyBudget(0)
-    def _valid(self, note):
+    copies = core.CopyBudget(0)
+    def valid(self, note):
         return True
 
 caller = sleeper(1234)
-raw = broker._NOTIF.pack(1, caller, 0, 42, 0, 0, 0, 0, 0, 0, 0, 0)
-call = broker._Call(ValidBroker(), broker.Notification(raw))
+raw = core.NOTIF.pack(1, caller, 0, 42, 0, 0, 0, 0, 0, 0, 0, 0)
+call = broker_caller.Call(ValidBroker(), core.Notification(raw))
 os.kill(caller, signal.SIGKILL)
 os.waitpid(caller, 0)
 with open("/proc/sys/kernel/ns_last_pid", "w") as f:
@@ -45,9 +45,9 @@ with open("/proc/sys/kernel/ns_last_pid", "w") as f:
 other = sleeper(4321)
 assert other == caller, (other, caller)
 try:
-    status = call._caller_status()
+    status = call.caller_status()
     print("LENT uid", status["Uid"][1])
-except broker.Denied as e:
+except verdict.Denied as e:
     print("DENIED", e.reason)
 finally:
     call.close()

@@ -282,7 +282,7 @@ def _received_then_stopped(flags: int) -> dict:
     import socket
     import time
 
-    from runtime.security import broker
+    from runtime.security.broker import core
 
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
@@ -311,12 +311,12 @@ def _received_then_stopped(flags: int) -> dict:
         def receive(timeout: float):
             if not select.select([listener], [], [], timeout)[0]:
                 return None
-            buf = bytearray(broker._NOTIF.size)
+            buf = bytearray(core.NOTIF.size)
             try:
-                fcntl.ioctl(listener, broker.NOTIF_RECV, buf)
+                fcntl.ioctl(listener, core.NOTIF_RECV, buf)
             except FileNotFoundError:
                 return None  # readable because the child is gone: no task uses the filter
-            return broker._NOTIF.unpack(bytes(buf))[0]
+            return core.NOTIF.unpack(bytes(buf))[0]
 
         first = receive(10)
         assert first is not None, "the notified call never arrived"
@@ -331,14 +331,14 @@ def _received_then_stopped(flags: int) -> dict:
         time.sleep(0.3)
         # The supervisor performs the call now and answers it: 4242 as the result.
         try:
-            fcntl.ioctl(listener, broker.NOTIF_SEND, broker._RESP.pack(first, 4242, 0, 0))
+            fcntl.ioctl(listener, core.NOTIF_SEND, core.RESP.pack(first, 4242, 0, 0))
             first_answered = True
         except OSError as e:
             first_answered = e.errno != errno.ENOENT
         replay = receive(1)
         if replay is not None:
             notes.append(replay)
-            fcntl.ioctl(listener, broker.NOTIF_SEND, broker._RESP.pack(replay, 4343, 0, 0))
+            fcntl.ioctl(listener, core.NOTIF_SEND, core.RESP.pack(replay, 4343, 0, 0))
         seen = parent_end.recv(64).decode()
     finally:
         os.close(listener)

@@ -148,13 +148,13 @@ class Profile:
     # through before any egress rule: they reach only the pod.
     network_joined: bool = False
     # Name-based egress: ((host name, port), ...) reachable at the addresses the name
-    # resolves to, resolved by the broker (broker.py, _EgressHosts; docs/security.md).
+    # resolves to, resolved by the broker (broker/egress_hosts.py; docs/security.md).
     egress_hosts: tuple[tuple[str, int], ...] = ()
     # Set by harden_spec from the operator's config (cluster.ClusterNetwork): cluster DNS,
     # service and pod CIDRs; and the nameservers egress_hosts are resolved through.
     cluster_network: object = None
     egress_nameservers: tuple[tuple[str, int], ...] = ()
-    # Seconds a mediated call may wait for the broker before it fails (broker.py).
+    # Seconds a mediated call may wait for the broker before it fails (broker/core.py).
     broker_timeout: float = 10.0
     # Broker kernel features this profile runs without (kernel_gaps.BROKER_FEATURES).
     broker_may_lack: tuple[str, ...] = ()

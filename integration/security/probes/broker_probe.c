@@ -19,6 +19,14 @@
  *                                child binds @NAME, holds it a moment and lets it go,
  *                                again and again (host root takes it in between):
  *                                ESCAPED when a connect reached host root's listener
+ *   abstract_dgram_race NAME SECONDS MODE
+ *                                the same for datagrams: send "container" to @NAME over
+ *                                and over for SECONDS (MODE = sendto | sendmsg |
+ *                                sendmmsg (two messages) | connect, the last a datagram
+ *                                connect then an unaddressed send)
+ *                                while a child binds a datagram socket to @NAME, reads
+ *                                it a moment and lets it go; host root counts what it
+ *                                receives (the test reads that side)
  *   sendmmsg_big IP PORT N SIZE  one sendmmsg of N messages of SIZE bytes each (all
  *                                from one buffer) to IP:PORT over UDP
  *   socket_proto TYPE PROTO      socket(AF_INET, TYPE, PROTO): a protocol whose ways out
@@ -254,6 +262,93 @@ static int abstract_race(const char *name, int seconds) {
     return 0;
 }
 
+static double monotonic_seconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return now.tv_sec + now.tv_nsec / 1e9;
+}
+
+static int abstract_dgram_race(const char *name, int seconds, const char *mode) {
+    struct sockaddr_un at;
+    socklen_t len = abstract_address(&at, name);
+    int counts[2];
+    if (pipe(counts)) {
+        printf("ERROR abstract_dgram_race: pipe: errno %d\n", errno);
+        return 2;
+    }
+    time_t end = time(NULL) + seconds;
+    pid_t rebinder = fork();
+    if (rebinder == 0) {
+        /* The container's own receiver: holds the name a moment, then lets it go for
+         * host root to take before the broker's send. */
+        long received = 0;
+        while (time(NULL) < end) {
+            int held = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+            if (bind(held, (struct sockaddr *)&at, len) == 0) {
+                double until = monotonic_seconds() + 0.0003;
+                do {
+                    char got[16];
+                    if (recv(held, got, sizeof got, 0) > 0)
+                        received++;
+                } while (monotonic_seconds() < until);
+            }
+            close(held);
+            usleep(100);
+        }
+        write(counts[1], &received, sizeof received);
+        _exit(0);
+    }
+    close(counts[1]);
+    long sends = 0, sent = 0, refused = 0, denied = 0;
+    int unconnected = socket(AF_UNIX, SOCK_DGRAM, 0);
+    while (time(NULL) < end) {
+        sends++;
+        int ok;
+        if (strcmp(mode, "sendto") == 0) {
+            ok = sendto(unconnected, "container\n", 10, MSG_DONTWAIT, (struct sockaddr *)&at,
+                        len) == 10;
+        } else if (strcmp(mode, "sendmsg") == 0) {
+            struct iovec data = {"container\n", 10};
+            struct msghdr msg = {.msg_name = &at, .msg_namelen = len, .msg_iov = &data,
+                                 .msg_iovlen = 1};
+            ok = sendmsg(unconnected, &msg, MSG_DONTWAIT) == 10;
+        } else if (strcmp(mode, "sendmmsg") == 0) {
+            /* Two messages to the name in one call: the broker decides each. */
+            struct iovec data = {"container\n", 10};
+            struct mmsghdr msgs[2];
+            memset(msgs, 0, sizeof msgs);
+            for (int i = 0; i < 2; i++) {
+                msgs[i].msg_hdr.msg_name = &at;
+                msgs[i].msg_hdr.msg_namelen = len;
+                msgs[i].msg_hdr.msg_iov = &data;
+                msgs[i].msg_hdr.msg_iovlen = 1;
+            }
+            ok = sendmmsg(unconnected, msgs, 2, MSG_DONTWAIT) > 0;
+        } else {
+            int s = socket(AF_UNIX, SOCK_DGRAM, 0);
+            ok = connect(s, (struct sockaddr *)&at, len) == 0 &&
+                 send(s, "container\n", 10, MSG_DONTWAIT) == 10;
+            int err = errno;
+            close(s);
+            errno = err;
+        }
+        if (ok)
+            sent++;
+        else if (errno == ECONNREFUSED || errno == EAGAIN)
+            refused++;
+        else
+            denied++;
+    }
+    long own = 0;
+    if (read(counts[0], &own, sizeof own) != sizeof own)
+        own = -1;
+    waitpid(rebinder, NULL, 0);
+    printf("DONE abstract_dgram_race %s @%s: %ld sends, %ld sent, %ld own, %ld refused, "
+           "%ld denied\n",
+           mode, name, sends, sent, own, refused, denied);
+    return 0;
+}
+
 static int sendmmsg_big(const char *ip, int port, int count, long size) {
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port)};
     inet_pton(AF_INET, ip, &to.sin_addr);
@@ -422,6 +517,8 @@ int main(int argc, char **argv) {
         return abstract_own(argv[2]);
     if (argc == 4 && strcmp(argv[1], "abstract_race") == 0)
         return abstract_race(argv[2], atoi(argv[3]));
+    if (argc == 5 && strcmp(argv[1], "abstract_dgram_race") == 0)
+        return abstract_dgram_race(argv[2], atoi(argv[3]), argv[4]);
     if (argc == 6 && strcmp(argv[1], "sendmmsg_big") == 0)
         return sendmmsg_big(argv[2], atoi(argv[3]), atoi(argv[4]), atol(argv[5]));
     if (argc == 4 && strcmp(argv[1], "socket_proto") == 0)
