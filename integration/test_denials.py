@@ -159,6 +159,55 @@ def test_broker_refusal_under_web_server(containerd, busybox_image, zviz_bin):
     _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
 
 
+@pytest.fixture
+def audit_enabled():
+    """Landlock writes its records only while audit is enabled (docs/denials.md); this
+    node runs with it disabled. The test enables it for its own duration and puts back
+    the value it found. What cannot be put back: the kernel remembers that audit was
+    once enabled (`audit_ever_enabled`) and from then on gives each new task an audit
+    context (a few ns a syscall while audit is disabled again)."""
+    from runtime.security import landlock
+
+    abi = landlock.abi_version()
+    if abi < landlock.LOG_ABI:
+        pytest.skip(
+            f"Landlock ABI {abi} < {landlock.LOG_ABI}: the kernel writes no Landlock records"
+        )
+    try:
+        before = denials.audit_status()["enabled"]
+    except denials.KernelRecordsUnavailable as e:
+        pytest.skip(f"no audit status: {e}")
+    if before == 2:
+        pytest.skip("audit is locked (enabled=2): cannot be changed until reboot")
+    if not before:
+        denials.audit_status(set_enabled=1)
+    try:
+        yield
+    finally:
+        if not before:
+            denials.audit_status(set_enabled=before)
+            assert denials.audit_status()["enabled"] == before
+
+
+def test_landlock_denial_under_ci_runner(containerd, busybox_image, zviz_bin, audit_enabled):
+    """A write outside ci-runner's writable paths: Landlock refuses it (EACCES) and, with
+    the log flags zviz passes, the kernel writes its records; the shim maps them to the
+    container by the call's audit session."""
+    script = "while true; do echo x > /etc/zviz-landlock-probe; sleep 0.2; done"
+    event, records, audit_records, ctr_stderr = _run_until_recorded(
+        containerd, busybox_image, zviz_bin, script, (), lambda e: e.source == "landlock"
+    )
+    assert event.profile == "ci-runner"
+    assert event.comm == "sh"
+    assert event.syscall in ("open", "openat", "creat")
+    assert dict(event.args)["path"] == "/etc"
+    assert event.access == "fs.make_reg"
+    assert event.verdict == "EACCES"
+    assert event.rule.startswith("profile ci-runner: /etc is not beneath its writable paths (/tmp")
+    assert event.pid > 1
+    _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
+
+
 def test_pids_limit_hits_under_hostile_tenant(containerd, busybox_image, zviz_bin):
     """A fork bomb under hostile-tenant's pids_max (64): the forks pids.max refuses become
     cgroup records, several refusals of one poll in one record with their count."""
