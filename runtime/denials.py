@@ -567,6 +567,10 @@ class KernelWatcher:
     def __bool__(self) -> bool:
         return bool(self._containers)
 
+    def sessions(self) -> set[int]:
+        """The audit sessions of the watched containers (what the node's reader routes)."""
+        return set(self._by_session)
+
     def handle(self, kind: int, text: str) -> dict | None:
         """Record one kernel record if it is a denial of a watched container's process."""
         if kind in LANDLOCK_EVENT_KINDS:
