@@ -750,7 +750,7 @@ class LandlockEvents:
                 self.expire(everything=True)
             when, fields = parse_fields(text)
             arrived = self.watcher.clock()
-            self._open[_serial(text)] = {"when": when, "arrived": arrived, "access": fields}
+            self._open[serial_of(text)] = {"when": when, "arrived": arrived, "access": fields}
             return None
         if kind == AUDIT_LANDLOCK_DOMAIN:
             _, fields = parse_fields(text)
@@ -764,12 +764,12 @@ class LandlockEvents:
             return None
         if not self._open:
             return None  # SYSCALL and EOE of every audited event of the node: not ours
-        event = self._open.get(_serial(text))
+        event = self._open.pop(serial_of(text), None)
         if event is None:
             return None
         if kind == AUDIT_SYSCALL:
             event["syscall"] = parse_fields(text)[1]
-        return self._finish(self._open.pop(_serial(text)))
+        return self._finish(event)
 
     def expire(self, everything: bool = False) -> list[dict]:
         """Finish the events that waited long enough for a SYSCALL record."""
@@ -842,7 +842,8 @@ class LandlockEvents:
         return rec
 
 
-def _serial(text: str) -> int:
+def serial_of(text: str) -> int:
+    """The serial of an audit record (shared by the records of one event); -1 if none."""
     match = _SERIAL.match(text)
     return int(match.group(1)) if match else -1
 

@@ -28,7 +28,6 @@ Protocol (SOCK_SEQPACKET, root peers only): a daemon sends `S <session> <session
 import argparse
 import errno
 import os
-import re
 import selectors
 import socket
 import struct
@@ -48,9 +47,11 @@ LOG_NAME = "reader.log"
 MAX_DATAGRAM = 60 << 10
 CLIENT_BUFFER = 4 << 20  # per daemon: the same room a daemon's own audit socket had
 READ_BATCH = 1024
+# A daemon's subscription datagram at most (~90 000 sessions); a longer one is cut by
+# the socket and the sessions past the cut get their records as everyone's.
+SUBSCRIPTION_MAX = 1 << 20
 # A reader nobody connects to (its starter went away) does not stay.
 FIRST_CLIENT_SECONDS = 10.0
-_SERIAL = re.compile(rb"audit\(\d+\.\d+:(\d+)\)")
 
 
 def directory() -> str:
@@ -106,24 +107,24 @@ class Router:
 
     def route(self, kind: int, text: str) -> None:
         if kind == denials.AUDIT_SECCOMP:
-            self._to(self._by_session.get(_number(text, " ses=")), [(kind, text)])
+            self._to(self._by_session.get(denials._number_after(text, " ses=")), [(kind, text)])
         elif kind == denials.AUDIT_LANDLOCK_ACCESS:
             if len(self._open) >= denials.LANDLOCK_OPEN_MAX:
                 self.expire(everything=True)
-            self._open[serial(text)] = [self.clock(), [(kind, text)]]
+            self._open[denials.serial_of(text)] = [self.clock(), [(kind, text)]]
         elif kind == denials.AUDIT_LANDLOCK_DOMAIN:
-            event = self._open.get(serial(text))
+            event = self._open.get(denials.serial_of(text))
             if event is None:
                 self._to(None, [(kind, text)])  # a domain's end: every daemon forgets it
             else:
                 event[1].append((kind, text))
         elif kind in (denials.AUDIT_SYSCALL, denials.AUDIT_EOE) and self._open:
-            event = self._open.pop(serial(text), None)
+            event = self._open.pop(denials.serial_of(text), None)
             if event is None:
                 return  # another audited event of the node: nobody's
             if kind == denials.AUDIT_SYSCALL:
                 event[1].append((kind, text))
-                self._to(self._by_session.get(_number(text, " ses=")), event[1])
+                self._to(self._by_session.get(denials._number_after(text, " ses=")), event[1])
             else:
                 self._to(None, event[1])  # no SYSCALL record: its domain decides
         # Any other type: no daemon reads it.
@@ -189,22 +190,6 @@ def _chunks(lines: list[bytes]) -> list[list[bytes]]:
     if current:
         chunks.append(current)
     return chunks or [[]]
-
-
-def serial(text: str) -> int:
-    match = _SERIAL.match(text.encode()[:64])
-    return int(match.group(1)) if match else -1
-
-
-def _number(text: str, key: str) -> int | None:
-    start = text.find(key)
-    if start < 0:
-        return None
-    start += len(key)
-    end = start
-    while end < len(text) and text[end].isdigit():
-        end += 1
-    return int(text[start:end]) if end > start else None
 
 
 def _peer_is_root(sock: socket.socket) -> bool:
@@ -315,7 +300,7 @@ def _accept(listener, router: Router, selector) -> None:
 
 def _from_client(client: Client, router: Router, selector) -> None:
     try:
-        data = client.sock.recv(65536)
+        data = client.sock.recv(SUBSCRIPTION_MAX)
     except BlockingIOError:
         return
     except OSError:
@@ -388,11 +373,12 @@ class NodeReaderClient:
                 if out:
                     return out  # the records first; the next read reports the end
                 raise ReaderGone("the node's audit reader closed the connection")
-            for line in data.decode(errors="replace").splitlines():
+            # "\n" only: the kernel hex-encodes any string with control characters.
+            for line in data.decode(errors="replace").split("\n"):
                 kind, _, text = line.partition(" ")
                 if kind == "0":
                     self.lost += int(text.partition("=")[2] or 0)
-                elif kind.isdigit():
+                elif kind.isdigit() and text:
                     out.append((int(kind), text))
         return out
 

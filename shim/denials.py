@@ -222,12 +222,13 @@ class DenialFeed:
         except audit_reader.ReaderGone:
             client.close()
             return
-        self._retry_reader_at = None
         self._reader_retry = READER_RETRY_SECONDS
-        # From here on the reader has our sessions: what our socket still holds is read,
-        # then it goes; records in both are skipped from the reader by serial.
-        if self._read_kernel():
+        # From here on the reader has our sessions: what our socket still holds is read
+        # (all of it: what came before the reader started is nowhere else), then it goes;
+        # records in both are skipped from the reader by serial.
+        if self._read_kernel(limit=1 << 30):
             self._publish_all()
+        self._retry_reader_at = None
         own = self.kernel
         if own is not None:
             self.loop.remove_reader(own.fileno())
@@ -269,13 +270,13 @@ class DenialFeed:
         if self._read_kernel():
             self._publish_all()
 
-    def _read_kernel(self) -> bool:
+    def _read_kernel(self, limit: int = READ_BATCH) -> bool:
         if self.kernel is None:
             return False
         recorded = False
         own = isinstance(self.kernel, denials.KernelRecords)
         try:
-            batch = self.kernel.read(READ_BATCH)
+            batch = self.kernel.read(limit)
         except audit_reader.ReaderGone as e:
             self._reader_gone(str(e))
             return False
@@ -285,12 +286,12 @@ class DenialFeed:
         now = time.monotonic()
         if own and self._retry_reader_at is not None:
             # Moving to the node's reader soon: remember what we read, to skip it there.
-            self._own_serials += ((now, audit_reader.serial(text)) for _, text in batch)
+            self._own_serials += ((now, denials.serial_of(text)) for _, text in batch)
             while self._own_serials and now - self._own_serials[0][0] > OVERLAP_SECONDS:
                 self._own_serials.popleft()
         skip = self._skip_serials if not own and now < self._skip_until else ()
         for kind, text in batch:
-            if skip and audit_reader.serial(text) in skip:
+            if skip and denials.serial_of(text) in skip:
                 continue
             recorded |= self.watcher.handle(kind, text) is not None
         return recorded
