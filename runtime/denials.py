@@ -513,7 +513,8 @@ PENDING_MAX = 512
 
 
 class KernelWatcher:
-    """Turns the kernel's seccomp records of the watched containers into denial records."""
+    """Turns the kernel's seccomp and Landlock records of the watched containers into
+    denial records."""
 
     def __init__(self, clock=time.monotonic):
         self._containers: dict[str, Watched] = {}

@@ -175,6 +175,7 @@ class DenialFeed:
             self.kernel_unavailable = "the shim is not in the initial network namespace"
             log.warning("seccomp denials will not be recorded: %s", self.kernel_unavailable)
             return
+        self._note_landlock_records()
         if audit_reader.enabled():
             self.kernel = audit_reader.NodeReaderClient.connect(audit_reader.directory())
             if self.kernel is not None:
@@ -184,6 +185,17 @@ class DenialFeed:
             # answers (_tick), so that no record of the meantime is missed.
             self._start_reader()
         self._read_ourselves()
+
+    def _note_landlock_records(self) -> None:
+        """Say once (per reader opened) when the kernel will write no Landlock records."""
+        from runtime.security import landlock
+
+        try:
+            missing = denials.landlock_records_missing(landlock.abi_version())
+        except OSError as e:
+            missing = str(e)
+        if missing:
+            log.info("Landlock denials will not be recorded: %s (docs/denials.md)", missing)
 
     def _read_ourselves(self) -> None:
         try:
