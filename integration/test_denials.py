@@ -208,6 +208,52 @@ def test_landlock_denial_under_ci_runner(containerd, busybox_image, zviz_bin, au
     _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
 
 
+def test_landlock_denials_of_exec_processes_are_the_containers(
+    containerd, busybox_image, audit_enabled
+):
+    """`ctr tasks exec` processes that write outside the writable paths and exit at once:
+    each one's Landlock denial (its own domain, enforced by the exec) is the container's,
+    though the caller is gone by the time the shim learns its session."""
+    cid = unique_id("zviz-denial-ll-exec")
+    execs = 3
+
+    async def main():
+        received: asyncio.Queue = asyncio.Queue()
+        filters = [f'topic=="{TOPIC}",namespace=="{containerd.namespace}"']
+        subscriber = asyncio.create_task(subscribe(containerd.address, filters, received))
+        await asyncio.sleep(1)
+        result = await asyncio.to_thread(
+            containerd.ctr, "run", "-d", "--runtime", ZVIZ, busybox_image, cid, "sleep", "60",
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        paths = {}
+        try:
+            for n in range(execs):
+                done = await asyncio.to_thread(
+                    containerd.ctr, "tasks", "exec", "--exec-id", f"w{n}", cid, "mkdir",
+                    f"/etc/zviz-ll-{n}", check=False,
+                )  # fmt: skip
+                assert done.returncode != 0  # EACCES
+            async with asyncio.timeout(10):
+                while len(paths) < execs:
+                    event = typeurl.unpack((await received.get()).event)
+                    if event.container_id == cid and event.source == "landlock":
+                        paths[event.pid] = (event.comm, event.access, dict(event.args)["path"])
+        except TimeoutError:
+            pass
+        finally:
+            subscriber.cancel()
+            for args in (("tasks", "kill", "-s", "SIGKILL", cid), ("tasks", "delete", "-f", cid),
+                         ("containers", "delete", cid)):  # fmt: skip
+                await asyncio.to_thread(containerd.ctr, *args, check=False)
+        return paths
+
+    paths = asyncio.run(main())
+    assert len(paths) == execs, f"{len(paths)} of {execs} exec'd callers recorded: {paths}"
+    assert set(paths.values()) == {("mkdir", "fs.make_dir", "/etc")}
+
+
 def test_pids_limit_hits_under_hostile_tenant(containerd, busybox_image, zviz_bin):
     """A fork bomb under hostile-tenant's pids_max (64): the forks pids.max refuses become
     cgroup records, several refusals of one poll in one record with their count."""
