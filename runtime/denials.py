@@ -521,6 +521,9 @@ class KernelWatcher:
         self._by_session: dict[int, Watched] = {}
         self._pending: collections.deque = collections.deque()  # (arrived, session, text)
         self.landlock = LandlockEvents(self)
+        # Exec'd processes gone before their session could be read, none of whose records
+        # had come yet: pid -> (when, container).
+        self._exec_pids: dict[int, tuple[float, Watched]] = {}
         self.clock = clock
         self.ignored = 0  # records of processes that are not ours (other shims', the host's)
 
@@ -545,8 +548,21 @@ class KernelWatcher:
             session = next(
                 (s for _, s, t in self._pending if _number_after(t, " pid=") == pid), None
             ) or self.landlock.pending_session(pid)
-        if session is None or session in self._by_session:
+        if session is None:
+            # Its records have not come yet (they are on their way through the reader,
+            # or still queued): the first with this pid names the session (`_by_exec_pid`).
+            self._exec_pids = {
+                p: entry
+                for p, entry in self._exec_pids.items()
+                if self.clock() - entry[0] < PENDING_SECONDS
+            }
+            self._exec_pids[pid] = (self.clock(), watched)
             return []
+        if session in self._by_session:
+            return []
+        return self._add_session(watched, session)
+
+    def _add_session(self, watched: Watched, session: int) -> list[dict]:
         watched.sessions.add(session)
         self._by_session[session] = watched
         waiting = [text for _, s, text in self._pending if s == session]
@@ -585,7 +601,7 @@ class KernelWatcher:
         pid = _number_after(text, " pid=")
         if pid is None:
             return None
-        watched = self._owner(pid, session)
+        watched = self._owner(pid, session) or self._by_exec_pid(pid, session)
         if watched is None:
             self._keep_pending(session, text)
             self.ignored += 1
@@ -644,6 +660,22 @@ class KernelWatcher:
             watched.file.write(
                 watched.limit.flush({**watched.context, "source": "", "syscall": ""})
             )
+
+    def _by_exec_pid(self, pid: int | None, session: int | None) -> Watched | None:
+        """The container of an exec'd process add_session could not ask (it was gone):
+        its first record's session becomes the container's."""
+        entry = self._exec_pids.get(pid)
+        if entry is None or session in (None, AUDIT_SID_UNSET):
+            return None
+        del self._exec_pids[pid]
+        if (
+            self.clock() - entry[0] >= PENDING_SECONDS
+            or entry[1].container_id not in self._containers
+        ):
+            return None
+        entry[1].sessions.add(session)
+        self._by_session[session] = entry[1]
+        return entry[1]
 
     def _keep_pending(self, session: int | None, text: str) -> None:
         now = self.clock()
@@ -810,6 +842,8 @@ class LandlockEvents:
         access, call = event["access"], event.get("syscall", {})
         session, pid = _int(call.get("ses")), _int(call.get("pid")) or 0
         watched = self.watcher._by_session.get(session) if session is not None else None
+        if watched is None:
+            watched = self.watcher._by_exec_pid(pid, session)
         if watched is None:
             watched = self._domains.get(access.get("domain", ""))
         if watched is None:

@@ -144,6 +144,10 @@ class DenialFeed:
     def exec_started(self, container_id: str, pid: int) -> None:
         """An exec'd process of a watched container: its audit session is the container's."""
         try:
+            # What our socket holds first: records of this exec already there are kept
+            # waiting (by session) for the claim below.
+            if container_id in self._files and self._read_kernel():
+                self._publish_all()
             if container_id in self._files and self.watcher.add_session(container_id, pid):
                 self._publish_new(container_id)
             self._subscribe()

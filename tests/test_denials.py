@@ -430,3 +430,18 @@ def test_landlock_logs_the_workloads_denials_only_where_records_are_on():
     assert landlock.log_flags(7, records=True) == workload
     assert landlock.log_flags(7, records=False) == 0
     assert landlock.log_flags(6, records=True) == 0  # the kernel would refuse the flags
+
+
+def test_an_exec_gone_before_its_records_came_is_known_by_its_first_record(monkeypatch, tmp_path):
+    """The exec denied and was reaped, and its record is still on its way (through the
+    node's reader) when the shim asks for its session: its first record claims it."""
+    watcher = _watcher_with(monkeypatch, tmp_path)
+    monkeypatch.setattr(denials, "session_of", lambda pid: None)
+    assert watcher.add_session("c1", 4242) == []
+    exec_record = UNSHARE.replace("ses=7", "ses=9").replace("pid=28058", "pid=4242")
+    assert watcher.handle(denials.AUDIT_SECCOMP, exec_record)["container_id"] == "c1"
+    assert 9 in watcher.sessions()
+    # Once: another process that gets the pid later is not the container's by it.
+    reused = exec_record.replace("ses=9", "ses=12")
+    assert watcher.handle(denials.AUDIT_SECCOMP, reused) is None
+    watcher.unwatch("c1")
