@@ -12,6 +12,7 @@ import traceback
 MODULES = [
     "bench.cli_run",
     "bench.syscalls",
+    "bench.denials",
     "bench.connect",
     "bench.ttrpc",
     "bench.shim",

@@ -159,6 +159,101 @@ def test_broker_refusal_under_web_server(containerd, busybox_image, zviz_bin):
     _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
 
 
+@pytest.fixture
+def audit_enabled():
+    """Landlock writes its records only while audit is enabled (docs/denials.md); this
+    node runs with it disabled. The test enables it for its own duration and puts back
+    the value it found. What cannot be put back: the kernel remembers that audit was
+    once enabled (`audit_ever_enabled`) and from then on gives each new task an audit
+    context (a few ns a syscall while audit is disabled again)."""
+    from runtime.security import landlock
+
+    abi = landlock.abi_version()
+    if abi < landlock.LOG_ABI:
+        pytest.skip(
+            f"Landlock ABI {abi} < {landlock.LOG_ABI}: the kernel writes no Landlock records"
+        )
+    try:
+        before = denials.audit_status()["enabled"]
+    except denials.KernelRecordsUnavailable as e:
+        pytest.skip(f"no audit status: {e}")
+    if before == 2:
+        pytest.skip("audit is locked (enabled=2): cannot be changed until reboot")
+    if not before:
+        denials.audit_status(set_enabled=1)
+    try:
+        yield
+    finally:
+        if not before:
+            denials.audit_status(set_enabled=before)
+            assert denials.audit_status()["enabled"] == before
+
+
+def test_landlock_denial_under_ci_runner(containerd, busybox_image, zviz_bin, audit_enabled):
+    """A write outside ci-runner's writable paths: Landlock refuses it (EACCES) and, with
+    the log flags zviz passes, the kernel writes its records; the shim maps them to the
+    container by the call's audit session."""
+    script = "while true; do echo x > /etc/zviz-landlock-probe; sleep 0.2; done"
+    event, records, audit_records, ctr_stderr = _run_until_recorded(
+        containerd, busybox_image, zviz_bin, script, (), lambda e: e.source == "landlock"
+    )
+    assert event.profile == "ci-runner"
+    assert event.comm == "sh"
+    assert event.syscall in ("open", "openat", "creat")
+    assert dict(event.args)["path"] == "/etc"
+    assert event.access == "fs.make_reg"
+    assert event.verdict == "EACCES"
+    assert event.rule.startswith("profile ci-runner: /etc is not beneath its writable paths (/tmp")
+    assert event.pid > 1
+    _check_same_record_everywhere(event, records, audit_records, ctr_stderr)
+
+
+def test_landlock_denials_of_exec_processes_are_the_containers(
+    containerd, busybox_image, audit_enabled
+):
+    """`ctr tasks exec` processes that write outside the writable paths and exit at once:
+    each one's Landlock denial (its own domain, enforced by the exec) is the container's,
+    though the caller is gone by the time the shim learns its session."""
+    cid = unique_id("zviz-denial-ll-exec")
+    execs = 3
+
+    async def main():
+        received: asyncio.Queue = asyncio.Queue()
+        filters = [f'topic=="{TOPIC}",namespace=="{containerd.namespace}"']
+        subscriber = asyncio.create_task(subscribe(containerd.address, filters, received))
+        await asyncio.sleep(1)
+        result = await asyncio.to_thread(
+            containerd.ctr, "run", "-d", "--runtime", ZVIZ, busybox_image, cid, "sleep", "60",
+            check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        paths = {}
+        try:
+            for n in range(execs):
+                done = await asyncio.to_thread(
+                    containerd.ctr, "tasks", "exec", "--exec-id", f"w{n}", cid, "mkdir",
+                    f"/etc/zviz-ll-{n}", check=False,
+                )  # fmt: skip
+                assert done.returncode != 0  # EACCES
+            async with asyncio.timeout(10):
+                while len(paths) < execs:
+                    event = typeurl.unpack((await received.get()).event)
+                    if event.container_id == cid and event.source == "landlock":
+                        paths[event.pid] = (event.comm, event.access, dict(event.args)["path"])
+        except TimeoutError:
+            pass
+        finally:
+            subscriber.cancel()
+            for args in (("tasks", "kill", "-s", "SIGKILL", cid), ("tasks", "delete", "-f", cid),
+                         ("containers", "delete", cid)):  # fmt: skip
+                await asyncio.to_thread(containerd.ctr, *args, check=False)
+        return paths
+
+    paths = asyncio.run(main())
+    assert len(paths) == execs, f"{len(paths)} of {execs} exec'd callers recorded: {paths}"
+    assert set(paths.values()) == {("mkdir", "fs.make_dir", "/etc")}
+
+
 def test_pids_limit_hits_under_hostile_tenant(containerd, busybox_image, zviz_bin):
     """A fork bomb under hostile-tenant's pids_max (64): the forks pids.max refuses become
     cgroup records, several refusals of one poll in one record with their count."""

@@ -6,6 +6,11 @@ Where records come from (docs/denials.md):
   each call the filter answers with an errno; allowed calls never reach that code. The
   records reach every root reader of the audit multicast group (AUDIT_NLGRP_READLOG)
   whether or not auditd runs or audit is enabled (`KernelRecords`).
+- Landlock (ABI 7, Linux 6.15+): the ruleset is enforced with flags that log the
+  workload's denials (landlock.log_flags); the kernel then writes LANDLOCK_ACCESS (the
+  refused rights, the path) and, at a domain's first denial, LANDLOCK_DOMAIN records,
+  followed by the call's SYSCALL record (pid, session, syscall, errno) -- but only
+  while audit is enabled (`audit_enabled`), unlike seccomp's (`LandlockEvents`).
 - the broker: its refusals (a connect, bind or send the profile does not allow), with
   the rule that refused and the address; it appends them to the same file itself.
 
@@ -46,6 +51,8 @@ POD_ANNOTATIONS = {
 # linux/audit.h
 NETLINK_AUDIT = 9
 AUDIT_NLGRP_READLOG = 1
+AUDIT_SYSCALL = 1300
+AUDIT_EOE = 1320  # end of a multi-record event
 AUDIT_SECCOMP = 1326
 AUDIT_LANDLOCK_ACCESS = 1423
 AUDIT_LANDLOCK_DOMAIN = 1424
@@ -357,6 +364,66 @@ class KernelRecords:
         self.sock.close()
 
 
+AUDIT_GET = 1000
+AUDIT_SET = 1001
+AUDIT_STATUS_FIELDS = ("mask", "enabled", "failure", "pid", "rate_limit", "backlog_limit")
+AUDIT_STATUS_FIELDS += ("lost", "backlog", "feature_bitmap", "backlog_wait_time")
+
+
+def audit_status(set_enabled: int | None = None) -> dict[str, int]:
+    """The kernel's audit status (AUDIT_GET: enabled, the auditd pid, the backlog...);
+    with `set_enabled`, first AUDIT_SET it (tests only: zviz never changes the node's
+    audit). Raises KernelRecordsUnavailable without audit or CAP_AUDIT_CONTROL."""
+    import socket
+    import struct
+
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 9)
+    except OSError as e:
+        raise KernelRecordsUnavailable(f"no audit netlink socket: {e.strerror}") from None
+    with sock:
+        sock.settimeout(2)
+        requests = []
+        if set_enabled is not None:
+            body = struct.pack("=10I", 1, set_enabled, *[0] * 8)  # mask: AUDIT_STATUS_ENABLED
+            requests.append((AUDIT_SET, body))
+        requests.append((AUDIT_GET, b""))
+        for seq, (kind, body) in enumerate(requests, 1):
+            flags = 0x1 | (0x4 if kind == AUDIT_SET else 0)  # NLM_F_REQUEST (| NLM_F_ACK)
+            sock.send(struct.pack("=IHHII", _NLMSG_HEADER + len(body), kind, flags, seq, 0) + body)
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except OSError as e:
+                    raise KernelRecordsUnavailable(f"audit status: {e}") from None
+                reply = int.from_bytes(data[4:6], "little")
+                if reply == 2:  # NLMSG_ERROR: an ack (0) or the errno
+                    error = -int.from_bytes(data[16:20], "little", signed=True)
+                    if error:
+                        raise KernelRecordsUnavailable(f"audit status: {os.strerror(error)}")
+                    if kind == AUDIT_SET:
+                        break
+                elif reply == AUDIT_GET:
+                    values = struct.unpack_from("=10I", data, _NLMSG_HEADER)
+                    return dict(zip(AUDIT_STATUS_FIELDS, values, strict=True))
+    raise KernelRecordsUnavailable("audit status: no answer")
+
+
+def landlock_records_missing(abi: int) -> str:
+    """Why the kernel writes no Landlock records here ("" when it does)."""
+    if abi < 7:
+        return f"Landlock ABI {abi} < 7 reports no denials (Linux 6.15+)"
+    if not enabled():
+        return f"switched off ({RECORDS_SWITCH})"
+    try:
+        status = audit_status()
+    except KernelRecordsUnavailable as e:
+        return str(e)
+    if not status["enabled"]:
+        return "audit is disabled: the kernel writes Landlock records only while it is enabled"
+    return ""
+
+
 _FIELD = r'(\w+)=("[^"]*"|\S+)'
 _STAMP = r"audit\((\d+)\.(\d+):(\d+)\)"
 
@@ -434,6 +501,9 @@ class Watched:
         self.file = RecordFile(path_in(state_dir))
         self.limit = RateLimiter()
         self.sessions = {self.session} if self.session is not None else set()
+        # The processes that enforced its Landlock rulesets (PID 1, each exec'd one): a
+        # LANDLOCK_DOMAIN record names the domain's creator by pid.
+        self.pids = {init_pid}
 
 
 # A record of a session not (yet) known waits this long for add_session: an exec'd
@@ -443,12 +513,17 @@ PENDING_MAX = 512
 
 
 class KernelWatcher:
-    """Turns the kernel's seccomp records of the watched containers into denial records."""
+    """Turns the kernel's seccomp and Landlock records of the watched containers into
+    denial records."""
 
     def __init__(self, clock=time.monotonic):
         self._containers: dict[str, Watched] = {}
         self._by_session: dict[int, Watched] = {}
         self._pending: collections.deque = collections.deque()  # (arrived, session, text)
+        self.landlock = LandlockEvents(self)
+        # Exec'd processes gone before their session could be read, none of whose records
+        # had come yet: pid -> (when, container).
+        self._exec_pids: dict[int, tuple[float, Watched]] = {}
         self.clock = clock
         self.ignored = 0  # records of processes that are not ours (other shims', the host's)
 
@@ -465,20 +540,35 @@ class KernelWatcher:
         watched = self._containers.get(container_id)
         if watched is None:
             return []
+        watched.pids.add(pid)
         session = session_of(pid)
         if session is None:
             # Gone already (it denied, exited and was reaped before the shim got here):
             # its pid, which the kernel's records carry, names its session instead.
             session = next(
                 (s for _, s, t in self._pending if _number_after(t, " pid=") == pid), None
-            )
-        if session is None or session in self._by_session:
+            ) or self.landlock.pending_session(pid)
+        if session is None:
+            # Its records have not come yet (they are on their way through the reader,
+            # or still queued): the first with this pid names the session (`_by_exec_pid`).
+            self._exec_pids = {
+                p: entry
+                for p, entry in self._exec_pids.items()
+                if self.clock() - entry[0] < PENDING_SECONDS
+            }
+            self._exec_pids[pid] = (self.clock(), watched)
             return []
+        if session in self._by_session:
+            return []
+        return self._add_session(watched, session)
+
+    def _add_session(self, watched: Watched, session: int) -> list[dict]:
         watched.sessions.add(session)
         self._by_session[session] = watched
         waiting = [text for _, s, text in self._pending if s == session]
         self._pending = collections.deque(p for p in self._pending if p[1] != session)
-        return [r for r in (self.handle(AUDIT_SECCOMP, text) for text in waiting) if r]
+        recorded = [r for r in (self.handle(AUDIT_SECCOMP, text) for text in waiting) if r]
+        return recorded + self.landlock.claim(session)
 
     def unwatch(self, container_id: str) -> None:
         watched = self._containers.pop(container_id, None)
@@ -488,13 +578,20 @@ class KernelWatcher:
             watched.file.write([rec])
         for session in watched.sessions:
             self._by_session.pop(session, None)
+        self.landlock.forget(watched)
         watched.file.close()
 
     def __bool__(self) -> bool:
         return bool(self._containers)
 
+    def sessions(self) -> set[int]:
+        """The audit sessions of the watched containers (what the node's reader routes)."""
+        return set(self._by_session)
+
     def handle(self, kind: int, text: str) -> dict | None:
         """Record one kernel record if it is a denial of a watched container's process."""
+        if kind in LANDLOCK_EVENT_KINDS:
+            return self.landlock.handle(kind, text) if self._containers else None
         if kind != AUDIT_SECCOMP or not self._containers:
             return None
         # Every shim gets every record of the node: whose it is is decided from two
@@ -504,7 +601,7 @@ class KernelWatcher:
         pid = _number_after(text, " pid=")
         if pid is None:
             return None
-        watched = self._owner(pid, session)
+        watched = self._owner(pid, session) or self._by_exec_pid(pid, session)
         if watched is None:
             self._keep_pending(session, text)
             self.ignored += 1
@@ -556,11 +653,29 @@ class KernelWatcher:
         return rec
 
     def flush(self) -> None:
-        """Write the summaries of finished rate-limit windows (called now and then)."""
+        """Write the summaries of finished rate-limit windows (called now and then), and
+        the Landlock denials whose event never got its SYSCALL record."""
+        self.landlock.expire()
         for watched in self._containers.values():
             watched.file.write(
                 watched.limit.flush({**watched.context, "source": "", "syscall": ""})
             )
+
+    def _by_exec_pid(self, pid: int | None, session: int | None) -> Watched | None:
+        """The container of an exec'd process add_session could not ask (it was gone):
+        its first record's session becomes the container's."""
+        entry = self._exec_pids.get(pid)
+        if entry is None or session in (None, AUDIT_SID_UNSET):
+            return None
+        del self._exec_pids[pid]
+        if (
+            self.clock() - entry[0] >= PENDING_SECONDS
+            or entry[1].container_id not in self._containers
+        ):
+            return None
+        entry[1].sessions.add(session)
+        self._by_session[session] = entry[1]
+        return entry[1]
 
     def _keep_pending(self, session: int | None, text: str) -> None:
         now = self.clock()
@@ -588,6 +703,190 @@ class KernelWatcher:
         for watched in self._containers.values():
             if watched.pid_namespace == namespace:
                 return watched
+        return None
+
+
+# --- Landlock's records (audit must be enabled) ---
+
+LANDLOCK_EVENT_KINDS = frozenset((AUDIT_LANDLOCK_ACCESS, AUDIT_LANDLOCK_DOMAIN, AUDIT_SYSCALL))
+LANDLOCK_EVENT_KINDS |= {AUDIT_EOE}
+# An access record waits this long for its event's SYSCALL record: a task without an
+# audit context (started before audit was first enabled) makes none.
+LANDLOCK_EVENT_SECONDS = 0.5
+LANDLOCK_OPEN_MAX = 512
+_SERIAL = re.compile(r"audit\(\d+\.\d+:(\d+)\)")
+# What the access record names besides the rights (net.*: the port; scope.*: the target).
+_LANDLOCK_ARGS = ("path", "dev", "ino", "name", "daddr", "dest", "saddr", "src", "opid", "ocomm")
+# The rights a profile's `writable` paths grant (landlock.WRITE), as the kernel names them.
+_WRITE_RIGHTS = {"fs.write_file", "fs.remove_dir", "fs.remove_file", "fs.make_dir"}
+_WRITE_RIGHTS |= {"fs.make_reg", "fs.make_sock", "fs.make_fifo", "fs.make_sym", "fs.refer"}
+_WRITE_RIGHTS |= {"fs.truncate"}
+
+
+def landlock_rule(profile, blockers: str, args: dict) -> str:
+    """Which part of the profile's Landlock rules would have to allow the access (the
+    kernel names the rights refused, not the rule)."""
+    rights = set(blockers.split(","))
+    path = args.get("path", "")
+    name = f"profile {profile.name}"
+    if rights & _WRITE_RIGHTS:
+        where = ", ".join(profile.writable) or "none"
+        volumes = " or a writable volume" if profile.writable_volumes else ""
+        return f"{name}: {path or 'the path'} is not beneath its writable paths ({where}){volumes}"
+    if rights & {"fs.make_char", "fs.make_block"}:
+        return f"{name}: device nodes are never created"
+    if "fs.ioctl_dev" in rights:
+        return f"{name}: {path} is not in its device_ioctl ({', '.join(profile.device_ioctl)})"
+    if rights & {"fs.execute", "fs.read_file", "fs.read_dir"}:
+        return f"{name}: {path} is not readable (in /dev only its devices are)"
+    if "net.bind_tcp" in rights:
+        return f"{name}: tcp_bind does not list port {args.get('src', '?')}"
+    if "net.connect_tcp" in rights:
+        return f"{name}: tcp_connect does not list port {args.get('dest', '?')}"
+    if any(r.startswith("scope.") for r in rights):
+        return f"{name}: {blockers} outside the container (Landlock scope)"
+    return f"{name}: Landlock refused {blockers}"
+
+
+def _landlock_verdict(blockers: str, syscall_fields: dict) -> str:
+    """The errno the call returned (its SYSCALL record); without one, Landlock's usual."""
+    if syscall_fields.get("success") == "no":
+        try:
+            return errno.errorcode.get(-int(syscall_fields.get("exit", "")), "")
+        except ValueError:
+            pass
+    return "EPERM" if blockers.startswith(("scope.", "ptrace")) else "EACCES"
+
+
+class LandlockEvents:
+    """Landlock denials of a KernelWatcher's containers, from the kernel's events.
+
+    One denial is an event of several records sharing a serial: LANDLOCK_ACCESS (domain,
+    rights, path), LANDLOCK_DOMAIN "allocated" at the domain's first denial (the pid
+    that enforced it, so the domain's owner from then on), then -- where the task has an
+    audit context -- SYSCALL (pid, ses, comm, syscall, exit) and EOE. The access record
+    alone says neither who nor which container: the event's session says (as for
+    seccomp), else the domain's creator (one of a container's pids).
+    """
+
+    def __init__(self, watcher: "KernelWatcher"):
+        self.watcher = watcher
+        self._open: dict[int, dict] = {}  # serial -> the event so far
+        self._domains: dict[str, Watched] = {}  # domain id (hex) -> its container
+        self._pending: collections.deque = collections.deque()  # (arrived, session, pid, event)
+        self.events = 0  # Landlock denials seen (ours or not): `zviz node check`'s probe
+
+    def handle(self, kind: int, text: str) -> dict | None:
+        if kind == AUDIT_LANDLOCK_ACCESS:
+            self.events += 1
+            if len(self._open) >= LANDLOCK_OPEN_MAX:
+                self.expire(everything=True)
+            when, fields = parse_fields(text)
+            arrived = self.watcher.clock()
+            self._open[serial_of(text)] = {"when": when, "arrived": arrived, "access": fields}
+            return None
+        if kind == AUDIT_LANDLOCK_DOMAIN:
+            _, fields = parse_fields(text)
+            domain = fields.get("domain", "")
+            if fields.get("status") == "allocated":
+                owner = self._creator(_int(fields.get("pid")))
+                if owner is not None:
+                    self._domains[domain] = owner
+            elif fields.get("status") == "deallocated":
+                self._domains.pop(domain, None)
+            return None
+        if not self._open:
+            return None  # SYSCALL and EOE of every audited event of the node: not ours
+        event = self._open.pop(serial_of(text), None)
+        if event is None:
+            return None
+        if kind == AUDIT_SYSCALL:
+            event["syscall"] = parse_fields(text)[1]
+        return self._finish(event)
+
+    def expire(self, everything: bool = False) -> list[dict]:
+        """Finish the events that waited long enough for a SYSCALL record."""
+        now = self.watcher.clock()
+        done = [
+            serial
+            for serial, event in self._open.items()
+            if everything or now - event["arrived"] >= LANDLOCK_EVENT_SECONDS
+        ]
+        recorded = [self._finish(self._open.pop(serial)) for serial in done]
+        while self._pending and now - self._pending[0][0] >= PENDING_SECONDS:
+            self._pending.popleft()
+        return [r for r in recorded if r]
+
+    def pending_session(self, pid: int) -> int | None:
+        return next((s for _, s, p, _ in self._pending if p == pid), None)
+
+    def claim(self, session: int) -> list[dict]:
+        """The waiting denials of a session the watcher has just learnt."""
+        waiting = [event for _, s, _, event in self._pending if s == session]
+        self._pending = collections.deque(p for p in self._pending if p[1] != session)
+        return [r for r in (self._finish(event) for event in waiting) if r]
+
+    def forget(self, watched: Watched) -> None:
+        for domain in [d for d, w in self._domains.items() if w is watched]:
+            del self._domains[domain]
+
+    def _creator(self, pid: int | None) -> Watched | None:
+        if pid is None:
+            return None
+        for watched in self.watcher._containers.values():
+            if pid in watched.pids:
+                return watched
+        return self.watcher._owner(pid, session_of(pid))
+
+    def _finish(self, event: dict) -> dict | None:
+        access, call = event["access"], event.get("syscall", {})
+        session, pid = _int(call.get("ses")), _int(call.get("pid")) or 0
+        watched = self.watcher._by_session.get(session) if session is not None else None
+        if watched is None:
+            watched = self.watcher._by_exec_pid(pid, session)
+        if watched is None:
+            watched = self._domains.get(access.get("domain", ""))
+        if watched is None:
+            if session not in (None, AUDIT_SID_UNSET) and len(self._pending) < PENDING_MAX:
+                self._pending.append((self.watcher.clock(), session, pid, event))
+            self.watcher.ignored += 1
+            return None
+        blockers = access.get("blockers", "")
+        args = {key: access[key] for key in _LANDLOCK_ARGS if key in access}
+        syscall = ""
+        if "syscall" in call:
+            try:
+                syscall = syscall_name(int(call["syscall"]), int(call.get("arch", "0"), 16))
+            except ValueError:
+                pass
+        rec = record(
+            watched.context,
+            source="landlock",
+            pid=pid,
+            comm=call.get("comm", ""),
+            syscall=syscall,
+            verdict=_landlock_verdict(blockers, call),
+            rule=landlock_rule(watched.profile, blockers, args),
+            args=args,
+            when=event["when"] or None,
+            exe=call.get("exe", ""),
+            access=blockers,
+            domain=access.get("domain", ""),
+        )
+        watched.file.write(watched.limit.admit(rec))
+        return rec
+
+
+def serial_of(text: str) -> int:
+    """The serial of an audit record (shared by the records of one event); -1 if none."""
+    match = _SERIAL.match(text)
+    return int(match.group(1)) if match else -1
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
         return None
 
 

@@ -6,18 +6,25 @@ container's broker (its refusals). The file is the record: every line of it, who
 wrote it, is published once as a containerd event and logged, so the event, the file
 and `zviz audit` always show the same record.
 
-One audit socket per daemon, opened at the first watched container, closed with the
-last. It lives in the daemon's loop: reading is bounded per wakeup (READ_BATCH), so a
-container flooding denied calls costs the loop a bounded slice; what the kernel cannot
-queue for us meanwhile is dropped by the kernel and counted (`KernelRecords.lost`).
+The kernel's records come from the node's audit reader (shim/audit_reader.py: one
+multicast reader per node, which hands each daemon its sessions' records), connected at
+the first watched container and left with the last. When the reader cannot be reached
+(not started yet, dead, switched off) the daemon reads the kernel itself (its own
+audit socket, `KernelRecords`), logs it, and moves to a reader again once one answers.
+Either source lives in the daemon's loop: reading is bounded per wakeup (READ_BATCH),
+so a container flooding denied calls costs the loop a bounded slice; what could not be
+queued for us meanwhile is counted (`lost`) and logged.
 """
 
+import collections
 import json
 import logging
 import os
+import time
 
 from api.gen.zviz.events.v1 import denial_pb2
 from runtime import denials
+from shim import audit_reader
 
 log = logging.getLogger("shim.denials")
 
@@ -26,6 +33,14 @@ TOPIC = "/zviz/denial"
 POLL_SECONDS = 0.25
 # Kernel records handled per loop wakeup; the rest wait for the next turn of the loop.
 READ_BATCH = 256
+# Reading the kernel ourselves, we start the node's reader again after this long without
+# an answer, twice as long after each further failure, at most READER_RETRY_MAX apart
+# (a reader that cannot start must not cost a Python start a second).
+READER_RETRY_SECONDS = 1.0
+READER_RETRY_MAX = 60.0
+# After moving to the node's reader, its records read by our own socket too (the
+# overlap) are skipped by serial for this long.
+OVERLAP_SECONDS = 2.0
 
 
 def event(rec: dict) -> denial_pb2.Denial:
@@ -59,8 +74,16 @@ class DenialFeed:
     def __init__(self, loop, publish) -> None:
         self.loop = loop
         self.publish = publish
-        self.kernel: denials.KernelRecords | None = None
+        # The node's reader (audit_reader.NodeReaderClient) or our own audit socket.
+        self.kernel: denials.KernelRecords | audit_reader.NodeReaderClient | None = None
         self.kernel_unavailable = ""  # why the kernel's records cannot be read here
+        self._retry_reader_at: float | None = None  # reading ourselves: try the node's then
+        self._own_serials: collections.deque = collections.deque()  # (read at, serial)
+        self._skip_serials: set[int] = set()
+        self._skip_until = 0.0
+        self._lost_logged = 0
+        self._reader_started_at = 0.0
+        self._reader_retry = READER_RETRY_SECONDS
         self.watcher = denials.KernelWatcher()
         self._files: dict[str, list] = {}  # container id -> [path, offset read up to]
         # container id -> [its cgroup, pids.max refusals recorded so far]
@@ -113,6 +136,7 @@ class DenialFeed:
             offset = 0
         self._open_kernel_records()
         self.watcher.watch(container_id, state_dir, init_pid, profile, annotations)
+        self._subscribe()
         self._files[container_id] = [path, offset]
         if self._ticker is None:
             self._ticker = self.loop.call_later(POLL_SECONDS, self._tick)
@@ -120,8 +144,13 @@ class DenialFeed:
     def exec_started(self, container_id: str, pid: int) -> None:
         """An exec'd process of a watched container: its audit session is the container's."""
         try:
+            # What our socket holds first: records of this exec already there are kept
+            # waiting (by session) for the claim below.
+            if container_id in self._files and self._read_kernel():
+                self._publish_all()
             if container_id in self._files and self.watcher.add_session(container_id, pid):
                 self._publish_new(container_id)
+            self._subscribe()
         except Exception:  # noqa: BLE001
             log.exception("denial records of an exec in %s", container_id)
 
@@ -135,6 +164,7 @@ class DenialFeed:
             self._pids_hits.pop(container_id, None)
             self.watcher.unwatch(container_id)
             self._publish_new(container_id)
+            self._subscribe()
         except Exception:  # noqa: BLE001
             log.exception("last denial records of %s", container_id)
         del self._files[container_id]
@@ -149,6 +179,29 @@ class DenialFeed:
             self.kernel_unavailable = "the shim is not in the initial network namespace"
             log.warning("seccomp denials will not be recorded: %s", self.kernel_unavailable)
             return
+        self._note_landlock_records()
+        if audit_reader.enabled():
+            self.kernel = audit_reader.NodeReaderClient.connect(audit_reader.directory())
+            if self.kernel is not None:
+                self.loop.add_reader(self.kernel.fileno(), self._kernel_readable)
+                return
+            # None yet (or a dead one's socket): start it, and read ourselves until it
+            # answers (_tick), so that no record of the meantime is missed.
+            self._start_reader()
+        self._read_ourselves()
+
+    def _note_landlock_records(self) -> None:
+        """Say once (per reader opened) when the kernel will write no Landlock records."""
+        from runtime.security import landlock
+
+        try:
+            missing = denials.landlock_records_missing(landlock.abi_version())
+        except OSError as e:
+            missing = str(e)
+        if missing:
+            log.info("Landlock denials will not be recorded: %s (docs/denials.md)", missing)
+
+    def _read_ourselves(self) -> None:
         try:
             self.kernel = denials.KernelRecords()
         except denials.KernelRecordsUnavailable as e:
@@ -156,6 +209,68 @@ class DenialFeed:
             log.warning("seccomp denials will not be recorded: %s", e)
             return
         self.loop.add_reader(self.kernel.fileno(), self._kernel_readable)
+
+    def _start_reader(self) -> None:
+        self._retry_reader_at = time.monotonic() + 0.05
+        self._reader_started_at = time.monotonic()
+        try:
+            audit_reader.start(audit_reader.directory())
+        except OSError as e:
+            log.warning("cannot start the node's audit reader: %s", e)
+
+    def _try_node_reader(self) -> None:
+        """Reading ourselves: move to the node's reader if one answers now."""
+        client = audit_reader.NodeReaderClient.connect(audit_reader.directory())
+        if client is None:
+            if time.monotonic() - self._reader_started_at > self._reader_retry:
+                # It failed, or lost the race to one that then died.
+                if self._reader_retry == READER_RETRY_SECONDS:
+                    log.warning(
+                        "the node's audit reader (%s) does not answer: reading the kernel's "
+                        "records myself, starting it again now and then",
+                        audit_reader.directory(),
+                    )
+                self._reader_retry = min(self._reader_retry * 2, READER_RETRY_MAX)
+                self._start_reader()
+            return
+        try:
+            client.subscribe(self.watcher.sessions())
+        except audit_reader.ReaderGone:
+            client.close()
+            return
+        self._reader_retry = READER_RETRY_SECONDS
+        # From here on the reader has our sessions: what our socket still holds is read
+        # (all of it: what came before the reader started is nowhere else), then it goes;
+        # records in both are skipped from the reader by serial.
+        if self._read_kernel(limit=1 << 30):
+            self._publish_all()
+        self._retry_reader_at = None
+        own = self.kernel
+        if own is not None:
+            self.loop.remove_reader(own.fileno())
+            own.close()
+        self._skip_serials = {serial for _, serial in self._own_serials}
+        self._skip_until = time.monotonic() + OVERLAP_SECONDS
+        self._own_serials.clear()
+        self.kernel = client
+        self.loop.add_reader(client.fileno(), self._kernel_readable)
+        log.info("reading the kernel's records through the node's audit reader")
+
+    def _reader_gone(self, why: str) -> None:
+        log.warning("%s: reading the kernel's records myself until a reader answers", why)
+        if self.kernel is not None:
+            self.loop.remove_reader(self.kernel.fileno())
+            self.kernel.close()
+            self.kernel = None
+        self._read_ourselves()
+        self._start_reader()
+
+    def _subscribe(self) -> None:
+        if isinstance(self.kernel, audit_reader.NodeReaderClient):
+            try:
+                self.kernel.subscribe(self.watcher.sessions())
+            except audit_reader.ReaderGone as e:
+                self._reader_gone(f"the node's audit reader is gone ({e})")
 
     def _close(self) -> None:
         if self._ticker is not None:
@@ -165,26 +280,48 @@ class DenialFeed:
             self.loop.remove_reader(self.kernel.fileno())
             self.kernel.close()
             self.kernel = None
+        self._retry_reader_at = None
 
     def _kernel_readable(self) -> None:
         if self._read_kernel():
             self._publish_all()
 
-    def _read_kernel(self) -> bool:
+    def _read_kernel(self, limit: int = READ_BATCH) -> bool:
         if self.kernel is None:
             return False
         recorded = False
+        own = isinstance(self.kernel, denials.KernelRecords)
         try:
-            for kind, text in self.kernel.read(READ_BATCH):
-                recorded |= self.watcher.handle(kind, text) is not None
+            batch = self.kernel.read(limit)
+        except audit_reader.ReaderGone as e:
+            self._reader_gone(str(e))
+            return False
         except OSError as e:
             log.warning("reading the kernel's audit records: %s", e)
+            return False
+        now = time.monotonic()
+        if own and self._retry_reader_at is not None:
+            # Moving to the node's reader soon: remember what we read, to skip it there.
+            self._own_serials += ((now, denials.serial_of(text)) for _, text in batch)
+            while self._own_serials and now - self._own_serials[0][0] > OVERLAP_SECONDS:
+                self._own_serials.popleft()
+        skip = self._skip_serials if not own and now < self._skip_until else ()
+        for kind, text in batch:
+            if skip and denials.serial_of(text) in skip:
+                continue
+            recorded |= self.watcher.handle(kind, text) is not None
         return recorded
 
     def _tick(self) -> None:
         self._ticker = None
         if not self._files:
             return
+        if self._retry_reader_at is not None and time.monotonic() >= self._retry_reader_at:
+            self._try_node_reader()
+        lost = getattr(self.kernel, "lost", 0)
+        if lost > self._lost_logged:
+            log.warning("kernel records lost before we could read them: %d in all", lost)
+            self._lost_logged = lost
         self._check_pids_limits()
         self.watcher.flush()
         self._publish_all()

@@ -300,6 +300,12 @@ def test_node_check_says_what_is_recorded(monkeypatch):
     assert found.status == (check.OK if readable else check.WARN), found
     if readable:
         assert "Landlock ABI 6 < 7" in found.detail
+        status = denials.audit_status()
+        with_audit = check._denial_records(7).detail
+        if status["enabled"]:
+            assert "Landlock denials (audit is enabled)" in with_audit
+        else:
+            assert "audit is disabled (`auditctl -e 1`" in with_audit
 
 
 def test_a_limit_record_names_who_set_the_limit():
@@ -328,3 +334,115 @@ def test_cgroup_limit_hits_are_records_counted_by_their_count(monkeypatch, tmp_p
     counters = denials.metrics(str(tmp_path))
     assert 'syscall="fork",verdict="pids-limit"} 5' in counters
     assert 'verdict="oom-kill"} 1' in counters
+
+
+# A Landlock denial as this kernel (6.18, audit enabled) multicasts it: `sh -c 'echo >
+# /etc/x'` under a ruleset that does not let it write /etc, enforced with log_flags.
+LANDLOCK_EVENT = [
+    (
+        denials.AUDIT_LANDLOCK_ACCESS,
+        'audit(1796511883.403:583): domain=182f5ba01 blockers=fs.make_reg path="/etc" '
+        'dev="vda" ino=19',
+    ),
+    (
+        denials.AUDIT_LANDLOCK_DOMAIN,
+        "audit(1796511883.403:583): domain=182f5ba01 status=allocated mode=enforcing "
+        f'pid={os.getpid()} uid=0 exe="/usr/bin/python3" comm="python3"',
+    ),
+    (
+        denials.AUDIT_SYSCALL,
+        "audit(1796511883.403:583): arch=c000003e syscall=257 success=no exit=-13 "
+        "a0=ffffff9c a1=55eaced5cbd8 a2=241 a3=1b6 items=0 ppid=28801 pid=28904 auid=0 uid=0 "
+        'gid=0 euid=0 tty=(none) ses=7 comm="sh" exe="/usr/bin/dash" key=(null)',
+    ),
+    (denials.AUDIT_EOE, "audit(1796511883.403:583): "),
+]
+
+
+def test_a_landlock_event_becomes_one_record_at_its_syscall_record(monkeypatch, tmp_path):
+    watcher = _watcher_with(monkeypatch, tmp_path)
+    results = [watcher.handle(kind, text) for kind, text in LANDLOCK_EVENT]
+    assert results[:2] == [None, None] and results[3] is None
+    rec = results[2]
+    expected = {
+        "container_id": "c1",
+        "source": "landlock",
+        "pid": 28904,
+        "comm": "sh",
+        "exe": "/usr/bin/dash",
+        "syscall": "openat",
+        "args": {"path": "/etc", "dev": "vda", "ino": "19"},
+        "access": "fs.make_reg",
+        "verdict": "EACCES",
+        "domain": "182f5ba01",
+    }
+    assert {k: rec[k] for k in expected} == expected
+    assert rec["rule"].startswith("profile ci-runner: /etc is not beneath its writable paths (/tmp")
+    assert event(rec).access == "fs.make_reg" and event(rec).args["path"] == "/etc"
+    assert denials.read_lines(denials.path_in(str(tmp_path)))[0] == [rec]
+
+
+def test_a_landlock_event_without_a_syscall_record_is_known_by_its_domain(monkeypatch, tmp_path):
+    """A task without an audit context (started before audit was enabled) makes no
+    SYSCALL record: the domain's creator (the container's PID 1) names the container,
+    and the record is written once the event has waited LANDLOCK_EVENT_SECONDS."""
+    now = [0.0]
+    watcher = _watcher_with(monkeypatch, tmp_path, session=None)
+    watcher.clock = lambda: now[0]
+    for kind, text in LANDLOCK_EVENT[:2]:
+        assert watcher.handle(kind, text) is None
+    watcher.flush()
+    assert denials.read_lines(denials.path_in(str(tmp_path)))[0] == []
+    now[0] = denials.LANDLOCK_EVENT_SECONDS
+    watcher.flush()
+    (rec,) = denials.read_lines(denials.path_in(str(tmp_path)))[0]
+    assert (rec["source"], rec["pid"], rec["syscall"], rec["verdict"]) == (
+        "landlock",
+        0,
+        "",
+        "EACCES",
+    )
+    # Later denials of that domain are the container's too; another domain's are not.
+    later = [(k, t.replace(":583)", ":584)")) for k, t in LANDLOCK_EVENT[:1]]
+    other = [(k, t.replace("182f5ba01", "99").replace(":584)", ":585)")) for k, t in later]
+    for kind, text in later + other:
+        watcher.handle(kind, text)
+    now[0] *= 3
+    watcher.flush()
+    assert len(denials.read_lines(denials.path_in(str(tmp_path)))[0]) == 2
+    assert watcher.ignored == 1
+
+
+def test_landlock_rules_name_what_would_allow_the_access():
+    profile = load_profile("ci-runner")
+    assert "not in its device_ioctl" in denials.landlock_rule(
+        profile, "fs.ioctl_dev", {"path": "/dev/tty"}
+    )
+    assert "never created" in denials.landlock_rule(profile, "fs.make_char", {"path": "/dev"})
+    assert "tcp_connect does not list port 25" in denials.landlock_rule(
+        profile, "net.connect_tcp", {"dest": "25"}
+    )
+
+
+def test_landlock_logs_the_workloads_denials_only_where_records_are_on():
+    from runtime.security import landlock
+
+    workload = landlock.RESTRICT_SELF_LOG_NEW_EXEC_ON | landlock.RESTRICT_SELF_LOG_SUBDOMAINS_OFF
+    assert landlock.log_flags(7, records=True) == workload
+    assert landlock.log_flags(7, records=False) == 0
+    assert landlock.log_flags(6, records=True) == 0  # the kernel would refuse the flags
+
+
+def test_an_exec_gone_before_its_records_came_is_known_by_its_first_record(monkeypatch, tmp_path):
+    """The exec denied and was reaped, and its record is still on its way (through the
+    node's reader) when the shim asks for its session: its first record claims it."""
+    watcher = _watcher_with(monkeypatch, tmp_path)
+    monkeypatch.setattr(denials, "session_of", lambda pid: None)
+    assert watcher.add_session("c1", 4242) == []
+    exec_record = UNSHARE.replace("ses=7", "ses=9").replace("pid=28058", "pid=4242")
+    assert watcher.handle(denials.AUDIT_SECCOMP, exec_record)["container_id"] == "c1"
+    assert 9 in watcher.sessions()
+    # Once: another process that gets the pid later is not the container's by it.
+    reused = exec_record.replace("ses=9", "ses=12")
+    assert watcher.handle(denials.AUDIT_SECCOMP, reused) is None
+    watcher.unwatch("c1")

@@ -73,11 +73,16 @@ def _denial_records(abi: int) -> Check:
     notes = ["seccomp denials and broker refusals"]
     if not seccomp.kernel_logs_denials(listener=True):
         notes.append("not the seccomp denials of profiles with a broker (user_notif logged)")
-    notes.append(
-        "no Landlock denials (zviz does not read them yet)"
-        if abi >= 7
-        else f"no Landlock denials (Landlock ABI {abi} < 7 reports none)"
-    )
+    missing = denials.landlock_records_missing(abi)
+    if not missing:
+        notes.append("Landlock denials (audit is enabled)")
+    elif abi >= 7 and "disabled" in missing:
+        notes.append(
+            "no Landlock denials: audit is disabled (`auditctl -e 1`, or audit=1 on the "
+            "kernel command line, records them; what that costs: docs/denials.md)"
+        )
+    else:
+        notes.append(f"no Landlock denials ({missing})")
     return Check("denial-records", OK, "; ".join(notes))
 
 

@@ -530,6 +530,7 @@ def _signals_need_scope(spec) -> bool:
 
 
 def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = False):
+    from runtime import denials
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
     restrict_connect = profile.tcp_connect is not None and profile.network != "none"
@@ -540,6 +541,7 @@ def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = F
             restrict_connect,
             profile.landlock_scope,
             scope_signals=_signals_need_scope(spec),
+            records=denials.enabled(),
         )
         # Read and execute everywhere but /dev; in /dev only the listed devices. Rules
         # only add rights, so "/" itself gets just READ_DIR and each other top-level

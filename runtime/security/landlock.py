@@ -1,7 +1,8 @@
 """Landlock: read and execute across the rootfs, write only where the profile says.
 
 ABI 1-3: filesystem rules; 4: TCP bind/connect ports; 5: device ioctls;
-6: abstract unix sockets and signals scoped to the container. The ruleset is built
+6: abstract unix sockets and signals scoped to the container; 7: audit records of
+denials (`log_flags`). The ruleset is built
 in PID 1 after pivot_root (paths are the container's) and enforced right before
 execve by `restrict`.
 """
@@ -36,6 +37,13 @@ NET_BIND_TCP = 1 << 0  # ABI 4
 NET_CONNECT_TCP = 1 << 1
 SCOPE_ABSTRACT_UNIX_SOCKET = 1 << 0  # ABI 6
 SCOPE_SIGNAL = 1 << 1
+# landlock_restrict_self flags (ABI 7, Linux 6.15): which denials of the new domain the
+# kernel writes as audit records (only while audit is enabled). By default it logs
+# those of the restricting program until its next execve, none after.
+RESTRICT_SELF_LOG_SAME_EXEC_OFF = 1 << 0
+RESTRICT_SELF_LOG_NEW_EXEC_ON = 1 << 1
+RESTRICT_SELF_LOG_SUBDOMAINS_OFF = 1 << 2
+LOG_ABI = 7
 
 _FS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 4: (1 << 15) - 1}
 READ = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
@@ -92,6 +100,22 @@ def abi_version() -> int:
         raise
 
 
+def log_flags(abi: int, records: bool) -> int:
+    """The flags that make the kernel record a container's Landlock denials.
+
+    zviz restricts PID 1 (and each exec'd process) right before the workload's execve,
+    so the denials worth a record are all after it: NEW_EXEC_ON. Those of the same exec
+    stay logged (the default: the workload's own execve refused is one). SUBDOMAINS_OFF:
+    a workload that sandboxes itself with Landlock (a browser, a systemd service) gets
+    no records of its own domains' denials: they break none of the profile's rules, the
+    record's `rule` could not explain them, and such a workload could fill the node's
+    audit queue. Below ABI 7 the kernel has no such flags (it refuses unknown ones) and
+    writes no Landlock records at all."""
+    if not records or abi < LOG_ABI:
+        return 0
+    return RESTRICT_SELF_LOG_NEW_EXEC_ON | RESTRICT_SELF_LOG_SUBDOMAINS_OFF
+
+
 def handled_fs(abi: int) -> int:
     if abi >= 5:
         return (1 << 16) - 1
@@ -108,8 +132,10 @@ class Ruleset:
         restrict_tcp_connect: bool,
         scope: bool,
         scope_signals: bool = True,
+        records: bool = False,
     ):
         self.abi = abi
+        self.restrict_flags = log_flags(abi, records)
         self.handled_fs = handled_fs(abi)
         net = 0
         if abi >= 4:
@@ -185,7 +211,9 @@ class Ruleset:
         )
 
     def restrict(self) -> None:
-        linux.raw_syscall("landlock_restrict_self", ctypes.c_int(self.fd), ctypes.c_uint32(0))
+        linux.raw_syscall(
+            "landlock_restrict_self", ctypes.c_int(self.fd), ctypes.c_uint32(self.restrict_flags)
+        )
         os.close(self.fd)
         self.fd = -1
 

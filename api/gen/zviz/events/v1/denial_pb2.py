@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bzviz/events/v1/denial.proto\x12\x0ezviz.events.v1\"\xae\x03\n\x06\x44\x65nial\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x15\n\rpod_namespace\x18\x03 \x01(\t\x12\x10\n\x08pod_name\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12\x0c\n\x04\x63omm\x18\t \x01(\t\x12\x0b\n\x03\x65xe\x18\n \x01(\t\x12\x0f\n\x07syscall\x18\x0b \x01(\t\x12.\n\x04\x61rgs\x18\x0c \x03(\x0b\x32 .zviz.events.v1.Denial.ArgsEntry\x12\x0f\n\x07verdict\x18\r \x01(\t\x12\x0c\n\x04rule\x18\x0e \x01(\t\x12\r\n\x05\x63ount\x18\x0f \x01(\x04\x12\x32\n\x06\x63ounts\x18\x10 \x03(\x0b\x32\".zviz.events.v1.Denial.CountsEntry\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bzviz/events/v1/denial.proto\x12\x0ezviz.events.v1\"\xbe\x03\n\x06\x44\x65nial\x12\x0c\n\x04time\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontainer_id\x18\x02 \x01(\t\x12\x15\n\rpod_namespace\x18\x03 \x01(\t\x12\x10\n\x08pod_name\x18\x04 \x01(\t\x12\x0f\n\x07pod_uid\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x0b\n\x03pid\x18\x08 \x01(\r\x12\x0c\n\x04\x63omm\x18\t \x01(\t\x12\x0b\n\x03\x65xe\x18\n \x01(\t\x12\x0f\n\x07syscall\x18\x0b \x01(\t\x12.\n\x04\x61rgs\x18\x0c \x03(\x0b\x32 .zviz.events.v1.Denial.ArgsEntry\x12\x0f\n\x07verdict\x18\r \x01(\t\x12\x0c\n\x04rule\x18\x0e \x01(\t\x12\r\n\x05\x63ount\x18\x0f \x01(\x04\x12\x32\n\x06\x63ounts\x18\x10 \x03(\x0b\x32\".zviz.events.v1.Denial.CountsEntry\x12\x0e\n\x06\x61\x63\x63\x65ss\x18\x11 \x01(\t\x1a+\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0b\x43ountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,9 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DENIAL_COUNTSENTRY']._loaded_options = None
   _globals['_DENIAL_COUNTSENTRY']._serialized_options = b'8\001'
   _globals['_DENIAL']._serialized_start=48
-  _globals['_DENIAL']._serialized_end=478
-  _globals['_DENIAL_ARGSENTRY']._serialized_start=388
-  _globals['_DENIAL_ARGSENTRY']._serialized_end=431
-  _globals['_DENIAL_COUNTSENTRY']._serialized_start=433
-  _globals['_DENIAL_COUNTSENTRY']._serialized_end=478
+  _globals['_DENIAL']._serialized_end=494
+  _globals['_DENIAL_ARGSENTRY']._serialized_start=404
+  _globals['_DENIAL_ARGSENTRY']._serialized_end=447
+  _globals['_DENIAL_COUNTSENTRY']._serialized_start=449
+  _globals['_DENIAL_COUNTSENTRY']._serialized_end=494
 # @@protoc_insertion_point(module_scope)

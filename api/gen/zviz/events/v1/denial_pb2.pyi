@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Mapping as _Mapping, Optional as _Opti
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Denial(_message.Message):
-    __slots__ = ("time", "container_id", "pod_namespace", "pod_name", "pod_uid", "profile", "source", "pid", "comm", "exe", "syscall", "args", "verdict", "rule", "count", "counts")
+    __slots__ = ("time", "container_id", "pod_namespace", "pod_name", "pod_uid", "profile", "source", "pid", "comm", "exe", "syscall", "args", "verdict", "rule", "count", "counts", "access")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class Denial(_message.Message):
     RULE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_FIELD_NUMBER: _ClassVar[int]
     time: str
     container_id: str
     pod_namespace: str
@@ -54,4 +55,5 @@ class Denial(_message.Message):
     rule: str
     count: int
     counts: _containers.ScalarMap[str, int]
-    def __init__(self, time: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_uid: _Optional[str] = ..., profile: _Optional[str] = ..., source: _Optional[str] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., syscall: _Optional[str] = ..., args: _Optional[_Mapping[str, str]] = ..., verdict: _Optional[str] = ..., rule: _Optional[str] = ..., count: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    access: str
+    def __init__(self, time: _Optional[str] = ..., container_id: _Optional[str] = ..., pod_namespace: _Optional[str] = ..., pod_name: _Optional[str] = ..., pod_uid: _Optional[str] = ..., profile: _Optional[str] = ..., source: _Optional[str] = ..., pid: _Optional[int] = ..., comm: _Optional[str] = ..., exe: _Optional[str] = ..., syscall: _Optional[str] = ..., args: _Optional[_Mapping[str, str]] = ..., verdict: _Optional[str] = ..., rule: _Optional[str] = ..., count: _Optional[int] = ..., counts: _Optional[_Mapping[str, int]] = ..., access: _Optional[str] = ...) -> None: ...
