@@ -70,6 +70,7 @@ def test_extends_add_and_remove(tmp_path):
     [
         ("[seccomp]\nallow = ['opne']\n", "seccomp.allow: unknown syscall 'opne'"),
         ("[capabilities]\nallow = ['CAP_SYS_GOD']\n", "capabilities.allow[0]: unknown capability"),
+        ("[capabilities]\nallow_new_privileges = 'yes'\n", "capabilities.allow_new_privileges"),
         ("[network]\nmode = 'host'\n", "network.mode: must be one of none, namespace"),
         ("[network]\nmod = 'none'\n", "network.mod: unknown key"),
         ("[nonsense]\n", "unknown table [nonsense]"),
@@ -131,6 +132,23 @@ def test_harden_spec_adds_user_namespace_and_ceilings(tmp_path):
         "capabilities beyond profile ci-runner dropped: CAP_AUDIT_WRITE, CAP_NET_BIND_SERVICE" in c
         for c in changes
     ), changes
+
+
+@pytest.mark.parametrize(
+    "profile_name, kept", [("development", True), ("ci-runner", False), ("web-server", False)]
+)
+def test_no_new_privileges_false_is_kept_only_where_the_profile_allows_it(
+    tmp_path, profile_name, kept
+):
+    """runtime-tools' programs (runc's default config) ask for noNewPrivileges false."""
+    spec = make_spec(tmp_path)
+    spec.process.no_new_privileges = False
+    profile = security.resolve_profile(profile_name, {})
+    assert profile.allow_new_privileges is kept
+    changes = security.harden_spec(spec, profile)
+    assert spec.process.no_new_privileges is not kept
+    named = f"noNewPrivileges set (profile {profile_name}: no setuid gains;"
+    assert any(c.startswith(named) for c in changes) is not kept, changes
 
 
 def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):

@@ -158,9 +158,12 @@ def harden_spec(
         spec.process.capabilities = granted
         if cut:
             changes.append(f"capabilities beyond profile {profile.name} dropped: {', '.join(cut)}")
-        if not spec.process.no_new_privileges:
-            changes.append("noNewPrivileges set (every profile: no setuid gains)")
-        spec.process.no_new_privileges = True
+        if not spec.process.no_new_privileges and not profile.allow_new_privileges:
+            changes.append(
+                f"noNewPrivileges set (profile {profile.name}: no setuid gains;"
+                " capabilities.allow_new_privileges is false)"
+            )
+            spec.process.no_new_privileges = True
 
     # Resources: defaults and ceilings.
     if profile.pids_max is not None or profile.memory_max is not None:
@@ -321,6 +324,8 @@ class Plan:
     programs: list = field(default_factory=list)  # seccomp.Program, loaded in this order
     verbose: bool = False
     notes: list[str] = field(default_factory=list)
+    # False only where the profile allows new privileges and the process asks for none.
+    no_new_privs: bool = True
 
 
 def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool = False) -> Plan:
@@ -379,7 +384,11 @@ def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool 
     programs.append(profile.programs.get(key) or seccomp.profile_program(profile, verbose))
     if not wait_killable_recv:
         programs = [seccomp.without_wait_killable_recv(p) if p.listener else p for p in programs]
-    return Plan(profile.name, granted, last, ruleset, programs, verbose, notes)
+    # Again here, as for capabilities: an exec'd process never went through harden_spec.
+    no_new_privs = not profile.allow_new_privileges or (
+        spec.process is None or spec.process.no_new_privileges
+    )
+    return Plan(profile.name, granted, last, ruleset, programs, verbose, notes, no_new_privs)
 
 
 def _writable_mounts(spec) -> list[str]:
@@ -548,7 +557,8 @@ def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = F
 
 
 def apply(plan: Plan, notify_channel=None) -> None:
-    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp.
+    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp
+    (Landlock -> seccomp -> capabilities where the plan sets no no_new_privs).
 
     notify_channel: the NotifyChannel from notify_channel() (or its container_fd) when
     the profile needs a broker; anything else (None, the core's sync channel) is ignored.
@@ -569,11 +579,19 @@ def apply(plan: Plan, notify_channel=None) -> None:
             f"seccomp: profile {plan.profile_name} needs a broker (network mediation or "
             "--verbose) but the runtime gave no notify channel"
         )
-    caps.drop(plan.capabilities, plan.cap_last_cap)
-    try:
-        linux.set_no_new_privs()
-    except OSError as e:
-        raise SecurityLayerError(f"no_new_privs: {e}") from None
+    if plan.no_new_privs:
+        caps.drop(plan.capabilities, plan.cap_last_cap)
+        try:
+            linux.set_no_new_privs()
+        except OSError as e:
+            raise SecurityLayerError(f"no_new_privs: {e}") from None
+    else:
+        # Without no_new_privs the kernel lets only CAP_SYS_ADMIN (in the container's
+        # user namespace) restrict a process with Landlock or seccomp: both come before
+        # the capabilities are dropped, as runc does. Both layers are then in place
+        # before anything else runs; the drop's capset and prctl calls pass through
+        # the filters (a filter that refuses them fails the container: drop raises).
+        caps.raise_effective()
     if plan.landlock is not None:
         try:
             plan.landlock.restrict()
@@ -584,6 +602,8 @@ def apply(plan: Plan, notify_channel=None) -> None:
         fd = seccomp.load(program)
         if fd is not None:
             listener = fd
+    if not plan.no_new_privs:
+        caps.drop(plan.capabilities, plan.cap_last_cap)
     # The filter is live: from here on only write, read and close, then the caller's execve.
     if listener is not None:
         os.write(channel_fd, b'{"listener_fd": %d}' % listener)

@@ -97,6 +97,15 @@ def _capset(effective: int, permitted: int, inheritable: int) -> None:
     linux.raw_syscall("capset", ctypes.byref(header), ctypes.byref(data))
 
 
+def raise_effective() -> None:
+    """Effective = permitted: what the user switch (keepcaps) left permitted is usable."""
+    try:
+        _, permitted, inheritable = _capget()
+        _capset(permitted, permitted, inheritable)
+    except OSError as e:
+        raise SecurityLayerError(f"capabilities: cannot raise effective: {e}") from None
+
+
 def drop(caps: Capabilities, cap_last_cap: int) -> None:
     """Leave exactly `caps` in the five sets of the calling thread; raise if that fails."""
     keep_bounding = mask(caps.bounding)
