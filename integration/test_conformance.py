@@ -42,12 +42,29 @@ def test_program_passes(suite, program, runtime):
     assert result.passed, f"{program} under {runtime}:\n{result.output}\n{result.notes}"
 
 
-def test_refusal_names_the_rule(suite):
-    """linux_ns_itype asks for a container in the host's namespaces, mount included."""
-    result = suite.run("linux_ns_itype", "zviz")
+# Programs runc passes that ask for what a user namespace cannot do (every profile runs
+# containers in one), and the words zviz's refusal must say.
+REFUSED = {
+    # A container in the host's namespaces, mount included.
+    "linux_ns_itype": ("a mount namespace is required", "under any profile"),
+    # Device nodes that exist nowhere on the host: a user namespace may not mknod.
+    "linux_devices": ("linux.devices: /dev/test1", "[user_namespace] rule", "mknod"),
+    # The host's mount, pid and uts namespaces by path (the hostname cannot be set).
+    "linux_ns_path": (
+        "a mount namespace given by path belongs to the host's user namespace: profile ci-runner",
+        "a pid namespace given by path belongs to the host's user namespace: profile ci-runner",
+        "hostname: the uts namespace given by path belongs to the host's user namespace:"
+        " profile ci-runner",
+    ),
+}
+
+
+@pytest.mark.parametrize("program", sorted(REFUSED))
+def test_refusal_names_the_rule(suite, program):
+    result = suite.run(program, "zviz")
     assert not result.passed
-    assert any("a mount namespace is required" in note for note in result.notes), result.notes
-    assert any("under any profile" in note for note in result.notes), result.notes
+    for words in REFUSED[program]:
+        assert any(words in note for note in result.notes), (words, result.notes)
 
 
 def test_profile_changes_are_named(suite):

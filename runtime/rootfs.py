@@ -645,7 +645,9 @@ class RootfsBuilder:
             pass
         if not host_ok and self.in_userns:
             raise errors.InvalidArgument(
-                f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
+                f"config.json: linux.devices: {path}: no host device {major}:{minor} at this"
+                " path to bind: the container runs in a user namespace (the profile's"
+                " [user_namespace] rule), which may not create device nodes (mknod)"
             )
         type_bits = {
             "c": stat.S_IFCHR,
