@@ -67,6 +67,15 @@ def test_refusal_names_the_rule(suite, program):
         assert any(words in note for note in result.notes), (words, result.notes)
 
 
+def test_landlock_write_rule_is_named(suite):
+    """killsig's trap writes /TERM at the top of the rootfs: ci-runner's Landlock rules
+    let writes reach only its writable list, and the notes say so."""
+    result = suite.run("killsig", "zviz")
+    assert not result.passed
+    named = "profile ci-runner: root.readonly false, but profile ci-runner lets writes reach only"
+    assert any(note.startswith(named) for note in result.notes), result.notes
+
+
 def test_profile_changes_are_named(suite):
     """`default` checks runc's default capabilities inside: ci-runner keeps none, and the
     runner's notes say so."""

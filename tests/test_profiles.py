@@ -151,6 +151,21 @@ def test_no_new_privileges_false_is_kept_only_where_the_profile_allows_it(
     assert any(c.startswith(named) for c in changes) is not kept, changes
 
 
+@pytest.mark.parametrize("profile_name, named", [("ci-runner", True), ("development", False)])
+def test_a_writable_root_limited_by_landlock_is_named(tmp_path, profile_name, named):
+    """root.readonly false: the rootfs is writable only where the profile's Landlock
+    rules say (runtime-tools' killsig writes /TERM), and the change names the rule."""
+    spec = make_spec(tmp_path)
+    spec.root.readonly = False
+    changes = security.harden_spec(spec, security.resolve_profile(profile_name, {}))
+    note = f"root.readonly false, but profile {profile_name} lets writes reach only"
+    assert any(c.startswith(note) and "/tmp" in c for c in changes) is named, changes
+    spec = make_spec(tmp_path)
+    spec.root.readonly = True
+    changes = security.harden_spec(spec, security.resolve_profile(profile_name, {}))
+    assert not any(c.startswith("root.readonly false") for c in changes), changes
+
+
 def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):
     spec = make_spec(tmp_path, resources={"pids": {"limit": 100000}, "memory": {"limit": 1 << 20}})
     security.harden_spec(spec, security.resolve_profile("hostile-tenant", {}))

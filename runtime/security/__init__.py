@@ -165,6 +165,15 @@ def harden_spec(
             )
             spec.process.no_new_privileges = True
 
+    # A writable root (root.readonly false) is writable only where Landlock lets it be:
+    # named here, since the kernel's refusal inside (EACCES) names no rule.
+    if not spec.root.readonly and "/" not in profile.writable:
+        changes.append(
+            f"root.readonly false, but profile {profile.name} lets writes reach only"
+            f" landlock.writable ({', '.join(profile.writable) or 'nothing'})"
+            + (" and the volumes" if profile.writable_volumes else "")
+        )
+
     # Resources: defaults and ceilings.
     if profile.pids_max is not None or profile.memory_max is not None:
         if linux_cfg.resources is None:
