@@ -166,6 +166,35 @@ def test_a_writable_root_limited_by_landlock_is_named(tmp_path, profile_name, na
     assert not any(c.startswith("root.readonly false") for c in changes), changes
 
 
+@pytest.mark.parametrize(
+    "joined, hostname, refused",
+    [
+        ("uts", "mrsdalloway", "hostname: the uts namespace given by path belongs to the host's"),
+        ("uts", "", None),  # nothing to set: joined as it is
+        ("mount", "", "a mount namespace given by path belongs to the host's user namespace"),
+        ("pid", "", "a pid namespace given by path belongs to the host's user namespace"),
+        ("ipc", "mrsdalloway", None),
+    ],
+)
+def test_host_owned_namespaces_by_path_are_refused_naming_the_profile(
+    tmp_path, joined, hostname, refused
+):
+    """runtime-tools' linux_ns_path joins the host's namespaces by path; from a user
+    namespace of its own the container could not set them up, so zviz refuses up front
+    (the uts one failed in PID 1 with sethostname: EPERM before)."""
+    from runtime import process
+
+    spec = make_spec(tmp_path)
+    spec.hostname = hostname
+    profile = security.resolve_profile("ci-runner", {})
+    if refused is None:
+        process._refuse_host_owned_joins([(joined, -1)], profile, spec)
+        return
+    with pytest.raises(InvalidArgument) as info:
+        process._refuse_host_owned_joins([(joined, -1)], profile, spec)
+    assert refused in str(info.value) and "profile ci-runner" in str(info.value)
+
+
 def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):
     spec = make_spec(tmp_path, resources={"pids": {"limit": 100000}, "memory": {"limit": 1 << 20}})
     security.harden_spec(spec, security.resolve_profile("hostile-tenant", {}))
