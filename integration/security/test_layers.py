@@ -96,18 +96,22 @@ def test_new_privileges_only_where_the_profile_allows_them(probes):
     process.update(args=["/bin/sh", "-c", script], noNewPrivileges=False)
     asked = set(process["capabilities"]["effective"])
     results = {}
-    for profile in ("development", "ci-runner"):
-        result = probes.run("zviz", profile, process["args"], config={"process": process})
+    # --verbose: a notify listener is handed to the broker before the drop.
+    for profile, verbose in (("development", False), ("development", True), ("ci-runner", False)):
+        result = probes.run(
+            "zviz", profile, process["args"], config={"process": process}, verbose=verbose
+        )
         assert result.returncode == 0, result.stderr
         status = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
         assert status["Seccomp"].strip() == "2", (profile, result.stdout)
         assert "BLOCKED mount" in result.stdout, (profile, result.stdout)
-        results[profile] = status
-    assert results["development"]["NoNewPrivs"].strip() == "0"
+        results[profile, verbose] = status
+    assert results["development", True] == results["development", False]
+    assert results["development", False]["NoNewPrivs"].strip() == "0"
     # The drop after the filters left exactly what was asked for (the ceiling keeps all).
-    effective = int(results["development"]["CapEff"], 16)
+    effective = int(results["development", False]["CapEff"], 16)
     assert effective == capabilities.mask(asked), (hex(effective), sorted(asked))
-    assert results["ci-runner"]["NoNewPrivs"].strip() == "1"
+    assert results["ci-runner", False]["NoNewPrivs"].strip() == "1"
 
 
 def test_only_loopback_without_network(probes):

@@ -611,9 +611,8 @@ def apply(plan: Plan, notify_channel=None) -> None:
         fd = seccomp.load(program)
         if fd is not None:
             listener = fd
-    if not plan.no_new_privs:
-        caps.drop(plan.capabilities, plan.cap_last_cap)
-    # The filter is live: from here on only write, read and close, then the caller's execve.
+    # The filter is live: from here on only write, read and close (and, without
+    # no_new_privs, the capability drop), then the caller's execve.
     if listener is not None:
         os.write(channel_fd, b'{"listener_fd": %d}' % listener)
         answer = os.read(channel_fd, 16)
@@ -622,6 +621,10 @@ def apply(plan: Plan, notify_channel=None) -> None:
         if answer != b"ok":
             raise SecurityLayerError("seccomp: the broker did not take the notify fd")
         os.close(channel_fd)
+    if not plan.no_new_privs:
+        # After the hand-over: a drop call the filter sends to the broker (a profile
+        # that denies capset under --verbose) is answered, never left waiting.
+        caps.drop(plan.capabilities, plan.cap_last_cap)
 
 
 @dataclass
