@@ -157,6 +157,29 @@ def test_bind_mounts_ro_and_rw(zviz, make_bundle, shared_dir):
     assert not (shared / "x").exists()
 
 
+def test_mountinfo_lists_binds_in_config_order(zviz, make_bundle, shared_dir):
+    """The mounts appear in /proc/self/mountinfo in config.json's order, binds included
+    (runtime-tools' `mounts` program checks it, as runc keeps it): the parent's clones
+    of the bind sources are older than the container's other mounts, so PID 1 puts a
+    fresh clone of each in its place."""
+    bundle = make_bundle(["cat", "/proc/self/mountinfo"])
+    order = ["/tmp/first", "/tmp/second", "/tmp/third", "/tmp/fourth"]
+
+    def change(config):
+        config["mounts"] += [
+            {"destination": order[0], "type": "tmpfs", "source": "tmpfs", "options": []},
+            {"destination": order[1], "source": str(shared_dir), "options": ["bind"]},
+            {"destination": order[2], "type": "tmpfs", "source": "tmpfs", "options": []},
+            {"destination": order[3], "source": str(shared_dir), "options": ["rbind", "ro"]},
+        ]
+
+    edit_config(bundle, change)
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    mountpoints = [line.split()[4] for line in result.stdout.splitlines()]
+    assert [m for m in mountpoints if m in order] == order, mountpoints
+
+
 def test_bind_sources_under_a_root_only_directory_reach_the_container(zviz, make_bundle):
     # As kubelet's pod volumes (/var/lib/kubelet, 0750) and containerd's per-sandbox
     # /etc/hosts and /dev/shm: the container's root, an unprivileged host uid, cannot

@@ -171,7 +171,7 @@ def spawn_init(request: Request, log) -> Spawned:
         if new_user:
             owner = _foreign_owner(join_fds)
             if owner is None:
-                _refuse_host_owned_joins(join_fds, request.profile)
+                _refuse_host_owned_joins(join_fds, request.profile, spec)
             if owner is not None:
                 # A pod's containers share their sandbox's user namespace: a namespace
                 # owned by another user namespace is usable only from inside that one
@@ -358,18 +358,25 @@ def wait_exec_result(spawned: Spawned) -> None:
 _NEEDS_OWNERSHIP = ("mount", "pid")
 
 
-def _refuse_host_owned_joins(join_fds, profile) -> None:
+def _refuse_host_owned_joins(join_fds, profile, spec) -> None:
     """A fresh user namespace has no privilege over the host's namespaces: joining the
-    host's mount or pid namespace by path would fail halfway (mount: EPERM). Refused
-    up front, naming the profile's rule. runc joins them as host root."""
+    host's mount or pid namespace by path would fail halfway (mount: EPERM), and so
+    would setting the hostname of its uts namespace (sethostname: EPERM). Refused up
+    front, naming the profile's rule. runc joins them as host root."""
+    name = getattr(profile, "name", "the profile")
     for ns_type, _ in join_fds:
         if ns_type in _NEEDS_OWNERSHIP:
-            name = getattr(profile, "name", "the profile")
             raise errors.InvalidArgument(
                 f"config.json: linux.namespaces: a {ns_type} namespace given by path belongs"
                 f" to the host's user namespace: profile {name} runs every container in a"
                 " user namespace of its own, which has no privilege there to mount the"
                 " container's root and /proc"
+            )
+        if ns_type == "uts" and (spec.hostname or spec.domainname):
+            raise errors.InvalidArgument(
+                "config.json: hostname: the uts namespace given by path belongs to the"
+                f" host's user namespace: profile {name} runs every container in a user"
+                " namespace of its own, which has no privilege there to set the hostname"
             )
 
 

@@ -544,15 +544,9 @@ class RootfsBuilder:
             try:
                 source_is_dir = stat.S_ISDIR(os.fstat(m.source_fd).st_mode)
                 _make_mountpoint(dest, m.destination, as_file=not source_is_dir)
-                at_pinned(
-                    dest,
-                    m.destination,
-                    lambda target: syscall.move_mount(
-                        m.source_fd, "", linux.AT_FDCWD, target,
-                        linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS,
-                    ),
-                    syscall=syscall,
-                )  # fmt: skip
+                self._attach_bind(
+                    dest, m.destination, m.source_fd, bool(flags & linux.MS_REC), syscall
+                )
             finally:
                 os.close(m.source_fd)
                 m.source_fd = None
@@ -604,6 +598,41 @@ class RootfsBuilder:
                 lambda target: syscall.mount(None, target, None, propagation),
                 syscall=syscall,
             )
+
+    @staticmethod
+    def _attach_bind(
+        dest: str, destination: str, source_fd: int, recursive: bool, syscall: Syscall = LINUX
+    ) -> None:
+        """Attach the parent's clone of a bind source at `dest`, then put a clone of it
+        made here in its place.
+
+        The parent cloned the source before this mount namespace existed, so its mount
+        id is older than every other mount's, and the kernel lists a namespace's mounts
+        (/proc/self/mountinfo) by id: every bind would show ahead of the mounts
+        config.json lists before it (runtime-tools' `mounts` checks the order, as
+        runc keeps it). A clone made now gets a fresh id; the parent's is let go.
+        """
+        under = pin(dest, destination, syscall=syscall)
+        try:
+            under_path = f"/proc/self/fd/{under}"
+            move_flags = linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_SYMLINKS
+            syscall.move_mount(source_fd, "", linux.AT_FDCWD, under_path, move_flags)
+            # Only a mount attached in this namespace can be cloned from here.
+            top = pin(dest, destination, syscall=syscall)
+            try:
+                top_path = f"/proc/self/fd/{top}"
+                fresh = clone_mount(
+                    top_path, recursive=recursive, propagation=VOLUME_PROPAGATION, syscall=syscall
+                )
+                syscall.umount2(top_path, linux.MNT_DETACH)
+            finally:
+                os.close(top)
+            try:
+                syscall.move_mount(fresh, "", linux.AT_FDCWD, under_path, move_flags)
+            finally:
+                os.close(fresh)
+        finally:
+            os.close(under)
 
     def mount_cgroup(self, dest: str, flags: int, destination: str = "/sys/fs/cgroup") -> None:
         """The container's own cgroups, read-only: a tmpfs with one bind per hierarchy.
@@ -704,7 +733,9 @@ class RootfsBuilder:
             pass
         if not host_ok and self.in_userns:
             raise errors.InvalidArgument(
-                f"config.json: linux.devices: {path}: no such host device to bind in a user namespace"
+                f"config.json: linux.devices: {path}: no host device {major}:{minor} at this"
+                " path to bind: the container runs in a user namespace (the profile's"
+                " [user_namespace] rule), which may not create device nodes (mknod)"
             )
         type_bits = {
             "c": stat.S_IFCHR,

@@ -70,6 +70,7 @@ def test_extends_add_and_remove(tmp_path):
     [
         ("[seccomp]\nallow = ['opne']\n", "seccomp.allow: unknown syscall 'opne'"),
         ("[capabilities]\nallow = ['CAP_SYS_GOD']\n", "capabilities.allow[0]: unknown capability"),
+        ("[capabilities]\nallow_new_privileges = 'yes'\n", "capabilities.allow_new_privileges"),
         ("[network]\nmode = 'host'\n", "network.mode: must be one of none, namespace"),
         ("[network]\nmod = 'none'\n", "network.mod: unknown key"),
         ("[nonsense]\n", "unknown table [nonsense]"),
@@ -131,6 +132,67 @@ def test_harden_spec_adds_user_namespace_and_ceilings(tmp_path):
         "capabilities beyond profile ci-runner dropped: CAP_AUDIT_WRITE, CAP_NET_BIND_SERVICE" in c
         for c in changes
     ), changes
+
+
+@pytest.mark.parametrize(
+    "profile_name, kept", [("development", True), ("ci-runner", False), ("web-server", False)]
+)
+def test_no_new_privileges_false_is_kept_only_where_the_profile_allows_it(
+    tmp_path, profile_name, kept
+):
+    """runtime-tools' programs (runc's default config) ask for noNewPrivileges false."""
+    spec = make_spec(tmp_path)
+    spec.process.no_new_privileges = False
+    profile = security.resolve_profile(profile_name, {})
+    assert profile.allow_new_privileges is kept
+    changes = security.harden_spec(spec, profile)
+    assert spec.process.no_new_privileges is not kept
+    named = f"noNewPrivileges set (profile {profile_name}: no setuid gains;"
+    assert any(c.startswith(named) for c in changes) is not kept, changes
+
+
+@pytest.mark.parametrize("profile_name, named", [("ci-runner", True), ("development", False)])
+def test_a_writable_root_limited_by_landlock_is_named(tmp_path, profile_name, named):
+    """root.readonly false: the rootfs is writable only where the profile's Landlock
+    rules say (runtime-tools' killsig writes /TERM), and the change names the rule."""
+    spec = make_spec(tmp_path)
+    spec.root.readonly = False
+    changes = security.harden_spec(spec, security.resolve_profile(profile_name, {}))
+    note = f"root.readonly false, but profile {profile_name} lets writes reach only"
+    assert any(c.startswith(note) and "/tmp" in c for c in changes) is named, changes
+    spec = make_spec(tmp_path)
+    spec.root.readonly = True
+    changes = security.harden_spec(spec, security.resolve_profile(profile_name, {}))
+    assert not any(c.startswith("root.readonly false") for c in changes), changes
+
+
+@pytest.mark.parametrize(
+    "joined, hostname, refused",
+    [
+        ("uts", "mrsdalloway", "hostname: the uts namespace given by path belongs to the host's"),
+        ("uts", "", None),  # nothing to set: joined as it is
+        ("mount", "", "a mount namespace given by path belongs to the host's user namespace"),
+        ("pid", "", "a pid namespace given by path belongs to the host's user namespace"),
+        ("ipc", "mrsdalloway", None),
+    ],
+)
+def test_host_owned_namespaces_by_path_are_refused_naming_the_profile(
+    tmp_path, joined, hostname, refused
+):
+    """runtime-tools' linux_ns_path joins the host's namespaces by path; from a user
+    namespace of its own the container could not set them up, so zviz refuses up front
+    (the uts one failed in PID 1 with sethostname: EPERM before)."""
+    from runtime import process
+
+    spec = make_spec(tmp_path)
+    spec.hostname = hostname
+    profile = security.resolve_profile("ci-runner", {})
+    if refused is None:
+        process._refuse_host_owned_joins([(joined, -1)], profile, spec)
+        return
+    with pytest.raises(InvalidArgument) as info:
+        process._refuse_host_owned_joins([(joined, -1)], profile, spec)
+    assert refused in str(info.value) and "profile ci-runner" in str(info.value)
 
 
 def test_harden_spec_lowers_limits_above_the_ceiling_keeps_lower_ones(tmp_path):

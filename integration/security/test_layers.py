@@ -86,6 +86,34 @@ def test_status_shows_every_layer(probes):
     assert uid_map == [["0", "100000", "65536"]]
 
 
+def test_new_privileges_only_where_the_profile_allows_them(probes):
+    """config.json's `noNewPrivileges: false` is honoured only under a profile with
+    capabilities.allow_new_privileges (development): Landlock and seccomp then come
+    before the capability drop (they need CAP_SYS_ADMIN without no_new_privs), and all
+    three are still in place. Every other profile sets no_new_privs anyway."""
+    process = default_config(args=["/bin/sh", "-c", "x"])["process"]
+    script = "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; /probe mount"
+    process.update(args=["/bin/sh", "-c", script], noNewPrivileges=False)
+    asked = set(process["capabilities"]["effective"])
+    results = {}
+    # --verbose: a notify listener is handed to the broker before the drop.
+    for profile, verbose in (("development", False), ("development", True), ("ci-runner", False)):
+        result = probes.run(
+            "zviz", profile, process["args"], config={"process": process}, verbose=verbose
+        )
+        assert result.returncode == 0, result.stderr
+        status = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
+        assert status["Seccomp"].strip() == "2", (profile, result.stdout)
+        assert "BLOCKED mount" in result.stdout, (profile, result.stdout)
+        results[profile, verbose] = status
+    assert results["development", True] == results["development", False]
+    assert results["development", False]["NoNewPrivs"].strip() == "0"
+    # The drop after the filters left exactly what was asked for (the ceiling keeps all).
+    effective = int(results["development", False]["CapEff"], 16)
+    assert effective == capabilities.mask(asked), (hex(effective), sorted(asked))
+    assert results["ci-runner", False]["NoNewPrivs"].strip() == "1"
+
+
 def test_only_loopback_without_network(probes):
     result = sh(
         probes, "ci-runner", "cat /proc/net/dev | tail -n +3 | cut -d: -f1; ip -o link | wc -l"

@@ -161,9 +161,21 @@ def harden_spec(
         spec.process.capabilities = granted
         if cut:
             changes.append(f"capabilities beyond profile {profile.name} dropped: {', '.join(cut)}")
-        if not spec.process.no_new_privileges:
-            changes.append("noNewPrivileges set (every profile: no setuid gains)")
-        spec.process.no_new_privileges = True
+        if not spec.process.no_new_privileges and not profile.allow_new_privileges:
+            changes.append(
+                f"noNewPrivileges set (profile {profile.name}: no setuid gains;"
+                " capabilities.allow_new_privileges is false)"
+            )
+            spec.process.no_new_privileges = True
+
+    # A writable root (root.readonly false) is writable only where Landlock lets it be:
+    # named here, since the kernel's refusal inside (EACCES) names no rule.
+    if not spec.root.readonly and "/" not in profile.writable:
+        changes.append(
+            f"root.readonly false, but profile {profile.name} lets writes reach only"
+            f" landlock.writable ({', '.join(profile.writable) or 'nothing'})"
+            + (" and the volumes" if profile.writable_volumes else "")
+        )
 
     # Resources: defaults and ceilings.
     if profile.pids_max is not None or profile.memory_max is not None:
@@ -351,6 +363,8 @@ class Plan:
     programs: list = field(default_factory=list)  # seccomp.Program, loaded in this order
     verbose: bool = False
     notes: list[str] = field(default_factory=list)
+    # False only where the profile allows new privileges and the process asks for none.
+    no_new_privs: bool = True
 
 
 def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool = False) -> Plan:
@@ -409,7 +423,11 @@ def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool 
     programs.append(profile.programs.get(key) or seccomp.profile_program(profile, verbose))
     if not wait_killable_recv:
         programs = [seccomp.without_wait_killable_recv(p) if p.listener else p for p in programs]
-    return Plan(profile.name, granted, last, ruleset, programs, verbose, notes)
+    # Again here, as for capabilities: an exec'd process never went through harden_spec.
+    no_new_privs = not profile.allow_new_privileges or (
+        spec.process is None or spec.process.no_new_privileges
+    )
+    return Plan(profile.name, granted, last, ruleset, programs, verbose, notes, no_new_privs)
 
 
 def _writable_mounts(spec) -> list[str]:
@@ -580,7 +598,8 @@ def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = F
 
 
 def apply(plan: Plan, notify_channel=None, syscall: Syscall = LINUX) -> None:
-    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp.
+    """In PID 1 right before execve: capabilities -> no_new_privs -> Landlock -> seccomp
+    (Landlock -> seccomp -> capabilities where the plan sets no no_new_privs).
 
     notify_channel: the NotifyChannel from notify_channel() (or its container_fd) when
     the profile needs a broker; anything else (None, the core's sync channel) is ignored.
@@ -603,11 +622,22 @@ def apply(plan: Plan, notify_channel=None, syscall: Syscall = LINUX) -> None:
             f"seccomp: profile {plan.profile_name} needs a broker (network mediation or "
             "--verbose) but the runtime gave no notify channel"
         )
-    caps.drop(plan.capabilities, plan.cap_last_cap, syscall)
-    try:
-        syscall.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-    except OSError as e:
-        raise SecurityLayerError(f"no_new_privs: {e}") from None
+    if plan.no_new_privs:
+        caps.drop(plan.capabilities, plan.cap_last_cap, syscall)
+        try:
+            syscall.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        except OSError as e:
+            raise SecurityLayerError(f"no_new_privs: {e}") from None
+    else:
+        # Without no_new_privs the kernel lets only CAP_SYS_ADMIN (in the container's
+        # user namespace) restrict a process with Landlock or seccomp: both come before
+        # the capabilities are dropped, as runc does. Both layers are then in place
+        # before anything else runs; the drop's capset and prctl calls pass through
+        # the filters (a filter that refuses them fails the container: drop raises).
+        try:
+            caps.raise_effective_to_permitted(syscall)
+        except OSError as e:
+            raise SecurityLayerError(f"capabilities: cannot raise effective: {e}") from None
     if plan.landlock is not None:
         try:
             plan.landlock.restrict()
@@ -618,7 +648,8 @@ def apply(plan: Plan, notify_channel=None, syscall: Syscall = LINUX) -> None:
         fd = seccomp.load(program)
         if fd is not None:
             listener = fd
-    # The filter is live: from here on only write, read and close, then the caller's execve.
+    # The filter is live: from here on only write, read and close (and, without
+    # no_new_privs, the capability drop), then the caller's execve.
     if listener is not None:
         os.write(channel_fd, b'{"listener_fd": %d}' % listener)
         answer = os.read(channel_fd, 16)
@@ -627,6 +658,10 @@ def apply(plan: Plan, notify_channel=None, syscall: Syscall = LINUX) -> None:
         if answer != b"ok":
             raise SecurityLayerError("seccomp: the broker did not take the notify fd")
         os.close(channel_fd)
+    if not plan.no_new_privs:
+        # After the hand-over: a drop call the filter sends to the broker (a profile
+        # that denies capset under --verbose) is answered, never left waiting.
+        caps.drop(plan.capabilities, plan.cap_last_cap, syscall)
 
 
 @dataclass

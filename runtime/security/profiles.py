@@ -122,6 +122,9 @@ class Profile:
     allow_host_root_mapping: bool = False
     # Capability ceiling: config.json may ask for less, never more.
     capabilities: frozenset[str] = frozenset()
+    # config.json's `noNewPrivileges: false` honoured (setuid/file-capability gains on
+    # execve, up to the ceiling above); otherwise no_new_privs is always set.
+    allow_new_privileges: bool = False
     # Resource defaults and ceilings (None: the profile sets none).
     pids_max: int | None = None
     memory_max: int | None = None
@@ -542,6 +545,7 @@ def _build(data: dict, path: str) -> Profile:
         if cap not in CAPABILITIES:
             raise caps.error(f"allow[{i}]", f"unknown capability {cap!r}")
     p.capabilities = frozenset(allowed)
+    p.allow_new_privileges = caps.get("allow_new_privileges", bool, False)
     caps.finish()
 
     res = _Reader(path, data.get("resources", {}), "resources.")
