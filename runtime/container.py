@@ -169,6 +169,11 @@ class Container:
             if not detach:
                 linux.set_child_subreaper()
             channel = _notify_channel(resolved_profile, verbose)
+            from runtime import exec_anchor
+
+            anchor_fds = exec_anchor.prepare(directory, spec, log)
+            if anchor_fds is not None:
+                fds.extend(anchor_fds)
             request = process.Request(
                 spec,
                 bundle=bundle,
@@ -182,6 +187,7 @@ class Container:
                 preserve_fds=preserve_fds,
                 no_pivot=no_pivot,
                 hook_state=_hook_template(data),
+                anchor_fds=anchor_fds,
             )
             process.write_joined_netns_sysctls(spec)
             spawned = process.spawn_init(request, log)
@@ -562,10 +568,16 @@ class Container:
         )
         exec_process = parse_process(process_config)
         check_process_in_spec(exec_process, spec)
+        pid1_process = spec.process
         spec.process = exec_process
         fds = []
         channel = None
         try:
+            anchor_fd = self._exec_anchor(
+                exec_process, pid1_process, resolved_profile, preserve_fds
+            )
+            if anchor_fd is not None:
+                fds.append(anchor_fd)
             console_fd = None
             if console_socket and exec_process.terminal:
                 from runtime import console
@@ -574,7 +586,8 @@ class Container:
                 fds.append(console_fd)
             if not detach:
                 linux.set_child_subreaper()
-            channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
+            if anchor_fd is None:  # else PID 1's broker serves it, as its own children
+                channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
             request = process.Request(
                 spec,
                 bundle=self.data["bundle"],
@@ -585,6 +598,7 @@ class Container:
                 console_fd=console_fd,
                 stdio=stdio,
                 preserve_fds=preserve_fds,
+                anchor_fd=anchor_fd,
             )
             spawned = process.spawn_exec(request, self.pid, exec_process, self.log)
         except BaseException:
@@ -615,6 +629,21 @@ class Container:
         spawned.sync.send("start")
         process.wait_exec_result(spawned)
         return spawned.pid
+
+    def _exec_anchor(self, exec_process, pid1_process, profile, preserve_fds) -> int | None:
+        """A socket connected to the container's exec anchor when the exec may go through
+        it (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock domain
+        of its own, a sibling of PID 1's."""
+        from runtime import exec_anchor
+
+        why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)
+        if why is None:
+            try:
+                return exec_anchor.connect(self.dir)
+            except OSError as e:
+                why = f"no exec anchor ({e.strerror or e})"
+        self.log.info(f"exec: a Landlock domain of its own: {why}")
+        return None
 
 
 _LATER_HOOKS = ("poststart", "poststop")

@@ -323,11 +323,18 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool = False) -> Plan:
+def prepare(
+    spec,
+    profile: Profile,
+    verbose: bool = False,
+    own_proc_files: bool = False,
+    exec_anchor_fd: int | None = None,
+) -> Plan:
     """In PID 1 after pivot_root: build every layer, fail closed if one is missing.
 
     own_proc_files: PID 1 (not an exec) may write its own thread name and OOM score
-    beneath /proc (`_allow_own_proc_files`)."""
+    beneath /proc (`_allow_own_proc_files`). exec_anchor_fd: PID 1's O_PATH fd of the
+    exec anchor's binary (runtime/exec_anchor.py), which it execs once restricted."""
     from runtime.security import capabilities as caps
 
     notes: list[str] = []
@@ -365,7 +372,7 @@ def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool 
         _warn(f"landlock: not available; profile {profile.name} allows running without it")
         notes.append("landlock: unavailable, running without it")
     else:
-        ruleset = _landlock_ruleset(spec, profile, abi, own_proc_files)
+        ruleset = _landlock_ruleset(spec, profile, abi, own_proc_files, exec_anchor_fd)
     notes += [
         f"{g.table}: {g.feature} missing (needs {g.needs}), allowed by profile {profile.name}"
         for g in gaps
@@ -499,7 +506,9 @@ def _signals_need_scope(spec) -> bool:
     return linux_section is None or not linux_section.creates_namespace("pid")
 
 
-def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = False):
+def _landlock_ruleset(
+    spec, profile: Profile, abi: int, own_proc_files: bool = False, exec_anchor_fd=None
+):
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
     restrict_connect = profile.tcp_connect is not None and profile.network != "none"
@@ -538,6 +547,10 @@ def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = F
         _allow_stdio_fifos(rs)
         if own_proc_files:
             _allow_own_proc_files(rs)
+        if exec_anchor_fd is not None:
+            # That one file, outside the rootfs: PID 1's child execs it after restrict.
+            # The workload has no path to it (the fd is gone at PID 1's execve).
+            rs.allow_fd(exec_anchor_fd, landlock.FS_EXECUTE | landlock.FS_READ_FILE, "exec anchor")
         for port in profile.tcp_bind or ():
             rs.allow_port(port, landlock.NET_BIND_TCP)
         for port in profile.tcp_connect or ():

@@ -1,0 +1,339 @@
+"""The exec anchor: execs forked inside PID 1's Landlock domain (issue 11 item 4).
+
+Every Landlock domain is made by one landlock_restrict_self and passes only by fork. An
+exec that restricts itself is in a sibling of PID 1's domain, and Landlock refuses it
+ptrace-mode access to PID 1 (/proc/1/fd/1, /proc/1/environ). So PID 1, once every layer
+is applied and right before its execve, forks the anchor (runtime/exec_anchor.c, a
+static C program: PID 1's root has no zviz and maybe no libc), which forks the execs.
+docs/architecture.md, "An exec and PID 1's Landlock domain", has the whole picture.
+
+    create (parent):  bind_socket(state dir)  + open_binary()  → fds for PID 1
+    PID 1:            security.apply(...) → start() → execve(workload)
+    exec (parent):    ineligible(...) / connect(state dir) → fd for the exec child
+    exec child:       send_request(fd, process, stdio)   (host pid namespace, host root)
+    stand-in (P):     stand_in(channel): "go", the exec's pid, forward signals, its exit
+
+The stand-in is the exec process as the caller (the shim's reaper, `zviz exec`, its
+--pid-file) knows it: it exits as the exec does.
+"""
+
+import os
+import signal
+import socket
+import struct
+import sys
+
+from runtime import errors
+
+SOCKET_NAME = "anchor.sock"
+BINARY_NAME = "zviz-anchor"
+# Mirrors of exec_anchor.c's request layout: one place each, checked by the unit test.
+MAGIC = 0x7A76616E
+FLAG_TERMINAL = 1
+FLAG_UMASK = 2
+HEADER = struct.Struct("=5I")
+MAX_REQUEST = 256 * 1024
+# The anchor and one monitor per exec count in the container's pids limit: below this
+# limit the workload keeps its processes and execs take the old path.
+MIN_PIDS_LIMIT = 8
+
+
+def binary_path() -> str:
+    """Where `make install` / `zviz node install` put the compiled anchor: beside the
+    interpreter that runs zviz (the venv's bin)."""
+    return os.path.join(os.path.dirname(sys.executable), BINARY_NAME)
+
+
+def build(bin_dir: str) -> str | None:
+    """Compile runtime/exec_anchor.c, statically (it runs in the container's root),
+    into BIN_DIR; None without a C compiler or a static libc."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "exec_anchor.c")
+    output = os.path.join(os.path.abspath(bin_dir), BINARY_NAME)
+    with tempfile.TemporaryDirectory(prefix="zviz-anchor-") as scratch:
+        built = os.path.join(scratch, BINARY_NAME)
+        compiled = subprocess.run(
+            [compiler, "-O2", "-Wall", "-Werror", "-static", "-s", "-o", built, source],
+            capture_output=True,
+            text=True,
+        )
+        if compiled.returncode != 0:
+            return None
+        shutil.copy2(built, output + ".new")
+    os.replace(output + ".new", output)
+    return output
+
+
+# ---------------------------------------------------------------------------
+# create: what PID 1 needs for the anchor, made by the parent as host root.
+
+
+def prepare(state_dir: str, spec, log) -> tuple[int, int] | None:
+    """(bound socket fd, O_PATH fd of the binary) for PID 1, or None (logged why): the
+    socket is bound at STATE_DIR/anchor.sock, outside the container's root."""
+    why = _why_no_anchor(spec)
+    if why is None:
+        try:
+            binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
+        except OSError as e:
+            why = f"no compiled anchor at {binary_path()} ({e.strerror}): run make install"
+    if why is not None:
+        log.info(f"exec anchor: none ({why}); execs get a Landlock domain of their own")
+        return None
+    try:
+        return _bind(state_dir), binary
+    except BaseException:
+        os.close(binary)
+        raise
+
+
+def _why_no_anchor(spec) -> str | None:
+    resources = spec.linux.resources
+    pids = getattr(getattr(resources, "pids", None), "limit", None)
+    if pids is not None and 0 < pids < MIN_PIDS_LIMIT:
+        return f"pids limit {pids} < {MIN_PIDS_LIMIT}: the anchor would take the workload's"
+    return None
+
+
+def _bind(state_dir: str) -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        # Every datagram then carries its sender's credentials: the anchor serves only
+        # host root (the workload cannot reach the path anyway).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        sock.bind(_short_path(state_dir))
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+def _short_path(state_dir: str) -> str:
+    """The socket's path short enough for sockaddr_un (108 bytes): a state dir may be deep."""
+    path = os.path.join(state_dir, SOCKET_NAME)
+    if len(path.encode()) < 100:
+        return path
+    return os.path.join(_dir_fd_path(state_dir), SOCKET_NAME)
+
+
+_dir_fds: dict[str, int] = {}
+
+
+def _dir_fd_path(state_dir: str) -> str:
+    fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Kept open only for the call that uses the path (closed by the caller's _release).
+    _dir_fds[state_dir] = fd
+    return f"/proc/self/fd/{fd}"
+
+
+def _release(state_dir: str) -> None:
+    fd = _dir_fds.pop(state_dir, None)
+    if fd is not None:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# PID 1, after security.apply.
+
+
+def expected_uid() -> int:
+    """Host root as this user namespace sees it (SCM_CREDENTIALS translate the sender's
+    uid into the receiver's namespace): its mapped id, else the overflow uid."""
+    with open("/proc/self/uid_map") as f:
+        for line in f:
+            inside, outside, count = (int(word) for word in line.split())
+            if outside <= 0 < outside + count:
+                return inside
+    with open("/proc/sys/kernel/overflowuid") as f:
+        return int(f.read())
+
+
+def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool) -> None:
+    """Fork the anchor (PID 1 right before its execve; its layers are applied). A fork the
+    pids limit refuses leaves the container without an anchor: execs take the old path."""
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:
+        try:
+            os.set_inheritable(socket_fd, True)
+            args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
+            # /proc/self/fd/N rather than execveat: the strictest profile's seccomp
+            # allows only execve; Landlock has a rule for this one file.
+            os.execve(f"/proc/self/fd/{binary_fd}", [*args, str(parent)], {})
+        finally:
+            os._exit(127)
+
+
+# ---------------------------------------------------------------------------
+# exec (parent): may this exec go through the anchor?
+
+
+def ineligible(process, pid1_process, profile, preserve_fds: int) -> str | None:
+    """Why PROCESS cannot be forked by the anchor (it asks for something PID 1 lacks),
+    or None. PID1_PROCESS is the container's process as hardened for PID 1 (capabilities
+    under the profile's ceiling, noNewPrivileges always set, as for every exec). What a
+    CRI exec or `ctr task exec` asks always matches: containerd copies it from the
+    container's process."""
+    from runtime.security import capabilities as caps
+
+    if preserve_fds:
+        return "--preserve-fds"
+    asked, _ = caps.ceiling(process.capabilities, profile.capabilities)
+    held = pid1_process.capabilities or caps.Capabilities()
+    for name in caps.CAPABILITY_SETS:
+        if set(getattr(asked, name)) != set(getattr(held, name)):
+            return f"its {name} capabilities differ from the container's process"
+    for field, what in (
+        ("user", "user"),
+        ("apparmor_profile", "apparmorProfile"),
+        ("selinux_label", "selinuxLabel"),
+        ("rlimits", "rlimits"),
+        ("oom_score_adj", "oomScoreAdj"),
+        ("io_priority", "ioPriority"),
+        ("scheduler", "scheduler"),
+    ):
+        if getattr(process, field) != getattr(pid1_process, field):
+            return f"its {what} differs from the container's process"
+    if len(encode(process)) > MAX_REQUEST:
+        return "its arguments and environment exceed the anchor's request size"
+    return None
+
+
+def connect(state_dir: str) -> int:
+    """A socket connected to the container's anchor; OSError when there is none (never
+    started, or gone: the workload may kill it)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(_short_path(state_dir))
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        _release(state_dir)
+    return sock.detach()
+
+
+def encode(process, terminal: bool = False) -> bytes:
+    """The request body (exec_anchor.c's struct request and strings). TERMINAL: stdin is
+    a pty the exec makes its controlling terminal (a new session)."""
+    flags = FLAG_TERMINAL if terminal else 0
+    umask = process.user.umask
+    if umask is not None:
+        flags |= FLAG_UMASK
+    strings = [process.cwd or "/", *process.args, *(process.env or ())]
+    body = b"".join(s.encode() + b"\0" for s in strings)
+    header = HEADER.pack(MAGIC, flags, umask or 0, len(process.args), len(process.env or ()))
+    return header + body
+
+
+# ---------------------------------------------------------------------------
+# The exec child (host pid namespace, host root): the request; then the stand-in.
+
+
+def send_request(anchor_fd: int, process, stdio: tuple[int, int, int], terminal: bool) -> int:
+    """Send the request with STDIO (TERMINAL: a pty for a new session); returns the stand-in's end of the reply channel. The
+    anchor's monitor forks nothing before the stand-in says "go" on it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        anchor = socket.socket(fileno=anchor_fd)
+        try:
+            anchor.sendmsg(
+                [encode(process, terminal)],
+                [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        struct.pack("4i", theirs.fileno(), *stdio),
+                    )
+                ],
+            )
+        finally:
+            anchor.detach()
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours.detach()
+
+
+def stand_in(channel: int, process, ready) -> None:
+    """The exec as its caller sees it: says "go", learns the exec's pid (then `ready()`:
+    the caller's execve-succeeded), forwards every catchable signal to it and exits as
+    it did. Never returns."""
+    forwarded = [s for s in signal.valid_signals() if s not in _NOT_FORWARDED]
+    # Signals that come before the exec has a pid wait, then go to it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    conn = socket.socket(fileno=channel)
+    conn.send(b"go")
+    answer = conn.recv(128).decode()
+    if not answer.startswith("pid "):
+        raise _failure(answer, process)
+    from runtime import linux
+
+    pidfd = linux.pidfd_open(int(answer.split()[1]))
+
+    def forward(sig, _frame) -> None:
+        try:
+            linux.raw_syscall("pidfd_send_signal", pidfd, sig, None, 0)
+        except OSError:
+            pass  # it exited meanwhile
+
+    for sig in forwarded:
+        try:
+            signal.signal(sig, forward)
+        except (OSError, ValueError):
+            pass
+    ready()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
+    answer = conn.recv(128).decode()
+    conn.close()
+    if not answer.startswith("exit "):
+        os._exit(255)  # the monitor was killed: the exec's status is lost
+    _exit_as(int(answer.split()[1]))
+
+
+# SIGCHLD: the stand-in has no children; its own death would be the kernel's business.
+_NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
+
+
+def _failure(answer: str, process) -> BaseException:
+    words = answer.split()
+    if len(words) != 3 or words[0] != "error":
+        return errors.FailedPrecondition(f"exec anchor: no answer ({answer or 'closed'})")
+    code, stage = int(words[1]), words[2]
+    name = process.args[0]
+    if stage == "exec" and code in (2, 13) and "/" not in name:
+        return errors.NotFound(f"{name!r}: executable file not found in $PATH")
+    if stage == "exec" and code == 2:
+        return errors.NotFound(f"{name}: no such executable in the container")
+    where = process.cwd if stage == "cwd" else name
+    return OSError(code, f"exec anchor: {stage}: {os.strerror(code)}", where)
+
+
+def _exit_as(status: int) -> None:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is not to terminate
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--build"] and len(sys.argv) == 3:
+        built = build(sys.argv[2])
+        print(built or "no C compiler or static libc: no exec anchor (execs take the old path)")
+    else:
+        sys.exit("usage: python -m runtime.exec_anchor --build BIN_DIR")
