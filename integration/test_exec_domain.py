@@ -38,6 +38,7 @@ IDLE = (
     "echo started; while :; do sleep 0.1; done"
 )
 
+
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
     return Zviz(zviz_bin, str(tmp_path / tagged("root")))
