@@ -428,8 +428,8 @@ def _allow_stdio_fifos(rs) -> None:
     """Reopening its own stdio fifos, as the fds it holds allow: `echo > /dev/stdout`
     opens /proc/self/fd/1 again. A fifo containerd made lies outside the rootfs, so no
     other rule covers it; the rule covers that one file and nothing beside it. Pipes
-    need none: Landlock does not check them. (PID 1's fifos would not help an exec:
-    Landlock refuses it /proc/1/fd/N anyway, PID 1's domain not being its own.)"""
+    need none: Landlock does not check them. (An exec forked by the exec anchor is in
+    PID 1's domain, with these rules for PID 1's fifos only: the shim gives execs pipes.)"""
     for fd in (0, 1, 2):
         link = f"/proc/self/fd/{fd}"
         try:
@@ -497,10 +497,10 @@ def _signals_need_scope(spec) -> bool:
     """Whether Landlock's signal scope guards anything the pid namespace does not.
 
     In a pid namespace of the container's own, every process a signal can reach is the
-    container's: PID 1's tree and its execs. Execs restrict themselves into Landlock
-    domains of their own, siblings of PID 1's (docs/architecture.md, "An exec and PID 1's
-    Landlock domain"), so the scope would only stop `kubectl exec ... kill -HUP 1` (or
-    `nginx -s reload`), which runc allows. A joined pid namespace (a pod sharing its
+    container's: PID 1's tree and its execs. An exec that takes the old path (not the
+    exec anchor's: docs/architecture.md, "An exec and PID 1's Landlock domain") is in a
+    Landlock domain of its own, a sibling of PID 1's, so the scope would only stop its
+    `kubectl exec ... kill -HUP 1` (or `nginx -s reload`), which runc allows. A joined pid namespace (a pod sharing its
     processes, or the host's) holds processes of others: there the scope stays."""
     linux_section = getattr(spec, "linux", None)
     return linux_section is None or not linux_section.creates_namespace("pid")
