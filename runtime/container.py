@@ -573,11 +573,11 @@ class Container:
         fds = []
         channel = None
         try:
-            anchor_fd = self._exec_anchor(
+            anchor_connection = self._exec_anchor(
                 exec_process, pid1_process, resolved_profile, preserve_fds
             )
-            if anchor_fd is not None:
-                fds.append(anchor_fd)
+            if anchor_connection is not None:
+                fds.extend(anchor_connection)
             console_fd = None
             if console_socket and exec_process.terminal:
                 from runtime import console
@@ -586,7 +586,7 @@ class Container:
                 fds.append(console_fd)
             if not detach:
                 linux.set_child_subreaper()
-            if anchor_fd is None:  # else PID 1's broker serves it, as its own children
+            if anchor_connection is None:  # else PID 1's broker serves it, as its children
                 channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
             request = process.Request(
                 spec,
@@ -598,7 +598,7 @@ class Container:
                 console_fd=console_fd,
                 stdio=stdio,
                 preserve_fds=preserve_fds,
-                anchor_fd=anchor_fd,
+                anchor_connection=anchor_connection,
             )
             spawned = process.spawn_exec(request, self.pid, exec_process, self.log)
         except BaseException:
@@ -630,10 +630,12 @@ class Container:
         process.wait_exec_result(spawned)
         return spawned.pid
 
-    def _exec_anchor(self, exec_process, pid1_process, profile, preserve_fds) -> int | None:
-        """A socket connected to the container's exec anchor when the exec may go through
-        it (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock domain
-        of its own, a sibling of PID 1's."""
+    def _exec_anchor(
+        self, exec_process, pid1_process, profile, preserve_fds
+    ) -> tuple[int, int] | None:
+        """exec_anchor.connect's fds when the exec may go through the container's exec
+        anchor (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock
+        domain of its own, a sibling of PID 1's."""
         from runtime import exec_anchor
 
         why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)

@@ -8,6 +8,7 @@
  * PID 1's Landlock domain").
  *
  * usage: zviz-anchor SOCKET_FD EXPECTED_UID OUTSIDE_PIDNS PARENT_PID
+ *        zviz-anchor --stand-in CHANNEL_FD PIDFD
  *
  * SOCKET_FD: a bound SOCK_DGRAM unix socket (its path is in the container's state dir,
  * outside the container's root) with SO_PASSCRED set by the runtime. Only datagrams
@@ -24,8 +25,14 @@
  * the exec's while the runtime opens a pidfd of it. The channel closing before the exec
  * exited kills the exec.
  *
- * Every syscall here is one the strictest built-in profile (hostile-tenant) allows:
- * no accept, getsockopt, execveat or pidfd_open.
+ * Every syscall the anchor makes is one the strictest built-in profile (hostile-tenant)
+ * allows: no accept, getsockopt, execveat or pidfd_open.
+ *
+ * --stand-in: the runtime's process the caller knows as the exec (outside every layer
+ * of the container's, host root), once the exec runs: forwards every catchable signal
+ * to PIDFD (the exec) and exits as the exec did when "exit STATUS" comes on CHANNEL_FD,
+ * a signal death re-raised on itself. The runtime execs it so that a running exec costs
+ * a static C process rather than a fork of the Python caller.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -273,7 +280,56 @@ static int split(char *data, size_t size, const struct request *req, char **cwd,
     return 0;
 }
 
+static int exec_pidfd = -1;
+
+static void forward(int sig) {
+    int saved = errno;
+    syscall(SYS_pidfd_send_signal, exec_pidfd, sig, NULL, 0);
+    errno = saved;
+}
+
+static int stand_in(int channel, int pidfd) {
+    prctl(PR_SET_DUMPABLE, 0);
+    prctl(PR_SET_NAME, "zviz-exec");
+    exec_pidfd = pidfd;
+    /* It waits on the channel: whatever mode the runtime's socket had. */
+    fcntl(channel, F_SETFL, fcntl(channel, F_GETFL) & ~O_NONBLOCK);
+    struct sigaction action = {0};
+    action.sa_handler = forward;
+    action.sa_flags = SA_RESTART;
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP && sig != SIGCHLD)
+            sigaction(sig, &action, NULL); /* glibc's reserved ones just fail */
+    /* The runtime blocked them until now: what came meanwhile is forwarded here. */
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    char answer[64];
+    ssize_t n;
+    do
+        n = read(channel, answer, sizeof answer - 1);
+    while (n < 0 && errno == EINTR);
+    if (n <= 5 || memcmp(answer, "exit ", 5) != 0)
+        return 255; /* the monitor was killed: the exec's status is lost */
+    answer[n] = 0;
+    int status = atoi(answer + 5);
+    close(channel); /* the monitor reaps the exec now */
+    if (WIFSIGNALED(status)) {
+        int sig = WTERMSIG(status);
+        signal(sig, SIG_DFL);
+        sigset_t just;
+        sigemptyset(&just);
+        sigaddset(&just, sig);
+        sigprocmask(SIG_UNBLOCK, &just, NULL);
+        kill(getpid(), sig);
+        return 128 + sig; /* a signal whose default is not to terminate */
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 255;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 4 && strcmp(argv[1], "--stand-in") == 0)
+        return stand_in(atoi(argv[2]), atoi(argv[3]));
     if (argc != 5)
         return 2;
     int sock = atoi(argv[1]);

@@ -11,12 +11,14 @@ docs/architecture.md, "An exec and PID 1's Landlock domain", has the whole pictu
     PID 1:            security.apply(...) → start() → execve(workload)
     exec (parent):    ineligible(...) / connect(state dir) → fd for the exec child
     exec child:       send_request(fd, process, stdio)   (host pid namespace, host root)
-    stand-in (P):     stand_in(channel): "go", the exec's pid, forward signals, its exit
+    stand-in:         stand_in(channel): "go", the exec's pid, then exec_anchor.c
+                      --stand-in: forwards signals, exits as the exec did
 
 The stand-in is the exec process as the caller (the shim's reaper, `zviz exec`, its
 --pid-file) knows it: it exits as the exec does.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -107,34 +109,26 @@ def _bind(state_dir: str) -> int:
         # Every datagram then carries its sender's credentials: the anchor serves only
         # host root (the workload cannot reach the path anyway).
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        sock.bind(_short_path(state_dir))
+        with _socket_path(state_dir) as path:
+            sock.bind(path)
     except BaseException:
         sock.close()
         raise
     return sock.detach()
 
 
-def _short_path(state_dir: str) -> str:
-    """The socket's path short enough for sockaddr_un (108 bytes): a state dir may be deep."""
+@contextlib.contextmanager
+def _socket_path(state_dir: str):
+    """The socket's path, short enough for sockaddr_un (108 bytes) however deep the state
+    dir is: through /proc/self/fd and a dir fd held only while the path is used."""
     path = os.path.join(state_dir, SOCKET_NAME)
     if len(path.encode()) < 100:
-        return path
-    return os.path.join(_dir_fd_path(state_dir), SOCKET_NAME)
-
-
-_dir_fds: dict[str, int] = {}
-
-
-def _dir_fd_path(state_dir: str) -> str:
+        yield path
+        return
     fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    # Kept open only for the call that uses the path (closed by the caller's _release).
-    _dir_fds[state_dir] = fd
-    return f"/proc/self/fd/{fd}"
-
-
-def _release(state_dir: str) -> None:
-    fd = _dir_fds.pop(state_dir, None)
-    if fd is not None:
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
         os.close(fd)
 
 
@@ -208,18 +202,20 @@ def ineligible(process, pid1_process, profile, preserve_fds: int) -> str | None:
     return None
 
 
-def connect(state_dir: str) -> int:
-    """A socket connected to the container's anchor; OSError when there is none (never
-    started, or gone: the workload may kill it)."""
+def connect(state_dir: str) -> tuple[int, int]:
+    """(a socket connected to the container's anchor, an O_PATH fd of the binary the
+    stand-in runs); OSError when there is no anchor (never started, or gone: the workload
+    may kill it) or no binary."""
+    binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(_short_path(state_dir))
+        with _socket_path(state_dir) as path:
+            sock.connect(path)
     except BaseException:
         sock.close()
+        os.close(binary)
         raise
-    finally:
-        _release(state_dir)
-    return sock.detach()
+    return sock.detach(), binary
 
 
 def encode(process, terminal: bool = False) -> bytes:
@@ -266,13 +262,12 @@ def send_request(anchor_fd: int, process, stdio: tuple[int, int, int], terminal:
     return ours.detach()
 
 
-def stand_in(channel: int, process, ready) -> None:
+def stand_in(channel: int, binary: int, process, ready) -> None:
     """The exec as its caller sees it: says "go", learns the exec's pid (then `ready()`:
-    the caller's execve-succeeded), forwards every catchable signal to it and exits as
-    it did. Never returns."""
-    forwarded = [s for s in signal.valid_signals() if s not in _NOT_FORWARDED]
-    # Signals that come before the exec has a pid wait, then go to it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
+    the caller's execve-succeeded), then execs the anchor BINARY as `--stand-in`, which
+    forwards every catchable signal to the exec and exits as it did. Never returns."""
+    # Signals that come before the stand-in forwards them wait (the mask survives execve).
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
     conn = socket.socket(fileno=channel)
     conn.send(b"go")
     answer = conn.recv(128).decode()
@@ -280,30 +275,31 @@ def stand_in(channel: int, process, ready) -> None:
         raise _failure(answer, process)
     from runtime import linux
 
+    # While the channel is open the monitor keeps the exec unreaped: this pid is the exec's.
     pidfd = linux.pidfd_open(int(answer.split()[1]))
-
-    def forward(sig, _frame) -> None:
-        try:
-            linux.raw_syscall("pidfd_send_signal", pidfd, sig, None, 0)
-        except OSError:
-            pass  # it exited meanwhile
-
-    for sig in forwarded:
-        try:
-            signal.signal(sig, forward)
-        except (OSError, ValueError):
-            pass
+    _keep_only_cap_kill()
     ready()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
-    answer = conn.recv(128).decode()
-    conn.close()
-    if not answer.startswith("exit "):
-        os._exit(255)  # the monitor was killed: the exec's status is lost
-    _exit_as(int(answer.split()[1]))
+    conn.detach()
+    os.set_inheritable(channel, True)
+    os.set_inheritable(pidfd, True)
+    os.execve(binary, [BINARY_NAME, "--stand-in", str(channel), str(pidfd)], {})
 
 
-# SIGCHLD: the stand-in has no children; its own death would be the kernel's business.
-_NOT_FORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
+def _keep_only_cap_kill() -> None:
+    """The one capability the stand-in needs, kept across its execve (ambient): signalling
+    the exec, whose uid is not its own (host root's, unmapped in a user namespace, is not
+    root there, so execve would drop every capability)."""
+    from runtime.security import capabilities
+    from runtime.spec import Capabilities
+
+    kill = ["CAP_KILL"]
+    capabilities.drop(
+        Capabilities(bounding=kill, effective=kill, inheritable=kill, permitted=kill, ambient=kill),
+        capabilities.last_cap(),
+    )
+    from runtime import linux
+
+    linux.set_no_new_privs()  # ambient capabilities pass execve all the same
 
 
 def _failure(answer: str, process) -> BaseException:
@@ -318,17 +314,6 @@ def _failure(answer: str, process) -> BaseException:
         return errors.NotFound(f"{name}: no such executable in the container")
     where = process.cwd if stage == "cwd" else name
     return OSError(code, f"exec anchor: {stage}: {os.strerror(code)}", where)
-
-
-def _exit_as(status: int) -> None:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
-        os._exit(128 + sig)  # a signal whose default is not to terminate
-    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 255)
 
 
 if __name__ == "__main__":

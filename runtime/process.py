@@ -88,7 +88,7 @@ class Request:
         notify_channel=None,
         hook_state: dict | None = None,
         anchor_fds: tuple[int, int] | None = None,
-        anchor_fd: int | None = None,
+        anchor_connection: tuple[int, int] | None = None,
     ):
         self.spec = spec
         self.bundle = bundle
@@ -105,10 +105,11 @@ class Request:
         # What OCI hooks read on stdin besides status and pid (see runtime.hooks).
         self.hook_state = hook_state or {}
         # PID 1's: (bound socket, O_PATH fd of the binary) for the exec anchor
-        # (runtime/exec_anchor.py). An exec's: a socket connected to that anchor, when
-        # the exec goes through it (then it has no notify channel: PID 1's broker serves it).
+        # (runtime/exec_anchor.py). An exec's: (a socket connected to that anchor, the
+        # binary) when the exec goes through it (then it has no notify channel: PID 1's
+        # broker serves it).
         self.anchor_fds = anchor_fds
-        self.anchor_fd = anchor_fd
+        self.anchor_connection = anchor_connection
         # Set in the namespace child: the id-mapped rootfs clone the parent made.
         self.rootfs_mount_fd: int | None = None
         # Set by spawn_init: per spec.mounts entry, its bind source's clone (or None).
@@ -519,7 +520,7 @@ def _preload(request: Request, stages: "_Stages") -> None:
             import socket  # noqa: F401
         if request.notify_channel is not None:
             request.notify_channel.close_supervisor_end()
-        if request.anchor_fds is not None or request.anchor_fd is not None:
+        if request.anchor_fds is not None or request.anchor_connection is not None:
             from runtime import exec_anchor  # noqa: F401
 
 
@@ -537,8 +538,7 @@ def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
     if request.notify_channel is not None:
         keep.add(request.notify_channel.container_fd)
     keep.update(request.anchor_fds or ())
-    if request.anchor_fd is not None:
-        keep.add(request.anchor_fd)
+    keep.update(request.anchor_connection or ())
     low = 0
     for fd in sorted(keep):
         if fd > low:
@@ -712,14 +712,15 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
             os.close(fd)
     channel = None
-    if request.anchor_fd is not None:
+    if request.anchor_connection is not None:
         with stages("exec anchor"):
             channel = _request_from_anchor(request, process)
     with stages("fork"):
         pid = os.fork()
     if pid == 0:
         if channel is not None:
-            _run_child(sync, lambda: _stand_in(sync, stages, process, channel))
+            binary = request.anchor_connection[1]
+            _run_child(sync, lambda: _stand_in(sync, stages, process, channel, binary))
         _run_child(sync, lambda: _exec_process(request, sync, stages, process))
     sync.send("pid", pid=pid)
 
@@ -737,10 +738,11 @@ def _request_from_anchor(request: Request, process) -> int:
         stdio = (slave, slave, slave)
     else:
         stdio = request.stdio
+    connected = request.anchor_connection[0]
     try:
-        channel = exec_anchor.send_request(request.anchor_fd, process, stdio, terminal)
+        channel = exec_anchor.send_request(connected, process, stdio, terminal)
     finally:
-        os.close(request.anchor_fd)
+        os.close(connected)
         _close_all(set(stdio))
     null = os.open("/dev/null", os.O_RDWR)  # the container's: the stand-in is in its mounts
     for target in (0, 1, 2):
@@ -751,7 +753,7 @@ def _request_from_anchor(request: Request, process) -> int:
     return channel
 
 
-def _stand_in(sync: Sync, stages: "_Stages", process, channel: int) -> None:
+def _stand_in(sync: Sync, stages: "_Stages", process, channel: int, binary: int) -> None:
     """The exec as its caller knows it (pid, exit status, signals) while the anchor's
     child runs it inside PID 1's Landlock domain."""
     from runtime import exec_anchor
@@ -762,7 +764,7 @@ def _stand_in(sync: Sync, stages: "_Stages", process, channel: int) -> None:
     sync.send("ready")
     sync.expect("start")
     with stages("exec"):
-        exec_anchor.stand_in(channel, process, ready=sync.close)
+        exec_anchor.stand_in(channel, binary, process, ready=sync.close)
 
 
 def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> None:

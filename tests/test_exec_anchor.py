@@ -45,7 +45,8 @@ def request(state_dir: str, args, stdout: int, cwd: str = "/") -> socket.socket:
     """Send ARGS as a request, with /dev/null as stdin and stderr; the caller's channel."""
     process = Process(args=list(args), cwd=cwd, env=["PATH=/usr/bin:/bin"], user=User())
     null = os.open(os.devnull, os.O_RDWR)
-    connected = exec_anchor.connect(state_dir)
+    connected, binary = exec_anchor.connect(state_dir)
+    os.close(binary)
     try:
         channel = exec_anchor.send_request(connected, process, (null, stdout, null), False)
     finally:
@@ -93,17 +94,49 @@ def test_the_exec_is_killed_when_the_callers_channel_closes(anchor):
     assert not os.path.exists(f"/proc/{pid}")
 
 
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, -2)]
+)
+def test_the_stand_in_forwards_signals_and_dies_as_the_exec(anchor, binary, sig, status):
+    conn = request(anchor, ["sleep", "1000"], 1)
+    pid = int(conn.recv(64).decode().split()[1])
+    pidfd = os.pidfd_open(pid)
+    stand_in = subprocess.Popen(
+        [binary, "--stand-in", str(conn.fileno()), str(pidfd)], pass_fds=[conn.fileno(), pidfd]
+    )
+    conn.close()
+    os.close(pidfd)
+    time.sleep(0.2)  # its handlers installed (a signal before then is its own death, too)
+    stand_in.send_signal(sig)
+    assert stand_in.wait(timeout=10) == status
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_the_stand_in_exits_with_the_execs_code(anchor, binary):
+    conn = request(anchor, ["sh", "-c", "exit 9"], 1)
+    assert conn.recv(64).decode().startswith("pid ")
+    stand_in = subprocess.Popen(
+        [binary, "--stand-in", str(conn.fileno()), "-1"], pass_fds=[conn.fileno()]
+    )
+    conn.close()
+    assert stand_in.wait(timeout=10) == 9
+
+
 def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path):
     # The anchor in a container serves host root only; here, a uid that is not ours.
     process = start_anchor(binary, str(tmp_path), os.geteuid() + 1)
     try:
         marker = tmp_path / "ran"
-        with request(str(tmp_path), ["touch", str(marker)], 1) as conn:
-            try:  # its end was closed unanswered ("go" unread: a reset)
+        # Its end is closed unanswered: EOF, or a reset or broken pipe when "go" raced it.
+        try:
+            with request(str(tmp_path), ["touch", str(marker)], 1) as conn:
                 answer = conn.recv(64)
-            except ConnectionResetError:
-                answer = b""
-            assert answer == b""
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert answer == b""
         assert not marker.exists()
     finally:
         process.kill()
