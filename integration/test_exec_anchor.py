@@ -243,3 +243,18 @@ def test_zviz_exec_served_by_the_fork_server_goes_through_the_anchor(zviz, runni
             return
         time.sleep(0.5)
     pytest.fail(f"no exec was served by the fork server: {executed.stderr}")
+
+
+def test_an_exec_before_start_takes_the_old_path(zviz, make_bundle):
+    # PID 1 forks the anchor at start; a request queued before would wait for it.
+    container_id = unique_id("zviz-anchor")
+    created = zviz.create(make_bundle(["sh", "-c", IDLE]), container_id)
+    assert created.returncode == 0, created.stderr
+    try:
+        executed = zviz("--debug", "exec", container_id, "echo", "before-start")
+        assert executed.returncode == 0, executed.stderr
+        assert executed.stdout == "before-start\n"
+        assert "the container is created: no exec anchor yet" in executed.stderr
+    finally:
+        zviz("delete", "--force", container_id)
+    assert leftovers(container_id, zviz.root) == []

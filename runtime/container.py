@@ -574,7 +574,7 @@ class Container:
         channel = None
         try:
             anchor_connection = self._exec_anchor(
-                exec_process, pid1_process, resolved_profile, preserve_fds
+                status, exec_process, pid1_process, resolved_profile, preserve_fds
             )
             if anchor_connection is not None:
                 fds.extend(anchor_connection)
@@ -631,14 +631,17 @@ class Container:
         return spawned.pid
 
     def _exec_anchor(
-        self, exec_process, pid1_process, profile, preserve_fds
+        self, status, exec_process, pid1_process, profile, preserve_fds
     ) -> tuple[int, int] | None:
         """exec_anchor.connect's fds when the exec may go through the container's exec
         anchor (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock
         domain of its own, a sibling of PID 1's."""
         from runtime import exec_anchor
 
-        why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)
+        if status != "running":  # PID 1 forks the anchor at start
+            why = f"the container is {status}: no exec anchor yet"
+        else:
+            why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)
         if why is None:
             try:
                 return exec_anchor.connect(self.dir)
