@@ -84,15 +84,18 @@ def prepare(state_dir: str, spec, log) -> tuple[int, int] | None:
         try:
             binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
         except OSError as e:
-            why = f"no compiled anchor at {binary_path()} ({e.strerror}): run make install"
-    if why is not None:
-        log.info(f"exec anchor: none ({why}); execs get a Landlock domain of their own")
-        return None
-    try:
-        return _bind(state_dir), binary
-    except BaseException:
-        os.close(binary)
-        raise
+            why = (
+                f"no compiled anchor at {binary_path()} ({e.strerror}): `make install`, or"
+                " `python -m runtime.exec_anchor --build` with that directory, builds it"
+            )
+    if why is None:
+        try:
+            return _bind(state_dir), binary
+        except OSError as e:  # a full state filesystem: the container runs all the same
+            os.close(binary)
+            why = f"cannot bind {SOCKET_NAME} ({e.strerror})"
+    log.info(f"exec anchor: none ({why}); execs get a Landlock domain of their own")
+    return None
 
 
 def _why_no_anchor(spec) -> str | None:
