@@ -37,8 +37,8 @@ def running(zviz, make_bundle):
     """The id of a detached container running IDLE; deleted after, nothing left."""
     container_id = unique_id("zviz-anchor")
     bundle = make_bundle(["sh", "-c", IDLE])
-    start(zviz, bundle, container_id)
     try:
+        start(zviz, bundle, container_id)
         yield container_id
     finally:
         zviz("delete", "--force", container_id)
@@ -156,8 +156,8 @@ def test_the_workload_killing_the_anchor_makes_execs_fall_back(zviz, running):
 def test_the_anchor_ends_with_its_container(zviz, make_bundle):
     container_id = unique_id("zviz-anchor")
     bundle = make_bundle(["sh", "-c", IDLE])
-    start(zviz, bundle, container_id)
     try:
+        start(zviz, bundle, container_id)
         anchor = anchor_host_pid(zviz, container_id)
         # Every fd but its socket closed: nothing of PID 1's or the runtime's held.
         assert len(os.listdir(f"/proc/{anchor}/fd")) == 1, os.listdir(f"/proc/{anchor}/fd")
@@ -218,8 +218,8 @@ def test_an_exec_in_a_container_with_a_small_pids_limit_takes_the_old_path(zviz,
     container_id = unique_id("zviz-anchor")
     bundle = make_bundle(["sh", "-c", IDLE])
     edit_config(bundle, lambda c: c["linux"].setdefault("resources", {}).update(pids={"limit": 4}))
-    start(zviz, bundle, container_id)
     try:
+        start(zviz, bundle, container_id)
         executed = zviz(
             "--debug", "exec", container_id, "sh", "-c", "pidof zviz-anchor || echo none"
         )
