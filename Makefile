@@ -24,6 +24,9 @@ install: deps venv
 	@# `zviz` becomes the compiled fork-server client (pip's script stays as zviz-python,
 	@# which it runs for everything it does not serve): no interpreter start per `zviz run`.
 	@$(PY) -m runtime.forkserver --build-client $(VENV)/bin
+	@# The exec anchor PID 1 forks (runtime/exec_anchor.py): without it execs keep a
+	@# Landlock domain of their own and cannot reach PID 1's /proc entries.
+	@$(PY) -m runtime.exec_anchor --build $(VENV)/bin
 
 # Debian packages: skipped when all are present, so repeated runs cost nothing.
 deps:

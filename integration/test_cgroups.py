@@ -658,7 +658,8 @@ def test_container_pause_update_stats_and_delete(zviz, make_bundle, tmp_path):
         assert stats.returncode == 0, stats.stderr
         data = json.loads(stats.stdout.splitlines()[0])["data"]
         assert data["memory"]["limit"] == 64 * MiB
-        assert data["pids"] == {"current": 1, "limit": 7}
+        # PID 1 and its exec anchor (runtime/exec_anchor.py), which PID 1 forks at start.
+        assert data["pids"] == {"current": 2, "limit": 7}
     finally:
         assert zviz("delete", "--force", container_id).returncode == 0
     assert leftovers(container_id, zviz.root) == []

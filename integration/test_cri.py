@@ -498,10 +498,7 @@ def test_a_host_network_pod_runs_in_the_nodes_netns_or_is_refused(cri, tmp_path,
     assert "host network" in seen.message.lower() or "hostnetwork" in seen.message.lower()
 
 
-@both_handlers(
-    zviz_fails_today="issue 11 item 4: an exec cannot open /proc/1/fd/1, the container's "
-    "output pipe, so what it writes there never reaches the CRI log"
-)
+@both_handlers()
 def test_an_exec_writing_to_pid_1s_stdout_lands_in_the_container_log(cri, tmp_path, handler):
     async def scenario():
         async with pod(cri, handler, tmp_path) as the_pod:

@@ -217,15 +217,7 @@ def test_a_run_as_user_process_and_its_exec_write_to_dev_stdout(cri, tmp_path, h
     assert ("stdout", "F", "from the user") in messages(log), log
 
 
-ZVIZ_EXEC_IS_NO_TRACER_OF_PID_1 = (
-    "issue 11 item 4: an exec gets a Landlock domain of its own, a sibling of PID 1's, "
-    "and Landlock refuses ptrace-mode access across domains: /proc/1/environ and opening "
-    "/proc/1/fd/1 are EACCES (what integration/test_cri.py's exec cell hits, beyond the "
-    "fifo's owner and Landlock path rules this module's fixes cover)"
-)
-
-
-@both_handlers(zviz_fails_today=ZVIZ_EXEC_IS_NO_TRACER_OF_PID_1)
+@both_handlers()
 def test_an_exec_reaches_pid_1s_environ_and_stdout(cri, tmp_path, handler):
     # `kubectl exec` into a container writing to /proc/1/fd/1; /proc/1/environ shows
     # the same check (ptrace read access to PID 1) without any fifo involved.

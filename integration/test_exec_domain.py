@@ -4,13 +4,13 @@
 `kubectl exec` into a container expects to reach PID 1 as the same user would: write to
 its output (`echo hi > /proc/1/fd/1`), read /proc/1/environ, signal it (`kill -HUP 1`).
 Landlock allows ptrace-mode access (/proc/<pid>/fd, environ, mem) and, with `scope`,
-signals only towards the caller's own domain or one nested under it. Every zviz exec
-calls landlock_restrict_self itself, so its domain is a sibling of PID 1's: the first two
-are refused (the strict xfails below). Signals work: in a pid namespace of the container's
-own, the signal scope is not asked (security._signals_need_scope), the namespace already
-keeps every other process out of reach. docs/architecture.md ("An exec and PID 1's
-Landlock domain") says why the fix (execs forked from an anchor holding PID 1's domain) is not
-done yet. What must hold whatever the fix: an exec writes nowhere PID 1 cannot.
+signals only towards the caller's own domain or one nested under it. An exec that calls
+landlock_restrict_self itself is in a sibling of PID 1's domain, where the first two are
+refused; so execs are forked by the container's exec anchor, a child of PID 1 holding its
+domain (runtime/exec_anchor.py; docs/architecture.md, "An exec and PID 1's Landlock
+domain"). Signals work either way: in a pid namespace of the container's own, the signal
+scope is not asked (security._signals_need_scope). What must hold whatever the domain: an
+exec writes nowhere PID 1 cannot.
 """
 
 import os
@@ -24,8 +24,8 @@ from integration.zviz_cli import Zviz, leftovers, unique_id
 
 PROFILES = ["ci-runner", "hostile-tenant"]
 # PID 1 first tries the writes test_an_exec_writes_nowhere_pid_1_cannot makes; then a
-# child of its own, in PID 1's Landlock domain as an exec should be, does what the
-# xfails ask of an exec: the control that what they ask is reachable from that domain.
+# child of its own, in PID 1's Landlock domain as an exec is, does what the exec tests
+# ask of an exec: the control that what they ask is reachable from that domain.
 IN_PID_1S_DOMAIN = (
     "cat /proc/1/environ | tr '\\0' '\\n' | grep -q ^PATH= && echo environ; "
     "kill -0 1 && echo signalled; "
@@ -36,12 +36,6 @@ IDLE = (
     "touch /tmp/s4exec-pid1 && echo pid1-wrote-tmp; "
     f"({IN_PID_1S_DOMAIN}); "
     "echo started; while :; do sleep 0.1; done"
-)
-
-SIBLING_DOMAIN = (
-    "issue 11 item 4 / issue 14 item 2: an exec restricts itself into a Landlock domain of "
-    "its own, a sibling of PID 1's; Landlock refuses ptrace-mode access (/proc/1/environ, "
-    "/proc/1/fd/N) across sibling domains"
 )
 
 
@@ -103,28 +97,14 @@ def read_line(fd: int, timeout: float = 10) -> str:
     return data.decode().rstrip("\n")
 
 
-def xfail_for_every_profile():
-    return pytest.mark.parametrize(
-        "running",
-        [
-            pytest.param(
-                profile,
-                marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=SIBLING_DOMAIN),
-            )
-            for profile in PROFILES
-        ],
-        indirect=True,
-    )
-
-
 @pytest.mark.parametrize("running", PROFILES, indirect=True)
 def test_a_child_of_pid_1_reaches_it(running):
-    # The control for the xfails: from PID 1's own domain all of it works.
+    # The control for the exec tests: from PID 1's own domain all of it works.
     _, _, pid1_said = running
     assert pid1_said[1:] == ["environ", "signalled", "written-by-child"], pid1_said
 
 
-@xfail_for_every_profile()
+@pytest.mark.parametrize("running", PROFILES, indirect=True)
 def test_an_exec_reads_pid_1s_environ_and_writes_to_its_stdout(zviz, running):
     container_id, pid1_stdout, _ = running
     executed = zviz(

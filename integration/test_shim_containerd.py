@@ -175,6 +175,14 @@ def _process_view(pid: int) -> dict:
     return view
 
 
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")[:-1]
+    except OSError:
+        return []
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -392,7 +400,21 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     # INFO is `ExecID:twin` from ctr 1.6, `exec_id:"twin"` from ctr 2.x.
     twin = [int(line.split()[0]) for line in listed.splitlines()[1:] if "twin" in line]
     assert len(twin) == 1, listed
-    assert _process_view(twin[0]) == _process_view(init_pid)
+    # The pid containerd knows for the exec is the runtime's stand-in when the container's
+    # exec anchor forked it (runtime/exec_anchor.py): the process running it is another.
+    running_it = [
+        int(line.split()[0])
+        for line in listed.splitlines()[1:]
+        if int(line.split()[0]) != init_pid and _cmdline(int(line.split()[0])) == ["sleep", "1000"]
+    ]
+    assert len(running_it) == 1, listed
+    assert _process_view(running_it[0]) == _process_view(init_pid)
+    # `ctr task kill --exec-id` signals the stand-in, which passes the signal on.
+    assert ctr("task", "kill", "--exec-id", "twin", container_id).returncode == 0
+    deadline = time.monotonic() + 10
+    while _alive(running_it[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(running_it[0])
     # stdin ends when the client closes it, even before ctr gets to call CloseIO.
     piped = ctr("task", "exec", "--exec-id", "piped", container_id, "sh", input="echo from-stdin\n")
     assert piped.returncode == 0, piped.stderr

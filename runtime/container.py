@@ -169,6 +169,11 @@ class Container:
             if not detach:
                 linux.set_child_subreaper()
             channel = _notify_channel(resolved_profile, verbose)
+            from runtime import exec_anchor
+
+            anchor_fds = exec_anchor.prepare(directory, spec, log)
+            if anchor_fds is not None:
+                fds.extend(anchor_fds)
             request = process.Request(
                 spec,
                 bundle=bundle,
@@ -182,6 +187,7 @@ class Container:
                 preserve_fds=preserve_fds,
                 no_pivot=no_pivot,
                 hook_state=_hook_template(data),
+                anchor_fds=anchor_fds,
             )
             process.write_joined_netns_sysctls(spec)
             spawned = process.spawn_init(request, log)
@@ -566,10 +572,16 @@ class Container:
         )
         exec_process = parse_process(process_config)
         check_process_in_spec(exec_process, spec)
+        pid1_process = spec.process
         spec.process = exec_process
         fds = []
         channel = None
         try:
+            anchor_connection = self._exec_anchor(
+                status, exec_process, pid1_process, resolved_profile, preserve_fds
+            )
+            if anchor_connection is not None:
+                fds.extend(anchor_connection)
             console_fd = None
             if console_socket and exec_process.terminal:
                 from runtime import console
@@ -578,7 +590,8 @@ class Container:
                 fds.append(console_fd)
             if not detach:
                 linux.set_child_subreaper()
-            channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
+            if anchor_connection is None:  # else PID 1's broker serves it, as its children
+                channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
             request = process.Request(
                 spec,
                 bundle=self.data["bundle"],
@@ -589,6 +602,7 @@ class Container:
                 console_fd=console_fd,
                 stdio=stdio,
                 preserve_fds=preserve_fds,
+                anchor_connection=anchor_connection,
             )
             spawned = process.spawn_exec(request, self.pid, exec_process, self.log)
         except BaseException:
@@ -619,6 +633,26 @@ class Container:
         spawned.sync.send("start")
         process.wait_exec_result(spawned)
         return spawned.pid
+
+    def _exec_anchor(
+        self, status, exec_process, pid1_process, profile, preserve_fds
+    ) -> tuple[int, int] | None:
+        """exec_anchor.connect's fds when the exec may go through the container's exec
+        anchor (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock
+        domain of its own, a sibling of PID 1's."""
+        from runtime import exec_anchor
+
+        if status != "running":  # PID 1 forks the anchor at start
+            why = f"the container is {status}: no exec anchor yet"
+        else:
+            why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)
+        if why is None:
+            try:
+                return exec_anchor.connect(self.dir)
+            except OSError as e:
+                why = f"no exec anchor ({e.strerror or e})"
+        self.log.info(f"exec: a Landlock domain of its own: {why}")
+        return None
 
 
 _LATER_HOOKS = ("poststart", "poststop")

@@ -87,6 +87,8 @@ class Request:
         no_pivot: bool = False,
         notify_channel=None,
         hook_state: dict | None = None,
+        anchor_fds: tuple[int, int] | None = None,
+        anchor_connection: tuple[int, int] | None = None,
     ):
         self.spec = spec
         self.bundle = bundle
@@ -102,6 +104,12 @@ class Request:
         self.notify_channel = notify_channel
         # What OCI hooks read on stdin besides status and pid (see runtime.hooks).
         self.hook_state = hook_state or {}
+        # PID 1's: (bound socket, O_PATH fd of the binary) for the exec anchor
+        # (runtime/exec_anchor.py). An exec's: (a socket connected to that anchor, the
+        # binary) when the exec goes through it (then it has no notify channel: PID 1's
+        # broker serves it).
+        self.anchor_fds = anchor_fds
+        self.anchor_connection = anchor_connection
         # Set in the namespace child: the id-mapped rootfs clone the parent made.
         self.rootfs_mount_fd: int | None = None
         # Set by spawn_init: per spec.mounts entry, its bind source's clone (or None).
@@ -519,6 +527,8 @@ def _preload(request: Request, stages: "_Stages") -> None:
             import socket  # noqa: F401
         if request.notify_channel is not None:
             request.notify_channel.close_supervisor_end()
+        if request.anchor_fds is not None or request.anchor_connection is not None:
+            from runtime import exec_anchor  # noqa: F401
 
 
 def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
@@ -534,6 +544,8 @@ def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
             keep.add(fd)
     if request.notify_channel is not None:
         keep.add(request.notify_channel.container_fd)
+    keep.update(request.anchor_fds or ())
+    keep.update(request.anchor_connection or ())
     low = 0
     for fd in sorted(keep):
         if fd > low:
@@ -706,11 +718,60 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
         for ns_type, fd in ns_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
             os.close(fd)
+    channel = None
+    if request.anchor_connection is not None:
+        with stages("exec anchor"):
+            channel = _request_from_anchor(request, process)
     with stages("fork"):
         pid = os.fork()
     if pid == 0:
+        if channel is not None:
+            binary = request.anchor_connection[1]
+            _run_child(sync, lambda: _stand_in(sync, stages, process, channel, binary))
         _run_child(sync, lambda: _exec_process(request, sync, stages, process))
     sync.send("pid", pid=pid)
+
+
+def _request_from_anchor(request: Request, process) -> int:
+    """Ask the container's anchor for the exec (runtime/exec_anchor.py), from here: host
+    root outside the container's pid namespace, the only sender it serves. Returns the
+    stand-in's end of the reply channel; the stand-in then holds none of the stdio."""
+    from runtime import console, exec_anchor
+
+    terminal = process.terminal and request.console_fd is not None
+    if terminal:
+        # The pty in the container's devpts, as _setup_stdio makes it for the old path.
+        slave = console.make_pty_and_send(request.console_fd)
+        stdio = (slave, slave, slave)
+    else:
+        stdio = request.stdio
+    connected = request.anchor_connection[0]
+    try:
+        channel = exec_anchor.send_request(connected, process, stdio, terminal)
+    finally:
+        os.close(connected)
+        _close_all(set(stdio))
+    null = os.open("/dev/null", os.O_RDWR)  # the container's: the stand-in is in its mounts
+    for target in (0, 1, 2):
+        if target != null:
+            os.dup2(null, target)
+    if null > 2:
+        os.close(null)
+    return channel
+
+
+def _stand_in(sync: Sync, stages: "_Stages", process, channel: int, binary: int) -> None:
+    """The exec as its caller knows it (pid, exit status, signals) while the anchor's
+    child runs it inside PID 1's Landlock domain."""
+    from runtime import exec_anchor
+
+    with stages("prctl"):
+        # Host root in the container's pid namespace: the workload must not read it.
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    sync.send("ready")
+    sync.expect("start")
+    with stages("exec"):
+        exec_anchor.stand_in(channel, binary, process, ready=sync.close)
 
 
 def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> None:
@@ -729,8 +790,11 @@ def _prepare_process(request: Request, stages: _Stages, process, own_proc_files:
         _set_rlimits(process.rlimits or ())
     from runtime import security
 
+    anchor_binary = request.anchor_fds[1] if request.anchor_fds else None
     with stages("security"):
-        return security.prepare(request.spec, request.profile, request.verbose, own_proc_files)
+        return security.prepare(
+            request.spec, request.profile, request.verbose, own_proc_files, anchor_binary
+        )
 
 
 def _finish_process(
@@ -750,6 +814,12 @@ def _finish_process(
         linux.close_range(3 + request.preserve_fds, 0xFFFFFFFF, linux.CLOSE_RANGE_CLOEXEC)
     with stages("signals"):
         _prepare_signals_for_waiting()
+    anchor_uid = None
+    if request.anchor_fds is not None:
+        from runtime import exec_anchor
+
+        with stages("exec anchor"):
+            anchor_uid = exec_anchor.expected_uid()
     sync.send("ready")
     sync.expect("ack" if wait_for_fifo is not None else "start")
     if wait_for_fifo is not None:
@@ -764,6 +834,11 @@ def _finish_process(
             hooks.run("startContainer", request.spec.hooks, {**hook_state, "status": "created"})
     with stages("security"):
         security.apply(plan, request.notify_channel)
+    if anchor_uid is not None:
+        # Here, so that it holds every layer PID 1 has: its execs are in its domain.
+        exec_anchor.start(
+            *request.anchor_fds, anchor_uid, request.spec.linux.creates_namespace("pid")
+        )
     with stages("exec"):
         _restore_default_signals()
         os.execve(path, process.args, dict(entry.split("=", 1) for entry in env if "=" in entry))

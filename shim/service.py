@@ -530,6 +530,7 @@ class TaskService(shim_ttrpc.TaskService):
                 namespace=self.namespace,
                 console_dir=self.daemon.console_dir,
                 reaper=self.reaper,
+                copy_output=True,
             )
         except BaseException:
             if task.execs.get(request.exec_id) is placeholder:

@@ -3,8 +3,12 @@
 containerd names each stream by a string: a fifo path (or `fifo://path`), `file://path`,
 `binary://path?arg=value` (a logger process), or "" for none.
 
-Without a terminal the shim copies no output: the process gets fds on the stdout and
-stderr fifos or files themselves, so output costs the shim no CPU and no memory. The
+Without a terminal the shim copies no output of a container's PID 1: it gets fds on the
+stdout and stderr fifos or files themselves, so output costs the shim no CPU and no
+memory. An exec's output fifos are copied from pipes (`copy_output`), as runc's shim
+copies every process's: an exec forked by the container's exec anchor is in PID 1's
+Landlock domain, whose rules name PID 1's fifos only, so `echo > /dev/stdout` (a reopen
+of the fd's path) would be refused on an exec's own fifo; a pipe has no path. The
 shim keeps a read end of each output fifo, so the process never gets EPIPE when the
 reader (ctr) goes away, and holds no write end, so the reader sees EOF exactly when the
 process (and its children) are done.
@@ -145,8 +149,11 @@ def _unread_bytes(fifo: int) -> int:
 class Stdio:
     """The fds one process gets, and what the shim holds to serve them until Delete."""
 
-    def __init__(self, stdin: str, stdout: str, stderr: str, terminal: bool) -> None:
+    def __init__(
+        self, stdin: str, stdout: str, stderr: str, terminal: bool, copy_output: bool = False
+    ) -> None:
         self.stdin = stdin
+        self.copy_output = copy_output
         self.stdout = stdout
         self.stderr = stderr
         self.terminal = terminal
@@ -175,8 +182,9 @@ class Stdio:
         namespace: str,
         console_dir: str,
         reaper=None,
+        copy_output: bool = False,
     ) -> "Stdio":
-        stdio = cls(stdin, stdout, stderr, terminal)
+        stdio = cls(stdin, stdout, stderr, terminal, copy_output)
         try:
             await stdio._open(container_id, namespace, console_dir, reaper)
         except BaseException:
@@ -262,11 +270,26 @@ class Stdio:
         if scheme == "":
             return null()
         if scheme == "fifo":
-            return await self._open_output_fifo(path)
+            fifo = await self._open_output_fifo(path)
+            # A terminal's output is copied from the pty master already.
+            return self._copied_from_pipe(fifo) if self.copy_output and not self.terminal else fifo
         if scheme == "file":
             os.makedirs(os.path.dirname(path) or "/", exist_ok=True)
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
         raise InvalidArgument(f"stdio: unsupported scheme {scheme!r}")
+
+    def _copied_from_pipe(self, fifo: int) -> int:
+        """The write end of a pipe the loop copies into FIFO (closed at the pipe's EOF:
+        the client's EOF comes when every writer of the pipe is gone, as without it)."""
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+
+        def done() -> None:
+            os.close(read_end)
+            os.close(fifo)
+
+        self._pumps.append(Pump(asyncio.get_running_loop(), read_end, fifo, done))
+        os.set_blocking(write_end, True)
+        return write_end
 
     async def _open_output_fifo(self, path: str) -> int:
         """The write end of an output fifo, opened once the client's reader is there.

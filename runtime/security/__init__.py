@@ -367,11 +367,18 @@ class Plan:
     no_new_privs: bool = True
 
 
-def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool = False) -> Plan:
+def prepare(
+    spec,
+    profile: Profile,
+    verbose: bool = False,
+    own_proc_files: bool = False,
+    exec_anchor_fd: int | None = None,
+) -> Plan:
     """In PID 1 after pivot_root: build every layer, fail closed if one is missing.
 
     own_proc_files: PID 1 (not an exec) may write its own thread name and OOM score
-    beneath /proc (`_allow_own_proc_files`)."""
+    beneath /proc (`_allow_own_proc_files`). exec_anchor_fd: PID 1's O_PATH fd of the
+    exec anchor's binary (runtime/exec_anchor.py), which it execs once restricted."""
     from runtime.security import capabilities as caps
 
     notes: list[str] = []
@@ -409,7 +416,7 @@ def prepare(spec, profile: Profile, verbose: bool = False, own_proc_files: bool 
         _warn(f"landlock: not available; profile {profile.name} allows running without it")
         notes.append("landlock: unavailable, running without it")
     else:
-        ruleset = _landlock_ruleset(spec, profile, abi, own_proc_files)
+        ruleset = _landlock_ruleset(spec, profile, abi, own_proc_files, exec_anchor_fd)
     notes += [
         f"{g.table}: {g.feature} missing (needs {g.needs}), allowed by profile {profile.name}"
         for g in gaps
@@ -469,8 +476,8 @@ def _allow_stdio_fifos(rs) -> None:
     """Reopening its own stdio fifos, as the fds it holds allow: `echo > /dev/stdout`
     opens /proc/self/fd/1 again. A fifo containerd made lies outside the rootfs, so no
     other rule covers it; the rule covers that one file and nothing beside it. Pipes
-    need none: Landlock does not check them. (PID 1's fifos would not help an exec:
-    Landlock refuses it /proc/1/fd/N anyway, PID 1's domain not being its own.)"""
+    need none: Landlock does not check them. (An exec forked by the exec anchor is in
+    PID 1's domain, with these rules for PID 1's fifos only: the shim gives execs pipes.)"""
     for fd in (0, 1, 2):
         link = f"/proc/self/fd/{fd}"
         try:
@@ -538,16 +545,18 @@ def _signals_need_scope(spec) -> bool:
     """Whether Landlock's signal scope guards anything the pid namespace does not.
 
     In a pid namespace of the container's own, every process a signal can reach is the
-    container's: PID 1's tree and its execs. Execs restrict themselves into Landlock
-    domains of their own, siblings of PID 1's (docs/architecture.md, "An exec and PID 1's
-    Landlock domain"), so the scope would only stop `kubectl exec ... kill -HUP 1` (or
-    `nginx -s reload`), which runc allows. A joined pid namespace (a pod sharing its
+    container's: PID 1's tree and its execs. An exec that takes the old path (not the
+    exec anchor's: docs/architecture.md, "An exec and PID 1's Landlock domain") is in a
+    Landlock domain of its own, a sibling of PID 1's, so the scope would only stop its
+    `kubectl exec ... kill -HUP 1` (or `nginx -s reload`), which runc allows. A joined pid namespace (a pod sharing its
     processes, or the host's) holds processes of others: there the scope stays."""
     linux_section = getattr(spec, "linux", None)
     return linux_section is None or not linux_section.creates_namespace("pid")
 
 
-def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = False):
+def _landlock_ruleset(
+    spec, profile: Profile, abi: int, own_proc_files: bool = False, exec_anchor_fd=None
+):
     from runtime import denials
 
     restrict_bind = profile.tcp_bind is not None and profile.network != "none"
@@ -588,6 +597,10 @@ def _landlock_ruleset(spec, profile: Profile, abi: int, own_proc_files: bool = F
         _allow_stdio_fifos(rs)
         if own_proc_files:
             _allow_own_proc_files(rs)
+        if exec_anchor_fd is not None:
+            # That one file, outside the rootfs: PID 1's child execs it after restrict.
+            # The workload has no path to it (the fd is gone at PID 1's execve).
+            rs.allow_fd(exec_anchor_fd, landlock.FS_EXECUTE | landlock.FS_READ_FILE, "exec anchor")
         for port in profile.tcp_bind or ():
             rs.allow_port(port, landlock.NET_BIND_TCP)
         for port in profile.tcp_connect or ():

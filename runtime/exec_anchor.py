@@ -1,0 +1,327 @@
+"""The exec anchor: execs forked inside PID 1's Landlock domain (issue 11 item 4).
+
+Every Landlock domain is made by one landlock_restrict_self and passes only by fork. An
+exec that restricts itself is in a sibling of PID 1's domain, and Landlock refuses it
+ptrace-mode access to PID 1 (/proc/1/fd/1, /proc/1/environ). So PID 1, once every layer
+is applied and right before its execve, forks the anchor (runtime/exec_anchor.c, a
+static C program: PID 1's root has no zviz and maybe no libc), which forks the execs.
+docs/architecture.md, "An exec and PID 1's Landlock domain", has the whole picture.
+
+    create (parent):  bind_socket(state dir)  + open_binary()  → fds for PID 1
+    PID 1:            security.apply(...) → start() → execve(workload)
+    exec (parent):    ineligible(...) / connect(state dir) → fd for the exec child
+    exec child:       send_request(fd, process, stdio)   (host pid namespace, host root)
+    stand-in:         stand_in(channel): "go", the exec's pid, then exec_anchor.c
+                      --stand-in: forwards signals, exits as the exec did
+
+The stand-in is the exec process as the caller (the shim's reaper, `zviz exec`, its
+--pid-file) knows it: it exits as the exec does.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import sys
+
+from runtime import errors
+
+SOCKET_NAME = "anchor.sock"
+BINARY_NAME = "zviz-anchor"
+# Mirrors of exec_anchor.c's request layout: one place each, checked by the unit test.
+MAGIC = 0x7A76616E
+FLAG_TERMINAL = 1
+FLAG_UMASK = 2
+HEADER = struct.Struct("=5I")
+MAX_REQUEST = 256 * 1024
+# The anchor and one monitor per exec count in the container's pids limit: below this
+# limit the workload keeps its processes and execs take the old path.
+MIN_PIDS_LIMIT = 8
+
+
+def binary_path() -> str:
+    """Where `make install` / `zviz node install` put the compiled anchor: beside the
+    interpreter that runs zviz (the venv's bin)."""
+    return os.path.join(os.path.dirname(sys.executable), BINARY_NAME)
+
+
+def build(bin_dir: str) -> str | None:
+    """Compile runtime/exec_anchor.c, statically (it runs in the container's root),
+    into BIN_DIR; None without a C compiler or a static libc."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "exec_anchor.c")
+    output = os.path.join(os.path.abspath(bin_dir), BINARY_NAME)
+    with tempfile.TemporaryDirectory(prefix="zviz-anchor-") as scratch:
+        built = os.path.join(scratch, BINARY_NAME)
+        compiled = subprocess.run(
+            [compiler, "-O2", "-Wall", "-Werror", "-static", "-s", "-o", built, source],
+            capture_output=True,
+            text=True,
+        )
+        if compiled.returncode != 0:
+            return None
+        shutil.copy2(built, output + ".new")
+    os.replace(output + ".new", output)
+    return output
+
+
+# ---------------------------------------------------------------------------
+# create: what PID 1 needs for the anchor, made by the parent as host root.
+
+
+def prepare(state_dir: str, spec, log) -> tuple[int, int] | None:
+    """(bound socket fd, O_PATH fd of the binary) for PID 1, or None (logged why): the
+    socket is bound at STATE_DIR/anchor.sock, outside the container's root."""
+    why = _why_no_anchor(spec)
+    if why is None:
+        try:
+            binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
+        except OSError as e:
+            why = (
+                f"no compiled anchor at {binary_path()} ({e.strerror}): `make install`, or"
+                " `python -m runtime.exec_anchor --build` with that directory, builds it"
+            )
+    if why is None:
+        try:
+            return _bind(state_dir), binary
+        except OSError as e:  # a full state filesystem: the container runs all the same
+            os.close(binary)
+            why = f"cannot bind {SOCKET_NAME} ({e.strerror})"
+    log.info(f"exec anchor: none ({why}); execs get a Landlock domain of their own")
+    return None
+
+
+def _why_no_anchor(spec) -> str | None:
+    resources = spec.linux.resources
+    pids = getattr(getattr(resources, "pids", None), "limit", None)
+    if pids is not None and 0 < pids < MIN_PIDS_LIMIT:
+        return f"pids limit {pids} < {MIN_PIDS_LIMIT}: the anchor would take the workload's"
+    return None
+
+
+def _bind(state_dir: str) -> int:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        # Every datagram then carries its sender's credentials: the anchor serves only
+        # host root (the workload cannot reach the path anyway).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        with _socket_path(state_dir) as path:
+            sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+@contextlib.contextmanager
+def _socket_path(state_dir: str):
+    """The socket's path, short enough for sockaddr_un (108 bytes) however deep the state
+    dir is: through /proc/self/fd and a dir fd held only while the path is used."""
+    path = os.path.join(state_dir, SOCKET_NAME)
+    if len(path.encode()) < 100:
+        yield path
+        return
+    fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# PID 1, after security.apply.
+
+
+def expected_uid() -> int:
+    """Host root as this user namespace sees it (SCM_CREDENTIALS translate the sender's
+    uid into the receiver's namespace): its mapped id, else the overflow uid."""
+    with open("/proc/self/uid_map") as f:
+        for line in f:
+            inside, outside, count = (int(word) for word in line.split())
+            if outside <= 0 < outside + count:
+                return inside
+    with open("/proc/sys/kernel/overflowuid") as f:
+        return int(f.read())
+
+
+def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool) -> None:
+    """Fork the anchor (PID 1 right before its execve; its layers are applied). A fork the
+    pids limit refuses leaves the container without an anchor: execs take the old path."""
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except OSError:
+        return
+    if pid == 0:
+        try:
+            os.set_inheritable(socket_fd, True)
+            args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
+            # /proc/self/fd/N rather than execveat: the strictest profile's seccomp
+            # allows only execve; Landlock has a rule for this one file.
+            os.execve(f"/proc/self/fd/{binary_fd}", [*args, str(parent)], {})
+        finally:
+            os._exit(127)
+
+
+# ---------------------------------------------------------------------------
+# exec (parent): may this exec go through the anchor?
+
+
+def ineligible(process, pid1_process, profile, preserve_fds: int) -> str | None:
+    """Why PROCESS cannot be forked by the anchor (it asks for something PID 1 lacks),
+    or None. PID1_PROCESS is the container's process as hardened for PID 1 (capabilities
+    under the profile's ceiling, noNewPrivileges always set, as for every exec). What a
+    CRI exec or `ctr task exec` asks always matches: containerd copies it from the
+    container's process."""
+    from runtime.security import capabilities as caps
+
+    if preserve_fds:
+        return "--preserve-fds"
+    asked, _ = caps.ceiling(process.capabilities, profile.capabilities)
+    held = pid1_process.capabilities or caps.Capabilities()
+    for name in caps.CAPABILITY_SETS:
+        if set(getattr(asked, name)) != set(getattr(held, name)):
+            return f"its {name} capabilities differ from the container's process"
+    for field, what in (
+        ("user", "user"),
+        ("apparmor_profile", "apparmorProfile"),
+        ("selinux_label", "selinuxLabel"),
+        ("rlimits", "rlimits"),
+        ("oom_score_adj", "oomScoreAdj"),
+        ("io_priority", "ioPriority"),
+        ("scheduler", "scheduler"),
+    ):
+        if getattr(process, field) != getattr(pid1_process, field):
+            return f"its {what} differs from the container's process"
+    if len(encode(process)) > MAX_REQUEST:
+        return "its arguments and environment exceed the anchor's request size"
+    return None
+
+
+def connect(state_dir: str) -> tuple[int, int]:
+    """(a socket connected to the container's anchor, an O_PATH fd of the binary the
+    stand-in runs); OSError when there is no anchor (never started, or gone: the workload
+    may kill it) or no binary."""
+    binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        with _socket_path(state_dir) as path:
+            sock.connect(path)
+    except BaseException:
+        sock.close()
+        os.close(binary)
+        raise
+    return sock.detach(), binary
+
+
+def encode(process, terminal: bool = False) -> bytes:
+    """The request body (exec_anchor.c's struct request and strings). TERMINAL: stdin is
+    a pty the exec makes its controlling terminal (a new session)."""
+    flags = FLAG_TERMINAL if terminal else 0
+    umask = process.user.umask
+    if umask is not None:
+        flags |= FLAG_UMASK
+    strings = [process.cwd or "/", *process.args, *(process.env or ())]
+    body = b"".join(s.encode() + b"\0" for s in strings)
+    header = HEADER.pack(MAGIC, flags, umask or 0, len(process.args), len(process.env or ()))
+    return header + body
+
+
+# ---------------------------------------------------------------------------
+# The exec child (host pid namespace, host root): the request; then the stand-in.
+
+
+def send_request(anchor_fd: int, process, stdio: tuple[int, int, int], terminal: bool) -> int:
+    """Send the request with STDIO (TERMINAL: a pty for a new session); returns the stand-in's end of the reply channel. The
+    anchor's monitor forks nothing before the stand-in says "go" on it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        anchor = socket.socket(fileno=anchor_fd)
+        try:
+            anchor.sendmsg(
+                [encode(process, terminal)],
+                [
+                    (
+                        socket.SOL_SOCKET,
+                        socket.SCM_RIGHTS,
+                        struct.pack("4i", theirs.fileno(), *stdio),
+                    )
+                ],
+            )
+        finally:
+            anchor.detach()
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours.detach()
+
+
+def stand_in(channel: int, binary: int, process, ready) -> None:
+    """The exec as its caller sees it: says "go", learns the exec's pid (then `ready()`:
+    the caller's execve-succeeded), then execs the anchor BINARY as `--stand-in`, which
+    forwards every catchable signal to the exec and exits as it did. Never returns."""
+    # Signals that come before the stand-in forwards them wait (the mask survives execve).
+    signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    conn = socket.socket(fileno=channel)
+    conn.send(b"go")
+    answer = conn.recv(128).decode()
+    if not answer.startswith("pid "):
+        raise _failure(answer, process)
+    from runtime import linux
+
+    # While the channel is open the monitor keeps the exec unreaped: this pid is the exec's.
+    pidfd = linux.pidfd_open(int(answer.split()[1]))
+    _keep_only_cap_kill()
+    ready()
+    conn.detach()
+    os.set_inheritable(channel, True)
+    os.set_inheritable(pidfd, True)
+    os.execve(binary, [BINARY_NAME, "--stand-in", str(channel), str(pidfd)], {})
+
+
+def _keep_only_cap_kill() -> None:
+    """The one capability the stand-in needs, kept across its execve (ambient): signalling
+    the exec, whose uid is not its own (host root's, unmapped in a user namespace, is not
+    root there, so execve would drop every capability)."""
+    from runtime.security import capabilities
+    from runtime.spec import Capabilities
+
+    kill = ["CAP_KILL"]
+    capabilities.drop(
+        Capabilities(bounding=kill, effective=kill, inheritable=kill, permitted=kill, ambient=kill),
+        capabilities.last_cap(),
+    )
+    from runtime import linux
+
+    linux.set_no_new_privs()  # ambient capabilities pass execve all the same
+
+
+def _failure(answer: str, process) -> BaseException:
+    words = answer.split()
+    if len(words) != 3 or words[0] != "error":
+        return errors.FailedPrecondition(f"exec anchor: no answer ({answer or 'closed'})")
+    code, stage = int(words[1]), words[2]
+    name = process.args[0]
+    if stage == "exec" and code in (2, 13) and "/" not in name:
+        return errors.NotFound(f"{name!r}: executable file not found in $PATH")
+    if stage == "exec" and code == 2:
+        return errors.NotFound(f"{name}: no such executable in the container")
+    where = process.cwd if stage == "cwd" else name
+    return OSError(code, f"exec anchor: {stage}: {os.strerror(code)}", where)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--build"] and len(sys.argv) == 3:
+        built = build(sys.argv[2])
+        print(built or "no C compiler or static libc: no exec anchor (execs take the old path)")
+    else:
+        sys.exit("usage: python -m runtime.exec_anchor --build BIN_DIR")

@@ -1,0 +1,166 @@
+"""runtime/exec_anchor.c driven on its own (no container, any user): the request layout
+runtime/exec_anchor.py sends, the monitor's answers, who is served, and the exec killed
+when the caller's channel closes. integration/test_exec_anchor.py has it in containers."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from runtime import exec_anchor
+from runtime.spec import Process, User
+
+
+@pytest.fixture(scope="module")
+def binary(tmp_path_factory):
+    built = exec_anchor.build(str(tmp_path_factory.mktemp("anchor-bin")))
+    if built is None:
+        pytest.skip("no C compiler or no static libc (libc6-dev): the anchor is not built")
+    return built
+
+
+def start_anchor(binary: str, state_dir: str, served_uid: int) -> subprocess.Popen:
+    sock = exec_anchor._bind(state_dir)
+    try:
+        return subprocess.Popen(
+            [binary, str(sock), str(served_uid), "0", str(os.getpid())], pass_fds=[sock]
+        )
+    finally:
+        os.close(sock)
+
+
+@pytest.fixture
+def anchor(binary, tmp_path):
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    yield str(tmp_path)
+    process.kill()
+    process.wait()
+
+
+def request(state_dir: str, args, stdout: int, cwd: str = "/") -> socket.socket:
+    """Send ARGS as a request, with /dev/null as stdin and stderr; the caller's channel."""
+    process = Process(args=list(args), cwd=cwd, env=["PATH=/usr/bin:/bin"], user=User())
+    null = os.open(os.devnull, os.O_RDWR)
+    connected, binary = exec_anchor.connect(state_dir)
+    os.close(binary)
+    try:
+        channel = exec_anchor.send_request(connected, process, (null, stdout, null), False)
+    finally:
+        os.close(connected)
+        os.close(null)
+    conn = socket.socket(fileno=channel)
+    conn.settimeout(10)
+    conn.send(b"go")
+    return conn
+
+
+def test_an_exec_runs_with_its_stdio_and_its_wait_status_comes_back(anchor):
+    read_end, write_end = os.pipe()
+    conn = request(anchor, ["sh", "-c", "echo from-exec; exit 3"], write_end)
+    os.close(write_end)
+    with conn:
+        pid = conn.recv(64).decode()
+        assert pid.startswith("pid "), pid
+        assert conn.recv(64).decode() == f"exit {3 << 8}"
+    assert os.read(read_end, 100) == b"from-exec\n"
+    os.close(read_end)
+
+
+def test_a_signal_death_is_a_signal_status(anchor):
+    with request(anchor, ["sh", "-c", "kill -TERM $$"], 1) as conn:
+        assert conn.recv(64).decode().startswith("pid ")
+        assert conn.recv(64).decode() == f"exit {signal.SIGTERM}"
+
+
+def test_a_missing_program_or_cwd_is_an_error_with_its_errno_and_stage(anchor):
+    with request(anchor, ["s5-no-such-program"], 1) as conn:
+        assert conn.recv(64).decode() == "error 2 exec"
+    with request(anchor, ["true"], 1, cwd="/s5-no-such-dir") as conn:
+        assert conn.recv(64).decode() == "error 2 cwd"
+
+
+def test_the_exec_is_killed_when_the_callers_channel_closes(anchor):
+    conn = request(anchor, ["sleep", "1000"], 1)
+    pid = int(conn.recv(64).decode().split()[1])
+    assert os.path.exists(f"/proc/{pid}")
+    conn.close()
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize(
+    ("sig", "status"), [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, -2)]
+)
+def test_the_stand_in_forwards_signals_and_dies_as_the_exec(anchor, binary, sig, status):
+    conn = request(anchor, ["sleep", "1000"], 1)
+    pid = int(conn.recv(64).decode().split()[1])
+    pidfd = os.pidfd_open(pid)
+    stand_in = subprocess.Popen(
+        [binary, "--stand-in", str(conn.fileno()), str(pidfd)], pass_fds=[conn.fileno(), pidfd]
+    )
+    conn.close()
+    os.close(pidfd)
+    time.sleep(0.2)  # its handlers installed (a signal before then is its own death, too)
+    stand_in.send_signal(sig)
+    assert stand_in.wait(timeout=10) == status
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_the_stand_in_exits_with_the_execs_code(anchor, binary):
+    conn = request(anchor, ["sh", "-c", "exit 9"], 1)
+    assert conn.recv(64).decode().startswith("pid ")
+    stand_in = subprocess.Popen(
+        [binary, "--stand-in", str(conn.fileno()), "-1"], pass_fds=[conn.fileno()]
+    )
+    conn.close()
+    assert stand_in.wait(timeout=10) == 9
+
+
+def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path):
+    # The anchor in a container serves host root only; here, a uid that is not ours.
+    process = start_anchor(binary, str(tmp_path), os.geteuid() + 1)
+    try:
+        marker = tmp_path / "ran"
+        # Its end is closed unanswered: EOF, or a reset or broken pipe when "go" raced it.
+        try:
+            with request(str(tmp_path), ["touch", str(marker)], 1) as conn:
+                answer = conn.recv(64)
+        except (ConnectionResetError, BrokenPipeError):
+            answer = b""
+        assert answer == b""
+        assert not marker.exists()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_anchor_exits_when_its_parent_is_gone_before_it_starts(binary, tmp_path):
+    # PDEATHSIG is set only once it runs: a parent already gone is seen by getppid.
+    sock = exec_anchor._bind(str(tmp_path))
+    try:
+        gone = subprocess.run([binary, str(sock), "0", "0", "1"], pass_fds=[sock], timeout=10)
+    finally:
+        os.close(sock)
+    assert gone.returncode == 0
+
+
+def test_the_request_header_is_the_c_structs():
+    assert exec_anchor.HEADER.size == 20  # five uint32: magic, flags, umask, argc, envc
+    body = exec_anchor.encode(Process(args=["a", "b"], cwd="/w", env=["X=1"]), True)
+    magic, flags, _, argc, envc = exec_anchor.HEADER.unpack_from(body)
+    assert (magic, flags, argc, envc) == (exec_anchor.MAGIC, exec_anchor.FLAG_TERMINAL, 2, 1)
+    assert body[exec_anchor.HEADER.size :] == b"/w\0a\0b\0X=1\0"
+
+
+def test_without_a_compiler_no_anchor_is_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert exec_anchor.build(str(tmp_path)) is None
