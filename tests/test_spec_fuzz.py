@@ -205,6 +205,12 @@ def names_a_changed_field(message: str, changed) -> bool:
         names = [step for step in path if isinstance(step, str)]
         if names and names[-1] in problem:
             return True
+        # A rule naming the list the changed entry is in ("0 is not mapped by
+        # linux.gidMappings" after a mapping's containerID changed).
+        first_index = next((i for i, step in enumerate(path) if isinstance(step, int)), None)
+        if first_index is not None and first_index >= 2:
+            if ".".join(path[:first_index]) in problem:
+                return True
     return False
 
 
