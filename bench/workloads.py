@@ -3,12 +3,13 @@ turn, ROUNDS rounds interleaved (zviz, runc, zviz, ...) so drift on the machine 
 alike; throughput and latency reported as zviz / runc (issue 14 item 6).
 
     python -m bench workloads     # ZVIZ_BENCH_WORKLOAD_SECONDS: each load's length (default 10)
+    ZVIZ_BENCH_WORKLOADS=node,python python -m bench workloads   # only these (default: all)
 
 The workloads, their profiles and images are the workload suite's (tools/workloads.py,
 tools/debimage.py; integration/workloads/ checks that each works). Servers start once per
 runtime and stay up across the rounds; their start is not measured.
 
-- nginx, the Python asyncio service: one keep-alive HTTP client (Python, in a peer network
+- nginx, the Python asyncio service, the Node.js service: one keep-alive HTTP client (Python, in a peer network
   namespace on a veth: from outside the container, through its network) for SECONDS;
   requests per second, p50 and p99 latency. One client connection: the per-request cost.
 - Redis: `redis-benchmark` (SET, GET; 4 clients) beside the server in its container.
@@ -17,6 +18,7 @@ runtime and stay up across the rounds; their start is not measured.
 """
 
 import csv
+import functools
 import io
 import json
 import os
@@ -36,6 +38,13 @@ from tools.netns import NETNS_DIR, entering
 ROUNDS = 3
 SECONDS = float(os.environ.get("ZVIZ_BENCH_WORKLOAD_SECONDS", "10"))
 RUNTIMES = ("zviz", "runc")
+WORKLOADS = ("nginx", "python", "node", "redis", "postgres", "ci-job")
+SELECTED = tuple(
+    name for name in os.environ.get("ZVIZ_BENCH_WORKLOADS", ",".join(WORKLOADS)).split(",") if name
+)
+# The images each workload runs (tools/debimage.IMAGES).
+IMAGES = {"nginx": "nginx", "python": "python", "node": "node", "redis": "redis",
+          "postgres": "postgres", "ci-job": "ci"}  # fmt: skip
 POD_IP = "10.212.9.1"
 CLIENT_IP = "10.212.9.2"
 
@@ -134,32 +143,44 @@ class _Servers:
         self.site = os.path.join(work, f"site-{runtime}")
         self.ids: dict[str, str] = {}
 
-    def start(self, images: dict[str, str]) -> None:
-        for name in ("nginx", "python"):
-            self.nets[name] = _Netns()
-        os.makedirs(self.site, mode=0o755)
-        with open(os.path.join(self.site, "bench.txt"), "w") as f:
-            f.write("x" * 1024)
-        os.chmod(os.path.join(self.site, "bench.txt"), 0o644)
+    def start(self, images: dict[str, str], selected: tuple[str, ...]) -> None:
+        for name in ("nginx", "python", "node"):
+            if name in selected:
+                self.nets[name] = _Netns()
         run = self.runner.run
-        mount = f"type=bind,src={self.site},dst={workloads.NGINX_SITE},options=rbind:ro"
-        self.ids = {
-            "nginx": run(images["nginx"], workloads.NGINX, workloads.NGINX_PROFILE,
-                         netns=self.nets["nginx"].server, mounts=(mount,), detach=True)[0],
-            "python": run(images["python"], workloads.PYTHON, workloads.PYTHON_PROFILE,
-                          netns=self.nets["python"].server, detach=True)[0],
-            "redis": run(images["redis"], workloads.REDIS, workloads.REDIS_PROFILE,
-                         detach=True)[0],
-            "postgres": run(images["postgres"], workloads.POSTGRES, workloads.POSTGRES_PROFILE,
-                            detach=True)[0],
-        }  # fmt: skip
-        _wait(self.runner, self.ids["redis"], ["redis-cli", "ping"], "redis")
-        ready = workloads.as_postgres("pg_isready", "-h", "127.0.0.1")
-        _wait(self.runner, self.ids["postgres"], ready, "postgres")
-        _checked(
-            self.runner.exec(self.ids["postgres"], self._pg("pgbench", "-i", "-s", "1")),
-            "pgbench -i",
-        )
+        if "nginx" in selected:
+            os.makedirs(self.site, mode=0o755)
+            with open(os.path.join(self.site, "bench.txt"), "w") as f:
+                f.write("x" * 1024)
+            os.chmod(os.path.join(self.site, "bench.txt"), 0o644)
+            mount = f"type=bind,src={self.site},dst={workloads.NGINX_SITE},options=rbind:ro"
+            self.ids["nginx"] = run(
+                images["nginx"], workloads.NGINX, workloads.NGINX_PROFILE,
+                netns=self.nets["nginx"].server, mounts=(mount,), detach=True,
+            )[0]  # fmt: skip
+        for name, args, profile in (
+            ("python", workloads.PYTHON, workloads.PYTHON_PROFILE),
+            ("node", workloads.NODE, workloads.NODE_PROFILE),
+        ):
+            if name in selected:
+                self.ids[name] = run(
+                    images[name], args, profile, netns=self.nets[name].server, detach=True
+                )[0]
+        if "redis" in selected:
+            self.ids["redis"] = run(
+                images["redis"], workloads.REDIS, workloads.REDIS_PROFILE, detach=True
+            )[0]
+            _wait(self.runner, self.ids["redis"], ["redis-cli", "ping"], "redis")
+        if "postgres" in selected:
+            self.ids["postgres"] = run(
+                images["postgres"], workloads.POSTGRES, workloads.POSTGRES_PROFILE, detach=True
+            )[0]
+            ready = workloads.as_postgres("pg_isready", "-h", "127.0.0.1")
+            _wait(self.runner, self.ids["postgres"], ready, "postgres")
+            _checked(
+                self.runner.exec(self.ids["postgres"], self._pg("pgbench", "-i", "-s", "1")),
+                "pgbench -i",
+            )
 
     @staticmethod
     def _pg(program: str, *args: str) -> list[str]:
@@ -170,6 +191,9 @@ class _Servers:
 
     def python(self) -> dict[str, float]:
         return _http_load(self.nets["python"], workloads.PYTHON_PORT, "/bench")
+
+    def node(self) -> dict[str, float]:
+        return _http_load(self.nets["node"], workloads.NODE_PORT, "/bench")
 
     def redis(self) -> dict[str, float]:
         out = _checked(
@@ -232,24 +256,32 @@ def main() -> None:
     containerd = PrivateContainerd(debug=False, root_dir=root).start()
     servers: dict[str, _Servers] = {}
     try:
+        unknown = set(SELECTED) - set(WORKLOADS)
+        if unknown:
+            raise RuntimeError(f"ZVIZ_BENCH_WORKLOADS: unknown {sorted(unknown)}; {WORKLOADS}")
         images = {}
-        for name in debimage.IMAGES:
+        for name in sorted({IMAGES[workload] for workload in SELECTED}):
             archive, images[name] = debimage.ensure(name)
             containerd.import_image(archive)
         repository = workloads.ci_bare_repository(work)
         for runtime in RUNTIMES:
             servers[runtime] = _Servers(containerd, runtime, work)
-            servers[runtime].start(images)
+            servers[runtime].start(images, SELECTED)
         results: dict[str, dict[str, dict[str, list[float]]]] = {}
         for _ in range(ROUNDS):
             for runtime in RUNTIMES:
-                measured = {
-                    "nginx": servers[runtime].nginx(),
-                    "python": servers[runtime].python(),
-                    "redis": servers[runtime].redis(),
-                    "postgres": servers[runtime].postgres(),
-                    "ci-job": _ci_job(containerd, runtime, images["ci"], repository, work),
+                server = servers[runtime]
+                loads = {
+                    "nginx": server.nginx,
+                    "python": server.python,
+                    "node": server.node,
+                    "redis": server.redis,
+                    "postgres": server.postgres,
+                    "ci-job": functools.partial(
+                        _ci_job, containerd, runtime, images.get("ci"), repository, work
+                    ),
                 }
+                measured = {workload: loads[workload]() for workload in SELECTED}
                 for workload, figures in measured.items():
                     for metric, value in figures.items():
                         per_runtime = results.setdefault(workload, {}).setdefault(metric, {})

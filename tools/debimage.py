@@ -58,6 +58,7 @@ IMAGES = {
         DebianImage("nginx", ("nginx-light",)),
         DebianImage("redis", ("redis-server", "redis-tools")),
         DebianImage("python", ("python3",)),
+        DebianImage("node", ("nodejs",)),
         # pgbench ships in the server package since PostgreSQL 10.
         DebianImage("postgres", ("postgresql", "procps")),
         DebianImage("ci", ("git", "gcc", "libc6-dev", "make", "python3-pytest")),

@@ -58,6 +58,29 @@ asyncio.run(main())
 """
 PYTHON = ["python3", "-c", PYTHON_SERVICE, str(PYTHON_PORT)]
 
+# A Node.js HTTP service (its core `http` module) answering as the Python one does: the
+# same client drives both (integration/workloads/http_service.py, bench/workloads.py).
+NODE_PROFILE = "web-server"
+NODE_PORT = 8080
+NODE_SERVICE = """
+const http = require("http");
+let served = 0;
+const server = http.createServer((request, response) => {
+  served += 1;
+  const body = JSON.stringify({ path: request.url, served: served });
+  response.writeHead(200, {
+    "Content-Type": "application/json",
+    "Content-Length": Buffer.byteLength(body),
+  });
+  response.end(body);
+});
+// Longer than a client's pause between rounds: one connection serves them all.
+server.keepAliveTimeout = 60000;
+server.listen(Number(process.argv[1]), "0.0.0.0", () => console.log("listening"));
+"""
+# `node -e CODE ARG`: ARG is process.argv[1].
+NODE = ["node", "-e", NODE_SERVICE, str(NODE_PORT)]
+
 # PostgreSQL as its official image starts it: root prepares the data directory and drops
 # to the postgres user (`setpriv`, as gosu does) for initdb and the server, on loopback.
 POSTGRES_PROFILE = "web-server"
