@@ -14,11 +14,11 @@ runtime and stay up across the rounds; their start is not measured.
   requests per second, p50 and p99 latency. One client connection: the per-request cost.
 - Redis: `redis-benchmark` (SET, GET; 4 clients) beside the server in its container.
 - PostgreSQL: `pgbench -T SECONDS` (2 clients, 2 threads; scale 1) beside the server.
-- CI job: the wall time of the whole job (`ctr run --rm`: clone, build, pytest).
+- CI job: the wall time of the whole job (`ctr run --rm`: clone, pip and npm install from
+  the sources other containers serve in its network namespace, build, pytest).
 """
 
 import csv
-import functools
 import io
 import json
 import os
@@ -42,9 +42,10 @@ WORKLOADS = ("nginx", "python", "node", "redis", "postgres", "ci-job")
 SELECTED = tuple(
     name for name in os.environ.get("ZVIZ_BENCH_WORKLOADS", ",".join(WORKLOADS)).split(",") if name
 )
-# The images each workload runs (tools/debimage.IMAGES).
-IMAGES = {"nginx": "nginx", "python": "python", "node": "node", "redis": "redis",
-          "postgres": "postgres", "ci-job": "ci"}  # fmt: skip
+# The images each workload runs (tools/debimage.IMAGES); the CI job's package sources
+# serve from the python image.
+IMAGES = {"nginx": ("nginx",), "python": ("python",), "node": ("node",), "redis": ("redis",),
+          "postgres": ("postgres",), "ci-job": ("ci", "python")}  # fmt: skip
 POD_IP = "10.212.9.1"
 CLIENT_IP = "10.212.9.2"
 
@@ -141,10 +142,11 @@ class _Servers:
         self.runner = workloads.Workloads(containerd, runtime, work, new_id=_bench_id)
         self.nets: dict[str, _Netns] = {}
         self.site = os.path.join(work, f"site-{runtime}")
+        self.ci_packages = os.path.join(work, f"ci-packages-{runtime}")
         self.ids: dict[str, str] = {}
 
     def start(self, images: dict[str, str], selected: tuple[str, ...]) -> None:
-        for name in ("nginx", "python", "node"):
+        for name in ("nginx", "python", "node", "ci-job"):
             if name in selected:
                 self.nets[name] = _Netns()
         run = self.runner.run
@@ -166,6 +168,12 @@ class _Servers:
                 self.ids[name] = run(
                     images[name], args, profile, netns=self.nets[name].server, detach=True
                 )[0]
+        if "ci-job" in selected:
+            # The job's pip index and npm registry, in the job's network namespace.
+            trees = workloads.ci_package_sources(self.ci_packages)
+            workloads.start_ci_package_servers(
+                self.runner, images["python"], trees, self.nets["ci-job"].server
+            )
         if "redis" in selected:
             self.ids["redis"] = run(
                 images["redis"], workloads.REDIS, workloads.REDIS_PROFILE, detach=True
@@ -231,11 +239,11 @@ class _Servers:
             net.delete()
 
 
-def _ci_job(containerd, runtime: str, image: str, repository: str, work: str) -> dict:
+def _ci_job(containerd, runtime: str, image: str, repository: str, work: str, netns: str) -> dict:
     runner = workloads.Workloads(containerd, runtime, work, new_id=_bench_id)
     mount = f"type=bind,src={repository},dst={workloads.CI_REPOSITORY},options=rbind:ro"
     started = time.perf_counter()
-    _, job = runner.run(image, workloads.CI_JOB, workloads.CI_PROFILE, mounts=(mount,))
+    _, job = runner.run(image, workloads.CI_JOB, workloads.CI_PROFILE, netns=netns, mounts=(mount,))
     elapsed = time.perf_counter() - started
     runner.remove_all()
     _checked(job, "CI job")
@@ -260,7 +268,7 @@ def main() -> None:
         if unknown:
             raise RuntimeError(f"ZVIZ_BENCH_WORKLOADS: unknown {sorted(unknown)}; {WORKLOADS}")
         images = {}
-        for name in sorted({IMAGES[workload] for workload in SELECTED}):
+        for name in sorted({name for workload in SELECTED for name in IMAGES[workload]}):
             archive, images[name] = debimage.ensure(name)
             containerd.import_image(archive)
         repository = workloads.ci_bare_repository(work)
@@ -277,9 +285,14 @@ def main() -> None:
                     "node": server.node,
                     "redis": server.redis,
                     "postgres": server.postgres,
-                    "ci-job": functools.partial(
-                        _ci_job, containerd, runtime, images.get("ci"), repository, work
-                    ),
+                    "ci-job": lambda runtime=runtime, server=server: _ci_job(
+                        containerd,
+                        runtime,
+                        images["ci"],
+                        repository,
+                        work,
+                        server.nets["ci-job"].server,
+                    ),  # fmt: skip
                 }
                 measured = {workload: loads[workload]() for workload in SELECTED}
                 for workload, figures in measured.items():
