@@ -13,6 +13,9 @@ runtime and stay up across the rounds; their start is not measured.
   namespace on a veth: from outside the container, through its network) for SECONDS;
   requests per second, p50 and p99 latency. One client connection: the per-request cost.
 - Redis: `redis-benchmark` (SET, GET; 4 clients) beside the server in its container.
+- cpu_us_per_req (nginx, the services, Redis): the CPU time the container's cgroup spent
+  per request (Redis: server and client, both in it). On a machine shared with other jobs
+  throughput swings by several times between rounds; this figure barely moves.
 - PostgreSQL: `pgbench -T SECONDS` (2 clients, 2 threads; scale 1) beside the server.
 - CI job: the wall time of the whole job (`ctr run --rm`: clone, pip and npm install from
   the sources other containers serve in its network namespace, build, pytest).
@@ -38,6 +41,7 @@ from tools.netns import NETNS_DIR, entering
 ROUNDS = 3
 SECONDS = float(os.environ.get("ZVIZ_BENCH_WORKLOAD_SECONDS", "10"))
 RUNTIMES = ("zviz", "runc")
+REDIS_REQUESTS = 100000  # per test (SET, GET)
 WORKLOADS = ("nginx", "python", "node", "redis", "postgres", "ci-job")
 SELECTED = tuple(
     name for name in os.environ.get("ZVIZ_BENCH_WORKLOADS", ",".join(WORKLOADS)).split(",") if name
@@ -123,6 +127,39 @@ def _http_load(netns: _Netns, port: int, path: str) -> dict[str, float]:
     return json.loads(result.stdout)
 
 
+def _cgroup_cpu_file(pid: int) -> tuple[str, float]:
+    """The file counting the CPU time of PID's cgroup, and its unit in µs: cgroup v2's
+    cpu.stat (usage_usec) or v1's cpuacct.usage (ns), found through /proc, not assumed."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        groups = [line.rstrip("\n").split(":", 2) for line in f]
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            mounts.append((fstype, fields[4], fields[-1].split(",")))
+    for _, controllers, path in groups:
+        if "cpuacct" in controllers.split(","):
+            for fstype, point, options in mounts:
+                if fstype == "cgroup" and "cpuacct" in options:
+                    return f"{point}{path}/cpuacct.usage", 1e-3
+    for hierarchy, _, path in groups:
+        if hierarchy == "0":
+            for fstype, point, _ in mounts:
+                if fstype == "cgroup2":
+                    return f"{point}{path}/cpu.stat", 1.0
+    raise RuntimeError(f"no cpu accounting cgroup for pid {pid}")
+
+
+def _cpu_us(counter: tuple[str, float]) -> float:
+    path, unit_us = counter
+    with open(path) as f:
+        text = f.read()
+    if path.endswith("cpu.stat"):
+        text = dict(line.split() for line in text.splitlines())["usage_usec"]
+    return int(text) * unit_us
+
+
 def _checked(result: subprocess.CompletedProcess, what: str) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"{what}: {result.stderr.strip() or result.stdout.strip()}")
@@ -194,29 +231,55 @@ class _Servers:
     def _pg(program: str, *args: str) -> list[str]:
         return workloads.as_postgres(program, "-h", "127.0.0.1", *args, "postgres")
 
+    def _cpu_counter(self, name: str) -> tuple[str, float]:
+        """The CPU-time counter of workload NAME's container: the CPU it spends per
+        request is what a busy shared machine changes least (throughput swings with the
+        other jobs' load; the counter only adds what this container ran)."""
+        listing = self.runner.containerd.ctr("tasks", "ls").stdout
+        pid = next(
+            int(line.split()[1])
+            for line in listing.splitlines()
+            if line.split()[:1] == [self.ids[name]]
+        )
+        return _cgroup_cpu_file(pid)
+
+    def _http(self, name: str, port: int, path: str) -> dict[str, float]:
+        counter = self._cpu_counter(name)
+        before = _cpu_us(counter)
+        figures = _http_load(self.nets[name], port, path)
+        requests = figures["rps"] * SECONDS
+        figures["cpu_us_per_req"] = (_cpu_us(counter) - before) / requests
+        return figures
+
     def nginx(self) -> dict[str, float]:
-        return _http_load(self.nets["nginx"], 80, "/bench.txt")
+        return self._http("nginx", 80, "/bench.txt")
 
     def python(self) -> dict[str, float]:
-        return _http_load(self.nets["python"], workloads.PYTHON_PORT, "/bench")
+        return self._http("python", workloads.PYTHON_PORT, "/bench")
 
     def node(self) -> dict[str, float]:
-        return _http_load(self.nets["node"], workloads.NODE_PORT, "/bench")
+        return self._http("node", workloads.NODE_PORT, "/bench")
 
     def redis(self) -> dict[str, float]:
+        counter = self._cpu_counter("redis")
+        before = _cpu_us(counter)
         out = _checked(
             self.runner.exec(
                 self.ids["redis"],
-                ["redis-benchmark", "--csv", "-c", "4", "-n", "100000", "-t", "set,get"],
+                ["redis-benchmark", "--csv", "-c", "4", "-n", str(REDIS_REQUESTS), "-t", "set,get"],
             ),
             "redis-benchmark",
         )
+        # Server and client both: redis-benchmark runs in the container (its cgroup).
+        cpu_per_request = (_cpu_us(counter) - before) / (2 * REDIS_REQUESTS)
         rows = {row["test"]: row for row in csv.DictReader(io.StringIO(out))}
-        return {
+        figures = {
             f"{test.lower()}_{field}": float(rows[test][column])
             for test in ("SET", "GET")
             for field, column in (("rps", "rps"), ("p99_ms", "p99_latency_ms"))
         }
+        figures["cpu_us_per_req"] = cpu_per_request
+        return figures
 
     def postgres(self) -> dict[str, float]:
         out = _checked(
