@@ -195,6 +195,20 @@ cat {CI_APT_FILE}
 ]
 
 
+# A profile of the operator's for jobs that install system packages: ci-runner, and the
+# job's root may write the program directories of its own rootfs copy, which dpkg
+# writes (docs/profiles.md, "The workload suite").
+CI_APT_PROFILE = "ci-packages"
+CI_APT_PROFILE_TOML = f"""[profile]
+name = "{CI_APT_PROFILE}"
+extends = "ci-runner"
+description = "ci-runner, and apt-get/dpkg may install into the container's own rootfs"
+
+[landlock]
+writable_add = ["/etc", "/usr", "/var"]
+"""
+
+
 def ci_package_server(port: int) -> list[str]:
     """The command of a package source serving CI_PACKAGES on PORT ("Serving HTTP" once up)."""
     return ["python3", "-u", "-m", "http.server", "--directory", CI_PACKAGES, str(port)]
@@ -382,14 +396,18 @@ class Workloads:
         mounts: tuple[str, ...] = (),
         detach: bool = False,
         timeout: float = 300,
+        shim_config: str | None = None,
     ) -> tuple[str, subprocess.CompletedProcess]:
         """`ctr run` of IMAGE with ARGS: zviz under PROFILE, runc as it is; in the network
         namespace at NETNS (else the new one ctr makes: loopback only). MOUNTS: ctr
-        `--mount` values. Detached, the output goes to self.log(container)."""
+        `--mount` values. Detached, the output goes to self.log(container). SHIM_CONFIG:
+        the zviz shim's config for this container (the operator's: docs/shim.md)."""
         container_id = self.new_id(f"zviz-wl-{self.runtime}")
         options = ["--runtime", RUNTIMES[self.runtime]]
         if self.runtime == "zviz":
             options += ["--annotation", f"io.zviz.profile={profile}"]
+            if shim_config:
+                options += ["--runtime-config-path", shim_config]
         if netns:
             options += ["--with-ns", f"network:{netns}"]
         for mount in mounts:

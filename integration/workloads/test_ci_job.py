@@ -19,6 +19,8 @@ from integration.ids import tagged
 from integration.podnet import PodNetwork
 from tools.workloads import (
     CI_APT_JOB,
+    CI_APT_PROFILE,
+    CI_APT_PROFILE_TOML,
     CI_JOB,
     CI_PROFILE,
     CI_REPOSITORY,
@@ -86,6 +88,44 @@ def test_ci_job_apt_get_installs_from_a_local_repository(
         )
     _, job = workloads.run(
         workload_image("ci"), CI_APT_JOB, CI_PROFILE, netns=package_sources, timeout=300
+    )
+    assert job.returncode == 0, f"{job.stdout}\n{job.stderr}"
+    assert job.stdout.splitlines()[-1] == "hello from apt", job.stdout
+
+
+@pytest.fixture
+def operator_profile_config():
+    """A shim config whose profile_dirs hold CI_APT_PROFILE. Under /run: profile files
+    load only from directories root alone may write (docs/shim.md, "Profiles")."""
+    directory = tempfile.mkdtemp(prefix=tagged("zviz-wl-profiles") + "-", dir="/run")
+    try:
+        with open(os.path.join(directory, f"{CI_APT_PROFILE}.toml"), "w") as f:
+            f.write(CI_APT_PROFILE_TOML)
+        config = os.path.join(directory, "shim.toml")
+        with open(config, "w") as f:
+            f.write(
+                f'allowed_annotation_profiles = ["{CI_APT_PROFILE}"]\n'
+                f'profile_dirs = ["{directory}"]\n'
+            )
+        yield config
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# A zviz profile: runc ran the same job in the test above.
+@pytest.mark.parametrize("runtime", ["zviz"])
+def test_ci_job_apt_get_installs_under_a_profile_that_lets_dpkg_write(
+    workloads, workload_image, package_sources, operator_profile_config
+):
+    # What docs/profiles.md tells a job that installs system packages to use: ci-runner
+    # with /etc, /usr and /var of its own rootfs writable.
+    _, job = workloads.run(
+        workload_image("ci"),
+        CI_APT_JOB,
+        CI_APT_PROFILE,
+        netns=package_sources,
+        shim_config=operator_profile_config,
+        timeout=300,
     )
     assert job.returncode == 0, f"{job.stdout}\n{job.stderr}"
     assert job.stdout.splitlines()[-1] == "hello from apt", job.stdout
