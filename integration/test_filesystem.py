@@ -352,3 +352,20 @@ def test_an_image_symlink_at_a_writable_path_is_not_followed(zviz, make_bundle):
     assert "can't create /builds/f" in result.stderr, result.stderr
     assert not os.path.exists(os.path.join(rootfs, "etc", "zviz-made"))
     assert os.path.islink(os.path.join(rootfs, "builds"))
+
+
+def test_a_rootfs_on_a_read_only_filesystem_gets_nothing_made_and_no_warning(zviz, make_bundle):
+    # root.readonly unset, but the rootfs itself is read-only (a read-only bind here):
+    # the missing /builds stays missing, as under runc, and the workload's stderr stays clean.
+    bundle = make_bundle(["sh", "-c", "test ! -e /builds && echo absent"])
+    edit_config(bundle, lambda c: c["root"].update(readonly=False))
+    rootfs = os.path.join(bundle, "rootfs")
+    subprocess.run(["mount", "--bind", rootfs, rootfs], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", rootfs], check=True)
+        result = zviz.run(bundle)
+    finally:
+        subprocess.run(["umount", rootfs], check=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "absent\n"
+    assert "writable directory" not in result.stderr, result.stderr

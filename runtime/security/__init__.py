@@ -528,8 +528,10 @@ def make_writable_dirs(spec, profile: Profile) -> list[str]:
             if _make_dir_nofollow(clean):
                 made.append(clean)
         except OSError as e:
-            # A read-only or full filesystem: the path stays absent, as under runc.
-            _warn(f"landlock: cannot make writable directory {clean} ({e.strerror})")
+            # The path stays absent, as under runc. A rootfs on a read-only filesystem is
+            # a read-only root by other means: nothing to say.
+            if e.errno != errno.EROFS:
+                _warn(f"landlock: cannot make writable directory {clean} ({e.strerror})")
     return made
 
 
