@@ -60,7 +60,7 @@ tools:
 conformance: install tools
 	$(PY) -m tools.conformance --logs $(BUILD)/conformance
 
-# The workload suite's Debian images (nginx, Redis, PostgreSQL, Python, a CI job), built with
+# The workload suite's Debian images (nginx, Redis, PostgreSQL, Python, Node.js, a CI job), built with
 # debootstrap from Debian's packages and cached in /var/cache/zviz-tools/images; a failed
 # build fails the target (integration/workloads/ builds any missing one the same way).
 images: deps

@@ -353,3 +353,57 @@ def test_rootfs_is_id_mapped_into_the_user_namespace(zviz, make_bundle):
     assert lines[1:3] == ["0", "made"]
     # Created through the id-mapped mount: on disk it belongs to host root, not 200000.
     assert os.stat(os.path.join(bundle, "rootfs", "newdir")).st_uid == 0
+
+
+def test_a_writable_path_missing_from_the_image_is_made_for_the_job(zviz, make_bundle):
+    # ci-runner's writable list names /builds and /workspace; a busybox image has neither.
+    # Under runc the job's root would mkdir them; under zviz "/" is read-only to the job
+    # (Landlock), so PID 1 makes them before Landlock: empty, the container root's.
+    job = "echo built > /builds/out && mkdir -p /workspace/job && stat -c '%u %g %a' /builds /workspace"
+    bundle = make_bundle(["sh", "-c", job])
+    edit_config(bundle, lambda c: c["root"].update(readonly=False))
+    rootfs = os.path.join(bundle, "rootfs")
+    assert not os.path.exists(os.path.join(rootfs, "builds"))
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["0 0 755", "0 0 755"]
+    assert os.path.isdir(os.path.join(rootfs, "workspace", "job"))
+
+
+def test_a_read_only_root_gets_no_writable_path_made(zviz, make_bundle):
+    bundle = make_bundle(["sh", "-c", "test ! -e /builds && test ! -e /workspace"])
+    edit_config(bundle, lambda c: c["root"].update(readonly=True))
+    result = zviz.run(bundle)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(os.path.join(bundle, "rootfs", "builds"))
+
+
+def test_an_image_symlink_at_a_writable_path_is_not_followed(zviz, make_bundle):
+    # /builds -> /etc/zviz-made: making "/builds" through the link would create a directory
+    # in /etc and put a write rule on it; neither happens, and /etc stays read-only.
+    bundle = make_bundle(["sh", "-c", "test ! -e /etc/zviz-made; echo x > /builds/f"])
+    edit_config(bundle, lambda c: c["root"].update(readonly=False))
+    rootfs = os.path.join(bundle, "rootfs")
+    os.symlink("/etc/zviz-made", os.path.join(rootfs, "builds"))
+    result = zviz.run(bundle)
+    assert result.returncode != 0
+    assert "can't create /builds/f" in result.stderr, result.stderr
+    assert not os.path.exists(os.path.join(rootfs, "etc", "zviz-made"))
+    assert os.path.islink(os.path.join(rootfs, "builds"))
+
+
+def test_a_rootfs_on_a_read_only_filesystem_gets_nothing_made_and_no_warning(zviz, make_bundle):
+    # root.readonly unset, but the rootfs itself is read-only (a read-only bind here):
+    # the missing /builds stays missing, as under runc, and the workload's stderr stays clean.
+    bundle = make_bundle(["sh", "-c", "test ! -e /builds && echo absent"])
+    edit_config(bundle, lambda c: c["root"].update(readonly=False))
+    rootfs = os.path.join(bundle, "rootfs")
+    subprocess.run(["mount", "--bind", rootfs, rootfs], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", rootfs], check=True)
+        result = zviz.run(bundle)
+    finally:
+        subprocess.run(["umount", rootfs], check=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "absent\n"
+    assert "writable directory" not in result.stderr, result.stderr

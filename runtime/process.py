@@ -680,6 +680,9 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
                 _write_sysctl(key, value)
     with stages("rootfs"):
         builder.finish()
+        from runtime import security
+
+        security.make_writable_dirs(spec, request.profile)
     with stages("hostname"):
         if spec.hostname:
             linux.sethostname(spec.hostname)

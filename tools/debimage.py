@@ -58,9 +58,15 @@ IMAGES = {
         DebianImage("nginx", ("nginx-light",)),
         DebianImage("redis", ("redis-server", "redis-tools")),
         DebianImage("python", ("python3",)),
+        DebianImage("node", ("nodejs",)),
         # pgbench ships in the server package since PostgreSQL 10.
         DebianImage("postgres", ("postgresql", "procps")),
-        DebianImage("ci", ("git", "gcc", "libc6-dev", "make", "python3-pytest")),
+        # pip and npm install from registries served by other containers (the suite's
+        # CI job); apt-get is in every image.
+        DebianImage(
+            "ci",
+            ("git", "gcc", "libc6-dev", "make", "python3-pytest", "python3-pip", "nodejs", "npm"),
+        ),
     )
 }
 

@@ -19,6 +19,7 @@ always allowed), the broker takes the fd with pidfd_getfd(2) and answers "ok"
 the listener.
 """
 
+import errno
 import fcntl
 import os
 import stat
@@ -48,6 +49,7 @@ __all__ = [
     "apply",
     "check_resources",
     "harden_spec",
+    "make_writable_dirs",
     "maps_profile_ids",
     "notify_channel",
     "prepare",
@@ -552,6 +554,64 @@ def _signals_need_scope(spec) -> bool:
     processes, or the host's) holds processes of others: there the scope stays."""
     linux_section = getattr(spec, "linux", None)
     return linux_section is None or not linux_section.creates_namespace("pid")
+
+
+# Mounted by the runtime, never the image's: a writable path beneath them is a device or
+# a kernel file, never a directory to make.
+_NOT_MADE_BENEATH = ("/dev", "/proc", "/sys")
+
+
+def make_writable_dirs(spec, profile: Profile) -> list[str]:
+    """In PID 1 after pivot_root (before Landlock): make each directory of the profile's
+    `writable` list that the image lacks (ci-runner's /builds and /workspace), empty,
+    owned by the container's root, mode 0755; the paths made.
+
+    Landlock rules attach to existing inodes, and "/" itself is read-only to the
+    workload, so without this a job could never `mkdir /builds`, which root in the
+    container does under runc. Not on a read-only root (runc's process could not
+    either). The image is not trusted: one component at a time with O_NOFOLLOW, and a
+    component that is a symlink or a file stops the walk: its target's own rules decide,
+    as `Ruleset.allow_path` does."""
+    if spec.root is not None and spec.root.readonly:
+        return []
+    made = []
+    for path in profile.writable:
+        clean = os.path.normpath(path)
+        if any(clean == top or clean.startswith(top + "/") for top in _NOT_MADE_BENEATH):
+            continue
+        try:
+            if _make_dir_nofollow(clean):
+                made.append(clean)
+        except OSError as e:
+            # The path stays absent, as under runc. A rootfs on a read-only filesystem is
+            # a read-only root by other means: nothing to say.
+            if e.errno != errno.EROFS:
+                _warn(f"landlock: cannot make writable directory {clean} ({e.strerror})")
+    return made
+
+
+def _make_dir_nofollow(path: str) -> bool:
+    """Make PATH's missing components beneath "/", following no symlink; whether any."""
+    made = False
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in (part for part in path.split("/") if part):
+            flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                inner = os.open(name, flags, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(name, 0o755, dir_fd=fd)
+                made = True
+                inner = os.open(name, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    return made  # a symlink or a file of the image: not followed
+                raise
+            os.close(fd)
+            fd = inner
+    finally:
+        os.close(fd)
+    return made
 
 
 def _landlock_ruleset(
