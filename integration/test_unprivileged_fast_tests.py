@@ -9,7 +9,7 @@ project's dependencies (pyproject.toml), built once per dependency list and cach
 checkout's copy into a thin venv of its own on top of it (the fast tests start
 `zviz`, the shim's script and `python -m shim.main`, as `make install` provides them).
 
-It adds 45-65 s to `make test` here (the fast tests once more, on 2 loaded cores), plus
+It adds 30-65 s to `make test` here (the fast tests once more, on 2 loaded cores), plus
 the venv's one-time build (about a minute, with the package index reachable).
 """
 
