@@ -22,3 +22,9 @@ def needs_root(operation: str):
 drops_capabilities = needs_root("the confined child drops capabilities (PR_CAPBSET_DROP)")
 # Mount tests work in a private mount namespace (unshare(CLONE_NEWNS) needs CAP_SYS_ADMIN).
 mounts_in_own_namespace = needs_root("mounts in a private mount namespace (unshare CLONE_NEWNS)")
+# Profile files the runtime loads by name must be root-owned on a path of root-owned
+# directories: only root can make one (a root-owned directory under /run).
+writes_root_owned_profiles = needs_root("writes root-owned profile files under /run")
+# The broker resolves egress_hosts names in the caller's socket's network namespace,
+# which it opens with ioctl SIOCGSKNS (CAP_NET_ADMIN over that namespace).
+opens_a_sockets_netns = needs_root("opens a socket's network namespace (SIOCGSKNS)")

@@ -17,6 +17,7 @@ from runtime.security.broker.egress_hosts import EgressHosts
 from runtime.security.cluster import ClusterNetwork
 from runtime.security.profiles import _build
 from shim import config as shim_config
+from tests.privileges import opens_a_sockets_netns
 
 
 def _reply(query: bytes, answers, *, query_id=None, qname=None, rcode=0) -> bytes:
@@ -82,6 +83,7 @@ def _hosts(server, hosts=(("svc.test", 8080),)):
     return EgressHosts(profile)
 
 
+@opens_a_sockets_netns
 def test_a_name_allows_exactly_its_addresses_on_its_port(fake_dns):
     fake_dns.names["svc.test"] = [("10.211.0.250", 60)]
     hosts = _hosts(fake_dns)
@@ -93,6 +95,7 @@ def test_a_name_allows_exactly_its_addresses_on_its_port(fake_dns):
     assert fake_dns.queries == 2  # A and AAAA once: the answer is cached for its TTL
 
 
+@opens_a_sockets_netns
 def test_an_expired_answer_is_asked_again_and_followed(fake_dns):
     fake_dns.names["svc.test"] = [("10.211.0.250", 1)]
     hosts = _hosts(fake_dns)
@@ -106,6 +109,7 @@ def test_an_expired_answer_is_asked_again_and_followed(fake_dns):
         assert not hosts.allows(old, 8080, sock.fileno(), time.monotonic() + 5)
 
 
+@opens_a_sockets_netns
 def test_forged_replies_are_ignored(fake_dns):
     fake_dns.names["svc.test"] = [("10.211.0.250", 60)]
     fake_dns.forge_first = True
@@ -148,6 +152,7 @@ def test_link_local_and_loopback_answers_are_never_allowed(fake_dns):
             )
 
 
+@opens_a_sockets_netns
 def test_an_unknown_name_allows_nothing(fake_dns):
     hosts = _hosts(fake_dns, (("nx.test", 80),))
     with socket.socket() as sock:

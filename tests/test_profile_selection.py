@@ -9,6 +9,7 @@ import pytest
 from runtime.errors import InvalidArgument, Unavailable
 from runtime.security import resolve_profile, selection
 from shim import config as shim_config
+from tests.privileges import writes_root_owned_profiles
 
 MINE = '[profile]\nextends = "ci-runner"\n\n[user_namespace]\nhost_uid = 300000\n'
 
@@ -45,6 +46,7 @@ def test_annotation_never_names_a_file(value):
         selection.choose({"io.zviz.profile": value}, selection.ProfilePolicy())
 
 
+@writes_root_owned_profiles
 def test_operator_list_decides(root_dir):
     write(os.path.join(root_dir, "mine.toml"), MINE)
     policy = selection.ProfilePolicy(
@@ -66,6 +68,7 @@ def test_cli_flag_still_loads_any_file_the_annotation_cannot(tmp_path):
         resolve_profile(None, {"io.zviz.profile": path})
 
 
+@writes_root_owned_profiles
 def test_resolve_profile_is_the_one_decision_for_the_cli_and_the_shim(root_dir):
     """The shim hands its operator's policy to the core, which resolves it with the same
     function as `--profile` and the default rule (it once chose in the shim itself)."""
@@ -112,12 +115,14 @@ def test_the_profile_range_is_used_only_where_config_json_leaves_the_mapping_to_
     assert own.linux.uid_mappings[0].host_id == with_userns.host_uid
 
 
+@writes_root_owned_profiles
 def test_root_owned_file_loads(root_dir):
     path = write(os.path.join(root_dir, "mine.toml"), MINE)
     assert selection.load_operator_profile(path, ()).host_uid == 300000
     assert selection.load_operator_profile("mine", (root_dir,)).host_uid == 300000
 
 
+@writes_root_owned_profiles
 @pytest.mark.parametrize(
     "spoil, problem",
     [
@@ -134,6 +139,7 @@ def test_profile_file_others_could_change_is_refused(root_dir, spoil, problem):
         selection.load_operator_profile("mine", (root_dir,))
 
 
+@writes_root_owned_profiles
 def test_symlinks_and_fifos_are_refused(root_dir, tmp_path):
     target = write(str(tmp_path / "evil.toml"), MINE)
     os.symlink(target, os.path.join(root_dir, "link.toml"))
@@ -147,6 +153,7 @@ def test_symlinks_and_fifos_are_refused(root_dir, tmp_path):
         selection.load_operator_profile(target, ())
 
 
+@writes_root_owned_profiles
 def test_what_a_root_owned_file_extends_is_checked_too(root_dir, tmp_path):
     evil = write(str(tmp_path / "evil.toml"), '[profile]\nextends = "development"\n')
     write(os.path.join(root_dir, "mine.toml"), f'[profile]\nextends = "{evil}"\n')

@@ -457,6 +457,7 @@ def test_call_the_worker_has_not_performed_by_the_deadline_fails_and_stays_undon
     assert arrived == [errno.EAGAIN, errno.EAGAIN]
 
 
+@drops_capabilities
 def test_ipv4_mapped_destination_is_decided_by_the_ipv4_rules(tmp_path):
     """::ffff:127.0.0.1 is sent over IPv4 to 127.0.0.1: an IPv6 rule must not allow it."""
     server, port = listener()

@@ -271,6 +271,7 @@ def test_inet_sockets_only_of_protocols_the_broker_sees_through(tmp_path, profil
     }
 
 
+@drops_capabilities
 def test_tiocsti_is_refused_even_with_high_bits_set(tmp_path):
     def probe():
         fd = os.open("/dev/null", os.O_RDONLY)

@@ -26,6 +26,7 @@ from shim.process import Process, State
 from shim.reaper import Reaper
 from shim.stats import metrics_any, metrics_v1, metrics_v2
 from shim.stdio import Stdio, parse_uri
+from tests.privileges import needs_root
 
 # ---- flags -------------------------------------------------------------------------
 
@@ -569,6 +570,7 @@ async def _read_until_eof(fd: int, timeout: float = 10) -> bytes:
             data += chunk
 
 
+@needs_root("chowns the process's fifos and pipes to its host uid")
 def test_stdio_is_given_to_the_process_user_fifos_and_pipes_only(tmp_path):
     # /dev/stdout reopens the fifo: its owner must be the process's host uid (a user
     # namespace's root, a runAsUser), not the shim's root.
