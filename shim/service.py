@@ -33,6 +33,7 @@ from api.gen.containerd.types.task import task_pb2 as task_types
 from runtime import errors
 from shim import config as shim_config
 from shim import error_table, mounts
+from shim import learn as shim_learn
 from shim.engine import Created, Engine
 from shim.events import timestamp
 from shim.log import CoreLog
@@ -83,6 +84,7 @@ class Task:
         self.ooms_reported = 0
         self.own_pid_namespace = True
         self.id_range: tuple[int, str] | None = None  # (first host id, holder): shim/idpool.py
+        self.learning = None  # a shim.learn.Learning when the container is learnt
         self.serial = asyncio.Lock()  # held by each call that changes the container
         self.ending: asyncio.Task | None = None  # orphans killed, then the exit reported
 
@@ -294,6 +296,17 @@ class TaskService(shim_ttrpc.TaskService):
                 functools.partial(_spec_linux, request.bundle),
             )
             task.rootfs_mounted = True
+        if shim_learn.may_learn(config):
+            task.learning = shim_learn.prepare(
+                task.id,
+                self.namespace,
+                request.bundle,
+                request.rootfs,
+                profile,
+                config.learn_dir,
+            )
+            if task.learning is not None:
+                profile = task.learning.profile_file
         return profile, config
 
     async def Create(self, request, context):
@@ -353,6 +366,8 @@ class TaskService(shim_ttrpc.TaskService):
                 task.created.annotations,
                 cgroup=task.cgroup,
             )
+            if task.learning is not None:
+                await self.engine.off_loop(task.learning.created)
         except BaseException as failure:
             await self._undo_create(task, creating, failure)
             raise
@@ -474,8 +489,12 @@ class TaskService(shim_ttrpc.TaskService):
                     exec_proc.signal(signal.SIGKILL)
             elif exec_proc.state is State.CREATED:
                 exec_proc.never_ran()  # added, never started: its Waits end with the task
+        if task.learning is not None:
+            await asyncio.sleep(shim_learn.DRAIN_SECONDS)  # its last calls' records
         # Its last records go out before the state dir (and its denials.jsonl) does.
         self.daemon.denials.unwatch(task.id)
+        if task.learning is not None:
+            await self._write_learned(task)
         never_started = proc.state is State.CREATED
         if never_started:
             # The core kills and reaps it itself (or the reaper keeps its exit unclaimed):
@@ -504,6 +523,20 @@ class TaskService(shim_ttrpc.TaskService):
         )
         log.info("deleted task %s", task.id, extra={"container": task.id})
         return _delete_response(proc)
+
+    async def _write_learned(self, task: Task) -> None:
+        """A learnt container's profile into learn_dir (shim/learn.py), named in one log
+        line; a failure is logged, never the Delete's."""
+        try:
+            path = await self.engine.off_loop(
+                task.learning.finish,
+                task.created.state_dir,
+                self.daemon.denials.kernel_unavailable,
+            )
+        except Exception:  # noqa: BLE001 - the container is deleted regardless
+            log.exception("learning the profile of %s", task.id, extra={"container": task.id})
+            return
+        log.info("learned profile of %s written to %s", task.id, path, extra={"container": task.id})
 
     async def Exec(self, request, context):
         task = self._task(request.id)
