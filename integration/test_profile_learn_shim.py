@@ -283,3 +283,60 @@ def test_ci_job_learned_through_the_shim(zviz_bin, containerd, ci_image, operato
         }
     finally:
         shutil.rmtree(repository, ignore_errors=True)
+
+
+# --- a pod under containerd's CRI: a RuntimeClass handler whose shim config has mode learn ---
+
+
+@pytest.fixture(scope="module")
+def learn_node(tmp_path_factory):
+    """A CRI node (integration/cni_node.py) with handler zviz-learn: mode = "learn", its
+    learn_dir under a root-owned directory of its own."""
+    from integration.test_cri import cri_node, handler_configs
+
+    top = tempfile.mkdtemp(prefix=tagged("s5learn2-cri") + "-", dir="/run")
+    learn_dir = os.path.join(top, "learned")
+    handlers = handler_configs(
+        tmp_path_factory, {"zviz-learn": f'mode = "learn"\nlearn_dir = "{learn_dir}"\n'}
+    )
+    try:
+        with cri_node(tmp_path_factory, cri_handlers=handlers) as harness:
+            yield harness, learn_dir
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_pods_container_is_learned_under_a_learn_handler(learn_node, tmp_path):
+    """A pod of RuntimeClass handler zviz-learn: its container writes to /var (ci-runner's
+    Landlock refuses it when enforcing), exits, and is removed as the kubelet would; its
+    learned profile appears as <pod namespace>_<pod name>_<container name>.toml and grants
+    /var. The pod's sandbox (pause) container is not learnt."""
+    import asyncio
+
+    from integration.test_cri import pod, run
+
+    cri, learn_dir = learn_node
+    pb = cri.pb
+
+    async def scenario() -> str:
+        async with pod(cri, "zviz-learn", tmp_path / "logs") as the_pod:
+            container_id = await the_pod.start_container("app", "echo learnt > /var/state")
+            for _ in range(200):
+                status = await the_pod.runtime.ContainerStatus(
+                    pb.ContainerStatusRequest(container_id=container_id)
+                )
+                if status.status.state == pb.CONTAINER_EXITED:
+                    break
+                await asyncio.sleep(0.05)
+            assert status.status.exit_code == 0, the_pod.log("app")
+            await the_pod.runtime.RemoveContainer(
+                pb.RemoveContainerRequest(container_id=container_id)
+            )
+            return the_pod.config.metadata.name
+
+    pod_name = run(scenario())
+    assert os.listdir(learn_dir) == [f"default_{pod_name}_app.toml"]
+    assert stat.S_IMODE(os.stat(learn_dir).st_mode) == 0o700
+    learned = _learned(os.path.join(learn_dir, f"default_{pod_name}_app.toml"))
+    assert learned["profile"]["extends"] == "ci-runner"
+    assert learned["landlock"]["writable_add"] == ["/var"], learned
