@@ -177,6 +177,38 @@ def test_busybox_learned_through_the_shim(zviz_bin, containerd, busybox_image, o
     }
 
 
+def test_a_syscall_past_the_record_rate_limit_is_learned(
+    zviz_bin, containerd, busybox_image, operator_dir
+):
+    """More denied calls than the records' burst (denials.RECORD_BURST): the calls after
+    it are only counted, in the summary written when the container goes; sysfs, made
+    only after the burst, is learned from that summary."""
+    from runtime.denials import RECORD_BURST
+
+    workload = ["kcmp"] * (RECORD_BURST + 20) + ["sysfs"]
+    out = os.path.join(operator_dir, "profiles", f"{tagged('s5learn2-burst')}.toml")
+    cid = unique_id("s5learn2")
+    learning = learn_through_ctr(
+        zviz_bin,
+        containerd,
+        "ci-runner",
+        out,
+        ctr_run_args(
+            containerd,
+            busybox_image,
+            learn_config(operator_dir),
+            cid,
+            ["/probe/probe", *workload],
+            mounts=(probe_mount(operator_dir),),
+        ),
+    )
+    containerd.ctr("tasks", "delete", "-f", cid, check=False)
+    containerd.ctr("containers", "delete", cid, check=False)
+    assert learning.returncode == 0, f"{learning.stdout}\n{learning.stderr}"
+    assert _answers(learning.stdout) == {"kcmp": "ok", "sysfs": "ok"}
+    assert _learned(out)["seccomp"]["allow_add"] == ["kcmp", "sysfs"]
+
+
 def test_learning_needs_the_operators_leave(zviz_bin, containerd, busybox_image, operator_dir):
     """Without learn mode in the shim config the CLI says so and runs nothing; a shim
     config that allows it without learn_dir refuses the Create by name."""
