@@ -134,6 +134,9 @@ def test_busybox_learned_through_the_shim(zviz_bin, containerd, busybox_image, o
         shim_copy = os.path.join(learned_dir, f"{containerd.namespace}_{cid}.toml")
         assert stat.S_IMODE(os.stat(learned_dir).st_mode) == 0o700
         assert stat.S_IMODE(os.stat(shim_copy).st_mode) == 0o600
+        # One line of the shim's log (which containerd copies into its own) names it.
+        with open(containerd.log_path) as f:
+            assert f"learned profile of {cid} written to {shim_copy}" in f.read()
     finally:
         containerd.ctr("tasks", "delete", "-f", cid, check=False)
         containerd.ctr("containers", "delete", cid, check=False)

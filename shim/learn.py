@@ -62,8 +62,9 @@ def _name_part(text) -> str:
 class Learning:
     """One learnt container: what its learning run needs from Create to Delete."""
 
-    def __init__(self, base, rootfs, upper, skip, learn_dir, file_name, container_id):
+    def __init__(self, base, profile_file, rootfs, upper, skip, learn_dir, file_name, container_id):
         self.base = base
+        self.profile_file = profile_file  # the learning run's profile (the container's)
         self.rootfs = rootfs
         self.upper = upper  # the overlay's upper layer, or None
         self.skip = skip
@@ -130,8 +131,9 @@ def prepare(container_id, namespace, bundle, rootfs_mounts, policy, learn_dir):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    learning = Learning(
+    return Learning(
         base,
+        path,
         rootfs,
         _upper_dir(rootfs_mounts),
         skip,
@@ -139,8 +141,6 @@ def prepare(container_id, namespace, bundle, rootfs_mounts, policy, learn_dir):
         learned_file_name(namespace, container_id, annotations),
         container_id,
     )
-    learning.profile_file = path
-    return learning
 
 
 def _upper_dir(rootfs_mounts) -> str | None:
