@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -212,6 +213,32 @@ def test_a_syscall_past_the_record_rate_limit_is_learned(
     assert _learned(out)["seccomp"]["allow_add"] == ["kcmp", "sysfs"]
 
 
+def test_the_profile_is_written_when_the_container_exits(containerd, busybox_image, operator_dir):
+    """A learnt container whose task outlives its exit (`ctr run -d`: nothing deletes it
+    until `ctr task rm`) has its profile written once it exited, while the task is still
+    there to be inspected."""
+    cid = unique_id("s5learn2")
+    cmd = ctr_run_args(
+        containerd, busybox_image, learn_config(operator_dir), cid,
+        ["/probe/probe", "write:/var/state"], mounts=(probe_mount(operator_dir),),
+        annotations=["io.zviz.mode=learn"],
+    )  # fmt: skip
+    cmd.insert(cmd.index("run") + 1, "--detach")
+    path = os.path.join(operator_dir, "learned", f"{containerd.namespace}_{cid}.toml")
+    try:
+        ran = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=containerd.env)
+        assert ran.returncode == 0, ran.stderr
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tasks = containerd.ctr("tasks", "list").stdout
+        assert any(line.split()[:1] == [cid] and "STOPPED" in line for line in tasks.splitlines())
+        assert _learned(path)["landlock"]["writable_add"] == ["/var"]
+    finally:
+        containerd.ctr("tasks", "delete", "-f", cid, check=False)
+        containerd.ctr("containers", "delete", cid, check=False)
+
+
 def test_learning_needs_the_operators_leave(zviz_bin, containerd, busybox_image, operator_dir):
     """Without learn mode in the shim config the CLI says so and runs nothing; a shim
     config that allows it without learn_dir refuses the Create by name."""
@@ -343,8 +370,8 @@ def learn_node(tmp_path_factory):
 
 def test_a_pods_container_is_learned_under_a_learn_handler(learn_node, tmp_path):
     """A pod of RuntimeClass handler zviz-learn: its container writes to /var (ci-runner's
-    Landlock refuses it when enforcing), exits, and is removed as the kubelet would; its
-    learned profile appears as <pod namespace>_<pod name>_<container name>.toml and grants
+    Landlock refuses it when enforcing) and exits; its learned profile appears (before the
+    container is removed) as <pod namespace>_<pod name>_<container name>.toml and grants
     /var. The pod's sandbox (pause) container is not learnt."""
     import asyncio
 
@@ -364,6 +391,13 @@ def test_a_pods_container_is_learned_under_a_learn_handler(learn_node, tmp_path)
                     break
                 await asyncio.sleep(0.05)
             assert status.status.exit_code == 0, the_pod.log("app")
+            # Written once the container exited (containerd's CRI deletes its task then).
+            name = f"default_{the_pod.config.metadata.name}_app.toml"
+            for _ in range(100):
+                if os.path.exists(os.path.join(learn_dir, name)):
+                    break
+                await asyncio.sleep(0.05)
+            assert os.listdir(learn_dir) == [name]
             await the_pod.runtime.RemoveContainer(
                 pb.RemoveContainerRequest(container_id=container_id)
             )

@@ -1,8 +1,8 @@
 """Learn mode under the shim (docs/profiles.md, "Learning a profile"): a container the
 operator's config puts in mode "learn" (or whose annotation io.zviz.mode=learn the
 operator allows: runtime/security/selection.py) runs as `zviz profile learn` runs a
-bundle (runtime/security/learn_run.py), and at its Delete the profile it needed is
-written to the config's `learn_dir`.
+bundle (runtime/security/learn_run.py), and once its init has exited (at its Delete if
+it never ran) the profile it needed is written to the config's `learn_dir`.
 
 - Create: the base is the profile the operator's policy picks for it; the container
   runs under a file of its own in the bundle (containerd's, root's, removed with the
@@ -10,9 +10,10 @@ written to the config's `learn_dir`.
   (not started), the rootfs and its overlay's upper layer (from containerd's rootfs
   mount options) are snapshotted.
 - seccomp and broker records: those the daemon's denial feed (shim/denials.py) already
-  writes to the container's denials.jsonl, read at Delete after the feed's last read:
-  no second reader of the kernel's records.
-- Delete: the learned profile goes to `<learn_dir>/<pod namespace>_<pod name>_<container
+  writes to the container's denials.jsonl, read after the feed's last read for the
+  container: no second reader of the kernel's records.
+- After the exit (shim/service.py, under the task's lock, so a Delete waits for it):
+  the learned profile goes to `<learn_dir>/<pod namespace>_<pod name>_<container
   name>.toml` under CRI, `<containerd namespace>_<container id>.toml` otherwise: each part
   reduced to [A-Za-z0-9.-], so no name a pod chooses can reach outside the directory,
   which is made root's and 0700 before each write; the file is 0600, replaced whole.
@@ -36,8 +37,8 @@ log = logging.getLogger("shim.learn")
 LEARNING_PROFILE = "zviz-learning.toml"
 CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
-# A container's last calls reach the audit multicast a moment after its exit: Delete
-# waits this long before the feed's last read (learn_run.DRAIN_QUIET_SECONDS).
+# A container's last calls reach the audit multicast a moment after its exit: the
+# writing waits this long before the feed's last read (learn_run.DRAIN_QUIET_SECONDS).
 DRAIN_SECONDS = learn_run.DRAIN_QUIET_SECONDS
 NAME_PART_LIMIT = 80
 
@@ -60,7 +61,7 @@ def _name_part(text) -> str:
 
 
 class Learning:
-    """One learnt container: what its learning run needs from Create to Delete."""
+    """One learnt container: what its learning run needs from Create to its exit."""
 
     def __init__(self, base, profile_file, rootfs, upper, skip, learn_dir, file_name, container_id):
         self.base = base

@@ -1,6 +1,7 @@
 """`zviz profile learn --base NAME [--out FILE] -- ctr [...] run ...`: learning through the
 shim (docs/profiles.md, "Learning a profile"). The `ctr run` is run as given, with
-`--rm` (the shim writes the learned profile at the container's Delete), and with the
+`--rm` (the shim writes the learned profile once the container exited, before the
+Delete `ctr run` makes is answered: no container is left behind), and with the
 annotations that ask the shim for learn mode and for NAME as the base, unless the
 shim config already says so. The shim config (`--runtime-config-path`, else the
 machine-wide file) must allow learn mode and name a learn_dir: said here before
@@ -27,7 +28,7 @@ BOOLEAN_RUN = {
 MODE_ANNOTATION = "io.zviz.mode"
 PROFILE_ANNOTATION = "io.zviz.profile"
 # After ctr returns, how long the learned file may take to appear (the shim writes it
-# in the Delete that `ctr run --rm` waits for: normally it is there already).
+# before the Delete `ctr run` makes is answered: normally it is there already).
 WAIT_SECONDS = 10.0
 
 
@@ -92,7 +93,9 @@ def learn_through_ctr(base_name: str, out: str | None, argv: list[str]) -> int:
 
     command = CtrRun(argv)
     if command.has("--detach", "-d"):
-        raise InvalidArgument("profile learn: --detach: the profile is written at the Delete")
+        raise InvalidArgument(
+            "profile learn: --detach: the learned profile is read once the run ends"
+        )
     config_path = command.options.get("--runtime-config-path")
     where = config_path or shim_config.DEFAULT_CONFIG_PATH
     try:
