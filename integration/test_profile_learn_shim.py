@@ -105,6 +105,7 @@ def learn_through_ctr(zviz_bin, containerd, base, out, ctr_args, *, timeout=180)
     )  # fmt: skip
 
 
+@pytest.mark.every_containerd
 def test_busybox_learned_through_the_shim(zviz_bin, containerd, busybox_image, operator_dir):
     """kcmp (ci-runner denies it) and a write to /var are learned through the shim; unshare
     (escape class) stays refused. Enforcing, the learned profile lets both through, and
