@@ -207,10 +207,12 @@ class RateLimiter:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
         return out
 
-    def flush(self, like: dict) -> list[dict]:
-        """The summary of a finished interval (if it dropped any); a new interval begins."""
+    def flush(self, like: dict, final: bool = False) -> list[dict]:
+        """The summary of a finished interval (if it dropped any); a new interval begins.
+        FINAL: the container is going, its unfinished interval's summary is due now (the
+        counts name every syscall dropped: learning reads them)."""
         now = self.clock()
-        if now - self._window_start < self.interval:
+        if now - self._window_start < self.interval and not final:
             return []
         out = []
         if self._suppressed:
@@ -574,7 +576,7 @@ class KernelWatcher:
         watched = self._containers.pop(container_id, None)
         if watched is None:
             return
-        for rec in watched.limit.flush({**watched.context, "source": "", "syscall": ""}):
+        for rec in watched.limit.flush({**watched.context, "source": "", "syscall": ""}, True):
             watched.file.write([rec])
         for session in watched.sessions:
             self._by_session.pop(session, None)

@@ -10,8 +10,11 @@ passes (`runtimeoptions.v1.Options.config_path`: CRI's `options.ConfigPath`, or
     profile = "ci-runner"          # profile when the spec has no io.zviz.profile annotation
     allowed_annotation_profiles = ["ci-runner", "web-server"]  # names the annotation may choose
     profile_dirs = ["/etc/zviz/profiles"]  # NAME.toml there is profile NAME (root-owned only)
-    mode = "audit"                 # enforce | audit: every container's mode (unset: the profile's)
+    mode = "audit"                 # enforce | audit | learn: every container's mode (unset: the
+                                   # profile's); learn: audit mode, and the profile the
+                                   # container needed written to learn_dir (shim/learn.py)
     allowed_annotation_modes = ["audit"]  # io.zviz.mode may choose these (enforce: always)
+    learn_dir = "/var/lib/zviz/learned"   # where learn mode writes profiles (root-only, 0700)
     id_ranges = "shared"           # shared (the profile's host ids) | container (shim/idpool.py)
     id_pool_first = 1000000        # with id_ranges = "container": the pool's first host id ...
     id_pool_ranges = 1000          # ... and how many 65536-id ranges it has
@@ -71,6 +74,7 @@ class ShimConfig:
         "profile_dirs",
         "mode",
         "allowed_annotation_modes",
+        "learn_dir",
         "id_ranges",
         "id_pool_first",
         "id_pool_ranges",
@@ -144,6 +148,9 @@ def load_config(path: str | None) -> ShimConfig:
     if mode is not None and (not isinstance(mode, str) or not mode):
         raise ConfigError(f"shim config {path}: mode: must be a non-empty string")
     allowed_modes = _string_list(data, "allowed_annotation_modes", path)
+    learn_dir = data.get("learn_dir")
+    if learn_dir is not None and (not isinstance(learn_dir, str) or not os.path.isabs(learn_dir)):
+        raise ConfigError(f"shim config {path}: learn_dir: must be an absolute path")
     id_ranges = data.get("id_ranges")
     if id_ranges not in (None, *ID_RANGES):
         raise ConfigError(f"shim config {path}: id_ranges: {id_ranges!r} is not one of {ID_RANGES}")
@@ -183,6 +190,7 @@ def load_config(path: str | None) -> ShimConfig:
         profile_dirs=profile_dirs,
         mode=mode,
         allowed_annotation_modes=allowed_modes,
+        learn_dir=learn_dir,
         id_ranges=id_ranges,
         allow_host_network=allow_host_network,
         **cluster,

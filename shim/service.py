@@ -33,6 +33,7 @@ from api.gen.containerd.types.task import task_pb2 as task_types
 from runtime import errors
 from shim import config as shim_config
 from shim import error_table, mounts
+from shim import learn as shim_learn
 from shim.engine import Created, Engine
 from shim.events import timestamp
 from shim.log import CoreLog
@@ -83,6 +84,8 @@ class Task:
         self.ooms_reported = 0
         self.own_pid_namespace = True
         self.id_range: tuple[int, str] | None = None  # (first host id, holder): shim/idpool.py
+        self.learning = None  # a shim.learn.Learning while the container is learnt
+        self.learned: asyncio.Task | None = None  # writing its profile once it exited
         self.serial = asyncio.Lock()  # held by each call that changes the container
         self.ending: asyncio.Task | None = None  # orphans killed, then the exit reported
 
@@ -115,8 +118,22 @@ class Task:
                 self.ending = self.service.daemon.loop.create_task(
                     self._end_orphans_then_report(proc)
                 )
+                self._learn_after_exit()  # queued behind the orphans' end (a FIFO lock)
                 return
+            self._report_exit(proc)
+            self._learn_after_exit()
+            return
         self._report_exit(proc)
+
+    def _learn_after_exit(self) -> None:
+        """A learnt container's profile is written once its init has exited (nothing of it
+        runs any more), ahead of its next call: a Delete finds the file written."""
+        if self.learning is not None:
+            self.learned = self.service.daemon.loop.create_task(self._write_learned())
+
+    async def _write_learned(self) -> None:
+        async with self.serial:
+            await self.service.write_learned(self)
 
     async def _end_orphans_then_report(self, proc: Process) -> None:
         async with self.serial:
@@ -294,6 +311,17 @@ class TaskService(shim_ttrpc.TaskService):
                 functools.partial(_spec_linux, request.bundle),
             )
             task.rootfs_mounted = True
+        if shim_learn.may_learn(config):
+            task.learning = shim_learn.prepare(
+                task.id,
+                self.namespace,
+                request.bundle,
+                request.rootfs,
+                profile,
+                config.learn_dir,
+            )
+            if task.learning is not None:
+                profile = task.learning.profile_file
         return profile, config
 
     async def Create(self, request, context):
@@ -353,6 +381,8 @@ class TaskService(shim_ttrpc.TaskService):
                 task.created.annotations,
                 cgroup=task.cgroup,
             )
+            if task.learning is not None:
+                await self.engine.off_loop(task.learning.created)
         except BaseException as failure:
             await self._undo_create(task, creating, failure)
             raise
@@ -474,6 +504,8 @@ class TaskService(shim_ttrpc.TaskService):
                     exec_proc.signal(signal.SIGKILL)
             elif exec_proc.state is State.CREATED:
                 exec_proc.never_ran()  # added, never started: its Waits end with the task
+        # Learnt and never exited (never started): its profile is written now.
+        await self.write_learned(task)
         # Its last records go out before the state dir (and its denials.jsonl) does.
         self.daemon.denials.unwatch(task.id)
         never_started = proc.state is State.CREATED
@@ -504,6 +536,24 @@ class TaskService(shim_ttrpc.TaskService):
         )
         log.info("deleted task %s", task.id, extra={"container": task.id})
         return _delete_response(proc)
+
+    async def write_learned(self, task: Task) -> None:
+        """A learnt container's profile into learn_dir (shim/learn.py), once, named in one
+        log line; its denial records end here (nothing of it runs any more). A failure is
+        logged, never the caller's. Called holding the task's lock."""
+        learning, task.learning = task.learning, None
+        if learning is None:
+            return
+        await asyncio.sleep(shim_learn.DRAIN_SECONDS)  # its last calls' records
+        self.daemon.denials.unwatch(task.id)
+        try:
+            path = await self.engine.off_loop(
+                learning.finish, task.created.state_dir, self.daemon.denials.kernel_unavailable
+            )
+        except Exception:  # noqa: BLE001 - the container lives on (or is deleted) regardless
+            log.exception("learning the profile of %s", task.id, extra={"container": task.id})
+            return
+        log.info("learned profile of %s written to %s", task.id, path, extra={"container": task.id})
 
     async def Exec(self, request, context):
         task = self._task(request.id)

@@ -446,3 +446,16 @@ def test_an_exec_gone_before_its_records_came_is_known_by_its_first_record(monke
     reused = exec_record.replace("ses=9", "ses=12")
     assert watcher.handle(denials.AUDIT_SECCOMP, reused) is None
     watcher.unwatch("c1")
+
+
+def test_a_containers_last_interval_is_summed_up_when_it_goes(monkeypatch, tmp_path):
+    """Records dropped in the interval a container ends in are counted in its file at
+    unwatch, not lost with the interval (the shim's learn mode learns syscalls from them)."""
+    watcher = _watcher_with(monkeypatch, tmp_path)
+    for _ in range(denials.RECORD_BURST + 5):
+        watcher.handle(denials.AUDIT_SECCOMP, UNSHARE)
+    watcher.unwatch("c1")
+    records, _ = denials.read_lines(denials.path_in(str(tmp_path)))
+    assert len(records) == denials.RECORD_BURST + 1
+    assert records[-1]["source"] == "rate-limit"
+    assert records[-1]["counts"] == {"seccomp unshare EPERM": 5}

@@ -249,11 +249,11 @@ def test_what_the_container_named_cannot_add_keys_through_a_comment(tmp_path):
 
 
 def test_mount_destinations_beneath_an_image_symlink_are_skipped_where_they_land(tmp_path):
-    from runtime.security.learn_run import _mount_destinations
+    from runtime.security.learn_run import mount_destinations
 
     root = tmp_path / "rootfs"
     (root / "run").mkdir(parents=True)
     (root / "var").mkdir()
     os.symlink("/run", root / "var/run")
     config = {"mounts": [{"destination": "/var/run/data", "type": "bind", "source": "/x"}]}
-    assert _mount_destinations(config, str(root)) == ("/var/run/data", "/run/data")
+    assert mount_destinations(config, str(root)) == ("/var/run/data", "/run/data")

@@ -48,8 +48,14 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
     argv = list(command)
     if argv[:1] == ["--"]:
         argv = argv[1:]
+    if argv and os.path.basename(argv[0]) == "ctr":
+        from runtime.security.learn_ctr import learn_through_ctr
+
+        return learn_through_ctr(base_name, out, argv)
     if not argv or os.path.basename(argv[0]) not in ("zviz", "zviz-python"):
-        raise InvalidArgument("profile learn: the command must be `zviz run ...` of a bundle")
+        raise InvalidArgument(
+            "profile learn: the command must be `zviz run ...` of a bundle or `ctr [...] run ...`"
+        )
     from runtime import commands
 
     args = commands.parse_args(argv[1:])
@@ -71,14 +77,14 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
     config = _read_config(bundle)
     rootfs = config.get("root", {}).get("path", "rootfs")
     rootfs = os.path.normpath(os.path.join(bundle, rootfs))
-    mounts = _mount_destinations(config, rootfs)
+    mounts = mount_destinations(config, rootfs)
     skip = tuple(dict.fromkeys(NOT_ROOTFS + mounts))
 
     work = tempfile.mkdtemp(prefix="zviz-learn-")
     try:
         learning = os.path.join(work, f"{base.name}.toml")
         with open(learning, "w") as f:
-            f.write(_learning_profile(base_name, rootfs, skip))
+            f.write(learning_profile(base_name, rootfs, skip))
         collector = SeccompCollector()
         seen: dict = {}
         from runtime import idmap
@@ -132,28 +138,20 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
         learned = learn.from_records(records, base)
         if "names" in seen:
             learned.names, learned.dns_servers = seen["names"].names, seen["names"].servers
-        if upper:
-            written = learn.overlay_written(
-                seen["before"], seen["upper"], learn.snapshot(upper, skip)
-            )
-        else:
-            written = learn.written_dirs(seen["before"], learn.snapshot(rootfs, skip))
-        learned.writable = {p for p in written if not any(learn.beneath(p, m) for m in skip)}
+        learned.writable = written_paths(rootfs, upper, skip, seen["before"], seen.get("upper"))
     finally:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
 
     name = os.path.basename(out).removesuffix(".toml") if out else f"{base.name}-learned"
-    base_ref = os.path.abspath(base_name) if _is_path(base_name) else base.ref
-    result = learn.plan(learned, base, base_ref, name)
     header = [
         f"Learned by `zviz profile learn --base {base_name}` on {denials.rfc3339(time.time())}",
         f"from: {' '.join(argv)} (exit status {code})",
         "It grants what that run did beyond the base: review it before use. A workload",
         "teaches its own needs: learn only from one you trust (docs/profiles.md).",
     ]
-    text = learn.to_toml(result, header)
+    text = learned_text(learned, base, base_name, name, header)
     if out:
         with open(out, "w") as f:
             f.write(text)
@@ -167,6 +165,22 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def written_paths(rootfs, upper, skip, before, upper_before) -> set[str]:
+    """The container paths the workload wrote, from the snapshots taken before it started
+    (learn.snapshot of ROOTFS, and of its overlay's UPPER layer when it has one)."""
+    if upper:
+        written = learn.overlay_written(before, upper_before, learn.snapshot(upper, skip))
+    else:
+        written = learn.written_dirs(before, learn.snapshot(rootfs, skip))
+    return {p for p in written if not any(learn.beneath(p, m) for m in skip)}
+
+
+def learned_text(learned, base, base_name: str, name: str, header: list[str]) -> str:
+    """The learned profile NAME extending BASE (chosen as BASE_NAME), as TOML."""
+    base_ref = os.path.abspath(base_name) if _is_path(base_name) else base.ref
+    return learn.to_toml(learn.plan(learned, base, base_ref, name), header)
 
 
 def _watch_dns(pid: int):
@@ -184,7 +198,7 @@ def _watch_dns(pid: int):
         return None
 
 
-def _mount_destinations(config: dict, rootfs: str) -> tuple[str, ...]:
+def mount_destinations(config: dict, rootfs: str) -> tuple[str, ...]:
     """config.json's mount destinations as written and as the runtime resolves them in the
     rootfs (a destination beneath an image's symlink lands at the link's target)."""
     from runtime.rootfs import secure_join
@@ -240,11 +254,16 @@ def opened_up(rootfs: str, skip: tuple[str, ...]) -> list[str]:
     return sorted(paths)
 
 
-def _learning_profile(base_name: str, rootfs: str, skip: tuple[str, ...]) -> str:
+def learning_profile(
+    base_name: str, rootfs: str, skip: tuple[str, ...], name: str | None = None
+) -> str:
     """The base, merged whole (a file of its own, in audit mode, with the rootfs opened
-    up): no `extends`, so nothing of it can change under the run."""
+    up): no `extends`, so nothing of it can change under the run. NAME: the profile's
+    name in its records (else the file's)."""
     data = _load_merged(profile_path(base_name), (), [])
     data.setdefault("profile", {})["mode"] = "audit"
+    if name:
+        data["profile"]["name"] = name
     landlock = data.setdefault("landlock", {})
     landlock["writable"] = list(
         dict.fromkeys(list(landlock.get("writable", [])) + opened_up(rootfs, skip))

@@ -25,7 +25,8 @@ def add_subparser(subparsers) -> None:
         "learn",
         help="run a workload in audit mode and write the smallest profile extending BASE "
         "that lets it run (docs/profiles.md, Learning a profile)",
-        description="Runs COMMAND (`zviz run [OPTIONS] ID BUNDLE`, not detached) once under "
+        description="Runs COMMAND (`zviz run [OPTIONS] ID BUNDLE`, not detached; or `ctr "
+        "[...] run ...`, through the zviz shim, whose config must allow learn mode) once under "
         "BASE in audit mode with the rootfs writable, then writes a profile that extends "
         "BASE with the syscalls it used that BASE refuses, the directories it wrote outside "
         "BASE's writable paths and the network endpoints BASE's broker refused. Never "
@@ -35,7 +36,10 @@ def add_subparser(subparsers) -> None:
     learn.add_argument("--base", required=True, help="the profile to extend (name or path)")
     learn.add_argument("--out", default=None, help="write the profile here (default: stdout)")
     learn.add_argument(
-        "workload", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="zviz run ..."
+        "workload",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="zviz run ... | ctr run ...",
     )
     p.set_defaults(func=run)
 

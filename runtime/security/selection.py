@@ -16,7 +16,11 @@ The profile's mode (enforce or audit, docs/denials.md) is chosen the same way: t
 profile's own `mode`, over it the operator's `mode`, over that the annotation
 `io.zviz.mode`, which may always ask for "enforce" (stricter) and for "audit" only when
 the operator lists it in `allowed_annotation_modes`: audit mode lets through what the
-profile would refuse, so a pod must not choose it on its own.
+profile would refuse, so a pod must not choose it on its own. The operator's mode (or an
+allowed annotation) may also be "learn", the shim's: audit mode with the rootfs opened up,
+and the profile the container needed written when it is deleted (shim/learn.py); the
+profile chosen is then the learning's base (`base_profile`), and anything that resolves a
+learn-mode policy without learning (the pod's sandbox container) runs it in audit mode.
 """
 
 import os
@@ -34,6 +38,10 @@ from runtime.security.profiles import (
     load_root_owned_file,
     with_mode,
 )
+
+# The shim's mode beyond the profiles' own (module docstring).
+LEARN_MODE = "learn"
+POLICY_MODES = (*MODES, LEARN_MODE)
 
 DEFAULT_RULE = (
     "without allowed_annotation_profiles in the shim config, an annotation may only name a "
@@ -58,9 +66,9 @@ class ProfilePolicy:
         named = [("mode", self.mode)] if self.mode is not None else []
         named += [("allowed_annotation_modes", mode) for mode in self.allowed_modes]
         for key, mode in named:
-            if mode not in MODES:
+            if mode not in POLICY_MODES:
                 raise InvalidArgument(
-                    f"shim config: {key}: {mode!r} is not one of {', '.join(MODES)}"
+                    f"shim config: {key}: {mode!r} is not one of {', '.join(POLICY_MODES)}"
                 )
         for name in self.allowed or ():
             # Names only: an annotation never loads a file, so a path here would mean nothing.
@@ -82,8 +90,29 @@ def is_profile_name(value: str) -> bool:
 def choose(annotations: dict | None, policy: ProfilePolicy) -> Profile:
     """The profile for a container whose config.json has ANNOTATIONS, under POLICY, in the
     mode they choose (module docstring)."""
-    profile = with_mode(_choose_profile(annotations, policy), policy.mode, "shim config: mode")
-    return with_mode(profile, annotated_mode(annotations, policy.allowed_modes), MODE_ANNOTATION)
+    mode = _profile_mode(policy.mode)
+    profile = with_mode(_choose_profile(annotations, policy), mode, "shim config: mode")
+    annotated = _profile_mode(annotated_mode(annotations, policy.allowed_modes))
+    return with_mode(profile, annotated, MODE_ANNOTATION)
+
+
+def _profile_mode(mode: str | None) -> str | None:
+    """The profile mode a policy mode runs in: learning runs in audit mode."""
+    return "audit" if mode == LEARN_MODE else mode
+
+
+def learning(annotations: dict | None, policy: ProfilePolicy) -> bool:
+    """Whether the container is learnt: the annotation io.zviz.mode asks for "learn" (and
+    the operator allows it), or the operator's mode is "learn" and the annotation asks
+    for no other mode."""
+    asked = annotated_mode(annotations, policy.allowed_modes)
+    return (asked if asked is not None else policy.mode) == LEARN_MODE
+
+
+def base_profile(annotations: dict | None, policy: ProfilePolicy) -> Profile:
+    """The profile a learnt container's learning extends: the one `choose` would pick,
+    in its own mode."""
+    return _choose_profile(annotations, policy)
 
 
 def annotated_mode(annotations: dict | None, allowed: tuple[str, ...]) -> str | None:
@@ -92,8 +121,8 @@ def annotated_mode(annotations: dict | None, allowed: tuple[str, ...]) -> str | 
     if value is None:
         return None
     refused = f"mode {value!r} from annotation {MODE_ANNOTATION} refused"
-    if value not in MODES:
-        raise InvalidArgument(f"{refused}: not one of {', '.join(MODES)}")
+    if value not in POLICY_MODES:
+        raise InvalidArgument(f"{refused}: not one of {', '.join(POLICY_MODES)}")
     if value != "enforce" and value not in allowed:
         raise InvalidArgument(f"{refused}: not in the operator's allowed_annotation_modes")
     return value
