@@ -19,6 +19,7 @@ import os
 import stat
 
 from runtime import errors, linux
+from runtime.spec import Mount
 from runtime.syscall import LINUX, Syscall
 
 # Option name -> (flags to set, flags to clear).
@@ -91,22 +92,6 @@ DEV_SYMLINKS = (
 )
 
 
-class Mount:
-    """One mount to perform, from config.json or an auto-mount."""
-
-    __slots__ = ("destination", "type", "source", "options", "source_fd")
-
-    def __init__(
-        self, destination: str, type: str | None, source: str | None, options=(), source_fd=None
-    ):
-        self.destination = destination
-        self.type = type
-        self.source = source
-        self.options = list(options or ())
-        # A bind's source as a detached clone (open_bind_sources), made by host root.
-        self.source_fd = source_fd
-
-
 # The options that make any mount a bind, read off the one option table above.
 BIND_OPTIONS = frozenset(
     name for name, (set_flags, _) in _FLAG_OPTIONS.items() if set_flags & linux.MS_BIND
@@ -114,7 +99,7 @@ BIND_OPTIONS = frozenset(
 
 
 def is_bind(m) -> bool:
-    """Whether a mount (spec.Mount, or this module's) is a bind: type "bind", or a bind
+    """Whether a mount (a spec.Mount) is a bind: type "bind", or a bind
     option whatever its type. The one decision: spec.Mount.is_bind asks it too."""
     return m.type == "bind" or not BIND_OPTIONS.isdisjoint(m.options or ())
 
@@ -227,7 +212,7 @@ def merge_mounts(user_mounts) -> list[Mount]:
     auto-mount before it, so /dev/pts still lands on top of a user-provided /dev.
     """
     merged = [
-        Mount(m.destination, m.type, m.source, m.options, getattr(m, "source_fd", None))
+        Mount(m.destination, m.type, m.source, list(m.options or ()), source_fd=m.source_fd)
         for m in user_mounts
     ]
     taken = {_clean(m.destination) for m in merged}
@@ -443,7 +428,7 @@ class RootfsBuilder:
         """
         fds = self.bind_source_fds or [None] * len(self.spec.mounts or ())
         user_mounts = [
-            Mount(m.destination, m.type, m.source, m.options, fd)
+            Mount(m.destination, m.type, m.source, list(m.options or ()), source_fd=fd)
             for m, fd in zip(self.spec.mounts or (), fds, strict=True)
         ]
         merged = merge_mounts(user_mounts)

@@ -349,6 +349,9 @@ class Mount:
     options: list[str] = field(default_factory=list)
     uid_mappings: list[IdMapping] = field(default_factory=list)
     gid_mappings: list[IdMapping] = field(default_factory=list)
+    # Not config.json's: a bind's source as a detached clone made by host root
+    # (rootfs.open_bind_sources), carried to PID 1 and closed once attached.
+    source_fd: int | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_bind(self) -> bool:
