@@ -72,23 +72,23 @@ def test_ci_job_installs_clones_builds_and_tests(workloads, workload_image, pack
 
 
 def test_ci_job_apt_get_installs_from_a_local_repository(
-    workloads, workload_image, package_sources, request
+    workloads, workload_image, package_sources
 ):
-    if workloads.runtime == "zviz":
-        # dpkg writes the image's /etc, /usr and /var; ci-runner's Landlock keeps them
-        # read-only on purpose (security/test_layers.py pins /etc unwritable), so the job
-        # stops at `sh: cannot create /etc/apt/sources.list: Permission denied`. Strict:
-        # this cell turns red once a profile decision lets package installs through.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=AssertionError,
-                reason="issue 14 item 6: ci-runner keeps /etc, /usr, /var read-only (Landlock)",
-            )
-        )
+    """Under runc the job installs. Under ci-runner it is refused, by decision: dpkg
+    writes the image's /etc, /usr and /var, which ci-runner keeps read-only (Landlock;
+    security/test_layers.py pins /etc) so that no build step can replace the toolchain
+    or the shell a later step or an operator's exec runs; a job that installs system
+    packages runs under an operator profile extending ci-runner (the next test), or
+    bakes them into its image (docs/profiles.md)."""
     _, job = workloads.run(
         workload_image("ci"), CI_APT_JOB, CI_PROFILE, netns=package_sources, timeout=300
     )
+    if workloads.runtime == "zviz":
+        assert job.returncode != 0, job.stdout
+        assert "/etc/apt/sources.list: Permission denied" in job.stdout + job.stderr, (
+            f"{job.stdout}\n{job.stderr}"
+        )
+        return
     assert job.returncode == 0, f"{job.stdout}\n{job.stderr}"
     assert job.stdout.splitlines()[-1] == "hello from apt", job.stdout
 
