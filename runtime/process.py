@@ -225,7 +225,7 @@ def _spawn_init(
                 parent_end.send("mapped")
             else:
                 try:
-                    parent_end.send_fds([rootfs_fd], type="mapped", idmapped=True)
+                    parent_end.send_fds("mapped", [rootfs_fd], idmapped=True)
                 finally:
                     os.close(rootfs_fd)
         elif kind == "pid":

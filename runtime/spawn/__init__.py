@@ -1,0 +1,1 @@
+"""Spawning a container's processes: the sync channel's messages (messages.py)."""
