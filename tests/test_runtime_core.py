@@ -261,7 +261,7 @@ def test_only_read_only_bind_volumes_are_id_mapped_and_never_under_cap_sys_admin
     ],
 )
 def test_ping_group_range_is_narrowed_to_the_mapped_groups(value, gid_map, written):
-    from runtime.process import ping_group_range_within
+    from runtime.spawn.sysctl import ping_group_range_within
 
     assert ping_group_range_within(value, gid_map) == written
 

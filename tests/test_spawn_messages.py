@@ -111,7 +111,7 @@ def _is_message_type(node) -> bool:
 
 def _receives_from_the_channel(path: pathlib.Path) -> bool:
     """The files where a comparison with `kind` or message["type"] is about the channel."""
-    return path.parent == RUNTIME / "spawn" or path in (RUNTIME / "sync.py", RUNTIME / "process.py")
+    return path.parent == RUNTIME / "spawn" or path == RUNTIME / "sync.py"
 
 
 def _protocol():
