@@ -1,8 +1,8 @@
 """What every stage of a spawn shares: the Request, and how a child reports and leaves.
 
-Each child always leaves through os._exit (`_run_child`); a failure becomes one
+Each child always leaves through os._exit (`run_child`); a failure becomes one
 structured error on the sync socket (runtime/spawn/messages.py: "error"), which the
-parent raises as a ZvizError. `_Stages` names the step a failure happened in.
+parent raises as a ZvizError. `Stages` names the step a failure happened in.
 """
 
 import os
@@ -59,7 +59,7 @@ class Request:
         self.bind_source_fds: list[int | None] = []
 
 
-def _run_child(sync: Sync, body) -> None:
+def run_child(sync: Sync, body) -> None:
     code = 1
     try:
         body()
@@ -81,7 +81,7 @@ class _StageError(Exception):
         self.cause = cause
 
 
-class _Stages:
+class Stages:
     """Names the stage a failure happened in: `with stages("mount"): ...`."""
 
     def __call__(self, name: str):
@@ -105,7 +105,7 @@ def _tell_stderr(stage: str, cause: BaseException) -> None:
         pass
 
 
-def _preload(request: Request, stages: "_Stages") -> None:
+def preload(request: Request, stages: "Stages") -> None:
     """Import now what the child needs later: after pivot_root or setns(mnt) the
     runtime's source tree and the standard library are out of reach."""
     with stages("setup"):
@@ -124,7 +124,7 @@ def _preload(request: Request, stages: "_Stages") -> None:
             from runtime import exec_anchor  # noqa: F401
 
 
-def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
+def close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
     """Close everything the caller had open except what the container needs.
 
     A long-lived caller (the shim) has sockets and files open; a PID 1 blocked on
@@ -147,7 +147,7 @@ def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
     linux.close_range(low)
 
 
-def _close_all(fds) -> None:
+def close_all(fds) -> None:
     for fd in fds:
         try:
             os.close(fd)

@@ -15,22 +15,22 @@ import signal
 from runtime import denials, linux
 from runtime.spawn.common import (
     Request,
-    _close_all,
-    _close_inherited_fds,
-    _preload,
-    _run_child,
-    _Stages,
+    Stages,
+    close_all,
+    close_inherited_fds,
+    preload,
+    run_child,
 )
-from runtime.spawn.init import _finish_process, _prepare_process, _setup_stdio
-from runtime.spawn.namespace_child import _host_id_of_container_root
+from runtime.spawn.init import finish_process, prepare_process, setup_stdio
+from runtime.spawn.namespace_child import host_id_of_container_root
 from runtime.sync import Sync
 
 
-def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
-    stages = _Stages()
-    _preload(request, stages)
+def run_exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
+    stages = Stages()
+    preload(request, stages)
     with stages("fds"):
-        _close_inherited_fds(request, sync, extra=[fd for _, fd in ns_fds])
+        close_inherited_fds(request, sync, extra=[fd for _, fd in ns_fds])
     with stages("prctl"):
         linux.set_pdeathsig(signal.SIGKILL)
     if request.cgroup is not None:
@@ -38,9 +38,9 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
             request.cgroup.join_self()
     if denials.enabled():
         with stages("audit session"):
-            # Its own session, as PID 1's (_namespace_child): the shim adds it to the
+            # Its own session, as PID 1's (run_namespace_child): the shim adds it to the
             # container's, so records of a caller that has exited are still the container's.
-            denials.start_session(_host_id_of_container_root(request.spec))
+            denials.start_session(host_id_of_container_root(request.spec))
     with stages("namespaces"):
         for ns_type, fd in ns_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
@@ -54,8 +54,8 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
     if pid == 0:
         if channel is not None:
             binary = request.anchor_connection[1]
-            _run_child(sync, lambda: _stand_in(sync, stages, process, channel, binary))
-        _run_child(sync, lambda: _exec_process(request, sync, stages, process))
+            run_child(sync, lambda: _stand_in(sync, stages, process, channel, binary))
+        run_child(sync, lambda: _exec_process(request, sync, stages, process))
     sync.send("pid", pid=pid)
 
 
@@ -67,7 +67,7 @@ def _request_from_anchor(request: Request, process) -> int:
 
     terminal = process.terminal and request.console_fd is not None
     if terminal:
-        # The pty in the container's devpts, as _setup_stdio makes it for the old path.
+        # The pty in the container's devpts, as setup_stdio makes it for the old path.
         slave = console.make_pty_and_send(request.console_fd)
         stdio = (slave, slave, slave)
     else:
@@ -77,7 +77,7 @@ def _request_from_anchor(request: Request, process) -> int:
         channel = exec_anchor.send_request(connected, process, stdio, terminal)
     finally:
         os.close(connected)
-        _close_all(set(stdio))
+        close_all(set(stdio))
     null = os.open("/dev/null", os.O_RDWR)  # the container's: the stand-in is in its mounts
     for target in (0, 1, 2):
         if target != null:
@@ -87,7 +87,7 @@ def _request_from_anchor(request: Request, process) -> int:
     return channel
 
 
-def _stand_in(sync: Sync, stages: "_Stages", process, channel: int, binary: int) -> None:
+def _stand_in(sync: Sync, stages: "Stages", process, channel: int, binary: int) -> None:
     """The exec as its caller knows it (pid, exit status, signals) while the anchor's
     child runs it inside PID 1's Landlock domain."""
     from runtime import exec_anchor
@@ -101,8 +101,8 @@ def _stand_in(sync: Sync, stages: "_Stages", process, channel: int, binary: int)
         exec_anchor.stand_in(channel, binary, process, ready=sync.close)
 
 
-def _exec_process(request: Request, sync: Sync, stages: "_Stages", process) -> None:
+def _exec_process(request: Request, sync: Sync, stages: "Stages", process) -> None:
     with stages("terminal"):
-        _setup_stdio(request, process)
-    plan = _prepare_process(request, stages, process)
-    _finish_process(request, sync, stages, process, plan, wait_for_fifo=None)
+        setup_stdio(request, process)
+    plan = prepare_process(request, stages, process)
+    finish_process(request, sync, stages, process, plan, wait_for_fifo=None)

@@ -4,8 +4,8 @@ Builds the filesystem, terminal, sysctls, hostname, rlimits, prepares the securi
 layers, switches user, reports "ready" and waits: for "start" on the sync socket (`zviz
 run`, no fifo round trip), or for `zviz start` to open the exec fifo (`zviz create`).
 Then the startContainer hooks, the security layers, the exec anchor's fork
-(runtime/exec_anchor.py), then execve. The process attributes (`_prepare_process`,
-`_finish_process`) are an exec's too (runtime/spawn/exec.py).
+(runtime/exec_anchor.py), then execve. The process attributes (`prepare_process`,
+`finish_process`) are an exec's too (runtime/spawn/exec.py).
 
 Everything here runs after fork and leaves only through os._exit.
 """
@@ -15,8 +15,8 @@ import signal
 
 from runtime import errors, hooks, linux
 from runtime.rootfs import RootfsBuilder
-from runtime.spawn.common import Request, _Stages
-from runtime.spawn.sysctl import _write_sysctl, joined_netns_sysctls
+from runtime.spawn.common import Request, Stages
+from runtime.spawn.sysctl import joined_netns_sysctls, write_sysctl
 from runtime.sync import Sync
 
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -42,7 +42,7 @@ RLIMITS = {
 }
 
 
-def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> None:
+def run_init(request: Request, sync: Sync, stages: Stages, in_userns: bool) -> None:
     """PID 1: filesystem, process attributes, ready, wait for start, security, execve."""
     spec = request.spec
     process = spec.process
@@ -89,12 +89,12 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
         with stages("rootfs"):
             raise errors.field_error("linux.namespaces", "a mount namespace is required")
     with stages("terminal"):
-        _setup_stdio(request, process)
+        setup_stdio(request, process)
     with stages("sysctl"):
         written_by_parent = joined_netns_sysctls(spec)  # write_joined_netns_sysctls
         for key, value in (spec.linux.sysctl or {}).items():
             if key not in written_by_parent:
-                _write_sysctl(key, value)
+                write_sysctl(key, value)
     with stages("rootfs"):
         builder.finish()
         from runtime import security
@@ -106,20 +106,20 @@ def _init(request: Request, sync: Sync, stages: _Stages, in_userns: bool) -> Non
         if getattr(spec, "domainname", None):
             linux.setdomainname(spec.domainname)
     # What does not need the cgroup runs while the parent's join of it may still wait.
-    plan = _prepare_process(request, stages, process, own_proc_files=True)
+    plan = prepare_process(request, stages, process, own_proc_files=True)
     with stages("cgroup"):
         if joined is None:
             joined = sync.expect("joined")
         if "cgroup" in new_ns:
             # Now, so the namespace's root is the container's own cgroup.
             linux.unshare(linux.CLONE_NEWCGROUP)
-    _finish_process(
+    finish_process(
         request, sync, stages, process, plan, wait_for_fifo=request.wait_for_fifo_fd,
         hook_state=joined.get("state"),
     )  # fmt: skip
 
 
-def _prepare_process(request: Request, stages: _Stages, process, own_proc_files: bool = False):
+def prepare_process(request: Request, stages: Stages, process, own_proc_files: bool = False):
     """rlimits and the security layers' preparation (PID 1's and an exec's).
 
     own_proc_files: PID 1's only. An exec's pinning mounts would outlive it, on the
@@ -135,8 +135,8 @@ def _prepare_process(request: Request, stages: _Stages, process, own_proc_files:
         )
 
 
-def _finish_process(
-    request: Request, sync: Sync, stages: _Stages, process, plan, wait_for_fifo, hook_state=None
+def finish_process(
+    request: Request, sync: Sync, stages: Stages, process, plan, wait_for_fifo, hook_state=None
 ):
     """user, cwd, fds; ready; wait; startContainer hooks (PID 1's); security; execve."""
     from runtime import security
@@ -226,7 +226,7 @@ def _restore_default_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
-def _setup_stdio(request: Request, process) -> None:
+def setup_stdio(request: Request, process) -> None:
     from runtime import console
 
     if process.terminal and request.console_fd is not None:

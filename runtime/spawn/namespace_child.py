@@ -16,17 +16,17 @@ from runtime import denials, errors, idmap, linux
 from runtime.idmap import (
     host_id_of_root,
 )
-from runtime.spawn.common import Request, _close_inherited_fds, _preload, _run_child, _Stages
-from runtime.spawn.init import _init
+from runtime.spawn.common import Request, Stages, close_inherited_fds, preload, run_child
+from runtime.spawn.init import run_init
 from runtime.sync import Sync
 
 
-def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_user: bool) -> None:
-    stages = _Stages()
+def run_namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_user: bool) -> None:
+    stages = Stages()
     spec = request.spec
-    _preload(request, stages)
+    preload(request, stages)
     with stages("fds"):
-        _close_inherited_fds(
+        close_inherited_fds(
             request,
             sync,
             extra=[fd for _, fd in join_fds]
@@ -48,7 +48,7 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
         with stages("audit session"):
             # While host root in the initial user namespace (after it, no one in the
             # container can change it): the kernel's denial records name this session.
-            denials.start_session(_host_id_of_container_root(spec))
+            denials.start_session(host_id_of_container_root(spec))
     with stages("namespaces"):
         for ns_type, fd in join_fds:
             linux.setns(fd, linux.NAMESPACE_FLAGS[ns_type])
@@ -64,18 +64,18 @@ def _namespace_child(request: Request, sync: Sync, flags: int, join_fds, new_use
             request.rootfs_mount_fd = fds[0] if fds else None
             _become_root_in_userns()
     with stages("namespaces"):
-        # The cgroup namespace waits for PID 1 to be in its cgroup (see _init).
+        # The cgroup namespace waits for PID 1 to be in its cgroup (see run_init).
         if flags & ~linux.CLONE_NEWCGROUP:
             linux.unshare(flags & ~linux.CLONE_NEWCGROUP)
     with stages("fork"):
         pid1 = os.fork()
     if pid1 == 0:
         in_userns = new_user or any(t == "user" for t, _ in join_fds)
-        _run_child(sync, lambda: _init(request, sync, stages, in_userns=in_userns))
+        run_child(sync, lambda: run_init(request, sync, stages, in_userns=in_userns))
     sync.send("pid", pid=pid1)
 
 
-def _host_id_of_container_root(spec) -> int:
+def host_id_of_container_root(spec) -> int:
     """The container's audit login uid: its root's host uid (0 without a user namespace)."""
     ranges = ((m.container_id, m.host_id, m.size) for m in spec.linux.uid_mappings)
     host = idmap.host_id_in(ranges, 0)

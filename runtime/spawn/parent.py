@@ -26,9 +26,9 @@ from runtime.idmap import (
     requested_idmap_mounts,
 )
 from runtime.rootfs import open_bind_sources
-from runtime.spawn.common import Request, _close_all, _run_child
-from runtime.spawn.exec import _exec_child
-from runtime.spawn.namespace_child import _namespace_child
+from runtime.spawn.common import Request, close_all, run_child
+from runtime.spawn.exec import run_exec_child
+from runtime.spawn.namespace_child import run_namespace_child
 from runtime.sync import Sync
 
 # Join order for namespaces given by path (their fds are opened beforehand). The user
@@ -83,13 +83,13 @@ def _fork_child(fds_for_child: list[int], child_main) -> tuple[int, Sync]:
     except BaseException:
         parent_end.close()
         child_end.close()
-        _close_all(fds_for_child)
+        close_all(fds_for_child)
         raise
     if child == 0:
         parent_end.close()
-        _run_child(child_end, lambda: child_main(child_end))
+        run_child(child_end, lambda: child_main(child_end))
     child_end.close()
-    _close_all(fds_for_child)
+    close_all(fds_for_child)
     return child, parent_end
 
 
@@ -123,14 +123,14 @@ def spawn_init(request: Request, log) -> Spawned:
         # And those config.json asks to be id-mapped (a hostUsers: false pod's).
         mounts_to_map = requested_idmap_mounts(spec, request.bind_source_fds)
     except BaseException:
-        _close_all(fd for _, fd in join_fds)
-        _close_all(fd for fd in request.bind_source_fds if fd is not None)
-        _close_all(fd for _, fd in volumes_to_map)
+        close_all(fd for _, fd in join_fds)
+        close_all(fd for fd in request.bind_source_fds if fd is not None)
+        close_all(fd for _, fd in volumes_to_map)
         raise
     try:
         return _spawn_init(request, log, flags, join_fds, new_user, volumes_to_map, mounts_to_map)
     finally:
-        _close_all(fd for _, fd in volumes_to_map + mounts_to_map)
+        close_all(fd for _, fd in volumes_to_map + mounts_to_map)
 
 
 def _spawn_init(
@@ -139,7 +139,7 @@ def _spawn_init(
     spec = request.spec
     child, parent_end = _fork_child(
         [fd for _, fd in join_fds] + [fd for fd in request.bind_source_fds if fd is not None],
-        lambda child_end: _namespace_child(request, child_end, flags, join_fds, new_user),
+        lambda child_end: run_namespace_child(request, child_end, flags, join_fds, new_user),
     )
 
     def on_message(kind: str, message: dict, pid1: int | None) -> None:
@@ -215,7 +215,8 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
             continue
         ns_fds.append((ns_type, _open_ns(ns_type, theirs)))
     child, parent_end = _fork_child(
-        [fd for _, fd in ns_fds], lambda child_end: _exec_child(request, child_end, ns_fds, process)
+        [fd for _, fd in ns_fds],
+        lambda child_end: run_exec_child(request, child_end, ns_fds, process),
     )
     return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log)
 
@@ -343,10 +344,10 @@ def _foreign_owner(join_fds) -> int | None:
             else:
                 owners[key] = owner
     except BaseException:
-        _close_all(owners.values())
+        close_all(owners.values())
         raise
     if len(owners) > 1:
-        _close_all(owners.values())
+        close_all(owners.values())
         raise errors.InvalidArgument(
             "config.json: linux.namespaces: the namespaces given by path belong to different"
             " user namespaces; a container can join only one"

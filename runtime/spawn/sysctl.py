@@ -44,7 +44,7 @@ def write_joined_netns_sysctls(spec) -> None:
             finally:
                 os.close(fd)
             for key, value in sysctls.items():
-                _write_sysctl(key, value)
+                write_sysctl(key, value)
         except BaseException as e:  # re-raised in the caller's thread
             failure.append(e)
 
@@ -61,7 +61,7 @@ def write_joined_netns_sysctls(spec) -> None:
         raise error
 
 
-def _write_sysctl(key: str, value: str) -> None:
+def write_sysctl(key: str, value: str) -> None:
     path = "/proc/sys/" + key.replace(".", "/")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
