@@ -16,8 +16,10 @@ import select
 import signal
 import time
 
-from runtime import errors, linux, process, state
+from runtime import errors, linux, state
 from runtime.log import NULL as NULL_LOG
+from runtime.spawn import parent, sysctl
+from runtime.spawn.common import Request
 
 # How long delete waits for killed processes to leave before failing.
 _KILL_WAIT_S = 10.0
@@ -30,7 +32,7 @@ class Container:
         self.dir = state.container_dir(root, container_id)
         self.data = data
         self.log = log
-        self._spawned: process.Spawned | None = None
+        self._spawned: parent.Spawned | None = None
         self._cgroup = None
         # Set by create(), from the validated config.json, for the caller (the shim) that
         # would otherwise read config.json again: PID 1's user as {"uid", "gid"}, and
@@ -174,7 +176,7 @@ class Container:
             anchor_fds = exec_anchor.prepare(directory, spec, log)
             if anchor_fds is not None:
                 fds.extend(anchor_fds)
-            request = process.Request(
+            request = Request(
                 spec,
                 bundle=bundle,
                 notify_channel=channel,
@@ -189,8 +191,8 @@ class Container:
                 hook_state=_hook_template(data),
                 anchor_fds=anchor_fds,
             )
-            process.write_joined_netns_sysctls(spec)
-            spawned = process.spawn_init(request, log)
+            sysctl.write_joined_netns_sysctls(spec)
+            spawned = parent.spawn_init(request, log)
             steps.done(f"PID 1 ({spawned.pid}) ready: namespaces, id maps, rootfs")
             data["pid"] = spawned.pid
             data["pidStartTime"] = spawned.start_time
@@ -215,7 +217,7 @@ class Container:
                     spawned.sync.send("ack")
             except BaseException:
                 spawned.sync.close()
-                process._kill(spawned.pid)
+                parent._kill(spawned.pid)
                 raise
             if detach:
                 spawned.sync.close()
@@ -365,7 +367,7 @@ class Container:
         if self._spawned is not None:
             spawned, self._spawned = self._spawned, None
             spawned.sync.send("start")
-            process.wait_exec_result(spawned)
+            parent.wait_exec_result(spawned)
             self._run_later_hooks("poststart", "running")
             return
         status = self.status()
@@ -476,7 +478,7 @@ class Container:
             finally:
                 if pidfd >= 0:
                     os.close(pidfd)
-            process.reap_if_child(self.pid)
+            parent.reap_if_child(self.pid)
         cg = self.cgroup()
         if cg is not None:
             cg.destroy()
@@ -592,7 +594,7 @@ class Container:
                 linux.set_child_subreaper()
             if anchor_connection is None:  # else PID 1's broker serves it, as its children
                 channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
-            request = process.Request(
+            request = Request(
                 spec,
                 bundle=self.data["bundle"],
                 notify_channel=channel,
@@ -604,7 +606,7 @@ class Container:
                 preserve_fds=preserve_fds,
                 anchor_connection=anchor_connection,
             )
-            spawned = process.spawn_exec(request, self.pid, exec_process, self.log)
+            spawned = parent.spawn_exec(request, self.pid, exec_process, self.log)
         except BaseException:
             _close_channel(channel)
             raise
@@ -626,12 +628,12 @@ class Container:
                 write_pid_file(pid_file, spawned.pid)
         except BaseException:
             spawned.sync.close()
-            process._kill(spawned.pid)
+            parent._kill(spawned.pid)
             raise
         finally:
             _close_channel(channel)
         spawned.sync.send("start")
-        process.wait_exec_result(spawned)
+        parent.wait_exec_result(spawned)
         return spawned.pid
 
     def _exec_anchor(

@@ -324,28 +324,32 @@ def _namespaces_and_cgroup(pid: str) -> tuple:
         return ids, f.read()
 
 
+# Everything a run imports, also lazily (found by diffing sys.modules around a run).
+# runtime.container brings every stage of runtime/spawn/ (tests/test_spawn_stages.py).
+PRELOADED = (
+    "runtime.cgroups",
+    "runtime.cgroups.v1",
+    "runtime.cgroups.v2",
+    "runtime.container",
+    "runtime.spec",
+    "runtime.rootfs",
+    "runtime.console",
+    "resource",
+    "select",
+    "shutil",
+    "ipaddress",
+    "locale",
+    "fnmatch",
+)
+
+
 def serve(directory: str = SERVER_DIR) -> None:
     # Import everything a run needs once, before any client arrives.
     import importlib
 
     from runtime import cli, commands
 
-    # Everything a run imports, also lazily (found by diffing sys.modules around a run).
-    for name in (
-        "runtime.cgroups",
-        "runtime.cgroups.v1",
-        "runtime.cgroups.v2",
-        "runtime.container",
-        "runtime.spec",
-        "runtime.rootfs",
-        "runtime.console",
-        "resource",
-        "select",
-        "shutil",
-        "ipaddress",
-        "locale",
-        "fnmatch",
-    ):
+    for name in PRELOADED:
         try:
             importlib.import_module(name)
         except ImportError:

@@ -7,6 +7,9 @@ framing. A failure in any child stage travels back as
 the matching ZvizError: the user reads "mount(/proc): ... Operation not permitted",
 never a traceback from a forked child.
 
+Which messages exist, in which direction and with which fields is declared once, in
+runtime/spawn/messages.py; send() and expect() refuse anything else.
+
 `_socket` instead of `socket`: the high-level module costs ~1.5 ms of import on the
 `zviz run` path and nothing here needs it.
 """
@@ -19,6 +22,7 @@ import os
 import select
 
 from runtime import errors
+from runtime.spawn.messages import TO_CHILD, TO_PARENT, MessageError, declared
 
 _MAX_PACKET = 65536
 
@@ -26,18 +30,24 @@ _MAX_PACKET = 65536
 class Sync:
     """One end of the channel. Owns its fd; close() it (the child end dies with exec)."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, sends: str):
         self.fd = fd
+        # The direction of what this end sends (runtime/spawn/messages.py); it receives
+        # the other.
+        self.sends = sends
+        self.receives = TO_PARENT if sends == TO_CHILD else TO_CHILD
 
     @staticmethod
     def pair() -> tuple["Sync", "Sync"]:
+        """(the parent's end, the children's end)."""
         parent, child = _socket.socketpair(
             _socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC
         )
-        return Sync(parent.detach()), Sync(child.detach())
+        return Sync(parent.detach(), TO_CHILD), Sync(child.detach(), TO_PARENT)
 
-    def send(self, message_type: str, /, **fields) -> None:
-        fields["type"] = message_type
+    def send(self, kind: str, /, **fields) -> None:
+        declared(kind).check(fields, self.sends, with_fds=False)
+        fields["type"] = kind
         os.write(self.fd, json.dumps(fields).encode())
 
     def recv(self, timeout: float | None = None) -> dict | None:
@@ -56,10 +66,17 @@ class Sync:
         data = _read_past_reset(lambda: os.read(self.fd, _MAX_PACKET))
         if not data:
             return None
-        return json.loads(data)
+        return self._received(json.loads(data))
+
+    def _received(self, message: dict) -> dict:
+        if declared(message["type"]).direction != self.receives:
+            raise MessageError(f"sync: {message['type']!r} arrived at the wrong end")
+        return message
 
     def expect(self, kind: str) -> dict:
         """Receive one message that must be `kind`; a child error or EOF raises."""
+        if declared(kind).direction != self.receives:
+            raise MessageError(f"sync: {kind!r} is not sent to this end ({self.receives})")
         message = self.recv()
         if message is None:
             raise errors.FailedPrecondition(f"container setup: peer exited before sending {kind!r}")
@@ -87,8 +104,10 @@ class Sync:
             return False
         return True
 
-    def send_fds(self, fds: list[int], **fields) -> None:
+    def send_fds(self, kind: str, fds: list[int], /, **fields) -> None:
         """A message carrying open file descriptors (SCM_RIGHTS)."""
+        declared(kind).check(fields, self.sends, with_fds=True)
+        fields["type"] = kind
         sock = _socket.socket(fileno=self.fd)
         try:
             payload = json.dumps(fields).encode()
@@ -109,7 +128,7 @@ class Sync:
         for level, kind, payload in ancillary:
             if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
-        return (json.loads(data) if data else None), list(fds)
+        return (self._received(json.loads(data)) if data else None), list(fds)
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -13,7 +13,7 @@ root, cwd or credentials, and the fd-producing calls whose flags carry a securit
 decision (openat2's RESOLVE_*, open_tree). Plain file work in the rootfs (mkdir, open
 O_NOFOLLOW, lstat, readlink) stays on `os`: it runs unprivileged in a test's temp
 directory as it does in the container. Outside the seam: the namespace calls of
-runtime/process.py, Landlock and seccomp (loaded by their own modules), and the
+runtime/spawn/, Landlock and seccomp (loaded by their own modules), and the
 broker's ctypes (runtime/security/broker/: pidfd_getfd, seccomp notify ioctls).
 """
 

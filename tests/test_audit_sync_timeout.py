@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from runtime import errors, process
+from runtime import errors
+from runtime.spawn import parent as spawn_parent
 from runtime.sync import Sync
 
 
@@ -38,7 +39,7 @@ def test_a_silent_child_is_killed_and_reaped_at_the_timeout():
     child_end.close()
     started = time.monotonic()
     with pytest.raises(errors.FailedPrecondition, match="no word"):
-        process._until_ready(pid, parent, "stuck child", None, lambda *_: None, timeout=0.3)
+        spawn_parent._until_ready(pid, parent, "stuck child", None, lambda *_: None, timeout=0.3)
     assert time.monotonic() - started < 10
     with pytest.raises(ChildProcessError):  # killed and already reaped
         os.waitpid(pid, os.WNOHANG)
@@ -46,6 +47,8 @@ def test_a_silent_child_is_killed_and_reaped_at_the_timeout():
 
 def test_hooks_run_during_setup_extend_the_timeout():
     spec_hooks = {"createContainer": [{"path": "/bin/true", "timeout": 5}, {"path": "/bin/true"}]}
-    expected = process.SETUP_MESSAGE_TIMEOUT + 5 + process.SETUP_MESSAGE_TIMEOUT
-    assert process.setup_timeout(spec_hooks, ("createContainer",)) == expected
-    assert process.setup_timeout(None, ("createContainer",)) == process.SETUP_MESSAGE_TIMEOUT
+    expected = spawn_parent.SETUP_MESSAGE_TIMEOUT + 5 + spawn_parent.SETUP_MESSAGE_TIMEOUT
+    assert spawn_parent.setup_timeout(spec_hooks, ("createContainer",)) == expected
+    assert (
+        spawn_parent.setup_timeout(None, ("createContainer",)) == spawn_parent.SETUP_MESSAGE_TIMEOUT
+    )

@@ -182,16 +182,16 @@ def test_host_owned_namespaces_by_path_are_refused_naming_the_profile(
     """runtime-tools' linux_ns_path joins the host's namespaces by path; from a user
     namespace of its own the container could not set them up, so zviz refuses up front
     (the uts one failed in PID 1 with sethostname: EPERM before)."""
-    from runtime import process
+    from runtime.spawn import parent
 
     spec = make_spec(tmp_path)
     spec.hostname = hostname
     profile = security.resolve_profile("ci-runner", {})
     if refused is None:
-        process._refuse_host_owned_joins([(joined, -1)], profile, spec)
+        parent._refuse_host_owned_joins([(joined, -1)], profile, spec)
         return
     with pytest.raises(InvalidArgument) as info:
-        process._refuse_host_owned_joins([(joined, -1)], profile, spec)
+        parent._refuse_host_owned_joins([(joined, -1)], profile, spec)
     assert refused in str(info.value) and "profile ci-runner" in str(info.value)
 
 

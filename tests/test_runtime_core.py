@@ -96,8 +96,8 @@ def test_proc_stat_of_self_and_of_nothing():
 def test_sync_round_trip_and_structured_errors():
     parent, child = Sync.pair()
     try:
-        child.send("ready", pid=5)
-        assert parent.recv() == {"type": "ready", "pid": 5}
+        child.send("pid", pid=5)
+        assert parent.recv() == {"type": "pid", "pid": 5}
         assert child.send_error("mount", OSError(1, "mount(/proc): Operation not permitted"))
         error = error_from_message(parent.recv())
         assert isinstance(error, errors.FailedPrecondition)
@@ -105,9 +105,9 @@ def test_sync_round_trip_and_structured_errors():
         child.send_error("exec", errors.NotFound("'x': executable file not found in $PATH"))
         assert isinstance(error_from_message(parent.recv()), errors.NotFound)
         r, w = os.pipe()
-        child.send_fds([r], type="fd")
-        message, fds = parent.recv_fds(1)
-        assert message == {"type": "fd"} and len(fds) == 1
+        parent.send_fds("mapped", [r], idmapped=True)
+        message, fds = child.recv_fds(1)
+        assert message == {"type": "mapped", "idmapped": True} and len(fds) == 1
         os.write(w, b"x")
         assert os.read(fds[0], 1) == b"x"
         for fd in (r, w, *fds):
@@ -126,7 +126,7 @@ def test_a_childs_error_survives_it_closing_with_our_packets_unread(with_fds):
     # Seen under load as "internal error: ConnectionResetError" instead of the message.
     parent, child = Sync.pair()
     try:
-        parent.send("go")
+        parent.send("start")
         assert child.send_error("mount", errors.InvalidArgument("/sys is a symlink in the image"))
         child.close()
         message = parent.recv_fds(1)[0] if with_fds else parent.recv()
@@ -261,7 +261,7 @@ def test_only_read_only_bind_volumes_are_id_mapped_and_never_under_cap_sys_admin
     ],
 )
 def test_ping_group_range_is_narrowed_to_the_mapped_groups(value, gid_map, written):
-    from runtime.process import ping_group_range_within
+    from runtime.spawn.sysctl import ping_group_range_within
 
     assert ping_group_range_within(value, gid_map) == written
 

@@ -67,7 +67,7 @@ def raise_effective_to_permitted(syscall: Syscall = LINUX) -> None:
 
     A setuid away from 0 (with keepcaps) clears the effective set, and dropping the
     bounding set needs CAP_SETPCAP effective: the one place either caller (drop(), and
-    PID 1's user switch in runtime/process.py) raises it."""
+    PID 1's user switch in runtime/spawn/init.py) raises it."""
     _, permitted, inheritable = syscall.capget()
     syscall.capset(permitted, permitted, inheritable)
 
