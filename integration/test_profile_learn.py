@@ -392,7 +392,7 @@ def test_ci_job_learned_from_hostile_tenant(
     base: the syscalls git, gcc and Python need beyond it and the directory the job builds
     in (/root) are learned; the job then passes enforcing, and a probe's kcmp and a write
     to /etc (neither of which the job did) are refused."""
-    from tools.workloads import CI_JOB, CI_REPOSITORY, ci_bare_repository
+    from tools.workloads import CI_BUILD_JOB, CI_REPOSITORY, ci_bare_repository
 
     lower = image_rootfs("ci")
     repository = tempfile.mkdtemp(prefix=tagged("s5learn-repo") + "-")
@@ -402,7 +402,7 @@ def test_ci_job_learned_from_hostile_tenant(
               "options": ["rbind", "ro"]}  # fmt: skip
     out = str(tmp_path / "ci-learned.toml")
 
-    def job_bundle(args=CI_JOB):
+    def job_bundle(args=CI_BUILD_JOB):
         bundle = image_bundle(lower, list(args))
         edit_config(bundle, lambda c: c["mounts"].append(volume))
         return bundle
@@ -538,7 +538,7 @@ def test_python_service_learned_on_its_own_port(
     list: it fails to start under web-server; learning turns its bind into a bind rule
     (and a Landlock port); it then answers a client loop enforcing, and a bind of 8082,
     never done, is refused."""
-    from integration.workloads.test_python_service import CLIENT
+    from integration.workloads.http_service import CLIENT
     from tools.workloads import PYTHON_SERVICE
 
     lower = image_rootfs("python")

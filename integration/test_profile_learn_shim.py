@@ -287,7 +287,7 @@ def test_ci_job_learned_through_the_shim(zviz_bin, containerd, ci_image, operato
     """The CI job (git clone, gcc/make, pytest) learned from hostile-tenant through the
     shim: it then passes enforcing under the learned profile, and a probe's kcmp and a
     write to /etc are refused; under hostile-tenant the job fails."""
-    from tools.workloads import CI_JOB, CI_REPOSITORY, ci_bare_repository
+    from tools.workloads import CI_BUILD_JOB, CI_REPOSITORY, ci_bare_repository
 
     repository = tempfile.mkdtemp(prefix=tagged("s5learn2-repo") + "-", dir="/run")
     os.chmod(repository, 0o755)
@@ -301,7 +301,7 @@ def test_ci_job_learned_through_the_shim(zviz_bin, containerd, ci_image, operato
     try:
         base_config = shim_config(operator_dir, 'profile = "hostile-tenant"\n')
         under_base = run_enforcing(
-            containerd, ci_image, base_config, list(CI_JOB), mounts=mounts, timeout=300
+            containerd, ci_image, base_config, list(CI_BUILD_JOB), mounts=mounts, timeout=300
         )
         assert under_base.returncode != 0, under_base.stdout
 
@@ -312,7 +312,12 @@ def test_ci_job_learned_through_the_shim(zviz_bin, containerd, ci_image, operato
             "hostile-tenant",
             out,
             ctr_run_args(
-                containerd, ci_image, learn_config(operator_dir), cid, list(CI_JOB), mounts=mounts
+                containerd,
+                ci_image,
+                learn_config(operator_dir),
+                cid,
+                list(CI_BUILD_JOB),
+                mounts=mounts,
             ),
             timeout=400,
         )
@@ -328,7 +333,7 @@ def test_ci_job_learned_through_the_shim(zviz_bin, containerd, ci_image, operato
         config = enforce_config(operator_dir, name)
         annotations = [f"io.zviz.profile={name}"]
         enforced = run_enforcing(
-            containerd, ci_image, config, list(CI_JOB), mounts=mounts,
+            containerd, ci_image, config, list(CI_BUILD_JOB), mounts=mounts,
             annotations=annotations, timeout=300,
         )  # fmt: skip
         assert enforced.returncode == 0, f"{enforced.stdout}\n{enforced.stderr}"

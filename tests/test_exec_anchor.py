@@ -34,7 +34,10 @@ def start_anchor(binary: str, state_dir: str, served_uid: int) -> subprocess.Pop
 
 
 @pytest.fixture
-def anchor(binary, tmp_path):
+def anchor(binary, tmp_path, monkeypatch):
+    # The stand-in is the binary built here, not one installed beside the interpreter
+    # (a venv made without `make install` has none).
+    monkeypatch.setattr(exec_anchor, "binary_path", lambda: binary)
     process = start_anchor(binary, str(tmp_path), os.geteuid())
     yield str(tmp_path)
     process.kill()
@@ -125,8 +128,9 @@ def test_the_stand_in_exits_with_the_execs_code(anchor, binary):
     assert stand_in.wait(timeout=10) == 9
 
 
-def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path):
+def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path, monkeypatch):
     # The anchor in a container serves host root only; here, a uid that is not ours.
+    monkeypatch.setattr(exec_anchor, "binary_path", lambda: binary)
     process = start_anchor(binary, str(tmp_path), os.geteuid() + 1)
     try:
         marker = tmp_path / "ran"

@@ -179,6 +179,21 @@ python3 -m pytest -q -p no:cacheprovider
 """,
 ]
 
+# The job's offline part (clone, build, test: no package source needed), as the profile
+# learning tests run it (integration/test_profile_learn*.py).
+CI_BUILD_JOB = [
+    "sh",
+    "-c",
+    f"""
+set -e
+git clone -q {CI_REPOSITORY} /root/greet
+cd /root/greet
+make
+./greet job
+python3 -m pytest -q -p no:cacheprovider
+""",
+]
+
 # `apt-get install` from the apt repository server, the only source (the image's Debian
 # mirror is unreachable and not wanted): dpkg writes /etc, /usr and /var of the rootfs.
 CI_APT_JOB = [
