@@ -30,12 +30,11 @@ import time
 
 from runtime import denials
 from runtime.errors import InvalidArgument
-from runtime.security import learn, learn_run, selection
+from runtime.security import is_pod_sandbox, learn, learn_run, selection
 
 log = logging.getLogger("shim.learn")
 
 LEARNING_PROFILE = "zviz-learning.toml"
-CONTAINER_TYPE_ANNOTATION = "io.kubernetes.cri.container-type"
 CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
 # A container's last calls reach the audit multicast a moment after its exit: the
 # writing waits this long before the feed's last read (learn_run.DRAIN_QUIET_SECONDS).
@@ -113,7 +112,7 @@ def prepare(container_id, namespace, bundle, rootfs_mounts, policy, learn_dir):
     annotations = config.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise InvalidArgument("config.json: annotations: must be an object")
-    if annotations.get(CONTAINER_TYPE_ANNOTATION) == "sandbox":
+    if is_pod_sandbox(annotations):
         return None
     if not selection.learning(annotations, policy):
         return None

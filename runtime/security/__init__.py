@@ -49,6 +49,7 @@ __all__ = [
     "apply",
     "check_resources",
     "harden_spec",
+    "is_pod_sandbox",
     "make_writable_dirs",
     "maps_profile_ids",
     "notify_channel",
@@ -216,7 +217,7 @@ INET_FAMILIES = ("AF_INET", "AF_INET6")
 CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 
 
-def _is_pod_sandbox(annotations) -> bool:
+def is_pod_sandbox(annotations) -> bool:
     return (annotations or {}).get(CRI_CONTAINER_TYPE) == "sandbox"
 
 
@@ -256,7 +257,7 @@ def _network_namespace(
     else:
         shared = f"network namespace {netns.path}"
         profile.network_joined = True
-    if profile.network == "none" and _is_pod_sandbox(spec_annotations):
+    if profile.network == "none" and is_pod_sandbox(spec_annotations):
         # The pod's pause process needs no network of its own: without inet sockets its
         # sends cannot leave the pod, and the broker (a process, ~9 MiB, its start on
         # the pod's critical path) is left out unless the kernel lacks Landlock's
