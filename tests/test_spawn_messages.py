@@ -58,6 +58,10 @@ def test_fds_ride_only_on_the_message_declared_to_carry_them(ends):
             parent.send_fds("joined", [r])
         with pytest.raises(MessageError, match="carries file descriptors"):
             parent.send("mapped", idmapped=True)
+        with pytest.raises(MessageError, match="carries no file descriptors"):
+            parent.send_fds("mapped", [r])  # not id-mapped: no fd rides along
+        parent.send("mapped")  # the 6.1 guest's path (no id-mapped mounts): no fd
+        assert child.expect("mapped") == {"type": "mapped"}
     finally:
         os.close(r)
         os.close(w)

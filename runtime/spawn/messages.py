@@ -34,7 +34,7 @@ class Message:
 
     def __init__(
         self, kind: str, direction: str, meaning: str, required=None, optional=None,
-        carries_fds: bool = False,
+        carries_fds: bool | str = False,
     ):  # fmt: skip
         self.kind = kind
         self.direction = direction
@@ -47,9 +47,15 @@ class Message:
     def check(self, fields: dict, direction: str, with_fds: bool) -> None:
         if direction != self.direction:
             raise MessageError(f"sync: {self.kind!r} is sent {self.direction}, not {direction}")
-        if with_fds != self.carries_fds:
-            how = "carries" if self.carries_fds else "carries no"
-            raise MessageError(f"sync: {self.kind!r} {how} file descriptors")
+        # carries_fds: True, False, or the name of the bool field saying whether they do.
+        expected = (
+            bool(fields.get(self.carries_fds))
+            if isinstance(self.carries_fds, str)
+            else self.carries_fds
+        )
+        if with_fds != expected:
+            how = "carries" if expected else "carries no"
+            raise MessageError(f"sync: {self.kind!r} {how} file descriptors here")
         for name in self.required:
             if name not in fields:
                 raise MessageError(f"sync: {self.kind!r} without its field {name!r}")
@@ -75,7 +81,7 @@ MESSAGES: dict[str, Message] = {
         Message(
             "mapped", TO_CHILD,
             "the id maps are written; an fd rides along when the rootfs was id-mapped",
-            optional={"idmapped": (bool,)}, carries_fds=True,
+            optional={"idmapped": (bool,)}, carries_fds="idmapped",
         ),
         Message(
             "pid", TO_PARENT,
