@@ -153,6 +153,45 @@ def test_the_workload_killing_the_anchor_makes_execs_fall_back(zviz, running):
     assert "no exec anchor" in executed.stderr, executed.stderr
 
 
+OLD_PATH_PROBE = "echo works; cat /proc/1/environ >/dev/null 2>&1 || echo sibling-domain"
+
+
+def test_the_workload_stopping_the_anchor_makes_execs_fall_back_within_seconds(zviz, running):
+    # The same user as the anchor, the workload may SIGSTOP it: an exec then gives up on
+    # it after exec_anchor.ANSWER_TIMEOUT (not the 60 s setup timeout) and runs the old way.
+    stopped = zviz("exec", running, "sh", "-c", f"kill -STOP $({ANCHOR_IN_CONTAINER})")
+    assert stopped.returncode == 0, stopped.stderr
+    with open(f"/proc/{anchor_host_pid(zviz, running)}/stat") as f:
+        assert f.read().rsplit(")", 1)[1].split()[0] == "T"
+    for _ in range(2):  # the second too: the first's request left in its queue is harmless
+        began = time.monotonic()
+        executed = zviz("--debug", "exec", running, "sh", "-c", OLD_PATH_PROBE)
+        took = time.monotonic() - began
+        assert executed.returncode == 0, executed.stderr
+        assert executed.stdout.split() == ["works", "sibling-domain"], executed.stderr
+        assert "the exec anchor did not answer within" in executed.stderr, executed.stderr
+        assert took < 15, took
+
+
+def test_an_anchor_killed_while_an_exec_waits_for_it_makes_that_exec_fall_back(zviz, running):
+    anchor = anchor_host_pid(zviz, running)
+    os.kill(anchor, signal.SIGSTOP)
+    began = time.monotonic()
+    executing = zviz.popen("--debug", "exec", running, "sh", "-c", OLD_PATH_PROBE)
+    try:
+        time.sleep(0.3)  # most likely its request is queued by now; either way it must work
+        os.kill(anchor, signal.SIGKILL)
+        out, err = executing.communicate(timeout=30)
+    finally:
+        if executing.poll() is None:
+            executing.kill()
+            executing.wait()
+    assert executing.returncode == 0, err
+    assert out.split() == ["works", "sibling-domain"], err
+    assert "closed the request unanswered" in err or "no exec anchor" in err, err
+    assert time.monotonic() - began < 15
+
+
 def test_the_anchor_ends_with_its_container(zviz, make_bundle):
     container_id = unique_id("zviz-anchor")
     bundle = make_bundle(["sh", "-c", IDLE])

@@ -580,31 +580,48 @@ class Container:
             anchor_connection = self._exec_anchor(
                 status, exec_process, pid1_process, resolved_profile, preserve_fds
             )
-            if anchor_connection is not None:
-                fds.extend(anchor_connection)
             console_fd = None
             if console_socket and exec_process.terminal:
                 from runtime import console
 
+                # One connection for both tries: the caller gets one pty, from the try
+                # that runs the exec (an unanswered anchor never got to make one).
                 console_fd = console.connect(console_socket)
                 fds.append(console_fd)
             if not detach:
                 linux.set_child_subreaper()
-            if anchor_connection is None:  # else PID 1's broker serves it, as its children
-                channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
-            request = process.Request(
-                spec,
-                bundle=self.data["bundle"],
-                notify_channel=channel,
-                profile=resolved_profile,
-                verbose=bool(self.data.get("verbose")),
-                cgroup=self.cgroup(),
-                console_fd=console_fd,
-                stdio=stdio,
-                preserve_fds=preserve_fds,
-                anchor_connection=anchor_connection,
-            )
-            spawned = process.spawn_exec(request, self.pid, exec_process, self.log)
+
+            def spawn(anchor_connection):
+                nonlocal channel
+                if anchor_connection is None:  # else PID 1's broker serves it, as its children
+                    channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
+                request = process.Request(
+                    spec,
+                    bundle=self.data["bundle"],
+                    notify_channel=channel,
+                    profile=resolved_profile,
+                    verbose=bool(self.data.get("verbose")),
+                    cgroup=self.cgroup(),
+                    console_fd=console_fd,
+                    stdio=stdio,
+                    preserve_fds=preserve_fds,
+                    anchor_connection=anchor_connection,
+                )
+                return process.spawn_exec(request, self.pid, exec_process, self.log)
+
+            spawned = None
+            if anchor_connection is not None:
+                from runtime import exec_anchor
+
+                try:
+                    spawned = spawn(anchor_connection)
+                except exec_anchor.Unanswered as e:
+                    # Nothing of the exec ran (the workload may stop or kill the anchor).
+                    self.log.info(f"exec: a Landlock domain of its own: {e}")
+                finally:
+                    _close_quietly(anchor_connection)
+            if spawned is None:
+                spawned = spawn(None)
         except BaseException:
             _close_channel(channel)
             raise

@@ -48,6 +48,9 @@ _JOIN_ORDER = ("ipc", "uts", "network", "pid", "cgroup", "time", "mount", "user"
 # OCI hooks that run meanwhile add their own timeouts (or this much, when they have
 # none).
 SETUP_MESSAGE_TIMEOUT = 60.0
+# The exec child's word that the container's exec anchor did not take the exec: nothing
+# of it runs, spawn_exec raises exec_anchor.Unanswered and the caller takes the old path.
+ANCHOR_UNANSWERED = "anchor-unanswered"
 
 RLIMITS = {
     "RLIMIT_CPU": 0,
@@ -287,7 +290,14 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
     child, parent_end = _fork_child(
         [fd for _, fd in ns_fds], lambda child_end: _exec_child(request, child_end, ns_fds, process)
     )
-    return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log)
+
+    def on_message(kind, message, _pid):
+        if kind == ANCHOR_UNANSWERED:
+            from runtime import exec_anchor
+
+            raise exec_anchor.Unanswered(message["why"])
+
+    return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log, on_message)
 
 
 def _until_ready(
@@ -723,8 +733,17 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
             os.close(fd)
     channel = None
     if request.anchor_connection is not None:
-        with stages("exec anchor"):
-            channel = _request_from_anchor(request, process)
+        from runtime import exec_anchor
+
+        try:
+            with stages("exec anchor"):
+                channel = _request_from_anchor(request, process)
+        except _StageError as e:
+            if not isinstance(e.cause, exec_anchor.Unanswered):
+                raise
+            # Nothing of the exec exists: the parent runs it the old way (Container.exec).
+            sync.send(ANCHOR_UNANSWERED, why=str(e.cause))
+            return
     with stages("fork"):
         pid = os.fork()
     if pid == 0:
@@ -738,22 +757,32 @@ def _exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
 def _request_from_anchor(request: Request, process) -> int:
     """Ask the container's anchor for the exec (runtime/exec_anchor.py), from here: host
     root outside the container's pid namespace, the only sender it serves. Returns the
-    stand-in's end of the reply channel; the stand-in then holds none of the stdio."""
+    stand-in's end of the reply channel; the stand-in then holds none of the stdio.
+    exec_anchor.Unanswered (before any pty went to the caller's console socket) when
+    the anchor did not take it."""
     from runtime import console, exec_anchor
 
     terminal = process.terminal and request.console_fd is not None
-    if terminal:
-        # The pty in the container's devpts, as _setup_stdio makes it for the old path.
-        slave = console.make_pty_and_send(request.console_fd)
-        stdio = (slave, slave, slave)
-    else:
-        stdio = request.stdio
     connected = request.anchor_connection[0]
     try:
-        channel = exec_anchor.send_request(connected, process, stdio, terminal)
+        channel = exec_anchor.send_request(connected, process, terminal)
     finally:
         os.close(connected)
-        _close_all(set(stdio))
+    try:
+        exec_anchor.await_ready(channel)
+        if terminal:
+            # The pty in the container's devpts, as _setup_stdio makes it for the old path.
+            slave = console.make_pty_and_send(request.console_fd)
+            stdio = (slave, slave, slave)
+        else:
+            stdio = request.stdio
+        try:
+            exec_anchor.send_stdio(channel, stdio)
+        finally:
+            _close_all(set(stdio))
+    except BaseException:
+        os.close(channel)
+        raise
     null = os.open("/dev/null", os.O_RDWR)  # the container's: the stand-in is in its mounts
     for target in (0, 1, 2):
         if target != null:
