@@ -9,6 +9,8 @@
  *
  * usage: zviz-anchor SOCKET_FD EXPECTED_UID OUTSIDE_PIDNS PARENT_PID
  *        zviz-anchor --stand-in CHANNEL_FD PIDFD
+ *        zviz-anchor --layout      (prints ANCHOR_MAGIC: `zviz node check` tells a binary
+ *                                   built from other source, whose requests would fail)
  *
  * SOCKET_FD: a bound SOCK_DGRAM unix socket (its path is in the container's state dir,
  * outside the container's root) with SO_PASSCRED set by the runtime. Only datagrams
@@ -378,6 +380,10 @@ static int stand_in(int channel, int pidfd) {
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--stand-in") == 0)
         return stand_in(atoi(argv[2]), atoi(argv[3]));
+    if (argc == 2 && strcmp(argv[1], "--layout") == 0) {
+        printf("%#x\n", ANCHOR_MAGIC);
+        return 0;
+    }
     if (argc != 5)
         return 2;
     int sock = atoi(argv[1]);

@@ -98,6 +98,18 @@ def build(bin_dir: str) -> str | None:
     return output
 
 
+def built_layout(path: str) -> int | None:
+    """The request layout (MAGIC) the anchor at PATH was built for; None if it cannot say
+    (missing, not executable, built before it could)."""
+    import subprocess
+
+    try:
+        answered = subprocess.run([path, "--layout"], capture_output=True, text=True, timeout=10)
+        return int(answered.stdout.strip(), 16) if answered.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
 def _has_static_libc(compiler: str) -> bool:
     """Whether COMPILER finds libc.a (libc6-dev): it prints the bare name when it does not."""
     import subprocess
