@@ -210,16 +210,16 @@ def test_the_anchor_ends_with_its_container(zviz, make_bundle):
     assert leftovers(container_id, zviz.root) == []
 
 
-def test_a_terminal_exec_gets_its_own_pty_as_controlling_terminal(zviz, running, tmp_path):
+def terminal_exec(zviz, container_id, tmp_path, script: str) -> tuple[list[str], int, str]:
+    """`zviz exec -t` through a console socket we listen on: (the pty's output split in
+    words, the exit code, stderr); exactly one pty comes to the socket."""
     path = str(tmp_path / "console.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
-    listener.listen(1)
-    script = (
-        "tty; [ $(cut -d' ' -f6 /proc/self/stat) = $$ ] && echo session-leader; "
-        "cat /proc/$PPID/comm; sleep 0.2; exit 3"
+    listener.listen(2)
+    executing = zviz.popen(
+        "--debug", "exec", "-t", "--console-socket", path, container_id, "sh", "-c", script
     )
-    executing = zviz.popen("exec", "-t", "--console-socket", path, running, "sh", "-c", script)
     try:
         listener.settimeout(20)
         conn, _ = listener.accept()
@@ -240,15 +240,43 @@ def test_a_terminal_exec_gets_its_own_pty_as_controlling_terminal(zviz, running,
                 output += chunk
         finally:
             os.close(master)
-        assert executing.wait(timeout=20) == 3, executing.stderr.read()
+        code = executing.wait(timeout=20)
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no second connection: one pty
+        stderr = executing.stderr.read()
     finally:
         listener.close()
         if executing.poll() is None:
             executing.kill()
             executing.wait()
-    lines = output.decode(errors="replace").split()
+    return output.decode(errors="replace").split(), code, stderr
+
+
+TERMINAL_SCRIPT = (
+    "tty; [ $(cut -d' ' -f6 /proc/self/stat) = $$ ] && echo session-leader; "
+    "cat /proc/$PPID/comm 2>/dev/null || echo no-parent-here; sleep 0.2; exit 3"
+)
+
+
+def test_a_terminal_exec_gets_its_own_pty_as_controlling_terminal(zviz, running, tmp_path):
+    lines, code, stderr = terminal_exec(zviz, running, tmp_path, TERMINAL_SCRIPT)
+    assert code == 3, stderr
     assert lines[0].startswith("/dev/pts/"), lines
     assert lines[1:3] == ["session-leader", "zviz-anchor"], lines
+
+
+def test_a_terminal_exec_into_a_container_whose_anchor_is_stopped_gets_one_pty(
+    zviz, running, tmp_path
+):
+    # The pty goes to the console socket only once the anchor answered: the fallback makes
+    # the one pty the caller gets.
+    os.kill(anchor_host_pid(zviz, running), signal.SIGSTOP)
+    lines, code, stderr = terminal_exec(zviz, running, tmp_path, TERMINAL_SCRIPT)
+    assert code == 3, stderr
+    assert lines[0].startswith("/dev/pts/"), lines
+    assert lines[1:3] == ["session-leader", "no-parent-here"], lines  # the old path
+    assert "the exec anchor did not answer within" in stderr, stderr
 
 
 def test_an_exec_in_a_container_with_a_small_pids_limit_takes_the_old_path(zviz, make_bundle):
