@@ -653,7 +653,7 @@ class Container:
 
     def _exec_anchor(
         self, status, exec_process, pid1_process, profile, preserve_fds
-    ) -> tuple[int, int] | None:
+    ) -> tuple[int, int, int] | None:
         """exec_anchor.connect's fds when the exec may go through the container's exec
         anchor (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock
         domain of its own, a sibling of PID 1's."""
@@ -665,7 +665,7 @@ class Container:
             why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)
         if why is None:
             try:
-                return exec_anchor.connect(self.dir)
+                return exec_anchor.connect(self.dir, self.pid)
             except OSError as e:
                 why = f"no exec anchor ({e.strerror or e})"
         self.log.info(f"exec: a Landlock domain of its own: {why}")

@@ -44,11 +44,14 @@ MAX_REQUEST = 256 * 1024
 # The anchor and one monitor per exec count in the container's pids limit: below this
 # limit the workload keeps its processes and execs take the old path.
 MIN_PIDS_LIMIT = 8
-# Seconds the exec child waits for the monitor's "ready": a fork and a write in a tiny
-# static process, milliseconds even on a loaded node; past this the anchor is taken to
-# be stopped and the exec takes the old path (one exec waits this long, not the 60 s
-# setup timeout).
+# Seconds the exec child waits for the monitor's "ready" (a fork and a write in a tiny
+# static process: milliseconds, even on a loaded node) before it looks at the anchor:
+# stopped (the workload, the same user, may SIGSTOP it) or gone, the exec takes the old
+# path; seen running (slow: a CPU-throttled container), the wait goes on, one more
+# ANSWER_TIMEOUT at a time, up to SLOW_ANSWER_LIMIT. Without the anchor's pid, the first
+# deadline decides. Well below the 60 s setup timeout, which the exec would otherwise hit.
 ANSWER_TIMEOUT = 2.0
+SLOW_ANSWER_LIMIT = 30.0
 # What `zviz node check` and `zviz node install` tell a node without a built anchor.
 BUILD_HINT = "install gcc and libc6-dev, then run `zviz node install`"
 
@@ -253,10 +256,11 @@ def ineligible(process, pid1_process, profile, preserve_fds: int) -> str | None:
     return None
 
 
-def connect(state_dir: str) -> tuple[int, int]:
+def connect(state_dir: str, pid1: int) -> tuple[int, int, int]:
     """(a socket connected to the container's anchor, an O_PATH fd of the binary the
-    stand-in runs); OSError when there is no anchor (never started, or gone: the workload
-    may kill it) or no binary."""
+    stand-in runs, the anchor's host /proc directory or -1: see find); OSError when there
+    is no anchor (never started, or gone: the workload may kill it) or no binary. PID1:
+    the container's PID 1, host pid."""
     binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -266,7 +270,44 @@ def connect(state_dir: str) -> tuple[int, int]:
         sock.close()
         os.close(binary)
         raise
-    return sock.detach(), binary
+    return sock.detach(), binary, find(pid1)
+
+
+def find(pid1: int) -> int:
+    """The anchor's /proc directory (host procfs, a dir fd: it keeps naming that process
+    after the exec child joins the container's mounts), or -1: PID 1's first child named
+    zviz-anchor (PID 1 forks it before the workload runs, so it comes first; a workload
+    child that names itself so only makes its own execs wait longer for their fallback)."""
+    try:
+        with open(f"/proc/{pid1}/task/{pid1}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return -1
+    for child in children:
+        try:
+            directory = os.open(f"/proc/{child}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        stat = _stat(directory)
+        if stat is not None and stat[0] == BINARY_NAME and stat[2] == pid1:
+            return directory  # opened, then checked: not a pid reused meanwhile
+        os.close(directory)
+    return -1
+
+
+def _stat(proc_dir: int) -> tuple[str, str, int] | None:
+    """(comm, state, parent pid) from PROC_DIR/stat, or None when the process is gone."""
+    try:
+        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
+        try:
+            text = os.read(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    comm, _, rest = text.partition(" (")[2].rpartition(")")
+    fields = rest.split()
+    return comm, fields[0], int(fields[1])
 
 
 def encode(process, terminal: bool = False) -> bytes:
@@ -313,16 +354,31 @@ def send_request(anchor_fd: int, process, terminal: bool) -> int:
     return ours.detach()
 
 
-def await_ready(channel: int, timeout: float = ANSWER_TIMEOUT) -> None:
-    """The monitor's "ready" on CHANNEL within TIMEOUT seconds, or Unanswered (nothing
-    has run: the monitor forks the exec only after the stdio and "go", and a monitor
-    that comes late finds the channel closed and exits)."""
+def await_ready(
+    channel: int,
+    anchor_dir: int = -1,
+    timeout: float = ANSWER_TIMEOUT,
+    limit: float = SLOW_ANSWER_LIMIT,
+) -> None:
+    """The monitor's "ready" on CHANNEL, or Unanswered (nothing has run: the monitor
+    forks the exec only after the stdio and "go", and a monitor that comes late finds
+    the channel closed and exits). Past TIMEOUT seconds without it: Unanswered when the
+    anchor (ANCHOR_DIR, its /proc directory; -1: unknown) is stopped, gone or unknown,
+    else another TIMEOUT, up to LIMIT in all."""
     import select
+    import time
 
     poller = select.poll()
     poller.register(channel, select.POLLIN)
-    if not poller.poll(int(timeout * 1000)):
-        raise Unanswered(f"the exec anchor did not answer within {timeout:g} s (stopped?)")
+    began = time.monotonic()
+    while not poller.poll(int(timeout * 1000)):
+        waited = time.monotonic() - began
+        stat = _stat(anchor_dir) if anchor_dir >= 0 else None
+        if stat is None or stat[1] in "Tt":
+            why = "stopped" if stat is not None else "stopped?"
+            raise Unanswered(f"the exec anchor did not answer within {timeout:g} s ({why})")
+        if waited >= limit:
+            raise Unanswered(f"the exec anchor did not answer within {waited:.0f} s (running)")
     try:
         answer = os.read(channel, 128).decode(errors="replace")
     except OSError as e:

@@ -91,7 +91,7 @@ class Request:
         notify_channel=None,
         hook_state: dict | None = None,
         anchor_fds: tuple[int, int] | None = None,
-        anchor_connection: tuple[int, int] | None = None,
+        anchor_connection: tuple[int, int, int] | None = None,
     ):
         self.spec = spec
         self.bundle = bundle
@@ -109,8 +109,8 @@ class Request:
         self.hook_state = hook_state or {}
         # PID 1's: (bound socket, O_PATH fd of the binary) for the exec anchor
         # (runtime/exec_anchor.py). An exec's: (a socket connected to that anchor, the
-        # binary) when the exec goes through it (then it has no notify channel: PID 1's
-        # broker serves it).
+        # binary, the anchor's host /proc directory or -1) when the exec goes through it
+        # (then it has no notify channel: PID 1's broker serves it).
         self.anchor_fds = anchor_fds
         self.anchor_connection = anchor_connection
         # Set in the namespace child: the id-mapped rootfs clone the parent made.
@@ -555,7 +555,7 @@ def _close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
     if request.notify_channel is not None:
         keep.add(request.notify_channel.container_fd)
     keep.update(request.anchor_fds or ())
-    keep.update(request.anchor_connection or ())
+    keep.update(fd for fd in request.anchor_connection or () if fd >= 0)
     low = 0
     for fd in sorted(keep):
         if fd > low:
@@ -769,7 +769,12 @@ def _request_from_anchor(request: Request, process) -> int:
     finally:
         os.close(connected)
     try:
-        exec_anchor.await_ready(channel)
+        anchor_dir = request.anchor_connection[2]
+        try:
+            exec_anchor.await_ready(channel, anchor_dir)
+        finally:
+            if anchor_dir >= 0:
+                os.close(anchor_dir)  # a host /proc directory: not for the stand-in
         if terminal:
             # The pty in the container's devpts, as _setup_stdio makes it for the old path.
             slave = console.make_pty_and_send(request.console_fd)

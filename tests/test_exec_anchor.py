@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -21,6 +22,19 @@ def binary(tmp_path_factory):
     if built is None:
         pytest.skip("no C compiler or no static libc (libc6-dev): the anchor is not built")
     return built
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGSTOP the anchor and wait until it is stopped: a request sent before then might
+    still be taken."""
+    os.kill(process.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{process.pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise AssertionError("the anchor did not stop")
 
 
 def start_anchor(binary: str, state_dir: str, served_uid: int) -> subprocess.Popen:
@@ -44,8 +58,10 @@ def anchor(binary, tmp_path):
 def send(state_dir: str, args) -> int:
     """Send ARGS as a request; our end of its reply channel."""
     process = Process(args=list(args), cwd="/", env=["PATH=/usr/bin:/bin"], user=User())
-    connected, binary = exec_anchor.connect(state_dir)
+    connected, binary, anchor_dir = exec_anchor.connect(state_dir, os.getpid())
     os.close(binary)
+    if anchor_dir >= 0:
+        os.close(anchor_dir)
     try:
         return exec_anchor.send_request(connected, process, False)
     finally:
@@ -57,12 +73,12 @@ def request(state_dir: str, args, stdout: int, cwd: str = "/") -> socket.socket:
     (the request, "ready", the stdio); the caller's channel, "go" said on it."""
     process = Process(args=list(args), cwd=cwd, env=["PATH=/usr/bin:/bin"], user=User())
     null = os.open(os.devnull, os.O_RDWR)
-    connected, binary = exec_anchor.connect(state_dir)
+    connected, binary, anchor_dir = exec_anchor.connect(state_dir, os.getpid())
     os.close(binary)
     try:
         channel = exec_anchor.send_request(connected, process, False)
         try:
-            exec_anchor.await_ready(channel, timeout=10)
+            exec_anchor.await_ready(channel, anchor_dir)
             exec_anchor.send_stdio(channel, (null, stdout, null))
         except BaseException:
             os.close(channel)
@@ -70,6 +86,8 @@ def request(state_dir: str, args, stdout: int, cwd: str = "/") -> socket.socket:
     finally:
         os.close(connected)
         os.close(null)
+        if anchor_dir >= 0:
+            os.close(anchor_dir)
     conn = socket.socket(fileno=channel)
     conn.settimeout(10)
     conn.send(b"go")
@@ -165,7 +183,7 @@ def test_a_stopped_anchor_is_unanswered_within_the_deadline_and_runs_nothing_lat
     process = start_anchor(binary, str(tmp_path), os.geteuid())
     try:
         marker = tmp_path / "ran"
-        os.kill(process.pid, signal.SIGSTOP)
+        stop(process)
         channel = send(str(tmp_path), ["touch", str(marker)])
         began = time.monotonic()
         with pytest.raises(exec_anchor.Unanswered, match="did not answer within 0.5 s"):
@@ -183,9 +201,67 @@ def test_a_stopped_anchor_is_unanswered_within_the_deadline_and_runs_nothing_lat
         process.wait()
 
 
+def test_the_anchor_is_found_among_pid_1s_children_and_its_stop_is_seen(binary, tmp_path):
+    # Here the test process stands for PID 1: the anchor is its child.
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    helper = subprocess.Popen(["sleep", "100"])  # a child of another name, not taken
+    anchor_dir = exec_anchor.find(os.getpid())
+    try:
+        assert anchor_dir >= 0
+        comm, state, parent = exec_anchor._stat(anchor_dir)
+        assert (comm, parent) == ("zviz-anchor", os.getpid())
+        assert state in "RS"  # starting, or waiting for requests
+        stop(process)
+        channel = send(str(tmp_path), ["true"])
+        try:
+            with pytest.raises(exec_anchor.Unanswered, match=r"within 0.3 s \(stopped\)"):
+                exec_anchor.await_ready(channel, anchor_dir, timeout=0.3)
+        finally:
+            os.close(channel)
+    finally:
+        if anchor_dir >= 0:
+            os.close(anchor_dir)
+        helper.kill()
+        helper.wait()
+        process.kill()
+        process.wait()
+    assert exec_anchor.find(os.getpid()) == -1  # no anchor among the children now
+
+
+def test_an_anchor_seen_running_is_waited_for_up_to_the_limit(binary, tmp_path):
+    # Slow, not stopped (a CPU-throttled container): the wait goes on past the first
+    # deadline. Stood in for by a stopped anchor whose /proc entry reads as a running
+    # process's (a sleeping `sleep`), continued after the first deadline.
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    running = subprocess.Popen(["sleep", "100"])
+    seen_running = os.open(f"/proc/{running.pid}", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stop(process)
+        channel = send(str(tmp_path), ["true"])
+        try:
+            with pytest.raises(exec_anchor.Unanswered, match=r"\(running\)"):
+                exec_anchor.await_ready(channel, seen_running, timeout=0.2, limit=0.7)
+        finally:
+            os.close(channel)
+        channel = send(str(tmp_path), ["true"])
+        continued = threading.Timer(0.6, os.kill, (process.pid, signal.SIGCONT))
+        continued.start()
+        try:
+            exec_anchor.await_ready(channel, seen_running, timeout=0.2, limit=20)
+        finally:
+            continued.join()
+            os.close(channel)
+    finally:
+        os.close(seen_running)
+        running.kill()
+        running.wait()
+        process.kill()
+        process.wait()
+
+
 def test_an_anchor_killed_with_the_request_queued_is_unanswered_at_once(binary, tmp_path):
     process = start_anchor(binary, str(tmp_path), os.geteuid())
-    os.kill(process.pid, signal.SIGSTOP)
+    stop(process)
     channel = send(str(tmp_path), ["true"])
     try:
         process.kill()
@@ -205,11 +281,11 @@ def test_requests_to_a_stopped_anchor_never_block_when_its_queue_is_full(binary,
     process = start_anchor(binary, str(tmp_path), os.geteuid())
     channels = []
     try:
-        os.kill(process.pid, signal.SIGSTOP)
+        stop(process)
         with open("/proc/sys/net/unix/max_dgram_qlen") as f:
             queue = int(f.read())
         with pytest.raises(exec_anchor.Unanswered, match="could not be sent"):
-            for _ in range(queue + 2):
+            for _ in range(queue + 5):
                 channels.append(send(str(tmp_path), ["true"]))
     finally:
         process.kill()
