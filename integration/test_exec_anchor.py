@@ -153,6 +153,45 @@ def test_the_workload_killing_the_anchor_makes_execs_fall_back(zviz, running):
     assert "no exec anchor" in executed.stderr, executed.stderr
 
 
+OLD_PATH_PROBE = "echo works; cat /proc/1/environ >/dev/null 2>&1 || echo sibling-domain"
+
+
+def test_the_workload_stopping_the_anchor_makes_execs_fall_back_within_seconds(zviz, running):
+    # The same user as the anchor, the workload may SIGSTOP it: an exec then gives up on
+    # it after exec_anchor.ANSWER_TIMEOUT (not the 60 s setup timeout) and runs the old way.
+    stopped = zviz("exec", running, "sh", "-c", f"kill -STOP $({ANCHOR_IN_CONTAINER})")
+    assert stopped.returncode == 0, stopped.stderr
+    with open(f"/proc/{anchor_host_pid(zviz, running)}/stat") as f:
+        assert f.read().rsplit(")", 1)[1].split()[0] == "T"
+    for _ in range(2):  # the second too: the first's request left in its queue is harmless
+        began = time.monotonic()
+        executed = zviz("--debug", "exec", running, "sh", "-c", OLD_PATH_PROBE)
+        took = time.monotonic() - began
+        assert executed.returncode == 0, executed.stderr
+        assert executed.stdout.split() == ["works", "sibling-domain"], executed.stderr
+        assert "the exec anchor did not answer within" in executed.stderr, executed.stderr
+        assert took < 15, took
+
+
+def test_an_anchor_killed_while_an_exec_waits_for_it_makes_that_exec_fall_back(zviz, running):
+    anchor = anchor_host_pid(zviz, running)
+    os.kill(anchor, signal.SIGSTOP)
+    began = time.monotonic()
+    executing = zviz.popen("--debug", "exec", running, "sh", "-c", OLD_PATH_PROBE)
+    try:
+        time.sleep(0.3)  # most likely its request is queued by now; either way it must work
+        os.kill(anchor, signal.SIGKILL)
+        out, err = executing.communicate(timeout=30)
+    finally:
+        if executing.poll() is None:
+            executing.kill()
+            executing.wait()
+    assert executing.returncode == 0, err
+    assert out.split() == ["works", "sibling-domain"], err
+    assert "closed the request unanswered" in err or "no exec anchor" in err, err
+    assert time.monotonic() - began < 15
+
+
 def test_the_anchor_ends_with_its_container(zviz, make_bundle):
     container_id = unique_id("zviz-anchor")
     bundle = make_bundle(["sh", "-c", IDLE])
@@ -171,16 +210,16 @@ def test_the_anchor_ends_with_its_container(zviz, make_bundle):
     assert leftovers(container_id, zviz.root) == []
 
 
-def test_a_terminal_exec_gets_its_own_pty_as_controlling_terminal(zviz, running, tmp_path):
+def terminal_exec(zviz, container_id, tmp_path, script: str) -> tuple[list[str], int, str]:
+    """`zviz exec -t` through a console socket we listen on: (the pty's output split in
+    words, the exit code, stderr); exactly one pty comes to the socket."""
     path = str(tmp_path / "console.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
-    listener.listen(1)
-    script = (
-        "tty; [ $(cut -d' ' -f6 /proc/self/stat) = $$ ] && echo session-leader; "
-        "cat /proc/$PPID/comm; sleep 0.2; exit 3"
+    listener.listen(2)
+    executing = zviz.popen(
+        "--debug", "exec", "-t", "--console-socket", path, container_id, "sh", "-c", script
     )
-    executing = zviz.popen("exec", "-t", "--console-socket", path, running, "sh", "-c", script)
     try:
         listener.settimeout(20)
         conn, _ = listener.accept()
@@ -201,15 +240,43 @@ def test_a_terminal_exec_gets_its_own_pty_as_controlling_terminal(zviz, running,
                 output += chunk
         finally:
             os.close(master)
-        assert executing.wait(timeout=20) == 3, executing.stderr.read()
+        code = executing.wait(timeout=20)
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no second connection: one pty
+        stderr = executing.stderr.read()
     finally:
         listener.close()
         if executing.poll() is None:
             executing.kill()
             executing.wait()
-    lines = output.decode(errors="replace").split()
+    return output.decode(errors="replace").split(), code, stderr
+
+
+TERMINAL_SCRIPT = (
+    "tty; [ $(cut -d' ' -f6 /proc/self/stat) = $$ ] && echo session-leader; "
+    "cat /proc/$PPID/comm 2>/dev/null || echo no-parent-here; sleep 0.2; exit 3"
+)
+
+
+def test_a_terminal_exec_gets_its_own_pty_as_controlling_terminal(zviz, running, tmp_path):
+    lines, code, stderr = terminal_exec(zviz, running, tmp_path, TERMINAL_SCRIPT)
+    assert code == 3, stderr
     assert lines[0].startswith("/dev/pts/"), lines
     assert lines[1:3] == ["session-leader", "zviz-anchor"], lines
+
+
+def test_a_terminal_exec_into_a_container_whose_anchor_is_stopped_gets_one_pty(
+    zviz, running, tmp_path
+):
+    # The pty goes to the console socket only once the anchor answered: the fallback makes
+    # the one pty the caller gets.
+    os.kill(anchor_host_pid(zviz, running), signal.SIGSTOP)
+    lines, code, stderr = terminal_exec(zviz, running, tmp_path, TERMINAL_SCRIPT)
+    assert code == 3, stderr
+    assert lines[0].startswith("/dev/pts/"), lines
+    assert lines[1:3] == ["session-leader", "no-parent-here"], lines  # the old path
+    assert "the exec anchor did not answer within" in stderr, stderr
 
 
 def test_an_exec_in_a_container_with_a_small_pids_limit_takes_the_old_path(zviz, make_bundle):

@@ -5,6 +5,9 @@ shim it linked, all from the wheel installed outside the checkout.
 
 import json
 import os
+import select
+import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -16,6 +19,7 @@ from integration.ids import tagged, unique_id
 from integration.wheel_install import installed
 from runtime.commands import run_cli
 from runtime.security import landlock
+from shim import audit_reader
 from tools.containerd import CONFIG, PrivateContainerd
 from tools.mkimage import DEFAULT_REF, build_image
 
@@ -210,6 +214,103 @@ def test_containerd_loads_the_written_config_and_runs_zviz(install, tmp_path, wi
     assert result.returncode == 0, result.stdout
     with open(config) as f:
         assert f.read() == _containerd_config(base, with_cri_section)
+
+
+def test_after_node_install_an_exec_through_ctr_writes_to_pid_1s_output(install, tmp_path):
+    """`kubectl exec ... > /proc/1/fd/1` on a node set up from the wheel: node install
+    compiles the exec anchor from the source the wheel ships (without it every exec has a
+    Landlock domain of its own, which may not open PID 1's fds), and node check says so."""
+    base = tempfile.mkdtemp(prefix=f"zc-{tagged('node')}-", dir="/run")
+    os.chmod(base, 0o711)
+    containerd = PrivateContainerd(base_dir=base)
+    root = str(tmp_path / tagged("node-root"))
+    config = os.path.join(root, "etc", "containerd", "config.toml")
+    os.makedirs(os.path.dirname(config))
+    with open(config, "w") as f:
+        f.write(_containerd_config(base, False))
+    anchor = os.path.join(install.bin, "zviz-anchor")
+    container = unique_id("zviz-node-exec")
+    reader_dir = os.path.join("/run", tagged("zviz-audit-reader-node"))
+    running = None
+    try:
+        result = install.run("zviz", "node", "install", "--root", root)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"exec-anchor: {anchor} (execs run in PID 1's Landlock domain)" in result.stdout
+        _code, report = node_check(install)
+        line = by_name(report)["exec-anchor"]
+        assert line["status"] == "ok", line
+        assert line["detail"].startswith(f"{anchor}: execs run in PID 1's Landlock domain")
+
+        containerd.config_path = config
+        containerd.env = install.env(
+            PATH=f"{root}/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            # The shim's audit reader, ours alone (the node's is shared), stopped below.
+            **{audit_reader.DIR_VARIABLE: reader_dir},
+        )
+        _start(containerd)
+        archive = str(tmp_path / "busybox.tar")
+        build_image(archive, DEFAULT_REF)
+        containerd.import_image(archive)
+        # Attached: PID 1's stdout is the shim's pipe, copied to ctr's stdout (ours).
+        running = subprocess.Popen(
+            [containerd.ctr_bin, "--address", containerd.address, "-n", containerd.namespace]
+            + ["run", "--runtime", "io.containerd.zviz.v2", DEFAULT_REF, container]
+            + ["sh", "-c", "echo started; while :; do sleep 0.1; done"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=containerd.env,
+        )
+        assert _read_line(running.stdout.fileno(), 60) == "started"
+        executed = containerd.ctr(
+            "task", "exec", "--exec-id", "write-pid1", container,
+            "sh", "-c", "echo written-by-exec > /proc/1/fd/1 && echo wrote",
+            check=False,
+        )  # fmt: skip
+        assert executed.returncode == 0, executed.stdout + executed.stderr
+        assert executed.stdout.strip() == "wrote"
+        assert _read_line(running.stdout.fileno(), 10) == "written-by-exec"
+    finally:
+        containerd.ctr("tasks", "kill", "-s", "SIGKILL", container, check=False)
+        if running is not None:
+            try:
+                running.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                running.kill()
+                running.wait()
+        containerd.ctr("tasks", "delete", "-f", container, check=False, timeout=30)
+        containerd.ctr("containers", "delete", container, check=False)
+        containerd.stop()
+        _stop_audit_reader(reader_dir)
+        install.run("zviz", "node", "uninstall", "--root", root)
+
+
+def _stop_audit_reader(where: str) -> None:
+    """The reader the shim started in WHERE exits with its last daemon, maybe after the
+    session's leak check: stopped here (its pid is in its lock file)."""
+    try:
+        with open(os.path.join(where, audit_reader.LOCK_NAME)) as f:
+            pid = int(f.read().strip() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"shim.audit_reader" in f.read():
+                os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(where, ignore_errors=True)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    """One line from FD, or what came before the timeout."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode().rstrip("\n")
 
 
 def _start(containerd: PrivateContainerd, timeout: float = 30) -> None:

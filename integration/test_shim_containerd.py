@@ -444,6 +444,34 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     assert not _alive(init_pid)
 
 
+@pytest.mark.parametrize("runtime", [ZVIZ], ids=["zviz"])  # runc has no exec anchor
+def test_an_exec_into_a_container_whose_anchor_is_stopped_falls_back_within_seconds(
+    containerd, ctr, busybox_image, new_id
+):
+    # The workload may SIGSTOP the exec anchor (runtime/exec_anchor.py), the same user:
+    # the shim's Exec then gives up on it within seconds and runs the exec the old way,
+    # with its output and exit code, rather than failing after the 60 s setup timeout.
+    container_id = new_id()
+    assert ctr("run", "-d", busybox_image, container_id, "sleep", "1000").returncode == 0
+    assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+    # PID 1's child: this exec's own monitor is a zviz-anchor too (stopped, it would hold
+    # this exec as a stopped exec would).
+    stop = (
+        "for p in $(pidof zviz-anchor); do"
+        ' [ "$(cut -d" " -f4 /proc/$p/stat)" = 1 ] && kill -STOP $p; done; true'
+    )
+    assert ctr("task", "exec", "--exec-id", "stop", container_id, "sh", "-c", stop).returncode == 0
+    for n in range(2):
+        began = time.monotonic()
+        executed = ctr(
+            "task", "exec", "--exec-id", f"after-{n}", container_id, "sh", "-c",
+            "echo after-stop; exit 4",
+        )  # fmt: skip
+        assert executed.returncode == 4, executed.stderr
+        assert executed.stdout == "after-stop\n"
+        assert time.monotonic() - began < 20
+
+
 # Calls a task's state refuses, as ctr makes them reach the shim (containerd's client
 # checks some states itself: a Delete of a running task never gets there), and the words
 # containerd's runc shim answers with (pkg/process/init_state.go). Run against both

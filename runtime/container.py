@@ -582,31 +582,48 @@ class Container:
             anchor_connection = self._exec_anchor(
                 status, exec_process, pid1_process, resolved_profile, preserve_fds
             )
-            if anchor_connection is not None:
-                fds.extend(anchor_connection)
             console_fd = None
             if console_socket and exec_process.terminal:
                 from runtime import console
 
+                # One connection for both tries: the caller gets one pty, from the try
+                # that runs the exec (an unanswered anchor never got to make one).
                 console_fd = console.connect(console_socket)
                 fds.append(console_fd)
             if not detach:
                 linux.set_child_subreaper()
-            if anchor_connection is None:  # else PID 1's broker serves it, as its children
-                channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
-            request = Request(
-                spec,
-                bundle=self.data["bundle"],
-                notify_channel=channel,
-                profile=resolved_profile,
-                verbose=bool(self.data.get("verbose")),
-                cgroup=self.cgroup(),
-                console_fd=console_fd,
-                stdio=stdio,
-                preserve_fds=preserve_fds,
-                anchor_connection=anchor_connection,
-            )
-            spawned = parent.spawn_exec(request, self.pid, exec_process, self.log)
+
+            def spawn(anchor_connection):
+                nonlocal channel
+                if anchor_connection is None:  # else PID 1's broker serves it, as its children
+                    channel = _notify_channel(resolved_profile, bool(self.data.get("verbose")))
+                request = Request(
+                    spec,
+                    bundle=self.data["bundle"],
+                    notify_channel=channel,
+                    profile=resolved_profile,
+                    verbose=bool(self.data.get("verbose")),
+                    cgroup=self.cgroup(),
+                    console_fd=console_fd,
+                    stdio=stdio,
+                    preserve_fds=preserve_fds,
+                    anchor_connection=anchor_connection,
+                )
+                return parent.spawn_exec(request, self.pid, exec_process, self.log)
+
+            spawned = None
+            if anchor_connection is not None:
+                from runtime import exec_anchor
+
+                try:
+                    spawned = spawn(anchor_connection)
+                except exec_anchor.Unanswered as e:
+                    # Nothing of the exec ran (the workload may stop or kill the anchor).
+                    self.log.info(f"exec: a Landlock domain of its own: {e}")
+                finally:
+                    _close_quietly(anchor_connection)
+            if spawned is None:
+                spawned = spawn(None)
         except BaseException:
             _close_channel(channel)
             raise
@@ -638,7 +655,7 @@ class Container:
 
     def _exec_anchor(
         self, status, exec_process, pid1_process, profile, preserve_fds
-    ) -> tuple[int, int] | None:
+    ) -> tuple[int, int, int] | None:
         """exec_anchor.connect's fds when the exec may go through the container's exec
         anchor (runtime/exec_anchor.py); None, logged why, for the old path: a Landlock
         domain of its own, a sibling of PID 1's."""
@@ -650,7 +667,7 @@ class Container:
             why = exec_anchor.ineligible(exec_process, pid1_process, profile, preserve_fds)
         if why is None:
             try:
-                return exec_anchor.connect(self.dir)
+                return exec_anchor.connect(self.dir, self.pid)
             except OSError as e:
                 why = f"no exec anchor ({e.strerror or e})"
         self.log.info(f"exec: a Landlock domain of its own: {why}")

@@ -9,6 +9,8 @@
  *
  * usage: zviz-anchor SOCKET_FD EXPECTED_UID OUTSIDE_PIDNS PARENT_PID
  *        zviz-anchor --stand-in CHANNEL_FD PIDFD
+ *        zviz-anchor --layout      (prints ANCHOR_MAGIC: `zviz node check` tells a binary
+ *                                   built from other source, whose requests would fail)
  *
  * SOCKET_FD: a bound SOCK_DGRAM unix socket (its path is in the container's state dir,
  * outside the container's root) with SO_PASSCRED set by the runtime. Only datagrams
@@ -16,14 +18,17 @@
  * and, when OUTSIDE_PIDNS is 1, with pid 0 (outside this pid namespace) are served.
  *
  * A request is one datagram: struct request, then NUL-terminated strings: cwd, argc
- * argument strings, envc environment strings; SCM_RIGHTS carries four fds: the reply
- * channel (a SOCK_SEQPACKET end), stdin, stdout, stderr. The anchor forks a monitor per
- * request and goes back to waiting; the monitor waits for "go" on the reply channel,
- * forks the exec and answers, each one message: "pid N" (the exec's pid in this pid
- * namespace, once its execve succeeded) or "error ERRNO STAGE", then "exit STATUS" (a
- * wait status). It keeps the exec unreaped until the channel closes, so the pid stays
- * the exec's while the runtime opens a pidfd of it. The channel closing before the exec
- * exited kills the exec.
+ * argument strings, envc environment strings; SCM_RIGHTS carries one fd: the reply
+ * channel (a SOCK_SEQPACKET end). The anchor forks a monitor per request and goes back
+ * to waiting. The monitor says "ready" at once (the runtime gives up on an anchor that
+ * does not: the workload may have stopped it, and then nothing has run), receives
+ * "stdio" with stdin, stdout and stderr (SCM_RIGHTS: they travel only to a monitor that
+ * answered, so a stopped anchor's queue holds no end of the exec's output pipes), waits
+ * for "go", forks the exec and answers, each one message: "pid N" (the exec's pid in
+ * this pid namespace, once its execve succeeded) or "error ERRNO STAGE", then "exit
+ * STATUS" (a wait status). It keeps the exec unreaped until the channel closes, so the
+ * pid stays the exec's while the runtime opens a pidfd of it. The channel closing
+ * before the exec exited kills the exec.
  *
  * Every syscall the anchor makes is one the strictest built-in profile (hostile-tenant)
  * allows: no accept, getsockopt, execveat or pidfd_open.
@@ -53,10 +58,13 @@
 #include <termios.h>
 #include <unistd.h>
 
-#define ANCHOR_MAGIC 0x7a76616eu /* "zvan" */
+/* "zva2": the second layout (stdio after "ready"). An anchor built from other source
+ * drops a request with another magic unanswered: the runtime falls back at once. */
+#define ANCHOR_MAGIC 0x7a766132u
 #define FLAG_TERMINAL 1u
 #define FLAG_UMASK 2u
-#define REQUEST_FDS 4
+#define REQUEST_FDS 1
+#define STDIO_FDS 3
 #define MAX_REQUEST (256 * 1024)
 #define MAX_STRINGS 8192
 /* What runc and the runtime search when the exec's env has no PATH. */
@@ -161,9 +169,51 @@ static void on_child(int sig) {
     (void)sig; /* only interrupts ppoll */
 }
 
-/* The monitor of one request: waits for "go", forks the exec, answers, waits. */
-static void monitor(int channel, const struct request *req, int stdio[3], char *cwd, char **argv,
-                    char **envp) {
+/* The "stdio" message: its three fds into STDIO; -1 if it is not that (the runtime gave up). */
+static int receive_stdio(int channel, int stdio[STDIO_FDS]) {
+    char word[8];
+    struct iovec iov = {word, sizeof word};
+    union {
+        char space[CMSG_SPACE(sizeof(int) * STDIO_FDS)];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {0};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.space;
+    msg.msg_controllen = sizeof control.space;
+    ssize_t n;
+    do
+        n = recvmsg(channel, &msg, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    int got = 0;
+    for (struct cmsghdr *c = n > 0 ? CMSG_FIRSTHDR(&msg) : NULL; c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        int *fds = (int *)CMSG_DATA(c);
+        for (int i = 0; i < count; i++) {
+            if (got < STDIO_FDS)
+                stdio[got++] = fds[i];
+            else
+                close(fds[i]);
+        }
+    }
+    if (n == 5 && memcmp(word, "stdio", 5) == 0 && got == STDIO_FDS &&
+        !(msg.msg_flags & MSG_CTRUNC))
+        return 0;
+    for (int i = 0; i < got; i++)
+        close(stdio[i]);
+    return -1;
+}
+
+/* The monitor of one request: answers "ready", takes the stdio, waits for "go", forks
+ * the exec, answers, waits. */
+static void monitor(int channel, const struct request *req, char *cwd, char **argv, char **envp) {
+    int stdio[STDIO_FDS];
+    say(channel, "ready");
+    if (receive_stdio(channel, stdio) < 0)
+        _exit(0); /* the runtime gave up on this anchor: nothing runs */
     char word[8];
     ssize_t n = read(channel, word, sizeof word);
     if (n != 2 || memcmp(word, "go", 2) != 0)
@@ -330,6 +380,10 @@ static int stand_in(int channel, int pidfd) {
 int main(int argc, char **argv) {
     if (argc == 4 && strcmp(argv[1], "--stand-in") == 0)
         return stand_in(atoi(argv[2]), atoi(argv[3]));
+    if (argc == 2 && strcmp(argv[1], "--layout") == 0) {
+        printf("%#x\n", ANCHOR_MAGIC);
+        return 0;
+    }
     if (argc != 5)
         return 2;
     int sock = atoi(argv[1]);
@@ -368,7 +422,7 @@ int main(int argc, char **argv) {
                 continue;
             return 1;
         }
-        int fds[REQUEST_FDS], nfds = 0, trusted = 0;
+        int fds[REQUEST_FDS] = {-1}, nfds = 0, trusted = 0;
         for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level != SOL_SOCKET)
                 continue;
@@ -397,8 +451,7 @@ int main(int argc, char **argv) {
             if (pid == 0) {
                 close(sock);
                 signal(SIGCHLD, SIG_DFL);
-                int stdio[3] = {fds[1], fds[2], fds[3]};
-                monitor(fds[0], &req, stdio, cwd, exec_argv, envp);
+                monitor(fds[0], &req, cwd, exec_argv, envp);
                 _exit(0);
             }
             if (pid < 0) {

@@ -10,9 +10,15 @@ docs/architecture.md, "An exec and PID 1's Landlock domain", has the whole pictu
     create (parent):  bind_socket(state dir)  + open_binary()  → fds for PID 1
     PID 1:            security.apply(...) → start() → execve(workload)
     exec (parent):    ineligible(...) / connect(state dir) → fd for the exec child
-    exec child:       send_request(fd, process, stdio)   (host pid namespace, host root)
+    exec child:       send_request(fd, process) → channel; await_ready(channel);
+                      send_stdio(channel, stdio)   (host pid namespace, host root)
     stand-in:         stand_in(channel): "go", the exec's pid, then exec_anchor.c
                       --stand-in: forwards signals, exits as the exec did
+
+Until the anchor's monitor said "ready" nothing of the exec exists: an anchor that does
+not answer within ANSWER_TIMEOUT (the workload, the same user, may SIGSTOP it) or that
+closes the request (killed, or built from other source) raises Unanswered, and the exec
+takes the old path instead (runtime/container.py).
 
 The stand-in is the exec process as the caller (the shim's reaper, `zviz exec`, its
 --pid-file) knows it: it exits as the exec does.
@@ -30,7 +36,7 @@ from runtime import errors
 SOCKET_NAME = "anchor.sock"
 BINARY_NAME = "zviz-anchor"
 # Mirrors of exec_anchor.c's request layout: one place each, checked by the unit test.
-MAGIC = 0x7A76616E
+MAGIC = 0x7A766132
 FLAG_TERMINAL = 1
 FLAG_UMASK = 2
 HEADER = struct.Struct("=5I")
@@ -38,23 +44,42 @@ MAX_REQUEST = 256 * 1024
 # The anchor and one monitor per exec count in the container's pids limit: below this
 # limit the workload keeps its processes and execs take the old path.
 MIN_PIDS_LIMIT = 8
+# Seconds the exec child waits for the monitor's "ready" (a fork and a write in a tiny
+# static process: milliseconds, even on a loaded node) before it looks at the anchor:
+# stopped (the workload, the same user, may SIGSTOP it) or gone, the exec takes the old
+# path; seen running (slow: a CPU-throttled container), the wait goes on, one more
+# ANSWER_TIMEOUT at a time, up to SLOW_ANSWER_LIMIT. Without the anchor's pid, the first
+# deadline decides. Well below the 60 s setup timeout, which the exec would otherwise hit.
+ANSWER_TIMEOUT = 2.0
+SLOW_ANSWER_LIMIT = 30.0
+# What `zviz node check` and `zviz node install` tell a node without a built anchor.
+BUILD_HINT = "install gcc and libc6-dev, then run `zviz node install`"
+
+
+class Unanswered(Exception):
+    """The anchor did not take the exec (stopped, killed, out of processes, another
+    build): nothing of the exec runs, the old path may run it."""
 
 
 def binary_path() -> str:
-    """Where `make install` / `zviz node install` put the compiled anchor: beside the
-    interpreter that runs zviz (the venv's bin)."""
+    """The one place the runtime looks for the compiled anchor, and where `make install`
+    and `zviz node install` build it: the install's bin directory, beside the interpreter
+    (in a venv, the checkout's .venv or a wheel's, the directory pip put zviz and the
+    shim in). sys.executable rather than sysconfig: that costs a `zviz run` 4 ms."""
     return os.path.join(os.path.dirname(sys.executable), BINARY_NAME)
 
 
 def build(bin_dir: str) -> str | None:
     """Compile runtime/exec_anchor.c, statically (it runs in the container's root),
-    into BIN_DIR; None without a C compiler or a static libc."""
+    into BIN_DIR; None without a C compiler or a static libc (libc6-dev). The same
+    binary as before is left alone (a second install changes nothing)."""
+    import filecmp
     import shutil
     import subprocess
     import tempfile
 
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    if compiler is None or not _has_static_libc(compiler):
         return None
     source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "exec_anchor.c")
     output = os.path.join(os.path.abspath(bin_dir), BINARY_NAME)
@@ -66,10 +91,36 @@ def build(bin_dir: str) -> str | None:
             text=True,
         )
         if compiled.returncode != 0:
-            return None
+            # With a compiler and libc.a, a failure is the source's: said, not hidden as
+            # "no anchor" (execs would quietly take the old path).
+            raise RuntimeError(f"{compiler} {source}: {compiled.stderr.strip()}")
+        if os.path.exists(output) and filecmp.cmp(built, output, shallow=False):
+            return output
         shutil.copy2(built, output + ".new")
     os.replace(output + ".new", output)
     return output
+
+
+def built_layout(path: str) -> int | None:
+    """The request layout (MAGIC) the anchor at PATH was built for; None if it cannot say
+    (missing, not executable, built before it could)."""
+    import subprocess
+
+    try:
+        answered = subprocess.run([path, "--layout"], capture_output=True, text=True, timeout=10)
+        return int(answered.stdout.strip(), 16) if answered.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def _has_static_libc(compiler: str) -> bool:
+    """Whether COMPILER finds libc.a (libc6-dev): it prints the bare name when it does not."""
+    import subprocess
+
+    found = subprocess.run(
+        [compiler, "-print-file-name=libc.a"], capture_output=True, text=True
+    ).stdout.strip()
+    return os.path.isabs(found) and os.path.exists(found)
 
 
 # ---------------------------------------------------------------------------
@@ -205,10 +256,11 @@ def ineligible(process, pid1_process, profile, preserve_fds: int) -> str | None:
     return None
 
 
-def connect(state_dir: str) -> tuple[int, int]:
+def connect(state_dir: str, pid1: int) -> tuple[int, int, int]:
     """(a socket connected to the container's anchor, an O_PATH fd of the binary the
-    stand-in runs); OSError when there is no anchor (never started, or gone: the workload
-    may kill it) or no binary."""
+    stand-in runs, the anchor's host /proc directory or -1: see find); OSError when there
+    is no anchor (never started, or gone: the workload may kill it) or no binary. PID1:
+    the container's PID 1, host pid."""
     binary = os.open(binary_path(), os.O_PATH | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
@@ -218,7 +270,44 @@ def connect(state_dir: str) -> tuple[int, int]:
         sock.close()
         os.close(binary)
         raise
-    return sock.detach(), binary
+    return sock.detach(), binary, find(pid1)
+
+
+def find(pid1: int) -> int:
+    """The anchor's /proc directory (host procfs, a dir fd: it keeps naming that process
+    after the exec child joins the container's mounts), or -1: PID 1's first child named
+    zviz-anchor (PID 1 forks it before the workload runs, so it comes first; a workload
+    child that names itself so only makes its own execs wait longer for their fallback)."""
+    try:
+        with open(f"/proc/{pid1}/task/{pid1}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return -1
+    for child in children:
+        try:
+            directory = os.open(f"/proc/{child}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        stat = _stat(directory)
+        if stat is not None and stat[0] == BINARY_NAME and stat[2] == pid1:
+            return directory  # opened, then checked: not a pid reused meanwhile
+        os.close(directory)
+    return -1
+
+
+def _stat(proc_dir: int) -> tuple[str, str, int] | None:
+    """(comm, state, parent pid) from PROC_DIR/stat, or None when the process is gone."""
+    try:
+        fd = os.open("stat", os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc_dir)
+        try:
+            text = os.read(fd, 4096).decode(errors="replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    comm, _, rest = text.partition(" (")[2].rpartition(")")
+    fields = rest.split()
+    return comm, fields[0], int(fields[1])
 
 
 def encode(process, terminal: bool = False) -> bytes:
@@ -238,23 +327,23 @@ def encode(process, terminal: bool = False) -> bytes:
 # The exec child (host pid namespace, host root): the request; then the stand-in.
 
 
-def send_request(anchor_fd: int, process, stdio: tuple[int, int, int], terminal: bool) -> int:
-    """Send the request with STDIO (TERMINAL: a pty for a new session); returns the stand-in's end of the reply channel. The
-    anchor's monitor forks nothing before the stand-in says "go" on it."""
+def send_request(anchor_fd: int, process, terminal: bool) -> int:
+    """Send the request (TERMINAL: stdin will be a pty for a new session); returns our
+    end of the reply channel, for await_ready. The anchor's monitor forks nothing before
+    the stand-in says "go" on it. Unanswered when the anchor cannot take it."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         anchor = socket.socket(fileno=anchor_fd)
         try:
+            # MSG_DONTWAIT: a stopped anchor's queue fills (net.unix.max_dgram_qlen, 10 by
+            # default), and a send to a full queue would wait for as long as it is stopped.
             anchor.sendmsg(
                 [encode(process, terminal)],
-                [
-                    (
-                        socket.SOL_SOCKET,
-                        socket.SCM_RIGHTS,
-                        struct.pack("4i", theirs.fileno(), *stdio),
-                    )
-                ],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", theirs.fileno()))],
+                socket.MSG_DONTWAIT,
             )
+        except OSError as e:
+            raise Unanswered(f"the request could not be sent ({e.strerror or e})") from None
         finally:
             anchor.detach()
     except BaseException:
@@ -263,6 +352,58 @@ def send_request(anchor_fd: int, process, stdio: tuple[int, int, int], terminal:
     finally:
         theirs.close()
     return ours.detach()
+
+
+def await_ready(
+    channel: int,
+    anchor_dir: int = -1,
+    timeout: float = ANSWER_TIMEOUT,
+    limit: float = SLOW_ANSWER_LIMIT,
+) -> None:
+    """The monitor's "ready" on CHANNEL, or Unanswered (nothing has run: the monitor
+    forks the exec only after the stdio and "go", and a monitor that comes late finds
+    the channel closed and exits). Past TIMEOUT seconds without it: Unanswered when the
+    anchor (ANCHOR_DIR, its /proc directory; -1: unknown) is stopped, gone or unknown,
+    else another TIMEOUT, up to LIMIT in all."""
+    import select
+    import time
+
+    poller = select.poll()
+    poller.register(channel, select.POLLIN)
+    began = time.monotonic()
+    while not poller.poll(int(timeout * 1000)):
+        waited = time.monotonic() - began
+        stat = _stat(anchor_dir) if anchor_dir >= 0 else None
+        if stat is None or stat[1] in "Tt":
+            why = "stopped" if stat is not None else "stopped?"
+            raise Unanswered(f"the exec anchor did not answer within {timeout:g} s ({why})")
+        if waited >= limit:
+            raise Unanswered(f"the exec anchor did not answer within {waited:.0f} s (running)")
+    try:
+        answer = os.read(channel, 128).decode(errors="replace")
+    except OSError as e:
+        answer = f"read: {e.strerror}"
+    if answer == "ready":
+        return
+    words = answer.split()
+    if len(words) == 3 and words[0] == "error" and words[1].isdigit():
+        raise Unanswered(f"the exec anchor could not fork ({os.strerror(int(words[1]))})")
+    # Closed unanswered: killed with the request queued, or a build that drops this layout.
+    raise Unanswered(f"the exec anchor closed the request unanswered ({answer or 'EOF'})")
+
+
+def send_stdio(channel: int, stdio: tuple[int, int, int]) -> None:
+    """The exec's stdin, stdout and stderr to the monitor that said "ready" (a monitor
+    gone meanwhile has run nothing: Unanswered)."""
+    conn = socket.socket(fileno=channel)
+    try:
+        conn.sendmsg(
+            [b"stdio"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("3i", *stdio))]
+        )
+    except OSError as e:
+        raise Unanswered(f"the exec anchor's monitor went away ({e.strerror or e})") from None
+    finally:
+        conn.detach()
 
 
 def stand_in(channel: int, binary: int, process, ready) -> None:

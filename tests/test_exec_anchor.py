@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -21,6 +22,19 @@ def binary(tmp_path_factory):
     if built is None:
         pytest.skip("no C compiler or no static libc (libc6-dev): the anchor is not built")
     return built
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGSTOP the anchor and wait until it is stopped: a request sent before then might
+    still be taken."""
+    os.kill(process.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(f"/proc/{process.pid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "T":
+                return
+        time.sleep(0.01)
+    raise AssertionError("the anchor did not stop")
 
 
 def start_anchor(binary: str, state_dir: str, served_uid: int) -> subprocess.Popen:
@@ -44,17 +58,39 @@ def anchor(binary, tmp_path, monkeypatch):
     process.wait()
 
 
+def send(state_dir: str, args) -> int:
+    """Send ARGS as a request; our end of its reply channel."""
+    process = Process(args=list(args), cwd="/", env=["PATH=/usr/bin:/bin"], user=User())
+    connected, binary, anchor_dir = exec_anchor.connect(state_dir, os.getpid())
+    os.close(binary)
+    if anchor_dir >= 0:
+        os.close(anchor_dir)
+    try:
+        return exec_anchor.send_request(connected, process, False)
+    finally:
+        os.close(connected)
+
+
 def request(state_dir: str, args, stdout: int, cwd: str = "/") -> socket.socket:
-    """Send ARGS as a request, with /dev/null as stdin and stderr; the caller's channel."""
+    """Send ARGS as a request, with /dev/null as stdin and stderr, as the exec child does
+    (the request, "ready", the stdio); the caller's channel, "go" said on it."""
     process = Process(args=list(args), cwd=cwd, env=["PATH=/usr/bin:/bin"], user=User())
     null = os.open(os.devnull, os.O_RDWR)
-    connected, binary = exec_anchor.connect(state_dir)
+    connected, binary, anchor_dir = exec_anchor.connect(state_dir, os.getpid())
     os.close(binary)
     try:
-        channel = exec_anchor.send_request(connected, process, (null, stdout, null), False)
+        channel = exec_anchor.send_request(connected, process, False)
+        try:
+            exec_anchor.await_ready(channel, anchor_dir)
+            exec_anchor.send_stdio(channel, (null, stdout, null))
+        except BaseException:
+            os.close(channel)
+            raise
     finally:
         os.close(connected)
         os.close(null)
+        if anchor_dir >= 0:
+            os.close(anchor_dir)
     conn = socket.socket(fileno=channel)
     conn.settimeout(10)
     conn.send(b"go")
@@ -134,17 +170,132 @@ def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path, monk
     process = start_anchor(binary, str(tmp_path), os.geteuid() + 1)
     try:
         marker = tmp_path / "ran"
-        # Its end is closed unanswered: EOF, or a reset or broken pipe when "go" raced it.
-        try:
-            with request(str(tmp_path), ["touch", str(marker)], 1) as conn:
-                answer = conn.recv(64)
-        except (ConnectionResetError, BrokenPipeError):
-            answer = b""
-        assert answer == b""
+        # Its end is closed unanswered: the exec child takes the old path.
+        with pytest.raises(exec_anchor.Unanswered, match="closed the request unanswered"):
+            request(str(tmp_path), ["touch", str(marker)], 1)
         assert not marker.exists()
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_stopped_anchor_is_unanswered_within_the_deadline_and_runs_nothing_later(
+    binary, tmp_path
+):
+    # The workload, the same user, may SIGSTOP its anchor: the exec child gives up after
+    # the deadline (and falls back) rather than waiting for the 60 s setup timeout.
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    try:
+        marker = tmp_path / "ran"
+        stop(process)
+        channel = send(str(tmp_path), ["touch", str(marker)])
+        began = time.monotonic()
+        with pytest.raises(exec_anchor.Unanswered, match="did not answer within 0.5 s"):
+            exec_anchor.await_ready(channel, timeout=0.5)
+        assert time.monotonic() - began < 5
+        os.close(channel)  # as the exec child exits
+        # Continued, its late monitor finds the channel closed and forks nothing.
+        os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.5)
+        assert not marker.exists()
+        with request(str(tmp_path), ["true"], 1) as conn:
+            assert conn.recv(64).decode().startswith("pid "), "the anchor serves again"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_the_anchor_is_found_among_pid_1s_children_and_its_stop_is_seen(binary, tmp_path):
+    # Here the test process stands for PID 1: the anchor is its child.
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    helper = subprocess.Popen(["sleep", "100"])  # a child of another name, not taken
+    anchor_dir = exec_anchor.find(os.getpid())
+    try:
+        assert anchor_dir >= 0
+        comm, state, parent = exec_anchor._stat(anchor_dir)
+        assert (comm, parent) == ("zviz-anchor", os.getpid())
+        assert state in "RS"  # starting, or waiting for requests
+        stop(process)
+        channel = send(str(tmp_path), ["true"])
+        try:
+            with pytest.raises(exec_anchor.Unanswered, match=r"within 0.3 s \(stopped\)"):
+                exec_anchor.await_ready(channel, anchor_dir, timeout=0.3)
+        finally:
+            os.close(channel)
+    finally:
+        if anchor_dir >= 0:
+            os.close(anchor_dir)
+        helper.kill()
+        helper.wait()
+        process.kill()
+        process.wait()
+    assert exec_anchor.find(os.getpid()) == -1  # no anchor among the children now
+
+
+def test_an_anchor_seen_running_is_waited_for_up_to_the_limit(binary, tmp_path):
+    # Slow, not stopped (a CPU-throttled container): the wait goes on past the first
+    # deadline. Stood in for by a stopped anchor whose /proc entry reads as a running
+    # process's (a sleeping `sleep`), continued after the first deadline.
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    running = subprocess.Popen(["sleep", "100"])
+    seen_running = os.open(f"/proc/{running.pid}", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stop(process)
+        channel = send(str(tmp_path), ["true"])
+        try:
+            with pytest.raises(exec_anchor.Unanswered, match=r"\(running\)"):
+                exec_anchor.await_ready(channel, seen_running, timeout=0.2, limit=0.7)
+        finally:
+            os.close(channel)
+        channel = send(str(tmp_path), ["true"])
+        continued = threading.Timer(0.6, os.kill, (process.pid, signal.SIGCONT))
+        continued.start()
+        try:
+            exec_anchor.await_ready(channel, seen_running, timeout=0.2, limit=20)
+        finally:
+            continued.join()
+            os.close(channel)
+    finally:
+        os.close(seen_running)
+        running.kill()
+        running.wait()
+        process.kill()
+        process.wait()
+
+
+def test_an_anchor_killed_with_the_request_queued_is_unanswered_at_once(binary, tmp_path):
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    stop(process)
+    channel = send(str(tmp_path), ["true"])
+    try:
+        process.kill()
+        process.wait()
+        began = time.monotonic()
+        # Its socket dies with it, and the queued request with our channel's other end.
+        with pytest.raises(exec_anchor.Unanswered, match="closed the request unanswered"):
+            exec_anchor.await_ready(channel, timeout=30)
+        assert time.monotonic() - began < 5
+    finally:
+        os.close(channel)
+
+
+def test_requests_to_a_stopped_anchor_never_block_when_its_queue_is_full(binary, tmp_path):
+    # net.unix.max_dgram_qlen (10 by default) requests fill a stopped anchor's queue; the
+    # next send would wait for as long as it stays stopped.
+    process = start_anchor(binary, str(tmp_path), os.geteuid())
+    channels = []
+    try:
+        stop(process)
+        with open("/proc/sys/net/unix/max_dgram_qlen") as f:
+            queue = int(f.read())
+        with pytest.raises(exec_anchor.Unanswered, match="could not be sent"):
+            for _ in range(queue + 5):
+                channels.append(send(str(tmp_path), ["true"]))
+    finally:
+        process.kill()
+        process.wait()
+        for channel in channels:
+            os.close(channel)
 
 
 def test_the_anchor_exits_when_its_parent_is_gone_before_it_starts(binary, tmp_path):

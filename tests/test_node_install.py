@@ -39,6 +39,17 @@ def root(tmp_path):
     return tmp_path
 
 
+@pytest.fixture(autouse=True)
+def anchor_path(tmp_path_factory, monkeypatch) -> str:
+    """Where install builds the exec anchor: the install's own bin directory (not under
+    --root), here a directory of the test's rather than the checkout's .venv/bin."""
+    from runtime import exec_anchor
+
+    path = str(tmp_path_factory.mktemp("install-bin") / exec_anchor.BINARY_NAME)
+    monkeypatch.setattr(exec_anchor, "binary_path", lambda: path)
+    return path
+
+
 def config_file(root) -> str:
     return str(root / "etc" / "containerd" / "config.toml")
 
@@ -208,6 +219,58 @@ def test_without_a_compiler_zviz_is_the_python_entry_and_says_so(root, capsys, m
     assert os.readlink(entry) == install.python_entry()
     with open(entry, "rb") as f:
         assert f.read(2) == b"#!"
+
+
+def test_install_builds_the_exec_anchor_where_the_runtime_looks_and_uninstall_leaves_it(
+    root, capsys, anchor_path
+):
+    from runtime import exec_anchor
+    from runtime.node import check
+
+    if not exec_anchor._has_static_libc("cc"):
+        pytest.skip("no static libc (libc6-dev): the anchor cannot be built here")
+    write_config(root, V2_WITHOUT_CRI)
+    assert check._exec_anchor().status == "warn"
+    assert node(root, "install") == 0
+    assert f"exec-anchor: {anchor_path} (execs run in PID 1's Landlock domain)" in (
+        capsys.readouterr().out
+    )
+    assert exec_anchor.built_layout(anchor_path) == exec_anchor.MAGIC
+    first = os.stat(anchor_path)
+    assert node(root, "install") == 0  # the same binary: left alone
+    assert os.stat(anchor_path).st_mtime_ns == first.st_mtime_ns
+    assert check._exec_anchor().status == "ok"
+    assert node(root, "uninstall") == 0
+    assert os.path.exists(anchor_path)  # the install's, like its shim script
+
+
+def test_without_a_compiler_install_says_execs_cannot_reach_pid_1(root, capsys, monkeypatch):
+    from runtime.node import install
+
+    real_which = install.shutil.which
+    monkeypatch.setattr(
+        install.shutil, "which", lambda name: None if name in ("cc", "gcc") else real_which(name)
+    )
+    write_config(root, V2_WITHOUT_CRI)
+    assert node(root, "install") == 0
+    out = capsys.readouterr().out
+    assert "exec-anchor: not built (no C compiler or no static libc)" in out, out
+    assert "install gcc and libc6-dev, then run `zviz node install` again" in out
+
+
+def test_node_check_says_when_execs_cannot_reach_pid_1(anchor_path):
+    from runtime.node import check
+
+    missing = check._exec_anchor()
+    assert missing.status == "warn"
+    assert missing.detail.startswith(f"no {anchor_path}: execs get a Landlock domain of their own")
+    assert missing.detail.endswith("install gcc and libc6-dev, then run `zviz node install`")
+    # An anchor from before an upgrade (another request layout): its requests would fail.
+    with open(anchor_path, "w") as f:
+        f.write("#!/bin/sh\necho 0x7a76616e\n")
+    os.chmod(anchor_path, 0o755)
+    stale = check._exec_anchor()
+    assert stale.status == "warn" and "built from another version's source" in stale.detail
 
 
 def test_node_check_says_when_zviz_runs_the_slow_path(tmp_path, monkeypatch):

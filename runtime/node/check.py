@@ -50,6 +50,7 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     checks.append(_cgroups())
     checks += _containerd(containerd_config_path)
     checks.append(_fast_path())
+    checks.append(_exec_anchor())
     checks.append(_denial_records(abi))
     return checks
 
@@ -389,6 +390,32 @@ def _fast_path() -> Check:
         WARN,
         f"{path} is the Python entry: every `zviz run` starts Python (the slow path, "
         "~10 ms more); `zviz node install` compiles the client when a C compiler is present",
+    )
+
+
+def _exec_anchor() -> Check:
+    """Whether execs will reach PID 1 (`kubectl exec ... > /proc/1/fd/1`): the exec anchor
+    built for this install's request layout (runtime/exec_anchor.py). Never a failure:
+    execs work without it, in a Landlock domain of their own."""
+    from runtime import exec_anchor
+
+    path = exec_anchor.binary_path()
+    if not os.path.exists(path):
+        problem = f"no {path}"
+    elif exec_anchor.built_layout(path) != exec_anchor.MAGIC:
+        problem = f"{path} is built from another version's source"
+    else:
+        return Check(
+            "exec-anchor",
+            OK,
+            f"{path}: execs run in PID 1's Landlock domain (they can write /proc/1/fd/1"
+            " and read /proc/1/environ)",
+        )
+    return Check(
+        "exec-anchor",
+        WARN,
+        f"{problem}: execs get a Landlock domain of their own and cannot write /proc/1/fd/1"
+        f" or read /proc/1/environ; {exec_anchor.BUILD_HINT}",
     )
 
 

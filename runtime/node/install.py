@@ -6,6 +6,10 @@ What install does, each step idempotent (a second run writes the same bytes):
   - BIN_DIR/zviz: the compiled fork-server client built for this install (the fast
     `zviz run`, runtime/forkserver.py), or, without a C compiler, a symlink to the Python
     entry (the slow path, said so);
+  - the exec anchor, compiled from the wheel's runtime/exec_anchor.c into this install's
+    own bin directory, where the runtime looks for it (exec_anchor.binary_path; not
+    BIN_DIR: it belongs to the install, and --root does not move it). Without a C
+    compiler and libc.a it is said so: execs then cannot reach PID 1's /proc entries;
   - the containerd runtime entry, as runtime/node/containerd.py plans it;
   - where AppArmor is active, a profile attached to the shim and zviz, loaded into the
     kernel: the one that lets zviz create user namespaces under Ubuntu's
@@ -152,6 +156,7 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         created.add(path)
     if client and not dry_run:
         _build_client(os.path.join(paths.bin_dir, "zviz"))
+    _build_exec_anchor(dry_run, say)
     backup = paths.config + BACKUP_SUFFIX
     for path, text in sorted(changes.items()):
         if dry_run:
@@ -237,6 +242,32 @@ def _build_client(path: str) -> None:
     from runtime import forkserver
 
     forkserver.compile_client(path, python_entry())
+
+
+def _build_exec_anchor(dry_run: bool, say) -> None:
+    """The exec anchor (runtime/exec_anchor.py) where the runtime looks for it. Rebuilt on
+    every install: a wheel upgraded in place keeps the old binary, whose requests the new
+    runtime could not use. Left by uninstall, like the rest of the install it belongs to."""
+    from runtime import exec_anchor
+
+    path = exec_anchor.binary_path()
+    if dry_run:
+        say(f"exec-anchor: would build {path}\n")
+        return
+    try:
+        built = exec_anchor.build(os.path.dirname(path))
+    except (RuntimeError, OSError) as e:
+        built, why = None, f"build failed: {e}"
+    else:
+        why = "no C compiler or no static libc"
+    if built is None:
+        say(
+            f"exec-anchor: not built ({why}): execs get a Landlock domain of their own and"
+            f" cannot write /proc/1/fd/1 or read /proc/1/environ; {exec_anchor.BUILD_HINT}"
+            " again\n"
+        )
+    else:
+        say(f"exec-anchor: {built} (execs run in PID 1's Landlock domain)\n")
 
 
 def _replace_with_symlink(path: str, target: str) -> None:

@@ -31,7 +31,7 @@ class Request:
         notify_channel=None,
         hook_state: dict | None = None,
         anchor_fds: tuple[int, int] | None = None,
-        anchor_connection: tuple[int, int] | None = None,
+        anchor_connection: tuple[int, int, int] | None = None,
     ):
         self.spec = spec
         self.bundle = bundle
@@ -49,8 +49,8 @@ class Request:
         self.hook_state = hook_state or {}
         # PID 1's: (bound socket, O_PATH fd of the binary) for the exec anchor
         # (runtime/exec_anchor.py). An exec's: (a socket connected to that anchor, the
-        # binary) when the exec goes through it (then it has no notify channel: PID 1's
-        # broker serves it).
+        # binary, the anchor's host /proc directory or -1) when the exec goes through it
+        # (then it has no notify channel: PID 1's broker serves it).
         self.anchor_fds = anchor_fds
         self.anchor_connection = anchor_connection
         # Set in the namespace child: the id-mapped rootfs clone the parent made.
@@ -64,7 +64,7 @@ def run_child(sync: Sync, body) -> None:
     try:
         body()
         code = 0
-    except _StageError as exc:
+    except StageError as exc:
         if not sync.send_error(exc.stage, exc.cause):
             _tell_stderr(exc.stage, exc.cause)
     except BaseException as exc:  # noqa: BLE001 - a child must never unwind into the parent's code
@@ -74,7 +74,7 @@ def run_child(sync: Sync, body) -> None:
         os._exit(code)
 
 
-class _StageError(Exception):
+class StageError(Exception):
     def __init__(self, stage: str, cause: BaseException):
         super().__init__(stage)
         self.stage = stage
@@ -92,8 +92,8 @@ class Stages:
         return self
 
     def __exit__(self, kind, exc, tb):
-        if exc is not None and not isinstance(exc, _StageError) and kind is not SystemExit:
-            raise _StageError(self.name, exc) from exc
+        if exc is not None and not isinstance(exc, StageError) and kind is not SystemExit:
+            raise StageError(self.name, exc) from exc
         return False
 
 
@@ -138,7 +138,7 @@ def close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
     if request.notify_channel is not None:
         keep.add(request.notify_channel.container_fd)
     keep.update(request.anchor_fds or ())
-    keep.update(request.anchor_connection or ())
+    keep.update(fd for fd in request.anchor_connection or () if fd >= 0)
     low = 0
     for fd in sorted(keep):
         if fd > low:

@@ -15,6 +15,7 @@ import signal
 from runtime import denials, linux
 from runtime.spawn.common import (
     Request,
+    StageError,
     Stages,
     close_all,
     close_inherited_fds,
@@ -47,8 +48,17 @@ def run_exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
             os.close(fd)
     channel = None
     if request.anchor_connection is not None:
-        with stages("exec anchor"):
-            channel = _request_from_anchor(request, process)
+        from runtime import exec_anchor
+
+        try:
+            with stages("exec anchor"):
+                channel = _request_from_anchor(request, process)
+        except StageError as e:
+            if not isinstance(e.cause, exec_anchor.Unanswered):
+                raise
+            # Nothing of the exec exists: the parent runs it the old way (Container.exec).
+            sync.send("anchor-unanswered", why=str(e.cause))
+            return
     with stages("fork"):
         pid = os.fork()
     if pid == 0:
@@ -62,22 +72,37 @@ def run_exec_child(request: Request, sync: Sync, ns_fds, process) -> None:
 def _request_from_anchor(request: Request, process) -> int:
     """Ask the container's anchor for the exec (runtime/exec_anchor.py), from here: host
     root outside the container's pid namespace, the only sender it serves. Returns the
-    stand-in's end of the reply channel; the stand-in then holds none of the stdio."""
+    stand-in's end of the reply channel; the stand-in then holds none of the stdio.
+    exec_anchor.Unanswered (before any pty went to the caller's console socket) when
+    the anchor did not take it."""
     from runtime import console, exec_anchor
 
     terminal = process.terminal and request.console_fd is not None
-    if terminal:
-        # The pty in the container's devpts, as setup_stdio makes it for the old path.
-        slave = console.make_pty_and_send(request.console_fd)
-        stdio = (slave, slave, slave)
-    else:
-        stdio = request.stdio
     connected = request.anchor_connection[0]
     try:
-        channel = exec_anchor.send_request(connected, process, stdio, terminal)
+        channel = exec_anchor.send_request(connected, process, terminal)
     finally:
         os.close(connected)
-        close_all(set(stdio))
+    try:
+        anchor_dir = request.anchor_connection[2]
+        try:
+            exec_anchor.await_ready(channel, anchor_dir)
+        finally:
+            if anchor_dir >= 0:
+                os.close(anchor_dir)  # a host /proc directory: not for the stand-in
+        if terminal:
+            # The pty in the container's devpts, as setup_stdio makes it for the old path.
+            slave = console.make_pty_and_send(request.console_fd)
+            stdio = (slave, slave, slave)
+        else:
+            stdio = request.stdio
+        try:
+            exec_anchor.send_stdio(channel, stdio)
+        finally:
+            close_all(set(stdio))
+    except BaseException:
+        os.close(channel)
+        raise
     null = os.open("/dev/null", os.O_RDWR)  # the container's: the stand-in is in its mounts
     for target in (0, 1, 2):
         if target != null:

@@ -104,6 +104,13 @@ MESSAGES: dict[str, Message] = {
             required={"level": (str,), "msg": (str,)},
         ),
         Message("ready", TO_PARENT, "set up; waits for start (or ack)"),
+        Message(
+            "anchor-unanswered", TO_PARENT,
+            "the exec's child: the container's exec anchor did not take the exec (stopped,"
+            " gone, its queue full); nothing of the exec runs: parent.spawn_exec raises"
+            " exec_anchor.Unanswered and Container.exec takes the old path",
+            required={"why": (str,)},
+        ),
         Message("start", TO_CHILD, "`zviz run`, `zviz exec`: go on to execve"),
         Message("ack", TO_CHILD, "`zviz create` returned: wait for `zviz start` on the exec fifo"),
         Message(

@@ -218,7 +218,14 @@ def spawn_exec(request: Request, init_pid: int, process, log) -> Spawned:
         [fd for _, fd in ns_fds],
         lambda child_end: run_exec_child(request, child_end, ns_fds, process),
     )
-    return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log)
+
+    def on_message(kind, message, _pid):
+        if kind == "anchor-unanswered":
+            from runtime import exec_anchor
+
+            raise exec_anchor.Unanswered(message["why"])
+
+    return _until_ready(child, parent_end, "exec: process", process.oom_score_adj, log, on_message)
 
 
 def _until_ready(
