@@ -11,7 +11,6 @@ it) and written to FILE (or stdout).
 
 import os
 import subprocess
-import sys
 import time
 
 from runtime.errors import InvalidArgument
@@ -137,20 +136,9 @@ def learn_through_ctr(base_name: str, out: str | None, argv: list[str]) -> int:
     if out:
         stem = os.path.basename(out).removesuffix(".toml")
         text = text.replace(f'name = "{name.removesuffix(".toml")}"', f'name = "{stem}"', 1)
-        with open(out, "w") as f:
-            f.write(text)
-        from runtime.security.profiles import load_profile
+    from runtime.security.learn_run import emit
 
-        load_profile(os.path.abspath(out))  # what was written must load: fail loudly if not
-    else:
-        sys.stdout.write(text)
-    if code != 0:
-        print(
-            f"zviz profile learn: ctr exited {code}: the profile covers only what the "
-            "workload did until then",
-            file=sys.stderr,
-        )
-    return 0
+    return emit(text, out, f"ctr exited {code}" if code != 0 else None)
 
 
 def _identity(path: str):

@@ -152,16 +152,21 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
         "teaches its own needs: learn only from one you trust (docs/profiles.md).",
     ]
     text = learned_text(learned, base, base_name, name, header)
+    return emit(text, out, f"the workload exited {code}" if code != 0 else None)
+
+
+def emit(text: str, out: str | None, early_exit: str | None) -> int:
+    """The learned profile to OUT (checked to load) or stdout; a warning when the
+    workload ended early (`early_exit` says how). `zviz profile learn`'s exit code."""
     if out:
         with open(out, "w") as f:
             f.write(text)
         load_profile(os.path.abspath(out))  # what was written must load: fail loudly if not
     else:
         sys.stdout.write(text)
-    if code != 0:
+    if early_exit:
         print(
-            f"zviz profile learn: the workload exited {code}: the profile covers only "
-            "what it did until then",
+            f"zviz profile learn: {early_exit}: the profile covers only what it did until then",
             file=sys.stderr,
         )
     return 0
