@@ -47,11 +47,18 @@ def start_anchor(binary: str, state_dir: str, served_uid: int) -> subprocess.Pop
         os.close(sock)
 
 
+@pytest.fixture(autouse=True)
+def built_binary_is_the_installed_one(request, monkeypatch):
+    """A test using `binary` runs the anchor and stand-in built here, not one installed
+    beside the interpreter (a venv made without `make install`, as the uid-65534 run's,
+    has none)."""
+    if "binary" in request.fixturenames:
+        built = request.getfixturevalue("binary")
+        monkeypatch.setattr(exec_anchor, "binary_path", lambda: built)
+
+
 @pytest.fixture
-def anchor(binary, tmp_path, monkeypatch):
-    # The stand-in is the binary built here, not one installed beside the interpreter
-    # (a venv made without `make install` has none).
-    monkeypatch.setattr(exec_anchor, "binary_path", lambda: binary)
+def anchor(binary, tmp_path):
     process = start_anchor(binary, str(tmp_path), os.geteuid())
     yield str(tmp_path)
     process.kill()
@@ -164,9 +171,8 @@ def test_the_stand_in_exits_with_the_execs_code(anchor, binary):
     assert stand_in.wait(timeout=10) == 9
 
 
-def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path, monkeypatch):
+def test_a_sender_that_is_not_the_served_uid_gets_nothing(binary, tmp_path):
     # The anchor in a container serves host root only; here, a uid that is not ours.
-    monkeypatch.setattr(exec_anchor, "binary_path", lambda: binary)
     process = start_anchor(binary, str(tmp_path), os.geteuid() + 1)
     try:
         marker = tmp_path / "ran"
