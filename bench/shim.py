@@ -9,6 +9,8 @@
 - memory: PSS of every shim and runtime process while MEMORY_CONTAINERS containers run
   `sleep`, divided by their number (PSS splits shared pages fairly between processes).
 - `start`: wall time of `containerd-shim-zviz-v2 start` when its daemon is running.
+- concurrent start: CONCURRENT `ctr run --rm ... /bin/true` at once, the wall time until
+  the last returns, CONCURRENT_ROUNDS rounds per runtime, interleaved; median.
 
 gVisor runs through containerd's runc shim with `--runc-binary` pointing at a wrapper
 that execs `runsc --network=none --ignore-cgroups`.
@@ -28,6 +30,8 @@ from tools.mkimage import DEFAULT_REF, build_image
 
 RUNS = 20
 MEMORY_CONTAINERS = 10
+CONCURRENT = 10
+CONCURRENT_ROUNDS = 5
 ZVIZ = "io.containerd.zviz.v2"
 RUNC = "io.containerd.runc.v2"
 
@@ -54,6 +58,16 @@ def _run_once(containerd: PrivateContainerd, flags: list[str], container_id: str
     if result.returncode != 0:
         raise RuntimeError(f"ctr run {flags} failed: {result.stderr.strip()}")
     return elapsed
+
+
+def _concurrent_once(containerd: PrivateContainerd, flags: list[str], prefix: str) -> float:
+    """CONCURRENT containers started at once; seconds until the last `ctr run` returned."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=CONCURRENT) as pool:
+        list(pool.map(lambda i: _run_once(containerd, flags, f"{prefix}-{i}"), range(CONCURRENT)))
+    return time.perf_counter() - started
 
 
 def _pss_kib(pid: int) -> int:
@@ -185,6 +199,12 @@ def main() -> None:
             containerd, "zviz", [*runtimes["zviz"], "--annotation", "io.zviz.profile=web-server"]
         )
         start_times = _shim_start_seconds(containerd, RUNS)
+        concurrent: dict[str, list[float]] = {name: [] for name in runtimes}
+        for i in range(CONCURRENT_ROUNDS):
+            for name, flags in runtimes.items():
+                concurrent[name].append(
+                    _concurrent_once(containerd, flags, f"zviz-bench-conc-{name}-{i}")
+                )
 
         base_median = statistics.median(times["runc"])
         base_memory = memory["runc"]
@@ -211,6 +231,14 @@ def main() -> None:
         print(
             f"memory: PSS of shim and runtime processes with {MEMORY_CONTAINERS} containers running, / {MEMORY_CONTAINERS}"
         )
+        base_concurrent = statistics.median(concurrent["runc"])
+        print(
+            f"{CONCURRENT} started at once (`ctr run --rm ... /bin/true`), until the last returns,"
+            f" median of {CONCURRENT_ROUNDS} interleaved rounds:"
+        )
+        for name in runtimes:
+            median = statistics.median(concurrent[name])
+            print(f"  {name:<8} {median * 1000:>8.1f} ms {median / base_concurrent:>6.2f}x")
     finally:
         containerd.stop()
         shutil.rmtree(workdir, ignore_errors=True)
