@@ -326,22 +326,26 @@ class PrivateContainerd:
                 self.ctr("containers", "delete", container, check=False, namespace=ns)
 
     def stop(self, remove: bool = True) -> None:
+        namespaces = {self.namespace}
+        if self.cri_sandbox_image:
+            namespaces.add(CRI_NAMESPACE)
         if self.proc and self.proc.poll() is None:
+            # Callers may have used other namespaces (`ctr -n`): each has its cgroup parent.
+            namespaces.update(self.ctr("namespaces", "ls", "-q", check=False).stdout.split())
             self.cleanup_tasks()
         self._stop_daemon()
-        self._remove_namespace_cgroups()
+        self._remove_namespace_cgroups(namespaces)
         if remove:
             for directory in {self.base, self.root}:
                 self._unmount_under(directory)
                 shutil.rmtree(directory, ignore_errors=True)
 
-    def _remove_namespace_cgroups(self) -> None:
+    @staticmethod
+    def _remove_namespace_cgroups(namespaces) -> None:
         """ctr puts tasks in /<namespace>/<id>; runtimes remove <id>, the empty parent is ours."""
         # "": the v2 tree at /sys/fs/cgroup itself; the others: each v1 hierarchy
         for hierarchy in ["", *os.listdir("/sys/fs/cgroup")]:
-            for namespace in (self.namespace, CRI_NAMESPACE if self.cri_sandbox_image else None):
-                if namespace is None:
-                    continue
+            for namespace in namespaces:
                 try:
                     os.rmdir(os.path.join("/sys/fs/cgroup", hierarchy, namespace))
                 except OSError:
