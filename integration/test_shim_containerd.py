@@ -823,6 +823,21 @@ def _kinds(fds: dict[int, str]) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("runtime", [ZVIZ], ids=["zviz"], indirect=True)
+def test_daemon_loads_no_tls_library(containerd, ctr, busybox_image, new_id):
+    """The daemon never speaks TLS; asyncio would load OpenSSL (~1.3 MiB private, per
+    daemon) if shim/main.py did not keep ssl out."""
+    container_id = new_id()
+    assert ctr("run", "-d", busybox_image, container_id, "sleep", "1000").returncode == 0
+    try:
+        assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+        with open(f"/proc/{_shim_pid(containerd, container_id)}/maps") as f:
+            libraries = {line.split()[-1] for line in f if ".so" in line}
+        assert not [lib for lib in libraries if "libssl" in lib or "_ssl." in lib], libraries
+    finally:
+        _remove(containerd, container_id)
+
+
+@pytest.mark.parametrize("runtime", [ZVIZ], ids=["zviz"], indirect=True)
 def test_daemon_holds_no_more_fds_after_twenty_containers(containerd, ctr, busybox_image, new_id):
     # A per-container shim (runc's) exits with its container: only a shared daemon can leak.
     keeper = new_id()
