@@ -4,6 +4,7 @@ does), raw ttrpc frames for clients that misbehave, and the leftovers a containe
 leave (processes in its cgroup, its state)."""
 
 import os
+import select
 import signal
 import socket
 import time
@@ -95,8 +96,44 @@ def cgroup_pids(container_id: str) -> list[int]:
     return sorted(found)
 
 
-def alive(pid: int) -> bool:
-    """Running (a zombie is dead: its parent, maybe the host's init, reaps it in its time)."""
+class Watched:
+    """A process followed through a pidfd from the moment it is known. A bare pid may name
+    another process by the time it is checked again: pid_max is 32768 on this machine and
+    a soak's containers fork hundreds of processes a second, so a pid noted minutes ago is
+    often someone else's (the soak saw one "alive" after its container was deleted). A
+    pidfd never moves to another process; it turns readable when its process exits."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        try:
+            self.fd: int | None = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self.fd = None  # already gone
+
+    def alive(self) -> bool:
+        if self.fd is None:
+            return False
+        exited = select.select([self.fd], [], [], 0)[0]
+        return not exited
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __repr__(self) -> str:
+        return f"Watched({self.pid})"
+
+
+def watch(pids) -> list[Watched]:
+    return [Watched(pid) for pid in pids]
+
+
+def alive(pid: "int | Watched") -> bool:
+    """Running (a zombie is dead: its parent, maybe the host's init, reaps it in its time).
+    A bare pid is only safe to check soon after it was learnt; else pass a Watched."""
+    if isinstance(pid, Watched):
+        return pid.alive()
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

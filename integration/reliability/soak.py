@@ -16,6 +16,7 @@ exec answers, and all of them stop and delete cleanly. Figures are printed (-s).
 
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from integration.ids import unique_id
-from integration.reliability.harness import alive, cgroup_pids
+from integration.reliability.harness import alive, cgroup_pids, watch
 from integration.test_shim_containerd import _shim_pid, _task_state
 from shim import config as shim_config
 
@@ -153,6 +154,22 @@ def _run(containerd, image: str, container_id: str, profile: str, script: str, *
     assert result.returncode == 0, f"{container_id} ({profile}): {result.stderr}"
 
 
+def _wait_handled(pid: int, signal_name: str, timeout: float = 60) -> None:
+    """Until PID (the container's init) has a handler for SIGNAL_NAME: a pid namespace's
+    init ignores a signal it has no handler for, so a SIGTERM sent before the shell ran
+    its `trap` is lost and the container never stops (seen once under load: the exec
+    before the kill had finished while the shell had not yet run its first command)."""
+    bit = 1 << (getattr(signal, signal_name) - 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught & bit:
+            return
+        assert time.monotonic() < deadline, f"pid {pid} never trapped {signal_name}"
+        time.sleep(0.01)
+
+
 def _cycle(containerd, image: str, number: int) -> tuple[str, str, int]:
     """One container's life; returns (id, ending, expected init status)."""
     profile = PROFILES[number % len(PROFILES)]
@@ -175,6 +192,8 @@ def _cycle(containerd, image: str, number: int) -> tuple[str, str, int]:
         check=False,
     )
     assert executed.returncode == EXEC_STATUS, f"{container_id}: exec: {executed.stderr}"
+    if stop_signal != "SIGKILL":
+        _wait_handled(_task_state(containerd, container_id)[1], stop_signal)
     containerd.ctr("task", "kill", "-s", stop_signal, container_id)
     _wait_stopped(containerd, container_id)
     deleted = containerd.ctr("task", "delete", container_id, check=False)
@@ -261,6 +280,8 @@ def test_soak_many_running_with_execs_and_stats(containerd, busybox_image):
             started = time.monotonic() - began
             pids = [_task_state(containerd, i)[1] for i in ids]
             assert all(pids)
+            # Followed by pidfd: after minutes of containers forking, a bare pid is reused.
+            pids = watch(pids)
 
             def exec_and_stats(container_id: str, round_number: int) -> None:
                 executed = containerd.ctr(
@@ -282,7 +303,8 @@ def test_soak_many_running_with_execs_and_stats(containerd, busybox_image):
                 list(pool.map(lambda i, r=rounds: exec_and_stats(i, r), ids))
                 rounds += 1
             busy = time.monotonic() - began - started
-            for container_id in ids:
+            for container_id, pid in zip(ids, pids, strict=True):
+                _wait_handled(pid.pid, "SIGTERM")
                 containerd.ctr("task", "kill", "-s", "SIGTERM", container_id)
             for container_id in ids:
                 _wait_stopped(containerd, container_id)
@@ -292,7 +314,7 @@ def test_soak_many_running_with_execs_and_stats(containerd, busybox_image):
             containerd.ctr("task", "kill", "-s", "SIGKILL", container_id, check=False)
             containerd.ctr("task", "delete", "-f", container_id, check=False)
             containerd.ctr("container", "delete", container_id, check=False)
-    assert not any(alive(pid) for pid in pids)
+    assert not [pid for pid in pids if alive(pid)]
     left = {i: what for i in ids if (what := _left_of(containerd, i))}
     print(
         f"\nsoak: {PARALLEL} running at once: started in {started:.1f} s, "
