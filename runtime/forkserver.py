@@ -116,7 +116,8 @@ SAY_REFUSED = "the fork server refused: "
 SAY_STALE = "the fork server's code changed on disk"
 SAY_SEND_FAILED = "cannot send the request: "
 SAY_RECEIVE_FAILED = "no reply from the fork server: "
-# The signals a client forwards to PID 1 once it knows its pid.
+# The signals a `zviz` client forwards to PID 1 once it knows its pid. A shim client has
+# no PID 1 and forwards nothing: a signal acts on it as on the Python entry's start.
 FORWARDED_SIGNALS = (
     "SIGHUP",
     "SIGINT",
@@ -231,12 +232,12 @@ def try_run(argv: list[str], entry: str = ZVIZ_ENTRY) -> int | None:
         except OSError as error:
             _slow_path(debug, SAY_SEND_FAILED + os.strerror(error.errno or 0))
             return None
-        return _follow(sock, debug)
+        return _follow(sock, debug, entry)
     finally:
         sock.close()
 
 
-def _follow(sock, debug: bool) -> int | None:
+def _follow(sock, debug: bool, entry: str = ZVIZ_ENTRY) -> int | None:
     pid = 0
     # Signals that arrive before "pid N" (the container may already be running while
     # that message is in flight) are sent once the pid is known, never dropped.
@@ -251,7 +252,7 @@ def _follow(sock, debug: bool) -> int | None:
         except ProcessLookupError:
             pass
 
-    for name in FORWARDED_SIGNALS:
+    for name in FORWARDED_SIGNALS if entry == ZVIZ_ENTRY else ():
         _signal.signal(getattr(_signal, name), forward)
     while True:
         try:

@@ -278,7 +278,8 @@ int main(int argc, char **argv) {
     struct sigaction action = {.sa_handler = forward};
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
-        sigaction(forwarded[i], &action, NULL);
+        if (strcmp(ZVIZ_ENTRY, ZVIZ_SHIM_ENTRY) != 0) /* a shim start has no PID 1 */
+            sigaction(forwarded[i], &action, NULL);
 
     for (;;) {
         char message[4096];

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -97,7 +98,10 @@ class Recorder:
                 for reply in replies:
                     if callable(reply):
                         reply = reply(peer)
-                    conn.send(reply)
+                    try:
+                        conn.send(reply)
+                    except OSError:  # the client is gone (killed by a test)
+                        return
 
         thread = threading.Thread(target=serve)
         thread.start()
@@ -402,3 +406,27 @@ def test_both_shim_clients_leave_everything_but_a_plain_start_to_python(setup, a
 def test_a_refused_shim_start_falls_back_silently(setup, replies):
     outcomes, _ = _both(setup, SHIM_START, replies=replies, entry=SHIM)
     assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(SHIM_START) + "\n", "")
+
+
+def test_a_shim_client_forwards_no_signal_and_dies_of_it(setup):
+    """A start has no PID 1: SIGTERM acts on both shim clients as on the Python entry."""
+
+    def kill_then_wait(peer: int) -> bytes:
+        time.sleep(0.3)  # the client waits for its reply by now (handlers set, if any)
+        os.kill(peer, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{peer}") and _state(peer) != "Z":
+            assert time.monotonic() < deadline, "the client survived SIGTERM"
+            time.sleep(0.02)
+        return b"exit 3"
+
+    outcomes, _ = _both(setup, SHIM_START, replies=[kill_then_wait], entry=SHIM)
+    assert outcomes[0] == outcomes[1] == (-signal.SIGTERM, "", "")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
