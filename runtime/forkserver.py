@@ -15,6 +15,11 @@ The worker is exactly `zviz run` (runtime/commands.cmd_run) with the client's cw
 and stdio: it creates the container, is PID 1's subreaper and reaper, records the
 exit status and deletes the container.
 
+The same server serves the shim binary's `start` (SHIM_ENTRY: containerd runs it once
+per container and waits for it): the installed containerd-shim-zviz-v2 is this
+client compiled for that entry, and its worker is exactly shim.main's `start` with the
+client's cwd (the bundle), argv, stdio and environment (docs/shim.md).
+
 Eligibility (else the client runs everything itself, the slow way): the client is
 root, in the server's mount, pid, user, network and cgroup namespaces and in the same
 cgroup (a relative cgroupsPath resolves the same), and asks for plain `run` (no
@@ -636,8 +641,8 @@ def _work(conn, request: tuple, fds: list[int], cli) -> int:
         os.environb.clear()
         os.environb.update(environment)
     if entry == SHIM_ENTRY:
-        # The shim's own modules are imported here, after the client's environment is
-        # in place (shim.config reads ZVIZ_SHIM_ROOT at import), never by the server.
+        # Preloaded by the server; shim.main re-reads what shim.config took from the
+        # server's environment at import (ZVIZ_SHIM_ROOT).
         from shim.main import main as shim_main
 
         sys.argv = argv  # where the daemon's Python entry is found (shim.manager)
