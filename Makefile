@@ -21,8 +21,9 @@ install: deps venv
 	@# Bytecode ahead of time: the environment may forbid writing it at run time, and
 	@# recompiling on every start costs the CLI and the shim milliseconds per container.
 	@$(PY) -m compileall -q runtime shim api tools >/dev/null
-	@# `zviz` becomes the compiled fork-server client (pip's script stays as zviz-python,
-	@# which it runs for everything it does not serve): no interpreter start per `zviz run`.
+	@# `zviz` and `containerd-shim-zviz-v2` become the compiled fork-server clients (pip's
+	@# scripts stay as zviz-python and containerd-shim-zviz-v2-python, which they run for
+	@# everything they do not serve): no interpreter start per `zviz run` or shim `start`.
 	@$(PY) -m runtime.forkserver --build-client $(VENV)/bin
 	@# The exec anchor PID 1 forks (runtime/exec_anchor.py): without it execs keep a
 	@# Landlock domain of their own and cannot reach PID 1's /proc entries.

@@ -8,7 +8,9 @@
   warm-up is also where its shim daemon starts, and is printed on its own line.
 - memory: PSS of every shim and runtime process while MEMORY_CONTAINERS containers run
   `sleep`, divided by their number (PSS splits shared pages fairly between processes).
-- `start`: wall time of `containerd-shim-zviz-v2 start` when its daemon is running.
+- `start`: wall time of `containerd-shim-zviz-v2 start` when its daemon is running, served
+  by the fork server (the compiled client, as containerd runs it) and not
+  (ZVIZ_NO_FORKSERVER=1: the Python entry does it), interleaved.
 - concurrent start: CONCURRENT `ctr run --rm ... /bin/true` at once, the wall time until
   the last returns, CONCURRENT_ROUNDS rounds per runtime, interleaved; median.
 
@@ -140,13 +142,15 @@ def _line_of(text: str, container_id: str) -> str:
     return ""
 
 
-def _shim_start_seconds(containerd: PrivateContainerd, runs: int) -> list[float]:
-    """Wall time of `containerd-shim-zviz-v2 start` for a container whose group daemon runs."""
+def _shim_start_seconds(containerd: PrivateContainerd, runs: int) -> dict[str, list[float]]:
+    """Wall time of `containerd-shim-zviz-v2 start` for a container whose group daemon
+    runs: {"served": ..., "unserved": ...} (runtime/forkserver.py), interleaved."""
     shim = os.path.join(os.path.dirname(sys.executable), "containerd-shim-zviz-v2")
     holder = "zviz-bench-start-holder"
     containerd.ctr("run", "-d", "--runtime", ZVIZ, DEFAULT_REF, holder, "sleep", "600", check=True)
     bundle = tempfile.mkdtemp(prefix="zviz-bench-start-")
-    times = []
+    ways = {"served": {}, "unserved": {"ZVIZ_NO_FORKSERVER": "1"}}
+    times = {way: [] for way in ways}
     try:
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump({"annotations": {}}, f)
@@ -154,11 +158,17 @@ def _shim_start_seconds(containerd: PrivateContainerd, runs: int) -> list[float]
         args = [shim, "-namespace", containerd.namespace, "-address", containerd.address]
         args += ["-publish-binary", "containerd", "-id", "zviz-bench-start", "start"]
         for _ in range(runs):
-            started = time.perf_counter()
-            subprocess.run(
-                args, cwd=bundle, env=env, check=True, capture_output=True, stdin=subprocess.DEVNULL
-            )
-            times.append(time.perf_counter() - started)
+            for way, extra in ways.items():
+                started = time.perf_counter()
+                subprocess.run(
+                    args,
+                    cwd=bundle,
+                    env=dict(env, **extra),
+                    check=True,
+                    capture_output=True,
+                    stdin=subprocess.DEVNULL,
+                )
+                times[way].append(time.perf_counter() - started)
         subprocess.run(
             [*args[:-1], "-bundle", bundle, "delete"], cwd=bundle, env=env, capture_output=True
         )
@@ -224,10 +234,12 @@ def main() -> None:
             f"{broker_memory:.2f} MiB/ctr, {broker_memory / base_memory:.2f}x runc"
         )
         print(f"zviz first run (starts the shim daemon): {warmup['zviz'] * 1000:.1f} ms")
-        print(
-            f"containerd-shim-zviz-v2 start (daemon running): median {statistics.median(start_times) * 1000:.1f} ms,"
-            f" p90 {_percentile(start_times, 0.9) * 1000:.1f} ms"
-        )
+        for way, times in start_times.items():
+            print(
+                f"containerd-shim-zviz-v2 start (daemon running, {way}): "
+                f"median {statistics.median(times) * 1000:.1f} ms,"
+                f" p90 {_percentile(times, 0.9) * 1000:.1f} ms"
+            )
         print(
             f"memory: PSS of shim and runtime processes with {MEMORY_CONTAINERS} containers running, / {MEMORY_CONTAINERS}"
         )

@@ -189,8 +189,10 @@ def test_containerd_loads_the_written_config_and_runs_zviz(install, tmp_path, wi
         )
         assert run.returncode == 0, run.stderr
         shim = os.path.join(root, "usr", "local", "bin", "containerd-shim-zviz-v2")
-        argv = _argv_of_process_running(shim)
-        # the shim runs with the wheel install's interpreter, from the linked path
+        with open(shim, "rb") as f:
+            assert f.read(4) == b"\x7fELF"  # the fork server's compiled client for `start`
+        # the daemon runs the wheel install's Python entry with its own interpreter
+        argv = _argv_of_process_running(os.path.join(install.bin, "containerd-shim-zviz-v2"))
         assert argv[0] == os.path.join(install.bin, "python"), argv
         containerd.ctr("tasks", "kill", "-s", "SIGKILL", container, check=False)
         containerd.ctr("tasks", "delete", "-f", container, check=False, timeout=30)

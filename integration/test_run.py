@@ -303,7 +303,8 @@ def test_fork_server_refuses_a_client_of_another_install(tmp_path):
         other_install = (mine[0][0], "/tmp/other-clone/runtime", mine[0][2])
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.connect(path)
-            forkserver.send_request(client, other_install, "/", "zviz", ["run", "x"], (0, 1, 2))
+            request = (forkserver.ZVIZ_ENTRY, "/", ["zviz", "run", "x"], [])
+            forkserver.send_request(client, other_install, request, (0, 1, 2))
             assert client.recv(4096) == b"fallback another install"
     finally:
         server.terminate()

@@ -15,6 +15,11 @@ The worker is exactly `zviz run` (runtime/commands.cmd_run) with the client's cw
 and stdio: it creates the container, is PID 1's subreaper and reaper, records the
 exit status and deletes the container.
 
+The same server serves the shim binary's `start` (SHIM_ENTRY: containerd runs it once
+per container and waits for it): the installed containerd-shim-zviz-v2 is this
+client compiled for that entry, and its worker is exactly shim.main's `start` with the
+client's cwd (the bundle), argv, stdio and environment (docs/shim.md).
+
 Eligibility (else the client runs everything itself, the slow way): the client is
 root, in the server's mount, pid, user, network and cgroup namespaces and in the same
 cgroup (a relative cgroupsPath resolves the same), and asks for plain `run` (no
@@ -52,8 +57,25 @@ SERVER_DIR = "/run/zviz"
 # order (decimal), then /proc/self/cgroup's text, NUL-joined.
 SOCKET_NAME = ".zviz-run-%08x.sock"
 COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
-# The commands a worker serves: both wait for a process and pass its exit code on.
+# The entries a client may be. Each compiled client is built for one (compile_client's
+# ENTRY), each Python entry passes its own to try_run; the request names it and the
+# worker becomes that entry: `zviz` (runtime/cli.py main) or the shim binary
+# containerd-shim-zviz-v2 (shim/main.py main), whose `start` containerd runs once per
+# container and waits for.
+ZVIZ_ENTRY = "zviz"
+SHIM_ENTRY = "shim"
+ENTRIES = (ZVIZ_ENTRY, SHIM_ENTRY)
+# The commands a `zviz` worker serves: both wait for a process and pass its exit code on.
 SERVED_COMMANDS = ("run", "exec")
+# The shim serves only `start`, with no flag but its own string flags (shim.main's
+# STRING_FLAGS, Go syntax: -x or --x, the value next or after "=") and these plain booleans.
+# Anything else (delete, -v, -info, the daemon itself, an unknown flag) is the Python
+# entry's, silently: containerd reads start's output (stderr included) as its reply.
+SHIM_SERVED_ACTION = "start"
+SHIM_SERVED_BOOLS = ("debug",)
+# What pip's script is renamed to where the compiled client takes its name (`make install`):
+# zviz-python, containerd-shim-zviz-v2-python (python_entry).
+PYTHON_ENTRY_SUFFIX = "-python"
 # A run with any of these set goes the slow way: the worker has the server's environment,
 # not the client's, and a server started by such a run would keep the value for every
 # later run (ZVIZ_SECCOMP_CACHE: the seccomp cache directory).
@@ -74,8 +96,13 @@ INELIGIBLE_FLAGS = (
 GLOBAL_FLAGS_WITH_VALUE = ("--root", "--log", "--log-format", "--criu", "--rootless", "--profile")
 # A global flag: the clients say on stderr why a run or exec takes the slow path.
 DEBUG_FLAG = "--debug"
-# The request, one datagram: the install's three fields, cwd, argv[0], the arguments,
-# NUL-separated, with the client's stdin, stdout and stderr (SCM_RIGHTS).
+# The request, one datagram, NUL-separated: the install's three fields, the entry, cwd,
+# the argument count (argv[0] included, decimal), argv[0], the arguments, then the
+# client's environment (KEY=VALUE each), with its stdin, stdout and stderr (SCM_RIGHTS).
+# A shim worker takes that environment as its own (containerd passes TTRPC_ADDRESS,
+# GRPC_ADDRESS, NAMESPACE, ... and the daemon `start` launches inherits them); a `zviz`
+# worker keeps the server's, as before (UNSERVED_ENV).
+ENTRIES_TAKING_ENV = (SHIM_ENTRY,)
 REQUEST_FDS = 3
 MAX_REQUEST = 65536
 # The replies, each one datagram: "pid N" (PID 1, the client forwards its signals to
@@ -94,7 +121,8 @@ SAY_REFUSED = "the fork server refused: "
 SAY_STALE = "the fork server's code changed on disk"
 SAY_SEND_FAILED = "cannot send the request: "
 SAY_RECEIVE_FAILED = "no reply from the fork server: "
-# The signals a client forwards to PID 1 once it knows its pid.
+# The signals a `zviz` client forwards to PID 1 once it knows its pid. A shim client has
+# no PID 1 and forwards nothing: a signal acts on it as on the Python entry's start.
 FORWARDED_SIGNALS = (
     "SIGHUP",
     "SIGINT",
@@ -113,19 +141,44 @@ _TITLE_ROOM = " " * 2048
 # --- client (runs before argparse/json are imported) ---------------------------------------
 
 
-def _eligibility(argv: list[str]) -> tuple[str | None, bool]:
-    """(why not, --debug given): why is None for a run or exec this fast path may serve,
+def _ineligible_client() -> bool:
+    return any(os.environ.get(name) for name in UNSERVED_ENV) or os.geteuid() != 0
+
+
+def _shim_eligibility(argv: list[str]) -> str | None:
+    """None for a shim `start` this fast path may serve, "" for another shim command line,
+    SAY_NOT_ELIGIBLE for a start it may not (never said: see SHIM_SERVED_ACTION)."""
+    from shim.main import STRING_FLAGS
+
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        name, equals, _ = argv[i].lstrip("-").partition("=")
+        if name in STRING_FLAGS:
+            i += 1 if equals else 2
+        elif name in SHIM_SERVED_BOOLS and not equals:
+            i += 1
+        else:
+            return ""
+    if argv[i:] != [SHIM_SERVED_ACTION]:
+        return ""
+    return SAY_NOT_ELIGIBLE if _ineligible_client() else None
+
+
+def _eligibility(argv: list[str], entry: str = ZVIZ_ENTRY) -> tuple[str | None, bool]:
+    """(why not, --debug given): why is None for a command line this fast path may serve,
     "" for another command line (nothing to say), else SAY_NOT_ELIGIBLE.
 
     A hand parse of the global flags: argparse and json would cost the ~10 ms this
     path exists to save.
     """
+    if entry == SHIM_ENTRY:
+        return _shim_eligibility(argv), False
     debug = False
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in SERVED_COMMANDS:
-            if any(os.environ.get(name) for name in UNSERVED_ENV) or os.geteuid() != 0:
+            if _ineligible_client():
                 return SAY_NOT_ELIGIBLE, debug
             rest = argv[i + 1 :]
             # A cluster of short flags (-dt) may hide -d or -t: the slow path parses it.
@@ -147,9 +200,9 @@ def _eligibility(argv: list[str]) -> tuple[str | None, bool]:
     return "", debug
 
 
-def is_served(argv: list[str]) -> bool:
-    """True for a `zviz run` or `zviz exec` this fast path may serve."""
-    return _eligibility(argv)[0] is None
+def is_served(argv: list[str], entry: str = ZVIZ_ENTRY) -> bool:
+    """True for a `zviz run` or `exec`, or a shim `start`, this fast path may serve."""
+    return _eligibility(argv, entry)[0] is None
 
 
 def _slow_path(debug: bool, why: str) -> None:
@@ -160,9 +213,10 @@ def _slow_path(debug: bool, why: str) -> None:
         sys.stderr.flush()
 
 
-def try_run(argv: list[str]) -> int | None:
-    """`zviz run` or `exec` through the fork server; None when the caller must do it."""
-    why, debug = _eligibility(argv)
+def try_run(argv: list[str], entry: str = ZVIZ_ENTRY) -> int | None:
+    """`zviz run` or `exec` (or, for SHIM_ENTRY, the shim's `start`) through the fork
+    server; None when the caller must do it."""
+    why, debug = _eligibility(argv, entry)
     if why is not None:
         _slow_path(debug, why)
         return None
@@ -178,16 +232,17 @@ def try_run(argv: list[str]) -> int | None:
         return None
     try:
         try:
-            send_request(sock, install, os.getcwd(), sys.argv[0], argv, (0, 1, 2))
+            request = (entry, os.getcwd(), [sys.argv[0], *argv], _environment())
+            send_request(sock, install, request, (0, 1, 2))
         except OSError as error:
             _slow_path(debug, SAY_SEND_FAILED + os.strerror(error.errno or 0))
             return None
-        return _follow(sock, debug)
+        return _follow(sock, debug, entry)
     finally:
         sock.close()
 
 
-def _follow(sock, debug: bool) -> int | None:
+def _follow(sock, debug: bool, entry: str = ZVIZ_ENTRY) -> int | None:
     pid = 0
     # Signals that arrive before "pid N" (the container may already be running while
     # that message is in flight) are sent once the pid is known, never dropped.
@@ -202,7 +257,7 @@ def _follow(sock, debug: bool) -> int | None:
         except ProcessLookupError:
             pass
 
-    for name in FORWARDED_SIGNALS:
+    for name in FORWARDED_SIGNALS if entry == ZVIZ_ENTRY else ():
         _signal.signal(getattr(_signal, name), forward)
     while True:
         try:
@@ -274,13 +329,21 @@ def install_identity() -> tuple[str, str, str]:
     return (os.path.realpath(sys.executable), package, VERSION)
 
 
-def send_request(sock, install: tuple, cwd: str, argv0: str, argv: list[str], fds) -> None:
-    """The one request a client sends: who it is, where it runs, what it runs, its stdio.
+def _environment() -> list[bytes]:
+    """The process's environment as the C client reads `environ`: KEY=VALUE, in order."""
+    return [key + b"=" + value for key, value in os.environb.items()]
 
-    NUL-separated: the install's three fields, cwd, argv[0], the arguments (the C
-    client builds the same bytes: tests/test_forkserver_parity.py).
+
+def send_request(sock, install: tuple, request: tuple, fds) -> None:
+    """The one request a client sends: who it is, which entry, where it runs, what it
+    runs, its environment and its stdio. REQUEST: (entry, cwd, argv, environment).
+
+    NUL-separated as the protocol section says (the C client builds the same bytes:
+    tests/test_forkserver_parity.py).
     """
-    payload = b"\0".join(part.encode() for part in (*install, cwd, argv0, *argv))
+    entry, cwd, argv, environment = request
+    fields = [part.encode() for part in (*install, entry, cwd, str(len(argv)), *argv)]
+    payload = b"\0".join(fields + list(environment))
     if len(payload) >= MAX_REQUEST:  # the server would read it cut short
         raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
     sock.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack("3i", *fds))])
@@ -313,9 +376,25 @@ def _source_stamps(paths) -> dict[str, tuple[int, int]]:
     return stamps
 
 
-def _loaded_sources(package: str) -> list[str]:
+def _loaded_sources(packages: tuple[str, ...]) -> list[str]:
     files = (getattr(module, "__file__", None) for module in list(sys.modules.values()))
-    return sorted(path for path in files if path and os.path.realpath(path).startswith(package))
+    return sorted(path for path in files if path and os.path.realpath(path).startswith(packages))
+
+
+_scripts_dir: str | None = None
+
+
+def scripts_dir() -> str:
+    """This install's bin directory (the venv's), where pip put zviz and the shim.
+
+    sysconfig takes ~20 ms to answer the first time: the server asks before any client,
+    so that a worker (a fork) has the answer already."""
+    global _scripts_dir
+    if _scripts_dir is None:
+        import sysconfig
+
+        _scripts_dir = sysconfig.get_path("scripts")
+    return _scripts_dir
 
 
 def _namespaces_and_cgroup(pid: str) -> tuple:
@@ -334,6 +413,10 @@ PRELOADED = (
     "runtime.spec",
     "runtime.rootfs",
     "runtime.console",
+    # The shim's `start` (SHIM_ENTRY); shim.main re-reads the environment a served start
+    # takes from its client.
+    "shim.main",
+    "shim.manager",
     "resource",
     "select",
     "shutil",
@@ -355,6 +438,7 @@ def serve(directory: str = SERVER_DIR) -> None:
         except ImportError:
             pass
     commands.prebuild_parser()
+    scripts_dir()
     import socket  # the server may pay for the full module; the client must not
 
     from runtime.security.profiles import warm_cache
@@ -365,8 +449,13 @@ def serve(directory: str = SERVER_DIR) -> None:
     mine = _namespaces_and_cgroup("self")
     install = install_identity()
     path = os.path.join(directory, os.path.basename(socket_path((install, mine))))
-    package = os.path.dirname(os.path.realpath(__file__)) + os.sep
-    stamps = _source_stamps(_loaded_sources(package))
+    # Both packages whose code a worker runs: runtime (zviz) and shim (its `start`).
+    runtime_package = os.path.dirname(os.path.realpath(__file__))
+    packages = tuple(
+        os.path.join(os.path.dirname(runtime_package), name) + os.sep
+        for name in ("runtime", "shim")
+    )
+    stamps = _source_stamps(_loaded_sources(packages))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
@@ -452,21 +541,37 @@ def _receive(conn) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+def _parse_request(fields: list[bytes]) -> tuple | None:
+    """(entry, cwd, argv, environment) from the request's fields after the install's
+    three; None when they do not follow the protocol."""
+    if len(fields) < 4 or not fields[2].isdigit():
+        return None
+    entry, cwd, count = (field.decode() for field in fields[:3])
+    argc = int(count)
+    if entry not in ENTRIES or argc < 1 or len(fields) < 3 + argc:
+        return None
+    argv = [arg.decode() for arg in fields[3 : 3 + argc]]
+    environment = dict(line.split(b"=", 1) for line in fields[3 + argc :] if b"=" in line)
+    return entry, cwd, argv, environment
+
+
 def _serve_one(conn, identity: tuple, workers: set[int], cli, listener) -> None:
     conn.settimeout(5)
     creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     peer_pid, peer_uid, _ = struct.unpack("3i", creds)
     data, fds = _receive(conn)
     install, mine = identity
-    fields = data.split(b"\0", 3)
-    their_install, request = fields[:3], fields[3] if len(fields) == 4 else b""
+    fields = data.split(b"\0")
+    request = _parse_request(fields[3:])
     # The first failed check is the reason the client prints with --debug.
     if peer_uid != 0:
         refused = "client not root"
     elif len(fds) != REQUEST_FDS:
         refused = f"{len(fds)} descriptors, not {REQUEST_FDS}"
-    elif their_install != [field.encode() for field in install]:
+    elif fields[:3] != [field.encode() for field in install]:
         refused = "another install"
+    elif request is None:
+        refused = "malformed request"
     else:
         try:
             refused = "" if _namespaces_and_cgroup(str(peer_pid)) == mine else "other namespaces"
@@ -510,12 +615,13 @@ def _retitle(argv: list[str]) -> None:
     ctypes.memset(arg_start + len(title), 0, room - len(title))
 
 
-def _work(conn, data: bytes, fds: list[int], cli) -> int:
-    """In the worker: become the client's `zviz run`, report the pid and the exit code."""
+def _work(conn, request: tuple, fds: list[int], cli) -> int:
+    """In the worker: become the client's `zviz run` (or shim `start`), report the pid
+    and the exit code."""
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     os.setsid()
-    cwd, argv0, *argv = (part.decode() for part in data.split(b"\0"))
-    _retitle([argv0, *argv])
+    entry, cwd, argv, environment = request
+    _retitle(argv)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -531,7 +637,18 @@ def _work(conn, data: bytes, fds: list[int], cli) -> int:
         except OSError:
             pass
 
-    code = cli.main(argv, on_pid=on_pid)
+    if entry in ENTRIES_TAKING_ENV:
+        os.environb.clear()
+        os.environb.update(environment)
+    if entry == SHIM_ENTRY:
+        # Preloaded by the server; shim.main re-reads what shim.config took from the
+        # server's environment at import (ZVIZ_SHIM_ROOT).
+        from shim.main import main as shim_main
+
+        sys.argv = argv  # where the daemon's Python entry is found (shim.manager)
+        code = shim_main(argv[1:], served=True)
+    else:
+        code = cli.main(argv[1:], on_pid=on_pid)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -541,38 +658,57 @@ def _work(conn, data: bytes, fds: list[int], cli) -> int:
     return 0
 
 
-def build_client(bin_dir: str) -> str:
-    """Make BIN_DIR/zviz the compiled client (runtime/forkserver_client.c); `make install` runs it.
+# What each entry's compiled client is called in a bin directory (pip's script of that name
+# moves aside to NAME + PYTHON_ENTRY_SUFFIX).
+ENTRY_NAMES = {ZVIZ_ENTRY: "zviz", SHIM_ENTRY: "containerd-shim-zviz-v2"}
 
-    pip's `zviz` script moves to zviz-python, which the client execs for everything
-    it does not serve itself. Returns what was done; without a C compiler the script
-    stays where it is (correct, ~9 ms slower per run).
+
+def python_entry(bin_dir: str, entry: str) -> str:
+    """pip's script for ENTRY in BIN_DIR: moved aside where `make install` put the
+    compiled client in its place."""
+    name = os.path.join(bin_dir, ENTRY_NAMES[entry])
+    aside = name + PYTHON_ENTRY_SUFFIX
+    return aside if os.path.exists(aside) else name
+
+
+def build_client(bin_dir: str) -> str:
+    """Make BIN_DIR/zviz and BIN_DIR/containerd-shim-zviz-v2 the compiled clients
+    (runtime/forkserver_client.c); `make install` runs it.
+
+    pip's scripts move to zviz-python and containerd-shim-zviz-v2-python, which the
+    clients exec for everything they do not serve themselves. Returns what was done;
+    without a C compiler the scripts stay where they are (correct, ~10 ms slower).
     """
     import shutil
 
     bin_dir = os.path.abspath(bin_dir)
-    entry = os.path.join(bin_dir, "zviz")
-    script = os.path.join(bin_dir, "zviz-python")
-    with open(entry, "rb") as f:
-        if f.read(2) == b"#!":  # pip's script (again, after a reinstall): keep it aside
-            shutil.copy2(entry, script)
-    if not os.path.exists(script):
-        return f"{script} missing: reinstall the package (pip install -e .)"
-    if compile_client(entry, script) is None:
-        return "no C compiler: zviz stays the Python script"
-    return f"{entry}: compiled client (falls back to {script})"
+    done = []
+    for entry, name in ENTRY_NAMES.items():
+        client = os.path.join(bin_dir, name)
+        script = client + PYTHON_ENTRY_SUFFIX
+        with open(client, "rb") as f:
+            if f.read(2) == b"#!":  # pip's script (again, after a reinstall): keep it aside
+                shutil.copy2(client, script)
+        if not os.path.exists(script):
+            return f"{script} missing: reinstall the package (pip install -e .)"
+        if compile_client(client, script, entry=entry) is None:
+            return "no C compiler: zviz and the shim stay Python scripts"
+        done.append(f"{client}: compiled client (falls back to {script})")
+    return "\n".join(done)
 
 
 def _c_string(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def c_header(python: str, script: str, server_dir: str = SERVER_DIR) -> str:
+def c_header(python: str, script: str, server_dir: str = SERVER_DIR, entry=ZVIZ_ENTRY) -> str:
     """The protocol (above) and this install's identity as the C client's header.
 
-    PYTHON SCRIPT is the slow path the client execs (pip's entry); SERVER_DIR differs
-    only for a test's private client.
+    PYTHON SCRIPT is the slow path the client execs (pip's entry); ENTRY the one the
+    client is; SERVER_DIR differs only for a test's private client.
     """
+    from shim.main import STRING_FLAGS
+
     executable, package, version = install_identity()
 
     def strings(values) -> str:
@@ -587,7 +723,12 @@ def c_header(python: str, script: str, server_dir: str = SERVER_DIR) -> str:
         "ZVIZ_SERVER_DIR": _c_string(server_dir),
         "ZVIZ_SOCKET_NAME": _c_string(SOCKET_NAME),
         "ZVIZ_COMPARED_NAMESPACES": strings(COMPARED_NAMESPACES),
+        "ZVIZ_ENTRY": _c_string(entry),
+        "ZVIZ_SHIM_ENTRY": _c_string(SHIM_ENTRY),
         "ZVIZ_SERVED_COMMANDS": strings(SERVED_COMMANDS),
+        "ZVIZ_SHIM_STRING_FLAGS": strings(STRING_FLAGS),
+        "ZVIZ_SHIM_SERVED_BOOLS": strings(SHIM_SERVED_BOOLS),
+        "ZVIZ_SHIM_SERVED_ACTION": _c_string(SHIM_SERVED_ACTION),
         "ZVIZ_UNSERVED_ENV": strings(UNSERVED_ENV),
         "ZVIZ_INELIGIBLE_FLAGS": strings(INELIGIBLE_FLAGS),
         "ZVIZ_GLOBAL_FLAGS_WITH_VALUE": strings(GLOBAL_FLAGS_WITH_VALUE),
@@ -612,8 +753,10 @@ def c_header(python: str, script: str, server_dir: str = SERVER_DIR) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compile_client(output: str, script: str, server_dir: str = SERVER_DIR) -> str | None:
-    """Compile the client into OUTPUT for this install, falling back to SCRIPT (pip's entry).
+def compile_client(
+    output: str, script: str, server_dir: str = SERVER_DIR, entry: str = ZVIZ_ENTRY
+) -> str | None:
+    """Compile ENTRY's client into OUTPUT for this install, falling back to SCRIPT (pip's entry).
 
     The install's paths are compiled in (the client starts no interpreter to learn
     them), so the client is built where the install is: by `make install` in a
@@ -633,7 +776,7 @@ def compile_client(output: str, script: str, server_dir: str = SERVER_DIR) -> st
     built = output + ".new"
     with tempfile.TemporaryDirectory(prefix="zviz-client-") as generated:
         with open(os.path.join(generated, "forkserver_protocol.h"), "w") as f:
-            f.write(c_header(interpreter, script, server_dir))
+            f.write(c_header(interpreter, script, server_dir, entry))
         subprocess.run(
             [compiler, "-O2", "-Wall", "-Werror", "-I", generated, "-o", built, source],
             check=True,

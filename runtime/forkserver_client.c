@@ -1,10 +1,12 @@
-/* The compiled `zviz` entry: the client half of runtime/forkserver.py in C.
+/* The compiled `zviz` and `containerd-shim-zviz-v2` entries: the client half of
+ * runtime/forkserver.py in C, built once per entry (ZVIZ_ENTRY).
  *
  * A Python client spends ~9 ms starting the interpreter before it can connect to the
  * fork server; this one connects within a millisecond. It does only what
- * forkserver.try_run does: recognise a plain `zviz run` or `exec`, compute the same
- * socket name (socket_path), send the same request (send_request) with its stdio,
- * forward signals to PID 1 and exit with the container's code. Anything else
+ * forkserver.try_run does: recognise a plain `zviz run` or `exec` (or a shim `start`),
+ * compute the same socket name (socket_path), send the same request (send_request)
+ * with its stdio and environment, forward signals to PID 1 and exit with the
+ * worker's code. Anything else
  * (another command, no server, the server refuses or is stale) execs the
  * Python entry, ZVIZ_PYTHON ZVIZ_SCRIPT ARGS..., which does everything as before
  * (starting a server when none answers); with --debug it says why first.
@@ -50,7 +52,11 @@ static void fall_back(char **argv, const char *why, const char *detail) {
     _exit(1);
 }
 
+extern char **environ;
+
 static const char *const served_commands[] = {ZVIZ_SERVED_COMMANDS, NULL};
+static const char *const shim_string_flags[] = {ZVIZ_SHIM_STRING_FLAGS, NULL};
+static const char *const shim_served_bools[] = {ZVIZ_SHIM_SERVED_BOOLS, NULL};
 static const char *const ineligible[] = {ZVIZ_INELIGIBLE_FLAGS, NULL};
 static const char *const unserved_env[] = {ZVIZ_UNSERVED_ENV, NULL};
 static const char *const with_value[] = {ZVIZ_GLOBAL_FLAGS_WITH_VALUE, NULL};
@@ -68,16 +74,43 @@ static int listed(const char *arg, const char *const *list, int up_to_equals) {
     return 0;
 }
 
+/* forkserver._ineligible_client */
+static int ineligible_client(void) {
+    for (int k = 0; unserved_env[k]; k++) {
+        const char *value = getenv(unserved_env[k]);
+        if (value && *value)
+            return 1;
+    }
+    return geteuid() != 0;
+}
+
+/* forkserver._shim_eligibility */
+static const char *shim_eligibility(int argc, char **argv) {
+    int i = 1;
+    while (i < argc && argv[i][0] == '-' && argv[i][1]) {
+        const char *name = argv[i];
+        while (*name == '-')
+            name++;
+        int has_value = strchr(name, '=') != NULL;
+        if (listed(name, shim_string_flags, 1))
+            i += has_value ? 1 : 2;
+        else if (!has_value && listed(name, shim_served_bools, 0))
+            i++;
+        else
+            return "";
+    }
+    if (i != argc - 1 || strcmp(argv[i], ZVIZ_SHIM_SERVED_ACTION) != 0)
+        return "";
+    return ineligible_client() ? ZVIZ_SAY_NOT_ELIGIBLE : NULL;
+}
+
 /* forkserver._eligibility: NULL when served, "" for another command line, else why not. */
 static const char *eligibility(int argc, char **argv) {
+    if (strcmp(ZVIZ_ENTRY, ZVIZ_SHIM_ENTRY) == 0)
+        return shim_eligibility(argc, argv);
     for (int i = 1; i < argc; i++) {
         if (listed(argv[i], served_commands, 0)) {
-            for (int k = 0; unserved_env[k]; k++) {
-                const char *value = getenv(unserved_env[k]);
-                if (value && *value)
-                    return ZVIZ_SAY_NOT_ELIGIBLE;
-            }
-            if (geteuid() != 0)
+            if (ineligible_client())
                 return ZVIZ_SAY_NOT_ELIGIBLE;
             for (int j = i + 1; j < argc; j++) {
                 if (listed(argv[j], ineligible, 1))
@@ -207,19 +240,24 @@ int main(int argc, char **argv) {
     if (sock < 0 || connect(sock, (struct sockaddr *)&addr, sizeof addr) != 0)
         fall_back(argv, ZVIZ_SAY_NO_SERVER, NULL); /* the Python entry starts a server */
 
-    /* forkserver.send_request: install fields, cwd, argv[0], the arguments */
+    /* forkserver.send_request: install fields, entry, cwd, argument count, argv[0], the
+     * arguments, the environment; each field NUL-terminated, the last one's NUL dropped */
     static char request[ZVIZ_MAX_REQUEST + 2];
-    char cwd[4096];
+    char cwd[4096], count[16];
     if (!getcwd(cwd, sizeof cwd))
         fall_back(argv, ZVIZ_SAY_SEND_FAILED, strerror(errno));
-    const char *fixed[] = {ZVIZ_EXECUTABLE, ZVIZ_PACKAGE, ZVIZ_VERSION, cwd, argv[0]};
+    snprintf(count, sizeof count, "%d", argc);
+    const char *fixed[] = {ZVIZ_EXECUTABLE, ZVIZ_PACKAGE, ZVIZ_VERSION, ZVIZ_ENTRY, cwd, count};
     size_t used = 0;
-    for (int i = 0; i < 5; i++)
-        used = append(request, used, fixed[i], strlen(fixed[i]) + (i < 4 || argc > 1));
-    for (int i = 1; i < argc; i++)
-        used = append(request, used, argv[i], strlen(argv[i]) + (i + 1 < argc));
+    for (int i = 0; i < 6; i++)
+        used = append(request, used, fixed[i], strlen(fixed[i]) + 1);
+    for (int i = 0; i < argc; i++)
+        used = append(request, used, argv[i], strlen(argv[i]) + 1);
+    for (char **variable = environ; *variable; variable++)
+        used = append(request, used, *variable, strlen(*variable) + 1);
     if (used > ZVIZ_MAX_REQUEST)
         fall_back(argv, ZVIZ_SAY_SEND_FAILED, strerror(EMSGSIZE));
+    used--; /* the separator after the last field */
     int fds[ZVIZ_REQUEST_FDS];
     for (int i = 0; i < ZVIZ_REQUEST_FDS; i++)
         fds[i] = i; /* stdin, stdout, stderr */
@@ -240,7 +278,8 @@ int main(int argc, char **argv) {
     struct sigaction action = {.sa_handler = forward};
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
-        sigaction(forwarded[i], &action, NULL);
+        if (strcmp(ZVIZ_ENTRY, ZVIZ_SHIM_ENTRY) != 0) /* a shim start has no PID 1 */
+            sigaction(forwarded[i], &action, NULL);
 
     for (;;) {
         char message[4096];

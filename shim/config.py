@@ -38,7 +38,14 @@ try:
 except ImportError:  # pragma: no cover - other Python builds
     from hashlib import sha256
 
-STATE_ROOT = os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
+
+def state_root() -> str:
+    return os.environ.get("ZVIZ_SHIM_ROOT", "/run/zviz-shim")
+
+
+# Read at import; again by a start the fork server serves (shim.main), whose environment
+# is its client's, not the server's that imported this module.
+STATE_ROOT = state_root()
 DEFAULT_CONFIG_PATH = "/etc/zviz/shim.toml"
 CONFIG_ENV = "ZVIZ_SHIM_CONFIG"
 

@@ -6,7 +6,10 @@
     containerd-shim-zviz-v2 -info
 
 `start` runs once per container, so this module imports nothing beyond os and sys:
-each action imports what it needs only after the flags are parsed.
+each action imports what it needs only after the flags are parsed. A `start` is first
+offered to the fork server (runtime/forkserver.py), which has the interpreter running
+already; the installed binary is its compiled client, which only execs this entry for
+what it does not serve (docs/shim.md).
 """
 
 import os
@@ -16,11 +19,16 @@ RUNTIME_NAME = "io.containerd.zviz.v2"
 VERSION = "0.1.0"
 
 
+# The flags containerd passes (the fork server's clients read them too, to know a start).
+STRING_FLAGS = ("namespace", "id", "socket", "bundle", "address", "publish-binary")
+BOOL_FLAGS = ("debug", "v", "info")
+
+
 class Flags:
     """The flags containerd passes, parsed the way Go's `flag` package does."""
 
-    _strings = ("namespace", "id", "socket", "bundle", "address", "publish-binary")
-    _bools = ("debug", "v", "info")
+    _strings = STRING_FLAGS
+    _bools = BOOL_FLAGS
 
     def __init__(self) -> None:
         self.namespace = ""
@@ -127,7 +135,9 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, served: bool = False) -> int:
+    """The shim binary. SERVED: this is a fork-server worker (runtime/forkserver.py),
+    which does the start itself and returns its code to report."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         flags = parse_flags(argv)
@@ -146,10 +156,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         if flags.action == "start":
+            if served:
+                from shim import config
+
+                config.STATE_ROOT = config.state_root()
+            else:
+                from runtime import forkserver
+
+                code = forkserver.try_run(argv, forkserver.SHIM_ENTRY)
+                if code is not None:
+                    _exit_now(code)
             from shim.manager import start
 
             sys.stdout.buffer.write(start(flags))
             sys.stdout.flush()
+            if served:
+                return 0
             _exit_now(0)
         if flags.action == "delete":
             from shim.manager import delete

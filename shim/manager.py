@@ -174,6 +174,26 @@ def _listen(path: str) -> _raw_socket:
     return listener
 
 
+def _daemon_program() -> list[str]:
+    """The daemon runs the Python entry this `start` runs as: the shim's script, else
+    `python -m shim.main`. A start the fork server serves for the compiled client
+    (runtime/forkserver_client.c, not Python) runs the script that client falls back to,
+    so a served and an unserved start leave the same daemon behind."""
+    script = os.path.abspath(sys.argv[0])
+    try:
+        with open(script, "rb") as f:
+            compiled = f.read(4) == b"\x7fELF"
+    except OSError:
+        compiled = False
+    if compiled:
+        from runtime import forkserver
+
+        script = forkserver.python_entry(forkserver.scripts_dir(), forkserver.SHIM_ENTRY)
+    if os.path.isfile(script) and os.path.basename(script).startswith("containerd-shim-zviz-v2"):
+        return [sys.executable, script]
+    return [sys.executable, "-m", "shim.main"]
+
+
 def _spawn_daemon(flags, listener: _raw_socket, config_path: str | None) -> int:
     """Launch the serving daemon detached: own session, stdio not holding containerd's pipes
     (containerd waits for EOF on start's output), the listening socket as fd 3."""
@@ -188,12 +208,7 @@ def _spawn_daemon(flags, listener: _raw_socket, config_path: str | None) -> int:
     env = dict(os.environ)
     if config_path:
         env[shim_config.CONFIG_ENV] = config_path
-    daemon_flags = flags.to_args()
-    script = os.path.abspath(sys.argv[0])
-    if os.path.isfile(script) and script.endswith("containerd-shim-zviz-v2"):
-        argv = [sys.executable, script, *daemon_flags]
-    else:
-        argv = [sys.executable, "-m", "shim.main", *daemon_flags]
+    argv = [*_daemon_program(), *flags.to_args()]
     try:
         return os.posix_spawn(
             sys.executable,

@@ -2,10 +2,11 @@
 (runtime/forkserver_client.c) and the Python one (forkserver.try_run).
 
 Both are driven against one recording server, for every eligible and ineligible
-command line and every reply kind: the same request bytes and descriptors, the same
-exit code, output and --debug explanation. The C client is compiled here exactly as
-`make install` compiles it (forkserver.compile_client, the header generated from the
-protocol section), only with its own server directory and a stand-in slow path.
+command line and every reply kind: the same request bytes (environment included) and
+descriptors, the same exit code, output and --debug explanation; for each entry, `zviz`
+and the shim binary's `start`. The C client is compiled here exactly as `make install`
+compiles it (forkserver.compile_client, the header generated from the protocol
+section), only with its own server directory and a stand-in slow path.
 """
 
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -34,19 +36,24 @@ pytestmark = [
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The slow path both clients take: it only says so, with the arguments it was given.
 SLOW_PATH_SCRIPT = '#!/bin/sh\necho "slow path:" "$@"\n'
-# The Python client as cli.main runs it, with the test's server directory and slow path.
+# The Python client as cli.main (or shim.main) runs it, with the test's server directory
+# and slow path.
 PYTHON_CLIENT = """
 import os, sys
 from runtime import forkserver
 forkserver.SERVER_DIR = {servers!r}
 forkserver._start_server = lambda: None  # the recording server is the only one
-sys.argv[0] = "zviz"  # as the compiled client is invoked
-code = forkserver.try_run(sys.argv[1:])
+sys.argv[0] = {name!r}  # as the compiled client is invoked
+code = forkserver.try_run(sys.argv[1:], {entry!r})
 if code is None:
     os.execv("/bin/sh", ["/bin/sh", {slow!r}, *sys.argv[1:]])
 os._exit(code)
 """
 BUNDLE_RUN = ["run", "--bundle", "/nonexistent/bundle", "parity-ctr"]
+ZVIZ, SHIM = forkserver.ZVIZ_ENTRY, forkserver.SHIM_ENTRY
+# containerd's `start` command line (shim/main.py)
+SHIM_START = ["-namespace", "k8s.io", "-address", "/run/c.sock", "-publish-binary", "/bin/c"]
+SHIM_START += ["-id", "parity-ctr", "start"]
 
 
 class Recorder:
@@ -91,7 +98,10 @@ class Recorder:
                 for reply in replies:
                     if callable(reply):
                         reply = reply(peer)
-                    conn.send(reply)
+                    try:
+                        conn.send(reply)
+                    except OSError:  # the client is gone (killed by a test)
+                        return
 
         thread = threading.Thread(target=serve)
         thread.start()
@@ -112,15 +122,18 @@ def setup():
     directory = tempfile.mkdtemp(prefix="zviz-parity-")
     servers = os.path.join(directory, "servers")
     os.mkdir(servers, 0o700)
-    slow = os.path.join(directory, "zviz-python")
-    with open(slow, "w") as f:
-        f.write(SLOW_PATH_SCRIPT)
-    os.chmod(slow, 0o755)
-    compiled = os.path.join(directory, "zviz")
-    assert forkserver.compile_client(compiled, slow, server_dir=servers) == compiled
-    python_client = os.path.join(directory, "client.py")
-    with open(python_client, "w") as f:
-        f.write(PYTHON_CLIENT.format(servers=servers, slow=slow))
+    clients = {}
+    for entry, name in forkserver.ENTRY_NAMES.items():
+        slow = os.path.join(directory, name + forkserver.PYTHON_ENTRY_SUFFIX)
+        with open(slow, "w") as f:
+            f.write(SLOW_PATH_SCRIPT)
+        os.chmod(slow, 0o755)
+        compiled = os.path.join(directory, name)
+        assert forkserver.compile_client(compiled, slow, servers, entry) == compiled
+        python_client = os.path.join(directory, f"client-{entry}.py")
+        with open(python_client, "w") as f:
+            f.write(PYTHON_CLIENT.format(servers=servers, slow=slow, name=name, entry=entry))
+        clients[entry] = {"compiled": [compiled], "python": [sys.executable, python_client]}
     path = os.path.join(
         servers,
         os.path.basename(
@@ -130,22 +143,25 @@ def setup():
         ),
     )
     try:
-        yield {
-            "directory": directory,
-            "socket": path,
-            "compiled": [compiled],
-            "python": [sys.executable, python_client],
-        }
+        yield {"directory": directory, "socket": path, "clients": clients}
     finally:
         shutil.rmtree(directory)
 
 
-def _run(setup, client: str, argv: list[str], env_extra=None):
-    """Run CLIENT with ARGV; (exit code, stdout, stderr, its stdio's identities)."""
+def _environment(env_extra=None) -> dict[str, str]:
+    """What both clients run with, and so send."""
     env = {k: v for k, v in os.environ.items() if k not in forkserver.UNSERVED_ENV}
     env["PYTHONPATH"] = REPO
+    # Not the C locale: Python would add LC_CTYPE to its environment (PEP 538).
+    env["LC_CTYPE"] = "C.UTF-8"
     env.update(env_extra or {})
-    command = setup[client]
+    return env
+
+
+def _run(setup, client: str, argv: list[str], env_extra=None, entry=ZVIZ):
+    """Run CLIENT with ARGV; (exit code, stdout, stderr, its stdio's identities)."""
+    env = _environment(env_extra)
+    command = setup["clients"][entry][client]
     files = [os.path.join(setup["directory"], f"{client}.{name}") for name in ("in", "out", "err")]
     with open(files[0], "w"), open(files[1], "w"), open(files[2], "w"):
         pass
@@ -155,7 +171,8 @@ def _run(setup, client: str, argv: list[str], env_extra=None):
             for f in (stdin, stdout, stderr)
         ]
         executable = command[0]
-        args = ["zviz", *argv] if client == "compiled" else [*command, *argv]
+        name = forkserver.ENTRY_NAMES[entry]
+        args = [name, *argv] if client == "compiled" else [*command, *argv]
         result = subprocess.run(
             args,
             executable=executable,
@@ -170,14 +187,14 @@ def _run(setup, client: str, argv: list[str], env_extra=None):
         return result.returncode, out.read(), err.read(), identities
 
 
-def _both(setup, argv, replies=None, env_extra=None):
+def _both(setup, argv, replies=None, env_extra=None, entry=ZVIZ):
     """Both clients' outcomes and the requests the server saw from each (None: no server)."""
     outcomes, requests = [], []
     for client in ("compiled", "python"):
         recorder = Recorder(setup["socket"]) if replies is not None else None
         thread = recorder.answer(replies) if recorder else None
         try:
-            code, out, err, stdio = _run(setup, client, argv, env_extra)
+            code, out, err, stdio = _run(setup, client, argv, env_extra, entry)
         finally:
             if recorder:
                 recorder.stop()
@@ -188,9 +205,12 @@ def _both(setup, argv, replies=None, env_extra=None):
     return outcomes, requests
 
 
-def _expected_request(setup, argv) -> bytes:
+def _expected_request(setup, argv, entry=ZVIZ, env_extra=None) -> bytes:
     install = forkserver.install_identity()
-    return b"\0".join(p.encode() for p in (*install, setup["directory"], "zviz", *argv))
+    argv = [forkserver.ENTRY_NAMES[entry], *argv]
+    fields = (*install, entry, setup["directory"], str(len(argv)), *argv)
+    environment = [f"{k}={v}" for k, v in _environment(env_extra).items()]
+    return b"\0".join(p.encode() for p in (*fields, *environment))
 
 
 ELIGIBLE = [
@@ -328,5 +348,85 @@ def test_the_c_client_holds_no_copy_of_the_protocol():
         *forkserver.GLOBAL_FLAGS_WITH_VALUE,
         *forkserver.COMPARED_NAMESPACES,
     ]
+    values += [forkserver.SHIM_SERVED_ACTION, *forkserver.SHIM_SERVED_BOOLS]
     copies = [value for value in values if f'"{value}' in code]
+    # The entries whole: "zviz" also begins the client's own messages ("zviz: ...").
+    copies += [entry for entry in forkserver.ENTRIES if f'"{entry}"' in code]
     assert copies == []
+
+
+# --- the shim's entry: containerd-shim-zviz-v2 `start` ------------------------------------
+
+SHIM_ELIGIBLE = [
+    SHIM_START,
+    ["-debug", *SHIM_START],
+    ["--namespace=k8s.io", "--address", "/a", "-id=x", "-bundle", "/b", "start"],
+]
+
+
+@pytest.mark.parametrize("argv", SHIM_ELIGIBLE)
+def test_both_shim_clients_send_the_same_request_with_their_environment(setup, argv):
+    """A start goes to the server with the client's environment (containerd's
+    TTRPC_ADDRESS, NAMESPACE, ...), which the daemon the worker launches inherits."""
+    env = {"TTRPC_ADDRESS": "/run/c.sock.ttrpc", "NAMESPACE": "k8s.io", "EMPTY": ""}
+    outcomes, requests = _both(setup, argv, replies=[b"exit 3"], env_extra=env, entry=SHIM)
+    assert outcomes[0] == outcomes[1] == (3, "", "")
+    for seen, stdio in requests:
+        assert len(seen) == 1, "the client never reached the server"
+        data, fds = seen[0]
+        assert data == _expected_request(setup, argv, SHIM, env)
+        assert b"\0TTRPC_ADDRESS=/run/c.sock.ttrpc" in data
+        assert fds == stdio
+
+
+SHIM_NOT_SERVED = [
+    (["-namespace", "n", "-id", "x", "-bundle", "/b", "delete"], {}),
+    (["-namespace", "n", "-id", "x", "-socket", "unix:///s"], {}),  # the daemon itself
+    (["-v"], {}),
+    (["-info"], {}),
+    (["-namespace", "n", "-v", "start"], {}),
+    (["-debug=true", *SHIM_START], {}),  # a boolean with a value: the Python parser's
+    (["-unknown", "1", *SHIM_START], {}),
+    (["--", *SHIM_START], {}),
+    ([*SHIM_START, "extra"], {}),
+    (SHIM_START[:-1], {}),  # a flag's value missing
+    (SHIM_START, {"ZVIZ_NO_FORKSERVER": "1"}),
+]
+
+
+@pytest.mark.parametrize("argv,env", SHIM_NOT_SERVED)
+def test_both_shim_clients_leave_everything_but_a_plain_start_to_python(setup, argv, env):
+    """Silently: containerd reads start's output, stderr included, as its reply."""
+    outcomes, requests = _both(setup, argv, replies=[b"exit 3"], env_extra=env, entry=SHIM)
+    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(argv) + "\n", "")
+    assert [seen for seen, _ in requests] == [[], []], "a command not served reached the server"
+
+
+@pytest.mark.parametrize("replies", [reply for reply, _ in SLOW_REPLIES])
+def test_a_refused_shim_start_falls_back_silently(setup, replies):
+    outcomes, _ = _both(setup, SHIM_START, replies=replies, entry=SHIM)
+    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(SHIM_START) + "\n", "")
+
+
+def test_a_shim_client_forwards_no_signal_and_dies_of_it(setup):
+    """A start has no PID 1: SIGTERM acts on both shim clients as on the Python entry."""
+
+    def kill_then_wait(peer: int) -> bytes:
+        time.sleep(0.3)  # the client waits for its reply by now (handlers set, if any)
+        os.kill(peer, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{peer}") and _state(peer) != "Z":
+            assert time.monotonic() < deadline, "the client survived SIGTERM"
+            time.sleep(0.02)
+        return b"exit 3"
+
+    outcomes, _ = _both(setup, SHIM_START, replies=[kill_then_wait], entry=SHIM)
+    assert outcomes[0] == outcomes[1] == (-signal.SIGTERM, "", "")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

@@ -132,7 +132,8 @@ def test_install_registers_zviz_idempotently_and_uninstall_restores_the_bytes(
         assert read(path).startswith(text)  # appended: the operator's text as it was
     assert read(path + ".zviz-backup") == text
     shim = root / "usr" / "local" / "bin" / "containerd-shim-zviz-v2"
-    assert os.readlink(shim).endswith("/bin/containerd-shim-zviz-v2")
+    with open(shim, "rb") as f:
+        assert f.read(4) == b"\x7fELF"  # the fork server's compiled client for `start`
 
     assert node(root, "install") == 0
     assert files_under(root) == after_first  # the same bytes, the same files
@@ -206,6 +207,7 @@ def test_uninstall_keeps_edits_made_since_install(root):
 
 
 def test_without_a_compiler_zviz_is_the_python_entry_and_says_so(root, capsys, monkeypatch):
+    from runtime import forkserver
     from runtime.node import install
 
     real_which = install.shutil.which
@@ -219,6 +221,8 @@ def test_without_a_compiler_zviz_is_the_python_entry_and_says_so(root, capsys, m
     assert os.readlink(entry) == install.python_entry()
     with open(entry, "rb") as f:
         assert f.read(2) == b"#!"
+    shim = root / "usr" / "local" / "bin" / install.SHIM_NAME
+    assert os.readlink(shim) == install.python_entry(forkserver.SHIM_ENTRY)
 
 
 def test_install_builds_the_exec_anchor_where_the_runtime_looks_and_uninstall_leaves_it(
@@ -273,15 +277,19 @@ def test_node_check_says_when_execs_cannot_reach_pid_1(anchor_path):
     assert stale.status == "warn" and "built from another version's source" in stale.detail
 
 
-def test_node_check_says_when_zviz_runs_the_slow_path(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fast_path", ["fast-path", "shim-fast-path"])
+def test_node_check_says_when_zviz_or_the_shim_runs_the_slow_path(tmp_path, monkeypatch, fast_path):
     from runtime.node import check
 
-    script = tmp_path / "zviz"
+    name, program, cost = next(each for each in check.FAST_PATHS if each[0] == fast_path)
+    script = tmp_path / program
     script.write_text("#!/usr/bin/python3\n")
     script.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    result = check._fast_path()
-    assert result.status == "warn" and "slow path" in result.detail
+    result = check._fast_path(name, program, cost)
+    assert result.status == "warn" and "slow path" in result.detail and cost in result.detail
+    script.write_bytes(b"\x7fELF")  # the compiled client
+    assert check._fast_path(name, program, cost).status == "ok"
 
 
 def test_a_foreign_zviz_in_the_bin_dir_stops_install_before_anything_is_written(root, capsys):
@@ -354,7 +362,9 @@ def test_where_apparmor_is_active_install_writes_the_userns_profile_and_uninstal
     # Ubuntu 24.04's pattern: an unconfined profile attached to the program's real path,
     # with the userns rule that kernel.apparmor_restrict_unprivileged_userns demands.
     assert text.startswith("abi <abi/4.0>,\n")
-    shim = os.path.realpath(os.path.join(install.scripts_dir(), install.SHIM_NAME))
+    # the shim's compiled client, which containerd execs (and its Python entry, exec'd
+    # by it, keeps the profile: an unconfined profile's exec without an attachment stays)
+    shim = os.path.realpath(root / "usr" / "local" / "bin" / install.SHIM_NAME)
     assert f'profile zviz-shim "{shim}" flags=(unconfined) {{\n  userns,\n}}' in text
     assert "profile zviz-zviz " in text
     assert node(root, "install") == 0

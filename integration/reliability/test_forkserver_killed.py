@@ -45,7 +45,8 @@ def _server_pid(bundle: str, zviz: Zviz) -> int:
             ]
             # A request it must hand back (another install's): the server carries on.
             other = (mine[0][0], "/nonexistent/other-install/runtime", mine[0][2])
-            forkserver.send_request(probe, other, "/", "zviz", ["run", "x"], (0, 1, 2))
+            request = (forkserver.ZVIZ_ENTRY, "/", ["zviz", "run", "x"], [])
+            forkserver.send_request(probe, other, request, (0, 1, 2))
             assert probe.recv(4096) == b"fallback another install"
             return pid
 

@@ -49,7 +49,7 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     checks.append(_idmapped_overlay(_containerd_root(containerd_config_path)))
     checks.append(_cgroups())
     checks += _containerd(containerd_config_path)
-    checks.append(_fast_path())
+    checks += [_fast_path(*fast_path) for fast_path in FAST_PATHS]
     checks.append(_exec_anchor())
     checks.append(_denial_records(abi))
     return checks
@@ -376,19 +376,30 @@ def _containerd(config_path: str) -> list[Check]:
     return checks
 
 
-def _fast_path() -> Check:
-    """Whether `zviz` on PATH is the compiled fork-server client (runtime/forkserver.py)."""
+# Each compiled fork-server client node check reports: (check name, program, what its
+# Python entry costs each time).
+FAST_PATHS = (
+    ("fast-path", "zviz", "every `zviz run` starts Python"),
+    ("shim-fast-path", "containerd-shim-zviz-v2", "every container's shim `start` starts Python"),
+)
+
+
+def _fast_path(name: str = "fast-path", program: str = "zviz", cost: str = "") -> Check:
+    """Whether PROGRAM on PATH is the compiled fork-server client (runtime/forkserver.py)."""
     from runtime.node.install import scripts_dir
 
-    path = shutil.which("zviz") or os.path.join(scripts_dir(), "zviz")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    path = shutil.which(program) or os.path.join(scripts_dir(), program)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        return Check(name, WARN, f"{path}: {e.strerror}: run `zviz node install`")
     if magic == b"\x7fELF":
-        return Check("fast-path", OK, f"{path} is the compiled client")
+        return Check(name, OK, f"{path} is the compiled client")
     return Check(
-        "fast-path",
+        name,
         WARN,
-        f"{path} is the Python entry: every `zviz run` starts Python (the slow path, "
+        f"{path} is the Python entry: {cost or 'it starts Python'} (the slow path, "
         "~10 ms more); `zviz node install` compiles the client when a C compiler is present",
     )
 

@@ -1,11 +1,11 @@
 """`zviz node install|uninstall`: make this install of zviz the node's containerd runtime.
 
 What install does, each step idempotent (a second run writes the same bytes):
-  - BIN_DIR/containerd-shim-zviz-v2: a symlink to this install's shim script, whose `#!`
-    names its own venv's interpreter (containerd finds shims on its PATH);
-  - BIN_DIR/zviz: the compiled fork-server client built for this install (the fast
-    `zviz run`, runtime/forkserver.py), or, without a C compiler, a symlink to the Python
-    entry (the slow path, said so);
+  - BIN_DIR/containerd-shim-zviz-v2 and BIN_DIR/zviz: the compiled fork-server clients
+    built for this install (the fast shim `start` and `zviz run`, runtime/forkserver.py),
+    which exec this install's Python entries (pip's scripts, whose `#!` names its own
+    venv's interpreter) for everything else; without a C compiler, symlinks to those
+    entries (the slow path, said so). containerd finds shims on its PATH;
   - the exec anchor, compiled from the wheel's runtime/exec_anchor.c into this install's
     own bin directory, where the runtime looks for it (exec_anchor.binary_path; not
     BIN_DIR: it belongs to the install, and --root does not move it). Without a C
@@ -27,8 +27,8 @@ import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 
+from runtime import forkserver
 from runtime.node import containerd as containerd_config
 
 SHIM_NAME = "containerd-shim-zviz-v2"
@@ -95,13 +95,14 @@ def apparmor_parser() -> str | None:
 
 def scripts_dir() -> str:
     """This install's bin directory (the venv's), where pip put zviz and the shim."""
-    return sysconfig.get_path("scripts")
+    return forkserver.scripts_dir()
 
 
-def python_entry() -> str:
-    """pip's `zviz` script: zviz-python where `make install` replaced zviz by the client."""
-    aside = os.path.join(scripts_dir(), "zviz-python")
-    return aside if os.path.exists(aside) else os.path.join(scripts_dir(), "zviz")
+def python_entry(entry: str = forkserver.ZVIZ_ENTRY) -> str:
+    """pip's script for ENTRY (runtime/forkserver.py's ENTRIES): zviz-python, or
+    containerd-shim-zviz-v2-python, where `make install` put the compiled client in its
+    place."""
+    return forkserver.python_entry(scripts_dir(), entry)
 
 
 def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
@@ -118,14 +119,17 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
     if not os.path.exists(shim_target):
         say(f"shim: {shim_target} missing: is zviz installed (pip install zviz-*.whl)?\n")
         return 1
-    steps = [("shim", os.path.join(paths.bin_dir, SHIM_NAME), ("link", shim_target))]
     client = _has_compiler()
-    if not client:
-        steps.append(("zviz", os.path.join(paths.bin_dir, "zviz"), ("link", python_entry())))
-    else:
-        steps.append(
-            ("zviz", os.path.join(paths.bin_dir, "zviz"), ("client", "the fork-server client"))
+    # (label, installed name, the fork server's entry)
+    entries = (("shim", SHIM_NAME, forkserver.SHIM_ENTRY), ("zviz", "zviz", forkserver.ZVIZ_ENTRY))
+    steps = [
+        (
+            label,
+            os.path.join(paths.bin_dir, name),
+            ("client", "the fork-server client") if client else ("link", python_entry(entry)),
         )
+        for label, name, entry in entries
+    ]
     # Every refusal before the first write: nothing is ever half-installed.
     for label, path, _ in steps:
         if os.path.lexists(path) and path not in created and not os.path.islink(path):
@@ -149,13 +153,14 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if kind == "link":
             _replace_with_symlink(path, what)
-            note = " (the Python entry: the slow path, no C compiler)" if label == "zviz" else ""
+            note = " (the Python entry: the slow path, no C compiler)"
             say(f"{label}: {path} -> {what}{note}\n")
         else:
             say(f"{label}: {path}: {what}\n")
         created.add(path)
     if client and not dry_run:
-        _build_client(os.path.join(paths.bin_dir, "zviz"))
+        for _label, name, entry in entries:
+            _build_client(os.path.join(paths.bin_dir, name), entry)
     _build_exec_anchor(dry_run, say)
     backup = paths.config + BACKUP_SUFFIX
     for path, text in sorted(changes.items()):
@@ -238,10 +243,8 @@ def _has_compiler() -> bool:
     return bool(shutil.which("cc") or shutil.which("gcc"))
 
 
-def _build_client(path: str) -> None:
-    from runtime import forkserver
-
-    forkserver.compile_client(path, python_entry())
+def _build_client(path: str, entry: str) -> None:
+    forkserver.compile_client(path, python_entry(entry), entry=entry)
 
 
 def _build_exec_anchor(dry_run: bool, say) -> None:
