@@ -18,6 +18,7 @@ import time
 
 from runtime import errors, linux, state
 from runtime.log import NULL as NULL_LOG
+from runtime.private_dir import makedirs_private
 from runtime.spawn import parent, sysctl
 from runtime.spawn.common import Request
 
@@ -80,7 +81,7 @@ class Container:
         directory = state.container_dir(root, container_id)
         bundle = os.path.abspath(bundle)
         try:
-            os.makedirs(root, mode=0o700, exist_ok=True)
+            makedirs_private(root)
         except OSError as exc:
             raise errors.state_error(f"creating {root}", exc) from exc
         try:

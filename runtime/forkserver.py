@@ -43,6 +43,8 @@ import os
 import struct
 import sys
 
+from runtime.private_dir import makedirs_private
+
 # --- the protocol ------------------------------------------------------------------------
 #
 # Everything the two clients (try_run here, runtime/forkserver_client.c) and the server
@@ -290,7 +292,7 @@ def _follow(sock, debug: bool, entry: str = ZVIZ_ENTRY) -> int | None:
 def _start_server() -> None:
     """Start a server in the background (this run still goes the slow way)."""
     try:
-        os.makedirs(SERVER_DIR, mode=0o700, exist_ok=True)
+        makedirs_private(SERVER_DIR)
         child = os.fork()
     except OSError:
         return
@@ -444,7 +446,7 @@ def serve(directory: str = SERVER_DIR) -> None:
     from runtime.security.profiles import warm_cache
 
     warm_cache()
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    makedirs_private(directory)
     os.chdir("/")  # hold no client's directory; workers chdir to theirs
     mine = _namespaces_and_cgroup("self")
     install = install_identity()

@@ -36,6 +36,7 @@ import sys
 import time
 
 from runtime import denials
+from runtime.private_dir import makedirs_private
 
 DIR_VARIABLE = "ZVIZ_AUDIT_READER_DIR"
 DEFAULT_DIR = "/run/zviz/audit-reader"
@@ -219,7 +220,7 @@ def serve(where: str) -> int:
     once when another holds the lock; 1 when the kernel's records cannot be read."""
     import fcntl
 
-    os.makedirs(where, mode=0o700, exist_ok=True)
+    makedirs_private(where)
     log_path = os.path.join(where, LOG_NAME)
     lock = os.open(os.path.join(where, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -15,6 +15,7 @@ is deleted; it names its holder, so only the holder removes it.
 import os
 
 from runtime import errors
+from runtime.private_dir import makedirs_private
 from shim.config import STATE_ROOT
 
 RANGE_SIZE = 65536
@@ -23,7 +24,7 @@ POOL_DIR = os.path.join(STATE_ROOT, "ids")
 
 def reserve(first: int, ranges: int, holder: str) -> int:
     """The first host id of a free range of the pool [first, first + ranges * RANGE_SIZE)."""
-    os.makedirs(POOL_DIR, mode=0o700, exist_ok=True)
+    makedirs_private(POOL_DIR)
     for index in range(ranges):
         start = first + index * RANGE_SIZE
         try:

@@ -30,6 +30,7 @@ import time
 
 from runtime import denials
 from runtime.errors import InvalidArgument
+from runtime.private_dir import makedirs_private
 from runtime.security import is_pod_sandbox, learn, learn_run, selection
 
 log = logging.getLogger("shim.learn")
@@ -171,7 +172,7 @@ def write_learned(learn_dir: str, file_name: str, text: str) -> str:
     the file replaced whole, 0600). FILE_NAME is learned_file_name's: one component."""
     if "/" in file_name or file_name.startswith("."):
         raise InvalidArgument(f"learn mode: {file_name!r} is not a file name")
-    os.makedirs(learn_dir, mode=0o700, exist_ok=True)
+    makedirs_private(learn_dir)
     fd = os.open(learn_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         if os.fstat(fd).st_uid != 0:

@@ -24,6 +24,7 @@ import time
 from _socket import AF_UNIX, SOCK_CLOEXEC, SOCK_STREAM, SOMAXCONN
 from _socket import socket as _raw_socket
 
+from runtime.private_dir import makedirs_private
 from shim import config as shim_config
 
 RESERVATION_TTL_SECONDS = 60.0
@@ -41,7 +42,7 @@ class GroupLock:
         path = os.path.join(self.gdir, "lock")
         while True:
             try:
-                os.makedirs(os.path.join(self.gdir, "tasks"), mode=0o700, exist_ok=True)
+                makedirs_private(os.path.join(self.gdir, "tasks"))
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             except FileNotFoundError:
                 continue  # an exiting daemon removed a directory under us: make it again

@@ -39,6 +39,7 @@ import termios
 import urllib.parse
 
 from runtime.errors import InvalidArgument, Unavailable
+from runtime.private_dir import makedirs_private
 
 log = logging.getLogger("shim.stdio")
 
@@ -399,7 +400,7 @@ class Stdio:
         old = os.umask(0o177)
         try:
             for _ in range(3):  # another daemon, exiting, may remove the empty directory
-                os.makedirs(console_dir, mode=0o700, exist_ok=True)
+                makedirs_private(console_dir)
                 try:
                     listener.bind(path)
                     break

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from runtime import linux
 from runtime.errors import InvalidArgument, NotImplementedByZviz, SecurityLayerError
+from runtime.private_dir import makedirs_private
 from runtime.security import syscalls
 
 # ZVIZ_SECCOMP_CACHE moves it (the tests use an empty directory of their own); a
@@ -141,7 +142,7 @@ def _cached(key: str) -> bytes | None:
 
 def _store(key: str, data: bytes) -> None:
     try:
-        os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
+        makedirs_private(CACHE_DIR)
     except OSError:
         return  # a cache we cannot write only costs the next compile
     dirfd = _open_cache_dir()
