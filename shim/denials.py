@@ -82,6 +82,7 @@ class DenialFeed:
         self._skip_serials: set[int] = set()
         self._skip_until = 0.0
         self._lost_logged = 0
+        self._landlock_noted = False
         self._reader_started_at = 0.0
         self._reader_retry = READER_RETRY_SECONDS
         self.watcher = denials.KernelWatcher()
@@ -191,7 +192,14 @@ class DenialFeed:
         self._read_ourselves()
 
     def _note_landlock_records(self) -> None:
-        """Say once (per reader opened) when the kernel will write no Landlock records."""
+        """Say once per daemon when the kernel will write no Landlock records. Not per
+        reader opened: the reader closes with the group's last container, so a daemon
+        serving one container at a time asked for each Create, and the kernel answers
+        AUDIT_GET from a thread it starts for that (1-15 ms here, on the loop, before
+        the Create's answer)."""
+        if self._landlock_noted:
+            return
+        self._landlock_noted = True
         from runtime.security import landlock
 
         try:
