@@ -203,30 +203,22 @@ def expected_uid() -> int:
 
 
 def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool) -> None:
-    """Start the anchor (PID 1 right before its execve; its layers are applied). A clone
-    the pids limit refuses, or an execve that fails, leaves the container without an
-    anchor: execs take the old path.
-
-    posix_spawn, not fork: glibc clones with CLONE_VM|CLONE_VFORK (clone3 first, which
-    every profile answers ENOSYS, then clone without namespace flags, as fork's), so no
-    copy of PID 1's page tables is made and torn down again by the anchor's execve, and
-    PID 1 goes on only once that execve is done. A forked anchor still exec'ing when a
-    short workload exits held up PID 1's exit (the pid namespace waits for it): start to
-    reaped exit of `/bin/true` 5.2 ms with fork, 3.0 ms with posix_spawn (medians of 15
-    interleaved library runs on this VM)."""
-    args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
+    """Fork the anchor (PID 1 right before its execve; its layers are applied). A fork the
+    pids limit refuses leaves the container without an anchor: execs take the old path."""
+    parent = os.getpid()
     try:
-        # /proc/self/fd/N rather than execveat: the strictest profile's seccomp allows
-        # only execve; Landlock has a rule for this one file. dup2 of the socket onto
-        # itself clears its close-on-exec flag in the child alone.
-        os.posix_spawn(
-            f"/proc/self/fd/{binary_fd}",
-            [*args, str(os.getpid())],
-            {},
-            file_actions=[(os.POSIX_SPAWN_DUP2, socket_fd, socket_fd)],
-        )
+        pid = os.fork()
     except OSError:
         return
+    if pid == 0:
+        try:
+            os.set_inheritable(socket_fd, True)
+            args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
+            # /proc/self/fd/N rather than execveat: the strictest profile's seccomp
+            # allows only execve; Landlock has a rule for this one file.
+            os.execve(f"/proc/self/fd/{binary_fd}", [*args, str(parent)], {})
+        finally:
+            os._exit(127)
 
 
 # ---------------------------------------------------------------------------
