@@ -21,6 +21,7 @@ from api.gen.containerd.services.ttrpc.events.v1 import events_ttrpc
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client, Code, Server, TtrpcError
 from integration.ids import tagged, unique_id
+from shim import denials as shim_denials
 
 TASK = "containerd.task.v2.Task"
 # tagged: the shim keeps its state per namespace, and a leftover of ours must be found
@@ -461,6 +462,11 @@ def test_exec_racing_the_task_delete_leaves_no_fds(short_root, make_bundle, tmp_
         with pytest.raises(TtrpcError) as raised:
             await exec_call
         assert raised.value.code == Code.NOT_FOUND
+        # The denial records' source lingers a moment after the daemon's last container
+        # (shim/denials.py READER_LINGER_SECONDS); the exec's stdio would stay for good.
+        deadline = time.monotonic() + shim_denials.READER_LINGER_SECONDS + 5
+        while _fd_targets(shim_pid) != fds_before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert _fd_targets(shim_pid) == fds_before
         topics = [topic for topic, _ in recorder.events]
         assert "/tasks/exec-added" not in topics

@@ -201,15 +201,20 @@ class Task:
                 self.oom_watcher.close()
             self.oom_watcher = None
 
+    def unmount_rootfs(self) -> None:
+        """The rootfs mounted at Create, detached (a blocking call: the kernel waits for an
+        RCU grace period, 2-5 ms here)."""
+        if self.rootfs_mounted:
+            mounts.unmount_all(mounts.rootfs_path(self.bundle))
+            self.rootfs_mounted = False
+
     def release(self, loop) -> None:
         """Free what the shim holds for this task (not the container itself)."""
         self.stop_oom_watch(loop)
         for proc in [self.init, *self.execs.values()]:
             if proc is not None:
                 proc.close()
-        if self.rootfs_mounted:
-            mounts.unmount_all(mounts.rootfs_path(self.bundle))
-            self.rootfs_mounted = False
+        self.unmount_rootfs()
         if self.id_range is not None:
             from shim import idpool
 
@@ -515,7 +520,11 @@ class TaskService(shim_ttrpc.TaskService):
             # the pid.
             self.reaper.unregister(proc.pid)
         try:
-            await self.engine.delete(task.container)
+            # The rootfs's unmount beside the core's delete (see Engine.delete); one that
+            # failed or did not run leaves rootfs_mounted set, and release() does it.
+            await self.engine.delete(
+                task.container, alongside=task.unmount_rootfs if task.rootfs_mounted else None
+            )
         finally:
             task.release(self.daemon.loop)
             self.daemon.log_sink.remove(task.id)

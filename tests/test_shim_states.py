@@ -69,8 +69,10 @@ class FakeEngine:
     async def kill(self, container, sig, *, all=False):  # noqa: A002
         self._call("kill", container, sig, all)
 
-    async def delete(self, container):
+    async def delete(self, container, alongside=None):
         self._call("delete", container)
+        if alongside is not None:
+            alongside()
 
     async def pause(self, container):
         self._call("pause", container)

@@ -26,7 +26,7 @@ from runtime.idmap import (
     requested_idmap_mounts,
 )
 from runtime.rootfs import open_bind_sources
-from runtime.spawn.common import Request, close_all, run_child
+from runtime.spawn.common import Request, close_all, import_child_modules, run_child
 from runtime.spawn.exec import run_exec_child
 from runtime.spawn.namespace_child import run_namespace_child
 from runtime.sync import Sync
@@ -77,6 +77,7 @@ def new_namespace_flags(spec) -> tuple[int, list[tuple[str, str]], bool]:
 def _fork_child(fds_for_child: list[int], child_main) -> tuple[int, Sync]:
     """Fork a child that runs child_main(its sync end) and never returns; the parent keeps
     the other end. `fds_for_child` are the child's to use: the parent closes its copies."""
+    import_child_modules()
     parent_end, child_end = Sync.pair()
     try:
         child = os.fork()
