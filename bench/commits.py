@@ -7,7 +7,9 @@ Comparing two separate `bench shim` runs says little on a machine whose speed dr
 (detached `git worktree`, removed afterwards) and served by a wrapper named
 `containerd-shim-zviz<N>-v2` (runtime `io.containerd.zviz<N>.v2`) that runs that tree's
 shim with this checkout's interpreter and venv: a revision whose dependencies differ
-from this venv's is not measurable this way. Each runtime has its own ctr namespace, so
+from this venv's is not measurable this way. It runs each revision's Python entry, never
+a compiled client: since the shim's `start` is served by the fork server (docs/shim.md),
+this compares the revisions' daemons and unserved starts, not what a node runs. Each runtime has its own ctr namespace, so
 each revision has its own shim daemon. Then `ctr run --rm IMAGE ID /bin/true`, RUNS
 rounds, one run of every runtime per round; median and quartile per runtime, as ratios
 of runc's median. The first run of each (image unpack, the daemon's start) is not counted.
