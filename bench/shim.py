@@ -8,6 +8,8 @@
   warm-up is also where its shim daemon starts, and is printed on its own line.
 - memory: PSS of every shim and runtime process while MEMORY_CONTAINERS containers run
   `sleep`, divided by their number (PSS splits shared pages fairly between processes).
+  zviz's: the shim daemon, what it forks (seccomp brokers and their wardens) and each
+  container's exec anchor.
 - `start`: wall time of `containerd-shim-zviz-v2 start` when its daemon is running, served
   by the fork server (the compiled client, as containerd runs it) and not
   (ZVIZ_NO_FORKSERVER=1: the Python entry does it), interleaved.
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 
+from runtime.exec_anchor import BINARY_NAME as ANCHOR
 from tools.containerd import PrivateContainerd, runsc_wrapper
 from tools.mkimage import DEFAULT_REF, build_image
 
@@ -98,11 +101,30 @@ def _processes(match) -> list[int]:
     return pids
 
 
+def _below(pid: int, ancestors: list[int]) -> bool:
+    """Whether one of `ancestors` is an ancestor of `pid`."""
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid in ancestors:
+            return True
+    return False
+
+
 def _runtime_processes(name: str, containerd: PrivateContainerd) -> list[int]:
     address = containerd.address
     if name == "zviz":
-        # The shim daemon, and what it forked that is not a workload (seccomp brokers).
-        return _processes(lambda c: "containerd-shim-zviz-v2" in c and address in c)
+        # The shim daemon, and what it forked that is not a workload (seccomp brokers and
+        # their wardens: forks, so the daemon's command line).
+        daemon = _processes(lambda c: "containerd-shim-zviz-v2" in c and address in c)
+        # Each container's exec anchor, which PID 1 forks and execs: zviz's, not the
+        # workload's (runc has none).
+        return daemon + [
+            pid for pid in _processes(lambda c: c.startswith(f"{ANCHOR} ")) if _below(pid, daemon)
+        ]
     shims = _processes(lambda c: "containerd-shim-runc-v2" in c and address in c)
     if name == "gvisor":
         return shims + _processes(lambda c: "runsc" in c and containerd.namespace in c)

@@ -62,6 +62,7 @@ class Daemon:
         import runtime.cgroups  # noqa: F401
         import runtime.security  # noqa: F401
         import runtime.spec  # noqa: F401
+        from runtime.security.broker import process as broker_process
         from shim.denials import DenialFeed
         from shim.events import Publisher
         from shim.service import TaskService
@@ -72,6 +73,9 @@ class Daemon:
         # those pages, so the processes we fork (container setup, brokers) share them
         # instead of copying them on the collector's first pass.
         gc.freeze()
+        # The brokers of mediating profiles are forked by a still fork of this daemon,
+        # not by the daemon itself, whose busy pages each broker would keep a copy of.
+        broker_process.fork_brokers_from_a_forker()
         self.reaper.install(self.loop)
         self.publisher = Publisher(self.flags.ttrpc_address, self.namespace)
         self.publisher.on_disconnect(self._containerd_disconnected)

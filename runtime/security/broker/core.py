@@ -24,7 +24,7 @@ from runtime.security import syscalls
 from runtime.security.broker import handlers
 from runtime.security.broker.caller import Call
 from runtime.security.broker.egress_hosts import EgressHosts
-from runtime.security.broker.verdict import Answered, Audit, Denied, Verdict
+from runtime.security.broker.verdict import Answered, Denied, Verdict
 
 # linux/seccomp.h ioctls on the listener fd.
 NOTIF_RECV = 0xC0502100
@@ -197,7 +197,11 @@ class Broker:
         audit mode let through are recorded either way."""
         with self._calls_changed:
             call = self._calls.pop(note.id, None)
-        audits = [self._audit_record(note, audit) for audit in verdict.audits]
+        # Audit mode: a call the profile refuses goes through, recorded (verdict audit).
+        audits = [
+            self._denial_record(note, audit.decoded, "audit", f"{audit.rule}; {denials.AUDITED}")
+            for audit in verdict.audits
+        ]
         if call is not None and not verdict.answered:
             self._answer_and_log(
                 note, verdict.reason, verdict.value, verdict.errno, verdict.decoded
@@ -245,27 +249,14 @@ class Broker:
     ) -> None:
         # The record is taken while the caller still waits (its command name), written
         # after the answer: a log write may block on a full pipe, the caller must not.
-        line = self._record(note, reason, err) if reason else None
-        denial = self._denial(note, reason, err, decoded) if reason and err else None
+        line = self._log_line(note, reason, err) if reason else None
+        denial = (
+            self._denial_record(note, decoded, _errno_name(err), reason) if reason and err else None
+        )
         self.respond(note, val=val, err=err)
         if line:
             self._write_log(line)
         self._write_records([denial])
-
-    def _audit_record(self, note: Notification, audit: Audit) -> dict | None:
-        """Audit mode: a call the profile refuses goes through, recorded (verdict audit)."""
-        if self.records is None:
-            return None
-        return denials.record(
-            self.record_context,
-            source="broker",
-            pid=note.pid,
-            comm=_comm(note.pid),
-            syscall=syscalls.name(note.nr),
-            args=audit.decoded,
-            verdict="audit",
-            rule=f"{audit.rule}; {denials.AUDITED}",
-        )
 
     def _write_records(self, records: list) -> None:
         records = [record for record in records if record is not None]
@@ -274,8 +265,11 @@ class Broker:
                 for record in records:
                     self.records.write(self._record_limit.admit(record))
 
-    def _denial(self, note: Notification, reason: str, err: int, decoded) -> dict | None:
-        """A refusal as a denial record (docs/denials.md), when the container keeps them."""
+    def _denial_record(
+        self, note: Notification, args: dict | None, verdict: str, rule: str
+    ) -> dict | None:
+        """A refusal, or a call audit mode let through, as a denial record
+        (docs/denials.md), when the container keeps them."""
         if self.records is None:
             return None
         return denials.record(
@@ -284,12 +278,12 @@ class Broker:
             pid=note.pid,
             comm=_comm(note.pid),
             syscall=syscalls.name(note.nr),
-            args=decoded or {},
-            verdict=errno.errorcode.get(err, str(err)),
-            rule=reason,
+            args=args,
+            verdict=verdict,
+            rule=rule,
         )
 
-    def _record(self, note: Notification, reason: str, err: int) -> bytes | None:
+    def _log_line(self, note: Notification, reason: str, err: int) -> bytes | None:
         if not self.verbose:
             return None
         record = {
@@ -301,7 +295,7 @@ class Broker:
             "syscall": syscalls.name(note.nr),
             "nr": note.nr,
             "args": [f"{a:#x}" for a in note.args],
-            "verdict": errno.errorcode.get(err, str(err)),
+            "verdict": _errno_name(err),
             "reason": reason,
         }
         return (json.dumps(record) + "\n").encode()
@@ -357,6 +351,11 @@ def verdict_of(broker: Broker, note: Notification, handler: handlers.Handler) ->
 
 def _audits(call) -> tuple:
     return tuple(call.audits) if call is not None else ()
+
+
+def _errno_name(err: int) -> str:
+    """A refusal's verdict, in the log line and the record alike: EPERM, ETIMEDOUT..."""
+    return errno.errorcode.get(err, str(err))
 
 
 def _comm(pid: int) -> str:
