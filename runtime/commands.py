@@ -272,13 +272,20 @@ def cmd_run(args, log) -> int:
         container = Container.create(args.root, args.id, _bundle(args), detach=True, **common)
         container.start()
         return 0
+    # From before anything is made: a SIGTERM's default action during create would end
+    # this process half-way, with the container's cgroups and state left behind.
+    signals = getattr(args, "signals", None) or ForwardedSignals()
     container = Container.create(args.root, args.id, _bundle(args), detach=False, **common)
     try:
-        _forward_signals_to(container.pid)
+        signals.forward_to(container.pid)
         if args.on_pid is not None:
             args.on_pid(container.pid)
-        container.start()
+        if signals.stop_signal() is None:
+            _start(container, signals)
+        # else PID 1 got the signal before its workload ran and exits of it, as the
+        # workload would have: the workload never starts.
         status = _wait_for(container.pid)
+        signals.target_exited()
         code = container.record_exit(status, persist=args.keep)
         if container.oom_killed:
             sys.stderr.write(f"zviz: container {args.id}: OOM killed (memory limit reached)\n")
@@ -288,15 +295,77 @@ def cmd_run(args, log) -> int:
             container.delete(force=True)
 
 
-def _forward_signals_to(pid: int) -> None:
-    def forward(sig, _frame):
+def _start(container, signals: "ForwardedSignals") -> None:
+    try:
+        container.start()
+    except errors.ZvizError:
+        # A signal forwarded while PID 1 was being started ended it before its execve:
+        # the run ends as the workload would have, not with a start error.
+        if signals.stop_signal() is None and not signals.forwarded_terminating:
+            raise
+
+
+# The forwarded signals whose default action ends a process: one that comes while there
+# is no process to take it (before PID 1 exists, after it exited) ends the run instead.
+_TERMINATING = frozenset(
+    (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+)
+
+
+class ForwardedSignals:
+    """`zviz run`, `exec` and `profile learn` pass _FORWARDED on to the process they wait
+    for (as `runc run` does), from the moment this is made until that process exits.
+
+    Made before anything else is, so that no signal ends this process half-way (issue
+    16: a SIGTERM during create left the cgroups and state behind; SIGINT's
+    KeyboardInterrupt could skip a cleanup). A signal that comes while there is no
+    process to take it is kept in `missed`: those from before the process existed are
+    sent to it once it does (as the fork-server clients do); a terminating one of them,
+    or one after the process exited, is `stop_signal()`: the caller ends, cleaning up,
+    without starting more (run does not start the workload, the learner writes no
+    profile).
+    """
+
+    def __init__(self):
+        self._owner = os.getpid()
+        self.pid = 0
+        self.exited = False
+        self.missed: list[int] = []
+        self.forwarded_terminating = False
+        for sig in _FORWARDED:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig, _frame) -> None:
+        if os.getpid() != self._owner:
+            # A child forked with this handler (PID 1 before its own, the broker): the
+            # default action, as before this was installed.
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
+        if not self.pid or self.exited:
+            self.missed.append(sig)
+            return
+        self.forwarded_terminating |= sig in _TERMINATING
         try:
-            os.kill(pid, sig)
+            os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
 
-    for sig in _FORWARDED:
-        signal.signal(sig, forward)
+    def forward_to(self, pid: int) -> None:
+        """PID takes the signals from now on; those that came before it existed are sent."""
+        for sig in self.missed:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        self.pid = pid
+
+    def target_exited(self) -> None:
+        self.exited = True
+
+    def stop_signal(self) -> int | None:
+        """The first terminating signal no running process took, else None."""
+        return next((sig for sig in self.missed if sig in _TERMINATING), None)
 
 
 def _wait_for(pid: int) -> int:
@@ -401,6 +470,8 @@ def cmd_exec(args, log) -> int:
     if container.status() == "paused" and not args.ignore_paused:
         raise errors.FailedPrecondition(f"container {args.id!r} is paused: cannot exec")
     detach = args.detach
+    # Before the process exists: a signal meanwhile is sent to it once it does.
+    signals = None if detach else ForwardedSignals()
     pid = container.exec(
         process_config,
         console_socket=args.console_socket,
@@ -410,7 +481,7 @@ def cmd_exec(args, log) -> int:
     )
     if detach:
         return 0
-    _forward_signals_to(pid)
+    signals.forward_to(pid)
     if args.on_pid is not None:
         args.on_pid(pid)
     from runtime.state import exit_code_from_wait_status
