@@ -401,6 +401,10 @@ def cmd_delete(args, log) -> int:
         container = Container.load(args.root, args.id, log)
     except errors.NotFound:
         if args.force:
+            # A learner SIGKILLed before its container existed leaves its profile beside.
+            from runtime import state
+
+            state.remove_learning_profile(args.root, args.id)
             return 0  # runc: delete --force of a missing container succeeds
         raise
     container.delete(force=args.force)
