@@ -243,9 +243,26 @@ def _bundle(args) -> str:
 
 
 def cmd_create(args, log) -> int:
+    return _create_detached(args, log, start=False)
+
+
+def _create_detached(args, log, start: bool) -> int:
+    """`create`, `run --detach`: a SIGINT, SIGTERM or SIGHUP while the container is made
+    no longer ends this process half-way (its cgroups and state left behind): it is
+    kept, and once create is done the container is deleted and the command ends
+    128+signal, as if it had come before create began."""
     from runtime.container import Container
 
-    Container.create(args.root, args.id, _bundle(args), detach=True, **_create_options(args, log))
+    signals = ForwardedSignals()  # forwarded to nobody: a detached container is not ours
+    container = Container.create(
+        args.root, args.id, _bundle(args), detach=True, **_create_options(args, log)
+    )
+    if start and signals.stop_signal() is None:
+        container.start()
+    stop = signals.stop_signal()
+    if stop is not None:
+        container.delete(force=True)
+        return 128 + stop
     return 0
 
 
@@ -269,9 +286,7 @@ def cmd_run(args, log) -> int:
 
     common = _create_options(args, log)
     if args.detach:
-        container = Container.create(args.root, args.id, _bundle(args), detach=True, **common)
-        container.start()
-        return 0
+        return _create_detached(args, log, start=True)
     # From before anything is made: a SIGTERM's default action during create would end
     # this process half-way, with the container's cgroups and state left behind.
     signals = getattr(args, "signals", None) or ForwardedSignals()

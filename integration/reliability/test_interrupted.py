@@ -177,6 +177,25 @@ def test_run_signalled_during_create_leaves_nothing(
     assert wait_until_nothing_left(container_id, root) == [], err
 
 
+@pytest.mark.parametrize("command", [["create"], ["run", "--detach"]], ids=" ".join)
+@pytest.mark.parametrize("sig", STOPPING, ids=lambda s: s.name)
+def test_detached_create_signalled_leaves_nothing(
+    zviz_bin, make_bundle, root, tmp_path, sig, command
+):
+    """Before the fix a SIGTERM or SIGHUP of `zviz create` (or `run --detach`) while the
+    container was made left its cgroups and state, as for `zviz run`."""
+    container_id = unique_id("zviz-rel-int")
+    bundle = make_bundle(["sleep", "60"])
+    marker = str(tmp_path / "hook-ran")
+    holding_hook(bundle, "createRuntime", marker)
+    create = start([zviz_bin, "--root", root, *command, "--bundle", bundle, container_id])
+    wait_for(lambda: os.path.exists(marker), "the createRuntime hook")
+    create.send_signal(sig)
+    code, err = finish(create)
+    assert code == 128 + sig, err
+    assert wait_until_nothing_left(container_id, root) == [], err
+
+
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("sig", STOPPING, ids=lambda s: s.name)
 def test_run_signalled_while_running_forwards_then_leaves_nothing(
