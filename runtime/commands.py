@@ -292,10 +292,11 @@ def cmd_run(args, log) -> int:
     signals = getattr(args, "signals", None) or ForwardedSignals()
     container = Container.create(args.root, args.id, _bundle(args), detach=False, **common)
     try:
-        signals.forward_to(container.pid)
+        signals.forward_to(container.pid, running=False)
         if args.on_pid is not None:
             args.on_pid(container.pid)
         if signals.stop_signal() is None:
+            signals.starting()
             _start(container, signals)
         # else PID 1 got the signal before its workload ran and exits of it, as the
         # workload would have: the workload never starts.
@@ -333,18 +334,17 @@ class ForwardedSignals:
 
     Made before anything else is, so that no signal ends this process half-way (issue
     16: a SIGTERM during create left the cgroups and state behind; SIGINT's
-    KeyboardInterrupt could skip a cleanup). A signal that comes while there is no
-    process to take it is kept in `missed`: those from before the process existed are
-    sent to it once it does (as the fork-server clients do); a terminating one of them,
-    or one after the process exited, is `stop_signal()`: the caller ends, cleaning up,
-    without starting more (run does not start the workload, the learner writes no
-    profile).
+    KeyboardInterrupt could skip a cleanup). A signal that comes while no workload runs
+    (before it started, after it exited) is also kept in `missed`; those from before the
+    process existed are sent to it once it does (as the fork-server clients do). A
+    terminating one of them is `stop_signal()`: the caller ends, cleaning up, without
+    starting more (run does not start the workload, the learner writes no profile).
     """
 
     def __init__(self):
         self._owner = os.getpid()
         self.pid = 0
-        self.exited = False
+        self.running = False
         self.missed: list[int] = []
         self.forwarded_terminating = False
         for sig in _FORWARDED:
@@ -357,30 +357,35 @@ class ForwardedSignals:
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
             return
-        if not self.pid or self.exited:
+        if not self.running:
             self.missed.append(sig)
-            return
-        self.forwarded_terminating |= sig in _TERMINATING
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        if self.pid:
+            self.forwarded_terminating |= sig in _TERMINATING
+            _send(self.pid, sig)
 
-    def forward_to(self, pid: int) -> None:
-        """PID takes the signals from now on; those that came before it existed are sent."""
+    def forward_to(self, pid: int, running: bool = True) -> None:
+        """PID takes the signals from now on; those that came before it existed are sent.
+        RUNNING: it is the workload (else `starting()` says when it becomes it)."""
         for sig in self.missed:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        self.pid = pid
+            _send(pid, sig)
+        self.pid, self.running = pid, running
+
+    def starting(self) -> None:
+        self.running = True
 
     def target_exited(self) -> None:
-        self.exited = True
+        self.pid, self.running = 0, False
 
     def stop_signal(self) -> int | None:
-        """The first terminating signal no running process took, else None."""
+        """The first terminating signal that came while no workload ran, else None."""
         return next((sig for sig in self.missed if sig in _TERMINATING), None)
+
+
+def _send(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_for(pid: int) -> int:
