@@ -321,8 +321,9 @@ def _start(container, signals: "ForwardedSignals") -> None:
             raise
 
 
-# The forwarded signals whose default action ends a process: one that comes while there
-# is no process to take it (before PID 1 exists, after it exited) ends the run instead.
+# The forwarded signals whose default action ends a process (the ones PID 1 exits of
+# while it waits for start: runtime/spawn/init.py). One that comes while no workload runs
+# (before start, after the exit) ends the run, or the learner, instead.
 _TERMINATING = frozenset(
     (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 )
@@ -330,7 +331,8 @@ _TERMINATING = frozenset(
 
 class ForwardedSignals:
     """`zviz run`, `exec` and `profile learn` pass _FORWARDED on to the process they wait
-    for (as `runc run` does), from the moment this is made until that process exits.
+    for (as `runc run` does), from the moment this is made until that process exits;
+    `create` and `run --detach` only keep them (there is nothing of theirs to pass to).
 
     Made before anything else is, so that no signal ends this process half-way (issue
     16: a SIGTERM during create left the cgroups and state behind; SIGINT's
