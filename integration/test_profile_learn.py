@@ -10,6 +10,7 @@ the workload cases run the suite's Debian images (integration/workloads, `make i
 from bundles made of their cached archives.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -106,20 +107,39 @@ def _answers(stdout: str) -> dict[str, str]:
 
 def learn(zviz_bin, root, base, out, bundle, *, timeout=120) -> subprocess.CompletedProcess:
     """`zviz profile learn --base BASE --out OUT -- zviz --root ROOT run ID BUNDLE`."""
-    result = subprocess.run(
-        [zviz_bin, "profile", "learn", "--base", base, "--out", out, "--",
-         "zviz", "--root", root, "run", unique_id("s5learn"), bundle],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    container_id = unique_id("s5learn")
+    with deleted_after(zviz_bin, root, container_id):
+        result = subprocess.run(
+            [zviz_bin, "profile", "learn", "--base", base, "--out", out, "--",
+             "zviz", "--root", root, "run", container_id, bundle],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
     return result
 
 
 def run(zviz_bin, root, profile, bundle, *, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [zviz_bin, "--root", root, "run", "--profile", profile, unique_id("s5learn"), bundle],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    container_id = unique_id("s5learn")
+    with deleted_after(zviz_bin, root, container_id):
+        return subprocess.run(
+            [zviz_bin, "--root", root, "run", "--profile", profile, container_id, bundle],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def deleted_after(zviz_bin, root, container_id):
+    """`zviz delete --force ID` after the block, whatever happened: a timeout SIGKILLs
+    the learner (or a slow-path run), whose container then outlives it (issue 16:
+    stopped containers' cgroups and their empty zviz parents were left by this suite);
+    a delete of an id that is gone succeeds."""
+    try:
+        yield
+    finally:
+        subprocess.run(
+            [zviz_bin, "--root", root, "delete", "--force", container_id],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
 
 
 def probe_bundle(make_bundle, probe_binary, *actions, **overrides) -> str:
@@ -463,6 +483,10 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
+        finally:
+            # A learner killed above (or one that failed) leaves the container: gone now.
+            with deleted_after(self.zviz_bin, self.root, self.id):
+                pass
 
 
 def test_nginx_learned_without_var_writes(

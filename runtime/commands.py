@@ -243,9 +243,26 @@ def _bundle(args) -> str:
 
 
 def cmd_create(args, log) -> int:
+    return _create_detached(args, log, start=False)
+
+
+def _create_detached(args, log, start: bool) -> int:
+    """`create`, `run --detach`: a SIGINT, SIGTERM or SIGHUP while the container is made
+    no longer ends this process half-way (its cgroups and state left behind): it is
+    kept, and once create is done the container is deleted and the command ends
+    128+signal, as if it had come before create began."""
     from runtime.container import Container
 
-    Container.create(args.root, args.id, _bundle(args), detach=True, **_create_options(args, log))
+    signals = ForwardedSignals()  # forwarded to nobody: a detached container is not ours
+    container = Container.create(
+        args.root, args.id, _bundle(args), detach=True, **_create_options(args, log)
+    )
+    if start and signals.stop_signal() is None:
+        container.start()
+    stop = signals.stop_signal()
+    if stop is not None:
+        container.delete(force=True)
+        return 128 + stop
     return 0
 
 
@@ -269,16 +286,22 @@ def cmd_run(args, log) -> int:
 
     common = _create_options(args, log)
     if args.detach:
-        container = Container.create(args.root, args.id, _bundle(args), detach=True, **common)
-        container.start()
-        return 0
+        return _create_detached(args, log, start=True)
+    # From before anything is made: a SIGTERM's default action during create would end
+    # this process half-way, with the container's cgroups and state left behind.
+    signals = getattr(args, "signals", None) or ForwardedSignals()
     container = Container.create(args.root, args.id, _bundle(args), detach=False, **common)
     try:
-        _forward_signals_to(container.pid)
+        signals.forward_to(container.pid, running=False)
         if args.on_pid is not None:
             args.on_pid(container.pid)
-        container.start()
+        if signals.stop_signal() is None:
+            signals.starting()
+            _start(container, signals)
+        # else PID 1 got the signal before its workload ran and exits of it, as the
+        # workload would have: the workload never starts.
         status = _wait_for(container.pid)
+        signals.target_exited()
         code = container.record_exit(status, persist=args.keep)
         if container.oom_killed:
             sys.stderr.write(f"zviz: container {args.id}: OOM killed (memory limit reached)\n")
@@ -288,15 +311,83 @@ def cmd_run(args, log) -> int:
             container.delete(force=True)
 
 
-def _forward_signals_to(pid: int) -> None:
-    def forward(sig, _frame):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+def _start(container, signals: "ForwardedSignals") -> None:
+    try:
+        container.start()
+    except errors.ZvizError:
+        # A signal forwarded while PID 1 was being started ended it before its execve:
+        # the run ends as the workload would have, not with a start error.
+        if signals.stop_signal() is None and not signals.forwarded_terminating:
+            raise
 
-    for sig in _FORWARDED:
-        signal.signal(sig, forward)
+
+# The forwarded signals whose default action ends a process (the ones PID 1 exits of
+# while it waits for start: runtime/spawn/init.py). One that comes while no workload runs
+# (before start, after the exit) ends the run, or the learner, instead.
+_TERMINATING = frozenset(
+    (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+)
+
+
+class ForwardedSignals:
+    """`zviz run`, `exec` and `profile learn` pass _FORWARDED on to the process they wait
+    for (as `runc run` does), from the moment this is made until that process exits;
+    `create` and `run --detach` only keep them (there is nothing of theirs to pass to).
+
+    Made before anything else is, so that no signal ends this process half-way (issue
+    16: a SIGTERM during create left the cgroups and state behind; SIGINT's
+    KeyboardInterrupt could skip a cleanup). A signal that comes while no workload runs
+    (before it started, after it exited) is also kept in `missed`; those from before the
+    process existed are sent to it once it does (as the fork-server clients do). A
+    terminating one of them is `stop_signal()`: the caller ends, cleaning up, without
+    starting more (run does not start the workload, the learner writes no profile).
+    """
+
+    def __init__(self):
+        self._owner = os.getpid()
+        self.pid = 0
+        self.running = False
+        self.missed: list[int] = []
+        self.forwarded_terminating = False
+        for sig in _FORWARDED:
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig, _frame) -> None:
+        if os.getpid() != self._owner:
+            # A child forked with this handler (PID 1 before its own, the broker): the
+            # default action, as before this was installed.
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            return
+        if not self.running:
+            self.missed.append(sig)
+        if self.pid:
+            self.forwarded_terminating |= sig in _TERMINATING
+            _send(self.pid, sig)
+
+    def forward_to(self, pid: int, running: bool = True) -> None:
+        """PID takes the signals from now on; those that came before it existed are sent.
+        RUNNING: it is the workload (else `starting()` says when it becomes it)."""
+        for sig in self.missed:
+            _send(pid, sig)
+        self.pid, self.running = pid, running
+
+    def starting(self) -> None:
+        self.running = True
+
+    def target_exited(self) -> None:
+        self.pid, self.running = 0, False
+
+    def stop_signal(self) -> int | None:
+        """The first terminating signal that came while no workload ran, else None."""
+        return next((sig for sig in self.missed if sig in _TERMINATING), None)
+
+
+def _send(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_for(pid: int) -> int:
@@ -332,6 +423,10 @@ def cmd_delete(args, log) -> int:
         container = Container.load(args.root, args.id, log)
     except errors.NotFound:
         if args.force:
+            # A learner SIGKILLed before its container existed leaves its profile beside.
+            from runtime import state
+
+            state.remove_learning_profile(args.root, args.id)
             return 0  # runc: delete --force of a missing container succeeds
         raise
     container.delete(force=args.force)
@@ -401,6 +496,8 @@ def cmd_exec(args, log) -> int:
     if container.status() == "paused" and not args.ignore_paused:
         raise errors.FailedPrecondition(f"container {args.id!r} is paused: cannot exec")
     detach = args.detach
+    # Before the process exists: a signal meanwhile is sent to it once it does.
+    signals = None if detach else ForwardedSignals()
     pid = container.exec(
         process_config,
         console_socket=args.console_socket,
@@ -410,7 +507,7 @@ def cmd_exec(args, log) -> int:
     )
     if detach:
         return 0
-    _forward_signals_to(pid)
+    signals.forward_to(pid)
     if args.on_pid is not None:
         args.on_pid(pid)
     from runtime.state import exit_code_from_wait_status

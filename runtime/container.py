@@ -484,6 +484,7 @@ class Container:
         if cg is not None:
             cg.destroy()
         _remove_state_dir(self.dir)
+        state.remove_learning_profile(self.root, self.id)
         self._run_later_hooks("poststop", "stopped")
 
     def pause(self) -> None:

@@ -35,6 +35,24 @@ def container_dir(root: str, container_id: str) -> str:
     return os.path.join(root, container_id)
 
 
+# A learning run's profile (`zviz profile learn`, runtime/security/learn_run.py) sits
+# beside the container's state directory, named after it with a character no id has (so
+# no container's directory can be it): deleting the container removes it, also after
+# the learner was SIGKILLed (`zviz delete --force ID`).
+LEARNING_PROFILE_SUFFIX = "~learning.toml"
+
+
+def learning_profile(root: str, container_id: str) -> str:
+    return container_dir(root, container_id) + LEARNING_PROFILE_SUFFIX
+
+
+def remove_learning_profile(root: str, container_id: str) -> None:
+    try:
+        os.unlink(learning_profile(root, container_id))
+    except FileNotFoundError:
+        pass
+
+
 def write(directory: str, state: dict) -> None:
     """Atomically replace state.json (write a temp file, fsync-free rename).
 

@@ -91,7 +91,11 @@ def read_keyed(path: str) -> dict[str, int]:
 def read_pids(procs_file: str) -> list[int]:
     try:
         return [int(line) for line in read_file(procs_file).split()]
-    except FileNotFoundError:
+    except OSError as err:
+        # ENODEV: the group was removed between the open and the read (another delete
+        # of the same container); gone either way, and no process was left in it.
+        if err.errno not in (errno.ENOENT, errno.ENODEV):
+            raise
         return []
 
 
@@ -219,6 +223,18 @@ def remove_shared_parent(directory: str) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY):
             raise
+
+
+def removed_meanwhile(error: OSError | FailedPrecondition, group_dir: str) -> bool:
+    """Whether ERROR, from a freezer file, is the group having been removed under us
+    (ENOENT opening, ENODEV writing into an open file): by another delete of the same
+    container (a SIGKILLed `zviz run`'s fork-server worker deletes it once its PID 1
+    dies, which the user's `delete --force` has just killed). A group is only removed
+    once no process is left in it: nothing to freeze or signal there."""
+    if isinstance(error, OSError) and error.errno not in (errno.ENOENT, errno.ENODEV):
+        return False
+    gone = getattr(error, "filename", None)
+    return not os.path.isdir(os.path.dirname(gone) if gone else group_dir)
 
 
 def make_dirs(directory: str, base: str, created: list[str], on_new_level=None) -> None:
@@ -399,6 +415,9 @@ class Cgroup:
                 froze = True
             except Unavailable:
                 self.note(f"cgroup {self._procs_dir()}: could not freeze before signalling")
+            except (OSError, FailedPrecondition) as error:
+                if not removed_meanwhile(error, self._procs_dir()):
+                    raise
         try:
             for pid in self.procs_recursive():
                 try:
@@ -409,7 +428,11 @@ class Cgroup:
             # A frozen task only acts on SIGKILL once thawed; a paused container that
             # receives another signal stays paused, as with runc.
             if froze or (was_frozen and sig == signal.SIGKILL):
-                self.thaw()
+                try:
+                    self.thaw()
+                except (OSError, FailedPrecondition) as error:
+                    if not removed_meanwhile(error, self._procs_dir()):
+                        raise
 
     # Set when create() failed: the directories it found belong to someone else (or
     # were already undone), so destroy() must not touch them.

@@ -464,7 +464,9 @@ class CgroupV1(Cgroup):
             return (
                 read_file(os.path.join(self._dir("freezer"), "freezer.state")).strip() == "FROZEN"
             )
-        except FileNotFoundError:
+        except OSError as err:
+            if err.errno not in (errno.ENOENT, errno.ENODEV):  # ENODEV: removed after the open
+                raise
             return False
 
     def oom_kill_count(self) -> int:

@@ -20,6 +20,7 @@ from runtime.cgroups.common import (
     read_int,
     read_keyed,
     read_pids,
+    removed_meanwhile,
     write_file,
 )
 from runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -386,7 +387,11 @@ class CgroupV2(Cgroup):
         kill_file = self._file("cgroup.kill")
         if sig == signal.SIGKILL and os.path.exists(kill_file):
             # One write kills the whole subtree atomically, forks in flight included.
-            write_file(kill_file, "1")
+            try:
+                write_file(kill_file, "1")
+            except OSError as error:
+                if not removed_meanwhile(error, self.directory):
+                    raise
             return
         super().kill_all(sig)
 

@@ -122,7 +122,21 @@ def learn_through_ctr(base_name: str, out: str | None, argv: list[str]) -> int:
     name = shim_learn.learned_file_name(command.namespace, command.container_id, {})
     learned_path = os.path.join(config.learn_dir, name)
     before = _identity(learned_path)
-    code = subprocess.run(command.with_run_options(extra)).returncode
+    from runtime.commands import ForwardedSignals
+
+    # ctr run passes them on to the task (its --rm then deletes the container, and the
+    # shim writes what was learned); before ctr runs, one ends the learning.
+    signals = ForwardedSignals()
+    if signals.stop_signal() is None:
+        ctr = subprocess.Popen(command.with_run_options(extra))
+        signals.forward_to(ctr.pid)
+        code = ctr.wait()
+        signals.target_exited()
+    stop = signals.stop_signal()
+    if stop is not None:
+        from runtime.security.learn_run import stopped
+
+        return stopped(stop)
     deadline = time.monotonic() + WAIT_SECONDS
     while _identity(learned_path) == before:
         if time.monotonic() > deadline:

@@ -26,12 +26,13 @@ Where the observations come from, each narrowed to this container:
 import json
 import os
 import select
+import signal
 import sys
 import tempfile
 import threading
 import time
 
-from runtime import denials
+from runtime import denials, state
 from runtime.errors import InvalidArgument
 from runtime.security import learn
 from runtime.security.profiles import _is_path, _load_merged, load_profile, profile_path
@@ -80,11 +81,16 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
     mounts = mount_destinations(config, rootfs)
     skip = tuple(dict.fromkeys(NOT_ROOTFS + mounts))
 
-    work = tempfile.mkdtemp(prefix="zviz-learn-")
+    # Before anything is made: a signal from here on is the workload's while it runs,
+    # and ends the learning (cleaned up, no profile written) before and after that.
+    signals = commands.ForwardedSignals()
+    learning = _write_learning_profile(
+        args.root, args.id, learning_profile(base_name, rootfs, skip, name=base.name)
+    )
+    keep, args.keep = args.keep, True
+    created: list[bool] = []
     try:
-        learning = os.path.join(work, f"{base.name}.toml")
-        with open(learning, "w") as f:
-            f.write(learning_profile(base_name, rootfs, skip))
+        learned_profile = load_profile(learning)
         collector = SeccompCollector()
         seen: dict = {}
         from runtime import idmap
@@ -96,14 +102,14 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
         def on_pid(pid: int) -> None:
             # Created, not started: the rootfs is as the runtime made it, and the
             # workload has not run yet.
+            created.append(True)
             seen["session"] = denials.session_of(pid)
             seen["dns"] = _watch_dns(pid)
             seen["before"] = learn.snapshot(rootfs, skip)
             if upper:
                 seen["upper"] = learn.snapshot(upper, skip)
 
-        args.profile, args.on_pid = learning, on_pid
-        keep, args.keep = args.keep, True
+        args.profile, args.on_pid, args.signals = learning, on_pid, signals
         from runtime.log import Log
 
         log = Log(args.log, args.log_format, args.debug)
@@ -114,12 +120,15 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             collector.finish()
             if seen.get("dns") is not None:
                 seen["names"] = seen["dns"].stop()
-            records = _state_records(args.root, args.id)
-            if not keep:
+            records = _state_records(args.root, args.id) if created else []
+            # Only a container this run made: a create refused for an id in use must
+            # not delete that other container.
+            if created and not keep:
                 _delete(args.root, args.id, log)
+        if signals.stop_signal() is not None:
+            return stopped(signals.stop_signal())
         if "before" not in seen:
             raise InvalidArgument("profile learn: the container did not start")
-        learned_profile = load_profile(learning)
         if seen["session"] is None:
             print(
                 "zviz profile learn: the container has no audit session: its seccomp "
@@ -140,9 +149,8 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
             learned.names, learned.dns_servers = seen["names"].names, seen["names"].servers
         learned.writable = written_paths(rootfs, upper, skip, seen["before"], seen.get("upper"))
     finally:
-        import shutil
-
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:  # kept, the container keeps it: it goes with its delete
+            state.remove_learning_profile(args.root, args.id)
 
     name = os.path.basename(out).removesuffix(".toml") if out else f"{base.name}-learned"
     header = [
@@ -152,15 +160,55 @@ def learn_command(base_name: str, out: str | None, command: list[str]) -> int:
         "teaches its own needs: learn only from one you trust (docs/profiles.md).",
     ]
     text = learned_text(learned, base, base_name, name, header)
+    if signals.stop_signal() is not None:
+        return stopped(signals.stop_signal())
     return emit(text, out, f"the workload exited {code}" if code != 0 else None)
+
+
+def stopped(sig: int) -> int:
+    """`zviz profile learn`'s end when a signal came while no workload ran to take it."""
+    print(
+        f"zviz profile learn: {signal.Signals(sig).name} while no workload ran: "
+        "stopped, no profile written",
+        file=sys.stderr,
+    )
+    return 128 + sig
+
+
+def _write_learning_profile(root: str, container_id: str, text: str) -> str:
+    """The learning run's profile, where deleting the container removes it
+    (state.learning_profile); a file already there is another learning run's."""
+    path = state.learning_profile(root, container_id)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise InvalidArgument(
+            f"profile learn: {path} exists: {container_id} is learning already (or its "
+            f"learner was killed: `zviz delete --force {container_id}` removes it)"
+        ) from None
+    with open(fd, "w") as f:
+        f.write(text)
+    return path
 
 
 def emit(text: str, out: str | None, early_exit: str | None) -> int:
     """The learned profile to OUT (checked to load) or stdout; a warning when the
     workload ended early (`early_exit` says how). `zviz profile learn`'s exit code."""
     if out:
-        with open(out, "w") as f:
-            f.write(text)
+        # Whole or not at all: a learner killed while writing leaves no half profile
+        # at OUT (at most this hidden temp file beside it, after a SIGKILL).
+        fd, temp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(out)}.", dir=os.path.dirname(os.path.abspath(out))
+        )
+        try:
+            with open(fd, "w") as f:
+                f.write(text)
+            os.chmod(temp, 0o644)
+            os.replace(temp, out)
+        except BaseException:
+            os.unlink(temp)
+            raise
         load_profile(os.path.abspath(out))  # what was written must load: fail loudly if not
     else:
         sys.stdout.write(text)
