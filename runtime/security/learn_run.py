@@ -34,6 +34,7 @@ import time
 
 from runtime import denials, state
 from runtime.errors import InvalidArgument
+from runtime.private_dir import makedirs_private
 from runtime.security import learn
 from runtime.security.profiles import _is_path, _load_merged, load_profile, profile_path
 
@@ -179,7 +180,7 @@ def _write_learning_profile(root: str, container_id: str, text: str) -> str:
     """The learning run's profile, where deleting the container removes it
     (state.learning_profile); a file already there is another learning run's."""
     path = state.learning_profile(root, container_id)
-    os.makedirs(root, mode=0o700, exist_ok=True)
+    makedirs_private(root)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
