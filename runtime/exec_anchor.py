@@ -206,19 +206,30 @@ def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool) -> 
     """Fork the anchor (PID 1 right before its execve; its layers are applied). A fork the
     pids limit refuses leaves the container without an anchor: execs take the old path."""
     parent = os.getpid()
+    # PID 1 waits until the anchor has exec'd (the close-on-exec write end reaches EOF):
+    # else, on a loaded machine, the workload (and an exec right after Start) could run
+    # before the anchor is the anchor, still a copy of PID 1 under another name.
+    exec_done, exec_pending = os.pipe()
     try:
         pid = os.fork()
     except OSError:
+        os.close(exec_done)
+        os.close(exec_pending)
         return
-    if pid == 0:
-        try:
-            os.set_inheritable(socket_fd, True)
-            args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
-            # /proc/self/fd/N rather than execveat: the strictest profile's seccomp
-            # allows only execve; Landlock has a rule for this one file.
-            os.execve(f"/proc/self/fd/{binary_fd}", [*args, str(parent)], {})
-        finally:
-            os._exit(127)
+    if pid != 0:
+        os.close(exec_pending)
+        os.read(exec_done, 1)  # EOF: the child's execve closed it (or the child exited)
+        os.close(exec_done)
+        return
+    try:
+        os.close(exec_done)
+        os.set_inheritable(socket_fd, True)
+        args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
+        # /proc/self/fd/N rather than execveat: the strictest profile's seccomp
+        # allows only execve; Landlock has a rule for this one file.
+        os.execve(f"/proc/self/fd/{binary_fd}", [*args, str(parent)], {})
+    finally:
+        os._exit(127)
 
 
 # ---------------------------------------------------------------------------
