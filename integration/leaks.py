@@ -36,7 +36,8 @@ def tagged_cgroups(tag: str, root: str = CGROUP_ROOT) -> list[str]:
 
 def processes_named(comm: str, container_id: str) -> list[int]:
     """Processes called COMM (a broker, a warden) whose argv names CONTAINER_ID: forked
-    from `zviz run ... ID`, so this container's and no other's."""
+    from `zviz run ... ID`, so this container's and no other's (or, given a containerd's
+    address, forked from the shim daemon serving that containerd)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:

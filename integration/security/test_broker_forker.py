@@ -12,6 +12,8 @@ import time
 import pytest
 
 from integration.ids import unique_id
+from integration.leaks import processes_named
+from integration.reliability.harness import alive
 
 pytestmark = [pytest.mark.containerd]
 
@@ -20,34 +22,9 @@ ZVIZ = "io.containerd.zviz.v2"
 BROKER_TIMEOUT = 10
 
 
-def _processes(comm: str, address: str) -> list[int]:
-    """Processes called COMM forked from the shim daemon of this containerd (its command
-    line, which forks keep, names the containerd's address)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                if f.read().strip() != comm:
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if address.encode() in f.read().split(b"\0"):
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def _wait_gone(pids, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
-    while any(_alive(pid) for pid in pids):
+    while any(alive(pid) for pid in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -68,9 +45,9 @@ def test_a_broker_of_the_forker_is_still_killed_by_its_warden_when_stalled(
     address = containerd.address
     try:
         assert ran.returncode == 0, ran.stderr
-        forkers = _processes("zviz-forker", address)
-        brokers = _processes("zviz-broker", address)
-        wardens = _processes("zviz-warden", address)
+        forkers = processes_named("zviz-forker", address)
+        brokers = processes_named("zviz-broker", address)
+        wardens = processes_named("zviz-warden", address)
         assert len(forkers) == 1 and len(brokers) == 1 and len(wardens) == 1, (
             forkers, brokers, wardens,
         )  # fmt: skip
@@ -86,9 +63,9 @@ def test_a_broker_of_the_forker_is_still_killed_by_its_warden_when_stalled(
         # No heartbeat for the broker's timeout: the warden SIGKILLs it, then exits.
         assert _wait_gone(brokers, BROKER_TIMEOUT + 10), "the stalled broker was not killed"
         assert _wait_gone(wardens, 5), "the warden outlived its broker"
-        assert _alive(forkers[0]), "the forker went with one broker"
+        assert alive(forkers[0]), "the forker went with one broker"
     finally:
-        for pid in _processes("zviz-broker", address):
+        for pid in processes_named("zviz-broker", address):
             if pid in brokers:
                 os.kill(pid, signal.SIGCONT)
         containerd.ctr("tasks", "kill", "-s", "SIGKILL", container_id, check=False)
