@@ -662,6 +662,13 @@ def _work(conn, request: tuple, fds: list[int], cli) -> int:
         code = cli.main(argv[1:], on_pid=on_pid)
     sys.stdout.flush()
     sys.stderr.flush()
+    # The client's stdio goes back before the exit report: a reader of the client's output
+    # to EOF (containerd reads a shim start's and delete's so) must not wait for this fork
+    # of the server to tear its memory down (the kernel closes files after that).
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
     try:
         conn.send(f"{REPLY_EXIT} {code}".encode())
     except OSError:
