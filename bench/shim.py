@@ -10,8 +10,9 @@
   `sleep`, divided by their number (PSS splits shared pages fairly between processes).
   zviz's: the shim daemon, what it forks (seccomp brokers and their wardens) and each
   container's exec anchor.
-- `start`: wall time of `containerd-shim-zviz-v2 start` when its daemon is running, served
-  by the fork server (the compiled client, as containerd runs it) and not
+- `start` and `delete`: wall time of `containerd-shim-zviz-v2 start` when its daemon is
+  running, and of the `delete` containerd runs after it (the daemon alive: the common
+  case), served by the fork server (the compiled client, as containerd runs it) and not
   (ZVIZ_NO_FORKSERVER=1: the Python entry does it), interleaved.
 - concurrent start: CONCURRENT `ctr run --rm ... /bin/true` at once, the wall time until
   the last returns, CONCURRENT_ROUNDS rounds per runtime, interleaved; median.
@@ -164,36 +165,45 @@ def _line_of(text: str, container_id: str) -> str:
     return ""
 
 
-def _shim_start_seconds(containerd: PrivateContainerd, runs: int) -> dict[str, list[float]]:
+SHIM_ACTIONS = ("start", "delete")
+
+
+def _shim_action_seconds(
+    containerd: PrivateContainerd, runs: int
+) -> dict[str, dict[str, list[float]]]:
     """Wall time of `containerd-shim-zviz-v2 start` for a container whose group daemon
-    runs: {"served": ..., "unserved": ...} (runtime/forkserver.py), interleaved."""
+    runs, then of its `delete`: {action: {"served": ..., "unserved": ...}}
+    (runtime/forkserver.py), interleaved."""
     shim = os.path.join(os.path.dirname(sys.executable), "containerd-shim-zviz-v2")
     holder = "zviz-bench-start-holder"
     containerd.ctr("run", "-d", "--runtime", ZVIZ, DEFAULT_REF, holder, "sleep", "600", check=True)
     bundle = tempfile.mkdtemp(prefix="zviz-bench-start-")
     ways = {"served": {}, "unserved": {"ZVIZ_NO_FORKSERVER": "1"}}
-    times = {way: [] for way in ways}
+    times = {action: {way: [] for way in ways} for action in SHIM_ACTIONS}
     try:
         with open(os.path.join(bundle, "config.json"), "w") as f:
             json.dump({"annotations": {}}, f)
         env = dict(containerd.env, TTRPC_ADDRESS=containerd.ttrpc_address)
-        args = [shim, "-namespace", containerd.namespace, "-address", containerd.address]
-        args += ["-publish-binary", "containerd", "-id", "zviz-bench-start", "start"]
+        flags = [shim, "-namespace", containerd.namespace, "-address", containerd.address]
+        flags += ["-publish-binary", "containerd", "-id", "zviz-bench-start"]
+        # containerd's command lines (its delete names the bundle and drops -debug)
+        command_lines = {
+            "start": [*flags, "start"],
+            "delete": [*flags, "-bundle", bundle, "delete"],
+        }
         for _ in range(runs):
             for way, extra in ways.items():
-                started = time.perf_counter()
-                subprocess.run(
-                    args,
-                    cwd=bundle,
-                    env=dict(env, **extra),
-                    check=True,
-                    capture_output=True,
-                    stdin=subprocess.DEVNULL,
-                )
-                times[way].append(time.perf_counter() - started)
-        subprocess.run(
-            [*args[:-1], "-bundle", bundle, "delete"], cwd=bundle, env=env, capture_output=True
-        )
+                for action in SHIM_ACTIONS:
+                    started = time.perf_counter()
+                    subprocess.run(
+                        command_lines[action],
+                        cwd=bundle,
+                        env=dict(env, **extra),
+                        check=True,
+                        capture_output=True,
+                        stdin=subprocess.DEVNULL,
+                    )
+                    times[action][way].append(time.perf_counter() - started)
     finally:
         shutil.rmtree(bundle, ignore_errors=True)
         containerd.ctr("tasks", "kill", "-a", "-s", "SIGKILL", holder, check=False)
@@ -230,7 +240,7 @@ def main() -> None:
         broker_memory = _memory_per_container(
             containerd, "zviz", [*runtimes["zviz"], "--annotation", "io.zviz.profile=web-server"]
         )
-        start_times = _shim_start_seconds(containerd, RUNS)
+        action_times = _shim_action_seconds(containerd, RUNS)
         concurrent: dict[str, list[float]] = {name: [] for name in runtimes}
         for i in range(CONCURRENT_ROUNDS):
             for name, flags in runtimes.items():
@@ -256,12 +266,13 @@ def main() -> None:
             f"{broker_memory:.2f} MiB/ctr, {broker_memory / base_memory:.2f}x runc"
         )
         print(f"zviz first run (starts the shim daemon): {warmup['zviz'] * 1000:.1f} ms")
-        for way, times in start_times.items():
-            print(
-                f"containerd-shim-zviz-v2 start (daemon running, {way}): "
-                f"median {statistics.median(times) * 1000:.1f} ms,"
-                f" p90 {_percentile(times, 0.9) * 1000:.1f} ms"
-            )
+        for action, ways in action_times.items():
+            for way, times in ways.items():
+                print(
+                    f"containerd-shim-zviz-v2 {action} (daemon running, {way}): "
+                    f"median {statistics.median(times) * 1000:.1f} ms,"
+                    f" p90 {_percentile(times, 0.9) * 1000:.1f} ms"
+                )
         print(
             f"memory: PSS of shim and runtime processes with {MEMORY_CONTAINERS} containers running, / {MEMORY_CONTAINERS}"
         )

@@ -1,12 +1,13 @@
-"""The shim's `start` served by the fork server (runtime/forkserver.py, SHIM_ENTRY),
-driven by real containerd 1.6 and 2.x with `ctr run`.
+"""The shim's `start` and `delete` served by the fork server (runtime/forkserver.py,
+SHIM_ENTRY), driven by real containerd 1.6 and 2.x with `ctr run`.
 
 containerd runs the shim binary given as an absolute path (`ctr run --runtime PATH`):
 here a compiled shim client built by forkserver.compile_client exactly as `make
 install` builds it, whose Python entry is a stand-in that logs each slow-path call and
-then execs the install's real one. A start that reaches the log was not served; a
-served one must leave the same daemon behind, with the environment containerd gave
-the start (not the fork server's), and everything it answers must be intact.
+then execs the install's real one. A start or delete that reaches the log was not
+served; a served start must leave the same daemon behind, with the environment
+containerd gave the start (not the fork server's), a served delete the same cleanup
+and the same answer as an unserved one, and everything they answer must be intact.
 """
 
 import os
@@ -22,8 +23,9 @@ import time
 import pytest
 
 from integration.ids import tagged, unique_id
-from integration.test_shim_containerd import _remove, _shim_pid
+from integration.test_shim_containerd import _remove, _shim_pid, _task_state, _wait_task_state
 from runtime import forkserver
+from shim import config as shim_config
 
 pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
@@ -45,6 +47,17 @@ int main(int argc, char **argv) {
     execv(args[0], args);
     return 127;
 }
+"""
+# A shim that keeps what each call of SHIM answered on stdout (REPLIES/KIND-N.out, its
+# arguments in .args, both complete once .done exists) and passes it on to containerd.
+KEEP_REPLY = """#!/bin/sh
+reply=$(mktemp %(replies)s/%(kind)s-XXXXXXXX)
+echo "$*" > "$reply.args"
+%(shim)s "$@" > "$reply.out"
+code=$?
+cat "$reply.out"
+touch "$reply.done"
+exit $code
 """
 # The fields of /proc/PID/status a served and an unserved start's daemon must share.
 SAME_STATUS = (
@@ -133,15 +146,35 @@ def shims():
     with open(config, "w") as f:
         f.write(PER_CONTAINER)
     open(log, "w").close()
+    replies = os.path.join(directory, "replies")
+    os.mkdir(replies)
+    keeping = {}
+    for kind, shim in (("served", client), ("unserved", unserved)):
+        keeping[kind] = os.path.join(directory, f"keeping-{kind}")
+        with open(keeping[kind], "w") as f:
+            f.write(KEEP_REPLY % {"shim": shim, "replies": replies, "kind": kind})
+        os.chmod(keeping[kind], 0o755)
     try:
-        yield {"client": client, "unserved": unserved, "log": log, "config": config}
+        yield {
+            "client": client,
+            "unserved": unserved,
+            "log": log,
+            "config": config,
+            "keeping": keeping,
+            "replies": replies,
+        }
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _slow_starts(shims) -> list[str]:
+def _slow_calls(shims, action: str) -> list[str]:
+    """The shim command lines with ACTION that went to the Python entry (not served)."""
     with open(shims["log"]) as f:
-        return [line for line in f.read().splitlines() if line.endswith(" start")]
+        return [line for line in f.read().splitlines() if line.endswith(" " + action)]
+
+
+def _slow_starts(shims) -> list[str]:
+    return _slow_calls(shims, "start")
 
 
 def _run(containerd, image, runtime, container_id, *args, flags=(), detach=False):
@@ -367,3 +400,147 @@ def test_node_layout_the_daemon_runs_the_python_entry(containerd, busybox_image,
     assert program == [sys.executable.encode(), real.encode()]
     with open(real, "rb") as f:
         assert f.read(2) == b"#!"
+
+
+# --- the served `delete` ------------------------------------------------------------------
+
+
+def _delete_reply(shims, kind: str, container_id: str, timeout: float = 60) -> bytes:
+    """What KIND's shim answered containerd's `delete` of CONTAINER_ID (the call complete)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for name in os.listdir(shims["replies"]):
+            if not (name.startswith(kind + "-") and name.endswith(".done")):
+                continue
+            reply = os.path.join(shims["replies"], name[: -len(".done")])
+            with open(reply + ".args") as f:
+                words = f.read().split()
+            if words[-1:] == ["delete"] and container_id in words:
+                with open(reply + ".out", "rb") as f:
+                    return f.read()
+        assert time.monotonic() < deadline, f"containerd ran no {kind} delete of {container_id}"
+        time.sleep(0.05)
+
+
+def _decoded(reply: bytes) -> tuple[int, int, float]:
+    """(pid, exit status, exited at) of a DeleteResponse in the Python entry's encoding."""
+    from api.gen.containerd.task.v2 import shim_pb2
+    from shim import wire
+    from shim.cleanup import encode_delete_response
+
+    response = shim_pb2.DeleteResponse.FromString(reply)
+    exited_at = response.exited_at.seconds + response.exited_at.nanos / 1e9
+    # Byte for byte what shim.cleanup encodes, the time (the call's own) put in as it came.
+    no_time = encode_delete_response(response.pid, response.exit_status, 0.0)
+    no_time = no_time[: -len(wire.field_bytes(3, b""))]
+    timestamp = shim_pb2.DeleteResponse(exited_at=response.exited_at).SerializeToString()
+    assert reply == no_time + timestamp, reply.hex()
+    return response.pid, response.exit_status, exited_at
+
+
+def _cgroup_dirs(container_id: str) -> list[str]:
+    return [
+        directory
+        for directory, _subdirs, _files in os.walk("/sys/fs/cgroup")
+        if container_id in os.path.basename(directory)
+    ]
+
+
+def _mounted_for(container_id: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if container_id in line.split()[4]]
+
+
+def _bundle_state(containerd, container_id: str) -> dict:
+    bundle = os.path.join(
+        containerd.state, "io.containerd.runtime.v2.task", containerd.namespace, container_id
+    )
+    return shim_config.read_bundle_state(os.path.join(bundle, shim_config.BUNDLE_STATE_FILE))
+
+
+def test_ctr_run_rm_serves_the_shim_delete_and_answers_as_unserved(
+    containerd, busybox_image, shims
+):
+    """containerd runs `delete` after every container (the daemon already cleaned up): a
+    served one answers what the Python entry answers (no pid, 137, its time) and leaves
+    as little behind."""
+    _start_server({})
+    before = len(_slow_calls(shims, "delete"))
+    outcomes = {}
+    for kind in ("served", "unserved"):
+        container_id = unique_id(f"zviz-del-{kind}")
+        begun = time.time()
+        try:
+            result = _run(
+                containerd,
+                busybox_image,
+                shims["keeping"][kind],
+                container_id,
+                "echo",
+                f"ran-{kind}",
+                flags=["--runtime-config-path", shims["config"]],
+            )
+        finally:
+            _remove(containerd, container_id)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"ran-{kind}\n"
+        pid, status, exited_at = _decoded(_delete_reply(shims, kind, container_id))
+        assert begun <= exited_at <= time.time()
+        outcomes[kind] = (pid, status, _cgroup_dirs(container_id), _mounted_for(container_id))
+    assert len(_slow_calls(shims, "delete")) == before, "a delete went the slow path"
+    assert outcomes["served"] == outcomes["unserved"] == (0, 128 + signal.SIGKILL, [], [])
+
+
+def test_a_served_delete_cleans_up_after_a_killed_daemon_as_an_unserved_one(
+    containerd, busybox_image, shims
+):
+    """The daemon SIGKILLed under a running container: containerd runs `delete`, which
+    kills what is left, unmounts the rootfs and removes the cgroup, the runtime state
+    and the dead daemon's directory; served as unserved, with the same answer."""
+    from integration.reliability.harness import watch
+
+    _start_server({})
+    before = len(_slow_calls(shims, "delete"))
+    outcomes = {}
+    for kind in ("served", "unserved"):
+        container_id = unique_id(f"zviz-del-killed-{kind}")
+        try:
+            result = _run(
+                containerd,
+                busybox_image,
+                shims["keeping"][kind],
+                container_id,
+                "sleep",
+                "1000",
+                flags=["--runtime-config-path", shims["config"]],
+                detach=True,
+            )
+            assert result.returncode == 0, result.stderr
+            assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
+            init = _task_state(containerd, container_id)[1]
+            state = _bundle_state(containerd, container_id)
+            left = [os.path.join(state["root"], container_id), state["group_dir"]]
+            assert all(os.path.exists(path) for path in left)
+            assert _cgroup_dirs(container_id) and _mounted_for(container_id)
+            [watched] = watch([init])
+            killed_at = time.time()
+            os.kill(_shim_pid(containerd, container_id), signal.SIGKILL)
+            reply = _delete_reply(shims, kind, container_id)
+            deadline = time.monotonic() + 20
+            while watched.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            outcomes[kind] = {
+                "init alive": watched.alive(),
+                "left": [path for path in left if os.path.exists(path)],
+                "cgroups": _cgroup_dirs(container_id),
+                "mounts": _mounted_for(container_id),
+            }
+            watched.close()
+        finally:
+            _remove(containerd, container_id)
+        pid, status, exited_at = _decoded(reply)
+        assert (pid, status) == (init, 128 + signal.SIGKILL)
+        assert killed_at <= exited_at <= time.time()
+    assert len(_slow_calls(shims, "delete")) == before, "a delete went the slow path"
+    assert outcomes["served"] == outcomes["unserved"]
+    assert outcomes["served"] == {"init alive": False, "left": [], "cgroups": [], "mounts": []}

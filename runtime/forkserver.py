@@ -15,10 +15,10 @@ The worker is exactly `zviz run` (runtime/commands.cmd_run) with the client's cw
 and stdio: it creates the container, is PID 1's subreaper and reaper, records the
 exit status and deletes the container.
 
-The same server serves the shim binary's `start` (SHIM_ENTRY: containerd runs it once
-per container and waits for it): the installed containerd-shim-zviz-v2 is this
-client compiled for that entry, and its worker is exactly shim.main's `start` with the
-client's cwd (the bundle), argv, stdio and environment (docs/shim.md).
+The same server serves the shim binary's `start` and `delete` (SHIM_ENTRY: containerd
+runs each once per container and waits for it): the installed containerd-shim-zviz-v2
+is this client compiled for that entry, and its worker is exactly shim.main's `start`
+or `delete` with the client's cwd, argv, stdio and environment (docs/shim.md).
 
 Eligibility (else the client runs everything itself, the slow way): the client is
 root, in the server's mount, pid, user, network and cgroup namespaces and in the same
@@ -62,18 +62,20 @@ COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
 # The entries a client may be. Each compiled client is built for one (compile_client's
 # ENTRY), each Python entry passes its own to try_run; the request names it and the
 # worker becomes that entry: `zviz` (runtime/cli.py main) or the shim binary
-# containerd-shim-zviz-v2 (shim/main.py main), whose `start` containerd runs once per
-# container and waits for.
+# containerd-shim-zviz-v2 (shim/main.py main), whose `start` and `delete` containerd runs
+# once per container and waits for.
 ZVIZ_ENTRY = "zviz"
 SHIM_ENTRY = "shim"
 ENTRIES = (ZVIZ_ENTRY, SHIM_ENTRY)
 # The commands a `zviz` worker serves: both wait for a process and pass its exit code on.
 SERVED_COMMANDS = ("run", "exec")
-# The shim serves only `start`, with no flag but its own string flags (shim.main's
-# STRING_FLAGS, Go syntax: -x or --x, the value next or after "=") and these plain booleans.
-# Anything else (delete, -v, -info, the daemon itself, an unknown flag) is the Python
-# entry's, silently: containerd reads start's output (stderr included) as its reply.
-SHIM_SERVED_ACTION = "start"
+# The shim serves `start` and `delete` (containerd runs and waits for both once per
+# container: `delete` whenever its connection to a daemon closes, also after a normal
+# Delete), with no flag but its own string flags (shim.main's STRING_FLAGS, Go syntax:
+# -x or --x, the value next or after "=") and these plain booleans. Anything else (-v,
+# -info, the daemon itself, an unknown flag) is the Python entry's, silently: containerd
+# reads start's and delete's output (stderr included) as their reply.
+SHIM_SERVED_ACTIONS = ("start", "delete")
 SHIM_SERVED_BOOLS = ("debug",)
 # What pip's script is renamed to where the compiled client takes its name (`make install`):
 # zviz-python, containerd-shim-zviz-v2-python (python_entry).
@@ -124,7 +126,8 @@ SAY_STALE = "the fork server's code changed on disk"
 SAY_SEND_FAILED = "cannot send the request: "
 SAY_RECEIVE_FAILED = "no reply from the fork server: "
 # The signals a `zviz` client forwards to PID 1 once it knows its pid. A shim client has
-# no PID 1 and forwards nothing: a signal acts on it as on the Python entry's start.
+# no PID 1 and forwards nothing: a signal acts on it as on the Python entry's start or
+# delete.
 FORWARDED_SIGNALS = (
     "SIGHUP",
     "SIGINT",
@@ -148,8 +151,8 @@ def _ineligible_client() -> bool:
 
 
 def _shim_eligibility(argv: list[str]) -> str | None:
-    """None for a shim `start` this fast path may serve, "" for another shim command line,
-    SAY_NOT_ELIGIBLE for a start it may not (never said: see SHIM_SERVED_ACTION)."""
+    """None for a shim `start` or `delete` this fast path may serve, "" for another shim
+    command line, SAY_NOT_ELIGIBLE for one it may not (never said: see SHIM_SERVED_ACTIONS)."""
     from shim.main import STRING_FLAGS
 
     i = 0
@@ -161,7 +164,7 @@ def _shim_eligibility(argv: list[str]) -> str | None:
             i += 1
         else:
             return ""
-    if argv[i:] != [SHIM_SERVED_ACTION]:
+    if len(argv) != i + 1 or argv[i] not in SHIM_SERVED_ACTIONS:
         return ""
     return SAY_NOT_ELIGIBLE if _ineligible_client() else None
 
@@ -203,7 +206,8 @@ def _eligibility(argv: list[str], entry: str = ZVIZ_ENTRY) -> tuple[str | None, 
 
 
 def is_served(argv: list[str], entry: str = ZVIZ_ENTRY) -> bool:
-    """True for a `zviz run` or `exec`, or a shim `start`, this fast path may serve."""
+    """True for a `zviz run` or `exec`, or a shim `start` or `delete`, this fast path may
+    serve."""
     return _eligibility(argv, entry)[0] is None
 
 
@@ -216,8 +220,8 @@ def _slow_path(debug: bool, why: str) -> None:
 
 
 def try_run(argv: list[str], entry: str = ZVIZ_ENTRY) -> int | None:
-    """`zviz run` or `exec` (or, for SHIM_ENTRY, the shim's `start`) through the fork
-    server; None when the caller must do it."""
+    """`zviz run` or `exec` (or, for SHIM_ENTRY, the shim's `start` or `delete`) through the
+    fork server; None when the caller must do it."""
     why, debug = _eligibility(argv, entry)
     if why is not None:
         _slow_path(debug, why)
@@ -415,10 +419,15 @@ PRELOADED = (
     "runtime.spec",
     "runtime.rootfs",
     "runtime.console",
-    # The shim's `start` (SHIM_ENTRY); shim.main re-reads the environment a served start
-    # takes from its client.
+    # The shim's `start` and `delete` (SHIM_ENTRY); shim.main re-reads the environment a
+    # served one takes from its client. A delete after a dead daemon also unmounts the
+    # rootfs (shim.mounts); its force-delete goes through shim.engine, which a worker
+    # imports itself (~30 ms: asyncio): preloaded, it would make every fork ~0.4 ms
+    # slower and the server 7 MiB bigger for a delete that follows only a daemon's death.
     "shim.main",
     "shim.manager",
+    "shim.cleanup",
+    "shim.mounts",
     "resource",
     "select",
     "shutil",
@@ -451,7 +460,7 @@ def serve(directory: str = SERVER_DIR) -> None:
     mine = _namespaces_and_cgroup("self")
     install = install_identity()
     path = os.path.join(directory, os.path.basename(socket_path((install, mine))))
-    # Both packages whose code a worker runs: runtime (zviz) and shim (its `start`).
+    # Both packages whose code a worker runs: runtime (zviz) and shim (`start`, `delete`).
     runtime_package = os.path.dirname(os.path.realpath(__file__))
     packages = tuple(
         os.path.join(os.path.dirname(runtime_package), name) + os.sep
@@ -618,8 +627,8 @@ def _retitle(argv: list[str]) -> None:
 
 
 def _work(conn, request: tuple, fds: list[int], cli) -> int:
-    """In the worker: become the client's `zviz run` (or shim `start`), report the pid
-    and the exit code."""
+    """In the worker: become the client's `zviz run` (or shim `start` or `delete`), report
+    the pid and the exit code."""
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     os.setsid()
     entry, cwd, argv, environment = request
@@ -653,6 +662,13 @@ def _work(conn, request: tuple, fds: list[int], cli) -> int:
         code = cli.main(argv[1:], on_pid=on_pid)
     sys.stdout.flush()
     sys.stderr.flush()
+    # The client's stdio goes back before the exit report: a reader of the client's output
+    # to EOF (containerd reads a shim start's and delete's so) must not wait for this fork
+    # of the server to tear its memory down (the kernel closes files after that).
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
     try:
         conn.send(f"{REPLY_EXIT} {code}".encode())
     except OSError:
@@ -730,7 +746,7 @@ def c_header(python: str, script: str, server_dir: str = SERVER_DIR, entry=ZVIZ_
         "ZVIZ_SERVED_COMMANDS": strings(SERVED_COMMANDS),
         "ZVIZ_SHIM_STRING_FLAGS": strings(STRING_FLAGS),
         "ZVIZ_SHIM_SERVED_BOOLS": strings(SHIM_SERVED_BOOLS),
-        "ZVIZ_SHIM_SERVED_ACTION": _c_string(SHIM_SERVED_ACTION),
+        "ZVIZ_SHIM_SERVED_ACTIONS": strings(SHIM_SERVED_ACTIONS),
         "ZVIZ_UNSERVED_ENV": strings(UNSERVED_ENV),
         "ZVIZ_INELIGIBLE_FLAGS": strings(INELIGIBLE_FLAGS),
         "ZVIZ_GLOBAL_FLAGS_WITH_VALUE": strings(GLOBAL_FLAGS_WITH_VALUE),

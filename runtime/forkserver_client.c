@@ -3,7 +3,8 @@
  *
  * A Python client spends ~9 ms starting the interpreter before it can connect to the
  * fork server; this one connects within a millisecond. It does only what
- * forkserver.try_run does: recognise a plain `zviz run` or `exec` (or a shim `start`),
+ * forkserver.try_run does: recognise a plain `zviz run` or `exec` (or a shim `start` or
+ * `delete`),
  * compute the same socket name (socket_path), send the same request (send_request)
  * with its stdio and environment, forward signals to PID 1 and exit with the
  * worker's code. Anything else
@@ -57,6 +58,7 @@ extern char **environ;
 static const char *const served_commands[] = {ZVIZ_SERVED_COMMANDS, NULL};
 static const char *const shim_string_flags[] = {ZVIZ_SHIM_STRING_FLAGS, NULL};
 static const char *const shim_served_bools[] = {ZVIZ_SHIM_SERVED_BOOLS, NULL};
+static const char *const shim_served_actions[] = {ZVIZ_SHIM_SERVED_ACTIONS, NULL};
 static const char *const ineligible[] = {ZVIZ_INELIGIBLE_FLAGS, NULL};
 static const char *const unserved_env[] = {ZVIZ_UNSERVED_ENV, NULL};
 static const char *const with_value[] = {ZVIZ_GLOBAL_FLAGS_WITH_VALUE, NULL};
@@ -99,7 +101,7 @@ static const char *shim_eligibility(int argc, char **argv) {
         else
             return "";
     }
-    if (i != argc - 1 || strcmp(argv[i], ZVIZ_SHIM_SERVED_ACTION) != 0)
+    if (i != argc - 1 || !listed(argv[i], shim_served_actions, 0))
         return "";
     return ineligible_client() ? ZVIZ_SAY_NOT_ELIGIBLE : NULL;
 }
@@ -278,7 +280,7 @@ int main(int argc, char **argv) {
     struct sigaction action = {.sa_handler = forward};
     sigemptyset(&action.sa_mask);
     for (size_t i = 0; i < sizeof forwarded / sizeof forwarded[0]; i++)
-        if (strcmp(ZVIZ_ENTRY, ZVIZ_SHIM_ENTRY) != 0) /* a shim start has no PID 1 */
+        if (strcmp(ZVIZ_ENTRY, ZVIZ_SHIM_ENTRY) != 0) /* a shim start or delete has no PID 1 */
             sigaction(forwarded[i], &action, NULL);
 
     for (;;) {

@@ -5,11 +5,11 @@
     containerd-shim-zviz-v2 -namespace NS -address ADDR -id ID -socket ADDR [-debug]   (serve)
     containerd-shim-zviz-v2 -info
 
-`start` runs once per container, so this module imports nothing beyond os and sys:
-each action imports what it needs only after the flags are parsed. A `start` is first
-offered to the fork server (runtime/forkserver.py), which has the interpreter running
-already; the installed binary is its compiled client, which only execs this entry for
-what it does not serve (docs/shim.md).
+`start` and `delete` run once per container, so this module imports nothing beyond os
+and sys: each action imports what it needs only after the flags are parsed. Both are
+first offered to the fork server (runtime/forkserver.py, SHIM_SERVED_ACTIONS), which
+has the interpreter running already; the installed binary is its compiled client,
+which only execs this entry for what it does not serve (docs/shim.md).
 """
 
 import os
@@ -137,7 +137,7 @@ def _exit_now(code: int) -> None:
 
 def main(argv: list[str] | None = None, served: bool = False) -> int:
     """The shim binary. SERVED: this is a fork-server worker (runtime/forkserver.py),
-    which does the start itself and returns its code to report."""
+    which does the start or delete itself and returns its code to report."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         flags = parse_flags(argv)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None, served: bool = False) -> int:
         sys.stderr.write(f"{RUNTIME_NAME}: shim namespace cannot be empty\n")
         return 1
     try:
-        if flags.action == "start":
+        if flags.action in ("start", "delete"):
             if served:
                 from shim import config
 
@@ -166,18 +166,13 @@ def main(argv: list[str] | None = None, served: bool = False) -> int:
                 code = forkserver.try_run(argv, forkserver.SHIM_ENTRY)
                 if code is not None:
                     _exit_now(code)
-            from shim.manager import start
+            from shim import manager
 
-            sys.stdout.buffer.write(start(flags))
+            action = manager.start if flags.action == "start" else manager.delete
+            sys.stdout.buffer.write(action(flags))
             sys.stdout.flush()
             if served:
                 return 0
-            _exit_now(0)
-        if flags.action == "delete":
-            from shim.manager import delete
-
-            sys.stdout.buffer.write(delete(flags))
-            sys.stdout.flush()
             _exit_now(0)
         if flags.action == "":
             # asyncio loads ssl (and OpenSSL with it) when it can; the daemon speaks ttrpc

@@ -4,7 +4,7 @@
 Both are driven against one recording server, for every eligible and ineligible
 command line and every reply kind: the same request bytes (environment included) and
 descriptors, the same exit code, output and --debug explanation; for each entry, `zviz`
-and the shim binary's `start`. The C client is compiled here exactly as `make install`
+and the shim binary's `start` and `delete`. The C client is compiled here exactly as `make install`
 compiles it (forkserver.compile_client, the header generated from the protocol
 section), only with its own server directory and a stand-in slow path.
 """
@@ -54,6 +54,10 @@ ZVIZ, SHIM = forkserver.ZVIZ_ENTRY, forkserver.SHIM_ENTRY
 # containerd's `start` command line (shim/main.py)
 SHIM_START = ["-namespace", "k8s.io", "-address", "/run/c.sock", "-publish-binary", "/bin/c"]
 SHIM_START += ["-id", "parity-ctr", "start"]
+# containerd's `delete` command line (runtime/v2/binary.go: no -debug, the bundle named)
+SHIM_DELETE = ["-namespace", "k8s.io", "-address", "/run/c.sock", "-publish-binary", "/bin/c"]
+SHIM_DELETE += ["-id", "parity-ctr", "-bundle", "/run/c/io.containerd.runtime.v2.task/k8s.io/x"]
+SHIM_DELETE += ["delete"]
 
 
 class Recorder:
@@ -348,26 +352,29 @@ def test_the_c_client_holds_no_copy_of_the_protocol():
         *forkserver.GLOBAL_FLAGS_WITH_VALUE,
         *forkserver.COMPARED_NAMESPACES,
     ]
-    values += [forkserver.SHIM_SERVED_ACTION, *forkserver.SHIM_SERVED_BOOLS]
+    values += [*forkserver.SHIM_SERVED_ACTIONS, *forkserver.SHIM_SERVED_BOOLS]
     copies = [value for value in values if f'"{value}' in code]
     # The entries whole: "zviz" also begins the client's own messages ("zviz: ...").
     copies += [entry for entry in forkserver.ENTRIES if f'"{entry}"' in code]
     assert copies == []
 
 
-# --- the shim's entry: containerd-shim-zviz-v2 `start` ------------------------------------
+# --- the shim's entry: containerd-shim-zviz-v2 `start` and `delete` -----------------------
 
 SHIM_ELIGIBLE = [
     SHIM_START,
     ["-debug", *SHIM_START],
     ["--namespace=k8s.io", "--address", "/a", "-id=x", "-bundle", "/b", "start"],
+    SHIM_DELETE,
+    ["-namespace", "n", "-id", "x", "-bundle", "/b", "delete"],
+    ["--namespace=n", "-debug", "--id=x", "delete"],
 ]
 
 
 @pytest.mark.parametrize("argv", SHIM_ELIGIBLE)
 def test_both_shim_clients_send_the_same_request_with_their_environment(setup, argv):
-    """A start goes to the server with the client's environment (containerd's
-    TTRPC_ADDRESS, NAMESPACE, ...), which the daemon the worker launches inherits."""
+    """A start or delete goes to the server with the client's environment (containerd's
+    TTRPC_ADDRESS, NAMESPACE, ...), which the daemon a start's worker launches inherits."""
     env = {"TTRPC_ADDRESS": "/run/c.sock.ttrpc", "NAMESPACE": "k8s.io", "EMPTY": ""}
     outcomes, requests = _both(setup, argv, replies=[b"exit 3"], env_extra=env, entry=SHIM)
     assert outcomes[0] == outcomes[1] == (3, "", "")
@@ -380,8 +387,13 @@ def test_both_shim_clients_send_the_same_request_with_their_environment(setup, a
 
 
 SHIM_NOT_SERVED = [
-    (["-namespace", "n", "-id", "x", "-bundle", "/b", "delete"], {}),
     (["-namespace", "n", "-id", "x", "-socket", "unix:///s"], {}),  # the daemon itself
+    (["-namespace", "n", "-id", "x", "stop"], {}),  # an action neither serves nor knows
+    (["-namespace", "n", "-id", "x", "delete", "start"], {}),
+    (["-namespace", "n", "-v", "delete"], {}),
+    (["-debug=1", *SHIM_DELETE], {}),
+    (SHIM_DELETE, {"ZVIZ_NO_FORKSERVER": "1"}),
+    (SHIM_DELETE, {"ZVIZ_SECCOMP_CACHE": "/tmp/c"}),
     (["-v"], {}),
     (["-info"], {}),
     (["-namespace", "n", "-v", "start"], {}),
@@ -395,21 +407,24 @@ SHIM_NOT_SERVED = [
 
 
 @pytest.mark.parametrize("argv,env", SHIM_NOT_SERVED)
-def test_both_shim_clients_leave_everything_but_a_plain_start_to_python(setup, argv, env):
+def test_both_shim_clients_leave_everything_but_a_plain_start_or_delete_to_python(setup, argv, env):
     """Silently: containerd reads start's output, stderr included, as its reply."""
     outcomes, requests = _both(setup, argv, replies=[b"exit 3"], env_extra=env, entry=SHIM)
     assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(argv) + "\n", "")
     assert [seen for seen, _ in requests] == [[], []], "a command not served reached the server"
 
 
+@pytest.mark.parametrize("argv", [SHIM_START, SHIM_DELETE], ids=["start", "delete"])
 @pytest.mark.parametrize("replies", [reply for reply, _ in SLOW_REPLIES])
-def test_a_refused_shim_start_falls_back_silently(setup, replies):
-    outcomes, _ = _both(setup, SHIM_START, replies=replies, entry=SHIM)
-    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(SHIM_START) + "\n", "")
+def test_a_refused_shim_start_or_delete_falls_back_silently(setup, replies, argv):
+    outcomes, _ = _both(setup, argv, replies=replies, entry=SHIM)
+    assert outcomes[0] == outcomes[1] == (0, "slow path: " + " ".join(argv) + "\n", "")
 
 
-def test_a_shim_client_forwards_no_signal_and_dies_of_it(setup):
-    """A start has no PID 1: SIGTERM acts on both shim clients as on the Python entry."""
+@pytest.mark.parametrize("argv", [SHIM_START, SHIM_DELETE], ids=["start", "delete"])
+def test_a_shim_client_forwards_no_signal_and_dies_of_it(setup, argv):
+    """A start or delete has no PID 1: SIGTERM acts on both shim clients as on the Python
+    entry."""
 
     def kill_then_wait(peer: int) -> bytes:
         time.sleep(0.3)  # the client waits for its reply by now (handlers set, if any)
@@ -420,7 +435,7 @@ def test_a_shim_client_forwards_no_signal_and_dies_of_it(setup):
             time.sleep(0.02)
         return b"exit 3"
 
-    outcomes, _ = _both(setup, SHIM_START, replies=[kill_then_wait], entry=SHIM)
+    outcomes, _ = _both(setup, argv, replies=[kill_then_wait], entry=SHIM)
     assert outcomes[0] == outcomes[1] == (-signal.SIGTERM, "", "")
 
 

@@ -1,11 +1,14 @@
-"""A host user other than root and the fork server's shim `start` (runtime/forkserver.py).
+"""A host user other than root and the fork server's shim `start` and `delete`
+(runtime/forkserver.py).
 
-The fork server runs as root and, for SHIM_ENTRY, runs shim.manager.start with the
-client's cwd, environment and stdio: it launches a root shim daemon. Only root in the
-server's own namespaces and cgroup may ask. Its socket is root's (0600 in /run/zviz);
-behind that the server checks SO_PEERCRED, which these tests reach by giving uid 65534
-a socket it can open: a request it sends is handed back, and nothing runs as root.
-The installed compiled client, run by that user, does not ask the server at all.
+The fork server runs as root and, for SHIM_ENTRY, runs shim.manager.start or delete
+with the client's cwd, environment and stdio: a start launches a root shim daemon, a
+delete kills a container's processes and removes its state, cgroups and the group
+directory the bundle's state file names. Only root in the server's own namespaces and
+cgroup may ask. Its socket is root's (0600 in /run/zviz); behind that the server checks
+SO_PEERCRED, which these tests reach by giving uid 65534 a socket it can open: a
+request it sends is handed back, and nothing runs as root. The installed compiled
+client, run by that user, does not ask the server at all.
 """
 
 import os
@@ -23,6 +26,7 @@ import pytest
 
 from integration.ids import tagged
 from runtime import forkserver
+from shim import config as shim_config
 
 NOBODY = 65534
 # Sends REQUEST (hex, argv[1]) with its stdin, stdout and stderr to the socket argv[2];
@@ -90,9 +94,38 @@ def _start_command(state: str) -> list[str]:
     ]
 
 
-def test_the_server_hands_back_a_shim_start_from_a_user_other_than_root(area):
+def _delete_command(state: str) -> list[str]:
+    return ["-namespace", "s-" + os.path.basename(state)[:20], "-address", "/run/none.sock"] + [
+        "-id",
+        "nobody-delete",
+        "delete",
+    ]
+
+
+def _dead_daemons_group(area) -> str:
+    """What a root `delete` of nobody-delete would remove: the group directory of a dead
+    daemon (no socket), holding only that container's reservation, named by the bundle."""
+    group = os.path.join(area["state"], "g", "dead")
+    os.makedirs(os.path.join(group, "tasks"))
+    open(os.path.join(group, "tasks", "nobody-delete"), "w").close()
+    shim_config.write_bundle_state(
+        os.path.join(area["bundle"], shim_config.BUNDLE_STATE_FILE),
+        {"group_dir": group, "root": os.path.join(area["state"], "r")},
+    )
+    return os.path.join(group, "tasks", "nobody-delete")
+
+
+# Each action's command line, and what it leaves that must be there afterwards: a start
+# nothing (the state root stays empty), a delete the dead daemon's reservation.
+ACTIONS = {"start": (_start_command, None), "delete": (_delete_command, _dead_daemons_group)}
+
+
+@pytest.mark.parametrize("action", ACTIONS)
+def test_the_server_hands_back_a_shim_action_from_a_user_other_than_root(area, action):
     """Even on a socket that user can open, the server refuses (SO_PEERCRED): no group
-    directory, no daemon, nothing run as root."""
+    directory made or removed, no daemon, nothing run as root."""
+    command, prepare = ACTIONS[action]
+    kept = prepare(area) if prepare else None
     server = subprocess.Popen(
         [
             sys.executable,
@@ -116,7 +149,7 @@ def test_the_server_hands_back_a_shim_start_from_a_user_other_than_root(area):
         os.chmod(area["servers"], 0o755)
         os.chmod(path, 0o666)
         environment = [f"ZVIZ_SHIM_ROOT={area['state']}".encode(), b"PATH=/usr/bin:/bin"]
-        argv = ["containerd-shim-zviz-v2", *_start_command(area["state"])]
+        argv = ["containerd-shim-zviz-v2", *command(area["state"])]
         request = (forkserver.SHIM_ENTRY, area["bundle"], argv, environment)
         # The request bytes exactly as a client sends them (send_request).
         left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -132,29 +165,36 @@ def test_the_server_hands_back_a_shim_start_from_a_user_other_than_root(area):
             group=NOBODY,
             extra_groups=[],
             capture_output=True,
-            text=True,
+            encoding="utf-8",
+            errors="replace",  # a delete a worker ran would write its binary answer here
             timeout=60,
             cwd=area["bundle"],
         )
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "reply: fallback client not root"
         time.sleep(0.5)  # a daemon a worker had launched would be up by now
-        assert os.listdir(area["state"]) == [], "a shim start ran for the other user"
+        if kept:
+            assert os.path.exists(kept), "a shim delete ran for the other user"
+        else:
+            assert os.listdir(area["state"]) == [], "a shim start ran for the other user"
         assert _processes_with(f"ZVIZ_SHIM_ROOT={area['state']}") == {}
     finally:
         server.terminate()
         server.wait(timeout=10)
 
 
-def test_the_installed_shim_client_run_by_another_user_makes_root_run_nothing(area):
+@pytest.mark.parametrize("action", ACTIONS)
+def test_the_installed_shim_client_run_by_another_user_makes_root_run_nothing(area, action):
     """The compiled client as 65534 does not even ask (not root: the Python entry, as
-    that user, which cannot launch anything as root)."""
+    that user, which cannot launch or remove anything as root)."""
+    command, prepare = ACTIONS[action]
+    kept = prepare(area) if prepare else None
     client = os.path.join(forkserver.scripts_dir(), forkserver.ENTRY_NAMES[forkserver.SHIM_ENTRY])
     with open(client, "rb") as f:
         if f.read(4) != b"\x7fELF":
             pytest.skip(f"{client} is not the compiled client (`make install` builds it)")
     result = subprocess.run(
-        [client, *_start_command(area["state"])],
+        [client, *command(area["state"])],
         user=NOBODY,
         group=NOBODY,
         extra_groups=[],
@@ -166,7 +206,10 @@ def test_the_installed_shim_client_run_by_another_user_makes_root_run_nothing(ar
     )
     time.sleep(0.5)
     runs = _processes_with(f"ZVIZ_SHIM_ROOT={area['state']}")
-    assert 0 not in runs.values(), f"root runs for another user's start: {runs}"
+    assert 0 not in runs.values(), f"root runs for another user's {action}: {runs}"
+    if kept:
+        assert os.path.exists(kept), f"root deleted for another user: {result.stderr}"
+        return
     for dirpath, dirnames, filenames in os.walk(area["state"]):
         for name in dirnames + filenames:
             owner = os.lstat(os.path.join(dirpath, name)).st_uid

@@ -380,7 +380,11 @@ def _containerd(config_path: str) -> list[Check]:
 # Python entry costs each time).
 FAST_PATHS = (
     ("fast-path", "zviz", "every `zviz run` starts Python"),
-    ("shim-fast-path", "containerd-shim-zviz-v2", "every container's shim `start` starts Python"),
+    (
+        "shim-fast-path",
+        "containerd-shim-zviz-v2",
+        "every container's shim `start` and `delete` start Python",
+    ),
 )
 
 

@@ -2,7 +2,7 @@
 
 What install does, each step idempotent (a second run writes the same bytes):
   - BIN_DIR/containerd-shim-zviz-v2 and BIN_DIR/zviz: the compiled fork-server clients
-    built for this install (the fast shim `start` and `zviz run`, runtime/forkserver.py),
+    built for this install (the fast shim `start`/`delete` and `zviz run`, runtime/forkserver.py),
     which exec this install's Python entries (pip's scripts, whose `#!` names its own
     venv's interpreter) for everything else; without a C compiler, symlinks to those
     entries (the slow path, said so). containerd finds shims on its PATH;
