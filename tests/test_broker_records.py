@@ -129,3 +129,28 @@ def test_no_records_without_a_record_file(broker):
     assert broker.answered == [(0, errno.EPERM)]
     with open(path, "rb") as f:
         assert f.read() == b""
+
+
+def test_the_records_of_calls_in_flight_are_written_before_the_broker_ends(broker, monkeypatch):
+    """serve() returns when the last task is gone and the broker's process ends at once:
+    a call answered just before must still get its record written (drain)."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def slow_verdict(_broker, note, _handler):
+        release.wait()
+        time.sleep(0.2)  # the answer and its record come after the loop has ended
+        return Verdict(audits=[Audit("connect to 10.0.0.1:80", {"addr": "10.0.0.1:80"})])
+
+    monkeypatch.setattr(core, "verdict_of", slow_verdict)
+    note = notification(syscalls.number("connect"))
+    broker._slots.acquire()
+    worker = threading.Thread(target=broker._mediate, args=(note, None), daemon=True)
+    with broker._calls_changed:
+        broker._calls[note.id] = [time.monotonic() + broker.timeout, core.WAITING, note]
+    worker.start()
+    monkeypatch.setattr(broker, "_serve", lambda: release.set())  # the last task is gone
+    broker.serve()
+    assert b'"verdict":"audit"' in written(broker)
