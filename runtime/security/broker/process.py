@@ -37,25 +37,9 @@ def fork_brokers_from_a_forker() -> None:
         _forker = Forker()
 
 
-def spawn(
-    channel,
-    init_pid: int,
-    profile,
-    *,
-    verbose=False,
-    container_id="",
-    log_path=None,
-    records_path=None,
-    record_context=None,
-) -> int:
-    """Fork a detached broker for one container; returns its pid."""
-    options = {
-        "verbose": verbose,
-        "container_id": container_id,
-        "log_path": log_path,
-        "records_path": records_path,
-        "record_context": record_context,
-    }
+def spawn(channel, init_pid: int, profile, **options) -> int:
+    """Fork a detached broker for one container; returns its pid. OPTIONS: _spawn_here's
+    keywords (verbose, container_id, log_path, records_path, record_context)."""
     if _forker is not None:
         return _forker.spawn(channel, init_pid, profile, options)
     return _spawn_here(channel, init_pid, profile, **options)
