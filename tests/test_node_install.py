@@ -184,6 +184,12 @@ def test_dry_run_changes_nothing(root, capsys):
     assert node(root, "install", "--dry-run") == 0
     out = capsys.readouterr().out
     assert "would write" in out and "runtimes.zviz" in out
+    # Each program says what it would be: the compiled client, or a link to the Python entry.
+    for label in ("shim", "zviz"):
+        line = next(x for x in out.splitlines() if x.startswith(f"{label}: would "))
+        assert line.endswith(": the compiled fork-server client") or (
+            " -> " in line and line.endswith("(the Python entry: no C compiler)")
+        ), line
     assert files_under(root) == before
 
 
@@ -403,7 +409,7 @@ def test_the_profile_parses_with_the_real_apparmor_parser(abi_4):
     client = os.path.join(install.scripts_dir(), "zviz")
     steps = [
         ("shim", "/usr/local/bin/" + install.SHIM_NAME, ("link", client)),
-        ("zviz", shutil.which("true"), ("client", "the fork-server client")),
+        ("zviz", shutil.which("true"), ("client", "the compiled fork-server client")),
     ]
     done = subprocess.run(
         [parser, "-Q", "-K"],

@@ -126,7 +126,9 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
         (
             label,
             os.path.join(paths.bin_dir, name),
-            ("client", "the fork-server client") if client else ("link", python_entry(entry)),
+            ("client", "the compiled fork-server client")
+            if client
+            else ("link", python_entry(entry)),
         )
         for label, name, entry in entries
     ]
@@ -148,7 +150,10 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
             return 1
     for label, path, (kind, what) in steps:
         if dry_run:
-            say(f"{label}: would install {path} ({kind} {what})\n")
+            if kind == "link":
+                say(f"{label}: would link {path} -> {what} (the Python entry: no C compiler)\n")
+            else:
+                say(f"{label}: would install {path}: {what}\n")
             continue
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if kind == "link":
