@@ -19,7 +19,7 @@ from runtime.errors import FailedPrecondition, InvalidArgument
 
 __all__ = [
     "Cgroup",
-    "Mount",
+    "Hierarchy",
     "cgroup_at",
     "container_path",
     "detect_version",
@@ -32,8 +32,8 @@ DEFAULT_PARENT = "/zviz"
 V2_KEY = "unified"
 
 
-class Mount:
-    """One cgroup filesystem mount from /proc/self/mountinfo."""
+class Hierarchy:
+    """One cgroup hierarchy as mounted (a line of /proc/self/mountinfo): not an OCI mount."""
 
     __slots__ = ("mount_point", "root", "version", "controllers")
 
@@ -44,7 +44,7 @@ class Mount:
         self.controllers = controllers
 
     def __repr__(self):
-        return f"Mount({self.mount_point}, root={self.root}, v{self.version}, {sorted(self.controllers)})"
+        return f"Hierarchy({self.mount_point}, root={self.root}, v{self.version}, {sorted(self.controllers)})"
 
 
 def _unescape(field: str) -> str:
@@ -62,7 +62,7 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
-def parse_mountinfo(text: str) -> list[Mount]:
+def parse_mountinfo(text: str) -> list[Hierarchy]:
     """The cgroup and cgroup2 mounts in a mountinfo text, in mount order."""
     mounts = []
     for line in text.splitlines():
@@ -75,12 +75,12 @@ def parse_mountinfo(text: str) -> list[Mount]:
         left_fields = left.split()
         root, mount_point = _unescape(left_fields[3]), _unescape(left_fields[4])
         if right_fields[0] == "cgroup2":
-            mounts.append(Mount(mount_point, root, 2, frozenset()))
+            mounts.append(Hierarchy(mount_point, root, 2, frozenset()))
             continue
         controllers = frozenset(
             opt for opt in right_fields[2].split(",") if opt not in _V1_NON_CONTROLLER_OPTIONS
         )
-        mounts.append(Mount(mount_point, root, 1, controllers))
+        mounts.append(Hierarchy(mount_point, root, 1, controllers))
     return mounts
 
 
@@ -88,7 +88,7 @@ def parse_mountinfo(text: str) -> list[Mount]:
 _V1_NON_CONTROLLER_OPTIONS = {"rw", "ro", "noprefix", "clone_children", "xattr", "cpuset_v2_mode"}
 
 
-def detect_version(mounts: list[Mount]) -> int:
+def detect_version(mounts: list[Hierarchy]) -> int:
     """2 when /sys/fs/cgroup itself is cgroup2 (or cgroup2 is all there is), else 1."""
     for mount in mounts:
         if mount.mount_point == "/sys/fs/cgroup" and mount.version == 2:
@@ -186,11 +186,11 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
-def _host_mounts() -> list[Mount]:
+def _host_mounts() -> list[Hierarchy]:
     return parse_mountinfo(_read_text("/proc/self/mountinfo"))
 
 
-def _below(mount: Mount, own_path: str) -> str:
+def _below(mount: Hierarchy, own_path: str) -> str:
     """The caller's cgroup path relative to this mount's root."""
     if mount.root != "/" and (own_path == mount.root or own_path.startswith(mount.root + "/")):
         own_path = own_path[len(mount.root) :]
@@ -209,7 +209,7 @@ def for_container(container_id: str, cgroups_path: str | None = None, log=None) 
     return cgroup
 
 
-def cgroup_at(path: str, relative: bool, mounts: list[Mount], own: dict[str, str]) -> Cgroup:
+def cgroup_at(path: str, relative: bool, mounts: list[Hierarchy], own: dict[str, str]) -> Cgroup:
     """The cgroup at a container_path() result, given the mounts and the caller's cgroups.
 
     Touches no file: what the host looks like comes in as arguments.
@@ -272,7 +272,7 @@ def warm_up_attach() -> None:
     _thread.start_new_thread(move_self, ())
 
 
-def _v2_mount(mounts: list[Mount]) -> Mount:
+def _v2_mount(mounts: list[Hierarchy]) -> Hierarchy:
     """The cgroup2 mount containers go in: /sys/fs/cgroup, else the first one."""
     unified = [m for m in mounts if m.version == 2]
     return next((m for m in unified if m.mount_point == "/sys/fs/cgroup"), unified[0])
