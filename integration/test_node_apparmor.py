@@ -25,7 +25,7 @@ from integration.wheel_install import installed
 pytestmark = pytest.mark.timeout(900)
 
 GUEST_SCRIPT = r"""
-import json, os, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys, time
 
 WHEEL_BIN = @WHEEL_BIN@
 SECURITY = "/sys/kernel/security/apparmor"
@@ -124,6 +124,19 @@ try:
         capture_output=True, text=True, env=env, cwd="/", timeout=300,
     )
     facts["container"] = {"rc": done.returncode, "out": done.stdout, "err": done.stderr[-2000:]}
+    # That run went the slow way and started a fork server under its label: the compiled
+    # client's socket name (attr/current included) must reach it, so a later run is served.
+    served = []
+    for attempt in range(30):
+        done = subprocess.run(
+            [zviz, "--debug", "--root", "/run/zviz", "run", "--bundle", bundle, f"served-{attempt}"],
+            capture_output=True, text=True, env=env, cwd="/", timeout=300,
+        )
+        served = [done.returncode, "slow path" not in done.stderr, done.stdout, done.stderr[-2000:]]
+        if served[0] != 0 or served[1]:
+            break
+        time.sleep(0.5)
+    facts["served"] = served
     from runtime.node import check
 
     facts["check_installed"] = check._apparmor("/").__dict__
@@ -189,6 +202,16 @@ def test_the_profiles_attach_to_the_wheel_installs_files(guest):
     # and the kernel attaches them: the shim client, exec'd by its path, runs in zviz-shim
     # (and so does the Python entry it falls back to for `-v`: the label is inherited)
     assert guest["shim_label"] == ["LABEL zviz-shim (unconfined)"]
+
+
+def test_a_later_run_is_served_under_the_zviz_profile(guest):
+    """The fork server compares and hashes the LSM label (runtime/forkserver.py
+    INHERITED_FILES): the server the first run started has zviz's label, as the compiled
+    client does, so the client reaches it and its worker's container has that label."""
+    code, served, out, err = guest["served"]
+    assert code == 0, err
+    assert served, f"no run was served under AppArmor: {err}"
+    assert out.strip() == "zviz-zviz (unconfined)"
 
 
 def test_a_container_runs_under_the_zviz_profile(guest):

@@ -226,7 +226,7 @@ def test_fork_server_and_direct_runs_behave_alike(zviz, make_bundle):
     bundle = make_bundle(["sh", "-c", "echo out; echo err >&2; exit 5"])
     zviz.run(bundle)  # starts the server if none runs
     socket_path = forkserver.socket_path(
-        (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+        (forkserver.install_identity(), forkserver.process_identity("self"))
     )
     deadline = time.monotonic() + 10
     while not os.path.exists(socket_path):
@@ -293,7 +293,7 @@ def test_fork_server_refuses_a_client_of_another_install(tmp_path):
         cwd=os.path.dirname(os.path.dirname(forkserver.__file__)),
     )
     try:
-        mine = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+        mine = (forkserver.install_identity(), forkserver.process_identity("self"))
         path = os.path.join(directory, os.path.basename(forkserver.socket_path(mine)))
         deadline = time.monotonic() + 20
         while not os.path.exists(path):
@@ -345,7 +345,7 @@ def test_installed_zviz_hands_a_plain_run_to_the_fork_server(zviz, make_bundle):
 
     zviz.run(make_bundle(["true"]))  # starts the server if none runs
     socket_path = forkserver.socket_path(
-        (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+        (forkserver.install_identity(), forkserver.process_identity("self"))
     )
     deadline = time.monotonic() + 10
     while not os.path.exists(socket_path):

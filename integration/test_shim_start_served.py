@@ -77,7 +77,7 @@ SAME_STATUS = (
 
 def _server_path() -> str:
     return forkserver.socket_path(
-        (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+        (forkserver.install_identity(), forkserver.process_identity("self"))
     )
 
 

@@ -22,7 +22,11 @@ or `delete` with the client's cwd, argv, stdio and environment (docs/shim.md).
 
 Eligibility (else the client runs everything itself, the slow way): the client is
 root, in the server's mount, pid, user, network and cgroup namespaces and in the same
-cgroup (a relative cgroupsPath resolves the same), and asks for plain `run` (no
+cgroup (a relative cgroupsPath resolves the same), has the server's inherited
+attributes (capability sets, no_new_privs, seccomp, umask, rlimits, oom_score_adj,
+nice, LSM label: INHERITED_STATUS_FIELDS, INHERITED_FILES, INHERITED_STAT_FIELDS; a
+worker has the server's, and a confined client must never get an unconfined worker),
+and asks for plain `run` (no
 --detach, terminal, console socket, pid file or preserved fds), from the same install
 (interpreter, runtime package directory and release: install_identity()), so a server
 never runs another checkout's code. The socket lives in /run/zviz (0700) with mode
@@ -56,9 +60,52 @@ from runtime.private_dir import makedirs_private
 # --root): /run/zviz is root's 0700 directory.
 SERVER_DIR = "/run/zviz"
 # Hashed (socket_path) from: the install's fields, the namespace inode numbers in this
-# order (decimal), then /proc/self/cgroup's text, NUL-joined.
+# order (decimal), /proc/self/cgroup's text, then the inherited attributes below (the
+# status lines, the files, the stat fields, each in its list's order), NUL-joined.
 SOCKET_NAME = ".zviz-run-%08x.sock"
 COMPARED_NAMESPACES = ("mnt", "pid", "user", "net", "cgroup")
+# Everything else a process inherits that a worker would take from the server instead of
+# its client. The server compares each with the peer's for every request (a difference:
+# "fallback", and the client is its own supervisor, which is exactly right), and each is
+# in the socket name, so a client that differs reaches (and starts) a server of its own.
+# Read from /proc/<pid>/ (the peer's, or "self"); a missing line or unreadable file is
+# empty. The whole line of /proc/<pid>/status ("Umask:\t0022"):
+INHERITED_STATUS_FIELDS = (
+    # Capabilities: a client that dropped some (from its bounding set too) must not have
+    # its container made by a worker that holds them.
+    "CapInh",
+    "CapPrm",
+    "CapEff",
+    "CapBnd",
+    "CapAmb",
+    # no_new_privs: a worker without it could gain privileges the client gave up.
+    "NoNewPrivs",
+    # A seccomp filter the client runs under (the mode and how many filters are stacked).
+    "Seccomp",
+    "Seccomp_filters",
+    # A workload without process.user.umask inherits it.
+    "Umask",
+)
+# The whole text of these files:
+INHERITED_FILES = (
+    # Every rlimit: a workload without process.rlimits inherits them (containerd's
+    # LimitNOFILE, a caller's `ulimit`).
+    "limits",
+    # A workload without process.oomScoreAdj inherits it.
+    "oom_score_adj",
+    # The LSM label (AppArmor, SELinux): a confined client's worker must be confined alike.
+    # No LSM: EINVAL, empty.
+    "attr/current",
+)
+# Fields of /proc/<pid>/stat, numbered as proc(5) does (3, the state, is the first after
+# the command's ")"): 19 is nice, which a workload inherits.
+INHERITED_STAT_FIELDS = (19,)
+# getsockopt(SOL_SOCKET, SO_PEERPIDFD) (Linux 6.5): a pidfd of the connecting process,
+# which the server checks is still alive after it read /proc/<pid>/, so that what it read
+# was the peer's and not a process that took the pid after the peer exited. Older kernels:
+# ENOPROTOOPT, and that race stays (the peer would have to exit between its request and
+# the server's reads, and another root process of the same namespaces take its pid).
+SO_PEERPIDFD = 77
 # The entries a client may be. Each compiled client is built for one (compile_client's
 # ENTRY), each Python entry passes its own to try_run; the request names it and the
 # worker becomes that entry: `zviz` (runtime/cli.py main) or the shim binary
@@ -227,7 +274,7 @@ def try_run(argv: list[str], entry: str = ZVIZ_ENTRY) -> int | None:
         _slow_path(debug, why)
         return None
     install = install_identity()
-    path = socket_path((install, _namespaces_and_cgroup("self")))
+    path = socket_path((install, process_identity("self")))
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
@@ -356,17 +403,20 @@ def send_request(sock, install: tuple, request: tuple, fds) -> None:
 
 
 def socket_path(identity: tuple) -> str:
-    """One server per (install, namespaces, cgroups) identity: a client only ever reaches
-    a server it is eligible for, running its own code, and a server in another cgroup
-    or of another install never shadows its own.
+    """One server per (install, namespaces, cgroups, inherited attributes) identity: a
+    client only ever reaches a server it is eligible for, running its own code, and a
+    server in another cgroup, of another install or with other inherited attributes never
+    shadows its own.
 
     The name hashes (CRC-32) the NUL-joined install fields, namespace inode numbers
-    (decimal) and /proc/<pid>/cgroup text: simple enough for the C client to match.
+    (decimal), /proc/<pid>/cgroup text and inherited attributes (process_identity):
+    simple enough for the C client to match.
     """
     import zlib
 
-    install, (namespace_ids, cgroup) = identity
-    key = "\0".join((*install, *(str(i) for i in namespace_ids), cgroup)).encode()
+    install, (namespace_ids, cgroup, inherited) = identity
+    texts = (*install, *(str(i) for i in namespace_ids), cgroup)
+    key = b"\0".join((*(text.encode() for text in texts), *inherited))
     return os.path.join(SERVER_DIR, SOCKET_NAME % zlib.crc32(key))
 
 
@@ -403,10 +453,61 @@ def scripts_dir() -> str:
     return _scripts_dir
 
 
-def _namespaces_and_cgroup(pid: str) -> tuple:
+def process_identity(pid: str) -> tuple:
+    """(namespace inode numbers, cgroup text, inherited attributes) of /proc/PID: what the
+    server compares with its own and socket_path hashes."""
     ids = tuple(os.stat(f"/proc/{pid}/ns/{name}").st_ino for name in COMPARED_NAMESPACES)
     with open(f"/proc/{pid}/cgroup") as f:
-        return ids, f.read()
+        cgroup = f.read()
+    return ids, cgroup, _inherited(pid)
+
+
+def _inherited(pid: str) -> tuple[bytes, ...]:
+    """The inherited attributes (INHERITED_STATUS_FIELDS, INHERITED_FILES,
+    INHERITED_STAT_FIELDS) of /proc/PID as bytes, in that order."""
+    with open(f"/proc/{pid}/status", "rb") as f:
+        lines = {line.split(b":", 1)[0]: line for line in f.read().split(b"\n")}
+    values = [lines.get(name.encode(), b"") for name in INHERITED_STATUS_FIELDS]
+    for name in INHERITED_FILES:
+        try:
+            with open(f"/proc/{pid}/{name}", "rb") as f:
+                values.append(f.read())
+        except OSError:
+            values.append(b"")
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    values += [fields[number - 3] for number in INHERITED_STAT_FIELDS]
+    return tuple(values)
+
+
+def _inherited_names() -> tuple[str, ...]:
+    """INHERITED's names in _inherited's order, for the reason a client is refused."""
+    stat = tuple(f"stat field {number}" for number in INHERITED_STAT_FIELDS)
+    return (*INHERITED_STATUS_FIELDS, *INHERITED_FILES, *stat)
+
+
+def _peer_refusal(peer_pid: int, pidfd: int | None, mine: tuple) -> str:
+    """Why the peer may not be served ("" when it may): its namespaces, cgroup and
+    inherited attributes against the server's (MINE, read now)."""
+    try:
+        ids, cgroup, inherited = process_identity(str(peer_pid))
+        if pidfd is not None:
+            _signal.pidfd_send_signal(pidfd, 0)  # what we read was the peer's (SO_PEERPIDFD)
+    except OSError:
+        return "client gone"
+    if (ids, cgroup) != mine[:2]:
+        return "other namespaces"
+    differ = [
+        name for name, a, b in zip(_inherited_names(), inherited, mine[2], strict=True) if a != b
+    ]
+    return "other inherited attributes: " + ", ".join(differ) if differ else ""
+
+
+def _peer_pidfd(conn) -> int | None:
+    try:
+        return conn.getsockopt(_socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return None  # before Linux 6.5: see SO_PEERPIDFD
 
 
 # Everything a run imports, also lazily (found by diffing sys.modules around a run).
@@ -457,7 +558,7 @@ def serve(directory: str = SERVER_DIR) -> None:
     warm_cache()
     makedirs_private(directory)
     os.chdir("/")  # hold no client's directory; workers chdir to theirs
-    mine = _namespaces_and_cgroup("self")
+    mine = process_identity("self")
     install = install_identity()
     path = os.path.join(directory, os.path.basename(socket_path((install, mine))))
     # Both packages whose code a worker runs: runtime (zviz) and shim (`start`, `delete`).
@@ -521,6 +622,15 @@ def serve(directory: str = SERVER_DIR) -> None:
                         os.close(fd)
                     conn.send(REPLY_STALE.encode())
                     return
+                # Renice, choom or prlimit of the server itself: its socket name no longer
+                # says what its workers inherit. Hand back and stop (the next client starts
+                # a server of its own).
+                if process_identity("self") != mine:
+                    _withdraw(listener, path, bound)
+                    for fd in _receive(conn)[1]:
+                        os.close(fd)
+                    conn.send(f"{REPLY_FALLBACK} the server's own attributes changed".encode())
+                    return
                 _serve_one(conn, (install, mine), workers, cli, listener)
             except OSError:
                 # This client hung up or stalled (EPIPE, a 5 s timeout) before its
@@ -570,6 +680,16 @@ def _serve_one(conn, identity: tuple, workers: set[int], cli, listener) -> None:
     conn.settimeout(5)
     creds = conn.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     peer_pid, peer_uid, _ = struct.unpack("3i", creds)
+    pidfd = _peer_pidfd(conn)
+    try:
+        _serve_checked(conn, (peer_pid, peer_uid, pidfd), identity, workers, cli, listener)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _serve_checked(conn, peer: tuple, identity: tuple, workers: set[int], cli, listener) -> None:
+    peer_pid, peer_uid, pidfd = peer
     data, fds = _receive(conn)
     install, mine = identity
     fields = data.split(b"\0")
@@ -584,10 +704,7 @@ def _serve_one(conn, identity: tuple, workers: set[int], cli, listener) -> None:
     elif request is None:
         refused = "malformed request"
     else:
-        try:
-            refused = "" if _namespaces_and_cgroup(str(peer_pid)) == mine else "other namespaces"
-        except OSError:
-            refused = "client gone"
+        refused = _peer_refusal(peer_pid, pidfd, mine)
     if refused:
         for fd in fds:
             os.close(fd)
@@ -741,6 +858,9 @@ def c_header(python: str, script: str, server_dir: str = SERVER_DIR, entry=ZVIZ_
         "ZVIZ_SERVER_DIR": _c_string(server_dir),
         "ZVIZ_SOCKET_NAME": _c_string(SOCKET_NAME),
         "ZVIZ_COMPARED_NAMESPACES": strings(COMPARED_NAMESPACES),
+        "ZVIZ_INHERITED_STATUS_FIELDS": strings(INHERITED_STATUS_FIELDS),
+        "ZVIZ_INHERITED_FILES": strings(INHERITED_FILES),
+        "ZVIZ_INHERITED_STAT_FIELDS": ", ".join(str(n) for n in INHERITED_STAT_FIELDS),
         "ZVIZ_ENTRY": _c_string(entry),
         "ZVIZ_SHIM_ENTRY": _c_string(SHIM_ENTRY),
         "ZVIZ_SERVED_COMMANDS": strings(SERVED_COMMANDS),

@@ -152,7 +152,90 @@ static size_t append(char *buf, size_t used, const char *text, size_t len) {
     return used + len;
 }
 
-/* forkserver.socket_path(install, _namespaces_and_cgroup("self")) */
+/* The whole of /proc/self/NAME into BUF (at most SIZE bytes): its length, -1 when it
+ * cannot be read (forkserver._inherited counts such a file as empty). */
+static ssize_t read_proc(const char *name, char *buf, size_t size) {
+    char path[128];
+    snprintf(path, sizeof path, "/proc/self/%s", name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    size_t used = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + used, size - used);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            close(fd);
+            return -1;
+        }
+        if (n == 0 || (used += (size_t)n) == size)
+            break;
+    }
+    close(fd);
+    return used < size ? (ssize_t)used : -1; /* a file that did not fit: no key */
+}
+
+/* forkserver._inherited("self"), each value NUL-prefixed after KEY[0, USED); the new
+ * length, or ZVIZ_MAX_REQUEST + 1 when it does not fit. */
+static size_t append_inherited(char *key, size_t used) {
+    static const char *const status_fields[] = {ZVIZ_INHERITED_STATUS_FIELDS, NULL};
+    static const char *const files[] = {ZVIZ_INHERITED_FILES, NULL};
+    static const int stat_fields[] = {ZVIZ_INHERITED_STAT_FIELDS};
+    static char text[16384];
+    ssize_t len = read_proc("status", text, sizeof text - 1);
+    if (len < 0)
+        return ZVIZ_MAX_REQUEST + 1;
+    text[len] = '\0';
+    for (int i = 0; status_fields[i]; i++) { /* the whole line, or nothing */
+        size_t name_len = strlen(status_fields[i]);
+        const char *line = text, *found = "";
+        size_t found_len = 0;
+        while (*line) {
+            const char *end = strchr(line, '\n');
+            size_t line_len = end ? (size_t)(end - line) : strlen(line);
+            if (line_len > name_len && line[name_len] == ':' &&
+                strncmp(line, status_fields[i], name_len) == 0) {
+                found = line;
+                found_len = line_len;
+                break;
+            }
+            line += line_len + (end != NULL);
+        }
+        used = append(key, used, "", 1);
+        used = append(key, used, found, found_len);
+    }
+    for (int i = 0; files[i]; i++) {
+        used = append(key, used, "", 1);
+        len = read_proc(files[i], text, sizeof text);
+        if (len > 0)
+            used = append(key, used, text, (size_t)len);
+    }
+    len = read_proc("stat", text, sizeof text - 1);
+    if (len < 0)
+        return ZVIZ_MAX_REQUEST + 1;
+    text[len] = '\0';
+    for (size_t i = 0; i < sizeof stat_fields / sizeof stat_fields[0]; i++) {
+        const char *field = strrchr(text, ')');
+        if (!field)
+            return ZVIZ_MAX_REQUEST + 1;
+        field++; /* whitespace-separated from here on, field 3 (the state) first */
+        for (int number = 3;; number++) {
+            field += strspn(field, " \n");
+            if (!*field)
+                return ZVIZ_MAX_REQUEST + 1;
+            if (number == stat_fields[i])
+                break;
+            field += strcspn(field, " \n");
+        }
+        size_t field_len = strcspn(field, " \n");
+        used = append(key, used, "", 1);
+        used = append(key, used, field, field_len);
+    }
+    return used;
+}
+
+/* forkserver.socket_path(install, process_identity("self")) */
 static int socket_name(char *path, size_t size) {
     static const char *const names[] = {ZVIZ_COMPARED_NAMESPACES, NULL};
     static char key[ZVIZ_MAX_REQUEST + 2];
@@ -190,6 +273,9 @@ static int socket_name(char *path, size_t size) {
         used += (size_t)n;
     }
     close(fd);
+    used = append_inherited(key, used);
+    if (used > ZVIZ_MAX_REQUEST)
+        return -1;
     char name[64];
     snprintf(name, sizeof name, ZVIZ_SOCKET_NAME, crc32(0, (const unsigned char *)key, used));
     snprintf(path, size, "%s/%s", ZVIZ_SERVER_DIR, name);

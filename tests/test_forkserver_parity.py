@@ -9,8 +9,10 @@ compiles it (forkserver.compile_client, the header generated from the protocol
 section), only with its own server directory and a stand-in slow path.
 """
 
+import ctypes
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -48,6 +50,12 @@ code = forkserver.try_run(sys.argv[1:], {entry!r})
 if code is None:
     os.execv("/bin/sh", ["/bin/sh", {slow!r}, *sys.argv[1:]])
 os._exit(code)
+"""
+# Prints the socket path of the process it runs in.
+SOCKET_OF_SELF = """
+from runtime import forkserver
+identity = (forkserver.install_identity(), forkserver.process_identity("self"))
+print(forkserver.socket_path(identity))
 """
 BUNDLE_RUN = ["run", "--bundle", "/nonexistent/bundle", "parity-ctr"]
 ZVIZ, SHIM = forkserver.ZVIZ_ENTRY, forkserver.SHIM_ENTRY
@@ -142,7 +150,7 @@ def setup():
         servers,
         os.path.basename(
             forkserver.socket_path(
-                (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+                (forkserver.install_identity(), forkserver.process_identity("self"))
             )
         ),
     )
@@ -162,8 +170,9 @@ def _environment(env_extra=None) -> dict[str, str]:
     return env
 
 
-def _run(setup, client: str, argv: list[str], env_extra=None, entry=ZVIZ):
-    """Run CLIENT with ARGV; (exit code, stdout, stderr, its stdio's identities)."""
+def _run(setup, client: str, argv: list[str], env_extra=None, entry=ZVIZ, preexec=None):
+    """Run CLIENT with ARGV (PREEXEC run in its process first); (exit code, stdout,
+    stderr, its stdio's identities)."""
     env = _environment(env_extra)
     command = setup["clients"][entry][client]
     files = [os.path.join(setup["directory"], f"{client}.{name}") for name in ("in", "out", "err")]
@@ -186,19 +195,21 @@ def _run(setup, client: str, argv: list[str], env_extra=None, entry=ZVIZ):
             cwd=setup["directory"],
             env=env,
             timeout=30,
+            preexec_fn=preexec,
         )
     with open(files[1]) as out, open(files[2]) as err:
         return result.returncode, out.read(), err.read(), identities
 
 
-def _both(setup, argv, replies=None, env_extra=None, entry=ZVIZ):
-    """Both clients' outcomes and the requests the server saw from each (None: no server)."""
+def _both(setup, argv, replies=None, env_extra=None, entry=ZVIZ, preexec=None, path=None):
+    """Both clients' outcomes and the requests the server saw from each (None: no server)
+    at PATH (the setup's socket unless given)."""
     outcomes, requests = [], []
     for client in ("compiled", "python"):
-        recorder = Recorder(setup["socket"]) if replies is not None else None
+        recorder = Recorder(path or setup["socket"]) if replies is not None else None
         thread = recorder.answer(replies) if recorder else None
         try:
-            code, out, err, stdio = _run(setup, client, argv, env_extra, entry)
+            code, out, err, stdio = _run(setup, client, argv, env_extra, entry, preexec)
         finally:
             if recorder:
                 recorder.stop()
@@ -290,6 +301,53 @@ def _signal_pid1(sleeper):
     return [reply, exit_code]
 
 
+def _prctl(*args) -> None:
+    if ctypes.CDLL(None, use_errno=True).prctl(*(ctypes.c_ulong(a) for a in args), 0, 0, 0):
+        raise OSError(ctypes.get_errno(), "prctl")
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# One inherited attribute (forkserver.INHERITED_*) changed in the client's process before
+# it runs: PR_SET_NO_NEW_PRIVS is 38, PR_CAPBSET_DROP 24 (CAP_SYS_BOOT is 22).
+ALTERATIONS = {
+    "umask": lambda: os.umask(0o027),
+    "rlimit": lambda: resource.setrlimit(
+        resource.RLIMIT_NOFILE, (777, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    ),
+    "nice": lambda: os.nice(3),
+    "oom_score_adj": lambda: _write("/proc/self/oom_score_adj", "7"),
+    "no_new_privs": lambda: _prctl(38, 1),
+    "bounding_set": lambda: _prctl(24, 22),
+}
+
+
+@pytest.mark.parametrize("alteration", ALTERATIONS)
+def test_both_clients_derive_the_same_socket_from_their_inherited_attributes(setup, alteration):
+    """A client that differs from the server in anything a worker inherits reaches another
+    server (a server of its own): both clients name the same one, which is the one
+    forkserver.socket_path names for a process so altered."""
+    alter = ALTERATIONS[alteration]
+    where = subprocess.run(
+        [sys.executable, "-c", SOCKET_OF_SELF],
+        preexec_fn=alter,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    path = os.path.join(os.path.dirname(setup["socket"]), os.path.basename(where))
+    assert path != setup["socket"], f"{alteration} changed nothing in the socket name"
+    outcomes, requests = _both(setup, BUNDLE_RUN, replies=[b"exit 7"], preexec=alter, path=path)
+    assert outcomes[0] == outcomes[1] == (7, "", "")
+    for seen, _ in requests:
+        assert len(seen) == 1, "the client never reached the server of its attributes"
+        assert seen[0][0] == _expected_request(setup, BUNDLE_RUN)
+
+
 def test_both_clients_forward_signals_to_pid1(setup):
     codes = []
     for client in ("compiled", "python"):
@@ -351,6 +409,8 @@ def test_the_c_client_holds_no_copy_of_the_protocol():
         *forkserver.INELIGIBLE_FLAGS,
         *forkserver.GLOBAL_FLAGS_WITH_VALUE,
         *forkserver.COMPARED_NAMESPACES,
+        *forkserver.INHERITED_STATUS_FIELDS,
+        *forkserver.INHERITED_FILES,
     ]
     values += [*forkserver.SHIM_SERVED_ACTIONS, *forkserver.SHIM_SERVED_BOOLS]
     copies = [value for value in values if f'"{value}' in code]

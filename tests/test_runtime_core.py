@@ -184,7 +184,7 @@ def test_fork_servers_of_different_installs_never_share_a_socket():
     """A CI clone's `zviz run` must not reach a server running another checkout's code."""
     from runtime import VERSION, forkserver
 
-    here = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+    here = (forkserver.install_identity(), forkserver.process_identity("self"))
     executable, package, version = here[0]
     clone = ((executable, "/tmp/clone/runtime", version), here[1])
     older = ((executable, package, "0.0.1"), here[1])
@@ -193,6 +193,51 @@ def test_fork_servers_of_different_installs_never_share_a_socket():
     assert len(paths) == 4
     assert package == os.path.realpath(os.path.dirname(forkserver.__file__))
     assert version == VERSION
+
+
+def test_the_fork_server_never_reads_a_gone_peers_pid_as_the_peer(tmp_path):
+    """A peer that exited before the server read /proc/<pid>/ is "client gone", even when
+    its pid now names a process exactly like the server (here: this process itself),
+    through SO_PEERPIDFD's pidfd (Linux 6.5)."""
+    import socket
+
+    from runtime import forkserver
+
+    path = str(tmp_path / "s")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+    child = os.fork()
+    if child == 0:
+        socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET).connect(path)
+        os._exit(0)
+    conn, _ = listener.accept()
+    os.waitpid(child, 0)  # gone and reaped: its pid is free for anyone
+    pidfd = forkserver._peer_pidfd(conn)
+    try:
+        if pidfd is None:
+            pytest.skip("no SO_PEERPIDFD (Linux < 6.5): the pid-reuse race stays")
+        mine = forkserver.process_identity("self")
+        assert forkserver._peer_refusal(os.getpid(), pidfd, mine) == "client gone"
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        conn.close()
+        listener.close()
+
+
+def test_the_fork_server_names_the_inherited_attribute_that_differs():
+    """--debug's reason says which attribute sent the run the slow way."""
+    from runtime import forkserver
+
+    ids, cgroup, inherited = forkserver.process_identity("self")
+    names = list(forkserver._inherited_names())
+    changed = list(inherited)
+    changed[names.index("NoNewPrivs")] = b"NoNewPrivs:\t2"  # a value no process has
+    mine = (ids, cgroup, tuple(changed))
+    reason = forkserver._peer_refusal(os.getpid(), None, mine)
+    assert reason == "other inherited attributes: NoNewPrivs"
+    assert forkserver._peer_refusal(os.getpid(), None, (ids, cgroup, inherited)) == ""
 
 
 @pytest.mark.parametrize(

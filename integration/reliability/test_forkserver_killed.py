@@ -28,7 +28,7 @@ def zviz(zviz_bin, tmp_path):
 
 def _server_pid(bundle: str, zviz: Zviz) -> int:
     """The pid of this install's fork server, started by a first run if none serves."""
-    mine = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+    mine = (forkserver.install_identity(), forkserver.process_identity("self"))
     path = forkserver.socket_path(mine)
     deadline = time.monotonic() + 20
     while True:
@@ -92,7 +92,7 @@ def test_a_client_that_hangs_up_mid_request_does_not_end_the_server(zviz, make_b
     """A client killed between connecting and its answer (a Ctrl-C) leaves the server
     serving the next runs, not exiting on the broken pipe."""
     server = _server_pid(make_bundle(["true"]), zviz)
-    mine = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+    mine = (forkserver.install_identity(), forkserver.process_identity("self"))
     for _ in range(3):
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
             client.connect(forkserver.socket_path(mine))

@@ -137,7 +137,7 @@ def test_the_server_hands_back_a_shim_action_from_a_user_other_than_root(area, a
         start_new_session=True,
     )
     try:
-        mine = (forkserver.install_identity(), forkserver._namespaces_and_cgroup("self"))
+        mine = (forkserver.install_identity(), forkserver.process_identity("self"))
         path = os.path.join(area["servers"], os.path.basename(forkserver.socket_path(mine)))
         deadline = time.monotonic() + 30
         while not os.path.exists(path):
