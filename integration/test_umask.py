@@ -13,7 +13,8 @@ An exec gets its own `process.user.umask`, else the container's, else 0022 (runc
 takes the container's and, without one, its caller's: docs/cli.md "runc compatibility").
 
 Each caller here is a real process with that umask: `zviz run` (served by a fork server
-of that umask, and the slow path), `zviz create`/`exec`/`start`/`delete`.
+of that umask, and the slow path), `zviz create`/`exec`/`start`/`delete`, and a private
+containerd started with it, whose shims inherit it.
 """
 
 import contextlib
@@ -29,6 +30,7 @@ import pytest
 from integration.ids import tagged, unique_id
 from integration.zviz_cli import Zviz, edit_config, leftovers
 from runtime import cgroups, forkserver
+from tools.containerd import PrivateContainerd
 
 CALLERS_UMASKS = [0o027, 0o077]
 # PID 1's and an exec's, as runc's, without process.user.umask.
@@ -36,6 +38,7 @@ DEFAULT_UMASK = "0022"
 # Served: by a fork server of the caller's umask (a client with another umask reaches a
 # server of its own: runtime/forkserver.py INHERITED_STATUS_FIELDS). Slow: no server.
 PATHS = {"served": {}, "slow": {"ZVIZ_NO_FORKSERVER": "1"}}
+RUNC = "io.containerd.runc.v2"
 
 
 @pytest.fixture
@@ -188,3 +191,50 @@ def test_a_containers_life_ignores_its_callers_umask(zviz, make_bundle, tmp_path
                 os.rmdir(os.path.dirname(directory))
     assert deleted.returncode == 0, deleted.stderr
     assert leftovers(container_id, zviz.root) == []
+
+
+@pytest.fixture(scope="module")
+def strict_containerd(busybox_archive):
+    """A private containerd 1.6 (and so its shims) running with umask 0027."""
+    instance = PrivateContainerd(umask=0o027).start()
+    try:
+        instance.import_image(busybox_archive)
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.mark.containerd
+@pytest.mark.parametrize("runtime", [RUNC, "io.containerd.zviz.v2"], ids=["runc", "zviz"])
+def test_a_containerd_with_a_strict_umask_runs_containers(strict_containerd, runtime):
+    """`ctr run` and `ctr task exec` under a containerd whose umask is 0027 (the reference
+    runc's column: the container runs, its PID 1 with 0022). An exec without a umask
+    (ctr's copies the container's process, which has none) gets 0022 from zviz; runc's
+    exec inherits its caller's, the shim's: containerd's 0027."""
+    from tools.mkimage import DEFAULT_REF
+
+    container_id = unique_id("zviz-umask-ctr")
+    ctr = strict_containerd.ctr
+    started = ctr(
+        "run", "-d", "--runtime", runtime, DEFAULT_REF, container_id,
+        "sleep", "60",
+        check=False,
+    )  # fmt: skip
+    try:
+        assert started.returncode == 0, started.stderr
+        executed = ctr(
+            "task", "exec", "--exec-id", tagged("exec"), container_id,
+            "sh", "-c", "grep Umask /proc/1/status; umask",
+            check=False,
+        )  # fmt: skip
+        assert executed.returncode == 0, executed.stderr
+        execs = "0027" if runtime == RUNC else DEFAULT_UMASK
+        assert executed.stdout.split() == ["Umask:", DEFAULT_UMASK, execs]
+    finally:
+        ctr("tasks", "kill", "-a", "-s", "SIGKILL", container_id, check=False)
+        deadline = time.monotonic() + 20
+        while ctr("tasks", "delete", container_id, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        ctr("containers", "delete", container_id, check=False)
