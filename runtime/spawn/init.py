@@ -274,7 +274,7 @@ def workload_umask(user) -> int:
     (runtime/spawn/parent.py _fork_child). An exec without a umask of its own gets the
     container's (Container.exec fills it in, as runc's exec takes the container's);
     where neither has one, 0022, where runc's exec would inherit its caller's
-    (docs/cli.md "runc compatibility"). An exec the anchor forks gets the same: the
+    (docs/cli.md "Process model", Umask). An exec the anchor forks gets the same: the
     anchor, forked by PID 1 once this is set, runs with PID 1's, and takes only an
     exec whose user (umask included) is PID 1's (runtime/exec_anchor.py ineligible).
     """
