@@ -1,11 +1,12 @@
 """What a container inherits from the `zviz run` that made it, served or not.
 
-A process without `process.rlimits` or `process.user.umask` in config.json inherits
-them from its runtime (runc does, and so does zviz's slow path), which inherits them
-from its caller. A fork server's worker inherits them from the server instead: the
-server serves only a client whose inherited attributes are its own
-(runtime/forkserver.py INHERITED_STATUS_FIELDS, INHERITED_FILES), so the container sees
-the caller's values either way.
+A process without `process.rlimits` in config.json inherits them from its runtime
+(runc does, and so does zviz's slow path), which inherits them from its caller. A fork
+server's worker inherits them from the server instead: the server serves only a client
+whose inherited attributes are its own (runtime/forkserver.py INHERITED_STATUS_FIELDS,
+INHERITED_FILES), so the container sees the caller's values either way. The umask is
+the exception: as under runc, the workload gets `process.user.umask`, else 0022, never
+its caller's.
 """
 
 import os
@@ -70,22 +71,30 @@ def test_the_workload_inherits_the_callers_rlimit(zviz, make_bundle, caller, wan
     assert _open_files(result.stdout) == [wanted or mine[0], mine[1]]
 
 
-def test_the_workload_inherits_the_callers_umask(zviz, make_bundle):
-    """A more permissive umask than this test's: zviz's own slow path cannot yet run
-    with a stricter one (0027: PID 1's cgroup mount points become 0750, which the
-    container's root cannot search), served or not."""
+@pytest.mark.parametrize("configs_umask", [None, 0o007], ids=["no-umask", "umask0007"])
+@pytest.mark.parametrize("path_env", [{}, {"ZVIZ_NO_FORKSERVER": "1"}], ids=["served", "slow"])
+def test_the_workload_gets_runcs_umask_whatever_the_callers(
+    zviz, make_bundle, path_env, configs_umask
+):
+    """Not inherited (runc's rule, runtime/spawn/init.py workload_umask): 0022, or
+    config.json's process.user.umask, whatever the caller's umask, served or not
+    (integration/test_umask.py has stricter callers and the other commands)."""
     bundle = make_bundle(["sh", "-c", "umask"])
+    if configs_umask is not None:
+        edit_config(bundle, lambda config: config["process"]["user"].update(umask=configs_umask))
+    wanted = "0022" if configs_umask is None else f"{configs_umask:04o}"
+    if not path_env:
+        assert _served_plain_run(zviz, bundle).stdout.strip() == wanted
     old = os.umask(0o022)
     os.umask(old)
-    plain = _served_plain_run(zviz, bundle)
-    assert plain.stdout.strip() == f"{old:04o}"
     other = 0o002 if old != 0o002 else 0o000
     result = subprocess.run(
         [zviz.binary, "--root", zviz.root, "run", "--bundle", bundle, unique_id()],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, **path_env},
         preexec_fn=lambda: os.umask(other),
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"{other:04o}"
+    assert result.stdout.strip() == wanted

@@ -577,6 +577,9 @@ class Container:
         exec_process = parse_process(process_config)
         check_process_in_spec(exec_process, spec)
         pid1_process = spec.process
+        if exec_process.user.umask is None:
+            # runc's exec takes the container's umask (runtime/spawn/init.workload_umask).
+            exec_process.user.umask = pid1_process.user.umask
         spec.process = exec_process
         fds = []
         channel = None

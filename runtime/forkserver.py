@@ -83,7 +83,8 @@ INHERITED_STATUS_FIELDS = (
     # A seccomp filter the client runs under (the mode and how many filters are stacked).
     "Seccomp",
     "Seccomp_filters",
-    # A workload without process.user.umask inherits it.
+    # The files the runtime makes for itself follow it (--log, --pid-file, the shim's
+    # log); the container does not (runtime/spawn/init.py workload_umask).
     "Umask",
 )
 # The whole text of these files:

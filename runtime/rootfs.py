@@ -477,7 +477,16 @@ class RootfsBuilder:
                 self.syscall.mount_setattr(
                     fd, propagation=ROOTFS_PROPAGATION, recursive=True, detail="rootfs"
                 )
-            self.syscall.move_mount(fd, "", linux.AT_FDCWD, ".", linux.MOVE_MOUNT_F_EMPTY_PATH)
+            # Onto the cwd itself (T_EMPTY_PATH): even "." is a lookup, which needs search
+            # permission on the cwd, and the bundle's rootfs may deny the container's
+            # root it (containerd under umask 0027 makes a snapshot's root 0750).
+            self.syscall.move_mount(
+                fd,
+                "",
+                linux.AT_FDCWD,
+                "",
+                linux.MOVE_MOUNT_F_EMPTY_PATH | linux.MOVE_MOUNT_T_EMPTY_PATH,
+            )
             self.syscall.fchdir(fd)
         finally:
             if fd is not None:

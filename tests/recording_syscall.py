@@ -257,6 +257,9 @@ class RecordingSyscall:
     def _where(self, key: str, value) -> str | None:
         if key in _FD_PARAMETERS and isinstance(value, int) and value >= 0:
             return self._resolve_fd(value, "")
+        if key == "to_path" and value == "":
+            # move_mount onto AT_FDCWD with MOVE_MOUNT_T_EMPTY_PATH: the cwd itself.
+            return self._container_path(os.getcwd())
         if key not in _PATH_PARAMETERS or not isinstance(value, str) or not value:
             return None
         fd = self.fd_of(value)

@@ -97,6 +97,8 @@ def test_root_propagation_is_cut_before_anything_is_mounted(bundle):
     assert private.args["propagation"] == linux.MS_PRIVATE and private.args["recursive"]
     assert private.args["fd"] == attach.args["from_dirfd"] == enter.args["fd"] == clone.result
     assert attach.where["to_path"] == "/"
+    # Onto the cwd without a lookup, which would need search permission on it.
+    assert attach.args["to_path"] == "" and attach.args["flags"] & linux.MOVE_MOUNT_T_EMPTY_PATH
 
 
 def test_a_private_rootfs_propagation_is_private_from_the_start(bundle):

@@ -184,6 +184,7 @@ class PrivateContainerd:
         shim_dir: str = VENV_BIN,
         runc_binary: str | None = None,
         root_dir: str | None = None,
+        umask: int | None = None,
     ):
         tag = os.environ.get(SESSION_TAG, "")
         # Short base path: shim socket paths must stay under 108 bytes.
@@ -215,6 +216,9 @@ class PrivateContainerd:
         # The CRI runc handler's runc (BinaryName); None: runc from PATH. Config version 3
         # only: test_containerd2_cri.py's reference needs a runc newer than Debian's.
         self.runc_binary = runc_binary
+        # The umask containerd runs with, and so its shims (an operator's service with
+        # UMask=0027, as CIS benchmarks ask); None: the caller's.
+        self.umask = umask
         self.major_version = major_version(containerd_bin)
         self.proc: subprocess.Popen | None = None
         # containerd finds shims on PATH: zviz's in SHIM_DIR (the checkout's venv, or an
@@ -243,7 +247,7 @@ class PrivateContainerd:
             stderr=subprocess.STDOUT,
             env=self.env,
             start_new_session=True,
-            preexec_fn=entering(self.netns) if self.netns else None,
+            preexec_fn=self._preexec(),
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -256,6 +260,20 @@ class PrivateContainerd:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"containerd did not answer within {timeout}s; see {self.log_path}")
+
+    def _preexec(self):
+        """The daemon's preexec_fn: its network namespace and umask, each when given."""
+        enter = entering(self.netns) if self.netns else None
+        if enter is None and self.umask is None:
+            return None
+
+        def prepare() -> None:
+            if enter is not None:
+                enter()
+            if self.umask is not None:
+                os.umask(self.umask)
+
+        return prepare
 
     def config_text(self) -> str:
         """The config file, in the version this containerd reads (2 for 1.x, 3 for 2.x)."""

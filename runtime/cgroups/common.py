@@ -251,6 +251,11 @@ def make_dirs(directory: str, base: str, created: list[str], on_new_level=None) 
                 try:
                     os.mkdir(level, 0o755)
                     created.append(level)
+                    # mkdir's mode passes through the caller's umask (0027 would make it
+                    # 0750, which the container's root, a mapped uid, cannot search to
+                    # mount it): as under 0022, whatever the caller's. Not the umask
+                    # itself: the shim's daemon is multi-threaded and umask is per process.
+                    os.chmod(level, 0o755)
                 except FileExistsError:
                     if level == directory:
                         raise AlreadyExists(f"cgroup {directory} already exists") from None

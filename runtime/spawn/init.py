@@ -259,11 +259,33 @@ def _rlim(value: int) -> int:
     return resource.RLIM_INFINITY if value >= 2**63 - 1 or value < 0 else value
 
 
+# What the runtime's children make (the rootfs's mount points, /dev, the cgroup mount
+# points) and a workload without process.user.umask get: runc's (libcontainer
+# finalizeRootfs), never the umask of whoever ran zviz or the shim.
+DEFAULT_UMASK = 0o022
+
+
+def workload_umask(user) -> int:
+    """The umask a container's process runs with: its `process.user.umask`, else 0022.
+
+    runc's rule (libcontainer finalizeRootfs): the workload never inherits the umask of
+    its caller (an operator's 0027 or 0077 shell, a containerd service with UMask=),
+    which the runtime's children do not run with either: each starts at DEFAULT_UMASK
+    (runtime/spawn/parent.py _fork_child). An exec without a umask of its own gets the
+    container's (Container.exec fills it in, as runc's exec takes the container's);
+    where neither has one, 0022, where runc's exec would inherit its caller's
+    (docs/cli.md "Process model", Umask). An exec the anchor forks gets the same: the
+    anchor, forked by PID 1 once this is set, runs with PID 1's, and takes only an
+    exec whose user (umask included) is PID 1's (runtime/exec_anchor.py ineligible).
+    """
+    umask = getattr(user, "umask", None)
+    return DEFAULT_UMASK if umask is None else umask
+
+
 def _switch_user(user) -> None:
     uid, gid = user.uid, user.gid
     extra = list(getattr(user, "additional_gids", None) or ())
-    if getattr(user, "umask", None) is not None:
-        os.umask(user.umask)
+    os.umask(workload_umask(user))
     # Keep the permitted capabilities across setuid; the security layer then drops
     # what the profile and config.json don't grant.
     linux.prctl(linux.PR_SET_KEEPCAPS, 1)

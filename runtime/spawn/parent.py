@@ -28,6 +28,7 @@ from runtime.idmap import (
 from runtime.rootfs import open_bind_sources
 from runtime.spawn.common import Request, close_all, import_child_modules, run_child
 from runtime.spawn.exec import run_exec_child
+from runtime.spawn.init import DEFAULT_UMASK
 from runtime.spawn.namespace_child import run_namespace_child
 from runtime.sync import Sync
 
@@ -87,6 +88,11 @@ def _fork_child(fds_for_child: list[int], child_main) -> tuple[int, Sync]:
         close_all(fds_for_child)
         raise
     if child == 0:
+        # Per process, so only the child's: whatever it and PID 1 make in the container
+        # (mount points, /dev, the cgroup mount points) is made as under umask 0022,
+        # never the caller's (0027 leaves them unsearchable by the container's root, a
+        # mapped uid). The workload's own comes later (init.workload_umask).
+        os.umask(DEFAULT_UMASK)
         parent_end.close()
         run_child(child_end, lambda: child_main(child_end))
     child_end.close()
