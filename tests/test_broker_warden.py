@@ -84,6 +84,11 @@ class Warden:
             self.exit_status()
 
 
+def comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def own_cmdline() -> list[bytes]:
     with open("/proc/self/cmdline", "rb") as f:
         return f.read().split(b"\0")
@@ -179,8 +184,12 @@ def test_fork_warden_guards_the_broker_that_forked_it(binary, tmp_path, monkeypa
             children = [int(pid) for pid in f.read().split()]
         assert len(children) == 1, children
         guard = children[0]
-        with open(f"/proc/{guard}/comm") as f:
-            assert f.read().strip() == "zviz-warden"
+        # The Python warden names itself after closing the broker's fds (the compiled one
+        # before its "ok", which fork_warden waited for).
+        deadline = time.monotonic() + 10
+        while comm(guard) != "zviz-warden":
+            assert time.monotonic() < deadline, comm(guard)
+            time.sleep(0.01)
         fds = sorted(map(int, os.listdir(f"/proc/{guard}/fd")))
         exe = os.readlink(f"/proc/{guard}/exe")
         with open(f"/proc/{guard}/cmdline", "rb") as f:

@@ -12,6 +12,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 import pytest
 
@@ -317,6 +318,11 @@ def _short_timeout(tmp_path, port: int, seconds: float = 0.5) -> str:
     return str(path)
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def _warden_of(broker_pid: int) -> int:
     """The broker's one child, its warden."""
     with open(f"/proc/{broker_pid}/task/{broker_pid}/children") as f:
@@ -341,8 +347,11 @@ def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path, mon
 
     def stop(broker_pid):
         guard = _warden_of(broker_pid)
-        with open(f"/proc/{guard}/comm") as f:
-            assert f.read().strip() == "zviz-warden"
+        # The Python warden names itself once it has closed the broker's fds.
+        deadline = time.monotonic() + 10
+        while _comm(guard) != "zviz-warden":
+            assert time.monotonic() < deadline, _comm(guard)
+            time.sleep(0.01)
         exe = os.readlink(f"/proc/{guard}/exe")
         fds = sorted(map(int, os.listdir(f"/proc/{guard}/fd")))
         if compiled:
