@@ -25,9 +25,11 @@ install: deps venv
 	@# scripts stay as zviz-python and containerd-shim-zviz-v2-python, which they run for
 	@# everything they do not serve): no interpreter start per `zviz run` or shim `start`.
 	@$(PY) -m runtime.forkserver --build-client $(VENV)/bin
-	@# The exec anchor PID 1 forks (runtime/exec_anchor.py): without it execs keep a
-	@# Landlock domain of their own and cannot reach PID 1's /proc entries.
-	@$(PY) -m runtime.exec_anchor --build $(VENV)/bin
+	@# The static programs (runtime/static_programs.py): the exec anchor PID 1 forks
+	@# (without it execs keep a Landlock domain of their own and cannot reach PID 1's
+	@# /proc entries) and the seccomp broker's warden (without it each broker forks a
+	@# Python warden, ~1 MiB more a container).
+	@$(PY) -m runtime.static_programs --build $(VENV)/bin
 
 # Debian packages: skipped when all are present, so repeated runs cost nothing.
 deps:

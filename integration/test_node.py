@@ -242,6 +242,10 @@ def test_after_node_install_an_exec_through_ctr_writes_to_pid_1s_output(install,
         line = by_name(report)["exec-anchor"]
         assert line["status"] == "ok", line
         assert line["detail"].startswith(f"{anchor}: execs run in PID 1's Landlock domain")
+        # The broker's warden, from the source the wheel ships too.
+        warden = os.path.join(install.bin, "zviz-warden")
+        assert f"broker-warden: {warden} (each seccomp broker's warden is" in result.stdout
+        assert by_name(report)["broker-warden"]["status"] == "ok", report
 
         containerd.config_path = config
         containerd.env = install.env(

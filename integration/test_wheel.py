@@ -43,9 +43,10 @@ def test_the_wheel_holds_the_profiles_and_the_c_sources(wheel):
     names = set(wheel.namelist())
     for profile in ("ci-runner", "web-server", "batch-job", "hostile-tenant", "development"):
         assert f"runtime/profiles/{profile}.toml" in names
-    # What `zviz node install` compiles: the fast client and the exec anchor.
+    # What `zviz node install` compiles: the fast client, the exec anchor, the warden.
     assert "runtime/forkserver_client.c" in names
     assert "runtime/exec_anchor.c" in names
+    assert "runtime/broker_warden.c" in names
     assert "shim/main.py" in names and "api/ttrpc/server.py" in names
     assert not any(n.startswith(("tests/", "integration/", "tools/", "bench/")) for n in names)
 

@@ -29,9 +29,8 @@ import os
 import signal
 import socket
 import struct
-import sys
 
-from runtime import errors
+from runtime import errors, static_programs
 
 SOCKET_NAME = "anchor.sock"
 BINARY_NAME = "zviz-anchor"
@@ -52,8 +51,6 @@ MIN_PIDS_LIMIT = 8
 # deadline decides. Well below the 60 s setup timeout, which the exec would otherwise hit.
 ANSWER_TIMEOUT = 2.0
 SLOW_ANSWER_LIMIT = 30.0
-# What `zviz node check` and `zviz node install` tell a node without a built anchor.
-BUILD_HINT = "install gcc and libc6-dev, then run `zviz node install`"
 
 
 class Unanswered(Exception):
@@ -62,65 +59,15 @@ class Unanswered(Exception):
 
 
 def binary_path() -> str:
-    """The one place the runtime looks for the compiled anchor, and where `make install`
-    and `zviz node install` build it: the install's bin directory, beside the interpreter
-    (in a venv, the checkout's .venv or a wheel's, the directory pip put zviz and the
-    shim in). sys.executable rather than sysconfig: that costs a `zviz run` 4 ms."""
-    return os.path.join(os.path.dirname(sys.executable), BINARY_NAME)
+    """The one place the runtime looks for the compiled anchor (runtime/static_programs.py
+    says where), and where `make install` and `zviz node install` build it."""
+    return static_programs.binary_path(BINARY_NAME)
 
 
 def build(bin_dir: str) -> str | None:
-    """Compile runtime/exec_anchor.c, statically (it runs in the container's root),
-    into BIN_DIR; None without a C compiler or a static libc (libc6-dev). The same
-    binary as before is left alone (a second install changes nothing)."""
-    import filecmp
-    import shutil
-    import subprocess
-    import tempfile
-
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None or not _has_static_libc(compiler):
-        return None
-    source = os.path.join(os.path.dirname(os.path.realpath(__file__)), "exec_anchor.c")
-    output = os.path.join(os.path.abspath(bin_dir), BINARY_NAME)
-    with tempfile.TemporaryDirectory(prefix="zviz-anchor-") as scratch:
-        built = os.path.join(scratch, BINARY_NAME)
-        compiled = subprocess.run(
-            [compiler, "-O2", "-Wall", "-Werror", "-static", "-s", "-o", built, source],
-            capture_output=True,
-            text=True,
-        )
-        if compiled.returncode != 0:
-            # With a compiler and libc.a, a failure is the source's: said, not hidden as
-            # "no anchor" (execs would quietly take the old path).
-            raise RuntimeError(f"{compiler} {source}: {compiled.stderr.strip()}")
-        if os.path.exists(output) and filecmp.cmp(built, output, shallow=False):
-            return output
-        shutil.copy2(built, output + ".new")
-    os.replace(output + ".new", output)
-    return output
-
-
-def built_layout(path: str) -> int | None:
-    """The request layout (MAGIC) the anchor at PATH was built for; None if it cannot say
-    (missing, not executable, built before it could)."""
-    import subprocess
-
-    try:
-        answered = subprocess.run([path, "--layout"], capture_output=True, text=True, timeout=10)
-        return int(answered.stdout.strip(), 16) if answered.returncode == 0 else None
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return None
-
-
-def _has_static_libc(compiler: str) -> bool:
-    """Whether COMPILER finds libc.a (libc6-dev): it prints the bare name when it does not."""
-    import subprocess
-
-    found = subprocess.run(
-        [compiler, "-print-file-name=libc.a"], capture_output=True, text=True
-    ).stdout.strip()
-    return os.path.isabs(found) and os.path.exists(found)
+    """Compile runtime/exec_anchor.c into BIN_DIR; None without a C compiler or a static
+    libc (libc6-dev)."""
+    return static_programs.build(bin_dir, BINARY_NAME)
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +84,7 @@ def prepare(state_dir: str, spec, log) -> tuple[int, int] | None:
         except OSError as e:
             why = (
                 f"no compiled anchor at {binary_path()} ({e.strerror}): `make install`, or"
-                " `python -m runtime.exec_anchor --build` with that directory, builds it"
+                " `python -m runtime.static_programs --build` with that directory, builds it"
             )
     if why is None:
         try:
@@ -469,11 +416,3 @@ def _failure(answer: str, process) -> BaseException:
         return errors.NotFound(f"{name}: no such executable in the container")
     where = process.cwd if stage == "cwd" else name
     return OSError(code, f"exec anchor: {stage}: {os.strerror(code)}", where)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["--build"] and len(sys.argv) == 3:
-        built = build(sys.argv[2])
-        print(built or "no C compiler or static libc: no exec anchor (execs take the old path)")
-    else:
-        sys.exit("usage: python -m runtime.exec_anchor --build BIN_DIR")

@@ -10,6 +10,7 @@ import tomllib
 
 import pytest
 
+from runtime import static_programs
 from runtime.commands import run_cli
 from runtime.node import containerd as containerd_config
 
@@ -41,12 +42,16 @@ def root(tmp_path):
 
 @pytest.fixture(autouse=True)
 def anchor_path(tmp_path_factory, monkeypatch) -> str:
-    """Where install builds the exec anchor: the install's own bin directory (not under
-    --root), here a directory of the test's rather than the checkout's .venv/bin."""
+    """Where install builds the exec anchor (and the broker's warden beside it): the
+    install's own bin directory (not under --root), here a directory of the test's rather
+    than the checkout's .venv/bin."""
     from runtime import exec_anchor
+    from runtime.security.broker import warden
 
-    path = str(tmp_path_factory.mktemp("install-bin") / exec_anchor.BINARY_NAME)
+    bin_dir = tmp_path_factory.mktemp("install-bin")
+    path = str(bin_dir / exec_anchor.BINARY_NAME)
     monkeypatch.setattr(exec_anchor, "binary_path", lambda: path)
+    monkeypatch.setattr(warden, "binary_path", lambda: str(bin_dir / warden.BINARY_NAME))
     return path
 
 
@@ -236,16 +241,20 @@ def test_install_builds_the_exec_anchor_where_the_runtime_looks_and_uninstall_le
 ):
     from runtime import exec_anchor
     from runtime.node import check
+    from runtime.security.broker import warden
 
-    if not exec_anchor._has_static_libc("cc"):
+    if not static_programs.has_static_libc("cc"):
         pytest.skip("no static libc (libc6-dev): the anchor cannot be built here")
     write_config(root, V2_WITHOUT_CRI)
     assert check._exec_anchor().status == "warn"
     assert node(root, "install") == 0
-    assert f"exec-anchor: {anchor_path} (execs run in PID 1's Landlock domain)" in (
-        capsys.readouterr().out
-    )
-    assert exec_anchor.built_layout(anchor_path) == exec_anchor.MAGIC
+    out = capsys.readouterr().out
+    assert f"exec-anchor: {anchor_path} (execs run in PID 1's Landlock domain)" in out
+    assert static_programs.built_layout(anchor_path) == exec_anchor.MAGIC
+    warden_path = warden.binary_path()
+    assert f"broker-warden: {warden_path} (each seccomp broker's warden is this" in out
+    assert static_programs.built_layout(warden_path) == warden.LAYOUT
+    assert check._broker_warden().status == "ok"
     first = os.stat(anchor_path)
     assert node(root, "install") == 0  # the same binary: left alone
     assert os.stat(anchor_path).st_mtime_ns == first.st_mtime_ns
@@ -266,6 +275,7 @@ def test_without_a_compiler_install_says_execs_cannot_reach_pid_1(root, capsys, 
     out = capsys.readouterr().out
     assert "exec-anchor: not built (no C compiler or no static libc)" in out, out
     assert "install gcc and libc6-dev, then run `zviz node install` again" in out
+    assert "broker-warden: not built (no C compiler or no static libc): each seccomp" in out
 
 
 def test_node_check_says_when_execs_cannot_reach_pid_1(anchor_path):
@@ -281,6 +291,18 @@ def test_node_check_says_when_execs_cannot_reach_pid_1(anchor_path):
     os.chmod(anchor_path, 0o755)
     stale = check._exec_anchor()
     assert stale.status == "warn" and "built from another version's source" in stale.detail
+
+
+def test_node_check_says_when_brokers_fork_a_python_warden():
+    from runtime.node import check
+    from runtime.security.broker import warden
+
+    missing = check._broker_warden()
+    assert missing.status == "warn"
+    assert missing.detail == (
+        f"no {warden.binary_path()}: each seccomp broker forks a Python warden (~1 MiB more"
+        " a container); install gcc and libc6-dev, then run `zviz node install`"
+    )
 
 
 @pytest.mark.parametrize("fast_path", ["fast-path", "shim-fast-path"])

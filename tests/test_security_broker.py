@@ -10,8 +10,13 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
+import time
 
+import pytest
+
+from runtime.security.broker import warden
 from tests.privileges import drops_capabilities
 from tests.test_security_layers import confined, errno_of
 
@@ -313,13 +318,47 @@ def _short_timeout(tmp_path, port: int, seconds: float = 0.5) -> str:
     return str(path)
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
+def _warden_of(broker_pid: int) -> int:
+    """The broker's one child, its warden."""
+    with open(f"/proc/{broker_pid}/task/{broker_pid}/children") as f:
+        children = [int(pid) for pid in f.read().split()]
+    assert len(children) == 1, children
+    return children[0]
+
+
 @drops_capabilities
-def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python-fallback"])
+def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path, monkeypatch, compiled):
+    """The compiled warden (runtime/broker_warden.c, as `make install` built it), and
+    without it the Python warden the broker forks instead (said under --verbose)."""
+    if compiled and not os.path.exists(warden.binary_path()):
+        pytest.skip(f"no {warden.binary_path()}: `make install` builds it")
+    if not compiled:
+        monkeypatch.setattr(warden, "binary_path", lambda: str(tmp_path / "no-warden-here"))
     allowed, allowed_port = listener()
     profile = _short_timeout(tmp_path, allowed_port)
+    log = tmp_path / "broker.log"
     stopped = []
 
     def stop(broker_pid):
+        guard = _warden_of(broker_pid)
+        # The Python warden names itself once it has closed the broker's fds.
+        deadline = time.monotonic() + 10
+        while _comm(guard) != "zviz-warden":
+            assert time.monotonic() < deadline, _comm(guard)
+            time.sleep(0.01)
+        exe = os.readlink(f"/proc/{guard}/exe")
+        fds = sorted(map(int, os.listdir(f"/proc/{guard}/fd")))
+        if compiled:
+            assert exe == os.path.realpath(warden.binary_path())
+            assert fds == [3, 4]  # the heartbeat pipe and the broker's pidfd: no listener
+        else:
+            assert exe == os.path.realpath(sys.executable)
         os.kill(broker_pid, signal.SIGSTOP)
         stopped.append(broker_pid)
 
@@ -328,13 +367,15 @@ def test_stopped_broker_is_killed_by_its_warden_and_the_call_fails(tmp_path):
         return errno_of(lambda: s.connect(("127.0.0.1", allowed_port)))
 
     with allowed:
-        result = confined(tmp_path, profile, probe, after_apply=stop)
+        result = confined(tmp_path, profile, probe, after_apply=stop, verbose=True, log_path=log)
         allowed.setblocking(False)
         arrived = errno_of(allowed.accept)
     assert stopped
     # The warden's SIGKILL closed the listener: the kernel's ENOSYS, and no connection.
     assert result == errno.ENOSYS
     assert arrived == errno.EAGAIN
+    fell_back = "the Python warden runs" in log.read_text()
+    assert fell_back == (not compiled), log.read_text()
 
 
 @drops_capabilities
@@ -395,8 +436,6 @@ def test_unix_connect_to_a_full_backlog_fails_by_the_deadline(tmp_path):
 
 
 def test_broker_timeout_is_validated_and_defaulted(tmp_path):
-    import pytest
-
     from runtime.errors import InvalidArgument
     from runtime.security.profiles import load_profile
 

@@ -7,6 +7,7 @@ still has a warden that kills it when it stalls; the forker goes when the daemon
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -58,6 +59,13 @@ def test_a_broker_of_the_forker_is_still_killed_by_its_warden_when_stalled(
             target.startswith("socket:") for fd, target in fds.items() if fd > 2
         ), fds
         assert len(set(fds) - {0, 1, 2}) == 1, fds
+
+        # The warden is the compiled program when `make install` built it (the shim runs
+        # the venv's Python, so the binary sits beside it).
+        compiled = os.path.join(os.path.dirname(sys.executable), "zviz-warden")
+        if os.path.exists(compiled):
+            assert os.readlink(f"/proc/{wardens[0]}/exe") == os.path.realpath(compiled)
+            assert sorted(map(int, os.listdir(f"/proc/{wardens[0]}/fd"))) == [3, 4]
 
         os.kill(brokers[0], signal.SIGSTOP)
         # No heartbeat for the broker's timeout: the warden SIGKILLs it, then exits.

@@ -51,6 +51,7 @@ def run_checks(profile_name: str | None, containerd_config_path: str) -> list[Ch
     checks += _containerd(containerd_config_path)
     checks += [_fast_path(*fast_path) for fast_path in FAST_PATHS]
     checks.append(_exec_anchor())
+    checks.append(_broker_warden())
     checks.append(_denial_records(abi))
     return checks
 
@@ -414,24 +415,44 @@ def _exec_anchor() -> Check:
     execs work without it, in a Landlock domain of their own."""
     from runtime import exec_anchor
 
-    path = exec_anchor.binary_path()
+    return _static_program(
+        "exec-anchor",
+        exec_anchor,
+        exec_anchor.MAGIC,
+        "execs run in PID 1's Landlock domain (they can write /proc/1/fd/1 and read"
+        " /proc/1/environ)",
+        "execs get a Landlock domain of their own and cannot write /proc/1/fd/1 or read"
+        " /proc/1/environ",
+    )
+
+
+def _broker_warden() -> Check:
+    """Whether each seccomp broker's warden is the static program (~0.1 MiB) rather than
+    a fork of the broker (~1 MiB): runtime/security/broker/warden.py. Never a failure:
+    the Python warden does the same."""
+    from runtime.security.broker import warden
+
+    return _static_program(
+        "broker-warden",
+        warden,
+        warden.LAYOUT,
+        "each seccomp broker's warden is this static program",
+        "each seccomp broker forks a Python warden (~1 MiB more a container)",
+    )
+
+
+def _static_program(label: str, program, layout: int, with_it: str, without_it: str) -> Check:
+    """PROGRAM (a module with binary_path) built for LAYOUT: OK, else a warning."""
+    from runtime import static_programs
+
+    path = program.binary_path()
     if not os.path.exists(path):
         problem = f"no {path}"
-    elif exec_anchor.built_layout(path) != exec_anchor.MAGIC:
+    elif static_programs.built_layout(path) != layout:
         problem = f"{path} is built from another version's source"
     else:
-        return Check(
-            "exec-anchor",
-            OK,
-            f"{path}: execs run in PID 1's Landlock domain (they can write /proc/1/fd/1"
-            " and read /proc/1/environ)",
-        )
-    return Check(
-        "exec-anchor",
-        WARN,
-        f"{problem}: execs get a Landlock domain of their own and cannot write /proc/1/fd/1"
-        f" or read /proc/1/environ; {exec_anchor.BUILD_HINT}",
-    )
+        return Check(label, OK, f"{path}: {with_it}")
+    return Check(label, WARN, f"{problem}: {without_it}; {static_programs.BUILD_HINT}")
 
 
 def report(checks: list[Check], fmt: str) -> str:

@@ -6,10 +6,12 @@ What install does, each step idempotent (a second run writes the same bytes):
     which exec this install's Python entries (pip's scripts, whose `#!` names its own
     venv's interpreter) for everything else; without a C compiler, symlinks to those
     entries (the slow path, said so). containerd finds shims on its PATH;
-  - the exec anchor, compiled from the wheel's runtime/exec_anchor.c into this install's
-    own bin directory, where the runtime looks for it (exec_anchor.binary_path; not
-    BIN_DIR: it belongs to the install, and --root does not move it). Without a C
-    compiler and libc.a it is said so: execs then cannot reach PID 1's /proc entries;
+  - the exec anchor and the broker's warden, compiled from the wheel's
+    runtime/exec_anchor.c and runtime/broker_warden.c into this install's own bin
+    directory, where the runtime looks for them (runtime/static_programs.py; not
+    BIN_DIR: they belong to the install, and --root does not move them). Without a C
+    compiler and libc.a it is said so: execs then cannot reach PID 1's /proc entries,
+    and each seccomp broker forks a Python warden;
   - the containerd runtime entry, as runtime/node/containerd.py plans it;
   - where AppArmor is active, a profile attached to the shim and zviz, loaded into the
     kernel: the one that lets zviz create user namespaces under Ubuntu's
@@ -166,7 +168,7 @@ def install(paths: Paths, dry_run: bool, restart: bool, out) -> int:
     if client and not dry_run:
         for _label, name, entry in entries:
             _build_client(os.path.join(paths.bin_dir, name), entry)
-    _build_exec_anchor(dry_run, say)
+    _build_static_programs(dry_run, say)
     backup = paths.config + BACKUP_SUFFIX
     for path, text in sorted(changes.items()):
         if dry_run:
@@ -252,30 +254,50 @@ def _build_client(path: str, entry: str) -> None:
     forkserver.compile_client(path, python_entry(entry), entry=entry)
 
 
-def _build_exec_anchor(dry_run: bool, say) -> None:
-    """The exec anchor (runtime/exec_anchor.py) where the runtime looks for it. Rebuilt on
-    every install: a wheel upgraded in place keeps the old binary, whose requests the new
-    runtime could not use. Left by uninstall, like the rest of the install it belongs to."""
-    from runtime import exec_anchor
+def _build_static_programs(dry_run: bool, say) -> None:
+    """The exec anchor (runtime/exec_anchor.py) and the broker's warden
+    (runtime/security/broker/warden.py) where the runtime looks for them. Rebuilt on
+    every install: a wheel upgraded in place keeps the old binaries, which the new
+    runtime could not use. Left by uninstall, like the rest of the install they belong to."""
+    from runtime import static_programs
 
-    path = exec_anchor.binary_path()
-    if dry_run:
-        say(f"exec-anchor: would build {path}\n")
-        return
-    try:
-        built = exec_anchor.build(os.path.dirname(path))
-    except (RuntimeError, OSError) as e:
-        built, why = None, f"build failed: {e}"
-    else:
-        why = "no C compiler or no static libc"
-    if built is None:
-        say(
-            f"exec-anchor: not built ({why}): execs get a Landlock domain of their own and"
-            f" cannot write /proc/1/fd/1 or read /proc/1/environ; {exec_anchor.BUILD_HINT}"
-            " again\n"
-        )
-    else:
-        say(f"exec-anchor: {built} (execs run in PID 1's Landlock domain)\n")
+    for label, program, with_it, without_it in _static_programs():
+        path = program.binary_path()
+        if dry_run:
+            say(f"{label}: would build {path}\n")
+            continue
+        try:
+            built = program.build(os.path.dirname(path))
+        except (RuntimeError, OSError) as e:
+            built, why = None, f"build failed: {e}"
+        else:
+            why = "no C compiler or no static libc"
+        if built is None:
+            say(f"{label}: not built ({why}): {without_it}; {static_programs.BUILD_HINT} again\n")
+        else:
+            say(f"{label}: {built} ({with_it})\n")
+
+
+def _static_programs():
+    """(label, module, what it gives, what its absence costs) of each static program."""
+    from runtime import exec_anchor
+    from runtime.security.broker import warden
+
+    return (
+        (
+            "exec-anchor",
+            exec_anchor,
+            "execs run in PID 1's Landlock domain",
+            "execs get a Landlock domain of their own and cannot write /proc/1/fd/1 or"
+            " read /proc/1/environ",
+        ),
+        (
+            "broker-warden",
+            warden,
+            "each seccomp broker's warden is this static program",
+            "each seccomp broker forks a Python warden (~1 MiB more a container)",
+        ),
+    )
 
 
 def _replace_with_symlink(path: str, target: str) -> None:

@@ -20,7 +20,8 @@ error too, within the profile's `broker.timeout` (T):
   AF_UNSPEC) before ETIMEDOUT is answered, so the caller's socket cannot connect
   later; sends wait for room only until the deadline;
 - a whole-broker stall (stopped, deadlocked) leaves the calls unreceived in the kernel:
-  the warden, a small child process forked before the broker holds the listener,
+  the warden, a small child process forked before the broker holds the listener
+  (warden.py: it execs the static runtime/broker_warden.c),
   expects a heartbeat from the watchdog thread at least every T once the broker
   serves, and SIGKILLs the broker otherwise, which closes the listener (ENOSYS for
   every pending call).
@@ -31,7 +32,7 @@ The same `Broker` class can run inside a long-lived supervisor on a thread
 (`Broker(listener_fd, ...).serve()`) if one prefers.
 
 The modules, as a chain of handlers (crun's seccomp-notify shape):
-- core.py: the notify loop, deadlines, watchdog and warden; turns whatever a handler
+- core.py: the notify loop, deadlines and watchdog; turns whatever a handler
   ends with into one Verdict and answers it (fail closed), with its records.
 - handlers.py: one handler per mediated call (connect, bind, sendto, sendmsg,
   sendmmsg): copy, decide, perform, return a Verdict (verdict.py).

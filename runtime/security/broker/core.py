@@ -1,25 +1,23 @@
-"""The broker's core: the notify loop, deadlines, the watchdog and the warden, answering.
+"""The broker's core: the notify loop, deadlines, the watchdog, answering.
 
 The loop receives each notification and hands a mediated call to its handler
 (handlers.HANDLERS, by syscall number) on a worker thread; any other notified call
 (--verbose) is refused and logged. A handler's verdict (verdict.py) is answered here, in
 one place, with its log line and denial or audit records. Fail closed: whatever a
 handler raises becomes a refusal; a call not performed by its deadline is answered
-ETIMEDOUT by the watchdog; a broker that stops serving is killed by its warden.
+ETIMEDOUT by the watchdog; a broker that stops serving is killed by its warden (warden.py).
 """
 
-import ctypes
 import errno
 import fcntl
 import json
 import os
 import select
-import signal
 import struct
 import threading
 import time
 
-from runtime import denials, linux
+from runtime import denials
 from runtime.security import syscalls
 from runtime.security.broker import handlers
 from runtime.security.broker.caller import Call
@@ -316,6 +314,13 @@ class Broker:
         }
         return (json.dumps(record) + "\n").encode()
 
+    def debug(self, message: str) -> None:
+        """A line of the runtime's log format (runtime/log.py, json), under --verbose."""
+        if self.verbose:
+            stamp = denials.rfc3339(time.time())
+            line = {"level": "debug", "msg": f"broker: {message}", "time": stamp}
+            self._write_log((json.dumps(line) + "\n").encode())
+
     def _write_log(self, line: bytes) -> None:
         # A log nobody reads (a full pipe) must not stall the broker: a record that
         # cannot be written within the timeout is dropped.
@@ -380,55 +385,3 @@ def _comm(pid: int) -> str:
             return f.read().strip()
     except OSError:
         return "?"
-
-
-def fork_warden(profile) -> int:
-    """Fork the warden; returns the broker's end of the heartbeat pipe.
-
-    The warden is the broker's child, forked before the broker holds the listener (it
-    must never hold it: killing the broker has to close the listener). It exits when
-    the broker does (end of file on the pipe); without a heartbeat for the profile's
-    broker.timeout it SIGKILLs the broker (held by pidfd: no pid reuse), so calls the
-    stalled broker never received fail with ENOSYS instead of waiting.
-    """
-    timeout = float(getattr(profile, "broker_timeout", DEFAULT_TIMEOUT))
-    beats, beat = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    broker_pidfd = linux.pidfd_open(os.getpid())
-    # The broker reaps nothing: its only child, the warden, is reaped by the kernel.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    if os.fork() != 0:
-        os.close(beats)
-        os.close(broker_pidfd)
-        return beat
-    status = 0
-    try:
-        os.close(beat)
-        # Nothing of the broker's but the pipe and the pidfd (no channel, no log).
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            if fd > 2 and fd not in (beats, broker_pidfd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        title = ctypes.create_string_buffer(b"zviz-warden")
-        linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
-        poller = select.poll()
-        poller.register(beats, select.POLLIN)
-        # No deadline before the first beat: between `create` and `start` the broker
-        # waits for the listener, for as long as the container is not started, and
-        # no call can be pending before the broker serves.
-        limit = -1
-        while True:
-            if not poller.poll(limit):
-                linux.pidfd_send_signal(broker_pidfd, signal.SIGKILL)
-                break
-            try:
-                if not os.read(beats, 4096):
-                    break  # the broker exited
-            except BlockingIOError:
-                pass
-            limit = int(timeout * 1000)
-    except BaseException:  # noqa: BLE001 - the warden never runs the broker's code
-        status = 1
-    finally:
-        os._exit(status)

@@ -16,7 +16,8 @@ import socket
 import threading
 
 from runtime import denials, linux
-from runtime.security.broker.core import Broker, fork_warden
+from runtime.security.broker import warden
+from runtime.security.broker.core import Broker
 
 # Set once by a long-lived process that forks many brokers (the shim daemon).
 _forker: "Forker | None" = None
@@ -256,7 +257,7 @@ def _run(
             records=denials.RecordFile(records_path) if records_path else None,
             record_context=record_context,
         )
-        broker.heartbeat_fd = fork_warden(profile)
+        broker.heartbeat_fd = warden.fork_warden(broker.timeout, broker.debug)
         message = os.read(3, 256)
         if not message:
             return  # the container went away before starting
