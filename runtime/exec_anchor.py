@@ -3,8 +3,9 @@
 Every Landlock domain is made by one landlock_restrict_self and passes only by fork. An
 exec that restricts itself is in a sibling of PID 1's domain, and Landlock refuses it
 ptrace-mode access to PID 1 (/proc/1/fd/1, /proc/1/environ). So PID 1, once every layer
-is applied and right before its execve, forks the anchor (runtime/exec_anchor.c, a
-static C program: PID 1's root has no zviz and maybe no libc), which forks the execs.
+is applied and right before its execve, starts the anchor (vfork, else fork: start;
+runtime/exec_anchor.c, a static C program: PID 1's root has no zviz and maybe no libc),
+which forks the execs.
 docs/architecture.md, "An exec and PID 1's Landlock domain", has the whole picture.
 
     create (parent):  bind_socket(state dir)  + open_binary()  → fds for PID 1
@@ -149,10 +150,62 @@ def expected_uid() -> int:
         return int(f.read())
 
 
-def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool) -> None:
-    """Fork the anchor (PID 1 right before its execve; its layers are applied). A fork the
-    pids limit refuses leaves the container without an anchor: execs take the old path."""
-    parent = os.getpid()
+_STARTED: list = []
+
+
+def may_vfork(profile, oci_seccomp: dict | None) -> bool:
+    """Whether PID 1 may start the anchor with vfork (start), else it forks, as before:
+    - only where every filter it loads allows vfork outright: elsewhere (a user's profile
+      without it) the vfork would be refused and leave a denial record in every container;
+    - only where PID 1 has `subprocess` from its parent (the shim's asyncio, the fork
+      server's preload): PID 1 cannot import after pivot_root, and a one-shot `zviz
+      create` would pay 4-8 ms importing it to save the fork of a small process."""
+    import sys
+
+    from runtime.security import seccomp
+
+    return "subprocess" in sys.modules and seccomp.allows_plainly(profile, oci_seccomp, "vfork")
+
+
+def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool, vfork: bool) -> None:
+    """Start the anchor (PID 1 right before its execve; its layers are applied). A fork the
+    pids limit refuses, or an execve that fails, leaves the container without an anchor:
+    execs take the old path. VFORK: may_vfork's answer.
+
+    With vfork (CPython's subprocess, the plain vfork syscall: not posix_spawn, whose
+    clone3 every profile answers with a logged ENOSYS) no copy of PID 1's page tables is
+    made for the anchor's execve to tear down, and PID 1 goes on only once that execve is
+    done (subprocess's error pipe: the anchor is never a copy of PID 1 when the workload,
+    or an exec right after Start, runs)."""
+    args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
+    args.append(str(os.getpid()))
+    # /proc/self/fd/N rather than execveat: the strictest profile's seccomp allows only
+    # execve; Landlock has a rule for this one file.
+    executable = f"/proc/self/fd/{binary_fd}"
+    # Without /proc (a spec that mounts none) the execve fails either way, and the vfork
+    # child, unable to list /proc/self/fd, would close every fd number up to RLIMIT_NOFILE.
+    if vfork and os.path.exists(executable):
+        import subprocess  # already imported: may_vfork
+
+        try:
+            # pass_fds: the socket loses close-on-exec in the child alone; the binary's
+            # fd must stay open for the execve through /proc (the anchor closes every fd
+            # but the socket first thing). No preexec_fn: it would turn vfork into fork.
+            # restore_signals=False: the anchor inherits PID 1's dispositions, as forked.
+            anchor = subprocess.Popen(
+                args, executable=executable, env={}, pass_fds=(socket_fd, binary_fd),
+                restore_signals=False,
+            )  # fmt: skip
+            # Held until PID 1's execve: a Popen collected while its child runs warns
+            # (ResourceWarning, shown under -W default) on PID 1's stderr, the workload's.
+            _STARTED.append(anchor)
+            return
+        except (OSError, subprocess.SubprocessError):
+            pass  # refused (pids limit, a filter): fork, which says the same or works
+    _fork_and_exec(socket_fd, executable, args)
+
+
+def _fork_and_exec(socket_fd: int, executable: str, args: list[str]) -> None:
     # PID 1 waits until the anchor has exec'd (the close-on-exec write end reaches EOF):
     # else, on a loaded machine, the workload (and an exec right after Start) could run
     # before the anchor is the anchor, still a copy of PID 1 under another name.
@@ -171,10 +224,7 @@ def start(socket_fd: int, binary_fd: int, uid: int, own_pid_namespace: bool) -> 
     try:
         os.close(exec_done)
         os.set_inheritable(socket_fd, True)
-        args = [BINARY_NAME, str(socket_fd), str(uid), "1" if own_pid_namespace else "0"]
-        # /proc/self/fd/N rather than execveat: the strictest profile's seccomp
-        # allows only execve; Landlock has a rule for this one file.
-        os.execve(f"/proc/self/fd/{binary_fd}", [*args, str(parent)], {})
+        os.execve(executable, args, {})
     finally:
         os._exit(127)
 

@@ -514,6 +514,9 @@ def _peer_pidfd(conn) -> int | None:
 # Everything a run imports, also lazily (found by diffing sys.modules around a run).
 # runtime.container brings every stage of runtime/spawn/ (tests/test_spawn_stages.py).
 PRELOADED = (
+    # PID 1 starts the exec anchor through subprocess (a vfork) only when its parent
+    # has it imported (runtime/exec_anchor.py may_vfork).
+    "subprocess",
     "runtime.cgroups",
     "runtime.cgroups.v1",
     "runtime.cgroups.v2",

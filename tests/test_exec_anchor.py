@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -325,3 +326,30 @@ def test_the_request_header_is_the_c_structs():
 def test_without_a_compiler_no_anchor_is_built(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert exec_anchor.build(str(tmp_path)) is None
+
+
+def test_vfork_only_where_every_filter_allows_it_outright():
+    """may_vfork: a vfork a filter refuses or logs would be a denial record in every
+    container (PID 1 forks then); the built-in profiles allow it."""
+    from dataclasses import replace
+
+    from runtime.security import profiles
+
+    ci = profiles.load_profile("ci-runner")
+    assert "subprocess" in sys.modules  # imported above, as the shim has it
+    for name in profiles.list_profiles():
+        assert exec_anchor.may_vfork(profiles.load_profile(name), None), name
+    without = replace(ci, allow=tuple(n for n in ci.allow if n != "vfork"))
+    assert not exec_anchor.may_vfork(without, None)
+    assert not exec_anchor.may_vfork(replace(ci, deny=(*ci.deny, "vfork")), None)
+    assert not exec_anchor.may_vfork(replace(ci, mediate=("vfork",)), None)
+    allow_all = {"defaultAction": "SCMP_ACT_ALLOW"}
+    assert exec_anchor.may_vfork(ci, allow_all)
+    assert not exec_anchor.may_vfork(ci, {"defaultAction": "SCMP_ACT_ERRNO"})
+    listed = {"names": ["fork", "vfork"], "action": "SCMP_ACT_ALLOW"}
+    oci = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [listed]}
+    assert exec_anchor.may_vfork(ci, oci)
+    refused = {"names": ["vfork"], "action": "SCMP_ACT_LOG"}
+    assert not exec_anchor.may_vfork(ci, {**allow_all, "syscalls": [refused]})
+    argued = {**listed, "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]}
+    assert not exec_anchor.may_vfork(ci, {**oci, "syscalls": [argued]})

@@ -200,6 +200,22 @@ def profile_program(profile, verbose: bool = False) -> Program:
     return Program(f"profile {profile.name}", bpf, flags, listener)
 
 
+def allows_plainly(profile, oci_seccomp: dict | None, name: str) -> bool:
+    """Whether the call NAME (no argument rules) passes every filter PID 1 loads (the
+    profile's, then config.json's) as allowed: neither refused nor logged nor mediated,
+    so it leaves no denial record. Mirrors _compile_profile and _compile_oci."""
+    if not syscalls.exists_here(name) or name in _SPECIAL:
+        return False
+    if name not in profile.allow or name in profile.deny or name in profile.mediate:
+        return False
+    if not oci_seccomp:
+        return True
+    rules = [r for r in oci_seccomp.get("syscalls") or () if name in r.get("names", ())]
+    if not rules:
+        return oci_seccomp.get("defaultAction") == "SCMP_ACT_ALLOW"
+    return all(r.get("action") == "SCMP_ACT_ALLOW" and not r.get("args") for r in rules)
+
+
 ACTIONS_LOGGED = "/proc/sys/kernel/seccomp/actions_logged"
 
 

@@ -3,7 +3,7 @@
 Builds the filesystem, terminal, sysctls, hostname, rlimits, prepares the security
 layers, switches user, reports "ready" and waits: for "start" on the sync socket (`zviz
 run`, no fifo round trip), or for `zviz start` to open the exec fifo (`zviz create`).
-Then the startContainer hooks, the security layers, the exec anchor's fork
+Then the startContainer hooks, the security layers, the exec anchor's start (vfork or fork)
 (runtime/exec_anchor.py), then execve. The process attributes (`prepare_process`,
 `finish_process`) are an exec's too (runtime/spawn/exec.py).
 
@@ -158,6 +158,7 @@ def finish_process(
 
         with stages("exec anchor"):
             anchor_uid = exec_anchor.expected_uid()
+            anchor_vfork = exec_anchor.may_vfork(request.profile, request.spec.linux.seccomp)
     sync.send("ready")
     sync.expect("ack" if wait_for_fifo is not None else "start")
     if wait_for_fifo is not None:
@@ -175,7 +176,10 @@ def finish_process(
     if anchor_uid is not None:
         # Here, so that it holds every layer PID 1 has: its execs are in its domain.
         exec_anchor.start(
-            *request.anchor_fds, anchor_uid, request.spec.linux.creates_namespace("pid")
+            *request.anchor_fds,
+            anchor_uid,
+            request.spec.linux.creates_namespace("pid"),
+            vfork=anchor_vfork,
         )
     with stages("exec"):
         _restore_default_signals()
