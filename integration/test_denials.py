@@ -99,7 +99,14 @@ def _run_until_recorded(containerd, image, zviz_bin, script, annotations, wanted
             await asyncio.to_thread(containerd.ctr, "tasks", "delete", "-f", cid, check=False)
             await asyncio.to_thread(containerd.ctr, "containers", "delete", cid, check=False)
             ctr_events.kill()
-        _, ctr_stderr = await ctr_events.communicate()
+            # Reaped here, also when the test fails: a subprocess transport the loop never
+            # closed is collected later, at any moment, and its __del__ raises ("Event loop
+            # is closed"). Once that happened while pytest was formatting this test's
+            # failure: the traceback of that unraisable exception ran ast.parse inside
+            # pytest's own ast.parse, and CPython 3.11's AST recursion-depth counter,
+            # shared by both, raised SystemError: an INTERNALERROR that ended the whole
+            # session and skipped every teardown (its containerds and daemons left running).
+            _, ctr_stderr = await ctr_events.communicate()
         return event, records, audit_records, ctr_stderr.decode()
 
     return asyncio.run(main())
