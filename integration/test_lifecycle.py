@@ -10,6 +10,7 @@ import time
 import pytest
 
 from integration.ids import tagged
+from integration.reliability import harness
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
 
 
@@ -112,9 +113,9 @@ def test_delete_created_container_without_force(zviz, created):
     assert zviz("delete", container_id).returncode == 0
     assert leftovers(container_id, zviz.root) == []
     deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{pid}") and _not_zombie(pid) and time.monotonic() < deadline:
+    while harness.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not (os.path.exists(f"/proc/{pid}") and _not_zombie(pid))
+    assert not harness.alive(pid)
 
 
 def test_delete_running_needs_force(zviz, created):
@@ -247,14 +248,6 @@ def test_run_detached_then_kill_all(zviz, make_bundle):
     wait_for_status(zviz, container_id, "stopped")
     assert zviz("delete", container_id).returncode == 0
     assert leftovers(container_id, zviz.root) == []
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_console_socket_receives_the_pty_master(zviz, make_bundle, tmp_path):

@@ -26,6 +26,7 @@ import pytest
 from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client
 from integration.ids import tagged, unique_id
+from integration.reliability import harness
 from shim import config as shim_config
 from tools.containerd import lost_by_runcs_shim
 
@@ -184,12 +185,9 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    # One check for the whole suite (it used to be its own here, and raised when the
+    # process went away between kill(0) and reading its stat: a failed run under load).
+    return harness.alive(pid)
 
 
 # ---- run --rm -----------------------------------------------------------------------------
