@@ -302,6 +302,17 @@ def close_range(first: int, last: int = 0xFFFFFFFF, flags: int = 0) -> None:
     raw_syscall("close_range", ctypes.c_uint(first), ctypes.c_uint(last), ctypes.c_uint(flags))
 
 
+def close_all_except(keep) -> None:
+    """Close every descriptor of this process but KEEP: close_range over the gaps, no walk
+    of /proc/self/fd (a fork that must hold nothing of its parent's but these)."""
+    low = 0
+    for fd in sorted(set(keep)):
+        if fd > low:
+            close_range(low, fd - 1)
+        low = max(low, fd + 1)
+    close_range(low)
+
+
 # inotify(7), for cgroup v2 event files (memory.events, cgroup.events) that signal
 # changes as IN_MODIFY.
 IN_MODIFY = 0x00000002

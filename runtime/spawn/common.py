@@ -146,12 +146,7 @@ def close_inherited_fds(request: Request, sync: Sync, extra=()) -> None:
         keep.add(request.notify_channel.container_fd)
     keep.update(request.anchor_fds or ())
     keep.update(fd for fd in request.anchor_connection or () if fd >= 0)
-    low = 0
-    for fd in sorted(keep):
-        if fd > low:
-            linux.close_range(low, fd - 1)
-        low = max(low, fd + 1)
-    linux.close_range(low)
+    linux.close_all_except(keep)
 
 
 def close_all(fds) -> None:

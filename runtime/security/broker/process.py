@@ -130,12 +130,7 @@ def _serve_forks(sock: socket.socket) -> None:
     for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(number, signal.SIG_DFL)
     # Nothing of the caller's but stderr (the brokers' log when they have none).
-    for fd in map(int, os.listdir("/proc/self/fd")):
-        if fd > 2 and fd != sock.fileno():
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    linux.close_all_except({0, 1, 2, sock.fileno()})
     title = ctypes.create_string_buffer(b"zviz-forker")
     linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
     while True:

@@ -119,12 +119,7 @@ def _fork_python(beats: int, beat: int, broker_pidfd: int, timeout: float) -> No
     try:
         os.close(beat)
         # Nothing of the broker's but the pipe and the pidfd (no channel, no log).
-        for fd in map(int, os.listdir("/proc/self/fd")):
-            if fd > 2 and fd not in (beats, broker_pidfd):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        linux.close_all_except({0, 1, 2, beats, broker_pidfd})
         title = ctypes.create_string_buffer(b"zviz-warden")
         linux.prctl(linux.PR_SET_NAME, ctypes.addressof(title))
         poller = select.poll()
