@@ -24,10 +24,10 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 
 from integration.ids import session_tag, tagged
+from tests.served_socket import ServedSocket
 from tools.containerd import PrivateContainerd
 from tools.netns import NamedNetns, socket_in
 
@@ -90,7 +90,7 @@ class CniNode:
         self.hosts: list[NamedNetns] = []
         self.containerd: PrivateContainerd | None = None
         self.dnsmasq: subprocess.Popen | None = None
-        self.service: socket.socket | None = None
+        self.service: ServedSocket | None = None
         self.workdir = tempfile.mkdtemp(prefix=f"{_name('cni')}-")
 
     def start(self) -> "CniNode":
@@ -105,8 +105,9 @@ class CniNode:
             self.node.ip("addr", "add", f"{GATEWAY}/24", "dev", BRIDGE)
             self.node.ip("link", "set", BRIDGE, "up")
             service = self._host("svc", SERVICE_IP)
-            self.service = _listen_in(service.path, SERVICE_IP, SERVICE_PORT)
-            threading.Thread(target=_serve, args=(self.service,), daemon=True).start()
+            self.service = ServedSocket(
+                _listen_in(service.path, SERVICE_IP, SERVICE_PORT), _answer_http
+            )
             self._start_dnsmasq(self._host("dns", DNS_IP))
             self._start_containerd()
         except BaseException:
@@ -217,18 +218,14 @@ def _listen_in(netns_path: str, address: str, port: int) -> socket.socket:
     return server
 
 
-def _serve(server: socket.socket) -> None:
-    """Answer each connection with SERVICE_REPLY as HTTP/1.0 (busybox wget reads it)."""
-    while True:
-        try:
-            conn, _ = server.accept()
-        except OSError:
-            return  # closed by CniNode.stop
-        with conn:
-            conn.settimeout(5)
-            with contextlib.suppress(OSError):
-                conn.recv(4096)
-                conn.sendall(
-                    b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                    % (len(SERVICE_REPLY), SERVICE_REPLY)
-                )
+def _answer_http(server: socket.socket) -> None:
+    """Answer a connection with SERVICE_REPLY as HTTP/1.0 (busybox wget reads it)."""
+    conn, _ = server.accept()
+    with conn:
+        conn.settimeout(5)
+        with contextlib.suppress(OSError):
+            conn.recv(4096)
+            conn.sendall(
+                b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(SERVICE_REPLY), SERVICE_REPLY)
+            )

@@ -8,8 +8,8 @@ bridge, or a pod's own namespace (as a server a container could start there).
 import ipaddress
 import socket
 import struct
-import threading
 
+from tests.served_socket import ServedSocket
 from tools.netns import socket_in
 
 TYPE_A, TYPE_AAAA = 1, 28
@@ -33,39 +33,32 @@ class FakeDns:
     def __init__(self, netns_path: str, address: str, port: int = 53):
         self.names: dict[str, tuple[str, int]] = {}
         self.queries: dict[tuple[str, int], int] = {}
-        self.sock = socket_in(netns_path, socket.SOCK_DGRAM)
-        self.sock.bind((address, port))
-        threading.Thread(target=self._serve, daemon=True).start()
+        sock = socket_in(netns_path, socket.SOCK_DGRAM)
+        sock.bind((address, port))
+        self.served = ServedSocket(sock, self._answer)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                query, peer = self.sock.recvfrom(512)
-                name, qtype, end = _question(query)
-            except (OSError, IndexError, struct.error):
-                if self.sock.fileno() < 0:
-                    return
-                continue
-            self.queries[(name, qtype)] = self.queries.get((name, qtype), 0) + 1
-            record = self.names.get(name)
-            answers, rcode = b"", 0 if record else 3
-            if record:
-                ip = ipaddress.ip_address(record[0])
-                if (qtype, ip.version) in ((TYPE_A, 4), (TYPE_AAAA, 6)):
-                    answers = b"\xc0\x0c" + struct.pack(
-                        "!HHIH", qtype, 1, record[1], len(ip.packed)
-                    )
-                    answers += ip.packed
-            ident = struct.unpack_from("!H", query)[0]
-            header = struct.pack("!HHHHHH", ident, 0x8580 | rcode, 1, 1 if answers else 0, 0, 0)
-            try:
-                self.sock.sendto(header + query[12:end] + answers, peer)
-            except OSError:
-                pass
+    def _answer(self, sock: socket.socket) -> None:
+        query, peer = sock.recvfrom(512)
+        if not query:
+            return  # shut down by close()
+        try:
+            name, qtype, end = _question(query)
+        except (IndexError, struct.error):
+            return  # not a question this server reads
+        self.queries[(name, qtype)] = self.queries.get((name, qtype), 0) + 1
+        record = self.names.get(name)
+        answers, rcode = b"", 0 if record else 3
+        if record:
+            ip = ipaddress.ip_address(record[0])
+            if (qtype, ip.version) in ((TYPE_A, 4), (TYPE_AAAA, 6)):
+                answers = b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, record[1], len(ip.packed))
+                answers += ip.packed
+        ident = struct.unpack_from("!H", query)[0]
+        header = struct.pack("!HHHHHH", ident, 0x8580 | rcode, 1, 1 if answers else 0, 0, 0)
+        try:
+            sock.sendto(header + query[12:end] + answers, peer)
+        except OSError:
+            pass  # the asker is gone: a test that timed out
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread waiting in recvfrom
-        except OSError:
-            pass
-        self.sock.close()
+        self.served.close()

@@ -5,7 +5,6 @@ ignored, TTLs honoured), the cluster settings' checks, the profile key."""
 import ipaddress
 import socket
 import struct
-import threading
 import time
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ from runtime.security.cluster import ClusterNetwork
 from runtime.security.profiles import _build
 from shim import config as shim_config
 from tests.privileges import opens_a_sockets_netns
+from tests.served_socket import ServedSocket
 
 
 def _reply(query: bytes, answers, *, query_id=None, qname=None, rcode=0) -> bytes:
@@ -46,29 +46,27 @@ class FakeDns:
         self.names: dict[str, list] = {}
         self.forge_first = False
         self.queries = 0
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.address = self.sock.getsockname()
-        threading.Thread(target=self._serve, daemon=True).start()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        self.address = sock.getsockname()
+        self.served = ServedSocket(sock, self._answer)
 
-    def _serve(self):
-        while True:
-            try:
-                query, peer = self.sock.recvfrom(512)
-            except OSError:
-                return
-            self.queries += 1
-            name, _ = dns._read_name(query, 12)
-            answers = self.names.get(name, [])
-            if self.forge_first:
-                forged = [("10.66.66.66", 300), ("fd00::66", 300)]
-                ident = struct.unpack_from("!H", query)[0] ^ 1
-                self.sock.sendto(_reply(query, forged, query_id=ident), peer)
-                self.sock.sendto(_reply(query, forged, qname="evil.test"), peer)
-            self.sock.sendto(_reply(query, answers), peer)
+    def _answer(self, sock):
+        query, peer = sock.recvfrom(512)
+        if not query:
+            return  # shut down by close()
+        self.queries += 1
+        name, _ = dns._read_name(query, 12)
+        answers = self.names.get(name, [])
+        if self.forge_first:
+            forged = [("10.66.66.66", 300), ("fd00::66", 300)]
+            ident = struct.unpack_from("!H", query)[0] ^ 1
+            sock.sendto(_reply(query, forged, query_id=ident), peer)
+            sock.sendto(_reply(query, forged, qname="evil.test"), peer)
+        sock.sendto(_reply(query, answers), peer)
 
     def close(self):
-        self.sock.close()
+        self.served.close()
 
 
 @pytest.fixture
@@ -125,21 +123,17 @@ def test_a_reply_from_another_port_never_reaches_the_query():
     # dropped by the kernel, so a guessed ID from another sender counts for nothing.
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
+    address = silent.getsockname()
     forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
 
-        def forge():
-            query, peer = silent.recvfrom(512)
+    def forge(sock):
+        query, peer = sock.recvfrom(512)
+        if query:
             forger.sendto(_reply(query, [("10.66.66.66", 60)]), peer)
 
-        threading.Thread(target=forge, daemon=True).start()
+    with forger, ServedSocket(silent, forge):
         with pytest.raises(dns.DnsError, match="no answer in time"):
-            dns.query(
-                socket.socket, silent.getsockname(), "svc.test", dns.TYPE_A, time.monotonic() + 1
-            )
-    finally:
-        silent.close()
-        forger.close()
+            dns.query(socket.socket, address, "svc.test", dns.TYPE_A, time.monotonic() + 1)
 
 
 def test_link_local_and_loopback_answers_are_never_allowed(fake_dns):

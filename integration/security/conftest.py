@@ -1,5 +1,6 @@
 """Fixtures for the escape probes: the static probe binary and a runner for zviz and runc."""
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -10,12 +11,12 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import typing
 
 import pytest
 
 from integration.ids import tagged, unique_id
+from tests.served_socket import ServedSocket
 from tools.mkbundle import build_bundle, default_config
 
 PROBE_SOURCE = os.path.join(os.path.dirname(__file__), "probes", "probe.c")
@@ -70,30 +71,24 @@ def probe_bin() -> str:
     return build_probe()
 
 
-@pytest.fixture(scope="session")
-def host_listener():
+def host_listener_socket() -> ServedSocket:
     """A TCP listener on the host's loopback that greets whoever reaches it."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
-    stop = threading.Event()
 
-    def serve():
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.sendall(b"zviz-host-listener\n")
+    def greet(sock):
+        conn, _ = sock.accept()
+        with conn, contextlib.suppress(OSError):  # a probe may be gone before the greeting
+            conn.sendall(b"zviz-host-listener\n")
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    server.close()
+    return ServedSocket(server, greet)
+
+
+@pytest.fixture(scope="session")
+def host_listener():
+    with host_listener_socket() as server:
+        yield f"127.0.0.1:{server.sock.getsockname()[1]}"
 
 
 class ProbeRunner:

@@ -10,7 +10,7 @@ import sys
 import tempfile
 
 from integration.ids import tagged
-from integration.security.conftest import ProbeRunner, build_probe
+from integration.security.conftest import ProbeRunner, build_probe, host_listener_socket
 from integration.security.escapes import PROBES, probe_arg
 
 
@@ -19,24 +19,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
     import os
-    import socket
-    import threading
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-
-    def serve():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.sendall(b"zviz-host-listener\n")
-
-    threading.Thread(target=serve, daemon=True).start()
-    listener = f"127.0.0.1:{server.getsockname()[1]}"
+    server = host_listener_socket()
+    listener = f"127.0.0.1:{server.sock.getsockname()[1]}"
     base = tempfile.mkdtemp(prefix=tagged("zviz-sec-table") + "-")
     venv = os.path.dirname(sys.executable)
     zviz = os.environ.get("ZVIZ_BIN", os.path.join(venv, "zviz"))
