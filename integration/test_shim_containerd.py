@@ -28,7 +28,7 @@ from api.ttrpc import Client
 from integration.ids import tagged, unique_id
 from integration.reliability import harness
 from shim import config as shim_config
-from tools.containerd import lost_by_runcs_shim
+from tools.containerd import log_lost_by_runcs_shim, lost_by_runcs_shim
 
 pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
 
@@ -618,7 +618,7 @@ def test_running_task_survives_a_containerd_restart(containerd, ctr, busybox_ima
 # ---- output to a file and to a logger process -------------------------------------------------------
 
 
-def test_log_uri_file(ctr, busybox_image, new_id, tmp_path):
+def test_log_uri_file(ctr, runtime, busybox_image, new_id, tmp_path):
     log = tmp_path / "task.log"
     result = ctr(
         "run",
@@ -632,7 +632,10 @@ def test_log_uri_file(ctr, busybox_image, new_id, tmp_path):
         "echo to-file; echo err-to-file >&2",
     )
     assert result.returncode == 0, result.stderr
-    assert sorted(log.read_text().splitlines()) == ["err-to-file", "to-file"]
+    lines = log.read_text().splitlines()
+    # The reference may lose the stderr line (its shim's known loss); zviz must not.
+    known_loss = log_lost_by_runcs_shim(runtime, lines, ["to-file"])
+    assert sorted(lines) == ["err-to-file", "to-file"] or known_loss, lines
 
 
 def test_log_uri_binary_logger(ctr, busybox_image, new_id, tmp_path):

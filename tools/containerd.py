@@ -35,6 +35,19 @@ def lost_by_runcs_shim(runtime: str, result) -> bool:
     return runtime == RUNC_RUNTIME and result.stdout == ""
 
 
+def log_lost_by_runcs_shim(runtime: str, lines: list[str], stdout_lines: list[str]) -> bool:
+    """Whether a file:// log of a finished `ctr run` of `runtime` shows the other known
+    loss of containerd's runc shim: its stdout lines alone, the stderr ones gone. Both
+    streams are copied from pipes into the one file, and copyPipes hands the stdout copy
+    the file itself rather than its counting closer, so the stdout copy's end closes the
+    file while the stderr copy may still hold data (1.6 and 2.4.2 share that code; a
+    two-line script lost its stderr line in 8 of 180 runs under 1.6's shim here, 0 of 100
+    under 2.4.2's, and once in a `make test` run under 2.4.2's). zviz gives the process
+    the file itself: nothing is copied, nothing can be lost, and a test judges its log as
+    it came."""
+    return runtime == RUNC_RUNTIME and sorted(lines) == sorted(stdout_lines)
+
+
 CONFIG = """version = 2
 root = "{root}"
 state = "{state}"
