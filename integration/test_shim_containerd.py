@@ -184,12 +184,6 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _alive(pid: int) -> bool:
-    # One check for the whole suite (it used to be its own here, and raised when the
-    # process went away between kill(0) and reading its stat: a failed run under load).
-    return harness.alive(pid)
-
-
 # ---- run --rm -----------------------------------------------------------------------------
 
 
@@ -372,7 +366,7 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     assert result.returncode == 0, result.stderr
     assert _wait_task_state(containerd, container_id, {"RUNNING"}) == "RUNNING"
     _, init_pid = _task_state(containerd, container_id)
-    assert init_pid > 0 and _alive(init_pid)
+    assert init_pid > 0 and harness.alive(init_pid)
 
     executed = ctr(
         "task",
@@ -410,9 +404,9 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     # `ctr task kill --exec-id` signals the stand-in, which passes the signal on.
     assert ctr("task", "kill", "--exec-id", "twin", container_id).returncode == 0
     deadline = time.monotonic() + 10
-    while _alive(running_it[0]) and time.monotonic() < deadline:
+    while harness.alive(running_it[0]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(running_it[0])
+    assert not harness.alive(running_it[0])
     # stdin ends when the client closes it, even before ctr gets to call CloseIO.
     piped = ctr("task", "exec", "--exec-id", "piped", container_id, "sh", input="echo from-stdin\n")
     assert piped.returncode == 0, piped.stderr
@@ -439,7 +433,7 @@ def test_detached_task_is_manageable(containerd, ctr, busybox_image, new_id):
     deleted = ctr("task", "delete", container_id)
     assert deleted.returncode == 0, deleted.stderr
     assert _task_state(containerd, container_id)[0] is None
-    assert not _alive(init_pid)
+    assert not harness.alive(init_pid)
 
 
 @pytest.mark.parametrize("runtime", [ZVIZ], ids=["zviz"])  # runc has no exec anchor
@@ -593,9 +587,9 @@ def test_killed_shim_is_cleaned_up_through_delete(containerd, ctr, busybox_image
     # containerd sees the connection drop and runs `<shim> delete`, which kills the task.
     assert _wait_task_state(containerd, container_id, {None}) is None
     deadline = time.monotonic() + 30
-    while _alive(init_pid) and time.monotonic() < deadline:
+    while harness.alive(init_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(init_pid)
+    assert not harness.alive(init_pid)
     assert ctr("containers", "delete", container_id).returncode == 0
 
 
@@ -612,7 +606,7 @@ def test_running_task_survives_a_containerd_restart(containerd, ctr, busybox_ima
     assert ctr("task", "kill", "-s", "SIGKILL", container_id).returncode == 0
     assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
     assert ctr("task", "delete", container_id).returncode == 0
-    assert not _alive(init_pid)
+    assert not harness.alive(init_pid)
 
 
 # ---- output to a file and to a logger process -------------------------------------------------------
@@ -741,7 +735,7 @@ def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image)
                         ppid = int(f.read().rsplit(")", 1)[1].split()[1])
                 except (OSError, ValueError):
                     continue
-                if ppid == shim_pid and int(entry) != init_pid and _alive(int(entry)):
+                if ppid == shim_pid and int(entry) != init_pid and harness.alive(int(entry)):
                     found.add(int(entry))
             return found
 
@@ -753,9 +747,9 @@ def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image)
         assert _wait_task_state(containerd, container_id, {"STOPPED"}) == "STOPPED"
         assert ctr_ok(containerd, "tasks", "delete", container_id)
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in brokers) and time.monotonic() < deadline:
+        while any(harness.alive(pid) for pid in brokers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(_alive(pid) for pid in brokers), "the broker outlived its container"
+        assert not any(harness.alive(pid) for pid in brokers), "the broker outlived its container"
     finally:
         _remove(containerd, container_id)
 
