@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from integration import leaks
+from integration import leaks, stuck
 from integration.ids import tagged, unique_id
 from integration.zviz_cli import edit_config
 from runtime import forkserver
@@ -102,6 +102,7 @@ def wait_for(predicate, what: str, timeout: float = 30) -> None:
 
 def start(argv: list[str], path: str = "slow", temp: str | None = None, env=None):
     env = dict(env or os.environ)
+    env["PYTHONFAULTHANDLER"] = "1"  # a hang's traceback: finish() aborts a stuck one
     if path == "slow":
         env["ZVIZ_NO_FORKSERVER"] = "1"
     if temp:
@@ -129,15 +130,14 @@ def wait_ready(process: subprocess.Popen) -> None:
 
 def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
     """The exit code of the zviz process and what it wrote to stderr."""
-    timed_out = False
+    where = ""
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        timed_out = True
-        process.kill()
-        process.wait()
+        where = stuck.describe_tree(process.pid)
+        stuck.python_traceback_on_abort(process)
     err = output(process.err)
-    assert not timed_out, f"still running {timeout} s after the signal: {err}"
+    assert not where, f"still running {timeout} s after the signal: {err}\n{where}"
     return process.returncode, err
 
 
