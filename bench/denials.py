@@ -28,6 +28,8 @@ import threading
 import time
 import uuid
 
+from runtime import procstat
+
 SOURCE = os.path.join(os.path.dirname(__file__), "denials_probe", "denybench.c")
 ALLOWED_CALLS = int(os.environ.get("BENCH_DENIALS_ALLOWED", 1_000_000))
 DENIED_CALLS = int(os.environ.get("BENCH_DENIALS_DENIED", 20_000))
@@ -180,9 +182,8 @@ def _cpu_seconds(pids) -> float:
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            fields = procstat.read(pid)
+            total += int(fields[procstat.USER_TIME]) + int(fields[procstat.SYSTEM_TIME])
         except (OSError, IndexError, ValueError):
             continue
     return total / ticks

@@ -33,7 +33,7 @@ import tempfile
 import time
 import traceback
 
-from runtime import linux
+from runtime import linux, procstat
 from runtime.security import landlock
 from tools.mkbundle import build_rootfs
 
@@ -173,12 +173,11 @@ def exec_in(control: socket.socket, script: str) -> tuple[int, str]:
 
 def kill_our_children() -> None:
     """As subreaper, PID 1 is ours once X exits: kill and reap every child left."""
-    me = str(os.getpid())
+    me = os.getpid()
     for entry in os.listdir("/proc"):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = f.read().rsplit(")", 1)[1].split()[1]
-        except (OSError, IndexError):
+            ppid = procstat.parent(entry)
+        except (OSError, ValueError):
             continue
         if ppid == me:
             os.kill(int(entry), signal.SIGKILL)
@@ -225,7 +224,7 @@ def variant(read_all: bool) -> list[str]:
         os.close(fds[0])
         pid1_out = os.fdopen(out_read)
         expect("PID 1 started", pid1_out.readline() == "started\n", "started")
-        ppid = int(open(f"/proc/{pid1}/stat").read().rsplit(")", 1)[1].split()[1])
+        ppid = procstat.parent(pid1)
         expect("PID 1 is not the anchor's child", ppid != anchor_pid, f"ppid {ppid}")
         same = (
             os.stat(f"/proc/{anchor_pid}/ns/pid").st_ino == os.stat(f"/proc/{pid1}/ns/pid").st_ino

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 
+from runtime import procstat
 from runtime.exec_anchor import BINARY_NAME as ANCHOR
 from tools.containerd import PrivateContainerd, runsc_wrapper
 from tools.mkimage import DEFAULT_REF, build_image
@@ -106,8 +107,7 @@ def _below(pid: int, ancestors: list[int]) -> bool:
     """Whether one of `ancestors` is an ancestor of `pid`."""
     while pid > 1:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            pid = procstat.parent(pid)
         except (OSError, ValueError, IndexError):
             return False
         if pid in ancestors:

@@ -30,6 +30,7 @@ from grpclib.exceptions import GRPCError
 
 from integration.security.test_pod_isolation import shim_pid
 from integration.test_cri import cri_node, handler_configs, pod, run
+from runtime import procstat
 from runtime.security import landlock
 
 HANDLER_CONFIGS = {
@@ -138,8 +139,7 @@ def _process_tree(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            parent = procstat.parent(entry)
             children.setdefault(parent, []).append(int(entry))
     tree, todo = [], [pid]
     while todo:

@@ -18,6 +18,7 @@ import pytest
 
 from integration.ids import tagged
 from integration.zviz_cli import Zviz, edit_config, leftovers, unique_id
+from runtime import procstat
 
 IDLE = "echo started; while :; do sleep 0.1; done"
 # The anchor inside the container: the zviz-anchor whose parent is PID 1 (its monitors,
@@ -161,8 +162,7 @@ def test_the_workload_stopping_the_anchor_makes_execs_fall_back_within_seconds(z
     # it after exec_anchor.ANSWER_TIMEOUT (not the 60 s setup timeout) and runs the old way.
     stopped = zviz("exec", running, "sh", "-c", f"kill -STOP $({ANCHOR_IN_CONTAINER})")
     assert stopped.returncode == 0, stopped.stderr
-    with open(f"/proc/{anchor_host_pid(zviz, running)}/stat") as f:
-        assert f.read().rsplit(")", 1)[1].split()[0] == "T"
+    assert procstat.state(anchor_host_pid(zviz, running)) == "T"
     for _ in range(2):  # the second too: the first's request left in its queue is harmless
         began = time.monotonic()
         executed = zviz("--debug", "exec", running, "sh", "-c", OLD_PATH_PROBE)

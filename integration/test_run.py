@@ -10,7 +10,7 @@ import pytest
 
 from integration.ids import tagged
 from integration.zviz_cli import Zviz, leftovers, unique_id
-from runtime import linux
+from runtime import linux, procstat
 
 
 @pytest.fixture
@@ -332,11 +332,6 @@ def test_profile_given_before_or_after_the_command(zviz, make_bundle, placement)
     assert pids_max == "64"
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
 def test_installed_zviz_hands_a_plain_run_to_the_fork_server(zviz, make_bundle):
     """`zviz` (after `make install` the compiled client, runtime/forkserver_client.c)
     computes the server's socket name and request exactly as runtime/forkserver.py reads
@@ -357,8 +352,8 @@ def test_installed_zviz_hands_a_plain_run_to_the_fork_server(zviz, make_bundle):
     )
     try:
         pid1 = _wait_for_status(zviz, container_id, "running")["pid"]
-        supervisor = _parent(pid1)
-        with open(f"/proc/{_parent(supervisor)}/cmdline", "rb") as f:
+        supervisor = procstat.parent(pid1)
+        with open(f"/proc/{procstat.parent(supervisor)}/cmdline", "rb") as f:
             assert b"runtime.forkserver" in f.read()
         with open(f"/proc/{supervisor}/cmdline", "rb") as f:
             assert f.read().rstrip(b"\0").split(b"\0")[-1] == container_id.encode()  # retitled

@@ -27,6 +27,7 @@ from api.gen.containerd.task.v2 import shim_pb2
 from api.ttrpc import Client
 from integration.ids import tagged, unique_id
 from integration.reliability import harness
+from runtime import procstat
 from shim import config as shim_config
 from tools.containerd import log_lost_by_runcs_shim, lost_by_runcs_shim
 
@@ -731,8 +732,7 @@ def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image)
             found = set()
             for entry in filter(str.isdigit, os.listdir("/proc")):
                 try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    ppid = procstat.parent(entry)
                 except (OSError, ValueError):
                     continue
                 if ppid == shim_pid and int(entry) != init_pid and harness.alive(int(entry)):

@@ -24,7 +24,7 @@ import pytest
 
 from integration.ids import tagged, unique_id
 from integration.test_shim_containerd import _remove, _shim_pid, _task_state, _wait_task_state
-from runtime import forkserver
+from runtime import forkserver, procstat
 from shim import config as shim_config
 
 pytestmark = [pytest.mark.containerd, pytest.mark.every_containerd]
@@ -252,8 +252,7 @@ def _daemon_facts(pid: int) -> dict:
         status = dict(line.split(":\t", 1) for line in f.read().splitlines())
     with open(f"/proc/{pid}/environ", "rb") as f:
         environ = dict(entry.split(b"=", 1) for entry in f.read().split(b"\0") if b"=" in entry)
-    with open(f"/proc/{pid}/stat") as f:
-        stat = f.read().rsplit(")", 1)[1].split()
+    stat = procstat.read(pid)
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         cmdline = f.read().split(b"\0")
     with open(f"/proc/{pid}/cgroup") as f:
@@ -267,8 +266,8 @@ def _daemon_facts(pid: int) -> dict:
     pipes = [fd for fd in os.listdir(f"/proc/{pid}/fd") if _is_pipe(pid, fd)]
     return {
         "status": {name: status[name].strip() for name in SAME_STATUS},
-        "session leader": int(stat[3]) == pid,  # sid (stat field 6)
-        "group leader": int(stat[2]) == pid,  # pgrp (stat field 5)
+        "session leader": int(stat[procstat.SESSION]) == pid,
+        "group leader": int(stat[procstat.PROCESS_GROUP]) == pid,
         "environ": environ,
         "program": cmdline[:2],
         "cgroup": cgroup,

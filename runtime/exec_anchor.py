@@ -31,7 +31,7 @@ import signal
 import socket
 import struct
 
-from runtime import errors, static_programs
+from runtime import errors, procstat, static_programs
 
 SOCKET_NAME = "anchor.sock"
 BINARY_NAME = "zviz-anchor"
@@ -313,9 +313,8 @@ def _stat(proc_dir: int) -> tuple[str, str, int] | None:
             os.close(fd)
     except OSError:
         return None
-    comm, _, rest = text.partition(" (")[2].rpartition(")")
-    fields = rest.split()
-    return comm, fields[0], int(fields[1])
+    fields = procstat.parse(text)
+    return fields[procstat.COMMAND], fields[procstat.STATE], int(fields[procstat.PARENT])
 
 
 def encode(process, terminal: bool = False) -> bytes:

@@ -47,6 +47,7 @@ import os
 import struct
 import sys
 
+from runtime import procstat
 from runtime.private_dir import makedirs_private
 
 # --- the protocol ------------------------------------------------------------------------
@@ -98,9 +99,9 @@ INHERITED_FILES = (
     # No LSM: EINVAL, empty.
     "attr/current",
 )
-# Fields of /proc/<pid>/stat, numbered as proc(5) does (3, the state, is the first after
-# the command's ")"): 19 is nice, which a workload inherits.
-INHERITED_STAT_FIELDS = (19,)
+# Fields of /proc/<pid>/stat, numbered as proc(5) does (runtime/procstat.py): the nice
+# value, which a workload inherits.
+INHERITED_STAT_FIELDS = (procstat.NICE,)
 # getsockopt(SOL_SOCKET, SO_PEERPIDFD) (Linux 6.5): a pidfd of the connecting process,
 # which the server checks is still alive after it read /proc/<pid>/, so that what it read
 # was the peer's and not a process that took the pid after the peer exited. Older kernels:
@@ -475,9 +476,8 @@ def _inherited(pid: str) -> tuple[bytes, ...]:
                 values.append(f.read())
         except OSError:
             values.append(b"")
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    values += [fields[number - 3] for number in INHERITED_STAT_FIELDS]
+    fields = procstat.read(pid)
+    values += [fields[number].encode() for number in INHERITED_STAT_FIELDS]
     return tuple(values)
 
 
@@ -736,9 +736,8 @@ def _retitle(argv: list[str]) -> None:
     """
     import ctypes
 
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    arg_start, arg_end = int(fields[45]), int(fields[46])  # stat fields 48 and 49
+    fields = procstat.read("self")
+    arg_start, arg_end = int(fields[procstat.ARG_START]), int(fields[procstat.ARG_END])
     room = arg_end - arg_start
     if room <= 1:
         return

@@ -11,7 +11,7 @@ import json
 import os
 import time
 
-from runtime import errors
+from runtime import errors, procstat
 
 STATE_FILE = "state.json"
 EXEC_FIFO = "exec.fifo"
@@ -122,15 +122,11 @@ class ProcStat:
 def proc_stat(pid: int) -> ProcStat | None:
     """None when the process does not exist."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fields = procstat.read(pid)
     except (FileNotFoundError, ProcessLookupError):
         return None
-    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rindex(b")") + 2 :].split()
-    # fields[0] is field 3 (state); field 22 is starttime, field 52 exit_code.
-    exit_code = int(fields[49]) if len(fields) > 49 else None
-    return ProcStat(fields[0].decode(), int(fields[19]), exit_code)
+    exit_code = int(fields[procstat.EXIT_CODE]) if len(fields) > procstat.EXIT_CODE else None
+    return ProcStat(fields[procstat.STATE], int(fields[procstat.START_TIME]), exit_code)
 
 
 def process_alive(pid: int, start_time: int | None) -> bool:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from runtime import procstat
 from runtime.errors import SecurityLayerError
 from runtime.security.broker import process
 from runtime.security.profiles import load_profile
@@ -45,11 +46,14 @@ def children_named(name: str, ppid: int) -> list[int]:
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            fields = procstat.read(pid)
         except OSError:
             continue
-        if int(fields[1]) == ppid and fields[0] != "Z" and comm(int(pid)) == name:
+        if (
+            int(fields[procstat.PARENT]) == ppid
+            and fields[procstat.STATE] != "Z"
+            and comm(int(pid)) == name
+        ):
             found.append(int(pid))
     return found
 

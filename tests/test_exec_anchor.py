@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from runtime import exec_anchor
+from runtime import exec_anchor, procstat
 from runtime.spec import Process, User
 
 
@@ -31,9 +31,8 @@ def stop(process: subprocess.Popen) -> None:
     os.kill(process.pid, signal.SIGSTOP)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        with open(f"/proc/{process.pid}/stat") as f:
-            if f.read().rpartition(")")[2].split()[0] == "T":
-                return
+        if procstat.state(process.pid) == "T":
+            return
         time.sleep(0.01)
     raise AssertionError("the anchor did not stop")
 

@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from runtime import forkserver
+from runtime import forkserver, procstat
 from tests.privileges import needs_root
 
 pytestmark = [
@@ -54,6 +54,7 @@ os._exit(code)
 # Prints the socket path of the process it runs in.
 SOCKET_OF_SELF = """
 from runtime import forkserver
+from runtime import procstat
 identity = (forkserver.install_identity(), forkserver.process_identity("self"))
 print(forkserver.socket_path(identity))
 """
@@ -501,7 +502,6 @@ def test_a_shim_client_forwards_no_signal_and_dies_of_it(setup, argv):
 
 def _state(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+        return procstat.state(pid)
     except OSError:
         return "Z"

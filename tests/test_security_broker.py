@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from runtime import procstat
 from runtime.security.broker import warden
 from tests.privileges import drops_capabilities
 from tests.test_security_layers import confined, errno_of
@@ -214,8 +215,7 @@ def test_killed_broker_makes_mediated_calls_fail_never_succeed(tmp_path):
 
 def _state(pid):
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+        return procstat.state(pid)
     except OSError:
         return "Z"
 

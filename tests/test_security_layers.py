@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from runtime import linux, security
+from runtime import linux, procstat, security
 from runtime.errors import NotImplementedByZviz
 from runtime.security import capabilities, landlock, profiles, seccomp
 from runtime.spec import parse_spec
@@ -110,9 +110,8 @@ def _wait_gone(pid, timeout=10.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return  # exited; reaping is init's job (the broker is nobody's child)
+            if procstat.state(pid) in ("Z", "X"):
+                return  # exited; reaping is init's job (the broker is nobody's child)
         except OSError:
             return
         time.sleep(0.01)

@@ -20,6 +20,7 @@ from integration.test_shim_service import (  # noqa: F401 - re-exported for the 
     _scenario,
     _wait_gone,
 )
+from runtime import procstat
 
 
 def plain_bundle(make_bundle, args) -> str:
@@ -135,8 +136,7 @@ def alive(pid: "int | Watched") -> bool:
     if isinstance(pid, Watched):
         return pid.alive()
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return procstat.state(pid) != "Z"
     except (FileNotFoundError, ProcessLookupError):
         # Gone before the open, or between the open and the read (ESRCH): seen under load.
         return False

@@ -12,17 +12,13 @@ import pytest
 from integration.ids import tagged, unique_id
 from integration.leaks import processes_named
 from integration.zviz_cli import Zviz, leftovers
+from runtime import procstat
 from runtime.security.broker import warden
 
 
 @pytest.fixture
 def zviz(zviz_bin, tmp_path):
     return Zviz(zviz_bin, str(tmp_path / tagged("root")))
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[1])
 
 
 def test_a_web_server_containers_warden_is_the_compiled_program_holding_two_fds(zviz, make_bundle):
@@ -41,7 +37,7 @@ def test_a_web_server_containers_warden_is_the_compiled_program_holding_two_fds(
         brokers = processes_named("zviz-broker", container_id)
         assert len(brokers) == 1 and len(wardens) == 1, (brokers, wardens)
         guard = wardens[0]
-        assert _parent(guard) == brokers[0]
+        assert procstat.parent(guard) == brokers[0]
         assert os.readlink(f"/proc/{guard}/exe") == os.path.realpath(binary)
         fds = {
             int(fd): os.readlink(f"/proc/{guard}/fd/{fd}") for fd in os.listdir(f"/proc/{guard}/fd")

@@ -18,7 +18,7 @@ import pytest
 
 from integration.ids import tagged
 from integration.zviz_cli import Zviz, leftovers, unique_id
-from runtime import forkserver
+from runtime import forkserver, procstat
 
 # Loads a seccomp filter that refuses acct(2) (nothing zviz calls), without setting
 # no_new_privs (root may), then execs its arguments.
@@ -50,11 +50,6 @@ def zviz(zviz_bin, tmp_path):
 def _status(pid) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
 def _served_plain_run(zviz, make_bundle) -> None:
@@ -101,7 +96,7 @@ def test_a_confined_client_keeps_its_confinement_in_the_supervisor(zviz, make_bu
         text=True,
     )
     try:
-        supervisor = _parent(_wait_running(zviz, container_id, run))
+        supervisor = procstat.parent(_wait_running(zviz, container_id, run))
         seen = _status(supervisor)
         assert {name: seen[name] for name in changed} == {name: expected[name] for name in changed}
     finally:

@@ -18,7 +18,7 @@ import struct
 import pytest
 
 from integration.cgroup2_vm import missing_requirements, run_in_v2_vm
-from runtime import linux, security
+from runtime import linux, procstat, security
 from runtime.errors import InvalidArgument
 from runtime.security import kernel_gaps, landlock, profiles, seccomp
 from runtime.spec import parse_spec
@@ -268,11 +268,6 @@ def _notify_getppid_filter() -> bytes:
     )
 
 
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0]
-
-
 def _received_then_stopped(flags: int) -> dict:
     """A child makes one notified call; the supervisor receives it, then the child is
     stopped and continued (SIGSTOP/SIGCONT) before the supervisor answers."""
@@ -325,7 +320,7 @@ def _received_then_stopped(flags: int) -> dict:
         # SIGCONT before the stop is taken would discard it: wait until the child is
         # stopped (it never is with the flag: its wait ignores all but SIGKILL).
         deadline = time.monotonic() + 0.5
-        while time.monotonic() < deadline and _state(pid) != "T":
+        while time.monotonic() < deadline and procstat.state(pid) != "T":
             time.sleep(0.01)
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.3)

@@ -12,6 +12,7 @@ import time
 from integration.ids import unique_id
 from integration.leaks import processes_named
 from integration.security.conftest import HOST_NETWORK_FLAG, on_the_hosts_network
+from runtime import procstat
 from runtime.security import capabilities, profiles, seccomp
 from tools.mkbundle import default_config
 
@@ -235,8 +236,7 @@ def test_killing_the_broker_makes_mediated_calls_fail(probes, tmp_path):
 
 def _state(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+        return procstat.state(pid)
     except OSError:
         return "gone"
 
