@@ -3,14 +3,20 @@
 A hang seen once in a full run (and not again in hundreds of tries alone) must say
 where it was the first time. `describe_tree` names every process below a pid (the
 subreaper's adopted ones too: a `zviz run`'s PID 1 and broker) with its state, the
-kernel function it sleeps in and its kernel stack. `python_traceback_on_abort` asks a
-Python process for its own stack: with PYTHONFAULTHANDLER set, SIGABRT makes it write
-every thread's traceback to its stderr before it dies.
+kernel function it sleeps in and its kernel stack. `python_tracebacks_on_abort` asks
+the Python processes of the tree for their own stacks: with PYTHONFAULTHANDLER set,
+SIGABRT makes each write every thread's traceback to its stderr before it dies. The
+container's PID 1 and its broker are forks of the zviz process: they keep its
+faulthandler, and PID 1 writes to the same stderr.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
+import sys
+
+from runtime import procstat
 
 _STACK_FRAMES = 8
 
@@ -19,10 +25,8 @@ def _children() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                # comm may hold spaces and parentheses: the fields follow its last ")"
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+            ppid = procstat.parent(entry)
+        except (OSError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
     return children
@@ -37,8 +41,10 @@ def _read(path: str) -> str:
 
 
 def _describe(pid: int, depth: int) -> list[str]:
-    stat = _read(f"/proc/{pid}/stat")
-    state = stat.rsplit(")", 1)[1].split()[0] if ")" in stat else "?"
+    try:
+        state = procstat.state(pid)
+    except (OSError, ValueError):
+        state = "?"
     argv = _read(f"/proc/{pid}/cmdline").replace("\0", " ").strip()[:200]
     wchan = _read(f"/proc/{pid}/wchan")
     indent = "  " * depth
@@ -48,21 +54,40 @@ def _describe(pid: int, depth: int) -> list[str]:
     return lines
 
 
-def describe_tree(pid: int) -> str:
-    """PID and every process below it, each with its state, wchan and kernel stack."""
+def _tree(pid: int) -> list[tuple[int, int]]:
+    """(pid, depth) of PID and every process below it, depth first."""
     children = _children()
-    lines: list[str] = []
+    tree: list[tuple[int, int]] = []
     pending = [(pid, 0)]
     while pending:
         current, depth = pending.pop()
-        lines += _describe(current, depth)
+        tree.append((current, depth))
         pending += [(child, depth + 1) for child in sorted(children.get(current, ()), reverse=True)]
-    return "\n".join(lines)
+    return tree
 
 
-def python_traceback_on_abort(process: subprocess.Popen, wait: float = 5) -> None:
-    """SIGABRT to PROCESS (started with PYTHONFAULTHANDLER=1: it writes its threads'
-    tracebacks to its stderr and dies of it); SIGKILL if it is still there after WAIT s."""
+def describe_tree(pid: int) -> str:
+    """PID and every process below it, each with its state, wchan and kernel stack."""
+    return "\n".join(line for current, depth in _tree(pid) for line in _describe(current, depth))
+
+
+def _runs_python(pid: int) -> bool:
+    try:
+        return os.path.realpath(f"/proc/{pid}/exe") == os.path.realpath(sys.executable)
+    except OSError:
+        return False
+
+
+def python_tracebacks_on_abort(process: subprocess.Popen, wait: float = 5) -> None:
+    """SIGABRT to PROCESS (started with PYTHONFAULTHANDLER=1) and to every Python process
+    below it (this interpreter's binary: the forks that kept its faulthandler): each
+    writes its threads' tracebacks to its stderr and dies of it. The ones below first,
+    so that PROCESS, a subreaper, is still there to be their parent. SIGKILL to PROCESS
+    if it is still there after WAIT s."""
+    for pid, _ in reversed(_tree(process.pid)[1:]):
+        if _runs_python(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
     process.send_signal(signal.SIGABRT)
     try:
         process.wait(timeout=wait)

@@ -135,7 +135,7 @@ def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         where = stuck.describe_tree(process.pid)
-        stuck.python_traceback_on_abort(process)
+        stuck.python_tracebacks_on_abort(process)
     err = output(process.err)
     assert not where, f"still running {timeout} s after the signal: {err}\n{where}"
     return process.returncode, err
