@@ -9,7 +9,7 @@ zviz RuntimeClass handlers:
     zviz-cluster  cluster_dns = DNS_IP:53 and the service host's address as the
                   cluster's service CIDR
     zviz-moving   cluster_dns = MOVING_DNS_IP:53, a DNS server the test controls
-                  (integration/fake_dns.py, on a host of its own on the bridge), and
+                  (tests/fake_dns.py, on a host of its own on the bridge), and
                   the profile `moving-egress` (egress_hosts = ["moving.test:8080"])
 
 and `pod_annotations = ["io.zviz.*"]`, so a pod picks its profile with io.zviz.profile
@@ -32,9 +32,9 @@ from integration.cni_node import (
     SERVICE_PORT,
     SERVICE_REPLY,
 )
-from integration.fake_dns import TYPE_A, FakeDns
 from integration.ids import session_tag
 from integration.test_cri import HTTP_GET, cri_node, handler_configs, pod, run
+from tests.fake_dns import TYPE_A, FakeDns
 
 PROFILE_ANNOTATION = "io.zviz.profile"
 MOVING_NAME = "moving.test"
@@ -80,7 +80,7 @@ def cri(tmp_path_factory):
             tmp_path_factory, cri_handlers=handlers, cri_pod_annotations=("io.zviz.*",)
         ) as harness:
             host = harness.node._host("zegdns", MOVING_DNS_IP)
-            harness.moving_dns = FakeDns(host.path, MOVING_DNS_IP)
+            harness.moving_dns = FakeDns(MOVING_DNS_IP, 53, host.path)
             try:
                 yield harness
             finally:
@@ -190,7 +190,7 @@ def test_egress_hosts_follow_the_name_when_its_ttl_runs_out(cri, tmp_path):
     # the test moved the name to an address where nothing is and the TTL ran out, a third
     # connect to the old address: asked again, refused.
     dns = cri.moving_dns
-    dns.names[MOVING_NAME] = (SERVICE_IP, 3)
+    dns.names[MOVING_NAME] = [(SERVICE_IP, 3)]
     dns.queries.clear()
     connect = _connect(SERVICE_IP, SERVICE_PORT)
     script = f"{connect}; echo ---; {connect}; echo ---; sleep 7; {connect}"
@@ -202,7 +202,7 @@ def test_egress_hosts_follow_the_name_when_its_ttl_runs_out(cri, tmp_path):
 
             async def move_later():
                 await asyncio.sleep(4)
-                dns.names[MOVING_NAME] = ("10.211.0.251", 3)
+                dns.names[MOVING_NAME] = [("10.211.0.251", 3)]
 
             (_, out, err), _ = await asyncio.gather(the_pod.exec(container, script), move_later())
             return out + err

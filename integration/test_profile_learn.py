@@ -262,11 +262,11 @@ def test_learns_the_name_behind_an_address(
     (egress_hosts), and the DNS server as an address rule. Enforcing, the broker resolves
     the name itself and lets the connect through; another port of the same address, and
     the address's own port 9000 once the name points elsewhere, are refused."""
-    from integration.fake_dns import FakeDns
+    from tests.fake_dns import FakeDns
 
     name = "svc.s5learn.test"
-    server = FakeDns(pod_network.peer_path, PEER_IP)
-    server.names[name] = (PEER_IP, 1)
+    server = FakeDns(PEER_IP, 53, pod_network.peer_path)
+    server.names[name] = [(PEER_IP, 1)]
     resolv_conf = tmp_path / "resolv.conf"
     resolv_conf.write_text(f"nameserver {PEER_IP}\n")
     mount = {"destination": "/etc/resolv.conf", "type": "bind", "source": str(resolv_conf),
@@ -291,7 +291,7 @@ def test_learns_the_name_behind_an_address(
         probe = (*workload, f"connect:{PEER_IP}:9001")
         enforced = _answers(run(zviz_bin, learn_root, out, fresh_bundle(*probe)).stdout)
         assert enforced == {workload[0]: f"errno {ECONNREFUSED}", probe[1]: f"errno {EPERM}"}
-        server.names[name] = ("198.51.100.9", 1)  # the name moves: the address is not granted
+        server.names[name] = [("198.51.100.9", 1)]  # the name moves: the address is not granted
         moved = _answers(run(zviz_bin, learn_root, out, fresh_bundle(*workload)).stdout)
         assert moved == {workload[0]: f"errno {EPERM}"}
     finally:

@@ -16,57 +16,9 @@ from runtime.security.broker.egress_hosts import EgressHosts
 from runtime.security.cluster import ClusterNetwork
 from runtime.security.profiles import _build
 from shim import config as shim_config
+from tests.fake_dns import FakeDns, reply
 from tests.privileges import opens_a_sockets_netns
 from tests.served_socket import ServedSocket
-
-
-def _reply(query: bytes, answers, *, query_id=None, qname=None, rcode=0) -> bytes:
-    """A reply to QUERY with A/AAAA ANSWERS [(ip, ttl)], optionally forged."""
-    ident = struct.unpack_from("!H", query)[0] if query_id is None else query_id
-    question = query[12:]
-    if qname is not None:
-        question = dns.encode_name(qname) + question[-4:]
-    qtype = struct.unpack_from("!H", question, len(question) - 4)[0]
-    records = b""
-    count = 0
-    for ip, ttl in answers:
-        ip = ipaddress.ip_address(ip)
-        if (ip.version == 4) != (qtype == dns.TYPE_A):
-            continue
-        records += b"\xc0\x0c" + struct.pack("!HHIH", qtype, 1, ttl, len(ip.packed)) + ip.packed
-        count += 1
-    return struct.pack("!HHHHHH", ident, 0x8180 | rcode, 1, count, 0, 0) + question + records
-
-
-class FakeDns:
-    """A UDP DNS server on 127.0.0.1: answers NAMES[name] = [(ip, ttl)]; FORGE_FIRST
-    replies (wrong ID, wrong question) go out before each true one."""
-
-    def __init__(self):
-        self.names: dict[str, list] = {}
-        self.forge_first = False
-        self.queries = 0
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        self.address = sock.getsockname()
-        self.served = ServedSocket(sock, self._answer)
-
-    def _answer(self, sock):
-        query, peer = sock.recvfrom(512)
-        if not query:
-            return  # shut down by close()
-        self.queries += 1
-        name, _ = dns._read_name(query, 12)
-        answers = self.names.get(name, [])
-        if self.forge_first:
-            forged = [("10.66.66.66", 300), ("fd00::66", 300)]
-            ident = struct.unpack_from("!H", query)[0] ^ 1
-            sock.sendto(_reply(query, forged, query_id=ident), peer)
-            sock.sendto(_reply(query, forged, qname="evil.test"), peer)
-        sock.sendto(_reply(query, answers), peer)
-
-    def close(self):
-        self.served.close()
 
 
 @pytest.fixture
@@ -90,7 +42,7 @@ def test_a_name_allows_exactly_its_addresses_on_its_port(fake_dns):
         assert hosts.allows(ipaddress.ip_address("10.211.0.250"), 8080, sock.fileno(), deadline)
         assert not hosts.allows(ipaddress.ip_address("10.211.0.251"), 8080, sock.fileno(), deadline)
         assert not hosts.allows(ipaddress.ip_address("10.211.0.250"), 443, sock.fileno(), deadline)
-    assert fake_dns.queries == 2  # A and AAAA once: the answer is cached for its TTL
+    assert sum(fake_dns.queries.values()) == 2  # A and AAAA once: the answer is cached for its TTL
 
 
 @opens_a_sockets_netns
@@ -129,7 +81,7 @@ def test_a_reply_from_another_port_never_reaches_the_query():
     def forge(sock):
         query, peer = sock.recvfrom(512)
         if query:
-            forger.sendto(_reply(query, [("10.66.66.66", 60)]), peer)
+            forger.sendto(reply(query, [("10.66.66.66", 60)]), peer)
 
     with forger, ServedSocket(silent, forge):
         with pytest.raises(dns.DnsError, match="no answer in time"):

@@ -15,7 +15,6 @@ import uuid
 
 from integration import test_cri_egress
 from integration.cni_node import DNS_IP, SERVICE_IP, SERVICE_NAME, SERVICE_PORT
-from integration.fake_dns import TYPE_A, FakeDns
 from integration.test_cri import run
 from integration.test_cri_egress import (
     PROFILE_ANNOTATION,
@@ -24,6 +23,7 @@ from integration.test_cri_egress import (
     _refused_by_broker,
     pod,
 )
+from tests.fake_dns import TYPE_A, FakeDns
 
 cri = test_cri_egress.cri  # that module's node: handlers, profile directory, DNS hosts
 
@@ -59,8 +59,8 @@ def test_dns_servers_inside_the_pod_cannot_steer_the_brokers_resolution(cri, tmp
             )
             netns = f"/proc/{_pid_with(marker)}/ns/net"
             for address in ("127.0.0.1", await the_pod.ip()):
-                fake = FakeDns(netns, address)
-                fake.names[SERVICE_NAME] = (DNS_IP, 300)
+                fake = FakeDns(address, 53, netns)
+                fake.names[SERVICE_NAME] = [(DNS_IP, 300)]
                 fakes.append(fake)
             _, lookup, _ = await the_pod.exec(container, f"nslookup {SERVICE_NAME} 127.0.0.1 2>&1")
             asked = [dict(fake.queries) for fake in fakes]
