@@ -173,15 +173,9 @@ def exec_in(control: socket.socket, script: str) -> tuple[int, str]:
 
 def kill_our_children() -> None:
     """As subreaper, PID 1 is ours once X exits: kill and reap every child left."""
-    me = os.getpid()
-    for entry in os.listdir("/proc"):
-        try:
-            ppid = procstat.parent(entry)
-        except (OSError, ValueError):
-            continue
-        if ppid == me:
-            os.kill(int(entry), signal.SIGKILL)
-            os.waitpid(int(entry), 0)
+    for child in procstat.children().get(os.getpid(), ()):
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 def pss_kib(pid: int) -> int:

@@ -21,17 +21,6 @@ from runtime import procstat
 _STACK_FRAMES = 8
 
 
-def _children() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            ppid = procstat.parent(entry)
-        except (OSError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
 def _read(path: str) -> str:
     try:
         with open(path, "rb") as f:
@@ -54,21 +43,11 @@ def _describe(pid: int, depth: int) -> list[str]:
     return lines
 
 
-def _tree(pid: int) -> list[tuple[int, int]]:
-    """(pid, depth) of PID and every process below it, depth first."""
-    children = _children()
-    tree: list[tuple[int, int]] = []
-    pending = [(pid, 0)]
-    while pending:
-        current, depth = pending.pop()
-        tree.append((current, depth))
-        pending += [(child, depth + 1) for child in sorted(children.get(current, ()), reverse=True)]
-    return tree
-
-
 def describe_tree(pid: int) -> str:
     """PID and every process below it, each with its state, wchan and kernel stack."""
-    return "\n".join(line for current, depth in _tree(pid) for line in _describe(current, depth))
+    return "\n".join(
+        line for current, depth in procstat.descendants(pid) for line in _describe(current, depth)
+    )
 
 
 def _runs_python(pid: int) -> bool:
@@ -84,7 +63,7 @@ def python_tracebacks_on_abort(process: subprocess.Popen, wait: float = 5) -> No
     writes its threads' tracebacks to its stderr and dies of it. The ones below first,
     so that PROCESS, a subreaper, is still there to be their parent. SIGKILL to PROCESS
     if it is still there after WAIT s."""
-    for pid, _ in reversed(_tree(process.pid)[1:]):
+    for pid, _ in reversed(procstat.descendants(process.pid)[1:]):
         if _runs_python(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGABRT)

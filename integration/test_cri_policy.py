@@ -134,20 +134,6 @@ def _pss_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
 
 
-def _process_tree(pid: int) -> list[int]:
-    """PID and every process below it (the daemon forks the pod's processes and brokers)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            parent = procstat.parent(entry)
-            children.setdefault(parent, []).append(int(entry))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], ()))
-    return tree
-
-
 @pytest.mark.parametrize("handler", ["zviz", "zviz-hostile"])
 def test_a_pods_runtime_memory_fits_the_documented_runtimeclass_overhead(cri, tmp_path, handler):
     # What docs/kubernetes.md's overhead.podFixed covers: the pod's own shim daemon and
@@ -157,7 +143,7 @@ def test_a_pods_runtime_memory_fits_the_documented_runtimeclass_overhead(cri, tm
         async with pod(cri, handler, tmp_path) as the_pod:
             app = await the_pod.start_container("app", "exec sleep 300")
             daemon = await shim_pid(cri, app)
-            tree = _process_tree(daemon)
+            tree = [pid for pid, _ in procstat.descendants(daemon)]
             brokers = [pid for pid in tree if _comm(pid) == "zviz-broker"]
             return daemon, tree, sum(_pss_kib(pid) for pid in tree), brokers
 

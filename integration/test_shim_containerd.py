@@ -729,15 +729,8 @@ def test_broker_runs_under_the_shim_for_its_container(containerd, busybox_image)
         _, init_pid = _task_state(containerd, container_id)
 
         def shim_children() -> set[int]:
-            found = set()
-            for entry in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    ppid = procstat.parent(entry)
-                except (OSError, ValueError):
-                    continue
-                if ppid == shim_pid and int(entry) != init_pid and harness.alive(int(entry)):
-                    found.add(int(entry))
-            return found
+            below = procstat.children().get(shim_pid, ())
+            return {pid for pid in below if pid != init_pid and harness.alive(pid)}
 
         # The broker, reparented to the daemon (a subreaper); the forker that forked it
         # is the daemon's too, and stays as long as the daemon does.

@@ -5,8 +5,11 @@ The command (field 2) is whatever the process named itself, up to 15 bytes, spac
 on spaces reads the wrong fields for a process named "a b" or "x) R 1", and a workload
 names its processes. Every reader of the file parses it here: state's liveness and
 exit checks, the fork server, the exec anchor's supervisor, tests and benchmarks. No
-imports: the fork server's client reads its own stat before anything else is loaded.
+imports but os: the fork server's client reads its own stat before anything else is
+loaded.
 """
+
+import os
 
 COMMAND = 2
 STATE = 3  # R, S, D, T, Z, X, ...
@@ -46,3 +49,28 @@ def state(pid: int | str) -> str:
 
 def parent(pid: int | str) -> int:
     return int(read(pid)[PARENT])
+
+
+def children() -> dict[int, list[int]]:
+    """Every process's children, by the parent field of each /proc/PID/stat: the tree as
+    it is now (a process that goes while it is read is left out). For tests, benchmarks
+    and diagnostics; the runtime knows its own processes."""
+    tree: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            tree.setdefault(parent(entry), []).append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return tree
+
+
+def descendants(pid: int) -> list[tuple[int, int]]:
+    """(pid, depth) of PID and every process below it, depth first, PID first."""
+    below = children()
+    found: list[tuple[int, int]] = []
+    pending = [(pid, 0)]
+    while pending:
+        current, depth = pending.pop()
+        found.append((current, depth))
+        pending += [(child, depth + 1) for child in sorted(below.get(current, ()), reverse=True)]
+    return found

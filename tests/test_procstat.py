@@ -1,9 +1,12 @@
 """runtime/procstat.py: /proc/PID/stat read by proc(5)'s field numbers, whatever the
 process named itself."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -64,3 +67,23 @@ def test_a_process_that_is_gone_raises_oserror():
     child.wait()
     with pytest.raises(OSError):
         procstat.read(child.pid)
+
+
+def test_descendants_walk_the_tree_below_a_process():
+    # sh forks sleep and waits: a child and a grandchild of this process.
+    child = subprocess.Popen(["sh", "-c", "sleep 30; true"])
+    try:
+        deadline = time.monotonic() + 10
+        while not procstat.children().get(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        [grandchild] = procstat.children()[child.pid]
+        found = dict(procstat.descendants(os.getpid()))
+        assert found[os.getpid()] == 0
+        assert found[child.pid] == 1
+        assert found[grandchild] == 2
+        assert procstat.descendants(child.pid) == [(child.pid, 0), (grandchild, 1)]
+    finally:
+        child.kill()
+        child.wait()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.kill(grandchild, signal.SIGKILL)
